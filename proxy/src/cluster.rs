@@ -1,0 +1,400 @@
+//! Upstream clusters: their endpoints, each endpoint's live state, and endpoint selection.
+//!
+//! A [`Cluster`] is immutable and belongs to one compiled snapshot. The state that must
+//! outlive a config reload — health, requests in flight — lives in [`EndpointState`], which
+//! the [`EndpointRegistry`] hands to every snapshot that has the same endpoint, so a reload
+//! neither forgets that an endpoint is down nor loses count of its in-flight requests.
+
+use crate::metrics::ClusterStats;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How a cluster picks an endpoint for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// Weighted round robin over healthy endpoints.
+    RoundRobin,
+    /// Two random healthy endpoints; the one with fewer requests in flight wins.
+    LeastRequest,
+    /// Weighted random over healthy endpoints.
+    Random,
+}
+
+impl LbPolicy {
+    /// The name used in config, metrics and `/clusters`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "round_robin",
+            LbPolicy::LeastRequest => "least_request",
+            LbPolicy::Random => "random",
+        }
+    }
+}
+
+/// Where an endpoint runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// Region name.
+    pub region: String,
+    /// Zone name.
+    pub zone: String,
+}
+
+/// State of one endpoint that survives config reloads.
+#[derive(Debug)]
+pub struct EndpointState {
+    healthy: AtomicBool,
+    active_requests: AtomicUsize,
+    /// Requests sent to this endpoint (each try counts).
+    pub requests_total: AtomicU64,
+    /// Connections opened to this endpoint.
+    pub connections_total: AtomicU64,
+    /// Failed connection attempts.
+    pub connect_failures_total: AtomicU64,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        EndpointState {
+            healthy: AtomicBool::new(true),
+            active_requests: AtomicUsize::new(0),
+            requests_total: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connect_failures_total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl EndpointState {
+    /// Whether active health checking currently lets traffic through.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Set by the health checker.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Requests in flight to this endpoint right now.
+    pub fn active_requests(&self) -> usize {
+        self.active_requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in flight to an endpoint for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<EndpointState>);
+
+impl ActiveRequest {
+    /// Starts counting.
+    pub fn start(state: &Arc<EndpointState>) -> Self {
+        state.active_requests.fetch_add(1, Ordering::Relaxed);
+        state.requests_total.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(Arc::clone(state))
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One upstream endpoint of a cluster.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// Region and zone.
+    pub locality: Locality,
+    /// Relative share of traffic.
+    pub weight: u32,
+    /// Live state shared across snapshots.
+    pub state: Arc<EndpointState>,
+}
+
+/// Active health checking of a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheckSpec {
+    /// Path to GET.
+    pub path: String,
+    /// Host header (empty: the endpoint address).
+    pub host: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time allowed for one check.
+    pub timeout: Duration,
+    /// Failures in a row before an endpoint is taken out.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row before it is put back.
+    pub healthy_threshold: u32,
+    /// Accepted statuses as half-open ranges; empty means 200–299.
+    pub expected_statuses: Vec<(u16, u16)>,
+}
+
+impl HealthCheckSpec {
+    /// Whether a probe's status counts as healthy.
+    pub fn accepts(&self, status: u16) -> bool {
+        if self.expected_statuses.is_empty() {
+            (200..300).contains(&status)
+        } else {
+            self.expected_statuses
+                .iter()
+                .any(|(start, end)| (*start..*end).contains(&status))
+        }
+    }
+}
+
+/// An upstream service as the request path sees it.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Cluster (service) name.
+    pub name: Arc<str>,
+    /// Selection policy.
+    pub lb: LbPolicy,
+    /// Speak HTTP/2 (h2c) to endpoints.
+    pub http2: bool,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Endpoints in EDS order.
+    pub endpoints: Vec<Endpoint>,
+    /// Active health checking, if any.
+    pub health_check: Option<HealthCheckSpec>,
+    /// Metric handles resolved at compile time.
+    pub stats: ClusterStats,
+    /// Weighted round-robin schedule: endpoint indexes, each repeated by weight, interleaved.
+    schedule: Vec<u32>,
+    cursor: AtomicUsize,
+}
+
+impl Cluster {
+    /// Builds a cluster and its round-robin schedule.
+    pub fn new(
+        name: Arc<str>,
+        lb: LbPolicy,
+        http2: bool,
+        connect_timeout: Duration,
+        endpoints: Vec<Endpoint>,
+        health_check: Option<HealthCheckSpec>,
+        stats: ClusterStats,
+    ) -> Self {
+        let schedule = interleaved_schedule(&endpoints);
+        Cluster {
+            name,
+            lb,
+            http2,
+            connect_timeout,
+            endpoints,
+            health_check,
+            stats,
+            schedule,
+            cursor: AtomicUsize::new(fastrand::usize(..1 << 16)),
+        }
+    }
+
+    /// Number of endpoints currently taking traffic.
+    pub fn healthy_count(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| e.state.is_healthy())
+            .count()
+    }
+
+    /// Picks a healthy endpoint, avoiding `tried` (endpoints that already failed this
+    /// request) when another healthy one exists. `None` means no endpoint is healthy.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<&Endpoint> {
+        let usable = |e: &Endpoint| e.state.is_healthy() && !tried.contains(&e.address);
+        self.pick_where(usable).or_else(|| {
+            if tried.is_empty() {
+                None
+            } else {
+                self.pick_where(|e: &Endpoint| e.state.is_healthy())
+            }
+        })
+    }
+
+    fn pick_where(&self, usable: impl Fn(&Endpoint) -> bool) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        match self.lb {
+            LbPolicy::RoundRobin => {
+                let len = self.schedule.len();
+                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                (0..len)
+                    .map(|i| &self.endpoints[self.schedule[(start + i) % len] as usize])
+                    .find(|e| usable(e))
+            }
+            LbPolicy::Random => self.weighted_random(&usable),
+            LbPolicy::LeastRequest => {
+                let a = self.weighted_random(&usable)?;
+                let b = self.weighted_random(&usable)?;
+                if b.state.active_requests() < a.state.active_requests() {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+        }
+    }
+
+    fn weighted_random(&self, usable: &impl Fn(&Endpoint) -> bool) -> Option<&Endpoint> {
+        let total: u64 = self
+            .endpoints
+            .iter()
+            .filter(|e| usable(e))
+            .map(|e| u64::from(e.weight))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = fastrand::u64(..total);
+        for endpoint in self.endpoints.iter().filter(|e| usable(e)) {
+            let w = u64::from(endpoint.weight);
+            if ticket < w {
+                return Some(endpoint);
+            }
+            ticket -= w;
+        }
+        None
+    }
+}
+
+/// Spreads each endpoint's weight evenly over the schedule (smooth weighted round robin,
+/// precomputed), so weights 3:1 give `a a b a`, not `a a a b` bursts.
+fn interleaved_schedule(endpoints: &[Endpoint]) -> Vec<u32> {
+    let total: i64 = endpoints.iter().map(|e| i64::from(e.weight.max(1))).sum();
+    let mut current = vec![0i64; endpoints.len()];
+    let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, e) in endpoints.iter().enumerate() {
+            current[i] += i64::from(e.weight.max(1));
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(u32::try_from(best).unwrap_or(0));
+    }
+    schedule
+}
+
+/// Hands out [`EndpointState`] per (cluster, address) so state survives reloads.
+#[derive(Debug, Default)]
+pub struct EndpointRegistry {
+    states: Mutex<HashMap<(String, SocketAddr), Arc<EndpointState>>>,
+}
+
+impl EndpointRegistry {
+    /// The state for an endpoint, created healthy on first sight.
+    pub fn state(&self, cluster: &str, address: SocketAddr) -> Arc<EndpointState> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            states
+                .entry((cluster.to_string(), address))
+                .or_default(),
+        )
+    }
+
+    /// Forgets endpoints no live snapshot refers to any more.
+    pub fn prune(&self) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.retain(|_, state| Arc::strong_count(state) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lb: LbPolicy, weights: &[u32]) -> Cluster {
+        let registry = EndpointRegistry::default();
+        let endpoints = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let address: SocketAddr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
+                Endpoint {
+                    address,
+                    locality: Locality::default(),
+                    weight: *w,
+                    state: registry.state("c", address),
+                }
+            })
+            .collect();
+        Cluster::new(
+            "c".into(),
+            lb,
+            false,
+            Duration::from_secs(1),
+            endpoints,
+            None,
+            ClusterStats::detached(),
+        )
+    }
+
+    fn shares(c: &Cluster, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; c.endpoints.len()];
+        for _ in 0..n {
+            let e = c.pick(&[]).unwrap();
+            let i = c.endpoints.iter().position(|x| x.address == e.address).unwrap();
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_follows_weights_exactly() {
+        let c = cluster(LbPolicy::RoundRobin, &[3, 1]);
+        assert_eq!(shares(&c, 400), vec![300, 100]);
+        assert_eq!(c.schedule, vec![0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_skipped_and_none_when_all_down() {
+        let c = cluster(LbPolicy::RoundRobin, &[1, 1]);
+        c.endpoints[0].state.set_healthy(false);
+        assert_eq!(shares(&c, 10), vec![0, 10]);
+        c.endpoints[1].state.set_healthy(false);
+        assert!(c.pick(&[]).is_none());
+    }
+
+    #[test]
+    fn tried_endpoints_are_avoided_unless_nothing_else_is_healthy() {
+        let c = cluster(LbPolicy::Random, &[1, 1]);
+        let first = c.endpoints[0].address;
+        for _ in 0..50 {
+            assert_ne!(c.pick(&[first]).unwrap().address, first);
+        }
+        c.endpoints[1].state.set_healthy(false);
+        assert_eq!(c.pick(&[first]).unwrap().address, first);
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints() {
+        let c = cluster(LbPolicy::LeastRequest, &[1, 1]);
+        let _busy: Vec<_> = (0..5)
+            .map(|_| ActiveRequest::start(&c.endpoints[0].state))
+            .collect();
+        let counts = shares(&c, 1000);
+        // Endpoint 0 wins only when both choices land on it (~1/4).
+        assert!(counts[1] > 650, "{counts:?}");
+    }
+
+    #[test]
+    fn registry_keeps_state_across_snapshots_and_prunes_the_unused() {
+        let registry = EndpointRegistry::default();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let a = registry.state("c", addr);
+        a.set_healthy(false);
+        assert!(!registry.state("c", addr).is_healthy());
+        drop(a);
+        registry.prune();
+        assert!(registry.state("c", addr).is_healthy());
+    }
+}

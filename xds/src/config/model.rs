@@ -1,0 +1,537 @@
+//! The shape of a v4 config document. Field names are what users type; defaults are what an
+//! Envoy or Kong user would expect when a field is left out.
+
+use super::HumanDuration;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A whole v4 config document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this proxy is: reported to the control plane and used for locality decisions.
+    #[serde(default)]
+    pub node: NodeConfig,
+    /// The admin port (health, metrics, config dump).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The listener that takes client traffic.
+    #[serde(default)]
+    pub api_gateway: GatewayConfig,
+    /// Upstream services by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// Routes, tried in order within the most specific matching host.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Plugins by name (the WebAssembly host comes with the plugin issue; see README).
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// A tenant block from the v4 plan.
+    #[serde(default)]
+    pub tenant: Option<TenantConfig>,
+}
+
+/// Node identity, as in Envoy's bootstrap `node`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique id of this proxy; defaults to `nip-<hostname>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Cluster name this node belongs to (Envoy's `node.cluster`).
+    #[serde(default = "default_node_cluster")]
+    pub cluster: String,
+    /// Region this proxy runs in.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Zone within the region.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: None,
+            cluster: default_node_cluster(),
+            region: None,
+            zone: None,
+        }
+    }
+}
+
+fn default_node_cluster() -> String {
+    "nip".to_string()
+}
+
+/// Where the admin server listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` or `:port`; defaults to `127.0.0.1:9901` like Envoy's examples.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:9901".to_string()
+}
+
+/// The client-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// `host:port` or `:port` (all interfaces).
+    #[serde(default = "default_gateway_address")]
+    pub address: String,
+    /// TLS termination.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on a plaintext port.
+    #[serde(default = "default_true")]
+    pub h2c: bool,
+    /// One line per request, off by default.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            address: default_gateway_address(),
+            tls: TlsConfig::default(),
+            h2c: true,
+            access_log: AccessLogConfig::default(),
+        }
+    }
+}
+
+fn default_gateway_address() -> String {
+    ":8080".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Downstream TLS. HTTP/2 is offered through ALPN whenever TLS is on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Terminate TLS on the listener.
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM certificate chain file.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// PEM private key file.
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+/// Access log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Write one line per request.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `json` (one object per line) or `text` (Envoy's default format).
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// `stdout` or a file path.
+    #[serde(default = "default_access_log_path")]
+    pub path: String,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            format: AccessLogFormat::default(),
+            path: default_access_log_path(),
+        }
+    }
+}
+
+fn default_access_log_path() -> String {
+    "stdout".to_string()
+}
+
+/// How access log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Envoy's default text format.
+    Text,
+}
+
+/// An upstream service: a set of endpoints and how to use them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Deployment hint for `deploy/` (ignored by the proxy).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// Deployment hint for `deploy/` (ignored by the proxy).
+    #[serde(default)]
+    pub resources: Option<ResourceHints>,
+    /// Static endpoints: `"ip:port"` or a map with address, region, zone and weight.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Load-balancing policy.
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Time allowed to open a TCP connection to an endpoint (default 5 s, as in Envoy).
+    #[serde(default)]
+    pub connect_timeout: Option<HumanDuration>,
+    /// Active HTTP health checking.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// CPU and memory hints used by the Kubernetes manifests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceHints {
+    /// Kubernetes CPU quantity, e.g. `"500m"`.
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// Kubernetes memory quantity, e.g. `"512Mi"`.
+    #[serde(default)]
+    pub memory: Option<String>,
+}
+
+/// One upstream endpoint, written `"ip:port"` or as a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// `ip:port` or `hostname:port`.
+    pub address: String,
+    /// Region of the endpoint.
+    pub region: Option<String>,
+    /// Zone of the endpoint.
+    pub zone: Option<String>,
+    /// Relative share of traffic (default 1).
+    pub weight: u32,
+}
+
+/// The map form of an endpoint.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFields {
+    /// `ip:port` or `hostname:port`.
+    pub address: String,
+    /// Region of the endpoint.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Zone of the endpoint.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Relative share of traffic (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Accepts both `- "127.0.0.1:9000"` and `- {address: …, region: …}`.
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(EndpointVisitor)
+    }
+}
+
+struct EndpointVisitor;
+impl<'de> Visitor<'de> for EndpointVisitor {
+    type Value = EndpointConfig;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"host:port\" or a map with `address`")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<EndpointConfig, E> {
+        Ok(EndpointConfig {
+            address: v.to_string(),
+            region: None,
+            zone: None,
+            weight: default_weight(),
+        })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<EndpointConfig, A::Error> {
+        let fields = EndpointFields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(EndpointConfig {
+            address: fields.address,
+            region: fields.region,
+            zone: fields.zone,
+            weight: fields.weight,
+        })
+    }
+}
+
+/// How a service picks an endpoint for each request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two random choices, fewer active requests wins.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+}
+
+/// The protocol spoken to a service's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), needed for gRPC backends.
+    Http2,
+}
+
+/// Active HTTP health checking of each endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Path to GET.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Host header to send (default: the endpoint address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Time between checks.
+    #[serde(default = "default_health_interval")]
+    pub interval: HumanDuration,
+    /// Time allowed for one check.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: HumanDuration,
+    /// Failed checks in a row before an endpoint is marked unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row before an unhealthy endpoint is used again.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Statuses counted as healthy (default 200–299).
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+}
+
+fn default_health_path() -> String {
+    "/healthz".to_string()
+}
+fn default_health_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(5))
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(1))
+}
+fn default_unhealthy_threshold() -> u32 {
+    2
+}
+fn default_healthy_threshold() -> u32 {
+    1
+}
+
+/// One route: a match and where matching requests go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and logs (default `route-<index>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What requests this route takes (default: all).
+    #[serde(default, rename = "match")]
+    pub matcher: RouteMatchConfig,
+    /// The service to send to (or use `split`).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// A weighted split across services (canary).
+    #[serde(default)]
+    pub split: Vec<SplitConfig>,
+    /// Time allowed for the upstream to answer (default 15 s, as in Envoy).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Retries.
+    #[serde(default)]
+    pub retries: Option<RetryConfig>,
+}
+
+/// The conditions a request must meet for a route. All given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchConfig {
+    /// `api.example.com`, `*.example.com`, or `*` (default).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The exact path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// A path prefix.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// A regex the whole path must match.
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+    /// Allowed methods (any when empty).
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// One header condition. Exactly one of `exact`, `prefix`, `regex`, `present` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// The value equals this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The value starts with this.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The whole value matches this regex.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// The header is (true) or is not (false) present.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// One leg of a weighted split.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Service name.
+    pub service: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Retry policy of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Conditions: `connect-failure`, `5xx`, `gateway-error`, `reset`.
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<String>,
+    /// Retries after the first try (default 1, as in Envoy).
+    #[serde(default = "default_retry_max")]
+    pub max: u32,
+}
+
+fn default_retry_on() -> Vec<String> {
+    vec!["connect-failure".to_string()]
+}
+fn default_retry_max() -> u32 {
+    1
+}
+
+/// A plugin entry as written in the v4 plan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Plugin version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Whether routes run it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Isolation mechanism; only `wasm` exists in v4.
+    #[serde(default = "default_isolation")]
+    pub isolation: String,
+}
+
+fn default_isolation() -> String {
+    "wasm".to_string()
+}
+
+/// A tenant as written in the v4 plan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id.
+    pub id: String,
+    /// Namespace the tenant's objects live in.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Quotas.
+    #[serde(default)]
+    pub resource_quota: Option<TenantQuota>,
+    /// Plugin policy.
+    #[serde(default)]
+    pub plugins: Option<TenantPlugins>,
+    /// Data policy.
+    #[serde(default)]
+    pub data: Option<TenantData>,
+}
+
+/// Tenant quotas; `message_rate` is `N/sec`, `N/min` or `N/hour`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Kubernetes CPU quantity.
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// Kubernetes memory quantity.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Request rate limit.
+    #[serde(default)]
+    pub message_rate: Option<String>,
+}
+
+/// Which plugins a tenant's routes may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPlugins {
+    /// Run the tenant's plugins in their own instances.
+    #[serde(default)]
+    pub isolated: bool,
+    /// Allow plugins outside the whitelist.
+    #[serde(default)]
+    pub allow_custom: bool,
+    /// Allowed plugin references (`official:*`, `acme:*`).
+    #[serde(default)]
+    pub whitelist: Vec<String>,
+}
+
+/// Where a tenant's data may go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantData {
+    /// Keep the tenant's routes on its own services.
+    #[serde(default)]
+    pub isolated: bool,
+    /// How long access logs are kept (`90d`).
+    #[serde(default)]
+    pub retention: Option<String>,
+    /// Require TLS upstream.
+    #[serde(default)]
+    pub encryption: bool,
+    /// Region the tenant's traffic must stay in.
+    #[serde(default)]
+    pub locality: Option<String>,
+}

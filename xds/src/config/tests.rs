@@ -1,0 +1,164 @@
+use super::*;
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    match Config::from_yaml(yaml) {
+        Ok(_) => panic!("expected an error for:\n{yaml}"),
+        Err(e) => e.field_errors().iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn plan_examples_load_as_written() {
+    let gateway = r#"
+api_gateway:
+  address: ":8080"
+  tls:
+    enabled: false
+services:
+  message_router:
+    replicas: 3
+    resources:
+      cpu: "500m"
+      memory: "512Mi"
+plugins:
+  my-plugin:
+    version: "2.0.0"
+    enabled: true
+    isolation: "wasm"
+"#;
+    let config = Config::from_yaml(gateway).unwrap();
+    assert_eq!(config.services["message_router"].replicas, Some(3));
+    assert_eq!(
+        parse_listen_address(&config.api_gateway.address).unwrap(),
+        "0.0.0.0:8080".parse().unwrap()
+    );
+    let tenant = r#"
+tenant:
+  id: "acme-corp"
+  namespace: "acme"
+  resource_quota:
+    cpu: "16"
+    memory: "32Gi"
+    message_rate: "10000/sec"
+  plugins:
+    isolated: true
+    allow_custom: false
+    whitelist:
+      - "official:*"
+      - "acme:*"
+  data:
+    isolated: true
+    retention: "90d"
+    encryption: true
+    locality: "EU-West"
+"#;
+    let config = Config::from_yaml(tenant).unwrap();
+    let t = config.tenant.unwrap();
+    assert_eq!(t.data.unwrap().locality.as_deref(), Some("EU-West"));
+    assert_eq!(parse_rate("10000/sec").unwrap(), 10000.0);
+}
+
+#[test]
+fn bad_regex_names_the_field_path() {
+    let yaml = r#"
+services:
+  a: { endpoints: ["127.0.0.1:1"] }
+routes:
+  - service: a
+  - service: a
+  - match: { path_regex: "([a-z" }
+    service: a
+"#;
+    let errors = errors_of(yaml);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("routes[2].match.path_regex: invalid regex"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn unknown_field_and_wrong_type_name_their_path() {
+    let errors = errors_of("services:\n  a:\n    endpointz: []\n");
+    assert!(errors[0].starts_with("services.a.endpointz: unknown field"), "{errors:?}");
+    assert!(errors[0].contains("endpointz"), "{errors:?}");
+    let errors = errors_of("routes:\n  - service: a\n    timeout: 10\n");
+    assert!(errors[0].starts_with("routes[0].timeout"), "{errors:?}");
+    let errors = errors_of("services:\n  a:\n    lb: fastest\n");
+    assert!(errors[0].starts_with("services.a.lb"), "{errors:?}");
+}
+
+#[test]
+fn every_rule_reports_its_field() {
+    let yaml = r#"
+api_gateway: { address: "nope" }
+admin: { address: ":99999" }
+services:
+  a:
+    endpoints:
+      - "127.0.0.1"
+      - { address: "127.0.0.1:80", weight: 0 }
+    health_check: { path: healthz, unhealthy_threshold: 0 }
+routes:
+  - service: missing
+  - match: { path: relative, path_prefix: /x, headers: [{ name: x }], methods: [get] }
+    split: [{ service: a, weight: 0 }]
+  - service: a
+    split: [{ service: a, weight: 1 }]
+  - service: a
+    retries: { on: [sometimes], max: 99 }
+  - match: { host: "a.*.com" }
+    service: a
+"#;
+    let errors = errors_of(yaml).join("\n");
+    for expected in [
+        "api_gateway.address:",
+        "admin.address:",
+        "services.a.endpoints[0].address:",
+        "services.a.endpoints[1].weight:",
+        "services.a.health_check.path:",
+        "services.a.health_check.unhealthy_threshold:",
+        "routes[0].service: no service named \"missing\"",
+        "routes[1].match: use only one of",
+        "routes[1].match.path: must start with '/'",
+        "routes[1].match.headers[0]: set exactly one of",
+        "routes[1].match.methods[0]:",
+        "routes[1].split: weights must add up",
+        "routes[2]: set either `service` or `split`",
+        "routes[3].retries.on[0]:",
+        "routes[3].retries.max:",
+        "routes[4].match.host:",
+    ] {
+        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+    }
+}
+
+#[test]
+fn tls_requires_existing_files() {
+    let errors = errors_of("api_gateway:\n  tls: { enabled: true, cert_file: /nonexistent.pem }\n")
+        .join("\n");
+    assert!(errors.contains("api_gateway.tls.cert_file: file \"/nonexistent.pem\" does not exist"));
+    assert!(errors.contains("api_gateway.tls.key_file: is required"));
+}
+
+#[test]
+fn listen_addresses() {
+    assert_eq!(
+        parse_listen_address(":80").unwrap(),
+        "0.0.0.0:80".parse().unwrap()
+    );
+    assert_eq!(
+        parse_listen_address("localhost:80").unwrap(),
+        "127.0.0.1:80".parse().unwrap()
+    );
+    assert_eq!(
+        parse_listen_address("[::1]:80").unwrap(),
+        "[::1]:80".parse().unwrap()
+    );
+    assert!(parse_listen_address("80").is_err());
+    assert_eq!(
+        parse_endpoint_address("backend.local:8080").unwrap(),
+        ("backend.local".to_string(), 8080)
+    );
+    assert!(parse_endpoint_address("bad host:1").is_err());
+}

@@ -1,0 +1,448 @@
+//! Rules a parsed config must follow before it is translated. Each rule reports the field
+//! path it is about; all problems are collected so a user fixes them in one go.
+
+use super::{Config, FieldError, HeaderMatchConfig, RouteConfig, ServiceConfig};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+
+/// Retry conditions a route may name (Envoy's `retry_on` spelling).
+pub const RETRY_CONDITIONS: &[&str] = &["connect-failure", "5xx", "gateway-error", "reset"];
+
+/// The most retries a route may ask for; more only multiplies load on a failing upstream.
+pub const MAX_RETRIES: u32 = 10;
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Checks every rule and returns all violations (empty when the config is good).
+pub fn validate(config: &Config) -> Vec<FieldError> {
+    let mut errors = Errors(Vec::new());
+    if let Err(e) = parse_listen_address(&config.api_gateway.address) {
+        errors.add("api_gateway.address", e);
+    }
+    if let Err(e) = parse_listen_address(&config.admin.address) {
+        errors.add("admin.address", e);
+    }
+    if let (Ok(a), Ok(b)) = (
+        parse_listen_address(&config.api_gateway.address),
+        parse_listen_address(&config.admin.address),
+    ) {
+        if a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified())
+        {
+            errors.add(
+                "admin.address",
+                format!("port {} is already used by api_gateway.address", a.port()),
+            );
+        }
+    }
+    validate_tls(config, &mut errors);
+    if let Some(id) = &config.node.id {
+        if id.trim().is_empty() {
+            errors.add("node.id", "must not be empty");
+        }
+    }
+    let log = &config.api_gateway.access_log;
+    if log.enabled && log.path.trim().is_empty() {
+        errors.add("api_gateway.access_log.path", "must be `stdout` or a file path");
+    }
+    for (name, service) in &config.services {
+        validate_service(name, service, &mut errors);
+    }
+    let mut route_names = HashSet::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        let path = format!("routes[{index}]");
+        if let Some(name) = &route.name {
+            if !valid_name(name) {
+                errors.add(
+                    format!("{path}.name"),
+                    format!("{name:?} may only hold letters, digits, '-', '_' and '.'"),
+                );
+            }
+        }
+        let name = route_name(route, index);
+        if !route_names.insert(name.clone()) {
+            errors.add(
+                format!("{path}.name"),
+                format!("route name {name:?} is used twice"),
+            );
+        }
+        validate_route(&path, route, config, &mut errors);
+    }
+    for (name, plugin) in &config.plugins {
+        if plugin.isolation != "wasm" {
+            errors.add(
+                format!("plugins.{name}.isolation"),
+                format!(
+                    "{:?} is not supported; v4 plugins run as WebAssembly (`wasm`)",
+                    plugin.isolation
+                ),
+            );
+        }
+    }
+    if let Some(tenant) = &config.tenant {
+        validate_tenant(tenant, &mut errors);
+    }
+    errors.0
+}
+
+/// The name a route is known by in metrics and logs.
+pub fn route_name(route: &RouteConfig, index: usize) -> String {
+    route
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("route-{index}"))
+}
+
+/// Parses a listen address: `:8080` (all interfaces), `127.0.0.1:8080`, `[::1]:8080`,
+/// `localhost:8080`.
+pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?} has no valid port (expected like \":8080\")"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?} has no valid port"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("{text:?} is not an address of the form \"ip:port\" or \":port\"")
+    })
+}
+
+/// Splits an endpoint address into host and port, checking both.
+pub fn parse_endpoint_address(text: &str) -> Result<(String, u16), String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} needs a port (\"host:port\")"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?} has no valid port"))?;
+    if port == 0 {
+        return Err(format!("{text:?}: port 0 cannot be connected to"));
+    }
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if !valid_host && host.parse::<IpAddr>().is_err() {
+        return Err(format!("{host:?} is not a valid IP address or host name"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn validate_tls(config: &Config, errors: &mut Errors) {
+    let tls = &config.api_gateway.tls;
+    if !tls.enabled {
+        return;
+    }
+    for (field, value) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+        let path = format!("api_gateway.tls.{field}");
+        match value {
+            None => errors.add(path, "is required when tls.enabled is true"),
+            Some(file) if !std::path::Path::new(file).is_file() => {
+                errors.add(path, format!("file {file:?} does not exist"))
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
+    let path = format!("services.{name}");
+    if !valid_name(name) {
+        errors.add(
+            path.clone(),
+            "a service name may only hold letters, digits, '-', '_' and '.'",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, endpoint) in service.endpoints.iter().enumerate() {
+        let ep_path = format!("{path}.endpoints[{i}]");
+        if let Err(e) = parse_endpoint_address(&endpoint.address) {
+            errors.add(format!("{ep_path}.address"), e);
+        }
+        if !seen.insert(endpoint.address.clone()) {
+            errors.add(
+                format!("{ep_path}.address"),
+                format!("{} is listed twice", endpoint.address),
+            );
+        }
+        if endpoint.weight == 0 || endpoint.weight > 128 {
+            errors.add(format!("{ep_path}.weight"), "must be between 1 and 128");
+        }
+    }
+    if let Some(timeout) = service.connect_timeout {
+        if timeout.0.is_zero() {
+            errors.add(format!("{path}.connect_timeout"), "must be more than 0");
+        }
+    }
+    if let Some(hc) = &service.health_check {
+        let hc_path = format!("{path}.health_check");
+        if !hc.path.starts_with('/') {
+            errors.add(format!("{hc_path}.path"), "must start with '/'");
+        }
+        if hc.interval.0.is_zero() {
+            errors.add(format!("{hc_path}.interval"), "must be more than 0");
+        }
+        if hc.timeout.0.is_zero() {
+            errors.add(format!("{hc_path}.timeout"), "must be more than 0");
+        }
+        if hc.unhealthy_threshold == 0 {
+            errors.add(format!("{hc_path}.unhealthy_threshold"), "must be at least 1");
+        }
+        if hc.healthy_threshold == 0 {
+            errors.add(format!("{hc_path}.healthy_threshold"), "must be at least 1");
+        }
+        for (i, status) in hc.expected_statuses.iter().enumerate() {
+            if !(100..=599).contains(status) {
+                errors.add(
+                    format!("{hc_path}.expected_statuses[{i}]"),
+                    format!("{status} is not an HTTP status"),
+                );
+            }
+        }
+    }
+}
+
+fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
+    let m = &route.matcher;
+    let specifiers = [&m.path, &m.path_prefix, &m.path_regex]
+        .iter()
+        .filter(|s| s.is_some())
+        .count();
+    if specifiers > 1 {
+        errors.add(
+            format!("{path}.match"),
+            "use only one of path, path_prefix and path_regex",
+        );
+    }
+    for (field, value) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(p) = value {
+            if !p.starts_with('/') {
+                errors.add(format!("{path}.match.{field}"), "must start with '/'");
+            }
+        }
+    }
+    if let Some(re) = &m.path_regex {
+        if let Err(e) = regex::Regex::new(re) {
+            errors.add(
+                format!("{path}.match.path_regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+        }
+    }
+    if let Some(host) = &m.host {
+        if let Err(e) = check_host_pattern(host) {
+            errors.add(format!("{path}.match.host"), e);
+        }
+    }
+    for (i, header) in m.headers.iter().enumerate() {
+        validate_header(&format!("{path}.match.headers[{i}]"), header, errors);
+    }
+    for (i, method) in m.methods.iter().enumerate() {
+        if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
+            errors.add(
+                format!("{path}.match.methods[{i}]"),
+                format!("{method:?} is not an HTTP method (write it in capitals, like GET)"),
+            );
+        }
+    }
+    match (&route.service, route.split.is_empty()) {
+        (Some(_), false) => errors.add(
+            path.to_string(),
+            "set either `service` or `split`, not both",
+        ),
+        (None, true) => errors.add(
+            path.to_string(),
+            "needs a destination: `service: NAME` or `split: [...]`",
+        ),
+        (Some(service), true) => {
+            if !config.services.contains_key(service) {
+                errors.add(
+                    format!("{path}.service"),
+                    format!("no service named {service:?} in `services`"),
+                );
+            }
+        }
+        (None, false) => {
+            let mut total = 0u64;
+            for (i, leg) in route.split.iter().enumerate() {
+                total += u64::from(leg.weight);
+                if !config.services.contains_key(&leg.service) {
+                    errors.add(
+                        format!("{path}.split[{i}].service"),
+                        format!("no service named {:?} in `services`", leg.service),
+                    );
+                }
+            }
+            if total == 0 {
+                errors.add(format!("{path}.split"), "weights must add up to more than 0");
+            }
+        }
+    }
+    if let Some(timeout) = route.timeout {
+        if timeout.0.is_zero() {
+            errors.add(format!("{path}.timeout"), "must be more than 0");
+        }
+    }
+    if let Some(retries) = &route.retries {
+        for (i, on) in retries.on.iter().enumerate() {
+            if !RETRY_CONDITIONS.contains(&on.as_str()) {
+                errors.add(
+                    format!("{path}.retries.on[{i}]"),
+                    format!("{on:?} is not one of {}", RETRY_CONDITIONS.join(", ")),
+                );
+            }
+        }
+        if retries.max > MAX_RETRIES {
+            errors.add(
+                format!("{path}.retries.max"),
+                format!("at most {MAX_RETRIES}"),
+            );
+        }
+    }
+}
+
+fn validate_header(path: &str, header: &HeaderMatchConfig, errors: &mut Errors) {
+    if http_header_name_invalid(&header.name) {
+        errors.add(
+            format!("{path}.name"),
+            format!("{:?} is not a valid header name", header.name),
+        );
+    }
+    let set = [
+        header.exact.is_some(),
+        header.prefix.is_some(),
+        header.regex.is_some(),
+        header.present.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    if set != 1 {
+        errors.add(
+            path.to_string(),
+            "set exactly one of exact, prefix, regex, present",
+        );
+    }
+    if let Some(re) = &header.regex {
+        if let Err(e) = regex::Regex::new(re) {
+            errors.add(
+                format!("{path}.regex"),
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            );
+        }
+    }
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Checks a host pattern: `*`, `*.suffix`, or an exact host (optionally with a port).
+pub fn check_host_pattern(host: &str) -> Result<(), String> {
+    if host == "*" {
+        return Ok(());
+    }
+    let rest = host.strip_prefix("*.").unwrap_or(host);
+    if rest.is_empty() || rest.contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard may only be a leading \"*.\" or the whole host \"*\""
+        ));
+    }
+    if !rest
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '[' | ']'))
+    {
+        return Err(format!("{host:?} is not a valid host name"));
+    }
+    Ok(())
+}
+
+fn validate_tenant(tenant: &super::TenantConfig, errors: &mut Errors) {
+    if tenant.id.trim().is_empty() {
+        errors.add("tenant.id", "must not be empty");
+    }
+    if let Some(rate) = tenant
+        .resource_quota
+        .as_ref()
+        .and_then(|q| q.message_rate.as_ref())
+    {
+        if let Err(e) = parse_rate(rate) {
+            errors.add("tenant.resource_quota.message_rate", e);
+        }
+    }
+    if let Some(plugins) = &tenant.plugins {
+        for (i, entry) in plugins.whitelist.iter().enumerate() {
+            let ok = entry
+                .split_once(':')
+                .is_some_and(|(ns, name)| valid_name(ns) && (name == "*" || valid_name(name)));
+            if !ok {
+                errors.add(
+                    format!("tenant.plugins.whitelist[{i}]"),
+                    format!("{entry:?} is not of the form \"namespace:name\" or \"namespace:*\""),
+                );
+            }
+        }
+    }
+    if let Some(retention) = tenant.data.as_ref().and_then(|d| d.retention.as_ref()) {
+        if humantime::parse_duration(retention).is_err() {
+            errors.add(
+                "tenant.data.retention",
+                format!("{retention:?} is not a duration like \"90d\""),
+            );
+        }
+    }
+}
+
+/// Parses a rate like `10000/sec`, `600/min` or `50/hour` into requests per second.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let (count, unit) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a rate like \"10000/sec\""))?;
+    let count: f64 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: {count:?} is not a number"))?;
+    let seconds = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        other => return Err(format!("{text:?}: unit {other:?} is not sec, min or hour")),
+    };
+    if count <= 0.0 {
+        return Err(format!("{text:?}: the rate must be more than 0"));
+    }
+    Ok(count / seconds)
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

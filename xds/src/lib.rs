@@ -1,0 +1,27 @@
+//! # nip-xds: from the config a user writes to the xDS resources a proxy runs on
+//!
+//! NIP has one path from configuration to traffic:
+//!
+//! ```text
+//! YAML ──config::Config::from_yaml──▶ Config ──translate::translate──▶ ResourceSet (xDS v3)
+//!                                                                          │
+//!                        (later: the control plane sends the same over ADS)│
+//!                                                                          ▼
+//!                                                     nip-proxy compiles it into a snapshot
+//! ```
+//!
+//! * [`config`] owns the v4 YAML model: strict parsing, and validation whose every error
+//!   names the field path it is about.
+//! * [`translate`] turns a validated config into Envoy's own resource types (`envoy-types`):
+//!   `Listener` + `HttpConnectionManager`, `RouteConfiguration`, `Cluster`,
+//!   `ClusterLoadAssignment`, and a `Bootstrap` holding node identity and the admin address.
+//! * [`resources`] groups one consistent set of resources under one content version.
+//!
+//! This crate never opens a socket and never looks at a request; the proxy may not read YAML.
+
+pub mod config;
+pub mod resources;
+pub mod translate;
+
+pub use envoy_types;
+pub use resources::ResourceSet;

@@ -1,0 +1,580 @@
+//! Translation of a validated v4 [`Config`] into Envoy xDS v3 resources.
+//!
+//! The mapping follows Envoy's own model so that what we produce is what an Envoy user would
+//! write by hand:
+//!
+//! | v4 config | xDS resource |
+//! |---|---|
+//! | `api_gateway` | `Listener` `api_gateway` + `HttpConnectionManager` (RDS over ADS, access log, TLS transport socket) |
+//! | `routes` | `RouteConfiguration` `api_gateway_routes`: one `VirtualHost` per host pattern |
+//! | `services.NAME` | `Cluster` NAME (`type: EDS`, lb policy, connect timeout, health check, HTTP/2 options) |
+//! | `services.NAME.endpoints` | `ClusterLoadAssignment` NAME, one locality per (region, zone) |
+//! | `node`, `admin` | the bootstrap (`node`, `admin.address`) |
+//!
+//! Routes without a host go into every virtual host, in their place in the list, so that the
+//! flat route list keeps "first match wins" within the most specific host.
+
+use crate::config::{
+    parse_endpoint_address, parse_listen_address, route_name, AccessLogFormat, Config,
+    HeaderMatchConfig, LbPolicy, RouteConfig, ServiceConfig, UpstreamProtocol,
+};
+use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
+use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
+use envoy_types::pb::envoy::config::bootstrap::v3::{Admin, Bootstrap};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, config_source, data_source, health_check, socket_address, substitution_format_string,
+    transport_socket, Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource,
+    HealthCheck, Http2ProtocolOptions, Locality, Node, SocketAddress, SubstitutionFormatString,
+    TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
+use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
+    stdout_access_log, StdoutAccessLog,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options, HttpProtocolOptions,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::v3::Int64Range;
+use envoy_types::pb::google::protobuf::{
+    self as pbuf, value::Kind, Duration as PbDuration, Struct, UInt32Value, Value,
+};
+use envoy_types::util::pack_any;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Envoy's default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default route timeout.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Envoy's default access log text format.
+pub const ENVOY_DEFAULT_TEXT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+/// Fields of the JSON access log line, keyed by output name.
+pub const JSON_ACCESS_LOG_FIELDS: &[(&str, &str)] = &[
+    ("start_time", "%START_TIME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration_ms", "%DURATION%"),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("route_name", "%ROUTE_NAME%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+];
+
+/// The translation of one config: the bootstrap and the resources.
+#[derive(Debug, Clone)]
+pub struct Translation {
+    /// Node identity and admin address.
+    pub bootstrap: Bootstrap,
+    /// Listener, routes, clusters and endpoints.
+    pub resources: ResourceSet,
+}
+
+/// Translates a validated config into xDS resources.
+pub fn translate(config: &Config) -> Translation {
+    let mut resources = ResourceSet {
+        version: String::new(),
+        listeners: vec![gateway_listener(config)],
+        routes: vec![route_configuration(config)],
+        clusters: config
+            .services
+            .iter()
+            .map(|(name, service)| cluster(name, service))
+            .collect(),
+        endpoints: config
+            .services
+            .iter()
+            .map(|(name, service)| load_assignment(name, service))
+            .collect(),
+    };
+    resources.version = resources.content_version();
+    Translation {
+        bootstrap: bootstrap(config),
+        resources,
+    }
+}
+
+fn bootstrap(config: &Config) -> Bootstrap {
+    let node = &config.node;
+    let id = node.id.clone().unwrap_or_else(default_node_id);
+    Bootstrap {
+        node: Some(Node {
+            id,
+            cluster: node.cluster.clone(),
+            locality: Some(Locality {
+                region: node.region.clone().unwrap_or_default(),
+                zone: node.zone.clone().unwrap_or_default(),
+                sub_zone: String::new(),
+            }),
+            user_agent_name: "nip".to_string(),
+            ..Default::default()
+        }),
+        admin: Some(Admin {
+            address: parse_listen_address(&config.admin.address)
+                .ok()
+                .map(socket_address_of),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `nip-<hostname>`, the node id when the config gives none.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    if host.is_empty() {
+        "nip".to_string()
+    } else {
+        format!("nip-{host}")
+    }
+}
+
+fn socket_address_of(addr: std::net::SocketAddr) -> Address {
+    socket_address(&addr.ip().to_string(), addr.port())
+}
+
+fn socket_address(host: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn ads_config_source() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn gateway_listener(config: &Config) -> Listener {
+    let gateway = &config.api_gateway;
+    let mut access_log = Vec::new();
+    if gateway.access_log.enabled {
+        access_log.push(access_log_entry(config));
+    }
+    let hcm = HttpConnectionManager {
+        stat_prefix: GATEWAY_LISTENER.to_string(),
+        codec_type: if gateway.h2c || gateway.tls.enabled {
+            http_connection_manager::CodecType::Auto as i32
+        } else {
+            http_connection_manager::CodecType::Http1 as i32
+        },
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: GATEWAY_ROUTES.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: names::ROUTER.to_string(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        access_log,
+        generate_request_id: Some(pbuf::BoolValue { value: true }),
+        ..Default::default()
+    };
+    let transport_socket = gateway.tls.enabled.then(|| {
+        let file = |path: &Option<String>| DataSource {
+            specifier: Some(data_source::Specifier::Filename(
+                path.clone().unwrap_or_default(),
+            )),
+            ..Default::default()
+        };
+        let tls = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificates: vec![TlsCertificate {
+                    certificate_chain: Some(file(&gateway.tls.cert_file)),
+                    private_key: Some(file(&gateway.tls.key_file)),
+                    ..Default::default()
+                }],
+                alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: names::TLS_TRANSPORT_SOCKET.to_string(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+        }
+    });
+    Listener {
+        name: GATEWAY_LISTENER.to_string(),
+        address: parse_listen_address(&gateway.address)
+            .ok()
+            .map(socket_address_of),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            transport_socket,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn access_log_entry(config: &Config) -> AccessLog {
+    let log = &config.api_gateway.access_log;
+    let format = match log.format {
+        AccessLogFormat::Json => {
+            substitution_format_string::Format::JsonFormat(Struct {
+                fields: JSON_ACCESS_LOG_FIELDS
+                    .iter()
+                    .map(|(key, command)| {
+                        (
+                            (*key).to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue((*command).to_string())),
+                            },
+                        )
+                    })
+                    .collect(),
+            })
+        }
+        AccessLogFormat::Text => {
+            substitution_format_string::Format::TextFormatSource(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(
+                    ENVOY_DEFAULT_TEXT_FORMAT.to_string(),
+                )),
+                ..Default::default()
+            })
+        }
+    };
+    let format = SubstitutionFormatString {
+        format: Some(format),
+        ..Default::default()
+    };
+    if log.path == "stdout" {
+        AccessLog {
+            name: names::STDOUT_ACCESS_LOG.to_string(),
+            config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
+                StdoutAccessLog {
+                    access_log_format: Some(stdout_access_log::AccessLogFormat::LogFormat(
+                        format,
+                    )),
+                },
+            ))),
+            ..Default::default()
+        }
+    } else {
+        AccessLog {
+            name: names::FILE_ACCESS_LOG.to_string(),
+            config_type: Some(access_log::ConfigType::TypedConfig(pack_any(FileAccessLog {
+                path: log.path.clone(),
+                access_log_format: Some(
+                    envoy_types::pb::envoy::extensions::access_loggers::file::v3::file_access_log::AccessLogFormat::LogFormat(format),
+                ),
+            }))),
+            ..Default::default()
+        }
+    }
+}
+
+fn route_configuration(config: &Config) -> RouteConfiguration {
+    // One virtual host per distinct host pattern; "*" always exists so hostless routes and
+    // unknown hosts have a home.
+    let mut hosts: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    hosts.insert("*".to_string(), Vec::new());
+    for route in &config.routes {
+        if let Some(host) = &route.matcher.host {
+            hosts.entry(host.clone()).or_default();
+        }
+    }
+    for (index, route) in config.routes.iter().enumerate() {
+        let xds_route = xds_route(route, index);
+        match route.matcher.host.as_deref() {
+            None | Some("*") => {
+                for routes in hosts.values_mut() {
+                    routes.push(xds_route.clone());
+                }
+            }
+            Some(host) => {
+                if let Some(routes) = hosts.get_mut(host) {
+                    routes.push(xds_route);
+                }
+            }
+        }
+    }
+    RouteConfiguration {
+        name: GATEWAY_ROUTES.to_string(),
+        virtual_hosts: hosts
+            .into_iter()
+            .map(|(host, routes)| VirtualHost {
+                name: if host == "*" {
+                    "default".to_string()
+                } else {
+                    host.clone()
+                },
+                domains: vec![host],
+                routes,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn xds_route(route: &RouteConfig, index: usize) -> Route {
+    let m = &route.matcher;
+    let path_specifier = if let Some(path) = &m.path {
+        route_match::PathSpecifier::Path(path.clone())
+    } else if let Some(regex) = &m.path_regex {
+        route_match::PathSpecifier::SafeRegex(RegexMatcher {
+            regex: regex.clone(),
+            ..Default::default()
+        })
+    } else {
+        route_match::PathSpecifier::Prefix(m.path_prefix.clone().unwrap_or_else(|| "/".into()))
+    };
+    let mut headers: Vec<HeaderMatcher> = m.headers.iter().map(header_matcher).collect();
+    if !m.methods.is_empty() {
+        headers.push(HeaderMatcher {
+            name: ":method".to_string(),
+            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: format!("^({})$", m.methods.join("|")),
+                        ..Default::default()
+                    })),
+                    ignore_case: false,
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    let cluster_specifier = match &route.service {
+        Some(service) => route_action::ClusterSpecifier::Cluster(service.clone()),
+        None => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: route
+                .split
+                .iter()
+                .map(|leg| weighted_cluster::ClusterWeight {
+                    name: leg.service.clone(),
+                    weight: Some(UInt32Value { value: leg.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let retry_policy = route.retries.as_ref().map(|r| RetryPolicy {
+        retry_on: r.on.join(","),
+        num_retries: Some(UInt32Value { value: r.max }),
+        ..Default::default()
+    });
+    Route {
+        name: route_name(route, index),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(path_specifier),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            timeout: Some(pb_duration(
+                route.timeout.map(Into::into).unwrap_or(DEFAULT_ROUTE_TIMEOUT),
+            )),
+            retry_policy,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn header_matcher(header: &HeaderMatchConfig) -> HeaderMatcher {
+    let string_match = |pattern| {
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(pattern),
+                ignore_case: false,
+            },
+        ))
+    };
+    let specifier = if let Some(exact) = &header.exact {
+        string_match(string_matcher::MatchPattern::Exact(exact.clone()))
+    } else if let Some(prefix) = &header.prefix {
+        string_match(string_matcher::MatchPattern::Prefix(prefix.clone()))
+    } else if let Some(regex) = &header.regex {
+        string_match(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: regex.clone(),
+            ..Default::default()
+        }))
+    } else {
+        Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true))
+    };
+    HeaderMatcher {
+        name: header.name.to_ascii_lowercase(),
+        header_match_specifier: specifier,
+        // `present: false` means "must be absent": Envoy's present_match with invert_match.
+        invert_match: header.present == Some(false),
+        ..Default::default()
+    }
+}
+
+fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
+    let lb_policy = match service.lb {
+        LbPolicy::RoundRobin => cluster::LbPolicy::RoundRobin,
+        LbPolicy::LeastRequest => cluster::LbPolicy::LeastRequest,
+        LbPolicy::Random => cluster::LbPolicy::Random,
+    };
+    let mut typed_extension_protocol_options = std::collections::HashMap::new();
+    if service.protocol == UpstreamProtocol::Http2 {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                Http2ProtocolOptions::default(),
+                            ),
+                        ),
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        typed_extension_protocol_options.insert(
+            names::HTTP_PROTOCOL_OPTIONS.to_string(),
+            pack_any(options),
+        );
+    }
+    let health_checks = service
+        .health_check
+        .iter()
+        .map(|hc| HealthCheck {
+            timeout: Some(pb_duration(hc.timeout.into())),
+            interval: Some(pb_duration(hc.interval.into())),
+            unhealthy_threshold: Some(UInt32Value {
+                value: hc.unhealthy_threshold,
+            }),
+            healthy_threshold: Some(UInt32Value {
+                value: hc.healthy_threshold,
+            }),
+            health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
+                health_check::HttpHealthCheck {
+                    path: hc.path.clone(),
+                    host: hc.host.clone().unwrap_or_default(),
+                    expected_statuses: hc
+                        .expected_statuses
+                        .iter()
+                        .map(|s| Int64Range {
+                            start: i64::from(*s),
+                            end: i64::from(*s) + 1,
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })
+        .collect();
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads_config_source()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(pb_duration(
+            service
+                .connect_timeout
+                .map(Into::into)
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        )),
+        lb_policy: lb_policy as i32,
+        health_checks,
+        typed_extension_protocol_options,
+        ..Default::default()
+    }
+}
+
+fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment {
+    // Group endpoints by locality, keeping the order in which localities first appear.
+    let mut localities: Vec<(Locality, Vec<LbEndpoint>)> = Vec::new();
+    for endpoint in &service.endpoints {
+        let locality = Locality {
+            region: endpoint.region.clone().unwrap_or_default(),
+            zone: endpoint.zone.clone().unwrap_or_default(),
+            sub_zone: String::new(),
+        };
+        let (host, port) = parse_endpoint_address(&endpoint.address)
+            .unwrap_or_else(|_| (endpoint.address.clone(), 0));
+        let lb_endpoint = LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address(&host, port)),
+                ..Default::default()
+            })),
+            load_balancing_weight: Some(UInt32Value {
+                value: endpoint.weight,
+            }),
+            ..Default::default()
+        };
+        match localities.iter_mut().find(|(l, _)| *l == locality) {
+            Some((_, endpoints)) => endpoints.push(lb_endpoint),
+            None => localities.push((locality, vec![lb_endpoint])),
+        }
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: localities
+            .into_iter()
+            .map(|(locality, lb_endpoints)| LocalityLbEndpoints {
+                locality: Some(locality),
+                lb_endpoints,
+                load_balancing_weight: Some(UInt32Value { value: 1 }),
+                priority: 0,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

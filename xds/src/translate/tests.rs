@@ -1,0 +1,103 @@
+use super::*;
+use crate::config::Config;
+use crate::resources::GATEWAY_ROUTES;
+
+const PLAN_EXAMPLE: &str = r#"
+api_gateway:
+  address: ":8080"
+  tls:
+    enabled: false
+services:
+  message_router:
+    replicas: 3
+    resources:
+      cpu: "500m"
+      memory: "512Mi"
+plugins:
+  my-plugin:
+    version: "2.0.0"
+    enabled: true
+    isolation: "wasm"
+"#;
+
+#[test]
+fn plan_example_translates_to_one_listener_route_config_and_cluster() {
+    let config = Config::from_yaml(PLAN_EXAMPLE).expect("plan example loads");
+    let t = translate(&config);
+    assert_eq!(t.resources.listeners.len(), 1);
+    assert_eq!(t.resources.routes.len(), 1);
+    assert_eq!(t.resources.routes[0].name, GATEWAY_ROUTES);
+    assert_eq!(t.resources.clusters.len(), 1);
+    assert_eq!(t.resources.clusters[0].name, "message_router");
+    assert_eq!(t.resources.endpoints[0].cluster_name, "message_router");
+    assert!(t.resources.endpoints[0].endpoints.is_empty());
+    assert_eq!(t.resources.version.len(), 16);
+}
+
+#[test]
+fn version_is_stable_and_changes_with_content() {
+    let a = translate(&Config::from_yaml(PLAN_EXAMPLE).unwrap());
+    let b = translate(&Config::from_yaml(PLAN_EXAMPLE).unwrap());
+    assert_eq!(a.resources.version, b.resources.version);
+    let changed = PLAN_EXAMPLE.replace(":8080", ":8081");
+    let c = translate(&Config::from_yaml(&changed).unwrap());
+    assert_ne!(a.resources.version, c.resources.version);
+}
+
+#[test]
+fn hostless_routes_join_every_virtual_host_in_order() {
+    let yaml = r#"
+services:
+  a: { endpoints: ["127.0.0.1:1"] }
+  b: { endpoints: ["127.0.0.1:2"] }
+routes:
+  - name: first
+    match: { path_prefix: /x }
+    service: a
+  - name: api-only
+    match: { host: api.example.com }
+    service: b
+  - name: last
+    service: a
+"#;
+    let t = translate(&Config::from_yaml(yaml).unwrap());
+    let rc = &t.resources.routes[0];
+    let names = |domain: &str| -> Vec<String> {
+        rc.virtual_hosts
+            .iter()
+            .find(|v| v.domains == vec![domain.to_string()])
+            .unwrap()
+            .routes
+            .iter()
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    assert_eq!(names("*"), vec!["first", "last"]);
+    assert_eq!(names("api.example.com"), vec!["first", "api-only", "last"]);
+}
+
+#[test]
+fn endpoints_are_grouped_by_locality_with_weights() {
+    let yaml = r#"
+services:
+  svc:
+    endpoints:
+      - { address: "10.0.0.1:80", region: eu, zone: a, weight: 3 }
+      - { address: "10.0.0.2:80", region: eu, zone: a }
+      - { address: "10.0.0.3:80", region: us }
+"#;
+    let t = translate(&Config::from_yaml(yaml).unwrap());
+    let cla = &t.resources.endpoints[0];
+    assert_eq!(cla.endpoints.len(), 2);
+    assert_eq!(cla.endpoints[0].locality.as_ref().unwrap().region, "eu");
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+    assert_eq!(
+        cla.endpoints[0].lb_endpoints[0]
+            .load_balancing_weight
+            .as_ref()
+            .unwrap()
+            .value,
+        3
+    );
+    assert_eq!(cla.endpoints[1].locality.as_ref().unwrap().region, "us");
+}
