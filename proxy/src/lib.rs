@@ -1,1 +1,36 @@
+//! # nip-proxy: the NIP data plane
+//!
+//! A `nip proxy` process takes client traffic on one listener (HTTP/1.1 and h2c on the same
+//! port, or TLS with HTTP/2 by ALPN), routes each request by host, path, headers and method,
+//! balances it over healthy endpoints of a cluster, retries what the route allows, and
+//! reports everything on an admin port.
+//!
+//! How config flows (one way only):
+//!
+//! ```text
+//! source::ConfigSource ──(nip-xds: YAML → xDS resources)──▶ snapshot::Compiler::compile
+//!        ──▶ snapshot::Snapshot ──ArcSwap──▶ gateway::Gateway (each request loads it once)
+//! ```
+//!
+//! How a request flows: [`gateway`] is pingora's `ProxyHttp`, its callbacks are the phases
+//! (route → pick endpoint → forward → retry? → respond → log). [`router`] matches,
+//! [`cluster`] picks endpoints, [`health`] probes them, [`metrics`] and [`access_log`]
+//! record, [`admin`] shows. [`server`] wires the threads: pingora workers carry requests;
+//! one control thread carries the admin port, reloads, health checks and draining.
+//!
+//! This crate may not parse YAML except through [`source`], and nothing on the request path
+//! blocks, locks a shared mutex, or logs on success.
 
+pub mod access_log;
+pub mod admin;
+pub mod cluster;
+pub mod gateway;
+pub mod health;
+pub mod metrics;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod source;
+
+pub use server::{run, ProxyOptions, StartError};
+pub use source::ConfigSource;

@@ -20,6 +20,7 @@
 //! This crate never opens a socket and never looks at a request; the proxy may not read YAML.
 
 pub mod config;
+pub mod json;
 pub mod resources;
 pub mod translate;
 

@@ -1,0 +1,254 @@
+//! Access logging: one line per request, written off the request path.
+//!
+//! Worker threads format a line and hand it to a bounded channel; a dedicated thread writes
+//! it. When the writer cannot keep up, lines are dropped and counted
+//! (`nip_access_log_dropped_total`) rather than slowing requests down.
+
+use prometheus_client::metrics::counter::Counter;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::time::SystemTime;
+
+/// Lines that may wait for the writer before new ones are dropped.
+const QUEUE_LINES: usize = 16 * 1024;
+
+/// Line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Envoy's default text format.
+    Text,
+}
+
+/// Where lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSink {
+    /// Standard output.
+    Stdout,
+    /// A file, appended to.
+    File(String),
+}
+
+/// What one request contributes to its log line.
+#[derive(Debug)]
+pub struct LogEntry<'a> {
+    /// When the request started.
+    pub start: SystemTime,
+    /// Method.
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub protocol: &'a str,
+    /// Response status (0 when none was sent).
+    pub status: u16,
+    /// Envoy response flags (`-` when none).
+    pub flags: &'a str,
+    /// Request body bytes received.
+    pub bytes_received: usize,
+    /// Response body bytes sent.
+    pub bytes_sent: usize,
+    /// Duration in milliseconds.
+    pub duration_ms: u128,
+    /// x-forwarded-for as sent upstream.
+    pub forwarded_for: &'a str,
+    /// User agent.
+    pub user_agent: &'a str,
+    /// Request id.
+    pub request_id: &'a str,
+    /// Host / :authority.
+    pub authority: &'a str,
+    /// Route name.
+    pub route: &'a str,
+    /// Upstream cluster.
+    pub cluster: &'a str,
+    /// Upstream endpoint.
+    pub upstream_host: &'a str,
+}
+
+/// A running access log writer.
+#[derive(Debug)]
+pub struct AccessLogger {
+    format: LogFormat,
+    sink: LogSink,
+    sender: SyncSender<String>,
+    dropped: Counter,
+}
+
+impl AccessLogger {
+    /// Opens the sink and starts the writer thread.
+    pub fn start(format: LogFormat, sink: LogSink, dropped: Counter) -> std::io::Result<Self> {
+        let mut out: Box<dyn Write + Send> = match &sink {
+            LogSink::Stdout => Box::new(std::io::stdout()),
+            LogSink::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (sender, receiver) = sync_channel::<String>(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("nip-access-log".into())
+            .spawn(move || {
+                while let Ok(line) = receiver.recv() {
+                    let mut ok = out.write_all(line.as_bytes()).is_ok();
+                    // Drain what queued up meanwhile before flushing once.
+                    while let Ok(line) = receiver.try_recv() {
+                        ok &= out.write_all(line.as_bytes()).is_ok();
+                    }
+                    ok &= out.flush().is_ok();
+                    if !ok {
+                        eprintln!("nip: access log write failed");
+                    }
+                }
+            })?;
+        Ok(AccessLogger {
+            format,
+            sink,
+            sender,
+            dropped,
+        })
+    }
+
+    /// Whether this logger already writes `format` to `sink` (reused across reloads).
+    pub fn is(&self, format: LogFormat, sink: &LogSink) -> bool {
+        self.format == format && &self.sink == sink
+    }
+
+    /// Formats and queues one line.
+    pub fn log(&self, entry: &LogEntry<'_>) {
+        let line = match self.format {
+            LogFormat::Json => json_line(entry),
+            LogFormat::Text => text_line(entry),
+        };
+        match self.sender.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let millis = since.subsec_millis();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
+}
+
+fn json_line(e: &LogEntry<'_>) -> String {
+    let value = serde_json::json!({
+        "start_time": rfc3339(e.start),
+        "method": e.method,
+        "path": e.path,
+        "protocol": e.protocol,
+        "response_code": e.status,
+        "response_flags": e.flags,
+        "bytes_received": e.bytes_received,
+        "bytes_sent": e.bytes_sent,
+        "duration_ms": e.duration_ms,
+        "x_forwarded_for": e.forwarded_for,
+        "user_agent": e.user_agent,
+        "request_id": e.request_id,
+        "authority": e.authority,
+        "route_name": e.route,
+        "upstream_cluster": e.cluster,
+        "upstream_host": e.upstream_host,
+    });
+    let mut line = value.to_string();
+    line.push('\n');
+    line
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+fn text_line(e: &LogEntry<'_>) -> String {
+    let mut line = String::with_capacity(256);
+    let _ = writeln!(
+        line,
+        "[{}] \"{} {} {}\" {} {} {} {} {} - \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"",
+        rfc3339(e.start),
+        e.method,
+        e.path,
+        e.protocol,
+        e.status,
+        e.flags,
+        e.bytes_received,
+        e.bytes_sent,
+        e.duration_ms,
+        dash(e.forwarded_for),
+        dash(e.user_agent),
+        dash(e.request_id),
+        dash(e.authority),
+        dash(e.upstream_host),
+    );
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn entry() -> LogEntry<'static> {
+        LogEntry {
+            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_123),
+            method: "GET",
+            path: "/a?b=1",
+            protocol: "HTTP/1.1",
+            status: 503,
+            flags: "UH",
+            bytes_received: 0,
+            bytes_sent: 19,
+            duration_ms: 3,
+            forwarded_for: "127.0.0.1",
+            user_agent: "curl/8",
+            request_id: "abc",
+            authority: "example.com",
+            route: "r",
+            cluster: "c",
+            upstream_host: "",
+        }
+    }
+
+    #[test]
+    fn json_lines_are_one_object_per_line() {
+        let line = json_line(&entry());
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["response_code"], 503);
+        assert_eq!(v["response_flags"], "UH");
+        assert_eq!(v["start_time"], "2025-11-24T16:00:00.123Z");
+    }
+
+    #[test]
+    fn text_lines_follow_envoys_default_layout() {
+        let line = text_line(&entry());
+        assert!(line.starts_with("[2025-11-24T16:00:00.123Z] \"GET /a?b=1 HTTP/1.1\" 503 UH 0 19 3 - \"127.0.0.1\""), "{line}");
+        assert!(line.trim_end().ends_with("\"example.com\" \"-\""), "{line}");
+    }
+}

@@ -1,0 +1,161 @@
+//! The admin port: readiness, liveness, metrics, config dump and cluster state.
+//!
+//! It runs on the control runtime, a single thread apart from pingora's workers, so a
+//! scrape or a config dump never competes with requests for a worker.
+//!
+//! | path | answers |
+//! |---|---|
+//! | `/ready` | 200 once a config is loaded, 503 while draining |
+//! | `/healthz` | 200 while the process runs |
+//! | `/metrics` | Prometheus text |
+//! | `/config_dump` | the xDS resources being served, as proto3 JSON, with version and node |
+//! | `/clusters` | every endpoint with locality, weight, health and load |
+
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use nip_xds::json::to_json;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Process status the admin port reports beside the snapshot.
+#[derive(Debug, Default)]
+pub struct ProxyStatus {
+    draining: AtomicBool,
+    last_reload_error: Mutex<Option<String>>,
+}
+
+impl ProxyStatus {
+    /// Marks the proxy as shutting down: `/ready` answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of the latest reload (`None` when it worked).
+    pub fn set_reload_error(&self, error: Option<String>) {
+        *self
+            .last_reload_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// Why the latest reload was refused, if it was.
+    pub fn reload_error(&self) -> Option<String> {
+        self.last_reload_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What the admin handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The live snapshot.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// Draining and reload status.
+    pub status: Arc<ProxyStatus>,
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> axum::Router {
+    axum::Router::new()
+        .route("/ready", get(ready))
+        .route("/healthz", get(|| async { "OK\n" }))
+        .route("/metrics", get(metrics))
+        .route("/config_dump", get(config_dump))
+        .route("/clusters", get(clusters))
+        .with_state(state)
+}
+
+/// Serves the admin routes on an already bound listener until the runtime stops.
+pub async fn serve(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(state)).await
+}
+
+async fn ready(State(state): State<AdminState>) -> Response {
+    if state.status.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n").into_response()
+    } else {
+        (StatusCode::OK, "LIVE\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let snapshot = state.snapshot.load();
+    let body = state.metrics.render(Some(&snapshot));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
+    let snapshot = state.snapshot.load();
+    let r = &snapshot.resources;
+    let list = |items: Vec<Value>| Value::Array(items);
+    Json(json!({
+        "version_info": snapshot.version,
+        "last_reload_error": state.status.reload_error(),
+        "bootstrap": to_json(&snapshot.bootstrap),
+        "listeners": list(r.listeners.iter().map(to_json).collect()),
+        "route_configs": list(r.routes.iter().map(to_json).collect()),
+        "clusters": list(r.clusters.iter().map(to_json).collect()),
+        "endpoints": list(r.endpoints.iter().map(to_json).collect()),
+    }))
+}
+
+async fn clusters(State(state): State<AdminState>) -> Json<Value> {
+    let snapshot = state.snapshot.load();
+    let clusters: Vec<Value> = snapshot
+        .clusters
+        .values()
+        .map(|c| {
+            let endpoints: Vec<Value> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.address.to_string(),
+                        "region": e.locality.region,
+                        "zone": e.locality.zone,
+                        "weight": e.weight,
+                        "healthy": e.state.is_healthy(),
+                        "active_requests": e.state.active_requests(),
+                        "requests_total": e.state.requests_total.load(Ordering::Relaxed),
+                        "connections_total": e.state.connections_total.load(Ordering::Relaxed),
+                        "connect_failures_total": e.state.connect_failures_total.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "name": c.name.as_ref(),
+                "lb_policy": c.lb.as_str(),
+                "http2": c.http2,
+                "health_checked": c.health_check.is_some(),
+                "healthy_endpoints": c.healthy_count(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    Json(json!({ "version_info": snapshot.version, "clusters": clusters }))
+}

@@ -1,0 +1,634 @@
+//! The request path: pingora's `ProxyHttp` phases, in the order a request meets them.
+//!
+//! ```text
+//! new_ctx ─▶ request_filter ─▶ upstream_peer ─▶ upstream_request_filter ─▶ (connect)
+//!   snapshot, route,   pick endpoint     x-forwarded-*, retry      │ fail_to_connect: retry?
+//!   request id, 404    (503 UH)          count                     ▼
+//!                                   upstream_response_filter ─▶ response_filter ─▶ logging
+//!                                   5xx retry?                  x-request-id      metrics,
+//!                                                                                 access log
+//! fail_to_proxy: the error becomes an Envoy-like status and response flag (503 UF, 504 UT…)
+//! ```
+//!
+//! Each request holds the `Arc<Snapshot>` it started with, so a reload never changes the
+//! rules under a request in flight. Nothing here locks, allocates per header beyond what the
+//! headers need, or logs on success.
+
+use crate::cluster::{ActiveRequest, Cluster};
+use crate::metrics::Metrics;
+use crate::router::Route;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::{HttpPeer, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp};
+use pingora::protocols::Digest;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Pooled upstream connections idle longer than this are closed.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Marks an upstream response that the route's retry policy wants tried again.
+const RETRIABLE_STATUS: ErrorType = ErrorType::Custom("UpstreamRetriableStatus");
+
+/// Why the proxy answered or shaped a response itself, as Envoy's response flags say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlag {
+    /// No route matched (404).
+    NoRoute,
+    /// The route names a cluster that does not exist (503).
+    NoCluster,
+    /// No healthy endpoint (503).
+    NoHealthyUpstream,
+    /// Connecting failed (503).
+    UpstreamConnectFailure,
+    /// The upstream did not answer in time (504).
+    UpstreamTimeout,
+    /// The upstream reset or closed the connection (502).
+    UpstreamReset,
+    /// Retries were used up and the last try still failed.
+    RetryLimitExceeded,
+    /// The client went away.
+    DownstreamClosed,
+}
+
+impl ResponseFlag {
+    const ALL: [ResponseFlag; 8] = [
+        ResponseFlag::NoRoute,
+        ResponseFlag::NoCluster,
+        ResponseFlag::NoHealthyUpstream,
+        ResponseFlag::UpstreamConnectFailure,
+        ResponseFlag::UpstreamTimeout,
+        ResponseFlag::UpstreamReset,
+        ResponseFlag::RetryLimitExceeded,
+        ResponseFlag::DownstreamClosed,
+    ];
+
+    /// Envoy's short name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlag::NoRoute => "NR",
+            ResponseFlag::NoCluster => "NC",
+            ResponseFlag::NoHealthyUpstream => "UH",
+            ResponseFlag::UpstreamConnectFailure => "UF",
+            ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::UpstreamReset => "UR",
+            ResponseFlag::RetryLimitExceeded => "URX",
+            ResponseFlag::DownstreamClosed => "DC",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Per-request state, created by `new_ctx` and dropped after `logging`.
+pub struct RequestCtx {
+    start: Instant,
+    start_wall: SystemTime,
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    target: usize,
+    cluster: Option<Arc<Cluster>>,
+    endpoint: Option<SocketAddr>,
+    tried: Vec<SocketAddr>,
+    retries: u32,
+    flag: Option<ResponseFlag>,
+    /// Status of a response the proxy generated itself.
+    local_status: u16,
+    request_id: String,
+    active_endpoint: Option<ActiveRequest>,
+    active_cluster: Option<GaugeGuard>,
+    _downstream: GaugeGuard,
+}
+
+/// Increments a gauge for as long as it lives.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The proxy: reads the current snapshot, routes, balances, retries and reports.
+pub struct Gateway {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+    flag_counters: [Counter; 8],
+}
+
+impl Gateway {
+    /// A gateway serving whatever snapshot `snapshot` holds at each request's start.
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+        let flag_counters = ResponseFlag::ALL.map(|f| metrics.response_flag(f.as_str()));
+        Gateway {
+            snapshot,
+            metrics,
+            flag_counters,
+        }
+    }
+}
+
+/// A 128-bit random request id in UUID v4 form.
+fn new_request_id() -> String {
+    let hi = fastrand::u64(..);
+    let lo = fastrand::u64(..);
+    let mut id = String::with_capacity(36);
+    let _ = write!(
+        id,
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0x0fff,
+        ((lo >> 48) & 0x3fff) | 0x8000,
+        lo & 0xffff_ffff_ffff
+    );
+    id
+}
+
+/// Writes a response the proxy generates itself.
+async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: &'static str) {
+    let mut header = match ResponseHeader::build(status, Some(4)) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot build a {status} response: {e}");
+            return;
+        }
+    };
+    let _ = header.insert_header(http::header::CONTENT_TYPE, "text/plain");
+    let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len());
+    if !ctx.request_id.is_empty() {
+        let _ = header.insert_header("x-request-id", ctx.request_id.as_str());
+    }
+    if let Some(flag) = ctx.flag {
+        let _ = header.insert_header("x-nip-response-flags", flag.as_str());
+    }
+    let result = async {
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!("could not send the {status} response: {e}");
+    }
+}
+
+fn is_connect_error(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::ConnectProxyFailure
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+            | ErrorType::InvalidCert
+            | ErrorType::SocketError
+            | ErrorType::BindError
+    )
+}
+
+impl RequestCtx {
+    fn can_retry(&self) -> bool {
+        self.route
+            .as_ref()
+            .is_some_and(|r| self.retries < r.retry.max_retries)
+    }
+
+    fn count_retry(&mut self) {
+        self.retries += 1;
+        if let Some(cluster) = &self.cluster {
+            cluster.stats.rq_retry.inc();
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            start_wall: SystemTime::now(),
+            snapshot: None,
+            route: None,
+            target: 0,
+            cluster: None,
+            endpoint: None,
+            tried: Vec::new(),
+            retries: 0,
+            flag: None,
+            local_status: 0,
+            request_id: String::new(),
+            active_endpoint: None,
+            active_cluster: None,
+            _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
+        }
+    }
+
+    /// Takes the snapshot, assigns the request id and picks the route and cluster.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.snapshot.load_full();
+        let request = session.req_header_mut();
+        ctx.request_id = match request
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+        {
+            Some(id) => id.to_string(),
+            None => {
+                let id = new_request_id();
+                request.insert_header("x-request-id", id.as_str())?;
+                id
+            }
+        };
+        let host = request
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                request
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let route = snapshot
+            .router
+            .route(host, request.uri.path(), &request.method, &request.headers)
+            .cloned();
+        ctx.snapshot = Some(snapshot);
+        let Some(route) = route else {
+            ctx.flag = Some(ResponseFlag::NoRoute);
+            ctx.local_status = 404;
+            respond(session, ctx, 404, "no route matched this request\n").await;
+            return Ok(true);
+        };
+        let target = route.pick_target();
+        let (index, cluster) = match target {
+            Some(t) => (
+                route
+                    .targets
+                    .iter()
+                    .position(|x| std::ptr::eq(x, t))
+                    .unwrap_or(0),
+                t.cluster.clone(),
+            ),
+            None => (0, None),
+        };
+        ctx.route = Some(route);
+        ctx.target = index;
+        let Some(cluster) = cluster else {
+            ctx.flag = Some(ResponseFlag::NoCluster);
+            ctx.local_status = 503;
+            respond(session, ctx, 503, "the route's cluster does not exist\n").await;
+            return Ok(true);
+        };
+        ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
+        ctx.cluster = Some(cluster);
+        Ok(false)
+    }
+
+    /// Picks an endpoint: healthy, and not one that already failed this request.
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let (Some(cluster), Some(route)) = (&ctx.cluster, &ctx.route) else {
+            return Err(Error::explain(ErrorType::InternalError, "no cluster chosen"));
+        };
+        let Some(endpoint) = cluster.pick(&ctx.tried) else {
+            ctx.flag = Some(ResponseFlag::NoHealthyUpstream);
+            return Err(Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"));
+        };
+        let address = endpoint.address;
+        let timeout = route.timeout;
+        let connect_timeout = cluster.connect_timeout;
+        let http2 = cluster.http2;
+        ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
+        ctx.endpoint = Some(address);
+        ctx.tried.push(address);
+        let mut peer = HttpPeer::new(address, false, String::new());
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        if !timeout.is_zero() {
+            peer.options.read_timeout = Some(timeout);
+        }
+        if http2 {
+            peer.options.set_http_version(2, 2);
+        }
+        Ok(Box::new(peer))
+    }
+
+    /// Adds x-forwarded-for/-proto and, on retries, the retry count.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = client.ip().to_string();
+            let forwarded = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(previous) if !previous.is_empty() => format!("{previous}, {ip}"),
+                _ => ip,
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        let tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+        if ctx.retries > 0 {
+            upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !reused {
+            if let Some(cluster) = &ctx.cluster {
+                cluster.stats.cx_total.inc();
+                if let Some(endpoint) = cluster.endpoints.iter().find(|e| Some(e.address) == ctx.endpoint) {
+                    endpoint
+                        .state
+                        .connections_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed connection is retried on another endpoint when the route allows it.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
+        if let Some(cluster) = &ctx.cluster {
+            cluster.stats.cx_connect_fail.inc();
+            if let Some(endpoint) = cluster.endpoints.iter().find(|x| Some(x.address) == ctx.endpoint) {
+                endpoint
+                    .state
+                    .connect_failures_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let retry = ctx.can_retry()
+            && ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.retry.retries_connect_failure());
+        if retry {
+            ctx.count_retry();
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    /// A 5xx the route retries on is turned into a retriable error before the client sees it.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.flag = None;
+        let Some(route) = &ctx.route else {
+            return Ok(());
+        };
+        if route.retry.retries_status(status) {
+            if ctx.can_retry() && !session.as_ref().retry_buffer_truncated() {
+                ctx.count_retry();
+                let mut e = Error::explain(RETRIABLE_STATUS, format!("upstream answered {status}"));
+                e.set_retry(true);
+                return Err(e);
+            }
+            if ctx.retries > 0 {
+                ctx.flag = Some(ResponseFlag::RetryLimitExceeded);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps our own retry decisions; otherwise pingora's rule (retry a reused connection
+    /// that died) plus the route's `reset` policy.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if e.etype() == &RETRIABLE_STATUS {
+            return e;
+        }
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if !replayable {
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if !e.retry() && session.response_written().is_none() {
+            let retries_reset = ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.retry.retries_reset());
+            let is_reset = matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::H2Error | ErrorType::H1Error
+            );
+            if retries_reset && is_reset && ctx.can_retry() {
+                ctx.count_retry();
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    /// Turns the final error into an Envoy-like status and response flag.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy
+    where
+        RequestCtx: Send + Sync,
+    {
+        let etype = e.etype();
+        let (code, flag, body) = match (etype, e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => {
+                let body = if ctx.flag == Some(ResponseFlag::NoHealthyUpstream) {
+                    "no healthy upstream\n"
+                } else {
+                    "request failed\n"
+                };
+                (*code, ctx.flag, body)
+            }
+            (t, ErrorSource::Upstream) if is_connect_error(t) => (
+                503,
+                Some(ResponseFlag::UpstreamConnectFailure),
+                "upstream connect error\n",
+            ),
+            (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => (
+                504,
+                Some(ResponseFlag::UpstreamTimeout),
+                "upstream request timeout\n",
+            ),
+            (_, ErrorSource::Upstream) => (
+                502,
+                Some(ResponseFlag::UpstreamReset),
+                "upstream reset before response\n",
+            ),
+            (ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed, ErrorSource::Downstream) => {
+                (0, Some(ResponseFlag::DownstreamClosed), "")
+            }
+            (_, ErrorSource::Downstream) => (400, None, "bad request\n"),
+            _ => (500, None, "internal error\n"),
+        };
+        ctx.flag = flag;
+        ctx.local_status = code;
+        if code > 0 && session.response_written().is_none() {
+            respond(session, ctx, code, body).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !ctx.request_id.is_empty() {
+            upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Counts the request and writes its access log line.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(ctx.local_status, |r| r.status.as_u16());
+        let elapsed = ctx.start.elapsed();
+        if let Some(flag) = ctx.flag {
+            self.flag_counters[flag.index()].inc();
+        }
+        let Some(snapshot) = &ctx.snapshot else {
+            return;
+        };
+        match &ctx.route {
+            Some(route) => {
+                route.stats.duration.observe(elapsed.as_secs_f64());
+                if let Some(target) = route.targets.get(ctx.target) {
+                    target.counters.count(status);
+                }
+            }
+            None => snapshot.unrouted.count(status),
+        }
+        let Some(log) = &snapshot.access_log else {
+            return;
+        };
+        let request = session.req_header();
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        let path = request
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str());
+        let upstream = ctx.endpoint.map(|a| a.to_string()).unwrap_or_default();
+        let forwarded_for = match session.client_addr().and_then(|a| a.as_inet()) {
+            Some(addr) => addr.ip().to_string(),
+            None => String::new(),
+        };
+        log.log(&crate::access_log::LogEntry {
+            start: ctx.start_wall,
+            method: request.method.as_str(),
+            path,
+            protocol: if session.as_ref().is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+            status,
+            flags: ctx.flag.map_or("-", ResponseFlag::as_str),
+            bytes_received: session.as_ref().body_bytes_read(),
+            bytes_sent: session.as_ref().body_bytes_sent(),
+            duration_ms: elapsed.as_millis(),
+            forwarded_for: if header("x-forwarded-for").is_empty() {
+                &forwarded_for
+            } else {
+                header("x-forwarded-for")
+            },
+            user_agent: header("user-agent"),
+            request_id: &ctx.request_id,
+            authority: request
+                .uri
+                .authority()
+                .map_or_else(|| header("host"), |a| a.as_str()),
+            route: ctx.route.as_ref().map_or("", |r| &r.name),
+            cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
+            upstream_host: &upstream,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_look_like_uuid_v4() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 36, "{id}");
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert!(parts[2].starts_with('4'));
+        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
+        assert_ne!(new_request_id(), id);
+    }
+}

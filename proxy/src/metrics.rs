@@ -1,0 +1,324 @@
+//! Prometheus metrics of the proxy.
+//!
+//! The families live in one [`Metrics`] for the life of the process. The request path never
+//! looks a label set up: when a snapshot is compiled, each route and cluster gets its metric
+//! handles ([`RouteStats`], [`ClusterStats`]) resolved once, and a request only bumps atomics.
+//! Gauges that mirror live state (endpoint health, config version) are refreshed when
+//! `/metrics` is scraped, on the admin runtime.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets in seconds, from 0.5 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    cluster: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlagLabels {
+    flag: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    cluster: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthCheckLabels {
+    cluster: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// Status classes in label order; index = status / 100 - 1.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Request counters of one (route, cluster) pair, one per status class.
+#[derive(Clone, Debug, Default)]
+pub struct RequestCounters([Counter; 5]);
+
+impl RequestCounters {
+    /// Counts a response with this status.
+    pub fn count(&self, status: u16) {
+        let index = usize::from(status / 100).clamp(1, 5) - 1;
+        self.0[index].inc();
+    }
+}
+
+/// Metric handles of one route.
+#[derive(Clone, Debug)]
+pub struct RouteStats {
+    /// Request duration histogram.
+    pub duration: Histogram,
+}
+
+/// Metric handles of one cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterStats {
+    /// Connections opened.
+    pub cx_total: Counter,
+    /// Failed connection attempts.
+    pub cx_connect_fail: Counter,
+    /// Upstream requests in flight.
+    pub rq_active: Gauge,
+    /// Retries sent.
+    pub rq_retry: Counter,
+}
+
+impl ClusterStats {
+    /// Handles that belong to no registry, for unit tests.
+    pub fn detached() -> Self {
+        ClusterStats::default()
+    }
+}
+
+/// All metric families of a proxy process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    response_flags: Family<FlagLabels, Counter>,
+    upstream_cx_total: Family<ClusterLabels, Counter>,
+    upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
+    upstream_rq_active: Family<ClusterLabels, Gauge>,
+    upstream_rq_retry: Family<ClusterLabels, Counter>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    endpoint_rq_active: Family<EndpointLabels, Gauge>,
+    health_checks: Family<HealthCheckLabels, Counter>,
+    config_info: Family<VersionLabels, Gauge>,
+    /// Successful config swaps (the first load included).
+    pub config_reloads: Counter,
+    /// Config changes that were refused; the old config kept serving.
+    pub config_reload_failures: Counter,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
+    /// Downstream requests in flight.
+    pub downstream_rq_active: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nip");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            response_flags: Family::default(),
+            upstream_cx_total: Family::default(),
+            upstream_cx_connect_fail: Family::default(),
+            upstream_rq_active: Family::default(),
+            upstream_rq_retry: Family::default(),
+            endpoint_healthy: Family::default(),
+            endpoint_rq_active: Family::default(),
+            health_checks: Family::default(),
+            config_info: Family::default(),
+            config_reloads: Counter::default(),
+            config_reload_failures: Counter::default(),
+            access_log_dropped: Counter::default(),
+            downstream_rq_active: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Downstream requests by route, cluster and response status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request start to the end of the response, by route",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "response_flags",
+            "Responses the proxy generated or shaped, by Envoy response flag (NR, UH, UF, UT, UR, NC, URX)",
+            m.response_flags.clone(),
+        );
+        registry.register(
+            "upstream_cx",
+            "Upstream connections opened",
+            m.upstream_cx_total.clone(),
+        );
+        registry.register(
+            "upstream_cx_connect_fail",
+            "Upstream connection attempts that failed",
+            m.upstream_cx_connect_fail.clone(),
+        );
+        registry.register(
+            "upstream_rq_active",
+            "Upstream requests in flight",
+            m.upstream_rq_active.clone(),
+        );
+        registry.register(
+            "upstream_rq_retry",
+            "Upstream retries",
+            m.upstream_rq_retry.clone(),
+        );
+        registry.register(
+            "endpoint_healthy",
+            "1 when the endpoint takes traffic, 0 when health checks took it out",
+            m.endpoint_healthy.clone(),
+        );
+        registry.register(
+            "endpoint_rq_active",
+            "Requests in flight per endpoint",
+            m.endpoint_rq_active.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health check probes by result",
+            m.health_checks.clone(),
+        );
+        registry.register(
+            "config_info",
+            "The config version being served (value 1)",
+            m.config_info.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config versions swapped in",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failures",
+            "Config changes refused (the previous config kept serving)",
+            m.config_reload_failures.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "downstream_rq_active",
+            "Downstream requests in flight",
+            m.downstream_rq_active.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Handles for one route.
+    pub fn route_stats(&self, route: &str) -> RouteStats {
+        RouteStats {
+            duration: self
+                .request_duration
+                .get_or_create(&RouteLabels {
+                    route: route.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    /// Request counters for a (route, cluster) pair; empty names for requests with none.
+    pub fn request_counters(&self, route: &str, cluster: &str) -> RequestCounters {
+        RequestCounters(STATUS_CLASSES.map(|status_class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_string(),
+                    cluster: cluster.to_string(),
+                    status_class,
+                })
+                .clone()
+        }))
+    }
+
+    /// Handles for one cluster.
+    pub fn cluster_stats(&self, cluster: &str) -> ClusterStats {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        ClusterStats {
+            cx_total: self.upstream_cx_total.get_or_create(&labels).clone(),
+            cx_connect_fail: self.upstream_cx_connect_fail.get_or_create(&labels).clone(),
+            rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
+            rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The counter of one response flag.
+    pub fn response_flag(&self, flag: &'static str) -> Counter {
+        self.response_flags
+            .get_or_create(&FlagLabels { flag })
+            .clone()
+    }
+
+    /// Counts one health check probe.
+    pub fn health_check(&self, cluster: &str, passed: bool) {
+        self.health_checks
+            .get_or_create(&HealthCheckLabels {
+                cluster: cluster.to_string(),
+                result: if passed { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// Renders the Prometheus text format, after refreshing the state gauges from `snapshot`.
+    pub fn render(&self, snapshot: Option<&crate::snapshot::Snapshot>) -> String {
+        self.endpoint_healthy.clear();
+        self.endpoint_rq_active.clear();
+        self.config_info.clear();
+        if let Some(snapshot) = snapshot {
+            self.config_info
+                .get_or_create(&VersionLabels {
+                    version: snapshot.version.clone(),
+                })
+                .set(1);
+            for cluster in snapshot.clusters.values() {
+                for endpoint in &cluster.endpoints {
+                    let labels = EndpointLabels {
+                        cluster: cluster.name.to_string(),
+                        endpoint: endpoint.address.to_string(),
+                    };
+                    self.endpoint_healthy
+                        .get_or_create(&labels)
+                        .set(i64::from(endpoint.state.is_healthy()));
+                    self.endpoint_rq_active
+                        .get_or_create(&labels)
+                        .set(i64::try_from(endpoint.state.active_requests()).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("rendering metrics failed: {e}");
+        }
+        out
+    }
+}

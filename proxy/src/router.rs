@@ -1,0 +1,453 @@
+//! Route selection: host → virtual host → first matching route → target cluster.
+//!
+//! Semantics follow Envoy: the most specific virtual host wins (exact domain, then the
+//! longest `*.suffix`, then `*`), then routes are tried in order. Paths are matched without
+//! the query string; a regex must match the whole path.
+
+use crate::cluster::Cluster;
+use crate::metrics::{RequestCounters, RouteStats};
+use http::{HeaderMap, HeaderName, Method};
+use regex::Regex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a route matches the path.
+#[derive(Debug)]
+pub enum PathMatch {
+    /// Path starts with this.
+    Prefix(String),
+    /// Path equals this.
+    Exact(String),
+    /// The whole path matches this (anchored at compile time).
+    Regex(Regex),
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Regex(regex) => regex.is_match(path),
+        }
+    }
+}
+
+/// How a header condition tests a value.
+#[derive(Debug)]
+pub enum HeaderValueMatch {
+    /// Equal to.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Whole value matches.
+    Regex(Regex),
+    /// The header is present.
+    Present,
+}
+
+/// One header condition of a route (`:method` is matched against the request method).
+#[derive(Debug)]
+pub struct HeaderMatch {
+    /// Lower-case header name, or `:method`.
+    pub name: HeaderName,
+    /// Pseudo-header `:method` rather than a real header.
+    pub is_method: bool,
+    /// The test.
+    pub value: HeaderValueMatch,
+    /// Negate the result.
+    pub invert: bool,
+}
+
+impl HeaderMatch {
+    fn matches(&self, method: &Method, headers: &HeaderMap) -> bool {
+        let result = if self.is_method {
+            self.test(Some(method.as_str()))
+        } else {
+            let mut values = headers.get_all(&self.name).iter().peekable();
+            if values.peek().is_none() {
+                self.test(None)
+            } else {
+                values.any(|v| self.test(v.to_str().ok()))
+            }
+        };
+        result != self.invert
+    }
+
+    fn test(&self, value: Option<&str>) -> bool {
+        match (&self.value, value) {
+            (HeaderValueMatch::Present, v) => v.is_some(),
+            (_, None) => false,
+            (HeaderValueMatch::Exact(e), Some(v)) => v == e,
+            (HeaderValueMatch::Prefix(p), Some(v)) => v.starts_with(p.as_str()),
+            (HeaderValueMatch::Regex(r), Some(v)) => r.is_match(v),
+        }
+    }
+}
+
+/// Which retries a route allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub max_retries: u32,
+    /// Retry when connecting fails.
+    pub on_connect_failure: bool,
+    /// Retry on any 5xx response (and resets).
+    pub on_5xx: bool,
+    /// Retry on 502, 503, 504 (and resets).
+    pub on_gateway_error: bool,
+    /// Retry when the upstream resets before answering.
+    pub on_reset: bool,
+}
+
+impl RetryPolicy {
+    /// Parses Envoy's comma-separated `retry_on`; unknown conditions are returned as errors.
+    pub fn parse(retry_on: &str, max_retries: u32) -> Result<Self, String> {
+        let mut policy = RetryPolicy {
+            max_retries,
+            ..Default::default()
+        };
+        for condition in retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match condition {
+                "connect-failure" => policy.on_connect_failure = true,
+                "5xx" => policy.on_5xx = true,
+                "gateway-error" => policy.on_gateway_error = true,
+                "reset" => policy.on_reset = true,
+                other => return Err(format!("retry condition {other:?} is not supported")),
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Whether an upstream response status is worth another try.
+    pub fn retries_status(&self, status: u16) -> bool {
+        (self.on_5xx && (500..600).contains(&status))
+            || (self.on_gateway_error && matches!(status, 502..=504))
+    }
+
+    /// Whether a failed connection attempt is worth another try.
+    pub fn retries_connect_failure(&self) -> bool {
+        self.on_connect_failure || self.on_5xx || self.on_gateway_error
+    }
+
+    /// Whether an upstream reset before the response is worth another try.
+    pub fn retries_reset(&self) -> bool {
+        self.on_reset || self.on_5xx || self.on_gateway_error
+    }
+}
+
+/// A cluster a route sends to, with its per-(route, cluster) request counters.
+#[derive(Debug)]
+pub struct Target {
+    /// The cluster name as the route gives it.
+    pub cluster_name: Arc<str>,
+    /// The cluster, `None` when the route names one that does not exist (503 NC).
+    pub cluster: Option<Arc<Cluster>>,
+    /// Relative weight in a split.
+    pub weight: u32,
+    /// Requests counted by status class.
+    pub counters: RequestCounters,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    /// Route name (metrics, logs).
+    pub name: Arc<str>,
+    /// Path condition.
+    pub path: PathMatch,
+    /// Header and method conditions, all of which must hold.
+    pub headers: Vec<HeaderMatch>,
+    /// One target, or several for a weighted split.
+    pub targets: Vec<Target>,
+    total_weight: u64,
+    /// Time allowed for the upstream to answer; zero means none.
+    pub timeout: Duration,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Metric handles.
+    pub stats: RouteStats,
+}
+
+impl Route {
+    /// Builds a route; `targets` must not be empty.
+    pub fn new(
+        name: Arc<str>,
+        path: PathMatch,
+        headers: Vec<HeaderMatch>,
+        targets: Vec<Target>,
+        timeout: Duration,
+        retry: RetryPolicy,
+        stats: RouteStats,
+    ) -> Self {
+        let total_weight = targets.iter().map(|t| u64::from(t.weight)).sum();
+        Route {
+            name,
+            path,
+            headers,
+            targets,
+            total_weight,
+            timeout,
+            retry,
+            stats,
+        }
+    }
+
+    fn matches(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
+        self.path.matches(path) && self.headers.iter().all(|h| h.matches(method, headers))
+    }
+
+    /// Picks the target for one request (weighted for splits).
+    pub fn pick_target(&self) -> Option<&Target> {
+        if self.targets.len() <= 1 || self.total_weight == 0 {
+            return self.targets.first();
+        }
+        let mut ticket = fastrand::u64(..self.total_weight);
+        for target in &self.targets {
+            let w = u64::from(target.weight);
+            if ticket < w {
+                return Some(target);
+            }
+            ticket -= w;
+        }
+        self.targets.last()
+    }
+}
+
+/// The routes of one host pattern.
+#[derive(Debug, Default)]
+pub struct VirtualHost {
+    /// Name (for `/config_dump` readers and logs).
+    pub name: String,
+    /// Routes in order.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// Host and route selection for a whole route configuration.
+#[derive(Debug, Default)]
+pub struct Router {
+    virtual_hosts: Vec<VirtualHost>,
+    exact: HashMap<String, usize>,
+    /// `(".example.com", index)`, longest suffix first.
+    suffixes: Vec<(String, usize)>,
+    /// `"*"`.
+    fallback: Option<usize>,
+}
+
+/// Adds a virtual host's domains to a router under construction.
+#[derive(Debug, Default)]
+pub struct RouterBuilder {
+    router: Router,
+}
+
+impl RouterBuilder {
+    /// Adds a virtual host that answers for `domains`; a domain already taken is an error.
+    pub fn add(&mut self, domains: &[String], host: VirtualHost) -> Result<(), String> {
+        let index = self.router.virtual_hosts.len();
+        for domain in domains {
+            let domain = domain.to_ascii_lowercase();
+            let duplicate = if domain == "*" {
+                self.router.fallback.replace(index).is_some()
+            } else if let Some(suffix) = domain.strip_prefix('*') {
+                if self.router.suffixes.iter().any(|(s, _)| s == suffix) {
+                    true
+                } else {
+                    self.router.suffixes.push((suffix.to_string(), index));
+                    false
+                }
+            } else {
+                self.router.exact.insert(domain.clone(), index).is_some()
+            };
+            if duplicate {
+                return Err(format!("domain {domain:?} is used by two virtual hosts"));
+            }
+        }
+        self.router.virtual_hosts.push(host);
+        Ok(())
+    }
+
+    /// Finishes the router.
+    pub fn build(mut self) -> Router {
+        self.router
+            .suffixes
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.router
+    }
+}
+
+impl Router {
+    /// Finds the route for a request. `host` may carry a port.
+    pub fn route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Option<&Arc<Route>> {
+        let vhost = self.virtual_host(host)?;
+        vhost
+            .routes
+            .iter()
+            .find(|r| r.matches(path, method, headers))
+    }
+
+    fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let index = self.host_index(host).or(self.fallback)?;
+        self.virtual_hosts.get(index)
+    }
+
+    fn host_index(&self, host: &str) -> Option<usize> {
+        if self.exact.is_empty() && self.suffixes.is_empty() {
+            return None;
+        }
+        let host = host.to_ascii_lowercase();
+        if let Some(i) = self.exact.get(&host) {
+            return Some(*i);
+        }
+        let bare = strip_port(&host);
+        if let Some(i) = self.exact.get(bare) {
+            return Some(*i);
+        }
+        self.suffixes
+            .iter()
+            .find(|(suffix, _)| bare.ends_with(suffix.as_str()) && bare.len() > suffix.len())
+            .map(|(_, i)| *i)
+    }
+
+    /// Virtual hosts, for the admin page.
+    pub fn virtual_hosts(&self) -> &[VirtualHost] {
+        &self.virtual_hosts
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // [v6]:port
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn route(name: &str, path: PathMatch, headers: Vec<HeaderMatch>) -> Arc<Route> {
+        let metrics = Metrics::new();
+        Arc::new(Route::new(
+            name.into(),
+            path,
+            headers,
+            vec![Target {
+                cluster_name: "c".into(),
+                cluster: None,
+                weight: 1,
+                counters: RequestCounters::default(),
+            }],
+            Duration::ZERO,
+            RetryPolicy::default(),
+            metrics.route_stats(name),
+        ))
+    }
+
+    fn router() -> Router {
+        let mut b = RouterBuilder::default();
+        let canary = HeaderMatch {
+            name: HeaderName::from_static("x-canary"),
+            is_method: false,
+            value: HeaderValueMatch::Exact("1".into()),
+            invert: false,
+        };
+        let post = HeaderMatch {
+            name: HeaderName::from_static("x-method"),
+            is_method: true,
+            value: HeaderValueMatch::Regex(Regex::new("^(POST)$").unwrap()),
+            invert: false,
+        };
+        b.add(
+            &["*".into()],
+            VirtualHost {
+                name: "default".into(),
+                routes: vec![
+                    route("canary", PathMatch::Prefix("/".into()), vec![canary]),
+                    route("post", PathMatch::Prefix("/".into()), vec![post]),
+                    route(
+                        "regex",
+                        PathMatch::Regex(Regex::new("^(?:/v[0-9]+/.*)$").unwrap()),
+                        vec![],
+                    ),
+                    route("exact", PathMatch::Exact("/e".into()), vec![]),
+                ],
+            },
+        )
+        .unwrap();
+        b.add(
+            &["*.example.com".into()],
+            VirtualHost {
+                name: "wild".into(),
+                routes: vec![route("wild", PathMatch::Prefix("/".into()), vec![])],
+            },
+        )
+        .unwrap();
+        b.add(
+            &["api.example.com".into()],
+            VirtualHost {
+                name: "api".into(),
+                routes: vec![route("api", PathMatch::Prefix("/".into()), vec![])],
+            },
+        )
+        .unwrap();
+        b.build()
+    }
+
+    fn pick(r: &Router, host: &str, path: &str, method: Method, headers: &[(&str, &str)]) -> Option<String> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        r.route(host, path, &method, &map).map(|r| r.name.to_string())
+    }
+
+    #[test]
+    fn hosts_pick_the_most_specific_virtual_host() {
+        let r = router();
+        assert_eq!(pick(&r, "api.example.com:8080", "/", Method::GET, &[]).as_deref(), Some("api"));
+        assert_eq!(pick(&r, "www.Example.com", "/", Method::GET, &[]).as_deref(), Some("wild"));
+        assert_eq!(pick(&r, "example.com", "/e", Method::GET, &[]).as_deref(), Some("exact"));
+    }
+
+    #[test]
+    fn routes_match_in_order_on_headers_method_and_path() {
+        let r = router();
+        assert_eq!(pick(&r, "x", "/e", Method::GET, &[("x-canary", "1")]).as_deref(), Some("canary"));
+        assert_eq!(pick(&r, "x", "/e", Method::POST, &[]).as_deref(), Some("post"));
+        assert_eq!(pick(&r, "x", "/v2/items", Method::GET, &[]).as_deref(), Some("regex"));
+        assert_eq!(pick(&r, "x", "/v2", Method::GET, &[]), None);
+        assert_eq!(pick(&r, "x", "/e", Method::GET, &[]).as_deref(), Some("exact"));
+        assert_eq!(pick(&r, "x", "/e/x", Method::GET, &[]), None);
+    }
+
+    #[test]
+    fn retry_policy_conditions() {
+        let p = RetryPolicy::parse("gateway-error", 2).unwrap();
+        assert!(p.retries_status(503) && !p.retries_status(500));
+        assert!(p.retries_connect_failure() && p.retries_reset());
+        let p = RetryPolicy::parse("connect-failure", 1).unwrap();
+        assert!(!p.retries_status(503) && !p.retries_reset());
+        assert!(RetryPolicy::parse("sometimes", 1).is_err());
+    }
+
+    #[test]
+    fn duplicate_domains_are_refused() {
+        let mut b = RouterBuilder::default();
+        b.add(&["a.com".into()], VirtualHost::default()).unwrap();
+        assert!(b.add(&["A.com".into()], VirtualHost::default()).is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! Process wiring: load the first config, start the control thread (admin port, reload,
+//! health checks, drain) and hand the listener to pingora's workers.
+//!
+//! Threads and why:
+//! * pingora's worker runtime(s): requests only.
+//! * `nip-control`: one current-thread tokio runtime for the admin port, config reloads
+//!   (SIGHUP and file changes), active health checks and shutdown draining — so none of that
+//!   competes with requests, and a slow scrape cannot hurt tail latency.
+//! * `nip-access-log`: writes access log lines when enabled.
+
+use crate::admin::{self, AdminState, ProxyStatus};
+use crate::cluster::EndpointRegistry;
+use crate::gateway::Gateway;
+use crate::health::HealthChecker;
+use crate::metrics::Metrics;
+use crate::snapshot::{CompileError, Compiler, Snapshot};
+use crate::source::{ConfigSource, Fingerprint};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use nip_xds::config::ConfigError;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// How to run a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Where the config comes from.
+    pub source: ConfigSource,
+    /// Worker threads.
+    pub threads: usize,
+    /// Longest wait for in-flight requests after SIGTERM.
+    pub drain_timeout: Duration,
+    /// How often a config file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// Why a proxy did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid (exit code 2).
+    #[error("invalid config:\n{0}")]
+    Config(#[from] ConfigError),
+    /// The resources could not be compiled (exit code 2).
+    #[error("invalid config: {0}")]
+    Compile(#[from] CompileError),
+    /// A port could not be bound.
+    #[error("cannot listen on {what} {address}: {source}")]
+    Bind {
+        /// `api_gateway.address` or `admin.address`.
+        what: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// TLS certificate or key unusable.
+    #[error("api_gateway.tls: {0}")]
+    Tls(String),
+    /// A thread or runtime could not start.
+    #[error("cannot start: {0}")]
+    Runtime(std::io::Error),
+}
+
+impl StartError {
+    /// Whether the user's config is at fault (the CLI exits with 2 then).
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            StartError::Config(_) | StartError::Compile(_) | StartError::Tls(_)
+        )
+    }
+}
+
+/// Runs a proxy until SIGTERM (drain, then exit) or SIGINT (exit now).
+/// Returns only when start-up fails.
+pub fn run(options: ProxyOptions) -> Result<(), StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(EndpointRegistry::default());
+    let translation = options.source.load()?;
+    let compiler = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+    };
+    let snapshot = compiler.compile(&translation.bootstrap, &translation.resources)?;
+    metrics.config_reloads.inc();
+    let listener = snapshot.listener.clone();
+    let admin_address = snapshot
+        .admin_address()
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+    // Bind-check the gateway port now, so a busy port is a clear error, not a worker panic.
+    drop(TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
+        what: "api_gateway.address",
+        address: listener.address,
+        source,
+    })?);
+    let admin_listener = TcpListener::bind(admin_address).map_err(|source| StartError::Bind {
+        what: "admin.address",
+        address: admin_address,
+        source,
+    })?;
+    tracing::info!(
+        version = %snapshot.version,
+        listener = %listener.address,
+        admin = %admin_address,
+        tls = listener.tls.is_some(),
+        "nip proxy starting with {}",
+        options.source.describe()
+    );
+    let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+    let status = Arc::new(ProxyStatus::default());
+
+    let control = Control {
+        source: options.source.clone(),
+        snapshot: Arc::clone(&snapshot),
+        metrics: Arc::clone(&metrics),
+        registry,
+        status: Arc::clone(&status),
+        health: HealthChecker::default(),
+        fingerprint: options.source.fingerprint(),
+        drain_timeout: options.drain_timeout,
+        watch_interval: options.watch_interval,
+    };
+    let admin_state = AdminState {
+        snapshot: Arc::clone(&snapshot),
+        metrics: Arc::clone(&metrics),
+        status,
+    };
+    std::thread::Builder::new()
+        .name("nip-control".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("control runtime failed to start: {e}");
+                    std::process::exit(1);
+                }
+            };
+            runtime.block_on(control.run(admin_listener, admin_state));
+        })
+        .map_err(StartError::Runtime)?;
+
+    let conf = ServerConf {
+        threads: options.threads.max(1),
+        grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(snapshot, metrics),
+        "nip",
+    );
+    if let Some(app) = service.app_logic_mut() {
+        let mut server_options = HttpServerOptions::default();
+        server_options.h2c = listener.h2c;
+        app.server_options = Some(server_options);
+    }
+    let address = listener.address.to_string();
+    match &listener.tls {
+        None => service.add_tcp(&address),
+        Some(files) => {
+            let mut tls = TlsSettings::intermediate(&files.cert_file, &files.key_file)
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            tls.enable_h2();
+            service.add_tls_with_settings(&address, None, tls);
+        }
+    }
+    server.add_service(service);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals),
+    });
+    Ok(())
+}
+
+/// SIGTERM: stop accepting and drain; SIGINT: stop now. SIGHUP is the control thread's.
+struct Signals;
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; the proxy will only stop when killed");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
+/// The control thread's state.
+struct Control {
+    source: ConfigSource,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+    registry: Arc<EndpointRegistry>,
+    status: Arc<ProxyStatus>,
+    health: HealthChecker,
+    fingerprint: Option<Fingerprint>,
+    drain_timeout: Duration,
+    watch_interval: Duration,
+}
+
+impl Control {
+    async fn run(mut self, admin_listener: TcpListener, admin_state: AdminState) {
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(admin_listener, admin_state).await {
+                tracing::error!("admin server stopped: {e}");
+            }
+        });
+        self.health.reconcile(&self.snapshot.load(), &self.metrics);
+        let (Ok(mut hangup), Ok(mut terminate)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::error!("cannot install SIGHUP/SIGTERM handlers");
+            return;
+        };
+        let mut watch = tokio::time::interval(self.watch_interval);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading {}", self.source.describe());
+                    self.reload();
+                }
+                _ = watch.tick() => {
+                    let current = self.source.fingerprint();
+                    if current.is_some() && current != self.fingerprint {
+                        tracing::info!("{} changed: reloading", self.source.describe());
+                        self.reload();
+                    }
+                }
+                _ = terminate.recv() => {
+                    self.drain().await;
+                }
+            }
+        }
+    }
+
+    /// Loads the source again and swaps the snapshot, or keeps the old one and says why.
+    fn reload(&mut self) {
+        self.fingerprint = self.source.fingerprint();
+        let current = self.snapshot.load_full();
+        let result = self.source.load().map_err(|e| e.to_string()).and_then(|t| {
+            if t.resources.version == current.version && t.bootstrap == current.bootstrap {
+                return Ok(None);
+            }
+            let compiler = Compiler {
+                registry: &self.registry,
+                metrics: &self.metrics,
+                previous_access_log: current.access_log.clone(),
+            };
+            compiler
+                .compile(&t.bootstrap, &t.resources)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(None) => {
+                tracing::debug!("config unchanged (version {})", current.version);
+                self.status.set_reload_error(None);
+            }
+            Ok(Some(snapshot)) => {
+                if snapshot.listener != current.listener {
+                    tracing::warn!(
+                        "api_gateway address/TLS changed; the listener keeps {:?} until restart",
+                        current.listener
+                    );
+                }
+                if snapshot.admin_address() != current.admin_address() {
+                    tracing::warn!("admin.address changed; it takes effect at restart");
+                }
+                let version = snapshot.version.clone();
+                self.snapshot.store(Arc::new(snapshot));
+                self.health.reconcile(&self.snapshot.load(), &self.metrics);
+                self.registry.prune();
+                self.metrics.config_reloads.inc();
+                self.status.set_reload_error(None);
+                tracing::info!(%version, previous = %current.version, "config swapped in");
+            }
+            Err(reason) => {
+                self.metrics.config_reload_failures.inc();
+                tracing::error!(
+                    "config reload refused, still serving version {}:\n{reason}",
+                    current.version
+                );
+                self.status.set_reload_error(Some(reason));
+            }
+        }
+    }
+
+    /// After SIGTERM: report not-ready, let pingora close the listener, wait for in-flight
+    /// requests (up to the drain timeout), then exit.
+    async fn drain(&self) {
+        self.status.start_draining();
+        let deadline = Instant::now() + self.drain_timeout;
+        tracing::info!("SIGTERM: draining in-flight requests (at most {:?})", self.drain_timeout);
+        // Give pingora a moment to stop accepting before counting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            let in_flight = self.metrics.downstream_rq_active.get();
+            if in_flight <= 0 {
+                tracing::info!("drained; exiting");
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("drain timeout with {in_flight} requests in flight; exiting");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::process::exit(0);
+    }
+}

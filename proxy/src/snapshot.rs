@@ -1,0 +1,729 @@
+//! The compiled, immutable routing snapshot and the compiler that builds it from xDS
+//! resources.
+//!
+//! Every config version — from a file today, from a control plane later — arrives as a
+//! [`ResourceSet`]. [`Compiler::compile`] checks each resource, decodes the typed extensions
+//! NIP supports, resolves names into `Arc`s (routes point straight at clusters, clusters at
+//! endpoint state) and returns a [`Snapshot`]. Any unsupported or broken field is an error
+//! naming the resource, so the caller can keep the previous snapshot (and, over xDS, NACK).
+
+use crate::access_log::{AccessLogger, LogFormat, LogSink};
+use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
+use crate::metrics::{Metrics, RequestCounters};
+use crate::router::{
+    HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, Router, RouterBuilder, Target,
+    VirtualHost,
+};
+use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
+use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, data_source, health_check, socket_address, substitution_format_string,
+    transport_socket, Address, DataSource, SubstitutionFormatString,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    header_matcher, route, route_action, route_match, HeaderMatcher, RouteConfiguration,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+    file_access_log, FileAccessLog,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
+    stdout_access_log, StdoutAccessLog,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, http_filter, HttpConnectionManager,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options, HttpProtocolOptions,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use http::HeaderName;
+use nip_xds::resources::names;
+use nip_xds::ResourceSet;
+use prost::{Message, Name};
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Envoy's default connect timeout, used when a cluster gives none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Envoy's default route timeout, used when a route gives none.
+const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A resource the compiler refused, and why. Over xDS this becomes a NACK's `error_detail`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?}: {message}")]
+pub struct CompileError {
+    /// Resource kind (`Listener`, `RouteConfiguration`, `Cluster`, `ClusterLoadAssignment`).
+    pub kind: &'static str,
+    /// Resource name.
+    pub name: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+fn err(kind: &'static str, name: &str, message: impl Into<String>) -> CompileError {
+    CompileError {
+        kind,
+        name: name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// TLS certificate files of the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert_file: String,
+    /// PEM private key.
+    pub key_file: String,
+}
+
+/// What the listening socket looks like. Pingora binds it once at start; a reload that
+/// changes it is logged and takes effect at the next restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// TLS termination, with HTTP/2 offered through ALPN.
+    pub tls: Option<TlsFiles>,
+    /// Accept h2c (prior knowledge) next to HTTP/1.1 on plaintext.
+    pub h2c: bool,
+}
+
+/// Everything a request needs, compiled from one config version.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Config version.
+    pub version: String,
+    /// The resources this was compiled from (`/config_dump`).
+    pub resources: ResourceSet,
+    /// Node identity and admin address.
+    pub bootstrap: Bootstrap,
+    /// The listener.
+    pub listener: ListenerSpec,
+    /// Route selection.
+    pub router: Router,
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Access log, when enabled.
+    pub access_log: Option<Arc<AccessLogger>>,
+    /// Counters for requests no route matched.
+    pub unrouted: RequestCounters,
+}
+
+impl Snapshot {
+    /// The admin address from the bootstrap.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.bootstrap
+            .admin
+            .as_ref()
+            .and_then(|a| a.address.as_ref())
+            .and_then(|a| socket_addr(a).ok())
+    }
+}
+
+/// Builds snapshots; owns nothing but references to the state snapshots share.
+pub struct Compiler<'a> {
+    /// Endpoint state shared across snapshots.
+    pub registry: &'a EndpointRegistry,
+    /// Metric families.
+    pub metrics: &'a Metrics,
+    /// The access logger of the previous snapshot, reused when unchanged.
+    pub previous_access_log: Option<Arc<AccessLogger>>,
+}
+
+impl Compiler<'_> {
+    /// Compiles a resource set into a snapshot.
+    pub fn compile(
+        &self,
+        bootstrap: &Bootstrap,
+        resources: &ResourceSet,
+    ) -> Result<Snapshot, CompileError> {
+        let mut clusters = BTreeMap::new();
+        for xds in &resources.clusters {
+            if clusters.contains_key(&xds.name) {
+                return Err(err("Cluster", &xds.name, "name is used twice"));
+            }
+            let cluster = self.cluster(xds, &resources.endpoints)?;
+            clusters.insert(xds.name.clone(), Arc::new(cluster));
+        }
+        let [listener] = resources.listeners.as_slice() else {
+            return Err(err(
+                "Listener",
+                "",
+                format!(
+                    "NIP serves exactly one listener, got {}",
+                    resources.listeners.len()
+                ),
+            ));
+        };
+        let (listener_spec, hcm) = listener_spec(listener)?;
+        let route_config = match &hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => resources
+                .routes
+                .iter()
+                .find(|r| r.name == rds.route_config_name)
+                .ok_or_else(|| {
+                    err(
+                        "Listener",
+                        &listener.name,
+                        format!(
+                            "rds.route_config_name {:?} is not among the route configurations",
+                            rds.route_config_name
+                        ),
+                    )
+                })?,
+            Some(http_connection_manager::RouteSpecifier::RouteConfig(inline)) => inline,
+            _ => {
+                return Err(err(
+                    "Listener",
+                    &listener.name,
+                    "http_connection_manager needs rds or route_config",
+                ))
+            }
+        };
+        let router = self.router(route_config, &clusters)?;
+        let access_log = self.access_log(&listener.name, &hcm.access_log)?;
+        Ok(Snapshot {
+            version: resources.version.clone(),
+            resources: resources.clone(),
+            bootstrap: bootstrap.clone(),
+            listener: listener_spec,
+            router,
+            clusters,
+            access_log,
+            unrouted: self.metrics.request_counters("", ""),
+        })
+    }
+
+    fn cluster(
+        &self,
+        xds: &XdsCluster,
+        assignments: &[ClusterLoadAssignment],
+    ) -> Result<Cluster, CompileError> {
+        let name = xds.name.as_str();
+        let fail = |m: String| err("Cluster", name, m);
+        let discovery = match &xds.cluster_discovery_type {
+            Some(cluster::ClusterDiscoveryType::Type(t)) => {
+                cluster::DiscoveryType::try_from(*t).map_err(|_| fail(format!("type {t} is unknown")))?
+            }
+            Some(cluster::ClusterDiscoveryType::ClusterType(_)) => {
+                return Err(fail("cluster_type (custom cluster) is not supported".into()))
+            }
+            None => cluster::DiscoveryType::Static,
+        };
+        let assignment = match discovery {
+            cluster::DiscoveryType::Eds => {
+                let service_name = xds
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.as_str())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(name);
+                assignments.iter().find(|a| a.cluster_name == service_name)
+            }
+            cluster::DiscoveryType::Static | cluster::DiscoveryType::StrictDns => {
+                xds.load_assignment.as_ref()
+            }
+            other => {
+                return Err(fail(format!(
+                    "type {} is not supported (use EDS, STATIC or STRICT_DNS)",
+                    other.as_str_name()
+                )))
+            }
+        };
+        let lb = match cluster::LbPolicy::try_from(xds.lb_policy) {
+            Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+            Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
+            Ok(other) => {
+                return Err(fail(format!(
+                    "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+                    other.as_str_name()
+                )))
+            }
+            Err(_) => return Err(fail(format!("lb_policy {} is unknown", xds.lb_policy))),
+        };
+        let connect_timeout = match &xds.connect_timeout {
+            Some(d) => duration(d).ok_or_else(|| fail("connect_timeout is negative".into()))?,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        if connect_timeout.is_zero() {
+            return Err(fail("connect_timeout must be more than 0".into()));
+        }
+        let health_check = match xds.health_checks.as_slice() {
+            [] => None,
+            [hc] => Some(health_check_spec(hc).map_err(fail)?),
+            _ => return Err(fail("only one health check per cluster is supported".into())),
+        };
+        let http2 = upstream_http2(xds).map_err(fail)?;
+        let endpoints = match assignment {
+            Some(cla) => self.endpoints(name, cla)?,
+            None => Vec::new(),
+        };
+        Ok(Cluster::new(
+            name.into(),
+            lb,
+            http2,
+            connect_timeout,
+            endpoints,
+            health_check,
+            self.metrics.cluster_stats(name),
+        ))
+    }
+
+    fn endpoints(
+        &self,
+        cluster: &str,
+        cla: &ClusterLoadAssignment,
+    ) -> Result<Vec<Endpoint>, CompileError> {
+        let mut endpoints = Vec::new();
+        for (li, locality_endpoints) in cla.endpoints.iter().enumerate() {
+            let locality = locality_endpoints
+                .locality
+                .as_ref()
+                .map(|l| Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                })
+                .unwrap_or_default();
+            for (ei, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
+                let field = format!("endpoints[{li}].lb_endpoints[{ei}]");
+                let fail = |m: String| err("ClusterLoadAssignment", &cla.cluster_name, format!("{field}: {m}"));
+                let address = match &lb_endpoint.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e
+                        .address
+                        .as_ref()
+                        .ok_or_else(|| fail("endpoint.address is missing".into()))?,
+                    _ => return Err(fail("only endpoint addresses are supported".into())),
+                };
+                let address = socket_addr(address).map_err(fail)?;
+                if endpoints.iter().any(|e: &Endpoint| e.address == address) {
+                    return Err(fail(format!("{address} is listed twice")));
+                }
+                let weight = lb_endpoint
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value);
+                if weight == 0 {
+                    return Err(fail("load_balancing_weight must be at least 1".into()));
+                }
+                endpoints.push(Endpoint {
+                    address,
+                    locality: locality.clone(),
+                    weight: weight.min(128),
+                    state: self.registry.state(cluster, address),
+                });
+            }
+        }
+        Ok(endpoints)
+    }
+
+    fn router(
+        &self,
+        config: &RouteConfiguration,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<Router, CompileError> {
+        let name = config.name.as_str();
+        let mut builder = RouterBuilder::default();
+        // Routes shared by several virtual hosts (hostless routes) compile once per name.
+        let mut compiled: BTreeMap<Vec<u8>, Arc<Route>> = BTreeMap::new();
+        for (vi, vhost) in config.virtual_hosts.iter().enumerate() {
+            let mut routes = Vec::with_capacity(vhost.routes.len());
+            for (ri, xds_route) in vhost.routes.iter().enumerate() {
+                let key = xds_route.encode_to_vec();
+                if let Some(route) = compiled.get(&key) {
+                    routes.push(Arc::clone(route));
+                    continue;
+                }
+                let field = format!("virtual_hosts[{vi}].routes[{ri}]");
+                let route = self
+                    .route(xds_route, clusters)
+                    .map_err(|m| err("RouteConfiguration", name, format!("{field}: {m}")))?;
+                let route = Arc::new(route);
+                compiled.insert(key, Arc::clone(&route));
+                routes.push(route);
+            }
+            builder
+                .add(
+                    &vhost.domains,
+                    VirtualHost {
+                        name: vhost.name.clone(),
+                        routes,
+                    },
+                )
+                .map_err(|m| {
+                    err(
+                        "RouteConfiguration",
+                        name,
+                        format!("virtual_hosts[{vi}].domains: {m}"),
+                    )
+                })?;
+        }
+        Ok(builder.build())
+    }
+
+    fn route(
+        &self,
+        xds: &envoy_types::pb::envoy::config::route::v3::Route,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<Route, String> {
+        let route_name: Arc<str> = xds.name.as_str().into();
+        let matcher = xds.r#match.as_ref().ok_or("match is missing")?;
+        let path = match &matcher.path_specifier {
+            Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+            Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+            Some(route_match::PathSpecifier::SafeRegex(r)) => PathMatch::Regex(
+                full_match_regex(&r.regex).map_err(|e| format!("match.safe_regex: {e}"))?,
+            ),
+            Some(_) => return Err("match: only prefix, path and safe_regex are supported".into()),
+            None => return Err("match needs a path specifier".into()),
+        };
+        if matcher.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+            return Err("match.case_sensitive=false is not supported".into());
+        }
+        let headers = matcher
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| header_match(h).map_err(|e| format!("match.headers[{i}]: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let action = match &xds.action {
+            Some(route::Action::Route(action)) => action,
+            _ => return Err("only `route` actions are supported".into()),
+        };
+        let target = |cluster_name: &str, weight: u32| Target {
+            cluster_name: cluster_name.into(),
+            cluster: clusters.get(cluster_name).cloned(),
+            weight,
+            counters: self.metrics.request_counters(&route_name, cluster_name),
+        };
+        let targets = match &action.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(name)) => vec![target(name, 1)],
+            Some(route_action::ClusterSpecifier::WeightedClusters(weighted)) => {
+                if weighted.clusters.is_empty() {
+                    return Err("route.weighted_clusters is empty".into());
+                }
+                weighted
+                    .clusters
+                    .iter()
+                    .map(|c| target(&c.name, c.weight.as_ref().map_or(0, |w| w.value)))
+                    .collect()
+            }
+            _ => return Err("route needs cluster or weighted_clusters".into()),
+        };
+        let timeout = match &action.timeout {
+            Some(d) => duration(d).ok_or("route.timeout is negative")?,
+            None => DEFAULT_ROUTE_TIMEOUT,
+        };
+        let retry = match &action.retry_policy {
+            Some(policy) => RetryPolicy::parse(
+                &policy.retry_on,
+                policy.num_retries.as_ref().map_or(1, |n| n.value),
+            )
+            .map_err(|e| format!("route.retry_policy.retry_on: {e}"))?,
+            None => RetryPolicy::default(),
+        };
+        Ok(Route::new(
+            Arc::clone(&route_name),
+            path,
+            headers,
+            targets,
+            timeout,
+            retry,
+            self.metrics.route_stats(&route_name),
+        ))
+    }
+
+    fn access_log(
+        &self,
+        listener: &str,
+        logs: &[AccessLog],
+    ) -> Result<Option<Arc<AccessLogger>>, CompileError> {
+        let fail = |m: String| err("Listener", listener, format!("access_log: {m}"));
+        let Some(log) = logs.first() else {
+            return Ok(None);
+        };
+        if logs.len() > 1 {
+            return Err(fail("only one access log is supported".into()));
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = &log.config_type else {
+            return Err(fail("typed_config is missing".into()));
+        };
+        let (sink, format) = if any.type_url == StdoutAccessLog::type_url() {
+            let stdout: StdoutAccessLog = decode(any).map_err(fail)?;
+            let format = match stdout.access_log_format {
+                Some(stdout_access_log::AccessLogFormat::LogFormat(f)) => log_format(&f),
+                None => LogFormat::Text,
+            };
+            (LogSink::Stdout, format)
+        } else if any.type_url == FileAccessLog::type_url() {
+            let file: FileAccessLog = decode(any).map_err(fail)?;
+            let format = match file.access_log_format {
+                Some(file_access_log::AccessLogFormat::LogFormat(f)) => log_format(&f),
+                Some(_) => return Err(fail("only log_format is supported".into())),
+                None => LogFormat::Text,
+            };
+            let sink = if file.path == "/dev/stdout" {
+                LogSink::Stdout
+            } else {
+                LogSink::File(file.path)
+            };
+            (sink, format)
+        } else {
+            return Err(fail(format!("{} is not supported", any.type_url)));
+        };
+        if let Some(previous) = &self.previous_access_log {
+            if previous.is(format, &sink) {
+                return Ok(Some(Arc::clone(previous)));
+            }
+        }
+        let logger = AccessLogger::start(format, sink.clone(), self.metrics.access_log_dropped.clone())
+            .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;
+        Ok(Some(Arc::new(logger)))
+    }
+}
+
+fn log_format(format: &SubstitutionFormatString) -> LogFormat {
+    match format.format {
+        Some(substitution_format_string::Format::JsonFormat(_)) => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
+    let name = listener.name.as_str();
+    let fail = |m: String| err("Listener", name, m);
+    let address = listener
+        .address
+        .as_ref()
+        .ok_or_else(|| fail("address is missing".into()))?;
+    let address = socket_addr(address).map_err(|e| fail(format!("address: {e}")))?;
+    let [chain] = listener.filter_chains.as_slice() else {
+        return Err(fail("exactly one filter chain is supported".into()));
+    };
+    let [network_filter] = chain.filters.as_slice() else {
+        return Err(fail(
+            "the filter chain must hold exactly the http_connection_manager".into(),
+        ));
+    };
+    let Some(filter::ConfigType::TypedConfig(any)) = &network_filter.config_type else {
+        return Err(fail("filter_chains[0].filters[0].typed_config is missing".into()));
+    };
+    if any.type_url != HttpConnectionManager::type_url() {
+        return Err(fail(format!(
+            "filter {} is not supported; only {}",
+            any.type_url,
+            names::HTTP_CONNECTION_MANAGER
+        )));
+    }
+    let hcm: HttpConnectionManager = decode(any).map_err(|e| fail(e))?;
+    for (i, http) in hcm.http_filters.iter().enumerate() {
+        let last = i + 1 == hcm.http_filters.len();
+        let is_router = http.name == names::ROUTER
+            || matches!(&http.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with(".router.v3.Router"));
+        if last != is_router {
+            return Err(fail(format!(
+                "http_filters[{i}] {:?}: the router must be the last filter and only there \
+                 (plugins arrive with the WebAssembly host)",
+                http.name
+            )));
+        }
+    }
+    let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
+        .unwrap_or(http_connection_manager::CodecType::Auto);
+    let tls = match &chain.transport_socket {
+        None => None,
+        Some(socket) => {
+            let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+                return Err(fail("transport_socket.typed_config is missing".into()));
+            };
+            if any.type_url != DownstreamTlsContext::type_url() {
+                return Err(fail(format!("transport socket {} is not supported", any.type_url)));
+            }
+            let tls: DownstreamTlsContext = decode(any).map_err(|e| fail(e))?;
+            let cert = tls
+                .common_tls_context
+                .as_ref()
+                .and_then(|c| c.tls_certificates.first())
+                .ok_or_else(|| fail("tls: common_tls_context.tls_certificates is empty".into()))?;
+            let file = |source: &Option<DataSource>, field: &str| match source
+                .as_ref()
+                .and_then(|s| s.specifier.as_ref())
+            {
+                Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
+                _ => Err(fail(format!("tls: {field} must be a filename"))),
+            };
+            Some(TlsFiles {
+                cert_file: file(&cert.certificate_chain, "certificate_chain")?,
+                key_file: file(&cert.private_key, "private_key")?,
+            })
+        }
+    };
+    let spec = ListenerSpec {
+        address,
+        h2c: tls.is_none() && codec != http_connection_manager::CodecType::Http1,
+        tls,
+    };
+    Ok((spec, hcm))
+}
+
+fn upstream_http2(xds: &XdsCluster) -> Result<bool, String> {
+    #[allow(deprecated)]
+    let mut http2 = xds.http2_protocol_options.is_some();
+    if let Some(any) = xds.typed_extension_protocol_options.get(names::HTTP_PROTOCOL_OPTIONS) {
+        let options: HttpProtocolOptions = decode(any)?;
+        if let Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
+            options.upstream_protocol_options
+        {
+            http2 = matches!(
+                explicit.protocol_config,
+                Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
+            );
+        }
+    }
+    Ok(http2)
+}
+
+fn health_check_spec(
+    hc: &envoy_types::pb::envoy::config::core::v3::HealthCheck,
+) -> Result<HealthCheckSpec, String> {
+    let Some(health_check::HealthChecker::HttpHealthCheck(http)) = &hc.health_checker else {
+        return Err("health_checks[0]: only http_health_check is supported".into());
+    };
+    let interval = hc
+        .interval
+        .as_ref()
+        .and_then(duration)
+        .filter(|d| !d.is_zero())
+        .ok_or("health_checks[0].interval must be more than 0")?;
+    let timeout = hc
+        .timeout
+        .as_ref()
+        .and_then(duration)
+        .filter(|d| !d.is_zero())
+        .ok_or("health_checks[0].timeout must be more than 0")?;
+    if !http.path.starts_with('/') {
+        return Err("health_checks[0].http_health_check.path must start with '/'".into());
+    }
+    let expected_statuses = http
+        .expected_statuses
+        .iter()
+        .map(|r| {
+            let start = u16::try_from(r.start).map_err(|_| "expected_statuses out of range")?;
+            let end = u16::try_from(r.end).map_err(|_| "expected_statuses out of range")?;
+            Ok((start, end))
+        })
+        .collect::<Result<Vec<_>, &str>>()?;
+    Ok(HealthCheckSpec {
+        path: http.path.clone(),
+        host: http.host.clone(),
+        interval,
+        timeout,
+        unhealthy_threshold: hc.unhealthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        expected_statuses,
+    })
+}
+
+fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
+    let is_method = h.name == ":method";
+    let name = if is_method {
+        HeaderName::from_static("x-nip-method")
+    } else {
+        HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("name {:?} is not a valid header name", h.name))?
+    };
+    let value = match &h.header_match_specifier {
+        Some(header_matcher::HeaderMatchSpecifier::PresentMatch(present)) => {
+            if !present {
+                // present_match: false means "absent"; express it as inverted presence.
+                return Ok(HeaderMatch {
+                    name,
+                    is_method,
+                    value: HeaderValueMatch::Present,
+                    invert: !h.invert_match,
+                });
+            }
+            HeaderValueMatch::Present
+        }
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(sm)) => {
+            if sm.ignore_case {
+                return Err("string_match.ignore_case is not supported".into());
+            }
+            match &sm.match_pattern {
+                Some(string_matcher::MatchPattern::Exact(v)) => HeaderValueMatch::Exact(v.clone()),
+                Some(string_matcher::MatchPattern::Prefix(v)) => HeaderValueMatch::Prefix(v.clone()),
+                Some(string_matcher::MatchPattern::Suffix(v)) => HeaderValueMatch::Regex(
+                    full_match_regex(&format!(".*{}", regex::escape(v))).map_err(|e| e.to_string())?,
+                ),
+                Some(string_matcher::MatchPattern::Contains(v)) => HeaderValueMatch::Regex(
+                    full_match_regex(&format!(".*{}.*", regex::escape(v)))
+                        .map_err(|e| e.to_string())?,
+                ),
+                Some(string_matcher::MatchPattern::SafeRegex(r)) => HeaderValueMatch::Regex(
+                    full_match_regex(&r.regex).map_err(|e| format!("safe_regex: {e}"))?,
+                ),
+                _ => return Err("string_match pattern is not supported".into()),
+            }
+        }
+        None => HeaderValueMatch::Present,
+        Some(_) => {
+            return Err("only string_match and present_match are supported".into());
+        }
+    };
+    Ok(HeaderMatch {
+        name,
+        is_method,
+        value,
+        invert: h.invert_match,
+    })
+}
+
+/// Envoy regexes must match the whole input.
+fn full_match_regex(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+        format!(
+            "invalid regex: {}",
+            e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+        )
+    })
+}
+
+fn duration(d: &PbDuration) -> Option<Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
+fn decode<M: Message + Default + Name>(any: &Any) -> Result<M, String> {
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", any.type_url))
+}
+
+/// Resolves an xDS socket address; host names are resolved once, here, off the request path.
+fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
+    let Some(address::Address::SocketAddress(sa)) = &address.address else {
+        return Err("only socket_address is supported".into());
+    };
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+        }
+        _ => return Err("socket_address.port_value is missing".into()),
+    };
+    if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (sa.address.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {:?}: {e}", sa.address))?
+        .next()
+        .ok_or_else(|| format!("{:?} resolves to no address", sa.address))
+}
