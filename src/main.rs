@@ -1,1 +1,172 @@
-fn main() {}
+//! `nip`: the one user-facing binary. Each subcommand is a role (`nip proxy`, `nip validate`,
+//! `nip demo`); the work itself lives in the library crates.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use nip_proxy::{ConfigSource, ProxyOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Exit code for a config the user must fix.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "nip", version, about = "NIP: an edge and sidecar proxy with an xDS control plane")]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `nip_proxy=debug`.
+    #[arg(long, global = true, env = "NIP_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a proxy from a v4 config file (reloaded on SIGHUP and when the file changes).
+    Proxy {
+        /// The v4 YAML config.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Longest wait for in-flight requests after SIGTERM.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Check a config file; print every problem with its field path.
+    Validate {
+        /// The v4 YAML config.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Print the xDS resources it translates to, as JSON.
+        #[arg(long)]
+        xds: bool,
+    },
+    /// Run the demo: two backends and a proxy in front of them, with embedded config.
+    Demo {
+        /// Proxy port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Admin port.
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+    },
+    /// Serve a small HTTP backend that echoes what it received (for demos and benchmarks).
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: std::net::SocketAddr,
+        /// Name reported in the `x-backend` header and the body.
+        #[arg(long, default_value = "backend")]
+        name: String,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (write it like 30s)"))
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_proxy(options: ProxyOptions) -> ExitCode {
+    match nip_proxy::run(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nip proxy: {e}");
+            if e.is_config_error() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match cli.command {
+        Command::Proxy {
+            config,
+            threads,
+            drain_timeout,
+        } => run_proxy(ProxyOptions {
+            source: ConfigSource::File(config),
+            threads: threads.unwrap_or(cpus),
+            drain_timeout,
+            watch_interval: Duration::from_millis(500),
+        }),
+        Command::Validate { file, xds } => validate(&file, xds),
+        Command::Demo { port, admin_port } => match demo::start_backends() {
+            Ok(backends) => {
+                let yaml = demo::config(port, admin_port, &backends);
+                demo::print_instructions(port, admin_port);
+                run_proxy(ProxyOptions {
+                    source: ConfigSource::Embedded(yaml),
+                    threads: cpus.min(2),
+                    drain_timeout: Duration::from_secs(5),
+                    watch_interval: Duration::from_secs(3600),
+                })
+            }
+            Err(e) => {
+                eprintln!("nip demo: cannot start the demo backends: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Backend { listen, name } => match demo::serve_backend_blocking(listen, name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nip backend: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {
+    match nip_xds::config::Config::from_file(file) {
+        Ok(config) => {
+            let translation = nip_xds::translate::translate(&config);
+            if print_xds {
+                let r = &translation.resources;
+                let json = serde_json::json!({
+                    "version_info": r.version,
+                    "bootstrap": nip_xds::json::to_json(&translation.bootstrap),
+                    "listeners": r.listeners.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
+                    "route_configs": r.routes.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
+                    "clusters": r.clusters.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
+                    "endpoints": r.endpoints.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+            } else {
+                println!(
+                    "{}: valid (version {})",
+                    file.display(),
+                    translation.resources.version
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: invalid config", file.display());
+            for error in e.field_errors() {
+                eprintln!("  {error}");
+            }
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `nip demo` and `nip backend`: small echo backends and the embedded demo config.
+//!
+//! The backends are real HTTP/1.1 + h2c servers (hyper). Each answers with a JSON echo of
+//! what it received — so you can see the headers the proxy added — plus:
+//! `/healthz` (200), `/status/NNN` (that status), `/delay/MS` (answer after MS ms).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Starts the two demo backends on ports chosen by the OS, on their own thread.
+pub fn start_backends() -> std::io::Result<Vec<SocketAddr>> {
+    let mut listeners = Vec::new();
+    for _ in 0..2 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        listeners.push(listener);
+    }
+    let addresses = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("nip-demo-backends".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut tasks = Vec::new();
+                for (listener, name) in listeners.into_iter().zip(["backend-a", "backend-b"]) {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => tasks.push(tokio::spawn(serve(listener, name.to_string()))),
+                        Err(e) => eprintln!("demo backend {name}: {e}"),
+                    }
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            });
+        })?;
+    Ok(addresses)
+}
+
+/// Runs one backend in the foreground (`nip backend`).
+pub fn serve_backend_blocking(listen: SocketAddr, name: String) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        eprintln!("nip backend {name} listening on {listen}");
+        serve(listener, name).await;
+        Ok(())
+    })
+}
+
+async fn serve(listener: tokio::net::TcpListener, name: String) {
+    let name: Arc<str> = name.into();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let name = Arc::clone(&name);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, Arc::clone(&name)));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, name: Arc<str>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let mut status = 200u16;
+    if path == "/healthz" {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))));
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
+        status = code;
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|c| c.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let body = serde_json::json!({
+        "backend": name.as_ref(),
+        "method": req.method().as_str(),
+        "path": req.uri().to_string(),
+        "protocol": format!("{:?}", req.version()),
+        "x-request-id": header("x-request-id"),
+        "x-forwarded-for": header("x-forwarded-for"),
+        "x-forwarded-proto": header("x-forwarded-proto"),
+        "traceparent": header("traceparent"),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&name) {
+        response.headers_mut().insert("x-backend", value);
+    }
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+/// The demo's config: the same v4 YAML a user would write.
+pub fn config(port: u16, admin_port: u16, backends: &[SocketAddr]) -> String {
+    let endpoint = |i: usize| backends.get(i).map(ToString::to_string).unwrap_or_default();
+    format!(
+        r#"node:
+  id: demo-proxy
+  region: local
+admin:
+  address: "127.0.0.1:{admin_port}"
+api_gateway:
+  address: "127.0.0.1:{port}"
+  access_log:
+    enabled: true
+    format: text
+services:
+  web:
+    endpoints:
+      - {{ address: "{a}", region: local, zone: a }}
+      - {{ address: "{b}", region: local, zone: b }}
+    lb: round_robin
+    health_check: {{ path: /healthz, interval: 2s, timeout: 1s }}
+  web-a:
+    endpoints: ["{a}"]
+  web-b:
+    endpoints: ["{b}"]
+routes:
+  - name: canary-header
+    match: {{ headers: [{{ name: x-canary, exact: "1" }}] }}
+    service: web-b
+  - name: split
+    match: {{ path_prefix: /split }}
+    split:
+      - {{ service: web-a, weight: 90 }}
+      - {{ service: web-b, weight: 10 }}
+  - name: default
+    match: {{ path_prefix: / }}
+    service: web
+    timeout: 2s
+    retries: {{ on: [connect-failure, 5xx], max: 1 }}
+"#,
+        a = endpoint(0),
+        b = endpoint(1),
+    )
+}
+
+/// Tells the user what to try.
+pub fn print_instructions(port: u16, admin_port: u16) {
+    println!(
+        r#"
+NIP demo: a proxy on 127.0.0.1:{port} in front of two backends (admin on 127.0.0.1:{admin_port}).
+Try:
+  curl -s localhost:{port}/hello                       # round robin over backend-a and backend-b
+  curl -s -H 'x-canary: 1' localhost:{port}/           # header match: always backend-b
+  for i in $(seq 20); do curl -s localhost:{port}/split | grep backend; done   # 90/10 split
+  curl -s localhost:{port}/delay/3000                  # 504 after the route's 2s timeout
+  curl -s --http2-prior-knowledge localhost:{port}/    # h2c on the same port
+  curl -s localhost:{admin_port}/metrics | grep nip_requests
+  curl -s localhost:{admin_port}/clusters
+  curl -s localhost:{admin_port}/config_dump
+Stop with Ctrl-C.
+"#
+    );
+}
