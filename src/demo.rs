@@ -79,7 +79,10 @@ async fn serve(listener: tokio::net::TcpListener, name: String) {
     }
 }
 
-async fn answer(req: Request<Incoming>, name: Arc<str>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    name: Arc<str>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let mut status = 200u16;
     if path == "/healthz" {
@@ -109,8 +112,7 @@ async fn answer(req: Request<Incoming>, name: Arc<str>) -> Result<Response<Full<
         "traceparent": header("traceparent"),
     });
     let mut response = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
     if let Ok(value) = hyper::header::HeaderValue::from_str(&name) {
         response.headers_mut().insert("x-backend", value);
     }

@@ -16,7 +16,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "nip", version, about = "NIP: an edge and sidecar proxy with an xDS control plane")]
+#[command(
+    name = "nip",
+    version,
+    about = "NIP: an edge and sidecar proxy with an xDS control plane"
+)]
 struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `nip_proxy=debug`.
     #[arg(long, global = true, env = "NIP_LOG", default_value = "info")]
@@ -151,7 +155,10 @@ fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {
                     "clusters": r.clusters.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
                     "endpoints": r.endpoints.iter().map(nip_xds::json::to_json).collect::<Vec<_>>(),
                 });
-                println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json).unwrap_or_default()
+                );
             } else {
                 println!(
                     "{}: valid (version {})",

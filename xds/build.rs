@@ -27,7 +27,10 @@ fn envoy_types_proto_dir() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))?;
     let mut candidates = Vec::new();
-    for registry in std::fs::read_dir(cargo_home.join("registry/src")).ok()?.flatten() {
+    for registry in std::fs::read_dir(cargo_home.join("registry/src"))
+        .ok()?
+        .flatten()
+    {
         for krate in std::fs::read_dir(registry.path()).ok()?.flatten() {
             let name = krate.file_name().to_string_lossy().to_string();
             if name.starts_with("envoy-types-0.7.") && krate.path().join("proto").is_dir() {
@@ -62,9 +65,8 @@ fn main() {
     .map(|d| dir.join(d))
     .filter(|d| d.is_dir())
     .collect();
-    let descriptors = protox::compile(ROOTS, &includes).unwrap_or_else(|e| {
-        panic!("compiling xDS descriptors from {}: {e}", dir.display())
-    });
+    let descriptors = protox::compile(ROOTS, &includes)
+        .unwrap_or_else(|e| panic!("compiling xDS descriptors from {}: {e}", dir.display()));
     use protox::prost::Message;
     std::fs::write(&target, descriptors.encode_to_vec()).expect("write descriptor set");
 }

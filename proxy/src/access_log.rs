@@ -248,7 +248,12 @@ mod tests {
     #[test]
     fn text_lines_follow_envoys_default_layout() {
         let line = text_line(&entry());
-        assert!(line.starts_with("[2025-11-24T16:00:00.123Z] \"GET /a?b=1 HTTP/1.1\" 503 UH 0 19 3 - \"127.0.0.1\""), "{line}");
+        assert!(
+            line.starts_with(
+                "[2025-11-24T16:00:00.123Z] \"GET /a?b=1 HTTP/1.1\" 503 UH 0 19 3 - \"127.0.0.1\""
+            ),
+            "{line}"
+        );
         assert!(line.trim_end().ends_with("\"example.com\" \"-\""), "{line}");
     }
 }

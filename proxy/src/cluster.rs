@@ -294,11 +294,7 @@ impl EndpointRegistry {
     /// The state for an endpoint, created healthy on first sight.
     pub fn state(&self, cluster: &str, address: SocketAddr) -> Arc<EndpointState> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            states
-                .entry((cluster.to_string(), address))
-                .or_default(),
-        )
+        Arc::clone(states.entry((cluster.to_string(), address)).or_default())
     }
 
     /// Forgets endpoints no live snapshot refers to any more.
@@ -342,7 +338,11 @@ mod tests {
         let mut counts = vec![0; c.endpoints.len()];
         for _ in 0..n {
             let e = c.pick(&[]).unwrap();
-            let i = c.endpoints.iter().position(|x| x.address == e.address).unwrap();
+            let i = c
+                .endpoints
+                .iter()
+                .position(|x| x.address == e.address)
+                .unwrap();
             counts[i] += 1;
         }
         counts

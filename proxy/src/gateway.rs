@@ -23,8 +23,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::{HttpPeer, Session};
-use pingora::proxy::{FailToProxy, ProxyHttp};
 use pingora::protocols::Digest;
+use pingora::proxy::{FailToProxy, ProxyHttp};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -315,13 +315,23 @@ impl ProxyHttp for Gateway {
     }
 
     /// Picks an endpoint: healthy, and not one that already failed this request.
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let (Some(cluster), Some(route)) = (&ctx.cluster, &ctx.route) else {
-            return Err(Error::explain(ErrorType::InternalError, "no cluster chosen"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no cluster chosen",
+            ));
         };
         let Some(endpoint) = cluster.pick(&ctx.tried) else {
             ctx.flag = Some(ResponseFlag::NoHealthyUpstream);
-            return Err(Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no healthy upstream",
+            ));
         };
         let address = endpoint.address;
         let timeout = route.timeout;
@@ -361,9 +371,7 @@ impl ProxyHttp for Gateway {
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
-        let tls = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         if ctx.retries > 0 {
             upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
@@ -384,7 +392,11 @@ impl ProxyHttp for Gateway {
         if !reused {
             if let Some(cluster) = &ctx.cluster {
                 cluster.stats.cx_total.inc();
-                if let Some(endpoint) = cluster.endpoints.iter().find(|e| Some(e.address) == ctx.endpoint) {
+                if let Some(endpoint) = cluster
+                    .endpoints
+                    .iter()
+                    .find(|e| Some(e.address) == ctx.endpoint)
+                {
                     endpoint
                         .state
                         .connections_total
@@ -406,7 +418,11 @@ impl ProxyHttp for Gateway {
         ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
-            if let Some(endpoint) = cluster.endpoints.iter().find(|x| Some(x.address) == ctx.endpoint) {
+            if let Some(endpoint) = cluster
+                .endpoints
+                .iter()
+                .find(|x| Some(x.address) == ctx.endpoint)
+            {
                 endpoint
                     .state
                     .connect_failures_total
@@ -473,13 +489,13 @@ impl ProxyHttp for Gateway {
         }
         e.retry.decide_reuse(client_reused);
         if !e.retry() && session.response_written().is_none() {
-            let retries_reset = ctx
-                .route
-                .as_ref()
-                .is_some_and(|r| r.retry.retries_reset());
+            let retries_reset = ctx.route.as_ref().is_some_and(|r| r.retry.retries_reset());
             let is_reset = matches!(
                 e.etype(),
-                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::H2Error | ErrorType::H1Error
+                ErrorType::ConnectionClosed
+                    | ErrorType::ReadError
+                    | ErrorType::H2Error
+                    | ErrorType::H1Error
             );
             if retries_reset && is_reset && ctx.can_retry() {
                 ctx.count_retry();
@@ -490,7 +506,12 @@ impl ProxyHttp for Gateway {
     }
 
     /// Turns the final error into an Envoy-like status and response flag.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy
     where
         RequestCtx: Send + Sync,
     {
@@ -519,14 +540,18 @@ impl ProxyHttp for Gateway {
                 Some(ResponseFlag::UpstreamReset),
                 "upstream reset before response\n",
             ),
-            (ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed, ErrorSource::Downstream) => {
-                (0, Some(ResponseFlag::DownstreamClosed), "")
-            }
+            (
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => (0, Some(ResponseFlag::DownstreamClosed), ""),
             (_, ErrorSource::Downstream) => (400, None, "bad request\n"),
             _ => (500, None, "internal error\n"),
         };
         ctx.flag = flag;
         ctx.local_status = code;
+        // Pingora closes the client connection after a failed proxy attempt; say so in the
+        // response (`Connection: close`) so HTTP/1.1 clients do not reuse it and hit a reset.
+        session.set_keepalive(None);
         if code > 0 && session.response_written().is_none() {
             respond(session, ctx, code, body).await;
         }
@@ -580,10 +605,7 @@ impl ProxyHttp for Gateway {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
         };
-        let path = request
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str());
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let upstream = ctx.endpoint.map(|a| a.to_string()).unwrap_or_default();
         let forwarded_for = match session.client_addr().and_then(|a| a.as_inet()) {
             Some(addr) => addr.ip().to_string(),
@@ -593,7 +615,11 @@ impl ProxyHttp for Gateway {
             start: ctx.start_wall,
             method: request.method.as_str(),
             path,
-            protocol: if session.as_ref().is_http2() { "HTTP/2" } else { "HTTP/1.1" },
+            protocol: if session.as_ref().is_http2() {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
             status,
             flags: ctx.flag.map_or("-", ResponseFlag::as_str),
             bytes_received: session.as_ref().body_bytes_read(),
@@ -626,7 +652,10 @@ mod tests {
         let id = new_request_id();
         assert_eq!(id.len(), 36, "{id}");
         let parts: Vec<&str> = id.split('-').collect();
-        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            vec![8, 4, 4, 4, 12]
+        );
         assert!(parts[2].starts_with('4'));
         assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
         assert_ne!(new_request_id(), id);

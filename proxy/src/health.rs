@@ -128,7 +128,10 @@ async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<(), String
         let mut head = Vec::with_capacity(64);
         let mut buf = [0u8; 256];
         while !head.contains(&b'\n') && head.len() < 1024 {
-            let n = stream.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
             if n == 0 {
                 break;
             }

@@ -270,7 +270,7 @@ impl RouterBuilder {
     pub fn build(mut self) -> Router {
         self.router
             .suffixes
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         self.router
     }
 }
@@ -407,30 +407,61 @@ mod tests {
         b.build()
     }
 
-    fn pick(r: &Router, host: &str, path: &str, method: Method, headers: &[(&str, &str)]) -> Option<String> {
+    fn pick(
+        r: &Router,
+        host: &str,
+        path: &str,
+        method: Method,
+        headers: &[(&str, &str)],
+    ) -> Option<String> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
-            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            map.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
-        r.route(host, path, &method, &map).map(|r| r.name.to_string())
+        r.route(host, path, &method, &map)
+            .map(|r| r.name.to_string())
     }
 
     #[test]
     fn hosts_pick_the_most_specific_virtual_host() {
         let r = router();
-        assert_eq!(pick(&r, "api.example.com:8080", "/", Method::GET, &[]).as_deref(), Some("api"));
-        assert_eq!(pick(&r, "www.Example.com", "/", Method::GET, &[]).as_deref(), Some("wild"));
-        assert_eq!(pick(&r, "example.com", "/e", Method::GET, &[]).as_deref(), Some("exact"));
+        assert_eq!(
+            pick(&r, "api.example.com:8080", "/", Method::GET, &[]).as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            pick(&r, "www.Example.com", "/", Method::GET, &[]).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            pick(&r, "example.com", "/e", Method::GET, &[]).as_deref(),
+            Some("exact")
+        );
     }
 
     #[test]
     fn routes_match_in_order_on_headers_method_and_path() {
         let r = router();
-        assert_eq!(pick(&r, "x", "/e", Method::GET, &[("x-canary", "1")]).as_deref(), Some("canary"));
-        assert_eq!(pick(&r, "x", "/e", Method::POST, &[]).as_deref(), Some("post"));
-        assert_eq!(pick(&r, "x", "/v2/items", Method::GET, &[]).as_deref(), Some("regex"));
+        assert_eq!(
+            pick(&r, "x", "/e", Method::GET, &[("x-canary", "1")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            pick(&r, "x", "/e", Method::POST, &[]).as_deref(),
+            Some("post")
+        );
+        assert_eq!(
+            pick(&r, "x", "/v2/items", Method::GET, &[]).as_deref(),
+            Some("regex")
+        );
         assert_eq!(pick(&r, "x", "/v2", Method::GET, &[]), None);
-        assert_eq!(pick(&r, "x", "/e", Method::GET, &[]).as_deref(), Some("exact"));
+        assert_eq!(
+            pick(&r, "x", "/e", Method::GET, &[]).as_deref(),
+            Some("exact")
+        );
         assert_eq!(pick(&r, "x", "/e/x", Method::GET, &[]), None);
     }
 

@@ -95,11 +95,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         .admin_address()
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
     // Bind-check the gateway port now, so a busy port is a clear error, not a worker panic.
-    drop(TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
-        what: "api_gateway.address",
-        address: listener.address,
-        source,
-    })?);
+    drop(
+        TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
+            what: "api_gateway.address",
+            address: listener.address,
+            source,
+        })?,
+    );
     let admin_listener = TcpListener::bind(admin_address).map_err(|source| StartError::Bind {
         what: "admin.address",
         address: admin_address,
@@ -311,7 +313,10 @@ impl Control {
     async fn drain(&self) {
         self.status.start_draining();
         let deadline = Instant::now() + self.drain_timeout;
-        tracing::info!("SIGTERM: draining in-flight requests (at most {:?})", self.drain_timeout);
+        tracing::info!(
+            "SIGTERM: draining in-flight requests (at most {:?})",
+            self.drain_timeout
+        );
         // Give pingora a moment to stop accepting before counting.
         tokio::time::sleep(Duration::from_millis(100)).await;
         loop {

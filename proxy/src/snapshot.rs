@@ -211,11 +211,12 @@ impl Compiler<'_> {
         let name = xds.name.as_str();
         let fail = |m: String| err("Cluster", name, m);
         let discovery = match &xds.cluster_discovery_type {
-            Some(cluster::ClusterDiscoveryType::Type(t)) => {
-                cluster::DiscoveryType::try_from(*t).map_err(|_| fail(format!("type {t} is unknown")))?
-            }
+            Some(cluster::ClusterDiscoveryType::Type(t)) => cluster::DiscoveryType::try_from(*t)
+                .map_err(|_| fail(format!("type {t} is unknown")))?,
             Some(cluster::ClusterDiscoveryType::ClusterType(_)) => {
-                return Err(fail("cluster_type (custom cluster) is not supported".into()))
+                return Err(fail(
+                    "cluster_type (custom cluster) is not supported".into(),
+                ))
             }
             None => cluster::DiscoveryType::Static,
         };
@@ -261,7 +262,11 @@ impl Compiler<'_> {
         let health_check = match xds.health_checks.as_slice() {
             [] => None,
             [hc] => Some(health_check_spec(hc).map_err(fail)?),
-            _ => return Err(fail("only one health check per cluster is supported".into())),
+            _ => {
+                return Err(fail(
+                    "only one health check per cluster is supported".into(),
+                ))
+            }
         };
         let http2 = upstream_http2(xds).map_err(fail)?;
         let endpoints = match assignment {
@@ -296,7 +301,13 @@ impl Compiler<'_> {
                 .unwrap_or_default();
             for (ei, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
                 let field = format!("endpoints[{li}].lb_endpoints[{ei}]");
-                let fail = |m: String| err("ClusterLoadAssignment", &cla.cluster_name, format!("{field}: {m}"));
+                let fail = |m: String| {
+                    err(
+                        "ClusterLoadAssignment",
+                        &cla.cluster_name,
+                        format!("{field}: {m}"),
+                    )
+                };
                 let address = match &lb_endpoint.host_identifier {
                     Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e
                         .address
@@ -485,8 +496,12 @@ impl Compiler<'_> {
                 return Ok(Some(Arc::clone(previous)));
             }
         }
-        let logger = AccessLogger::start(format, sink.clone(), self.metrics.access_log_dropped.clone())
-            .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;
+        let logger = AccessLogger::start(
+            format,
+            sink.clone(),
+            self.metrics.access_log_dropped.clone(),
+        )
+        .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;
         Ok(Some(Arc::new(logger)))
     }
 }
@@ -498,7 +513,9 @@ fn log_format(format: &SubstitutionFormatString) -> LogFormat {
     }
 }
 
-fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
+fn listener_spec(
+    listener: &Listener,
+) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
     let name = listener.name.as_str();
     let fail = |m: String| err("Listener", name, m);
     let address = listener
@@ -515,7 +532,9 @@ fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionMan
         ));
     };
     let Some(filter::ConfigType::TypedConfig(any)) = &network_filter.config_type else {
-        return Err(fail("filter_chains[0].filters[0].typed_config is missing".into()));
+        return Err(fail(
+            "filter_chains[0].filters[0].typed_config is missing".into(),
+        ));
     };
     if any.type_url != HttpConnectionManager::type_url() {
         return Err(fail(format!(
@@ -524,7 +543,7 @@ fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionMan
             names::HTTP_CONNECTION_MANAGER
         )));
     }
-    let hcm: HttpConnectionManager = decode(any).map_err(|e| fail(e))?;
+    let hcm: HttpConnectionManager = decode(any).map_err(&fail)?;
     for (i, http) in hcm.http_filters.iter().enumerate() {
         let last = i + 1 == hcm.http_filters.len();
         let is_router = http.name == names::ROUTER
@@ -546,9 +565,12 @@ fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionMan
                 return Err(fail("transport_socket.typed_config is missing".into()));
             };
             if any.type_url != DownstreamTlsContext::type_url() {
-                return Err(fail(format!("transport socket {} is not supported", any.type_url)));
+                return Err(fail(format!(
+                    "transport socket {} is not supported",
+                    any.type_url
+                )));
             }
-            let tls: DownstreamTlsContext = decode(any).map_err(|e| fail(e))?;
+            let tls: DownstreamTlsContext = decode(any).map_err(&fail)?;
             let cert = tls
                 .common_tls_context
                 .as_ref()
@@ -578,7 +600,10 @@ fn listener_spec(listener: &Listener) -> Result<(ListenerSpec, HttpConnectionMan
 fn upstream_http2(xds: &XdsCluster) -> Result<bool, String> {
     #[allow(deprecated)]
     let mut http2 = xds.http2_protocol_options.is_some();
-    if let Some(any) = xds.typed_extension_protocol_options.get(names::HTTP_PROTOCOL_OPTIONS) {
+    if let Some(any) = xds
+        .typed_extension_protocol_options
+        .get(names::HTTP_PROTOCOL_OPTIONS)
+    {
         let options: HttpProtocolOptions = decode(any)?;
         if let Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
             options.upstream_protocol_options
@@ -627,7 +652,11 @@ fn health_check_spec(
         host: http.host.clone(),
         interval,
         timeout,
-        unhealthy_threshold: hc.unhealthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        unhealthy_threshold: hc
+            .unhealthy_threshold
+            .as_ref()
+            .map_or(1, |v| v.value)
+            .max(1),
         healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
         expected_statuses,
     })
@@ -660,9 +689,12 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
             }
             match &sm.match_pattern {
                 Some(string_matcher::MatchPattern::Exact(v)) => HeaderValueMatch::Exact(v.clone()),
-                Some(string_matcher::MatchPattern::Prefix(v)) => HeaderValueMatch::Prefix(v.clone()),
+                Some(string_matcher::MatchPattern::Prefix(v)) => {
+                    HeaderValueMatch::Prefix(v.clone())
+                }
                 Some(string_matcher::MatchPattern::Suffix(v)) => HeaderValueMatch::Regex(
-                    full_match_regex(&format!(".*{}", regex::escape(v))).map_err(|e| e.to_string())?,
+                    full_match_regex(&format!(".*{}", regex::escape(v)))
+                        .map_err(|e| e.to_string())?,
                 ),
                 Some(string_matcher::MatchPattern::Contains(v)) => HeaderValueMatch::Regex(
                     full_match_regex(&format!(".*{}.*", regex::escape(v)))
@@ -692,7 +724,10 @@ fn full_match_regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
         format!(
             "invalid regex: {}",
-            e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
         )
     })
 }

@@ -24,9 +24,9 @@ fn pool() -> Option<&'static DescriptorPool> {
 /// Renders a message as proto3 JSON with an `@type` field, like an expanded `Any`.
 pub fn to_json<M: prost::Message + prost::Name>(message: &M) -> Value {
     let bytes = message.encode_to_vec();
-    let mut value = decode_json(&M::full_name(), &bytes).unwrap_or_else(|| {
-        json!({ "unavailable": "descriptors were not compiled in", "encoded_len": bytes.len() })
-    });
+    let mut value = decode_json(&M::full_name(), &bytes).unwrap_or_else(
+        || json!({ "unavailable": "descriptors were not compiled in", "encoded_len": bytes.len() }),
+    );
     if let Value::Object(map) = &mut value {
         map.insert("@type".to_string(), Value::String(M::type_url()));
     }
@@ -66,7 +66,8 @@ mod tests {
         assert_eq!(hcm["rds"]["routeConfigName"], "api_gateway_routes");
         let cla = to_json(&t.resources.endpoints[0]);
         assert_eq!(
-            cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]["portValue"],
+            cla["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
+                ["portValue"],
             8081
         );
     }

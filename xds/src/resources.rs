@@ -34,7 +34,8 @@ pub mod names {
     /// Access log to a file.
     pub const FILE_ACCESS_LOG: &str = "envoy.access_loggers.file";
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
-    pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    pub const HTTP_PROTOCOL_OPTIONS: &str =
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 }
 
 /// One consistent set of xDS resources: what a proxy needs to serve traffic.

@@ -33,8 +33,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher,
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, RetryPolicy,
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
@@ -260,29 +260,25 @@ fn gateway_listener(config: &Config) -> Listener {
 fn access_log_entry(config: &Config) -> AccessLog {
     let log = &config.api_gateway.access_log;
     let format = match log.format {
-        AccessLogFormat::Json => {
-            substitution_format_string::Format::JsonFormat(Struct {
-                fields: JSON_ACCESS_LOG_FIELDS
-                    .iter()
-                    .map(|(key, command)| {
-                        (
-                            (*key).to_string(),
-                            Value {
-                                kind: Some(Kind::StringValue((*command).to_string())),
-                            },
-                        )
-                    })
-                    .collect(),
-            })
-        }
-        AccessLogFormat::Text => {
-            substitution_format_string::Format::TextFormatSource(DataSource {
-                specifier: Some(data_source::Specifier::InlineString(
-                    ENVOY_DEFAULT_TEXT_FORMAT.to_string(),
-                )),
-                ..Default::default()
-            })
-        }
+        AccessLogFormat::Json => substitution_format_string::Format::JsonFormat(Struct {
+            fields: JSON_ACCESS_LOG_FIELDS
+                .iter()
+                .map(|(key, command)| {
+                    (
+                        (*key).to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue((*command).to_string())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        AccessLogFormat::Text => substitution_format_string::Format::TextFormatSource(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(
+                ENVOY_DEFAULT_TEXT_FORMAT.to_string(),
+            )),
+            ..Default::default()
+        }),
     };
     let format = SubstitutionFormatString {
         format: Some(format),
@@ -293,9 +289,7 @@ fn access_log_entry(config: &Config) -> AccessLog {
             name: names::STDOUT_ACCESS_LOG.to_string(),
             config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
                 StdoutAccessLog {
-                    access_log_format: Some(stdout_access_log::AccessLogFormat::LogFormat(
-                        format,
-                    )),
+                    access_log_format: Some(stdout_access_log::AccessLogFormat::LogFormat(format)),
                 },
             ))),
             ..Default::default()
@@ -416,7 +410,10 @@ fn xds_route(route: &RouteConfig, index: usize) -> Route {
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(cluster_specifier),
             timeout: Some(pb_duration(
-                route.timeout.map(Into::into).unwrap_or(DEFAULT_ROUTE_TIMEOUT),
+                route
+                    .timeout
+                    .map(Into::into)
+                    .unwrap_or(DEFAULT_ROUTE_TIMEOUT),
             )),
             retry_policy,
             ..Default::default()
@@ -477,10 +474,8 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
             ),
             ..Default::default()
         };
-        typed_extension_protocol_options.insert(
-            names::HTTP_PROTOCOL_OPTIONS.to_string(),
-            pack_any(options),
-        );
+        typed_extension_protocol_options
+            .insert(names::HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options));
     }
     let health_checks = service
         .health_check

@@ -80,7 +80,10 @@ routes:
 #[test]
 fn unknown_field_and_wrong_type_name_their_path() {
     let errors = errors_of("services:\n  a:\n    endpointz: []\n");
-    assert!(errors[0].starts_with("services.a.endpointz: unknown field"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("services.a.endpointz: unknown field"),
+        "{errors:?}"
+    );
     assert!(errors[0].contains("endpointz"), "{errors:?}");
     let errors = errors_of("routes:\n  - service: a\n    timeout: 10\n");
     assert!(errors[0].starts_with("routes[0].timeout"), "{errors:?}");
@@ -129,7 +132,10 @@ routes:
         "routes[3].retries.max:",
         "routes[4].match.host:",
     ] {
-        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
     }
 }
 

@@ -35,8 +35,7 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
         parse_listen_address(&config.api_gateway.address),
         parse_listen_address(&config.admin.address),
     ) {
-        if a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified())
-        {
+        if a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || a.ip().is_unspecified()) {
             errors.add(
                 "admin.address",
                 format!("port {} is already used by api_gateway.address", a.port()),
@@ -51,7 +50,10 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
     }
     let log = &config.api_gateway.access_log;
     if log.enabled && log.path.trim().is_empty() {
-        errors.add("api_gateway.access_log.path", "must be `stdout` or a file path");
+        errors.add(
+            "api_gateway.access_log.path",
+            "must be `stdout` or a file path",
+        );
     }
     for (name, service) in &config.services {
         validate_service(name, service, &mut errors);
@@ -117,9 +119,8 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
             .map_err(|_| format!("{text:?} has no valid port"))?;
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    text.parse::<SocketAddr>().map_err(|_| {
-        format!("{text:?} is not an address of the form \"ip:port\" or \":port\"")
-    })
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an address of the form \"ip:port\" or \":port\""))
 }
 
 /// Splits an endpoint address into host and port, checking both.
@@ -138,9 +139,9 @@ pub fn parse_endpoint_address(text: &str) -> Result<(String, u16), String> {
     }
     let valid_host = !host.is_empty()
         && host.len() <= 253
-        && host
-            .split('.')
-            .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
     if !valid_host && host.parse::<IpAddr>().is_err() {
         return Err(format!("{host:?} is not a valid IP address or host name"));
     }
@@ -212,7 +213,10 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             errors.add(format!("{hc_path}.timeout"), "must be more than 0");
         }
         if hc.unhealthy_threshold == 0 {
-            errors.add(format!("{hc_path}.unhealthy_threshold"), "must be at least 1");
+            errors.add(
+                format!("{hc_path}.unhealthy_threshold"),
+                "must be at least 1",
+            );
         }
         if hc.healthy_threshold == 0 {
             errors.add(format!("{hc_path}.healthy_threshold"), "must be at least 1");
@@ -300,7 +304,10 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
                 }
             }
             if total == 0 {
-                errors.add(format!("{path}.split"), "weights must add up to more than 0");
+                errors.add(
+                    format!("{path}.split"),
+                    "weights must add up to more than 0",
+                );
             }
         }
     }

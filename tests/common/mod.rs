@@ -1,0 +1,420 @@
+//! Shared harness for end-to-end tests: real `nip` processes, real HTTP backends, ports
+//! chosen by the OS, readiness by polling the admin port (never a fixed sleep).
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that should happen quickly.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A port that was free a moment ago (the OS picked it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// An address where nothing listens.
+pub fn dead_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// What a test backend does, changeable while it runs.
+#[derive(Debug)]
+pub struct BackendControl {
+    /// Name returned in `x-backend`.
+    pub name: String,
+    /// `/healthz` answers 200 when true, 503 when false.
+    pub healthy: AtomicBool,
+    /// Status for normal requests.
+    pub status: AtomicU16,
+    /// Delay before answering, in ms.
+    pub delay_ms: AtomicU64,
+    /// Normal (non-health) requests served.
+    pub requests: AtomicUsize,
+    /// Headers of the last normal request.
+    pub last_headers: Mutex<HashMap<String, String>>,
+    /// HTTP version of the last normal request.
+    pub last_version: Mutex<String>,
+}
+
+/// A running in-process HTTP/1.1 + h2c backend.
+pub struct Backend {
+    pub address: SocketAddr,
+    pub control: Arc<BackendControl>,
+}
+
+impl Backend {
+    /// Starts a backend on the current tokio runtime.
+    pub async fn start(name: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let control = Arc::new(BackendControl {
+            name: name.to_string(),
+            healthy: AtomicBool::new(true),
+            status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            requests: AtomicUsize::new(0),
+            last_headers: Mutex::new(HashMap::new()),
+            last_version: Mutex::new(String::new()),
+        });
+        let shared = Arc::clone(&control);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let control = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let control = Arc::clone(&control);
+                        async move { Ok::<_, std::convert::Infallible>(answer(req, &control).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend { address, control }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.control.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.control.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.control.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.control
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        self.control.last_headers.lock().unwrap().get(name).cloned()
+    }
+}
+
+async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/healthz" {
+        let ok = control.healthy.load(Ordering::SeqCst);
+        let mut response = Response::new(Full::new(Bytes::from_static(b"health\n")));
+        if !ok {
+            *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        }
+        return response;
+    }
+    control.requests.fetch_add(1, Ordering::SeqCst);
+    {
+        let mut headers = control.last_headers.lock().unwrap();
+        headers.clear();
+        for (k, v) in req.headers() {
+            headers.insert(k.as_str().to_string(), v.to_str().unwrap_or("").to_string());
+        }
+        *control.last_version.lock().unwrap() = format!("{:?}", req.version());
+    }
+    let delay = control.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(format!("{}\n", control.name))));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(control.status.load(Ordering::SeqCst)).unwrap();
+    response
+        .headers_mut()
+        .insert("x-backend", control.name.parse().unwrap());
+    response
+}
+
+/// A backend that accepts, reads the request, and closes without answering.
+pub async fn resetting_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                // Dropping the stream closes it before any response byte.
+            });
+        }
+    });
+    address
+}
+
+/// A running `nip proxy` process.
+pub struct Proxy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+/// The `nip` binary under test.
+pub fn nip_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nip")
+}
+
+impl Proxy {
+    /// Writes `yaml` (with `{port}` and `{admin}` filled in) and starts a proxy on it,
+    /// returning once `/ready` answers 200.
+    pub async fn start(yaml: &str) -> Proxy {
+        let proxy = Proxy::spawn(yaml);
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Starts without waiting for readiness.
+    pub fn spawn(yaml: &str) -> Proxy {
+        let port = free_port();
+        let admin_port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("nip.yaml");
+        let log_path = dir.path().join("nip.log");
+        let yaml = fill(yaml, port, admin_port, dir.path());
+        std::fs::write(&config_path, yaml).unwrap();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(nip_bin())
+            .args(["proxy", "--config"])
+            .arg(&config_path)
+            .args(["--threads", "2", "--drain-timeout", "10s"])
+            .env("NIP_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start nip proxy");
+        Proxy {
+            port,
+            admin_port,
+            dir,
+            config_path,
+            log_path,
+            child: Some(child),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = client();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(r) = client.get(self.admin_url("/ready")).send().await {
+                if r.status() == 200 {
+                    // The admin port comes up before pingora's listener; wait for that too.
+                    if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy not ready within {DEADLINE:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replaces the config file (atomically, by rename) with `yaml`.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let tmp = self.dir.path().join("nip.yaml.tmp");
+        std::fs::write(
+            &tmp,
+            fill(yaml, self.port, self.admin_port, self.dir.path()),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls `/config_dump` until its version differs from `old`.
+    pub async fn wait_version_change(&self, old: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let dump = self.admin_json("/config_dump").await;
+            let version = dump["version_info"].as_str().unwrap().to_string();
+            if version != old {
+                return version;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "config was not swapped; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn version(&self) -> String {
+        self.admin_json("/config_dump").await["version_info"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Fills `{port}`, `{admin}` and `{dir}` (the proxy's own temporary directory).
+fn fill(yaml: &str, port: u16, admin: u16, dir: &Path) -> String {
+    yaml.replace("{port}", &port.to_string())
+        .replace("{admin}", &admin.to_string())
+        .replace("{dir}", &dir.display().to_string())
+}
+
+/// A plain HTTP client (HTTP/1.1, keep-alive, no system proxy).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Runs a `nip` subcommand to completion.
+pub fn run_nip(args: &[&str], config: Option<&Path>) -> std::process::Output {
+    let mut command = Command::new(nip_bin());
+    command.args(args);
+    if let Some(config) = config {
+        command.arg(config);
+    }
+    command.stdin(Stdio::null()).output().unwrap()
+}
+
+/// Polls `check` until it returns true.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Value of one sample in Prometheus text, e.g.
+/// `sample(text, "nip_requests_total", &[("route", "r")])`; labels not given are summed.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(p) => p,
+            None => continue,
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        if all {
+            total += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    total
+}

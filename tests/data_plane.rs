@@ -1,0 +1,886 @@
+//! End-to-end tests of the data plane: a real `nip proxy` process in front of real HTTP
+//! backends on 127.0.0.1, driven by a real HTTP client.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request reaches the proxy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routes_by_host_path_header_and_method() {
+    let names = ["host", "exact", "header", "method", "regex", "fallback"];
+    let mut backends = HashMap::new();
+    for name in names {
+        backends.insert(name, Backend::start(name).await);
+    }
+    let services: String = names
+        .iter()
+        .map(|n| format!("  {n}: {{ endpoints: [\"{}\"] }}\n", backends[n].address))
+        .collect();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+{services}
+routes:
+  - name: by-host
+    match: {{ host: "*.example.com" }}
+    service: host
+  - name: by-exact-path
+    match: {{ path: /exact }}
+    service: exact
+  - name: by-header
+    match: {{ headers: [{{ name: x-canary, exact: "yes" }}] }}
+    service: header
+  - name: by-method
+    match: {{ path_prefix: /items, methods: [POST, PUT] }}
+    service: method
+  - name: by-regex
+    match: {{ path_regex: "/v[0-9]+/users/[0-9]+" }}
+    service: regex
+  - name: fallback
+    match: {{ path_prefix: / }}
+    service: fallback
+"#
+    ))
+    .await;
+    let client = client();
+    let backend_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-backend")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let cases: Vec<(reqwest::RequestBuilder, &str)> = vec![
+        (
+            client
+                .get(proxy.url("/exact"))
+                .header("host", "api.example.com"),
+            "host",
+        ),
+        (client.get(proxy.url("/exact")), "exact"),
+        (client.get(proxy.url("/exact/more")), "fallback"),
+        (
+            client.get(proxy.url("/x")).header("x-canary", "yes"),
+            "header",
+        ),
+        (
+            client.get(proxy.url("/x")).header("x-canary", "no"),
+            "fallback",
+        ),
+        (client.post(proxy.url("/items/1")), "method"),
+        (client.get(proxy.url("/items/1")), "fallback"),
+        (client.get(proxy.url("/v2/users/42?expand=1")), "regex"),
+        (client.get(proxy.url("/v2/users/42/posts")), "fallback"),
+        (
+            client.get(proxy.url("/")).header("host", "example.com"),
+            "fallback",
+        ),
+    ];
+    for (i, (request, expected)) in cases.into_iter().enumerate() {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "case {i}");
+        assert_eq!(backend_of(&response), expected, "case {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weighted_split_follows_weights_over_2000_requests() {
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  stable: {{ endpoints: ["{}"] }}
+  canary: {{ endpoints: ["{}"] }}
+routes:
+  - name: split
+    split:
+      - {{ service: stable, weight: 80 }}
+      - {{ service: canary, weight: 20 }}
+"#,
+        stable.address, canary.address
+    ))
+    .await;
+    let client = client();
+    let url = proxy.url("/");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (client, url, failures) = (client.clone(), url.clone(), Arc::clone(&failures));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                if get(&client, &url).await.status() != 200 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0);
+    let total = (stable.requests() + canary.requests()) as f64;
+    assert_eq!(total, 2000.0);
+    let canary_share = canary.requests() as f64 / total;
+    assert!(
+        (canary_share - 0.20).abs() <= 0.05,
+        "canary share {canary_share:.3} is not 0.20 ± 0.05"
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_requests_total",
+            &[("route", "split"), ("cluster", "canary")]
+        ),
+        canary.requests() as f64
+    );
+}
+
+fn retry_config(live: &Backend, dead: std::net::SocketAddr, retries: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  flaky:
+    endpoints: ["{dead}", "{}"]
+    connect_timeout: 1s
+routes:
+  - name: r
+    service: flaky
+{retries}
+"#,
+        live.address
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_on_connect_failure_hide_a_dead_endpoint() {
+    let live = Backend::start("live").await;
+    let dead = dead_address();
+    let proxy = Proxy::start(&retry_config(
+        &live,
+        dead,
+        "    retries: { on: [connect-failure], max: 2 }",
+    ))
+    .await;
+    let client = client();
+    for i in 0..200 {
+        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        assert_eq!(response.status(), 200, "request {i}");
+    }
+    assert_eq!(live.requests(), 200);
+    let metrics = proxy.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "nip_upstream_rq_retry_total",
+            &[("cluster", "flaky")]
+        ) >= 50.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "nip_upstream_cx_connect_fail_total",
+            &[("cluster", "flaky")]
+        ) >= 50.0
+    );
+
+    // Without retries the same dead endpoint shows up as 503 UF: the retry is what saved us.
+    let proxy = Proxy::start(&retry_config(&live, dead, "")).await;
+    let mut unavailable = 0;
+    for i in 0..20 {
+        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        if response.status() == 503 {
+            assert_eq!(response.headers()["x-nip-response-flags"], "UF");
+            unavailable += 1;
+        }
+    }
+    assert_eq!(
+        unavailable, 10,
+        "round robin sends every other request to the dead endpoint"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_on_5xx_go_to_another_endpoint() {
+    let broken = Backend::start("broken").await;
+    broken.set_status(503);
+    let good = Backend::start("good").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  svc: {{ endpoints: ["{}", "{}"] }}
+routes:
+  - name: r
+    service: svc
+    retries: {{ on: [5xx], max: 1 }}
+"#,
+        broken.address, good.address
+    ))
+    .await;
+    let client = client();
+    for i in 0..40 {
+        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_eq!(response.headers()["x-backend"], "good");
+    }
+    // Round robin alternates, so after the first request every request meets `broken` first.
+    assert!(broken.requests() >= 39, "the broken endpoint was tried");
+    assert_eq!(good.last_header("x-nip-retry-count").as_deref(), Some("1"));
+    let metrics = proxy.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "nip_upstream_rq_retry_total",
+            &[("cluster", "svc")]
+        ) >= 39.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_requests_total",
+            &[("route", "r"), ("status_class", "5xx")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  svc:
+    endpoints: ["{}", "{}"]
+    health_check: {{ path: /healthz, interval: 100ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 2 }}
+routes:
+  - service: svc
+"#,
+        a.address, b.address
+    ))
+    .await;
+    let client = client();
+    let healthy = |proxy: &Proxy, address: std::net::SocketAddr| {
+        let url = proxy.admin_url("/clusters");
+        let client = client.clone();
+        async move {
+            let json: serde_json::Value =
+                client.get(url).send().await.unwrap().json().await.unwrap();
+            json["clusters"][0]["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["address"] == address.to_string())
+                .map(|e| e["healthy"].as_bool().unwrap())
+                .unwrap()
+        }
+    };
+    b.set_healthy(false);
+    eventually("b is marked unhealthy", || async {
+        !healthy(&proxy, b.address).await
+    })
+    .await;
+    let before = b.requests();
+    for _ in 0..30 {
+        assert_eq!(get(&client, &proxy.url("/")).await.status(), 200);
+    }
+    assert_eq!(b.requests(), before, "an unhealthy endpoint got traffic");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_endpoint_healthy",
+            &[("endpoint", &b.address.to_string())]
+        ),
+        0.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "nip_health_checks_total",
+            &[("result", "failure")]
+        ) >= 2.0
+    );
+
+    // Nothing healthy: 503 with the UH flag.
+    a.set_healthy(false);
+    eventually("a is marked unhealthy", || async {
+        !healthy(&proxy, a.address).await
+    })
+    .await;
+    let response = get(&client, &proxy.url("/")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["x-nip-response-flags"], "UH");
+
+    a.set_healthy(true);
+    b.set_healthy(true);
+    eventually("b is back", || async { healthy(&proxy, b.address).await }).await;
+    eventually("a is back", || async { healthy(&proxy, a.address).await }).await;
+    let before = b.requests();
+    for _ in 0..10 {
+        assert_eq!(get(&client, &proxy.url("/")).await.status(), 200);
+    }
+    assert!(
+        b.requests() > before,
+        "a recovered endpoint takes traffic again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_and_http1_share_a_port_and_upstream_http2_works() {
+    let h1 = Backend::start("h1").await;
+    let h2 = Backend::start("h2").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  h1: {{ endpoints: ["{}"] }}
+  h2: {{ endpoints: ["{}"], protocol: http2 }}
+routes:
+  - match: {{ path_prefix: /grpc }}
+    service: h2
+  - service: h1
+"#,
+        h1.address, h2.address
+    ))
+    .await;
+    let h2c_client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = get(&h2c_client, &proxy.url("/")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let response = get(&client(), &proxy.url("/")).await;
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(response.status(), 200);
+    // Upstream HTTP/2 (h2c prior knowledge) where the service says so.
+    let response = get(&client(), &proxy.url("/grpc/x")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(*h2.control.last_version.lock().unwrap(), "HTTP/2.0");
+    assert_eq!(*h1.control.last_version.lock().unwrap(), "HTTP/1.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_offers_http2_by_alpn_and_http1_too() {
+    let backend = Backend::start("tls-backend").await;
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  tls: {{ enabled: true, cert_file: "{}", key_file: "{}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - service: web
+"#,
+        cert_path.display(),
+        key_path.display(),
+        backend.address
+    ))
+    .await;
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let url = format!("https://localhost:{}/secure", proxy.port);
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(root.clone())
+        .build()
+        .unwrap();
+    let response = get(&h2, &url).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.version(),
+        reqwest::Version::HTTP_2,
+        "ALPN picked h2"
+    );
+    assert_eq!(
+        backend.last_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    let h1 = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(root)
+        .http1_only()
+        .build()
+        .unwrap();
+    let response = get(&h1, &url).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_id_forwarding_headers_and_traceparent() {
+    let backend = Backend::start("echo").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - service: web
+"#,
+        backend.address
+    ))
+    .await;
+    let client = client();
+    let response = get(&client, &proxy.url("/a")).await;
+    let generated = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(generated.len(), 36);
+    assert_eq!(backend.last_header("x-request-id"), Some(generated));
+    assert_eq!(
+        backend.last_header("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        backend.last_header("x-forwarded-proto").as_deref(),
+        Some("http")
+    );
+
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = client
+        .get(proxy.url("/b"))
+        .header("x-request-id", "given-id")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("traceparent", traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "given-id");
+    assert_eq!(
+        backend.last_header("x-request-id").as_deref(),
+        Some("given-id")
+    );
+    assert_eq!(
+        backend.last_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.7, 127.0.0.1")
+    );
+    assert_eq!(
+        backend.last_header("traceparent").as_deref(),
+        Some(traceparent)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn errors_have_envoy_statuses_and_flags() {
+    let slow = Backend::start("slow").await;
+    slow.set_delay(Duration::from_secs(3));
+    let reset = resetting_backend().await;
+    let dead = dead_address();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  empty: {{}}
+  slow: {{ endpoints: ["{}"] }}
+  reset: {{ endpoints: ["{reset}"] }}
+  dead: {{ endpoints: ["{dead}"] }}
+routes:
+  - {{ name: empty, match: {{ path_prefix: /empty }}, service: empty }}
+  - {{ name: slow, match: {{ path_prefix: /slow }}, service: slow, timeout: 300ms }}
+  - {{ name: reset, match: {{ path_prefix: /reset }}, service: reset }}
+  - {{ name: dead, match: {{ path_prefix: /dead }}, service: dead }}
+"#,
+        slow.address
+    ))
+    .await;
+    let client = client();
+    for (path, status, flag) in [
+        ("/nothing-here", 404, "NR"),
+        ("/empty", 503, "UH"),
+        ("/slow", 504, "UT"),
+        ("/reset", 502, "UR"),
+        ("/dead", 503, "UF"),
+    ] {
+        let started = std::time::Instant::now();
+        let response = get(&client, &proxy.url(path)).await;
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(response.headers()["x-nip-response-flags"], flag, "{path}");
+        assert!(response.headers().contains_key("x-request-id"), "{path}");
+        if path == "/slow" {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "timeout honoured"
+            );
+        }
+    }
+    let metrics = proxy.metrics().await;
+    for flag in ["NR", "UH", "UT", "UR", "UF"] {
+        assert_eq!(
+            sample(&metrics, "nip_response_flags_total", &[("flag", flag)]),
+            1.0,
+            "flag {flag}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_requests_total",
+            &[("route", ""), ("status_class", "4xx")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_requests_total",
+            &[("route", "slow"), ("status_class", "5xx")]
+        ),
+        1.0
+    );
+}
+
+/// Checks every line of a Prometheus text exposition.
+fn assert_prometheus_text(text: &str) {
+    let sample_line = regex::Regex::new(
+        r#"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? [-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|\+Inf|-Inf)$"#,
+    )
+    .unwrap();
+    let mut types = 0;
+    for line in text.lines() {
+        if line.is_empty() || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let kind = rest.split_whitespace().nth(1).unwrap();
+            assert!(
+                [
+                    "counter",
+                    "gauge",
+                    "histogram",
+                    "info",
+                    "unknown",
+                    "summary"
+                ]
+                .contains(&kind),
+                "{line}"
+            );
+            types += 1;
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        assert!(
+            sample_line.is_match(line),
+            "not a Prometheus sample: {line:?}"
+        );
+    }
+    assert!(types >= 10, "expected the metric families to be declared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_as_prometheus_text_and_count_what_was_sent() {
+    let backend = Backend::start("m").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  svc: {{ endpoints: ["{}"] }}
+routes:
+  - {{ name: ok, match: {{ path_prefix: /ok }}, service: svc }}
+  - {{ name: teapot, match: {{ path_prefix: /teapot }}, service: svc }}
+"#,
+        backend.address
+    ))
+    .await;
+    let client = client();
+    for _ in 0..37 {
+        assert_eq!(get(&client, &proxy.url("/ok")).await.status(), 200);
+    }
+    backend.set_status(418);
+    for _ in 0..5 {
+        assert_eq!(get(&client, &proxy.url("/teapot")).await.status(), 418);
+    }
+    let text = proxy.metrics().await;
+    assert_prometheus_text(&text);
+    let count = |route, class| {
+        sample(
+            &text,
+            "nip_requests_total",
+            &[
+                ("route", route),
+                ("cluster", "svc"),
+                ("status_class", class),
+            ],
+        )
+    };
+    assert_eq!(count("ok", "2xx"), 37.0);
+    assert_eq!(count("teapot", "4xx"), 5.0);
+    assert_eq!(count("ok", "5xx"), 0.0);
+    assert_eq!(
+        sample(
+            &text,
+            "nip_request_duration_seconds_count",
+            &[("route", "ok")]
+        ),
+        37.0
+    );
+    assert!(sample(&text, "nip_upstream_cx_total", &[("cluster", "svc")]) >= 1.0);
+    assert_eq!(sample(&text, "nip_config_reloads_total", &[]), 1.0);
+    assert_eq!(sample(&text, "nip_config_reload_failures_total", &[]), 0.0);
+    let version = proxy.version().await;
+    assert_eq!(
+        sample(&text, "nip_config_info", &[("version", &version)]),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "nip_endpoint_healthy", &[("cluster", "svc")]),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_config_at_start_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  a: { endpoints: [\"127.0.0.1:1\"] }\nroutes:\n  - service: a\n  - service: a\n  - match: { path_regex: \"([a-z\" }\n    service: a\n",
+    )
+    .unwrap();
+    for args in [&["proxy", "--config"][..], &["validate", "-f"][..]] {
+        let output = run_nip(args, Some(&path));
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("routes[2].match.path_regex: invalid regex"),
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::write(&path, "api_gateway:\n  adress: \":8080\"\n").unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("api_gateway.adress: unknown field"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_reload_keeps_the_old_config_serving() {
+    let backend = Backend::start("web").await;
+    let good = format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - service: web
+"#,
+        backend.address
+    );
+    let proxy = Proxy::start(&good).await;
+    let version = proxy.version().await;
+    proxy.rewrite_config(&good.replace("service: web", "service: nowhere"));
+    proxy.signal("HUP");
+    eventually("the reload failure is counted", || async {
+        sample(
+            &proxy.metrics().await,
+            "nip_config_reload_failures_total",
+            &[],
+        ) >= 1.0
+    })
+    .await;
+    let dump = proxy.admin_json("/config_dump").await;
+    assert_eq!(dump["version_info"], version.as_str());
+    let error = dump["last_reload_error"].as_str().unwrap();
+    assert!(
+        error.contains("routes[0].service: no service named \"nowhere\""),
+        "{error}"
+    );
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(get(&client, &proxy.url("/")).await.status(), 200);
+    }
+    assert!(proxy.log().contains("config reload refused"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_load_drops_no_request() {
+    let blue = Backend::start("blue").await;
+    let green = Backend::start("green").await;
+    let config = |service: &str| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  blue: {{ endpoints: ["{}"] }}
+  green: {{ endpoints: ["{}"] }}
+routes:
+  - name: main
+    service: {service}
+"#,
+            blue.address, green.address
+        )
+    };
+    let proxy = Proxy::start(&config("blue")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (client, url) = (client(), proxy.url("/"));
+        let (stop, failures, sent) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&sent));
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let mut version = proxy.version().await;
+    // Three swaps: by file watch, by SIGHUP, and back by file watch.
+    for (i, service) in ["green", "blue", "green"].iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.rewrite_config(&config(service));
+        if i == 1 {
+            proxy.signal("HUP");
+        }
+        version = proxy.wait_version_change(&version).await;
+    }
+    let green_before = green.requests();
+    eventually("traffic moved to green", || async {
+        green.requests() > green_before + 20
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(sent.load(Ordering::SeqCst) > 200, "the load was real");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(blue.requests() > 0 && green.requests() > 0);
+    let metrics = proxy.metrics().await;
+    assert_eq!(sample(&metrics, "nip_config_reloads_total", &[]), 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let backend = Backend::start("slow").await;
+    backend.set_delay(Duration::from_millis(1500));
+    let mut proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - service: web
+"#,
+        backend.address
+    ))
+    .await;
+    let url = proxy.url("/slow");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
+    eventually("the request reached the backend", || async {
+        backend.requests() == 1
+    })
+    .await;
+    proxy.signal("TERM");
+    let status = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
+    assert_eq!(status, 200);
+    let exit = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(10)));
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .is_err(),
+        "the listener is closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_log_writes_one_json_line_per_request() {
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  access_log: {{ enabled: true, format: json, path: "{{dir}}/access.log" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - name: main
+    match: {{ path_prefix: /app }}
+    service: web
+"#,
+        backend.address
+    ))
+    .await;
+    let client = client();
+    assert_eq!(get(&client, &proxy.url("/app/1?q=2")).await.status(), 200);
+    assert_eq!(get(&client, &proxy.url("/other")).await.status(), 404);
+    let path = proxy.dir.path().join("access.log");
+    let mut lines = Vec::new();
+    eventually("two access log lines", || {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let done = lines.len() >= 2;
+        async move { done }
+    })
+    .await;
+    assert_eq!(lines.len(), 2);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["path"], "/app/1?q=2");
+    assert_eq!(first["response_code"], 200);
+    assert_eq!(first["route_name"], "main");
+    assert_eq!(first["upstream_cluster"], "web");
+    assert_eq!(first["upstream_host"], backend.address.to_string());
+    assert_eq!(first["request_id"].as_str().unwrap().len(), 36);
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(second["response_code"], 404);
+    assert_eq!(second["response_flags"], "NR");
+}
