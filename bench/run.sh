@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
+# bench/bench.py, which writes bench/RESULTS.md. Takes ~10 minutes with RUNS=3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v taskset >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo_cmd=(); [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Debian starts the packaged services; the benchmark runs its own.
+    pkill -x nginx 2>/dev/null || true
+    pkill -x haproxy 2>/dev/null || true
+fi
+command -v oha >/dev/null || cargo install --locked oha
+cargo build --release -p nip -p nip-bench-baseline
+exec python3 bench/bench.py "$@"
