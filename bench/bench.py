@@ -103,7 +103,7 @@ def haproxy_conf() -> Path:
     return write(OUT / "haproxy.cfg", f"""
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s

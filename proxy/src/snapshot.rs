@@ -762,3 +762,6 @@ fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
         .next()
         .ok_or_else(|| format!("{:?} resolves to no address", sa.address))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use super::*;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as XdsLbPolicy;
+use nip_xds::config::Config;
+use nip_xds::translate::translate;
+
+fn translated(yaml: &str) -> nip_xds::translate::Translation {
+    translate(&Config::from_yaml(yaml).expect("valid yaml"))
+}
+
+const BASE: &str = r#"
+services:
+  web:
+    endpoints: ["127.0.0.1:8081", { address: "127.0.0.1:8082", region: eu, zone: a, weight: 3 }]
+    lb: least_request
+    protocol: http2
+    health_check: { path: /hz, interval: 1s, timeout: 100ms, expected_statuses: [204] }
+routes:
+  - name: api
+    match: { host: "*.example.com", path_regex: "/v[0-9]+" }
+    service: web
+    timeout: 250ms
+    retries: { on: [connect-failure, gateway-error], max: 3 }
+  - name: rest
+    service: web
+"#;
+
+fn compile(t: &nip_xds::translate::Translation) -> Result<Snapshot, CompileError> {
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+    }
+    .compile(&t.bootstrap, &t.resources)
+}
+
+#[test]
+fn translated_config_compiles_with_every_field_carried_over() {
+    let snapshot = compile(&translated(BASE)).unwrap();
+    let web = &snapshot.clusters["web"];
+    assert_eq!(web.lb, LbPolicy::LeastRequest);
+    assert!(web.http2);
+    assert_eq!(web.endpoints.len(), 2);
+    assert_eq!(web.endpoints[1].weight, 3);
+    assert_eq!(web.endpoints[1].locality.region, "eu");
+    let hc = web.health_check.as_ref().unwrap();
+    assert_eq!(hc.path, "/hz");
+    assert!(hc.accepts(204) && !hc.accepts(200));
+    let headers = http::HeaderMap::new();
+    let route = snapshot
+        .router
+        .route("a.example.com", "/v2", &http::Method::GET, &headers)
+        .unwrap();
+    assert_eq!(&*route.name, "api");
+    assert_eq!(route.timeout, Duration::from_millis(250));
+    assert_eq!(route.retry.max_retries, 3);
+    assert!(route.retry.retries_status(503) && !route.retry.retries_status(500));
+    // The regex must match the whole path.
+    let route = snapshot
+        .router
+        .route("a.example.com", "/v2/x", &http::Method::GET, &headers)
+        .unwrap();
+    assert_eq!(&*route.name, "rest");
+    assert_eq!(snapshot.listener.address, "0.0.0.0:8080".parse().unwrap());
+    assert!(snapshot.listener.h2c && snapshot.listener.tls.is_none());
+    assert_eq!(
+        snapshot.admin_address(),
+        Some("127.0.0.1:9901".parse().unwrap())
+    );
+}
+
+#[test]
+fn unsupported_fields_are_refused_naming_the_resource() {
+    let mut t = translated(BASE);
+    t.resources.clusters[0].lb_policy = XdsLbPolicy::Maglev as i32;
+    let e = compile(&t).unwrap_err();
+    assert_eq!(e.kind, "Cluster");
+    assert_eq!(e.name, "web");
+    assert!(
+        e.message.contains("lb_policy MAGLEV is not supported"),
+        "{e}"
+    );
+
+    let mut t = translated(BASE);
+    t.resources.routes[0].name = "other".into();
+    let e = compile(&t).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("rds.route_config_name \"api_gateway_routes\""),
+        "{e}"
+    );
+
+    let mut t = translated(BASE);
+    t.resources.listeners.clear();
+    assert!(compile(&t)
+        .unwrap_err()
+        .message
+        .contains("exactly one listener"));
+
+    let mut t = translated(BASE);
+    let api = t.resources.routes[0]
+        .virtual_hosts
+        .iter_mut()
+        .flat_map(|v| v.routes.iter_mut())
+        .find(|r| r.name == "api")
+        .unwrap();
+    if let Some(route::Action::Route(action)) = &mut api.action {
+        action.retry_policy.as_mut().unwrap().retry_on = "retriable-4xx".into();
+    }
+    let e = compile(&t).unwrap_err();
+    assert_eq!(e.kind, "RouteConfiguration");
+    assert!(e.message.contains("retry_on"), "{e}");
+
+    let mut t = translated(BASE);
+    let cla = &mut t.resources.endpoints[0];
+    let duplicate = cla.endpoints[0].lb_endpoints[0].clone();
+    cla.endpoints[0].lb_endpoints.push(duplicate);
+    let e = compile(&t).unwrap_err();
+    assert!(
+        e.message
+            .contains("endpoints[0].lb_endpoints[1]: 127.0.0.1:8081 is listed twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_route_to_a_missing_cluster_compiles_and_answers_503_nc_at_request_time() {
+    let mut t = translated(BASE);
+    t.resources.clusters.clear();
+    let snapshot = compile(&t).unwrap();
+    let headers = http::HeaderMap::new();
+    let route = snapshot
+        .router
+        .route("x", "/", &http::Method::GET, &headers)
+        .unwrap();
+    assert!(route.targets[0].cluster.is_none());
+}
+
+#[test]
+fn endpoint_state_survives_recompilation() {
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    let compiler = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+    };
+    let t = translated(BASE);
+    let first = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    first.clusters["web"].endpoints[0].state.set_healthy(false);
+    let second = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    assert!(!second.clusters["web"].endpoints[0].state.is_healthy());
+    assert!(second.clusters["web"].endpoints[1].state.is_healthy());
+}
+
+#[test]
+fn unopenable_access_log_is_a_compile_error() {
+    let t = translated(
+        "api_gateway:\n  access_log: { enabled: true, path: /nonexistent-dir/access.log }\n",
+    );
+    let e = compile(&t).unwrap_err();
+    assert_eq!(e.kind, "Listener");
+    assert!(e.message.starts_with("access_log: cannot open"), "{e}");
+}
