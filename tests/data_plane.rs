@@ -141,15 +141,13 @@ routes:
         (canary_share - 0.20).abs() <= 0.05,
         "canary share {canary_share:.3} is not 0.20 ± 0.05"
     );
-    let metrics = proxy.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
+    proxy
+        .wait_for_sample(
             "nip_requests_total",
-            &[("route", "split"), ("cluster", "canary")]
-        ),
-        canary.requests() as f64
-    );
+            &[("route", "split"), ("cluster", "canary")],
+            canary.requests() as f64,
+        )
+        .await;
 }
 
 fn retry_config(live: &Backend, dead: std::net::SocketAddr, retries: &str) -> String {
@@ -540,30 +538,25 @@ routes:
             );
         }
     }
-    let metrics = proxy.metrics().await;
     for flag in ["NR", "UH", "UT", "UR", "UF"] {
-        assert_eq!(
-            sample(&metrics, "nip_response_flags_total", &[("flag", flag)]),
-            1.0,
-            "flag {flag}"
-        );
+        proxy
+            .wait_for_sample("nip_response_flags_total", &[("flag", flag)], 1.0)
+            .await;
     }
-    assert_eq!(
-        sample(
-            &metrics,
+    proxy
+        .wait_for_sample(
             "nip_requests_total",
-            &[("route", ""), ("status_class", "4xx")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        sample(
-            &metrics,
+            &[("route", ""), ("status_class", "4xx")],
+            1.0,
+        )
+        .await;
+    proxy
+        .wait_for_sample(
             "nip_requests_total",
-            &[("route", "slow"), ("status_class", "5xx")]
-        ),
-        1.0
-    );
+            &[("route", "slow"), ("status_class", "5xx")],
+            1.0,
+        )
+        .await;
 }
 
 /// Checks every line of a Prometheus text exposition.
@@ -629,6 +622,13 @@ routes:
     for _ in 0..5 {
         assert_eq!(get(&client, &proxy.url("/teapot")).await.status(), 418);
     }
+    proxy
+        .wait_for_sample(
+            "nip_requests_total",
+            &[("route", "teapot"), ("status_class", "4xx")],
+            5.0,
+        )
+        .await;
     let text = proxy.metrics().await;
     assert_prometheus_text(&text);
     let count = |route, class| {

@@ -316,6 +316,23 @@ impl Proxy {
             .unwrap()
     }
 
+    /// Polls `/metrics` until a sample has the expected value (requests are counted just
+    /// after their response is sent, so a scrape right after a response may be early).
+    pub async fn wait_for_sample(&self, name: &str, labels: &[(&str, &str)], expected: f64) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let value = sample(&self.metrics().await, name, labels);
+            if value == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} is {value}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls `/config_dump` until its version differs from `old`.
     pub async fn wait_version_change(&self, old: &str) -> String {
         let deadline = Instant::now() + DEADLINE;
