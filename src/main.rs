@@ -145,6 +145,9 @@ fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {
     match nip_xds::config::Config::from_file(file) {
         Ok(config) => {
             let translation = nip_xds::translate::translate(&config);
+            for note in &translation.not_applied {
+                eprintln!("note: {note}");
+            }
             if print_xds {
                 let r = &translation.resources;
                 let json = serde_json::json!({

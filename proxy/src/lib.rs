@@ -21,6 +21,8 @@
 //! This crate may not parse YAML except through [`source`], and nothing on the request path
 //! blocks, locks a shared mutex, or logs on success.
 
+#![warn(missing_docs)]
+
 pub mod access_log;
 pub mod admin;
 pub mod cluster;

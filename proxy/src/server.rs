@@ -83,6 +83,9 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(EndpointRegistry::default());
     let translation = options.source.load()?;
+    for note in &translation.not_applied {
+        tracing::warn!("{note}");
+    }
     let compiler = Compiler {
         registry: &registry,
         metrics: &metrics,

@@ -19,6 +19,8 @@
 //!
 //! This crate never opens a socket and never looks at a request; the proxy may not read YAML.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod json;
 pub mod resources;

@@ -368,7 +368,9 @@ pub struct RouteConfig {
     /// A weighted split across services (canary).
     #[serde(default)]
     pub split: Vec<SplitConfig>,
-    /// Time allowed for the upstream to answer (default 15 s, as in Envoy).
+    /// Longest wait for each read from the upstream: the response head, then each body
+    /// chunk (default 15 s). Unlike Envoy's route timeout it is not a total budget, so a
+    /// long stream that keeps sending is never cut.
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
     /// Retries.
