@@ -587,7 +587,7 @@ impl ProxyHttp for Gateway {
         };
         match &ctx.route {
             Some(route) => {
-                route.stats.duration.observe(elapsed.as_secs_f64());
+                route.stats.duration.observe(elapsed);
                 if let Some(target) = route.targets.get(ctx.target) {
                     target.counters.count(status);
                 }

@@ -6,17 +6,71 @@
 //! Gauges that mirror live state (endpoint health, config version) are refreshed when
 //! `/metrics` is scraped, on the admin runtime.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Latency buckets in seconds, from 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// A latency histogram updated with atomics only: workers never contend on a lock
+/// (prometheus-client's own histogram takes a write lock per observation).
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(Arc<LatencyCells>);
+
+#[derive(Debug, Default)]
+struct LatencyCells {
+    /// Per-bucket (not cumulative) counts; the last cell is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn observe(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        let index = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.0.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(&self.0.buckets)
+            .map(|(bound, cell)| (bound, cell.load(Ordering::Relaxed)))
+            .collect();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let count = self.0.count.load(Ordering::Relaxed);
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -76,7 +130,7 @@ impl RequestCounters {
 #[derive(Clone, Debug)]
 pub struct RouteStats {
     /// Request duration histogram.
-    pub duration: Histogram,
+    pub duration: LatencyHistogram,
 }
 
 /// Metric handles of one cluster.
@@ -104,7 +158,7 @@ impl ClusterStats {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
     upstream_cx_total: Family<ClusterLabels, Counter>,
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
@@ -124,10 +178,6 @@ pub struct Metrics {
     pub downstream_rq_active: Gauge,
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -140,7 +190,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("nip");
         let m = Metrics {
             requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_histogram),
+            request_duration: Family::default(),
             response_flags: Family::default(),
             upstream_cx_total: Family::default(),
             upstream_cx_connect_fail: Family::default(),
@@ -320,5 +370,45 @@ impl Metrics {
             tracing::error!("rendering metrics failed: {e}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_histogram_renders_cumulative_buckets() {
+        let metrics = Metrics::new();
+        let stats = metrics.route_stats("r");
+        stats.duration.observe(Duration::from_micros(300));
+        stats.duration.observe(Duration::from_millis(3));
+        stats.duration.observe(Duration::from_secs(60));
+        let text = metrics.render(None);
+        for (line, present) in [
+            ("nip_request_duration_seconds_count{route=\"r\"} 3", true),
+            (
+                "nip_request_duration_seconds_bucket{le=\"0.0005\",route=\"r\"} 1",
+                true,
+            ),
+            (
+                "nip_request_duration_seconds_bucket{le=\"0.005\",route=\"r\"} 2",
+                true,
+            ),
+            (
+                "nip_request_duration_seconds_bucket{le=\"10.0\",route=\"r\"} 2",
+                true,
+            ),
+            (
+                "nip_request_duration_seconds_bucket{le=\"+Inf\",route=\"r\"} 3",
+                true,
+            ),
+        ] {
+            assert_eq!(text.contains(line), present, "{line}\n{text}");
+        }
+        assert!(
+            text.contains("nip_request_duration_seconds_sum{route=\"r\"} 60.0033"),
+            "{text}"
+        );
     }
 }
