@@ -96,6 +96,11 @@ impl ActiveRequest {
         state.requests_total.fetch_add(1, Ordering::Relaxed);
         ActiveRequest(Arc::clone(state))
     }
+
+    /// The endpoint's state.
+    pub fn state(&self) -> &EndpointState {
+        &self.0
+    }
 }
 
 impl Drop for ActiveRequest {

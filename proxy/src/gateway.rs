@@ -30,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -289,18 +290,8 @@ impl ProxyHttp for Gateway {
             respond(session, ctx, 404, "no route matched this request\n").await;
             return Ok(true);
         };
-        let target = route.pick_target();
-        let (index, cluster) = match target {
-            Some(t) => (
-                route
-                    .targets
-                    .iter()
-                    .position(|x| std::ptr::eq(x, t))
-                    .unwrap_or(0),
-                t.cluster.clone(),
-            ),
-            None => (0, None),
-        };
+        let index = route.pick_target().unwrap_or(0);
+        let cluster = route.targets.get(index).and_then(|t| t.cluster.clone());
         ctx.route = Some(route);
         ctx.target = index;
         let Some(cluster) = cluster else {
@@ -392,16 +383,12 @@ impl ProxyHttp for Gateway {
         if !reused {
             if let Some(cluster) = &ctx.cluster {
                 cluster.stats.cx_total.inc();
-                if let Some(endpoint) = cluster
-                    .endpoints
-                    .iter()
-                    .find(|e| Some(e.address) == ctx.endpoint)
-                {
-                    endpoint
-                        .state
-                        .connections_total
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+            }
+            if let Some(active) = &ctx.active_endpoint {
+                active
+                    .state()
+                    .connections_total
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -418,16 +405,12 @@ impl ProxyHttp for Gateway {
         ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
-            if let Some(endpoint) = cluster
-                .endpoints
-                .iter()
-                .find(|x| Some(x.address) == ctx.endpoint)
-            {
-                endpoint
-                    .state
-                    .connect_failures_total
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        }
+        if let Some(active) = &ctx.active_endpoint {
+            active
+                .state()
+                .connect_failures_total
+                .fetch_add(1, Ordering::Relaxed);
         }
         let retry = ctx.can_retry()
             && ctx

@@ -197,20 +197,20 @@ impl Route {
         self.path.matches(path) && self.headers.iter().all(|h| h.matches(method, headers))
     }
 
-    /// Picks the target for one request (weighted for splits).
-    pub fn pick_target(&self) -> Option<&Target> {
+    /// Picks the index of the target for one request (weighted for splits).
+    pub fn pick_target(&self) -> Option<usize> {
         if self.targets.len() <= 1 || self.total_weight == 0 {
-            return self.targets.first();
+            return (!self.targets.is_empty()).then_some(0);
         }
         let mut ticket = fastrand::u64(..self.total_weight);
-        for target in &self.targets {
+        for (index, target) in self.targets.iter().enumerate() {
             let w = u64::from(target.weight);
             if ticket < w {
-                return Some(target);
+                return Some(index);
             }
             ticket -= w;
         }
-        self.targets.last()
+        Some(self.targets.len() - 1)
     }
 }
 
