@@ -544,6 +544,29 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Failed requests are already counted (`nip_response_flags_total`) and, when enabled,
+    /// access-logged with their flag; like Envoy, the proxy log stays quiet about each one.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        tracing::debug!(
+            request_id = %ctx.request_id,
+            flag = ctx.flag.map_or("-", ResponseFlag::as_str),
+            "request failed: {error}"
+        );
+        true
+    }
+
+    /// Retries are counted in `nip_upstream_rq_retry_total`; log them at debug level only.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        tracing::debug!(request_id = %ctx.request_id, retries = ctx.retries, "retrying after: {error}");
+        true
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
