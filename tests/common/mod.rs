@@ -271,8 +271,9 @@ impl Proxy {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
+        // The shell's builtin `kill`: no dependency on procps being installed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {}", self.pid())])
             .status()
             .unwrap();
         assert!(status.success());
