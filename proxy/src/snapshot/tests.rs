@@ -163,3 +163,42 @@ fn unopenable_access_log_is_a_compile_error() {
     assert_eq!(e.kind, "Listener");
     assert!(e.message.starts_with("access_log: cannot open"), "{e}");
 }
+
+/// Mutated configs must come back as errors or snapshots, never as panics: the same path
+/// that will take resources from a control plane takes whatever the mutation makes.
+#[test]
+fn mutated_configs_never_panic_the_loader_or_compiler() {
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    let compiler = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+    };
+    let alphabet = b" :-{}[]\n\"'*/.,0123456789abcxyz_#&!|>";
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut outcomes = [0usize; 2];
+    for _ in 0..3000 {
+        let mut bytes = BASE.as_bytes().to_vec();
+        for _ in 0..rng.usize(1..3) {
+            let at = rng.usize(..bytes.len());
+            match rng.u8(..3) {
+                0 => bytes[at] = alphabet[rng.usize(..alphabet.len())],
+                1 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.insert(at, alphabet[rng.usize(..alphabet.len())]),
+            }
+        }
+        let Ok(text) = String::from_utf8(bytes) else {
+            continue;
+        };
+        let result = Config::from_yaml(&text).map(|c| translate(&c));
+        let compiled = result
+            .ok()
+            .map(|t| compiler.compile(&t.bootstrap, &t.resources).is_ok());
+        outcomes[usize::from(compiled == Some(true))] += 1;
+    }
+    // Both outcomes occur, so the mutations exercise the compiler and the error paths.
+    assert!(outcomes[0] > 100 && outcomes[1] > 50, "{outcomes:?}");
+}
