@@ -654,6 +654,8 @@ routes:
         37.0
     );
     assert!(sample(&text, "nip_upstream_cx_total", &[("cluster", "svc")]) >= 1.0);
+    // The pooled keep-alive connection to the backend is still open.
+    assert!(sample(&text, "nip_upstream_cx_active", &[("cluster", "svc")]) >= 1.0);
     assert_eq!(sample(&text, "nip_config_reloads_total", &[]), 1.0);
     assert_eq!(sample(&text, "nip_config_reload_failures_total", &[]), 0.0);
     let version = proxy.version().await;

@@ -126,6 +126,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
 
 async fn clusters(State(state): State<AdminState>) -> Json<Value> {
     let snapshot = state.snapshot.load();
+    let open = crate::sockets::established_by_remote();
     let clusters: Vec<Value> = snapshot
         .clusters
         .values()
@@ -142,6 +143,7 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                         "healthy": e.state.is_healthy(),
                         "active_requests": e.state.active_requests(),
                         "requests_total": e.state.requests_total.load(Ordering::Relaxed),
+                        "connections_active": open.get(&e.address).copied().unwrap_or(0),
                         "connections_total": e.state.connections_total.load(Ordering::Relaxed),
                         "connect_failures_total": e.state.connect_failures_total.load(Ordering::Relaxed),
                     })

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod sockets;
 pub mod source;
 
 pub use server::{run, ProxyOptions, StartError};

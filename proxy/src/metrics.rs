@@ -161,6 +161,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
     upstream_cx_total: Family<ClusterLabels, Counter>,
+    upstream_cx_active: Family<ClusterLabels, Gauge>,
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_rq_retry: Family<ClusterLabels, Counter>,
@@ -193,6 +194,7 @@ impl Metrics {
             request_duration: Family::default(),
             response_flags: Family::default(),
             upstream_cx_total: Family::default(),
+            upstream_cx_active: Family::default(),
             upstream_cx_connect_fail: Family::default(),
             upstream_rq_active: Family::default(),
             upstream_rq_retry: Family::default(),
@@ -225,6 +227,11 @@ impl Metrics {
             "upstream_cx",
             "Upstream connections opened",
             m.upstream_cx_total.clone(),
+        );
+        registry.register(
+            "upstream_cx_active",
+            "Upstream connections open now (established TCP connections to the cluster's endpoints)",
+            m.upstream_cx_active.clone(),
         );
         registry.register(
             "upstream_cx_connect_fail",
@@ -343,8 +350,22 @@ impl Metrics {
     pub fn render(&self, snapshot: Option<&crate::snapshot::Snapshot>) -> String {
         self.endpoint_healthy.clear();
         self.endpoint_rq_active.clear();
+        self.upstream_cx_active.clear();
         self.config_info.clear();
         if let Some(snapshot) = snapshot {
+            let open = crate::sockets::established_by_remote();
+            for cluster in snapshot.clusters.values() {
+                let connections: usize = cluster
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| open.get(&e.address))
+                    .sum();
+                self.upstream_cx_active
+                    .get_or_create(&ClusterLabels {
+                        cluster: cluster.name.to_string(),
+                    })
+                    .set(i64::try_from(connections).unwrap_or(i64::MAX));
+            }
             self.config_info
                 .get_or_create(&VersionLabels {
                     version: snapshot.version.clone(),
