@@ -1,0 +1,601 @@
+//! The host side of the ABI: the state a plugin's store carries and the `env` functions
+//! plugins import.
+//!
+//! During an HTTP callback the request's data sits in [`HttpState`] inside the store; host
+//! functions read and edit it there, and the caller copies edits back to the real request
+//! afterwards (only what the plugin changed). Functions this host does not implement yet
+//! are still defined — returning `UNIMPLEMENTED` — so that every SDK's module links.
+
+use crate::abi::{self, buffer, map, Pairs, Status};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use wasmtime::{Caller, Linker, Memory, StoreLimits};
+
+/// What identifies a plugin to itself (properties, buffers).
+#[derive(Debug, Clone, Default)]
+pub struct PluginIdentity {
+    /// Plugin name (`plugin_name` property, log prefix).
+    pub name: String,
+    /// Root id (`plugin_root_id` property); empty by default.
+    pub root_id: String,
+    /// Bytes handed to `on_vm_start`.
+    pub vm_config: Vec<u8>,
+    /// Bytes handed to `on_configure`.
+    pub plugin_config: Vec<u8>,
+}
+
+/// A reply the plugin asked for instead of proxying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Why (for logs).
+    pub details: String,
+}
+
+/// Request facts plugins read as properties.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    /// Request id (`request.id`).
+    pub id: String,
+    /// `HTTP/1.1` or `HTTP/2` (`request.protocol`).
+    pub protocol: String,
+    /// Client address (`source.address`, `source.port`).
+    pub source: Option<std::net::SocketAddr>,
+    /// Listener address (`destination.*`).
+    pub destination: Option<std::net::SocketAddr>,
+    /// TLS on the downstream connection (`connection.tls`).
+    pub tls: bool,
+    /// Route name (`route_name`).
+    pub route_name: String,
+    /// Cluster name (`cluster_name`).
+    pub cluster_name: String,
+    /// Response status once known (`response.code`).
+    pub response_code: Option<u16>,
+}
+
+/// One request as a plugin sees it during a callback.
+#[derive(Debug, Default)]
+pub struct HttpState {
+    /// Request headers, pseudo-headers included.
+    pub request_headers: Pairs,
+    /// Set when the plugin changed the request headers.
+    pub request_headers_changed: bool,
+    /// Response headers, `:status` included.
+    pub response_headers: Pairs,
+    /// Set when the plugin changed the response headers.
+    pub response_headers_changed: bool,
+    /// A local reply the plugin sent, if any.
+    pub local_response: Option<LocalResponse>,
+    /// Facts for properties.
+    pub info: RequestInfo,
+}
+
+/// Facts about the proxy node, for `node.*` properties.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+}
+
+/// The data of one plugin store.
+pub struct HostState {
+    /// Who the plugin is.
+    pub plugin: Arc<PluginIdentity>,
+    /// The node it runs on.
+    pub node: Arc<NodeInfo>,
+    /// Memory ceiling.
+    pub limits: StoreLimits,
+    /// When this instance started (monotonic clock for the guest).
+    pub started: Instant,
+    /// Tick period the plugin asked for, 0 = none.
+    pub tick_period_ms: u32,
+    /// The context host calls act on (`proxy_set_effective_context`).
+    pub effective_context: u32,
+    /// The request being filtered, during HTTP callbacks.
+    pub http: Option<HttpState>,
+}
+
+impl HostState {
+    /// Routes guest stdout (info) and stderr (error) to the proxy log.
+    pub fn guest_output(&self, stderr: bool, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.trim_end();
+        if text.is_empty() {
+            return;
+        }
+        if stderr {
+            tracing::error!(plugin = %self.plugin.name, "{text}");
+        } else {
+            tracing::info!(plugin = %self.plugin.name, "{text}");
+        }
+    }
+
+    fn map(&self, map_type: i32) -> Option<&Pairs> {
+        let http = self.http.as_ref()?;
+        match map_type {
+            map::HTTP_REQUEST_HEADERS => Some(&http.request_headers),
+            map::HTTP_RESPONSE_HEADERS => Some(&http.response_headers),
+            _ => None,
+        }
+    }
+
+    fn map_mut(&mut self, map_type: i32) -> Option<&mut Pairs> {
+        let http = self.http.as_mut()?;
+        match map_type {
+            map::HTTP_REQUEST_HEADERS => {
+                http.request_headers_changed = true;
+                Some(&mut http.request_headers)
+            }
+            map::HTTP_RESPONSE_HEADERS => {
+                http.response_headers_changed = true;
+                Some(&mut http.response_headers)
+            }
+            _ => None,
+        }
+    }
+
+    /// A property by its NUL-separated path, as bytes.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let header = |name: &str| -> Option<Vec<u8>> {
+            let http = self.http.as_ref()?;
+            http.request_headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        };
+        let info = self.http.as_ref().map(|h| &h.info);
+        let text = |s: &str| Some(s.as_bytes().to_vec());
+        match path {
+            ["plugin_name"] => text(&self.plugin.name),
+            ["plugin_root_id"] => text(&self.plugin.root_id),
+            ["node", "id"] => text(&self.node.id),
+            ["node", "region"] | ["node", "locality", "region"] => text(&self.node.region),
+            ["node", "zone"] | ["node", "locality", "zone"] => text(&self.node.zone),
+            ["request", "path"] => header(":path"),
+            ["request", "url_path"] => header(":path").map(|p| {
+                let end = p.iter().position(|b| *b == b'?').unwrap_or(p.len());
+                p[..end].to_vec()
+            }),
+            ["request", "host"] => header(":authority"),
+            ["request", "method"] => header(":method"),
+            ["request", "scheme"] => header(":scheme"),
+            ["request", "headers", name] => header(&name.to_ascii_lowercase()),
+            ["request", "id"] => info.map(|i| i.id.as_bytes().to_vec()),
+            ["request", "protocol"] => info.map(|i| i.protocol.as_bytes().to_vec()),
+            ["request", "time"] => Some(
+                (SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64))
+                .to_le_bytes()
+                .to_vec(),
+            ),
+            ["source", "address"] => info
+                .and_then(|i| i.source)
+                .map(|a| a.to_string().into_bytes()),
+            ["source", "port"] => info
+                .and_then(|i| i.source)
+                .map(|a| u64::from(a.port()).to_le_bytes().to_vec()),
+            ["destination", "address"] => info
+                .and_then(|i| i.destination)
+                .map(|a| a.to_string().into_bytes()),
+            ["destination", "port"] => info
+                .and_then(|i| i.destination)
+                .map(|a| u64::from(a.port()).to_le_bytes().to_vec()),
+            ["connection", "tls"] | ["connection", "mtls"] => {
+                info.map(|i| vec![u8::from(i.tls && path[1] == "tls")])
+            }
+            ["route_name"] => info.map(|i| i.route_name.as_bytes().to_vec()),
+            ["cluster_name"] => info.map(|i| i.cluster_name.as_bytes().to_vec()),
+            ["response", "code"] => info
+                .and_then(|i| i.response_code)
+                .map(|c| u64::from(c).to_le_bytes().to_vec()),
+            _ => None,
+        }
+    }
+}
+
+/// The guest's exported linear memory.
+pub fn guest_memory(caller: &mut Caller<'_, HostState>) -> Option<Memory> {
+    caller.get_export("memory").and_then(|e| e.into_memory())
+}
+
+fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<Vec<u8>, Status> {
+    let memory = guest_memory(caller).ok_or(Status::InvalidMemoryAccess)?;
+    let start = ptr as u32 as usize;
+    let end = start
+        .checked_add(len as u32 as usize)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    memory
+        .data(&*caller)
+        .get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
+}
+
+fn read_string(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<String, Status> {
+    String::from_utf8(read(caller, ptr, len)?).map_err(|_| Status::BadArgument)
+}
+
+fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> Result<(), Status> {
+    let memory = guest_memory(caller).ok_or(Status::InvalidMemoryAccess)?;
+    memory
+        .write(caller, ptr as u32 as usize, bytes)
+        .map_err(|_| Status::InvalidMemoryAccess)
+}
+
+/// Copies `bytes` into memory the guest allocates (`proxy_on_memory_allocate`, else
+/// `malloc`) and stores its address and size at `ret_ptr` / `ret_size`.
+fn return_bytes(
+    caller: &mut Caller<'_, HostState>,
+    bytes: &[u8],
+    ret_ptr: i32,
+    ret_size: i32,
+) -> Result<(), Status> {
+    let allocate = caller
+        .get_export("proxy_on_memory_allocate")
+        .or_else(|| caller.get_export("malloc"))
+        .and_then(|e| e.into_func())
+        .ok_or(Status::InternalFailure)?
+        .typed::<i32, i32>(&*caller)
+        .map_err(|_| Status::InternalFailure)?;
+    let len = i32::try_from(bytes.len()).map_err(|_| Status::BadArgument)?;
+    let ptr = allocate
+        .call(&mut *caller, len)
+        .map_err(|_| Status::InternalFailure)?;
+    if ptr == 0 && len > 0 {
+        return Err(Status::InternalFailure);
+    }
+    write(caller, ptr, bytes)?;
+    write(caller, ret_ptr, &ptr.to_le_bytes())?;
+    write(caller, ret_size, &len.to_le_bytes())
+}
+
+fn code(result: Result<(), Status>) -> i32 {
+    match result {
+        Ok(()) => Status::Ok as i32,
+        Err(status) => status as i32,
+    }
+}
+
+macro_rules! unimplemented_fn {
+    ($linker:expr, $name:literal, ($($arg:ty),*)) => {
+        $linker.func_wrap("env", $name, |$(_: $arg),*| -> i32 { Status::Unimplemented as i32 })?;
+    };
+}
+
+/// Defines every `env` function of ABI 0.2.1 on `linker`.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| {
+            let Ok(bytes) = read(&mut c, ptr, len) else {
+                return Status::InvalidMemoryAccess as i32;
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let plugin = c.data().plugin.name.as_str();
+            match level {
+                abi::log_level::TRACE => tracing::trace!(%plugin, "{text}"),
+                abi::log_level::DEBUG => tracing::debug!(%plugin, "{text}"),
+                abi::log_level::INFO => tracing::info!(%plugin, "{text}"),
+                abi::log_level::WARN => tracing::warn!(%plugin, "{text}"),
+                _ => tracing::error!(%plugin, "{text}"),
+            }
+            Status::Ok as i32
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: Caller<'_, HostState>, ret: i32| {
+            let level = if tracing::enabled!(tracing::Level::TRACE) {
+                abi::log_level::TRACE
+            } else if tracing::enabled!(tracing::Level::DEBUG) {
+                abi::log_level::DEBUG
+            } else {
+                abi::log_level::INFO
+            };
+            code(write(&mut c, ret, &level.to_le_bytes()))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: Caller<'_, HostState>, ctx: i32| {
+            c.data_mut().effective_context = ctx as u32;
+            Status::Ok as i32
+        },
+    )?;
+    linker.func_wrap("env", "proxy_done", || Status::Ok as i32)?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Caller<'_, HostState>, ret: i32| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            code(write(&mut c, ret, &now.to_le_bytes()))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Caller<'_, HostState>, ms: i32| {
+            c.data_mut().tick_period_ms = ms as u32;
+            Status::Ok as i32
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Caller<'_, HostState>,
+         kind: i32,
+         start: i32,
+         max: i32,
+         ret_ptr: i32,
+         ret_size: i32| {
+            let plugin = Arc::clone(&c.data().plugin);
+            let whole: &[u8] = match kind {
+                buffer::VM_CONFIGURATION => &plugin.vm_config,
+                buffer::PLUGIN_CONFIGURATION => &plugin.plugin_config,
+                buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => &[],
+                _ => return Status::BadArgument as i32,
+            };
+            // Sizes are u32 on wasm32; SDKs pass u32::MAX for "everything".
+            let start = (start as u32 as usize).min(whole.len());
+            let end = start.saturating_add(max as u32 as usize).min(whole.len());
+            if end == start {
+                return Status::NotFound as i32;
+            }
+            code(return_bytes(&mut c, &whole[start..end], ret_ptr, ret_size))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: Caller<'_, HostState>, kind: i32, ret_size: i32, ret_flags: i32| {
+            let size = match kind {
+                buffer::VM_CONFIGURATION => c.data().plugin.vm_config.len(),
+                buffer::PLUGIN_CONFIGURATION => c.data().plugin.plugin_config.len(),
+                buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => 0,
+                _ => return Status::BadArgument as i32,
+            };
+            code(
+                write(&mut c, ret_size, &(size as u32).to_le_bytes())
+                    .and_then(|()| write(&mut c, ret_flags, &0u32.to_le_bytes())),
+            )
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Caller<'_, HostState>, map_type: i32, ret_ptr: i32, ret_size: i32| {
+            let Some(pairs) = c.data().map(map_type) else {
+                return Status::BadArgument as i32;
+            };
+            let encoded = abi::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+            code(return_bytes(&mut c, &encoded, ret_ptr, ret_size))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: Caller<'_, HostState>, map_type: i32, ret_size: i32| {
+            let Some(pairs) = c.data().map(map_type) else {
+                return Status::BadArgument as i32;
+            };
+            let size =
+                abi::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))).len();
+            code(write(&mut c, ret_size, &(size as u32).to_le_bytes()))
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: Caller<'_, HostState>, map_type: i32, ptr: i32, len: i32| {
+            let result = read(&mut c, ptr, len).and_then(|bytes| {
+                let pairs = abi::decode_pairs(&bytes).map_err(|_| Status::ParseFailure)?;
+                let pairs: Pairs = pairs
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_ascii_lowercase(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    })
+                    .collect();
+                let map = c.data_mut().map_mut(map_type).ok_or(Status::BadArgument)?;
+                *map = pairs;
+                Ok(())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Caller<'_, HostState>,
+         map_type: i32,
+         key_ptr: i32,
+         key_len: i32,
+         ret_ptr: i32,
+         ret_size: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let key = key.to_ascii_lowercase();
+                let pairs = c.data().map(map_type).ok_or(Status::BadArgument)?;
+                let value = pairs
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.clone())
+                    .ok_or(Status::NotFound)?;
+                return_bytes(&mut c, value.as_bytes(), ret_ptr, ret_size)
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: Caller<'_, HostState>,
+         map_type: i32,
+         key_ptr: i32,
+         key_len: i32,
+         value_ptr: i32,
+         value_len: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let value = read_string(&mut c, value_ptr, value_len)?;
+                let map = c.data_mut().map_mut(map_type).ok_or(Status::BadArgument)?;
+                map.push((key.to_ascii_lowercase(), value));
+                Ok(())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: Caller<'_, HostState>,
+         map_type: i32,
+         key_ptr: i32,
+         key_len: i32,
+         value_ptr: i32,
+         value_len: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let value = read_string(&mut c, value_ptr, value_len)?;
+                let key = key.to_ascii_lowercase();
+                let map = c.data_mut().map_mut(map_type).ok_or(Status::BadArgument)?;
+                map.retain(|(k, _)| *k != key);
+                map.push((key, value));
+                Ok(())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: Caller<'_, HostState>, map_type: i32, key_ptr: i32, key_len: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let key = key.to_ascii_lowercase();
+                let map = c.data_mut().map_mut(map_type).ok_or(Status::BadArgument)?;
+                map.retain(|(k, _)| *k != key);
+                Ok(())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Caller<'_, HostState>,
+         status: i32,
+         details_ptr: i32,
+         details_len: i32,
+         body_ptr: i32,
+         body_len: i32,
+         headers_ptr: i32,
+         headers_len: i32,
+         _grpc_status: i32| {
+            let result = (|| {
+                let status = u16::try_from(status)
+                    .ok()
+                    .filter(|s| (200..600).contains(s))
+                    .ok_or(Status::BadArgument)?;
+                let details =
+                    String::from_utf8_lossy(&read(&mut c, details_ptr, details_len)?).into_owned();
+                let body = read(&mut c, body_ptr, body_len)?;
+                let headers = abi::decode_pairs(&read(&mut c, headers_ptr, headers_len)?)
+                    .map_err(|_| Status::ParseFailure)?
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_ascii_lowercase(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    })
+                    .collect();
+                let http = c.data_mut().http.as_mut().ok_or(Status::BadArgument)?;
+                http.local_response = Some(LocalResponse {
+                    status,
+                    headers,
+                    body,
+                    details,
+                });
+                Ok(())
+            })();
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: Caller<'_, HostState>,
+         path_ptr: i32,
+         path_len: i32,
+         ret_ptr: i32,
+         ret_size: i32| {
+            let result = read(&mut c, path_ptr, path_len).and_then(|path| {
+                let path = String::from_utf8(path).map_err(|_| Status::BadArgument)?;
+                let segments: Vec<&str> = path.split('\0').filter(|s| !s.is_empty()).collect();
+                let value = c.data().property(&segments).ok_or(Status::NotFound)?;
+                return_bytes(&mut c, &value, ret_ptr, ret_size)
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_continue_stream", |_: i32| Status::Ok as i32)?;
+    // Resuming a stream explicitly (0.2.0 names).
+    linker.func_wrap("env", "proxy_continue_request", || Status::Ok as i32)?;
+    linker.func_wrap("env", "proxy_continue_response", || Status::Ok as i32)?;
+    unimplemented_fn!(linker, "proxy_close_stream", (i32));
+    unimplemented_fn!(linker, "proxy_get_status", (i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_set_buffer_bytes", (i32, i32, i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_set_property", (i32, i32, i32, i32));
+    unimplemented_fn!(
+        linker,
+        "proxy_http_call",
+        (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32)
+    );
+    unimplemented_fn!(
+        linker,
+        "proxy_grpc_call",
+        (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32)
+    );
+    unimplemented_fn!(
+        linker,
+        "proxy_grpc_stream",
+        (i32, i32, i32, i32, i32, i32, i32, i32, i32)
+    );
+    unimplemented_fn!(linker, "proxy_grpc_send", (i32, i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_grpc_cancel", (i32));
+    unimplemented_fn!(linker, "proxy_grpc_close", (i32));
+    unimplemented_fn!(linker, "proxy_set_shared_data", (i32, i32, i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_get_shared_data", (i32, i32, i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_register_shared_queue", (i32, i32, i32));
+    unimplemented_fn!(
+        linker,
+        "proxy_resolve_shared_queue",
+        (i32, i32, i32, i32, i32)
+    );
+    unimplemented_fn!(linker, "proxy_enqueue_shared_queue", (i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_dequeue_shared_queue", (i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_define_metric", (i32, i32, i32, i32));
+    unimplemented_fn!(linker, "proxy_record_metric", (i32, i64));
+    unimplemented_fn!(linker, "proxy_increment_metric", (i32, i64));
+    unimplemented_fn!(linker, "proxy_get_metric", (i32, i32));
+    unimplemented_fn!(
+        linker,
+        "proxy_call_foreign_function",
+        (i32, i32, i32, i32, i32, i32)
+    );
+    Ok(())
+}

@@ -1,0 +1,453 @@
+//! Compiling plugins and running their instances.
+//!
+//! [`PluginEngine`] is one per process: a wasmtime engine with epoch interruption (a
+//! background thread advances the epoch every millisecond, so each callback gets a CPU
+//! deadline) and an optional on-disk cache of compiled code. [`PluginModule`] is a plugin
+//! compiled once and checked (ABI version exported, every import defined).
+//! [`PluginInstance`] is one instantiated, configured VM; the proxy keeps one per plugin per
+//! worker thread and drives HTTP contexts through it.
+
+use crate::abi::Action;
+use crate::host::{self, HostState, HttpState, NodeInfo, PluginIdentity};
+use crate::wasi;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::{
+    Config, Engine, Instance, InstancePre, Linker, Module, Store, StoreLimitsBuilder, TypedFunc,
+};
+
+/// How often the epoch advances; callback deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Why a plugin could not be loaded or a callback failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The bytes are not a module wasmtime accepts.
+    #[error("plugin {plugin}: cannot compile: {reason}")]
+    Compile {
+        /// Plugin name.
+        plugin: String,
+        /// What wasmtime said.
+        reason: String,
+    },
+    /// The module is not a proxy-wasm 0.2.x plugin.
+    #[error("plugin {plugin}: {reason}")]
+    Abi {
+        /// Plugin name.
+        plugin: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// Instantiation or start-up failed (missing import, trap in `_initialize`…).
+    #[error("plugin {plugin}: cannot start: {reason}")]
+    Start {
+        /// Plugin name.
+        plugin: String,
+        /// What failed.
+        reason: String,
+    },
+    /// `on_vm_start` or `on_configure` returned false.
+    #[error("plugin {plugin}: {callback} returned false (the plugin rejected its configuration)")]
+    Rejected {
+        /// Plugin name.
+        plugin: String,
+        /// Which callback.
+        callback: &'static str,
+    },
+    /// A callback trapped, ran out of memory or passed its CPU deadline.
+    #[error("plugin {plugin}: {callback} failed: {reason}")]
+    Trap {
+        /// Plugin name.
+        plugin: String,
+        /// Which callback.
+        callback: &'static str,
+        /// The trap.
+        reason: String,
+    },
+}
+
+/// Resource ceilings of one plugin instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// Linear memory ceiling in bytes.
+    pub memory_bytes: usize,
+    /// CPU time one callback may take.
+    pub callback_deadline: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_bytes: 64 << 20,
+            callback_deadline: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The process-wide wasm engine.
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    _ticker: Arc<Ticker>,
+}
+
+/// Stops the epoch thread when the last engine handle goes.
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginEngine {
+    /// Creates the engine; `cache_dir` keeps compiled code across restarts.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        if let Some(dir) = cache_dir {
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            let cache = wasmtime::Cache::new(cache).map_err(|e| format!("plugin cache: {e}"))?;
+            config.cache(Some(cache));
+        }
+        let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e}"))?;
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker).map_err(|e| format!("linking env: {e}"))?;
+        wasi::add_to_linker(&mut linker).map_err(|e| format!("linking WASI: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticking = engine.clone();
+        let stop_flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("nip-wasm-epoch".into())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("epoch thread: {e}"))?;
+        Ok(PluginEngine {
+            engine,
+            linker: Arc::new(linker),
+            _ticker: Arc::new(Ticker(stop)),
+        })
+    }
+}
+
+/// A compiled, checked plugin.
+#[derive(Clone)]
+pub struct PluginModule {
+    engine: PluginEngine,
+    pre: InstancePre<HostState>,
+    identity: Arc<PluginIdentity>,
+    node: Arc<NodeInfo>,
+    limits: PluginLimits,
+}
+
+impl PluginModule {
+    /// Compiles `wasm` and checks it is a proxy-wasm 0.2.x plugin this host can link.
+    pub fn compile(
+        engine: &PluginEngine,
+        identity: PluginIdentity,
+        node: NodeInfo,
+        limits: PluginLimits,
+        wasm: &[u8],
+    ) -> Result<Self, PluginError> {
+        let plugin = identity.name.clone();
+        let module = Module::new(&engine.engine, wasm).map_err(|e| PluginError::Compile {
+            plugin: plugin.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let abi = module.exports().any(|e| {
+            matches!(
+                e.name(),
+                "proxy_abi_version_0_2_1" | "proxy_abi_version_0_2_0"
+            )
+        });
+        if !abi {
+            return Err(PluginError::Abi {
+                plugin,
+                reason: "exports neither proxy_abi_version_0_2_1 nor proxy_abi_version_0_2_0; \
+                         is it built with a proxy-wasm SDK?"
+                    .into(),
+            });
+        }
+        let pre = engine
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| PluginError::Abi {
+                plugin,
+                reason: format!("{e:#} (this host provides proxy-wasm 0.2.1 and WASI preview1)"),
+            })?;
+        Ok(PluginModule {
+            engine: engine.clone(),
+            pre,
+            identity: Arc::new(identity),
+            node: Arc::new(node),
+            limits,
+        })
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.identity.name
+    }
+}
+
+/// The guest functions the host calls, resolved once per instance.
+struct Callbacks {
+    context_create: TypedFunc<(i32, i32), ()>,
+    request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    log: Option<TypedFunc<i32, ()>>,
+    done: Option<TypedFunc<i32, i32>>,
+    delete: Option<TypedFunc<i32, ()>>,
+}
+
+/// One running, configured plugin VM.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    callbacks: Callbacks,
+    name: Arc<PluginIdentity>,
+    root_context: i32,
+    next_context: i32,
+    deadline_ticks: u64,
+}
+
+/// The outcome of one HTTP callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallbackResult {
+    /// What the plugin asked for.
+    pub action: Action,
+}
+
+impl PluginInstance {
+    /// Instantiates and starts a plugin: `_initialize`/`_start`, `main`, the root context,
+    /// `on_vm_start` and `on_configure`, which must both accept.
+    pub fn start(module: &PluginModule) -> Result<Self, PluginError> {
+        let plugin = module.identity.name.clone();
+        let start_error = |reason: String| PluginError::Start {
+            plugin: plugin.clone(),
+            reason,
+        };
+        let state = HostState {
+            plugin: Arc::clone(&module.identity),
+            node: Arc::clone(&module.node),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(module.limits.memory_bytes)
+                .instances(1)
+                .build(),
+            started: Instant::now(),
+            tick_period_ms: 0,
+            effective_context: 0,
+            http: None,
+        };
+        let mut store = Store::new(&module.engine.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let deadline_ticks = (module.limits.callback_deadline.as_millis() as u64).max(1);
+        store.set_epoch_deadline(deadline_ticks);
+        let instance: Instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| start_error(format!("{e:#}")))?;
+        for init in ["_initialize", "_start"] {
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
+                store.set_epoch_deadline(deadline_ticks);
+                f.call(&mut store, ())
+                    .map_err(|e| start_error(format!("{init}: {e:#}")))?;
+                break;
+            }
+        }
+        if let Ok(main) = instance.get_typed_func::<(i32, i32), i32>(&mut store, "main") {
+            store.set_epoch_deadline(deadline_ticks);
+            main.call(&mut store, (0, 0))
+                .map_err(|e| start_error(format!("main: {e:#}")))?;
+        }
+        let callbacks = Callbacks {
+            context_create: instance
+                .get_typed_func(&mut store, "proxy_on_context_create")
+                .map_err(|_| PluginError::Abi {
+                    plugin: plugin.clone(),
+                    reason: "does not export proxy_on_context_create".into(),
+                })?,
+            request_headers: instance
+                .get_typed_func(&mut store, "proxy_on_request_headers")
+                .ok(),
+            response_headers: instance
+                .get_typed_func(&mut store, "proxy_on_response_headers")
+                .ok(),
+            log: instance.get_typed_func(&mut store, "proxy_on_log").ok(),
+            done: instance.get_typed_func(&mut store, "proxy_on_done").ok(),
+            delete: instance.get_typed_func(&mut store, "proxy_on_delete").ok(),
+        };
+        let mut this = PluginInstance {
+            store,
+            callbacks,
+            name: Arc::clone(&module.identity),
+            root_context: 1,
+            next_context: 2,
+            deadline_ticks,
+        };
+        let root = this.root_context;
+        this.guard("proxy_on_context_create", |store, cb| {
+            cb.context_create.call(store, (root, 0))
+        })?;
+        let vm_config_len = module.identity.vm_config.len() as i32;
+        let plugin_config_len = module.identity.plugin_config.len() as i32;
+        for (callback, size) in [
+            ("proxy_on_vm_start", vm_config_len),
+            ("proxy_on_configure", plugin_config_len),
+        ] {
+            let Ok(f) = instance.get_typed_func::<(i32, i32), i32>(&mut this.store, callback)
+            else {
+                continue;
+            };
+            let accepted = this.guard(callback, |store, _| f.call(store, (root, size)))?;
+            if accepted == 0 {
+                return Err(PluginError::Rejected {
+                    plugin: module.identity.name.clone(),
+                    callback,
+                });
+            }
+        }
+        Ok(this)
+    }
+
+    /// Runs one guest call under the CPU deadline.
+    fn guard<T>(
+        &mut self,
+        callback: &'static str,
+        call: impl FnOnce(&mut Store<HostState>, &Callbacks) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        call(&mut self.store, &self.callbacks).map_err(|e| PluginError::Trap {
+            plugin: self.name.name.clone(),
+            callback,
+            reason: describe_trap(&e),
+        })
+    }
+
+    /// Starts an HTTP context for one request; returns its id.
+    pub fn create_http_context(&mut self) -> Result<i32, PluginError> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(2);
+        let root = self.root_context;
+        self.guard("proxy_on_context_create", |store, cb| {
+            cb.context_create.call(store, (id, root))
+        })?;
+        Ok(id)
+    }
+
+    /// Runs `on_request_headers` with `http` in reach of the host functions.
+    pub fn on_request_headers(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, PluginError> {
+        let count = http.request_headers.len() as i32;
+        self.with_http(http, "proxy_on_request_headers", |store, cb| {
+            match &cb.request_headers {
+                Some(f) => f.call(store, (context, count, i32::from(end_of_stream))),
+                None => Ok(0),
+            }
+        })
+        .map(Action::from_raw)
+    }
+
+    /// Runs `on_response_headers`.
+    pub fn on_response_headers(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, PluginError> {
+        let count = http.response_headers.len() as i32;
+        self.with_http(http, "proxy_on_response_headers", |store, cb| {
+            match &cb.response_headers {
+                Some(f) => f.call(store, (context, count, i32::from(end_of_stream))),
+                None => Ok(0),
+            }
+        })
+        .map(Action::from_raw)
+    }
+
+    /// Runs `on_log`, `on_done` and `on_delete`: the end of a context.
+    pub fn finish_http_context(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+    ) -> Result<(), PluginError> {
+        self.with_http(http, "proxy_on_log", |store, cb| match &cb.log {
+            Some(f) => f.call(store, context),
+            None => Ok(()),
+        })?;
+        self.guard("proxy_on_done", |store, cb| match &cb.done {
+            Some(f) => f.call(store, context).map(|_| ()),
+            None => Ok(()),
+        })?;
+        self.guard("proxy_on_delete", |store, cb| match &cb.delete {
+            Some(f) => f.call(store, context),
+            None => Ok(()),
+        })
+    }
+
+    /// Moves the request's state into the store for one call and back out afterwards.
+    fn with_http<T>(
+        &mut self,
+        http: &mut HttpState,
+        callback: &'static str,
+        call: impl FnOnce(&mut Store<HostState>, &Callbacks) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        self.store.data_mut().http = Some(std::mem::take(http));
+        let result = self.guard(callback, call);
+        if let Some(state) = self.store.data_mut().http.take() {
+            *http = state;
+        }
+        result
+    }
+
+    /// The tick period the plugin asked for.
+    pub fn tick_period(&self) -> Option<Duration> {
+        let ms = self.store.data().tick_period_ms;
+        (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
+    }
+}
+
+fn describe_trap(error: &wasmtime::Error) -> String {
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        return match trap {
+            wasmtime::Trap::Interrupt => "CPU deadline exceeded".to_string(),
+            other => format!("trap: {other}"),
+        };
+    }
+    format!("{error:#}")
+}
+
+impl std::fmt::Debug for PluginEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginEngine")
+    }
+}
+
+impl std::fmt::Debug for PluginModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginModule")
+            .field("name", &self.identity.name)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PluginInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginInstance")
+            .field("name", &self.name.name)
+            .field("next_context", &self.next_context)
+            .finish()
+    }
+}

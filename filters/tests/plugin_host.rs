@@ -1,0 +1,258 @@
+//! The host against real plugins: the example built with the public proxy-wasm Rust SDK,
+//! and hand-written modules that misbehave (loop forever, grow memory without bound, trap,
+//! import what the host lacks).
+
+use nip_filters::abi::Action;
+use nip_filters::host::{HttpState, NodeInfo, PluginIdentity};
+use nip_filters::{PluginEngine, PluginError, PluginInstance, PluginLimits, PluginModule};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Builds the example plugins once (the SDK's own toolchain path: cargo + wasm32-wasip1).
+fn example(name: &str) -> Vec<u8> {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
+            .arg(examples.join("Cargo.toml"))
+            .status()
+            .expect("run cargo for the example plugins");
+        assert!(
+            status.success(),
+            "building example plugins failed (is wasm32-wasip1 installed? ./dev test adds it)"
+        );
+        examples.join("target/wasm32-wasip1/release")
+    });
+    std::fs::read(dir.join(format!("{name}.wasm"))).expect("example plugin built")
+}
+
+fn engine() -> PluginEngine {
+    static ENGINE: OnceLock<PluginEngine> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| PluginEngine::new(None).expect("engine"))
+        .clone()
+}
+
+fn load(
+    name: &str,
+    config: &str,
+    wasm: &[u8],
+    limits: PluginLimits,
+) -> Result<PluginModule, PluginError> {
+    PluginModule::compile(
+        &engine(),
+        PluginIdentity {
+            name: name.to_string(),
+            plugin_config: config.as_bytes().to_vec(),
+            ..Default::default()
+        },
+        NodeInfo::default(),
+        limits,
+        wasm,
+    )
+}
+
+fn request(path: &str, extra: &[(&str, &str)]) -> HttpState {
+    let mut headers = vec![
+        (":method".to_string(), "GET".to_string()),
+        (":path".to_string(), path.to_string()),
+        (":authority".to_string(), "example.com".to_string()),
+        (":scheme".to_string(), "http".to_string()),
+    ];
+    headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    HttpState {
+        request_headers: headers,
+        ..Default::default()
+    }
+}
+
+fn header<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn rust_sdk_plugin_edits_headers_both_ways() {
+    let module = load(
+        "add-header",
+        "x-team = blue",
+        &example("add_header"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    for i in 0..3 {
+        let ctx = vm.create_http_context().unwrap();
+        let mut http = request(&format!("/items/{i}"), &[]);
+        assert_eq!(
+            vm.on_request_headers(ctx, &mut http, true).unwrap(),
+            Action::Continue
+        );
+        assert!(http.request_headers_changed);
+        assert_eq!(header(&http.request_headers, "x-team"), Some("blue"));
+        assert_eq!(
+            header(&http.request_headers, "x-seen-path"),
+            Some(format!("/items/{i}").as_str())
+        );
+        http.response_headers = vec![(":status".into(), "200".into())];
+        assert_eq!(
+            vm.on_response_headers(ctx, &mut http, false).unwrap(),
+            Action::Continue
+        );
+        assert_eq!(header(&http.response_headers, "x-team"), Some("blue"));
+        vm.finish_http_context(ctx, &mut http).unwrap();
+    }
+}
+
+#[test]
+fn rust_sdk_plugin_answers_locally() {
+    let module = load(
+        "add-header",
+        "",
+        &example("add_header"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let ctx = vm.create_http_context().unwrap();
+    let mut http = request("/", &[("x-deny", "yes")]);
+    assert_eq!(
+        vm.on_request_headers(ctx, &mut http, true).unwrap(),
+        Action::Pause
+    );
+    let reply = http.local_response.expect("a local response");
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.body, b"denied\n");
+    assert_eq!(header(&reply.headers, "x-denied-by"), Some("add-header"));
+}
+
+#[test]
+fn a_plugin_that_rejects_its_config_does_not_start() {
+    let module = load(
+        "add-header",
+        "no-equals-sign",
+        &example("add_header"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    match PluginInstance::start(&module) {
+        Err(PluginError::Rejected { callback, .. }) => assert_eq!(callback, "proxy_on_configure"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("the plugin accepted a config it should reject"),
+    }
+}
+
+/// A minimal plugin in WAT whose request callback runs `body`.
+fn wat_plugin(body: &str) -> Vec<u8> {
+    format!(
+        r#"(module
+          (memory (export "memory") 1)
+          (func (export "proxy_abi_version_0_2_1"))
+          (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+          (func (export "proxy_on_context_create") (param i32 i32))
+          (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            {body}
+            i32.const 0))"#
+    )
+    .into_bytes()
+}
+
+#[test]
+fn an_endless_loop_hits_the_cpu_deadline_and_the_instance_can_be_replaced() {
+    let limits = PluginLimits {
+        callback_deadline: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let module = load("spin", "", &wat_plugin("(loop $l (br $l))"), limits).unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let ctx = vm.create_http_context().unwrap();
+    let started = Instant::now();
+    let error = vm
+        .on_request_headers(ctx, &mut request("/", &[]), true)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("CPU deadline exceeded"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A fresh instance of the same module starts fine.
+    PluginInstance::start(&module).unwrap();
+}
+
+#[test]
+fn unbounded_memory_growth_stops_at_the_ceiling() {
+    let limits = PluginLimits {
+        memory_bytes: 4 << 20,
+        ..Default::default()
+    };
+    // Grow one page at a time until refused, then trap as an allocator would.
+    let body = "(block $done (loop $l (br_if $done (i32.eq (memory.grow (i32.const 1)) (i32.const -1))) (br $l))) unreachable";
+    let module = load("hog", "", &wat_plugin(body), limits).unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let ctx = vm.create_http_context().unwrap();
+    let error = vm
+        .on_request_headers(ctx, &mut request("/", &[]), true)
+        .unwrap_err();
+    assert!(error.to_string().contains("trap"), "{error}");
+}
+
+#[test]
+fn a_trap_is_an_error_not_a_crash() {
+    let module = load(
+        "trapper",
+        "",
+        &wat_plugin("unreachable"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let ctx = vm.create_http_context().unwrap();
+    let error = vm
+        .on_request_headers(ctx, &mut request("/", &[]), true)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            PluginError::Trap {
+                callback: "proxy_on_request_headers",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn missing_imports_and_non_plugins_are_clear_load_errors() {
+    let importer = br#"(module
+        (import "env" "proxy_teleport" (func (param i32)))
+        (memory (export "memory") 1)
+        (func (export "proxy_abi_version_0_2_1")))"#;
+    let error = load("importer", "", importer, PluginLimits::default()).unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("proxy_teleport"), "{text}");
+    let plain = br#"(module (func (export "hello")))"#;
+    let text = load("plain", "", plain, PluginLimits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("proxy_abi_version_0_2_1"), "{text}");
+    let text = load("garbage", "", b"\0asm garbage", PluginLimits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("cannot compile"), "{text}");
+}
