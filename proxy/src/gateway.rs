@@ -16,11 +16,16 @@
 
 use crate::cluster::{ActiveRequest, Cluster};
 use crate::metrics::Metrics;
+use crate::plugins::{
+    apply_request_pairs, apply_response_pairs, request_pairs, response_pairs, with_instance,
+    LoadedPlugin,
+};
 use crate::router::Route;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
+use nip_filters::host::{HttpState, LocalResponse, RequestInfo};
 use pingora::http::ResponseHeader;
 use pingora::prelude::{HttpPeer, Session};
 use pingora::protocols::Digest;
@@ -59,10 +64,12 @@ pub enum ResponseFlag {
     RetryLimitExceeded,
     /// The client went away.
     DownstreamClosed,
+    /// A fail-closed plugin failed (503).
+    PluginFailure,
 }
 
 impl ResponseFlag {
-    const ALL: [ResponseFlag; 8] = [
+    const ALL: [ResponseFlag; 9] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -71,6 +78,7 @@ impl ResponseFlag {
         ResponseFlag::UpstreamReset,
         ResponseFlag::RetryLimitExceeded,
         ResponseFlag::DownstreamClosed,
+        ResponseFlag::PluginFailure,
     ];
 
     /// Envoy's short name.
@@ -84,6 +92,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamReset => "UR",
             ResponseFlag::RetryLimitExceeded => "URX",
             ResponseFlag::DownstreamClosed => "DC",
+            ResponseFlag::PluginFailure => "PF",
         }
     }
 
@@ -109,6 +118,10 @@ pub struct RequestCtx {
     request_id: String,
     active_endpoint: Option<ActiveRequest>,
     active_cluster: Option<GaugeGuard>,
+    /// Plugin contexts opened for this request: (plugin, context id).
+    plugin_contexts: Vec<(Arc<LoadedPlugin>, i32)>,
+    /// What plugins see of this request between callbacks.
+    plugin_http: Option<HttpState>,
     _downstream: GaugeGuard,
 }
 
@@ -132,7 +145,7 @@ impl Drop for GaugeGuard {
 pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
-    flag_counters: [Counter; 8],
+    flag_counters: [Counter; 9],
 }
 
 impl Gateway {
@@ -144,6 +157,129 @@ impl Gateway {
             metrics,
             flag_counters,
         }
+    }
+}
+
+impl Gateway {
+    /// Runs the route's plugins on the request head, in order. Returns true when the
+    /// request was answered (a plugin's local reply, or 503 `PF` for a fail-closed failure).
+    async fn run_request_plugins(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        plugins: &[Arc<LoadedPlugin>],
+    ) -> bool {
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let mut http = HttpState {
+            request_headers: request_pairs(
+                session.req_header(),
+                if tls { "https" } else { "http" },
+            ),
+            info: RequestInfo {
+                id: ctx.request_id.clone(),
+                protocol: if session.as_ref().is_http2() {
+                    "HTTP/2"
+                } else {
+                    "HTTP/1.1"
+                }
+                .into(),
+                source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+                destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
+                tls,
+                route_name: ctx
+                    .route
+                    .as_ref()
+                    .map(|r| r.name.to_string())
+                    .unwrap_or_default(),
+                cluster_name: ctx
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.name.to_string())
+                    .unwrap_or_default(),
+                response_code: None,
+            },
+            ..Default::default()
+        };
+        let end_of_stream = session.is_body_empty();
+        for plugin in plugins {
+            // A failed callback takes its instance (and so the context) with it.
+            let result = with_instance(plugin, &self.metrics, |vm| {
+                let context = vm.create_http_context()?;
+                vm.on_request_headers(context, &mut http, end_of_stream)?;
+                Ok(context)
+            });
+            if let Ok(context) = result {
+                ctx.plugin_contexts.push((Arc::clone(plugin), context));
+            } else if !plugin.fail_open {
+                ctx.flag = Some(ResponseFlag::PluginFailure);
+                ctx.local_status = 503;
+                ctx.plugin_http = Some(http);
+                respond(session, ctx, 503, "a plugin failed\n").await;
+                return true;
+            }
+            if let Some(reply) = http.local_response.take() {
+                ctx.local_status = reply.status;
+                ctx.plugin_http = Some(http);
+                respond_local(session, ctx, reply).await;
+                return true;
+            }
+        }
+        if http.request_headers_changed {
+            apply_request_pairs(session.req_header_mut(), &http.request_headers);
+            http.request_headers_changed = false;
+        }
+        ctx.plugin_http = Some(http);
+        false
+    }
+
+    /// Runs the plugins on the response head, last plugin first (Envoy's encoder order).
+    /// A failure here cannot turn into a 503 any more: it is counted and the plugin skipped.
+    fn run_response_plugins(&self, response: &mut ResponseHeader, ctx: &mut RequestCtx) {
+        let mut http = ctx.plugin_http.take().unwrap_or_default();
+        http.response_headers = response_pairs(response);
+        http.info.response_code = Some(response.status.as_u16());
+        for (plugin, context) in ctx.plugin_contexts.iter().rev() {
+            let _ = with_instance(plugin, &self.metrics, |vm| {
+                vm.on_response_headers(*context, &mut http, false)
+            });
+        }
+        if http.response_headers_changed {
+            apply_response_pairs(response, &http.response_headers);
+            http.response_headers_changed = false;
+        }
+        ctx.plugin_http = Some(http);
+    }
+}
+
+/// Sends a plugin's local reply.
+async fn respond_local(session: &mut Session, ctx: &RequestCtx, reply: LocalResponse) {
+    let mut header = match ResponseHeader::build(reply.status, Some(reply.headers.len() + 3)) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot build the plugin's {} reply: {e}", reply.status);
+            return;
+        }
+    };
+    for (name, value) in &reply.headers {
+        if let Err(e) = header.append_header(name.clone(), value.as_str()) {
+            tracing::warn!("plugin reply header {name:?} skipped: {e}");
+        }
+    }
+    let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
+    if !ctx.request_id.is_empty() {
+        let _ = header.insert_header("x-request-id", ctx.request_id.as_str());
+    }
+    let result = async {
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(Bytes::from(reply.body)), true)
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!("could not send the plugin's reply: {e}");
     }
 }
 
@@ -247,6 +383,8 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             active_endpoint: None,
             active_cluster: None,
+            plugin_contexts: Vec::new(),
+            plugin_http: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
         }
     }
@@ -292,8 +430,15 @@ impl ProxyHttp for Gateway {
         };
         let index = route.pick_target().unwrap_or(0);
         let cluster = route.targets.get(index).and_then(|t| t.cluster.clone());
+        let plugins = route.plugins.clone();
+        if let Some(first) = cluster.as_ref() {
+            ctx.cluster = Some(Arc::clone(first));
+        }
         ctx.route = Some(route);
         ctx.target = index;
+        if !plugins.is_empty() && self.run_request_plugins(session, ctx, &plugins).await {
+            return Ok(true);
+        }
         let Some(cluster) = cluster else {
             ctx.flag = Some(ResponseFlag::NoCluster);
             ctx.local_status = 503;
@@ -576,6 +721,9 @@ impl ProxyHttp for Gateway {
         if !ctx.request_id.is_empty() {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
+        if !ctx.plugin_contexts.is_empty() {
+            self.run_response_plugins(upstream_response, ctx);
+        }
         Ok(())
     }
 
@@ -585,6 +733,15 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map_or(ctx.local_status, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
+        if !ctx.plugin_contexts.is_empty() {
+            let mut http = ctx.plugin_http.take().unwrap_or_default();
+            http.info.response_code = Some(status);
+            for (plugin, context) in std::mem::take(&mut ctx.plugin_contexts) {
+                let _ = with_instance(&plugin, &self.metrics, |vm| {
+                    vm.finish_http_context(context, &mut http)
+                });
+            }
+        }
         if let Some(flag) = ctx.flag {
             self.flag_counters[flag.index()].inc();
         }

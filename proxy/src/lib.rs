@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
+pub mod plugins;
 pub mod router;
 pub mod server;
 pub mod snapshot;

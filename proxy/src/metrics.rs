@@ -107,6 +107,11 @@ struct HealthCheckLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -169,6 +174,7 @@ pub struct Metrics {
     endpoint_rq_active: Family<EndpointLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
+    plugin_failures: Family<PluginLabels, Counter>,
     /// Successful config swaps (the first load included).
     pub config_reloads: Counter,
     /// Config changes that were refused; the old config kept serving.
@@ -202,6 +208,7 @@ impl Metrics {
             endpoint_rq_active: Family::default(),
             health_checks: Family::default(),
             config_info: Family::default(),
+            plugin_failures: Family::default(),
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -267,6 +274,11 @@ impl Metrics {
             "config_info",
             "The config version being served (value 1)",
             m.config_info.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Plugin callbacks or starts that trapped, ran out of memory or time; the instance was replaced",
+            m.plugin_failures.clone(),
         );
         registry.register(
             "config_reloads",
@@ -342,6 +354,15 @@ impl Metrics {
             .get_or_create(&HealthCheckLabels {
                 cluster: cluster.to_string(),
                 result: if passed { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// Counts one plugin failure (a cold path: the label lookup is fine here).
+    pub fn plugin_failure(&self, plugin: &str) {
+        self.plugin_failures
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
             })
             .inc();
     }

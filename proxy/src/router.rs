@@ -149,15 +149,22 @@ pub struct Target {
     pub counters: RequestCounters,
 }
 
+/// What a request must look like for a route.
+#[derive(Debug)]
+pub struct RouteMatch {
+    /// Path condition.
+    pub path: PathMatch,
+    /// Header and method conditions, all of which must hold.
+    pub headers: Vec<HeaderMatch>,
+}
+
 /// A compiled route.
 #[derive(Debug)]
 pub struct Route {
     /// Route name (metrics, logs).
     pub name: Arc<str>,
-    /// Path condition.
-    pub path: PathMatch,
-    /// Header and method conditions, all of which must hold.
-    pub headers: Vec<HeaderMatch>,
+    /// The conditions.
+    pub matcher: RouteMatch,
     /// One target, or several for a weighted split.
     pub targets: Vec<Target>,
     total_weight: u64,
@@ -167,34 +174,41 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Metric handles.
     pub stats: RouteStats,
+    /// Plugins this route runs, in order.
+    pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
 }
 
 impl Route {
     /// Builds a route; `targets` must not be empty.
     pub fn new(
         name: Arc<str>,
-        path: PathMatch,
-        headers: Vec<HeaderMatch>,
+        matcher: RouteMatch,
         targets: Vec<Target>,
         timeout: Duration,
         retry: RetryPolicy,
         stats: RouteStats,
+        plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
     ) -> Self {
         let total_weight = targets.iter().map(|t| u64::from(t.weight)).sum();
         Route {
             name,
-            path,
-            headers,
+            matcher,
             targets,
             total_weight,
             timeout,
             retry,
             stats,
+            plugins,
         }
     }
 
     fn matches(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
-        self.path.matches(path) && self.headers.iter().all(|h| h.matches(method, headers))
+        self.matcher.path.matches(path)
+            && self
+                .matcher
+                .headers
+                .iter()
+                .all(|h| h.matches(method, headers))
     }
 
     /// Picks the index of the target for one request (weighted for splits).
@@ -343,8 +357,7 @@ mod tests {
         let metrics = Metrics::new();
         Arc::new(Route::new(
             name.into(),
-            path,
-            headers,
+            RouteMatch { path, headers },
             vec![Target {
                 cluster_name: "c".into(),
                 cluster: None,
@@ -354,6 +367,7 @@ mod tests {
             Duration::ZERO,
             RetryPolicy::default(),
             metrics.route_stats(name),
+            Vec::new(),
         ))
     }
 

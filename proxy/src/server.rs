@@ -13,6 +13,7 @@ use crate::cluster::EndpointRegistry;
 use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
+use crate::plugins::PluginLoader;
 use crate::snapshot::{CompileError, Compiler, Snapshot};
 use crate::source::{ConfigSource, Fingerprint};
 use arc_swap::ArcSwap;
@@ -62,6 +63,9 @@ pub enum StartError {
     /// TLS certificate or key unusable.
     #[error("api_gateway.tls: {0}")]
     Tls(String),
+    /// The WebAssembly engine could not start.
+    #[error("cannot start the plugin engine: {0}")]
+    Plugins(String),
     /// A thread or runtime could not start.
     #[error("cannot start: {0}")]
     Runtime(std::io::Error),
@@ -82,6 +86,7 @@ impl StartError {
 pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(EndpointRegistry::default());
+    let plugins = Arc::new(PluginLoader::new(plugin_cache_dir()).map_err(StartError::Plugins)?);
     let translation = options.source.load()?;
     for note in &translation.not_applied {
         tracing::warn!("{note}");
@@ -90,6 +95,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        plugins: &plugins,
     };
     let snapshot = compiler.compile(&translation.bootstrap, &translation.resources)?;
     metrics.config_reloads.inc();
@@ -126,6 +132,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         snapshot: Arc::clone(&snapshot),
         metrics: Arc::clone(&metrics),
         registry,
+        plugins,
         status: Arc::clone(&status),
         health: HealthChecker::default(),
         fingerprint: options.source.fingerprint(),
@@ -156,6 +163,8 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
 
     let conf = ServerConf {
         threads: options.threads.max(1),
+        // A request's plugin contexts live in its worker thread's plugin instances.
+        work_stealing: false,
         grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
@@ -189,6 +198,16 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Where compiled plugin code is cached across restarts.
+fn plugin_cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    let dir = base.join("nip").join("wasm");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
 /// SIGTERM: stop accepting and drain; SIGINT: stop now. SIGHUP is the control thread's.
 struct Signals;
 
@@ -215,6 +234,7 @@ struct Control {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
     registry: Arc<EndpointRegistry>,
+    plugins: Arc<PluginLoader>,
     status: Arc<ProxyStatus>,
     health: HealthChecker,
     fingerprint: Option<Fingerprint>,
@@ -271,6 +291,7 @@ impl Control {
                 registry: &self.registry,
                 metrics: &self.metrics,
                 previous_access_log: current.access_log.clone(),
+                plugins: &self.plugins,
             };
             compiler
                 .compile(&t.bootstrap, &t.resources)

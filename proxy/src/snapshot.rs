@@ -10,9 +10,10 @@
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
 use crate::metrics::{Metrics, RequestCounters};
+use crate::plugins::{LoadedPlugin, PluginLoader};
 use crate::router::{
-    HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, Router, RouterBuilder, Target,
-    VirtualHost,
+    HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteMatch, Router,
+    RouterBuilder, Target, VirtualHost,
 };
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
@@ -23,6 +24,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, route, route_action, route_match, HeaderMatcher, RouteConfiguration,
 };
@@ -32,6 +34,7 @@ use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
     stdout_access_log, StdoutAccessLog,
 };
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, http_filter, HttpConnectionManager,
 };
@@ -40,8 +43,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use http::HeaderName;
+use nip_filters::host::NodeInfo;
 use nip_xds::resources::names;
 use nip_xds::ResourceSet;
 use prost::{Message, Name};
@@ -137,7 +142,12 @@ pub struct Compiler<'a> {
     pub metrics: &'a Metrics,
     /// The access logger of the previous snapshot, reused when unchanged.
     pub previous_access_log: Option<Arc<AccessLogger>>,
+    /// Compiles and canaries plugins.
+    pub plugins: &'a PluginLoader,
 }
+
+/// Plugins of a listener by HTTP filter name.
+type PluginFilters = BTreeMap<String, Arc<LoadedPlugin>>;
 
 impl Compiler<'_> {
     /// Compiles a resource set into a snapshot.
@@ -189,7 +199,8 @@ impl Compiler<'_> {
                 ))
             }
         };
-        let router = self.router(route_config, &clusters)?;
+        let plugins = self.plugin_filters(listener, &hcm, bootstrap)?;
+        let router = self.router(route_config, &clusters, &plugins)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
         Ok(Snapshot {
             version: resources.version.clone(),
@@ -337,10 +348,45 @@ impl Compiler<'_> {
         Ok(endpoints)
     }
 
+    /// Loads every plugin filter of the listener (compile + canary).
+    fn plugin_filters(
+        &self,
+        listener: &Listener,
+        hcm: &HttpConnectionManager,
+        bootstrap: &Bootstrap,
+    ) -> Result<PluginFilters, CompileError> {
+        let node = bootstrap.node.as_ref();
+        let locality = node.and_then(|n| n.locality.as_ref());
+        let node = NodeInfo {
+            id: node.map(|n| n.id.clone()).unwrap_or_default(),
+            region: locality.map(|l| l.region.clone()).unwrap_or_default(),
+            zone: locality.map(|l| l.zone.clone()).unwrap_or_default(),
+        };
+        let mut plugins = PluginFilters::new();
+        for (i, filter) in hcm.http_filters.iter().enumerate() {
+            let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                continue;
+            };
+            if any.type_url != Wasm::type_url() {
+                continue;
+            }
+            let plugin = self.plugins.load(any, &node).map_err(|e| {
+                err(
+                    "Listener",
+                    &listener.name,
+                    format!("http_filters[{i}] {:?}: {e}", filter.name),
+                )
+            })?;
+            plugins.insert(filter.name.clone(), Arc::new(plugin));
+        }
+        Ok(plugins)
+    }
+
     fn router(
         &self,
         config: &RouteConfiguration,
         clusters: &BTreeMap<String, Arc<Cluster>>,
+        plugins: &PluginFilters,
     ) -> Result<Router, CompileError> {
         let name = config.name.as_str();
         let mut builder = RouterBuilder::default();
@@ -356,7 +402,7 @@ impl Compiler<'_> {
                 }
                 let field = format!("virtual_hosts[{vi}].routes[{ri}]");
                 let route = self
-                    .route(xds_route, clusters)
+                    .route(xds_route, clusters, plugins)
                     .map_err(|m| err("RouteConfiguration", name, format!("{field}: {m}")))?;
                 let route = Arc::new(route);
                 compiled.insert(key, Arc::clone(&route));
@@ -385,6 +431,7 @@ impl Compiler<'_> {
         &self,
         xds: &envoy_types::pb::envoy::config::route::v3::Route,
         clusters: &BTreeMap<String, Arc<Cluster>>,
+        plugins: &PluginFilters,
     ) -> Result<Route, String> {
         let route_name: Arc<str> = xds.name.as_str().into();
         let matcher = xds.r#match.as_ref().ok_or("match is missing")?;
@@ -444,12 +491,12 @@ impl Compiler<'_> {
         };
         Ok(Route::new(
             Arc::clone(&route_name),
-            path,
-            headers,
+            RouteMatch { path, headers },
             targets,
             timeout,
             retry,
             self.metrics.route_stats(&route_name),
+            route_plugins(xds, plugins)?,
         ))
     }
 
@@ -506,6 +553,41 @@ impl Compiler<'_> {
     }
 }
 
+/// The plugins a route switches on (`typed_per_filter_config` with `disabled: false`), in
+/// the order their per-route config (`UInt32Value` position) gives.
+fn route_plugins(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    plugins: &PluginFilters,
+) -> Result<Vec<Arc<LoadedPlugin>>, String> {
+    let mut enabled = Vec::new();
+    for (filter, any) in &xds.typed_per_filter_config {
+        let Some(plugin) = plugins.get(filter) else {
+            return Err(format!(
+                "typed_per_filter_config names {filter:?}, which is not a plugin filter of the listener"
+            ));
+        };
+        if any.type_url != FilterConfig::type_url() {
+            return Err(format!(
+                "typed_per_filter_config[{filter:?}] must be a {}",
+                FilterConfig::type_url()
+            ));
+        }
+        let config: FilterConfig = decode(any)?;
+        if config.disabled {
+            continue;
+        }
+        let position = match &config.config {
+            Some(inner) if inner.type_url == UInt32Value::type_url() => {
+                decode::<UInt32Value>(inner)?.value
+            }
+            _ => u32::MAX,
+        };
+        enabled.push((position, filter.clone(), Arc::clone(plugin)));
+    }
+    enabled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Ok(enabled.into_iter().map(|(_, _, p)| p).collect())
+}
+
 fn log_format(format: &SubstitutionFormatString) -> LogFormat {
     match format.format {
         Some(substitution_format_string::Format::JsonFormat(_)) => LogFormat::Json,
@@ -546,13 +628,22 @@ fn listener_spec(
     let hcm: HttpConnectionManager = decode(any).map_err(&fail)?;
     for (i, http) in hcm.http_filters.iter().enumerate() {
         let last = i + 1 == hcm.http_filters.len();
-        let is_router = http.name == names::ROUTER
-            || matches!(&http.config_type, Some(http_filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with(".router.v3.Router"));
+        let type_url = match &http.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            _ => "",
+        };
+        let is_router = http.name == names::ROUTER || type_url.ends_with(".router.v3.Router");
         if last != is_router {
             return Err(fail(format!(
-                "http_filters[{i}] {:?}: the router must be the last filter and only there \
-                 (plugins arrive with the WebAssembly host)",
+                "http_filters[{i}] {:?}: the router must be the last filter, and only there",
                 http.name
+            )));
+        }
+        if !is_router && type_url != Wasm::type_url() {
+            return Err(fail(format!(
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs {} plugins and the router)",
+                http.name,
+                Wasm::type_url()
             )));
         }
     }

@@ -436,3 +436,29 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     }
     total
 }
+
+/// Builds the example plugins (Rust proxy-wasm SDK, wasm32-wasip1) once per test binary and
+/// returns the path of `name.wasm`.
+pub fn example_plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
+            .arg(examples.join("Cargo.toml"))
+            .status()
+            .expect("run cargo for the example plugins");
+        assert!(
+            status.success(),
+            "building the example plugins failed (./dev test adds wasm32-wasip1)"
+        );
+        examples.join("target/wasm32-wasip1/release")
+    });
+    dir.join(format!("{name}.wasm"))
+}

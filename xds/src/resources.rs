@@ -33,6 +33,16 @@ pub mod names {
     pub const STDOUT_ACCESS_LOG: &str = "envoy.access_loggers.stdout";
     /// Access log to a file.
     pub const FILE_ACCESS_LOG: &str = "envoy.access_loggers.file";
+    /// Prefix of the HTTP filter name of each plugin (`nip.plugin.NAME`).
+    pub const PLUGIN_FILTER_PREFIX: &str = "nip.plugin.";
+    /// The wasm runtime NIP names in `VmConfig.runtime`.
+    pub const WASM_RUNTIME: &str = "envoy.wasm.runtime.wasmtime";
+
+    /// The HTTP filter name of a plugin.
+    pub fn plugin_filter(plugin: &str) -> String {
+        format!("{PLUGIN_FILTER_PREFIX}{plugin}")
+    }
+
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -15,8 +15,8 @@
 //! flat route list keeps "first match wins" within the most specific host.
 
 use crate::config::{
-    parse_endpoint_address, parse_listen_address, route_name, AccessLogFormat, Config,
-    HeaderMatchConfig, LbPolicy, RouteConfig, ServiceConfig, UpstreamProtocol,
+    parse_endpoint_address, parse_listen_address, plugin_config_bytes, route_name, AccessLogFormat,
+    Config, FailPolicy, HeaderMatchConfig, LbPolicy, RouteConfig, ServiceConfig, UpstreamProtocol,
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
@@ -28,10 +28,12 @@ use envoy_types::pb::envoy::config::core::v3::{
     HealthCheck, Http2ProtocolOptions, Locality, Node, SocketAddress, SubstitutionFormatString,
     TransportSocket,
 };
+use envoy_types::pb::envoy::config::core::v3::{async_data_source, AsyncDataSource};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, RetryPolicy,
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
@@ -41,6 +43,7 @@ use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
     stdout_access_log, StdoutAccessLog,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
@@ -49,6 +52,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
+};
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    plugin_config, FailurePolicy, PluginConfig, VmConfig,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
 use envoy_types::pb::envoy::r#type::v3::Int64Range;
@@ -128,10 +134,9 @@ pub fn translate(config: &Config) -> Translation {
 fn not_applied(config: &Config) -> Vec<String> {
     let mut notes: Vec<String> = config
         .plugins
-        .keys()
-        .map(|name| {
-            format!("plugins.{name}: validated but not run (the WebAssembly plugin host is not built yet)")
-        })
+        .iter()
+        .filter(|(_, p)| p.source.is_none())
+        .map(|(name, _)| format!("plugins.{name}: has no `source`, so no route can run it"))
         .collect();
     if config.tenant.is_some() {
         notes.push(
@@ -227,13 +232,15 @@ fn gateway_listener(config: &Config) -> Listener {
             config_source: Some(ads_config_source()),
             route_config_name: GATEWAY_ROUTES.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: names::ROUTER.to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: plugin_filters(config)
+            .chain(std::iter::once(HttpFilter {
+                name: names::ROUTER.to_string(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            }))
+            .collect(),
         access_log,
         generate_request_id: Some(pbuf::BoolValue { value: true }),
         ..Default::default()
@@ -277,6 +284,55 @@ fn gateway_listener(config: &Config) -> Listener {
         }],
         ..Default::default()
     }
+}
+
+/// One `envoy.extensions.filters.http.wasm.v3.Wasm` filter per runnable plugin, disabled by
+/// default: routes switch on the plugins they list (`typed_per_filter_config`).
+fn plugin_filters(config: &Config) -> impl Iterator<Item = HttpFilter> + '_ {
+    config
+        .plugins
+        .iter()
+        .filter(|(_, p)| p.enabled)
+        .filter_map(|(name, plugin)| {
+            let source = plugin.source.as_ref()?;
+            let string_any = |bytes: Vec<u8>| {
+                pack_any(pbuf::StringValue {
+                    value: String::from_utf8_lossy(&bytes).into_owned(),
+                })
+            };
+            let wasm = Wasm {
+                config: Some(PluginConfig {
+                    name: name.clone(),
+                    root_id: String::new(),
+                    configuration: Some(string_any(plugin_config_bytes(&plugin.config))),
+                    failure_policy: match plugin.fail {
+                        FailPolicy::Open => FailurePolicy::FailOpen,
+                        FailPolicy::Closed => FailurePolicy::FailClosed,
+                    } as i32,
+                    vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+                        vm_id: name.clone(),
+                        runtime: names::WASM_RUNTIME.to_string(),
+                        code: Some(AsyncDataSource {
+                            specifier: Some(async_data_source::Specifier::Local(DataSource {
+                                specifier: Some(data_source::Specifier::Filename(
+                                    source.file.clone(),
+                                )),
+                                ..Default::default()
+                            })),
+                        }),
+                        configuration: Some(string_any(plugin_config_bytes(&plugin.vm_config))),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }),
+            };
+            Some(HttpFilter {
+                name: names::plugin_filter(name),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(wasm))),
+                disabled: true,
+                ..Default::default()
+            })
+        })
 }
 
 fn access_log_entry(config: &Config) -> AccessLog {
@@ -422,8 +478,28 @@ fn xds_route(route: &RouteConfig, index: usize) -> Route {
         num_retries: Some(UInt32Value { value: r.max }),
         ..Default::default()
     });
+    // Each listed plugin is switched on for this route; its position in the list is the
+    // per-route config, so the proxy runs them in the route's order.
+    let typed_per_filter_config = route
+        .plugins
+        .iter()
+        .enumerate()
+        .map(|(position, plugin)| {
+            (
+                names::plugin_filter(plugin),
+                pack_any(FilterConfig {
+                    config: Some(pack_any(UInt32Value {
+                        value: u32::try_from(position).unwrap_or(u32::MAX),
+                    })),
+                    is_optional: false,
+                    disabled: false,
+                }),
+            )
+        })
+        .collect();
     Route {
         name: route_name(route, index),
+        typed_per_filter_config,
         r#match: Some(RouteMatch {
             path_specifier: Some(path_specifier),
             headers,

@@ -3,6 +3,11 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as XdsLbPolic
 use nip_xds::config::Config;
 use nip_xds::translate::translate;
 
+fn loader() -> &'static PluginLoader {
+    static LOADER: std::sync::OnceLock<PluginLoader> = std::sync::OnceLock::new();
+    LOADER.get_or_init(|| PluginLoader::new(None).expect("wasm engine"))
+}
+
 fn translated(yaml: &str) -> nip_xds::translate::Translation {
     translate(&Config::from_yaml(yaml).expect("valid yaml"))
 }
@@ -31,6 +36,7 @@ fn compile(t: &nip_xds::translate::Translation) -> Result<Snapshot, CompileError
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        plugins: loader(),
     }
     .compile(&t.bootstrap, &t.resources)
 }
@@ -145,6 +151,7 @@ fn endpoint_state_survives_recompilation() {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        plugins: loader(),
     };
     let t = translated(BASE);
     let first = compiler.compile(&t.bootstrap, &t.resources).unwrap();
@@ -174,6 +181,7 @@ fn mutated_configs_never_panic_the_loader_or_compiler() {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        plugins: loader(),
     };
     let alphabet = b" :-{}[]\n\"'*/.,0123456789abcxyz_#&!|>";
     let mut rng = fastrand::Rng::with_seed(0x5eed);

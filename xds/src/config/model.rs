@@ -376,6 +376,9 @@ pub struct RouteConfig {
     /// Retries.
     #[serde(default)]
     pub retries: Option<RetryConfig>,
+    /// Plugins this route runs, in this order.
+    #[serde(default)]
+    pub plugins: Vec<String>,
 }
 
 /// The conditions a request must meet for a route. All given conditions must hold.
@@ -451,19 +454,59 @@ fn default_retry_max() -> u32 {
     1
 }
 
-/// A plugin entry as written in the v4 plan.
+/// A plugin: a proxy-wasm module and its configuration. Routes name the plugins they run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
-    /// Plugin version.
+    /// Plugin version (informational).
     #[serde(default)]
     pub version: Option<String>,
-    /// Whether routes run it.
+    /// Whether routes may run it.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Isolation mechanism; only `wasm` exists in v4.
     #[serde(default = "default_isolation")]
     pub isolation: String,
+    /// Where the module comes from.
+    #[serde(default)]
+    pub source: Option<PluginSource>,
+    /// Handed to the plugin's `on_configure`: a string as is, anything else as JSON.
+    #[serde(default)]
+    pub config: Option<serde_yaml::Value>,
+    /// Handed to the plugin's `on_vm_start`, like `config`.
+    #[serde(default)]
+    pub vm_config: Option<serde_yaml::Value>,
+    /// What a request does when the plugin fails: `closed` (503, default) or `open` (go on).
+    #[serde(default)]
+    pub fail: FailPolicy,
+}
+
+/// Where a plugin's module is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSource {
+    /// A `.wasm` file on the proxy's machine.
+    pub file: String,
+}
+
+/// What a request does when a plugin fails (trap, deadline, memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// Answer 503 with response flag `PF`.
+    #[default]
+    Closed,
+    /// Skip the plugin and go on.
+    Open,
+}
+
+/// Renders a plugin's `config`/`vm_config` as the bytes the plugin receives.
+pub fn plugin_config_bytes(value: &Option<serde_yaml::Value>) -> Vec<u8> {
+    match value {
+        None | Some(serde_yaml::Value::Null) => Vec::new(),
+        Some(serde_yaml::Value::String(text)) => text.clone().into_bytes(),
+        Some(other) => serde_json::to_vec(other).unwrap_or_default(),
+    }
 }
 
 fn default_isolation() -> String {

@@ -79,6 +79,14 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
         validate_route(&path, route, config, &mut errors);
     }
     for (name, plugin) in &config.plugins {
+        if let Some(source) = &plugin.source {
+            if !std::path::Path::new(&source.file).is_file() {
+                errors.add(
+                    format!("plugins.{name}.source.file"),
+                    format!("file {:?} does not exist", source.file),
+                );
+            }
+        }
         if plugin.isolation != "wasm" {
             errors.add(
                 format!("plugins.{name}.isolation"),
@@ -314,6 +322,28 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
     if let Some(timeout) = route.timeout {
         if timeout.0.is_zero() {
             errors.add(format!("{path}.timeout"), "must be more than 0");
+        }
+    }
+    let mut seen_plugins = HashSet::new();
+    for (i, name) in route.plugins.iter().enumerate() {
+        let field = format!("{path}.plugins[{i}]");
+        match config.plugins.get(name) {
+            None => errors.add(field, format!("no plugin named {name:?} in `plugins`")),
+            Some(p) if p.source.is_none() => errors.add(
+                field,
+                format!("plugin {name:?} has no `source`, so it cannot run"),
+            ),
+            Some(p) if !p.enabled => errors.add(
+                field,
+                format!("plugin {name:?} is disabled (enabled: false)"),
+            ),
+            Some(_) => {}
+        }
+        if !seen_plugins.insert(name) {
+            errors.add(
+                format!("{path}.plugins[{i}]"),
+                format!("{name:?} is listed twice"),
+            );
         }
     }
     if let Some(retries) = &route.retries {

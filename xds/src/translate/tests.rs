@@ -33,7 +33,7 @@ fn plan_example_translates_to_one_listener_route_config_and_cluster() {
     assert!(t.resources.endpoints[0].endpoints.is_empty());
     assert_eq!(t.resources.version.len(), 16);
     assert_eq!(t.not_applied.len(), 1);
-    assert!(t.not_applied[0].starts_with("plugins.my-plugin: validated but not run"));
+    assert!(t.not_applied[0].starts_with("plugins.my-plugin: has no `source`"));
 }
 
 #[test]

@@ -1,0 +1,183 @@
+//! Plugins through a real proxy: the Rust-SDK example plugin on some routes, misbehaving
+//! plugins under both fail policies, and a broken plugin at start and at reload.
+
+mod common;
+
+use common::*;
+
+fn config(backend: &Backend, plugins: &str, routes: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+plugins:
+{plugins}
+routes:
+{routes}
+"#,
+        backend.address
+    )
+}
+
+/// A plugin in WAT whose request-headers callback traps.
+const TRAPPING_PLUGIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rust_sdk_plugin_edits_requests_and_responses_on_its_routes_only() {
+    let backend = Backend::start("web").await;
+    let plugin = example_plugin("add_header");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!("  tagger: {{ source: {{ file: \"{}\" }}, config: \"x-team=blue\" }}", plugin.display()),
+        "  - { name: tagged, match: { path_prefix: /tagged }, service: web, plugins: [tagger] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..5 {
+        let response = client.get(proxy.url("/tagged/x?y=1")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-team"], "blue");
+        assert_eq!(backend.last_header("x-team").as_deref(), Some("blue"));
+        assert_eq!(
+            backend.last_header("x-seen-path").as_deref(),
+            Some("/tagged/x?y=1")
+        );
+    }
+    let response = client.get(proxy.url("/plain")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!response.headers().contains_key("x-team"));
+    assert_eq!(backend.last_header("x-team"), None);
+
+    let before = backend.requests();
+    let response = client
+        .get(proxy.url("/tagged"))
+        .header("x-deny", "yes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-denied-by"], "add-header");
+    assert_eq!(response.text().await.unwrap(), "denied\n");
+    assert_eq!(
+        backend.requests(),
+        before,
+        "a local reply never reaches the backend"
+    );
+    assert!(
+        proxy.log().contains("configured x-team=blue"),
+        "plugin logs reach the proxy log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_plugin_follows_its_fail_policy_and_others_keep_working() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let trap = dir.path().join("trap.wat");
+    std::fs::write(&trap, TRAPPING_PLUGIN).unwrap();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  strict: {{ source: {{ file: \"{0}\" }}, fail: closed }}\n  lenient: {{ source: {{ file: \"{0}\" }}, fail: open }}",
+            trap.display()
+        ),
+        "  - { name: strict, match: { path_prefix: /strict }, service: web, plugins: [strict] }\n  - { name: lenient, match: { path_prefix: /lenient }, service: web, plugins: [lenient] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..3 {
+        let response = client.get(proxy.url("/strict")).send().await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["x-nip-response-flags"], "PF");
+        assert_eq!(
+            client
+                .get(proxy.url("/lenient"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            client
+                .get(proxy.url("/plain"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    proxy
+        .wait_for_sample("nip_plugin_failures_total", &[("plugin", "strict")], 3.0)
+        .await;
+    proxy
+        .wait_for_sample("nip_response_flags_total", &[("flag", "PF")], 3.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_plugin_is_refused_at_start_and_at_reload() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not really").unwrap();
+    let bad = config(
+        &backend,
+        &format!(
+            "  broken: {{ source: {{ file: \"{}\" }} }}",
+            garbage.display()
+        ),
+        "  - { service: web, plugins: [broken] }",
+    );
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        bad.replace("{port}", &free_port().to_string())
+            .replace("{admin}", &free_port().to_string()),
+    )
+    .unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plugin broken: cannot compile"), "{stderr}");
+
+    // At reload, the canary refuses it and the running config keeps serving.
+    let plugin = example_plugin("add_header");
+    let good = config(
+        &backend,
+        &format!(
+            "  tagger: {{ source: {{ file: \"{}\" }}, config: \"x-a=1\" }}",
+            plugin.display()
+        ),
+        "  - { service: web, plugins: [tagger] }",
+    );
+    let proxy = Proxy::start(&good).await;
+    let version = proxy.version().await;
+    // A config the plugin itself rejects (no '=') fails the canary's on_configure.
+    proxy.rewrite_config(&good.replace("config: \"x-a=1\"", "config: \"nonsense\""));
+    proxy.signal("HUP");
+    eventually("the refused reload is counted", || async {
+        sample(
+            &proxy.metrics().await,
+            "nip_config_reload_failures_total",
+            &[],
+        ) >= 1.0
+    })
+    .await;
+    let dump = proxy.admin_json("/config_dump").await;
+    assert_eq!(dump["version_info"], version.as_str());
+    assert!(dump["last_reload_error"]
+        .as_str()
+        .unwrap()
+        .contains("on_configure returned false"));
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.headers()["x-a"], "1");
+}
