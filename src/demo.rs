@@ -124,8 +124,23 @@ async fn answer(
 }
 
 /// The demo's config: the same v4 YAML a user would write.
-pub fn config(port: u16, admin_port: u16, backends: &[SocketAddr]) -> String {
+pub fn config(
+    port: u16,
+    admin_port: u16,
+    backends: &[SocketAddr],
+    plugin: Option<&std::path::Path>,
+) -> String {
     let endpoint = |i: usize| backends.get(i).map(ToString::to_string).unwrap_or_default();
+    let (plugins, route_plugins) = match plugin {
+        Some(path) => (
+            format!(
+                "plugins:\n  add-header:\n    source: {{ file: {:?} }}\n    config: \"x-demo-plugin=add-header\"\n",
+                path.display().to_string()
+            ),
+            "    plugins: [add-header]\n",
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         r#"node:
   id: demo-proxy
@@ -148,7 +163,7 @@ services:
     endpoints: ["{a}"]
   web-b:
     endpoints: ["{b}"]
-routes:
+{plugins}routes:
   - name: canary-header
     match: {{ headers: [{{ name: x-canary, exact: "1" }}] }}
     service: web-b
@@ -162,14 +177,21 @@ routes:
     service: web
     timeout: 2s
     retries: {{ on: [connect-failure, 5xx], max: 1 }}
-"#,
+{route_plugins}"#,
         a = endpoint(0),
         b = endpoint(1),
     )
 }
 
 /// Tells the user what to try.
-pub fn print_instructions(port: u16, admin_port: u16) {
+pub fn print_instructions(port: u16, admin_port: u16, plugin: bool) {
+    let plugin_lines = if plugin {
+        format!(
+            "  curl -si localhost:{port}/ | grep x-demo-plugin       # header added by the add-header wasm plugin\n  curl -si -H 'x-deny: yes' localhost:{port}/          # 403 answered by the plugin itself\n"
+        )
+    } else {
+        String::new()
+    };
     println!(
         r#"
 NIP demo: a proxy on 127.0.0.1:{port} in front of two backends (admin on 127.0.0.1:{admin_port}).
@@ -179,7 +201,7 @@ Try:
   for i in $(seq 20); do curl -s localhost:{port}/split | grep backend; done   # 90/10 split
   curl -s localhost:{port}/delay/3000                  # 504 after the route's 2s timeout
   curl -s --http2-prior-knowledge localhost:{port}/    # h2c on the same port
-  curl -s localhost:{admin_port}/metrics | grep nip_requests
+{plugin_lines}  curl -s localhost:{admin_port}/metrics | grep nip_requests
   curl -s localhost:{admin_port}/clusters
   curl -s localhost:{admin_port}/config_dump
 Stop with Ctrl-C.

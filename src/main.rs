@@ -60,6 +60,10 @@ enum Command {
         /// Admin port.
         #[arg(long, default_value_t = 9901)]
         admin_port: u16,
+        /// A proxy-wasm plugin to run on the default route (`./dev demo` passes the
+        /// add-header example).
+        #[arg(long)]
+        plugin: Option<PathBuf>,
     },
     /// Serve a small HTTP backend that echoes what it received (for demos and benchmarks).
     Backend {
@@ -115,10 +119,14 @@ fn main() -> ExitCode {
             watch_interval: Duration::from_millis(500),
         }),
         Command::Validate { file, xds } => validate(&file, xds),
-        Command::Demo { port, admin_port } => match demo::start_backends() {
+        Command::Demo {
+            port,
+            admin_port,
+            plugin,
+        } => match demo::start_backends() {
             Ok(backends) => {
-                let yaml = demo::config(port, admin_port, &backends);
-                demo::print_instructions(port, admin_port);
+                let yaml = demo::config(port, admin_port, &backends, plugin.as_deref());
+                demo::print_instructions(port, admin_port, plugin.is_some());
                 run_proxy(ProxyOptions {
                     source: ConfigSource::Embedded(yaml),
                     threads: cpus.min(2),
