@@ -64,16 +64,28 @@ http {{
 """)
 
 
-def nip_conf() -> Path:
-    return write(OUT / "nip.yaml", f"""
+PLUGINS = ROOT / "filters/examples/target/wasm32-wasip1/release"
+
+
+def nip_conf(plugin: str | None = None) -> Path:
+    plugins, route_plugins = "", ""
+    if plugin == "noop":
+        plugins = f'plugins:\n  noop: {{ source: {{ file: "{PLUGINS / "noop.wasm"}" }} }}\n'
+        route_plugins = "    plugins: [noop]\n"
+    elif plugin == "header":
+        plugins = (f'plugins:\n  header: {{ source: {{ file: "{PLUGINS / "add_header.wasm"}" }}, '
+                   f'config: "x-bench=1" }}\n')
+        route_plugins = "    plugins: [header]\n"
+    name = f"nip-{plugin}.yaml" if plugin else "nip.yaml"
+    return write(OUT / name, f"""
 admin: {{ address: "{ADMIN}" }}
 api_gateway: {{ address: "{LISTEN}" }}
 services:
   backend: {{ endpoints: ["{BACKEND}"] }}
-routes:
+{plugins}routes:
   - name: all
     service: backend
-""")
+{route_plugins}""")
 
 
 def nginx_proxy_conf() -> Path:
@@ -124,6 +136,10 @@ PROXIES = {
     "nginx": lambda: ["nginx", "-c", str(nginx_proxy_conf())],
     "haproxy": lambda: ["haproxy", "-db", "-f", str(haproxy_conf())],
     "pingora": lambda: [str(ROOT / "target/release/nip-bench-baseline"), LISTEN, BACKEND],
+    "nip+noop-plugin": lambda: [str(ROOT / "target/release/nip"), "proxy", "--config",
+                                str(nip_conf("noop")), "--threads", "1"],
+    "nip+header-plugin": lambda: [str(ROOT / "target/release/nip"), "proxy", "--config",
+                                  str(nip_conf("header")), "--threads", "1"],
 }
 
 
@@ -274,6 +290,12 @@ def write_results(results: dict[str, list[dict]]) -> None:
         o = med[other]
         ratio_lines.append(f"| {other} | {nip['cpu_us'] / o['cpu_us']:.2f} | "
                            f"{nip['rps'] / o['rps']:.2f} | {nip['p99_ms'] / o['p99_ms']:.2f} |")
+    ratio_lines += ["", "Plugin cost (nip with a plugin on the route vs nip without):", "",
+                    "| plugin | throughput change | added p99 µs | added CPU µs/req |", "|---|---|---|---|"]
+    for name in ["nip+noop-plugin", "nip+header-plugin"]:
+        p = med[name]
+        ratio_lines.append(f"| {name.removeprefix('nip+')} | {(p['rps'] / nip['rps'] - 1) * 100:+.1f} % | "
+                           f"{(p['p99_ms'] - nip['p99_ms']) * 1000:+.0f} | {p['cpu_us'] - nip['cpu_us']:+.1f} |")
     machine = subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "unknown CPU")

@@ -17,5 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     pkill -x haproxy 2>/dev/null || true
 fi
 command -v oha >/dev/null || cargo install --locked oha
+rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 cargo build --release -p nip -p nip-bench-baseline
+cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Cargo.toml
 exec python3 bench/bench.py "$@"

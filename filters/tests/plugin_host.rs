@@ -256,3 +256,18 @@ fn missing_imports_and_non_plugins_are_clear_load_errors() {
         .to_string();
     assert!(text.contains("cannot compile"), "{text}");
 }
+
+#[test]
+fn a_plugin_that_does_nothing_changes_nothing() {
+    let module = load("noop", "", &example("noop"), PluginLimits::default()).unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let ctx = vm.create_http_context().unwrap();
+    let mut http = request("/", &[("x-a", "1")]);
+    assert_eq!(
+        vm.on_request_headers(ctx, &mut http, true).unwrap(),
+        Action::Continue
+    );
+    assert!(!http.request_headers_changed);
+    assert_eq!(http.request_headers.len(), 5);
+    vm.finish_http_context(ctx, &mut http).unwrap();
+}
