@@ -181,3 +181,56 @@ async fn a_broken_plugin_is_refused_at_start_and_at_reload() {
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.headers()["x-a"], "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_data_spans_worker_threads_and_plugin_metrics_reach_the_admin_port() {
+    let backend = Backend::start("web").await;
+    let plugin = example_plugin("counter");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  counter: {{ source: {{ file: \"{}\" }} }}",
+            plugin.display()
+        ),
+        "  - { service: web, plugins: [counter] }",
+    ))
+    .await;
+    // Separate clients → separate connections, spread over the proxy's two worker threads.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = proxy.url("/");
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            let mut counts = Vec::new();
+            for _ in 0..25 {
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                counts.push(
+                    response.headers()["x-request-count"]
+                        .to_str()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap(),
+                );
+            }
+            counts
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=100).collect::<Vec<u64>>(),
+        "every request got its own number: no lost update across threads"
+    );
+    proxy
+        .wait_for_sample(
+            "nip_plugin_metric",
+            &[("plugin", "counter"), ("name", "requests")],
+            100.0,
+        )
+        .await;
+}

@@ -7,6 +7,7 @@
 //! are still defined — returning `UNIMPLEMENTED` — so that every SDK's module links.
 
 use crate::abi::{self, buffer, map, Pairs, Status};
+use crate::shared::{MetricKind, SetError, SharedState};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Linker, Memory, StoreLimits};
@@ -18,6 +19,8 @@ pub struct PluginIdentity {
     pub name: String,
     /// Root id (`plugin_root_id` property); empty by default.
     pub root_id: String,
+    /// VM id: instances with the same id share data (defaults to the name when empty).
+    pub vm_id: String,
     /// Bytes handed to `on_vm_start`.
     pub vm_config: Vec<u8>,
     /// Bytes handed to `on_configure`.
@@ -102,9 +105,19 @@ pub struct HostState {
     pub effective_context: u32,
     /// The request being filtered, during HTTP callbacks.
     pub http: Option<HttpState>,
+    /// Data and metrics shared with every other instance.
+    pub shared: Arc<SharedState>,
 }
 
 impl HostState {
+    fn vm_id(&self) -> &str {
+        if self.plugin.vm_id.is_empty() {
+            &self.plugin.name
+        } else {
+            &self.plugin.vm_id
+        }
+    }
+
     /// Routes guest stdout (info) and stderr (error) to the proxy log.
     pub fn guest_output(&self, stderr: bool, bytes: &[u8]) {
         let text = String::from_utf8_lossy(bytes);
@@ -578,8 +591,47 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     unimplemented_fn!(linker, "proxy_grpc_send", (i32, i32, i32, i32));
     unimplemented_fn!(linker, "proxy_grpc_cancel", (i32));
     unimplemented_fn!(linker, "proxy_grpc_close", (i32));
-    unimplemented_fn!(linker, "proxy_set_shared_data", (i32, i32, i32, i32, i32));
-    unimplemented_fn!(linker, "proxy_get_shared_data", (i32, i32, i32, i32, i32));
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Caller<'_, HostState>,
+         key_ptr: i32,
+         key_len: i32,
+         value_ptr: i32,
+         value_len: i32,
+         cas: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let value = read(&mut c, value_ptr, value_len)?;
+                let state = c.data();
+                state
+                    .shared
+                    .set(state.vm_id(), &key, value, cas as u32)
+                    .map_err(|SetError::CasMismatch| Status::CasMismatch)
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Caller<'_, HostState>,
+         key_ptr: i32,
+         key_len: i32,
+         ret_ptr: i32,
+         ret_size: i32,
+         ret_cas: i32| {
+            let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
+                let state = c.data();
+                let (value, cas) = state
+                    .shared
+                    .get(state.vm_id(), &key)
+                    .ok_or(Status::NotFound)?;
+                return_bytes(&mut c, &value, ret_ptr, ret_size)?;
+                write(&mut c, ret_cas, &cas.to_le_bytes())
+            });
+            code(result)
+        },
+    )?;
     unimplemented_fn!(linker, "proxy_register_shared_queue", (i32, i32, i32));
     unimplemented_fn!(
         linker,
@@ -588,10 +640,52 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     );
     unimplemented_fn!(linker, "proxy_enqueue_shared_queue", (i32, i32, i32));
     unimplemented_fn!(linker, "proxy_dequeue_shared_queue", (i32, i32, i32));
-    unimplemented_fn!(linker, "proxy_define_metric", (i32, i32, i32, i32));
-    unimplemented_fn!(linker, "proxy_record_metric", (i32, i64));
-    unimplemented_fn!(linker, "proxy_increment_metric", (i32, i64));
-    unimplemented_fn!(linker, "proxy_get_metric", (i32, i32));
+    linker.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: Caller<'_, HostState>, kind: i32, name_ptr: i32, name_len: i32, ret_id: i32| {
+            let result = read_string(&mut c, name_ptr, name_len).and_then(|name| {
+                let kind = MetricKind::from_raw(kind).ok_or(Status::BadArgument)?;
+                let state = c.data();
+                let id = state.shared.define_metric(&state.plugin.name, &name, kind);
+                write(&mut c, ret_id, &id.to_le_bytes())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: Caller<'_, HostState>, id: i32, delta: i64| match c.data().shared.metric(id as u32) {
+            Some(metric) if metric.kind != MetricKind::Histogram => {
+                metric.increment(delta);
+                Status::Ok as i32
+            }
+            Some(_) => Status::BadArgument as i32,
+            None => Status::NotFound as i32,
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: Caller<'_, HostState>, id: i32, value: i64| match c.data().shared.metric(id as u32) {
+            Some(metric) => {
+                metric.record(value);
+                Status::Ok as i32
+            }
+            None => Status::NotFound as i32,
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: Caller<'_, HostState>, id: i32, ret: i32| {
+            let Some(metric) = c.data().shared.metric(id as u32) else {
+                return Status::NotFound as i32;
+            };
+            code(write(&mut c, ret, &(metric.get() as u64).to_le_bytes()))
+        },
+    )?;
     unimplemented_fn!(
         linker,
         "proxy_call_foreign_function",

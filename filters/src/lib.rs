@@ -18,16 +18,18 @@
 //! * [`host`]: the store's state and the `env` host functions.
 //! * [`wasi`]: the full WASI preview1 import set (real where plugins need it, ENOSYS else).
 //! * [`plugin`]: engine (epoch deadlines, compile cache), modules and instances.
+//! * [`shared`]: shared data (with CAS) and plugin metrics, common to all instances.
 //!
 //! This crate knows nothing of pingora or sockets; the proxy copies a request's headers in
 //! and the plugin's edits out. Not yet here (see the issue note): bodies, `proxy_http_call`,
-//! timers, shared data and queues, metrics; they answer `UNIMPLEMENTED` today.
+//! timers, shared queues; they answer `UNIMPLEMENTED` today.
 
 #![warn(missing_docs)]
 
 pub mod abi;
 pub mod host;
 pub mod plugin;
+pub mod shared;
 pub mod wasi;
 
 pub use plugin::{PluginEngine, PluginError, PluginInstance, PluginLimits, PluginModule};

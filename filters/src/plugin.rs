@@ -9,6 +9,7 @@
 
 use crate::abi::Action;
 use crate::host::{self, HostState, HttpState, NodeInfo, PluginIdentity};
+use crate::shared::SharedState;
 use crate::wasi;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,6 +91,7 @@ impl Default for PluginLimits {
 #[derive(Clone)]
 pub struct PluginEngine {
     engine: Engine,
+    shared: Arc<SharedState>,
     linker: Arc<Linker<HostState>>,
     _ticker: Arc<Ticker>,
 }
@@ -104,6 +106,11 @@ impl Drop for Ticker {
 }
 
 impl PluginEngine {
+    /// Data and metrics shared by all plugin instances of this engine.
+    pub fn shared(&self) -> &Arc<SharedState> {
+        &self.shared
+    }
+
     /// Creates the engine; `cache_dir` keeps compiled code across restarts.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
         let mut config = Config::new();
@@ -132,6 +139,7 @@ impl PluginEngine {
             .map_err(|e| format!("epoch thread: {e}"))?;
         Ok(PluginEngine {
             engine,
+            shared: Arc::default(),
             linker: Arc::new(linker),
             _ticker: Arc::new(Ticker(stop)),
         })
@@ -245,6 +253,7 @@ impl PluginInstance {
             tick_period_ms: 0,
             effective_context: 0,
             http: None,
+            shared: Arc::clone(&module.engine.shared),
         };
         let mut store = Store::new(&module.engine.engine, state);
         store.limiter(|s| &mut s.limits);

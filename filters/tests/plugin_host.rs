@@ -271,3 +271,46 @@ fn a_plugin_that_does_nothing_changes_nothing() {
     assert_eq!(http.request_headers.len(), 5);
     vm.finish_http_context(ctx, &mut http).unwrap();
 }
+
+#[test]
+fn shared_data_and_metrics_are_shared_by_instances_on_different_threads() {
+    let module = load("counter", "", &example("counter"), PluginLimits::default()).unwrap();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let module = module.clone();
+            std::thread::spawn(move || {
+                let mut vm = PluginInstance::start(&module).unwrap();
+                let mut last = 0u64;
+                for _ in 0..200 {
+                    let ctx = vm.create_http_context().unwrap();
+                    let mut http = request("/", &[]);
+                    vm.on_request_headers(ctx, &mut http, true).unwrap();
+                    vm.on_response_headers(ctx, &mut http, true).unwrap();
+                    let count: u64 = header(&http.response_headers, "x-request-count")
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    assert!(count > last, "the shared count only grows");
+                    last = count;
+                    vm.finish_http_context(ctx, &mut http).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let shared = engine().shared().clone();
+    let (value, _) = shared.get("counter", "requests").unwrap();
+    assert_eq!(
+        u64::from_le_bytes(value.try_into().unwrap()),
+        400,
+        "no lost update"
+    );
+    let metric = shared
+        .metrics()
+        .into_iter()
+        .find(|m| m.plugin == "counter" && m.name == "requests")
+        .unwrap();
+    assert_eq!(metric.get(), 400);
+}

@@ -68,6 +68,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Draining and reload status.
     pub status: Arc<ProxyStatus>,
+    /// Plugin engine (plugin-defined metrics).
+    pub plugins: Arc<crate::plugins::PluginLoader>,
 }
 
 /// The admin routes.
@@ -98,7 +100,13 @@ async fn ready(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let snapshot = state.snapshot.load();
-    let body = state.metrics.render(Some(&snapshot));
+    let mut body = state.metrics.render(Some(&snapshot));
+    let plugin_metrics = state.plugins.metrics_text();
+    if !plugin_metrics.is_empty() {
+        // OpenMetrics ends with "# EOF": plugin families go before it.
+        let end = body.rfind("# EOF").unwrap_or(body.len());
+        body.insert_str(end, &plugin_metrics);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -108,7 +108,15 @@ impl PluginLoader {
         #[allow(deprecated)]
         let fail_open = config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&bytes, &plugin_config, &vm_config, &config.name, fail_open).hash(&mut hasher);
+        (
+            &bytes,
+            &plugin_config,
+            &vm_config,
+            &config.name,
+            &vm.vm_id,
+            fail_open,
+        )
+            .hash(&mut hasher);
         let key = hasher.finish();
         let cached = self
             .modules
@@ -124,6 +132,7 @@ impl PluginLoader {
                     PluginIdentity {
                         name: config.name.clone(),
                         root_id: config.root_id.clone(),
+                        vm_id: vm.vm_id.clone(),
                         vm_config,
                         plugin_config,
                     },
@@ -147,6 +156,52 @@ impl PluginLoader {
             module,
             fail_open,
         })
+    }
+
+    /// Plugin-defined metrics in Prometheus text: `nip_plugin_metric{plugin,name,kind}`
+    /// (histograms: the sum, with `nip_plugin_metric_count` beside it).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let metrics = self.engine.shared().metrics();
+        if metrics.is_empty() {
+            return String::new();
+        }
+        let escape = |s: &str| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let mut out = String::from(
+            "# HELP nip_plugin_metric Metrics plugins define (proxy_define_metric); histograms show their sum\n# TYPE nip_plugin_metric gauge\n",
+        );
+        for m in &metrics {
+            let kind = match m.kind {
+                nip_filters::shared::MetricKind::Counter => "counter",
+                nip_filters::shared::MetricKind::Gauge => "gauge",
+                nip_filters::shared::MetricKind::Histogram => "histogram",
+            };
+            let _ = writeln!(
+                out,
+                "nip_plugin_metric{{plugin=\"{}\",name=\"{}\",kind=\"{kind}\"}} {}",
+                escape(&m.plugin),
+                escape(&m.name),
+                m.get()
+            );
+        }
+        out.push_str("# HELP nip_plugin_metric_count Observations of plugin histograms\n# TYPE nip_plugin_metric_count gauge\n");
+        for m in metrics
+            .iter()
+            .filter(|m| m.kind == nip_filters::shared::MetricKind::Histogram)
+        {
+            let _ = writeln!(
+                out,
+                "nip_plugin_metric_count{{plugin=\"{}\",name=\"{}\"}} {}",
+                escape(&m.plugin),
+                escape(&m.name),
+                m.count.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        out
     }
 
     /// Forgets compiled modules no live snapshot uses.

@@ -132,7 +132,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         snapshot: Arc::clone(&snapshot),
         metrics: Arc::clone(&metrics),
         registry,
-        plugins,
+        plugins: Arc::clone(&plugins),
         status: Arc::clone(&status),
         health: HealthChecker::default(),
         fingerprint: options.source.fingerprint(),
@@ -143,6 +143,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         snapshot: Arc::clone(&snapshot),
         metrics: Arc::clone(&metrics),
         status,
+        plugins,
     };
     std::thread::Builder::new()
         .name("nip-control".into())
