@@ -234,3 +234,78 @@ async fn shared_data_spans_worker_threads_and_plugin_metrics_reach_the_admin_por
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("plugin.wasm");
+    std::fs::copy(example_plugin("add_header"), &module).unwrap();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  live: {{ source: {{ file: \"{}\" }}, config: \"x-version=1\" }}",
+            module.display()
+        ),
+        "  - { service: web, plugins: [live] }",
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (url, stop, failures) = (proxy.url("/"), Arc::clone(&stop), Arc::clone(&failures));
+        load.push(tokio::spawn(async move {
+            let client = client();
+            let mut sent = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    // A garbage module is refused by the canary: version 1 keeps answering.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::write(&module, b"\0asm garbage").unwrap();
+    eventually("the broken module is refused", || async {
+        sample(
+            &proxy.metrics().await,
+            "nip_config_reload_failures_total",
+            &[],
+        ) >= 1.0
+    })
+    .await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.headers()["x-version"], "1");
+    // A different, valid module replaces it for new requests.
+    let staged = dir.path().join("staged.wasm");
+    std::fs::copy(example_plugin("counter"), &staged).unwrap();
+    std::fs::rename(&staged, &module).unwrap();
+    eventually("the counter module answers", || async {
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.headers().contains_key("x-request-count"))
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = 0;
+    for task in load {
+        sent += task.await.unwrap();
+    }
+    assert!(sent > 100, "the load was real ({sent} requests)");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed during the module swaps"
+    );
+}

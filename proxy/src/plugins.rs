@@ -40,6 +40,8 @@ pub struct LoadedPlugin {
     pub module: PluginModule,
     /// Go on without the plugin when it fails (otherwise 503 `PF`).
     pub fail_open: bool,
+    /// The module file, watched for changes.
+    pub source_file: PathBuf,
 }
 
 /// Compiles plugins for snapshots, reusing modules whose bytes did not change.
@@ -155,6 +157,7 @@ impl PluginLoader {
             key,
             module,
             fail_open,
+            source_file: PathBuf::from(file),
         })
     }
 

@@ -136,6 +136,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         status: Arc::clone(&status),
         health: HealthChecker::default(),
         fingerprint: options.source.fingerprint(),
+        plugin_fingerprints: Default::default(),
         drain_timeout: options.drain_timeout,
         watch_interval: options.watch_interval,
     };
@@ -239,6 +240,7 @@ struct Control {
     status: Arc<ProxyStatus>,
     health: HealthChecker,
     fingerprint: Option<Fingerprint>,
+    plugin_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
     drain_timeout: Duration,
     watch_interval: Duration,
 }
@@ -264,13 +266,17 @@ impl Control {
             tokio::select! {
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: reloading {}", self.source.describe());
-                    self.reload();
+                    let plugin_changed = self.changed_plugin_file().is_some();
+                    self.reload(plugin_changed);
                 }
                 _ = watch.tick() => {
                     let current = self.source.fingerprint();
                     if current.is_some() && current != self.fingerprint {
                         tracing::info!("{} changed: reloading", self.source.describe());
-                        self.reload();
+                        self.reload(false);
+                    } else if let Some(file) = self.changed_plugin_file() {
+                        tracing::info!("plugin module {} changed: reloading", file.display());
+                        self.reload(true);
                     }
                 }
                 _ = terminate.recv() => {
@@ -280,12 +286,32 @@ impl Control {
         }
     }
 
+    /// The first plugin module file whose fingerprint changed since it was last seen.
+    fn changed_plugin_file(&mut self) -> Option<std::path::PathBuf> {
+        let snapshot = self.snapshot.load();
+        let mut changed = None;
+        for plugin in snapshot.plugins.values() {
+            let current = Fingerprint::of(&plugin.source_file);
+            let known = self
+                .plugin_fingerprints
+                .entry(plugin.source_file.clone())
+                .or_insert_with(|| current.clone());
+            if *known != current {
+                *known = current;
+                changed.get_or_insert_with(|| plugin.source_file.clone());
+            }
+        }
+        changed
+    }
+
     /// Loads the source again and swaps the snapshot, or keeps the old one and says why.
-    fn reload(&mut self) {
+    /// Unless `force`d (a plugin module changed on disk), an unchanged config is left alone.
+    fn reload(&mut self, force: bool) {
         self.fingerprint = self.source.fingerprint();
         let current = self.snapshot.load_full();
         let result = self.source.load().map_err(|e| e.to_string()).and_then(|t| {
-            if t.resources.version == current.version && t.bootstrap == current.bootstrap {
+            if !force && t.resources.version == current.version && t.bootstrap == current.bootstrap
+            {
                 return Ok(None);
             }
             let compiler = Compiler {

@@ -121,6 +121,8 @@ pub struct Snapshot {
     pub access_log: Option<Arc<AccessLogger>>,
     /// Counters for requests no route matched.
     pub unrouted: RequestCounters,
+    /// Plugins of the listener by filter name.
+    pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
 }
 
 impl Snapshot {
@@ -211,6 +213,7 @@ impl Compiler<'_> {
             clusters,
             access_log,
             unrouted: self.metrics.request_counters("", ""),
+            plugins,
         })
     }
 

@@ -23,6 +23,17 @@ pub struct Fingerprint {
     len: u64,
 }
 
+impl Fingerprint {
+    /// The fingerprint of any file (a plugin module, say); `None` if it cannot be read.
+    pub fn of(path: &std::path::Path) -> Option<Fingerprint> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Fingerprint {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
+}
+
 impl ConfigSource {
     /// Reads, validates and translates the config.
     pub fn load(&self) -> Result<Translation, ConfigError> {
@@ -37,13 +48,7 @@ impl ConfigSource {
     /// unreadable file (which the next load will report).
     pub fn fingerprint(&self) -> Option<Fingerprint> {
         match self {
-            ConfigSource::File(path) => {
-                let meta = std::fs::metadata(path).ok()?;
-                Some(Fingerprint {
-                    modified: meta.modified().ok(),
-                    len: meta.len(),
-                })
-            }
+            ConfigSource::File(path) => Fingerprint::of(path),
             ConfigSource::Embedded(_) => None,
         }
     }
