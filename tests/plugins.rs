@@ -121,6 +121,34 @@ async fn a_failing_plugin_follows_its_fail_policy_and_others_keep_working() {
     proxy
         .wait_for_sample("nip_response_flags_total", &[("flag", "PF")], 3.0)
         .await;
+    // A crash loop backs off: many more failing requests than instance restarts.
+    for _ in 0..100 {
+        assert_eq!(
+            client
+                .get(proxy.url("/lenient"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let metrics = proxy.metrics().await;
+    let failures = sample(
+        &metrics,
+        "nip_plugin_failures_total",
+        &[("plugin", "lenient")],
+    );
+    let starts = sample(
+        &metrics,
+        "nip_plugin_instance_starts_total",
+        &[("plugin", "lenient")],
+    );
+    assert!(failures >= 100.0, "{failures}");
+    assert!(
+        starts < 40.0,
+        "{starts} restarts for {failures} failures: no back-off"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -175,6 +175,7 @@ pub struct Metrics {
     health_checks: Family<HealthCheckLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Counter>,
+    plugin_instance_starts: Family<PluginLabels, Counter>,
     /// Successful config swaps (the first load included).
     pub config_reloads: Counter,
     /// Config changes that were refused; the old config kept serving.
@@ -209,6 +210,7 @@ impl Metrics {
             health_checks: Family::default(),
             config_info: Family::default(),
             plugin_failures: Family::default(),
+            plugin_instance_starts: Family::default(),
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -279,6 +281,11 @@ impl Metrics {
             "plugin_failures",
             "Plugin callbacks or starts that trapped, ran out of memory or time; the instance was replaced",
             m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_instance_starts",
+            "Plugin instances started on worker threads (a crash loop shows here, slowed by back-off)",
+            m.plugin_instance_starts.clone(),
         );
         registry.register(
             "config_reloads",
@@ -361,6 +368,15 @@ impl Metrics {
     /// Counts one plugin failure (a cold path: the label lookup is fine here).
     pub fn plugin_failure(&self, plugin: &str) {
         self.plugin_failures
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one plugin instance start on a worker thread.
+    pub fn plugin_instance_start(&self, plugin: &str) {
+        self.plugin_instance_starts
             .get_or_create(&PluginLabels {
                 plugin: plugin.to_string(),
             })

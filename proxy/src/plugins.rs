@@ -216,27 +216,76 @@ impl PluginLoader {
     }
 }
 
+/// Failures in a row a thread tolerates before it backs off restarting a plugin.
+const QUICK_RESTARTS: u32 = 3;
+/// Longest back-off between restarts of a crash-looping plugin.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A thread's running instances, and the back-off of plugins that keep failing.
+#[derive(Default)]
+struct ThreadPlugins {
+    instances: HashMap<u64, (PluginInstance, Instant)>,
+    /// Consecutive failures and the time before which no restart is tried.
+    backoff: HashMap<u64, (u32, Instant)>,
+}
+
 thread_local! {
-    static INSTANCES: RefCell<HashMap<u64, (PluginInstance, Instant)>> = RefCell::new(HashMap::new());
+    static PLUGINS: RefCell<ThreadPlugins> = RefCell::new(ThreadPlugins::default());
+}
+
+/// The back-off after `failures` failures in a row: none for the first few, then doubling
+/// from 10 ms up to [`MAX_BACKOFF`].
+fn backoff_after(failures: u32) -> Duration {
+    if failures < QUICK_RESTARTS {
+        return Duration::ZERO;
+    }
+    let exponent = (failures - QUICK_RESTARTS).min(20);
+    Duration::from_millis(10u64 << exponent).min(MAX_BACKOFF)
 }
 
 /// Runs `call` on this thread's instance of `plugin`, starting one if needed. A failure
-/// drops the instance (the next call starts a fresh one) and is counted.
+/// drops the instance (the next call starts a fresh one) and is counted; a plugin that keeps
+/// failing is restarted with exponential back-off, failing requests per its policy meanwhile.
 pub fn with_instance<T>(
     plugin: &LoadedPlugin,
     metrics: &Metrics,
     call: impl FnOnce(&mut PluginInstance) -> Result<T, PluginError>,
 ) -> Result<T, PluginError> {
-    INSTANCES.with(|cell| {
-        let mut instances = cell.borrow_mut();
+    PLUGINS.with(|cell| {
+        let mut plugins = cell.borrow_mut();
+        let ThreadPlugins { instances, backoff } = &mut *plugins;
         let now = Instant::now();
+        let failed = |backoff: &mut HashMap<u64, (u32, Instant)>, e: &PluginError| {
+            metrics.plugin_failure(&plugin.name);
+            let entry = backoff.entry(plugin.key).or_insert((0, now));
+            entry.0 = entry.0.saturating_add(1);
+            entry.1 = now + backoff_after(entry.0);
+            tracing::warn!(
+                "{e}; the plugin instance is replaced (failure {} in a row)",
+                entry.0
+            );
+        };
         if !instances.contains_key(&plugin.key) {
+            if let Some((failures, until)) = backoff.get(&plugin.key) {
+                if now < *until {
+                    metrics.plugin_failure(&plugin.name);
+                    return Err(PluginError::Start {
+                        plugin: plugin.name.to_string(),
+                        reason: format!("backing off after {failures} failures in a row"),
+                    });
+                }
+            }
             instances.retain(|_, (_, used)| now.duration_since(*used) < IDLE_INSTANCE);
-            let instance = PluginInstance::start(&plugin.module).inspect_err(|e| {
-                metrics.plugin_failure(&plugin.name);
-                tracing::warn!("{e}");
-            })?;
-            instances.insert(plugin.key, (instance, now));
+            metrics.plugin_instance_start(&plugin.name);
+            match PluginInstance::start(&plugin.module) {
+                Ok(instance) => {
+                    instances.insert(plugin.key, (instance, now));
+                }
+                Err(e) => {
+                    failed(backoff, &e);
+                    return Err(e);
+                }
+            }
         }
         let Some((instance, used)) = instances.get_mut(&plugin.key) else {
             return Err(PluginError::Start {
@@ -246,13 +295,31 @@ pub fn with_instance<T>(
         };
         *used = now;
         let result = call(instance);
-        if let Err(e) = &result {
-            metrics.plugin_failure(&plugin.name);
-            tracing::warn!("{e}; restarting the plugin instance");
-            instances.remove(&plugin.key);
+        match &result {
+            Ok(_) => {
+                backoff.remove(&plugin.key);
+            }
+            Err(e) => {
+                instances.remove(&plugin.key);
+                failed(backoff, e);
+            }
         }
         result
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_after_a_few_quick_restarts_and_is_capped() {
+        assert_eq!(backoff_after(0), Duration::ZERO);
+        assert_eq!(backoff_after(2), Duration::ZERO);
+        assert_eq!(backoff_after(3), Duration::from_millis(10));
+        assert_eq!(backoff_after(4), Duration::from_millis(20));
+        assert_eq!(backoff_after(100), MAX_BACKOFF);
+    }
 }
 
 /// The request head as plugins see it: pseudo-headers first, names in lower case.
