@@ -275,6 +275,8 @@ fn a_plugin_that_does_nothing_changes_nothing() {
 #[test]
 fn shared_data_and_metrics_are_shared_by_instances_on_different_threads() {
     let module = load("counter", "", &example("counter"), PluginLimits::default()).unwrap();
+    // As the proxy's canary does: one instance starts first and creates the shared key.
+    PluginInstance::start(&module).unwrap();
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let module = module.clone();

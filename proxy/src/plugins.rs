@@ -308,20 +308,6 @@ pub fn with_instance<T>(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_after_a_few_quick_restarts_and_is_capped() {
-        assert_eq!(backoff_after(0), Duration::ZERO);
-        assert_eq!(backoff_after(2), Duration::ZERO);
-        assert_eq!(backoff_after(3), Duration::from_millis(10));
-        assert_eq!(backoff_after(4), Duration::from_millis(20));
-        assert_eq!(backoff_after(100), MAX_BACKOFF);
-    }
-}
-
 /// The request head as plugins see it: pseudo-headers first, names in lower case.
 pub fn request_pairs(request: &RequestHeader, scheme: &str) -> Pairs {
     let authority = request
@@ -424,5 +410,19 @@ pub fn apply_response_pairs(response: &mut ResponseHeader, pairs: &Pairs) {
         if let Err(e) = result {
             tracing::warn!("plugin set an invalid response header {name:?}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_after_a_few_quick_restarts_and_is_capped() {
+        assert_eq!(backoff_after(0), Duration::ZERO);
+        assert_eq!(backoff_after(2), Duration::ZERO);
+        assert_eq!(backoff_after(3), Duration::from_millis(10));
+        assert_eq!(backoff_after(4), Duration::from_millis(20));
+        assert_eq!(backoff_after(100), MAX_BACKOFF);
     }
 }

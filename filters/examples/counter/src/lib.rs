@@ -21,6 +21,14 @@ impl Context for CounterRoot {}
 
 impl RootContext for CounterRoot {
     fn on_vm_start(&mut self, _size: usize) -> bool {
+        // Create the key once, so that every later update is a CAS on an existing value (a
+        // write with no CAS token cannot tell "absent" from "someone just created it"). The
+        // host runs a canary instance at load, before any worker, so this does not race.
+        if self.get_shared_data(KEY).0.is_none()
+            && self.set_shared_data(KEY, Some(&0u64.to_le_bytes()), None).is_err()
+        {
+            return false;
+        }
         match hostcalls::define_metric(MetricType::Counter, "requests") {
             Ok(id) => {
                 self.metric = id;
