@@ -33,6 +33,15 @@ fn write_u64(caller: &mut Caller<'_, HostState>, ptr: i32, value: u64) -> bool {
     write_bytes(caller, ptr, &value.to_le_bytes())
 }
 
+/// `answer` for stdin/stdout/stderr, `EBADF` for any other descriptor (there are none).
+fn on_stdio(fd: i32, answer: i32) -> i32 {
+    if (0..=2).contains(&fd) {
+        answer
+    } else {
+        EBADF
+    }
+}
+
 fn status(ok: bool) -> i32 {
     if ok {
         SUCCESS
@@ -125,13 +134,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 status(write_u32(&mut c, read, 0))
             },
         )?;
-        linker.func_wrap(module, "fd_close", |fd: i32| {
-            if (0..=2).contains(&fd) {
-                SUCCESS
-            } else {
-                EBADF
-            }
-        })?;
+        linker.func_wrap(module, "fd_close", |fd: i32| on_stdio(fd, SUCCESS))?;
         linker.func_wrap(
             module,
             "fd_fdstat_get",
@@ -150,39 +153,13 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             EBADF
         })?;
         linker.func_wrap(module, "fd_seek", |fd: i32, _: i64, _: i32, _: i32| {
-            if (0..=2).contains(&fd) {
-                ESPIPE
-            } else {
-                EBADF
-            }
+            on_stdio(fd, ESPIPE)
         })?;
-        linker.func_wrap(module, "fd_tell", |fd: i32, _: i32| {
-            if (0..=2).contains(&fd) {
-                ESPIPE
-            } else {
-                EBADF
-            }
-        })?;
-        linker.func_wrap(module, "fd_sync", |fd: i32| {
-            if (0..=2).contains(&fd) {
-                SUCCESS
-            } else {
-                EBADF
-            }
-        })?;
-        linker.func_wrap(module, "fd_datasync", |fd: i32| {
-            if (0..=2).contains(&fd) {
-                SUCCESS
-            } else {
-                EBADF
-            }
-        })?;
+        linker.func_wrap(module, "fd_tell", |fd: i32, _: i32| on_stdio(fd, ESPIPE))?;
+        linker.func_wrap(module, "fd_sync", |fd: i32| on_stdio(fd, SUCCESS))?;
+        linker.func_wrap(module, "fd_datasync", |fd: i32| on_stdio(fd, SUCCESS))?;
         linker.func_wrap(module, "fd_fdstat_set_flags", |fd: i32, _: i32| {
-            if (0..=2).contains(&fd) {
-                SUCCESS
-            } else {
-                EBADF
-            }
+            on_stdio(fd, SUCCESS)
         })?;
         linker.func_wrap(
             module,
