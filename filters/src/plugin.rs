@@ -226,13 +226,6 @@ pub struct PluginInstance {
     deadline_ticks: u64,
 }
 
-/// The outcome of one HTTP callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallbackResult {
-    /// What the plugin asked for.
-    pub action: Action,
-}
-
 impl PluginInstance {
     /// Instantiates and starts a plugin: `_initialize`/`_start`, `main`, the root context,
     /// `on_vm_start` and `on_configure`, which must both accept.
@@ -418,12 +411,6 @@ impl PluginInstance {
             *http = state;
         }
         result
-    }
-
-    /// The tick period the plugin asked for.
-    pub fn tick_period(&self) -> Option<Duration> {
-        let ms = self.store.data().tick_period_ms;
-        (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
     }
 }
 

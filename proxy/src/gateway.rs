@@ -251,38 +251,6 @@ impl Gateway {
     }
 }
 
-/// Sends a plugin's local reply.
-async fn respond_local(session: &mut Session, ctx: &RequestCtx, reply: LocalResponse) {
-    let mut header = match ResponseHeader::build(reply.status, Some(reply.headers.len() + 3)) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("cannot build the plugin's {} reply: {e}", reply.status);
-            return;
-        }
-    };
-    for (name, value) in &reply.headers {
-        if let Err(e) = header.append_header(name.clone(), value.as_str()) {
-            tracing::warn!("plugin reply header {name:?} skipped: {e}");
-        }
-    }
-    let _ = header.insert_header(http::header::CONTENT_LENGTH, reply.body.len());
-    if !ctx.request_id.is_empty() {
-        let _ = header.insert_header("x-request-id", ctx.request_id.as_str());
-    }
-    let result = async {
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session
-            .write_response_body(Some(Bytes::from(reply.body)), true)
-            .await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!("could not send the plugin's reply: {e}");
-    }
-}
-
 /// A 128-bit random request id in UUID v4 form.
 fn new_request_id() -> String {
     let hi = fastrand::u64(..);
@@ -300,16 +268,52 @@ fn new_request_id() -> String {
     id
 }
 
-/// Writes a response the proxy generates itself.
+/// Writes a response the proxy generates itself (text body, response flag if any).
 async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: &'static str) {
-    let mut header = match ResponseHeader::build(status, Some(4)) {
+    let headers = [("content-type".to_string(), "text/plain".to_string())];
+    write_local(
+        session,
+        ctx,
+        status,
+        &headers,
+        Bytes::from_static(body.as_bytes()),
+    )
+    .await;
+}
+
+/// Sends a plugin's local reply.
+async fn respond_local(session: &mut Session, ctx: &RequestCtx, reply: LocalResponse) {
+    write_local(
+        session,
+        ctx,
+        reply.status,
+        &reply.headers,
+        Bytes::from(reply.body),
+    )
+    .await;
+}
+
+/// Writes a complete response from the proxy: `headers`, content length, request id and
+/// the response flag. Write errors mean the client left; they are only logged at debug.
+async fn write_local(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    headers: &[(String, String)],
+    body: Bytes,
+) {
+    let mut header = match ResponseHeader::build(status, Some(headers.len() + 3)) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!("cannot build a {status} response: {e}");
             return;
         }
     };
-    let _ = header.insert_header(http::header::CONTENT_TYPE, "text/plain");
+    for (name, value) in headers {
+        if let Err(e) = header.append_header(name.clone(), value.as_str()) {
+            tracing::warn!("response header {name:?} skipped: {e}");
+        }
+    }
     let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len());
     if !ctx.request_id.is_empty() {
         let _ = header.insert_header("x-request-id", ctx.request_id.as_str());
@@ -321,9 +325,7 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: &'s
         session
             .write_response_header(Box::new(header), false)
             .await?;
-        session
-            .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-            .await
+        session.write_response_body(Some(body), true).await
     }
     .await;
     if let Err(e) = result {
@@ -430,13 +432,13 @@ impl ProxyHttp for Gateway {
         };
         let index = route.pick_target().unwrap_or(0);
         let cluster = route.targets.get(index).and_then(|t| t.cluster.clone());
-        let plugins = route.plugins.clone();
         if let Some(first) = cluster.as_ref() {
             ctx.cluster = Some(Arc::clone(first));
         }
-        ctx.route = Some(route);
+        let has_plugins = !route.plugins.is_empty();
+        ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
-        if !plugins.is_empty() && self.run_request_plugins(session, ctx, &plugins).await {
+        if has_plugins && self.run_request_plugins(session, ctx, &route.plugins).await {
             return Ok(true);
         }
         let Some(cluster) = cluster else {

@@ -344,6 +344,16 @@ impl Control {
                 self.snapshot.store(Arc::new(snapshot));
                 self.health.reconcile(&self.snapshot.load(), &self.metrics);
                 self.registry.prune();
+                // Compiled modules of plugin versions no longer configured can go; in-flight
+                // requests keep theirs through their snapshot.
+                let live: Vec<u64> = self
+                    .snapshot
+                    .load()
+                    .plugins
+                    .values()
+                    .map(|p| p.key)
+                    .collect();
+                self.plugins.retain(&live);
                 self.metrics.config_reloads.inc();
                 self.status.set_reload_error(None);
                 tracing::info!(%version, previous = %current.version, "config swapped in");
