@@ -243,6 +243,13 @@ impl Gateway {
                 vm.on_response_headers(*context, &mut http, false)
             });
         }
+        if let Some(reply) = http.local_response.take() {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                status = reply.status,
+                "a plugin sent a local reply from the response phase; only the request phase supports that, so it is ignored"
+            );
+        }
         if http.response_headers_changed {
             apply_response_pairs(response, &http.response_headers);
             http.response_headers_changed = false;
