@@ -89,6 +89,18 @@ pub mod map {
     pub const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 }
 
+/// Streams `proxy_continue_stream` / `proxy_close_stream` act on.
+pub mod stream {
+    /// The request.
+    pub const HTTP_REQUEST: i32 = 0;
+    /// The response.
+    pub const HTTP_RESPONSE: i32 = 1;
+    /// L4 downstream.
+    pub const DOWNSTREAM: i32 = 2;
+    /// L4 upstream.
+    pub const UPSTREAM: i32 = 3;
+}
+
 /// Log levels, TRACE 0 … CRITICAL 5.
 pub mod log_level {
     /// Trace.

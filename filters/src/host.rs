@@ -3,13 +3,18 @@
 //!
 //! During an HTTP callback the request's data sits in [`HttpState`] inside the store; host
 //! functions read and edit it there, and the caller copies edits back to the real request
-//! afterwards (only what the plugin changed). Functions this host does not implement yet
-//! are still defined — returning `UNIMPLEMENTED` — so that every SDK's module links.
+//! afterwards (only what the plugin changed). `proxy_http_call` only records a [`Callout`];
+//! the proxy performs it and hands the answer back through
+//! [`crate::PluginInstance::on_http_call_response`]. Functions this host does not implement
+//! (gRPC callouts, foreign functions, `proxy_set_property`, `proxy_close_stream`) are still
+//! defined — returning `UNIMPLEMENTED` — so that every SDK's module links.
 
 use crate::abi::{self, buffer, map, Pairs, Status};
-use crate::shared::{MetricKind, SetError, SharedState};
+use crate::shared::{MetricKind, QueueError, SetError, SharedState};
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 use wasmtime::{Caller, Linker, Memory, StoreLimits};
 
 /// What identifies a plugin to itself (properties, buffers).
@@ -74,8 +79,46 @@ pub struct HttpState {
     pub response_headers_changed: bool,
     /// A local reply the plugin sent, if any.
     pub local_response: Option<LocalResponse>,
+    /// The request body the current callback sees (buffered chunks, then this one).
+    pub request_body: Vec<u8>,
+    /// The response body the current callback sees.
+    pub response_body: Vec<u8>,
+    /// Set when the plugin resumed the request (`proxy_continue_stream(HTTP_REQUEST)`).
+    pub request_resumed: bool,
+    /// Set when the plugin resumed the response.
+    pub response_resumed: bool,
     /// Facts for properties.
     pub info: RequestInfo,
+}
+
+/// An HTTP call a plugin dispatched (`proxy_http_call`), for the proxy to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    /// Token the plugin got back; the answer is delivered under it.
+    pub token: u32,
+    /// The context that was effective when the call was made (an HTTP context or the root).
+    pub context: u32,
+    /// The cluster to call.
+    pub upstream: String,
+    /// Request headers, with `:method`, `:path` and `:authority`.
+    pub headers: Pairs,
+    /// Request body.
+    pub body: Vec<u8>,
+    /// Request trailers.
+    pub trailers: Pairs,
+    /// How long the proxy waits for the whole answer.
+    pub timeout: Duration,
+}
+
+/// The answer to a [`Callout`]; empty headers mean it failed (connect error, timeout).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CalloutResponse {
+    /// Response headers, `:status` first.
+    pub headers: Pairs,
+    /// Response body.
+    pub body: Vec<u8>,
+    /// Response trailers.
+    pub trailers: Pairs,
 }
 
 /// Facts about the proxy node, for `node.*` properties.
@@ -107,6 +150,16 @@ pub struct HostState {
     pub http: Option<HttpState>,
     /// Data and metrics shared with every other instance.
     pub shared: Arc<SharedState>,
+    /// Calls dispatched and not yet handed to the proxy.
+    pub callouts: Vec<Callout>,
+    /// The last callout token handed out.
+    pub last_token: u32,
+    /// The answer being delivered, during `proxy_on_http_call_response`.
+    pub callout_response: Option<CalloutResponse>,
+    /// Notified when a queue this instance registered gets an item.
+    pub wake: Arc<Notify>,
+    /// Tokens of the queues this instance registered.
+    pub queues: Vec<u32>,
 }
 
 impl HostState {
@@ -133,6 +186,11 @@ impl HostState {
     }
 
     fn map(&self, map_type: i32) -> Option<&Pairs> {
+        match (map_type, &self.callout_response) {
+            (map::HTTP_CALL_RESPONSE_HEADERS, Some(r)) => return Some(&r.headers),
+            (map::HTTP_CALL_RESPONSE_TRAILERS, Some(r)) => return Some(&r.trailers),
+            _ => {}
+        }
         let http = self.http.as_ref()?;
         match map_type {
             map::HTTP_REQUEST_HEADERS => Some(&http.request_headers),
@@ -151,6 +209,22 @@ impl HostState {
             map::HTTP_RESPONSE_HEADERS => {
                 http.response_headers_changed = true;
                 Some(&mut http.response_headers)
+            }
+            _ => None,
+        }
+    }
+
+    /// The bytes of a buffer the plugin may read now.
+    fn buffer(&self, kind: i32) -> Option<&[u8]> {
+        match kind {
+            buffer::VM_CONFIGURATION => Some(&self.plugin.vm_config),
+            buffer::PLUGIN_CONFIGURATION => Some(&self.plugin.plugin_config),
+            buffer::HTTP_REQUEST_BODY => Some(self.http.as_ref().map_or(&[], |h| &h.request_body)),
+            buffer::HTTP_RESPONSE_BODY => {
+                Some(self.http.as_ref().map_or(&[], |h| &h.response_body))
+            }
+            buffer::HTTP_CALL_RESPONSE_BODY => {
+                Some(self.callout_response.as_ref().map_or(&[], |r| &r.body))
             }
             _ => None,
         }
@@ -272,6 +346,50 @@ fn return_bytes(
     write(caller, ret_size, &len.to_le_bytes())
 }
 
+/// Decodes a header map the guest passed; names are lower-cased.
+fn read_pairs(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<Pairs, Status> {
+    let bytes = read(caller, ptr, len)?;
+    Ok(abi::decode_pairs(&bytes)
+        .map_err(|_| Status::ParseFailure)?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_ascii_lowercase(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect())
+}
+
+/// Replaces `size` bytes at `start` with `data` (ABI: start 0 and size 0 prepends, a start
+/// past the end appends).
+pub fn splice(body: &mut Vec<u8>, start: usize, size: usize, data: Vec<u8>) {
+    let start = start.min(body.len());
+    let end = start.saturating_add(size).min(body.len());
+    body.splice(start..end, data);
+}
+
+/// Marks the current request or response as resumed by the plugin.
+fn resume(caller: &mut Caller<'_, HostState>, stream: i32) {
+    if let Some(http) = caller.data_mut().http.as_mut() {
+        match stream {
+            abi::stream::HTTP_REQUEST => http.request_resumed = true,
+            abi::stream::HTTP_RESPONSE => http.response_resumed = true,
+            _ => {}
+        }
+    }
+}
+
+/// The ABI status for a refused queue operation. A full queue is reported as
+/// INTERNAL_FAILURE, which SDKs surface as an error rather than a panic.
+fn queue_status(error: QueueError) -> Status {
+    match error {
+        QueueError::NotFound => Status::NotFound,
+        QueueError::Empty => Status::Empty,
+        QueueError::Full => Status::InternalFailure,
+    }
+}
+
 fn code(result: Result<(), Status>) -> i32 {
     match result {
         Ok(()) => Status::Ok as i32,
@@ -356,12 +474,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          max: i32,
          ret_ptr: i32,
          ret_size: i32| {
-            let plugin = Arc::clone(&c.data().plugin);
-            let whole: &[u8] = match kind {
-                buffer::VM_CONFIGURATION => &plugin.vm_config,
-                buffer::PLUGIN_CONFIGURATION => &plugin.plugin_config,
-                buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => &[],
-                _ => return Status::BadArgument as i32,
+            let Some(whole) = c.data().buffer(kind) else {
+                return Status::BadArgument as i32;
             };
             // Sizes are u32 on wasm32; SDKs pass u32::MAX for "everything".
             let start = (start as u32 as usize).min(whole.len());
@@ -369,23 +483,38 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             if end == start {
                 return Status::NotFound as i32;
             }
-            code(return_bytes(&mut c, &whole[start..end], ret_ptr, ret_size))
+            let bytes = whole[start..end].to_vec();
+            code(return_bytes(&mut c, &bytes, ret_ptr, ret_size))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_get_buffer_status",
         |mut c: Caller<'_, HostState>, kind: i32, ret_size: i32, ret_flags: i32| {
-            let size = match kind {
-                buffer::VM_CONFIGURATION => c.data().plugin.vm_config.len(),
-                buffer::PLUGIN_CONFIGURATION => c.data().plugin.plugin_config.len(),
-                buffer::HTTP_REQUEST_BODY | buffer::HTTP_RESPONSE_BODY => 0,
-                _ => return Status::BadArgument as i32,
+            let Some(size) = c.data().buffer(kind).map(<[u8]>::len) else {
+                return Status::BadArgument as i32;
             };
             code(
                 write(&mut c, ret_size, &(size as u32).to_le_bytes())
                     .and_then(|()| write(&mut c, ret_flags, &0u32.to_le_bytes())),
             )
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: Caller<'_, HostState>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| {
+            let result = read(&mut c, ptr, len).and_then(|data| {
+                let http = c.data_mut().http.as_mut().ok_or(Status::NotFound)?;
+                let body = match kind {
+                    buffer::HTTP_REQUEST_BODY => &mut http.request_body,
+                    buffer::HTTP_RESPONSE_BODY => &mut http.response_body,
+                    _ => return Err(Status::BadArgument),
+                };
+                splice(body, start as u32 as usize, size as u32 as usize, data);
+                Ok(())
+            });
+            code(result)
         },
     )?;
     linker.func_wrap(
@@ -415,17 +544,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_header_map_pairs",
         |mut c: Caller<'_, HostState>, map_type: i32, ptr: i32, len: i32| {
-            let result = read(&mut c, ptr, len).and_then(|bytes| {
-                let pairs = abi::decode_pairs(&bytes).map_err(|_| Status::ParseFailure)?;
-                let pairs: Pairs = pairs
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_ascii_lowercase(),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })
-                    .collect();
+            let result = read_pairs(&mut c, ptr, len).and_then(|pairs| {
                 let map = c.data_mut().map_mut(map_type).ok_or(Status::BadArgument)?;
                 *map = pairs;
                 Ok(())
@@ -526,16 +645,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 let details =
                     String::from_utf8_lossy(&read(&mut c, details_ptr, details_len)?).into_owned();
                 let body = read(&mut c, body_ptr, body_len)?;
-                let headers = abi::decode_pairs(&read(&mut c, headers_ptr, headers_len)?)
-                    .map_err(|_| Status::ParseFailure)?
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_ascii_lowercase(),
-                            String::from_utf8_lossy(&v).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = read_pairs(&mut c, headers_ptr, headers_len)?;
                 let http = c.data_mut().http.as_mut().ok_or(Status::BadArgument)?;
                 http.local_response = Some(LocalResponse {
                     status,
@@ -565,19 +675,82 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             code(result)
         },
     )?;
-    linker.func_wrap("env", "proxy_continue_stream", |_: i32| Status::Ok as i32)?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: Caller<'_, HostState>, stream: i32| {
+            resume(&mut c, stream);
+            Status::Ok as i32
+        },
+    )?;
     // Resuming a stream explicitly (0.2.0 names).
-    linker.func_wrap("env", "proxy_continue_request", || Status::Ok as i32)?;
-    linker.func_wrap("env", "proxy_continue_response", || Status::Ok as i32)?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_request",
+        |mut c: Caller<'_, HostState>| {
+            resume(&mut c, abi::stream::HTTP_REQUEST);
+            Status::Ok as i32
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_response",
+        |mut c: Caller<'_, HostState>| {
+            resume(&mut c, abi::stream::HTTP_RESPONSE);
+            Status::Ok as i32
+        },
+    )?;
     unimplemented_fn!(linker, "proxy_close_stream", (i32));
     unimplemented_fn!(linker, "proxy_get_status", (i32, i32, i32));
-    unimplemented_fn!(linker, "proxy_set_buffer_bytes", (i32, i32, i32, i32, i32));
     unimplemented_fn!(linker, "proxy_set_property", (i32, i32, i32, i32));
-    unimplemented_fn!(
-        linker,
+    linker.func_wrap(
+        "env",
         "proxy_http_call",
-        (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32)
-    );
+        |mut c: Caller<'_, HostState>,
+         upstream_ptr: i32,
+         upstream_len: i32,
+         headers_ptr: i32,
+         headers_len: i32,
+         body_ptr: i32,
+         body_len: i32,
+         trailers_ptr: i32,
+         trailers_len: i32,
+         timeout_ms: i32,
+         ret_token: i32| {
+            let result = (|| {
+                let upstream = read_string(&mut c, upstream_ptr, upstream_len)?;
+                let headers = read_pairs(&mut c, headers_ptr, headers_len)?;
+                let body = read(&mut c, body_ptr, body_len)?;
+                let trailers = read_pairs(&mut c, trailers_ptr, trailers_len)?;
+                let has = |name: &str| headers.iter().any(|(k, v)| k == name && !v.is_empty());
+                if !(has(":method") && has(":path") && has(":authority")) {
+                    return Err(Status::BadArgument);
+                }
+                if !c.data().shared.has_upstream(&upstream) {
+                    tracing::warn!(
+                        plugin = %c.data().plugin.name,
+                        "proxy_http_call to {upstream:?}: no such cluster"
+                    );
+                    return Err(Status::BadArgument);
+                }
+                let state = c.data_mut();
+                state.last_token = state.last_token.wrapping_add(1).max(1);
+                let token = state.last_token;
+                let context = state.effective_context;
+                state.callouts.push(Callout {
+                    token,
+                    context,
+                    upstream,
+                    headers,
+                    body,
+                    trailers,
+                    timeout: Duration::from_millis(u64::from(timeout_ms as u32)),
+                });
+                write(&mut c, ret_token, &token.to_le_bytes())
+            })();
+            code(result)
+        },
+    )?;
     unimplemented_fn!(
         linker,
         "proxy_grpc_call",
@@ -632,14 +805,72 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             code(result)
         },
     )?;
-    unimplemented_fn!(linker, "proxy_register_shared_queue", (i32, i32, i32));
-    unimplemented_fn!(
-        linker,
+    linker.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: Caller<'_, HostState>, name_ptr: i32, name_len: i32, ret_token: i32| {
+            let result = read_string(&mut c, name_ptr, name_len).and_then(|name| {
+                let state = c.data_mut();
+                let token = state
+                    .shared
+                    .register_queue(state.vm_id(), &name, &state.wake);
+                if !state.queues.contains(&token) {
+                    state.queues.push(token);
+                }
+                write(&mut c, ret_token, &token.to_le_bytes())
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
         "proxy_resolve_shared_queue",
-        (i32, i32, i32, i32, i32)
-    );
-    unimplemented_fn!(linker, "proxy_enqueue_shared_queue", (i32, i32, i32));
-    unimplemented_fn!(linker, "proxy_dequeue_shared_queue", (i32, i32, i32));
+        |mut c: Caller<'_, HostState>,
+         vm_ptr: i32,
+         vm_len: i32,
+         name_ptr: i32,
+         name_len: i32,
+         ret_token: i32| {
+            let result = (|| {
+                let vm = read_string(&mut c, vm_ptr, vm_len)?;
+                let name = read_string(&mut c, name_ptr, name_len)?;
+                let state = c.data();
+                let vm = if vm.is_empty() { state.vm_id() } else { &vm };
+                let token = state
+                    .shared
+                    .resolve_queue(vm, &name)
+                    .ok_or(Status::NotFound)?;
+                write(&mut c, ret_token, &token.to_le_bytes())
+            })();
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: Caller<'_, HostState>, token: i32, ptr: i32, len: i32| {
+            let result = read(&mut c, ptr, len).and_then(|item| {
+                c.data()
+                    .shared
+                    .enqueue(token as u32, item)
+                    .map_err(queue_status)
+            });
+            code(result)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: Caller<'_, HostState>, token: i32, ret_ptr: i32, ret_size: i32| {
+            let result = c
+                .data()
+                .shared
+                .dequeue(token as u32)
+                .map_err(queue_status)
+                .and_then(|item| return_bytes(&mut c, &item, ret_ptr, ret_size));
+            code(result)
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_define_metric",

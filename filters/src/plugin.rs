@@ -8,11 +8,11 @@
 //! worker thread and drives HTTP contexts through it.
 
 use crate::abi::Action;
-use crate::host::{self, HostState, HttpState, NodeInfo, PluginIdentity};
+use crate::host::{self, Callout, CalloutResponse, HostState, HttpState, NodeInfo, PluginIdentity};
 use crate::shared::SharedState;
 use crate::wasi;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::{
@@ -21,6 +21,10 @@ use wasmtime::{
 
 /// How often the epoch advances; callback deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Numbers instances, so a context can tell whether the instance it was created in is
+/// still the one running.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// Why a plugin could not be loaded or a callback failed.
 #[derive(Debug, thiserror::Error)]
@@ -206,11 +210,19 @@ impl PluginModule {
     }
 }
 
+/// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`.
+type HttpCallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
 /// The guest functions the host calls, resolved once per instance.
 struct Callbacks {
     context_create: TypedFunc<(i32, i32), ()>,
     request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    http_call_response: Option<HttpCallResponseFn>,
+    tick: Option<TypedFunc<i32, ()>>,
+    queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     log: Option<TypedFunc<i32, ()>>,
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<TypedFunc<i32, ()>>,
@@ -224,6 +236,7 @@ pub struct PluginInstance {
     root_context: i32,
     next_context: i32,
     deadline_ticks: u64,
+    generation: u64,
 }
 
 impl PluginInstance {
@@ -247,6 +260,11 @@ impl PluginInstance {
             effective_context: 0,
             http: None,
             shared: Arc::clone(&module.engine.shared),
+            callouts: Vec::new(),
+            last_token: 0,
+            callout_response: None,
+            wake: Arc::default(),
+            queues: Vec::new(),
         };
         let mut store = Store::new(&module.engine.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -279,8 +297,21 @@ impl PluginInstance {
             request_headers: instance
                 .get_typed_func(&mut store, "proxy_on_request_headers")
                 .ok(),
+            request_body: instance
+                .get_typed_func(&mut store, "proxy_on_request_body")
+                .ok(),
             response_headers: instance
                 .get_typed_func(&mut store, "proxy_on_response_headers")
+                .ok(),
+            response_body: instance
+                .get_typed_func(&mut store, "proxy_on_response_body")
+                .ok(),
+            http_call_response: instance
+                .get_typed_func(&mut store, "proxy_on_http_call_response")
+                .ok(),
+            tick: instance.get_typed_func(&mut store, "proxy_on_tick").ok(),
+            queue_ready: instance
+                .get_typed_func(&mut store, "proxy_on_queue_ready")
                 .ok(),
             log: instance.get_typed_func(&mut store, "proxy_on_log").ok(),
             done: instance.get_typed_func(&mut store, "proxy_on_done").ok(),
@@ -293,6 +324,7 @@ impl PluginInstance {
             root_context: 1,
             next_context: 2,
             deadline_ticks,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         };
         let root = this.root_context;
         this.guard("proxy_on_context_create", |store, cb| {
@@ -359,6 +391,120 @@ impl PluginInstance {
             }
         })
         .map(Action::from_raw)
+    }
+
+    /// Runs `on_request_body` on `http.request_body` (everything buffered for this plugin so
+    /// far); the plugin may edit it there.
+    pub fn on_request_body(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, PluginError> {
+        let size = http.request_body.len() as i32;
+        self.with_http(http, "proxy_on_request_body", |store, cb| {
+            match &cb.request_body {
+                Some(f) => f.call(store, (context, size, i32::from(end_of_stream))),
+                None => Ok(0),
+            }
+        })
+        .map(Action::from_raw)
+    }
+
+    /// Runs `on_response_body` on `http.response_body`.
+    pub fn on_response_body(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+        end_of_stream: bool,
+    ) -> Result<Action, PluginError> {
+        let size = http.response_body.len() as i32;
+        self.with_http(http, "proxy_on_response_body", |store, cb| {
+            match &cb.response_body {
+                Some(f) => f.call(store, (context, size, i32::from(end_of_stream))),
+                None => Ok(0),
+            }
+        })
+        .map(Action::from_raw)
+    }
+
+    /// Delivers the answer to callout `token`. `http` is the request that made the call when
+    /// it is waiting for it, so the plugin can resume it or answer it locally.
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        response: CalloutResponse,
+        http: Option<&mut HttpState>,
+    ) -> Result<(), PluginError> {
+        let root = self.root_context;
+        let counts = (
+            response.headers.len() as i32,
+            response.body.len() as i32,
+            response.trailers.len() as i32,
+        );
+        self.store.data_mut().callout_response = Some(response);
+        let call = |store: &mut Store<HostState>, cb: &Callbacks| match &cb.http_call_response {
+            Some(f) => f.call(store, (root, token as i32, counts.0, counts.1, counts.2)),
+            None => Ok(()),
+        };
+        let result = match http {
+            Some(http) => self.with_http(http, "proxy_on_http_call_response", call),
+            None => self.guard("proxy_on_http_call_response", call),
+        };
+        self.store.data_mut().callout_response = None;
+        result
+    }
+
+    /// Runs `on_tick` on the root context.
+    pub fn on_tick(&mut self) -> Result<(), PluginError> {
+        let root = self.root_context;
+        self.guard("proxy_on_tick", |store, cb| match &cb.tick {
+            Some(f) => f.call(store, root),
+            None => Ok(()),
+        })
+    }
+
+    /// Runs `on_queue_ready` for a queue this instance registered.
+    pub fn on_queue_ready(&mut self, token: u32) -> Result<(), PluginError> {
+        let root = self.root_context;
+        self.guard("proxy_on_queue_ready", |store, cb| match &cb.queue_ready {
+            Some(f) => f.call(store, (root, token as i32)),
+            None => Ok(()),
+        })
+    }
+
+    /// Takes the calls the plugin dispatched since the last time; the proxy performs them.
+    pub fn take_callouts(&mut self) -> Vec<Callout> {
+        std::mem::take(&mut self.store.data_mut().callouts)
+    }
+
+    /// The tick period the plugin asked for, if any.
+    pub fn tick_period(&self) -> Option<Duration> {
+        match self.store.data().tick_period_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(u64::from(ms))),
+        }
+    }
+
+    /// Notified when a queue this instance registered receives an item.
+    pub fn queue_wake(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.store.data().wake)
+    }
+
+    /// Registered queues that have items waiting.
+    pub fn ready_queues(&self) -> Vec<u32> {
+        let state = self.store.data();
+        state
+            .queues
+            .iter()
+            .copied()
+            .filter(|token| state.shared.queue_has_items(*token))
+            .collect()
+    }
+
+    /// Identifies this instance among all instances ever started in the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Runs `on_response_headers`.

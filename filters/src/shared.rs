@@ -1,13 +1,23 @@
 //! State plugins share across instances (and so across worker threads): key-value data
-//! with compare-and-swap, and the metrics plugins define.
+//! with compare-and-swap, shared queues, the metrics plugins define, and the names of the
+//! upstreams `proxy_http_call` may reach.
 //!
-//! One [`SharedState`] belongs to the engine. Shared data is scoped by VM id, as in Envoy:
-//! every instance of the same plugin sees the same keys. Metrics are scoped by plugin name,
-//! so the proxy can export them with a `plugin` label.
+//! One [`SharedState`] belongs to the engine. Shared data and queues are scoped by VM id, as
+//! in Envoy: every instance of the same plugin sees the same keys and queues. Metrics are
+//! scoped by plugin name, so the proxy can export them with a `plugin` label.
+//!
+//! A queue wakes the instances that registered it: each instance has a [`Notify`] that its
+//! worker's background task waits on, and an enqueue notifies every live registrant (the
+//! first to dequeue gets the item; the others find the queue empty).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use tokio::sync::Notify;
+
+/// Items a queue holds before enqueues are refused; a queue nobody drains must not grow
+/// without bound.
+pub const QUEUE_CAPACITY: usize = 10_000;
 
 /// Why a shared-data write was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,12 +67,40 @@ pub struct PluginMetric {
 /// Shared values by (VM id, key): the bytes and their CAS token.
 type SharedData = HashMap<(String, String), (Vec<u8>, u32)>;
 
-/// Shared data and metrics of all plugin instances of one engine.
+/// Why a queue operation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// No queue has this token.
+    NotFound,
+    /// Nothing to dequeue.
+    Empty,
+    /// The queue holds [`QUEUE_CAPACITY`] items already.
+    Full,
+}
+
+/// One shared queue.
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Vec<u8>>,
+    /// The instances that registered the queue and want `on_queue_ready`.
+    waiters: Vec<Weak<Notify>>,
+}
+
+/// Queues by token, and tokens by (VM id, name).
+#[derive(Debug, Default)]
+struct Queues {
+    tokens: HashMap<(String, String), u32>,
+    queues: Vec<Queue>,
+}
+
+/// Shared data, queues and metrics of all plugin instances of one engine.
 #[derive(Debug, Default)]
 pub struct SharedState {
     data: Mutex<SharedData>,
+    queues: Mutex<Queues>,
     metrics: RwLock<Vec<Arc<PluginMetric>>>,
     metric_ids: Mutex<HashMap<(String, String), u32>>,
+    upstreams: RwLock<HashSet<String>>,
 }
 
 impl SharedState {
@@ -88,6 +126,90 @@ impl SharedState {
         // Tokens start at 1 so that 0 keeps meaning "no check".
         entry.1 = entry.1.wrapping_add(1).max(1);
         Ok(())
+    }
+
+    /// Registers (or finds) the queue `name` of `vm` and subscribes `waiter` to it; returns
+    /// its token. Tokens start at 1.
+    pub fn register_queue(&self, vm: &str, name: &str, waiter: &Arc<Notify>) -> u32 {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let Queues { tokens, queues } = &mut *queues;
+        let token = *tokens
+            .entry((vm.to_string(), name.to_string()))
+            .or_insert_with(|| {
+                queues.push(Queue::default());
+                queues.len() as u32
+            });
+        if let Some(queue) = queues.get_mut(token as usize - 1) {
+            queue.waiters.retain(|w| w.strong_count() > 0);
+            if !queue
+                .waiters
+                .iter()
+                .any(|w| w.ptr_eq(&Arc::downgrade(waiter)))
+            {
+                queue.waiters.push(Arc::downgrade(waiter));
+            }
+        }
+        token
+    }
+
+    /// The token of an existing queue.
+    pub fn resolve_queue(&self, vm: &str, name: &str) -> Option<u32> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tokens
+            .get(&(vm.to_string(), name.to_string()))
+            .copied()
+    }
+
+    /// Appends to a queue and wakes its registrants.
+    pub fn enqueue(&self, token: u32, item: Vec<u8>) -> Result<(), QueueError> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = token
+            .checked_sub(1)
+            .and_then(|i| queues.queues.get_mut(i as usize))
+            .ok_or(QueueError::NotFound)?;
+        if queue.items.len() >= QUEUE_CAPACITY {
+            return Err(QueueError::Full);
+        }
+        queue.items.push_back(item);
+        for waiter in queue.waiters.iter().filter_map(Weak::upgrade) {
+            waiter.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest item of a queue.
+    pub fn dequeue(&self, token: u32) -> Result<Vec<u8>, QueueError> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = token
+            .checked_sub(1)
+            .and_then(|i| queues.queues.get_mut(i as usize))
+            .ok_or(QueueError::NotFound)?;
+        queue.items.pop_front().ok_or(QueueError::Empty)
+    }
+
+    /// Whether a queue has items waiting.
+    pub fn queue_has_items(&self, token: u32) -> bool {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        token
+            .checked_sub(1)
+            .and_then(|i| queues.queues.get(i as usize))
+            .is_some_and(|q| !q.items.is_empty())
+    }
+
+    /// Sets the upstream (cluster) names `proxy_http_call` accepts; the proxy calls this
+    /// with each configuration it loads.
+    pub fn set_upstreams(&self, names: impl IntoIterator<Item = String>) {
+        *self.upstreams.write().unwrap_or_else(|p| p.into_inner()) = names.into_iter().collect();
+    }
+
+    /// Whether `name` is an upstream a callout may reach.
+    pub fn has_upstream(&self, name: &str) -> bool {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     /// Defines (or finds) a metric; the same plugin and name always get the same id.
@@ -170,6 +292,40 @@ mod tests {
             shared.get("other-vm", "k").is_none(),
             "data is scoped by VM id"
         );
+    }
+
+    #[test]
+    fn queues_are_scoped_by_vm_bounded_and_wake_their_registrants() {
+        let shared = SharedState::default();
+        let waiter = Arc::new(Notify::new());
+        let token = shared.register_queue("vm", "jobs", &waiter);
+        assert_eq!(shared.register_queue("vm", "jobs", &waiter), token);
+        assert_eq!(shared.resolve_queue("vm", "jobs"), Some(token));
+        assert_eq!(shared.resolve_queue("other-vm", "jobs"), None);
+        assert_eq!(shared.dequeue(token), Err(QueueError::Empty));
+        assert_eq!(
+            shared.enqueue(token + 7, b"x".to_vec()),
+            Err(QueueError::NotFound)
+        );
+        shared.enqueue(token, b"a".to_vec()).unwrap();
+        shared.enqueue(token, b"b".to_vec()).unwrap();
+        assert!(shared.queue_has_items(token));
+        // The enqueue left a permit: a waiter that starts waiting now returns at once.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), waiter.notified())
+                .await
+                .expect("the enqueue woke the registrant");
+        });
+        assert_eq!(shared.dequeue(token).unwrap(), b"a");
+        assert_eq!(shared.dequeue(token).unwrap(), b"b");
+        for _ in 0..QUEUE_CAPACITY {
+            shared.enqueue(token, Vec::new()).unwrap();
+        }
+        assert_eq!(shared.enqueue(token, Vec::new()), Err(QueueError::Full));
     }
 
     #[test]

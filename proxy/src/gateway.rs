@@ -16,10 +16,10 @@
 
 use crate::cluster::{ActiveRequest, Cluster};
 use crate::metrics::Metrics;
-use crate::plugins::{
-    apply_request_pairs, apply_response_pairs, request_pairs, response_pairs, with_instance,
-    LoadedPlugin,
-};
+use crate::plugins::chain::{RequestPlugins, Verdict};
+use crate::plugins::headers::request_pairs;
+use crate::plugins::runtime::PluginRuntime;
+use crate::plugins::LoadedPlugin;
 use crate::router::Route;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
@@ -44,6 +44,9 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Marks an upstream response that the route's retry policy wants tried again.
 const RETRIABLE_STATUS: ErrorType = ErrorType::Custom("UpstreamRetriableStatus");
+
+/// A plugin ended the request from a body phase; `RequestCtx::plugin_stop` says how.
+const PLUGIN_STOP: ErrorType = ErrorType::Custom("PluginStoppedRequest");
 
 /// Why the proxy answered or shaped a response itself, as Envoy's response flags say it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,10 +121,10 @@ pub struct RequestCtx {
     request_id: String,
     active_endpoint: Option<ActiveRequest>,
     active_cluster: Option<GaugeGuard>,
-    /// Plugin contexts opened for this request: (plugin, context id).
-    plugin_contexts: Vec<(Arc<LoadedPlugin>, i32)>,
-    /// What plugins see of this request between callbacks.
-    plugin_http: Option<HttpState>,
+    /// The route's plugins as this request runs through them.
+    plugins: Option<RequestPlugins>,
+    /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
+    plugin_stop: Option<Verdict>,
     _downstream: GaugeGuard,
 }
 
@@ -146,16 +149,19 @@ pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
     flag_counters: [Counter; 9],
+    plugin_runtime: Arc<PluginRuntime>,
 }
 
 impl Gateway {
     /// A gateway serving whatever snapshot `snapshot` holds at each request's start.
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
         let flag_counters = ResponseFlag::ALL.map(|f| metrics.response_flag(f.as_str()));
+        let plugin_runtime = PluginRuntime::new(Arc::clone(&metrics), Arc::clone(&snapshot));
         Gateway {
             snapshot,
             metrics,
             flag_counters,
+            plugin_runtime,
         }
     }
 }
@@ -170,7 +176,7 @@ impl Gateway {
         plugins: &[Arc<LoadedPlugin>],
     ) -> bool {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let mut http = HttpState {
+        let http = HttpState {
             request_headers: request_pairs(
                 session.req_header(),
                 if tls { "https" } else { "http" },
@@ -201,61 +207,71 @@ impl Gateway {
             ..Default::default()
         };
         let end_of_stream = session.is_body_empty();
-        for plugin in plugins {
-            // A failed callback takes its instance (and so the context) with it.
-            let result = with_instance(plugin, &self.metrics, |vm| {
-                let context = vm.create_http_context()?;
-                vm.on_request_headers(context, &mut http, end_of_stream)?;
-                Ok(context)
-            });
-            if let Ok(context) = result {
-                ctx.plugin_contexts.push((Arc::clone(plugin), context));
-            } else if !plugin.fail_open {
-                ctx.flag = Some(ResponseFlag::PluginFailure);
-                ctx.local_status = 503;
-                ctx.plugin_http = Some(http);
-                respond(session, ctx, 503, "a plugin failed\n").await;
-                return true;
-            }
-            if let Some(reply) = http.local_response.take() {
-                ctx.local_status = reply.status;
-                ctx.plugin_http = Some(http);
-                respond_local(session, ctx, reply).await;
-                return true;
-            }
-        }
-        if http.request_headers_changed {
-            apply_request_pairs(session.req_header_mut(), &http.request_headers);
-            http.request_headers_changed = false;
-        }
-        ctx.plugin_http = Some(http);
-        false
+        let (chain, verdict) = RequestPlugins::on_request_headers(
+            &self.plugin_runtime,
+            plugins,
+            http,
+            session.req_header_mut(),
+            end_of_stream,
+        )
+        .await;
+        ctx.plugins = Some(chain);
+        answer_plugin_verdict(session, ctx, verdict).await
     }
+}
 
-    /// Runs the plugins on the response head, last plugin first (Envoy's encoder order).
-    /// A failure here cannot turn into a 503 any more: it is counted and the plugin skipped.
-    fn run_response_plugins(&self, response: &mut ResponseHeader, ctx: &mut RequestCtx) {
-        let mut http = ctx.plugin_http.take().unwrap_or_default();
-        http.response_headers = response_pairs(response);
-        http.info.response_code = Some(response.status.as_u16());
-        for (plugin, context) in ctx.plugin_contexts.iter().rev() {
-            let _ = with_instance(plugin, &self.metrics, |vm| {
-                vm.on_response_headers(*context, &mut http, false)
-            });
+/// Answers the request when a plugin phase ended it; returns whether it did.
+async fn answer_plugin_verdict(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    verdict: Verdict,
+) -> bool {
+    match verdict {
+        Verdict::Continue => return false,
+        Verdict::Reply(reply) => {
+            ctx.local_status = reply.status;
+            respond_local(session, ctx, reply).await;
         }
-        if let Some(reply) = http.local_response.take() {
-            tracing::warn!(
-                request_id = %ctx.request_id,
-                status = reply.status,
-                "a plugin sent a local reply from the response phase; only the request phase supports that, so it is ignored"
-            );
+        Verdict::Failed => {
+            ctx.flag = Some(ResponseFlag::PluginFailure);
+            ctx.local_status = 503;
+            respond(session, ctx, 503, "a plugin failed\n").await;
         }
-        if http.response_headers_changed {
-            apply_response_pairs(response, &http.response_headers);
-            http.response_headers_changed = false;
+        Verdict::RequestBodyTooLarge => {
+            ctx.local_status = 413;
+            respond(
+                session,
+                ctx,
+                413,
+                "request body too large for a plugin's buffer\n",
+            )
+            .await;
         }
-        ctx.plugin_http = Some(http);
+        Verdict::ResponseBodyTooLarge => {
+            ctx.local_status = 500;
+            respond(
+                session,
+                ctx,
+                500,
+                "response body too large for a plugin's buffer\n",
+            )
+            .await;
+        }
     }
+    true
+}
+
+/// Whether a response ends with its head: HEAD requests, 1xx/204/304, `content-length: 0`.
+fn response_has_no_body(session: &Session, response: &ResponseHeader) -> bool {
+    let status = response.status.as_u16();
+    session.req_header().method == http::Method::HEAD
+        || status < 200
+        || status == 204
+        || status == 304
+        || response
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
 }
 
 /// A 128-bit random request id in UUID v4 form.
@@ -392,8 +408,8 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             active_endpoint: None,
             active_cluster: None,
-            plugin_contexts: Vec::new(),
-            plugin_http: None,
+            plugins: None,
+            plugin_stop: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
         }
     }
@@ -457,6 +473,52 @@ impl ProxyHttp for Gateway {
         ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
         ctx.cluster = Some(cluster);
         Ok(false)
+    }
+
+    /// Runs request body chunks through the route's plugins.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(plugins) = ctx.plugins.as_mut() else {
+            return Ok(());
+        };
+        match plugins.on_request_body(body, end_of_stream).await {
+            Verdict::Continue => Ok(()),
+            verdict => {
+                ctx.plugin_stop = Some(verdict);
+                Err(Error::explain(
+                    PLUGIN_STOP,
+                    "a plugin ended the request in its body phase",
+                ))
+            }
+        }
+    }
+
+    /// Runs response body chunks through the route's plugins.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        let Some(plugins) = ctx.plugins.as_mut() else {
+            return Ok(None);
+        };
+        match plugins.on_response_body(body, end_of_stream) {
+            Verdict::Continue => Ok(None),
+            verdict => {
+                ctx.plugin_stop = Some(verdict);
+                Err(Error::explain(
+                    PLUGIN_STOP,
+                    "a plugin ended the response in its body phase",
+                ))
+            }
+        }
     }
 
     /// Picks an endpoint: healthy, and not one that already failed this request.
@@ -614,7 +676,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        if e.etype() == &RETRIABLE_STATUS {
+        if e.etype() == &RETRIABLE_STATUS || e.etype() == &PLUGIN_STOP {
             return e;
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
@@ -652,6 +714,18 @@ impl ProxyHttp for Gateway {
     where
         RequestCtx: Send + Sync,
     {
+        if let Some(verdict) = ctx.plugin_stop.take() {
+            session.set_keepalive(None);
+            if session.response_written().is_none() {
+                answer_plugin_verdict(session, ctx, verdict).await;
+            } else {
+                tracing::warn!(request_id = %ctx.request_id, "a plugin ended the response after its head was sent; the connection is closed");
+            }
+            return FailToProxy {
+                error_code: ctx.local_status,
+                can_reuse_downstream: false,
+            };
+        }
         let etype = e.etype();
         let (code, flag, body) = match (etype, e.esource()) {
             (ErrorType::HTTPStatus(code), _) => {
@@ -723,15 +797,18 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if !ctx.request_id.is_empty() {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
-        if !ctx.plugin_contexts.is_empty() {
-            self.run_response_plugins(upstream_response, ctx);
+        if let Some(plugins) = ctx.plugins.as_mut() {
+            plugins.on_response_headers(
+                upstream_response,
+                response_has_no_body(session, upstream_response),
+            );
         }
         Ok(())
     }
@@ -742,14 +819,8 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map_or(ctx.local_status, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
-        if !ctx.plugin_contexts.is_empty() {
-            let mut http = ctx.plugin_http.take().unwrap_or_default();
-            http.info.response_code = Some(status);
-            for (plugin, context) in std::mem::take(&mut ctx.plugin_contexts) {
-                let _ = with_instance(&plugin, &self.metrics, |vm| {
-                    vm.finish_http_context(context, &mut http)
-                });
-            }
+        if let Some(mut plugins) = ctx.plugins.take() {
+            plugins.finish(status);
         }
         if let Some(flag) = ctx.flag {
             self.flag_counters[flag.index()].inc();

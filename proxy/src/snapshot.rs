@@ -201,6 +201,7 @@ impl Compiler<'_> {
                 ))
             }
         };
+        self.plugins.set_upstreams(clusters.keys().cloned());
         let plugins = self.plugin_filters(listener, &hcm, bootstrap)?;
         let router = self.router(route_config, &clusters, &plugins)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;

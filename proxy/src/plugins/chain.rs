@@ -1,0 +1,312 @@
+//! One request through its route's plugins, phase by phase.
+//!
+//! ```text
+//! request headers ─▶ request body chunks ─▶ (upstream) ─▶ response headers ─▶ response body
+//!   plugins in route order                                 plugins in reverse order
+//! ```
+//!
+//! Envoy's filter-chain rules, on pingora's callbacks:
+//! * A plugin that pauses the request after dispatching `proxy_http_call`s holds the request
+//!   until their answers are delivered and it resumes it (or answers locally); pausing without
+//!   a callout cannot hold request headers here (pingora forwards them when the header phase
+//!   ends), so the request goes on.
+//! * Body chunks flow from plugin to plugin. A plugin that pauses a body keeps what it got so
+//!   far; later plugins see nothing until it continues, then everything at once. A plugin's
+//!   buffer is bounded: past its limit the request ends with 413 (request body) or 500
+//!   (response body, while the response head is still unsent). Pausing at the end of a body
+//!   continues — there is nothing more to wait for.
+//! * Callouts made while nobody waits (response phase, root context) run in the background
+//!   and their answers go to the plugin's root context.
+
+use super::headers::{apply_request_pairs, apply_response_pairs, response_pairs};
+use super::runtime::PluginRuntime;
+use super::LoadedPlugin;
+use bytes::Bytes;
+use nip_filters::abi::Action;
+use nip_filters::host::{Callout, HttpState, LocalResponse};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// What the request does after a plugin phase.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on to the next phase.
+    Continue,
+    /// A plugin answered the request itself.
+    Reply(LocalResponse),
+    /// A fail-closed plugin failed: answer 503 with response flag `PF`.
+    Failed,
+    /// A plugin's request body buffer passed its limit (413).
+    RequestBodyTooLarge,
+    /// A plugin's response body buffer passed its limit (500 while the head is unsent).
+    ResponseBodyTooLarge,
+}
+
+/// A plugin context opened for this request.
+struct Context {
+    plugin: Arc<LoadedPlugin>,
+    id: i32,
+    /// The instance the context lives in.
+    generation: u64,
+    /// Request body this plugin holds while it pauses.
+    request_held: Vec<u8>,
+    /// Response body this plugin holds while it pauses.
+    response_held: Vec<u8>,
+}
+
+/// The plugin side of one request: open contexts, and what plugins see between callbacks.
+pub struct RequestPlugins {
+    runtime: Arc<PluginRuntime>,
+    contexts: Vec<Context>,
+    http: HttpState,
+    request_has_body: bool,
+    response_body_seen: bool,
+}
+
+impl RequestPlugins {
+    /// Runs `plugins` (in order) on the request head in `http`, and writes their header
+    /// edits to `request`. Returns the plugin side of the request and what to do next.
+    pub async fn on_request_headers(
+        runtime: &Arc<PluginRuntime>,
+        plugins: &[Arc<LoadedPlugin>],
+        http: HttpState,
+        request: &mut RequestHeader,
+        end_of_stream: bool,
+    ) -> (Self, Verdict) {
+        let mut this = RequestPlugins {
+            runtime: Arc::clone(runtime),
+            contexts: Vec::with_capacity(plugins.len()),
+            http,
+            request_has_body: !end_of_stream,
+            response_body_seen: false,
+        };
+        for plugin in plugins {
+            let http = &mut this.http;
+            let result = runtime.with_instance(plugin, |vm| {
+                let context = vm.create_http_context()?;
+                let action = vm.on_request_headers(context, http, end_of_stream)?;
+                Ok((context, action, vm.take_callouts()))
+            });
+            let ((id, action, callouts), generation) = match result {
+                Ok(done) => done,
+                Err(_) if plugin.fail_open => continue,
+                Err(_) => return (this, Verdict::Failed),
+            };
+            this.contexts.push(Context {
+                plugin: Arc::clone(plugin),
+                id,
+                generation,
+                request_held: Vec::new(),
+                response_held: Vec::new(),
+            });
+            let index = this.contexts.len() - 1;
+            let verdict = this.settle_request(index, action, callouts).await;
+            if !matches!(verdict, Verdict::Continue) {
+                return (this, verdict);
+            }
+        }
+        if this.http.request_headers_changed {
+            apply_request_pairs(request, &this.http.request_headers);
+            this.http.request_headers_changed = false;
+        }
+        (this, Verdict::Continue)
+    }
+
+    /// After a request-direction callback: answers a local reply, and holds the request
+    /// while the plugin paused it for its own callouts, delivering their answers.
+    async fn settle_request(
+        &mut self,
+        index: usize,
+        action: Action,
+        callouts: Vec<Callout>,
+    ) -> Verdict {
+        let Some(context) = self.contexts.get(index) else {
+            return Verdict::Continue;
+        };
+        let (plugin, id, generation) =
+            (Arc::clone(&context.plugin), context.id, context.generation);
+        let (mine, others): (Vec<Callout>, Vec<Callout>) =
+            callouts.into_iter().partition(|c| c.context == id as u32);
+        self.runtime.dispatch(&plugin, generation, others);
+        if let Some(reply) = self.http.local_response.take() {
+            self.runtime.dispatch(&plugin, generation, mine);
+            return Verdict::Reply(reply);
+        }
+        if action == Action::Continue || mine.is_empty() {
+            self.runtime.dispatch(&plugin, generation, mine);
+            return Verdict::Continue;
+        }
+        self.http.request_resumed = false;
+        let mut pending: VecDeque<Callout> = mine.into();
+        while let Some(callout) = pending.pop_front() {
+            let response = self.runtime.call(&callout).await;
+            let http = &mut self.http;
+            let delivered = self.runtime.with_context(&plugin, generation, |vm| {
+                vm.on_http_call_response(callout.token, response, Some(http))?;
+                Ok(vm.take_callouts())
+            });
+            let more = match delivered {
+                Ok(more) => more,
+                Err(_) if plugin.fail_open => return Verdict::Continue,
+                Err(_) => return Verdict::Failed,
+            };
+            let (mine, others): (Vec<Callout>, Vec<Callout>) =
+                more.into_iter().partition(|c| c.context == id as u32);
+            self.runtime.dispatch(&plugin, generation, others);
+            pending.extend(mine);
+            if let Some(reply) = self.http.local_response.take() {
+                self.runtime.dispatch(&plugin, generation, pending.into());
+                return Verdict::Reply(reply);
+            }
+            if self.http.request_resumed {
+                self.runtime.dispatch(&plugin, generation, pending.into());
+                break;
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Runs a request body chunk through the plugins. `chunk` is replaced by what goes
+    /// upstream now: the chunk as the last plugin passed it, or nothing while one holds it.
+    pub async fn on_request_body(
+        &mut self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        if !self.request_has_body {
+            return Verdict::Continue;
+        }
+        let mut flowing = chunk.take().map(|b| b.to_vec()).unwrap_or_default();
+        for index in 0..self.contexts.len() {
+            let context = &mut self.contexts[index];
+            context.request_held.append(&mut flowing);
+            if context.request_held.len() > context.plugin.max_body_bytes {
+                return Verdict::RequestBodyTooLarge;
+            }
+            self.http.request_body = std::mem::take(&mut context.request_held);
+            let (plugin, id, generation) =
+                (Arc::clone(&context.plugin), context.id, context.generation);
+            let http = &mut self.http;
+            let result = self.runtime.with_context(&plugin, generation, |vm| {
+                let action = vm.on_request_body(id, http, end_of_stream)?;
+                Ok((action, vm.take_callouts()))
+            });
+            let action = match result {
+                Ok((action, callouts)) => {
+                    match self.settle_request(index, action, callouts).await {
+                        Verdict::Continue => action,
+                        other => return other,
+                    }
+                }
+                Err(_) if plugin.fail_open => Action::Continue,
+                Err(_) => return Verdict::Failed,
+            };
+            let body = std::mem::take(&mut self.http.request_body);
+            if action == Action::Pause && !end_of_stream && !self.http.request_resumed {
+                self.contexts[index].request_held = body;
+                *chunk = Some(Bytes::new());
+                return Verdict::Continue;
+            }
+            flowing = body;
+        }
+        *chunk = if flowing.is_empty() && end_of_stream {
+            None
+        } else {
+            Some(Bytes::from(flowing))
+        };
+        Verdict::Continue
+    }
+
+    /// Runs the plugins on the response head, last plugin first (Envoy's encoder order). A
+    /// failure here cannot turn into a 503 any more: it is counted and the plugin skipped.
+    pub fn on_response_headers(&mut self, response: &mut ResponseHeader, end_of_stream: bool) {
+        self.http.response_headers = response_pairs(response);
+        self.http.info.response_code = Some(response.status.as_u16());
+        for context in self.contexts.iter().rev() {
+            let http = &mut self.http;
+            let result = self
+                .runtime
+                .with_context(&context.plugin, context.generation, |vm| {
+                    vm.on_response_headers(context.id, http, end_of_stream)?;
+                    Ok(vm.take_callouts())
+                });
+            if let Ok(callouts) = result {
+                self.runtime
+                    .dispatch(&context.plugin, context.generation, callouts);
+            }
+        }
+        self.drop_response_phase_reply();
+        if self.http.response_headers_changed {
+            apply_response_pairs(response, &self.http.response_headers);
+            self.http.response_headers_changed = false;
+        }
+    }
+
+    /// Runs a response body chunk through the plugins, last plugin first: `Continue`, or
+    /// `ResponseBodyTooLarge` when a plugin's buffer passed its limit.
+    pub fn on_response_body(&mut self, chunk: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
+        let empty = chunk.as_ref().is_none_or(|c| c.is_empty());
+        if empty && !(end_of_stream && self.response_body_seen) {
+            return Verdict::Continue;
+        }
+        self.response_body_seen = true;
+        let mut flowing = chunk.take().map(|b| b.to_vec()).unwrap_or_default();
+        for index in (0..self.contexts.len()).rev() {
+            let context = &mut self.contexts[index];
+            context.response_held.append(&mut flowing);
+            if context.response_held.len() > context.plugin.max_body_bytes {
+                return Verdict::ResponseBodyTooLarge;
+            }
+            self.http.response_body = std::mem::take(&mut context.response_held);
+            let http = &mut self.http;
+            let result = self
+                .runtime
+                .with_context(&context.plugin, context.generation, |vm| {
+                    let action = vm.on_response_body(context.id, http, end_of_stream)?;
+                    Ok((action, vm.take_callouts()))
+                });
+            let action = match result {
+                Ok((action, callouts)) => {
+                    self.runtime
+                        .dispatch(&context.plugin, context.generation, callouts);
+                    action
+                }
+                Err(_) => Action::Continue,
+            };
+            let body = std::mem::take(&mut self.http.response_body);
+            if action == Action::Pause && !end_of_stream && !self.http.response_resumed {
+                context.response_held = body;
+                self.drop_response_phase_reply();
+                return Verdict::Continue;
+            }
+            flowing = body;
+        }
+        self.drop_response_phase_reply();
+        *chunk = (!flowing.is_empty()).then(|| Bytes::from(flowing));
+        Verdict::Continue
+    }
+
+    fn drop_response_phase_reply(&mut self) {
+        if let Some(reply) = self.http.local_response.take() {
+            tracing::warn!(
+                request_id = %self.http.info.id,
+                status = reply.status,
+                "a plugin sent a local reply from the response phase; only the request phase supports that, so it is ignored"
+            );
+        }
+    }
+
+    /// Ends every context: `on_log`, `on_done`, `on_delete`.
+    pub fn finish(&mut self, status: u16) {
+        self.http.info.response_code = Some(status);
+        for context in std::mem::take(&mut self.contexts) {
+            let http = &mut self.http;
+            let _ = self
+                .runtime
+                .with_context(&context.plugin, context.generation, |vm| {
+                    vm.finish_http_context(context.id, http)
+                });
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Plugins in the proxy: loading `envoy.extensions.filters.http.wasm.v3.Wasm` filters from
+//! the listener, running them per worker thread, and driving a request through them.
+//!
+//! ```text
+//! snapshot compile ──PluginLoader::load──▶ LoadedPlugin (compiled once per content, canaried)
+//! request ──chain::RequestPlugins──▶ runtime::PluginRuntime (thread-local instances)
+//!                                     └─ callout::CalloutClient (proxy_http_call)
+//! ```
+//!
+//! Loading happens on the control thread when a snapshot is compiled: the module is read,
+//! compiled (once per content, cached across reloads) and canaried — instantiated and
+//! configured on a fresh instance — so a plugin that cannot start is a compile error and the
+//! previous config keeps serving. Worker threads start their own instance on first use
+//! (pingora runs without work stealing, so a request's plugin contexts stay on its thread);
+//! a failed callback drops that thread's instance and the next request starts a fresh one.
+
+pub mod callout;
+pub mod chain;
+pub mod headers;
+pub mod runtime;
+
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, FailurePolicy};
+use envoy_types::pb::google::protobuf::{Any, BytesValue, StringValue};
+use nip_filters::host::{NodeInfo, PluginIdentity};
+use nip_filters::{PluginEngine, PluginInstance, PluginLimits, PluginModule};
+use prost::{Message, Name};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Body bytes a plugin may hold while it pauses, unless its limits say otherwise (Envoy's
+/// default buffer limit).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A plugin version ready to run.
+#[derive(Debug)]
+pub struct LoadedPlugin {
+    /// Plugin name.
+    pub name: Arc<str>,
+    /// Identifies this version (module bytes + configuration); thread-local instances are
+    /// keyed by it, so a new version gets new instances.
+    pub key: u64,
+    /// The compiled module.
+    pub module: PluginModule,
+    /// Go on without the plugin when it fails (otherwise 503 `PF`).
+    pub fail_open: bool,
+    /// Body bytes the plugin may hold while it pauses a request or response.
+    pub max_body_bytes: usize,
+    /// The module file, watched for changes.
+    pub source_file: PathBuf,
+    /// False once no configuration uses this version; its instances then wind down.
+    live: Arc<AtomicBool>,
+}
+
+impl LoadedPlugin {
+    /// Whether some loaded configuration still uses this version.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// A compiled plugin version and whether a configuration still uses it.
+#[derive(Clone)]
+struct CachedModule {
+    module: PluginModule,
+    live: Arc<AtomicBool>,
+}
+
+/// Compiles plugins for snapshots, reusing modules whose bytes did not change.
+pub struct PluginLoader {
+    engine: PluginEngine,
+    modules: Mutex<HashMap<u64, CachedModule>>,
+}
+
+impl std::fmt::Debug for PluginLoader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginLoader")
+    }
+}
+
+fn any_bytes(any: &Option<Any>) -> Vec<u8> {
+    let Some(any) = any else {
+        return Vec::new();
+    };
+    if any.type_url == StringValue::type_url() {
+        StringValue::decode(any.value.as_slice())
+            .map(|v| v.value.into_bytes())
+            .unwrap_or_default()
+    } else if any.type_url == BytesValue::type_url() {
+        BytesValue::decode(any.value.as_slice())
+            .map(|v| v.value)
+            .unwrap_or_default()
+    } else {
+        any.value.clone()
+    }
+}
+
+impl PluginLoader {
+    /// Starts the wasm engine; compiled code is cached in `cache_dir` across restarts.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
+        Ok(PluginLoader {
+            engine: PluginEngine::new(cache_dir)?,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Loads the plugin a Wasm filter describes, and canaries it on a fresh instance.
+    pub fn load(&self, any: &Any, node: &NodeInfo) -> Result<LoadedPlugin, String> {
+        let wasm =
+            Wasm::decode(any.value.as_slice()).map_err(|e| format!("cannot decode Wasm: {e}"))?;
+        let config = wasm.config.ok_or("Wasm.config is missing")?;
+        let Some(plugin_config::Vm::VmConfig(vm)) = &config.vm else {
+            return Err("config.vm_config is missing".into());
+        };
+        let file = match vm.code.as_ref().and_then(|c| c.specifier.as_ref()) {
+            Some(
+                envoy_types::pb::envoy::config::core::v3::async_data_source::Specifier::Local(
+                    local,
+                ),
+            ) => match &local.specifier {
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::data_source::Specifier::Filename(f),
+                ) => f.clone(),
+                _ => return Err("vm_config.code.local must be a filename".into()),
+            },
+            _ => return Err("vm_config.code must be local (remote code comes later)".into()),
+        };
+        let bytes =
+            std::fs::read(&file).map_err(|e| format!("cannot read plugin module {file:?}: {e}"))?;
+        let plugin_config = any_bytes(&config.configuration);
+        let vm_config = any_bytes(&vm.configuration);
+        #[allow(deprecated)]
+        let fail_open = config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            &bytes,
+            &plugin_config,
+            &vm_config,
+            &config.name,
+            &vm.vm_id,
+            fail_open,
+        )
+            .hash(&mut hasher);
+        let key = hasher.finish();
+        let cached = self
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let cached = match cached {
+            Some(cached) => cached,
+            None => {
+                let module = PluginModule::compile(
+                    &self.engine,
+                    PluginIdentity {
+                        name: config.name.clone(),
+                        root_id: config.root_id.clone(),
+                        vm_id: vm.vm_id.clone(),
+                        vm_config,
+                        plugin_config,
+                    },
+                    node.clone(),
+                    PluginLimits::default(),
+                    &bytes,
+                )
+                .map_err(|e| e.to_string())?;
+                // The canary: a fresh instance must start and accept its configuration.
+                PluginInstance::start(&module).map_err(|e| e.to_string())?;
+                let cached = CachedModule {
+                    module,
+                    live: Arc::new(AtomicBool::new(true)),
+                };
+                self.modules
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, cached.clone());
+                cached
+            }
+        };
+        Ok(LoadedPlugin {
+            name: config.name.as_str().into(),
+            key,
+            module: cached.module,
+            fail_open,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            source_file: PathBuf::from(file),
+            live: cached.live,
+        })
+    }
+
+    /// Tells plugins which clusters `proxy_http_call` may reach; called with each
+    /// configuration before its plugins are loaded.
+    pub fn set_upstreams(&self, names: impl IntoIterator<Item = String>) {
+        self.engine.shared().set_upstreams(names);
+    }
+
+    /// Plugin-defined metrics in Prometheus text: `nip_plugin_metric{plugin,name,kind}`
+    /// (histograms: the sum, with `nip_plugin_metric_count` beside it).
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let metrics = self.engine.shared().metrics();
+        if metrics.is_empty() {
+            return String::new();
+        }
+        let escape = |s: &str| {
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let mut out = String::from(
+            "# HELP nip_plugin_metric Metrics plugins define (proxy_define_metric); histograms show their sum\n# TYPE nip_plugin_metric gauge\n",
+        );
+        for m in &metrics {
+            let kind = match m.kind {
+                nip_filters::shared::MetricKind::Counter => "counter",
+                nip_filters::shared::MetricKind::Gauge => "gauge",
+                nip_filters::shared::MetricKind::Histogram => "histogram",
+            };
+            let _ = writeln!(
+                out,
+                "nip_plugin_metric{{plugin=\"{}\",name=\"{}\",kind=\"{kind}\"}} {}",
+                escape(&m.plugin),
+                escape(&m.name),
+                m.get()
+            );
+        }
+        out.push_str("# HELP nip_plugin_metric_count Observations of plugin histograms\n# TYPE nip_plugin_metric_count gauge\n");
+        for m in metrics
+            .iter()
+            .filter(|m| m.kind == nip_filters::shared::MetricKind::Histogram)
+        {
+            let _ = writeln!(
+                out,
+                "nip_plugin_metric_count{{plugin=\"{}\",name=\"{}\"}} {}",
+                escape(&m.plugin),
+                escape(&m.name),
+                m.count.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
+    /// Forgets compiled modules no live snapshot uses; their instances on worker threads
+    /// wind down.
+    pub fn retain(&self, live: &[u64]) {
+        self.modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, cached| {
+                let keep = live.contains(key);
+                if !keep {
+                    cached.live.store(false, Ordering::Relaxed);
+                }
+                keep
+            });
+    }
+}
