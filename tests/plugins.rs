@@ -6,12 +6,18 @@ mod common;
 use common::*;
 
 fn config(backend: &Backend, plugins: &str, routes: &str) -> String {
+    config_with_services(backend, "", plugins, routes)
+}
+
+/// Like [`config`], with more services (YAML lines under `services:`) beside `web`.
+fn config_with_services(backend: &Backend, services: &str, plugins: &str, routes: &str) -> String {
     format!(
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
 api_gateway: {{ address: "127.0.0.1:{{port}}" }}
 services:
   web: {{ endpoints: ["{}"] }}
+{services}
 plugins:
 {plugins}
 routes:
@@ -335,5 +341,187 @@ async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
         failures.load(Ordering::SeqCst),
         0,
         "requests failed during the module swaps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn body_plugins_see_whole_bodies_rewrite_responses_and_are_bounded() {
+    let backend = Backend::start("hello-web").await;
+    let plugin = example_plugin("body_rewrite");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  rewrite: {{ source: {{ file: \"{}\" }}, config: \"from=hello;to=goodbye;deny=forbidden\" }}",
+            plugin.display()
+        ),
+        "  - { name: rewritten, match: { path_prefix: /rw }, service: web, plugins: [rewrite] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    // The response body is buffered, rewritten and re-framed (content-length was removed).
+    let response = client.get(proxy.url("/rw")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-body-rewritten"], "yes");
+    assert_eq!(response.text().await.unwrap(), "goodbye-web\n");
+    let plain = client.get(proxy.url("/plain")).send().await.unwrap();
+    assert_eq!(plain.text().await.unwrap(), "hello-web\n");
+
+    // A request body arriving in many chunks reaches the backend whole and unchanged.
+    let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(7_000).map(|c| Ok(c.to_vec())).collect();
+    let response = client
+        .post(proxy.url("/rw/upload"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(backend.last_body(), body);
+
+    // The plugin holds the body until its end, then decides on all of it.
+    let response = client
+        .post(proxy.url("/rw/upload"))
+        .body(format!(
+            "{}forbidden{}",
+            "x".repeat(50_000),
+            "y".repeat(50_000)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-denied-by"], "body-rewrite");
+    assert_eq!(response.text().await.unwrap(), "body refused\n");
+    // The upstream request had started (headers go out first), but no byte of the held
+    // body reached it.
+    assert!(
+        !String::from_utf8_lossy(&backend.last_body()).contains("forbidden"),
+        "the refused body reached the upstream"
+    );
+
+    // A plugin may hold at most 1 MiB: a bigger body is refused with 413.
+    let response = client
+        .post(proxy.url("/rw/upload"))
+        .body(vec![b'z'; (1 << 20) + 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    // The proxy keeps serving.
+    let response = client.get(proxy.url("/rw")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "goodbye-web\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_auth_plugin_holds_each_request_for_its_http_call() {
+    let backend = Backend::start("web").await;
+    let auth = Backend::start("auth").await;
+    auth.accept_token("s3cret");
+    let plugin = example_plugin("auth");
+    let proxy = Proxy::start(&config_with_services(
+        &backend,
+        &format!(
+            "  auth: {{ endpoints: [\"{}\"] }}\n  auth-down: {{ endpoints: [\"{}\"] }}",
+            auth.address,
+            dead_address()
+        ),
+        &format!(
+            "  authz: {{ source: {{ file: \"{0}\" }}, config: \"cluster=auth;path=/check\" }}\n  authz-down: {{ source: {{ file: \"{0}\" }}, config: \"cluster=auth-down;timeout_ms=500\" }}",
+            plugin.display()
+        ),
+        "  - { name: down, match: { path_prefix: /down }, service: web, plugins: [authz-down] }\n  - { name: api, service: web, plugins: [authz] }",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..3 {
+        let response = client
+            .get(proxy.url("/api"))
+            .header("authorization", "Bearer s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "web\n");
+        assert_eq!(
+            backend.last_header("x-auth-user").as_deref(),
+            Some("user-of-s3cret")
+        );
+    }
+    assert_eq!(auth.requests(), 3, "one callout per request");
+    assert_eq!(
+        auth.last_header("authorization").as_deref(),
+        Some("Bearer s3cret")
+    );
+
+    let served = backend.requests();
+    let response = client
+        .get(proxy.url("/api"))
+        .header("authorization", "Bearer wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["x-auth-status"], "401");
+    assert_eq!(response.text().await.unwrap(), "bad token\n");
+    assert_eq!(
+        backend.requests(),
+        served,
+        "a refused request never reaches the upstream"
+    );
+
+    // An auth service nobody answers for: the failed callout is delivered, the plugin refuses.
+    let response = client
+        .get(proxy.url("/down"))
+        .header("authorization", "Bearer s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["x-auth-status"], "none");
+    assert_eq!(backend.requests(), served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ticks_and_queues_run_between_requests() {
+    let backend = Backend::start("web").await;
+    let plugin = example_plugin("ticker");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  ticker: {{ source: {{ file: \"{}\" }}, config: \"period_ms=20\" }}",
+            plugin.display()
+        ),
+        "  - { service: web, plugins: [ticker] }",
+    ))
+    .await;
+    let ticks = |response: &reqwest::Response| -> u64 {
+        response.headers()["x-ticks"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let client = client();
+    // The first request starts the worker's instance, and with it the timer.
+    let first = client.get(proxy.url("/")).send().await.unwrap();
+    let start = ticks(&first);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let later = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(later.status(), 200);
+    let counted = ticks(&later);
+    // 500 ms at 20 ms per tick: ~25 ticks per running instance, queued and counted
+    // in the background with no request in between.
+    assert!(
+        counted >= start + 10,
+        "ticks did not advance without traffic: {start} → {counted}"
+    );
+    assert_eq!(
+        backend
+            .last_header("x-ticks")
+            .map(|v| v.parse::<u64>().unwrap() >= start + 10),
+        Some(true)
     );
 }

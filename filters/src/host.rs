@@ -144,7 +144,8 @@ pub struct HostState {
     pub started: Instant,
     /// Tick period the plugin asked for, 0 = none.
     pub tick_period_ms: u32,
-    /// The context host calls act on (`proxy_set_effective_context`).
+    /// The context host calls act on: the one whose callback runs, unless the plugin chose
+    /// another (`proxy_set_effective_context`). Callouts are filed under it.
     pub effective_context: u32,
     /// The request being filtered, during HTTP callbacks.
     pub http: Option<HttpState>,
@@ -380,13 +381,11 @@ fn resume(caller: &mut Caller<'_, HostState>, stream: i32) {
     }
 }
 
-/// The ABI status for a refused queue operation. A full queue is reported as
-/// INTERNAL_FAILURE, which SDKs surface as an error rather than a panic.
+/// The ABI status for a refused queue operation.
 fn queue_status(error: QueueError) -> Status {
     match error {
         QueueError::NotFound => Status::NotFound,
         QueueError::Empty => Status::Empty,
-        QueueError::Full => Status::InternalFailure,
     }
 }
 

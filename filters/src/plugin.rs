@@ -327,7 +327,7 @@ impl PluginInstance {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
         };
         let root = this.root_context;
-        this.guard("proxy_on_context_create", |store, cb| {
+        this.guard(root, "proxy_on_context_create", |store, cb| {
             cb.context_create.call(store, (root, 0))
         })?;
         let vm_config_len = module.identity.vm_config.len() as i32;
@@ -340,7 +340,7 @@ impl PluginInstance {
             else {
                 continue;
             };
-            let accepted = this.guard(callback, |store, _| f.call(store, (root, size)))?;
+            let accepted = this.guard(root, callback, |store, _| f.call(store, (root, size)))?;
             if accepted == 0 {
                 return Err(PluginError::Rejected {
                     plugin: module.identity.name.clone(),
@@ -351,12 +351,14 @@ impl PluginInstance {
         Ok(this)
     }
 
-    /// Runs one guest call under the CPU deadline.
+    /// Runs one guest call for `context` under the CPU deadline.
     fn guard<T>(
         &mut self,
+        context: i32,
         callback: &'static str,
         call: impl FnOnce(&mut Store<HostState>, &Callbacks) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
+        self.store.data_mut().effective_context = context as u32;
         self.store.set_epoch_deadline(self.deadline_ticks);
         call(&mut self.store, &self.callbacks).map_err(|e| PluginError::Trap {
             plugin: self.name.name.clone(),
@@ -370,7 +372,7 @@ impl PluginInstance {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(2);
         let root = self.root_context;
-        self.guard("proxy_on_context_create", |store, cb| {
+        self.guard(id, "proxy_on_context_create", |store, cb| {
             cb.context_create.call(store, (id, root))
         })?;
         Ok(id)
@@ -384,12 +386,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, PluginError> {
         let count = http.request_headers.len() as i32;
-        self.with_http(http, "proxy_on_request_headers", |store, cb| {
-            match &cb.request_headers {
+        self.with_http(
+            context,
+            http,
+            "proxy_on_request_headers",
+            |store, cb| match &cb.request_headers {
                 Some(f) => f.call(store, (context, count, i32::from(end_of_stream))),
                 None => Ok(0),
-            }
-        })
+            },
+        )
         .map(Action::from_raw)
     }
 
@@ -402,12 +407,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, PluginError> {
         let size = http.request_body.len() as i32;
-        self.with_http(http, "proxy_on_request_body", |store, cb| {
-            match &cb.request_body {
+        self.with_http(
+            context,
+            http,
+            "proxy_on_request_body",
+            |store, cb| match &cb.request_body {
                 Some(f) => f.call(store, (context, size, i32::from(end_of_stream))),
                 None => Ok(0),
-            }
-        })
+            },
+        )
         .map(Action::from_raw)
     }
 
@@ -419,12 +427,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, PluginError> {
         let size = http.response_body.len() as i32;
-        self.with_http(http, "proxy_on_response_body", |store, cb| {
-            match &cb.response_body {
+        self.with_http(
+            context,
+            http,
+            "proxy_on_response_body",
+            |store, cb| match &cb.response_body {
                 Some(f) => f.call(store, (context, size, i32::from(end_of_stream))),
                 None => Ok(0),
-            }
-        })
+            },
+        )
         .map(Action::from_raw)
     }
 
@@ -448,8 +459,8 @@ impl PluginInstance {
             None => Ok(()),
         };
         let result = match http {
-            Some(http) => self.with_http(http, "proxy_on_http_call_response", call),
-            None => self.guard("proxy_on_http_call_response", call),
+            Some(http) => self.with_http(root, http, "proxy_on_http_call_response", call),
+            None => self.guard(root, "proxy_on_http_call_response", call),
         };
         self.store.data_mut().callout_response = None;
         result
@@ -458,7 +469,7 @@ impl PluginInstance {
     /// Runs `on_tick` on the root context.
     pub fn on_tick(&mut self) -> Result<(), PluginError> {
         let root = self.root_context;
-        self.guard("proxy_on_tick", |store, cb| match &cb.tick {
+        self.guard(root, "proxy_on_tick", |store, cb| match &cb.tick {
             Some(f) => f.call(store, root),
             None => Ok(()),
         })
@@ -467,9 +478,11 @@ impl PluginInstance {
     /// Runs `on_queue_ready` for a queue this instance registered.
     pub fn on_queue_ready(&mut self, token: u32) -> Result<(), PluginError> {
         let root = self.root_context;
-        self.guard("proxy_on_queue_ready", |store, cb| match &cb.queue_ready {
-            Some(f) => f.call(store, (root, token as i32)),
-            None => Ok(()),
+        self.guard(root, "proxy_on_queue_ready", |store, cb| {
+            match &cb.queue_ready {
+                Some(f) => f.call(store, (root, token as i32)),
+                None => Ok(()),
+            }
         })
     }
 
@@ -515,12 +528,15 @@ impl PluginInstance {
         end_of_stream: bool,
     ) -> Result<Action, PluginError> {
         let count = http.response_headers.len() as i32;
-        self.with_http(http, "proxy_on_response_headers", |store, cb| {
-            match &cb.response_headers {
+        self.with_http(
+            context,
+            http,
+            "proxy_on_response_headers",
+            |store, cb| match &cb.response_headers {
                 Some(f) => f.call(store, (context, count, i32::from(end_of_stream))),
                 None => Ok(0),
-            }
-        })
+            },
+        )
         .map(Action::from_raw)
     }
 
@@ -530,15 +546,15 @@ impl PluginInstance {
         context: i32,
         http: &mut HttpState,
     ) -> Result<(), PluginError> {
-        self.with_http(http, "proxy_on_log", |store, cb| match &cb.log {
+        self.with_http(context, http, "proxy_on_log", |store, cb| match &cb.log {
             Some(f) => f.call(store, context),
             None => Ok(()),
         })?;
-        self.guard("proxy_on_done", |store, cb| match &cb.done {
+        self.guard(context, "proxy_on_done", |store, cb| match &cb.done {
             Some(f) => f.call(store, context).map(|_| ()),
             None => Ok(()),
         })?;
-        self.guard("proxy_on_delete", |store, cb| match &cb.delete {
+        self.guard(context, "proxy_on_delete", |store, cb| match &cb.delete {
             Some(f) => f.call(store, context),
             None => Ok(()),
         })
@@ -547,12 +563,13 @@ impl PluginInstance {
     /// Moves the request's state into the store for one call and back out afterwards.
     fn with_http<T>(
         &mut self,
+        context: i32,
         http: &mut HttpState,
         callback: &'static str,
         call: impl FnOnce(&mut Store<HostState>, &Callbacks) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
         self.store.data_mut().http = Some(std::mem::take(http));
-        let result = self.guard(callback, call);
+        let result = self.guard(context, callback, call);
         if let Some(state) = self.store.data_mut().http.take() {
             *http = state;
         }

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use tokio::sync::Notify;
 
-/// Items a queue holds before enqueues are refused; a queue nobody drains must not grow
-/// without bound.
+/// Items a queue holds; past this an enqueue drops the oldest item, so a queue nobody drains
+/// cannot grow without bound (SDKs treat any enqueue status but OK/NOT_FOUND as fatal).
 pub const QUEUE_CAPACITY: usize = 10_000;
 
 /// Why a shared-data write was refused.
@@ -74,8 +74,6 @@ pub enum QueueError {
     NotFound,
     /// Nothing to dequeue.
     Empty,
-    /// The queue holds [`QUEUE_CAPACITY`] items already.
-    Full,
 }
 
 /// One shared queue.
@@ -162,7 +160,7 @@ impl SharedState {
             .copied()
     }
 
-    /// Appends to a queue and wakes its registrants.
+    /// Appends to a queue (dropping its oldest item when full) and wakes its registrants.
     pub fn enqueue(&self, token: u32, item: Vec<u8>) -> Result<(), QueueError> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         let queue = token
@@ -170,7 +168,8 @@ impl SharedState {
             .and_then(|i| queues.queues.get_mut(i as usize))
             .ok_or(QueueError::NotFound)?;
         if queue.items.len() >= QUEUE_CAPACITY {
-            return Err(QueueError::Full);
+            queue.items.pop_front();
+            tracing::debug!("shared queue {token} is full; its oldest item was dropped");
         }
         queue.items.push_back(item);
         for waiter in queue.waiters.iter().filter_map(Weak::upgrade) {
@@ -322,10 +321,14 @@ mod tests {
         });
         assert_eq!(shared.dequeue(token).unwrap(), b"a");
         assert_eq!(shared.dequeue(token).unwrap(), b"b");
-        for _ in 0..QUEUE_CAPACITY {
-            shared.enqueue(token, Vec::new()).unwrap();
+        for i in 0..=QUEUE_CAPACITY {
+            shared.enqueue(token, i.to_string().into_bytes()).unwrap();
         }
-        assert_eq!(shared.enqueue(token, Vec::new()), Err(QueueError::Full));
+        assert_eq!(
+            shared.dequeue(token).unwrap(),
+            b"1",
+            "a full queue drops its oldest item"
+        );
     }
 
     #[test]

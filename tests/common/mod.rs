@@ -49,6 +49,11 @@ pub struct BackendControl {
     pub last_headers: Mutex<HashMap<String, String>>,
     /// HTTP version of the last normal request.
     pub last_version: Mutex<String>,
+    /// Body of the last normal request.
+    pub last_body: Mutex<Vec<u8>>,
+    /// When set, the backend is an auth service: 200 with `x-user: user-of-<token>` for
+    /// `authorization: Bearer <token>`, 401 `bad token` otherwise.
+    pub auth_token: Mutex<Option<String>>,
 }
 
 /// A running in-process HTTP/1.1 + h2c backend.
@@ -70,6 +75,8 @@ impl Backend {
             requests: AtomicUsize::new(0),
             last_headers: Mutex::new(HashMap::new()),
             last_version: Mutex::new(String::new()),
+            last_body: Mutex::new(Vec::new()),
+            auth_token: Mutex::new(None),
         });
         let shared = Arc::clone(&control);
         tokio::spawn(async move {
@@ -113,6 +120,15 @@ impl Backend {
     pub fn last_header(&self, name: &str) -> Option<String> {
         self.control.last_headers.lock().unwrap().get(name).cloned()
     }
+
+    pub fn last_body(&self) -> Vec<u8> {
+        self.control.last_body.lock().unwrap().clone()
+    }
+
+    /// Turns the backend into an auth service accepting `Bearer <token>`.
+    pub fn accept_token(&self, token: &str) {
+        *self.control.auth_token.lock().unwrap() = Some(token.to_string());
+    }
 }
 
 async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Full<Bytes>> {
@@ -133,6 +149,31 @@ async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Fu
         }
         *control.last_version.lock().unwrap() = format!("{:?}", req.version());
     }
+    let token = control.auth_token.lock().unwrap().clone();
+    if let Some(token) = token {
+        let presented = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return if presented == format!("Bearer {token}") {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            response
+                .headers_mut()
+                .insert("x-user", format!("user-of-{token}").parse().unwrap());
+            response
+        } else {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"bad token\n")));
+            *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+            response
+        };
+    }
+    let body = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    *control.last_body.lock().unwrap() = body;
     let delay = control.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
