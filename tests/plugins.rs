@@ -525,3 +525,120 @@ async fn ticks_and_queues_run_between_requests() {
         Some(true)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_from_a_url_runs_only_when_its_sha256_matches() {
+    use sha2::Digest;
+    let backend = Backend::start("web").await;
+    let wasm = std::fs::read(example_plugin("add_header")).unwrap();
+    let digest: String = sha2::Sha256::digest(&wasm)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (registry, downloads) = serve_bytes(wasm).await;
+    let with_hash = |hash: &str| {
+        config(
+            &backend,
+            &format!(
+                "  tagger: {{ source: {{ url: \"http://{registry}/add_header.wasm\", sha256: \"{hash}\" }}, config: \"x-from=url\" }}"
+            ),
+            "  - { service: web, plugins: [tagger] }",
+        )
+    };
+    // A different digest: the download is refused and the proxy does not start.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pinned-wrong.yaml");
+    std::fs::write(
+        &path,
+        with_hash(&"0".repeat(64))
+            .replace("{port}", &free_port().to_string())
+            .replace("{admin}", &free_port().to_string()),
+    )
+    .unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "has sha256 {digest}, but the config pins {}",
+            "0".repeat(64)
+        )),
+        "{stderr}"
+    );
+    // The right digest: downloaded, verified, running.
+    let proxy = Proxy::start(&with_hash(&digest)).await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.headers()["x-from"], "url");
+    assert!(downloads.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+/// A plugin that declares 40 pages (2.5 MiB) of memory.
+const BIG_MEMORY_PLUGIN: &str = r#"(module
+  (memory (export "memory") 40)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn configured_limits_bound_memory_and_buffered_bodies() {
+    let backend = Backend::start("hello").await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.wat");
+    std::fs::write(&big, BIG_MEMORY_PLUGIN).unwrap();
+    let with_memory = |memory: &str| {
+        config(
+            &backend,
+            &format!(
+                "  big: {{ source: {{ file: \"{}\" }}, limits: {{ memory: {memory} }} }}",
+                big.display()
+            ),
+            "  - { service: web, plugins: [big] }",
+        )
+    };
+    let path = dir.path().join("small.yaml");
+    std::fs::write(
+        &path,
+        with_memory("2Mi")
+            .replace("{port}", &free_port().to_string())
+            .replace("{admin}", &free_port().to_string()),
+    )
+    .unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("plugin big: cannot start"), "{stderr}");
+    let proxy = Proxy::start(&with_memory("4Mi")).await;
+    assert_eq!(
+        client().get(proxy.url("/")).send().await.unwrap().status(),
+        200,
+        "the same plugin fits in 4Mi"
+    );
+    drop(proxy);
+
+    let plugin = example_plugin("body_rewrite");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  rewrite: {{ source: {{ file: \"{}\" }}, limits: {{ body: 1Ki }} }}",
+            plugin.display()
+        ),
+        "  - { service: web, plugins: [rewrite] }",
+    ))
+    .await;
+    let client = client();
+    let response = client
+        .post(proxy.url("/"))
+        .body(vec![b'a'; 900])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "goodbye\n");
+    let response = client
+        .post(proxy.url("/"))
+        .body(vec![b'a'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+}

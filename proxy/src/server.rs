@@ -290,15 +290,19 @@ impl Control {
     fn changed_plugin_file(&mut self) -> Option<std::path::PathBuf> {
         let snapshot = self.snapshot.load();
         let mut changed = None;
-        for plugin in snapshot.plugins.values() {
-            let current = Fingerprint::of(&plugin.source_file);
+        for file in snapshot
+            .plugins
+            .values()
+            .filter_map(|p| p.source_file.as_ref())
+        {
+            let current = Fingerprint::of(file);
             let known = self
                 .plugin_fingerprints
-                .entry(plugin.source_file.clone())
+                .entry(file.clone())
                 .or_insert_with(|| current.clone());
             if *known != current {
                 *known = current;
-                changed.get_or_insert_with(|| plugin.source_file.clone());
+                changed.get_or_insert_with(|| file.clone());
             }
         }
         changed

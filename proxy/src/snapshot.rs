@@ -10,7 +10,7 @@
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
 use crate::metrics::{Metrics, RequestCounters};
-use crate::plugins::{LoadedPlugin, PluginLoader};
+use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
     HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteMatch, Router,
     RouterBuilder, Target, VirtualHost,
@@ -374,7 +374,14 @@ impl Compiler<'_> {
             if any.type_url != Wasm::type_url() {
                 continue;
             }
-            let plugin = self.plugins.load(any, &node).map_err(|e| {
+            let limits = plugin_limits(listener, &filter.name).map_err(|e| {
+                err(
+                    "Listener",
+                    &listener.name,
+                    format!("metadata {}: {e}", names::PLUGIN_LIMITS_METADATA),
+                )
+            })?;
+            let plugin = self.plugins.load(any, &node, limits).map_err(|e| {
                 err(
                     "Listener",
                     &listener.name,
@@ -555,6 +562,44 @@ impl Compiler<'_> {
         .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;
         Ok(Some(Arc::new(logger)))
     }
+}
+
+/// The resource limits of plugin filter `filter` from the listener's `nip.plugin_limits`
+/// metadata; defaults for a plugin (or a field) it does not mention.
+fn plugin_limits(listener: &Listener, filter: &str) -> Result<ResourceLimits, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let mut limits = ResourceLimits::default();
+    let Some(entry) = listener
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::PLUGIN_LIMITS_METADATA))
+        .and_then(|s| s.fields.get(filter))
+    else {
+        return Ok(limits);
+    };
+    let Some(Kind::StructValue(fields)) = &entry.kind else {
+        return Err(format!("{filter:?} must be a struct"));
+    };
+    for (key, value) in &fields.fields {
+        let Some(Kind::NumberValue(n)) = value.kind else {
+            return Err(format!("{filter:?}.{key} must be a number"));
+        };
+        if !(n.is_finite() && n >= 0.0 && n <= u32::MAX as f64 * 4.0) {
+            return Err(format!("{filter:?}.{key} = {n} is out of range"));
+        }
+        match key.as_str() {
+            "memory_bytes" if n >= 65536.0 => limits.instance.memory_bytes = n as usize,
+            "cpu_ms" if n >= 1.0 => {
+                limits.instance.callback_deadline = Duration::from_millis(n as u64)
+            }
+            "body_bytes" => limits.max_body_bytes = n as usize,
+            "memory_bytes" | "cpu_ms" => {
+                return Err(format!("{filter:?}.{key} = {n} is too small"))
+            }
+            other => return Err(format!("{filter:?}: unknown limit {other:?}")),
+        }
+    }
+    Ok(limits)
 }
 
 /// The plugins a route switches on (`typed_per_filter_config` with `disabled: false`), in

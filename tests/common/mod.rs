@@ -187,6 +187,34 @@ async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Fu
     response
 }
 
+/// Serves `bytes` at every path (a plugin registry for URL sources); counts downloads.
+pub async fn serve_bytes(bytes: Vec<u8>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let bytes = Bytes::from(bytes);
+    let downloads = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&downloads);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (bytes, counter) = (bytes.clone(), Arc::clone(&counter));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let body = Full::new(bytes.clone());
+                    async move { Ok::<_, std::convert::Infallible>(Response::new(body)) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (address, downloads)
+}
+
 /// A backend that accepts, reads the request, and closes without answering.
 pub async fn resetting_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -246,6 +274,8 @@ impl Proxy {
             .arg(&config_path)
             .args(["--threads", "2", "--drain-timeout", "10s"])
             .env("NIP_LOG", "info")
+            // Its own cache: downloads and compiled plugins do not leak between tests.
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

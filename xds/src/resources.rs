@@ -38,6 +38,11 @@ pub mod names {
     /// The wasm runtime NIP names in `VmConfig.runtime`.
     pub const WASM_RUNTIME: &str = "envoy.wasm.runtime.wasmtime";
 
+    /// `HttpUri.cluster` of a remote plugin module: the proxy downloads it itself.
+    pub const PLUGIN_FETCH_CLUSTER: &str = "nip.plugin_fetch";
+    /// Listener `filter_metadata` key holding each plugin filter's resource limits.
+    pub const PLUGIN_LIMITS_METADATA: &str = "nip.plugin_limits";
+
     /// The HTTP filter name of a plugin.
     pub fn plugin_filter(plugin: &str) -> String {
         format!("{PLUGIN_FILTER_PREFIX}{plugin}")

@@ -16,7 +16,9 @@
 
 use crate::config::{
     parse_endpoint_address, parse_listen_address, plugin_config_bytes, route_name, AccessLogFormat,
-    Config, FailPolicy, HeaderMatchConfig, LbPolicy, RouteConfig, ServiceConfig, UpstreamProtocol,
+    Config, FailPolicy, HeaderMatchConfig, LbPolicy, PluginConfig as PluginYaml, RouteConfig,
+    ServiceConfig, UpstreamProtocol, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU,
+    DEFAULT_PLUGIN_MEMORY,
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
@@ -28,7 +30,9 @@ use envoy_types::pb::envoy::config::core::v3::{
     HealthCheck, Http2ProtocolOptions, Locality, Node, SocketAddress, SubstitutionFormatString,
     TransportSocket,
 };
-use envoy_types::pb::envoy::config::core::v3::{async_data_source, AsyncDataSource};
+use envoy_types::pb::envoy::config::core::v3::{
+    async_data_source, http_uri, AsyncDataSource, HttpUri, Metadata, RemoteDataSource,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
@@ -282,8 +286,84 @@ fn gateway_listener(config: &Config) -> Listener {
             transport_socket,
             ..Default::default()
         }],
+        metadata: plugin_limits_metadata(config),
         ..Default::default()
     }
+}
+
+/// Where a plugin's module comes from: a local file, or a remote URL pinned by sha256.
+fn plugin_code(source: &crate::config::PluginSource) -> Option<AsyncDataSource> {
+    let specifier = match (&source.file, &source.url) {
+        (Some(file), _) => async_data_source::Specifier::Local(DataSource {
+            specifier: Some(data_source::Specifier::Filename(file.clone())),
+            ..Default::default()
+        }),
+        (None, Some(url)) => async_data_source::Specifier::Remote(RemoteDataSource {
+            http_uri: Some(HttpUri {
+                uri: url.clone(),
+                timeout: Some(pb_duration(PLUGIN_FETCH_TIMEOUT)),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                    names::PLUGIN_FETCH_CLUSTER.to_string(),
+                )),
+            }),
+            sha256: source
+                .sha256
+                .clone()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            retry_policy: None,
+        }),
+        (None, None) => return None,
+    };
+    Some(AsyncDataSource {
+        specifier: Some(specifier),
+    })
+}
+
+/// How long the proxy may take to download a plugin module.
+const PLUGIN_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Plugin resource ceilings, which Envoy's Wasm filter has no field for: listener metadata
+/// `nip.plugin_limits`, one struct per plugin filter name with `memory_bytes`, `cpu_ms` and
+/// `body_bytes` (defaults filled in, so the proxy reads explicit values).
+fn plugin_limits_metadata(config: &Config) -> Option<Metadata> {
+    let number = |n: f64| pbuf::Value {
+        kind: Some(pbuf::value::Kind::NumberValue(n)),
+    };
+    let limits = |plugin: &PluginYaml| {
+        let memory = plugin.limits.memory.map_or(DEFAULT_PLUGIN_MEMORY, |m| m.0);
+        let cpu = plugin.limits.cpu.map_or(DEFAULT_PLUGIN_CPU, |c| c.0);
+        let body = plugin.limits.body.map_or(DEFAULT_PLUGIN_BODY, |b| b.0);
+        pbuf::Value {
+            kind: Some(pbuf::value::Kind::StructValue(pbuf::Struct {
+                fields: [
+                    ("memory_bytes".to_string(), number(memory as f64)),
+                    ("cpu_ms".to_string(), number(cpu.as_millis() as f64)),
+                    ("body_bytes".to_string(), number(body as f64)),
+                ]
+                .into_iter()
+                .collect(),
+            })),
+        }
+    };
+    let fields: std::collections::HashMap<String, pbuf::Value> = config
+        .plugins
+        .iter()
+        .filter(|(_, p)| p.enabled && p.source.is_some())
+        .map(|(name, plugin)| (names::plugin_filter(name), limits(plugin)))
+        .collect();
+    if fields.is_empty() {
+        return None;
+    }
+    Some(Metadata {
+        filter_metadata: [(
+            names::PLUGIN_LIMITS_METADATA.to_string(),
+            pbuf::Struct { fields },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    })
 }
 
 /// One `envoy.extensions.filters.http.wasm.v3.Wasm` filter per runnable plugin, disabled by
@@ -312,14 +392,7 @@ fn plugin_filters(config: &Config) -> impl Iterator<Item = HttpFilter> + '_ {
                     vm: Some(plugin_config::Vm::VmConfig(VmConfig {
                         vm_id: name.clone(),
                         runtime: names::WASM_RUNTIME.to_string(),
-                        code: Some(AsyncDataSource {
-                            specifier: Some(async_data_source::Specifier::Local(DataSource {
-                                specifier: Some(data_source::Specifier::Filename(
-                                    source.file.clone(),
-                                )),
-                                ..Default::default()
-                            })),
-                        }),
+                        code: Some(plugin_code(source)?),
                         configuration: Some(string_any(plugin_config_bytes(&plugin.vm_config))),
                         ..Default::default()
                     })),

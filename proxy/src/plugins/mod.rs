@@ -16,8 +16,11 @@
 
 pub mod callout;
 pub mod chain;
+pub mod fetch;
 pub mod headers;
 pub mod runtime;
+
+use fetch::ModuleSource;
 
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, FailurePolicy};
@@ -35,6 +38,24 @@ use std::sync::{Arc, Mutex};
 /// default buffer limit).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The resource ceilings of one plugin, as the listener's `nip.plugin_limits` metadata says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// Memory and CPU of each instance.
+    pub instance: PluginLimits,
+    /// Body bytes the plugin may hold while it pauses.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ResourceLimits {
+    fn default() -> Self {
+        ResourceLimits {
+            instance: PluginLimits::default(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
 /// A plugin version ready to run.
 #[derive(Debug)]
 pub struct LoadedPlugin {
@@ -49,8 +70,8 @@ pub struct LoadedPlugin {
     pub fail_open: bool,
     /// Body bytes the plugin may hold while it pauses a request or response.
     pub max_body_bytes: usize,
-    /// The module file, watched for changes.
-    pub source_file: PathBuf,
+    /// The module file, watched for changes (none for downloaded modules).
+    pub source_file: Option<PathBuf>,
     /// False once no configuration uses this version; its instances then wind down.
     live: Arc<AtomicBool>,
 }
@@ -73,6 +94,8 @@ struct CachedModule {
 pub struct PluginLoader {
     engine: PluginEngine,
     modules: Mutex<HashMap<u64, CachedModule>>,
+    /// Where downloaded modules are kept, by digest.
+    download_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PluginLoader {
@@ -102,34 +125,28 @@ impl PluginLoader {
     /// Starts the wasm engine; compiled code is cached in `cache_dir` across restarts.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
         Ok(PluginLoader {
+            download_dir: cache_dir.as_ref().map(|dir| dir.join("modules")),
             engine: PluginEngine::new(cache_dir)?,
             modules: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Loads the plugin a Wasm filter describes, and canaries it on a fresh instance.
-    pub fn load(&self, any: &Any, node: &NodeInfo) -> Result<LoadedPlugin, String> {
+    /// Loads the plugin a Wasm filter describes, with `limits`, and canaries it on a fresh
+    /// instance.
+    pub fn load(
+        &self,
+        any: &Any,
+        node: &NodeInfo,
+        limits: ResourceLimits,
+    ) -> Result<LoadedPlugin, String> {
         let wasm =
             Wasm::decode(any.value.as_slice()).map_err(|e| format!("cannot decode Wasm: {e}"))?;
         let config = wasm.config.ok_or("Wasm.config is missing")?;
         let Some(plugin_config::Vm::VmConfig(vm)) = &config.vm else {
             return Err("config.vm_config is missing".into());
         };
-        let file = match vm.code.as_ref().and_then(|c| c.specifier.as_ref()) {
-            Some(
-                envoy_types::pb::envoy::config::core::v3::async_data_source::Specifier::Local(
-                    local,
-                ),
-            ) => match &local.specifier {
-                Some(
-                    envoy_types::pb::envoy::config::core::v3::data_source::Specifier::Filename(f),
-                ) => f.clone(),
-                _ => return Err("vm_config.code.local must be a filename".into()),
-            },
-            _ => return Err("vm_config.code must be local (remote code comes later)".into()),
-        };
-        let bytes =
-            std::fs::read(&file).map_err(|e| format!("cannot read plugin module {file:?}: {e}"))?;
+        let source = ModuleSource::from_code(vm.code.as_ref())?;
+        let bytes = source.read(self.download_dir.as_deref())?;
         let plugin_config = any_bytes(&config.configuration);
         let vm_config = any_bytes(&vm.configuration);
         #[allow(deprecated)]
@@ -142,6 +159,10 @@ impl PluginLoader {
             &config.name,
             &vm.vm_id,
             fail_open,
+            (
+                limits.instance.memory_bytes,
+                limits.instance.callback_deadline,
+            ),
         )
             .hash(&mut hasher);
         let key = hasher.finish();
@@ -164,7 +185,7 @@ impl PluginLoader {
                         plugin_config,
                     },
                     node.clone(),
-                    PluginLimits::default(),
+                    limits.instance,
                     &bytes,
                 )
                 .map_err(|e| e.to_string())?;
@@ -186,8 +207,8 @@ impl PluginLoader {
             key,
             module: cached.module,
             fail_open,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            source_file: PathBuf::from(file),
+            max_body_bytes: limits.max_body_bytes,
+            source_file: source.watched_file().map(PathBuf::from),
             live: cached.live,
         })
     }

@@ -479,14 +479,98 @@ pub struct PluginConfig {
     /// What a request does when the plugin fails: `closed` (503, default) or `open` (go on).
     #[serde(default)]
     pub fail: FailPolicy,
+    /// Resource ceilings of each instance; defaults apply to what is left out.
+    #[serde(default)]
+    pub limits: PluginLimitsConfig,
 }
 
-/// Where a plugin's module is.
-#[derive(Debug, Clone, Deserialize)]
+/// Where a plugin's module is: a local file, or a URL pinned by its SHA-256.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSource {
     /// A `.wasm` file on the proxy's machine.
-    pub file: String,
+    #[serde(default)]
+    pub file: Option<String>,
+    /// An `http://` or `https://` URL the proxy downloads the module from.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Hex SHA-256 of the module; required with `url` (a download that differs is refused).
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Resource ceilings of one plugin instance, as written in YAML.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimitsConfig {
+    /// Linear memory ceiling (`"64Mi"`, default 64 MiB).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// CPU time one callback may take (`"100ms"`, the default).
+    #[serde(default)]
+    pub cpu: Option<HumanDuration>,
+    /// Body bytes the plugin may hold while it pauses a request or response (`"1Mi"`, the
+    /// default); past it a request gets 413 and a response 500.
+    #[serde(default)]
+    pub body: Option<ByteSize>,
+}
+
+/// Default linear memory ceiling of a plugin instance.
+pub const DEFAULT_PLUGIN_MEMORY: u64 = 64 << 20;
+/// Default CPU deadline of one plugin callback.
+pub const DEFAULT_PLUGIN_CPU: std::time::Duration = std::time::Duration::from_millis(100);
+/// Default body bytes a plugin may hold.
+pub const DEFAULT_PLUGIN_BODY: u64 = 1 << 20;
+
+/// A byte quantity written like Kubernetes does (`"512Mi"`, `"1Gi"`, `"64k"`, `"1000"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"64Mi"`, `"1Gi"`, `"10M"`, `"512KiB"` or plain bytes.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {text:?} (write it like \"64Mi\" or \"1Gi\")"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "k" | "K" | "KB" => 1_000,
+            "M" | "MB" => 1_000_000,
+            "G" | "GB" => 1_000_000_000,
+            "Ki" | "KiB" => 1 << 10,
+            "Mi" | "MiB" => 1 << 20,
+            "Gi" | "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {text:?} (use Ki, Mi, Gi, k, M or G)"
+                ))
+            }
+        };
+        number
+            .checked_mul(factor)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// What a request does when a plugin fails (trap, deadline, memory).

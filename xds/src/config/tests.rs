@@ -168,3 +168,57 @@ fn listen_addresses() {
     );
     assert!(parse_endpoint_address("bad host:1").is_err());
 }
+
+#[test]
+fn plugin_sources_and_limits_are_checked_field_by_field() {
+    let hash = "a".repeat(64);
+    let good = format!(
+        "plugins:\n  remote:\n    source: {{ url: \"https://plugins.example/auth.wasm\", sha256: \"{hash}\" }}\n    limits: {{ memory: 32Mi, cpu: 20ms, body: 256Ki }}\n"
+    );
+    let config = Config::from_yaml(&good).expect("a pinned URL and limits load");
+    let limits = config.plugins["remote"].limits;
+    assert_eq!(limits.memory, Some(ByteSize(32 << 20)));
+    assert_eq!(limits.body, Some(ByteSize(256 << 10)));
+    assert_eq!(limits.cpu.map(|c| c.0.as_millis()), Some(20));
+
+    let errors = errors_of(
+        "plugins:\n  a: { source: { url: \"https://x/a.wasm\" } }\n  b: { source: { url: \"ftp://x/b.wasm\", sha256: \"abc\" } }\n  c: { source: { } }\n  d: { source: { file: /nonexistent.wasm, url: \"https://x/d.wasm\" } }\n  e: { limits: { memory: 10Ki, cpu: 1m, body: 1Gi } }\n",
+    )
+    .join("\n");
+    for expected in [
+        "plugins.a.source.sha256: a `url` source needs the module's sha256",
+        "plugins.b.source.url: \"ftp://x/b.wasm\" is not an http:// or https:// URL",
+        "plugins.b.source.sha256: \"abc\" is not 64 hex digits",
+        "plugins.c.source: give `file` or `url`",
+        "plugins.d.source: give either `file` or `url`, not both",
+        "plugins.e.limits.memory: 10240 bytes is outside 1Mi..4Gi",
+        "plugins.e.limits.cpu: 60s is outside 1ms..10s",
+        "plugins.e.limits.body: 1073741824 bytes is more than 64Mi",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    let errors = errors_of("plugins:\n  a: { limits: { memory: 12Zi } }\n").join("\n");
+    assert!(
+        errors.contains("plugins.a.limits.memory") && errors.contains("unknown size unit"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn byte_sizes_read_like_kubernetes_quantities() {
+    for (text, bytes) in [
+        ("1000", 1000),
+        ("64Mi", 64 << 20),
+        ("1Gi", 1 << 30),
+        ("512KiB", 512 << 10),
+        ("10M", 10_000_000),
+        ("2k", 2000),
+    ] {
+        assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+    }
+    assert!(ByteSize::parse("Mi").is_err());
+    assert!(ByteSize::parse("99999999999999999999Gi").is_err());
+}

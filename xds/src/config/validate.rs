@@ -1,7 +1,10 @@
 //! Rules a parsed config must follow before it is translated. Each rule reports the field
 //! path it is about; all problems are collected so a user fixes them in one go.
 
-use super::{Config, FieldError, HeaderMatchConfig, RouteConfig, ServiceConfig};
+use super::{
+    ByteSize, Config, FieldError, HeaderMatchConfig, HumanDuration, PluginLimitsConfig,
+    PluginSource, RouteConfig, ServiceConfig,
+};
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
@@ -80,13 +83,13 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
     }
     for (name, plugin) in &config.plugins {
         if let Some(source) = &plugin.source {
-            if !std::path::Path::new(&source.file).is_file() {
-                errors.add(
-                    format!("plugins.{name}.source.file"),
-                    format!("file {:?} does not exist", source.file),
-                );
-            }
+            validate_plugin_source(&format!("plugins.{name}.source"), source, &mut errors);
         }
+        validate_plugin_limits(
+            &format!("plugins.{name}.limits"),
+            &plugin.limits,
+            &mut errors,
+        );
         if plugin.isolation != "wasm" {
             errors.add(
                 format!("plugins.{name}.isolation"),
@@ -482,4 +485,83 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Largest linear memory a wasm32 instance can have.
+const MAX_PLUGIN_MEMORY: u64 = 4 << 30;
+
+fn validate_plugin_source(path: &str, source: &PluginSource, errors: &mut Errors) {
+    match (&source.file, &source.url) {
+        (Some(file), None) => {
+            if !std::path::Path::new(file).is_file() {
+                errors.add(
+                    format!("{path}.file"),
+                    format!("file {file:?} does not exist"),
+                );
+            }
+            if source.sha256.is_some() {
+                errors.add(
+                    format!("{path}.sha256"),
+                    "only a `url` source is pinned by sha256",
+                );
+            }
+        }
+        (None, Some(url)) => {
+            let host = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+                .map(|rest| rest.split('/').next().unwrap_or(""));
+            if host.is_none_or(str::is_empty) || url.contains(char::is_whitespace) {
+                errors.add(
+                    format!("{path}.url"),
+                    format!("{url:?} is not an http:// or https:// URL"),
+                );
+            }
+            match &source.sha256 {
+                None => errors.add(
+                    format!("{path}.sha256"),
+                    "a `url` source needs the module's sha256, so a changed download is refused",
+                ),
+                Some(hash) if !is_sha256_hex(hash) => errors.add(
+                    format!("{path}.sha256"),
+                    format!("{hash:?} is not 64 hex digits"),
+                ),
+                Some(_) => {}
+            }
+        }
+        (Some(_), Some(_)) => errors.add(path, "give either `file` or `url`, not both"),
+        (None, None) => errors.add(path, "give `file` or `url` (with `sha256`)"),
+    }
+}
+
+/// Whether `text` is a hex SHA-256 digest.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn validate_plugin_limits(path: &str, limits: &PluginLimitsConfig, errors: &mut Errors) {
+    if let Some(ByteSize(memory)) = limits.memory {
+        if !(1 << 20..=MAX_PLUGIN_MEMORY).contains(&memory) {
+            errors.add(
+                format!("{path}.memory"),
+                format!("{memory} bytes is outside 1Mi..4Gi"),
+            );
+        }
+    }
+    if let Some(HumanDuration(cpu)) = limits.cpu {
+        if cpu < std::time::Duration::from_millis(1) || cpu > std::time::Duration::from_secs(10) {
+            errors.add(
+                format!("{path}.cpu"),
+                format!("{cpu:?} is outside 1ms..10s"),
+            );
+        }
+    }
+    if let Some(ByteSize(body)) = limits.body {
+        if body > 64 << 20 {
+            errors.add(
+                format!("{path}.body"),
+                format!("{body} bytes is more than 64Mi"),
+            );
+        }
+    }
 }

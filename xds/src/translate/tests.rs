@@ -103,3 +103,51 @@ services:
     );
     assert_eq!(cla.endpoints[1].locality.as_ref().unwrap().region, "us");
 }
+
+#[test]
+fn plugin_limits_ride_in_listener_metadata_and_urls_become_remote_code() {
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use prost::Message;
+    let hash = "b".repeat(64);
+    let yaml = format!(
+        "plugins:\n  auth:\n    source: {{ url: \"http://127.0.0.1/auth.wasm\", sha256: \"{hash}\" }}\n    limits: {{ memory: 8Mi, body: 2Ki }}\nservices:\n  web: {{ endpoints: [\"127.0.0.1:1\"] }}\nroutes:\n  - {{ service: web, plugins: [auth] }}\n"
+    );
+    let config = Config::from_yaml(&yaml).expect("loads");
+    let listener = &translate(&config).resources.listeners[0];
+    let limits = &listener
+        .metadata
+        .as_ref()
+        .expect("limits metadata")
+        .filter_metadata[names::PLUGIN_LIMITS_METADATA]
+        .fields["nip.plugin.auth"];
+    let Some(Kind::StructValue(limits)) = &limits.kind else {
+        panic!("limits are a struct: {limits:?}");
+    };
+    let number = |key: &str| match limits.fields[key].kind {
+        Some(Kind::NumberValue(n)) => n,
+        ref other => panic!("{key}: {other:?}"),
+    };
+    assert_eq!(number("memory_bytes"), (8 << 20) as f64);
+    assert_eq!(number("body_bytes"), 2048.0);
+    assert_eq!(number("cpu_ms"), 100.0, "defaults are written out");
+
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &listener.filter_chains[0].filters[0].config_type
+    else {
+        panic!("hcm is typed");
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    let Some(http_filter::ConfigType::TypedConfig(wasm)) = &hcm.http_filters[0].config_type else {
+        panic!("wasm filter is typed");
+    };
+    let wasm = Wasm::decode(wasm.value.as_slice()).unwrap();
+    let Some(plugin_config::Vm::VmConfig(vm)) = wasm.config.unwrap().vm else {
+        panic!("vm config");
+    };
+    let Some(async_data_source::Specifier::Remote(remote)) = vm.code.unwrap().specifier else {
+        panic!("remote code");
+    };
+    assert_eq!(remote.sha256, hash);
+    assert_eq!(remote.http_uri.unwrap().uri, "http://127.0.0.1/auth.wasm");
+}
