@@ -642,3 +642,49 @@ async fn configured_limits_bound_memory_and_buffered_bodies() {
         .unwrap();
     assert_eq!(response.status(), 413);
 }
+
+/// A plugin whose request-headers callback never returns.
+const SPINNING_PLUGIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (loop $l (br $l)) i32.const 0))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endless_loop_is_cut_at_its_cpu_limit_and_others_keep_being_served() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let spin = dir.path().join("spin.wat");
+    std::fs::write(&spin, SPINNING_PLUGIN).unwrap();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  spin-closed: {{ source: {{ file: \"{0}\" }}, limits: {{ cpu: 20ms }} }}\n  spin-open: {{ source: {{ file: \"{0}\" }}, fail: open, limits: {{ cpu: 20ms }} }}",
+            spin.display()
+        ),
+        "  - { name: closed, match: { path_prefix: /closed }, service: web, plugins: [spin-closed] }\n  - { name: open, match: { path_prefix: /open }, service: web, plugins: [spin-open] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    for (path, status) in [("/closed", 503), ("/open", 200), ("/plain", 200)] {
+        let started = std::time::Instant::now();
+        let response = client.get(proxy.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{path} took {:?}: the loop was not cut",
+            started.elapsed()
+        );
+    }
+    // Meanwhile other requests on the same proxy go on being served.
+    let plain = (0..20).map(|_| client.get(proxy.url("/plain")).send());
+    for response in futures_util::future::join_all(plain).await {
+        assert_eq!(response.unwrap().status(), 200);
+    }
+    assert!(
+        proxy.log().contains("CPU deadline exceeded"),
+        "{}",
+        proxy.log()
+    );
+}

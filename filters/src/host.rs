@@ -923,3 +923,22 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::splice;
+
+    #[test]
+    fn splice_follows_the_abi_rules_for_set_buffer_bytes() {
+        let mut body = b"world".to_vec();
+        splice(&mut body, 0, 0, b"hello ".to_vec());
+        assert_eq!(body, b"hello world", "start 0, size 0 prepends");
+        splice(&mut body, 99, 0, b"!".to_vec());
+        assert_eq!(body, b"hello world!", "a start past the end appends");
+        let len = body.len();
+        splice(&mut body, 0, len, b"bye".to_vec());
+        assert_eq!(body, b"bye", "the whole range replaces");
+        splice(&mut body, 1, 1, b"--".to_vec());
+        assert_eq!(body, b"b--e", "a middle range is replaced in place");
+    }
+}

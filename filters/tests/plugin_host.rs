@@ -316,3 +316,135 @@ fn shared_data_and_metrics_are_shared_by_instances_on_different_threads() {
         .unwrap();
     assert_eq!(metric.get(), 400);
 }
+
+/// A plugin whose every callback does nothing, except `trapping`, which traps.
+fn plugin_trapping_in(trapping: &str) -> String {
+    let callbacks = [
+        (
+            "proxy_on_vm_start",
+            "(param i32 i32) (result i32)",
+            "i32.const 1",
+        ),
+        (
+            "proxy_on_configure",
+            "(param i32 i32) (result i32)",
+            "i32.const 1",
+        ),
+        ("proxy_on_context_create", "(param i32 i32)", ""),
+        (
+            "proxy_on_request_headers",
+            "(param i32 i32 i32) (result i32)",
+            "i32.const 0",
+        ),
+        (
+            "proxy_on_request_body",
+            "(param i32 i32 i32) (result i32)",
+            "i32.const 0",
+        ),
+        (
+            "proxy_on_response_headers",
+            "(param i32 i32 i32) (result i32)",
+            "i32.const 0",
+        ),
+        (
+            "proxy_on_response_body",
+            "(param i32 i32 i32) (result i32)",
+            "i32.const 0",
+        ),
+        ("proxy_on_log", "(param i32)", ""),
+        ("proxy_on_done", "(param i32) (result i32)", "i32.const 1"),
+        ("proxy_on_delete", "(param i32)", ""),
+        ("proxy_on_tick", "(param i32)", ""),
+        ("proxy_on_queue_ready", "(param i32 i32)", ""),
+        (
+            "proxy_on_http_call_response",
+            "(param i32 i32 i32 i32 i32)",
+            "",
+        ),
+    ];
+    let mut wat = String::from(
+        "(module\n (memory (export \"memory\") 1)\n (func (export \"proxy_abi_version_0_2_1\"))\n (func (export \"proxy_on_memory_allocate\") (param i32) (result i32) i32.const 1024)\n",
+    );
+    for (name, signature, body) in callbacks {
+        let body = if name == trapping {
+            "unreachable"
+        } else {
+            body
+        };
+        wat.push_str(&format!(" (func (export \"{name}\") {signature} {body})\n"));
+    }
+    wat.push(')');
+    wat
+}
+
+#[test]
+fn a_trap_in_any_callback_fails_that_callback_and_a_fresh_instance_runs() {
+    use nip_filters::host::CalloutResponse;
+    for trapping in [
+        "proxy_on_vm_start",
+        "proxy_on_configure",
+        "proxy_on_context_create",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_log",
+        "proxy_on_done",
+        "proxy_on_delete",
+        "proxy_on_tick",
+        "proxy_on_queue_ready",
+        "proxy_on_http_call_response",
+    ] {
+        let module = load(
+            "trap",
+            "",
+            plugin_trapping_in(trapping).as_bytes(),
+            PluginLimits::default(),
+        )
+        .unwrap();
+        // Drives every callback once; returns the first failure.
+        let run = |vm: &mut PluginInstance| -> Result<(), PluginError> {
+            let ctx = vm.create_http_context()?;
+            let mut http = request("/", &[]);
+            vm.on_request_headers(ctx, &mut http, false)?;
+            http.request_body = b"body".to_vec();
+            vm.on_request_body(ctx, &mut http, true)?;
+            http.response_headers = vec![(":status".into(), "200".into())];
+            vm.on_response_headers(ctx, &mut http, false)?;
+            http.response_body = b"body".to_vec();
+            vm.on_response_body(ctx, &mut http, true)?;
+            vm.finish_http_context(ctx, &mut http)?;
+            vm.on_tick()?;
+            vm.on_queue_ready(1)?;
+            vm.on_http_call_response(1, CalloutResponse::default(), None)
+        };
+        let error = match PluginInstance::start(&module) {
+            Err(e) => {
+                // The root context's own start-up callbacks trap: the plugin cannot start.
+                assert!(
+                    matches!(
+                        trapping,
+                        "proxy_on_vm_start" | "proxy_on_configure" | "proxy_on_context_create"
+                    ),
+                    "{trapping}: {e}"
+                );
+                e
+            }
+            Ok(mut vm) => {
+                let error = run(&mut vm).expect_err(trapping);
+                // A fresh instance of the same module gets exactly as far again.
+                let mut fresh = PluginInstance::start(&module).unwrap();
+                assert_eq!(
+                    run(&mut fresh).map_err(|e| e.to_string()),
+                    Err(error.to_string())
+                );
+                error
+            }
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains(trapping) && text.contains("unreachable"),
+            "{trapping}: {text}"
+        );
+    }
+}
