@@ -688,3 +688,48 @@ async fn an_endless_loop_is_cut_at_its_cpu_limit_and_others_keep_being_served() 
         proxy.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_written_in_c_and_assemblyscript_run_like_rust_ones() {
+    let backend = Backend::start("web").await;
+    let c = c_plugin();
+    let assemblyscript = assemblyscript_plugin();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  c-deny: {{ source: {{ file: \"{}\" }}, config: \"x-forbidden\" }}\n  as-tag: {{ source: {{ file: \"{}\" }}, config: \"x-written-in=assemblyscript\" }}",
+            c.display(),
+            assemblyscript.display()
+        ),
+        "  - { name: c, match: { path_prefix: /c }, service: web, plugins: [c-deny] }\n  - { name: as, match: { path_prefix: /as }, service: web, plugins: [as-tag] }",
+    ))
+    .await;
+    let client = client();
+    // C: a header edit both ways, and a local reply built by hand in the ABI's wire format.
+    let response = client.get(proxy.url("/c")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-plugin-language"], "c");
+    assert_eq!(
+        backend.last_header("x-c-plugin").as_deref(),
+        Some("x-forbidden")
+    );
+    let served = backend.requests();
+    let response = client
+        .get(proxy.url("/c"))
+        .header("x-forbidden", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-blocked-by"], "c-deny");
+    assert_eq!(response.text().await.unwrap(), "blocked by a C plugin\n");
+    assert_eq!(backend.requests(), served);
+    // AssemblyScript (ABI 0.2.0 SDK): headers both ways, its config read in on_configure.
+    let response = client.get(proxy.url("/as")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-plugin-language"], "assemblyscript");
+    assert_eq!(
+        backend.last_header("x-written-in").as_deref(),
+        Some("assemblyscript")
+    );
+}

@@ -533,3 +533,47 @@ pub fn example_plugin(name: &str) -> PathBuf {
     });
     dir.join(format!("{name}.wasm"))
 }
+
+/// Builds the C example plugin (Debian clang + wasi-libc; `./dev test` installs them).
+pub fn c_plugin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_deny.wasm");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples/c-deny/build.sh");
+            let status = Command::new(&script)
+                .arg(&out)
+                .status()
+                .expect("run filters/examples/c-deny/build.sh");
+            assert!(
+                status.success(),
+                "building the C plugin failed (./dev test installs clang, lld and wasi-libc)"
+            );
+            out
+        })
+        .clone()
+}
+
+/// Builds the AssemblyScript example plugin with npm (`./dev test` installs node and npm).
+pub fn assemblyscript_plugin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples/as-tag");
+            let npm = |args: &[&str]| {
+                let status = Command::new("npm")
+                    .args(args)
+                    .current_dir(&dir)
+                    .status()
+                    .expect("run npm (./dev test installs node and npm)");
+                assert!(status.success(), "npm {args:?} failed in {}", dir.display());
+            };
+            if !dir.join("node_modules/.bin/asc").exists() {
+                npm(&["ci", "--no-audit", "--no-fund"]);
+            }
+            npm(&["run", "--silent", "build"]);
+            dir.join("build/as_tag.wasm")
+        })
+        .clone()
+}
