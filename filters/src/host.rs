@@ -11,6 +11,7 @@
 
 use crate::abi::{self, buffer, map, Pairs, Status};
 use crate::shared::{MetricKind, QueueError, SetError, SharedState};
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -59,9 +60,9 @@ pub struct RequestInfo {
     /// TLS on the downstream connection (`connection.tls`).
     pub tls: bool,
     /// Route name (`route_name`).
-    pub route_name: String,
+    pub route_name: Arc<str>,
     /// Cluster name (`cluster_name`).
-    pub cluster_name: String,
+    pub cluster_name: Arc<str>,
     /// Response status once known (`response.code`).
     pub response_code: Option<u16>,
 }
@@ -80,9 +81,9 @@ pub struct HttpState {
     /// A local reply the plugin sent, if any.
     pub local_response: Option<LocalResponse>,
     /// The request body the current callback sees (buffered chunks, then this one).
-    pub request_body: Vec<u8>,
+    pub request_body: Bytes,
     /// The response body the current callback sees.
-    pub response_body: Vec<u8>,
+    pub response_body: Bytes,
     /// Set when the plugin resumed the request (`proxy_continue_stream(HTTP_REQUEST)`).
     pub request_resumed: bool,
     /// Set when the plugin resumed the response.
@@ -220,9 +221,11 @@ impl HostState {
         match kind {
             buffer::VM_CONFIGURATION => Some(&self.plugin.vm_config),
             buffer::PLUGIN_CONFIGURATION => Some(&self.plugin.plugin_config),
-            buffer::HTTP_REQUEST_BODY => Some(self.http.as_ref().map_or(&[], |h| &h.request_body)),
+            buffer::HTTP_REQUEST_BODY => {
+                Some(self.http.as_ref().map_or(&[], |h| &h.request_body[..]))
+            }
             buffer::HTTP_RESPONSE_BODY => {
-                Some(self.http.as_ref().map_or(&[], |h| &h.response_body))
+                Some(self.http.as_ref().map_or(&[], |h| &h.response_body[..]))
             }
             buffer::HTTP_CALL_RESPONSE_BODY => {
                 Some(self.callout_response.as_ref().map_or(&[], |r| &r.body))
@@ -510,7 +513,15 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     buffer::HTTP_RESPONSE_BODY => &mut http.response_body,
                     _ => return Err(Status::BadArgument),
                 };
-                splice(body, start as u32 as usize, size as u32 as usize, data);
+                // Unshared (the usual case) this reuses the buffer instead of copying it.
+                let mut edited = Vec::from(std::mem::take(body));
+                splice(
+                    &mut edited,
+                    start as u32 as usize,
+                    size as u32 as usize,
+                    data,
+                );
+                *body = Bytes::from(edited);
                 Ok(())
             });
             code(result)

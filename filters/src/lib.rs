@@ -9,20 +9,25 @@
 //! .wasm bytes ──PluginModule::compile──▶ compiled once, ABI checked, imports linked
 //!             ──PluginInstance::start──▶ one VM per plugin per worker: _initialize, root
 //!                                        context, on_vm_start, on_configure
-//! request     ──create_http_context / on_request_headers / on_response_headers /
-//!               finish_http_context──▶ the plugin reads and edits an HttpState (headers,
-//!                                       local reply, properties) through host functions
+//! request     ──create_http_context / on_request_headers / on_request_body /
+//!               on_response_headers / on_response_body / finish_http_context──▶
+//!               the plugin reads and edits an HttpState (headers, bodies, local reply,
+//!               properties) through host functions
+//! callouts    ──take_callouts──▶ the proxy performs them ──on_http_call_response──▶ plugin
+//! background  ──on_tick / on_queue_ready──▶ the root context, driven by the proxy
 //! ```
 //!
 //! * [`abi`]: status codes, enumerations and the header-map wire format.
 //! * [`host`]: the store's state and the `env` host functions.
 //! * [`wasi`]: the full WASI preview1 import set (real where plugins need it, ENOSYS else).
 //! * [`plugin`]: engine (epoch deadlines, compile cache), modules and instances.
-//! * [`shared`]: shared data (with CAS) and plugin metrics, common to all instances.
+//! * [`shared`]: shared data (with CAS), shared queues and plugin metrics, common to all
+//!   instances.
 //!
-//! This crate knows nothing of pingora or sockets; the proxy copies a request's headers in
-//! and the plugin's edits out. Not yet here (see the issue note): bodies, `proxy_http_call`,
-//! timers, shared queues; they answer `UNIMPLEMENTED` today.
+//! This crate knows nothing of pingora or sockets: the proxy copies a request's headers and
+//! body chunks in and the plugin's edits out, and performs the HTTP calls plugins dispatch.
+//! gRPC callouts, L4 callbacks, foreign functions, `proxy_set_property` and
+//! `proxy_close_stream` answer `UNIMPLEMENTED`.
 
 #![warn(missing_docs)]
 

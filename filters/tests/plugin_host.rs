@@ -407,11 +407,11 @@ fn a_trap_in_any_callback_fails_that_callback_and_a_fresh_instance_runs() {
             let ctx = vm.create_http_context()?;
             let mut http = request("/", &[]);
             vm.on_request_headers(ctx, &mut http, false)?;
-            http.request_body = b"body".to_vec();
+            http.request_body = bytes::Bytes::from_static(b"body");
             vm.on_request_body(ctx, &mut http, true)?;
             http.response_headers = vec![(":status".into(), "200".into())];
             vm.on_response_headers(ctx, &mut http, false)?;
-            http.response_body = b"body".to_vec();
+            http.response_body = bytes::Bytes::from_static(b"body");
             vm.on_response_body(ctx, &mut http, true)?;
             vm.finish_http_context(ctx, &mut http)?;
             vm.on_tick()?;

@@ -195,12 +195,12 @@ impl Gateway {
                 route_name: ctx
                     .route
                     .as_ref()
-                    .map(|r| r.name.to_string())
+                    .map(|r| Arc::clone(&r.name))
                     .unwrap_or_default(),
                 cluster_name: ctx
                     .cluster
                     .as_ref()
-                    .map(|c| c.name.to_string())
+                    .map(|c| Arc::clone(&c.name))
                     .unwrap_or_default(),
                 response_code: None,
             },

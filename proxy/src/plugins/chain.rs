@@ -169,6 +169,7 @@ impl RequestPlugins {
 
     /// Runs a request body chunk through the plugins. `chunk` is replaced by what goes
     /// upstream now: the chunk as the last plugin passed it, or nothing while one holds it.
+    /// A chunk no plugin holds or edits passes without being copied.
     pub async fn on_request_body(
         &mut self,
         chunk: &mut Option<Bytes>,
@@ -177,14 +178,14 @@ impl RequestPlugins {
         if !self.request_has_body {
             return Verdict::Continue;
         }
-        let mut flowing = chunk.take().map(|b| b.to_vec()).unwrap_or_default();
+        let mut flowing = chunk.take().unwrap_or_default();
         for index in 0..self.contexts.len() {
             let context = &mut self.contexts[index];
-            context.request_held.append(&mut flowing);
-            if context.request_held.len() > context.plugin.max_body_bytes {
+            let input = hold_or_pass(&mut context.request_held, flowing);
+            if input.len() > context.plugin.max_body_bytes {
                 return Verdict::RequestBodyTooLarge;
             }
-            self.http.request_body = std::mem::take(&mut context.request_held);
+            self.http.request_body = input;
             let (plugin, id, generation) =
                 (Arc::clone(&context.plugin), context.id, context.generation);
             let http = &mut self.http;
@@ -204,7 +205,7 @@ impl RequestPlugins {
             };
             let body = std::mem::take(&mut self.http.request_body);
             if action == Action::Pause && !end_of_stream && !self.http.request_resumed {
-                self.contexts[index].request_held = body;
+                self.contexts[index].request_held = Vec::from(body);
                 *chunk = Some(Bytes::new());
                 return Verdict::Continue;
             }
@@ -213,7 +214,7 @@ impl RequestPlugins {
         *chunk = if flowing.is_empty() && end_of_stream {
             None
         } else {
-            Some(Bytes::from(flowing))
+            Some(flowing)
         };
         Verdict::Continue
     }
@@ -251,14 +252,14 @@ impl RequestPlugins {
             return Verdict::Continue;
         }
         self.response_body_seen = true;
-        let mut flowing = chunk.take().map(|b| b.to_vec()).unwrap_or_default();
+        let mut flowing = chunk.take().unwrap_or_default();
         for index in (0..self.contexts.len()).rev() {
             let context = &mut self.contexts[index];
-            context.response_held.append(&mut flowing);
-            if context.response_held.len() > context.plugin.max_body_bytes {
+            let input = hold_or_pass(&mut context.response_held, flowing);
+            if input.len() > context.plugin.max_body_bytes {
                 return Verdict::ResponseBodyTooLarge;
             }
-            self.http.response_body = std::mem::take(&mut context.response_held);
+            self.http.response_body = input;
             let http = &mut self.http;
             let result = self
                 .runtime
@@ -276,14 +277,14 @@ impl RequestPlugins {
             };
             let body = std::mem::take(&mut self.http.response_body);
             if action == Action::Pause && !end_of_stream && !self.http.response_resumed {
-                context.response_held = body;
+                context.response_held = Vec::from(body);
                 self.drop_response_phase_reply();
                 return Verdict::Continue;
             }
             flowing = body;
         }
         self.drop_response_phase_reply();
-        *chunk = (!flowing.is_empty()).then(|| Bytes::from(flowing));
+        *chunk = (!flowing.is_empty()).then_some(flowing);
         Verdict::Continue
     }
 
@@ -309,4 +310,14 @@ impl RequestPlugins {
                 });
         }
     }
+}
+
+/// What a plugin sees of a body now: `chunk` alone when it holds nothing (no copy), or what
+/// it held with `chunk` appended.
+fn hold_or_pass(held: &mut Vec<u8>, chunk: Bytes) -> Bytes {
+    if held.is_empty() {
+        return chunk;
+    }
+    held.extend_from_slice(&chunk);
+    Bytes::from(std::mem::take(held))
 }
