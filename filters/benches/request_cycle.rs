@@ -3,7 +3,7 @@
 //! example plugins built (`cargo build --release --target wasm32-wasip1 --manifest-path
 //! filters/examples/Cargo.toml`). Prints nanoseconds per operation; asserts nothing.
 
-use nip_filters::host::{HttpState, NodeInfo, PluginIdentity};
+use nip_filters::host::{Headers, HttpState, NodeInfo, PluginIdentity};
 use nip_filters::{PluginEngine, PluginInstance, PluginLimits, PluginModule};
 use std::path::Path;
 use std::time::Instant;
@@ -21,10 +21,12 @@ fn request() -> HttpState {
         ("x-request-id", "2f1c6a4e-8a3b-4c7d-9e0f-1a2b3c4d5e6f"),
     ];
     HttpState {
-        request_headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        request_headers: Headers::from_pairs(
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -72,10 +74,10 @@ fn main() {
             let ctx = vm.create_http_context().unwrap();
             let mut http = request();
             vm.on_request_headers(ctx, &mut http, true).unwrap();
-            http.response_headers = vec![
+            http.response_headers = Headers::from_pairs(vec![
                 (":status".into(), "200".into()),
                 ("content-length".into(), "19".into()),
-            ];
+            ]);
             vm.on_response_headers(ctx, &mut http, false).unwrap();
             http.response_body = bytes::Bytes::from_static(b"hello from backend\n");
             vm.on_response_body(ctx, &mut http, true).unwrap();

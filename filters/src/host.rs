@@ -67,17 +67,111 @@ pub struct RequestInfo {
     pub response_code: Option<u16>,
 }
 
+/// Turns the proxy's own header representation into pairs, when a plugin first needs them.
+type ConvertHeaders = Box<dyn FnOnce() -> Pairs + Send + Sync>;
+
+/// A header map as plugins see it: (name, value) pairs, pseudo-headers included.
+///
+/// The proxy may hand a map over unconverted ([`Headers::lazy`]); it becomes pairs the first
+/// time a plugin reads or writes it, so a plugin that never looks at headers costs no
+/// conversion. Writes are remembered, so the proxy copies edits back only when there are any.
+#[derive(Default)]
+pub struct Headers {
+    pairs: Pairs,
+    convert: Option<ConvertHeaders>,
+    len: usize,
+    changed: bool,
+}
+
+impl Headers {
+    /// A map given as pairs.
+    pub fn from_pairs(pairs: Pairs) -> Self {
+        Headers {
+            len: pairs.len(),
+            pairs,
+            convert: None,
+            changed: false,
+        }
+    }
+
+    /// A map of `len` entries that `convert` produces when first needed.
+    pub fn lazy(len: usize, convert: impl FnOnce() -> Pairs + Send + Sync + 'static) -> Self {
+        Headers {
+            pairs: Pairs::new(),
+            convert: Some(Box::new(convert)),
+            len,
+            changed: false,
+        }
+    }
+
+    /// Number of entries (without converting).
+    pub fn len(&self) -> usize {
+        if self.convert.is_some() {
+            self.len
+        } else {
+            self.pairs.len()
+        }
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The pairs, converted if they were not yet.
+    pub fn pairs(&mut self) -> &Pairs {
+        if let Some(convert) = self.convert.take() {
+            self.pairs = convert();
+        }
+        &self.pairs
+    }
+
+    /// The pairs for editing; the map counts as changed from here on.
+    pub fn pairs_mut(&mut self) -> &mut Pairs {
+        self.pairs();
+        self.changed = true;
+        &mut self.pairs
+    }
+
+    /// The value of `name` (lower case), converting if needed.
+    pub fn get(&mut self, name: &str) -> Option<&str> {
+        self.pairs()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The edited pairs, if a plugin changed the map since the last call (the flag resets).
+    pub fn take_changes(&mut self) -> Option<&Pairs> {
+        if std::mem::take(&mut self.changed) {
+            Some(&self.pairs)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a plugin changed the map.
+    pub fn is_changed(&self) -> bool {
+        self.changed
+    }
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.convert {
+            Some(_) => write!(f, "Headers(<{} unconverted>)", self.len),
+            None => f.debug_list().entries(&self.pairs).finish(),
+        }
+    }
+}
+
 /// One request as a plugin sees it during a callback.
 #[derive(Debug, Default)]
 pub struct HttpState {
     /// Request headers, pseudo-headers included.
-    pub request_headers: Pairs,
-    /// Set when the plugin changed the request headers.
-    pub request_headers_changed: bool,
+    pub request_headers: Headers,
     /// Response headers, `:status` included.
-    pub response_headers: Pairs,
-    /// Set when the plugin changed the response headers.
-    pub response_headers_changed: bool,
+    pub response_headers: Headers,
     /// A local reply the plugin sent, if any.
     pub local_response: Option<LocalResponse>,
     /// The request body the current callback sees (buffered chunks, then this one).
@@ -187,16 +281,16 @@ impl HostState {
         }
     }
 
-    fn map(&self, map_type: i32) -> Option<&Pairs> {
+    fn map(&mut self, map_type: i32) -> Option<&Pairs> {
         match (map_type, &self.callout_response) {
             (map::HTTP_CALL_RESPONSE_HEADERS, Some(r)) => return Some(&r.headers),
             (map::HTTP_CALL_RESPONSE_TRAILERS, Some(r)) => return Some(&r.trailers),
             _ => {}
         }
-        let http = self.http.as_ref()?;
+        let http = self.http.as_mut()?;
         match map_type {
-            map::HTTP_REQUEST_HEADERS => Some(&http.request_headers),
-            map::HTTP_RESPONSE_HEADERS => Some(&http.response_headers),
+            map::HTTP_REQUEST_HEADERS => Some(http.request_headers.pairs()),
+            map::HTTP_RESPONSE_HEADERS => Some(http.response_headers.pairs()),
             _ => None,
         }
     }
@@ -204,14 +298,8 @@ impl HostState {
     fn map_mut(&mut self, map_type: i32) -> Option<&mut Pairs> {
         let http = self.http.as_mut()?;
         match map_type {
-            map::HTTP_REQUEST_HEADERS => {
-                http.request_headers_changed = true;
-                Some(&mut http.request_headers)
-            }
-            map::HTTP_RESPONSE_HEADERS => {
-                http.response_headers_changed = true;
-                Some(&mut http.response_headers)
-            }
+            map::HTTP_REQUEST_HEADERS => Some(http.request_headers.pairs_mut()),
+            map::HTTP_RESPONSE_HEADERS => Some(http.response_headers.pairs_mut()),
             _ => None,
         }
     }
@@ -235,15 +323,21 @@ impl HostState {
     }
 
     /// A property by its NUL-separated path, as bytes.
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let header = |name: &str| -> Option<Vec<u8>> {
-            let http = self.http.as_ref()?;
-            http.request_headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_bytes().to_vec())
+    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        let (mut request_headers, info) = match self.http.as_mut() {
+            Some(HttpState {
+                request_headers,
+                info,
+                ..
+            }) => (Some(request_headers), Some(&*info)),
+            None => (None, None),
         };
-        let info = self.http.as_ref().map(|h| &h.info);
+        let mut header = |name: &str| -> Option<Vec<u8>> {
+            request_headers
+                .as_mut()?
+                .get(name)
+                .map(|v| v.as_bytes().to_vec())
+        };
         let text = |s: &str| Some(s.as_bytes().to_vec());
         match path {
             ["plugin_name"] => text(&self.plugin.name),
@@ -531,7 +625,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, HostState>, map_type: i32, ret_ptr: i32, ret_size: i32| {
-            let Some(pairs) = c.data().map(map_type) else {
+            let Some(pairs) = c.data_mut().map(map_type) else {
                 return Status::BadArgument as i32;
             };
             let encoded = abi::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
@@ -542,7 +636,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_size",
         |mut c: Caller<'_, HostState>, map_type: i32, ret_size: i32| {
-            let Some(pairs) = c.data().map(map_type) else {
+            let Some(pairs) = c.data_mut().map(map_type) else {
                 return Status::BadArgument as i32;
             };
             let size =
@@ -573,7 +667,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          ret_size: i32| {
             let result = read_string(&mut c, key_ptr, key_len).and_then(|key| {
                 let key = key.to_ascii_lowercase();
-                let pairs = c.data().map(map_type).ok_or(Status::BadArgument)?;
+                let pairs = c.data_mut().map(map_type).ok_or(Status::BadArgument)?;
                 let value = pairs
                     .iter()
                     .find(|(k, _)| *k == key)
@@ -679,7 +773,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let result = read(&mut c, path_ptr, path_len).and_then(|path| {
                 let path = String::from_utf8(path).map_err(|_| Status::BadArgument)?;
                 let segments: Vec<&str> = path.split('\0').filter(|s| !s.is_empty()).collect();
-                let value = c.data().property(&segments).ok_or(Status::NotFound)?;
+                let value = c.data_mut().property(&segments).ok_or(Status::NotFound)?;
                 return_bytes(&mut c, &value, ret_ptr, ret_size)
             });
             code(result)

@@ -3,7 +3,7 @@
 //! import what the host lacks).
 
 use nip_filters::abi::Action;
-use nip_filters::host::{HttpState, NodeInfo, PluginIdentity};
+use nip_filters::host::{Headers, HttpState, NodeInfo, PluginIdentity};
 use nip_filters::{PluginEngine, PluginError, PluginInstance, PluginLimits, PluginModule};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,7 +70,7 @@ fn request(path: &str, extra: &[(&str, &str)]) -> HttpState {
     ];
     headers.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     HttpState {
-        request_headers: headers,
+        request_headers: Headers::from_pairs(headers),
         ..Default::default()
     }
 }
@@ -99,18 +99,21 @@ fn rust_sdk_plugin_edits_headers_both_ways() {
             vm.on_request_headers(ctx, &mut http, true).unwrap(),
             Action::Continue
         );
-        assert!(http.request_headers_changed);
-        assert_eq!(header(&http.request_headers, "x-team"), Some("blue"));
+        assert!(http.request_headers.is_changed());
+        assert_eq!(header(http.request_headers.pairs(), "x-team"), Some("blue"));
         assert_eq!(
-            header(&http.request_headers, "x-seen-path"),
+            header(http.request_headers.pairs(), "x-seen-path"),
             Some(format!("/items/{i}").as_str())
         );
-        http.response_headers = vec![(":status".into(), "200".into())];
+        http.response_headers = Headers::from_pairs(vec![(":status".into(), "200".into())]);
         assert_eq!(
             vm.on_response_headers(ctx, &mut http, false).unwrap(),
             Action::Continue
         );
-        assert_eq!(header(&http.response_headers, "x-team"), Some("blue"));
+        assert_eq!(
+            header(http.response_headers.pairs(), "x-team"),
+            Some("blue")
+        );
         vm.finish_http_context(ctx, &mut http).unwrap();
     }
 }
@@ -267,7 +270,7 @@ fn a_plugin_that_does_nothing_changes_nothing() {
         vm.on_request_headers(ctx, &mut http, true).unwrap(),
         Action::Continue
     );
-    assert!(!http.request_headers_changed);
+    assert!(!http.request_headers.is_changed());
     assert_eq!(http.request_headers.len(), 5);
     vm.finish_http_context(ctx, &mut http).unwrap();
 }
@@ -288,7 +291,7 @@ fn shared_data_and_metrics_are_shared_by_instances_on_different_threads() {
                     let mut http = request("/", &[]);
                     vm.on_request_headers(ctx, &mut http, true).unwrap();
                     vm.on_response_headers(ctx, &mut http, true).unwrap();
-                    let count: u64 = header(&http.response_headers, "x-request-count")
+                    let count: u64 = header(http.response_headers.pairs(), "x-request-count")
                         .unwrap()
                         .parse()
                         .unwrap();
@@ -409,7 +412,7 @@ fn a_trap_in_any_callback_fails_that_callback_and_a_fresh_instance_runs() {
             vm.on_request_headers(ctx, &mut http, false)?;
             http.request_body = bytes::Bytes::from_static(b"body");
             vm.on_request_body(ctx, &mut http, true)?;
-            http.response_headers = vec![(":status".into(), "200".into())];
+            http.response_headers = Headers::from_pairs(vec![(":status".into(), "200".into())]);
             vm.on_response_headers(ctx, &mut http, false)?;
             http.response_body = bytes::Bytes::from_static(b"body");
             vm.on_response_body(ctx, &mut http, true)?;
@@ -447,4 +450,55 @@ fn a_trap_in_any_callback_fails_that_callback_and_a_fresh_instance_runs() {
             "{trapping}: {text}"
         );
     }
+}
+
+#[test]
+fn headers_are_converted_only_for_a_plugin_that_looks_at_them() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let lazy = |converted: &Arc<AtomicBool>| {
+        let converted = Arc::clone(converted);
+        HttpState {
+            request_headers: Headers::lazy(4, move || {
+                converted.store(true, Ordering::SeqCst);
+                request("/lazy", &[]).request_headers.pairs().clone()
+            }),
+            ..Default::default()
+        }
+    };
+    let noop = load("noop", "", &example("noop"), PluginLimits::default()).unwrap();
+    let mut vm = PluginInstance::start(&noop).unwrap();
+    let converted = Arc::new(AtomicBool::new(false));
+    let mut http = lazy(&converted);
+    let ctx = vm.create_http_context().unwrap();
+    vm.on_request_headers(ctx, &mut http, true).unwrap();
+    vm.finish_http_context(ctx, &mut http).unwrap();
+    assert!(
+        !converted.load(Ordering::SeqCst),
+        "a no-op plugin paid for a conversion"
+    );
+    assert!(!http.request_headers.is_changed());
+
+    let tagger = load(
+        "add-header",
+        "x-a=1",
+        &example("add_header"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&tagger).unwrap();
+    let mut http = lazy(&converted);
+    let ctx = vm.create_http_context().unwrap();
+    vm.on_request_headers(ctx, &mut http, true).unwrap();
+    assert!(converted.load(Ordering::SeqCst));
+    assert_eq!(
+        http.request_headers
+            .take_changes()
+            .and_then(|p| header(p, "x-seen-path")),
+        Some("/lazy")
+    );
+    assert!(
+        http.request_headers.take_changes().is_none(),
+        "changes are taken once"
+    );
 }

@@ -17,7 +17,7 @@
 use crate::cluster::{ActiveRequest, Cluster};
 use crate::metrics::Metrics;
 use crate::plugins::chain::{RequestPlugins, Verdict};
-use crate::plugins::headers::request_pairs;
+use crate::plugins::headers::request_headers;
 use crate::plugins::runtime::PluginRuntime;
 use crate::plugins::LoadedPlugin;
 use crate::router::Route;
@@ -177,7 +177,7 @@ impl Gateway {
     ) -> bool {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let http = HttpState {
-            request_headers: request_pairs(
+            request_headers: request_headers(
                 session.req_header(),
                 if tls { "https" } else { "http" },
             ),

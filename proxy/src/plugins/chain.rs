@@ -18,7 +18,7 @@
 //! * Callouts made while nobody waits (response phase, root context) run in the background
 //!   and their answers go to the plugin's root context.
 
-use super::headers::{apply_request_pairs, apply_response_pairs, response_pairs};
+use super::headers::{apply_request_pairs, apply_response_pairs, response_headers};
 use super::runtime::PluginRuntime;
 use super::LoadedPlugin;
 use bytes::Bytes;
@@ -106,9 +106,8 @@ impl RequestPlugins {
                 return (this, verdict);
             }
         }
-        if this.http.request_headers_changed {
-            apply_request_pairs(request, &this.http.request_headers);
-            this.http.request_headers_changed = false;
+        if let Some(pairs) = this.http.request_headers.take_changes() {
+            apply_request_pairs(request, pairs);
         }
         (this, Verdict::Continue)
     }
@@ -222,7 +221,7 @@ impl RequestPlugins {
     /// Runs the plugins on the response head, last plugin first (Envoy's encoder order). A
     /// failure here cannot turn into a 503 any more: it is counted and the plugin skipped.
     pub fn on_response_headers(&mut self, response: &mut ResponseHeader, end_of_stream: bool) {
-        self.http.response_headers = response_pairs(response);
+        self.http.response_headers = response_headers(response);
         self.http.info.response_code = Some(response.status.as_u16());
         for context in self.contexts.iter().rev() {
             let http = &mut self.http;
@@ -238,9 +237,8 @@ impl RequestPlugins {
             }
         }
         self.drop_response_phase_reply();
-        if self.http.response_headers_changed {
-            apply_response_pairs(response, &self.http.response_headers);
-            self.http.response_headers_changed = false;
+        if let Some(pairs) = self.http.response_headers.take_changes() {
+            apply_response_pairs(response, pairs);
         }
     }
 

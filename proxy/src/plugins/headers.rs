@@ -1,35 +1,45 @@
 //! Converting request and response heads to and from the header maps plugins see.
 
 use nip_filters::abi::Pairs;
+use nip_filters::host::Headers;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-/// The request head as plugins see it: pseudo-headers first, names in lower case.
-pub fn request_pairs(request: &RequestHeader, scheme: &str) -> Pairs {
-    let authority = request
-        .uri
+/// The request head as plugins see it, converted only if a plugin looks: pseudo-headers
+/// first (`:method`, `:path`, `:authority`, `:scheme`), names in lower case. Taking it copies
+/// the header map (its values are shared, not copied), not every name and value.
+pub fn request_headers(request: &RequestHeader, scheme: &'static str) -> Headers {
+    let method = request.method.clone();
+    let uri = request.uri.clone();
+    let headers = request.headers.clone();
+    let len = headers.len() + 4 - usize::from(headers.contains_key(http::header::HOST));
+    Headers::lazy(len, move || request_pairs(&method, &uri, &headers, scheme))
+}
+
+fn request_pairs(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    scheme: &str,
+) -> Pairs {
+    let authority = uri
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| {
-            request
-                .headers
+            headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let mut pairs = Vec::with_capacity(request.headers.len() + 4);
-    pairs.push((":method".to_string(), request.method.as_str().to_string()));
+    let mut pairs = Vec::with_capacity(headers.len() + 4);
+    pairs.push((":method".to_string(), method.as_str().to_string()));
     pairs.push((
         ":path".to_string(),
-        request
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
+        uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
     ));
     pairs.push((":authority".to_string(), authority));
     pairs.push((":scheme".to_string(), scheme.to_string()));
-    for (name, value) in &request.headers {
+    for (name, value) in headers {
         if name == http::header::HOST {
             continue;
         }
@@ -71,17 +81,21 @@ pub fn apply_request_pairs(request: &mut RequestHeader, pairs: &Pairs) {
     }
 }
 
-/// The response head as plugins see it.
-pub fn response_pairs(response: &ResponseHeader) -> Pairs {
-    let mut pairs = Vec::with_capacity(response.headers.len() + 1);
-    pairs.push((":status".to_string(), response.status.as_u16().to_string()));
-    for (name, value) in &response.headers {
-        pairs.push((
-            name.as_str().to_string(),
-            String::from_utf8_lossy(value.as_bytes()).into_owned(),
-        ));
-    }
-    pairs
+/// The response head as plugins see it (`:status` first), converted only if a plugin looks.
+pub fn response_headers(response: &ResponseHeader) -> Headers {
+    let status = response.status;
+    let headers = response.headers.clone();
+    Headers::lazy(headers.len() + 1, move || {
+        let mut pairs = Vec::with_capacity(headers.len() + 1);
+        pairs.push((":status".to_string(), status.as_u16().to_string()));
+        for (name, value) in &headers {
+            pairs.push((
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            ));
+        }
+        pairs
+    })
 }
 
 /// Writes a plugin's edited response head back.
