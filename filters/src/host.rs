@@ -172,6 +172,10 @@ pub struct HttpState {
     pub request_headers: Headers,
     /// Response headers, `:status` included.
     pub response_headers: Headers,
+    /// Request trailers (pingora has no request-trailer phase: always empty).
+    pub request_trailers: Headers,
+    /// Response trailers, during `on_response_trailers`.
+    pub response_trailers: Headers,
     /// A local reply the plugin sent, if any.
     pub local_response: Option<LocalResponse>,
     /// The request body the current callback sees (buffered chunks, then this one).
@@ -291,6 +295,8 @@ impl HostState {
         match map_type {
             map::HTTP_REQUEST_HEADERS => Some(http.request_headers.pairs()),
             map::HTTP_RESPONSE_HEADERS => Some(http.response_headers.pairs()),
+            map::HTTP_REQUEST_TRAILERS => Some(http.request_trailers.pairs()),
+            map::HTTP_RESPONSE_TRAILERS => Some(http.response_trailers.pairs()),
             _ => None,
         }
     }
@@ -300,6 +306,8 @@ impl HostState {
         match map_type {
             map::HTTP_REQUEST_HEADERS => Some(http.request_headers.pairs_mut()),
             map::HTTP_RESPONSE_HEADERS => Some(http.response_headers.pairs_mut()),
+            map::HTTP_REQUEST_TRAILERS => Some(http.request_trailers.pairs_mut()),
+            map::HTTP_RESPONSE_TRAILERS => Some(http.response_trailers.pairs_mut()),
             _ => None,
         }
     }

@@ -220,6 +220,7 @@ struct Callbacks {
     request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    response_trailers: Option<TypedFunc<(i32, i32), i32>>,
     http_call_response: Option<HttpCallResponseFn>,
     tick: Option<TypedFunc<i32, ()>>,
     queue_ready: Option<TypedFunc<(i32, i32), ()>>,
@@ -305,6 +306,9 @@ impl PluginInstance {
                 .ok(),
             response_body: instance
                 .get_typed_func(&mut store, "proxy_on_response_body")
+                .ok(),
+            response_trailers: instance
+                .get_typed_func(&mut store, "proxy_on_response_trailers")
                 .ok(),
             http_call_response: instance
                 .get_typed_func(&mut store, "proxy_on_http_call_response")
@@ -433,6 +437,25 @@ impl PluginInstance {
             "proxy_on_response_body",
             |store, cb| match &cb.response_body {
                 Some(f) => f.call(store, (context, size, i32::from(end_of_stream))),
+                None => Ok(0),
+            },
+        )
+        .map(Action::from_raw)
+    }
+
+    /// Runs `on_response_trailers` on `http.response_trailers`.
+    pub fn on_response_trailers(
+        &mut self,
+        context: i32,
+        http: &mut HttpState,
+    ) -> Result<Action, PluginError> {
+        let count = http.response_trailers.len() as i32;
+        self.with_http(
+            context,
+            http,
+            "proxy_on_response_trailers",
+            |store, cb| match &cb.response_trailers {
+                Some(f) => f.call(store, (context, count)),
                 None => Ok(0),
             },
         )

@@ -114,6 +114,14 @@ fn rust_sdk_plugin_edits_headers_both_ways() {
             header(http.response_headers.pairs(), "x-team"),
             Some("blue")
         );
+        http.response_trailers = Headers::from_pairs(vec![("grpc-status".into(), "0".into())]);
+        vm.on_response_trailers(ctx, &mut http).unwrap();
+        let trailers = http
+            .response_trailers
+            .take_changes()
+            .expect("trailers edited");
+        assert_eq!(header(trailers, "x-team-trailer"), Some("blue"));
+        assert_eq!(header(trailers, "grpc-status"), Some("0"));
         vm.finish_http_context(ctx, &mut http).unwrap();
     }
 }

@@ -521,6 +521,19 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Runs response trailers through the route's plugins.
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(plugins) = ctx.plugins.as_mut() {
+            plugins.on_response_trailers(trailers);
+        }
+        Ok(())
+    }
+
     /// Picks an endpoint: healthy, and not one that already failed this request.
     async fn upstream_peer(
         &self,

@@ -18,12 +18,14 @@
 //! * Callouts made while nobody waits (response phase, root context) run in the background
 //!   and their answers go to the plugin's root context.
 
-use super::headers::{apply_request_pairs, apply_response_pairs, response_headers};
+use super::headers::{
+    apply_header_pairs, apply_request_pairs, apply_response_pairs, header_pairs, response_headers,
+};
 use super::runtime::PluginRuntime;
 use super::LoadedPlugin;
 use bytes::Bytes;
 use nip_filters::abi::Action;
-use nip_filters::host::{Callout, HttpState, LocalResponse};
+use nip_filters::host::{Callout, Headers, HttpState, LocalResponse};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -284,6 +286,29 @@ impl RequestPlugins {
         self.drop_response_phase_reply();
         *chunk = (!flowing.is_empty()).then_some(flowing);
         Verdict::Continue
+    }
+
+    /// Runs the plugins on the response trailers, last plugin first, and writes their edits
+    /// back. (Pingora has no request-trailer phase, so `on_request_trailers` never runs.)
+    pub fn on_response_trailers(&mut self, trailers: &mut http::HeaderMap) {
+        self.http.response_trailers = Headers::from_pairs(header_pairs(trailers));
+        for context in self.contexts.iter().rev() {
+            let http = &mut self.http;
+            let result = self
+                .runtime
+                .with_context(&context.plugin, context.generation, |vm| {
+                    vm.on_response_trailers(context.id, http)?;
+                    Ok(vm.take_callouts())
+                });
+            if let Ok(callouts) = result {
+                self.runtime
+                    .dispatch(&context.plugin, context.generation, callouts);
+            }
+        }
+        self.drop_response_phase_reply();
+        if let Some(pairs) = self.http.response_trailers.take_changes() {
+            apply_header_pairs(trailers, pairs);
+        }
     }
 
     fn drop_response_phase_reply(&mut self) {

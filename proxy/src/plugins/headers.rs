@@ -121,3 +121,33 @@ pub fn apply_response_pairs(response: &mut ResponseHeader, pairs: &Pairs) {
         }
     }
 }
+
+/// A plain header map (trailers) as pairs.
+pub fn header_pairs(headers: &http::HeaderMap) -> Pairs {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Replaces a plain header map (trailers) with a plugin's pairs; bad ones are skipped and
+/// logged.
+pub fn apply_header_pairs(headers: &mut http::HeaderMap, pairs: &Pairs) {
+    headers.clear();
+    for (name, value) in pairs {
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::warn!("plugin set an invalid trailer {name:?}"),
+        }
+    }
+}

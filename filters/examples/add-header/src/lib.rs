@@ -1,4 +1,4 @@
-//! Adds headers in both directions. Plugin config: `name=value` (default `x-plugin=add-header`).
+//! Adds headers in both directions (and a trailer to responses that have trailers). Plugin config: `name=value` (default `x-plugin=add-header`).
 //! Also answers 403 locally when the request carries `x-deny: yes`, to exercise local replies.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -65,6 +65,12 @@ impl HttpContext for AddHeader {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.set_http_response_header(&self.name.clone(), Some(&self.value.clone()));
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Responses that end with trailers (gRPC) carry the tag there too.
+        self.add_http_response_trailer(&format!("{}-trailer", self.name), &self.value.clone());
         Action::Continue
     }
 }
