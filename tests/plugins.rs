@@ -810,3 +810,51 @@ async fn plugins_edit_response_trailers() {
     );
     assert_eq!(body.to_bytes(), "with trailers\n");
 }
+
+/// A plugin that resets every request stream in its request-headers callback.
+const RESETTING_PLUGIN: &str = r#"(module
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $close (i32.const 0)))
+    i32.const 1))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_reset_closes_the_request_without_an_answer() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let reset = dir.path().join("reset.wat");
+    std::fs::write(&reset, RESETTING_PLUGIN).unwrap();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!("  reset: {{ source: {{ file: \"{}\" }} }}", reset.display()),
+        "  - { name: reset, match: { path_prefix: /reset }, service: web, plugins: [reset] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    let outcome = client.get(proxy.url("/reset")).send().await;
+    assert!(
+        outcome.is_err(),
+        "a reset stream has no answer, got {:?}",
+        outcome.map(|r| r.status())
+    );
+    assert_eq!(
+        backend.requests(),
+        0,
+        "a reset request never reaches the upstream"
+    );
+    let response = client.get(proxy.url("/plain")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        sample(
+            &proxy.metrics().await,
+            "nip_plugin_failures_total",
+            &[("plugin", "reset")]
+        ),
+        0.0,
+        "a reset is the plugin's decision, not a failure"
+    );
+}

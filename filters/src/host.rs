@@ -6,7 +6,7 @@
 //! afterwards (only what the plugin changed). `proxy_http_call` only records a [`Callout`];
 //! the proxy performs it and hands the answer back through
 //! [`crate::PluginInstance::on_http_call_response`]. Functions this host does not implement
-//! (gRPC callouts, foreign functions, `proxy_set_property`, `proxy_close_stream`) are still
+//! (gRPC callouts, foreign functions, `proxy_set_property`, `proxy_get_status`) are still
 //! defined — returning `UNIMPLEMENTED` — so that every SDK's module links.
 
 use crate::abi::{self, buffer, map, Pairs, Status};
@@ -186,6 +186,9 @@ pub struct HttpState {
     pub request_resumed: bool,
     /// Set when the plugin resumed the response.
     pub response_resumed: bool,
+    /// Set when the plugin reset the stream (`proxy_close_stream`): the proxy drops the
+    /// request without an answer, or cuts the response off.
+    pub reset: bool,
     /// Facts for properties.
     pub info: RequestInfo,
 }
@@ -812,7 +815,19 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
-    unimplemented_fn!(linker, "proxy_close_stream", (i32));
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, HostState>, stream: i32| {
+            if let Some(http) = c.data_mut().http.as_mut() {
+                match stream {
+                    abi::stream::HTTP_REQUEST | abi::stream::HTTP_RESPONSE => http.reset = true,
+                    _ => {}
+                }
+            }
+            Status::Ok as i32
+        },
+    )?;
     unimplemented_fn!(linker, "proxy_get_status", (i32, i32, i32));
     unimplemented_fn!(linker, "proxy_set_property", (i32, i32, i32, i32));
     linker.func_wrap(

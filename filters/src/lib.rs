@@ -27,7 +27,7 @@
 //! This crate knows nothing of pingora or sockets: the proxy copies a request's headers and
 //! body chunks in and the plugin's edits out, and performs the HTTP calls plugins dispatch.
 //! gRPC callouts, L4 callbacks, foreign functions, `proxy_set_property` and
-//! `proxy_close_stream` answer `UNIMPLEMENTED`.
+//! `proxy_get_status` answer `UNIMPLEMENTED`.
 
 #![warn(missing_docs)]
 

@@ -122,9 +122,11 @@ pub struct RequestCtx {
     active_endpoint: Option<ActiveRequest>,
     active_cluster: Option<GaugeGuard>,
     /// The route's plugins as this request runs through them.
-    plugins: Option<RequestPlugins>,
+    /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
+    /// which is moved whole, so requests without plugins must not pay for its size.)
+    plugins: Option<Box<RequestPlugins>>,
     /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
-    plugin_stop: Option<Verdict>,
+    plugin_stop: Option<Box<Verdict>>,
     _downstream: GaugeGuard,
 }
 
@@ -168,13 +170,14 @@ impl Gateway {
 
 impl Gateway {
     /// Runs the route's plugins on the request head, in order. Returns true when the
-    /// request was answered (a plugin's local reply, or 503 `PF` for a fail-closed failure).
+    /// request was answered (a plugin's local reply, or 503 `PF` for a fail-closed failure),
+    /// an error when a plugin reset it.
     async fn run_request_plugins(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         plugins: &[Arc<LoadedPlugin>],
-    ) -> bool {
+    ) -> Result<bool> {
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let http = HttpState {
             request_headers: request_headers(
@@ -215,8 +218,13 @@ impl Gateway {
             end_of_stream,
         )
         .await;
-        ctx.plugins = Some(chain);
-        answer_plugin_verdict(session, ctx, verdict).await
+        ctx.plugins = Some(Box::new(chain));
+        if matches!(verdict, Verdict::Reset) {
+            // No answer at all: fail_to_proxy closes the connection (or resets the stream).
+            ctx.plugin_stop = Some(Box::new(verdict));
+            return Err(Error::explain(PLUGIN_STOP, "a plugin reset the request"));
+        }
+        Ok(answer_plugin_verdict(session, ctx, verdict).await)
     }
 }
 
@@ -257,6 +265,8 @@ async fn answer_plugin_verdict(
             )
             .await;
         }
+        // The stream ends without an answer; the caller closes the connection.
+        Verdict::Reset => {}
     }
     true
 }
@@ -461,7 +471,11 @@ impl ProxyHttp for Gateway {
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
-        if has_plugins && self.run_request_plugins(session, ctx, &route.plugins).await {
+        if has_plugins
+            && self
+                .run_request_plugins(session, ctx, &route.plugins)
+                .await?
+        {
             return Ok(true);
         }
         let Some(cluster) = cluster else {
@@ -489,7 +503,7 @@ impl ProxyHttp for Gateway {
         match plugins.on_request_body(body, end_of_stream).await {
             Verdict::Continue => Ok(()),
             verdict => {
-                ctx.plugin_stop = Some(verdict);
+                ctx.plugin_stop = Some(Box::new(verdict));
                 Err(Error::explain(
                     PLUGIN_STOP,
                     "a plugin ended the request in its body phase",
@@ -512,7 +526,7 @@ impl ProxyHttp for Gateway {
         match plugins.on_response_body(body, end_of_stream) {
             Verdict::Continue => Ok(None),
             verdict => {
-                ctx.plugin_stop = Some(verdict);
+                ctx.plugin_stop = Some(Box::new(verdict));
                 Err(Error::explain(
                     PLUGIN_STOP,
                     "a plugin ended the response in its body phase",
@@ -529,7 +543,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(plugins) = ctx.plugins.as_mut() {
-            plugins.on_response_trailers(trailers);
+            if let Verdict::Reset = plugins.on_response_trailers(trailers) {
+                ctx.plugin_stop = Some(Box::new(Verdict::Reset));
+                return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
+            }
         }
         Ok(())
     }
@@ -727,8 +744,15 @@ impl ProxyHttp for Gateway {
     where
         RequestCtx: Send + Sync,
     {
-        if let Some(verdict) = ctx.plugin_stop.take() {
+        if let Some(verdict) = ctx.plugin_stop.take().map(|v| *v) {
             session.set_keepalive(None);
+            if matches!(verdict, Verdict::Reset) {
+                tracing::debug!(request_id = %ctx.request_id, "a plugin reset the stream");
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
             if session.response_written().is_none() {
                 answer_plugin_verdict(session, ctx, verdict).await;
             } else {
@@ -818,10 +842,11 @@ impl ProxyHttp for Gateway {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
         if let Some(plugins) = ctx.plugins.as_mut() {
-            plugins.on_response_headers(
-                upstream_response,
-                response_has_no_body(session, upstream_response),
-            );
+            let end_of_stream = response_has_no_body(session, upstream_response);
+            if let Verdict::Reset = plugins.on_response_headers(upstream_response, end_of_stream) {
+                ctx.plugin_stop = Some(Box::new(Verdict::Reset));
+                return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
+            }
         }
         Ok(())
     }
@@ -915,5 +940,16 @@ mod tests {
         assert!(parts[2].starts_with('4'));
         assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
         assert_ne!(new_request_id(), id);
+    }
+}
+#[cfg(test)]
+mod size_tests {
+    /// The per-request context lives inside pingora's per-request future, which pingora
+    /// moves (memcpy) as a whole: 320 bytes of inline plugin state once cost every request
+    /// ~12k instructions (13 %), plugins or not. Keep big, rare state behind a `Box`.
+    #[test]
+    fn the_request_context_stays_small() {
+        let size = std::mem::size_of::<super::RequestCtx>();
+        assert!(size <= 256, "RequestCtx grew to {size} bytes");
     }
 }

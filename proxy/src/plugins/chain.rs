@@ -43,6 +43,8 @@ pub enum Verdict {
     RequestBodyTooLarge,
     /// A plugin's response body buffer passed its limit (500 while the head is unsent).
     ResponseBodyTooLarge,
+    /// A plugin reset the stream (`proxy_close_stream`): close without an answer.
+    Reset,
 }
 
 /// A plugin context opened for this request.
@@ -130,6 +132,9 @@ impl RequestPlugins {
         let (mine, others): (Vec<Callout>, Vec<Callout>) =
             callouts.into_iter().partition(|c| c.context == id as u32);
         self.runtime.dispatch(&plugin, generation, others);
+        if self.http.reset {
+            return Verdict::Reset;
+        }
         if let Some(reply) = self.http.local_response.take() {
             self.runtime.dispatch(&plugin, generation, mine);
             return Verdict::Reply(reply);
@@ -156,6 +161,9 @@ impl RequestPlugins {
                 more.into_iter().partition(|c| c.context == id as u32);
             self.runtime.dispatch(&plugin, generation, others);
             pending.extend(mine);
+            if self.http.reset {
+                return Verdict::Reset;
+            }
             if let Some(reply) = self.http.local_response.take() {
                 self.runtime.dispatch(&plugin, generation, pending.into());
                 return Verdict::Reply(reply);
@@ -205,6 +213,9 @@ impl RequestPlugins {
                 Err(_) => return Verdict::Failed,
             };
             let body = std::mem::take(&mut self.http.request_body);
+            if self.http.reset {
+                return Verdict::Reset;
+            }
             if action == Action::Pause && !end_of_stream && !self.http.request_resumed {
                 self.contexts[index].request_held = Vec::from(body);
                 *chunk = Some(Bytes::new());
@@ -222,7 +233,12 @@ impl RequestPlugins {
 
     /// Runs the plugins on the response head, last plugin first (Envoy's encoder order). A
     /// failure here cannot turn into a 503 any more: it is counted and the plugin skipped.
-    pub fn on_response_headers(&mut self, response: &mut ResponseHeader, end_of_stream: bool) {
+    /// Returns `Reset` when a plugin reset the stream, else `Continue`.
+    pub fn on_response_headers(
+        &mut self,
+        response: &mut ResponseHeader,
+        end_of_stream: bool,
+    ) -> Verdict {
         self.http.response_headers = response_headers(response);
         self.http.info.response_code = Some(response.status.as_u16());
         for context in self.contexts.iter().rev() {
@@ -241,6 +257,15 @@ impl RequestPlugins {
         self.drop_response_phase_reply();
         if let Some(pairs) = self.http.response_headers.take_changes() {
             apply_response_pairs(response, pairs);
+        }
+        self.reset_or_continue()
+    }
+
+    fn reset_or_continue(&self) -> Verdict {
+        if self.http.reset {
+            Verdict::Reset
+        } else {
+            Verdict::Continue
         }
     }
 
@@ -276,6 +301,9 @@ impl RequestPlugins {
                 Err(_) => Action::Continue,
             };
             let body = std::mem::take(&mut self.http.response_body);
+            if self.http.reset {
+                return Verdict::Reset;
+            }
             if action == Action::Pause && !end_of_stream && !self.http.response_resumed {
                 context.response_held = Vec::from(body);
                 self.drop_response_phase_reply();
@@ -290,7 +318,8 @@ impl RequestPlugins {
 
     /// Runs the plugins on the response trailers, last plugin first, and writes their edits
     /// back. (Pingora has no request-trailer phase, so `on_request_trailers` never runs.)
-    pub fn on_response_trailers(&mut self, trailers: &mut http::HeaderMap) {
+    /// Returns `Reset` when a plugin reset the stream, else `Continue`.
+    pub fn on_response_trailers(&mut self, trailers: &mut http::HeaderMap) -> Verdict {
         self.http.response_trailers = Headers::from_pairs(header_pairs(trailers));
         for context in self.contexts.iter().rev() {
             let http = &mut self.http;
@@ -309,6 +338,7 @@ impl RequestPlugins {
         if let Some(pairs) = self.http.response_trailers.take_changes() {
             apply_header_pairs(trailers, pairs);
         }
+        self.reset_or_continue()
     }
 
     fn drop_response_phase_reply(&mut self) {
