@@ -471,11 +471,9 @@ impl ProxyHttp for Gateway {
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
-        if has_plugins
-            && self
-                .run_request_plugins(session, ctx, &route.plugins)
-                .await?
-        {
+        // Boxed: the plugin path's future is large (it may await a callout), and async_trait
+        // moves this whole future into a box on every request, plugins or not.
+        if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {
             return Ok(true);
         }
         let Some(cluster) = cluster else {
@@ -500,7 +498,7 @@ impl ProxyHttp for Gateway {
         let Some(plugins) = ctx.plugins.as_mut() else {
             return Ok(());
         };
-        match plugins.on_request_body(body, end_of_stream).await {
+        match Box::pin(plugins.on_request_body(body, end_of_stream)).await {
             Verdict::Continue => Ok(()),
             verdict => {
                 ctx.plugin_stop = Some(Box::new(verdict));

@@ -146,7 +146,8 @@ impl RequestPlugins {
         self.http.request_resumed = false;
         let mut pending: VecDeque<Callout> = mine.into();
         while let Some(callout) = pending.pop_front() {
-            let response = self.runtime.call(&callout).await;
+            // Boxed: a callout's future is large and most requests never make one.
+            let response = Box::pin(self.runtime.call(&callout)).await;
             let http = &mut self.http;
             let delivered = self.runtime.with_context(&plugin, generation, |vm| {
                 vm.on_http_call_response(callout.token, response, Some(http))?;

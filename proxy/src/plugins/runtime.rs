@@ -21,6 +21,7 @@ use nip_filters::host::{Callout, CalloutResponse};
 use nip_filters::{PluginError, PluginInstance};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,30 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often an instance's background task checks for retirement when nothing else wakes it.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// Plugin version keys are already hashes (of the module and its configuration): a map
+/// keyed by them needs no second hash, which SipHash would cost on every callback.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
+}
+
+/// A map keyed by plugin version.
+type ByVersion<V> = HashMap<u64, V, BuildHasherDefault<KeyIsHash>>;
+
 /// One instance on this thread and the plugin version it runs.
 struct Running {
     instance: PluginInstance,
@@ -40,9 +65,9 @@ struct Running {
 /// A thread's running instances, and the back-off of plugins that keep failing.
 #[derive(Default)]
 struct ThreadPlugins {
-    instances: HashMap<u64, Running>,
+    instances: ByVersion<Running>,
     /// Consecutive failures and the time before which no restart is tried.
-    backoff: HashMap<u64, (u32, Instant)>,
+    backoff: ByVersion<(u32, Instant)>,
 }
 
 thread_local! {
