@@ -858,3 +858,137 @@ async fn a_plugin_reset_closes_the_request_without_an_answer() {
         "a reset is the plugin's decision, not a failure"
     );
 }
+
+/// A plugin that grows its memory until the host refuses, then traps.
+const GREEDY_PLUGIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (block $refused (loop $grow
+      (br_if $refused (i32.eq (memory.grow (i32.const 16)) (i32.const -1)))
+      (br $grow)))
+    unreachable))"#;
+
+/// A plugin that imports a host function no proxy-wasm host has.
+const ALIEN_IMPORT_PLUGIN: &str = r#"(module
+  (import "env" "proxy_teleport" (func (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_context_create") (param i32 i32)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unbounded_allocation_stops_at_the_ceiling_and_unknown_imports_are_load_errors() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let greedy = dir.path().join("greedy.wat");
+    std::fs::write(&greedy, GREEDY_PLUGIN).unwrap();
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!(
+            "  greedy: {{ source: {{ file: \"{}\" }}, limits: {{ memory: 8Mi }} }}",
+            greedy.display()
+        ),
+        "  - { name: greedy, match: { path_prefix: /greedy }, service: web, plugins: [greedy] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    for _ in 0..5 {
+        let response = client.get(proxy.url("/greedy")).send().await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["x-nip-response-flags"], "PF");
+        assert_eq!(
+            client
+                .get(proxy.url("/plain"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    proxy
+        .wait_for_sample("nip_plugin_failures_total", &[("plugin", "greedy")], 5.0)
+        .await;
+    // Each instance stopped at 8 MiB: the proxy's memory stays far below 5 × unbounded.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(rss_kb < 200 * 1024, "proxy RSS {rss_kb} kB");
+
+    let alien = dir.path().join("alien.wat");
+    std::fs::write(&alien, ALIEN_IMPORT_PLUGIN).unwrap();
+    let path = dir.path().join("alien.yaml");
+    std::fs::write(
+        &path,
+        config(
+            &backend,
+            &format!("  alien: {{ source: {{ file: \"{}\" }} }}", alien.display()),
+            "  - { service: web, plugins: [alien] }",
+        )
+        .replace("{port}", &free_port().to_string())
+        .replace("{admin}", &free_port().to_string()),
+    )
+    .unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    assert_eq!(output.status.code(), Some(2), "a load error, not a crash");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("proxy_teleport"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_noop_plugin_changes_nothing() {
+    let backend = Backend::start("web").await;
+    let plugin = example_plugin("noop");
+    let proxy = Proxy::start(&config(
+        &backend,
+        &format!("  noop: {{ source: {{ file: \"{}\" }} }}", plugin.display()),
+        "  - { name: noop, match: { path_prefix: /noop }, service: web, plugins: [noop] }\n  - { name: plain, service: web }",
+    ))
+    .await;
+    let client = client();
+    let seen = |response: reqwest::Response| async move {
+        let mut headers: Vec<String> = response
+            .headers()
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "x-request-id" | "date"))
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        headers.sort();
+        (response.status(), headers, response.text().await.unwrap())
+    };
+    let with_plugin = seen(client.get(proxy.url("/noop")).send().await.unwrap()).await;
+    let upstream_with: Vec<_> = {
+        let mut h: Vec<_> = backend
+            .control
+            .last_headers
+            .lock()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .collect();
+        h.retain(|(k, _)| k != "x-request-id");
+        h.sort();
+        h
+    };
+    let without = seen(client.get(proxy.url("/plain")).send().await.unwrap()).await;
+    let upstream_without: Vec<_> = {
+        let mut h: Vec<_> = backend
+            .control
+            .last_headers
+            .lock()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .collect();
+        h.retain(|(k, _)| k != "x-request-id");
+        h.sort();
+        h
+    };
+    assert_eq!(with_plugin, without);
+    assert_eq!(upstream_with, upstream_without);
+}
