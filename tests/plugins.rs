@@ -5,6 +5,23 @@ mod common;
 
 use common::*;
 
+/// Starts a proxy that must refuse `config` (exit 2, not a crash); returns what it said.
+fn refused_at_start(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refused.yaml");
+    std::fs::write(
+        &path,
+        config
+            .replace("{port}", &free_port().to_string())
+            .replace("{admin}", &free_port().to_string()),
+    )
+    .unwrap();
+    let output = run_nip(&["proxy", "--config"], Some(&path));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
 fn config(backend: &Backend, plugins: &str, routes: &str) -> String {
     config_with_services(backend, "", plugins, routes)
 }
@@ -171,16 +188,7 @@ async fn a_broken_plugin_is_refused_at_start_and_at_reload() {
         ),
         "  - { service: web, plugins: [broken] }",
     );
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
-        bad.replace("{port}", &free_port().to_string())
-            .replace("{admin}", &free_port().to_string()),
-    )
-    .unwrap();
-    let output = run_nip(&["proxy", "--config"], Some(&path));
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_at_start(&bad);
     assert!(stderr.contains("plugin broken: cannot compile"), "{stderr}");
 
     // At reload, the canary refuses it and the running config keeps serving.
@@ -546,18 +554,7 @@ async fn a_plugin_from_a_url_runs_only_when_its_sha256_matches() {
         )
     };
     // A different digest: the download is refused and the proxy does not start.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pinned-wrong.yaml");
-    std::fs::write(
-        &path,
-        with_hash(&"0".repeat(64))
-            .replace("{port}", &free_port().to_string())
-            .replace("{admin}", &free_port().to_string()),
-    )
-    .unwrap();
-    let output = run_nip(&["proxy", "--config"], Some(&path));
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_at_start(&with_hash(&"0".repeat(64)));
     assert!(
         stderr.contains(&format!(
             "has sha256 {digest}, but the config pins {}",
@@ -595,17 +592,7 @@ async fn configured_limits_bound_memory_and_buffered_bodies() {
             "  - { service: web, plugins: [big] }",
         )
     };
-    let path = dir.path().join("small.yaml");
-    std::fs::write(
-        &path,
-        with_memory("2Mi")
-            .replace("{port}", &free_port().to_string())
-            .replace("{admin}", &free_port().to_string()),
-    )
-    .unwrap();
-    let output = run_nip(&["proxy", "--config"], Some(&path));
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_at_start(&with_memory("2Mi"));
     assert!(stderr.contains("plugin big: cannot start"), "{stderr}");
     let proxy = Proxy::start(&with_memory("4Mi")).await;
     assert_eq!(
@@ -922,21 +909,11 @@ async fn unbounded_allocation_stops_at_the_ceiling_and_unknown_imports_are_load_
 
     let alien = dir.path().join("alien.wat");
     std::fs::write(&alien, ALIEN_IMPORT_PLUGIN).unwrap();
-    let path = dir.path().join("alien.yaml");
-    std::fs::write(
-        &path,
-        config(
-            &backend,
-            &format!("  alien: {{ source: {{ file: \"{}\" }} }}", alien.display()),
-            "  - { service: web, plugins: [alien] }",
-        )
-        .replace("{port}", &free_port().to_string())
-        .replace("{admin}", &free_port().to_string()),
-    )
-    .unwrap();
-    let output = run_nip(&["proxy", "--config"], Some(&path));
-    assert_eq!(output.status.code(), Some(2), "a load error, not a crash");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_at_start(&config(
+        &backend,
+        &format!("  alien: {{ source: {{ file: \"{}\" }} }}", alien.display()),
+        "  - { service: web, plugins: [alien] }",
+    ));
     assert!(stderr.contains("proxy_teleport"), "{stderr}");
 }
 

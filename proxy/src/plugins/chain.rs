@@ -26,6 +26,7 @@ use super::LoadedPlugin;
 use bytes::Bytes;
 use nip_filters::abi::Action;
 use nip_filters::host::{Callout, Headers, HttpState, LocalResponse};
+use nip_filters::{PluginError, PluginInstance};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -242,12 +243,28 @@ impl RequestPlugins {
     ) -> Verdict {
         self.http.response_headers = response_headers(response);
         self.http.info.response_code = Some(response.status.as_u16());
+        self.each_in_response_order(|vm, context, http| {
+            vm.on_response_headers(context, http, end_of_stream)
+                .map(drop)
+        });
+        if let Some(pairs) = self.http.response_headers.take_changes() {
+            apply_response_pairs(response, pairs);
+        }
+        self.reset_or_continue()
+    }
+
+    /// Runs a head-like response callback on every context, last plugin first; a failure
+    /// is counted (by the runtime) and that plugin skipped. Callouts go to the background.
+    fn each_in_response_order(
+        &mut self,
+        callback: impl Fn(&mut PluginInstance, i32, &mut HttpState) -> Result<(), PluginError>,
+    ) {
         for context in self.contexts.iter().rev() {
             let http = &mut self.http;
             let result = self
                 .runtime
                 .with_context(&context.plugin, context.generation, |vm| {
-                    vm.on_response_headers(context.id, http, end_of_stream)?;
+                    callback(vm, context.id, http)?;
                     Ok(vm.take_callouts())
                 });
             if let Ok(callouts) = result {
@@ -256,10 +273,6 @@ impl RequestPlugins {
             }
         }
         self.drop_response_phase_reply();
-        if let Some(pairs) = self.http.response_headers.take_changes() {
-            apply_response_pairs(response, pairs);
-        }
-        self.reset_or_continue()
     }
 
     fn reset_or_continue(&self) -> Verdict {
@@ -322,20 +335,9 @@ impl RequestPlugins {
     /// Returns `Reset` when a plugin reset the stream, else `Continue`.
     pub fn on_response_trailers(&mut self, trailers: &mut http::HeaderMap) -> Verdict {
         self.http.response_trailers = Headers::from_pairs(header_pairs(trailers));
-        for context in self.contexts.iter().rev() {
-            let http = &mut self.http;
-            let result = self
-                .runtime
-                .with_context(&context.plugin, context.generation, |vm| {
-                    vm.on_response_trailers(context.id, http)?;
-                    Ok(vm.take_callouts())
-                });
-            if let Ok(callouts) = result {
-                self.runtime
-                    .dispatch(&context.plugin, context.generation, callouts);
-            }
-        }
-        self.drop_response_phase_reply();
+        self.each_in_response_order(|vm, context, http| {
+            vm.on_response_trailers(context, http).map(drop)
+        });
         if let Some(pairs) = self.http.response_trailers.take_changes() {
             apply_header_pairs(trailers, pairs);
         }

@@ -39,8 +39,15 @@ fn request_pairs(
     ));
     pairs.push((":authority".to_string(), authority));
     pairs.push((":scheme".to_string(), scheme.to_string()));
+    // `Host` is `:authority` already.
+    push_pairs(&mut pairs, headers, Some(&http::header::HOST));
+    pairs
+}
+
+/// Appends every (name, value) of `headers` but `skip` to `pairs`.
+fn push_pairs(pairs: &mut Pairs, headers: &http::HeaderMap, skip: Option<&http::HeaderName>) {
     for (name, value) in headers {
-        if name == http::header::HOST {
+        if Some(name) == skip {
             continue;
         }
         pairs.push((
@@ -48,7 +55,6 @@ fn request_pairs(
             String::from_utf8_lossy(value.as_bytes()).into_owned(),
         ));
     }
-    pairs
 }
 
 /// Writes a plugin's edited request head back; bad names or values are skipped and logged.
@@ -88,12 +94,7 @@ pub fn response_headers(response: &ResponseHeader) -> Headers {
     Headers::lazy(headers.len() + 1, move || {
         let mut pairs = Vec::with_capacity(headers.len() + 1);
         pairs.push((":status".to_string(), status.as_u16().to_string()));
-        for (name, value) in &headers {
-            pairs.push((
-                name.as_str().to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            ));
-        }
+        push_pairs(&mut pairs, &headers, None);
         pairs
     })
 }
@@ -124,15 +125,9 @@ pub fn apply_response_pairs(response: &mut ResponseHeader, pairs: &Pairs) {
 
 /// A plain header map (trailers) as pairs.
 pub fn header_pairs(headers: &http::HeaderMap) -> Pairs {
-    headers
-        .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
-        .collect()
+    let mut pairs = Vec::with_capacity(headers.len());
+    push_pairs(&mut pairs, headers, None);
+    pairs
 }
 
 /// Replaces a plain header map (trailers) with a plugin's pairs; bad ones are skipped and
