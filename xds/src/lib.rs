@@ -16,14 +16,18 @@
 //!   `Listener` + `HttpConnectionManager`, `RouteConfiguration`, `Cluster`,
 //!   `ClusterLoadAssignment`, and a `Bootstrap` holding node identity and the admin address.
 //! * [`resources`] groups one consistent set of resources under one content version.
+//! * [`server`] serves resource sets to any xDS client over ADS: a snapshot cache with
+//!   per-resource versions, nonces, ACK/NACK tracking per proxy, make-before-break pushes.
 //!
-//! This crate never opens a socket and never looks at a request; the proxy may not read YAML.
+//! Only [`server`] opens sockets (through tonic); nothing here looks at a request, and the
+//! proxy may not read YAML.
 
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod json;
 pub mod resources;
+pub mod server;
 pub mod translate;
 
 pub use envoy_types;

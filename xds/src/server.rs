@@ -1,0 +1,441 @@
+//! The xDS server side: a snapshot cache and Envoy's Aggregated Discovery Service
+//! (state of the world) on tonic.
+//!
+//! ```text
+//! ResourceSet ──SnapshotCache::set──▶ per-type, per-resource versions ──watch──▶ every stream
+//! client ──DiscoveryRequest──▶ AdsServer stream task ──DiscoveryResponse (fresh nonce)──▶ client
+//!                                   └─ ACK / NACK (error_detail) ──▶ ProxyRegistry
+//! ```
+//!
+//! Each stream keeps, per type URL, what the client subscribed to, the version and nonce
+//! last sent. A request whose nonce is not the last one sent is stale and ignored (SotW
+//! rule); a request carrying `error_detail` is a NACK and is recorded with its reason; other
+//! requests with a nonce ACK the version they carry. When the cache changes, subscribed types
+//! are pushed in make-before-break order: CDS, EDS, LDS, RDS. An EDS request for a cluster the
+//! cache does not have yet is answered with an empty assignment, so clusters never stay
+//! warming. Listener and Cluster responses carry every resource (a missing one is deleted);
+//! RouteConfiguration and ClusterLoadAssignment carry the names asked for.
+//!
+//! Delta xDS answers `UNIMPLEMENTED` for now (see the issue note).
+
+use crate::resources::{ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+
+/// The order types are pushed in when the cache changes (make before break).
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+
+/// The resources of one type, each with its own content version.
+#[derive(Debug, Clone, Default)]
+pub struct TypeResources {
+    /// A version of the whole type: changes when any of its resources does.
+    pub version: String,
+    /// Resources by name: (resource version, packed resource).
+    pub resources: BTreeMap<String, (String, Any)>,
+}
+
+/// What the cache holds at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct CacheState {
+    /// Resources by type URL.
+    pub types: HashMap<&'static str, TypeResources>,
+}
+
+/// The resources every connected client is served, swapped whole.
+#[derive(Debug)]
+pub struct SnapshotCache {
+    state: watch::Sender<Arc<CacheState>>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        SnapshotCache {
+            state: watch::Sender::new(Arc::new(CacheState::default())),
+        }
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn pack<M: Message + Name>(message: &M) -> (String, Any) {
+    let value = message.encode_to_vec();
+    let version = format!("{:016x}", fnv(&value));
+    (
+        version,
+        Any {
+            type_url: M::type_url(),
+            value,
+        },
+    )
+}
+
+fn type_resources(entries: impl Iterator<Item = (String, (String, Any))>) -> TypeResources {
+    let resources: BTreeMap<String, (String, Any)> = entries.collect();
+    let mut combined = Vec::new();
+    for (name, (version, _)) in &resources {
+        combined.extend_from_slice(name.as_bytes());
+        combined.push(0);
+        combined.extend_from_slice(version.as_bytes());
+        combined.push(0);
+    }
+    TypeResources {
+        version: format!("{:016x}", fnv(&combined)),
+        resources,
+    }
+}
+
+impl SnapshotCache {
+    /// Serves `resources` from now on; clients whose view changed get pushes.
+    pub fn set(&self, resources: &ResourceSet) {
+        let mut types = HashMap::new();
+        types.insert(
+            LISTENER_TYPE,
+            type_resources(
+                resources
+                    .listeners
+                    .iter()
+                    .map(|r| (r.name.clone(), pack(r))),
+            ),
+        );
+        types.insert(
+            ROUTE_TYPE,
+            type_resources(resources.routes.iter().map(|r| (r.name.clone(), pack(r)))),
+        );
+        types.insert(
+            CLUSTER_TYPE,
+            type_resources(resources.clusters.iter().map(|r| (r.name.clone(), pack(r)))),
+        );
+        types.insert(
+            ENDPOINT_TYPE,
+            type_resources(
+                resources
+                    .endpoints
+                    .iter()
+                    .map(|r| (r.cluster_name.clone(), pack(r))),
+            ),
+        );
+        self.state.send_replace(Arc::new(CacheState { types }));
+    }
+
+    /// The current state.
+    pub fn current(&self) -> Arc<CacheState> {
+        self.state.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<CacheState>> {
+        self.state.subscribe()
+    }
+}
+
+/// A NACK a proxy sent: which type, which version it refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nack {
+    /// Type URL of the refused response.
+    pub type_url: String,
+    /// The nonce of the refused response.
+    pub nonce: String,
+    /// The client's explanation (`error_detail.message`).
+    pub reason: String,
+    /// When it arrived.
+    pub at: SystemTime,
+}
+
+/// What the control plane knows about one proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyStatus {
+    /// `node.id`.
+    pub node_id: String,
+    /// `node.locality.region`.
+    pub region: String,
+    /// `node.locality.zone`.
+    pub zone: String,
+    /// Whether a stream from it is open.
+    pub connected: bool,
+    /// Version ACKed per type URL.
+    pub acked: BTreeMap<String, String>,
+    /// The last NACK, if any (cleared by a later ACK of the same type).
+    pub last_nack: Option<Nack>,
+}
+
+/// Every proxy that has connected, by node id.
+#[derive(Debug, Default)]
+pub struct ProxyRegistry {
+    proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+}
+
+impl ProxyRegistry {
+    /// A copy of every proxy's status.
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProxyStatus>> {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, node_id: &str, change: impl FnOnce(&mut ProxyStatus)) {
+        let mut proxies = self.lock();
+        let status = proxies
+            .entry(node_id.to_string())
+            .or_insert_with(|| ProxyStatus {
+                node_id: node_id.to_string(),
+                region: String::new(),
+                zone: String::new(),
+                connected: false,
+                acked: BTreeMap::new(),
+                last_nack: None,
+            });
+        change(status);
+    }
+}
+
+/// What one stream sent of one type.
+#[derive(Debug, Default)]
+struct Subscription {
+    /// Names asked for; empty means everything (wildcard) for Listener and Cluster.
+    names: BTreeSet<String>,
+    /// Version last sent, and its nonce.
+    sent_version: Option<String>,
+    nonce: String,
+}
+
+/// Envoy's Aggregated Discovery Service over a [`SnapshotCache`].
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    cache: Arc<SnapshotCache>,
+    registry: Arc<ProxyRegistry>,
+}
+
+impl AdsServer {
+    /// A server for `cache`, recording clients in `registry`.
+    pub fn new(cache: Arc<SnapshotCache>, registry: Arc<ProxyRegistry>) -> Self {
+        AdsServer { cache, registry }
+    }
+
+    /// The tonic service, with a message limit big enough for large configs.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<AdsServer> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+/// One ADS stream's state.
+struct StreamState {
+    node_id: Option<String>,
+    subscriptions: HashMap<String, Subscription>,
+    next_nonce: u64,
+    registry: Arc<ProxyRegistry>,
+}
+
+impl StreamState {
+    /// Handles one request; returns the response to send, if any.
+    fn on_request(
+        &mut self,
+        request: DiscoveryRequest,
+        cache: &CacheState,
+    ) -> Option<DiscoveryResponse> {
+        if self.node_id.is_none() {
+            let node = request.node.clone().unwrap_or_default();
+            let locality = node.locality.unwrap_or_default();
+            self.registry.update(&node.id, |status| {
+                status.connected = true;
+                status.region = locality.region;
+                status.zone = locality.zone;
+            });
+            self.node_id = Some(node.id);
+        }
+        let node_id = self.node_id.clone().unwrap_or_default();
+        let type_url = request.type_url.clone();
+        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        if !request.response_nonce.is_empty()
+            && subscription.sent_version.is_some()
+            && request.response_nonce != subscription.nonce
+        {
+            return None; // stale: answers an older response than the last one sent
+        }
+        if let Some(error) = &request.error_detail {
+            let nack = Nack {
+                type_url: type_url.clone(),
+                nonce: request.response_nonce.clone(),
+                reason: error.message.clone(),
+                at: SystemTime::now(),
+            };
+            self.registry
+                .update(&node_id, |status| status.last_nack = Some(nack));
+        } else if !request.response_nonce.is_empty() {
+            let version = request.version_info.clone();
+            let acked_type = type_url.clone();
+            self.registry.update(&node_id, |status| {
+                if status
+                    .last_nack
+                    .as_ref()
+                    .is_some_and(|n| n.type_url == acked_type)
+                {
+                    status.last_nack = None;
+                }
+                status.acked.insert(acked_type, version);
+            });
+        }
+        let names: BTreeSet<String> = request.resource_names.into_iter().collect();
+        let names_changed = names != subscription.names;
+        subscription.names = names;
+        let current = cache
+            .types
+            .get(type_url.as_str())
+            .map(|t| t.version.clone());
+        let fresh = subscription.sent_version.is_none();
+        if fresh
+            || names_changed
+            || (current != subscription.sent_version && request.error_detail.is_none())
+        {
+            return self.response(&type_url, cache);
+        }
+        None
+    }
+
+    /// The response for `type_url` from `cache`, recorded as sent.
+    fn response(&mut self, type_url: &str, cache: &CacheState) -> Option<DiscoveryResponse> {
+        let subscription = self.subscriptions.get_mut(type_url)?;
+        let empty = TypeResources::default();
+        let of_type = cache.types.get(type_url).unwrap_or(&empty);
+        let wildcard = subscription.names.is_empty()
+            && (type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE);
+        let mut resources: Vec<Any> = Vec::new();
+        if wildcard || type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE {
+            // Listener and Cluster responses are the full set (names narrow it when given).
+            for (name, (_, any)) in &of_type.resources {
+                if wildcard || subscription.names.contains(name) {
+                    resources.push(any.clone());
+                }
+            }
+        } else {
+            for name in &subscription.names {
+                match of_type.resources.get(name) {
+                    Some((_, any)) => resources.push(any.clone()),
+                    // Never leave a cluster warming: an empty assignment until endpoints exist.
+                    None if type_url == ENDPOINT_TYPE => resources.push(Any {
+                        type_url: ClusterLoadAssignment::type_url(),
+                        value: ClusterLoadAssignment {
+                            cluster_name: name.clone(),
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
+                    }),
+                    None => {}
+                }
+            }
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        subscription.nonce = nonce.clone();
+        subscription.sent_version = Some(of_type.version.clone());
+        Some(DiscoveryResponse {
+            version_info: of_type.version.clone(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    /// Responses for every subscribed type whose version changed, in push order.
+    fn on_cache_change(&mut self, cache: &CacheState) -> Vec<DiscoveryResponse> {
+        let mut out = Vec::new();
+        for type_url in PUSH_ORDER {
+            let Some(subscription) = self.subscriptions.get(type_url) else {
+                continue;
+            };
+            let current = cache.types.get(type_url).map(|t| t.version.clone());
+            if subscription.sent_version.is_some() && subscription.sent_version != current {
+                out.extend(self.response(type_url, cache));
+            }
+        }
+        out
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut changes = self.cache.subscribe();
+        let mut state = StreamState {
+            node_id: None,
+            subscriptions: HashMap::new(),
+            next_nonce: 0,
+            registry: Arc::clone(&self.registry),
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    next = requests.next() => {
+                        let Some(Ok(request)) = next else { break };
+                        let cache = changes.borrow_and_update().clone();
+                        if let Some(response) = state.on_request(request, &cache) {
+                            if tx.send(Ok(response)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let cache = changes.borrow_and_update().clone();
+                        for response in state.on_cache_change(&cache) {
+                            if tx.send(Ok(response)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(node_id) = &state.node_id {
+                state
+                    .registry
+                    .update(node_id, |status| status.connected = false);
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "delta xDS is not served yet; use StreamAggregatedResources",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;
