@@ -16,14 +16,17 @@
 //!   `Listener` + `HttpConnectionManager`, `RouteConfiguration`, `Cluster`,
 //!   `ClusterLoadAssignment`, and a `Bootstrap` holding node identity and the admin address.
 //! * [`resources`] groups one consistent set of resources under one content version.
+//! * [`client`] keeps a proxy's resource set in step with any ADS server, ACKing what the
+//!   proxy's compiler accepts and NACKing the rest with the reason.
 //! * [`server`] serves resource sets to any xDS client over ADS: a snapshot cache with
 //!   per-resource versions, nonces, ACK/NACK tracking per proxy, make-before-break pushes.
 //!
-//! Only [`server`] opens sockets (through tonic); nothing here looks at a request, and the
+//! Only [`server`] and [`client`] open sockets (through tonic); nothing here looks at a request, and the
 //! proxy may not read YAML.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod json;
 pub mod resources;

@@ -1,0 +1,326 @@
+//! The xDS client side: an ADS (state of the world) client that keeps a proxy's
+//! [`ResourceSet`] in step with a control plane.
+//!
+//! ```text
+//! control plane ──DiscoveryResponse──▶ AdsClient ──candidate ResourceSet──▶ ResourceSink::apply
+//!               ◀── ACK (new version) / NACK (last good version + error_detail) ──┘
+//! ```
+//!
+//! The client subscribes to every Cluster and Listener, then to the ClusterLoadAssignments
+//! its clusters need and the RouteConfigurations its listeners name. A response replaces the
+//! resources of its type (all of them for Listener/Cluster, the named ones for Route/
+//! Endpoint); once every listener has its routes and every cluster its endpoints, the whole
+//! set goes to the sink — the same compiler the file config goes through. The sink's
+//! verdict is the ACK or the NACK (with its reason as `error_detail`); a NACKed response
+//! changes nothing, so the proxy keeps serving its last good set. A broken stream is retried
+//! with exponential back-off and jitter (10 ms → 15 s), resubscribing with the versions it
+//! holds.
+
+use crate::resources::{ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, HttpConnectionManager,
+};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// First wait before reconnecting.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest wait between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Where the resources go: the proxy compiles and swaps them, or says why it cannot.
+pub trait ResourceSink: Send {
+    /// Takes a complete set; an error is the NACK's `error_detail`.
+    fn apply(&mut self, resources: &ResourceSet) -> Result<(), String>;
+}
+
+/// The resources received so far, by type and name, and the version ACKed per type.
+#[derive(Debug, Default, Clone)]
+struct Received {
+    listeners: BTreeMap<String, Listener>,
+    routes: BTreeMap<String, RouteConfiguration>,
+    clusters: BTreeMap<String, Cluster>,
+    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    versions: BTreeMap<String, String>,
+}
+
+impl Received {
+    /// Route configuration names the listeners use over RDS.
+    fn route_names(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for listener in self.listeners.values() {
+            for chain in &listener.filter_chains {
+                for f in &chain.filters {
+                    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                        continue;
+                    };
+                    let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) else {
+                        continue;
+                    };
+                    if let Some(http_connection_manager::RouteSpecifier::Rds(rds)) =
+                        hcm.route_specifier
+                    {
+                        names.insert(rds.route_config_name);
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    /// Clusters whose endpoints come over EDS.
+    fn endpoint_names(&self) -> BTreeSet<String> {
+        self.clusters
+            .values()
+            .filter(|c| {
+                matches!(
+                    c.cluster_discovery_type,
+                    Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32
+                )
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Replaces the resources of `response`'s type; a resource that does not decode is an
+    /// error naming it.
+    fn absorb(&mut self, response: &DiscoveryResponse) -> Result<(), String> {
+        fn decode_all<M: Message + Default>(
+            response: &DiscoveryResponse,
+            name: impl Fn(&M) -> String,
+        ) -> Result<BTreeMap<String, M>, String> {
+            let mut out = BTreeMap::new();
+            for (i, any) in response.resources.iter().enumerate() {
+                let message = M::decode(any.value.as_slice())
+                    .map_err(|e| format!("resources[{i}] ({}): {e}", any.type_url))?;
+                out.insert(name(&message), message);
+            }
+            Ok(out)
+        }
+        match response.type_url.as_str() {
+            LISTENER_TYPE => self.listeners = decode_all(response, |l: &Listener| l.name.clone())?,
+            CLUSTER_TYPE => self.clusters = decode_all(response, |c: &Cluster| c.name.clone())?,
+            ROUTE_TYPE => self
+                .routes
+                .extend(decode_all(response, |r: &RouteConfiguration| {
+                    r.name.clone()
+                })?),
+            ENDPOINT_TYPE => self
+                .endpoints
+                .extend(decode_all(response, |e: &ClusterLoadAssignment| {
+                    e.cluster_name.clone()
+                })?),
+            other => return Err(format!("unexpected type {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// The set to apply, once every listener has its routes and every cluster its
+    /// endpoints; stale routes and assignments (of removed parents) are left out.
+    fn complete_set(&self) -> Option<ResourceSet> {
+        let route_names = self.route_names();
+        let endpoint_names = self.endpoint_names();
+        if !route_names.iter().all(|n| self.routes.contains_key(n))
+            || !endpoint_names
+                .iter()
+                .all(|n| self.endpoints.contains_key(n))
+        {
+            return None;
+        }
+        let mut set = ResourceSet {
+            listeners: self.listeners.values().cloned().collect(),
+            routes: route_names
+                .iter()
+                .filter_map(|n| self.routes.get(n).cloned())
+                .collect(),
+            clusters: self.clusters.values().cloned().collect(),
+            endpoints: endpoint_names
+                .iter()
+                .filter_map(|n| self.endpoints.get(n).cloned())
+                .collect(),
+            version: String::new(),
+        };
+        set.version = set.content_version();
+        Some(set)
+    }
+}
+
+/// Keeps a [`ResourceSink`] in step with an ADS server.
+pub struct AdsClient<S: ResourceSink> {
+    server: String,
+    node: Node,
+    sink: S,
+    received: Received,
+}
+
+impl<S: ResourceSink> AdsClient<S> {
+    /// A client of `server` (`http://host:port`) announcing itself as `node`.
+    pub fn new(server: impl Into<String>, node: Node, sink: S) -> Self {
+        AdsClient {
+            server: server.into(),
+            node,
+            sink,
+            received: Received::default(),
+        }
+    }
+
+    /// Runs forever: connects, follows the stream, and reconnects with back-off.
+    pub async fn run(mut self) {
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            match self.follow_stream().await {
+                Ok(()) => backoff = INITIAL_BACKOFF,
+                Err(e) => tracing::warn!(server = %self.server, "xDS stream: {e}"),
+            }
+            let jitter = backoff.mul_f64(fastrand_f64() * 0.5);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn request(&self, type_url: &str, names: Vec<String>, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: Some(self.node.clone()),
+            type_url: type_url.to_string(),
+            resource_names: names,
+            version_info: self
+                .received
+                .versions
+                .get(type_url)
+                .cloned()
+                .unwrap_or_default(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// One stream, until it ends. Returns `Ok` when at least one response was handled (so
+    /// the next reconnect starts from the shortest back-off).
+    async fn follow_stream(&mut self) -> Result<(), String> {
+        let mut client = AggregatedDiscoveryServiceClient::connect(self.server.clone())
+            .await
+            .map_err(|e| format!("connect: {e}"))?
+            .max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel(16);
+        let mut responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("open: {e}"))?
+            .into_inner();
+        let send = |request: DiscoveryRequest| {
+            let tx = tx.clone();
+            async move {
+                tx.send(request)
+                    .await
+                    .map_err(|_| "stream closed".to_string())
+            }
+        };
+        send(self.request(CLUSTER_TYPE, Vec::new(), "")).await?;
+        send(self.request(LISTENER_TYPE, Vec::new(), "")).await?;
+        let mut subscribed_routes = BTreeSet::new();
+        let mut subscribed_endpoints = BTreeSet::new();
+        let mut handled_any = false;
+        loop {
+            let response = match responses.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) if handled_any => return Ok(()),
+                Ok(None) => return Err("the server closed the stream".into()),
+                Err(e) if handled_any => {
+                    tracing::warn!("xDS stream ended: {e}");
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("stream: {e}")),
+            };
+            handled_any = true;
+            let type_url = response.type_url.clone();
+            let mut candidate = self.received.clone();
+            let verdict = candidate.absorb(&response).and_then(|()| {
+                match candidate.complete_set() {
+                    Some(set) => self.sink.apply(&set),
+                    None => Ok(()), // warming: wait for the rest before applying
+                }
+            });
+            let reply = match verdict {
+                Ok(()) => {
+                    self.received = candidate;
+                    self.received
+                        .versions
+                        .insert(type_url.clone(), response.version_info.clone());
+                    self.request(
+                        &type_url,
+                        subscribed_names(&type_url, &subscribed_routes, &subscribed_endpoints),
+                        &response.nonce,
+                    )
+                }
+                Err(reason) => {
+                    tracing::warn!(%type_url, version = %response.version_info, "xDS NACK: {reason}");
+                    DiscoveryRequest {
+                        error_detail: Some(RpcStatus {
+                            code: 3, // INVALID_ARGUMENT
+                            message: reason,
+                            ..Default::default()
+                        }),
+                        ..self.request(
+                            &type_url,
+                            subscribed_names(&type_url, &subscribed_routes, &subscribed_endpoints),
+                            &response.nonce,
+                        )
+                    }
+                }
+            };
+            send(reply).await?;
+            // Follow what the accepted listeners and clusters need.
+            let routes = self.received.route_names();
+            if routes != subscribed_routes {
+                subscribed_routes = routes;
+                send(self.request(ROUTE_TYPE, subscribed_routes.iter().cloned().collect(), ""))
+                    .await?;
+            }
+            let endpoints = self.received.endpoint_names();
+            if endpoints != subscribed_endpoints {
+                subscribed_endpoints = endpoints;
+                send(self.request(
+                    ENDPOINT_TYPE,
+                    subscribed_endpoints.iter().cloned().collect(),
+                    "",
+                ))
+                .await?;
+            }
+        }
+    }
+}
+
+/// The names a request of `type_url` carries: none (wildcard) for Listener and Cluster.
+fn subscribed_names(
+    type_url: &str,
+    routes: &BTreeSet<String>,
+    endpoints: &BTreeSet<String>,
+) -> Vec<String> {
+    match type_url {
+        ROUTE_TYPE => routes.iter().cloned().collect(),
+        ENDPOINT_TYPE => endpoints.iter().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A number in [0, 1) for back-off jitter, without a random-number dependency.
+fn fastrand_f64() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1000) / 1000.0
+}
+
+#[cfg(test)]
+mod tests;
