@@ -1,5 +1,6 @@
-//! `nip`: the one user-facing binary. Each subcommand is a role (`nip proxy`, `nip validate`,
-//! `nip demo`); the work itself lives in the library crates.
+//! `nip`: the one user-facing binary. Each subcommand is a role (`nip proxy`,
+//! `nip control-plane`, `nip validate`, `nip demo`); the work itself lives in the library
+//! crates.
 
 mod demo;
 
@@ -42,6 +43,16 @@ enum Command {
         /// Longest wait for in-flight requests after SIGTERM.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         drain_timeout: Duration,
+    },
+    /// Run a control plane: serve a v4 config file to proxies and xDS clients over ADS
+    /// (pushed again, debounced, whenever the file changes).
+    ControlPlane {
+        /// The v4 YAML config holding the desired state.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Address ADS is served on.
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        xds_address: std::net::SocketAddr,
     },
     /// Check a config file; print every problem with its field path.
     Validate {
@@ -103,6 +114,30 @@ fn run_proxy(options: ProxyOptions) -> ExitCode {
     }
 }
 
+fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nip control-plane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nip_control_plane::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nip control-plane: {e}");
+            if e.is_config_error() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
@@ -117,6 +152,14 @@ fn main() -> ExitCode {
             threads: threads.unwrap_or(cpus),
             drain_timeout,
             watch_interval: Duration::from_millis(500),
+        }),
+        Command::ControlPlane {
+            config,
+            xds_address,
+        } => run_control_plane(nip_control_plane::ControlPlaneOptions {
+            config,
+            xds_address,
+            watch_interval: Duration::from_millis(200),
         }),
         Command::Validate { file, xds } => validate(&file, xds),
         Command::Demo {

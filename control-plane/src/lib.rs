@@ -1,0 +1,146 @@
+//! # nip-control-plane: the desired config, pushed to every proxy over xDS v3
+//!
+//! ```text
+//! config file ──(poll, debounced)──▶ Config::from_yaml ──translate──▶ ResourceSet
+//!        ──SnapshotCache::set──▶ nip_xds::server::AdsServer ──ADS──▶ proxies, gRPC clients
+//!                                        └─ ACK / NACK per proxy ──▶ ProxyRegistry
+//! ```
+//!
+//! Today the desired state comes from one v4 YAML file, watched for changes: a change is
+//! debounced (100 ms, so an editor's several writes make one push), validated with the same
+//! parser and translator as `nip validate`, and served; an invalid file is logged with its
+//! field paths and the last good config keeps being served. The store with history and
+//! rollback, the REST API and the CLI verbs come next (issue 4).
+
+#![warn(missing_docs)]
+
+use nip_xds::config::Config;
+use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache};
+use nip_xds::translate::translate;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How long a config file must stay unchanged before it is pushed.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How to run a control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// The v4 YAML file holding the desired config.
+    pub config: PathBuf,
+    /// Where ADS is served.
+    pub xds_address: SocketAddr,
+    /// How often the file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// The config file is missing or invalid at start.
+    #[error("{path}: {error}")]
+    Config {
+        /// The file.
+        path: String,
+        /// Every problem, with field paths.
+        error: nip_xds::config::ConfigError,
+    },
+    /// The xDS port could not be bound or served.
+    #[error("xDS server on {address}: {reason}")]
+    Serve {
+        /// The address.
+        address: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl ControlPlaneError {
+    /// Whether the user must fix the config (exit 2) rather than the environment.
+    pub fn is_config_error(&self) -> bool {
+        matches!(self, ControlPlaneError::Config { .. })
+    }
+}
+
+/// Size and modification time: enough to notice a file was rewritten.
+fn fingerprint(path: &Path) -> Option<(u64, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+/// Loads, validates and translates the file into the cache; returns the version served.
+fn load_into(path: &Path, cache: &SnapshotCache) -> Result<String, ControlPlaneError> {
+    let config = Config::from_file(path).map_err(|error| ControlPlaneError::Config {
+        path: path.display().to_string(),
+        error,
+    })?;
+    let translation = translate(&config);
+    for note in &translation.not_applied {
+        tracing::warn!("{note}");
+    }
+    cache.set(&translation.resources);
+    Ok(translation.resources.version)
+}
+
+/// Runs until the process ends: serves ADS and follows the config file.
+pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> {
+    let cache = Arc::new(SnapshotCache::default());
+    let registry = Arc::new(ProxyRegistry::default());
+    let version = load_into(&options.config, &cache)?;
+    let listener = tokio::net::TcpListener::bind(options.xds_address)
+        .await
+        .map_err(|e| ControlPlaneError::Serve {
+            address: options.xds_address,
+            reason: e.to_string(),
+        })?;
+    tracing::info!(
+        %version,
+        xds = %options.xds_address,
+        config = %options.config.display(),
+        "nip control plane serving ADS"
+    );
+    tokio::spawn(watch_file(
+        options.config.clone(),
+        options.watch_interval,
+        Arc::clone(&cache),
+    ));
+    tonic::transport::Server::builder()
+        .add_service(AdsServer::new(cache, registry).into_service())
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await
+        .map_err(|e| ControlPlaneError::Serve {
+            address: options.xds_address,
+            reason: e.to_string(),
+        })
+}
+
+/// Polls the file; a change that has settled for [`DEBOUNCE`] is loaded and pushed, an
+/// invalid one is logged and the last good config stays.
+async fn watch_file(path: PathBuf, interval: Duration, cache: Arc<SnapshotCache>) {
+    let mut known = fingerprint(&path);
+    loop {
+        tokio::time::sleep(interval).await;
+        let mut current = fingerprint(&path);
+        if current == known {
+            continue;
+        }
+        // Let a burst of writes settle before reading.
+        loop {
+            tokio::time::sleep(DEBOUNCE).await;
+            let settled = fingerprint(&path);
+            if settled == current {
+                break;
+            }
+            current = settled;
+        }
+        known = current;
+        match load_into(&path, &cache) {
+            Ok(version) => tracing::info!(%version, "config changed; pushed to proxies"),
+            Err(e) => {
+                tracing::error!("config change refused, still serving the last good one: {e}")
+            }
+        }
+    }
+}
