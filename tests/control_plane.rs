@@ -124,3 +124,112 @@ fn an_invalid_file_at_start_is_a_config_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("routes[0].service"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_run() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen_port = free_port();
+    let desired = |backend: &Backend, extra: &str| {
+        format!(
+            "api_gateway: {{ address: \"127.0.0.1:{listen_port}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n{extra}routes:\n  - {{ service: web }}\n",
+            backend.address
+        )
+    };
+    let config = dir.path().join("desired.yaml");
+    std::fs::write(&config, desired(&a, "")).unwrap();
+    let xds_port = free_port();
+    let child = Command::new(nip_bin())
+        .args(["control-plane", "--config"])
+        .arg(&config)
+        .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _control_plane = Running(child);
+
+    // The proxy's own file is only its bootstrap: node, admin port, control plane.
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: edge-eu-1, region: eu-west }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{xds_port}\" }}\n"
+        ),
+        listen_port,
+    );
+    proxy.wait_ready().await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.headers()["x-backend"], "a");
+
+    // Steady load while the control plane moves the route to another backend.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (url, stop, failures) = (proxy.url("/"), Arc::clone(&stop), Arc::clone(&failures));
+        load.push(tokio::spawn(async move {
+            let client = client();
+            let mut sent = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    _ => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::write(&config, desired(&b, "")).unwrap();
+    eventually("the proxy routes the new way", || async {
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.headers()["x-backend"] == "b")
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = 0;
+    for task in load {
+        sent += task.await.unwrap();
+    }
+    assert!(sent > 50, "the load was real ({sent} requests)");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed during the push"
+    );
+
+    // A plugin module the control plane can see but the proxy cannot compile: the proxy
+    // NACKs with the compiler's reason and keeps serving its last good config.
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not a module").unwrap();
+    std::fs::write(
+        &config,
+        desired(
+            &b,
+            &format!(
+                "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
+                garbage.display()
+            ),
+        )
+        .replace(
+            "- { service: web }",
+            "- { service: web, plugins: [broken] }",
+        ),
+    )
+    .unwrap();
+    eventually("the proxy NACKs the set", || async {
+        let log = proxy.log();
+        log.contains("xDS NACK") && log.contains("plugin broken: cannot compile")
+    })
+    .await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "b");
+}

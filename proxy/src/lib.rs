@@ -18,6 +18,10 @@
 //! record, [`admin`] shows. [`server`] wires the threads: pingora workers carry requests;
 //! one control thread carries the admin port, reloads, health checks and draining.
 //!
+//! With `control_plane` in its local config, the proxy instead follows a control plane over
+//! ADS ([`xds_feed`]): every set it receives goes through the same compiler, and a set that
+//! does not compile is NACKed with the compiler's message.
+//!
 //! This crate may not parse YAML except through [`source`], and nothing on the request path
 //! blocks, locks a shared mutex, or logs on success.
 
@@ -35,6 +39,7 @@ pub mod server;
 pub mod snapshot;
 pub mod sockets;
 pub mod source;
+pub mod xds_feed;
 
 pub use server::{run, ProxyOptions, StartError};
 pub use source::ConfigSource;

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::plugins::PluginLoader;
 use crate::snapshot::{CompileError, Compiler, Snapshot};
 use crate::source::{ConfigSource, Fingerprint};
+use crate::xds_feed::XdsFeed;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use nip_xds::config::ConfigError;
@@ -27,6 +28,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
+
+/// How long a proxy following a control plane waits for its first config.
+const CONTROL_PLANE_WAIT: Duration = Duration::from_secs(30);
 
 /// How to run a proxy.
 #[derive(Debug, Clone)]
@@ -69,6 +73,9 @@ pub enum StartError {
     /// A thread or runtime could not start.
     #[error("cannot start: {0}")]
     Runtime(std::io::Error),
+    /// The control plane gave no usable config in time.
+    #[error("control plane: {0}")]
+    ControlPlane(String),
 }
 
 impl StartError {
@@ -97,7 +104,26 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         previous_access_log: None,
         plugins: &plugins,
     };
-    let snapshot = compiler.compile(&translation.bootstrap, &translation.resources)?;
+    let ads_target = nip_xds::translate::ads_target(&translation.bootstrap);
+    let (snapshot, feed) = match &ads_target {
+        None => (
+            compiler.compile(&translation.bootstrap, &translation.resources)?,
+            None,
+        ),
+        Some(target) => {
+            tracing::info!(control_plane = %target, "waiting for config from the control plane");
+            let (first, feed) = XdsFeed::start(
+                target,
+                translation.bootstrap.clone(),
+                Arc::clone(&registry),
+                Arc::clone(&metrics),
+                Arc::clone(&plugins),
+                CONTROL_PLANE_WAIT,
+            )
+            .map_err(StartError::ControlPlane)?;
+            (first, Some(feed))
+        }
+    };
     metrics.config_reloads.inc();
     let listener = snapshot.listener.clone();
     let admin_address = snapshot
@@ -126,6 +152,10 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     );
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
     let status = Arc::new(ProxyStatus::default());
+    let swapped = feed.map(|mut feed| {
+        feed.running_on(&snapshot);
+        std::mem::replace(&mut feed.swapped, tokio::sync::mpsc::unbounded_channel().1)
+    });
 
     let control = Control {
         source: options.source.clone(),
@@ -139,6 +169,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         plugin_fingerprints: Default::default(),
         drain_timeout: options.drain_timeout,
         watch_interval: options.watch_interval,
+        swapped,
     };
     let admin_state = AdminState {
         snapshot: Arc::clone(&snapshot),
@@ -243,6 +274,17 @@ struct Control {
     plugin_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
     drain_timeout: Duration,
     watch_interval: Duration,
+    /// When following a control plane: a signal per snapshot it swapped in. The local file
+    /// is then only the bootstrap, so it is not reloaded.
+    swapped: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+}
+
+/// The next swap the control plane made; never, without one.
+async fn next_swap(swapped: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) -> Option<()> {
+    match swapped {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Control {
@@ -263,13 +305,21 @@ impl Control {
         let mut watch = tokio::time::interval(self.watch_interval);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let follows_control_plane = self.swapped.is_some();
             tokio::select! {
+                Some(()) = next_swap(&mut self.swapped) => {
+                    self.after_swap();
+                }
                 _ = hangup.recv() => {
+                    if follows_control_plane {
+                        tracing::info!("SIGHUP: config comes from the control plane; nothing to reload");
+                        continue;
+                    }
                     tracing::info!("SIGHUP: reloading {}", self.source.describe());
                     let plugin_changed = self.changed_plugin_file().is_some();
                     self.reload(plugin_changed);
                 }
-                _ = watch.tick() => {
+                _ = watch.tick(), if !follows_control_plane => {
                     let current = self.source.fingerprint();
                     if current.is_some() && current != self.fingerprint {
                         tracing::info!("{} changed: reloading", self.source.describe());
@@ -346,18 +396,7 @@ impl Control {
                 }
                 let version = snapshot.version.clone();
                 self.snapshot.store(Arc::new(snapshot));
-                self.health.reconcile(&self.snapshot.load(), &self.metrics);
-                self.registry.prune();
-                // Compiled modules of plugin versions no longer configured can go; in-flight
-                // requests keep theirs through their snapshot.
-                let live: Vec<u64> = self
-                    .snapshot
-                    .load()
-                    .plugins
-                    .values()
-                    .map(|p| p.key)
-                    .collect();
-                self.plugins.retain(&live);
+                self.after_swap();
                 self.metrics.config_reloads.inc();
                 self.status.set_reload_error(None);
                 tracing::info!(%version, previous = %current.version, "config swapped in");
@@ -371,6 +410,22 @@ impl Control {
                 self.status.set_reload_error(Some(reason));
             }
         }
+    }
+
+    /// After a new snapshot is in: probe its endpoints, forget state of endpoints and
+    /// compiled plugin versions no snapshot uses (in-flight requests keep theirs through
+    /// their own snapshot).
+    fn after_swap(&mut self) {
+        self.health.reconcile(&self.snapshot.load(), &self.metrics);
+        self.registry.prune();
+        let live: Vec<u64> = self
+            .snapshot
+            .load()
+            .plugins
+            .values()
+            .map(|p| p.key)
+            .collect();
+        self.plugins.retain(&live);
     }
 
     /// After SIGTERM: report not-ready, let pingora close the listener, wait for in-flight

@@ -261,7 +261,12 @@ impl Proxy {
 
     /// Starts without waiting for readiness.
     pub fn spawn(yaml: &str) -> Proxy {
-        let port = free_port();
+        Proxy::spawn_on(yaml, free_port())
+    }
+
+    /// Starts with `{port}` = `port` (for a listener whose address comes from elsewhere,
+    /// such as a control plane), without waiting for readiness.
+    pub fn spawn_on(yaml: &str, port: u16) -> Proxy {
         let admin_port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("nip.yaml");

@@ -22,13 +22,18 @@ use crate::config::{
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
-use envoy_types::pb::envoy::config::bootstrap::v3::{Admin, Bootstrap};
+use envoy_types::pb::envoy::config::bootstrap::v3::{
+    bootstrap::DynamicResources, Admin, Bootstrap,
+};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source, data_source, health_check, socket_address, substitution_format_string,
     transport_socket, Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource,
     HealthCheck, Http2ProtocolOptions, Locality, Node, SocketAddress, SubstitutionFormatString,
     TransportSocket,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    api_config_source, grpc_service, ApiConfigSource, GrpcService,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     async_data_source, http_uri, AsyncDataSource, HttpUri, Metadata, RemoteDataSource,
@@ -172,8 +177,44 @@ fn bootstrap(config: &Config) -> Bootstrap {
                 .map(socket_address_of),
             ..Default::default()
         }),
+        dynamic_resources: config.control_plane.as_ref().map(ads_bootstrap),
         ..Default::default()
     }
+}
+
+/// Envoy's bootstrap for a proxy that takes everything over ADS from `control_plane`.
+fn ads_bootstrap(control_plane: &crate::config::ControlPlaneConfig) -> DynamicResources {
+    DynamicResources {
+        ads_config: Some(ApiConfigSource {
+            api_type: api_config_source::ApiType::Grpc as i32,
+            transport_api_version: ApiVersion::V3 as i32,
+            grpc_services: vec![GrpcService {
+                target_specifier: Some(grpc_service::TargetSpecifier::GoogleGrpc(
+                    grpc_service::GoogleGrpc {
+                        target_uri: control_plane.address.clone(),
+                        stat_prefix: "nip_control_plane".to_string(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        lds_config: Some(ads_config_source()),
+        cds_config: Some(ads_config_source()),
+        ..Default::default()
+    }
+}
+
+/// The ADS target a bootstrap points at, if the proxy follows a control plane.
+pub fn ads_target(bootstrap: &Bootstrap) -> Option<String> {
+    let ads = bootstrap.dynamic_resources.as_ref()?.ads_config.as_ref()?;
+    ads.grpc_services
+        .iter()
+        .find_map(|service| match service.target_specifier.as_ref()? {
+            grpc_service::TargetSpecifier::GoogleGrpc(google) => Some(google.target_uri.clone()),
+            grpc_service::TargetSpecifier::EnvoyGrpc(_) => None,
+        })
 }
 
 /// `nip-<hostname>`, the node id when the config gives none.

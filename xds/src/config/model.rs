@@ -32,6 +32,10 @@ pub struct Config {
     /// A tenant block from the v4 plan.
     #[serde(default)]
     pub tenant: Option<TenantConfig>,
+    /// Where a proxy gets listeners, routes and clusters over ADS; when set, the file's own
+    /// `api_gateway`, `services`, `routes` and `plugins` are not served by this proxy.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlaneConfig>,
 }
 
 /// Node identity, as in Envoy's bootstrap `node`.
@@ -452,6 +456,14 @@ fn default_retry_on() -> Vec<String> {
 }
 fn default_retry_max() -> u32 {
     1
+}
+
+/// The control plane a proxy follows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `host:port` of its ADS (gRPC) endpoint.
+    pub address: String,
 }
 
 /// A plugin: a proxy-wasm module and its configuration. Routes name the plugins they run.

@@ -100,6 +100,17 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
             );
         }
     }
+    if let Some(control_plane) = &config.control_plane {
+        if parse_endpoint_address(&control_plane.address).is_err() {
+            errors.add(
+                "control_plane.address",
+                format!(
+                    "{:?} is not host:port (e.g. \"127.0.0.1:18000\")",
+                    control_plane.address
+                ),
+            );
+        }
+    }
     if let Some(tenant) = &config.tenant {
         validate_tenant(tenant, &mut errors);
     }
