@@ -53,6 +53,18 @@ enum Command {
         /// Address ADS is served on.
         #[arg(long, default_value = "127.0.0.1:18000")]
         xds_address: std::net::SocketAddr,
+        /// Address the REST API is served on.
+        #[arg(long, default_value = "127.0.0.1:18001")]
+        api_address: std::net::SocketAddr,
+    },
+    /// Show what a control plane knows.
+    Get {
+        /// What to show.
+        #[command(subcommand)]
+        what: GetWhat,
+        /// The control plane's REST API.
+        #[arg(long, global = true, default_value = "http://127.0.0.1:18001")]
+        control_plane: String,
     },
     /// Check a config file; print every problem with its field path.
     Validate {
@@ -87,6 +99,16 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum GetWhat {
+    /// Every proxy that connected: locality, connected, versions ACKed, last NACK.
+    Proxies {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (write it like 30s)"))
 }
@@ -112,6 +134,63 @@ fn run_proxy(options: ProxyOptions) -> ExitCode {
             }
         }
     }
+}
+
+/// `nip get proxies`: one line per proxy, NACK reasons in full.
+fn get_proxies(control_plane: &str, json: bool) -> ExitCode {
+    let url = format!("{}/v1/proxies", control_plane.trim_end_matches('/'));
+    let body = match ureq::get(&url).call() {
+        Ok(response) => response.into_body().read_to_string(),
+        Err(e) => {
+            eprintln!("nip get proxies: cannot reach {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let proxies: serde_json::Value = match body
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_str(&b).map_err(|e| format!("{e}")))
+    {
+        Ok(value) => value,
+        Err(e) => {
+            eprintln!("nip get proxies: bad answer from {url}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&proxies).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:<12} {:<10} {:<6} LAST NACK",
+        "NODE", "REGION", "CONNECTED", "ACKED"
+    );
+    for proxy in proxies.as_array().into_iter().flatten() {
+        let text = |key: &str| proxy[key].as_str().unwrap_or("").to_string();
+        let nack = match &proxy["last_nack"] {
+            serde_json::Value::Null => "-".to_string(),
+            nack => format!(
+                "{}: {}",
+                nack["type_url"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or(""),
+                nack["reason"].as_str().unwrap_or("")
+            ),
+        };
+        println!(
+            "{:<24} {:<12} {:<10} {:<6} {nack}",
+            text("node_id"),
+            text("region"),
+            proxy["connected"].as_bool().unwrap_or(false),
+            proxy["acked"].as_object().map_or(0, |m| m.len()),
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCode {
@@ -153,12 +232,18 @@ fn main() -> ExitCode {
             drain_timeout,
             watch_interval: Duration::from_millis(500),
         }),
+        Command::Get {
+            what: GetWhat::Proxies { json },
+            control_plane,
+        } => get_proxies(&control_plane, json),
         Command::ControlPlane {
             config,
             xds_address,
+            api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
             config,
             xds_address,
+            api_address,
             watch_interval: Duration::from_millis(200),
         }),
         Command::Validate { file, xds } => validate(&file, xds),

@@ -62,6 +62,7 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
         .args(["control-plane", "--config"])
         .arg(&config)
         .args(["--xds-address", &format!("127.0.0.1:{port}")])
+        .args(["--api-address", &format!("127.0.0.1:{}", free_port())])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -118,6 +119,7 @@ fn an_invalid_file_at_start_is_a_config_error() {
         .args(["control-plane", "--config"])
         .arg(&config)
         .args(["--xds-address", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-address", &format!("127.0.0.1:{}", free_port())])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
@@ -141,10 +143,12 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     let config = dir.path().join("desired.yaml");
     std::fs::write(&config, desired(&a, "")).unwrap();
     let xds_port = free_port();
+    let api_port = free_port();
     let child = Command::new(nip_bin())
         .args(["control-plane", "--config"])
         .arg(&config)
         .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
+        .args(["--api-address", &format!("127.0.0.1:{api_port}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -232,4 +236,21 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-backend"], "b");
+
+    // The NACK is visible on the control plane: `nip get proxies`.
+    let output = Command::new(nip_bin())
+        .args(["get", "proxies", "--control-plane"])
+        .arg(format!("http://127.0.0.1:{api_port}"))
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("edge-eu-1"))
+        .unwrap_or_else(|| panic!("the proxy is listed:\n{table}"));
+    assert!(line.contains("eu-west") && line.contains("true"), "{line}");
+    // The listener (plugin does not compile) and then the routes naming it are refused;
+    // the last NACK names the broken plugin either way.
+    assert!(line.contains("broken"), "{line}");
 }

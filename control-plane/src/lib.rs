@@ -4,6 +4,7 @@
 //! config file ──(poll, debounced)──▶ Config::from_yaml ──translate──▶ ResourceSet
 //!        ──SnapshotCache::set──▶ nip_xds::server::AdsServer ──ADS──▶ proxies, gRPC clients
 //!                                        └─ ACK / NACK per proxy ──▶ ProxyRegistry
+//!                                                                  └─▶ REST: GET /v1/proxies
 //! ```
 //!
 //! Today the desired state comes from one v4 YAML file, watched for changes: a change is
@@ -32,6 +33,8 @@ pub struct ControlPlaneOptions {
     pub config: PathBuf,
     /// Where ADS is served.
     pub xds_address: SocketAddr,
+    /// Where the REST API is served.
+    pub api_address: SocketAddr,
     /// How often the file is checked for changes.
     pub watch_interval: Duration,
 }
@@ -98,9 +101,22 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     tracing::info!(
         %version,
         xds = %options.xds_address,
+        api = %options.api_address,
         config = %options.config.display(),
         "nip control plane serving ADS"
     );
+    let api = tokio::net::TcpListener::bind(options.api_address)
+        .await
+        .map_err(|e| ControlPlaneError::Serve {
+            address: options.api_address,
+            reason: e.to_string(),
+        })?;
+    let api_state = Arc::clone(&registry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(api, api_router(api_state)).await {
+            tracing::error!("REST API stopped: {e}");
+        }
+    });
     tokio::spawn(watch_file(
         options.config.clone(),
         options.watch_interval,
@@ -143,4 +159,44 @@ async fn watch_file(path: PathBuf, interval: Duration, cache: Arc<SnapshotCache>
             }
         }
     }
+}
+
+/// The REST API: `GET /v1/proxies` lists every proxy that connected, with what it ACKed
+/// and its last NACK.
+fn api_router(registry: Arc<ProxyRegistry>) -> axum::Router {
+    axum::Router::new().route(
+        "/v1/proxies",
+        axum::routing::get(move || {
+            let registry = Arc::clone(&registry);
+            async move { axum::Json(proxies_json(&registry)) }
+        }),
+    )
+}
+
+/// Every proxy as JSON: node, locality, connected, ACKed versions by type, last NACK.
+pub fn proxies_json(registry: &ProxyRegistry) -> serde_json::Value {
+    let seconds = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    serde_json::Value::Array(
+        registry
+            .list()
+            .into_iter()
+            .map(|p| {
+                serde_json::json!({
+                    "node_id": p.node_id,
+                    "region": p.region,
+                    "zone": p.zone,
+                    "connected": p.connected,
+                    "acked": p.acked,
+                    "last_nack": p.last_nack.map(|n| serde_json::json!({
+                        "type_url": n.type_url,
+                        "reason": n.reason,
+                        "at_unix_seconds": seconds(n.at),
+                    })),
+                })
+            })
+            .collect(),
+    )
 }
