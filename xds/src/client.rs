@@ -183,7 +183,7 @@ impl<S: ResourceSink> AdsClient<S> {
                 Ok(()) => backoff = INITIAL_BACKOFF,
                 Err(e) => tracing::warn!(server = %self.server, "xDS stream: {e}"),
             }
-            let jitter = backoff.mul_f64(fastrand_f64() * 0.5);
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -312,14 +312,6 @@ fn subscribed_names(
         ENDPOINT_TYPE => endpoints.iter().cloned().collect(),
         _ => Vec::new(),
     }
-}
-
-/// A number in [0, 1) for back-off jitter, without a random-number dependency.
-fn fastrand_f64() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
 }
 
 #[cfg(test)]
