@@ -122,18 +122,31 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-fn run_proxy(options: ProxyOptions) -> ExitCode {
-    match nip_proxy::run(options) {
+/// Reports a role's failure on stderr; a config the user must fix exits with 2.
+fn exit_code<E: std::fmt::Display>(
+    role: &str,
+    result: Result<(), E>,
+    is_config_error: impl Fn(&E) -> bool,
+) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nip proxy: {e}");
-            if e.is_config_error() {
+            eprintln!("nip {role}: {e}");
+            if is_config_error(&e) {
                 ExitCode::from(EXIT_BAD_CONFIG)
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+fn run_proxy(options: ProxyOptions) -> ExitCode {
+    exit_code(
+        "proxy",
+        nip_proxy::run(options),
+        nip_proxy::StartError::is_config_error,
+    )
 }
 
 /// `nip get proxies`: one line per proxy, NACK reasons in full.
@@ -204,17 +217,11 @@ fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCod
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(nip_control_plane::run(options)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nip control-plane: {e}");
-            if e.is_config_error() {
-                ExitCode::from(EXIT_BAD_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    exit_code(
+        "control-plane",
+        runtime.block_on(nip_control_plane::run(options)),
+        nip_control_plane::ControlPlaneError::is_config_error,
+    )
 }
 
 fn main() -> ExitCode {

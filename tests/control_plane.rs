@@ -129,7 +129,6 @@ fn an_invalid_file_at_start_is_a_config_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_run() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let dir = tempfile::tempdir().unwrap();
@@ -167,26 +166,7 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     assert_eq!(response.headers()["x-backend"], "a");
 
     // Steady load while the control plane moves the route to another backend.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (url, stop, failures) = (proxy.url("/"), Arc::clone(&stop), Arc::clone(&failures));
-        load.push(tokio::spawn(async move {
-            let client = client();
-            let mut sent = 0;
-            while !stop.load(Ordering::SeqCst) {
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => {
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                sent += 1;
-            }
-            sent
-        }));
-    }
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     std::fs::write(&config, desired(&b, "")).unwrap();
     eventually("the proxy routes the new way", || async {
@@ -197,17 +177,9 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
             .is_ok_and(|r| r.headers()["x-backend"] == "b")
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut sent = 0;
-    for task in load {
-        sent += task.await.unwrap();
-    }
+    let (sent, failures) = load.stop().await;
     assert!(sent > 50, "the load was real ({sent} requests)");
-    assert_eq!(
-        failures.load(Ordering::SeqCst),
-        0,
-        "requests failed during the push"
-    );
+    assert_eq!(failures, 0, "requests failed during the push");
 
     // A plugin module the control plane can see but the proxy cannot compile: the proxy
     // NACKs with the compiler's reason and keeps serving its last good config.

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -753,25 +753,7 @@ routes:
         )
     };
     let proxy = Proxy::start(&config("blue")).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let sent = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..8 {
-        let (client, url) = (client(), proxy.url("/"));
-        let (stop, failures, sent) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&sent));
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => {
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                sent.fetch_add(1, Ordering::SeqCst);
-            }
-        }));
-    }
+    let load = SteadyLoad::start(&proxy.url("/"), 8);
     let mut version = proxy.version().await;
     // Three swaps: by file watch, by SIGHUP, and back by file watch.
     for (i, service) in ["green", "blue", "green"].iter().enumerate() {
@@ -787,16 +769,9 @@ routes:
         green.requests() > green_before + 20
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        task.await.unwrap();
-    }
-    assert!(sent.load(Ordering::SeqCst) > 200, "the load was real");
-    assert_eq!(
-        failures.load(Ordering::SeqCst),
-        0,
-        "requests failed during reloads"
-    );
+    let (sent, failures) = load.stop().await;
+    assert!(sent > 200, "the load was real");
+    assert_eq!(failures, 0, "requests failed during reloads");
     assert!(blue.requests() > 0 && green.requests() > 0);
     let metrics = proxy.metrics().await;
     assert_eq!(sample(&metrics, "nip_config_reloads_total", &[]), 4.0);

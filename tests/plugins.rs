@@ -279,8 +279,6 @@ async fn shared_data_spans_worker_threads_and_plugin_metrics_reach_the_admin_por
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("plugin.wasm");
@@ -294,26 +292,7 @@ async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
         "  - { service: web, plugins: [live] }",
     ))
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (url, stop, failures) = (proxy.url("/"), Arc::clone(&stop), Arc::clone(&failures));
-        load.push(tokio::spawn(async move {
-            let client = client();
-            let mut sent = 0;
-            while !stop.load(Ordering::SeqCst) {
-                match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    _ => {
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                sent += 1;
-            }
-            sent
-        }));
-    }
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
     // A garbage module is refused by the canary: version 1 keeps answering.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     std::fs::write(&module, b"\0asm garbage").unwrap();
@@ -339,17 +318,9 @@ async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
             .is_ok_and(|r| r.headers().contains_key("x-request-count"))
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    let mut sent = 0;
-    for task in load {
-        sent += task.await.unwrap();
-    }
+    let (sent, failures) = load.stop().await;
     assert!(sent > 100, "the load was real ({sent} requests)");
-    assert_eq!(
-        failures.load(Ordering::SeqCst),
-        0,
-        "requests failed during the module swaps"
-    );
+    assert_eq!(failures, 0, "requests failed during the module swaps");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -968,4 +939,42 @@ async fn the_noop_plugin_changes_nothing() {
     };
     assert_eq!(with_plugin, without);
     assert_eq!(upstream_with, upstream_without);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resume_in_the_header_phase_does_not_undo_a_later_body_pause() {
+    let backend = Backend::start("web").await;
+    let auth = Backend::start("auth").await;
+    auth.accept_token("s3cret");
+    let proxy = Proxy::start(&config_with_services(
+        &backend,
+        &format!("  auth: {{ endpoints: [\"{}\"] }}", auth.address),
+        &format!(
+            "  authz: {{ source: {{ file: \"{}\" }} }}\n  rewrite: {{ source: {{ file: \"{}\" }} }}",
+            example_plugin("auth").display(),
+            example_plugin("body_rewrite").display()
+        ),
+        "  - { service: web, plugins: [authz, rewrite] }",
+    ))
+    .await;
+    // authz resumes the request after its callout; rewrite then holds the body to its end.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(b"harmless start, ".to_vec()),
+        Ok("x".repeat(70_000).into_bytes()),
+        Ok(b" and then forbidden".to_vec()),
+    ];
+    let response = client()
+        .post(proxy.url("/upload"))
+        .header("authorization", "Bearer s3cret")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(
+        !String::from_utf8_lossy(&backend.last_body()).contains("harmless"),
+        "held chunks reached the upstream"
+    );
 }

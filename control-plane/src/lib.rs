@@ -94,10 +94,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     let version = load_into(&options.config, &cache)?;
     let listener = tokio::net::TcpListener::bind(options.xds_address)
         .await
-        .map_err(|e| ControlPlaneError::Serve {
-            address: options.xds_address,
-            reason: e.to_string(),
-        })?;
+        .map_err(serve_error(options.xds_address))?;
     tracing::info!(
         %version,
         xds = %options.xds_address,
@@ -107,10 +104,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     );
     let api = tokio::net::TcpListener::bind(options.api_address)
         .await
-        .map_err(|e| ControlPlaneError::Serve {
-            address: options.api_address,
-            reason: e.to_string(),
-        })?;
+        .map_err(serve_error(options.api_address))?;
     let api_state = Arc::clone(&registry);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(api, api_router(api_state)).await {
@@ -126,10 +120,15 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         .add_service(AdsServer::new(cache, registry).into_service())
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await
-        .map_err(|e| ControlPlaneError::Serve {
-            address: options.xds_address,
-            reason: e.to_string(),
-        })
+        .map_err(serve_error(options.xds_address))
+}
+
+/// Turns a bind or serve failure on `address` into a [`ControlPlaneError`].
+fn serve_error<E: std::fmt::Display>(address: SocketAddr) -> impl FnOnce(E) -> ControlPlaneError {
+    move |e| ControlPlaneError::Serve {
+        address,
+        reason: e.to_string(),
+    }
 }
 
 /// Polls the file; a change that has settled for [`DEBOUNCE`] is loaded and pushed, an

@@ -128,13 +128,8 @@ pub struct MapFormatError(&'static str);
 /// Encodes pairs in the ABI wire format: `u32 count`, then `(u32 key_len, u32 value_len)`
 /// per pair, then each key and value followed by a NUL byte. All integers little-endian.
 pub fn encode_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])> + Clone) -> Vec<u8> {
-    let mut count = 0u32;
-    let mut data_len = 0usize;
-    for (k, v) in pairs.clone() {
-        count += 1;
-        data_len += k.len() + v.len() + 2;
-    }
-    let mut out = Vec::with_capacity(4 + 8 * count as usize + data_len);
+    let count = pairs.clone().into_iter().count() as u32;
+    let mut out = Vec::with_capacity(encoded_len(pairs.clone()));
     out.extend_from_slice(&count.to_le_bytes());
     for (k, v) in pairs.clone() {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
@@ -147,6 +142,14 @@ pub fn encode_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])> + C
         out.push(0);
     }
     out
+}
+
+/// The size [`encode_pairs`] would produce, without encoding.
+pub fn encoded_len<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> usize {
+    4 + pairs
+        .into_iter()
+        .map(|(k, v)| 8 + k.len() + v.len() + 2)
+        .sum::<usize>()
 }
 
 /// Decodes the wire format; an empty input (or a lone NUL) is an empty map.
@@ -223,6 +226,10 @@ mod tests {
         #[test]
         fn header_maps_round_trip(pairs in proptest::collection::vec(("[:a-zA-Z0-9-]{0,20}", proptest::collection::vec(any::<u8>(), 0..40)), 0..20)) {
             let encoded = encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            prop_assert_eq!(
+                encoded.len(),
+                encoded_len(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            );
             let decoded = decode_pairs(&encoded).unwrap();
             prop_assert_eq!(decoded, pairs);
         }

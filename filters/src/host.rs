@@ -650,8 +650,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let Some(pairs) = c.data_mut().map(map_type) else {
                 return Status::BadArgument as i32;
             };
-            let size =
-                abi::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))).len();
+            let size = abi::encoded_len(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
             code(write(&mut c, ret_size, &(size as u32).to_le_bytes()))
         },
     )?;

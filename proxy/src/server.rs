@@ -152,10 +152,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     );
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
     let status = Arc::new(ProxyStatus::default());
-    let swapped = feed.map(|mut feed| {
-        feed.running_on(&snapshot);
-        std::mem::replace(&mut feed.swapped, tokio::sync::mpsc::unbounded_channel().1)
-    });
+    let swapped = feed.map(|feed| feed.running_on(&snapshot));
 
     let control = Control {
         source: options.source.clone(),
@@ -177,22 +174,10 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         status,
         plugins,
     };
-    std::thread::Builder::new()
-        .name("nip-control".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("control runtime failed to start: {e}");
-                    std::process::exit(1);
-                }
-            };
-            runtime.block_on(control.run(admin_listener, admin_state));
-        })
-        .map_err(StartError::Runtime)?;
+    spawn_runtime_thread("nip-control", move || {
+        control.run(admin_listener, admin_state)
+    })
+    .map_err(StartError::Runtime)?;
 
     let conf = ServerConf {
         threads: options.threads.max(1),
@@ -229,6 +214,33 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
+}
+
+/// Runs the future `make` returns on a thread of its own with a current-thread runtime (the
+/// control thread, the xDS client). Without that runtime the proxy cannot work: it exits.
+pub(crate) fn spawn_runtime_thread<F>(
+    name: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let thread = name.to_string();
+    std::thread::Builder::new()
+        .name(thread.clone())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(make()),
+                Err(e) => {
+                    tracing::error!("{thread}: runtime failed to start: {e}");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .map(drop)
 }
 
 /// Where compiled plugin code is cached across restarts.

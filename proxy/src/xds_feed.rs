@@ -42,6 +42,8 @@ struct FeedSink {
     plugins: Arc<PluginLoader>,
     destination: Arc<Mutex<Destination>>,
     swapped: tokio::sync::mpsc::UnboundedSender<()>,
+    /// Why the last set was refused: a proxy that never gets a usable config says why.
+    last_refusal: Arc<Mutex<Option<String>>>,
 }
 
 impl ResourceSink for FeedSink {
@@ -59,7 +61,9 @@ impl ResourceSink for FeedSink {
         };
         let snapshot = compiler.compile(&self.bootstrap, resources).map_err(|e| {
             self.metrics.config_reload_failures.inc();
-            e.to_string()
+            let reason = e.to_string();
+            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            reason
         })?;
         match &mut *destination {
             Destination::Starting { first, pending } => {
@@ -82,9 +86,7 @@ impl ResourceSink for FeedSink {
 /// A running feed, and how the proxy hands over its swap.
 pub struct XdsFeed {
     destination: Arc<Mutex<Destination>>,
-    /// Signals each later swap (the control thread then reconciles health checks and
-    /// frees what the old snapshot held).
-    pub swapped: tokio::sync::mpsc::UnboundedReceiver<()>,
+    swapped: tokio::sync::mpsc::UnboundedReceiver<()>,
 }
 
 impl XdsFeed {
@@ -112,26 +114,24 @@ impl XdsFeed {
             plugins,
             destination: Arc::clone(&destination),
             swapped: swapped_tx,
+            last_refusal: Arc::default(),
         };
+        let last_refusal = Arc::clone(&sink.last_refusal);
         let server = format!("http://{target}");
-        std::thread::Builder::new()
-            .name("nip-xds".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        tracing::error!("xDS runtime failed to start: {e}");
-                        return;
-                    }
-                };
-                runtime.block_on(AdsClient::new(server, node, sink).run());
-            })
-            .map_err(|e| format!("xDS thread: {e}"))?;
+        crate::server::spawn_runtime_thread("nip-xds", move || {
+            AdsClient::new(server, node, sink).run()
+        })
+        .map_err(|e| format!("xDS thread: {e}"))?;
         let first = first_rx.recv_timeout(wait).map_err(|_| {
-            format!("no usable config from the control plane at {target} within {wait:?}")
+            let why = match last_refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                Some(reason) => format!("; the last set it sent was refused: {reason}"),
+                None => " (is it running and reachable?)".to_string(),
+            };
+            format!("no usable config from the control plane at {target} within {wait:?}{why}")
         })?;
         Ok((
             first,
@@ -143,7 +143,12 @@ impl XdsFeed {
     }
 
     /// From now on, snapshots go into `swap` (starting with one that arrived meanwhile).
-    pub fn running_on(&self, swap: &Arc<ArcSwap<Snapshot>>) {
+    /// Returns a signal per later swap: the control thread then reconciles health checks and
+    /// frees what the old snapshot held.
+    pub fn running_on(
+        self,
+        swap: &Arc<ArcSwap<Snapshot>>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<()> {
         let mut destination = self.destination.lock().unwrap_or_else(|p| p.into_inner());
         if let Destination::Starting {
             pending: Some(later),
@@ -152,5 +157,7 @@ impl XdsFeed {
         {
             swap.store(Arc::new(*later));
         }
+        drop(destination);
+        self.swapped
     }
 }

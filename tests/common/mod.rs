@@ -582,3 +582,53 @@ pub fn assemblyscript_plugin() -> PathBuf {
         })
         .clone()
 }
+
+/// `clients` connections each sending GETs to `url` back to back until stopped, counting
+/// every answer that is not a 200 (or no answer) as a failure.
+pub struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl SteadyLoad {
+    pub fn start(url: &str, clients: usize) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (url, stop, failures) =
+                    (url.to_string(), Arc::clone(&stop), Arc::clone(&failures));
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut sent = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {}
+                            _ => {
+                                failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Stops the load; returns (requests sent, failures).
+    pub async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut sent = 0;
+        for task in self.tasks {
+            sent += task.await.unwrap();
+        }
+        (sent, self.failures.load(Ordering::SeqCst))
+    }
+}

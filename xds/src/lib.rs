@@ -31,6 +31,8 @@ pub mod config;
 pub mod json;
 pub mod resources;
 pub mod server;
+#[cfg(test)]
+mod test_support;
 pub mod translate;
 
 pub use envoy_types;

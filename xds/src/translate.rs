@@ -153,6 +153,14 @@ fn not_applied(config: &Config) -> Vec<String> {
                 .to_string(),
         );
     }
+    if let Some(control_plane) = &config.control_plane {
+        if !(config.services.is_empty() && config.routes.is_empty() && config.plugins.is_empty()) {
+            notes.push(format!(
+                "control_plane: a proxy on this file serves what {} sends; this file's services, routes and plugins are not served",
+                control_plane.address
+            ));
+        }
+    }
     notes
 }
 

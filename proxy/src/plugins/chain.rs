@@ -197,6 +197,9 @@ impl RequestPlugins {
                 return Verdict::RequestBodyTooLarge;
             }
             self.http.request_body = input;
+            // "Resumed" is about this callback: a resume during the header phase must not
+            // turn a later pause into a continue.
+            self.http.request_resumed = false;
             let (plugin, id, generation) =
                 (Arc::clone(&context.plugin), context.id, context.generation);
             let http = &mut self.http;
@@ -299,6 +302,7 @@ impl RequestPlugins {
                 return Verdict::ResponseBodyTooLarge;
             }
             self.http.response_body = input;
+            self.http.response_resumed = false;
             let http = &mut self.http;
             let result = self
                 .runtime

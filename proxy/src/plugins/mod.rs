@@ -104,20 +104,24 @@ impl std::fmt::Debug for PluginLoader {
     }
 }
 
-fn any_bytes(any: &Option<Any>) -> Vec<u8> {
+/// The bytes a configuration `Any` carries: a `StringValue`'s text, a `BytesValue`'s bytes,
+/// or any other message's encoding. `field` names it in the error.
+fn any_bytes(any: &Option<Any>, field: &str) -> Result<Vec<u8>, String> {
     let Some(any) = any else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
+    let undecodable =
+        |e: prost::DecodeError| format!("{field}: cannot decode {}: {e}", any.type_url);
     if any.type_url == StringValue::type_url() {
         StringValue::decode(any.value.as_slice())
             .map(|v| v.value.into_bytes())
-            .unwrap_or_default()
+            .map_err(undecodable)
     } else if any.type_url == BytesValue::type_url() {
         BytesValue::decode(any.value.as_slice())
             .map(|v| v.value)
-            .unwrap_or_default()
+            .map_err(undecodable)
     } else {
-        any.value.clone()
+        Ok(any.value.clone())
     }
 }
 
@@ -147,8 +151,8 @@ impl PluginLoader {
         };
         let source = ModuleSource::from_code(vm.code.as_ref())?;
         let bytes = source.read(self.download_dir.as_deref())?;
-        let plugin_config = any_bytes(&config.configuration);
-        let vm_config = any_bytes(&vm.configuration);
+        let plugin_config = any_bytes(&config.configuration, "config.configuration")?;
+        let vm_config = any_bytes(&vm.configuration, "vm_config.configuration")?;
         #[allow(deprecated)]
         let fail_open = config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -157,7 +161,9 @@ impl PluginLoader {
             &plugin_config,
             &vm_config,
             &config.name,
+            &config.root_id,
             &vm.vm_id,
+            (&node.id, &node.region, &node.zone),
             fail_open,
             (
                 limits.instance.memory_bytes,

@@ -1,12 +1,7 @@
 use super::*;
-use crate::config::Config;
-use crate::server::{AdsServer, ProxyRegistry, SnapshotCache};
-use crate::translate::translate;
+use crate::server::{ProxyRegistry, SnapshotCache};
+use crate::test_support::{eventually, resources, serve_ads};
 use std::sync::{Arc, Mutex};
-
-fn resources(yaml: &str) -> ResourceSet {
-    translate(&Config::from_yaml(yaml).expect("config loads")).resources
-}
 
 /// Records what it applied; refuses any set with a cluster named `reject-me`.
 #[derive(Clone, Default)]
@@ -33,16 +28,6 @@ impl Recorder {
     }
 }
 
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test]
 async fn the_client_follows_the_server_acks_good_sets_and_nacks_bad_ones() {
     let cache = Arc::new(SnapshotCache::default());
@@ -50,13 +35,7 @@ async fn the_client_follows_the_server_acks_good_sets_and_nacks_bad_ones() {
     cache.set(&resources(
         "services:\n  web: { endpoints: [\"127.0.0.1:8001\"] }\nroutes:\n  - { service: web }\n",
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdsServer::new(Arc::clone(&cache), Arc::clone(&registry)).into_service())
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let address = serve_ads(Arc::clone(&cache), Arc::clone(&registry)).await;
     let sink = Recorder::default();
     let node = Node {
         id: "proxy-1".into(),

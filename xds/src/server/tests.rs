@@ -1,21 +1,16 @@
 use super::*;
-use crate::config::Config;
-use crate::translate::translate;
+use crate::test_support::{eventually, resources, serve_ads};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use std::time::Duration;
 
-fn resources(yaml: &str) -> ResourceSet {
-    translate(&Config::from_yaml(yaml).expect("config loads")).resources
-}
-
 const ONE_SERVICE: &str =
     "services:\n  web: { endpoints: [\"127.0.0.1:8001\"] }\nroutes:\n  - { service: web }\n";
 const TWO_SERVICES: &str = "services:\n  web: { endpoints: [\"127.0.0.1:8001\"] }\n  api: { endpoints: [\"127.0.0.1:8002\"] }\nroutes:\n  - { service: web }\n";
 
-/// A real tonic server on an OS-chosen port, and a client stream to it.
+/// A real ADS server on an OS-chosen port, and a client stream to it.
 async fn serve(
     cache: Arc<SnapshotCache>,
     registry: Arc<ProxyRegistry>,
@@ -23,14 +18,7 @@ async fn serve(
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let service = AdsServer::new(cache, registry).into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let address = serve_ads(cache, registry).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -68,16 +56,6 @@ async fn next(responses: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryR
         .expect("a response in time")
         .expect("stream ok")
         .expect("stream open")
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..200 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test]
