@@ -15,6 +15,8 @@
 
 #![warn(missing_docs)]
 
+pub mod store;
+
 use nip_xds::config::Config;
 use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache};
 use nip_xds::translate::translate;
