@@ -3,6 +3,7 @@
 //! crates.
 
 mod demo;
+mod remote;
 
 use clap::{Parser, Subcommand};
 use nip_proxy::{ConfigSource, ProxyOptions};
@@ -14,7 +15,7 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for a config the user must fix.
-const EXIT_BAD_CONFIG: u8 = 2;
+pub(crate) const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -44,12 +45,17 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         drain_timeout: Duration,
     },
-    /// Run a control plane: serve a v4 config file to proxies and xDS clients over ADS
-    /// (pushed again, debounced, whenever the file changes).
+    /// Run a control plane: store the desired config with its history and serve it to
+    /// proxies and xDS clients over ADS. Changes come from `nip apply`, the REST API, or a
+    /// config file it follows.
     ControlPlane {
-        /// The v4 YAML config holding the desired state.
+        /// Where versions and the audit trail are kept: sqlite://PATH or postgres://URL
+        /// (several replicas may share one PostgreSQL database).
+        #[arg(long, env = "NIP_STORE", default_value_t = default_store())]
+        store: String,
+        /// A v4 YAML config to follow: applied at start and whenever the file changes.
         #[arg(short, long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Address ADS is served on.
         #[arg(long, default_value = "127.0.0.1:18000")]
         xds_address: std::net::SocketAddr,
@@ -57,14 +63,58 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:18001")]
         api_address: std::net::SocketAddr,
     },
+    /// Apply a whole v4 config through the control plane: stored as a new version and
+    /// pushed to every proxy (or to one region first with --canary).
+    Apply {
+        /// The v4 YAML config.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Why (kept in the history).
+        #[arg(short, long, default_value = "")]
+        message: String,
+        /// Push to this region first; promote when all its proxies ACK, roll back
+        /// automatically if any NACKs.
+        #[arg(long)]
+        canary: Option<String>,
+        /// How long the canary region's proxies have to ACK.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        canary_timeout: Duration,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Show what a control plane knows.
     Get {
         /// What to show.
         #[command(subcommand)]
         what: GetWhat,
-        /// The control plane's REST API.
-        #[arg(long, global = true, default_value = "http://127.0.0.1:18001")]
-        control_plane: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// List the stored config versions, or show one version's diff.
+    History {
+        /// A version to show in full.
+        version: Option<u64>,
+        /// How many versions to list.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Restore a past version's config as a new version, pushed to every proxy.
+    Rollback {
+        /// The version to restore (see `nip history`).
+        version: u64,
+        /// Why (kept in the history).
+        #[arg(short, long, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        remote: remote::Remote,
     },
     /// Check a config file; print every problem with its field path.
     Validate {
@@ -109,6 +159,15 @@ enum GetWhat {
     },
 }
 
+/// `sqlite://` under the user's data directory (`$XDG_DATA_HOME` or `~/.local/share`).
+fn default_store() -> String {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    format!("sqlite://{}", base.join("nip/control-plane.db").display())
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (write it like 30s)"))
 }
@@ -149,63 +208,6 @@ fn run_proxy(options: ProxyOptions) -> ExitCode {
     )
 }
 
-/// `nip get proxies`: one line per proxy, NACK reasons in full.
-fn get_proxies(control_plane: &str, json: bool) -> ExitCode {
-    let url = format!("{}/v1/proxies", control_plane.trim_end_matches('/'));
-    let body = match ureq::get(&url).call() {
-        Ok(response) => response.into_body().read_to_string(),
-        Err(e) => {
-            eprintln!("nip get proxies: cannot reach {url}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let proxies: serde_json::Value = match body
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_str(&b).map_err(|e| format!("{e}")))
-    {
-        Ok(value) => value,
-        Err(e) => {
-            eprintln!("nip get proxies: bad answer from {url}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&proxies).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<24} {:<12} {:<10} {:<6} LAST NACK",
-        "NODE", "REGION", "CONNECTED", "ACKED"
-    );
-    for proxy in proxies.as_array().into_iter().flatten() {
-        let text = |key: &str| proxy[key].as_str().unwrap_or("").to_string();
-        let nack = match &proxy["last_nack"] {
-            serde_json::Value::Null => "-".to_string(),
-            nack => format!(
-                "{}: {}",
-                nack["type_url"]
-                    .as_str()
-                    .unwrap_or("")
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or(""),
-                nack["reason"].as_str().unwrap_or("")
-            ),
-        };
-        println!(
-            "{:<24} {:<12} {:<10} {:<6} {nack}",
-            text("node_id"),
-            text("region"),
-            proxy["connected"].as_bool().unwrap_or(false),
-            proxy["acked"].as_object().map_or(0, |m| m.len()),
-        );
-    }
-    ExitCode::SUCCESS
-}
-
 fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -241,13 +243,43 @@ fn main() -> ExitCode {
         }),
         Command::Get {
             what: GetWhat::Proxies { json },
-            control_plane,
-        } => get_proxies(&control_plane, json),
+            remote,
+        } => remote::get_proxies(&remote, json),
+        Command::Apply {
+            file,
+            message,
+            canary,
+            canary_timeout,
+            json,
+            remote,
+        } => remote::apply(
+            &remote,
+            &file,
+            &remote::ApplyOptions {
+                message,
+                canary,
+                canary_timeout,
+                json,
+            },
+        ),
+        Command::History {
+            version,
+            limit,
+            json,
+            remote,
+        } => remote::history(&remote, version, limit, json),
+        Command::Rollback {
+            version,
+            message,
+            remote,
+        } => remote::rollback(&remote, version, &message),
         Command::ControlPlane {
+            store,
             config,
             xds_address,
             api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
+            store,
             config,
             xds_address,
             api_address,

@@ -1,15 +1,17 @@
-//! `nip control-plane` as a process: serves a config file over ADS, follows its changes,
-//! refuses bad ones while serving the last good config. Checked with the xDS client library
-//! a proxy uses.
+//! `nip control-plane` as a process: stores versions (SQLite here; the store tests also run
+//! on PostgreSQL), serves them over ADS, takes changes from `nip apply`, the REST API and a
+//! followed file, refuses bad ones, rolls back, runs canaries, survives restarts. Checked
+//! with real proxies and with the xDS client library a proxy uses.
 
 mod common;
 
 use common::*;
 use nip_xds::client::{AdsClient, ResourceSink};
-use nip_xds::envoy_types::pb::envoy::config::core::v3::Node;
+use nip_xds::envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use nip_xds::ResourceSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Records the cluster names of every set it is given.
 #[derive(Clone, Default)]
@@ -29,14 +31,137 @@ impl Clusters {
     }
 }
 
-/// Kills the process when the test ends.
-struct Running(Child);
+/// A `nip control-plane` process with its own store, ports and log; killed when dropped.
+struct ControlPlane {
+    child: Option<Child>,
+    store: String,
+    config: Option<std::path::PathBuf>,
+    xds_port: u16,
+    api_port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl ControlPlane {
+    /// Starts one on a fresh SQLite store, following `config` if given.
+    fn start(config: Option<&std::path::Path>) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let mut control_plane = ControlPlane {
+            child: None,
+            store: format!("sqlite://{}/store/nip.db", dir.path().display()),
+            config: config.map(|c| c.to_path_buf()),
+            xds_port: free_port(),
+            api_port: free_port(),
+            log: dir.path().join("control-plane.log"),
+            _dir: dir,
+        };
+        control_plane.spawn();
+        control_plane
     }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(nip_bin());
+        command
+            .args(["control-plane", "--store", &self.store])
+            .args(["--xds-address", &format!("127.0.0.1:{}", self.xds_port)])
+            .args(["--api-address", &format!("127.0.0.1:{}", self.api_port)]);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        command
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            self.command()
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// Kills it hard (no goodbye to its streams).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn xds_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.xds_port)
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.api_port)
+    }
+
+    /// Runs a `nip` CLI verb against this control plane.
+    fn nip(&self, args: &[&str]) -> std::process::Output {
+        Command::new(nip_bin())
+            .args(args)
+            .args(["--control-plane", &self.api("")])
+            .env("NIP_ACTOR", "tester")
+            .output()
+            .unwrap()
+    }
+
+    /// `nip apply -f` of `yaml` (written to a file first); the CLI's output.
+    fn apply(&self, yaml: &str, extra: &[&str]) -> std::process::Output {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), yaml).unwrap();
+        let path = file.path().display().to_string();
+        let mut args = vec!["apply", "-f", path.as_str()];
+        args.extend_from_slice(extra);
+        self.nip(&args)
+    }
+
+    async fn wait_ready(&self) {
+        eventually("the control plane answers", || async {
+            client().get(self.api("/v1/proxies")).send().await.is_ok()
+        })
+        .await;
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A library ADS client (the one proxies use) as node `id` in `region`, recording what
+/// it is sent.
+fn ads_client(control_plane: &ControlPlane, id: &str, region: &str) -> Clusters {
+    let sink = Clusters::default();
+    let node = Node {
+        id: id.into(),
+        locality: Some(Locality {
+            region: region.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    tokio::spawn(AdsClient::new(control_plane.xds_url(), node, sink.clone()).run());
+    sink
 }
 
 fn services(names: &[&str]) -> String {
@@ -56,25 +181,8 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("desired.yaml");
     std::fs::write(&config, services(&["web"])).unwrap();
-    let port = free_port();
-    let log = dir.path().join("control-plane.log");
-    let child = Command::new(nip_bin())
-        .args(["control-plane", "--config"])
-        .arg(&config)
-        .args(["--xds-address", &format!("127.0.0.1:{port}")])
-        .args(["--api-address", &format!("127.0.0.1:{}", free_port())])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _control_plane = Running(child);
-
-    let sink = Clusters::default();
-    let node = Node {
-        id: "test-proxy".into(),
-        ..Default::default()
-    };
-    tokio::spawn(AdsClient::new(format!("http://127.0.0.1:{port}"), node, sink.clone()).run());
+    let control_plane = ControlPlane::start(Some(&config));
+    let sink = ads_client(&control_plane, "test-proxy", "");
     eventually("the first config arrives", || {
         let sink = sink.clone();
         async move { sink.last() == ["web"] }
@@ -90,13 +198,9 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
 
     // A broken file is refused with its field path; proxies keep the last good config.
     std::fs::write(&config, "routes:\n  - { service: nowhere }\n").unwrap();
-    eventually("the refusal is logged", || {
-        let log = log.clone();
-        async move {
-            std::fs::read_to_string(&log).is_ok_and(|text| {
-                text.contains("config change refused") && text.contains("routes[0].service")
-            })
-        }
+    eventually("the refusal is logged", || async {
+        let text = control_plane.log();
+        text.contains("config change refused") && text.contains("routes[0].service")
     })
     .await;
     assert_eq!(sink.last(), ["api", "web"]);
@@ -108,6 +212,34 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
         async move { sink.last() == ["admin", "api", "web"] }
     })
     .await;
+
+    // Each good change of the file is a version by file:PATH; the refusal is an event.
+    let history = control_plane.nip(&["history"]);
+    let table = stdout(&history);
+    assert!(history.status.success(), "{}", stderr(&history));
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header and three versions:\n{table}"
+    );
+    assert!(table.contains("file:"), "{table}");
+    let events: serde_json::Value = client()
+        .get(control_plane.api("/v1/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "refused"
+                && e["detail"].as_str().unwrap().contains("routes[0].service")),
+        "{events}"
+    );
 }
 
 #[test]
@@ -118,6 +250,10 @@ fn an_invalid_file_at_start_is_a_config_error() {
     let output = Command::new(nip_bin())
         .args(["control-plane", "--config"])
         .arg(&config)
+        .args([
+            "--store",
+            &format!("sqlite://{}/nip.db", dir.path().display()),
+        ])
         .args(["--xds-address", &format!("127.0.0.1:{}", free_port())])
         .args(["--api-address", &format!("127.0.0.1:{}", free_port())])
         .output()
@@ -139,20 +275,16 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
             backend.address
         )
     };
-    let config = dir.path().join("desired.yaml");
-    std::fs::write(&config, desired(&a, "")).unwrap();
-    let xds_port = free_port();
-    let api_port = free_port();
-    let child = Command::new(nip_bin())
-        .args(["control-plane", "--config"])
-        .arg(&config)
-        .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
-        .args(["--api-address", &format!("127.0.0.1:{api_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _control_plane = Running(child);
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let applied = control_plane.apply(&desired(&a, ""), &["-m", "first"]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert!(
+        stdout(&applied).contains("version 1 applied"),
+        "{}",
+        stdout(&applied)
+    );
+    let xds_port = control_plane.xds_port;
 
     // The proxy's own file is only its bootstrap: node, admin port, control plane.
     let proxy = Proxy::spawn_on(
@@ -167,8 +299,9 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
 
     // Steady load while the control plane moves the route to another backend.
     let load = SteadyLoad::start(&proxy.url("/"), 4);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    std::fs::write(&config, desired(&b, "")).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let applied = control_plane.apply(&desired(&b, ""), &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
     eventually("the proxy routes the new way", || async {
         client()
             .get(proxy.url("/"))
@@ -185,9 +318,8 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     // NACKs with the compiler's reason and keeps serving its last good config.
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm not a module").unwrap();
-    std::fs::write(
-        &config,
-        desired(
+    let applied = control_plane.apply(
+        &desired(
             &b,
             &format!(
                 "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
@@ -198,8 +330,9 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
             "- { service: web }",
             "- { service: web, plugins: [broken] }",
         ),
-    )
-    .unwrap();
+        &[],
+    );
+    assert!(applied.status.success(), "{}", stderr(&applied));
     eventually("the proxy NACKs the set", || async {
         let log = proxy.log();
         log.contains("xDS NACK") && log.contains("plugin broken: cannot compile")
@@ -210,11 +343,7 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     assert_eq!(response.headers()["x-backend"], "b");
 
     // The NACK is visible on the control plane: `nip get proxies`.
-    let output = Command::new(nip_bin())
-        .args(["get", "proxies", "--control-plane"])
-        .arg(format!("http://127.0.0.1:{api_port}"))
-        .output()
-        .unwrap();
+    let output = control_plane.nip(&["get", "proxies"]);
     assert!(output.status.success());
     let table = String::from_utf8_lossy(&output.stdout);
     let line = table
@@ -225,4 +354,40 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     // The listener (plugin does not compile) and then the routes naming it are refused;
     // the last NACK names the broken plugin either way.
     assert!(line.contains("broken"), "{line}");
+    assert!(
+        line.contains("updating"),
+        "it does not run version 3: {line}"
+    );
+
+    // Roll back to version 1: the proxy routes to a again, and runs that config.
+    let rolled = control_plane.nip(&["rollback", "1", "-m", "back to a"]);
+    assert!(rolled.status.success(), "{}", stderr(&rolled));
+    assert!(
+        stdout(&rolled).contains("version 4 restores version 1"),
+        "{}",
+        stdout(&rolled)
+    );
+    eventually("the proxy routes to a again", || async {
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.headers()["x-backend"] == "a")
+    })
+    .await;
+    eventually("the proxy reports version 4", || async {
+        let table = stdout(&control_plane.nip(&["get", "proxies"]));
+        table
+            .lines()
+            .any(|l| l.starts_with("edge-eu-1") && l.contains(" 4 ") && l.ends_with(" -"))
+    })
+    .await;
+    let history = stdout(&control_plane.nip(&["history"]));
+    assert!(history.contains("rollback to 1"), "{history}");
+    assert!(
+        history.contains("tester"),
+        "the actor is recorded:\n{history}"
+    );
+    let diff = stdout(&control_plane.nip(&["history", "4"]));
+    assert!(diff.contains("back to a") && diff.contains("+"), "{diff}");
 }

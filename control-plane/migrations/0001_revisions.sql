@@ -9,6 +9,7 @@ CREATE TABLE nip_revisions (
     restored_from BIGINT,
     state TEXT NOT NULL,
     canary_region TEXT,
+    canary_deadline_ms BIGINT,
     yaml TEXT NOT NULL,
     diff TEXT NOT NULL
 );

@@ -1,43 +1,53 @@
-//! # nip-control-plane: the desired config, pushed to every proxy over xDS v3
+//! # nip-control-plane: the desired config, stored with its history, pushed to every proxy
+//! over xDS v3
 //!
 //! ```text
-//! config file ──(poll, debounced)──▶ Config::from_yaml ──translate──▶ ResourceSet
-//!        ──SnapshotCache::set──▶ nip_xds::server::AdsServer ──ADS──▶ proxies, gRPC clients
-//!                                        └─ ACK / NACK per proxy ──▶ ProxyRegistry
-//!                                                                  └─▶ REST: GET /v1/proxies
+//! nip apply / REST ──▶ api ──▶ service: validate ──▶ store (SQLite | PostgreSQL)
+//! config file ──(poll, debounced)──┘                      │ revisions, events
+//!                           sync (after a change, and every poll) ◀─┘
+//!                                  ──translate──▶ Views ──▶ SnapshotCache
+//!        ──▶ nip_xds::server::AdsServer ──ADS──▶ proxies, gRPC clients
+//!                 └─ ACK / NACK per proxy ──▶ ProxyRegistry ──▶ GET /v1/proxies, canaries
 //! ```
 //!
-//! Today the desired state comes from one v4 YAML file, watched for changes: a change is
-//! debounced (100 ms, so an editor's several writes make one push), validated with the same
-//! parser and translator as `nip validate`, and served; an invalid file is logged with its
-//! field paths and the last good config keeps being served. The store with history and
-//! rollback, the REST API and the CLI verbs come next (issue 4).
+//! The store is the source of truth: every change becomes a numbered revision (with who,
+//! when, why and the diff) and an audit event; what proxies are served always follows the
+//! store's head, so several replicas sharing one PostgreSQL database converge by polling it.
+//! A change arrives through the REST API ([`api`]) or from the optional config file the
+//! control plane follows (a change there is debounced 100 ms and applied like an API call).
+//! [`service`] validates with the same parser and translator as `nip validate`, stores,
+//! serves, and runs canary rollouts (one region first, promoted when all its proxies ACK,
+//! rolled back on a NACK).
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod service;
 pub mod store;
 
-use nip_xds::config::Config;
-use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache};
-use nip_xds::translate::translate;
+use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache, Views};
+use service::{Change, ChangeError, ConfigService};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use store::{RevisionAction, Store};
 
-/// How long a config file must stay unchanged before it is pushed.
+/// How long a config file must stay unchanged before it is applied.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// How to run a control plane.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneOptions {
-    /// The v4 YAML file holding the desired config.
-    pub config: PathBuf,
+    /// Where revisions and events are kept: `sqlite://PATH` or `postgres://…`.
+    pub store: String,
+    /// A v4 YAML file to follow: applied at start and whenever it changes.
+    pub config: Option<PathBuf>,
     /// Where ADS is served.
     pub xds_address: SocketAddr,
     /// Where the REST API is served.
     pub api_address: SocketAddr,
-    /// How often the file is checked for changes.
+    /// How often the file and the store are checked for changes.
     pub watch_interval: Duration,
 }
 
@@ -52,6 +62,17 @@ pub enum ControlPlaneError {
         /// Every problem, with field paths.
         error: nip_xds::config::ConfigError,
     },
+    /// The store could not be opened or used.
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+    /// The file's change could not be stored.
+    #[error("{path}: {error}")]
+    Change {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        error: ChangeError,
+    },
     /// The xDS port could not be bound or served.
     #[error("xDS server on {address}: {reason}")]
     Serve {
@@ -65,7 +86,14 @@ pub enum ControlPlaneError {
 impl ControlPlaneError {
     /// Whether the user must fix the config (exit 2) rather than the environment.
     pub fn is_config_error(&self) -> bool {
-        matches!(self, ControlPlaneError::Config { .. })
+        matches!(
+            self,
+            ControlPlaneError::Config { .. }
+                | ControlPlaneError::Change {
+                    error: ChangeError::Invalid(_),
+                    ..
+                }
+        )
     }
 }
 
@@ -75,49 +103,79 @@ fn fingerprint(path: &Path) -> Option<(u64, SystemTime)> {
     Some((meta.len(), meta.modified().ok()?))
 }
 
-/// Loads, validates and translates the file into the cache; returns the version served.
-fn load_into(path: &Path, cache: &SnapshotCache) -> Result<String, ControlPlaneError> {
-    let config = Config::from_file(path).map_err(|error| ControlPlaneError::Config {
+/// Applies the file's document as a change by `file:PATH`.
+async fn apply_file(path: &Path, service: &ConfigService) -> Result<(), ControlPlaneError> {
+    let yaml = std::fs::read_to_string(path).map_err(|source| ControlPlaneError::Config {
         path: path.display().to_string(),
-        error,
+        error: nip_xds::config::ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        },
     })?;
-    let translation = translate(&config);
-    for note in &translation.not_applied {
-        tracing::warn!("{note}");
-    }
-    cache.set(&translation.resources);
-    Ok(translation.resources.version)
+    let outcome = service
+        .apply(Change {
+            author: format!("file:{}", path.display()),
+            message: String::new(),
+            yaml,
+            canary: None,
+            action: RevisionAction::File,
+        })
+        .await
+        .map_err(|error| match error {
+            ChangeError::Invalid(error) => ControlPlaneError::Config {
+                path: path.display().to_string(),
+                error,
+            },
+            error => ControlPlaneError::Change {
+                path: path.display().to_string(),
+                error,
+            },
+        })?;
+    tracing::info!(
+        version = outcome.revision().version,
+        file = %path.display(),
+        "config file applied"
+    );
+    Ok(())
 }
 
-/// Runs until the process ends: serves ADS and follows the config file.
+/// Runs until the process ends: serves ADS and the REST API, follows the store (and the
+/// config file, if any).
 pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> {
+    let store = Store::open(&options.store).await?;
     let cache = Arc::new(SnapshotCache::default());
     let registry = Arc::new(ProxyRegistry::default());
-    let version = load_into(&options.config, &cache)?;
+    let service = Arc::new(ConfigService::new(store, cache.clone(), registry.clone()));
+    service.sync().await?;
+    if let Some(path) = &options.config {
+        apply_file(path, &service).await?;
+    }
     let listener = tokio::net::TcpListener::bind(options.xds_address)
         .await
         .map_err(serve_error(options.xds_address))?;
-    tracing::info!(
-        %version,
-        xds = %options.xds_address,
-        api = %options.api_address,
-        config = %options.config.display(),
-        "nip control plane serving ADS"
-    );
     let api = tokio::net::TcpListener::bind(options.api_address)
         .await
         .map_err(serve_error(options.api_address))?;
-    let api_state = Arc::clone(&registry);
+    tracing::info!(
+        xds = %options.xds_address,
+        api = %options.api_address,
+        store = %options.store.split('@').next_back().unwrap_or_default(),
+        "nip control plane serving ADS and the REST API"
+    );
+    let api_service = Arc::clone(&service);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(api, api_router(api_state)).await {
+        if let Err(e) = axum::serve(api, api::router(api_service)).await {
             tracing::error!("REST API stopped: {e}");
         }
     });
-    tokio::spawn(watch_file(
-        options.config.clone(),
-        options.watch_interval,
-        Arc::clone(&cache),
-    ));
+    tokio::spawn(follow_store(Arc::clone(&service), options.watch_interval));
+    if let Some(path) = options.config.clone() {
+        tokio::spawn(watch_file(
+            path,
+            options.watch_interval,
+            Arc::clone(&service),
+        ));
+    }
     tonic::transport::Server::builder()
         .add_service(AdsServer::new(cache, registry).into_service())
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
@@ -133,9 +191,19 @@ fn serve_error<E: std::fmt::Display>(address: SocketAddr) -> impl FnOnce(E) -> C
     }
 }
 
-/// Polls the file; a change that has settled for [`DEBOUNCE`] is loaded and pushed, an
-/// invalid one is logged and the last good config stays.
-async fn watch_file(path: PathBuf, interval: Duration, cache: Arc<SnapshotCache>) {
+/// Serves changes other replicas stored, and ends abandoned canaries.
+async fn follow_store(service: Arc<ConfigService>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(e) = service.sync().await {
+            tracing::error!("cannot read the store, still serving what was served: {e}");
+        }
+    }
+}
+
+/// Polls the file; a change that has settled for [`DEBOUNCE`] is applied, an invalid one
+/// is logged (and recorded as refused) and the last good config stays.
+async fn watch_file(path: PathBuf, interval: Duration, service: Arc<ConfigService>) {
     let mut known = fingerprint(&path);
     loop {
         tokio::time::sleep(interval).await;
@@ -153,29 +221,15 @@ async fn watch_file(path: PathBuf, interval: Duration, cache: Arc<SnapshotCache>
             current = settled;
         }
         known = current;
-        match load_into(&path, &cache) {
-            Ok(version) => tracing::info!(%version, "config changed; pushed to proxies"),
-            Err(e) => {
-                tracing::error!("config change refused, still serving the last good one: {e}")
-            }
+        if let Err(e) = apply_file(&path, &service).await {
+            tracing::error!("config change refused, still serving the last good one: {e}");
         }
     }
 }
 
-/// The REST API: `GET /v1/proxies` lists every proxy that connected, with what it ACKed
-/// and its last NACK.
-fn api_router(registry: Arc<ProxyRegistry>) -> axum::Router {
-    axum::Router::new().route(
-        "/v1/proxies",
-        axum::routing::get(move || {
-            let registry = Arc::clone(&registry);
-            async move { axum::Json(proxies_json(&registry)) }
-        }),
-    )
-}
-
-/// Every proxy as JSON: node, locality, connected, ACKed versions by type, last NACK.
-pub fn proxies_json(registry: &ProxyRegistry) -> serde_json::Value {
+/// Every proxy as JSON: node, locality, connected, the config version it runs (when it
+/// ACKed everything of the state it is served), ACKed versions by type, last NACK.
+pub fn proxies_json(registry: &ProxyRegistry, views: &Views) -> serde_json::Value {
     let seconds = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
@@ -185,11 +239,15 @@ pub fn proxies_json(registry: &ProxyRegistry) -> serde_json::Value {
             .list()
             .into_iter()
             .map(|p| {
+                let served = views.for_region(&p.region);
+                let config_version = (!served.label.is_empty() && served.is_acked_by(&p.acked))
+                    .then(|| served.label.clone());
                 serde_json::json!({
                     "node_id": p.node_id,
                     "region": p.region,
                     "zone": p.zone,
                     "connected": p.connected,
+                    "config_version": config_version,
                     "acked": p.acked,
                     "last_nack": p.last_nack.map(|n| serde_json::json!({
                         "type_url": n.type_url,

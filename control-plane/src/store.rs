@@ -136,6 +136,10 @@ pub struct Revision {
     pub state: RevisionState,
     /// For a canary (or an aborted one): the region it went to first.
     pub canary_region: Option<String>,
+    /// For a canary: when the rollout must have ended (ms since the epoch). A canary still
+    /// in progress after that was abandoned (its control plane died) and any replica
+    /// aborts it.
+    pub canary_deadline_ms: Option<i64>,
     /// The whole v4 YAML document.
     pub yaml: String,
     /// Unified diff from the config that was current when it was made.
@@ -153,8 +157,9 @@ pub struct NewRevision<'a> {
     pub action: RevisionAction,
     /// For a rollback: the version restored.
     pub restored_from: Option<i64>,
-    /// `Some(region)` makes it a canary served to that region only.
-    pub canary_region: Option<&'a str>,
+    /// `Some((region, deadline_ms))` makes it a canary served to that region only, whose
+    /// rollout ends by the deadline.
+    pub canary: Option<(&'a str, i64)>,
     /// The whole document (already validated by the caller).
     pub yaml: &'a str,
 }
@@ -223,7 +228,7 @@ fn redact(url: &str) -> String {
 }
 
 const REVISION_COLUMNS: &str = "version, created_at_ms, author, message, action, restored_from, \
-                                state, canary_region, yaml, diff";
+                                state, canary_region, canary_deadline_ms, yaml, diff";
 
 fn revision_from(row: &AnyRow) -> Result<Revision, sqlx::Error> {
     Ok(Revision {
@@ -235,6 +240,7 @@ fn revision_from(row: &AnyRow) -> Result<Revision, sqlx::Error> {
         restored_from: row.try_get("restored_from")?,
         state: RevisionState::parse(&row.try_get::<String, _>("state")?),
         canary_region: row.try_get("canary_region")?,
+        canary_deadline_ms: row.try_get("canary_deadline_ms")?,
         yaml: row.try_get("yaml")?,
         diff: row.try_get("diff")?,
     })
@@ -433,12 +439,13 @@ impl Store {
             message: new.message.to_string(),
             action: new.action,
             restored_from: new.restored_from,
-            state: if new.canary_region.is_some() {
+            state: if new.canary.is_some() {
                 RevisionState::Canary
             } else {
                 RevisionState::Active
             },
-            canary_region: new.canary_region.map(str::to_string),
+            canary_region: new.canary.map(|(region, _)| region.to_string()),
+            canary_deadline_ms: new.canary.map(|(_, deadline)| deadline),
             yaml: new.yaml.to_string(),
             diff: diff(
                 old_yaml,
@@ -449,7 +456,7 @@ impl Store {
         };
         sqlx::query(&format!(
             "INSERT INTO nip_revisions ({REVISION_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ))
         .bind(revision.version)
         .bind(revision.created_at_ms)
@@ -459,12 +466,13 @@ impl Store {
         .bind(revision.restored_from)
         .bind(revision.state.as_str())
         .bind(revision.canary_region.clone())
+        .bind(revision.canary_deadline_ms)
         .bind(&revision.yaml)
         .bind(&revision.diff)
         .execute(&mut *tx)
         .await?;
-        let (action, detail) = match (new.canary_region, new.restored_from) {
-            (Some(region), _) => ("canary_started", format!("region {region}")),
+        let (action, detail) = match (new.canary, new.restored_from) {
+            (Some((region, _)), _) => ("canary_started", format!("region {region}")),
             (None, Some(from)) => ("rollback", format!("restores version {from}")),
             (None, None) => (new.action.as_str(), new.message.to_string()),
         };

@@ -48,23 +48,88 @@ pub struct TypeResources {
     pub resources: BTreeMap<String, (String, Any)>,
 }
 
-/// What the cache holds at one moment.
+/// What the cache holds at one moment, for one view.
 #[derive(Debug, Clone, Default)]
 pub struct CacheState {
+    /// What the control plane calls this state (its config version), for status pages.
+    pub label: String,
     /// Resources by type URL.
     pub types: HashMap<&'static str, TypeResources>,
+}
+
+impl CacheState {
+    /// The state holding `resources`, called `label`.
+    pub fn new(label: &str, resources: &ResourceSet) -> CacheState {
+        let mut types = HashMap::new();
+        types.insert(
+            LISTENER_TYPE,
+            type_resources(
+                resources
+                    .listeners
+                    .iter()
+                    .map(|r| (r.name.clone(), pack(r))),
+            ),
+        );
+        types.insert(
+            ROUTE_TYPE,
+            type_resources(resources.routes.iter().map(|r| (r.name.clone(), pack(r)))),
+        );
+        types.insert(
+            CLUSTER_TYPE,
+            type_resources(resources.clusters.iter().map(|r| (r.name.clone(), pack(r)))),
+        );
+        types.insert(
+            ENDPOINT_TYPE,
+            type_resources(
+                resources
+                    .endpoints
+                    .iter()
+                    .map(|r| (r.cluster_name.clone(), pack(r))),
+            ),
+        );
+        CacheState {
+            label: label.to_string(),
+            types,
+        }
+    }
+
+    /// Whether a client that ACKed `acked` (version by type URL) runs this state: every
+    /// type that has resources here was ACKed at this state's version.
+    pub fn is_acked_by(&self, acked: &BTreeMap<String, String>) -> bool {
+        self.types.iter().all(|(type_url, of_type)| {
+            of_type.resources.is_empty()
+                || acked.get(*type_url).is_some_and(|v| *v == of_type.version)
+        })
+    }
+}
+
+/// Which state each client is served: one for everybody, and overrides by region (a
+/// canary rollout serves its region a newer state than the rest).
+#[derive(Debug, Clone, Default)]
+pub struct Views {
+    /// What clients get unless their region has an override.
+    pub default: Arc<CacheState>,
+    /// Overrides by `node.locality.region`.
+    pub by_region: BTreeMap<String, Arc<CacheState>>,
+}
+
+impl Views {
+    /// The state a client in `region` is served.
+    pub fn for_region(&self, region: &str) -> &Arc<CacheState> {
+        self.by_region.get(region).unwrap_or(&self.default)
+    }
 }
 
 /// The resources every connected client is served, swapped whole.
 #[derive(Debug)]
 pub struct SnapshotCache {
-    state: watch::Sender<Arc<CacheState>>,
+    views: watch::Sender<Arc<Views>>,
 }
 
 impl Default for SnapshotCache {
     fn default() -> Self {
         SnapshotCache {
-            state: watch::Sender::new(Arc::new(CacheState::default())),
+            views: watch::Sender::new(Arc::new(Views::default())),
         }
     }
 }
@@ -103,45 +168,32 @@ fn type_resources(entries: impl Iterator<Item = (String, (String, Any))>) -> Typ
 }
 
 impl SnapshotCache {
-    /// Serves `resources` from now on; clients whose view changed get pushes.
+    /// Serves `resources` to every client from now on (no overrides); clients whose view
+    /// changed get pushes.
     pub fn set(&self, resources: &ResourceSet) {
-        let mut types = HashMap::new();
-        types.insert(
-            LISTENER_TYPE,
-            type_resources(
-                resources
-                    .listeners
-                    .iter()
-                    .map(|r| (r.name.clone(), pack(r))),
-            ),
-        );
-        types.insert(
-            ROUTE_TYPE,
-            type_resources(resources.routes.iter().map(|r| (r.name.clone(), pack(r)))),
-        );
-        types.insert(
-            CLUSTER_TYPE,
-            type_resources(resources.clusters.iter().map(|r| (r.name.clone(), pack(r)))),
-        );
-        types.insert(
-            ENDPOINT_TYPE,
-            type_resources(
-                resources
-                    .endpoints
-                    .iter()
-                    .map(|r| (r.cluster_name.clone(), pack(r))),
-            ),
-        );
-        self.state.send_replace(Arc::new(CacheState { types }));
+        self.set_views(Views {
+            default: Arc::new(CacheState::new(&resources.version, resources)),
+            by_region: BTreeMap::new(),
+        });
     }
 
-    /// The current state.
+    /// Serves `views` from now on; clients whose view changed get pushes.
+    pub fn set_views(&self, views: Views) {
+        self.views.send_replace(Arc::new(views));
+    }
+
+    /// The state served to clients without an override.
     pub fn current(&self) -> Arc<CacheState> {
-        self.state.borrow().clone()
+        self.views.borrow().default.clone()
     }
 
-    fn subscribe(&self) -> watch::Receiver<Arc<CacheState>> {
-        self.state.subscribe()
+    /// Every view served now.
+    pub fn views(&self) -> Arc<Views> {
+        self.views.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Views>> {
+        self.views.subscribe()
     }
 }
 
@@ -241,12 +293,27 @@ impl AdsServer {
 /// One ADS stream's state.
 struct StreamState {
     node_id: Option<String>,
+    /// `node.locality.region`: picks the stream's view.
+    region: String,
     subscriptions: HashMap<String, Subscription>,
     next_nonce: u64,
     registry: Arc<ProxyRegistry>,
 }
 
 impl StreamState {
+    /// Learns who the client is from its first request and records it as connected.
+    fn identify(&mut self, request: &DiscoveryRequest) {
+        let node = request.node.clone().unwrap_or_default();
+        let locality = node.locality.unwrap_or_default();
+        self.region = locality.region.clone();
+        self.registry.update(&node.id, |status| {
+            status.connected = true;
+            status.region = locality.region;
+            status.zone = locality.zone;
+        });
+        self.node_id = Some(node.id);
+    }
+
     /// Handles one request; returns the response to send, if any.
     fn on_request(
         &mut self,
@@ -254,14 +321,7 @@ impl StreamState {
         cache: &CacheState,
     ) -> Option<DiscoveryResponse> {
         if self.node_id.is_none() {
-            let node = request.node.clone().unwrap_or_default();
-            let locality = node.locality.unwrap_or_default();
-            self.registry.update(&node.id, |status| {
-                status.connected = true;
-                status.region = locality.region;
-                status.zone = locality.zone;
-            });
-            self.node_id = Some(node.id);
+            self.identify(&request);
         }
         let node_id = self.node_id.clone().unwrap_or_default();
         let type_url = request.type_url.clone();
@@ -389,6 +449,7 @@ impl AggregatedDiscoveryService for AdsServer {
         let mut changes = self.cache.subscribe();
         let mut state = StreamState {
             node_id: None,
+            region: String::new(),
             subscriptions: HashMap::new(),
             next_nonce: 0,
             registry: Arc::clone(&self.registry),
@@ -398,8 +459,12 @@ impl AggregatedDiscoveryService for AdsServer {
                 tokio::select! {
                     next = requests.next() => {
                         let Some(Ok(request)) = next else { break };
-                        let cache = changes.borrow_and_update().clone();
-                        if let Some(response) = state.on_request(request, &cache) {
+                        let views = changes.borrow_and_update().clone();
+                        if state.node_id.is_none() {
+                            state.identify(&request);
+                        }
+                        let cache = views.for_region(&state.region);
+                        if let Some(response) = state.on_request(request, cache) {
                             if tx.send(Ok(response)).await.is_err() {
                                 break;
                             }
@@ -409,8 +474,8 @@ impl AggregatedDiscoveryService for AdsServer {
                         if changed.is_err() {
                             break;
                         }
-                        let cache = changes.borrow_and_update().clone();
-                        for response in state.on_cache_change(&cache) {
+                        let views = changes.borrow_and_update().clone();
+                        for response in state.on_cache_change(views.for_region(&state.region)) {
                             if tx.send(Ok(response)).await.is_err() {
                                 break;
                             }

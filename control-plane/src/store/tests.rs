@@ -41,7 +41,7 @@ fn apply<'a>(author: &'a str, yaml: &'a str) -> NewRevision<'a> {
         message: "",
         action: RevisionAction::Apply,
         restored_from: None,
-        canary_region: None,
+        canary: None,
         yaml,
     }
 }
@@ -71,7 +71,7 @@ async fn history_and_rollback(store: &Store) {
             message: "back to a",
             action: RevisionAction::Rollback,
             restored_from: Some(1),
-            canary_region: None,
+            canary: None,
             yaml: &restored.yaml,
         })
         .await
@@ -119,12 +119,15 @@ async fn canary_lifecycle(store: &Store) {
     store.commit(apply("alice", V1)).await.unwrap();
     let canary = store
         .commit(NewRevision {
-            canary_region: Some("eu"),
+            canary: Some(("eu", now_ms() + 30_000)),
             ..apply("alice", V2)
         })
         .await
         .unwrap();
     assert_eq!(canary.state, RevisionState::Canary);
+    let stored = store.canary().await.unwrap().expect("the canary is stored");
+    assert_eq!(stored.canary_deadline_ms, canary.canary_deadline_ms);
+    assert_eq!(stored.canary_region.as_deref(), Some("eu"));
     assert_eq!(
         store.head().await.unwrap(),
         Head {
@@ -158,7 +161,7 @@ async fn canary_lifecycle(store: &Store) {
 
     let next = store
         .commit(NewRevision {
-            canary_region: Some("us"),
+            canary: Some(("us", now_ms() + 30_000)),
             ..apply("bob", V3)
         })
         .await

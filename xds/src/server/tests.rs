@@ -167,3 +167,114 @@ fn versions_are_per_type_and_per_resource() {
         "an unchanged resource keeps its version"
     );
 }
+
+#[tokio::test]
+async fn a_region_override_is_served_to_that_region_only() {
+    let cache = Arc::new(SnapshotCache::default());
+    cache.set(&resources(ONE_SERVICE));
+    let registry = Arc::new(ProxyRegistry::default());
+    let address = serve_ads(Arc::clone(&cache), Arc::clone(&registry)).await;
+    let connect = |node: &'static str, region: &'static str| async move {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut first = request(CLUSTER_TYPE, &[], "", "");
+        first.node = Some(Node {
+            id: node.into(),
+            locality: Some(Locality {
+                region: region.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        tx.send(first).await.unwrap();
+        (tx, responses)
+    };
+    let cluster_names = |response: &DiscoveryResponse| -> Vec<String> {
+        response
+            .resources
+            .iter()
+            .map(|a| Cluster::decode(a.value.as_slice()).unwrap().name)
+            .collect()
+    };
+    let (eu_tx, mut eu) = connect("eu-1", "eu").await;
+    let (us_tx, mut us) = connect("us-1", "us").await;
+    let eu_first = next(&mut eu).await;
+    let us_first = next(&mut us).await;
+    assert_eq!(cluster_names(&eu_first), ["web"]);
+    assert_eq!(cluster_names(&us_first), ["web"]);
+    for (tx, response) in [(&eu_tx, &eu_first), (&us_tx, &us_first)] {
+        tx.send(request(
+            CLUSTER_TYPE,
+            &[],
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await
+        .unwrap();
+    }
+
+    // A canary: eu gets two services, us keeps one and hears nothing.
+    let canary = Arc::new(CacheState::new("2", &resources(TWO_SERVICES)));
+    cache.set_views(Views {
+        default: cache.current(),
+        by_region: [("eu".to_string(), Arc::clone(&canary))].into(),
+    });
+    let eu_push = next(&mut eu).await;
+    let mut names = cluster_names(&eu_push);
+    names.sort();
+    assert_eq!(names, ["api", "web"]);
+    eu_tx
+        .send(request(
+            CLUSTER_TYPE,
+            &[],
+            &eu_push.version_info,
+            &eu_push.nonce,
+        ))
+        .await
+        .unwrap();
+    let acked_clusters = |state: &CacheState, acked: &BTreeMap<String, String>| {
+        acked.get(CLUSTER_TYPE) == Some(&state.types[CLUSTER_TYPE].version)
+    };
+    eventually("eu ACKs the canary", || {
+        registry
+            .list()
+            .iter()
+            .any(|p| p.node_id == "eu-1" && acked_clusters(&canary, &p.acked))
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), us.message())
+            .await
+            .is_err(),
+        "a region without an override gets no push"
+    );
+    let us_status = registry
+        .list()
+        .into_iter()
+        .find(|p| p.node_id == "us-1")
+        .unwrap();
+    assert!(!acked_clusters(&canary, &us_status.acked));
+    assert!(acked_clusters(&cache.current(), &us_status.acked));
+    // A client that subscribed to clusters only has not ACKed the whole state.
+    assert!(!canary.is_acked_by(&us_status.acked));
+
+    // Promotion: everyone gets the canary's state; eu, already there, hears nothing.
+    cache.set_views(Views {
+        default: canary,
+        by_region: BTreeMap::new(),
+    });
+    assert_eq!(cluster_names(&next(&mut us).await).len(), 2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), eu.message())
+            .await
+            .is_err(),
+        "eu already runs the promoted state"
+    );
+}

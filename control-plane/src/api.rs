@@ -1,0 +1,402 @@
+//! The REST API (axum): apply and validate config, list proxies, history, rollback, the
+//! audit trail, and the OpenAPI document describing all of it (`GET /v1/openapi.json`).
+//!
+//! Bodies are JSON. A config can also be posted as raw YAML (`Content-Type:
+//! application/yaml`, options in the query string), so `curl --data-binary @routes.yaml`
+//! works. Who made a change comes from the `X-Nip-Actor` header. Errors are
+//! `{"error": "...", "errors": [{"path", "message"}]}` with a status that says whose fault
+//! it is: 400 unreadable request, 404 unknown version, 409 conflict or rolled-back canary,
+//! 422 invalid config, 500 store failure.
+
+use crate::service::{validate, Canary, Change, ChangeError, ConfigService, Outcome};
+use crate::store::{Revision, RevisionAction};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use nip_xds::config::ConfigError;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The OpenAPI 3 document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Header naming who makes a change.
+pub const ACTOR_HEADER: &str = "x-nip-actor";
+
+/// How long a canary waits for its region by default.
+pub const DEFAULT_CANARY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest canary wait a request may ask for.
+const MAX_CANARY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Every route of the API.
+pub fn router(service: Arc<ConfigService>) -> Router {
+    Router::new()
+        .route("/v1/config", get(current_config).post(apply_config))
+        .route("/v1/validate", post(validate_config))
+        .route("/v1/proxies", get(proxies))
+        .route("/v1/history", get(history))
+        .route("/v1/history/{version}", get(revision))
+        .route("/v1/rollback/{version}", post(rollback))
+        .route("/v1/events", get(events))
+        .route("/v1/openapi.json", get(openapi))
+        .with_state(service)
+}
+
+/// An error answer.
+struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+
+    fn invalid(error: &ConfigError) -> ApiError {
+        let errors: Vec<Value> = error
+            .field_errors()
+            .into_iter()
+            .map(|e| json!({ "path": e.path, "message": e.message }))
+            .collect();
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            body: json!({ "error": "invalid config", "errors": errors }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(error: ChangeError) -> Self {
+        match &error {
+            ChangeError::Invalid(e) => ApiError::invalid(e),
+            ChangeError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, error.to_string()),
+            ChangeError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, error.to_string()),
+            ChangeError::CanaryFailed { version, reason } => ApiError {
+                status: StatusCode::CONFLICT,
+                body: json!({
+                    "error": error.to_string(),
+                    "version": version,
+                    "state": "aborted",
+                    "reason": reason,
+                }),
+            },
+            ChangeError::Store(_) => {
+                tracing::error!("REST API: {error}");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            }
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        ApiError::from(ChangeError::from(error))
+    }
+}
+
+/// A revision without its document (for lists).
+fn summary(revision: &Revision) -> Value {
+    json!({
+        "version": revision.version,
+        "created_at_ms": revision.created_at_ms,
+        "author": revision.author,
+        "message": revision.message,
+        "action": revision.action,
+        "restored_from": revision.restored_from,
+        "state": revision.state,
+        "canary_region": revision.canary_region,
+    })
+}
+
+/// A revision with its document and diff.
+fn full(revision: &Revision) -> Value {
+    let mut value = summary(revision);
+    value["yaml"] = json!(revision.yaml);
+    value["diff"] = json!(revision.diff);
+    value
+}
+
+fn outcome_json(outcome: &Outcome) -> (StatusCode, Value) {
+    match outcome {
+        Outcome::Unchanged(revision) => (
+            StatusCode::OK,
+            json!({ "result": "unchanged", "revision": summary(revision) }),
+        ),
+        Outcome::Applied(revision) => (
+            StatusCode::CREATED,
+            json!({ "result": "applied", "revision": summary(revision), "diff": revision.diff }),
+        ),
+        Outcome::Promoted { revision, acked_by } => (
+            StatusCode::CREATED,
+            json!({
+                "result": "promoted",
+                "revision": summary(revision),
+                "diff": revision.diff,
+                "canary_acked_by": acked_by,
+            }),
+        ),
+    }
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or("anonymous")
+        .to_string()
+}
+
+/// A config change as JSON.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    yaml: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    canary: Option<CanaryBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryBody {
+    region: String,
+    #[serde(default)]
+    timeout_seconds: Option<f64>,
+}
+
+/// Options of a raw YAML post.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    canary: Option<String>,
+    #[serde(default)]
+    canary_timeout_seconds: Option<f64>,
+}
+
+fn canary_of(region: Option<String>, timeout: Option<f64>) -> Result<Option<Canary>, ApiError> {
+    let Some(region) = region else {
+        return Ok(None);
+    };
+    if region.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "canary.region: must name a region",
+        ));
+    }
+    let timeout = match timeout {
+        None => DEFAULT_CANARY_TIMEOUT,
+        Some(seconds)
+            if seconds.is_finite()
+                && seconds > 0.0
+                && seconds <= MAX_CANARY_TIMEOUT.as_secs_f64() =>
+        {
+            Duration::from_secs_f64(seconds)
+        }
+        Some(seconds) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "canary.timeout_seconds: {seconds} is not between 0 and {}",
+                    MAX_CANARY_TIMEOUT.as_secs()
+                ),
+            ))
+        }
+    };
+    Ok(Some(Canary { region, timeout }))
+}
+
+/// Reads a change from a JSON or raw YAML body.
+fn read_change(
+    headers: &HeaderMap,
+    query: Option<ApplyQuery>,
+    body: &Bytes,
+) -> Result<(String, String, Option<Canary>), ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/json") {
+        let body: ApplyBody = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+        let canary = match body.canary {
+            Some(c) => canary_of(Some(c.region), c.timeout_seconds)?,
+            None => None,
+        };
+        return Ok((body.yaml, body.message, canary));
+    }
+    let yaml = std::str::from_utf8(body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "request body: not UTF-8 text"))?
+        .to_string();
+    let query = query.unwrap_or(ApplyQuery {
+        message: String::new(),
+        canary: None,
+        canary_timeout_seconds: None,
+    });
+    let canary = canary_of(query.canary, query.canary_timeout_seconds)?;
+    Ok((yaml, query.message, canary))
+}
+
+async fn apply_config(
+    State(service): State<Arc<ConfigService>>,
+    headers: HeaderMap,
+    query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
+    let (yaml, message, canary) = read_change(&headers, Some(query.0), &body)?;
+    let outcome = service
+        .apply(Change {
+            author: actor(&headers),
+            message,
+            yaml,
+            canary,
+            action: RevisionAction::Apply,
+        })
+        .await?;
+    let (status, body) = outcome_json(&outcome);
+    Ok((status, Json(body)))
+}
+
+async fn validate_config(headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let (yaml, _, _) = read_change(&headers, None, &body)?;
+    let validated = validate(&yaml).map_err(|e| ApiError::invalid(&e))?;
+    Ok(Json(json!({ "valid": true, "notes": validated.notes })))
+}
+
+async fn current_config(
+    State(service): State<Arc<ConfigService>>,
+) -> Result<Json<Value>, ApiError> {
+    match service.store().current().await? {
+        Some(revision) => {
+            let mut body = full(&revision);
+            if let Some(canary) = service.store().canary().await? {
+                body["canary"] = summary(&canary);
+            }
+            Ok(Json(body))
+        }
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no config applied yet (nip apply -f FILE)",
+        )),
+    }
+}
+
+async fn proxies(State(service): State<Arc<ConfigService>>) -> Json<Value> {
+    Json(crate::proxies_json(service.registry(), &service.views()))
+}
+
+#[derive(Debug, Deserialize)]
+struct Limit {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+fn checked_limit(
+    query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Result<i64, ApiError> {
+    let Query(Limit { limit }) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit: {limit} is not between 1 and 10000"),
+        ));
+    }
+    Ok(limit)
+}
+
+async fn history(
+    State(service): State<Arc<ConfigService>>,
+    query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = checked_limit(query)?;
+    let revisions = service.store().history(limit).await?;
+    Ok(Json(Value::Array(revisions.iter().map(summary).collect())))
+}
+
+async fn revision(
+    State(service): State<Arc<ConfigService>>,
+    Path(version): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let version = parse_version(&version)?;
+    Ok(Json(full(&service.store().revision(version).await?)))
+}
+
+fn parse_version(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("version: {text:?} is not a version number (see nip history)"),
+        )
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    message: String,
+}
+
+async fn rollback(
+    State(service): State<Arc<ConfigService>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let version = parse_version(&version)?;
+    let body: RollbackBody = if body.is_empty() {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?
+    };
+    let outcome = service
+        .rollback(version, &actor(&headers), &body.message)
+        .await?;
+    let (status, body) = outcome_json(&outcome);
+    Ok((status, Json(body)))
+}
+
+async fn events(
+    State(service): State<Arc<ConfigService>>,
+    query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = checked_limit(query)?;
+    let events = service.store().events(limit).await?;
+    Ok(Json(json!(events)))
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+}

@@ -1,0 +1,440 @@
+//! Changing the desired config: validate, store, serve — and canary rollouts.
+//!
+//! ```text
+//! apply / rollback ──validate (same parser + translator as `nip validate`)──▶ Store::commit
+//!        └─▶ sync: Store head ──translate──▶ Views {default, canary region} ──▶ SnapshotCache
+//! canary: wait until every connected proxy of the region ACKs the canary's state
+//!        ├─ all ACKed ──▶ Store::promote ──sync──▶ every proxy
+//!        └─ a NACK, no proxy, or the deadline ──▶ Store::abort ──sync──▶ region back
+//! ```
+//!
+//! What is served always follows the store's head, so replicas sharing a PostgreSQL store
+//! converge by polling it ([`ConfigService::sync`]). A canary decision is made by the
+//! replica that started it, from the proxies connected to that replica; a canary whose
+//! replica died is aborted by any replica once its deadline has passed.
+
+use crate::store::{
+    now_ms, Head, NewRevision, Revision, RevisionAction, RevisionState, Store, StoreError,
+};
+use nip_xds::config::{Config, ConfigError};
+use nip_xds::server::{CacheState, ProxyRegistry, SnapshotCache, Views};
+use nip_xds::translate::translate;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Who rolls back a failed or abandoned canary, in the audit trail.
+pub const CONTROL_PLANE_ACTOR: &str = "control-plane";
+
+/// How long after its deadline an unfinished canary counts as abandoned.
+const ABANDON_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a canary checks its region's proxies.
+const CANARY_POLL: Duration = Duration::from_millis(20);
+
+/// Why a change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The document is not a valid v4 config.
+    #[error("{0}")]
+    Invalid(ConfigError),
+    /// Another change is in the way (a canary in progress), or the target cannot be
+    /// restored.
+    #[error("{0}")]
+    Conflict(String),
+    /// No such version.
+    #[error("no config version {0}")]
+    NotFound(i64),
+    /// The canary was rolled back.
+    #[error("canary of version {version} rolled back: {reason}")]
+    CanaryFailed {
+        /// The aborted revision.
+        version: i64,
+        /// What went wrong (which proxy NACKed and why, or who did not answer).
+        reason: String,
+    },
+    /// The store failed.
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ChangeError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(version) => ChangeError::NotFound(version),
+            e @ (StoreError::CanaryInProgress { .. } | StoreError::WrongState { .. }) => {
+                ChangeError::Conflict(e.to_string())
+            }
+            e => ChangeError::Store(e),
+        }
+    }
+}
+
+/// A canary rollout: which region goes first and how long its proxies have to ACK.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    /// `node.locality.region` of the proxies that get the change first.
+    pub region: String,
+    /// How long to wait for every one of them to ACK.
+    pub timeout: Duration,
+}
+
+/// A change someone asks for.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// Who (recorded in the audit trail).
+    pub author: String,
+    /// Why.
+    pub message: String,
+    /// The whole v4 YAML document.
+    pub yaml: String,
+    /// Roll out to one region first.
+    pub canary: Option<Canary>,
+    /// How the change came (API or the followed file).
+    pub action: RevisionAction,
+}
+
+/// What a change did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The document equals the current config: nothing stored or pushed.
+    Unchanged(Revision),
+    /// Stored and pushed to every proxy.
+    Applied(Revision),
+    /// Every proxy of the canary region ACKed, so it was pushed to every proxy.
+    Promoted {
+        /// The revision, now active.
+        revision: Revision,
+        /// The proxies that ACKed it during the canary.
+        acked_by: Vec<String>,
+    },
+}
+
+impl Outcome {
+    /// The revision now current.
+    pub fn revision(&self) -> &Revision {
+        match self {
+            Outcome::Unchanged(r) | Outcome::Applied(r) => r,
+            Outcome::Promoted { revision, .. } => revision,
+        }
+    }
+}
+
+/// A document that passed validation: what it translates to and what does not act yet.
+#[derive(Debug)]
+pub struct Validated {
+    /// Parts that load but are not applied, each with its field path.
+    pub notes: Vec<String>,
+}
+
+/// Validates a document exactly as a proxy would, without storing it.
+pub fn validate(yaml: &str) -> Result<Validated, ConfigError> {
+    let config = Config::from_yaml(yaml)?;
+    let mut notes = translate(&config).not_applied;
+    if config.control_plane.is_some() {
+        notes.push(
+            "control_plane: ignored in a config the control plane serves (it belongs in a \
+             proxy's own file)"
+                .to_string(),
+        );
+    }
+    Ok(Validated { notes })
+}
+
+/// The serving state of one revision, labelled with its version.
+fn state_of(revision: &Revision) -> Result<CacheState, ConfigError> {
+    let config = Config::from_yaml(&revision.yaml)?;
+    let translation = translate(&config);
+    Ok(CacheState::new(
+        &revision.version.to_string(),
+        &translation.resources,
+    ))
+}
+
+/// The store, what is served from it, and the proxies that are served.
+#[derive(Debug)]
+pub struct ConfigService {
+    store: Store,
+    cache: Arc<SnapshotCache>,
+    registry: Arc<ProxyRegistry>,
+    /// The store head the cache serves; `None` before the first sync.
+    served: tokio::sync::Mutex<Option<Head>>,
+    /// One change at a time per replica (validation to push).
+    changing: tokio::sync::Mutex<()>,
+}
+
+impl ConfigService {
+    /// A service over `store`, serving into `cache`, reading ACKs from `registry`.
+    pub fn new(store: Store, cache: Arc<SnapshotCache>, registry: Arc<ProxyRegistry>) -> Self {
+        ConfigService {
+            store,
+            cache,
+            registry,
+            served: tokio::sync::Mutex::new(None),
+            changing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The store (for history and events).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Every proxy that connected.
+    pub fn registry(&self) -> &ProxyRegistry {
+        &self.registry
+    }
+
+    /// What is served now.
+    pub fn views(&self) -> Arc<Views> {
+        self.cache.views()
+    }
+
+    /// Serves the store's head if it is not served yet (a change here or by another
+    /// replica), and aborts a canary whose deadline passed long ago.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let mut served = self.served.lock().await;
+        let head = self.store.head().await?;
+        if *served == Some(head) {
+            drop(served);
+            return self.abort_abandoned().await;
+        }
+        let current = self.store.current().await?;
+        let canary = self.store.canary().await?;
+        let previous = self.cache.views();
+        let default = match &current {
+            Some(revision) => match state_of(revision) {
+                Ok(state) => Arc::new(state),
+                Err(e) => {
+                    tracing::error!(
+                        version = revision.version,
+                        "stored config no longer validates, still serving the previous one: {e}"
+                    );
+                    Arc::clone(&previous.default)
+                }
+            },
+            None => Arc::new(CacheState::default()),
+        };
+        let mut by_region = BTreeMap::new();
+        if let Some(revision) = &canary {
+            match state_of(revision) {
+                Ok(state) => {
+                    let region = revision.canary_region.clone().unwrap_or_default();
+                    by_region.insert(region, Arc::new(state));
+                }
+                Err(e) => tracing::error!(
+                    version = revision.version,
+                    "stored canary no longer validates, not served: {e}"
+                ),
+            }
+        }
+        self.cache.set_views(Views { default, by_region });
+        tracing::info!(active = ?head.active, canary = ?head.canary, "serving config");
+        *served = Some(head);
+        Ok(())
+    }
+
+    /// Aborts a canary whose deadline passed more than [`ABANDON_GRACE`] ago: the replica
+    /// running it is gone.
+    async fn abort_abandoned(&self) -> Result<(), StoreError> {
+        let Some(canary) = self.store.canary().await? else {
+            return Ok(());
+        };
+        let grace = i64::try_from(ABANDON_GRACE.as_millis()).unwrap_or(i64::MAX);
+        let deadline = canary.canary_deadline_ms.unwrap_or(canary.created_at_ms);
+        if now_ms() <= deadline.saturating_add(grace) {
+            return Ok(());
+        }
+        tracing::warn!(
+            version = canary.version,
+            "canary outlived its deadline (its control plane stopped); rolling it back"
+        );
+        self.store
+            .abort(
+                canary.version,
+                CONTROL_PLANE_ACTOR,
+                "abandoned: the rollout did not finish by its deadline",
+            )
+            .await?;
+        self.sync_boxed().await
+    }
+
+    /// `sync` again from inside `sync` (a boxed future, since the call is recursive).
+    fn sync_boxed(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
+    {
+        Box::pin(self.sync())
+    }
+
+    /// Validates, stores and serves `change`; with a canary, waits for the region's
+    /// proxies and promotes or rolls back.
+    pub async fn apply(&self, change: Change) -> Result<Outcome, ChangeError> {
+        let started = SystemTime::now();
+        let revision = {
+            let _one_change = self.changing.lock().await;
+            if let Err(e) = validate(&change.yaml) {
+                self.store
+                    .record(&change.author, "refused", None, &e.to_string())
+                    .await?;
+                return Err(ChangeError::Invalid(e));
+            }
+            if change.canary.is_none() {
+                if let Some(current) = self.store.current().await? {
+                    if current.yaml == change.yaml && self.store.canary().await?.is_none() {
+                        return Ok(Outcome::Unchanged(current));
+                    }
+                }
+            }
+            let deadline = change.canary.as_ref().map(|c| {
+                now_ms().saturating_add(i64::try_from(c.timeout.as_millis()).unwrap_or(i64::MAX))
+            });
+            let revision = self
+                .store
+                .commit(NewRevision {
+                    author: &change.author,
+                    message: &change.message,
+                    action: change.action,
+                    restored_from: None,
+                    canary: change
+                        .canary
+                        .as_ref()
+                        .zip(deadline)
+                        .map(|(c, d)| (c.region.as_str(), d)),
+                    yaml: &change.yaml,
+                })
+                .await?;
+            self.sync().await?;
+            revision
+        };
+        match change.canary {
+            None => Ok(Outcome::Applied(revision)),
+            Some(canary) => self.finish_canary(revision, &canary, started).await,
+        }
+    }
+
+    /// Waits for the canary region's verdict, then promotes or rolls back.
+    async fn finish_canary(
+        &self,
+        revision: Revision,
+        canary: &Canary,
+        started: SystemTime,
+    ) -> Result<Outcome, ChangeError> {
+        let state = self.cache.views().by_region.get(&canary.region).cloned();
+        let verdict = match state {
+            Some(state) => self.region_verdict(&state, canary, started).await,
+            None => Err("its config could not be served".to_string()),
+        };
+        let _one_change = self.changing.lock().await;
+        match verdict {
+            Ok(acked_by) => {
+                self.store
+                    .promote(revision.version, CONTROL_PLANE_ACTOR)
+                    .await?;
+                self.sync().await?;
+                let revision = self.store.revision(revision.version).await?;
+                tracing::info!(version = revision.version, region = %canary.region, "canary promoted");
+                Ok(Outcome::Promoted { revision, acked_by })
+            }
+            Err(reason) => {
+                self.store
+                    .abort(revision.version, CONTROL_PLANE_ACTOR, &reason)
+                    .await?;
+                self.sync().await?;
+                tracing::warn!(version = revision.version, region = %canary.region, "canary rolled back: {reason}");
+                Err(ChangeError::CanaryFailed {
+                    version: revision.version,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Every connected proxy of the region ACKed `state` (their node ids), or why not.
+    async fn region_verdict(
+        &self,
+        state: &CacheState,
+        canary: &Canary,
+        started: SystemTime,
+    ) -> Result<Vec<String>, String> {
+        let deadline = tokio::time::Instant::now() + canary.timeout;
+        loop {
+            let proxies: Vec<_> = self
+                .registry
+                .list()
+                .into_iter()
+                .filter(|p| p.connected && p.region == canary.region)
+                .collect();
+            if let Some((proxy, nack)) = proxies.iter().find_map(|p| {
+                p.last_nack
+                    .as_ref()
+                    .filter(|n| n.at >= started)
+                    .map(|n| (p, n))
+            }) {
+                return Err(format!(
+                    "proxy {} NACKed {}: {}",
+                    proxy.node_id, nack.type_url, nack.reason
+                ));
+            }
+            let waiting: Vec<&str> = proxies
+                .iter()
+                .filter(|p| !state.is_acked_by(&p.acked))
+                .map(|p| p.node_id.as_str())
+                .collect();
+            if !proxies.is_empty() && waiting.is_empty() {
+                return Ok(proxies.into_iter().map(|p| p.node_id).collect());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(if proxies.is_empty() {
+                    format!("no proxy of region {:?} is connected", canary.region)
+                } else {
+                    format!(
+                        "no ACK within {} from {}",
+                        humantime::format_duration(canary.timeout),
+                        waiting.join(", ")
+                    )
+                });
+            }
+            tokio::time::sleep(CANARY_POLL).await;
+        }
+    }
+
+    /// Restores `version`'s document as a new revision.
+    pub async fn rollback(
+        &self,
+        version: i64,
+        author: &str,
+        message: &str,
+    ) -> Result<Outcome, ChangeError> {
+        let _one_change = self.changing.lock().await;
+        let target = self.store.revision(version).await?;
+        if target.state != RevisionState::Active {
+            return Err(ChangeError::Conflict(format!(
+                "version {version} is {} and cannot be restored; apply its document again instead",
+                match target.state {
+                    RevisionState::Canary => "a canary in progress",
+                    _ => "a rolled-back canary",
+                }
+            )));
+        }
+        validate(&target.yaml).map_err(ChangeError::Invalid)?;
+        if let Some(current) = self.store.current().await? {
+            if current.yaml == target.yaml {
+                return Ok(Outcome::Unchanged(current));
+            }
+        }
+        let revision = self
+            .store
+            .commit(NewRevision {
+                author,
+                message,
+                action: RevisionAction::Rollback,
+                restored_from: Some(version),
+                canary: None,
+                yaml: &target.yaml,
+            })
+            .await?;
+        self.sync().await?;
+        Ok(Outcome::Applied(revision))
+    }
+}

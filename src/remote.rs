@@ -1,0 +1,354 @@
+//! CLI verbs that talk to a control plane's REST API: `nip apply`, `nip get proxies`,
+//! `nip history`, `nip rollback`. Each prints what happened for a human (or the API's JSON
+//! with `--json`) and exits 0 on success, 2 when the config must be fixed, 1 otherwise.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Where the control plane is and who is asking.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Remote {
+    /// The control plane's REST API.
+    #[arg(
+        long,
+        global = true,
+        env = "NIP_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:18001"
+    )]
+    pub control_plane: String,
+    /// Who makes the change, for the audit trail (default: $USER).
+    #[arg(long = "as", global = true, env = "NIP_ACTOR")]
+    pub actor: Option<String>,
+}
+
+/// A failed call: what to print and how to exit.
+struct Failure {
+    message: String,
+    code: ExitCode,
+}
+
+impl Failure {
+    fn other(message: String) -> Failure {
+        Failure {
+            message,
+            code: ExitCode::FAILURE,
+        }
+    }
+}
+
+impl Remote {
+    fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| "unknown".to_string())
+    }
+
+    /// One call: the status and the JSON answer. Connection failures and non-JSON answers
+    /// are failures; HTTP error statuses are returned for the caller to explain.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value), Failure> {
+        let url = format!("{}{path}", self.control_plane.trim_end_matches('/'));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        let response = match (method, body) {
+            ("GET", _) => agent.get(&url).call(),
+            (_, Some(body)) => agent
+                .post(&url)
+                .header("x-nip-actor", &self.actor())
+                .header("content-type", "application/json")
+                .send(body.to_string()),
+            (_, None) => agent
+                .post(&url)
+                .header("x-nip-actor", &self.actor())
+                .send_empty(),
+        };
+        let mut response =
+            response.map_err(|e| Failure::other(format!("cannot reach {url}: {e}")))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| Failure::other(format!("bad answer from {url}: {e}")))?;
+        let value = serde_json::from_str(&text)
+            .map_err(|e| Failure::other(format!("bad answer from {url} (status {status}): {e}")))?;
+        Ok((status, value))
+    }
+}
+
+/// Turns an error answer into a failure; 422 lists every field problem and exits 2.
+fn explain(status: u16, answer: &Value, subject: &str) -> Failure {
+    let error = answer["error"].as_str().unwrap_or("request failed");
+    if status == 422 {
+        let mut message = format!("{subject}: {error}");
+        for problem in answer["errors"].as_array().into_iter().flatten() {
+            let path = problem["path"].as_str().unwrap_or("");
+            let text = problem["message"].as_str().unwrap_or("");
+            if path.is_empty() {
+                message.push_str(&format!("\n  {text}"));
+            } else {
+                message.push_str(&format!("\n  {path}: {text}"));
+            }
+        }
+        return Failure {
+            message,
+            code: ExitCode::from(crate::EXIT_BAD_CONFIG),
+        };
+    }
+    Failure::other(format!("{subject}: {error} (HTTP {status})"))
+}
+
+fn finish(verb: &str, result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("nip {verb}: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
+fn when(ms: &Value) -> String {
+    let ms = ms.as_u64().unwrap_or(0);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+/// What `nip apply` asks for besides the file.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Why (recorded with the version).
+    pub message: String,
+    /// Region to roll out to first.
+    pub canary: Option<String>,
+    /// How long the canary region has to ACK.
+    pub canary_timeout: Duration,
+    /// Print the API's JSON.
+    pub json: bool,
+}
+
+/// `nip apply -f FILE`: store and push a whole config (optionally as a canary).
+pub fn apply(remote: &Remote, file: &Path, options: &ApplyOptions) -> ExitCode {
+    finish("apply", apply_inner(remote, file, options))
+}
+
+fn apply_inner(remote: &Remote, file: &Path, options: &ApplyOptions) -> Result<(), Failure> {
+    let yaml = std::fs::read_to_string(file)
+        .map_err(|e| Failure::other(format!("cannot read {}: {e}", file.display())))?;
+    let mut body = json!({ "yaml": yaml, "message": options.message });
+    if let Some(region) = &options.canary {
+        body["canary"] = json!({
+            "region": region,
+            "timeout_seconds": options.canary_timeout.as_secs_f64(),
+        });
+        eprintln!(
+            "canary: pushing to region {region} first, waiting up to {} for its proxies to ACK",
+            humantime::format_duration(options.canary_timeout)
+        );
+    }
+    let (status, answer) = remote.call(
+        "POST",
+        "/v1/config",
+        Some(&body),
+        options.canary_timeout + Duration::from_secs(30),
+    )?;
+    if options.json {
+        print_json(&answer);
+    }
+    if !(200..300).contains(&status) {
+        if answer["state"] == "aborted" {
+            return Err(Failure::other(format!(
+                "canary rolled back, version {} not applied: {}",
+                answer["version"],
+                answer["reason"].as_str().unwrap_or("")
+            )));
+        }
+        return Err(explain(status, &answer, &file.display().to_string()));
+    }
+    if options.json {
+        return Ok(());
+    }
+    let version = &answer["revision"]["version"];
+    match answer["result"].as_str() {
+        Some("unchanged") => println!("unchanged: version {version} is already current"),
+        Some("promoted") => {
+            let acked: Vec<&str> = answer["canary_acked_by"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "version {version}: canary ACKed by {} ({}), promoted to every proxy",
+                acked.len(),
+                acked.join(", ")
+            );
+            print!("{}", answer["diff"].as_str().unwrap_or(""));
+        }
+        _ => {
+            println!("version {version} applied and pushed to every proxy");
+            print!("{}", answer["diff"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+/// `nip get proxies`: one line per proxy, NACK reasons in full.
+pub fn get_proxies(remote: &Remote, json: bool) -> ExitCode {
+    finish("get proxies", get_proxies_inner(remote, json))
+}
+
+fn get_proxies_inner(remote: &Remote, json: bool) -> Result<(), Failure> {
+    let (status, proxies) = remote.call("GET", "/v1/proxies", None, Duration::from_secs(30))?;
+    if status != 200 {
+        return Err(explain(status, &proxies, "proxies"));
+    }
+    if json {
+        print_json(&proxies);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<12} {:<10} {:<8} LAST NACK",
+        "NODE", "REGION", "CONNECTED", "VERSION"
+    );
+    for proxy in proxies.as_array().into_iter().flatten() {
+        let text = |key: &str| proxy[key].as_str().unwrap_or("").to_string();
+        let nack = match &proxy["last_nack"] {
+            Value::Null => "-".to_string(),
+            nack => format!(
+                "{}: {}",
+                nack["type_url"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or(""),
+                nack["reason"].as_str().unwrap_or("")
+            ),
+        };
+        let version = proxy["config_version"].as_str().unwrap_or("updating");
+        println!(
+            "{:<24} {:<12} {:<10} {:<8} {nack}",
+            text("node_id"),
+            text("region"),
+            proxy["connected"].as_bool().unwrap_or(false),
+            version,
+        );
+    }
+    Ok(())
+}
+
+/// `nip history [VERSION]`: the list of versions, or one version's diff.
+pub fn history(remote: &Remote, version: Option<u64>, limit: u32, json: bool) -> ExitCode {
+    finish("history", history_inner(remote, version, limit, json))
+}
+
+fn history_inner(
+    remote: &Remote,
+    version: Option<u64>,
+    limit: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    let timeout = Duration::from_secs(30);
+    if let Some(version) = version {
+        let (status, revision) =
+            remote.call("GET", &format!("/v1/history/{version}"), None, timeout)?;
+        if status != 200 {
+            return Err(explain(status, &revision, &format!("version {version}")));
+        }
+        if json {
+            print_json(&revision);
+        } else {
+            println!(
+                "version {version} by {} at {} ({}, {})",
+                revision["author"].as_str().unwrap_or(""),
+                when(&revision["created_at_ms"]),
+                revision["action"].as_str().unwrap_or(""),
+                revision["state"].as_str().unwrap_or(""),
+            );
+            if let Some(message) = revision["message"].as_str().filter(|m| !m.is_empty()) {
+                println!("    {message}");
+            }
+            print!("{}", revision["diff"].as_str().unwrap_or(""));
+        }
+        return Ok(());
+    }
+    let (status, revisions) =
+        remote.call("GET", &format!("/v1/history?limit={limit}"), None, timeout)?;
+    if status != 200 {
+        return Err(explain(status, &revisions, "history"));
+    }
+    if json {
+        print_json(&revisions);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<21} {:<20} {:<9} {:<8} MESSAGE",
+        "VERSION", "WHEN", "AUTHOR", "ACTION", "STATE"
+    );
+    for revision in revisions.as_array().into_iter().flatten() {
+        let action = match revision["restored_from"].as_i64() {
+            Some(from) => format!("rollback to {from}"),
+            None => revision["action"].as_str().unwrap_or("").to_string(),
+        };
+        let state = match (
+            revision["state"].as_str(),
+            revision["canary_region"].as_str(),
+        ) {
+            (Some(state), Some(region)) => format!("{state} ({region})"),
+            (state, _) => state.unwrap_or("").to_string(),
+        };
+        println!(
+            "{:<8} {:<21} {:<20} {:<9} {:<8} {}",
+            revision["version"],
+            when(&revision["created_at_ms"]),
+            revision["author"].as_str().unwrap_or(""),
+            action,
+            state,
+            revision["message"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+/// `nip rollback VERSION`: restore a past version as a new one.
+pub fn rollback(remote: &Remote, version: u64, message: &str) -> ExitCode {
+    finish("rollback", rollback_inner(remote, version, message))
+}
+
+fn rollback_inner(remote: &Remote, version: u64, message: &str) -> Result<(), Failure> {
+    let (status, answer) = remote.call(
+        "POST",
+        &format!("/v1/rollback/{version}"),
+        Some(&json!({ "message": message })),
+        Duration::from_secs(30),
+    )?;
+    if !(200..300).contains(&status) {
+        return Err(explain(status, &answer, &format!("version {version}")));
+    }
+    let now = &answer["revision"]["version"];
+    if answer["result"] == "unchanged" {
+        println!("unchanged: version {now} already holds version {version}'s config");
+    } else {
+        println!("version {now} restores version {version}; pushed to every proxy");
+        print!("{}", answer["diff"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
