@@ -391,3 +391,304 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     let diff = stdout(&control_plane.nip(&["history", "4"]));
     assert!(diff.contains("back to a") && diff.contains("+"), "{diff}");
 }
+
+/// A gateway on `port` with one service `web` at `backend`, plus `extra` YAML.
+fn gateway(port: u16, backend: &Backend, extra: &str) -> String {
+    format!(
+        "api_gateway: {{ address: \"127.0.0.1:{port}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n{extra}routes:\n  - {{ service: web }}\n",
+        backend.address
+    )
+}
+
+/// A proxy whose own file only says who it is and where its control plane is.
+async fn proxy_of(control_plane: &ControlPlane, id: &str, region: &str, port: u16) -> Proxy {
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: {id}, region: {region} }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{}\" }}\n",
+            control_plane.xds_port
+        ),
+        port,
+    );
+    proxy.wait_ready().await;
+    proxy
+}
+
+async fn backend_of(proxy: &Proxy) -> String {
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-backend"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    // eu: a real proxy; us: the xDS client library proxies use (one listener port here).
+    let eu = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
+    let us = ads_client(&control_plane, "edge-us-1", "us");
+    eventually("us gets version 1", || {
+        let us = us.clone();
+        async move { us.last() == ["web"] }
+    })
+    .await;
+    let us_sets = us.0.lock().unwrap().len();
+
+    // A change the eu proxy cannot run (its plugin does not compile there).
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not a module").unwrap();
+    let broken = gateway(
+        port,
+        &b,
+        &format!(
+            "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
+            garbage.display()
+        ),
+    )
+    .replace(
+        "- { service: web }",
+        "- { service: web, plugins: [broken] }",
+    );
+    let refused = control_plane.apply(&broken, &["--canary", "eu", "--canary-timeout", "20s"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("canary rolled back")
+            && message.contains("edge-eu-1")
+            && message.contains("broken"),
+        "{message}"
+    );
+    assert_eq!(backend_of(&eu).await, "a", "eu kept its config");
+    assert_eq!(
+        us.0.lock().unwrap().len(),
+        us_sets,
+        "us never saw the canary"
+    );
+    let history = stdout(&control_plane.nip(&["history"]));
+    assert!(history.contains("aborted (eu)"), "{history}");
+    let events: serde_json::Value = client()
+        .get(control_plane.api("/v1/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let aborted = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "canary_aborted")
+        .unwrap_or_else(|| panic!("an abort event: {events}"));
+    assert_eq!(aborted["actor"], "control-plane");
+    assert_eq!(aborted["version"], 2);
+
+    // A good change: eu first, then — every eu proxy ACKed — everyone.
+    let good = gateway(port, &b, "").replace(
+        "services:\n",
+        &format!("services:\n  api: {{ endpoints: [\"{}\"] }}\n", a.address),
+    );
+    let promoted = control_plane.apply(&good, &["--canary", "eu"]);
+    assert!(promoted.status.success(), "{}", stderr(&promoted));
+    assert!(
+        stdout(&promoted).contains("canary ACKed by 1 (edge-eu-1), promoted"),
+        "{}",
+        stdout(&promoted)
+    );
+    assert_eq!(backend_of(&eu).await, "b");
+    eventually("us gets the promoted version", || {
+        let us = us.clone();
+        async move { us.last() == ["api", "web"] }
+    })
+    .await;
+
+    // A region without proxies proves nothing: rolled back.
+    let nobody = control_plane.apply(
+        &gateway(port, &a, ""),
+        &["--canary", "mars", "--canary-timeout", "300ms"],
+    );
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        stderr(&nobody).contains("no proxy of region \"mars\" is connected"),
+        "{}",
+        stderr(&nobody)
+    );
+    assert_eq!(backend_of(&eu).await, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_after() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let mut control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
+    assert_eq!(backend_of(&proxy).await, "a");
+
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
+    control_plane.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        backend_of(&proxy).await,
+        "a",
+        "serving on without a control plane"
+    );
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    // The restarted control plane serves what its store holds; the proxy reconnects.
+    eventually("the proxy reconnects and runs version 1", || async {
+        let table = stdout(&control_plane.nip(&["get", "proxies"]));
+        table
+            .lines()
+            .any(|l| l.starts_with("edge-eu-1") && l.contains(" true ") && l.contains(" 1 "))
+    })
+    .await;
+    assert!(control_plane
+        .apply(&gateway(port, &b, ""), &[])
+        .status
+        .success());
+    eventually("the proxy converges on version 2", || async {
+        backend_of(&proxy).await == "b"
+    })
+    .await;
+    let (sent, failures) = load.stop().await;
+    assert!(sent > 50, "the load was real ({sent} requests)");
+    assert_eq!(
+        failures, 0,
+        "requests failed while the control plane was away"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_explains_bad_input_and_documents_every_route() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let http = client();
+    let post_json = |path: &str, body: serde_json::Value| {
+        http.post(control_plane.api(path))
+            .header("x-nip-actor", "rest-test")
+            .json(&body)
+            .send()
+    };
+
+    // Invalid config: 422 with every field path; the CLI exits 2 with the same paths.
+    let invalid = post_json(
+        "/v1/config",
+        serde_json::json!({ "yaml": "routes:\n  - { service: nowhere }\n" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(invalid.status(), 422);
+    let body: serde_json::Value = invalid.json().await.unwrap();
+    assert_eq!(body["errors"][0]["path"], "routes[0].service", "{body}");
+    let cli = control_plane.apply("routes:\n  - { service: nowhere }\n", &[]);
+    assert_eq!(cli.status.code(), Some(2));
+    assert!(
+        stderr(&cli).contains("routes[0].service"),
+        "{}",
+        stderr(&cli)
+    );
+    let unreadable = post_json("/v1/config", serde_json::json!({ "yml": "" }))
+        .await
+        .unwrap();
+    assert_eq!(unreadable.status(), 400);
+    let bad_canary = post_json(
+        "/v1/config",
+        serde_json::json!({ "yaml": services(&["web"]), "canary": { "region": "eu", "timeout_seconds": -1 } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad_canary.status(), 400);
+
+    // Raw YAML works too (curl --data-binary @file), and the same document twice is a no-op.
+    let yaml_post = || {
+        http.post(control_plane.api("/v1/config?message=first"))
+            .header("content-type", "application/yaml")
+            .body(services(&["web"]))
+            .send()
+    };
+    assert_eq!(yaml_post().await.unwrap().status(), 201);
+    let again: serde_json::Value = yaml_post().await.unwrap().json().await.unwrap();
+    assert_eq!(again["result"], "unchanged");
+    let current: serde_json::Value = http
+        .get(control_plane.api("/v1/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(current["version"], 1);
+    assert_eq!(current["message"], "first");
+    assert_eq!(current["author"], "anonymous");
+
+    let valid = post_json(
+        "/v1/validate",
+        serde_json::json!({ "yaml": services(&["x"]) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(valid.status(), 200);
+    for (path, status) in [
+        ("/v1/history/99", 404),
+        ("/v1/history/abc", 400),
+        ("/v1/history?limit=0", 400),
+        ("/v1/events?limit=many", 400),
+    ] {
+        let response = http.get(control_plane.api(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+    }
+    let missing = post_json("/v1/rollback/99", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // Every path and method the OpenAPI document lists is served.
+    let document: serde_json::Value = http
+        .get(control_plane.api("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = document["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 8, "{paths:?}");
+    for (path, methods) in paths {
+        for method in methods.as_object().unwrap().keys() {
+            let url = control_plane.api(&path.replace("{version}", "1"));
+            let response = match method.as_str() {
+                "get" => http.get(url).send().await.unwrap(),
+                "post" => http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap(),
+                other => panic!("{path}: unexpected method {other}"),
+            };
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            assert!(
+                status != 405 && !(status == 404 && body.is_empty()),
+                "{method} {path} is documented but not served ({status})"
+            );
+        }
+    }
+}
