@@ -1,5 +1,9 @@
 //! `nip demo` and `nip backend`: small echo backends and the embedded demo config.
 //!
+//! The demo is the whole product on one machine: two backends, a control plane (SQLite
+//! store in a temporary directory, following a desired-config file it writes there), and a
+//! proxy whose own config only says who it is and where the control plane is.
+//!
 //! The backends are real HTTP/1.1 + h2c servers (hyper). Each answers with a JSON echo of
 //! what it received — so you can see the headers the proxy added — plus:
 //! `/healthz` (200), `/status/NNN` (that status), `/delay/MS` (answer after MS ms).
@@ -123,10 +127,16 @@ async fn answer(
     Ok(response)
 }
 
-/// The demo's config: the same v4 YAML a user would write.
-pub fn config(
+/// The demo proxy's own file: who it is, its admin port, its control plane.
+pub fn proxy_bootstrap(admin_port: u16, xds_port: u16) -> String {
+    format!(
+        "node:\n  id: demo-proxy\n  region: local\nadmin:\n  address: \"127.0.0.1:{admin_port}\"\ncontrol_plane:\n  address: \"127.0.0.1:{xds_port}\"\n"
+    )
+}
+
+/// The desired config the demo's control plane serves: the same v4 YAML a user would write.
+pub fn desired_config(
     port: u16,
-    admin_port: u16,
     backends: &[SocketAddr],
     plugin: Option<&std::path::Path>,
 ) -> String {
@@ -142,12 +152,7 @@ pub fn config(
         None => (String::new(), ""),
     };
     format!(
-        r#"node:
-  id: demo-proxy
-  region: local
-admin:
-  address: "127.0.0.1:{admin_port}"
-api_gateway:
+        r#"api_gateway:
   address: "127.0.0.1:{port}"
   access_log:
     enabled: true
@@ -183,8 +188,45 @@ services:
     )
 }
 
+/// The demo's ports.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoPorts {
+    /// The proxy's listener.
+    pub port: u16,
+    /// The proxy's admin server.
+    pub admin_port: u16,
+    /// The control plane's ADS server.
+    pub xds_port: u16,
+    /// The control plane's REST API.
+    pub api_port: u16,
+}
+
+/// Where the demo's parts listen, and where its desired config lives.
+pub struct DemoLayout<'a> {
+    /// The proxy's listener port.
+    pub port: u16,
+    /// The proxy's admin port.
+    pub admin_port: u16,
+    /// The control plane's REST port.
+    pub api_port: u16,
+    /// The file the control plane follows.
+    pub desired: &'a std::path::Path,
+}
+
 /// Tells the user what to try.
-pub fn print_instructions(port: u16, admin_port: u16, plugin: bool) {
+pub fn print_instructions(layout: &DemoLayout<'_>, plugin: bool) {
+    let DemoLayout {
+        port,
+        admin_port,
+        api_port,
+        desired,
+    } = layout;
+    let desired = desired.display();
+    let cp = if *api_port == 18001 {
+        String::new()
+    } else {
+        format!(" --control-plane http://127.0.0.1:{api_port}")
+    };
     let plugin_lines = if plugin {
         format!(
             "  curl -si localhost:{port}/ | grep x-demo-plugin       # header added by the add-header wasm plugin\n  curl -si -H 'x-deny: yes' localhost:{port}/          # 403 answered by the plugin itself\n"
@@ -194,7 +236,8 @@ pub fn print_instructions(port: u16, admin_port: u16, plugin: bool) {
     };
     println!(
         r#"
-NIP demo: a proxy on 127.0.0.1:{port} in front of two backends (admin on 127.0.0.1:{admin_port}).
+NIP demo: a proxy on 127.0.0.1:{port} in front of two backends (admin on 127.0.0.1:{admin_port}),
+fed over xDS by a control plane (REST API on 127.0.0.1:{api_port}) that follows {desired}.
 Try:
   curl -s localhost:{port}/hello                       # round robin over backend-a and backend-b
   curl -s -H 'x-canary: 1' localhost:{port}/           # header match: always backend-b
@@ -204,6 +247,9 @@ Try:
 {plugin_lines}  curl -s localhost:{admin_port}/metrics | grep nip_requests
   curl -s localhost:{admin_port}/clusters
   curl -s localhost:{admin_port}/config_dump
+  nip get proxies{cp}                                   # the proxy, its region, the version it ACKed
+  nip apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place
+  nip history{cp}  /  nip rollback{cp} 1
 Stop with Ctrl-C.
 "#
     );

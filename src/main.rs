@@ -125,7 +125,7 @@ enum Command {
         #[arg(long)]
         xds: bool,
     },
-    /// Run the demo: two backends and a proxy in front of them, with embedded config.
+    /// Run the demo: two backends, a control plane, and a proxy it feeds over xDS.
     Demo {
         /// Proxy port.
         #[arg(long, default_value_t = 8080)]
@@ -133,6 +133,12 @@ enum Command {
         /// Admin port.
         #[arg(long, default_value_t = 9901)]
         admin_port: u16,
+        /// Control plane ADS port.
+        #[arg(long, default_value_t = 18000)]
+        xds_port: u16,
+        /// Control plane REST API port.
+        #[arg(long, default_value_t = 18001)]
+        api_port: u16,
         /// A proxy-wasm plugin to run on the default route (`./dev demo` passes the
         /// add-header example).
         #[arg(long)]
@@ -289,23 +295,19 @@ fn main() -> ExitCode {
         Command::Demo {
             port,
             admin_port,
+            xds_port,
+            api_port,
             plugin,
-        } => match demo::start_backends() {
-            Ok(backends) => {
-                let yaml = demo::config(port, admin_port, &backends, plugin.as_deref());
-                demo::print_instructions(port, admin_port, plugin.is_some());
-                run_proxy(ProxyOptions {
-                    source: ConfigSource::Embedded(yaml),
-                    threads: cpus.min(2),
-                    drain_timeout: Duration::from_secs(5),
-                    watch_interval: Duration::from_secs(3600),
-                })
-            }
-            Err(e) => {
-                eprintln!("nip demo: cannot start the demo backends: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => run_demo(
+            demo::DemoPorts {
+                port,
+                admin_port,
+                xds_port,
+                api_port,
+            },
+            plugin.as_deref(),
+            cpus,
+        ),
         Command::Backend { listen, name } => match demo::serve_backend_blocking(listen, name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -314,6 +316,70 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `nip demo`: backends, a control plane following a desired-config file in a temporary
+/// directory, and a proxy fed by it.
+fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usize) -> ExitCode {
+    let backends = match demo::start_backends() {
+        Ok(backends) => backends,
+        Err(e) => {
+            eprintln!("nip demo: cannot start the demo backends: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The control plane serves the plugin's path to the proxy: make it absolute.
+    let plugin = plugin.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    let plugin = plugin.as_deref();
+    let dir = std::env::temp_dir().join(format!("nip-demo-{}", std::process::id()));
+    let desired = dir.join("desired.yaml");
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(
+            &desired,
+            demo::desired_config(ports.port, &backends, plugin),
+        )
+    });
+    if let Err(e) = written {
+        eprintln!("nip demo: cannot write {}: {e}", desired.display());
+        return ExitCode::FAILURE;
+    }
+    let options = nip_control_plane::ControlPlaneOptions {
+        store: format!("sqlite://{}", dir.join("store.db").display()),
+        config: Some(desired.clone()),
+        xds_address: std::net::SocketAddr::from(([127, 0, 0, 1], ports.xds_port)),
+        api_address: std::net::SocketAddr::from(([127, 0, 0, 1], ports.api_port)),
+        watch_interval: Duration::from_millis(200),
+    };
+    let control_plane = std::thread::Builder::new()
+        .name("nip-demo-control-plane".into())
+        .spawn(move || {
+            if run_control_plane(options) != ExitCode::SUCCESS {
+                eprintln!(
+                    "nip demo: the control plane stopped; is port {} or {} taken?",
+                    ports.xds_port, ports.api_port
+                );
+                std::process::exit(1);
+            }
+        });
+    if let Err(e) = control_plane {
+        eprintln!("nip demo: cannot start the control plane: {e}");
+        return ExitCode::FAILURE;
+    }
+    demo::print_instructions(
+        &demo::DemoLayout {
+            port: ports.port,
+            admin_port: ports.admin_port,
+            api_port: ports.api_port,
+            desired: &desired,
+        },
+        plugin.is_some(),
+    );
+    run_proxy(ProxyOptions {
+        source: ConfigSource::Embedded(demo::proxy_bootstrap(ports.admin_port, ports.xds_port)),
+        threads: cpus.min(2),
+        drain_timeout: Duration::from_secs(5),
+        watch_interval: Duration::from_secs(3600),
+    })
 }
 
 fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {

@@ -692,3 +692,61 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
+    let plugin = example_plugin("add_header");
+    let [port, admin, xds, api] = [free_port(), free_port(), free_port(), free_port()];
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(nip_bin())
+        .arg("demo")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+        ])
+        .args([
+            "--xds-port",
+            &xds.to_string(),
+            "--api-port",
+            &api.to_string(),
+        ])
+        .arg("--plugin")
+        .arg(&plugin)
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    struct Demo(Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _demo = Demo(child);
+    eventually("the demo proxy answers through the plugin", || async {
+        client()
+            .get(format!("http://127.0.0.1:{port}/hello"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200 && r.headers().contains_key("x-demo-plugin"))
+    })
+    .await;
+    eventually(
+        "the control plane lists the demo proxy running version 1",
+        || async {
+            let proxies: serde_json::Value = match client()
+                .get(format!("http://127.0.0.1:{api}/v1/proxies"))
+                .send()
+                .await
+            {
+                Ok(response) => response.json().await.unwrap_or_default(),
+                Err(_) => return false,
+            };
+            proxies[0]["node_id"] == "demo-proxy" && proxies[0]["config_version"] == "1"
+        },
+    )
+    .await;
+}
