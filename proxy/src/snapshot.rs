@@ -166,14 +166,17 @@ impl Compiler<'_> {
             let cluster = self.cluster(xds, &resources.endpoints)?;
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
-        let [listener] = resources.listeners.as_slice() else {
+        // Listeners with `api_listener` are for proxyless gRPC clients, not for a proxy.
+        let served: Vec<&Listener> = resources
+            .listeners
+            .iter()
+            .filter(|l| l.api_listener.is_none())
+            .collect();
+        let [listener] = served.as_slice() else {
             return Err(err(
                 "Listener",
                 "",
-                format!(
-                    "NIP serves exactly one listener, got {}",
-                    resources.listeners.len()
-                ),
+                format!("NIP serves exactly one listener, got {}", served.len()),
             ));
         };
         let (listener_spec, hcm) = listener_spec(listener)?;

@@ -213,11 +213,6 @@ impl<S: ResourceSink> AdsClient<S> {
             .map_err(|e| format!("connect: {e}"))?
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
-        let mut responses = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .map_err(|e| format!("open: {e}"))?
-            .into_inner();
         let send = |request: DiscoveryRequest| {
             let tx = tx.clone();
             async move {
@@ -226,8 +221,15 @@ impl<S: ResourceSink> AdsClient<S> {
                     .map_err(|_| "stream closed".to_string())
             }
         };
+        // The first requests go out with the stream: some servers (grpc-python among them)
+        // send no response headers before they have a response to send.
         send(self.request(CLUSTER_TYPE, Vec::new(), "")).await?;
         send(self.request(LISTENER_TYPE, Vec::new(), "")).await?;
+        let mut responses = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("open: {e}"))?
+            .into_inner();
         let mut subscribed_routes = BTreeSet::new();
         let mut subscribed_endpoints = BTreeSet::new();
         let mut handled_any = false;

@@ -1,5 +1,5 @@
 //! The xDS server side: a snapshot cache and Envoy's Aggregated Discovery Service
-//! (state of the world) on tonic.
+//! (state of the world and delta) on tonic.
 //!
 //! ```text
 //! ResourceSet ──SnapshotCache::set──▶ per-type, per-resource versions ──watch──▶ every stream
@@ -16,7 +16,8 @@
 //! warming. Listener and Cluster responses carry every resource (a missing one is deleted);
 //! RouteConfiguration and ClusterLoadAssignment carry the names asked for.
 //!
-//! Delta xDS answers `UNIMPLEMENTED` for now (see the issue note).
+//! Delta (incremental) xDS is served too (`delta.rs`): the same cache and views, sending
+//! only the resources whose version the client does not have, and `removed_resources`.
 
 use crate::resources::{ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -46,6 +47,10 @@ pub struct TypeResources {
     pub version: String,
     /// Resources by name: (resource version, packed resource).
     pub resources: BTreeMap<String, (String, Any)>,
+    /// Resources sent only to clients that ask for them by name: listeners with an
+    /// `api_listener` (for proxyless gRPC clients), which a proxy's wildcard subscription
+    /// must not get.
+    pub named_only: BTreeSet<String>,
 }
 
 /// What the cache holds at one moment, for one view.
@@ -61,15 +66,19 @@ impl CacheState {
     /// The state holding `resources`, called `label`.
     pub fn new(label: &str, resources: &ResourceSet) -> CacheState {
         let mut types = HashMap::new();
-        types.insert(
-            LISTENER_TYPE,
-            type_resources(
-                resources
-                    .listeners
-                    .iter()
-                    .map(|r| (r.name.clone(), pack(r))),
-            ),
+        let mut listeners = type_resources(
+            resources
+                .listeners
+                .iter()
+                .map(|r| (r.name.clone(), pack(r))),
         );
+        listeners.named_only = resources
+            .listeners
+            .iter()
+            .filter(|l| l.api_listener.is_some())
+            .map(|l| l.name.clone())
+            .collect();
+        types.insert(LISTENER_TYPE, listeners);
         types.insert(
             ROUTE_TYPE,
             type_resources(resources.routes.iter().map(|r| (r.name.clone(), pack(r)))),
@@ -93,13 +102,16 @@ impl CacheState {
         }
     }
 
-    /// Whether a client that ACKed `acked` (version by type URL) runs this state: every
-    /// type that has resources here was ACKed at this state's version.
+    /// Whether a client that ACKed `acked` (version by type URL) runs this state: it ACKed
+    /// something, and every type it ACKed is at this state's version. Types a client never
+    /// subscribed to (a gRPC client takes no RDS here) do not count.
     pub fn is_acked_by(&self, acked: &BTreeMap<String, String>) -> bool {
-        self.types.iter().all(|(type_url, of_type)| {
-            of_type.resources.is_empty()
-                || acked.get(*type_url).is_some_and(|v| *v == of_type.version)
-        })
+        !acked.is_empty()
+            && acked.iter().all(|(type_url, version)| {
+                self.types
+                    .get(type_url.as_str())
+                    .is_none_or(|of_type| of_type.version == *version)
+            })
     }
 }
 
@@ -164,6 +176,7 @@ fn type_resources(entries: impl Iterator<Item = (String, (String, Any))>) -> Typ
     TypeResources {
         version: format!("{:016x}", fnv(&combined)),
         resources,
+        named_only: BTreeSet::new(),
     }
 }
 
@@ -243,6 +256,17 @@ impl ProxyRegistry {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records `node` as connected (with its locality); its id.
+    fn connect(&self, node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {
+        let locality = node.locality.clone().unwrap_or_default();
+        self.update(&node.id, |status| {
+            status.connected = true;
+            status.region = locality.region;
+            status.zone = locality.zone;
+        });
+        node.id.clone()
+    }
+
     fn update(&self, node_id: &str, change: impl FnOnce(&mut ProxyStatus)) {
         let mut proxies = self.lock();
         let status = proxies
@@ -301,19 +325,6 @@ struct StreamState {
 }
 
 impl StreamState {
-    /// Learns who the client is from its first request and records it as connected.
-    fn identify(&mut self, request: &DiscoveryRequest) {
-        let node = request.node.clone().unwrap_or_default();
-        let locality = node.locality.unwrap_or_default();
-        self.region = locality.region.clone();
-        self.registry.update(&node.id, |status| {
-            status.connected = true;
-            status.region = locality.region;
-            status.zone = locality.zone;
-        });
-        self.node_id = Some(node.id);
-    }
-
     /// Handles one request; returns the response to send, if any.
     fn on_request(
         &mut self,
@@ -321,7 +332,7 @@ impl StreamState {
         cache: &CacheState,
     ) -> Option<DiscoveryResponse> {
         if self.node_id.is_none() {
-            self.identify(&request);
+            StreamProtocol::identify(self, &request);
         }
         let node_id = self.node_id.clone().unwrap_or_default();
         let type_url = request.type_url.clone();
@@ -383,7 +394,12 @@ impl StreamState {
         if wildcard || type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE {
             // Listener and Cluster responses are the full set (names narrow it when given).
             for (name, (_, any)) in &of_type.resources {
-                if wildcard || subscription.names.contains(name) {
+                let listed = if wildcard {
+                    !of_type.named_only.contains(name)
+                } else {
+                    subscription.names.contains(name)
+                };
+                if listed {
                     resources.push(any.clone());
                 }
             }
@@ -435,6 +451,101 @@ impl StreamState {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
 
+/// What the state-of-the-world and the delta stream have in common: they learn their
+/// client from its first request, answer requests, and push when the cache changes.
+trait StreamProtocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// The client's region, once known (picks its view).
+    fn region(&self) -> &str;
+    /// Learns who the client is from its first request.
+    fn identify(&mut self, request: &Self::Request);
+    /// Handles one request against the client's view.
+    fn on_request(&mut self, request: Self::Request, cache: &CacheState) -> Option<Self::Response>;
+    /// Pushes what changed in the client's view.
+    fn on_cache_change(&mut self, cache: &CacheState) -> Vec<Self::Response>;
+    /// The client's node id, once known.
+    fn node_id(&self) -> Option<&str>;
+}
+
+/// Runs one stream until the client goes away, then marks it disconnected.
+fn drive<P: StreamProtocol>(
+    mut requests: tonic::Streaming<P::Request>,
+    mut changes: watch::Receiver<Arc<Views>>,
+    mut state: P,
+    registry: Arc<ProxyRegistry>,
+) -> ResponseStream<P::Response>
+where
+    P::Request: prost::Message + Default,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                next = requests.next() => {
+                    let Some(Ok(request)) = next else { break };
+                    if state.node_id().is_none() {
+                        state.identify(&request);
+                    }
+                    let views = changes.borrow_and_update().clone();
+                    let response = state.on_request(request, views.for_region(state.region()));
+                    if let Some(response) = response {
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let views = changes.borrow_and_update().clone();
+                    for response in state.on_cache_change(views.for_region(state.region())) {
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(node_id) = state.node_id() {
+            registry.update(node_id, |status| status.connected = false);
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+impl StreamProtocol for StreamState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn region(&self) -> &str {
+        &self.region
+    }
+
+    fn identify(&mut self, request: &DiscoveryRequest) {
+        let node = request.node.clone().unwrap_or_default();
+        self.node_id = Some(self.registry.connect(&node));
+        self.region = node.locality.unwrap_or_default().region;
+    }
+
+    fn on_request(
+        &mut self,
+        request: DiscoveryRequest,
+        cache: &CacheState,
+    ) -> Option<DiscoveryResponse> {
+        StreamState::on_request(self, request, cache)
+    }
+
+    fn on_cache_change(&mut self, cache: &CacheState) -> Vec<DiscoveryResponse> {
+        StreamState::on_cache_change(self, cache)
+    }
+
+    fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
@@ -444,63 +555,36 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let mut changes = self.cache.subscribe();
-        let mut state = StreamState {
+        let state = StreamState {
             node_id: None,
             region: String::new(),
             subscriptions: HashMap::new(),
             next_nonce: 0,
             registry: Arc::clone(&self.registry),
         };
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    next = requests.next() => {
-                        let Some(Ok(request)) = next else { break };
-                        let views = changes.borrow_and_update().clone();
-                        if state.node_id.is_none() {
-                            state.identify(&request);
-                        }
-                        let cache = views.for_region(&state.region);
-                        if let Some(response) = state.on_request(request, cache) {
-                            if tx.send(Ok(response)).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    changed = changes.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let views = changes.borrow_and_update().clone();
-                        for response in state.on_cache_change(views.for_region(&state.region)) {
-                            if tx.send(Ok(response)).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            if let Some(node_id) = &state.node_id {
-                state
-                    .registry
-                    .update(node_id, |status| status.connected = false);
-            }
-        });
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(tonic::Response::new(drive(
+            request.into_inner(),
+            self.cache.subscribe(),
+            state,
+            Arc::clone(&self.registry),
+        )))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented(
-            "delta xDS is not served yet; use StreamAggregatedResources",
-        ))
+        let state = delta::DeltaStream::new(Arc::clone(&self.registry));
+        Ok(tonic::Response::new(drive(
+            request.into_inner(),
+            self.cache.subscribe(),
+            state,
+            Arc::clone(&self.registry),
+        )))
     }
 }
+
+mod delta;
 
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, ApiListener, Filter, FilterChain, Listener,
+};
 use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, RetryPolicy,
@@ -117,7 +119,9 @@ pub struct Translation {
 pub fn translate(config: &Config) -> Translation {
     let mut resources = ResourceSet {
         version: String::new(),
-        listeners: vec![gateway_listener(config)],
+        listeners: std::iter::once(gateway_listener(config))
+            .chain(config.services.keys().map(|name| grpc_api_listener(name)))
+            .collect(),
         routes: vec![route_configuration(config)],
         clusters: config
             .services
@@ -286,13 +290,7 @@ fn gateway_listener(config: &Config) -> Listener {
             route_config_name: GATEWAY_ROUTES.to_string(),
         })),
         http_filters: plugin_filters(config)
-            .chain(std::iter::once(HttpFilter {
-                name: names::ROUTER.to_string(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    Router::default(),
-                ))),
-                ..Default::default()
-            }))
+            .chain(std::iter::once(router_filter()))
             .collect(),
         access_log,
         generate_request_id: Some(pbuf::BoolValue { value: true }),
@@ -668,6 +666,60 @@ fn header_matcher(header: &HeaderMatchConfig) -> HeaderMatcher {
         header_match_specifier: specifier,
         // `present: false` means "must be absent": Envoy's present_match with invert_match.
         invert_match: header.present == Some(false),
+        ..Default::default()
+    }
+}
+
+/// The router filter, last in every filter chain.
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: names::ROUTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// What a proxyless gRPC client resolves `xds:///NAME` to: a Listener named after the
+/// service, whose `api_listener` holds a connection manager with an inline route sending
+/// every call to the service's cluster (gRPC's xDS resolver, A27). Served only to clients
+/// that ask for it by name, never in a wildcard listener subscription.
+fn grpc_api_listener(service: &str) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: service.to_string(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: service.to_string(),
+                virtual_hosts: vec![VirtualHost {
+                    name: service.to_string(),
+                    domains: vec!["*".to_string()],
+                    routes: vec![Route {
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                service.to_string(),
+                            )),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    };
+    Listener {
+        name: service.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(hcm)),
+        }),
         ..Default::default()
     }
 }

@@ -158,8 +158,8 @@ fn versions_are_per_type_and_per_resource() {
         version(&after, CLUSTER_TYPE)
     );
     assert_eq!(
-        version(&before, LISTENER_TYPE),
-        version(&after, LISTENER_TYPE),
+        version(&before, ROUTE_TYPE),
+        version(&after, ROUTE_TYPE),
         "an unchanged type keeps its version: its clients download nothing"
     );
     assert_eq!(
@@ -262,8 +262,12 @@ async fn a_region_override_is_served_to_that_region_only() {
         .unwrap();
     assert!(!acked_clusters(&canary, &us_status.acked));
     assert!(acked_clusters(&cache.current(), &us_status.acked));
-    // A client that subscribed to clusters only has not ACKed the whole state.
     assert!(!canary.is_acked_by(&us_status.acked));
+    assert!(cache.current().is_acked_by(&us_status.acked));
+    assert!(
+        !cache.current().is_acked_by(&BTreeMap::new()),
+        "nothing ACKed yet"
+    );
 
     // Promotion: everyone gets the canary's state; eu, already there, hears nothing.
     cache.set_views(Views {
@@ -277,4 +281,207 @@ async fn a_region_override_is_served_to_that_region_only() {
             .is_err(),
         "eu already runs the promoted state"
     );
+}
+
+#[tokio::test]
+async fn grpc_api_listeners_go_only_to_clients_that_name_them() {
+    let cache = Arc::new(SnapshotCache::default());
+    cache.set(&resources(TWO_SERVICES));
+    let registry = Arc::new(ProxyRegistry::default());
+    let (tx, mut responses) = serve(Arc::clone(&cache), Arc::clone(&registry)).await;
+    let listener_names = |response: &DiscoveryResponse| -> Vec<(String, bool)> {
+        response
+            .resources
+            .iter()
+            .map(|a| {
+                let l = envoy_types::pb::envoy::config::listener::v3::Listener::decode(
+                    a.value.as_slice(),
+                )
+                .unwrap();
+                (l.name, l.api_listener.is_some())
+            })
+            .collect()
+    };
+    // A proxy's wildcard subscription: the gateway listener only.
+    tx.send(request(LISTENER_TYPE, &[], "", "")).await.unwrap();
+    let wildcard = next(&mut responses).await;
+    assert_eq!(
+        listener_names(&wildcard),
+        [(crate::resources::GATEWAY_LISTENER.to_string(), false)]
+    );
+    // A gRPC client resolving xds:///api: exactly that api listener.
+    tx.send(request(
+        LISTENER_TYPE,
+        &["api"],
+        &wildcard.version_info,
+        &wildcard.nonce,
+    ))
+    .await
+    .unwrap();
+    let named = next(&mut responses).await;
+    assert_eq!(listener_names(&named), [("api".to_string(), true)]);
+}
+
+mod delta_protocol {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    };
+
+    struct DeltaClient {
+        tx: mpsc::Sender<DeltaDiscoveryRequest>,
+        responses: tonic::Streaming<DeltaDiscoveryResponse>,
+    }
+
+    impl DeltaClient {
+        async fn connect(address: std::net::SocketAddr) -> DeltaClient {
+            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
+                .await
+                .unwrap();
+            let (tx, rx) = mpsc::channel(16);
+            let responses = client
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            DeltaClient { tx, responses }
+        }
+
+        async fn send(&self, request: DeltaDiscoveryRequest) {
+            self.tx.send(request).await.unwrap();
+        }
+
+        async fn next(&mut self) -> DeltaDiscoveryResponse {
+            tokio::time::timeout(Duration::from_secs(5), self.responses.message())
+                .await
+                .expect("a response in time")
+                .expect("stream ok")
+                .expect("stream open")
+        }
+
+        async fn nothing_more(&mut self) {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), self.responses.message())
+                    .await
+                    .is_err(),
+                "no further response"
+            );
+        }
+    }
+
+    fn delta(type_url: &str, subscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "delta-1".into(),
+                locality: Some(Locality {
+                    region: "eu".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn names(response: &DeltaDiscoveryResponse) -> Vec<String> {
+        response.resources.iter().map(|r| r.name.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn delta_sends_only_what_changed_and_what_was_removed() {
+        let cache = Arc::new(SnapshotCache::default());
+        cache.set(&resources(ONE_SERVICE));
+        let registry = Arc::new(ProxyRegistry::default());
+        let address = serve_ads(Arc::clone(&cache), Arc::clone(&registry)).await;
+        let mut client = DeltaClient::connect(address).await;
+
+        // Wildcard clusters: everything, each resource with its own version.
+        client.send(delta(CLUSTER_TYPE, &[], "")).await;
+        let cds = client.next().await;
+        assert_eq!(names(&cds), ["web"]);
+        assert!(!cds.resources[0].version.is_empty());
+        client.send(delta(CLUSTER_TYPE, &[], &cds.nonce)).await;
+
+        // Endpoints by name: a missing one is answered with an empty assignment.
+        client
+            .send(delta(ENDPOINT_TYPE, &["web", "not-yet"], ""))
+            .await;
+        let mut eds = names(&client.next().await);
+        eds.sort();
+        assert_eq!(eds, ["not-yet", "web"]);
+
+        // Wildcard listeners: the gateway only; gRPC api listeners go to those naming them.
+        client.send(delta(LISTENER_TYPE, &[], "")).await;
+        let lds = client.next().await;
+        assert_eq!(names(&lds), [crate::resources::GATEWAY_LISTENER]);
+        client
+            .send(delta(LISTENER_TYPE, &["web"], &lds.nonce))
+            .await;
+        assert_eq!(names(&client.next().await), ["web"]);
+        eventually("the CDS ACK is recorded", || {
+            registry.list().first().is_some_and(|p| {
+                p.region == "eu" && p.acked.get(CLUSTER_TYPE) == Some(&cds.system_version_info)
+            })
+        })
+        .await;
+
+        // A new service: only the new cluster (and the api listener subscribed by name).
+        cache.set(&resources(TWO_SERVICES));
+        let pushed = client.next().await;
+        assert_eq!(pushed.type_url, CLUSTER_TYPE, "clusters first");
+        assert_eq!(names(&pushed), ["api"], "web is unchanged and not resent");
+        client.nothing_more().await;
+
+        // It goes away again: removed, nothing resent.
+        cache.set(&resources(ONE_SERVICE));
+        let removal = client.next().await;
+        assert!(removal.resources.is_empty());
+        assert_eq!(removal.removed_resources, ["api"]);
+
+        // A NACK is recorded with its reason.
+        client
+            .send(DeltaDiscoveryRequest {
+                error_detail: Some(RpcStatus {
+                    code: 3,
+                    message: "cluster api: cannot remove".into(),
+                    ..Default::default()
+                }),
+                ..delta(CLUSTER_TYPE, &[], &removal.nonce)
+            })
+            .await;
+        eventually("the NACK is recorded", || {
+            registry
+                .list()
+                .first()
+                .and_then(|p| p.last_nack.clone())
+                .is_some_and(|n| n.reason == "cluster api: cannot remove")
+        })
+        .await;
+
+        // A reconnecting client that says what it has gets nothing it already has.
+        let mut again = DeltaClient::connect(address).await;
+        let web_version = cds.resources[0].version.clone();
+        again
+            .send(DeltaDiscoveryRequest {
+                initial_resource_versions: [("web".to_string(), web_version)].into(),
+                ..delta(CLUSTER_TYPE, &[], "")
+            })
+            .await;
+        let resumed = again.next().await;
+        assert!(resumed.resources.is_empty() && resumed.removed_resources.is_empty());
+        // One that has a cluster since deleted is told to remove it.
+        let mut stale = DeltaClient::connect(address).await;
+        stale
+            .send(DeltaDiscoveryRequest {
+                initial_resource_versions: [("gone".to_string(), "1".to_string())].into(),
+                ..delta(CLUSTER_TYPE, &[], "")
+            })
+            .await;
+        let cleaned = stale.next().await;
+        assert_eq!(names(&cleaned), ["web"]);
+        assert_eq!(cleaned.removed_resources, ["gone"]);
+    }
 }

@@ -24,7 +24,11 @@ plugins:
 fn plan_example_translates_to_one_listener_route_config_and_cluster() {
     let config = Config::from_yaml(PLAN_EXAMPLE).expect("plan example loads");
     let t = translate(&config);
-    assert_eq!(t.resources.listeners.len(), 1);
+    // The gateway, and one api listener per service for proxyless gRPC clients.
+    assert_eq!(t.resources.listeners.len(), 2);
+    assert_eq!(t.resources.listeners[0].name, GATEWAY_LISTENER);
+    assert!(t.resources.listeners[0].api_listener.is_none());
+    assert_eq!(t.resources.listeners[1].name, "message_router");
     assert_eq!(t.resources.routes.len(), 1);
     assert_eq!(t.resources.routes[0].name, GATEWAY_ROUTES);
     assert_eq!(t.resources.clusters.len(), 1);
@@ -150,4 +154,58 @@ fn plugin_limits_ride_in_listener_metadata_and_urls_become_remote_code() {
     };
     assert_eq!(remote.sha256, hash);
     assert_eq!(remote.http_uri.unwrap().uri, "http://127.0.0.1/auth.wasm");
+}
+
+#[test]
+fn every_service_gets_the_listener_a_proxyless_grpc_client_resolves() {
+    use envoy_types::pb::envoy::config::route::v3::{route, route_action, route_match};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_connection_manager, HttpConnectionManager,
+    };
+    use prost::Message;
+    let config =
+        Config::from_yaml("services:\n  echo: { endpoints: [\"127.0.0.1:9000\"] }\n").unwrap();
+    let t = translate(&config);
+    let listener = t
+        .resources
+        .listeners
+        .iter()
+        .find(|l| l.name == "echo")
+        .expect("a listener named after the service");
+    let any = listener
+        .api_listener
+        .as_ref()
+        .and_then(|a| a.api_listener.as_ref())
+        .expect("api_listener");
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    );
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    // gRPC needs a non-empty filter list ending with the router.
+    assert_eq!(hcm.http_filters.last().unwrap().name, names::ROUTER);
+    let Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)) = hcm.route_specifier
+    else {
+        panic!("an inline route configuration");
+    };
+    let host = &routes.virtual_hosts[0];
+    assert_eq!(host.domains, ["*"]);
+    let route = &host.routes[0];
+    assert_eq!(
+        route.r#match.as_ref().unwrap().path_specifier,
+        Some(route_match::PathSpecifier::Prefix(String::new()))
+    );
+    let Some(route::Action::Route(action)) = &route.action else {
+        panic!("a route action");
+    };
+    assert_eq!(
+        action.cluster_specifier,
+        Some(route_action::ClusterSpecifier::Cluster("echo".into()))
+    );
+    // Its cluster is EDS over ADS, as gRPC requires.
+    let cluster = &t.resources.clusters[0];
+    assert_eq!(
+        cluster.eds_cluster_config.as_ref().unwrap().eds_config,
+        Some(ads_config_source())
+    );
 }

@@ -1,0 +1,220 @@
+//! Interoperability with xDS peers that share no code with NIP (Python `grpcio` and
+//! `xds-protos`, installed by `./dev test` into a virtualenv named by `NIP_TEST_PYTHON`):
+//! a proxyless gRPC client resolving `xds:///NAME` through `nip control-plane`, and a NIP
+//! proxy driven by an independent xDS server. Scripts are in `tests/interop/`.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The Python with grpcio and xds-protos.
+fn python() -> String {
+    std::env::var("NIP_TEST_PYTHON").expect(
+        "NIP_TEST_PYTHON is not set: run the tests with ./dev test, which makes a virtualenv \
+         with tests/interop/requirements.txt, or point it at a Python that has them",
+    )
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+/// A background process whose output goes to a file; killed when dropped.
+struct Background {
+    child: Child,
+    output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Background {
+    fn start(command: &mut Command) -> Background {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("output");
+        let file = std::fs::File::create(&output).unwrap();
+        let child = command
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Background {
+            child,
+            output,
+            _dir: dir,
+        }
+    }
+
+    fn python(args: &[&str]) -> Background {
+        Background::start(Command::new(python()).args(args))
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    async fn wait_for(&self, text: &str) {
+        eventually(&format!("{text:?} in the output"), || async {
+            self.output().contains(text)
+        })
+        .await;
+    }
+
+    /// Waits for the process to end; its exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("still running after 30 s:\n{}", self.output());
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn echo_server(name: &str) -> (Background, u16) {
+    let port = free_port();
+    let server = Background::python(&[
+        script("echo_server.py").to_str().unwrap(),
+        &port.to_string(),
+        name,
+    ]);
+    server.wait_for("listening").await;
+    (server, port)
+}
+
+fn apply(api: &str, yaml: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml).unwrap();
+    let output = Command::new(nip_bin())
+        .args(["apply", "-f"])
+        .arg(file.path())
+        .args(["--control-plane", api])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
+    let (_one, one_port) = echo_server("one").await;
+    let (_two, two_port) = echo_server("two").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (xds_port, api_port) = (free_port(), free_port());
+    let control_plane = Background::start(
+        Command::new(nip_bin())
+            .arg("control-plane")
+            .args([
+                "--store",
+                &format!("sqlite://{}/nip.db", dir.path().display()),
+            ])
+            .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
+            .args(["--api-address", &format!("127.0.0.1:{api_port}")])
+            .stdin(Stdio::null()),
+    );
+    control_plane.wait_for("serving ADS").await;
+    let api = format!("http://127.0.0.1:{api_port}");
+    let services = |port: u16| {
+        format!("services:\n  echo: {{ endpoints: [\"127.0.0.1:{port}\"], protocol: http2 }}\n")
+    };
+    apply(&api, &services(one_port));
+
+    let client = |expect: &str| {
+        Background::python(&[
+            script("grpc_xds_client.py").to_str().unwrap(),
+            &format!("127.0.0.1:{xds_port}"),
+            "echo",
+            "grpc-client-1",
+            "eu",
+            expect,
+            "20",
+        ])
+    };
+    let mut first = client("one: hello");
+    assert_eq!(first.exit_code().await, Some(0), "{}", first.output());
+
+    // A live client follows a push: its calls move to the other server.
+    let mut following = client("two: hello");
+    following.wait_for("one: hello").await;
+    apply(&api, &services(two_port));
+    assert_eq!(
+        following.exit_code().await,
+        Some(0),
+        "{}",
+        following.output()
+    );
+
+    // The client is a proxy like any other on the control plane: ACKed, no NACK.
+    let proxies: serde_json::Value = client_json(&format!("{api}/v1/proxies")).await;
+    let grpc = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node_id"] == "grpc-client-1")
+        .unwrap_or_else(|| panic!("the gRPC client is listed: {proxies}"));
+    assert_eq!(grpc["region"], "eu");
+    assert!(grpc["last_nack"].is_null(), "{grpc}");
+    assert_eq!(grpc["config_version"], "2", "{grpc}");
+}
+
+async fn client_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nip_proxy_runs_on_an_independent_xds_server() {
+    let backend = Backend::start("a").await;
+    let (xds_port, listen_port) = (free_port(), free_port());
+    let server = Background::python(&[
+        script("xds_server.py").to_str().unwrap(),
+        &xds_port.to_string(),
+        &listen_port.to_string(),
+        &backend.address.port().to_string(),
+    ]);
+    server.wait_for("listening").await;
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: py-driven, region: eu }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{xds_port}\" }}\n"
+        ),
+        listen_port,
+    );
+    proxy.wait_ready().await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "a");
+    for type_name in [
+        "Cluster",
+        "ClusterLoadAssignment",
+        "Listener",
+        "RouteConfiguration",
+    ] {
+        server.wait_for(&format!("v3.{type_name} 1\n")).await;
+    }
+    // Version 2 adds a cluster type NIP does not run: NACKed with the reason, and the
+    // proxy keeps serving version 1.
+    server
+        .wait_for("NACK type.googleapis.com/envoy.config.cluster.v3.Cluster Cluster \"passthrough\": type ORIGINAL_DST is not supported")
+        .await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,218 @@
+"""An independent xDS server (grpcio + xds-protos, no NIP code) that drives a NIP proxy.
+
+It serves, over ADS state of the world, resources written the way any Envoy control plane
+writes them: a Listener "ingress" on LISTEN_PORT whose connection manager takes routes over
+RDS ("local_route"), a route to cluster "backend", an EDS cluster and its endpoint at
+BACKEND_PORT. Once the client has ACKed all four types it pushes version 2 of the clusters
+with one the proxy cannot run (ORIGINAL_DST), which the proxy must NACK with a reason.
+
+Prints one line per event, flushed: "listening", "ACK TYPE VERSION", "NACK TYPE REASON".
+Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT
+"""
+
+import asyncio
+import sys
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+
+def packed(message) -> any_pb2.Any:
+    value = any_pb2.Any()
+    value.Pack(message)
+    return value
+
+
+def ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def socket(port: int) -> address_pb2.Address:
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address="127.0.0.1", port_value=port)
+    )
+
+
+def resources(listen_port: int, backend_port: int, bad: bool) -> dict:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="ingress",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name="local_route"),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=packed(router_pb2.Router())
+            )
+        ],
+    )
+    listener = listener_pb2.Listener(
+        name="ingress",
+        address=socket(listen_port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=packed(manager),
+                    )
+                ]
+            )
+        ],
+    )
+    routes = route_pb2.RouteConfiguration(
+        name="local_route",
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name="all",
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"),
+                        route=route_components_pb2.RouteAction(cluster="backend"),
+                    )
+                ],
+            )
+        ],
+    )
+    clusters = [
+        cluster_pb2.Cluster(
+            name="backend",
+            type=cluster_pb2.Cluster.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
+            connect_timeout=duration_pb2.Duration(seconds=1),
+            lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        )
+    ]
+    if bad:
+        clusters.append(
+            cluster_pb2.Cluster(
+                name="passthrough",
+                type=cluster_pb2.Cluster.ORIGINAL_DST,
+                connect_timeout=duration_pb2.Duration(seconds=1),
+                lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+            )
+        )
+    assignment = endpoint_pb2.ClusterLoadAssignment(
+        cluster_name="backend",
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=socket(backend_port))
+                    )
+                ]
+            )
+        ],
+    )
+    return {
+        LISTENER: {listener.name: listener},
+        ROUTE: {routes.name: routes},
+        CLUSTER: {c.name: c for c in clusters},
+        ENDPOINT: {assignment.cluster_name: assignment},
+    }
+
+
+class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, listen_port: int, backend_port: int) -> None:
+        self.listen_port = listen_port
+        self.backend_port = backend_port
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        outbox: asyncio.Queue = asyncio.Queue()
+        versions = {t: "1" for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
+        current = resources(self.listen_port, self.backend_port, bad=False)
+        subscribed: dict = {}
+        last_nonce: dict = {}
+        acked: set = set()
+        nonce = 0
+
+        def respond(type_url: str) -> None:
+            nonlocal nonce
+            names = subscribed.get(type_url) or []
+            of_type = current[type_url]
+            chosen = [r for n, r in of_type.items() if not names or n in names]
+            nonce += 1
+            last_nonce[type_url] = str(nonce)
+            outbox.put_nowait(
+                discovery_pb2.DiscoveryResponse(
+                    version_info=versions[type_url],
+                    type_url=type_url,
+                    nonce=str(nonce),
+                    resources=[packed(r) for r in chosen],
+                )
+            )
+
+        async def push_bad_clusters() -> None:
+            nonlocal current
+            await asyncio.sleep(0.3)
+            current = resources(self.listen_port, self.backend_port, bad=True)
+            versions[CLUSTER] = "2"
+            respond(CLUSTER)
+
+        async def read() -> None:
+            try:
+                await read_requests()
+            except Exception as error:  # a bug here must not look like a silent server
+                print("ERROR", repr(error), flush=True)
+            outbox.put_nowait(None)
+
+        async def read_requests() -> None:
+            pushed = False
+            async for request in request_iterator:
+                type_url = request.type_url
+                if request.response_nonce and request.response_nonce != last_nonce.get(type_url):
+                    continue  # stale
+                if request.HasField("error_detail"):
+                    print("NACK", type_url, request.error_detail.message, flush=True)
+                    continue
+                if request.response_nonce:
+                    print("ACK", type_url, request.version_info, flush=True)
+                    acked.add(type_url)
+                names = list(request.resource_names)
+                if request.response_nonce == "" or names != subscribed.get(type_url):
+                    subscribed[type_url] = names
+                    respond(type_url)
+                if not pushed and len(acked) == 4:
+                    pushed = True
+                    asyncio.ensure_future(push_bad_clusters())
+
+        reader = asyncio.ensure_future(read())
+        while True:
+            response = await outbox.get()
+            if response is None:
+                break
+            yield response
+        reader.cancel()
+
+
+async def main() -> None:
+    xds_port, listen_port, backend_port = (int(a) for a in sys.argv[1:4])
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+        Ads(listen_port, backend_port), server
+    )
+    server.add_insecure_port(f"127.0.0.1:{xds_port}")
+    await server.start()
+    print("listening", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
