@@ -750,3 +750,66 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_restarted_while_its_control_plane_is_down_serves_its_last_good_config() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let saved = tempfile::tempdir().unwrap();
+    let last_good = saved.path().join("state/last-good.xds");
+    let mut control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let bootstrap = format!(
+        "node: {{ id: edge-eu-1, region: eu }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{}\", last_good: \"{}\" }}\n",
+        control_plane.xds_port,
+        last_good.display()
+    );
+    let proxy = Proxy::spawn_on(&bootstrap, port);
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(&proxy).await, "a");
+    assert!(last_good.exists(), "the accepted set is saved");
+
+    // Both go down; the proxy comes back first and serves what it saved.
+    control_plane.kill();
+    drop(proxy);
+    let proxy = Proxy::spawn_on(&bootstrap, port);
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(&proxy).await, "a");
+    assert!(
+        proxy.log().contains("serving the last good config"),
+        "{}",
+        proxy.log()
+    );
+
+    // The control plane returns with a change: the proxy follows it.
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &b, ""), &[])
+        .status
+        .success());
+    eventually(
+        "the restarted proxy follows the control plane again",
+        || async { backend_of(&proxy).await == "b" },
+    )
+    .await;
+
+    // A saved file that is not a resource set is ignored with a warning (no crash).
+    std::fs::write(&last_good, b"garbage").unwrap();
+    control_plane.kill();
+    drop(proxy);
+    let broken = Proxy::spawn_on(&bootstrap, port);
+    eventually("the unusable saved set is reported", || async {
+        broken.log().contains("saved config not usable")
+    })
+    .await;
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", broken.pid())).exists(),
+        "still running, waiting for its control plane"
+    );
+}

@@ -114,10 +114,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
             tracing::info!(control_plane = %target, "waiting for config from the control plane");
             let (first, feed) = XdsFeed::start(
                 target,
-                translation.bootstrap.clone(),
-                Arc::clone(&registry),
-                Arc::clone(&metrics),
-                Arc::clone(&plugins),
+                crate::xds_feed::FeedParts {
+                    bootstrap: translation.bootstrap.clone(),
+                    registry: Arc::clone(&registry),
+                    metrics: Arc::clone(&metrics),
+                    plugins: Arc::clone(&plugins),
+                    last_good: translation.last_good_file.clone(),
+                },
                 CONTROL_PLANE_WAIT,
             )
             .map_err(StartError::ControlPlane)?;

@@ -11,6 +11,10 @@
 //! sends is checked exactly as strictly; a set that does not compile is NACKed with the
 //! compiler's message and the last good snapshot keeps serving. The first set is awaited
 //! before the proxy binds its listener (whose address comes from it).
+//!
+//! With `control_plane.last_good`, every accepted set is also written to that file
+//! (atomically); a proxy that starts while the control plane does not answer serves the
+//! saved set after a short wait, and swaps in whatever the control plane sends later.
 
 use crate::cluster::EndpointRegistry;
 use crate::metrics::Metrics;
@@ -20,8 +24,23 @@ use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use nip_xds::client::{AdsClient, ResourceSink};
 use nip_xds::ResourceSet;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+/// How long a proxy with a saved set waits for its control plane before serving the set.
+const LAST_GOOD_GRACE: Duration = Duration::from_secs(2);
+
+/// Writes `resources` to `path` through a temporary file and a rename, so a crash never
+/// leaves half a file.
+fn save_last_good(path: &Path, resources: &ResourceSet) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, resources.to_file_bytes())?;
+    std::fs::rename(&temporary, path)
+}
 
 /// Where compiled snapshots go: to the starting proxy (the first), then into its `ArcSwap`.
 enum Destination {
@@ -44,6 +63,8 @@ struct FeedSink {
     swapped: tokio::sync::mpsc::UnboundedSender<()>,
     /// Why the last set was refused: a proxy that never gets a usable config says why.
     last_refusal: Arc<Mutex<Option<String>>>,
+    /// Where accepted sets are saved, if anywhere.
+    last_good: Option<PathBuf>,
 }
 
 impl ResourceSink for FeedSink {
@@ -65,6 +86,11 @@ impl ResourceSink for FeedSink {
             *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
             reason
         })?;
+        if let Some(path) = &self.last_good {
+            if let Err(e) = save_last_good(path, resources) {
+                tracing::warn!(file = %path.display(), "cannot save the accepted config: {e}");
+            }
+        }
         match &mut *destination {
             Destination::Starting { first, pending } => {
                 // Sets after the first, before the proxy runs, wait for `running_on`.
@@ -87,34 +113,69 @@ impl ResourceSink for FeedSink {
 pub struct XdsFeed {
     destination: Arc<Mutex<Destination>>,
     swapped: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Where the control plane's first set lands while the proxy starts on a saved one.
+    first: mpsc::Receiver<Snapshot>,
+}
+
+/// What [`XdsFeed::start`] needs besides the target.
+pub struct FeedParts {
+    /// The proxy's bootstrap (node identity, admin).
+    pub bootstrap: Bootstrap,
+    /// Endpoint state shared with health checks.
+    pub registry: Arc<EndpointRegistry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Plugin modules.
+    pub plugins: Arc<PluginLoader>,
+    /// `control_plane.last_good`: where accepted sets are saved and read back at start.
+    pub last_good: Option<PathBuf>,
 }
 
 impl XdsFeed {
     /// Connects to `target` (`host:port`) on a thread of its own and waits up to `wait` for
-    /// the first complete, compilable set, which it returns with the feed.
+    /// the first complete, compilable set, which it returns with the feed. With a saved
+    /// last good set, it waits only [`LAST_GOOD_GRACE`] before starting on that.
     pub fn start(
         target: &str,
-        bootstrap: Bootstrap,
-        registry: Arc<EndpointRegistry>,
-        metrics: Arc<Metrics>,
-        plugins: Arc<PluginLoader>,
+        parts: FeedParts,
         wait: Duration,
     ) -> Result<(Snapshot, XdsFeed), String> {
+        let saved = parts.last_good.as_deref().and_then(|path| {
+            let saved = std::fs::read(path).ok()?;
+            let compiled = ResourceSet::from_file_bytes(&saved).and_then(|resources| {
+                Compiler {
+                    registry: &parts.registry,
+                    metrics: &parts.metrics,
+                    previous_access_log: None,
+                    plugins: &parts.plugins,
+                }
+                .compile(&parts.bootstrap, &resources)
+                .map_err(|e| e.to_string())
+            });
+            match compiled {
+                Ok(snapshot) => Some(snapshot),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "saved config not usable, waiting for the control plane: {e}");
+                    None
+                }
+            }
+        });
         let (first_tx, first_rx) = mpsc::sync_channel(1);
         let destination = Arc::new(Mutex::new(Destination::Starting {
             first: first_tx,
             pending: None,
         }));
         let (swapped_tx, swapped) = tokio::sync::mpsc::unbounded_channel();
-        let node = bootstrap.node.clone().unwrap_or_default();
+        let node = parts.bootstrap.node.clone().unwrap_or_default();
         let sink = FeedSink {
-            bootstrap,
-            registry,
-            metrics,
-            plugins,
+            bootstrap: parts.bootstrap,
+            registry: parts.registry,
+            metrics: parts.metrics,
+            plugins: parts.plugins,
             destination: Arc::clone(&destination),
             swapped: swapped_tx,
             last_refusal: Arc::default(),
+            last_good: parts.last_good.clone(),
         };
         let last_refusal = Arc::clone(&sink.last_refusal);
         let server = format!("http://{target}");
@@ -122,6 +183,25 @@ impl XdsFeed {
             AdsClient::new(server, node, sink).run()
         })
         .map_err(|e| format!("xDS thread: {e}"))?;
+        let feed = |first| XdsFeed {
+            destination,
+            swapped,
+            first,
+        };
+        if let Some(saved) = saved {
+            return match first_rx.recv_timeout(LAST_GOOD_GRACE) {
+                Ok(first) => Ok((first, feed(first_rx))),
+                Err(_) => {
+                    tracing::warn!(
+                        control_plane = %target,
+                        version = %saved.version,
+                        file = %parts.last_good.unwrap_or_default().display(),
+                        "the control plane does not answer; serving the last good config until it does"
+                    );
+                    Ok((saved, feed(first_rx)))
+                }
+            };
+        }
         let first = first_rx.recv_timeout(wait).map_err(|_| {
             let why = match last_refusal
                 .lock()
@@ -133,13 +213,7 @@ impl XdsFeed {
             };
             format!("no usable config from the control plane at {target} within {wait:?}{why}")
         })?;
-        Ok((
-            first,
-            XdsFeed {
-                destination,
-                swapped,
-            },
-        ))
+        Ok((first, feed(first_rx)))
     }
 
     /// From now on, snapshots go into `swap` (starting with one that arrived meanwhile).
@@ -150,12 +224,17 @@ impl XdsFeed {
         swap: &Arc<ArcSwap<Snapshot>>,
     ) -> tokio::sync::mpsc::UnboundedReceiver<()> {
         let mut destination = self.destination.lock().unwrap_or_else(|p| p.into_inner());
-        if let Destination::Starting {
-            pending: Some(later),
-            ..
-        } = std::mem::replace(&mut *destination, Destination::Running(Arc::clone(swap)))
+        if let Destination::Starting { pending, .. } =
+            std::mem::replace(&mut *destination, Destination::Running(Arc::clone(swap)))
         {
-            swap.store(Arc::new(*later));
+            // The newest set that arrived while starting: a pending one, or the control
+            // plane's first when the proxy started on its saved set.
+            let newest = pending
+                .map(|later| *later)
+                .or_else(|| self.first.try_recv().ok());
+            if let Some(snapshot) = newest {
+                swap.store(Arc::new(snapshot));
+            }
         }
         drop(destination);
         self.swapped

@@ -4,7 +4,9 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use prost::Message;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
 
 /// Type URL of `envoy.config.listener.v3.Listener` (LDS).
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -88,6 +90,77 @@ impl ResourceSet {
             hash.write(&e.encode_to_vec());
         }
         format!("{:016x}", hash.0)
+    }
+}
+
+impl ResourceSet {
+    /// The set as bytes for a file: one length-delimited `DiscoveryResponse` per type, in
+    /// push order, so any xDS tooling can read it.
+    pub fn to_file_bytes(&self) -> Vec<u8> {
+        fn response<M: Message + Name>(items: &[M], version: &str) -> DiscoveryResponse {
+            DiscoveryResponse {
+                version_info: version.to_string(),
+                type_url: M::type_url(),
+                resources: items
+                    .iter()
+                    .map(|m| Any {
+                        type_url: M::type_url(),
+                        value: m.encode_to_vec(),
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+        }
+        let mut out = Vec::new();
+        for message in [
+            response(&self.clusters, &self.version),
+            response(&self.endpoints, &self.version),
+            response(&self.listeners, &self.version),
+            response(&self.routes, &self.version),
+        ] {
+            out.extend(message.encode_length_delimited_to_vec());
+        }
+        out
+    }
+
+    /// Reads what [`ResourceSet::to_file_bytes`] wrote; an error says what is wrong.
+    pub fn from_file_bytes(mut bytes: &[u8]) -> Result<ResourceSet, String> {
+        fn decode_all<M: Message + Default + Name>(
+            response: &DiscoveryResponse,
+        ) -> Result<Vec<M>, String> {
+            response
+                .resources
+                .iter()
+                .enumerate()
+                .map(|(i, any)| {
+                    if any.type_url != M::type_url() {
+                        return Err(format!(
+                            "resources[{i}]: type {} in a {} list",
+                            any.type_url,
+                            M::type_url()
+                        ));
+                    }
+                    M::decode(any.value.as_slice()).map_err(|e| format!("resources[{i}]: {e}"))
+                })
+                .collect()
+        }
+        let mut set = ResourceSet::default();
+        while !bytes.is_empty() {
+            let response = DiscoveryResponse::decode_length_delimited(&mut bytes)
+                .map_err(|e| format!("not a saved resource set: {e}"))?;
+            set.version = response.version_info.clone();
+            match response.type_url.as_str() {
+                CLUSTER_TYPE => set.clusters = decode_all(&response)?,
+                ENDPOINT_TYPE => set.endpoints = decode_all(&response)?,
+                LISTENER_TYPE => set.listeners = decode_all(&response)?,
+                ROUTE_TYPE => set.routes = decode_all(&response)?,
+                other => return Err(format!("unexpected type {other:?}")),
+            }
+        }
+        if set.listeners.is_empty() {
+            return Err("no listener in the saved set".to_string());
+        }
+        Ok(set)
     }
 }
 

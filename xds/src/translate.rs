@@ -113,6 +113,9 @@ pub struct Translation {
     pub resources: ResourceSet,
     /// Parts of the config that loaded but do not act yet, each with its field path.
     pub not_applied: Vec<String>,
+    /// Where a proxy following a control plane keeps its last accepted set (a proxy-local
+    /// setting: Envoy's bootstrap has no field for it).
+    pub last_good_file: Option<std::path::PathBuf>,
 }
 
 /// Translates a validated config into xDS resources.
@@ -139,6 +142,11 @@ pub fn translate(config: &Config) -> Translation {
         bootstrap: bootstrap(config),
         resources,
         not_applied: not_applied(config),
+        last_good_file: config
+            .control_plane
+            .as_ref()
+            .and_then(|c| c.last_good.as_ref())
+            .map(std::path::PathBuf::from),
     }
 }
 

@@ -464,6 +464,10 @@ fn default_retry_max() -> u32 {
 pub struct ControlPlaneConfig {
     /// `host:port` of its ADS (gRPC) endpoint.
     pub address: String,
+    /// A file where the proxy keeps the last set it accepted, so that a restart while the
+    /// control plane is unreachable still serves (after a short wait for the control plane).
+    #[serde(default)]
+    pub last_good: Option<String>,
 }
 
 /// A plugin: a proxy-wasm module and its configuration. Routes name the plugins they run.

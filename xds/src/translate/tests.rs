@@ -209,3 +209,17 @@ fn every_service_gets_the_listener_a_proxyless_grpc_client_resolves() {
         Some(ads_config_source())
     );
 }
+
+#[test]
+fn a_resource_set_survives_a_file_round_trip_and_garbage_is_an_error() {
+    let config = Config::from_yaml(PLAN_EXAMPLE).unwrap();
+    let resources = translate(&config).resources;
+    let bytes = resources.to_file_bytes();
+    assert_eq!(ResourceSet::from_file_bytes(&bytes).unwrap(), resources);
+    assert!(ResourceSet::from_file_bytes(b"garbage").is_err());
+    assert!(ResourceSet::from_file_bytes(&bytes[..bytes.len() / 2]).is_err());
+    assert!(
+        ResourceSet::from_file_bytes(&[]).is_err(),
+        "an empty file has no listener"
+    );
+}
