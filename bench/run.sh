@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
-# bench/bench.py, which writes bench/RESULTS.md. Takes ~10 minutes with RUNS=3.
+# bench/bench.py, which writes bench/RESULTS.md (~10 minutes with RUNS=3), then
+# bench/xds-scale, which adds the control-plane section to it (~1 minute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -18,6 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v oha >/dev/null || cargo install --locked oha
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
-cargo build --release -p nip -p nip-bench-baseline
+cargo build --release -p nip -p nip-bench-baseline -p nip-bench-xds
 cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Cargo.toml
-exec python3 bench/bench.py "$@"
+python3 bench/bench.py "$@"
+# The control plane at scale: apply → ACK over 100 proxies, memory at 1k/10k streams.
+ulimit -n 65536 2>/dev/null || true
+target/release/nip-bench-xds target/release/nip bench/RESULTS.md

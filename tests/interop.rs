@@ -184,12 +184,14 @@ async fn client_json(url: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     let backend = Backend::start("a").await;
+    let backend2 = Backend::start("b").await;
     let (xds_port, listen_port) = (free_port(), free_port());
     let server = Background::python(&[
         script("xds_server.py").to_str().unwrap(),
         &xds_port.to_string(),
         &listen_port.to_string(),
         &backend.address.port().to_string(),
+        &backend2.address.port().to_string(),
     ]);
     server.wait_for("listening").await;
     let proxy = Proxy::spawn_on(
@@ -210,11 +212,28 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     ] {
         server.wait_for(&format!("v3.{type_name} 1\n")).await;
     }
-    // Version 2 adds a cluster type NIP does not run: NACKed with the reason, and the
-    // proxy keeps serving version 1.
-    server
-        .wait_for("NACK type.googleapis.com/envoy.config.cluster.v3.Cluster Cluster \"passthrough\": type ORIGINAL_DST is not supported")
-        .await;
+    // Version 2 adds a route to a new cluster, and a cluster type NIP does not run: the
+    // good part is applied, and the response that completed the set is NACKed naming the
+    // bad cluster.
+    server.wait_for("NACK ").await;
+    let nack = server
+        .output()
+        .lines()
+        .find(|l| l.starts_with("NACK"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        nack.contains("Cluster \"passthrough\": type ORIGINAL_DST is not supported"),
+        "{nack}"
+    );
+    eventually("the new route and cluster serve", || async {
+        client()
+            .get(proxy.url("/v2/x"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200 && r.headers()["x-backend"] == "b")
+    })
+    .await;
     let response = client().get(proxy.url("/")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "a");
 }

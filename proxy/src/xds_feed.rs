@@ -80,14 +80,40 @@ impl ResourceSink for FeedSink {
             previous_access_log,
             plugins: &self.plugins,
         };
-        let snapshot = compiler.compile(&self.bootstrap, resources).map_err(|e| {
-            self.metrics.config_reload_failures.inc();
-            let reason = e.to_string();
-            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-            reason
-        })?;
+        // A cluster (or its endpoints) the proxy cannot run is left out and the rest is
+        // applied, as Envoy does; the response is still NACKed, naming what was left out.
+        // Anything else wrong refuses the whole set.
+        let mut applied = std::borrow::Cow::Borrowed(resources);
+        let mut left_out = Vec::new();
+        let snapshot = loop {
+            match compiler.compile(&self.bootstrap, &applied) {
+                Ok(snapshot) => break snapshot,
+                Err(e)
+                    if matches!(e.kind, "Cluster" | "ClusterLoadAssignment")
+                        && left_out.len() < applied.clusters.len() =>
+                {
+                    let mut reduced = applied.into_owned();
+                    reduced.clusters.retain(|c| c.name != e.name);
+                    reduced.endpoints.retain(|a| a.cluster_name != e.name);
+                    reduced.version = reduced.content_version();
+                    left_out.push(e.to_string());
+                    applied = std::borrow::Cow::Owned(reduced);
+                }
+                Err(e) => {
+                    self.metrics.config_reload_failures.inc();
+                    let reason = left_out
+                        .into_iter()
+                        .chain(std::iter::once(e.to_string()))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(reason.clone());
+                    return Err(reason);
+                }
+            }
+        };
         if let Some(path) = &self.last_good {
-            if let Err(e) = save_last_good(path, resources) {
+            if let Err(e) = save_last_good(path, &applied) {
                 tracing::warn!(file = %path.display(), "cannot save the accepted config: {e}");
             }
         }
@@ -105,7 +131,15 @@ impl ResourceSink for FeedSink {
                 let _ = self.swapped.send(());
             }
         }
-        Ok(())
+        if left_out.is_empty() {
+            Ok(())
+        } else {
+            self.metrics.config_reload_failures.inc();
+            Err(format!(
+                "applied without what it cannot run: {}",
+                left_out.join("; ")
+            ))
+        }
     }
 }
 

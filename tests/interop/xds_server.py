@@ -3,11 +3,13 @@
 It serves, over ADS state of the world, resources written the way any Envoy control plane
 writes them: a Listener "ingress" on LISTEN_PORT whose connection manager takes routes over
 RDS ("local_route"), a route to cluster "backend", an EDS cluster and its endpoint at
-BACKEND_PORT. Once the client has ACKed all four types it pushes version 2 of the clusters
-with one the proxy cannot run (ORIGINAL_DST), which the proxy must NACK with a reason.
+BACKEND_PORT. Once the client has ACKed all four types it pushes version 2: a route for
+/v2 to a new cluster "backend2" (at BACKEND2_PORT), and clusters with "backend2" and one the
+proxy cannot run (ORIGINAL_DST). The proxy must apply the good ones and NACK the clusters
+with a reason naming the bad one.
 
 Prints one line per event, flushed: "listening", "ACK TYPE VERSION", "NACK TYPE REASON".
-Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT
+Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT BACKEND2_PORT
 """
 
 import asyncio
@@ -51,7 +53,7 @@ def socket(port: int) -> address_pb2.Address:
     )
 
 
-def resources(listen_port: int, backend_port: int, bad: bool) -> dict:
+def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="ingress",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -82,7 +84,12 @@ def resources(listen_port: int, backend_port: int, bad: bool) -> dict:
             route_components_pb2.VirtualHost(
                 name="all",
                 domains=["*"],
-                routes=[
+                routes=([
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/v2"),
+                        route=route_components_pb2.RouteAction(cluster="backend2"),
+                    )
+                ] if v2 else []) + [
                     route_components_pb2.Route(
                         match=route_components_pb2.RouteMatch(prefix="/"),
                         route=route_components_pb2.RouteAction(cluster="backend"),
@@ -91,16 +98,18 @@ def resources(listen_port: int, backend_port: int, bad: bool) -> dict:
             )
         ],
     )
-    clusters = [
-        cluster_pb2.Cluster(
-            name="backend",
+    def eds_cluster(name: str) -> cluster_pb2.Cluster:
+        return cluster_pb2.Cluster(
+            name=name,
             type=cluster_pb2.Cluster.EDS,
             eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
             connect_timeout=duration_pb2.Duration(seconds=1),
             lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         )
-    ]
-    if bad:
+
+    clusters = [eds_cluster("backend")]
+    if v2:
+        clusters.append(eds_cluster("backend2"))
         clusters.append(
             cluster_pb2.Cluster(
                 name="passthrough",
@@ -109,35 +118,40 @@ def resources(listen_port: int, backend_port: int, bad: bool) -> dict:
                 lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
             )
         )
-    assignment = endpoint_pb2.ClusterLoadAssignment(
-        cluster_name="backend",
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=socket(backend_port))
-                    )
-                ]
-            )
-        ],
-    )
+    def assignment(name: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+        return endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(address=socket(port))
+                        )
+                    ]
+                )
+            ],
+        )
+
+    assignments = [assignment("backend", backend_ports[0])]
+    if v2:
+        assignments.append(assignment("backend2", backend_ports[1]))
     return {
         LISTENER: {listener.name: listener},
         ROUTE: {routes.name: routes},
         CLUSTER: {c.name: c for c in clusters},
-        ENDPOINT: {assignment.cluster_name: assignment},
+        ENDPOINT: {a.cluster_name: a for a in assignments},
     }
 
 
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, listen_port: int, backend_port: int) -> None:
+    def __init__(self, listen_port: int, backend_ports: tuple) -> None:
         self.listen_port = listen_port
-        self.backend_port = backend_port
+        self.backend_ports = backend_ports
 
     async def StreamAggregatedResources(self, request_iterator, context):
         outbox: asyncio.Queue = asyncio.Queue()
         versions = {t: "1" for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
-        current = resources(self.listen_port, self.backend_port, bad=False)
+        current = resources(self.listen_port, self.backend_ports, v2=False)
         subscribed: dict = {}
         last_nonce: dict = {}
         acked: set = set()
@@ -159,12 +173,14 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 )
             )
 
-        async def push_bad_clusters() -> None:
+        async def push_version_2() -> None:
             nonlocal current
             await asyncio.sleep(0.3)
-            current = resources(self.listen_port, self.backend_port, bad=True)
-            versions[CLUSTER] = "2"
+            current = resources(self.listen_port, self.backend_ports, v2=True)
+            for type_url in (CLUSTER, ENDPOINT, ROUTE):
+                versions[type_url] = "2"
             respond(CLUSTER)
+            respond(ROUTE)
 
         async def read() -> None:
             try:
@@ -191,7 +207,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     respond(type_url)
                 if not pushed and len(acked) == 4:
                     pushed = True
-                    asyncio.ensure_future(push_bad_clusters())
+                    asyncio.ensure_future(push_version_2())
 
         reader = asyncio.ensure_future(read())
         while True:
@@ -203,10 +219,10 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 
 async def main() -> None:
-    xds_port, listen_port, backend_port = (int(a) for a in sys.argv[1:4])
+    xds_port, listen_port, backend_port, backend2_port = (int(a) for a in sys.argv[1:5])
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        Ads(listen_port, backend_port), server
+        Ads(listen_port, (backend_port, backend2_port)), server
     )
     server.add_insecure_port(f"127.0.0.1:{xds_port}")
     await server.start()
