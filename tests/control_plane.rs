@@ -126,6 +126,11 @@ impl ControlPlane {
         self.nip(&args)
     }
 
+    /// `GET` of an API path, as JSON.
+    async fn get_json(&self, path: &str) -> serde_json::Value {
+        get_json(&self.api(path)).await
+    }
+
     async fn wait_ready(&self) {
         eventually("the control plane answers", || async {
             client().get(self.api("/v1/proxies")).send().await.is_ok()
@@ -223,14 +228,7 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
         "a header and three versions:\n{table}"
     );
     assert!(table.contains("file:"), "{table}");
-    let events: serde_json::Value = client()
-        .get(control_plane.api("/v1/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = control_plane.get_json("/v1/events").await;
     assert!(
         events
             .as_array()
@@ -269,15 +267,9 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     let b = Backend::start("b").await;
     let dir = tempfile::tempdir().unwrap();
     let listen_port = free_port();
-    let desired = |backend: &Backend, extra: &str| {
-        format!(
-            "api_gateway: {{ address: \"127.0.0.1:{listen_port}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n{extra}routes:\n  - {{ service: web }}\n",
-            backend.address
-        )
-    };
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
-    let applied = control_plane.apply(&desired(&a, ""), &["-m", "first"]);
+    let applied = control_plane.apply(&gateway(listen_port, &a, ""), &["-m", "first"]);
     assert!(applied.status.success(), "{}", stderr(&applied));
     assert!(
         stdout(&applied).contains("version 1 applied"),
@@ -300,38 +292,16 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     // Steady load while the control plane moves the route to another backend.
     let load = SteadyLoad::start(&proxy.url("/"), 4);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let applied = control_plane.apply(&desired(&b, ""), &[]);
+    let applied = control_plane.apply(&gateway(listen_port, &b, ""), &[]);
     assert!(applied.status.success(), "{}", stderr(&applied));
-    eventually("the proxy routes the new way", || async {
-        client()
-            .get(proxy.url("/"))
-            .send()
-            .await
-            .is_ok_and(|r| r.headers()["x-backend"] == "b")
-    })
-    .await;
+    wait_routes_to(&proxy, "b").await;
     let (sent, failures) = load.stop().await;
     assert!(sent > 50, "the load was real ({sent} requests)");
     assert_eq!(failures, 0, "requests failed during the push");
 
     // A plugin module the control plane can see but the proxy cannot compile: the proxy
     // NACKs with the compiler's reason and keeps serving its last good config.
-    let garbage = dir.path().join("garbage.wasm");
-    std::fs::write(&garbage, b"\0asm not a module").unwrap();
-    let applied = control_plane.apply(
-        &desired(
-            &b,
-            &format!(
-                "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
-                garbage.display()
-            ),
-        )
-        .replace(
-            "- { service: web }",
-            "- { service: web, plugins: [broken] }",
-        ),
-        &[],
-    );
+    let applied = control_plane.apply(&with_broken_plugin(listen_port, &b, dir.path()), &[]);
     assert!(applied.status.success(), "{}", stderr(&applied));
     eventually("the proxy NACKs the set", || async {
         let log = proxy.log();
@@ -367,14 +337,7 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
         "{}",
         stdout(&rolled)
     );
-    eventually("the proxy routes to a again", || async {
-        client()
-            .get(proxy.url("/"))
-            .send()
-            .await
-            .is_ok_and(|r| r.headers()["x-backend"] == "a")
-    })
-    .await;
+    wait_routes_to(&proxy, "a").await;
     eventually("the proxy reports version 4", || async {
         let table = stdout(&control_plane.nip(&["get", "proxies"]));
         table
@@ -400,6 +363,25 @@ fn gateway(port: u16, backend: &Backend, extra: &str) -> String {
     )
 }
 
+/// [`gateway`] whose route runs plugin `broken`: a module (written into `dir`) the control
+/// plane accepts as a file but no proxy can compile.
+fn with_broken_plugin(port: u16, backend: &Backend, dir: &std::path::Path) -> String {
+    let garbage = dir.join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not a module").unwrap();
+    gateway(
+        port,
+        backend,
+        &format!(
+            "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
+            garbage.display()
+        ),
+    )
+    .replace(
+        "- { service: web }",
+        "- { service: web, plugins: [broken] }",
+    )
+}
+
 /// A proxy whose own file only says who it is and where its control plane is.
 async fn proxy_of(control_plane: &ControlPlane, id: &str, region: &str, port: u16) -> Proxy {
     let proxy = Proxy::spawn_on(
@@ -413,6 +395,19 @@ async fn proxy_of(control_plane: &ControlPlane, id: &str, region: &str, port: u1
     proxy
 }
 
+/// Waits until the proxy's answers come from `backend`.
+async fn wait_routes_to(proxy: &Proxy, backend: &str) {
+    eventually(&format!("the proxy routes to {backend}"), || async {
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.headers().get("x-backend").is_some_and(|v| v == backend))
+    })
+    .await;
+}
+
+/// The backend that answers the proxy's `/` (which must be a 200).
 async fn backend_of(proxy: &Proxy) -> String {
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -445,20 +440,7 @@ async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() 
 
     // A change the eu proxy cannot run (its plugin does not compile there).
     let dir = tempfile::tempdir().unwrap();
-    let garbage = dir.path().join("garbage.wasm");
-    std::fs::write(&garbage, b"\0asm not a module").unwrap();
-    let broken = gateway(
-        port,
-        &b,
-        &format!(
-            "plugins:\n  broken: {{ source: {{ file: \"{}\" }} }}\n",
-            garbage.display()
-        ),
-    )
-    .replace(
-        "- { service: web }",
-        "- { service: web, plugins: [broken] }",
-    );
+    let broken = with_broken_plugin(port, &b, dir.path());
     let refused = control_plane.apply(&broken, &["--canary", "eu", "--canary-timeout", "20s"]);
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     let message = stderr(&refused);
@@ -476,14 +458,7 @@ async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() 
     );
     let history = stdout(&control_plane.nip(&["history"]));
     assert!(history.contains("aborted (eu)"), "{history}");
-    let events: serde_json::Value = client()
-        .get(control_plane.api("/v1/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = control_plane.get_json("/v1/events").await;
     let aborted = events
         .as_array()
         .unwrap()
@@ -562,10 +537,7 @@ async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_afte
         .apply(&gateway(port, &b, ""), &[])
         .status
         .success());
-    eventually("the proxy converges on version 2", || async {
-        backend_of(&proxy).await == "b"
-    })
-    .await;
+    wait_routes_to(&proxy, "b").await;
     let (sent, failures) = load.stop().await;
     assert!(sent > 50, "the load was real ({sent} requests)");
     assert_eq!(
@@ -625,14 +597,7 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     assert_eq!(yaml_post().await.unwrap().status(), 201);
     let again: serde_json::Value = yaml_post().await.unwrap().json().await.unwrap();
     assert_eq!(again["result"], "unchanged");
-    let current: serde_json::Value = http
-        .get(control_plane.api("/v1/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let current = control_plane.get_json("/v1/config").await;
     assert_eq!(current["version"], 1);
     assert_eq!(current["message"], "first");
     assert_eq!(current["author"], "anonymous");
@@ -659,14 +624,7 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     assert_eq!(missing.status(), 404);
 
     // Every path and method the OpenAPI document lists is served.
-    let document: serde_json::Value = http
-        .get(control_plane.api("/v1/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = control_plane.get_json("/v1/openapi.json").await;
     let paths = document["paths"].as_object().expect("paths");
     assert!(paths.len() >= 8, "{paths:?}");
     for (path, methods) in paths {
@@ -793,11 +751,7 @@ async fn a_proxy_restarted_while_its_control_plane_is_down_serves_its_last_good_
         .apply(&gateway(port, &b, ""), &[])
         .status
         .success());
-    eventually(
-        "the restarted proxy follows the control plane again",
-        || async { backend_of(&proxy).await == "b" },
-    )
-    .await;
+    wait_routes_to(&proxy, "b").await;
 
     // A saved file that is not a resource set is ignored with a warning (no crash).
     std::fs::write(&last_good, b"garbage").unwrap();

@@ -158,7 +158,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
     );
 
     // The client is a proxy like any other on the control plane: ACKed, no NACK.
-    let proxies: serde_json::Value = client_json(&format!("{api}/v1/proxies")).await;
+    let proxies: serde_json::Value = get_json(&format!("{api}/v1/proxies")).await;
     let grpc = proxies
         .as_array()
         .unwrap()
@@ -168,17 +168,6 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
     assert_eq!(grpc["region"], "eu");
     assert!(grpc["last_nack"].is_null(), "{grpc}");
     assert_eq!(grpc["config_version"], "2", "{grpc}");
-}
-
-async fn client_json(url: &str) -> serde_json::Value {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -372,14 +372,7 @@ impl Proxy {
     }
 
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
-        client()
-            .get(self.admin_url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.admin_url(path)).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -453,6 +446,18 @@ fn fill(yaml: &str, port: u16, admin: u16, dir: &Path) -> String {
 }
 
 /// A plain HTTP client (HTTP/1.1, keep-alive, no system proxy).
+/// `GET` of `url`, as JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()

@@ -256,6 +256,41 @@ impl ProxyRegistry {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records a client's answer to a response: a NACK (with `error_detail`) becomes its
+    /// last NACK; an ACK records `version` for the type and clears a NACK of that type.
+    fn record_reply(
+        &self,
+        node_id: &str,
+        type_url: &str,
+        nonce: &str,
+        error: Option<&envoy_types::pb::google::rpc::Status>,
+        version: &str,
+    ) {
+        match error {
+            Some(error) => {
+                let nack = Nack {
+                    type_url: type_url.to_string(),
+                    nonce: nonce.to_string(),
+                    reason: error.message.clone(),
+                    at: SystemTime::now(),
+                };
+                self.update(node_id, |status| status.last_nack = Some(nack));
+            }
+            None => self.update(node_id, |status| {
+                if status
+                    .last_nack
+                    .as_ref()
+                    .is_some_and(|n| n.type_url == type_url)
+                {
+                    status.last_nack = None;
+                }
+                status
+                    .acked
+                    .insert(type_url.to_string(), version.to_string());
+            }),
+        }
+    }
+
     /// Records `node` as connected (with its locality); its id.
     fn connect(&self, node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {
         let locality = node.locality.clone().unwrap_or_default();
@@ -343,28 +378,14 @@ impl StreamState {
         {
             return None; // stale: answers an older response than the last one sent
         }
-        if let Some(error) = &request.error_detail {
-            let nack = Nack {
-                type_url: type_url.clone(),
-                nonce: request.response_nonce.clone(),
-                reason: error.message.clone(),
-                at: SystemTime::now(),
-            };
-            self.registry
-                .update(&node_id, |status| status.last_nack = Some(nack));
-        } else if !request.response_nonce.is_empty() {
-            let version = request.version_info.clone();
-            let acked_type = type_url.clone();
-            self.registry.update(&node_id, |status| {
-                if status
-                    .last_nack
-                    .as_ref()
-                    .is_some_and(|n| n.type_url == acked_type)
-                {
-                    status.last_nack = None;
-                }
-                status.acked.insert(acked_type, version);
-            });
+        if !request.response_nonce.is_empty() {
+            self.registry.record_reply(
+                &node_id,
+                &type_url,
+                &request.response_nonce,
+                request.error_detail.as_ref(),
+                &request.version_info,
+            );
         }
         let names: BTreeSet<String> = request.resource_names.into_iter().collect();
         let names_changed = names != subscription.names;

@@ -9,7 +9,7 @@
 //! world; a request whose nonce is not the last one sent still changes subscriptions but
 //! acknowledges nothing.
 
-use super::{CacheState, Nack, ProxyRegistry, StreamProtocol, PUSH_ORDER};
+use super::{CacheState, ProxyRegistry, StreamProtocol, PUSH_ORDER};
 use crate::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -19,7 +19,6 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// The version given to the empty assignment sent for a cluster without endpoints.
 const EMPTY_ASSIGNMENT_VERSION: &str = "empty";
@@ -186,29 +185,13 @@ impl StreamProtocol for DeltaStream {
         }
         let current = !request.response_nonce.is_empty() && request.response_nonce == state.nonce;
         if current {
-            if let Some(error) = &request.error_detail {
-                let nack = Nack {
-                    type_url: type_url.clone(),
-                    nonce: request.response_nonce.clone(),
-                    reason: error.message.clone(),
-                    at: SystemTime::now(),
-                };
-                self.registry
-                    .update(&node_id, |status| status.last_nack = Some(nack));
-            } else {
-                let version = state.sent_version.clone();
-                let acked_type = type_url.clone();
-                self.registry.update(&node_id, |status| {
-                    if status
-                        .last_nack
-                        .as_ref()
-                        .is_some_and(|n| n.type_url == acked_type)
-                    {
-                        status.last_nack = None;
-                    }
-                    status.acked.insert(acked_type, version);
-                });
-            }
+            self.registry.record_reply(
+                &node_id,
+                &type_url,
+                &request.response_nonce,
+                request.error_detail.as_ref(),
+                &state.sent_version,
+            );
         }
         let mut newly_named = BTreeSet::new();
         for name in &request.resource_names_subscribe {

@@ -18,7 +18,16 @@ async fn serve(
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
-    let address = serve_ads(cache, registry).await;
+    open_stream(serve_ads(cache, registry).await).await
+}
+
+/// A state-of-the-world ADS stream to `address`.
+async fn open_stream(
+    address: std::net::SocketAddr,
+) -> (
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -175,15 +184,7 @@ async fn a_region_override_is_served_to_that_region_only() {
     let registry = Arc::new(ProxyRegistry::default());
     let address = serve_ads(Arc::clone(&cache), Arc::clone(&registry)).await;
     let connect = |node: &'static str, region: &'static str| async move {
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
-            .await
-            .unwrap();
-        let (tx, rx) = mpsc::channel(16);
-        let responses = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, responses) = open_stream(address).await;
         let mut first = request(CLUSTER_TYPE, &[], "", "");
         first.node = Some(Node {
             id: node.into(),
