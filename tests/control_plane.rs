@@ -45,10 +45,18 @@ struct ControlPlane {
 impl ControlPlane {
     /// Starts one on a fresh SQLite store, following `config` if given.
     fn start(config: Option<&std::path::Path>) -> ControlPlane {
+        ControlPlane::start_on(None, config)
+    }
+
+    /// Starts one on `store` (a fresh SQLite store when `None`).
+    fn start_on(store: Option<&str>, config: Option<&std::path::Path>) -> ControlPlane {
         let dir = tempfile::tempdir().unwrap();
         let mut control_plane = ControlPlane {
             child: None,
-            store: format!("sqlite://{}/store/nip.db", dir.path().display()),
+            store: store.map_or_else(
+                || format!("sqlite://{}/store/nip.db", dir.path().display()),
+                str::to_string,
+            ),
             config: config.map(|c| c.to_path_buf()),
             xds_port: free_port(),
             api_port: free_port(),
@@ -766,4 +774,54 @@ async fn a_proxy_restarted_while_its_control_plane_is_down_serves_its_last_good_
         std::path::Path::new(&format!("/proc/{}", broken.pid())).exists(),
         "still running, waiting for its control plane"
     );
+}
+
+/// A fresh database on the test PostgreSQL server (`./dev test` starts one).
+fn postgres_database() -> String {
+    let server = std::env::var("NIP_TEST_POSTGRES_URL").expect(
+        "NIP_TEST_POSTGRES_URL is not set: run the tests with ./dev test, which starts PostgreSQL",
+    );
+    let name = format!("nip_replicas_{}_{}", std::process::id(), free_port());
+    let created = Command::new("psql")
+        .arg(&server)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql (PostgreSQL's client) runs");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_postgresql_serve_each_others_changes() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let store = postgres_database();
+    let first = ControlPlane::start_on(Some(&store), None);
+    let second = ControlPlane::start_on(Some(&store), None);
+    first.wait_ready().await;
+    second.wait_ready().await;
+    assert!(first.apply(&gateway(port, &a, ""), &[]).status.success());
+    // The proxy talks to the second replica; changes are applied through the first.
+    let proxy = proxy_of(&second, "edge-eu-1", "eu", port).await;
+    assert_eq!(backend_of(&proxy).await, "a");
+    assert!(first.apply(&gateway(port, &b, ""), &["-m", "via the first"]).status.success());
+    wait_routes_to(&proxy, "b").await;
+    let history = stdout(&second.nip(&["history"]));
+    assert!(history.contains("via the first"), "{history}");
+    eventually("the second replica sees the proxy run version 2", || async {
+        let table = stdout(&second.nip(&["get", "proxies"]));
+        table
+            .lines()
+            .any(|l| l.starts_with("edge-eu-1") && l.contains(" 2 "))
+    })
+    .await;
+    // A rollback through the second replica reaches the proxy too.
+    assert!(second.nip(&["rollback", "1"]).status.success());
+    wait_routes_to(&proxy, "a").await;
 }
