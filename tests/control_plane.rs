@@ -810,18 +810,72 @@ async fn replicas_sharing_postgresql_serve_each_others_changes() {
     // The proxy talks to the second replica; changes are applied through the first.
     let proxy = proxy_of(&second, "edge-eu-1", "eu", port).await;
     assert_eq!(backend_of(&proxy).await, "a");
-    assert!(first.apply(&gateway(port, &b, ""), &["-m", "via the first"]).status.success());
+    assert!(first
+        .apply(&gateway(port, &b, ""), &["-m", "via the first"])
+        .status
+        .success());
     wait_routes_to(&proxy, "b").await;
     let history = stdout(&second.nip(&["history"]));
     assert!(history.contains("via the first"), "{history}");
-    eventually("the second replica sees the proxy run version 2", || async {
-        let table = stdout(&second.nip(&["get", "proxies"]));
-        table
-            .lines()
-            .any(|l| l.starts_with("edge-eu-1") && l.contains(" 2 "))
-    })
+    eventually(
+        "the second replica sees the proxy run version 2",
+        || async {
+            let table = stdout(&second.nip(&["get", "proxies"]));
+            table
+                .lines()
+                .any(|l| l.starts_with("edge-eu-1") && l.contains(" 2 "))
+        },
+    )
     .await;
     // A rollback through the second replica reaches the proxy too.
     assert!(second.nip(&["rollback", "1"]).status.success());
     wait_routes_to(&proxy, "a").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renaming_a_service_under_load_drops_no_request() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
+    for (round, (backend, name)) in [(&b, "b"), (&a, "a"), (&b, "b"), (&a, "a"), (&b, "b")]
+        .into_iter()
+        .enumerate()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The route moves to a service of a new name; the old one disappears in the same change.
+        let renamed = gateway(port, backend, "").replace("web", &format!("web{round}"));
+        assert!(control_plane.apply(&renamed, &[]).status.success());
+        wait_routes_to(&proxy, name).await;
+        // The route moves to a service that already exists, and the old one goes.
+        let both = renamed.replace(
+            "services:\n",
+            &format!(
+                "services:\n  next{round}: {{ endpoints: [\"{}\"] }}\n",
+                backend.address
+            ),
+        );
+        assert!(control_plane.apply(&both, &[]).status.success());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let moved = both
+            .replace(
+                &format!("  web{round}: {{ endpoints: [\"{}\"] }}\n", backend.address),
+                "",
+            )
+            .replace(
+                &format!("service: web{round}"),
+                &format!("service: next{round}"),
+            );
+        assert!(control_plane.apply(&moved, &[]).status.success(), "{moved}");
+    }
+    let (sent, failures) = load.stop().await;
+    assert!(sent > 50, "the load was real ({sent} requests)");
+    assert_eq!(failures, 0, "requests failed while services were renamed");
 }

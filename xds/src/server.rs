@@ -7,13 +7,14 @@
 //!                                   └─ ACK / NACK (error_detail) ──▶ ProxyRegistry
 //! ```
 //!
-//! Each stream keeps, per type URL, what the client subscribed to, the version and nonce
-//! last sent. A request whose nonce is not the last one sent is stale and ignored (SotW
+//! Each stream keeps, per type URL, what the client subscribed to, the version, nonce and
+//! resources last sent. A request whose nonce is not the last one sent is stale and ignored (SotW
 //! rule); a request carrying `error_detail` is a NACK and is recorded with its reason; other
 //! requests with a nonce ACK the version they carry. When the cache changes, subscribed types
 //! are pushed in make-before-break order: CDS, EDS, LDS, RDS. An EDS request for a cluster the
 //! cache does not have yet is answered with an empty assignment, so clusters never stay
-//! warming. Listener and Cluster responses carry every resource (a missing one is deleted);
+//! warming. Removal is last: a cluster that leaves the cache is sent once more (with its
+//! endpoints) until the listeners and routes have been pushed, then removed. Listener and Cluster responses carry every resource (a missing one is deleted);
 //! RouteConfiguration and ClusterLoadAssignment carry the names asked for.
 //!
 //! Delta (incremental) xDS is served too (`delta.rs`): the same cache and views, sending
@@ -326,6 +327,9 @@ struct Subscription {
     /// Version last sent, and its nonce.
     sent_version: Option<String>,
     nonce: String,
+    /// The resources of the last response, by name: a cluster being removed is kept from
+    /// here (with its endpoints) until the routes that used it have been replaced.
+    sent: BTreeMap<String, Any>,
 }
 
 /// Envoy's Aggregated Discovery Service over a [`SnapshotCache`].
@@ -406,12 +410,23 @@ impl StreamState {
 
     /// The response for `type_url` from `cache`, recorded as sent.
     fn response(&mut self, type_url: &str, cache: &CacheState) -> Option<DiscoveryResponse> {
+        self.response_keeping(type_url, cache, &BTreeMap::new())
+    }
+
+    /// The response for `type_url` from `cache` plus `retiring` (resources on their way
+    /// out, kept one more step), recorded as sent.
+    fn response_keeping(
+        &mut self,
+        type_url: &str,
+        cache: &CacheState,
+        retiring: &BTreeMap<String, Any>,
+    ) -> Option<DiscoveryResponse> {
         let subscription = self.subscriptions.get_mut(type_url)?;
         let empty = TypeResources::default();
         let of_type = cache.types.get(type_url).unwrap_or(&empty);
         let wildcard = subscription.names.is_empty()
             && (type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE);
-        let mut resources: Vec<Any> = Vec::new();
+        let mut sent: BTreeMap<String, Any> = BTreeMap::new();
         if wildcard || type_url == LISTENER_TYPE || type_url == CLUSTER_TYPE {
             // Listener and Cluster responses are the full set (names narrow it when given).
             for (name, (_, any)) in &of_type.resources {
@@ -421,32 +436,47 @@ impl StreamState {
                     subscription.names.contains(name)
                 };
                 if listed {
-                    resources.push(any.clone());
+                    sent.insert(name.clone(), any.clone());
                 }
             }
         } else {
             for name in &subscription.names {
-                match of_type.resources.get(name) {
-                    Some((_, any)) => resources.push(any.clone()),
+                let any = match of_type.resources.get(name) {
+                    Some((_, any)) => any.clone(),
+                    // A retiring cluster keeps the endpoints it had.
+                    None if type_url == ENDPOINT_TYPE && subscription.sent.contains_key(name) => {
+                        subscription.sent[name].clone()
+                    }
                     // Never leave a cluster warming: an empty assignment until endpoints exist.
-                    None if type_url == ENDPOINT_TYPE => resources.push(Any {
+                    None if type_url == ENDPOINT_TYPE => Any {
                         type_url: ClusterLoadAssignment::type_url(),
                         value: ClusterLoadAssignment {
                             cluster_name: name.clone(),
                             ..Default::default()
                         }
                         .encode_to_vec(),
-                    }),
-                    None => {}
-                }
+                    },
+                    None => continue,
+                };
+                sent.insert(name.clone(), any);
             }
         }
+        for (name, any) in retiring {
+            sent.entry(name.clone()).or_insert_with(|| any.clone());
+        }
+        let version = if retiring.is_empty() {
+            of_type.version.clone()
+        } else {
+            format!("{}+retiring", of_type.version)
+        };
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         subscription.nonce = nonce.clone();
-        subscription.sent_version = Some(of_type.version.clone());
+        subscription.sent_version = Some(version.clone());
+        let resources = sent.values().cloned().collect();
+        subscription.sent = sent;
         Some(DiscoveryResponse {
-            version_info: of_type.version.clone(),
+            version_info: version,
             resources,
             type_url: type_url.to_string(),
             nonce,
@@ -454,17 +484,43 @@ impl StreamState {
         })
     }
 
-    /// Responses for every subscribed type whose version changed, in push order.
+    /// Responses for every subscribed type whose version changed, in push order, make
+    /// before break: clusters that disappear are first sent once more next to the new ones
+    /// (keeping their endpoints), listeners and routes follow, and a last cluster response
+    /// removes them — so no route ever points at a cluster the proxy no longer has.
     fn on_cache_change(&mut self, cache: &CacheState) -> Vec<DiscoveryResponse> {
+        let changed = |subscription: &Subscription, type_url: &str| {
+            let current = cache.types.get(type_url).map(|t| t.version.clone());
+            subscription.sent_version.is_some() && subscription.sent_version != current
+        };
+        let retiring: BTreeMap<String, Any> = match self.subscriptions.get(CLUSTER_TYPE) {
+            Some(clusters) if changed(clusters, CLUSTER_TYPE) => {
+                let now = cache.types.get(CLUSTER_TYPE);
+                clusters
+                    .sent
+                    .iter()
+                    .filter(|(name, _)| now.is_none_or(|t| !t.resources.contains_key(*name)))
+                    .map(|(name, any)| (name.clone(), any.clone()))
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         let mut out = Vec::new();
         for type_url in PUSH_ORDER {
             let Some(subscription) = self.subscriptions.get(type_url) else {
                 continue;
             };
-            let current = cache.types.get(type_url).map(|t| t.version.clone());
-            if subscription.sent_version.is_some() && subscription.sent_version != current {
+            if !changed(subscription, type_url) {
+                continue;
+            }
+            if type_url == CLUSTER_TYPE {
+                out.extend(self.response_keeping(type_url, cache, &retiring));
+            } else {
                 out.extend(self.response(type_url, cache));
             }
+        }
+        if !retiring.is_empty() {
+            out.extend(self.response(CLUSTER_TYPE, cache));
         }
         out
     }

@@ -58,12 +58,15 @@ impl DeltaStream {
     }
 
     /// The response bringing the client's view of `type_url` up to `cache`, if anything
-    /// differs (or `always`, for the first answer of a type).
+    /// differs (or `always`, for the first answer of a type). Without `removals`, resources
+    /// that left the cache stay with the client for now (make before break: they go after
+    /// the listeners and routes that used them have been replaced).
     fn response(
         &mut self,
         type_url: &str,
         cache: &CacheState,
         always: bool,
+        removals: bool,
         missing_are_removed: &BTreeSet<String>,
     ) -> Option<DeltaDiscoveryResponse> {
         let state = self.types.get_mut(type_url)?;
@@ -94,7 +97,8 @@ impl DeltaStream {
             .known
             .keys()
             .filter(|name| {
-                !wanted(name) || !(of_type.resources.contains_key(*name) || placeholder(name))
+                !wanted(name)
+                    || (removals && !(of_type.resources.contains_key(*name) || placeholder(name)))
             })
             .cloned()
             .collect();
@@ -211,16 +215,24 @@ impl StreamProtocol for DeltaStream {
         let changed = !request.resource_names_subscribe.is_empty()
             || !request.resource_names_unsubscribe.is_empty();
         if first || changed || (current && request.error_detail.is_none()) {
-            return self.response(&type_url, cache, first, &newly_named);
+            return self.response(&type_url, cache, first, true, &newly_named);
         }
         None
     }
 
+    /// Changes in push order, removals last: clusters and endpoints that left the cache
+    /// are removed only after the listeners and routes that used them were replaced.
     fn on_cache_change(&mut self, cache: &CacheState) -> Vec<DeltaDiscoveryResponse> {
         let mut out = Vec::new();
+        let none = BTreeSet::new();
         for type_url in PUSH_ORDER {
             if self.types.contains_key(type_url) {
-                out.extend(self.response(type_url, cache, false, &BTreeSet::new()));
+                out.extend(self.response(type_url, cache, false, false, &none));
+            }
+        }
+        for type_url in PUSH_ORDER {
+            if self.types.contains_key(type_url) {
+                out.extend(self.response(type_url, cache, false, true, &none));
             }
         }
         out

@@ -485,4 +485,103 @@ mod delta_protocol {
         assert_eq!(names(&cleaned), ["web"]);
         assert_eq!(cleaned.removed_resources, ["gone"]);
     }
+
+    #[tokio::test]
+    async fn delta_removes_clusters_and_endpoints_after_the_routes() {
+        const BEFORE: &str = "services:\n  web: { endpoints: [\"127.0.0.1:8001\"] }\n  api: { endpoints: [\"127.0.0.1:8002\"] }\nroutes:\n  - { service: web }\n";
+        const AFTER: &str =
+            "services:\n  api: { endpoints: [\"127.0.0.1:8002\"] }\nroutes:\n  - { service: api }\n";
+        let cache = Arc::new(SnapshotCache::default());
+        cache.set(&resources(BEFORE));
+        let address = serve_ads(Arc::clone(&cache), Arc::new(ProxyRegistry::default())).await;
+        let mut client = DeltaClient::connect(address).await;
+        for (type_url, names) in [
+            (CLUSTER_TYPE, vec![]),
+            (ENDPOINT_TYPE, vec!["api", "web"]),
+            (ROUTE_TYPE, vec![crate::resources::GATEWAY_ROUTES]),
+        ] {
+            client.send(delta(type_url, &names, "")).await;
+            let response = client.next().await;
+            client.send(delta(type_url, &[], &response.nonce)).await;
+        }
+        cache.set(&resources(AFTER));
+        let order: Vec<(String, Vec<String>)> = [
+            client.next().await,
+            client.next().await,
+            client.next().await,
+        ]
+        .into_iter()
+        .map(|r| (r.type_url, r.removed_resources))
+        .collect();
+        assert_eq!(
+            order,
+            [
+                (ROUTE_TYPE.to_string(), vec![]),
+                (CLUSTER_TYPE.to_string(), vec!["web".to_string()]),
+                (ENDPOINT_TYPE.to_string(), vec!["web".to_string()]),
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_removed_cluster_goes_only_after_the_routes_that_used_it() {
+    const BEFORE: &str = "services:\n  web: { endpoints: [\"127.0.0.1:8001\"] }\n  api: { endpoints: [\"127.0.0.1:8002\"] }\nroutes:\n  - { service: web }\n";
+    const AFTER: &str =
+        "services:\n  api: { endpoints: [\"127.0.0.1:8002\"] }\nroutes:\n  - { service: api }\n";
+    let cache = Arc::new(SnapshotCache::default());
+    cache.set(&resources(BEFORE));
+    let registry = Arc::new(ProxyRegistry::default());
+    let (tx, mut responses) = serve(Arc::clone(&cache), Arc::clone(&registry)).await;
+    let cluster_names = |r: &DiscoveryResponse| -> Vec<String> {
+        r.resources
+            .iter()
+            .map(|a| Cluster::decode(a.value.as_slice()).unwrap().name)
+            .collect()
+    };
+    let mut last = HashMap::new();
+    for (type_url, names) in [
+        (CLUSTER_TYPE, vec![]),
+        (ENDPOINT_TYPE, vec!["api", "web"]),
+        (ROUTE_TYPE, vec![crate::resources::GATEWAY_ROUTES]),
+    ] {
+        tx.send(request(type_url, &names, "", "")).await.unwrap();
+        let response = next(&mut responses).await;
+        tx.send(request(
+            type_url,
+            &names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await
+        .unwrap();
+        last.insert(type_url, response);
+    }
+
+    cache.set(&resources(AFTER));
+    let transitional = next(&mut responses).await;
+    assert_eq!(transitional.type_url, CLUSTER_TYPE);
+    assert_eq!(
+        cluster_names(&transitional),
+        ["api", "web"],
+        "web is kept for now"
+    );
+    let endpoints = next(&mut responses).await;
+    assert_eq!(endpoints.type_url, ENDPOINT_TYPE);
+    let web = endpoints
+        .resources
+        .iter()
+        .map(|a| ClusterLoadAssignment::decode(a.value.as_slice()).unwrap())
+        .find(|a| a.cluster_name == "web")
+        .expect("web's endpoints are still sent");
+    assert!(!web.endpoints.is_empty(), "with the endpoints it had");
+    let routes = next(&mut responses).await;
+    assert_eq!(routes.type_url, ROUTE_TYPE);
+    let removal = next(&mut responses).await;
+    assert_eq!(removal.type_url, CLUSTER_TYPE, "clusters are removed last");
+    assert_eq!(cluster_names(&removal), ["api"]);
+    assert_eq!(
+        removal.version_info,
+        cache.current().types[CLUSTER_TYPE].version
+    );
 }
