@@ -32,6 +32,11 @@ const ABANDON_GRACE: Duration = Duration::from_secs(5);
 /// How often a canary checks its region's proxies.
 const CANARY_POLL: Duration = Duration::from_millis(20);
 
+/// Pushes of config changes are at least this far apart: the first change of a burst goes
+/// out at once, the rest of the burst together at the end of the window (istiod's lesson:
+/// a burst of changes must not become a burst of pushes to every proxy).
+pub const PUSH_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// Why a change was not made.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -159,8 +164,12 @@ pub struct ConfigService {
     registry: Arc<ProxyRegistry>,
     /// The store head the cache serves; `None` before the first sync.
     served: tokio::sync::Mutex<Option<Head>>,
-    /// One change at a time per replica (validation to push).
+    /// One change at a time per replica (validation to commit).
     changing: tokio::sync::Mutex<()>,
+    /// When the cache last changed.
+    last_push: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// How many times the cache changed.
+    pushes: std::sync::atomic::AtomicU64,
 }
 
 impl ConfigService {
@@ -172,6 +181,8 @@ impl ConfigService {
             registry,
             served: tokio::sync::Mutex::new(None),
             changing: tokio::sync::Mutex::new(()),
+            last_push: std::sync::Mutex::new(None),
+            pushes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -183,6 +194,11 @@ impl ConfigService {
     /// Every proxy that connected.
     pub fn registry(&self) -> &ProxyRegistry {
         &self.registry
+    }
+
+    /// How many times what is served has changed since start.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What is served now.
@@ -229,6 +245,10 @@ impl ConfigService {
             }
         }
         self.cache.set_views(Views { default, by_region });
+        *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(tokio::time::Instant::now());
+        self.pushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(active = ?head.active, canary = ?head.canary, "serving config");
         *served = Some(head);
         Ok(())
@@ -257,6 +277,16 @@ impl ConfigService {
             )
             .await?;
         self.sync_boxed().await
+    }
+
+    /// `sync` no sooner than [`PUSH_DEBOUNCE`] after the last push; changes stored
+    /// meanwhile go out together.
+    async fn sync_debounced(&self) -> Result<(), StoreError> {
+        let last = *self.last_push.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + PUSH_DEBOUNCE).await;
+        }
+        self.sync().await
     }
 
     /// `sync` again from inside `sync` (a boxed future, since the call is recursive).
@@ -304,12 +334,17 @@ impl ConfigService {
                     yaml: &change.yaml,
                 })
                 .await?;
-            self.sync().await?;
             revision
         };
         match change.canary {
-            None => Ok(Outcome::Applied(revision)),
-            Some(canary) => self.finish_canary(revision, &canary, started).await,
+            None => {
+                self.sync_debounced().await?;
+                Ok(Outcome::Applied(revision))
+            }
+            Some(canary) => {
+                self.sync().await?;
+                self.finish_canary(revision, &canary, started).await
+            }
         }
     }
 
@@ -406,7 +441,7 @@ impl ConfigService {
         author: &str,
         message: &str,
     ) -> Result<Outcome, ChangeError> {
-        let _one_change = self.changing.lock().await;
+        let one_change = self.changing.lock().await;
         let target = self.store.revision(version).await?;
         if target.state != RevisionState::Active {
             return Err(ChangeError::Conflict(format!(
@@ -434,7 +469,11 @@ impl ConfigService {
                 yaml: &target.yaml,
             })
             .await?;
-        self.sync().await?;
+        drop(one_change);
+        self.sync_debounced().await?;
         Ok(Outcome::Applied(revision))
     }
 }
+
+#[cfg(test)]
+mod tests;

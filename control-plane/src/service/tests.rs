@@ -1,0 +1,54 @@
+use super::*;
+
+fn yaml(port: u16) -> String {
+    format!("services:\n  web: {{ endpoints: [\"127.0.0.1:{port}\"] }}\nroutes:\n  - {{ service: web }}\n")
+}
+
+fn change(port: u16) -> Change {
+    Change {
+        author: "test".into(),
+        message: String::new(),
+        yaml: yaml(port),
+        canary: None,
+        action: RevisionAction::Apply,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_is_one_or_two_pushes_and_ends_on_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/nip.db", dir.path().display()))
+        .await
+        .unwrap();
+    let cache = Arc::new(SnapshotCache::default());
+    let service = Arc::new(ConfigService::new(
+        store,
+        Arc::clone(&cache),
+        Arc::new(ProxyRegistry::default()),
+    ));
+    service.sync().await.unwrap();
+    let before = service.pushes();
+    let mut burst = Vec::new();
+    for port in 9001..=9010 {
+        let service = Arc::clone(&service);
+        burst.push(tokio::spawn(
+            async move { service.apply(change(port)).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for apply in burst {
+        assert!(matches!(apply.await.unwrap(), Ok(Outcome::Applied(_))));
+    }
+    assert_eq!(cache.current().label, "10", "the last change is served");
+    let pushes = service.pushes() - before;
+    assert!(
+        (1..=2).contains(&pushes),
+        "ten changes within ~20 ms made {pushes} pushes"
+    );
+    // A change after a quiet window goes out at once.
+    tokio::time::sleep(PUSH_DEBOUNCE).await;
+    let alone = tokio::time::Instant::now();
+    service.apply(change(9100)).await.unwrap();
+    assert!(alone.elapsed() < PUSH_DEBOUNCE, "{:?}", alone.elapsed());
+    assert_eq!(cache.current().label, "11");
+}
