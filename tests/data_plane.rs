@@ -861,3 +861,63 @@ routes:
     assert_eq!(second["response_code"], 404);
     assert_eq!(second["response_flags"], "NR");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_latency_sends_traffic_where_it_is_answered_fastest_and_follows_a_slowdown() {
+    let fast = Backend::start("fast").await;
+    let slow = Backend::start("slow").await;
+    slow.set_delay(Duration::from_millis(40));
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}", "{}"], lb: latency }}
+routes:
+  - service: web
+"#,
+        fast.address, slow.address
+    ))
+    .await;
+    let client = client();
+    let url = proxy.url("/");
+    let share = |fast_before: usize, slow_before: usize| {
+        let fast_now = fast.requests() - fast_before;
+        let slow_now = slow.requests() - slow_before;
+        fast_now as f64 / (fast_now + slow_now) as f64
+    };
+    for _ in 0..100 {
+        assert_eq!(get(&client, &url).await.status(), 200);
+    }
+    assert!(share(0, 0) >= 0.9, "fast share {:.2}", share(0, 0));
+
+    // The fast one slows down: traffic follows at once (a peak is believed immediately).
+    fast.set_delay(Duration::from_millis(80));
+    let (fast_before, slow_before) = (fast.requests(), slow.requests());
+    for _ in 0..50 {
+        assert_eq!(get(&client, &url).await.status(), 200);
+    }
+    assert!(
+        share(fast_before, slow_before) <= 0.1,
+        "fast share after its slowdown {:.2}",
+        share(fast_before, slow_before)
+    );
+
+    // /clusters shows why: each endpoint's latency estimate.
+    let clusters = proxy.admin_json("/clusters").await;
+    let endpoints = clusters["clusters"][0]["endpoints"].as_array().unwrap();
+    assert_eq!(clusters["clusters"][0]["lb_policy"], "latency");
+    let estimate = |address: std::net::SocketAddr| {
+        endpoints
+            .iter()
+            .find(|e| e["address"] == address.to_string())
+            .unwrap()["latency_ewma_ms"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(estimate(fast.address) >= 80.0, "{endpoints:?}");
+    assert!(
+        (40.0..80.0).contains(&estimate(slow.address)),
+        "{endpoints:?}"
+    );
+}

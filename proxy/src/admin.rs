@@ -9,7 +9,7 @@
 //! | `/healthz` | 200 while the process runs |
 //! | `/metrics` | Prometheus text |
 //! | `/config_dump` | the xDS resources being served, as proto3 JSON, with version and node |
-//! | `/clusters` | every endpoint with locality, weight, health and load |
+//! | `/clusters` | every endpoint with locality, weight, health, load and latency estimate |
 
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -150,6 +150,7 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                         "weight": e.weight,
                         "healthy": e.state.is_healthy(),
                         "active_requests": e.state.active_requests(),
+                        "latency_ewma_ms": e.state.latency.estimate(&c.lb.ewma()).as_secs_f64() * 1000.0,
                         "requests_total": e.state.requests_total.load(Ordering::Relaxed),
                         "connections_active": open.get(&e.address).copied().unwrap_or(0),
                         "connections_total": e.state.connections_total.load(Ordering::Relaxed),

@@ -5,6 +5,7 @@
 //! the [`EndpointRegistry`] hands to every snapshot that has the same endpoint, so a reload
 //! neither forgets that an endpoint is down nor loses count of its in-flight requests.
 
+use crate::ewma::{EwmaConfig, PeakEwma};
 use crate::metrics::ClusterStats;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ pub enum LbPolicy {
     LeastRequest,
     /// Weighted random over healthy endpoints.
     Random,
+    /// Peak-EWMA latency × (in flight + 1), the cheaper of two random healthy endpoints.
+    Latency(EwmaConfig),
 }
 
 impl LbPolicy {
@@ -30,6 +33,15 @@ impl LbPolicy {
             LbPolicy::RoundRobin => "round_robin",
             LbPolicy::LeastRequest => "least_request",
             LbPolicy::Random => "random",
+            LbPolicy::Latency(_) => "latency",
+        }
+    }
+
+    /// How latency estimates decay for this cluster (the defaults unless `latency`).
+    pub fn ewma(self) -> EwmaConfig {
+        match self {
+            LbPolicy::Latency(config) => config,
+            _ => EwmaConfig::default(),
         }
     }
 }
@@ -54,6 +66,8 @@ pub struct EndpointState {
     pub connections_total: AtomicU64,
     /// Failed connection attempts.
     pub connect_failures_total: AtomicU64,
+    /// Response-time estimate (peak EWMA), kept for every policy, used by `latency`.
+    pub latency: PeakEwma,
 }
 
 impl Default for EndpointState {
@@ -64,6 +78,7 @@ impl Default for EndpointState {
             requests_total: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connect_failures_total: AtomicU64::new(0),
+            latency: PeakEwma::default(),
         }
     }
 }
@@ -85,27 +100,66 @@ impl EndpointState {
     }
 }
 
-/// Counts a request in flight to an endpoint for as long as it lives.
+/// What a failed try counts as in an endpoint's latency estimate: a connection refused
+/// in a microsecond must not make a dead endpoint look like the fastest one.
+pub const FAILURE_LATENCY: Duration = Duration::from_secs(1);
+
+/// Counts a request in flight to an endpoint for as long as it lives, and times it.
 #[derive(Debug)]
-pub struct ActiveRequest(Arc<EndpointState>);
+pub struct ActiveRequest {
+    state: Arc<EndpointState>,
+    started: tokio::time::Instant,
+    /// Whether this try's latency was recorded (once: its head, or its failure).
+    timed: bool,
+}
 
 impl ActiveRequest {
     /// Starts counting.
     pub fn start(state: &Arc<EndpointState>) -> Self {
         state.active_requests.fetch_add(1, Ordering::Relaxed);
         state.requests_total.fetch_add(1, Ordering::Relaxed);
-        ActiveRequest(Arc::clone(state))
+        ActiveRequest {
+            state: Arc::clone(state),
+            started: tokio::time::Instant::now(),
+            timed: false,
+        }
     }
 
     /// The endpoint's state.
     pub fn state(&self) -> &EndpointState {
-        &self.0
+        &self.state
+    }
+
+    /// The response head arrived: its delay feeds the endpoint's latency estimate.
+    pub fn answered(&mut self, ewma: &EwmaConfig) {
+        self.time(ewma, false);
+    }
+
+    /// The try failed before its head arrived (connect failure, reset, timeout): it counts
+    /// as at least [`FAILURE_LATENCY`].
+    pub fn failed(&mut self, ewma: &EwmaConfig) {
+        self.time(ewma, true);
+    }
+
+    fn time(&mut self, ewma: &EwmaConfig, failed: bool) {
+        if self.timed {
+            return;
+        }
+        self.timed = true;
+        let now = tokio::time::Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
+        let observed = if failed {
+            elapsed.max(FAILURE_LATENCY)
+        } else {
+            elapsed
+        };
+        self.state.latency.observe(observed, now, ewma);
     }
 }
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
+        self.state.active_requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -236,15 +290,33 @@ impl Cluster {
             }
             LbPolicy::Random => self.weighted_random(&usable),
             LbPolicy::LeastRequest => {
-                let a = self.weighted_random(&usable)?;
-                let b = self.weighted_random(&usable)?;
+                let (a, b) = self.two_choices(&usable)?;
                 if b.state.active_requests() < a.state.active_requests() {
                     Some(b)
                 } else {
                     Some(a)
                 }
             }
+            LbPolicy::Latency(config) => {
+                let (a, b) = self.two_choices(&usable)?;
+                let cost = |e: &Endpoint| e.state.latency.cost(e.state.active_requests(), &config);
+                if cost(b) < cost(a) {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
         }
+    }
+
+    /// Two different usable endpoints drawn by weight (the same one twice when it is the
+    /// only one): power of two choices.
+    fn two_choices(&self, usable: &impl Fn(&Endpoint) -> bool) -> Option<(&Endpoint, &Endpoint)> {
+        let a = self.weighted_random(usable)?;
+        let b = self
+            .weighted_random(&|e: &Endpoint| usable(e) && e.address != a.address)
+            .unwrap_or(a);
+        Some((a, b))
     }
 
     fn weighted_random(&self, usable: &impl Fn(&Endpoint) -> bool) -> Option<&Endpoint> {
@@ -387,8 +459,48 @@ mod tests {
             .map(|_| ActiveRequest::start(&c.endpoints[0].state))
             .collect();
         let counts = shares(&c, 1000);
-        // Endpoint 0 wins only when both choices land on it (~1/4).
-        assert!(counts[1] > 650, "{counts:?}");
+        // The two choices are different endpoints: the busy one never wins.
+        assert_eq!(counts, vec![0, 1000]);
+    }
+
+    #[test]
+    fn latency_prefers_the_fastest_of_two_choices_weighed_by_load() {
+        let config = EwmaConfig::default();
+        let c = cluster(LbPolicy::Latency(config), &[1, 1, 1]);
+        let now = tokio::time::Instant::now();
+        for (endpoint, ms) in c.endpoints.iter().zip([2, 30, 90]) {
+            endpoint
+                .state
+                .latency
+                .observe(Duration::from_millis(ms), now, &config);
+        }
+        // The fastest wins every pair it is in (2 of 3), the slowest none.
+        let counts = shares(&c, 3000);
+        assert!(counts[0] > 1800 && counts[2] == 0, "{counts:?}");
+        // Load counts: 20 requests in flight make the fast one cost 42 ms, more than 30.
+        let _busy: Vec<_> = (0..20)
+            .map(|_| ActiveRequest::start(&c.endpoints[0].state))
+            .collect();
+        let counts = shares(&c, 3000);
+        assert!(counts[1] > 1800, "{counts:?}");
+    }
+
+    #[test]
+    fn a_try_is_timed_once_and_failures_count_as_slow() {
+        let config = EwmaConfig::default();
+        let c = cluster(LbPolicy::Latency(config), &[1]);
+        let state = &c.endpoints[0].state;
+        let mut try_one = ActiveRequest::start(state);
+        try_one.failed(&config);
+        assert!(state.latency.estimate(&config) >= FAILURE_LATENCY);
+        try_one.answered(&config);
+        assert!(
+            state.latency.estimate(&config) >= FAILURE_LATENCY,
+            "only the first outcome of a try counts"
+        );
+        assert_eq!(state.active_requests(), 1);
+        drop(try_one);
+        assert_eq!(state.active_requests(), 0);
     }
 
     #[test]

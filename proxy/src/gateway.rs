@@ -650,11 +650,12 @@ impl ProxyHttp for Gateway {
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
         }
-        if let Some(active) = &ctx.active_endpoint {
+        if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
             active
                 .state()
                 .connect_failures_total
                 .fetch_add(1, Ordering::Relaxed);
+            active.failed(&cluster.lb.ewma());
         }
         let retry = ctx.can_retry()
             && ctx
@@ -677,6 +678,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.flag = None;
+        if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
+            active.answered(&cluster.lb.ewma());
+        }
         let Some(route) = &ctx.route else {
             return Ok(());
         };
@@ -706,6 +710,10 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         if e.etype() == &RETRIABLE_STATUS || e.etype() == &PLUGIN_STOP {
             return e;
+        }
+        // A try that ends without an answer counts as slow (a no-op once its head came).
+        if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
+            active.failed(&cluster.lb.ewma());
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
         let replayable = session.req_header().method.is_idempotent()

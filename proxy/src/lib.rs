@@ -30,6 +30,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod cluster;
+pub mod ewma;
 pub mod gateway;
 pub mod health;
 pub mod metrics;

@@ -9,6 +9,7 @@
 
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
+use crate::ewma::EwmaConfig;
 use crate::metrics::{Metrics, RequestCounters};
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
@@ -148,6 +149,70 @@ pub struct Compiler<'a> {
     pub plugins: &'a PluginLoader,
 }
 
+/// The policy from `load_balancing_policy`: the first entry NIP knows wins, as in Envoy
+/// and gRPC. `None` when the field is absent.
+fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>, String> {
+    let Some(list) = &xds.load_balancing_policy else {
+        return Ok(None);
+    };
+    for policy in &list.policies {
+        let Some(extension) = &policy.typed_extension_config else {
+            continue;
+        };
+        match extension.name.as_str() {
+            names::PEAK_EWMA_POLICY => {
+                let parameters = extension
+                    .typed_config
+                    .as_ref()
+                    .map(|any| {
+                        envoy_types::pb::google::protobuf::Struct::decode(any.value.as_slice())
+                            .map_err(|e| format!("{}: {e}", names::PEAK_EWMA_POLICY))
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
+                let seconds = |key: &str, default: Duration| -> Result<Duration, String> {
+                    match parameters.fields.get(key).and_then(|v| v.kind.as_ref()) {
+                        None => Ok(default),
+                        Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(n))
+                            if n.is_finite() && *n > 0.0 && *n < 86_400.0 =>
+                        {
+                            Ok(Duration::from_secs_f64(*n))
+                        }
+                        Some(_) => Err(format!(
+                            "{}: {key} must be a number of seconds between 0 and 86400",
+                            names::PEAK_EWMA_POLICY
+                        )),
+                    }
+                };
+                let defaults = EwmaConfig::default();
+                return Ok(Some(LbPolicy::Latency(EwmaConfig {
+                    decay: seconds("decay_seconds", defaults.decay)?,
+                    default_rtt: seconds("default_rtt_seconds", defaults.default_rtt)?,
+                })));
+            }
+            names::LEAST_REQUEST_POLICY => return Ok(Some(LbPolicy::LeastRequest)),
+            "envoy.load_balancing_policies.round_robin" => return Ok(Some(LbPolicy::RoundRobin)),
+            "envoy.load_balancing_policies.random" => return Ok(Some(LbPolicy::Random)),
+            _ => continue,
+        }
+    }
+    Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random)".to_string())
+}
+
+/// The policy from the `lb_policy` enum.
+fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
+    match cluster::LbPolicy::try_from(xds.lb_policy) {
+        Ok(cluster::LbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
+        Ok(cluster::LbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
+        Ok(cluster::LbPolicy::Random) => Ok(LbPolicy::Random),
+        Ok(other) => Err(format!(
+            "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+            other.as_str_name()
+        )),
+        Err(_) => Err(format!("lb_policy {} is unknown", xds.lb_policy)),
+    }
+}
+
 /// Plugins of a listener by HTTP filter name.
 type PluginFilters = BTreeMap<String, Arc<LoadedPlugin>>;
 
@@ -258,17 +323,9 @@ impl Compiler<'_> {
                 )))
             }
         };
-        let lb = match cluster::LbPolicy::try_from(xds.lb_policy) {
-            Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
-            Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
-            Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
-            Ok(other) => {
-                return Err(fail(format!(
-                    "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
-                    other.as_str_name()
-                )))
-            }
-            Err(_) => return Err(fail(format!("lb_policy {} is unknown", xds.lb_policy))),
+        let lb = match load_balancing_policy(xds).map_err(fail)? {
+            Some(policy) => policy,
+            None => legacy_lb_policy(xds).map_err(fail)?,
         };
         let connect_timeout = match &xds.connect_timeout {
             Some(d) => duration(d).ok_or_else(|| fail("connect_timeout is negative".into()))?,

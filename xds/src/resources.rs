@@ -50,6 +50,13 @@ pub mod names {
         format!("{PLUGIN_FILTER_PREFIX}{plugin}")
     }
 
+    /// `load_balancing_policy` extension of `lb: latency` (peak EWMA with two choices);
+    /// its `typed_config` is a `google.protobuf.Struct` with `decay_seconds` and
+    /// `default_rtt_seconds`. Clients that do not know it use the next policy in the list.
+    pub const PEAK_EWMA_POLICY: &str = "nip.load_balancing_policies.peak_ewma";
+    /// Envoy's least-request policy extension (the fallback after peak EWMA).
+    pub const LEAST_REQUEST_POLICY: &str = "envoy.load_balancing_policies.least_request";
+
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::{
     bootstrap::DynamicResources, Admin, Bootstrap,
 };
-use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster, LoadBalancingPolicy};
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source, data_source, health_check, socket_address, substitution_format_string,
     transport_socket, Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource,
@@ -732,12 +732,61 @@ fn grpc_api_listener(service: &str) -> Listener {
     }
 }
 
+/// `lb: latency` as a load-balancing policy list: NIP's peak EWMA first, Envoy's
+/// least-request for clients that do not know it.
+fn peak_ewma_policy(latency: crate::config::LatencyConfig) -> LoadBalancingPolicy {
+    use envoy_types::pb::envoy::config::cluster::v3::load_balancing_policy::Policy;
+    use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+    use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    let seconds = |d: Option<crate::config::HumanDuration>, default: Duration| Value {
+        kind: Some(Kind::NumberValue(
+            d.map_or(default, Into::into).as_secs_f64(),
+        )),
+    };
+    let parameters = Struct {
+        fields: [
+            (
+                "decay_seconds".to_string(),
+                seconds(latency.decay, DEFAULT_LATENCY_DECAY),
+            ),
+            (
+                "default_rtt_seconds".to_string(),
+                seconds(latency.default_rtt, DEFAULT_LATENCY_RTT),
+            ),
+        ]
+        .into(),
+    };
+    LoadBalancingPolicy {
+        policies: vec![
+            Policy {
+                typed_extension_config: Some(TypedExtensionConfig {
+                    name: names::PEAK_EWMA_POLICY.to_string(),
+                    typed_config: Some(pack_any(parameters)),
+                }),
+            },
+            Policy {
+                typed_extension_config: Some(TypedExtensionConfig {
+                    name: names::LEAST_REQUEST_POLICY.to_string(),
+                    typed_config: Some(pack_any(LeastRequest::default())),
+                }),
+            },
+        ],
+    }
+}
+
+/// Decay of `lb: latency` estimates when not configured (Finagle's and Linkerd's 10 s).
+const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint not measured yet (Linkerd's 30 ms).
+const DEFAULT_LATENCY_RTT: Duration = Duration::from_millis(30);
+
 fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
     let lb_policy = match service.lb {
         LbPolicy::RoundRobin => cluster::LbPolicy::RoundRobin,
-        LbPolicy::LeastRequest => cluster::LbPolicy::LeastRequest,
+        LbPolicy::LeastRequest | LbPolicy::Latency => cluster::LbPolicy::LeastRequest,
         LbPolicy::Random => cluster::LbPolicy::Random,
     };
+    let load_balancing_policy = (service.lb == LbPolicy::Latency)
+        .then(|| peak_ewma_policy(service.latency.unwrap_or_default()));
     let mut typed_extension_protocol_options = std::collections::HashMap::new();
     if service.protocol == UpstreamProtocol::Http2 {
         let options = HttpProtocolOptions {
@@ -803,6 +852,7 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         )),
         lb_policy: lb_policy as i32,
+        load_balancing_policy,
         health_checks,
         typed_extension_protocol_options,
         ..Default::default()

@@ -210,3 +210,92 @@ fn mutated_configs_never_panic_the_loader_or_compiler() {
     // Both outcomes occur, so the mutations exercise the compiler and the error paths.
     assert!(outcomes[0] > 100 && outcomes[1] > 50, "{outcomes:?}");
 }
+
+#[test]
+fn lb_latency_travels_as_a_load_balancing_policy_with_a_fallback() {
+    let t = translated(
+        "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    lb: latency\n    latency: { decay: 5s }\nroutes:\n  - { service: web }\n",
+    );
+    let xds = &t.resources.clusters[0];
+    assert_eq!(
+        xds.lb_policy,
+        XdsLbPolicy::LeastRequest as i32,
+        "for old clients"
+    );
+    let policies = &xds.load_balancing_policy.as_ref().unwrap().policies;
+    let names: Vec<&str> = policies
+        .iter()
+        .map(|p| p.typed_extension_config.as_ref().unwrap().name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [names::PEAK_EWMA_POLICY, names::LEAST_REQUEST_POLICY]
+    );
+    let snapshot = compile(&t).unwrap();
+    assert_eq!(
+        snapshot.clusters["web"].lb,
+        LbPolicy::Latency(EwmaConfig {
+            decay: Duration::from_secs(5),
+            default_rtt: Duration::from_millis(30),
+        })
+    );
+
+    // A client of this compiler that gets only policies it does not know refuses the cluster;
+    // one with an unknown policy first falls back to the next.
+    let mut unknown_first = t.clone();
+    let list = unknown_first.resources.clusters[0]
+        .load_balancing_policy
+        .as_mut()
+        .unwrap();
+    list.policies[0]
+        .typed_extension_config
+        .as_mut()
+        .unwrap()
+        .name = "example.com/magic".into();
+    assert_eq!(
+        compile(&unknown_first).unwrap().clusters["web"].lb,
+        LbPolicy::LeastRequest
+    );
+    unknown_first.resources.clusters[0]
+        .load_balancing_policy
+        .as_mut()
+        .unwrap()
+        .policies
+        .truncate(1);
+    let Err(error) = compile(&unknown_first) else {
+        panic!("nothing supported must be an error");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("none of its policies is supported"),
+        "{error}"
+    );
+
+    // Bad parameters name the field.
+    let mut bad = t.clone();
+    let parameters = envoy_types::pb::google::protobuf::Struct {
+        fields: [(
+            "decay_seconds".to_string(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(
+                    -1.0,
+                )),
+            },
+        )]
+        .into(),
+    };
+    bad.resources.clusters[0]
+        .load_balancing_policy
+        .as_mut()
+        .unwrap()
+        .policies[0]
+        .typed_extension_config
+        .as_mut()
+        .unwrap()
+        .typed_config = Some(envoy_types::util::pack_any(parameters));
+    let Err(error) = compile(&bad) else {
+        panic!("a negative decay must be an error");
+    };
+    assert!(error.to_string().contains("decay_seconds"), "{error}");
+}

@@ -200,6 +200,9 @@ pub struct ServiceConfig {
     /// Load-balancing policy.
     #[serde(default)]
     pub lb: LbPolicy,
+    /// Tuning of `lb: latency`.
+    #[serde(default)]
+    pub latency: Option<LatencyConfig>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -300,6 +303,21 @@ pub enum LbPolicy {
     LeastRequest,
     /// Weighted random.
     Random,
+    /// Peak-EWMA latency × (in flight + 1), power of two random choices: traffic goes where
+    /// it will be answered fastest.
+    Latency,
+}
+
+/// Tuning of `lb: latency`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyConfig {
+    /// Time constant of the latency average's decay toward faster answers (default 10s).
+    #[serde(default)]
+    pub decay: Option<HumanDuration>,
+    /// Latency assumed for an endpoint not measured yet (default 30ms).
+    #[serde(default)]
+    pub default_rtt: Option<HumanDuration>,
 }
 
 /// The protocol spoken to a service's endpoints.
