@@ -158,9 +158,21 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                     })
                 })
                 .collect();
+            let regions: Vec<Value> = c
+                .region_predictions()
+                .into_iter()
+                .map(|(region, predicted)| {
+                    json!({
+                        "region": region,
+                        "predicted_ms": predicted.map(|d| d.as_secs_f64() * 1000.0),
+                    })
+                })
+                .collect();
             json!({
                 "name": c.name.as_ref(),
                 "lb_policy": c.lb.as_str(),
+                "current_region": c.current_region(),
+                "regions": regions,
                 "http2": c.http2,
                 "health_checked": c.health_check.is_some(),
                 "healthy_endpoints": c.healthy_count(),

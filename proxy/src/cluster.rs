@@ -228,7 +228,36 @@ pub struct Cluster {
     /// Weighted round-robin schedule: endpoint indexes, each repeated by weight, interleaved.
     schedule: Vec<u32>,
     cursor: AtomicUsize,
+    /// Endpoints grouped by region, for `latency` across regions.
+    regions: Regions,
 }
+
+/// Endpoints by region and which region `lb: latency` sends traffic to now.
+///
+/// The predicted latency of a region is the lowest cost (peak-EWMA estimate × (in flight
+/// + 1)) among its usable endpoints. Traffic stays in the proxy's own region until that is
+/// slower than the best region by more than [`REGION_MARGIN`] (or has nothing usable),
+/// then goes to the best; it comes back once the local prediction is within half the margin
+/// of where traffic is (hysteresis: no flapping between close regions). One request in
+/// [`EXPLORE_EVERY`] goes to another region so that its prediction stays current — that is
+/// how a recovered region is noticed.
+#[derive(Debug, Default)]
+struct Regions {
+    /// Region names and the indexes of their endpoints.
+    groups: Vec<(String, Vec<usize>)>,
+    /// The group of the proxy's own region.
+    local: Option<usize>,
+    /// The group traffic goes to now.
+    current: AtomicUsize,
+    /// Counts picks, to spread exploration.
+    picks: AtomicU64,
+}
+
+/// How much slower (relative) the current region may be than the best before traffic moves.
+pub const REGION_MARGIN: f64 = 0.5;
+
+/// One pick in this many explores another region.
+pub const EXPLORE_EVERY: u64 = 50;
 
 impl Cluster {
     /// Builds a cluster and its round-robin schedule.
@@ -242,6 +271,16 @@ impl Cluster {
         stats: ClusterStats,
     ) -> Self {
         let schedule = interleaved_schedule(&endpoints);
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|(r, _)| *r == endpoint.locality.region)
+            {
+                Some((_, members)) => members.push(i),
+                None => groups.push((endpoint.locality.region.clone(), vec![i])),
+            }
+        }
         Cluster {
             name,
             lb,
@@ -252,7 +291,103 @@ impl Cluster {
             stats,
             schedule,
             cursor: AtomicUsize::new(fastrand::usize(..1 << 16)),
+            regions: Regions {
+                groups,
+                ..Regions::default()
+            },
         }
+    }
+
+    /// Tells the cluster which region the proxy runs in: `latency` prefers it.
+    pub fn with_local_region(mut self, region: &str) -> Self {
+        self.regions.local = self.regions.groups.iter().position(|(r, _)| r == region);
+        if let Some(local) = self.regions.local {
+            self.regions.current.store(local, Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// The region `latency` sends traffic to now, if the cluster spans several.
+    pub fn current_region(&self) -> Option<&str> {
+        if self.regions.groups.len() < 2 {
+            return None;
+        }
+        let current = self.regions.current.load(Ordering::Relaxed);
+        self.regions.groups.get(current).map(|(r, _)| r.as_str())
+    }
+
+    /// Predicted latency of each region (lowest cost among its usable endpoints), `None`
+    /// when nothing there is usable.
+    pub fn region_predictions(&self) -> Vec<(&str, Option<Duration>)> {
+        let config = self.lb.ewma();
+        self.regions
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, (region, _))| {
+                let cost = self.region_cost(g, &|e: &Endpoint| e.state.is_healthy(), &config);
+                (
+                    region.as_str(),
+                    cost.map(|ns| Duration::from_nanos(ns as u64)),
+                )
+            })
+            .collect()
+    }
+
+    fn region_cost(
+        &self,
+        group: usize,
+        usable: &impl Fn(&Endpoint) -> bool,
+        config: &EwmaConfig,
+    ) -> Option<f64> {
+        self.regions.groups[group]
+            .1
+            .iter()
+            .map(|&i| &self.endpoints[i])
+            .filter(|e| usable(e))
+            .map(|e| e.state.latency.cost(e.state.active_requests(), config))
+            .min_by(|a, b| a.total_cmp(b))
+    }
+
+    /// The region traffic should go to now (see [`Regions`]), remembered for the next pick.
+    fn choose_region(
+        &self,
+        usable: &impl Fn(&Endpoint) -> bool,
+        config: &EwmaConfig,
+    ) -> Option<usize> {
+        let costs: Vec<Option<f64>> = (0..self.regions.groups.len())
+            .map(|g| self.region_cost(g, usable, config))
+            .collect();
+        let best = costs
+            .iter()
+            .enumerate()
+            .filter_map(|(g, c)| c.map(|c| (g, c)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        let current = self.regions.current.load(Ordering::Relaxed);
+        let here = costs.get(current).copied().flatten();
+        let local = self.regions.local.and_then(|l| costs[l].map(|c| (l, c)));
+        let next = match (local, here) {
+            // Nothing usable where traffic goes: the best region.
+            (_, None) => best.0,
+            (Some((l, local_cost)), Some(_)) if current == l => {
+                if local_cost > best.1 * (1.0 + REGION_MARGIN) {
+                    best.0
+                } else {
+                    l
+                }
+            }
+            (Some((l, local_cost)), Some(here))
+                if local_cost <= here * (1.0 + REGION_MARGIN / 2.0) =>
+            {
+                l
+            }
+            (_, Some(here)) if best.1 * (1.0 + REGION_MARGIN) < here => best.0,
+            _ => current,
+        };
+        if next != current {
+            self.regions.current.store(next, Ordering::Relaxed);
+        }
+        Some(next)
     }
 
     /// Number of endpoints currently taking traffic.
@@ -292,6 +427,37 @@ impl Cluster {
             LbPolicy::LeastRequest => {
                 let (a, b) = self.two_choices(&usable)?;
                 if b.state.active_requests() < a.state.active_requests() {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+            LbPolicy::Latency(config) if self.regions.groups.len() > 1 => {
+                let chosen = self.choose_region(&usable, &config)?;
+                let picks = self.regions.picks.fetch_add(1, Ordering::Relaxed);
+                let group = if picks % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
+                    // Explore the other regions in turn (those with something usable).
+                    let others: Vec<usize> = (0..self.regions.groups.len())
+                        .filter(|&g| g != chosen && self.region_cost(g, &usable, &config).is_some())
+                        .collect();
+                    let turn = usize::try_from(picks / EXPLORE_EVERY).unwrap_or(0);
+                    others
+                        .get(turn % others.len().max(1))
+                        .copied()
+                        .unwrap_or(chosen)
+                } else {
+                    chosen
+                };
+                let members = &self.regions.groups[group].1;
+                let in_group = |e: &Endpoint| {
+                    usable(e)
+                        && members
+                            .iter()
+                            .any(|&i| self.endpoints[i].address == e.address)
+                };
+                let (a, b) = self.two_choices(&in_group)?;
+                let cost = |e: &Endpoint| e.state.latency.cost(e.state.active_requests(), &config);
+                if cost(b) < cost(a) {
                     Some(b)
                 } else {
                     Some(a)
@@ -483,6 +649,122 @@ mod tests {
             .collect();
         let counts = shares(&c, 3000);
         assert!(counts[1] > 1800, "{counts:?}");
+    }
+
+    /// A `latency` cluster with one endpoint per region, the proxy in `r1`.
+    fn three_regions() -> Cluster {
+        let registry = EndpointRegistry::default();
+        let endpoints = ["r1", "r2", "r3"]
+            .iter()
+            .enumerate()
+            .map(|(i, region)| {
+                let address: SocketAddr = format!("127.0.0.1:{}", 2000 + i).parse().unwrap();
+                Endpoint {
+                    address,
+                    locality: Locality {
+                        region: region.to_string(),
+                        zone: String::new(),
+                    },
+                    weight: 1,
+                    state: registry.state("c", address),
+                }
+            })
+            .collect();
+        Cluster::new(
+            "c".into(),
+            LbPolicy::Latency(EwmaConfig::default()),
+            false,
+            Duration::from_secs(1),
+            endpoints,
+            None,
+            ClusterStats::detached(),
+        )
+        .with_local_region("r1")
+    }
+
+    fn observe(c: &Cluster, latencies_ms: [u64; 3]) {
+        let now = tokio::time::Instant::now();
+        for (endpoint, ms) in c.endpoints.iter().zip(latencies_ms) {
+            endpoint
+                .state
+                .latency
+                .observe(Duration::from_millis(ms), now, &c.lb.ewma());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_keeps_to_the_local_region_moves_when_it_slows_and_comes_back_without_flapping()
+    {
+        let c = three_regions();
+        observe(&c, [2, 30, 90]);
+        let counts = shares(&c, 5000);
+        assert!(counts[0] >= 4750, "≥ 95 % local: {counts:?}");
+        assert!(
+            counts[1] > 0 && counts[2] > 0,
+            "the others are explored: {counts:?}"
+        );
+        assert_eq!(c.current_region(), Some("r1"));
+
+        // The local region slows to 60 ms: traffic moves to the best other region at once.
+        observe(&c, [60, 30, 90]);
+        let counts = shares(&c, 5000);
+        assert!(counts[1] >= 4750, "moved to r2: {counts:?}");
+        assert_eq!(c.current_region(), Some("r2"));
+
+        // While the local region stays slow, traffic stays away.
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            observe(&c, [60, 30, 90]);
+        }
+        // It recovers to 2 ms; explorations see it and the average decays.
+        let mut back_after = None;
+        for second in 1..=30 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            observe(&c, [2, 30, 90]);
+            shares(&c, 100);
+            if c.current_region() == Some("r1") && back_after.is_none() {
+                back_after = Some(second);
+            }
+        }
+        let back_after = back_after.expect("traffic returns within 30 s");
+        assert!(
+            back_after > 1,
+            "not at the first fast answer: the estimate decays in"
+        );
+        assert_eq!(c.current_region(), Some("r1"), "and stays");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_regions_do_not_flap() {
+        let c = three_regions();
+        observe(&c, [40, 30, 90]);
+        // 40 vs 30: within the margin, so the local region keeps the traffic.
+        shares(&c, 1000);
+        assert_eq!(c.current_region(), Some("r1"));
+        // Once away (the local one spiked), 40 is not close enough to come back.
+        observe(&c, [60, 30, 90]);
+        shares(&c, 10);
+        assert_eq!(c.current_region(), Some("r2"));
+        for _ in 0..120 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            observe(&c, [40, 30, 90]);
+            shares(&c, 10);
+            assert_eq!(c.current_region(), Some("r2"));
+        }
+    }
+
+    #[test]
+    fn a_region_with_nothing_healthy_is_left_and_none_when_all_are_down() {
+        let c = three_regions();
+        observe(&c, [2, 30, 90]);
+        c.endpoints[0].state.set_healthy(false);
+        let counts = shares(&c, 1000);
+        assert_eq!(counts[0], 0);
+        assert!(counts[1] >= 950, "{counts:?}");
+        for e in &c.endpoints {
+            e.state.set_healthy(false);
+        }
+        assert!(c.pick(&[]).is_none());
     }
 
     #[test]

@@ -228,7 +228,14 @@ impl Compiler<'_> {
             if clusters.contains_key(&xds.name) {
                 return Err(err("Cluster", &xds.name, "name is used twice"));
             }
-            let cluster = self.cluster(xds, &resources.endpoints)?;
+            let local_region = bootstrap
+                .node
+                .as_ref()
+                .and_then(|n| n.locality.as_ref())
+                .map_or("", |l| l.region.as_str());
+            let cluster = self
+                .cluster(xds, &resources.endpoints)?
+                .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
         // Listeners with `api_listener` are for proxyless gRPC clients, not for a proxy.
