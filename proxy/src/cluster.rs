@@ -234,8 +234,8 @@ pub struct Cluster {
 
 /// Endpoints by region and which region `lb: latency` sends traffic to now.
 ///
-/// The predicted latency of a region is the lowest cost (peak-EWMA estimate × (in flight
-/// + 1)) among its usable endpoints. Traffic stays in the proxy's own region until that is
+/// The predicted latency of a region is the lowest cost among its usable endpoints (the
+/// peak-EWMA estimate times one more than the requests in flight). Traffic stays in the proxy's own region until that is
 /// slower than the best region by more than [`REGION_MARGIN`] (or has nothing usable),
 /// then goes to the best; it comes back once the local prediction is within half the margin
 /// of where traffic is (hysteresis: no flapping between close regions). One request in
