@@ -234,8 +234,9 @@ pub struct Cluster {
 
 /// Endpoints by region and which region `lb: latency` sends traffic to now.
 ///
-/// The predicted latency of a region is the lowest cost among its usable endpoints (the
-/// peak-EWMA estimate times one more than the requests in flight). Traffic stays in the proxy's own region until that is
+/// The predicted latency of a region is the lowest peak-EWMA estimate among its usable
+/// endpoints (load is weighed inside the region, by the two choices; weighing it here too
+/// would send traffic back and forth between regions as requests come and go). Traffic stays in the proxy's own region until that is
 /// slower than the best region by more than [`REGION_MARGIN`] (or has nothing usable),
 /// then goes to the best; it comes back once the local prediction is within half the margin
 /// of where traffic is (hysteresis: no flapping between close regions). One request in
@@ -316,8 +317,8 @@ impl Cluster {
         self.regions.groups.get(current).map(|(r, _)| r.as_str())
     }
 
-    /// Predicted latency of each region (lowest cost among its usable endpoints), `None`
-    /// when nothing there is usable.
+    /// Predicted latency of each region (lowest estimate among its usable endpoints),
+    /// `None` when nothing there is usable.
     pub fn region_predictions(&self) -> Vec<(&str, Option<Duration>)> {
         let config = self.lb.ewma();
         self.regions
@@ -345,7 +346,7 @@ impl Cluster {
             .iter()
             .map(|&i| &self.endpoints[i])
             .filter(|e| usable(e))
-            .map(|e| e.state.latency.cost(e.state.active_requests(), config))
+            .map(|e| e.state.latency.estimate(config).as_nanos() as f64)
             .min_by(|a, b| a.total_cmp(b))
     }
 

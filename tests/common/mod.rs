@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod wan;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;

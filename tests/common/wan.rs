@@ -96,11 +96,7 @@ impl LinkControl {
     fn delay(&self) -> Duration {
         let base = self.one_way_us.load(Ordering::Relaxed);
         let jitter = self.jitter_us.load(Ordering::Relaxed);
-        let extra = if jitter == 0 {
-            0
-        } else {
-            fastrand_u64(jitter)
-        };
+        let extra = if jitter == 0 { 0 } else { fastrand_u64(jitter) };
         Duration::from_micros(base + extra)
     }
 }

@@ -1,0 +1,152 @@
+//! Three regions behind userspace WAN links (2 ms, 30 ms and 90 ms round trips) and a
+//! proxy in the first one with `lb: latency`: where traffic goes in steady state, how fast
+//! it moves when the local region slows down, and that it comes back when it recovers.
+
+mod common;
+
+use common::wan::WanLink;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Region {
+    backend: Backend,
+    link: WanLink,
+}
+
+async fn region(name: &str, rtt_ms: u64) -> Region {
+    let backend = Backend::start(name).await;
+    let link = WanLink::start(backend.address, Duration::from_millis(rtt_ms)).await;
+    Region { backend, link }
+}
+
+/// Clients sending requests back to back until stopped; counts failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (url, stop, failures) = (url.to_string(), stop.clone(), failures.clone());
+                tokio::spawn(async move {
+                    let client = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {}
+                            _ => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Requests each region's backend got during `window`.
+async fn counts_during(regions: &[Region], window: Duration) -> Vec<usize> {
+    let before: Vec<usize> = regions.iter().map(|r| r.backend.requests()).collect();
+    tokio::time::sleep(window).await;
+    regions
+        .iter()
+        .zip(before)
+        .map(|(r, b)| r.backend.requests() - b)
+        .collect()
+}
+
+fn share(counts: &[usize], i: usize) -> f64 {
+    counts[i] as f64 / counts.iter().sum::<usize>().max(1) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
+    let regions = [
+        region("r1", 2).await,
+        region("r2", 30).await,
+        region("r3", 90).await,
+    ];
+    let endpoints: Vec<String> = regions
+        .iter()
+        .zip(["r1", "r2", "r3"])
+        .map(|(r, name)| format!("{{ address: \"{}\", region: {name} }}", r.link.address))
+        .collect();
+    let proxy = Proxy::start(&format!(
+        r#"
+node: {{ id: edge-r1, region: r1 }}
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: [{}], lb: latency }}
+routes:
+  - service: web
+"#,
+        endpoints.join(", ")
+    ))
+    .await;
+    let load = Load::start(&proxy.url("/"), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Steady state: the local region is the fastest and gets ≥ 95 %.
+    let steady = counts_during(&regions, Duration::from_secs(2)).await;
+    assert!(share(&steady, 0) >= 0.95, "steady state {steady:?}");
+
+    // The local region slows from 2 ms to 60 ms: traffic moves to r2 within 2 s.
+    regions[0].link.set_rtt(Duration::from_millis(60));
+    let slowed = Instant::now();
+    let moved = loop {
+        let window = counts_during(&regions, Duration::from_millis(200)).await;
+        if share(&window, 1) >= 0.9 {
+            break slowed.elapsed();
+        }
+        assert!(
+            slowed.elapsed() < Duration::from_secs(5),
+            "still {window:?}"
+        );
+    };
+    assert!(moved <= Duration::from_secs(2), "moved after {moved:?}");
+    let clusters = proxy.admin_json("/clusters").await;
+    assert_eq!(
+        clusters["clusters"][0]["current_region"], "r2",
+        "{clusters}"
+    );
+
+    // It recovers: traffic comes back within 30 s and stays (no flapping).
+    regions[0].link.set_rtt(Duration::from_millis(2));
+    let recovered = Instant::now();
+    loop {
+        let window = counts_during(&regions, Duration::from_millis(500)).await;
+        if share(&window, 0) >= 0.9 {
+            break;
+        }
+        assert!(
+            recovered.elapsed() < Duration::from_secs(30),
+            "not back after 30 s: {window:?}"
+        );
+    }
+    for _ in 0..4 {
+        let window = counts_during(&regions, Duration::from_millis(500)).await;
+        assert!(share(&window, 0) >= 0.9, "flapped: {window:?}");
+    }
+    assert_eq!(load.stop().await, 0, "no request failed");
+}
