@@ -79,8 +79,9 @@ fn share(counts: &[usize], i: usize) -> f64 {
     counts[i] as f64 / counts.iter().sum::<usize>().max(1) as f64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
+/// The three regions and a proxy in r1 balancing `web` over them with `lb: latency`;
+/// `retries` is the route's retry policy as YAML (or empty).
+async fn three_regions(retries: &str) -> ([Region; 3], Proxy) {
     let regions = [
         region("r1", 2).await,
         region("r2", 30).await,
@@ -100,10 +101,17 @@ services:
   web: {{ endpoints: [{}], lb: latency }}
 routes:
   - service: web
+    {retries}
 "#,
         endpoints.join(", ")
     ))
     .await;
+    (regions, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
+    let (regions, proxy) = three_regions("").await;
     let load = Load::start(&proxy.url("/"), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -149,4 +157,30 @@ routes:
         assert!(share(&window, 0) >= 0.9, "flapped: {window:?}");
     }
     assert_eq!(load.stop().await, 0, "no request failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_and_retries() {
+    let (regions, proxy) =
+        three_regions("retries: { on: [5xx], max: 2, per_try_timeout: 300ms }").await;
+    let load = Load::start(&proxy.url("/"), 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady = counts_during(&regions, Duration::from_secs(1)).await;
+    assert!(share(&steady, 0) >= 0.9, "steady state {steady:?}");
+
+    // The local region stops answering (connections open, nothing comes back).
+    regions[0].link.black_hole(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = counts_during(&regions, Duration::from_secs(2)).await;
+    assert!(share(&after, 1) >= 0.9, "traffic moved to r2: {after:?}");
+    assert_eq!(load.stop().await, 0, "every hung try was retried elsewhere");
+    let metrics = proxy.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "nip_upstream_rq_retry_total",
+            &[("cluster", "web")]
+        ) >= 1.0,
+        "retries were used"
+    );
 }

@@ -569,7 +569,11 @@ impl ProxyHttp for Gateway {
             ));
         };
         let address = endpoint.address;
-        let timeout = route.timeout;
+        let timeout = match route.retry.per_try_timeout {
+            Some(per_try) if route.timeout.is_zero() => per_try,
+            Some(per_try) => per_try.min(route.timeout),
+            None => route.timeout,
+        };
         let connect_timeout = cluster.connect_timeout;
         let http2 = cluster.http2;
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
@@ -732,7 +736,12 @@ impl ProxyHttp for Gateway {
                     | ErrorType::H2Error
                     | ErrorType::H1Error
             );
-            if retries_reset && is_reset && ctx.can_retry() {
+            let retries_timeout = ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.retry.retries_timeout());
+            let is_timeout = matches!(e.etype(), ErrorType::ReadTimedout);
+            if ((retries_reset && is_reset) || (retries_timeout && is_timeout)) && ctx.can_retry() {
                 ctx.count_retry();
                 e.set_retry(true);
             }

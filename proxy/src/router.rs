@@ -98,6 +98,9 @@ pub struct RetryPolicy {
     pub on_gateway_error: bool,
     /// Retry when the upstream resets before answering.
     pub on_reset: bool,
+    /// Longest wait for one try's answer (a timed-out try is retried on `5xx` or
+    /// `gateway-error`).
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -133,6 +136,12 @@ impl RetryPolicy {
     /// Whether an upstream reset before the response is worth another try.
     pub fn retries_reset(&self) -> bool {
         self.on_reset || self.on_5xx || self.on_gateway_error
+    }
+
+    /// Whether a try that timed out before its answer is worth another (Envoy counts it
+    /// as a 504).
+    pub fn retries_timeout(&self) -> bool {
+        self.on_5xx || self.on_gateway_error
     }
 }
 

@@ -560,11 +560,22 @@ impl Compiler<'_> {
             None => DEFAULT_ROUTE_TIMEOUT,
         };
         let retry = match &action.retry_policy {
-            Some(policy) => RetryPolicy::parse(
-                &policy.retry_on,
-                policy.num_retries.as_ref().map_or(1, |n| n.value),
-            )
-            .map_err(|e| format!("route.retry_policy.retry_on: {e}"))?,
+            Some(policy) => RetryPolicy {
+                per_try_timeout: policy
+                    .per_try_timeout
+                    .as_ref()
+                    .map(|d| {
+                        duration(d)
+                            .filter(|d| !d.is_zero())
+                            .ok_or("route.retry_policy.per_try_timeout must be more than 0")
+                    })
+                    .transpose()?,
+                ..RetryPolicy::parse(
+                    &policy.retry_on,
+                    policy.num_retries.as_ref().map_or(1, |n| n.value),
+                )
+                .map_err(|e| format!("route.retry_policy.retry_on: {e}"))?
+            },
             None => RetryPolicy::default(),
         };
         Ok(Route::new(

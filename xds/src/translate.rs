@@ -604,6 +604,7 @@ fn xds_route(route: &RouteConfig, index: usize) -> Route {
     let retry_policy = route.retries.as_ref().map(|r| RetryPolicy {
         retry_on: r.on.join(","),
         num_retries: Some(UInt32Value { value: r.max }),
+        per_try_timeout: r.per_try_timeout.map(|d| pb_duration(d.into())),
         ..Default::default()
     });
     // Each listed plugin is switched on for this route; its position in the list is the

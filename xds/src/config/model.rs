@@ -467,6 +467,10 @@ pub struct RetryConfig {
     /// Retries after the first try (default 1, as in Envoy).
     #[serde(default = "default_retry_max")]
     pub max: u32,
+    /// Longest wait for each try's answer; a try that times out is retried when `on` has
+    /// `5xx` or `gateway-error` (Envoy's `per_try_timeout`).
+    #[serde(default)]
+    pub per_try_timeout: Option<HumanDuration>,
 }
 
 fn default_retry_on() -> Vec<String> {
