@@ -921,3 +921,51 @@ routes:
         "{endpoints:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_status(500);
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web:
+    endpoints: ["{}", "{}"]
+    outlier_detection: {{ consecutive_5xx: 3, base_ejection_time: 30s }}
+routes:
+  - service: web
+"#,
+        good.address, bad.address
+    ))
+    .await;
+    let client = client();
+    let url = proxy.url("/");
+    let mut failed = 0;
+    for _ in 0..40 {
+        if get(&client, &url).await.status() != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 3,
+        "three failures in a row eject it; nothing fails after"
+    );
+    assert_eq!(bad.requests(), 3);
+    let clusters = proxy.admin_json("/clusters").await;
+    let bad_endpoint = clusters["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == bad.address.to_string())
+        .unwrap()
+        .clone();
+    assert_eq!(bad_endpoint["ejected"], true, "{bad_endpoint}");
+    assert!(bad_endpoint["ejected_for_ms"].as_u64().unwrap() > 20_000);
+    assert_eq!(clusters["clusters"][0]["healthy_endpoints"], 1);
+    proxy
+        .wait_for_sample("nip_outlier_ejections_total", &[("cluster", "web")], 1.0)
+        .await;
+}

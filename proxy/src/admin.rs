@@ -139,6 +139,7 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
         .clusters
         .values()
         .map(|c| {
+            let now = tokio::time::Instant::now();
             let endpoints: Vec<Value> = c
                 .endpoints
                 .iter()
@@ -151,6 +152,9 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                         "healthy": e.state.is_healthy(),
                         "active_requests": e.state.active_requests(),
                         "latency_ewma_ms": e.state.latency.estimate(&c.lb.ewma()).as_secs_f64() * 1000.0,
+                        "ejected": c.outlier.is_some() && e.state.outlier.is_ejected(now),
+                        "ejected_for_ms": e.state.outlier.ejected_for(now).as_millis() as u64,
+                        "ejections_total": e.state.outlier.ejections_total.load(Ordering::Relaxed),
                         "requests_total": e.state.requests_total.load(Ordering::Relaxed),
                         "connections_active": open.get(&e.address).copied().unwrap_or(0),
                         "connections_total": e.state.connections_total.load(Ordering::Relaxed),

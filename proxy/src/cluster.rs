@@ -7,6 +7,7 @@
 
 use crate::ewma::{EwmaConfig, PeakEwma};
 use crate::metrics::ClusterStats;
+use crate::outlier::{OutlierConfig, OutlierState, TryOutcome};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,6 +69,8 @@ pub struct EndpointState {
     pub connect_failures_total: AtomicU64,
     /// Response-time estimate (peak EWMA), kept for every policy, used by `latency`.
     pub latency: PeakEwma,
+    /// Failure streaks and ejection (outlier detection).
+    pub outlier: OutlierState,
 }
 
 impl Default for EndpointState {
@@ -79,6 +82,7 @@ impl Default for EndpointState {
             connections_total: AtomicU64::new(0),
             connect_failures_total: AtomicU64::new(0),
             latency: PeakEwma::default(),
+            outlier: OutlierState::default(),
         }
     }
 }
@@ -136,14 +140,14 @@ impl ActiveRequest {
     }
 
     /// The try failed before its head arrived (connect failure, reset, timeout): it counts
-    /// as at least [`FAILURE_LATENCY`].
-    pub fn failed(&mut self, ewma: &EwmaConfig) {
-        self.time(ewma, true);
+    /// as at least [`FAILURE_LATENCY`]. Returns whether this was the try's first outcome.
+    pub fn failed(&mut self, ewma: &EwmaConfig) -> bool {
+        self.time(ewma, true)
     }
 
-    fn time(&mut self, ewma: &EwmaConfig, failed: bool) {
+    fn time(&mut self, ewma: &EwmaConfig, failed: bool) -> bool {
         if self.timed {
-            return;
+            return false;
         }
         self.timed = true;
         let now = tokio::time::Instant::now();
@@ -154,6 +158,7 @@ impl ActiveRequest {
             elapsed
         };
         self.state.latency.observe(observed, now, ewma);
+        true
     }
 }
 
@@ -230,6 +235,8 @@ pub struct Cluster {
     cursor: AtomicUsize,
     /// Endpoints grouped by region, for `latency` across regions.
     regions: Regions,
+    /// Outlier detection, if configured.
+    pub outlier: Option<OutlierConfig>,
 }
 
 /// Endpoints by region and which region `lb: latency` sends traffic to now.
@@ -296,7 +303,42 @@ impl Cluster {
                 groups,
                 ..Regions::default()
             },
+            outlier: None,
         }
+    }
+
+    /// Ejects endpoints that keep failing (see [`crate::outlier`]).
+    pub fn with_outlier_detection(mut self, config: Option<OutlierConfig>) -> Self {
+        self.outlier = config;
+        self
+    }
+
+    /// Records how a try to an endpoint of this cluster ended; ejects it when it crossed a
+    /// threshold and the cluster may lose one more endpoint.
+    pub fn record_outcome(&self, state: &EndpointState, outcome: TryOutcome) {
+        let Some(config) = &self.outlier else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        if !state.outlier.record(outcome, now, config) {
+            return;
+        }
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.state.outlier.is_ejected(now))
+            .count();
+        let allowed = (self.endpoints.len() * config.max_ejection_percent as usize / 100).max(1);
+        if ejected < allowed {
+            state.outlier.eject(now, config);
+            self.stats.outlier_ejections.inc();
+        }
+    }
+
+    /// Whether an endpoint takes traffic: healthy and not ejected.
+    fn in_service(&self, endpoint: &Endpoint, now: tokio::time::Instant) -> bool {
+        endpoint.state.is_healthy()
+            && (self.outlier.is_none() || !endpoint.state.outlier.is_ejected(now))
     }
 
     /// Tells the cluster which region the proxy runs in: `latency` prefers it.
@@ -321,12 +363,13 @@ impl Cluster {
     /// `None` when nothing there is usable.
     pub fn region_predictions(&self) -> Vec<(&str, Option<Duration>)> {
         let config = self.lb.ewma();
+        let now = tokio::time::Instant::now();
         self.regions
             .groups
             .iter()
             .enumerate()
             .map(|(g, (region, _))| {
-                let cost = self.region_cost(g, &|e: &Endpoint| e.state.is_healthy(), &config);
+                let cost = self.region_cost(g, &|e: &Endpoint| self.in_service(e, now), &config);
                 (
                     region.as_str(),
                     cost.map(|ns| Duration::from_nanos(ns as u64)),
@@ -391,23 +434,25 @@ impl Cluster {
         Some(next)
     }
 
-    /// Number of endpoints currently taking traffic.
+    /// Number of endpoints currently taking traffic (healthy, not ejected).
     pub fn healthy_count(&self) -> usize {
+        let now = tokio::time::Instant::now();
         self.endpoints
             .iter()
-            .filter(|e| e.state.is_healthy())
+            .filter(|e| self.in_service(e, now))
             .count()
     }
 
     /// Picks a healthy endpoint, avoiding `tried` (endpoints that already failed this
     /// request) when another healthy one exists. `None` means no endpoint is healthy.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<&Endpoint> {
-        let usable = |e: &Endpoint| e.state.is_healthy() && !tried.contains(&e.address);
+        let now = tokio::time::Instant::now();
+        let usable = |e: &Endpoint| self.in_service(e, now) && !tried.contains(&e.address);
         self.pick_where(usable).or_else(|| {
             if tried.is_empty() {
                 None
             } else {
-                self.pick_where(|e: &Endpoint| e.state.is_healthy())
+                self.pick_where(|e: &Endpoint| self.in_service(e, now))
             }
         })
     }

@@ -16,6 +16,7 @@
 
 use crate::cluster::{ActiveRequest, Cluster};
 use crate::metrics::Metrics;
+use crate::outlier::TryOutcome;
 use crate::plugins::chain::{RequestPlugins, Verdict};
 use crate::plugins::headers::request_headers;
 use crate::plugins::runtime::PluginRuntime;
@@ -659,7 +660,9 @@ impl ProxyHttp for Gateway {
                 .state()
                 .connect_failures_total
                 .fetch_add(1, Ordering::Relaxed);
-            active.failed(&cluster.lb.ewma());
+            if active.failed(&cluster.lb.ewma()) {
+                cluster.record_outcome(active.state(), TryOutcome::NoAnswer);
+            }
         }
         let retry = ctx.can_retry()
             && ctx
@@ -684,6 +687,7 @@ impl ProxyHttp for Gateway {
         ctx.flag = None;
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
             active.answered(&cluster.lb.ewma());
+            cluster.record_outcome(active.state(), TryOutcome::Status(status));
         }
         let Some(route) = &ctx.route else {
             return Ok(());
@@ -717,7 +721,9 @@ impl ProxyHttp for Gateway {
         }
         // A try that ends without an answer counts as slow (a no-op once its head came).
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
-            active.failed(&cluster.lb.ewma());
+            if active.failed(&cluster.lb.ewma()) {
+                cluster.record_outcome(active.state(), TryOutcome::NoAnswer);
+            }
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
         let replayable = session.req_header().method.is_idempotent()

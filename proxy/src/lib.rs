@@ -34,6 +34,7 @@ pub mod ewma;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
+pub mod outlier;
 pub mod plugins;
 pub mod router;
 pub mod server;

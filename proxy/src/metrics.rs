@@ -149,6 +149,8 @@ pub struct ClusterStats {
     pub rq_active: Gauge,
     /// Retries sent.
     pub rq_retry: Counter,
+    /// Endpoints ejected by outlier detection.
+    pub outlier_ejections: Counter,
 }
 
 impl ClusterStats {
@@ -170,6 +172,7 @@ pub struct Metrics {
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_rq_retry: Family<ClusterLabels, Counter>,
+    outlier_ejections: Family<ClusterLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_rq_active: Family<EndpointLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
@@ -205,6 +208,7 @@ impl Metrics {
             upstream_cx_connect_fail: Family::default(),
             upstream_rq_active: Family::default(),
             upstream_rq_retry: Family::default(),
+            outlier_ejections: Family::default(),
             endpoint_healthy: Family::default(),
             endpoint_rq_active: Family::default(),
             health_checks: Family::default(),
@@ -256,6 +260,11 @@ impl Metrics {
             "upstream_rq_retry",
             "Upstream retries",
             m.upstream_rq_retry.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.outlier_ejections.clone(),
         );
         registry.register(
             "endpoint_healthy",
@@ -345,6 +354,7 @@ impl Metrics {
             cx_connect_fail: self.upstream_cx_connect_fail.get_or_create(&labels).clone(),
             rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
             rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
+            outlier_ejections: self.outlier_ejections.get_or_create(&labels).clone(),
         }
     }
 

@@ -11,6 +11,7 @@ use crate::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
 use crate::ewma::EwmaConfig;
 use crate::metrics::{Metrics, RequestCounters};
+use crate::outlier::OutlierConfig;
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
     HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteMatch, Router,
@@ -199,6 +200,53 @@ fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>, String> {
     Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random)".to_string())
 }
 
+/// Envoy's `OutlierDetection` as NIP applies it: the consecutive-5xx and
+/// consecutive-gateway-failure detectors, ejection times and the ejection ceiling. Envoy's
+/// defaults fill what is not set; an `enforcing_*` of 0 switches a detector off.
+fn outlier_config(
+    xds: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
+) -> Result<OutlierConfig, String> {
+    let defaults = OutlierConfig::default();
+    let number = |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value);
+    let time = |d: &Option<PbDuration>, field: &str, default: Duration| match d {
+        None => Ok(default),
+        Some(d) => duration(d)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("outlier_detection.{field} must be more than 0")),
+    };
+    let enforced = |v: &Option<UInt32Value>, default: u32| number(v, default) > 0;
+    let max_ejection_percent = number(&xds.max_ejection_percent, defaults.max_ejection_percent);
+    if max_ejection_percent > 100 {
+        return Err(format!(
+            "outlier_detection.max_ejection_percent: {max_ejection_percent} is more than 100"
+        ));
+    }
+    Ok(OutlierConfig {
+        consecutive_5xx: if enforced(&xds.enforcing_consecutive_5xx, 100) {
+            number(&xds.consecutive_5xx, defaults.consecutive_5xx)
+        } else {
+            0
+        },
+        consecutive_gateway_failure: if enforced(&xds.enforcing_consecutive_gateway_failure, 0) {
+            number(&xds.consecutive_gateway_failure, 5)
+        } else {
+            0
+        },
+        interval: time(&xds.interval, "interval", defaults.interval)?,
+        base_ejection_time: time(
+            &xds.base_ejection_time,
+            "base_ejection_time",
+            defaults.base_ejection_time,
+        )?,
+        max_ejection_time: time(
+            &xds.max_ejection_time,
+            "max_ejection_time",
+            defaults.max_ejection_time,
+        )?,
+        max_ejection_percent,
+    })
+}
+
 /// The policy from the `lb_policy` enum.
 fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
     match cluster::LbPolicy::try_from(xds.lb_policy) {
@@ -355,6 +403,12 @@ impl Compiler<'_> {
             Some(cla) => self.endpoints(name, cla)?,
             None => Vec::new(),
         };
+        let outlier = xds
+            .outlier_detection
+            .as_ref()
+            .map(outlier_config)
+            .transpose()
+            .map_err(fail)?;
         Ok(Cluster::new(
             name.into(),
             lb,
@@ -363,7 +417,8 @@ impl Compiler<'_> {
             endpoints,
             health_check,
             self.metrics.cluster_stats(name),
-        ))
+        )
+        .with_outlier_detection(outlier))
     }
 
     fn endpoints(

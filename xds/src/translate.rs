@@ -775,6 +775,26 @@ fn peak_ewma_policy(latency: crate::config::LatencyConfig) -> LoadBalancingPolic
     }
 }
 
+/// The v4 outlier detection as Envoy's message (unset fields stay unset: Envoy defaults).
+fn outlier_detection(
+    config: crate::config::OutlierDetectionConfig,
+) -> envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
+    let number = |n: Option<u32>| n.map(|value| UInt32Value { value });
+    let time = |d: Option<crate::config::HumanDuration>| d.map(|d| pb_duration(d.into()));
+    envoy_types::pb::envoy::config::cluster::v3::OutlierDetection {
+        consecutive_5xx: number(config.consecutive_5xx),
+        consecutive_gateway_failure: number(config.consecutive_gateway_errors),
+        enforcing_consecutive_gateway_failure: config
+            .consecutive_gateway_errors
+            .map(|_| UInt32Value { value: 100 }),
+        interval: time(config.interval),
+        base_ejection_time: time(config.base_ejection_time),
+        max_ejection_time: time(config.max_ejection_time),
+        max_ejection_percent: number(config.max_ejection_percent),
+        ..Default::default()
+    }
+}
+
 /// Decay of `lb: latency` estimates when not configured (Finagle's and Linkerd's 10 s).
 const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint not measured yet (Linkerd's 30 ms).
@@ -854,6 +874,7 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         )),
         lb_policy: lb_policy as i32,
         load_balancing_policy,
+        outlier_detection: service.outlier_detection.map(outlier_detection),
         health_checks,
         typed_extension_protocol_options,
         ..Default::default()

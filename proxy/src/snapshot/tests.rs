@@ -299,3 +299,51 @@ fn lb_latency_travels_as_a_load_balancing_policy_with_a_fallback() {
     };
     assert!(error.to_string().contains("decay_seconds"), "{error}");
 }
+
+#[test]
+fn outlier_detection_takes_envoy_defaults_and_refuses_nonsense() {
+    let t = translated(
+        "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    outlier_detection: { consecutive_gateway_errors: 2, max_ejection_percent: 50 }\nroutes:\n  - { service: web }\n",
+    );
+    let snapshot = compile(&t).unwrap();
+    assert_eq!(
+        snapshot.clusters["web"].outlier,
+        Some(OutlierConfig {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 2,
+            max_ejection_percent: 50,
+            ..OutlierConfig::default()
+        })
+    );
+    let mut disabled = t.clone();
+    let od = disabled.resources.clusters[0]
+        .outlier_detection
+        .as_mut()
+        .unwrap();
+    od.enforcing_consecutive_5xx = Some(UInt32Value { value: 0 });
+    assert_eq!(
+        compile(&disabled).unwrap().clusters["web"]
+            .outlier
+            .unwrap()
+            .consecutive_5xx,
+        0
+    );
+    let mut bad = t.clone();
+    bad.resources.clusters[0]
+        .outlier_detection
+        .as_mut()
+        .unwrap()
+        .max_ejection_percent = Some(UInt32Value { value: 150 });
+    let Err(error) = compile(&bad) else {
+        panic!("150 % must be refused");
+    };
+    assert!(
+        error.to_string().contains("max_ejection_percent"),
+        "{error}"
+    );
+    // Without the block there is no outlier detection.
+    assert_eq!(
+        compile(&translated(BASE)).unwrap().clusters["web"].outlier,
+        None
+    );
+}

@@ -203,6 +203,9 @@ pub struct ServiceConfig {
     /// Tuning of `lb: latency`.
     #[serde(default)]
     pub latency: Option<LatencyConfig>,
+    /// Eject endpoints that keep failing (Envoy's outlier detection).
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionConfig>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -318,6 +321,32 @@ pub struct LatencyConfig {
     /// Latency assumed for an endpoint not measured yet (default 30ms).
     #[serde(default)]
     pub default_rtt: Option<HumanDuration>,
+}
+
+/// Outlier detection of a service; unset fields take Envoy's defaults.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    /// Failures (5xx, connect failures, resets, timeouts) in a row that eject (default 5).
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    /// Gateway failures (502/503/504 and the same local failures) in a row that eject
+    /// (off unless set).
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often an ejected-and-returned endpoint earns one step back (default 10s).
+    #[serde(default)]
+    pub interval: Option<HumanDuration>,
+    /// First ejection's length; the nth is n times longer (default 30s).
+    #[serde(default)]
+    pub base_ejection_time: Option<HumanDuration>,
+    /// Longest ejection (default 300s).
+    #[serde(default)]
+    pub max_ejection_time: Option<HumanDuration>,
+    /// Most of the service ejected at once, in percent (default 10; one endpoint may
+    /// always be ejected).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
 }
 
 /// The protocol spoken to a service's endpoints.
