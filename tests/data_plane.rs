@@ -969,3 +969,93 @@ routes:
         .wait_for_sample("nip_outlier_ejections_total", &[("cluster", "web")], 1.0)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_max_requests_circuit_breaker_answers_503_uo_beyond_its_limit() {
+    let slow = Backend::start("slow").await;
+    slow.set_delay(Duration::from_millis(500));
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"], circuit_breakers: {{ max_requests: 2 }} }}
+routes:
+  - service: web
+"#,
+        slow.address
+    ))
+    .await;
+    let client = client();
+    let url = proxy.url("/");
+    let answers = futures_util::future::join_all((0..6).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = client.get(&url).send().await.unwrap();
+            let flag = r
+                .headers()
+                .get("x-nip-response-flags")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), flag)
+        }
+    }))
+    .await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let overflow = answers
+        .iter()
+        .filter(|(s, f)| *s == 503 && f.as_deref() == Some("UO"))
+        .count();
+    assert_eq!((ok, overflow), (2, 4), "{answers:?}");
+    proxy
+        .wait_for_sample("nip_upstream_rq_overflow_total", &[("cluster", "web")], 4.0)
+        .await;
+    // Once those two are done, the breaker closes again.
+    assert_eq!(get(&client, &url).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_max_retries_circuit_breaker_stops_retries() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_status(500);
+    let config = |max_retries: u32| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}", "{}"], circuit_breakers: {{ max_retries: {max_retries} }} }}
+routes:
+  - service: web
+    retries: {{ on: [5xx], max: 2 }}
+"#,
+            good.address, bad.address
+        )
+    };
+    // With room for retries, every request that lands on the bad endpoint is retried.
+    let proxy = Proxy::start(&config(3)).await;
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(get(&client, &proxy.url("/")).await.status(), 200);
+    }
+    drop(proxy);
+    // With none, they are not: the 500 goes back and the overflow is counted.
+    let proxy = Proxy::start(&config(0)).await;
+    let mut failed = 0;
+    for _ in 0..10 {
+        if get(&client, &proxy.url("/")).await.status() == 500 {
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 5,
+        "round robin sends every other request to the bad one"
+    );
+    proxy
+        .wait_for_sample(
+            "nip_upstream_rq_retry_overflow_total",
+            &[("cluster", "web")],
+            5.0,
+        )
+        .await;
+}

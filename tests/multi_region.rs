@@ -80,8 +80,8 @@ fn share(counts: &[usize], i: usize) -> f64 {
 }
 
 /// The three regions and a proxy in r1 balancing `web` over them with `lb: latency`;
-/// `retries` is the route's retry policy as YAML (or empty).
-async fn three_regions(retries: &str) -> ([Region; 3], Proxy) {
+/// `service` adds to the service's flow map, `retries` is the route's retry policy (YAML).
+async fn three_regions(service: &str, retries: &str) -> ([Region; 3], Proxy) {
     let regions = [
         region("r1", 2).await,
         region("r2", 30).await,
@@ -98,7 +98,7 @@ node: {{ id: edge-r1, region: r1 }}
 admin: {{ address: "127.0.0.1:{{admin}}" }}
 api_gateway: {{ address: "127.0.0.1:{{port}}" }}
 services:
-  web: {{ endpoints: [{}], lb: latency }}
+  web: {{ endpoints: [{}], lb: latency{service} }}
 routes:
   - service: web
     {retries}
@@ -111,7 +111,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
-    let (regions, proxy) = three_regions("").await;
+    let (regions, proxy) = three_regions("", "").await;
     let load = Load::start(&proxy.url("/"), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -161,8 +161,13 @@ async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_and_retries() {
-    let (regions, proxy) =
-        three_regions("retries: { on: [5xx], max: 2, per_try_timeout: 300ms }").await;
+    // Every client may be retrying at once when the region goes dark: the max_retries
+    // circuit breaker (Envoy's default is 3) must leave room for them.
+    let (regions, proxy) = three_regions(
+        ", circuit_breakers: { max_retries: 16 }",
+        "retries: { on: [5xx], max: 2, per_try_timeout: 300ms }",
+    )
+    .await;
     let load = Load::start(&proxy.url("/"), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let steady = counts_during(&regions, Duration::from_secs(1)).await;

@@ -237,6 +237,27 @@ pub struct Cluster {
     regions: Regions,
     /// Outlier detection, if configured.
     pub outlier: Option<OutlierConfig>,
+    /// Circuit breakers.
+    pub breakers: CircuitBreakers,
+}
+
+/// Envoy's circuit breakers that NIP enforces (default priority).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    /// Requests in flight to the cluster; more are answered 503 with flag `UO`.
+    pub max_requests: u32,
+    /// Retries in flight to the cluster; more are not made.
+    pub max_retries: u32,
+}
+
+impl Default for CircuitBreakers {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        CircuitBreakers {
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
 }
 
 /// Endpoints by region and which region `lb: latency` sends traffic to now.
@@ -304,7 +325,14 @@ impl Cluster {
                 ..Regions::default()
             },
             outlier: None,
+            breakers: CircuitBreakers::default(),
         }
+    }
+
+    /// Sets the circuit breakers.
+    pub fn with_circuit_breakers(mut self, breakers: CircuitBreakers) -> Self {
+        self.breakers = breakers;
+        self
     }
 
     /// Ejects endpoints that keep failing (see [`crate::outlier`]).

@@ -70,10 +70,12 @@ pub enum ResponseFlag {
     DownstreamClosed,
     /// A fail-closed plugin failed (503).
     PluginFailure,
+    /// The cluster's `max_requests` circuit breaker is open (503).
+    UpstreamOverflow,
 }
 
 impl ResponseFlag {
-    const ALL: [ResponseFlag; 9] = [
+    const ALL: [ResponseFlag; 10] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -83,6 +85,7 @@ impl ResponseFlag {
         ResponseFlag::RetryLimitExceeded,
         ResponseFlag::DownstreamClosed,
         ResponseFlag::PluginFailure,
+        ResponseFlag::UpstreamOverflow,
     ];
 
     /// Envoy's short name.
@@ -97,6 +100,7 @@ impl ResponseFlag {
             ResponseFlag::RetryLimitExceeded => "URX",
             ResponseFlag::DownstreamClosed => "DC",
             ResponseFlag::PluginFailure => "PF",
+            ResponseFlag::UpstreamOverflow => "UO",
         }
     }
 
@@ -122,6 +126,8 @@ pub struct RequestCtx {
     request_id: String,
     active_endpoint: Option<ActiveRequest>,
     active_cluster: Option<GaugeGuard>,
+    /// Held from a request's first retry: counts it against the `max_retries` breaker.
+    retry_slot: Option<GaugeGuard>,
     /// The route's plugins as this request runs through them.
     /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
     /// which is moved whole, so requests without plugins must not pay for its size.)
@@ -151,7 +157,7 @@ impl Drop for GaugeGuard {
 pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
-    flag_counters: [Counter; 9],
+    flag_counters: [Counter; 10],
     plugin_runtime: Arc<PluginRuntime>,
 }
 
@@ -385,16 +391,36 @@ fn is_connect_error(etype: &ErrorType) -> bool {
 }
 
 impl RequestCtx {
+    /// Whether another try is allowed: the route's budget, and the cluster's `max_retries`
+    /// circuit breaker (a request already retrying holds its slot).
     fn can_retry(&self) -> bool {
-        self.route
+        let budget = self
+            .route
             .as_ref()
-            .is_some_and(|r| self.retries < r.retry.max_retries)
+            .is_some_and(|r| self.retries < r.retry.max_retries);
+        if !budget {
+            return false;
+        }
+        match &self.cluster {
+            Some(cluster) if self.retry_slot.is_none() => {
+                let open =
+                    cluster.stats.rq_retry_active.get() >= i64::from(cluster.breakers.max_retries);
+                if open {
+                    cluster.stats.rq_retry_overflow.inc();
+                }
+                !open
+            }
+            _ => true,
+        }
     }
 
     fn count_retry(&mut self) {
         self.retries += 1;
         if let Some(cluster) = &self.cluster {
             cluster.stats.rq_retry.inc();
+            if self.retry_slot.is_none() {
+                self.retry_slot = Some(GaugeGuard::new(&cluster.stats.rq_retry_active));
+            }
         }
     }
 }
@@ -419,6 +445,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             active_endpoint: None,
             active_cluster: None,
+            retry_slot: None,
             plugins: None,
             plugin_stop: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
@@ -483,6 +510,13 @@ impl ProxyHttp for Gateway {
             respond(session, ctx, 503, "the route's cluster does not exist\n").await;
             return Ok(true);
         };
+        if cluster.stats.rq_active.get() >= i64::from(cluster.breakers.max_requests) {
+            cluster.stats.rq_overflow.inc();
+            ctx.flag = Some(ResponseFlag::UpstreamOverflow);
+            ctx.local_status = 503;
+            respond(session, ctx, 503, "upstream overflow (circuit breaker)\n").await;
+            return Ok(true);
+        }
         ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
         ctx.cluster = Some(cluster);
         Ok(false)

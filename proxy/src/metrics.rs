@@ -151,6 +151,12 @@ pub struct ClusterStats {
     pub rq_retry: Counter,
     /// Endpoints ejected by outlier detection.
     pub outlier_ejections: Counter,
+    /// Retries in flight (for the `max_retries` circuit breaker).
+    pub rq_retry_active: Gauge,
+    /// Requests refused by the `max_requests` circuit breaker.
+    pub rq_overflow: Counter,
+    /// Retries not made because of the `max_retries` circuit breaker.
+    pub rq_retry_overflow: Counter,
 }
 
 impl ClusterStats {
@@ -173,6 +179,9 @@ pub struct Metrics {
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_rq_retry: Family<ClusterLabels, Counter>,
     outlier_ejections: Family<ClusterLabels, Counter>,
+    upstream_rq_retry_active: Family<ClusterLabels, Gauge>,
+    upstream_rq_overflow: Family<ClusterLabels, Counter>,
+    upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_rq_active: Family<EndpointLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
@@ -209,6 +218,9 @@ impl Metrics {
             upstream_rq_active: Family::default(),
             upstream_rq_retry: Family::default(),
             outlier_ejections: Family::default(),
+            upstream_rq_retry_active: Family::default(),
+            upstream_rq_overflow: Family::default(),
+            upstream_rq_retry_overflow: Family::default(),
             endpoint_healthy: Family::default(),
             endpoint_rq_active: Family::default(),
             health_checks: Family::default(),
@@ -265,6 +277,21 @@ impl Metrics {
             "outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.outlier_ejections.clone(),
+        );
+        registry.register(
+            "upstream_rq_retry_active",
+            "Upstream retries in flight",
+            m.upstream_rq_retry_active.clone(),
+        );
+        registry.register(
+            "upstream_rq_overflow",
+            "Requests refused by the max_requests circuit breaker (flag UO)",
+            m.upstream_rq_overflow.clone(),
+        );
+        registry.register(
+            "upstream_rq_retry_overflow",
+            "Retries not made because of the max_retries circuit breaker",
+            m.upstream_rq_retry_overflow.clone(),
         );
         registry.register(
             "endpoint_healthy",
@@ -355,6 +382,12 @@ impl Metrics {
             rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
             rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
             outlier_ejections: self.outlier_ejections.get_or_create(&labels).clone(),
+            rq_retry_active: self.upstream_rq_retry_active.get_or_create(&labels).clone(),
+            rq_overflow: self.upstream_rq_overflow.get_or_create(&labels).clone(),
+            rq_retry_overflow: self
+                .upstream_rq_retry_overflow
+                .get_or_create(&labels)
+                .clone(),
         }
     }
 

@@ -8,7 +8,9 @@
 //! naming the resource, so the caller can keep the previous snapshot (and, over xDS, NACK).
 
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
-use crate::cluster::{Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality};
+use crate::cluster::{
+    CircuitBreakers, Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality,
+};
 use crate::ewma::EwmaConfig;
 use crate::metrics::{Metrics, RequestCounters};
 use crate::outlier::OutlierConfig;
@@ -247,6 +249,31 @@ fn outlier_config(
     })
 }
 
+/// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).
+/// NIP enforces `max_requests` and `max_retries`; connection and pending-request limits are
+/// left to the connection pool.
+fn circuit_breakers(xds: &XdsCluster) -> CircuitBreakers {
+    let defaults = CircuitBreakers::default();
+    let thresholds = xds.circuit_breakers.as_ref().and_then(|b| {
+        b.thresholds.iter().find(|t| {
+            t.priority == envoy_types::pb::envoy::config::core::v3::RoutingPriority::Default as i32
+        })
+    });
+    match thresholds {
+        None => defaults,
+        Some(t) => CircuitBreakers {
+            max_requests: t
+                .max_requests
+                .as_ref()
+                .map_or(defaults.max_requests, |v| v.value),
+            max_retries: t
+                .max_retries
+                .as_ref()
+                .map_or(defaults.max_retries, |v| v.value),
+        },
+    }
+}
+
 /// The policy from the `lb_policy` enum.
 fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
     match cluster::LbPolicy::try_from(xds.lb_policy) {
@@ -418,7 +445,8 @@ impl Compiler<'_> {
             health_check,
             self.metrics.cluster_stats(name),
         )
-        .with_outlier_detection(outlier))
+        .with_outlier_detection(outlier)
+        .with_circuit_breakers(circuit_breakers(xds)))
     }
 
     fn endpoints(

@@ -875,6 +875,17 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         lb_policy: lb_policy as i32,
         load_balancing_policy,
         outlier_detection: service.outlier_detection.map(outlier_detection),
+        circuit_breakers: service.circuit_breakers.map(|b| {
+            use envoy_types::pb::envoy::config::cluster::v3::{circuit_breakers, CircuitBreakers};
+            CircuitBreakers {
+                thresholds: vec![circuit_breakers::Thresholds {
+                    max_requests: b.max_requests.map(|value| UInt32Value { value }),
+                    max_retries: b.max_retries.map(|value| UInt32Value { value }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        }),
         health_checks,
         typed_extension_protocol_options,
         ..Default::default()

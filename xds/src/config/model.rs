@@ -206,6 +206,9 @@ pub struct ServiceConfig {
     /// Eject endpoints that keep failing (Envoy's outlier detection).
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// Limits on what the proxy sends to the service at once.
+    #[serde(default)]
+    pub circuit_breakers: Option<CircuitBreakersConfig>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -347,6 +350,18 @@ pub struct OutlierDetectionConfig {
     /// always be ejected).
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
+}
+
+/// Circuit breakers of a service (Envoy's defaults: 1024 requests, 3 retries).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakersConfig {
+    /// Requests in flight to the service; more are answered 503 with flag `UO`.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// Retries in flight to the service; more are not made.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
 }
 
 /// The protocol spoken to a service's endpoints.
