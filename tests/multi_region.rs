@@ -189,3 +189,67 @@ async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_
         "retries were used"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_down() {
+    let regions = [
+        region("r1", 2).await,
+        region("r2", 30).await,
+        region("r3", 90).await,
+    ];
+    let endpoints: Vec<String> = regions
+        .iter()
+        .zip(["r1", "r2", "r3"])
+        .map(|(r, name)| format!("{{ address: \"{}\", region: {name} }}", r.link.address))
+        .collect();
+    let proxy = Proxy::start(&format!(
+        r#"
+node: {{ id: edge-r1, region: r1 }}
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web:
+    endpoints: [{}]
+    lb: latency
+    health_check: {{ path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }}
+routes:
+  - match: {{ path_prefix: /eu-data }}
+    service: web
+    locality: r2
+  - service: web
+"#,
+        endpoints.join(", ")
+    ))
+    .await;
+    let client = client();
+    for _ in 0..30 {
+        let r = client.get(proxy.url("/eu-data/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-backend"], "r2");
+    }
+    assert_eq!(
+        regions[0].backend.requests(),
+        0,
+        "the fast local region is not used"
+    );
+    assert_eq!(regions[2].backend.requests(), 0);
+
+    // Its region goes down: 503 with a flag, never another region.
+    regions[1].backend.set_healthy(false);
+    eventually("the pinned route answers 503 UH", || async {
+        let r = client.get(proxy.url("/eu-data/x")).send().await.unwrap();
+        r.status() == 503 && r.headers()["x-nip-response-flags"] == "UH"
+    })
+    .await;
+    for _ in 0..10 {
+        let r = client.get(proxy.url("/eu-data/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(regions[0].backend.requests(), 0);
+    assert_eq!(regions[2].backend.requests(), 0);
+    // Other routes keep being served.
+    assert_eq!(
+        client.get(proxy.url("/")).send().await.unwrap().status(),
+        200
+    );
+}

@@ -474,13 +474,22 @@ impl Cluster {
     /// Picks a healthy endpoint, avoiding `tried` (endpoints that already failed this
     /// request) when another healthy one exists. `None` means no endpoint is healthy.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<&Endpoint> {
+        self.pick_in(tried, None)
+    }
+
+    /// [`Cluster::pick`] among the endpoints of `region` only, when given (data locality:
+    /// `None` back rather than another region).
+    pub fn pick_in(&self, tried: &[SocketAddr], region: Option<&str>) -> Option<&Endpoint> {
         let now = tokio::time::Instant::now();
-        let usable = |e: &Endpoint| self.in_service(e, now) && !tried.contains(&e.address);
+        let allowed = |e: &Endpoint| {
+            self.in_service(e, now) && region.is_none_or(|r| *e.locality.region == *r)
+        };
+        let usable = |e: &Endpoint| allowed(e) && !tried.contains(&e.address);
         self.pick_where(usable).or_else(|| {
             if tried.is_empty() {
                 None
             } else {
-                self.pick_where(|e: &Endpoint| self.in_service(e, now))
+                self.pick_where(allowed)
             }
         })
     }

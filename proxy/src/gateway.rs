@@ -596,7 +596,7 @@ impl ProxyHttp for Gateway {
                 "no cluster chosen",
             ));
         };
-        let Some(endpoint) = cluster.pick(&ctx.tried) else {
+        let Some(endpoint) = cluster.pick_in(&ctx.tried, route.locality.as_deref()) else {
             ctx.flag = Some(ResponseFlag::NoHealthyUpstream);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),

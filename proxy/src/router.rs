@@ -185,6 +185,8 @@ pub struct Route {
     pub stats: RouteStats,
     /// Plugins this route runs, in order.
     pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
+    /// Data locality: the only region whose endpoints may serve this route.
+    pub locality: Option<Arc<str>>,
 }
 
 impl Route {
@@ -208,7 +210,14 @@ impl Route {
             retry,
             stats,
             plugins,
+            locality: None,
         }
+    }
+
+    /// Pins the route to the endpoints of one region.
+    pub fn with_locality(mut self, region: Option<Arc<str>>) -> Self {
+        self.locality = region;
+        self
     }
 
     fn matches(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {

@@ -274,6 +274,30 @@ fn circuit_breakers(xds: &XdsCluster) -> CircuitBreakers {
     }
 }
 
+/// A route's data locality from its metadata (`nip.locality` → `region`).
+fn route_locality(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+) -> Result<Option<Arc<str>>, String> {
+    let Some(fields) = xds
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::LOCALITY_METADATA))
+    else {
+        return Ok(None);
+    };
+    match fields.fields.get("region").and_then(|v| v.kind.as_ref()) {
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(region))
+            if !region.is_empty() =>
+        {
+            Ok(Some(region.as_str().into()))
+        }
+        _ => Err(format!(
+            "metadata {}: needs a non-empty string `region`",
+            names::LOCALITY_METADATA
+        )),
+    }
+}
+
 /// The policy from the `lb_policy` enum.
 fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
     match cluster::LbPolicy::try_from(xds.lb_policy) {
@@ -669,7 +693,8 @@ impl Compiler<'_> {
             retry,
             self.metrics.route_stats(&route_name),
             route_plugins(xds, plugins)?,
-        ))
+        )
+        .with_locality(route_locality(xds)?))
     }
 
     fn access_log(

@@ -57,6 +57,10 @@ pub mod names {
     /// Envoy's least-request policy extension (the fallback after peak EWMA).
     pub const LEAST_REQUEST_POLICY: &str = "envoy.load_balancing_policies.least_request";
 
+    /// Route `metadata.filter_metadata` key of a route's data locality (`{region: "…"}`):
+    /// Envoy has no field for pinning a route to a region.
+    pub const LOCALITY_METADATA: &str = "nip.locality";
+
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

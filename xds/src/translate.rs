@@ -626,8 +626,25 @@ fn xds_route(route: &RouteConfig, index: usize) -> Route {
             )
         })
         .collect();
+    let metadata = route.locality.as_ref().map(|region| Metadata {
+        filter_metadata: [(
+            names::LOCALITY_METADATA.to_string(),
+            Struct {
+                fields: [(
+                    "region".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(region.clone())),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    });
     Route {
         name: route_name(route, index),
+        metadata,
         typed_per_filter_config,
         r#match: Some(RouteMatch {
             path_specifier: Some(path_specifier),

@@ -445,6 +445,10 @@ pub struct RouteConfig {
     /// Plugins this route runs, in this order.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Data locality: only endpoints in this region ever serve the route; when none is
+    /// usable the answer is 503 (flag `UH`) rather than another region.
+    #[serde(default)]
+    pub locality: Option<String>,
 }
 
 /// The conditions a request must meet for a route. All given conditions must hold.
