@@ -118,6 +118,22 @@ async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
     // Steady state: the local region is the fastest and gets ≥ 95 %.
     let steady = counts_during(&regions, Duration::from_secs(2)).await;
     assert!(share(&steady, 0) >= 0.95, "steady state {steady:?}");
+    // /metrics says where the balancer sent tries, per locality.
+    let metrics = proxy.metrics().await;
+    let picks = |region: &str| {
+        sample(
+            &metrics,
+            "nip_upstream_locality_picks_total",
+            &[("cluster", "web"), ("region", region)],
+        )
+    };
+    assert!(
+        picks("r1") > 10.0 * (picks("r2") + picks("r3")),
+        "r1 {} r2 {} r3 {}",
+        picks("r1"),
+        picks("r2"),
+        picks("r3")
+    );
 
     // The local region slows from 2 ms to 60 ms: traffic moves to r2 within 2 s.
     regions[0].link.set_rtt(Duration::from_millis(60));

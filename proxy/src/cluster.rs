@@ -179,6 +179,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Live state shared across snapshots.
     pub state: Arc<EndpointState>,
+    /// Tries sent to this endpoint's locality (`nip_upstream_locality_picks_total`).
+    pub locality_picks: prometheus_client::metrics::counter::Counter,
 }
 
 /// Active health checking of a cluster's endpoints.
@@ -646,6 +648,7 @@ mod tests {
                     locality: Locality::default(),
                     weight: *w,
                     state: registry.state("c", address),
+                    locality_picks: Default::default(),
                 }
             })
             .collect();
@@ -750,6 +753,7 @@ mod tests {
                     },
                     weight: 1,
                     state: registry.state("c", address),
+                    locality_picks: Default::default(),
                 }
             })
             .collect();

@@ -611,6 +611,7 @@ impl ProxyHttp for Gateway {
         };
         let connect_timeout = cluster.connect_timeout;
         let http2 = cluster.http2;
+        endpoint.locality_picks.inc();
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
         ctx.endpoint = Some(address);
         ctx.tried.push(address);

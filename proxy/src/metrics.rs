@@ -95,6 +95,13 @@ struct FlagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LocalityLabels {
+    cluster: String,
+    region: String,
+    zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     cluster: String,
     endpoint: String,
@@ -182,6 +189,7 @@ pub struct Metrics {
     upstream_rq_retry_active: Family<ClusterLabels, Gauge>,
     upstream_rq_overflow: Family<ClusterLabels, Counter>,
     upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
+    locality_picks: Family<LocalityLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_rq_active: Family<EndpointLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
@@ -221,6 +229,7 @@ impl Metrics {
             upstream_rq_retry_active: Family::default(),
             upstream_rq_overflow: Family::default(),
             upstream_rq_retry_overflow: Family::default(),
+            locality_picks: Family::default(),
             endpoint_healthy: Family::default(),
             endpoint_rq_active: Family::default(),
             health_checks: Family::default(),
@@ -292,6 +301,11 @@ impl Metrics {
             "upstream_rq_retry_overflow",
             "Retries not made because of the max_retries circuit breaker",
             m.upstream_rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "upstream_locality_picks",
+            "Tries sent to each locality of a cluster (where the balancer chose to go)",
+            m.locality_picks.clone(),
         );
         registry.register(
             "endpoint_healthy",
@@ -369,6 +383,18 @@ impl Metrics {
                 })
                 .clone()
         }))
+    }
+
+    /// The counter of tries a cluster sends to one locality (resolved at compile time,
+    /// so the request path only increments).
+    pub fn locality_picks(&self, cluster: &str, region: &str, zone: &str) -> Counter {
+        self.locality_picks
+            .get_or_create(&LocalityLabels {
+                cluster: cluster.to_string(),
+                region: region.to_string(),
+                zone: zone.to_string(),
+            })
+            .clone()
     }
 
     /// Handles for one cluster.

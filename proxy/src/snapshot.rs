@@ -520,6 +520,11 @@ impl Compiler<'_> {
                     locality: locality.clone(),
                     weight: weight.min(128),
                     state: self.registry.state(cluster, address),
+                    locality_picks: self.metrics.locality_picks(
+                        cluster,
+                        &locality.region,
+                        &locality.zone,
+                    ),
                 });
             }
         }
