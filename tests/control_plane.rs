@@ -390,6 +390,19 @@ fn with_broken_plugin(port: u16, backend: &Backend, dir: &std::path::Path) -> St
     )
 }
 
+/// Backends `a` and `b`, a gateway port, and a control plane already serving that gateway
+/// with its route to `a` (version 1).
+async fn serving_a() -> (Backend, Backend, u16, ControlPlane) {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let applied = control_plane.apply(&gateway(port, &a, ""), &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    (a, b, port, control_plane)
+}
+
 /// A proxy whose own file only says who it is and where its control plane is.
 async fn proxy_of(control_plane: &ControlPlane, id: &str, region: &str, port: u16) -> Proxy {
     let proxy = Proxy::spawn_on(
@@ -427,15 +440,7 @@ async fn backend_of(proxy: &Proxy) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let port = free_port();
-    let control_plane = ControlPlane::start(None);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let (a, b, port, control_plane) = serving_a().await;
     // eu: a real proxy; us: the xDS client library proxies use (one listener port here).
     let eu = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     let us = ads_client(&control_plane, "edge-us-1", "us");
@@ -511,15 +516,7 @@ async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_after() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let port = free_port();
-    let mut control_plane = ControlPlane::start(None);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let (_a, b, port, mut control_plane) = serving_a().await;
     let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     assert_eq!(backend_of(&proxy).await, "a");
 
@@ -834,15 +831,7 @@ async fn replicas_sharing_postgresql_serve_each_others_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn renaming_a_service_under_load_drops_no_request() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let port = free_port();
-    let control_plane = ControlPlane::start(None);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let (a, b, port, control_plane) = serving_a().await;
     let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     let load = SteadyLoad::start(&proxy.url("/"), 4);
     for (round, (backend, name)) in [(&b, "b"), (&a, "a"), (&b, "b"), (&a, "a"), (&b, "b")]

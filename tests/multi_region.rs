@@ -80,8 +80,14 @@ fn share(counts: &[usize], i: usize) -> f64 {
 }
 
 /// The three regions and a proxy in r1 balancing `web` over them with `lb: latency`;
-/// `service` adds to the service's flow map, `retries` is the route's retry policy (YAML).
-async fn three_regions(service: &str, retries: &str) -> ([Region; 3], Proxy) {
+/// `service` adds to the service's flow map, `routes` are the route list's items (YAML;
+/// empty: one route to `web`).
+async fn three_regions(service: &str, routes: &str) -> ([Region; 3], Proxy) {
+    let routes = if routes.is_empty() {
+        "  - service: web\n"
+    } else {
+        routes
+    };
     let regions = [
         region("r1", 2).await,
         region("r2", 30).await,
@@ -100,9 +106,7 @@ api_gateway: {{ address: "127.0.0.1:{{port}}" }}
 services:
   web: {{ endpoints: [{}], lb: latency{service} }}
 routes:
-  - service: web
-    {retries}
-"#,
+{routes}"#,
         endpoints.join(", ")
     ))
     .await;
@@ -181,7 +185,7 @@ async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_
     // circuit breaker (Envoy's default is 3) must leave room for them.
     let (regions, proxy) = three_regions(
         ", circuit_breakers: { max_retries: 16 }",
-        "retries: { on: [5xx], max: 2, per_try_timeout: 300ms }",
+        "  - service: web\n    retries: { on: [5xx], max: 2, per_try_timeout: 300ms }\n",
     )
     .await;
     let load = Load::start(&proxy.url("/"), 4);
@@ -208,34 +212,10 @@ async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_down() {
-    let regions = [
-        region("r1", 2).await,
-        region("r2", 30).await,
-        region("r3", 90).await,
-    ];
-    let endpoints: Vec<String> = regions
-        .iter()
-        .zip(["r1", "r2", "r3"])
-        .map(|(r, name)| format!("{{ address: \"{}\", region: {name} }}", r.link.address))
-        .collect();
-    let proxy = Proxy::start(&format!(
-        r#"
-node: {{ id: edge-r1, region: r1 }}
-admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
-services:
-  web:
-    endpoints: [{}]
-    lb: latency
-    health_check: {{ path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }}
-routes:
-  - match: {{ path_prefix: /eu-data }}
-    service: web
-    locality: r2
-  - service: web
-"#,
-        endpoints.join(", ")
-    ))
+    let (regions, proxy) = three_regions(
+        ", health_check: { path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }",
+        "  - match: { path_prefix: /eu-data }\n    service: web\n    locality: r2\n  - service: web\n",
+    )
     .await;
     let client = client();
     for _ in 0..30 {
