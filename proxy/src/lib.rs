@@ -14,7 +14,8 @@
 //!
 //! How a request flows: [`gateway`] is pingora's `ProxyHttp`, its callbacks are the phases
 //! (route → pick endpoint → forward → retry? → respond → log). [`router`] matches,
-//! [`cluster`] picks endpoints, [`health`] probes them, [`metrics`] and [`access_log`]
+//! [`cluster`] picks endpoints (by latency with [`ewma`], across regions, within circuit
+//! breakers), [`outlier`] ejects the ones that keep failing, [`health`] probes them, [`metrics`] and [`access_log`]
 //! record, [`admin`] shows. [`server`] wires the threads: pingora workers carry requests;
 //! one control thread carries the admin port, reloads, health checks and draining.
 //!
