@@ -168,7 +168,7 @@ pub struct FeedParts {
 impl XdsFeed {
     /// Connects to `target` (`host:port`) on a thread of its own and waits up to `wait` for
     /// the first complete, compilable set, which it returns with the feed. With a saved
-    /// last good set, it waits only [`LAST_GOOD_GRACE`] before starting on that.
+    /// last good set, it waits only a short grace (2 s) before starting on that.
     pub fn start(
         target: &str,
         parts: FeedParts,
