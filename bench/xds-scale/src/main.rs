@@ -11,7 +11,7 @@
 //! subscribing to clusters, listeners, routes and endpoints and ACKing like a proxy) and
 //! reads the control plane's RSS from /proc at each level.
 //!
-//! Usage: nip-bench-xds NIP_BINARY [RESULTS_MD]   (env PROXIES=100 ROUNDS=30 STREAMS=1000,10000)
+//! Usage: `nip-bench-xds NIP_BINARY [RESULTS_MD]` (env PROXIES=100 ROUNDS=30 STREAMS=1000,10000).
 //! Prints a markdown section; with RESULTS_MD, also writes it there between
 //! `<!-- xds-scale:begin -->` and `<!-- xds-scale:end -->`.
 
