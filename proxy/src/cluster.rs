@@ -177,6 +177,8 @@ pub struct Endpoint {
     pub locality: Locality,
     /// Relative share of traffic.
     pub weight: u32,
+    /// Priority level (0 is preferred).
+    pub priority: u32,
     /// Live state shared across snapshots.
     pub state: Arc<EndpointState>,
     /// Tries sent to this endpoint's locality (`nip_upstream_locality_picks_total`).
@@ -241,7 +243,13 @@ pub struct Cluster {
     pub outlier: Option<OutlierConfig>,
     /// Circuit breakers.
     pub breakers: CircuitBreakers,
+    /// Endpoint indexes by priority level (0 first), when there is more than one level.
+    priorities: Vec<Vec<usize>>,
 }
+
+/// Envoy's overprovisioning factor: a priority level at 1/1.4 ≈ 71 % healthy still takes
+/// all of its traffic.
+pub const OVERPROVISIONING: u64 = 140;
 
 /// Envoy's circuit breakers that NIP enforces (default priority).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +310,22 @@ impl Cluster {
         stats: ClusterStats,
     ) -> Self {
         let schedule = interleaved_schedule(&endpoints);
+        let levels = endpoints
+            .iter()
+            .map(|e| e.priority)
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        let priorities: Vec<Vec<usize>> = if levels > 1 {
+            (0..levels)
+                .map(|level| {
+                    (0..endpoints.len())
+                        .filter(|&i| endpoints[i].priority as usize == level)
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, endpoint) in endpoints.iter().enumerate() {
             match groups
@@ -328,6 +352,7 @@ impl Cluster {
             },
             outlier: None,
             breakers: CircuitBreakers::default(),
+            priorities,
         }
     }
 
@@ -363,6 +388,52 @@ impl Cluster {
             state.outlier.eject(now, config);
             self.stats.outlier_ejections.inc();
         }
+    }
+
+    /// The priority level this request goes to, by Envoy's rule: a level's health is
+    /// min(100, 1.4 × its usable share); levels take load in order up to their health, the
+    /// rest spills to the next; when all together are under 100 the loads are scaled up.
+    /// `None` with a single level or nothing usable.
+    fn priority_level(&self, usable: &impl Fn(&Endpoint) -> bool) -> Option<u32> {
+        if self.priorities.len() < 2 {
+            return None;
+        }
+        let health: Vec<u64> = self
+            .priorities
+            .iter()
+            .map(|members| {
+                let up = members
+                    .iter()
+                    .filter(|&&i| usable(&self.endpoints[i]))
+                    .count() as u64;
+                (OVERPROVISIONING * up / (members.len().max(1) as u64)).min(100)
+            })
+            .collect();
+        let total: u64 = health.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut remaining = 100u64;
+        let loads: Vec<u64> = health
+            .iter()
+            .map(|h| {
+                let load = if total < 100 {
+                    h * 100 / total
+                } else {
+                    (*h).min(remaining)
+                };
+                remaining = remaining.saturating_sub(load);
+                load
+            })
+            .collect();
+        let mut ticket = fastrand::u64(..loads.iter().sum::<u64>().max(1));
+        for (level, load) in loads.iter().enumerate() {
+            if ticket < *load {
+                return u32::try_from(level).ok();
+            }
+            ticket -= load;
+        }
+        None
     }
 
     /// Whether an endpoint takes traffic: healthy and not ejected.
@@ -487,6 +558,12 @@ impl Cluster {
             self.in_service(e, now) && region.is_none_or(|r| *e.locality.region == *r)
         };
         let usable = |e: &Endpoint| allowed(e) && !tried.contains(&e.address);
+        if let Some(level) = self.priority_level(&allowed) {
+            let at_level = |e: &Endpoint| usable(e) && e.priority == level;
+            if let Some(endpoint) = self.pick_where(at_level) {
+                return Some(endpoint);
+            }
+        }
         self.pick_where(usable).or_else(|| {
             if tried.is_empty() {
                 None
@@ -647,6 +724,7 @@ mod tests {
                     address,
                     locality: Locality::default(),
                     weight: *w,
+                    priority: 0,
                     state: registry.state("c", address),
                     locality_picks: Default::default(),
                 }
@@ -752,6 +830,7 @@ mod tests {
                         zone: String::new(),
                     },
                     weight: 1,
+                    priority: 0,
                     state: registry.state("c", address),
                     locality_picks: Default::default(),
                 }
@@ -852,6 +931,67 @@ mod tests {
             e.state.set_healthy(false);
         }
         assert!(c.pick(&[]).is_none());
+    }
+
+    /// Ten endpoints at priority 0 and ten at priority 1.
+    fn two_priorities() -> Cluster {
+        let registry = EndpointRegistry::default();
+        let endpoints = (0..20)
+            .map(|i| {
+                let address: SocketAddr = format!("127.0.0.1:{}", 3000 + i).parse().unwrap();
+                Endpoint {
+                    address,
+                    locality: Locality::default(),
+                    weight: 1,
+                    priority: u32::from(i >= 10),
+                    state: registry.state("c", address),
+                    locality_picks: Default::default(),
+                }
+            })
+            .collect();
+        Cluster::new(
+            "c".into(),
+            LbPolicy::RoundRobin,
+            false,
+            Duration::from_secs(1),
+            endpoints,
+            None,
+            ClusterStats::detached(),
+        )
+    }
+
+    /// Share of `n` picks that went to priority 1.
+    fn spill(c: &Cluster, n: usize) -> f64 {
+        let to_p1 = (0..n)
+            .filter(|_| c.pick(&[]).is_some_and(|e| e.priority == 1))
+            .count();
+        to_p1 as f64 / n as f64
+    }
+
+    #[test]
+    fn priorities_spill_over_by_envoys_overprovisioning_rule() {
+        let c = two_priorities();
+        assert_eq!(
+            spill(&c, 2000),
+            0.0,
+            "a healthy priority 0 takes everything"
+        );
+        // 8 of 10 healthy: 1.4 × 80 % ≥ 100 %, still everything.
+        for e in &c.endpoints[..2] {
+            e.state.set_healthy(false);
+        }
+        assert_eq!(spill(&c, 2000), 0.0);
+        // 5 of 10: health 70, so 30 % spills to priority 1.
+        for e in &c.endpoints[2..5] {
+            e.state.set_healthy(false);
+        }
+        let share = spill(&c, 4000);
+        assert!((share - 0.30).abs() < 0.04, "{share}");
+        // None left: all of it.
+        for e in &c.endpoints[..10] {
+            e.state.set_healthy(false);
+        }
+        assert_eq!(spill(&c, 500), 1.0);
     }
 
     #[test]

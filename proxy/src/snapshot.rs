@@ -519,6 +519,7 @@ impl Compiler<'_> {
                     address,
                     locality: locality.clone(),
                     weight: weight.min(128),
+                    priority: locality_endpoints.priority,
                     state: self.registry.state(cluster, address),
                     locality_picks: self.metrics.locality_picks(
                         cluster,

@@ -910,8 +910,8 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
 }
 
 fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment {
-    // Group endpoints by locality, keeping the order in which localities first appear.
-    let mut localities: Vec<(Locality, Vec<LbEndpoint>)> = Vec::new();
+    // Group endpoints by locality and priority, keeping the order in which they first appear.
+    let mut localities: Vec<((Locality, u32), Vec<LbEndpoint>)> = Vec::new();
     for endpoint in &service.endpoints {
         let locality = Locality {
             region: endpoint.region.clone().unwrap_or_default(),
@@ -930,20 +930,21 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
             }),
             ..Default::default()
         };
-        match localities.iter_mut().find(|(l, _)| *l == locality) {
+        let key = (locality, endpoint.priority);
+        match localities.iter_mut().find(|(k, _)| *k == key) {
             Some((_, endpoints)) => endpoints.push(lb_endpoint),
-            None => localities.push((locality, vec![lb_endpoint])),
+            None => localities.push((key, vec![lb_endpoint])),
         }
     }
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: localities
             .into_iter()
-            .map(|(locality, lb_endpoints)| LocalityLbEndpoints {
+            .map(|((locality, priority), lb_endpoints)| LocalityLbEndpoints {
                 locality: Some(locality),
                 lb_endpoints,
                 load_balancing_weight: Some(UInt32Value { value: 1 }),
-                priority: 0,
+                priority,
                 ..Default::default()
             })
             .collect(),

@@ -347,3 +347,37 @@ fn outlier_detection_takes_envoy_defaults_and_refuses_nonsense() {
         None
     );
 }
+
+#[test]
+fn endpoint_priorities_travel_in_eds_and_gaps_are_refused() {
+    let t = translated(
+        "services:\n  web:\n    endpoints:\n      - { address: \"127.0.0.1:8081\", region: eu }\n      - { address: \"127.0.0.1:8082\", region: eu, priority: 1 }\nroutes:\n  - { service: web }\n",
+    );
+    let priorities: Vec<u32> = t.resources.endpoints[0]
+        .endpoints
+        .iter()
+        .map(|l| l.priority)
+        .collect();
+    assert_eq!(
+        priorities,
+        [0, 1],
+        "one LocalityLbEndpoints per locality and priority"
+    );
+    let snapshot = compile(&t).unwrap();
+    let levels: Vec<u32> = snapshot.clusters["web"]
+        .endpoints
+        .iter()
+        .map(|e| e.priority)
+        .collect();
+    assert_eq!(levels, [0, 1]);
+    let error = Config::from_yaml(
+        "services:\n  web:\n    endpoints: [{ address: \"127.0.0.1:8081\", priority: 2 }]\n",
+    )
+    .expect_err("a gap");
+    assert!(
+        error
+            .to_string()
+            .contains("services.web.endpoints[0].priority"),
+        "{error}"
+    );
+}

@@ -243,6 +243,9 @@ pub struct EndpointConfig {
     pub zone: Option<String>,
     /// Relative share of traffic (default 1).
     pub weight: u32,
+    /// Priority level (0 is preferred; higher levels take traffic as lower ones lose health,
+    /// with Envoy's 1.4 overprovisioning factor).
+    pub priority: u32,
 }
 
 /// The map form of an endpoint.
@@ -260,6 +263,9 @@ struct EndpointFields {
     /// Relative share of traffic (default 1).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Priority level (default 0, the preferred one).
+    #[serde(default)]
+    pub priority: u32,
 }
 
 fn default_weight() -> u32 {
@@ -285,6 +291,7 @@ impl<'de> Visitor<'de> for EndpointVisitor {
             region: None,
             zone: None,
             weight: default_weight(),
+            priority: 0,
         })
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<EndpointConfig, A::Error> {
@@ -294,6 +301,7 @@ impl<'de> Visitor<'de> for EndpointVisitor {
             region: fields.region,
             zone: fields.zone,
             weight: fields.weight,
+            priority: fields.priority,
         })
     }
 }

@@ -218,6 +218,24 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             errors.add(format!("{ep_path}.weight"), "must be between 1 and 128");
         }
     }
+    // Priorities must run 0, 1, 2… without gaps (Envoy and gRPC refuse gaps).
+    let priorities: std::collections::BTreeSet<u32> =
+        service.endpoints.iter().map(|e| e.priority).collect();
+    if let Some((i, endpoint)) = service
+        .endpoints
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.priority > 0 && !priorities.contains(&(e.priority - 1)))
+    {
+        errors.add(
+            format!("{path}.endpoints[{i}].priority"),
+            format!(
+                "priority {} has no priority {} before it (priorities start at 0, without gaps)",
+                endpoint.priority,
+                endpoint.priority - 1
+            ),
+        );
+    }
     if let Some(timeout) = service.connect_timeout {
         if timeout.0.is_zero() {
             errors.add(format!("{path}.connect_timeout"), "must be more than 0");
