@@ -443,18 +443,18 @@ impl StreamState {
             for name in &subscription.names {
                 let any = match of_type.resources.get(name) {
                     Some((_, any)) => any.clone(),
-                    // A retiring cluster keeps the endpoints it had.
-                    None if type_url == ENDPOINT_TYPE && subscription.sent.contains_key(name) => {
-                        subscription.sent[name].clone()
-                    }
-                    // Never leave a cluster warming: an empty assignment until endpoints exist.
-                    None if type_url == ENDPOINT_TYPE => Any {
-                        type_url: ClusterLoadAssignment::type_url(),
-                        value: ClusterLoadAssignment {
-                            cluster_name: name.clone(),
-                            ..Default::default()
-                        }
-                        .encode_to_vec(),
+                    // A retiring cluster keeps the endpoints it had; a cluster not warmed
+                    // yet gets an empty assignment, so it never stays warming.
+                    None if type_url == ENDPOINT_TYPE => match subscription.sent.get(name) {
+                        Some(previous) => previous.clone(),
+                        None => Any {
+                            type_url: ClusterLoadAssignment::type_url(),
+                            value: ClusterLoadAssignment {
+                                cluster_name: name.clone(),
+                                ..Default::default()
+                            }
+                            .encode_to_vec(),
+                        },
                     },
                     None => continue,
                 };
