@@ -179,6 +179,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Priority level (0 is preferred).
     pub priority: u32,
+    /// Weight of the endpoint's locality (locality-weighted balancing).
+    pub locality_weight: u32,
     /// Live state shared across snapshots.
     pub state: Arc<EndpointState>,
     /// Tries sent to this endpoint's locality (`nip_upstream_locality_picks_total`).
@@ -245,6 +247,8 @@ pub struct Cluster {
     pub breakers: CircuitBreakers,
     /// Endpoint indexes by priority level (0 first), when there is more than one level.
     priorities: Vec<Vec<usize>>,
+    /// Locality-weighted balancing: endpoint indexes by locality, when switched on.
+    localities: Vec<Vec<usize>>,
 }
 
 /// Envoy's overprovisioning factor: a priority level at 1/1.4 ≈ 71 % healthy still takes
@@ -353,7 +357,61 @@ impl Cluster {
             outlier: None,
             breakers: CircuitBreakers::default(),
             priorities,
+            localities: Vec::new(),
         }
+    }
+
+    /// Switches on locality-weighted balancing (Envoy's `locality_weighted_lb_config`): a
+    /// locality is chosen by its weight scaled by its availability, then an endpoint in it.
+    pub fn with_locality_weights(mut self, on: bool) -> Self {
+        self.localities.clear();
+        if on {
+            for (i, endpoint) in self.endpoints.iter().enumerate() {
+                let same = |members: &&mut Vec<usize>| {
+                    let first = &self.endpoints[members[0]];
+                    first.locality == endpoint.locality && first.priority == endpoint.priority
+                };
+                match self.localities.iter_mut().find(same) {
+                    Some(members) => members.push(i),
+                    None => self.localities.push(vec![i]),
+                }
+            }
+        }
+        self
+    }
+
+    /// The locality group this request goes to: weight × min(1, 1.4 × usable share), among
+    /// groups with a usable endpoint. `None` when locality weighting is off.
+    fn locality_choice(&self, usable: &impl Fn(&Endpoint) -> bool) -> Option<usize> {
+        // `latency` chooses regions by measured latency instead.
+        if self.localities.is_empty() || matches!(self.lb, LbPolicy::Latency(_)) {
+            return None;
+        }
+        let effective: Vec<u64> = self
+            .localities
+            .iter()
+            .map(|members| {
+                let up = members
+                    .iter()
+                    .filter(|&&i| usable(&self.endpoints[i]))
+                    .count() as u64;
+                let weight = u64::from(self.endpoints[members[0]].locality_weight);
+                let availability = (OVERPROVISIONING * up / members.len().max(1) as u64).min(100);
+                weight * availability
+            })
+            .collect();
+        let total: u64 = effective.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = fastrand::u64(..total);
+        for (group, weight) in effective.iter().enumerate() {
+            if ticket < *weight {
+                return Some(group);
+            }
+            ticket -= weight;
+        }
+        None
     }
 
     /// Sets the circuit breakers.
@@ -558,8 +616,21 @@ impl Cluster {
             self.in_service(e, now) && region.is_none_or(|r| *e.locality.region == *r)
         };
         let usable = |e: &Endpoint| allowed(e) && !tried.contains(&e.address);
-        if let Some(level) = self.priority_level(&allowed) {
-            let at_level = |e: &Endpoint| usable(e) && e.priority == level;
+        let level = self.priority_level(&allowed);
+        let at_level = |e: &Endpoint| usable(e) && level.is_none_or(|l| e.priority == l);
+        if let Some(group) = self.locality_choice(&at_level) {
+            let members = &self.localities[group];
+            let in_locality = |e: &Endpoint| {
+                at_level(e)
+                    && members
+                        .iter()
+                        .any(|&i| self.endpoints[i].address == e.address)
+            };
+            if let Some(endpoint) = self.pick_where(in_locality) {
+                return Some(endpoint);
+            }
+        }
+        if level.is_some() {
             if let Some(endpoint) = self.pick_where(at_level) {
                 return Some(endpoint);
             }
@@ -725,6 +796,7 @@ mod tests {
                     locality: Locality::default(),
                     weight: *w,
                     priority: 0,
+                    locality_weight: 1,
                     state: registry.state("c", address),
                     locality_picks: Default::default(),
                 }
@@ -831,6 +903,7 @@ mod tests {
                     },
                     weight: 1,
                     priority: 0,
+                    locality_weight: 1,
                     state: registry.state("c", address),
                     locality_picks: Default::default(),
                 }
@@ -944,6 +1017,7 @@ mod tests {
                     locality: Locality::default(),
                     weight: 1,
                     priority: u32::from(i >= 10),
+                    locality_weight: 1,
                     state: registry.state("c", address),
                     locality_picks: Default::default(),
                 }
@@ -992,6 +1066,49 @@ mod tests {
             e.state.set_healthy(false);
         }
         assert_eq!(spill(&c, 500), 1.0);
+    }
+
+    #[test]
+    fn locality_weights_share_traffic_scaled_by_availability() {
+        let registry = EndpointRegistry::default();
+        let endpoints = [("a", 3), ("b", 1), ("b", 1)]
+            .iter()
+            .enumerate()
+            .map(|(i, (zone, weight))| {
+                let address: SocketAddr = format!("127.0.0.1:{}", 4000 + i).parse().unwrap();
+                Endpoint {
+                    address,
+                    locality: Locality {
+                        region: "r".into(),
+                        zone: zone.to_string(),
+                    },
+                    weight: 1,
+                    priority: 0,
+                    locality_weight: *weight,
+                    state: registry.state("c", address),
+                    locality_picks: Default::default(),
+                }
+            })
+            .collect();
+        let c = Cluster::new(
+            "c".into(),
+            LbPolicy::RoundRobin,
+            false,
+            Duration::from_secs(1),
+            endpoints,
+            None,
+            ClusterStats::detached(),
+        )
+        .with_locality_weights(true);
+        let counts = shares(&c, 8000);
+        let a = counts[0] as f64 / 8000.0;
+        assert!((a - 0.75).abs() < 0.03, "zone a weight 3 of 4: {counts:?}");
+        // Half of zone b is down: its availability is 1.4 × 50 % = 70 %: a gets 300 / 370.
+        c.endpoints[1].state.set_healthy(false);
+        let counts = shares(&c, 8000);
+        let a = counts[0] as f64 / 8000.0;
+        assert!((a - 300.0 / 370.0).abs() < 0.03, "{counts:?}");
+        assert_eq!(counts[1], 0);
     }
 
     #[test]

@@ -470,7 +470,13 @@ impl Compiler<'_> {
             self.metrics.cluster_stats(name),
         )
         .with_outlier_detection(outlier)
-        .with_circuit_breakers(circuit_breakers(xds)))
+        .with_circuit_breakers(circuit_breakers(xds))
+        .with_locality_weights(matches!(
+            xds.common_lb_config
+                .as_ref()
+                .and_then(|c| c.locality_config_specifier.as_ref()),
+            Some(cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        )))
     }
 
     fn endpoints(
@@ -520,6 +526,10 @@ impl Compiler<'_> {
                     locality: locality.clone(),
                     weight: weight.min(128),
                     priority: locality_endpoints.priority,
+                    locality_weight: locality_endpoints
+                        .load_balancing_weight
+                        .as_ref()
+                        .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
                     locality_picks: self.metrics.locality_picks(
                         cluster,

@@ -892,6 +892,14 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         lb_policy: lb_policy as i32,
         load_balancing_policy,
         outlier_detection: service.outlier_detection.map(outlier_detection),
+        common_lb_config: (!service.locality_weights.is_empty()).then(|| cluster::CommonLbConfig {
+            locality_config_specifier: Some(
+                cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                    cluster::common_lb_config::LocalityWeightedLbConfig::default(),
+                ),
+            ),
+            ..Default::default()
+        }),
         circuit_breakers: service.circuit_breakers.map(|b| {
             use envoy_types::pb::envoy::config::cluster::v3::{circuit_breakers, CircuitBreakers};
             CircuitBreakers {
@@ -907,6 +915,16 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         typed_extension_protocol_options,
         ..Default::default()
     }
+}
+
+/// The configured weight of a locality (`region/zone` first, then `region`), 1 otherwise.
+fn locality_weight(service: &ServiceConfig, locality: &Locality) -> u32 {
+    service
+        .locality_weights
+        .get(&format!("{}/{}", locality.region, locality.zone))
+        .or_else(|| service.locality_weights.get(&locality.region))
+        .copied()
+        .unwrap_or(1)
 }
 
 fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment {
@@ -941,9 +959,11 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
         endpoints: localities
             .into_iter()
             .map(|((locality, priority), lb_endpoints)| LocalityLbEndpoints {
+                load_balancing_weight: Some(UInt32Value {
+                    value: locality_weight(service, &locality),
+                }),
                 locality: Some(locality),
                 lb_endpoints,
-                load_balancing_weight: Some(UInt32Value { value: 1 }),
                 priority,
                 ..Default::default()
             })

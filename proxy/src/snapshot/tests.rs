@@ -381,3 +381,30 @@ fn endpoint_priorities_travel_in_eds_and_gaps_are_refused() {
         "{error}"
     );
 }
+
+#[test]
+fn locality_weights_travel_in_eds_and_switch_on_locality_weighting() {
+    let t = translated(
+        "services:\n  web:\n    endpoints:\n      - { address: \"127.0.0.1:8081\", region: eu, zone: a }\n      - { address: \"127.0.0.1:8082\", region: us }\n    locality_weights: { eu/a: 3 }\nroutes:\n  - { service: web }\n",
+    );
+    let weights: Vec<u32> = t.resources.endpoints[0]
+        .endpoints
+        .iter()
+        .map(|l| l.load_balancing_weight.as_ref().unwrap().value)
+        .collect();
+    assert_eq!(weights, [3, 1]);
+    assert!(t.resources.clusters[0].common_lb_config.is_some());
+    let snapshot = compile(&t).unwrap();
+    let web = &snapshot.clusters["web"];
+    assert_eq!(web.endpoints[0].locality_weight, 3);
+    let error = Config::from_yaml(
+        "services:\n  web:\n    endpoints: [{ address: \"127.0.0.1:8081\", region: eu }]\n    locality_weights: { mars: 2 }\n",
+    )
+    .expect_err("unknown locality");
+    assert!(
+        error
+            .to_string()
+            .contains("services.web.locality_weights.mars"),
+        "{error}"
+    );
+}

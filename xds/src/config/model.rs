@@ -209,6 +209,10 @@ pub struct ServiceConfig {
     /// Limits on what the proxy sends to the service at once.
     #[serde(default)]
     pub circuit_breakers: Option<CircuitBreakersConfig>,
+    /// Locality-weighted balancing: each locality (`region` or `region/zone`) gets this
+    /// share of traffic (scaled down as its endpoints lose health), then endpoints share it.
+    #[serde(default)]
+    pub locality_weights: BTreeMap<String, u32>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,

@@ -218,6 +218,23 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             errors.add(format!("{ep_path}.weight"), "must be between 1 and 128");
         }
     }
+    for (locality, weight) in &service.locality_weights {
+        let path = format!("{path}.locality_weights.{locality}");
+        let known = service.endpoints.iter().any(|e| {
+            let region = e.region.as_deref().unwrap_or("");
+            let zone = e.zone.as_deref().unwrap_or("");
+            *locality == region || *locality == format!("{region}/{zone}")
+        });
+        if !known {
+            errors.add(
+                path.clone(),
+                "no endpoint of the service is in this locality (write region or region/zone)",
+            );
+        }
+        if *weight == 0 || *weight > 128 {
+            errors.add(path, "must be between 1 and 128");
+        }
+    }
     // Priorities must run 0, 1, 2… without gaps (Envoy and gRPC refuse gaps).
     let priorities: std::collections::BTreeSet<u32> =
         service.endpoints.iter().map(|e| e.priority).collect();
