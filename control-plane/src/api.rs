@@ -184,7 +184,7 @@ struct CanaryBody {
 }
 
 /// Options of a raw YAML post.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ApplyQuery {
     #[serde(default)]
@@ -249,11 +249,7 @@ fn read_change(
     let yaml = std::str::from_utf8(body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "request body: not UTF-8 text"))?
         .to_string();
-    let query = query.unwrap_or(ApplyQuery {
-        message: String::new(),
-        canary: None,
-        canary_timeout_seconds: None,
-    });
+    let query = query.unwrap_or_default();
     let canary = canary_of(query.canary, query.canary_timeout_seconds)?;
     Ok((yaml, query.message, canary))
 }

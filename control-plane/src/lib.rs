@@ -159,7 +159,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     tracing::info!(
         xds = %options.xds_address,
         api = %options.api_address,
-        store = %options.store.split('@').next_back().unwrap_or_default(),
+        store = %store::redact(&options.store),
         "nip control plane serving ADS and the REST API"
     );
     let api_service = Arc::clone(&service);

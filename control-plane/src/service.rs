@@ -210,10 +210,12 @@ impl ConfigService {
     /// replica), and aborts a canary whose deadline passed long ago.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let mut served = self.served.lock().await;
-        let head = self.store.head().await?;
+        let mut head = self.store.head().await?;
+        if head.canary.is_some() && self.abort_abandoned().await? {
+            head = self.store.head().await?;
+        }
         if *served == Some(head) {
-            drop(served);
-            return self.abort_abandoned().await;
+            return Ok(());
         }
         let current = self.store.current().await?;
         let canary = self.store.canary().await?;
@@ -254,16 +256,16 @@ impl ConfigService {
         Ok(())
     }
 
-    /// Aborts a canary whose deadline passed more than [`ABANDON_GRACE`] ago: the replica
-    /// running it is gone.
-    async fn abort_abandoned(&self) -> Result<(), StoreError> {
+    /// Aborts a canary whose deadline passed more than [`ABANDON_GRACE`] ago (the replica
+    /// running it is gone); returns whether it aborted one.
+    async fn abort_abandoned(&self) -> Result<bool, StoreError> {
         let Some(canary) = self.store.canary().await? else {
-            return Ok(());
+            return Ok(false);
         };
         let grace = i64::try_from(ABANDON_GRACE.as_millis()).unwrap_or(i64::MAX);
         let deadline = canary.canary_deadline_ms.unwrap_or(canary.created_at_ms);
         if now_ms() <= deadline.saturating_add(grace) {
-            return Ok(());
+            return Ok(false);
         }
         tracing::warn!(
             version = canary.version,
@@ -276,7 +278,7 @@ impl ConfigService {
                 "abandoned: the rollout did not finish by its deadline",
             )
             .await?;
-        self.sync_boxed().await
+        Ok(true)
     }
 
     /// `sync` no sooner than [`PUSH_DEBOUNCE`] after the last push; changes stored
@@ -287,14 +289,6 @@ impl ConfigService {
             tokio::time::sleep_until(last + PUSH_DEBOUNCE).await;
         }
         self.sync().await
-    }
-
-    /// `sync` again from inside `sync` (a boxed future, since the call is recursive).
-    fn sync_boxed(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + '_>>
-    {
-        Box::pin(self.sync())
     }
 
     /// Validates, stores and serves `change`; with a canary, waits for the region's

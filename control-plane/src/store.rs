@@ -214,7 +214,7 @@ fn migrator() -> Migrator {
 }
 
 /// A URL safe to print: the password, if any, is replaced.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];

@@ -387,31 +387,34 @@ impl Cluster {
         if self.localities.is_empty() || matches!(self.lb, LbPolicy::Latency(_)) {
             return None;
         }
-        let effective: Vec<u64> = self
-            .localities
-            .iter()
-            .map(|members| {
-                let up = members
-                    .iter()
-                    .filter(|&&i| usable(&self.endpoints[i]))
-                    .count() as u64;
-                let weight = u64::from(self.endpoints[members[0]].locality_weight);
-                let availability = (OVERPROVISIONING * up / members.len().max(1) as u64).min(100);
-                weight * availability
-            })
-            .collect();
-        let total: u64 = effective.iter().sum();
+        let weight = |g: usize| {
+            let members = &self.localities[g];
+            u64::from(self.endpoints[members[0]].locality_weight)
+                * self.availability(members, usable)
+        };
+        let total: u64 = (0..self.localities.len()).map(weight).sum();
         if total == 0 {
             return None;
         }
         let mut ticket = fastrand::u64(..total);
-        for (group, weight) in effective.iter().enumerate() {
-            if ticket < *weight {
+        for group in 0..self.localities.len() {
+            let w = weight(group);
+            if ticket < w {
                 return Some(group);
             }
-            ticket -= weight;
+            ticket -= w;
         }
         None
+    }
+
+    /// Envoy's availability of a group of endpoints, in percent: min(100, 1.4 × the share
+    /// that is usable).
+    fn availability(&self, members: &[usize], usable: &impl Fn(&Endpoint) -> bool) -> u64 {
+        let up = members
+            .iter()
+            .filter(|&&i| usable(&self.endpoints[i]))
+            .count() as u64;
+        (OVERPROVISIONING * up / members.len().max(1) as u64).min(100)
     }
 
     /// Sets the circuit breakers.
@@ -456,40 +459,22 @@ impl Cluster {
         if self.priorities.len() < 2 {
             return None;
         }
-        let health: Vec<u64> = self
-            .priorities
-            .iter()
-            .map(|members| {
-                let up = members
-                    .iter()
-                    .filter(|&&i| usable(&self.endpoints[i]))
-                    .count() as u64;
-                (OVERPROVISIONING * up / (members.len().max(1) as u64)).min(100)
-            })
-            .collect();
-        let total: u64 = health.iter().sum();
+        // No allocation: levels take min(health, what is left of 100) in order; when all
+        // together are under 100, each takes its health of that smaller whole.
+        let health = |level: usize| self.availability(&self.priorities[level], usable);
+        let total: u64 = (0..self.priorities.len()).map(health).sum();
         if total == 0 {
             return None;
         }
-        let mut remaining = 100u64;
-        let loads: Vec<u64> = health
-            .iter()
-            .map(|h| {
-                let load = if total < 100 {
-                    h * 100 / total
-                } else {
-                    (*h).min(remaining)
-                };
-                remaining = remaining.saturating_sub(load);
-                load
-            })
-            .collect();
-        let mut ticket = fastrand::u64(..loads.iter().sum::<u64>().max(1));
-        for (level, load) in loads.iter().enumerate() {
-            if ticket < *load {
+        let mut remaining = total.min(100);
+        let mut ticket = fastrand::u64(..remaining);
+        for level in 0..self.priorities.len() {
+            let load = health(level).min(remaining);
+            if ticket < load {
                 return u32::try_from(level).ok();
             }
             ticket -= load;
+            remaining -= load;
         }
         None
     }
@@ -558,17 +543,18 @@ impl Cluster {
         usable: &impl Fn(&Endpoint) -> bool,
         config: &EwmaConfig,
     ) -> Option<usize> {
-        let costs: Vec<Option<f64>> = (0..self.regions.groups.len())
-            .map(|g| self.region_cost(g, usable, config))
-            .collect();
-        let best = costs
-            .iter()
-            .enumerate()
-            .filter_map(|(g, c)| c.map(|c| (g, c)))
+        // No allocation: a region count is small, each cost a pass over its endpoints.
+        let best = (0..self.regions.groups.len())
+            .filter_map(|g| self.region_cost(g, usable, config).map(|c| (g, c)))
             .min_by(|a, b| a.1.total_cmp(&b.1))?;
         let current = self.regions.current.load(Ordering::Relaxed);
-        let here = costs.get(current).copied().flatten();
-        let local = self.regions.local.and_then(|l| costs[l].map(|c| (l, c)));
+        let here = (current < self.regions.groups.len())
+            .then(|| self.region_cost(current, usable, config))
+            .flatten();
+        let local = self
+            .regions
+            .local
+            .and_then(|l| self.region_cost(l, usable, config).map(|c| (l, c)));
         let next = match (local, here) {
             // Nothing usable where traffic goes: the best region.
             (_, None) => best.0,
@@ -670,24 +656,20 @@ impl Cluster {
                 let picks = self.regions.picks.fetch_add(1, Ordering::Relaxed);
                 let group = if picks % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
                     // Explore the other regions in turn (those with something usable).
-                    let others: Vec<usize> = (0..self.regions.groups.len())
-                        .filter(|&g| g != chosen && self.region_cost(g, &usable, &config).is_some())
-                        .collect();
+                    let other = |g: &usize| {
+                        *g != chosen && self.region_cost(*g, &usable, &config).is_some()
+                    };
+                    let count = (0..self.regions.groups.len()).filter(other).count();
                     let turn = usize::try_from(picks / EXPLORE_EVERY).unwrap_or(0);
-                    others
-                        .get(turn % others.len().max(1))
-                        .copied()
+                    (0..self.regions.groups.len())
+                        .filter(other)
+                        .nth(turn % count.max(1))
                         .unwrap_or(chosen)
                 } else {
                     chosen
                 };
-                let members = &self.regions.groups[group].1;
-                let in_group = |e: &Endpoint| {
-                    usable(e)
-                        && members
-                            .iter()
-                            .any(|&i| self.endpoints[i].address == e.address)
-                };
+                let region = self.regions.groups[group].0.as_str();
+                let in_group = |e: &Endpoint| usable(e) && e.locality.region == region;
                 let (a, b) = self.two_choices(&in_group)?;
                 let cost = |e: &Endpoint| e.state.latency.cost(e.state.active_requests(), &config);
                 if cost(b) < cost(a) {

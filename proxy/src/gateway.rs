@@ -391,9 +391,10 @@ fn is_connect_error(etype: &ErrorType) -> bool {
 }
 
 impl RequestCtx {
-    /// Whether another try is allowed: the route's budget, and the cluster's `max_retries`
-    /// circuit breaker (a request already retrying holds its slot).
-    fn can_retry(&self) -> bool {
+    /// Takes another try if the route's budget and the cluster's `max_retries` circuit
+    /// breaker allow it (a request already retrying holds its breaker slot), counting it;
+    /// call it only once the route's policy wants the retry, so overflows count real ones.
+    fn try_retry(&mut self) -> bool {
         let budget = self
             .route
             .as_ref()
@@ -401,27 +402,18 @@ impl RequestCtx {
         if !budget {
             return false;
         }
-        match &self.cluster {
-            Some(cluster) if self.retry_slot.is_none() => {
-                let open =
-                    cluster.stats.rq_retry_active.get() >= i64::from(cluster.breakers.max_retries);
-                if open {
-                    cluster.stats.rq_retry_overflow.inc();
-                }
-                !open
-            }
-            _ => true,
-        }
-    }
-
-    fn count_retry(&mut self) {
-        self.retries += 1;
         if let Some(cluster) = &self.cluster {
-            cluster.stats.rq_retry.inc();
             if self.retry_slot.is_none() {
+                if cluster.stats.rq_retry_active.get() >= i64::from(cluster.breakers.max_retries) {
+                    cluster.stats.rq_retry_overflow.inc();
+                    return false;
+                }
                 self.retry_slot = Some(GaugeGuard::new(&cluster.stats.rq_retry_active));
             }
+            cluster.stats.rq_retry.inc();
         }
+        self.retries += 1;
+        true
     }
 }
 
@@ -699,14 +691,11 @@ impl ProxyHttp for Gateway {
                 cluster.record_outcome(active.state(), TryOutcome::NoAnswer);
             }
         }
-        let retry = ctx.can_retry()
-            && ctx
-                .route
-                .as_ref()
-                .is_some_and(|r| r.retry.retries_connect_failure());
-        if retry {
-            ctx.count_retry();
-        }
+        let retry = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.retry.retries_connect_failure())
+            && ctx.try_retry();
         e.set_retry(retry);
         e
     }
@@ -728,8 +717,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         if route.retry.retries_status(status) {
-            if ctx.can_retry() && !session.as_ref().retry_buffer_truncated() {
-                ctx.count_retry();
+            if !session.as_ref().retry_buffer_truncated() && ctx.try_retry() {
                 let mut e = Error::explain(RETRIABLE_STATUS, format!("upstream answered {status}"));
                 e.set_retry(true);
                 return Err(e);
@@ -782,8 +770,7 @@ impl ProxyHttp for Gateway {
                 .as_ref()
                 .is_some_and(|r| r.retry.retries_timeout());
             let is_timeout = matches!(e.etype(), ErrorType::ReadTimedout);
-            if ((retries_reset && is_reset) || (retries_timeout && is_timeout)) && ctx.can_retry() {
-                ctx.count_retry();
+            if ((retries_reset && is_reset) || (retries_timeout && is_timeout)) && ctx.try_retry() {
                 e.set_retry(true);
             }
         }

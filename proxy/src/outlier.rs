@@ -128,8 +128,13 @@ impl OutlierState {
     /// caller decides whether the cluster may eject one more endpoint).
     pub fn record(&self, outcome: TryOutcome, now: Instant, config: &OutlierConfig) -> bool {
         if !outcome.is_failure() {
-            self.failures.store(0, Ordering::Relaxed);
-            self.gateway_failures.store(0, Ordering::Relaxed);
+            // Successes are the common case: write the shared streaks only when they ran.
+            if self.failures.load(Ordering::Relaxed) != 0 {
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            if self.gateway_failures.load(Ordering::Relaxed) != 0 {
+                self.gateway_failures.store(0, Ordering::Relaxed);
+            }
             self.relieve(now, config);
             return false;
         }

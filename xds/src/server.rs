@@ -292,15 +292,21 @@ impl ProxyRegistry {
         }
     }
 
-    /// Records `node` as connected (with its locality); its id.
-    fn connect(&self, node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {
-        let locality = node.locality.clone().unwrap_or_default();
+    /// Records the node of a stream's first request as connected (with its locality);
+    /// its id and region, which pick the stream's view.
+    fn connect(
+        &self,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+    ) -> (String, String) {
+        let node = node.cloned().unwrap_or_default();
+        let locality = node.locality.unwrap_or_default();
+        let region = locality.region.clone();
         self.update(&node.id, |status| {
             status.connected = true;
             status.region = locality.region;
             status.zone = locality.zone;
         });
-        node.id.clone()
+        (node.id, region)
     }
 
     fn update(&self, node_id: &str, change: impl FnOnce(&mut ProxyStatus)) {
@@ -370,9 +376,6 @@ impl StreamState {
         request: DiscoveryRequest,
         cache: &CacheState,
     ) -> Option<DiscoveryResponse> {
-        if self.node_id.is_none() {
-            StreamProtocol::identify(self, &request);
-        }
         let node_id = self.node_id.clone().unwrap_or_default();
         let type_url = request.type_url.clone();
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
@@ -474,7 +477,11 @@ impl StreamState {
         subscription.nonce = nonce.clone();
         subscription.sent_version = Some(version.clone());
         let resources = sent.values().cloned().collect();
-        subscription.sent = sent;
+        // Only clusters (retiring ones) and endpoints (kept for them) are read back; other
+        // types keep nothing per stream.
+        if type_url == CLUSTER_TYPE || type_url == ENDPOINT_TYPE {
+            subscription.sent = sent;
+        }
         Some(DiscoveryResponse {
             version_info: version,
             resources,
@@ -601,9 +608,8 @@ impl StreamProtocol for StreamState {
     }
 
     fn identify(&mut self, request: &DiscoveryRequest) {
-        let node = request.node.clone().unwrap_or_default();
-        self.node_id = Some(self.registry.connect(&node));
-        self.region = node.locality.unwrap_or_default().region;
+        let (node_id, region) = self.registry.connect(request.node.as_ref());
+        (self.node_id, self.region) = (Some(node_id), region);
     }
 
     fn on_request(

@@ -52,3 +52,44 @@ async fn a_burst_of_changes_is_one_or_two_pushes_and_ends_on_the_last() {
     assert!(alone.elapsed() < PUSH_DEBOUNCE, "{:?}", alone.elapsed());
     assert_eq!(cache.current().label, "11");
 }
+
+#[tokio::test]
+async fn a_canary_left_behind_by_a_dead_replica_is_rolled_back_by_the_next_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/nip.db", dir.path().display()))
+        .await
+        .unwrap();
+    let service = ConfigService::new(
+        store.clone(),
+        Arc::new(SnapshotCache::default()),
+        Arc::new(ProxyRegistry::default()),
+    );
+    service.apply(change(9001)).await.unwrap();
+    // A replica stored a canary and died: its deadline is long past.
+    store
+        .commit(NewRevision {
+            author: "replica-that-died",
+            message: "",
+            action: RevisionAction::Apply,
+            restored_from: None,
+            canary: Some(("eu", now_ms() - 60_000)),
+            yaml: &yaml(9002),
+        })
+        .await
+        .unwrap();
+    service.sync().await.unwrap();
+    assert_eq!(store.canary().await.unwrap(), None);
+    assert_eq!(
+        store.revision(2).await.unwrap().state,
+        RevisionState::Aborted
+    );
+    assert!(
+        service.views().by_region.is_empty(),
+        "nothing is served as a canary"
+    );
+    // Changes are possible again.
+    assert!(matches!(
+        service.apply(change(9003)).await,
+        Ok(Outcome::Applied(_))
+    ));
+}

@@ -160,9 +160,8 @@ impl StreamProtocol for DeltaStream {
     }
 
     fn identify(&mut self, request: &DeltaDiscoveryRequest) {
-        let node = request.node.clone().unwrap_or_default();
-        self.node_id = Some(self.registry.connect(&node));
-        self.region = node.locality.unwrap_or_default().region;
+        let (node_id, region) = self.registry.connect(request.node.as_ref());
+        (self.node_id, self.region) = (Some(node_id), region);
     }
 
     fn node_id(&self) -> Option<&str> {
