@@ -870,12 +870,7 @@ async fn unbounded_allocation_stops_at_the_ceiling_and_unknown_imports_are_load_
         .wait_for_sample("nip_plugin_failures_total", &[("plugin", "greedy")], 5.0)
         .await;
     // Each instance stopped at 8 MiB: the proxy's memory stays far below 5 × unbounded.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let rss_kb = proxy.rss_kb();
     assert!(rss_kb < 200 * 1024, "proxy RSS {rss_kb} kB");
 
     let alien = dir.path().join("alien.wat");

@@ -172,9 +172,26 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                     })
                 })
                 .collect();
+            let adaptive = c.adaptive_concurrency.as_ref().map(|a| {
+                let status = a.controller.status();
+                let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+                json!({
+                    "limit": status.limit,
+                    "in_flight": status.in_flight,
+                    "min_rtt_ms": ms(status.min_rtt),
+                    "sample_rtt_ms": ms(status.sample_rtt),
+                    "measuring_min_rtt": status.measuring_min_rtt,
+                    "shed_total": crate::concurrency::Priority::ALL
+                        .iter()
+                        .map(|p| (p.as_str(), c.stats.rq_shed[p.index()].get()))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            });
             json!({
                 "name": c.name.as_ref(),
                 "lb_policy": c.lb.as_str(),
+                "adaptive_concurrency": adaptive,
+                "rq_active": c.stats.rq_active.get(),
                 "current_region": c.current_region(),
                 "regions": regions,
                 "http2": c.http2,

@@ -5,6 +5,7 @@
 //! the [`EndpointRegistry`] hands to every snapshot that has the same endpoint, so a reload
 //! neither forgets that an endpoint is down nor loses count of its in-flight requests.
 
+use crate::concurrency::{ConcurrencyController, GradientConfig};
 use crate::ewma::{EwmaConfig, PeakEwma};
 use crate::metrics::ClusterStats;
 use crate::outlier::{OutlierConfig, OutlierState, TryOutcome};
@@ -249,6 +250,18 @@ pub struct Cluster {
     priorities: Vec<Vec<usize>>,
     /// Locality-weighted balancing: endpoint indexes by locality, when switched on.
     localities: Vec<Vec<usize>>,
+    /// Adaptive concurrency, if configured.
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
+}
+
+/// A cluster's adaptive concurrency: the controller (kept across reloads) and the status
+/// a shed request is answered with.
+#[derive(Debug)]
+pub struct AdaptiveConcurrency {
+    /// The gradient controller.
+    pub controller: Arc<ConcurrencyController>,
+    /// Status of a shed request (503 unless configured).
+    pub status: u16,
 }
 
 /// Envoy's overprovisioning factor: a priority level at 1/1.4 ≈ 71 % healthy still takes
@@ -358,7 +371,14 @@ impl Cluster {
             breakers: CircuitBreakers::default(),
             priorities,
             localities: Vec::new(),
+            adaptive_concurrency: None,
         }
+    }
+
+    /// Limits requests in flight by a gradient controller (see [`crate::concurrency`]).
+    pub fn with_adaptive_concurrency(mut self, adaptive: Option<AdaptiveConcurrency>) -> Self {
+        self.adaptive_concurrency = adaptive;
+        self
     }
 
     /// Switches on locality-weighted balancing (Envoy's `locality_weighted_lb_config`): a
@@ -742,10 +762,13 @@ fn interleaved_schedule(endpoints: &[Endpoint]) -> Vec<u32> {
     schedule
 }
 
-/// Hands out [`EndpointState`] per (cluster, address) so state survives reloads.
+/// Hands out [`EndpointState`] per (cluster, address) and each cluster's adaptive
+/// concurrency controller, so that what they learned survives reloads.
 #[derive(Debug, Default)]
 pub struct EndpointRegistry {
     states: Mutex<HashMap<(String, SocketAddr), Arc<EndpointState>>>,
+    /// Each cluster's adaptive concurrency controller, with the settings it was made for.
+    controllers: Mutex<HashMap<String, Arc<ConcurrencyController>>>,
 }
 
 impl EndpointRegistry {
@@ -755,10 +778,31 @@ impl EndpointRegistry {
         Arc::clone(states.entry((cluster.to_string(), address)).or_default())
     }
 
-    /// Forgets endpoints no live snapshot refers to any more.
+    /// The adaptive concurrency controller of a cluster: the one it had while its settings
+    /// stay the same (a reload keeps the limit it learned), a new one otherwise.
+    pub fn concurrency_controller(
+        &self,
+        cluster: &str,
+        config: GradientConfig,
+    ) -> Arc<ConcurrencyController> {
+        let mut controllers = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        match controllers.get(cluster) {
+            Some(existing) if *existing.config() == config => Arc::clone(existing),
+            _ => {
+                let controller = Arc::new(ConcurrencyController::new(config));
+                controllers.insert(cluster.to_string(), Arc::clone(&controller));
+                controller
+            }
+        }
+    }
+
+    /// Forgets endpoints and controllers no live snapshot refers to any more.
     pub fn prune(&self) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states.retain(|_, state| Arc::strong_count(state) > 1);
+        drop(states);
+        let mut controllers = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        controllers.retain(|_, controller| Arc::strong_count(controller) > 1);
     }
 }
 

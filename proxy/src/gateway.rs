@@ -15,6 +15,7 @@
 //! headers need, or logs on success.
 
 use crate::cluster::{ActiveRequest, Cluster};
+use crate::concurrency::{ConcurrencyPermit, Priority};
 use crate::metrics::Metrics;
 use crate::outlier::TryOutcome;
 use crate::plugins::chain::{RequestPlugins, Verdict};
@@ -72,10 +73,13 @@ pub enum ResponseFlag {
     PluginFailure,
     /// The cluster's `max_requests` circuit breaker is open (503).
     UpstreamOverflow,
+    /// Shed by the cluster's adaptive concurrency: its limit is reached for this request's
+    /// priority (503 unless configured; Envoy's overload flag).
+    Overload,
 }
 
 impl ResponseFlag {
-    const ALL: [ResponseFlag; 10] = [
+    const ALL: [ResponseFlag; 11] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -86,6 +90,7 @@ impl ResponseFlag {
         ResponseFlag::DownstreamClosed,
         ResponseFlag::PluginFailure,
         ResponseFlag::UpstreamOverflow,
+        ResponseFlag::Overload,
     ];
 
     /// Envoy's short name.
@@ -101,6 +106,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamClosed => "DC",
             ResponseFlag::PluginFailure => "PF",
             ResponseFlag::UpstreamOverflow => "UO",
+            ResponseFlag::Overload => "OM",
         }
     }
 
@@ -128,6 +134,10 @@ pub struct RequestCtx {
     active_cluster: Option<GaugeGuard>,
     /// Held from a request's first retry: counts it against the `max_retries` breaker.
     retry_slot: Option<GaugeGuard>,
+    /// The request's priority class (`x-nip-priority`), for load shedding.
+    priority: Priority,
+    /// Admission by the cluster's adaptive concurrency, held until the request ends.
+    concurrency: Option<ConcurrencyPermit>,
     /// The route's plugins as this request runs through them.
     /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
     /// which is moved whole, so requests without plugins must not pay for its size.)
@@ -157,7 +167,7 @@ impl Drop for GaugeGuard {
 pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
-    flag_counters: [Counter; 10],
+    flag_counters: [Counter; 11],
     plugin_runtime: Arc<PluginRuntime>,
 }
 
@@ -438,6 +448,8 @@ impl ProxyHttp for Gateway {
             active_endpoint: None,
             active_cluster: None,
             retry_slot: None,
+            priority: Priority::Normal,
+            concurrency: None,
             plugins: None,
             plugin_stop: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
@@ -461,6 +473,23 @@ impl ProxyHttp for Gateway {
                 id
             }
         };
+        if let Some(value) = request.headers.get(Priority::HEADER) {
+            match Priority::parse(value.as_bytes()) {
+                Some(priority) => ctx.priority = priority,
+                None => {
+                    ctx.snapshot = Some(snapshot);
+                    ctx.local_status = 400;
+                    respond(
+                        session,
+                        ctx,
+                        400,
+                        "x-nip-priority must be low, normal or high\n",
+                    )
+                    .await;
+                    return Ok(true);
+                }
+            }
+        }
         let host = request
             .uri
             .authority()
@@ -508,6 +537,24 @@ impl ProxyHttp for Gateway {
             ctx.local_status = 503;
             respond(session, ctx, 503, "upstream overflow (circuit breaker)\n").await;
             return Ok(true);
+        }
+        if let Some(adaptive) = &cluster.adaptive_concurrency {
+            match adaptive.controller.try_acquire(ctx.priority) {
+                Some(permit) => ctx.concurrency = Some(permit),
+                None => {
+                    cluster.stats.rq_shed[ctx.priority.index()].inc();
+                    ctx.flag = Some(ResponseFlag::Overload);
+                    ctx.local_status = adaptive.status;
+                    respond(
+                        session,
+                        ctx,
+                        adaptive.status,
+                        "overloaded: shed by adaptive concurrency (lower priority goes first)\n",
+                    )
+                    .await;
+                    return Ok(true);
+                }
+            }
         }
         ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
         ctx.cluster = Some(cluster);
@@ -725,6 +772,10 @@ impl ProxyHttp for Gateway {
             if ctx.retries > 0 {
                 ctx.flag = Some(ResponseFlag::RetryLimitExceeded);
             }
+        }
+        // The final answer's delay is the adaptive concurrency sample (retries included).
+        if let Some(permit) = &mut ctx.concurrency {
+            permit.answered();
         }
         Ok(())
     }

@@ -31,6 +31,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod cluster;
+pub mod concurrency;
 pub mod ewma;
 pub mod gateway;
 pub mod health;

@@ -90,6 +90,12 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    cluster: String,
+    priority: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlagLabels {
     flag: &'static str,
 }
@@ -164,6 +170,8 @@ pub struct ClusterStats {
     pub rq_overflow: Counter,
     /// Retries not made because of the `max_retries` circuit breaker.
     pub rq_retry_overflow: Counter,
+    /// Requests shed by adaptive concurrency, by priority (low, normal, high).
+    pub rq_shed: [Counter; 3],
 }
 
 impl ClusterStats {
@@ -189,6 +197,8 @@ pub struct Metrics {
     upstream_rq_retry_active: Family<ClusterLabels, Gauge>,
     upstream_rq_overflow: Family<ClusterLabels, Counter>,
     upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
+    upstream_rq_shed: Family<ShedLabels, Counter>,
+    concurrency_limit: Family<ClusterLabels, Gauge>,
     locality_picks: Family<LocalityLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_rq_active: Family<EndpointLabels, Gauge>,
@@ -229,6 +239,8 @@ impl Metrics {
             upstream_rq_retry_active: Family::default(),
             upstream_rq_overflow: Family::default(),
             upstream_rq_retry_overflow: Family::default(),
+            upstream_rq_shed: Family::default(),
+            concurrency_limit: Family::default(),
             locality_picks: Family::default(),
             endpoint_healthy: Family::default(),
             endpoint_rq_active: Family::default(),
@@ -301,6 +313,16 @@ impl Metrics {
             "upstream_rq_retry_overflow",
             "Retries not made because of the max_retries circuit breaker",
             m.upstream_rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "upstream_rq_shed",
+            "Requests shed by adaptive concurrency (flag OM), by priority: low first",
+            m.upstream_rq_shed.clone(),
+        );
+        registry.register(
+            "upstream_concurrency_limit",
+            "The adaptive concurrency limit of a cluster now (what high priority may use)",
+            m.concurrency_limit.clone(),
         );
         registry.register(
             "upstream_locality_picks",
@@ -414,6 +436,14 @@ impl Metrics {
                 .upstream_rq_retry_overflow
                 .get_or_create(&labels)
                 .clone(),
+            rq_shed: crate::concurrency::Priority::ALL.map(|priority| {
+                self.upstream_rq_shed
+                    .get_or_create(&ShedLabels {
+                        cluster: cluster.to_string(),
+                        priority: priority.as_str(),
+                    })
+                    .clone()
+            }),
         }
     }
 
@@ -458,7 +488,17 @@ impl Metrics {
         self.endpoint_rq_active.clear();
         self.upstream_cx_active.clear();
         self.config_info.clear();
+        self.concurrency_limit.clear();
         if let Some(snapshot) = snapshot {
+            for cluster in snapshot.clusters.values() {
+                if let Some(adaptive) = &cluster.adaptive_concurrency {
+                    self.concurrency_limit
+                        .get_or_create(&ClusterLabels {
+                            cluster: cluster.name.to_string(),
+                        })
+                        .set(i64::from(adaptive.controller.status().limit));
+                }
+            }
             let open = crate::sockets::established_by_remote();
             for cluster in snapshot.clusters.values() {
                 let connections: usize = cluster

@@ -8,23 +8,23 @@
 //! naming the resource, so the caller can keep the previous snapshot (and, over xDS, NACK).
 
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
-use crate::cluster::{
-    CircuitBreakers, Cluster, Endpoint, EndpointRegistry, HealthCheckSpec, LbPolicy, Locality,
-};
-use crate::ewma::EwmaConfig;
+use crate::cluster::{AdaptiveConcurrency, Cluster, Endpoint, EndpointRegistry, Locality};
 use crate::metrics::{Metrics, RequestCounters};
-use crate::outlier::OutlierConfig;
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
     HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteMatch, Router,
     RouterBuilder, Target, VirtualHost,
 };
+use cluster_policies::{
+    adaptive_concurrency, circuit_breakers, health_check_spec, legacy_lb_policy,
+    load_balancing_policy, outlier_config, upstream_http2,
+};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    address, data_source, health_check, socket_address, substitution_format_string,
-    transport_socket, Address, DataSource, SubstitutionFormatString,
+    address, data_source, socket_address, substitution_format_string, transport_socket, Address,
+    DataSource, SubstitutionFormatString,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
@@ -43,9 +43,6 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager, http_filter, HttpConnectionManager,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options, HttpProtocolOptions,
-};
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
@@ -152,128 +149,6 @@ pub struct Compiler<'a> {
     pub plugins: &'a PluginLoader,
 }
 
-/// The policy from `load_balancing_policy`: the first entry NIP knows wins, as in Envoy
-/// and gRPC. `None` when the field is absent.
-fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>, String> {
-    let Some(list) = &xds.load_balancing_policy else {
-        return Ok(None);
-    };
-    for policy in &list.policies {
-        let Some(extension) = &policy.typed_extension_config else {
-            continue;
-        };
-        match extension.name.as_str() {
-            names::PEAK_EWMA_POLICY => {
-                let parameters = extension
-                    .typed_config
-                    .as_ref()
-                    .map(|any| {
-                        envoy_types::pb::google::protobuf::Struct::decode(any.value.as_slice())
-                            .map_err(|e| format!("{}: {e}", names::PEAK_EWMA_POLICY))
-                    })
-                    .transpose()?
-                    .unwrap_or_default();
-                let seconds = |key: &str, default: Duration| -> Result<Duration, String> {
-                    match parameters.fields.get(key).and_then(|v| v.kind.as_ref()) {
-                        None => Ok(default),
-                        Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(n))
-                            if n.is_finite() && *n > 0.0 && *n < 86_400.0 =>
-                        {
-                            Ok(Duration::from_secs_f64(*n))
-                        }
-                        Some(_) => Err(format!(
-                            "{}: {key} must be a number of seconds between 0 and 86400",
-                            names::PEAK_EWMA_POLICY
-                        )),
-                    }
-                };
-                let defaults = EwmaConfig::default();
-                return Ok(Some(LbPolicy::Latency(EwmaConfig {
-                    decay: seconds("decay_seconds", defaults.decay)?,
-                    default_rtt: seconds("default_rtt_seconds", defaults.default_rtt)?,
-                })));
-            }
-            names::LEAST_REQUEST_POLICY => return Ok(Some(LbPolicy::LeastRequest)),
-            "envoy.load_balancing_policies.round_robin" => return Ok(Some(LbPolicy::RoundRobin)),
-            "envoy.load_balancing_policies.random" => return Ok(Some(LbPolicy::Random)),
-            _ => continue,
-        }
-    }
-    Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random)".to_string())
-}
-
-/// Envoy's `OutlierDetection` as NIP applies it: the consecutive-5xx and
-/// consecutive-gateway-failure detectors, ejection times and the ejection ceiling. Envoy's
-/// defaults fill what is not set; an `enforcing_*` of 0 switches a detector off.
-fn outlier_config(
-    xds: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
-) -> Result<OutlierConfig, String> {
-    let defaults = OutlierConfig::default();
-    let number = |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value);
-    let time = |d: &Option<PbDuration>, field: &str, default: Duration| match d {
-        None => Ok(default),
-        Some(d) => duration(d)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("outlier_detection.{field} must be more than 0")),
-    };
-    let enforced = |v: &Option<UInt32Value>, default: u32| number(v, default) > 0;
-    let max_ejection_percent = number(&xds.max_ejection_percent, defaults.max_ejection_percent);
-    if max_ejection_percent > 100 {
-        return Err(format!(
-            "outlier_detection.max_ejection_percent: {max_ejection_percent} is more than 100"
-        ));
-    }
-    Ok(OutlierConfig {
-        consecutive_5xx: if enforced(&xds.enforcing_consecutive_5xx, 100) {
-            number(&xds.consecutive_5xx, defaults.consecutive_5xx)
-        } else {
-            0
-        },
-        consecutive_gateway_failure: if enforced(&xds.enforcing_consecutive_gateway_failure, 0) {
-            number(&xds.consecutive_gateway_failure, 5)
-        } else {
-            0
-        },
-        interval: time(&xds.interval, "interval", defaults.interval)?,
-        base_ejection_time: time(
-            &xds.base_ejection_time,
-            "base_ejection_time",
-            defaults.base_ejection_time,
-        )?,
-        max_ejection_time: time(
-            &xds.max_ejection_time,
-            "max_ejection_time",
-            defaults.max_ejection_time,
-        )?,
-        max_ejection_percent,
-    })
-}
-
-/// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).
-/// NIP enforces `max_requests` and `max_retries`; connection and pending-request limits are
-/// left to the connection pool.
-fn circuit_breakers(xds: &XdsCluster) -> CircuitBreakers {
-    let defaults = CircuitBreakers::default();
-    let thresholds = xds.circuit_breakers.as_ref().and_then(|b| {
-        b.thresholds.iter().find(|t| {
-            t.priority == envoy_types::pb::envoy::config::core::v3::RoutingPriority::Default as i32
-        })
-    });
-    match thresholds {
-        None => defaults,
-        Some(t) => CircuitBreakers {
-            max_requests: t
-                .max_requests
-                .as_ref()
-                .map_or(defaults.max_requests, |v| v.value),
-            max_retries: t
-                .max_retries
-                .as_ref()
-                .map_or(defaults.max_retries, |v| v.value),
-        },
-    }
-}
-
 /// A route's data locality from its metadata (`nip.locality` → `region`).
 fn route_locality(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
@@ -295,20 +170,6 @@ fn route_locality(
             "metadata {}: needs a non-empty string `region`",
             names::LOCALITY_METADATA
         )),
-    }
-}
-
-/// The policy from the `lb_policy` enum.
-fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
-    match cluster::LbPolicy::try_from(xds.lb_policy) {
-        Ok(cluster::LbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
-        Ok(cluster::LbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
-        Ok(cluster::LbPolicy::Random) => Ok(LbPolicy::Random),
-        Ok(other) => Err(format!(
-            "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
-            other.as_str_name()
-        )),
-        Err(_) => Err(format!("lb_policy {} is unknown", xds.lb_policy)),
     }
 }
 
@@ -460,6 +321,12 @@ impl Compiler<'_> {
             .map(outlier_config)
             .transpose()
             .map_err(fail)?;
+        let adaptive = adaptive_concurrency(xds)
+            .map_err(fail)?
+            .map(|(config, status)| AdaptiveConcurrency {
+                controller: self.registry.concurrency_controller(name, config),
+                status,
+            });
         Ok(Cluster::new(
             name.into(),
             lb,
@@ -471,6 +338,7 @@ impl Compiler<'_> {
         )
         .with_outlier_detection(outlier)
         .with_circuit_breakers(circuit_breakers(xds))
+        .with_adaptive_concurrency(adaptive)
         .with_locality_weights(matches!(
             xds.common_lb_config
                 .as_ref()
@@ -939,71 +807,6 @@ fn listener_spec(
     Ok((spec, hcm))
 }
 
-fn upstream_http2(xds: &XdsCluster) -> Result<bool, String> {
-    #[allow(deprecated)]
-    let mut http2 = xds.http2_protocol_options.is_some();
-    if let Some(any) = xds
-        .typed_extension_protocol_options
-        .get(names::HTTP_PROTOCOL_OPTIONS)
-    {
-        let options: HttpProtocolOptions = decode(any)?;
-        if let Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
-            options.upstream_protocol_options
-        {
-            http2 = matches!(
-                explicit.protocol_config,
-                Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
-            );
-        }
-    }
-    Ok(http2)
-}
-
-fn health_check_spec(
-    hc: &envoy_types::pb::envoy::config::core::v3::HealthCheck,
-) -> Result<HealthCheckSpec, String> {
-    let Some(health_check::HealthChecker::HttpHealthCheck(http)) = &hc.health_checker else {
-        return Err("health_checks[0]: only http_health_check is supported".into());
-    };
-    let interval = hc
-        .interval
-        .as_ref()
-        .and_then(duration)
-        .filter(|d| !d.is_zero())
-        .ok_or("health_checks[0].interval must be more than 0")?;
-    let timeout = hc
-        .timeout
-        .as_ref()
-        .and_then(duration)
-        .filter(|d| !d.is_zero())
-        .ok_or("health_checks[0].timeout must be more than 0")?;
-    if !http.path.starts_with('/') {
-        return Err("health_checks[0].http_health_check.path must start with '/'".into());
-    }
-    let expected_statuses = http
-        .expected_statuses
-        .iter()
-        .map(|r| {
-            let start = u16::try_from(r.start).map_err(|_| "expected_statuses out of range")?;
-            let end = u16::try_from(r.end).map_err(|_| "expected_statuses out of range")?;
-            Ok((start, end))
-        })
-        .collect::<Result<Vec<_>, &str>>()?;
-    Ok(HealthCheckSpec {
-        path: http.path.clone(),
-        host: http.host.clone(),
-        interval,
-        timeout,
-        unhealthy_threshold: hc
-            .unhealthy_threshold
-            .as_ref()
-            .map_or(1, |v| v.value)
-            .max(1),
-        healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
-        expected_statuses,
-    })
-}
-
 fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     let is_method = h.name == ":method";
     let name = if is_method {
@@ -1104,6 +907,8 @@ fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
         .next()
         .ok_or_else(|| format!("{:?} resolves to no address", sa.address))
 }
+
+mod cluster_policies;
 
 #[cfg(test)]
 mod tests;

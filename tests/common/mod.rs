@@ -45,6 +45,9 @@ pub struct BackendControl {
     pub status: AtomicU16,
     /// Delay before answering, in ms.
     pub delay_ms: AtomicU64,
+    /// When set, only this many requests are worked on at once (each for `delay_ms`); the
+    /// others queue in arrival order — a backend with a fixed capacity.
+    pub workers: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// Normal (non-health) requests served.
     pub requests: AtomicUsize,
     /// Headers of the last normal request.
@@ -74,6 +77,7 @@ impl Backend {
             healthy: AtomicBool::new(true),
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
+            workers: Mutex::new(None),
             requests: AtomicUsize::new(0),
             last_headers: Mutex::new(HashMap::new()),
             last_version: Mutex::new(String::new()),
@@ -111,6 +115,12 @@ impl Backend {
 
     pub fn set_status(&self, status: u16) {
         self.control.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Serves at most `workers` requests at once; the rest wait their turn.
+    pub fn set_workers(&self, workers: usize) {
+        *self.control.workers.lock().unwrap() =
+            Some(Arc::new(tokio::sync::Semaphore::new(workers)));
     }
 
     pub fn set_delay(&self, delay: Duration) {
@@ -176,6 +186,11 @@ async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Fu
         .map(|b| b.to_bytes().to_vec())
         .unwrap_or_default();
     *control.last_body.lock().unwrap() = body;
+    let workers = control.workers.lock().unwrap().clone();
+    let _worker = match &workers {
+        Some(workers) => workers.acquire().await.ok(),
+        None => None,
+    };
     let delay = control.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -371,6 +386,16 @@ impl Proxy {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The proxy process's resident memory, in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {

@@ -61,6 +61,10 @@ pub mod names {
     /// Envoy has no field for pinning a route to a region.
     pub const LOCALITY_METADATA: &str = "nip.locality";
 
+    /// Cluster `metadata.typed_filter_metadata` key of a service's adaptive concurrency
+    /// (Envoy's `AdaptiveConcurrency` filter config, applied per cluster).
+    pub const ADAPTIVE_CONCURRENCY_METADATA: &str = "nip.adaptive_concurrency";
+
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -812,6 +812,51 @@ fn outlier_detection(
     }
 }
 
+/// The v4 adaptive concurrency as Envoy's filter config (unset fields stay unset: Envoy
+/// defaults). It travels in the cluster's `typed_filter_metadata`: Envoy configures the
+/// filter per listener, NIP per service, and clients that do not know the key ignore it.
+fn adaptive_concurrency(
+    config: crate::config::AdaptiveConcurrencyConfig,
+) -> envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::AdaptiveConcurrency
+{
+    use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::{
+        adaptive_concurrency::ConcurrencyControllerConfig, gradient_controller_config,
+        AdaptiveConcurrency, GradientControllerConfig,
+    };
+    use envoy_types::pb::envoy::r#type::v3::{HttpStatus, Percent};
+    let number = |n: Option<u32>| n.map(|value| UInt32Value { value });
+    let time = |d: Option<crate::config::HumanDuration>| d.map(|d| pb_duration(d.into()));
+    let percent = |p: Option<f64>| p.map(|value| Percent { value });
+    AdaptiveConcurrency {
+        concurrency_limit_exceeded_status: config.status.map(|code| HttpStatus {
+            code: i32::from(code),
+        }),
+        concurrency_controller_config: Some(ConcurrencyControllerConfig::GradientControllerConfig(
+            GradientControllerConfig {
+                sample_aggregate_percentile: percent(config.percentile),
+                concurrency_limit_params: Some(
+                    gradient_controller_config::ConcurrencyLimitCalculationParams {
+                        max_concurrency_limit: number(config.max_limit),
+                        concurrency_update_interval: time(config.update_interval),
+                        min_concurrency_limit: number(config.min_limit),
+                    },
+                ),
+                min_rtt_calc_params: Some(
+                    gradient_controller_config::MinimumRttCalculationParams {
+                        interval: time(config.min_rtt_interval),
+                        fixed_value: time(config.min_rtt),
+                        request_count: number(config.min_rtt_requests),
+                        jitter: percent(config.min_rtt_jitter),
+                        min_concurrency: number(config.min_concurrency),
+                        buffer: percent(config.buffer),
+                    },
+                ),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 /// Decay of `lb: latency` estimates when not configured (Finagle's and Linkerd's 10 s).
 const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint not measured yet (Linkerd's 30 ms).
@@ -913,6 +958,14 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         }),
         health_checks,
         typed_extension_protocol_options,
+        metadata: service.adaptive_concurrency.map(|config| Metadata {
+            typed_filter_metadata: [(
+                names::ADAPTIVE_CONCURRENCY_METADATA.to_string(),
+                pack_any(adaptive_concurrency(config)),
+            )]
+            .into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -1,4 +1,7 @@
 use super::*;
+use crate::cluster::LbPolicy;
+use crate::ewma::EwmaConfig;
+use crate::outlier::OutlierConfig;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as XdsLbPolicy;
 use nip_xds::config::Config;
 use nip_xds::translate::translate;
@@ -407,4 +410,67 @@ fn locality_weights_travel_in_eds_and_switch_on_locality_weighting() {
             .contains("services.web.locality_weights.mars"),
         "{error}"
     );
+}
+
+#[test]
+fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
+    use crate::concurrency::GradientConfig;
+    let yaml = "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    adaptive_concurrency: { percentile: 90, max_limit: 200, min_rtt: 15ms, buffer: 50, status: 429 }\nroutes:\n  - { service: web }\n";
+    let t = translated(yaml);
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    let compiler = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+        plugins: loader(),
+    };
+    let first = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    let adaptive = first.clusters["web"].adaptive_concurrency.as_ref().unwrap();
+    assert_eq!(adaptive.status, 429);
+    assert_eq!(
+        *adaptive.controller.config(),
+        GradientConfig {
+            percentile: 90.0,
+            max_limit: 200,
+            buffer_percent: 50.0,
+            fixed_min_rtt: Some(Duration::from_millis(15)),
+            ..GradientConfig::default()
+        }
+    );
+    // A reload with the same settings keeps the controller (and what it learned).
+    let second = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    assert!(Arc::ptr_eq(
+        &adaptive.controller,
+        &second.clusters["web"]
+            .adaptive_concurrency
+            .as_ref()
+            .unwrap()
+            .controller
+    ));
+    // Broken fields from another control plane are refused by name.
+    let mut bad = t.clone();
+    let metadata = bad.resources.clusters[0].metadata.as_mut().unwrap();
+    let any = metadata
+        .typed_filter_metadata
+        .get_mut(names::ADAPTIVE_CONCURRENCY_METADATA)
+        .unwrap();
+    let mut config: envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::AdaptiveConcurrency =
+        decode(any).unwrap();
+    config.concurrency_limit_exceeded_status =
+        Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code: 200 });
+    *any = envoy_types::util::pack_any(config);
+    let Err(error) = compile(&bad) else {
+        panic!("status 200 must be refused");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("nip.adaptive_concurrency.concurrency_limit_exceeded_status"),
+        "{error}"
+    );
+    // Without the block there is none.
+    assert!(compile(&translated(BASE)).unwrap().clusters["web"]
+        .adaptive_concurrency
+        .is_none());
 }

@@ -209,6 +209,10 @@ pub struct ServiceConfig {
     /// Limits on what the proxy sends to the service at once.
     #[serde(default)]
     pub circuit_breakers: Option<CircuitBreakersConfig>,
+    /// A concurrency limit that follows the service's latency (Envoy's gradient
+    /// controller); requests over it are shed by priority, low first.
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencyConfig>,
     /// Locality-weighted balancing: each locality (`region` or `region/zone`) gets this
     /// share of traffic (scaled down as its endpoints lose health), then endpoints share it.
     #[serde(default)]
@@ -374,6 +378,47 @@ pub struct CircuitBreakersConfig {
     /// Retries in flight to the service; more are not made.
     #[serde(default)]
     pub max_retries: Option<u32>,
+}
+
+/// Adaptive concurrency of a service (Envoy's gradient controller); unset fields take
+/// Envoy's defaults. `{}` switches it on with all defaults.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrencyConfig {
+    /// Percentile of a window's latencies compared with the min RTT (default 50).
+    #[serde(default)]
+    pub percentile: Option<f64>,
+    /// How often the limit is recomputed (default 100ms).
+    #[serde(default)]
+    pub update_interval: Option<HumanDuration>,
+    /// Highest limit (default 1000).
+    #[serde(default)]
+    pub max_limit: Option<u32>,
+    /// Lowest limit (default 3).
+    #[serde(default)]
+    pub min_limit: Option<u32>,
+    /// How often the latency without load (min RTT) is measured again (default 60s).
+    #[serde(default)]
+    pub min_rtt_interval: Option<HumanDuration>,
+    /// Requests one min RTT measurement takes (default 50).
+    #[serde(default)]
+    pub min_rtt_requests: Option<u32>,
+    /// Random delay added to `min_rtt_interval`, in percent of it (default 10).
+    #[serde(default)]
+    pub min_rtt_jitter: Option<f64>,
+    /// Limit while the min RTT is measured (default 3).
+    #[serde(default)]
+    pub min_concurrency: Option<u32>,
+    /// How much slower than the min RTT a window may be before the limit shrinks, in
+    /// percent (default 25).
+    #[serde(default)]
+    pub buffer: Option<f64>,
+    /// A known min RTT: it is then never measured.
+    #[serde(default)]
+    pub min_rtt: Option<HumanDuration>,
+    /// Status of a shed request (default 503).
+    #[serde(default)]
+    pub status: Option<u16>,
 }
 
 /// The protocol spoken to a service's endpoints.

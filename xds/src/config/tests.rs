@@ -222,3 +222,38 @@ fn byte_sizes_read_like_kubernetes_quantities() {
     assert!(ByteSize::parse("Mi").is_err());
     assert!(ByteSize::parse("99999999999999999999Gi").is_err());
 }
+
+#[test]
+fn adaptive_concurrency_and_outlier_limits_name_their_fields() {
+    let yaml = r#"
+services:
+  a:
+    endpoints: ["127.0.0.1:80"]
+    outlier_detection: { max_ejection_percent: 150 }
+    adaptive_concurrency:
+      percentile: 101
+      buffer: -1
+      update_interval: 0s
+      max_limit: 10
+      min_limit: 20
+      min_rtt_requests: 0
+      status: 200
+routes:
+  - service: a
+"#;
+    let errors = errors_of(yaml).join("\n");
+    for expected in [
+        "services.a.outlier_detection.max_ejection_percent: 150 is more than 100",
+        "services.a.adaptive_concurrency.percentile:",
+        "services.a.adaptive_concurrency.buffer:",
+        "services.a.adaptive_concurrency.update_interval: must be more than 0",
+        "services.a.adaptive_concurrency.min_limit: 20 is more than max_limit 10",
+        "services.a.adaptive_concurrency.min_rtt_requests: must be at least 1",
+        "services.a.adaptive_concurrency.status: 200 is not a 4xx or 5xx status",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+}

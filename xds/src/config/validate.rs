@@ -253,6 +253,19 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             ),
         );
     }
+    if let Some(percent) = service
+        .outlier_detection
+        .and_then(|o| o.max_ejection_percent)
+        .filter(|p| *p > 100)
+    {
+        errors.add(
+            format!("{path}.outlier_detection.max_ejection_percent"),
+            format!("{percent} is more than 100"),
+        );
+    }
+    if let Some(adaptive) = &service.adaptive_concurrency {
+        validate_adaptive_concurrency(&format!("{path}.adaptive_concurrency"), adaptive, errors);
+    }
     if let Some(timeout) = service.connect_timeout {
         if timeout.0.is_zero() {
             errors.add(format!("{path}.connect_timeout"), "must be more than 0");
@@ -286,6 +299,57 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
                 );
             }
         }
+    }
+}
+
+fn validate_adaptive_concurrency(
+    path: &str,
+    config: &crate::config::AdaptiveConcurrencyConfig,
+    errors: &mut Errors,
+) {
+    let mut percent = |field: &str, value: Option<f64>, low: f64, high: f64| {
+        if let Some(v) = value.filter(|v| !(low..=high).contains(v) || v.is_nan()) {
+            errors.add(
+                format!("{path}.{field}"),
+                format!("{v} is not between {low} and {high}"),
+            );
+        }
+    };
+    percent("percentile", config.percentile, 0.0, 100.0);
+    percent("min_rtt_jitter", config.min_rtt_jitter, 0.0, 100.0);
+    percent("buffer", config.buffer, 0.0, 1000.0);
+    for (field, value) in [
+        ("update_interval", config.update_interval),
+        ("min_rtt_interval", config.min_rtt_interval),
+        ("min_rtt", config.min_rtt),
+    ] {
+        if value.is_some_and(|d| d.0.is_zero()) {
+            errors.add(format!("{path}.{field}"), "must be more than 0");
+        }
+    }
+    for (field, value) in [
+        ("max_limit", config.max_limit),
+        ("min_limit", config.min_limit),
+        ("min_rtt_requests", config.min_rtt_requests),
+        ("min_concurrency", config.min_concurrency),
+    ] {
+        if value == Some(0) {
+            errors.add(format!("{path}.{field}"), "must be at least 1");
+        }
+    }
+    if let (Some(min), Some(max)) = (config.min_limit, config.max_limit) {
+        if min > max {
+            errors.add(
+                format!("{path}.min_limit"),
+                format!("{min} is more than max_limit {max}"),
+            );
+        }
+    }
+    if let Some(status) = config.status.filter(|s| !(400..=599).contains(s)) {
+        errors.add(
+            format!("{path}.status"),
+            format!("{status} is not a 4xx or 5xx status"),
+        );
     }
 }
 

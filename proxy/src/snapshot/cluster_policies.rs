@@ -1,0 +1,353 @@
+//! Cluster policies decoded from xDS: load balancing, outlier detection, circuit breakers,
+//! adaptive concurrency, upstream protocol and health checking. Each decoder reads one part
+//! of an Envoy `Cluster` and answers the proxy's own type, or an error naming the field.
+
+use super::{decode, duration, names};
+use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy};
+use crate::concurrency::GradientConfig;
+use crate::ewma::EwmaConfig;
+use crate::outlier::OutlierConfig;
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};
+use envoy_types::pb::envoy::config::core::v3::health_check;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options, HttpProtocolOptions,
+};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use prost::Message;
+use std::time::Duration;
+
+/// The policy from `load_balancing_policy`: the first entry NIP knows wins, as in Envoy
+/// and gRPC. `None` when the field is absent.
+pub(super) fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>, String> {
+    let Some(list) = &xds.load_balancing_policy else {
+        return Ok(None);
+    };
+    for policy in &list.policies {
+        let Some(extension) = &policy.typed_extension_config else {
+            continue;
+        };
+        match extension.name.as_str() {
+            names::PEAK_EWMA_POLICY => {
+                let parameters = extension
+                    .typed_config
+                    .as_ref()
+                    .map(|any| {
+                        envoy_types::pb::google::protobuf::Struct::decode(any.value.as_slice())
+                            .map_err(|e| format!("{}: {e}", names::PEAK_EWMA_POLICY))
+                    })
+                    .transpose()?
+                    .unwrap_or_default();
+                let seconds = |key: &str, default: Duration| -> Result<Duration, String> {
+                    match parameters.fields.get(key).and_then(|v| v.kind.as_ref()) {
+                        None => Ok(default),
+                        Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(n))
+                            if n.is_finite() && *n > 0.0 && *n < 86_400.0 =>
+                        {
+                            Ok(Duration::from_secs_f64(*n))
+                        }
+                        Some(_) => Err(format!(
+                            "{}: {key} must be a number of seconds between 0 and 86400",
+                            names::PEAK_EWMA_POLICY
+                        )),
+                    }
+                };
+                let defaults = EwmaConfig::default();
+                return Ok(Some(LbPolicy::Latency(EwmaConfig {
+                    decay: seconds("decay_seconds", defaults.decay)?,
+                    default_rtt: seconds("default_rtt_seconds", defaults.default_rtt)?,
+                })));
+            }
+            names::LEAST_REQUEST_POLICY => return Ok(Some(LbPolicy::LeastRequest)),
+            "envoy.load_balancing_policies.round_robin" => return Ok(Some(LbPolicy::RoundRobin)),
+            "envoy.load_balancing_policies.random" => return Ok(Some(LbPolicy::Random)),
+            _ => continue,
+        }
+    }
+    Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random)".to_string())
+}
+
+/// Envoy's `OutlierDetection` as NIP applies it: the consecutive-5xx and
+/// consecutive-gateway-failure detectors, ejection times and the ejection ceiling. Envoy's
+/// defaults fill what is not set; an `enforcing_*` of 0 switches a detector off.
+pub(super) fn outlier_config(
+    xds: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
+) -> Result<OutlierConfig, String> {
+    let defaults = OutlierConfig::default();
+    let number = |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value);
+    let time = |d: &Option<PbDuration>, field: &str, default: Duration| match d {
+        None => Ok(default),
+        Some(d) => duration(d)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("outlier_detection.{field} must be more than 0")),
+    };
+    let enforced = |v: &Option<UInt32Value>, default: u32| number(v, default) > 0;
+    let max_ejection_percent = number(&xds.max_ejection_percent, defaults.max_ejection_percent);
+    if max_ejection_percent > 100 {
+        return Err(format!(
+            "outlier_detection.max_ejection_percent: {max_ejection_percent} is more than 100"
+        ));
+    }
+    Ok(OutlierConfig {
+        consecutive_5xx: if enforced(&xds.enforcing_consecutive_5xx, 100) {
+            number(&xds.consecutive_5xx, defaults.consecutive_5xx)
+        } else {
+            0
+        },
+        consecutive_gateway_failure: if enforced(&xds.enforcing_consecutive_gateway_failure, 0) {
+            number(&xds.consecutive_gateway_failure, 5)
+        } else {
+            0
+        },
+        interval: time(&xds.interval, "interval", defaults.interval)?,
+        base_ejection_time: time(
+            &xds.base_ejection_time,
+            "base_ejection_time",
+            defaults.base_ejection_time,
+        )?,
+        max_ejection_time: time(
+            &xds.max_ejection_time,
+            "max_ejection_time",
+            defaults.max_ejection_time,
+        )?,
+        max_ejection_percent,
+    })
+}
+
+/// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).
+/// NIP enforces `max_requests` and `max_retries`; connection and pending-request limits are
+/// left to the connection pool.
+pub(super) fn circuit_breakers(xds: &XdsCluster) -> CircuitBreakers {
+    let defaults = CircuitBreakers::default();
+    let thresholds = xds.circuit_breakers.as_ref().and_then(|b| {
+        b.thresholds.iter().find(|t| {
+            t.priority == envoy_types::pb::envoy::config::core::v3::RoutingPriority::Default as i32
+        })
+    });
+    match thresholds {
+        None => defaults,
+        Some(t) => CircuitBreakers {
+            max_requests: t
+                .max_requests
+                .as_ref()
+                .map_or(defaults.max_requests, |v| v.value),
+            max_retries: t
+                .max_retries
+                .as_ref()
+                .map_or(defaults.max_retries, |v| v.value),
+        },
+    }
+}
+
+/// The policy from the `lb_policy` enum.
+pub(super) fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
+    match cluster::LbPolicy::try_from(xds.lb_policy) {
+        Ok(cluster::LbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
+        Ok(cluster::LbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
+        Ok(cluster::LbPolicy::Random) => Ok(LbPolicy::Random),
+        Ok(other) => Err(format!(
+            "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+            other.as_str_name()
+        )),
+        Err(_) => Err(format!("lb_policy {} is unknown", xds.lb_policy)),
+    }
+}
+
+pub(super) fn upstream_http2(xds: &XdsCluster) -> Result<bool, String> {
+    #[allow(deprecated)]
+    let mut http2 = xds.http2_protocol_options.is_some();
+    if let Some(any) = xds
+        .typed_extension_protocol_options
+        .get(names::HTTP_PROTOCOL_OPTIONS)
+    {
+        let options: HttpProtocolOptions = decode(any)?;
+        if let Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
+            options.upstream_protocol_options
+        {
+            http2 = matches!(
+                explicit.protocol_config,
+                Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_))
+            );
+        }
+    }
+    Ok(http2)
+}
+
+pub(super) fn health_check_spec(
+    hc: &envoy_types::pb::envoy::config::core::v3::HealthCheck,
+) -> Result<HealthCheckSpec, String> {
+    let Some(health_check::HealthChecker::HttpHealthCheck(http)) = &hc.health_checker else {
+        return Err("health_checks[0]: only http_health_check is supported".into());
+    };
+    let interval = hc
+        .interval
+        .as_ref()
+        .and_then(duration)
+        .filter(|d| !d.is_zero())
+        .ok_or("health_checks[0].interval must be more than 0")?;
+    let timeout = hc
+        .timeout
+        .as_ref()
+        .and_then(duration)
+        .filter(|d| !d.is_zero())
+        .ok_or("health_checks[0].timeout must be more than 0")?;
+    if !http.path.starts_with('/') {
+        return Err("health_checks[0].http_health_check.path must start with '/'".into());
+    }
+    let expected_statuses = http
+        .expected_statuses
+        .iter()
+        .map(|r| {
+            let start = u16::try_from(r.start).map_err(|_| "expected_statuses out of range")?;
+            let end = u16::try_from(r.end).map_err(|_| "expected_statuses out of range")?;
+            Ok((start, end))
+        })
+        .collect::<Result<Vec<_>, &str>>()?;
+    Ok(HealthCheckSpec {
+        path: http.path.clone(),
+        host: http.host.clone(),
+        interval,
+        timeout,
+        unhealthy_threshold: hc
+            .unhealthy_threshold
+            .as_ref()
+            .map_or(1, |v| v.value)
+            .max(1),
+        healthy_threshold: hc.healthy_threshold.as_ref().map_or(1, |v| v.value).max(1),
+        expected_statuses,
+    })
+}
+
+/// A cluster's adaptive concurrency (Envoy's `AdaptiveConcurrency` with a gradient
+/// controller, in `metadata.typed_filter_metadata["nip.adaptive_concurrency"]`) and the
+/// status of a shed request. Envoy's defaults fill what is not set.
+pub(super) fn adaptive_concurrency(
+    xds: &XdsCluster,
+) -> Result<Option<(GradientConfig, u16)>, String> {
+    use envoy_types::pb::envoy::extensions::filters::http::adaptive_concurrency::v3::{
+        adaptive_concurrency::ConcurrencyControllerConfig, AdaptiveConcurrency,
+    };
+    let Some(any) = xds.metadata.as_ref().and_then(|m| {
+        m.typed_filter_metadata
+            .get(names::ADAPTIVE_CONCURRENCY_METADATA)
+    }) else {
+        return Ok(None);
+    };
+    let field = |name: &str| format!("{}.{name}", names::ADAPTIVE_CONCURRENCY_METADATA);
+    let config: AdaptiveConcurrency = decode(any)?;
+    if config.enabled.is_some() {
+        return Err(format!(
+            "{}: runtime flags are not supported (remove the block to switch it off)",
+            field("enabled")
+        ));
+    }
+    let status = match &config.concurrency_limit_exceeded_status {
+        None => 503,
+        Some(s) => u16::try_from(s.code)
+            .ok()
+            .filter(|c| (400..=599).contains(c))
+            .ok_or_else(|| {
+                format!(
+                    "{}: {} is not a 4xx or 5xx status",
+                    field("concurrency_limit_exceeded_status"),
+                    s.code
+                )
+            })?,
+    };
+    let Some(ConcurrencyControllerConfig::GradientControllerConfig(gradient)) =
+        config.concurrency_controller_config
+    else {
+        return Err(format!(
+            "{}: needs a gradient_controller_config",
+            field("concurrency_controller_config")
+        ));
+    };
+    let defaults = GradientConfig::default();
+    let percent = |p: &Option<envoy_types::pb::envoy::r#type::v3::Percent>,
+                   name: &str,
+                   default: f64,
+                   max: f64|
+     -> Result<f64, String> {
+        match p {
+            None => Ok(default),
+            Some(p) if (0.0..=max).contains(&p.value) => Ok(p.value),
+            Some(p) => Err(format!(
+                "{}: {} is not between 0 and {max}",
+                field(name),
+                p.value
+            )),
+        }
+    };
+    let time = |d: &Option<PbDuration>, name: &str| -> Result<Option<Duration>, String> {
+        d.as_ref()
+            .map(|d| {
+                duration(d)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("{} must be more than 0", field(name)))
+            })
+            .transpose()
+    };
+    let count = |v: &Option<UInt32Value>, name: &str, default: u32| match v {
+        None => Ok(default),
+        Some(v) if v.value > 0 => Ok(v.value),
+        Some(_) => Err(format!("{} must be at least 1", field(name))),
+    };
+    let limits = gradient.concurrency_limit_params.unwrap_or_default();
+    let min_rtt = gradient.min_rtt_calc_params.unwrap_or_default();
+    let result = GradientConfig {
+        percentile: percent(
+            &gradient.sample_aggregate_percentile,
+            "sample_aggregate_percentile",
+            defaults.percentile,
+            100.0,
+        )?,
+        update_interval: time(
+            &limits.concurrency_update_interval,
+            "concurrency_update_interval",
+        )?
+        .unwrap_or(defaults.update_interval),
+        max_limit: count(
+            &limits.max_concurrency_limit,
+            "max_concurrency_limit",
+            defaults.max_limit,
+        )?,
+        min_limit: count(
+            &limits.min_concurrency_limit,
+            "min_concurrency_limit",
+            defaults.min_limit,
+        )?,
+        min_rtt_interval: time(&min_rtt.interval, "min_rtt_calc_params.interval")?
+            .unwrap_or(defaults.min_rtt_interval),
+        min_rtt_requests: count(
+            &min_rtt.request_count,
+            "min_rtt_calc_params.request_count",
+            defaults.min_rtt_requests,
+        )?,
+        min_rtt_jitter_percent: percent(
+            &min_rtt.jitter,
+            "min_rtt_calc_params.jitter",
+            defaults.min_rtt_jitter_percent,
+            100.0,
+        )?,
+        min_concurrency: count(
+            &min_rtt.min_concurrency,
+            "min_rtt_calc_params.min_concurrency",
+            defaults.min_concurrency,
+        )?,
+        buffer_percent: percent(
+            &min_rtt.buffer,
+            "min_rtt_calc_params.buffer",
+            defaults.buffer_percent,
+            1000.0,
+        )?,
+        fixed_min_rtt: time(&min_rtt.fixed_value, "min_rtt_calc_params.fixed_value")?,
+    };
+    if result.min_limit > result.max_limit {
+        return Err(format!(
+            "{}: {} is more than max_concurrency_limit {}",
+            field("min_concurrency_limit"),
+            result.min_limit,
+            result.max_limit
+        ));
+    }
+    Ok(Some((result, status)))
+}
