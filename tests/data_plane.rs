@@ -1059,3 +1059,52 @@ routes:
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_limits_retries_in_flight_to_a_share_of_the_requests() {
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_status(500);
+    // Both answer after 300 ms, so every retry is in flight at the same time.
+    good.set_delay(Duration::from_millis(300));
+    bad.set_delay(Duration::from_millis(300));
+    let config = |percent: u32| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web:
+    endpoints: ["{}", "{}"]
+    circuit_breakers: {{ max_retries: 0, retry_budget: {{ percent: {percent}, min_retry_concurrency: 1 }} }}
+routes:
+  - service: web
+    retries: {{ on: [5xx], max: 1 }}
+"#,
+            good.address, bad.address
+        )
+    };
+    // 20 requests at once: 10 land on the bad endpoint and want a retry together.
+    async fn failures(proxy: &Proxy) -> usize {
+        let client = client();
+        let url = proxy.url("/");
+        let answers = futures_util::future::join_all((0..20).map(|_| get(&client, &url))).await;
+        answers.iter().filter(|r| r.status() == 500).count()
+    }
+    // A budget of 100 % of the requests in flight retries all of them (the budget
+    // replaces max_retries: 0).
+    let proxy = Proxy::start(&config(100)).await;
+    assert_eq!(failures(&proxy).await, 0);
+    drop(proxy);
+    // 20 %: at most 4 of the 20 in flight may be retries; the rest answer 500.
+    let proxy = Proxy::start(&config(20)).await;
+    let failed = failures(&proxy).await;
+    assert!((5..=9).contains(&failed), "{failed} of 10 were not retried");
+    proxy
+        .wait_for_sample(
+            "nip_upstream_rq_retry_overflow_total",
+            &[("cluster", "web")],
+            failed as f64,
+        )
+        .await;
+}

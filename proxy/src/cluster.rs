@@ -269,12 +269,47 @@ pub struct AdaptiveConcurrency {
 pub const OVERPROVISIONING: u64 = 140;
 
 /// Envoy's circuit breakers that NIP enforces (default priority).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CircuitBreakers {
     /// Requests in flight to the cluster; more are answered 503 with flag `UO`.
     pub max_requests: u32,
-    /// Retries in flight to the cluster; more are not made.
+    /// Retries in flight to the cluster; more are not made (unless a budget replaces it).
     pub max_retries: u32,
+    /// Retries in flight as a share of the requests in flight (replaces `max_retries`).
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's retry budget: retries in flight may be `percent` of the requests in flight, and
+/// at least `min_retry_concurrency` — retries grow with traffic instead of a fixed count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// Share of the requests in flight, in percent (Envoy's default 20).
+    pub percent: f64,
+    /// Retries always allowed in flight (Envoy's default 3).
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        RetryBudget {
+            percent: 20.0,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+impl CircuitBreakers {
+    /// How many retries may be in flight while `active_requests` requests are.
+    pub fn retries_allowed(&self, active_requests: i64) -> i64 {
+        match self.retry_budget {
+            None => i64::from(self.max_retries),
+            Some(budget) => {
+                let share = (active_requests.max(0) as f64 * budget.percent / 100.0) as i64;
+                share.max(i64::from(budget.min_retry_concurrency))
+            }
+        }
+    }
 }
 
 impl Default for CircuitBreakers {
@@ -283,6 +318,7 @@ impl Default for CircuitBreakers {
         CircuitBreakers {
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
         }
     }
 }
@@ -837,6 +873,32 @@ mod tests {
             None,
             ClusterStats::detached(),
         )
+    }
+
+    #[test]
+    fn a_retry_budget_grows_with_traffic_above_its_floor() {
+        let fixed = CircuitBreakers::default();
+        assert_eq!(
+            fixed.retries_allowed(1_000),
+            3,
+            "max_retries ignores traffic"
+        );
+        let budget = CircuitBreakers {
+            retry_budget: Some(RetryBudget::default()),
+            ..CircuitBreakers::default()
+        };
+        assert_eq!(budget.retries_allowed(0), 3, "the floor");
+        assert_eq!(budget.retries_allowed(10), 3);
+        assert_eq!(budget.retries_allowed(100), 20, "20 % of 100 in flight");
+        let no_floor = CircuitBreakers {
+            retry_budget: Some(RetryBudget {
+                percent: 50.0,
+                min_retry_concurrency: 0,
+            }),
+            ..CircuitBreakers::default()
+        };
+        assert_eq!(no_floor.retries_allowed(1), 0);
+        assert_eq!(no_floor.retries_allowed(9), 4);
     }
 
     fn shares(c: &Cluster, n: usize) -> Vec<usize> {

@@ -414,7 +414,10 @@ impl RequestCtx {
         }
         if let Some(cluster) = &self.cluster {
             if self.retry_slot.is_none() {
-                if cluster.stats.rq_retry_active.get() >= i64::from(cluster.breakers.max_retries) {
+                let allowed = cluster
+                    .breakers
+                    .retries_allowed(cluster.stats.rq_active.get());
+                if cluster.stats.rq_retry_active.get() >= allowed {
                     cluster.stats.rq_retry_overflow.inc();
                     return false;
                 }

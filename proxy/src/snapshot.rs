@@ -337,7 +337,7 @@ impl Compiler<'_> {
             self.metrics.cluster_stats(name),
         )
         .with_outlier_detection(outlier)
-        .with_circuit_breakers(circuit_breakers(xds))
+        .with_circuit_breakers(circuit_breakers(xds).map_err(fail)?)
         .with_adaptive_concurrency(adaptive)
         .with_locality_weights(matches!(
             xds.common_lb_config

@@ -951,6 +951,17 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
                 thresholds: vec![circuit_breakers::Thresholds {
                     max_requests: b.max_requests.map(|value| UInt32Value { value }),
                     max_retries: b.max_retries.map(|value| UInt32Value { value }),
+                    retry_budget: b.retry_budget.map(|budget| {
+                        circuit_breakers::thresholds::RetryBudget {
+                            budget_percent: budget
+                                .percent
+                                .map(|value| envoy_types::pb::envoy::r#type::v3::Percent { value }),
+                            min_retry_concurrency: budget
+                                .min_retry_concurrency
+                                .map(|value| UInt32Value { value }),
+                            ..Default::default()
+                        }
+                    }),
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -3,7 +3,7 @@
 //! of an Envoy `Cluster` and answers the proxy's own type, or an error naming the field.
 
 use super::{decode, duration, names};
-use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy};
+use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy, RetryBudget};
 use crate::concurrency::GradientConfig;
 use crate::ewma::EwmaConfig;
 use crate::outlier::OutlierConfig;
@@ -114,28 +114,51 @@ pub(super) fn outlier_config(
 }
 
 /// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).
-/// NIP enforces `max_requests` and `max_retries`; connection and pending-request limits are
-/// left to the connection pool.
-pub(super) fn circuit_breakers(xds: &XdsCluster) -> CircuitBreakers {
+/// NIP enforces `max_requests`, `max_retries` and `retry_budget`; connection and
+/// pending-request limits are left to the connection pool.
+pub(super) fn circuit_breakers(xds: &XdsCluster) -> Result<CircuitBreakers, String> {
     let defaults = CircuitBreakers::default();
     let thresholds = xds.circuit_breakers.as_ref().and_then(|b| {
         b.thresholds.iter().find(|t| {
             t.priority == envoy_types::pb::envoy::config::core::v3::RoutingPriority::Default as i32
         })
     });
-    match thresholds {
-        None => defaults,
-        Some(t) => CircuitBreakers {
-            max_requests: t
-                .max_requests
+    let Some(t) = thresholds else {
+        return Ok(defaults);
+    };
+    let retry_budget = match &t.retry_budget {
+        None => None,
+        Some(budget) => {
+            let envoy = RetryBudget::default();
+            let percent = budget
+                .budget_percent
                 .as_ref()
-                .map_or(defaults.max_requests, |v| v.value),
-            max_retries: t
-                .max_retries
-                .as_ref()
-                .map_or(defaults.max_retries, |v| v.value),
-        },
-    }
+                .map_or(envoy.percent, |p| p.value);
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(format!(
+                    "circuit_breakers.thresholds[DEFAULT].retry_budget.budget_percent: {percent} is not between 0 and 100"
+                ));
+            }
+            Some(RetryBudget {
+                percent,
+                min_retry_concurrency: budget
+                    .min_retry_concurrency
+                    .as_ref()
+                    .map_or(envoy.min_retry_concurrency, |v| v.value),
+            })
+        }
+    };
+    Ok(CircuitBreakers {
+        max_requests: t
+            .max_requests
+            .as_ref()
+            .map_or(defaults.max_requests, |v| v.value),
+        max_retries: t
+            .max_retries
+            .as_ref()
+            .map_or(defaults.max_retries, |v| v.value),
+        retry_budget,
+    })
 }
 
 /// The policy from the `lb_policy` enum.

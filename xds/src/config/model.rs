@@ -378,6 +378,21 @@ pub struct CircuitBreakersConfig {
     /// Retries in flight to the service; more are not made.
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// Retries in flight as a share of requests in flight (replaces `max_retries`).
+    #[serde(default)]
+    pub retry_budget: Option<RetryBudgetConfig>,
+}
+
+/// Envoy's retry budget; unset fields take Envoy's defaults (20 %, 3).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// Retries in flight may be this percent of the requests in flight (default 20).
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// Retries always allowed in flight (default 3).
+    #[serde(default)]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 /// Adaptive concurrency of a service (Envoy's gradient controller); unset fields take

@@ -230,6 +230,7 @@ services:
   a:
     endpoints: ["127.0.0.1:80"]
     outlier_detection: { max_ejection_percent: 150 }
+    circuit_breakers: { retry_budget: { percent: 120 } }
     adaptive_concurrency:
       percentile: 101
       buffer: -1
@@ -244,6 +245,7 @@ routes:
     let errors = errors_of(yaml).join("\n");
     for expected in [
         "services.a.outlier_detection.max_ejection_percent: 150 is more than 100",
+        "services.a.circuit_breakers.retry_budget.percent: 120 is not between 0 and 100",
         "services.a.adaptive_concurrency.percentile:",
         "services.a.adaptive_concurrency.buffer:",
         "services.a.adaptive_concurrency.update_interval: must be more than 0",

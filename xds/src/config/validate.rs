@@ -263,6 +263,17 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             format!("{percent} is more than 100"),
         );
     }
+    if let Some(percent) = service
+        .circuit_breakers
+        .and_then(|b| b.retry_budget)
+        .and_then(|b| b.percent)
+        .filter(|p| !(0.0..=100.0).contains(p))
+    {
+        errors.add(
+            format!("{path}.circuit_breakers.retry_budget.percent"),
+            format!("{percent} is not between 0 and 100"),
+        );
+    }
     if let Some(adaptive) = &service.adaptive_concurrency {
         validate_adaptive_concurrency(&format!("{path}.adaptive_concurrency"), adaptive, errors);
     }
