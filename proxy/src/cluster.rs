@@ -8,7 +8,9 @@
 use crate::concurrency::{ConcurrencyController, GradientConfig};
 use crate::ewma::{EwmaConfig, PeakEwma};
 use crate::metrics::ClusterStats;
-use crate::outlier::{OutlierConfig, OutlierState, TryOutcome};
+use crate::outlier::{
+    interval_outliers, Detector, IntervalStats, OutlierConfig, OutlierState, TryOutcome,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -156,6 +158,7 @@ impl ActiveRequest {
         let observed = if failed {
             elapsed.max(FAILURE_LATENCY)
         } else {
+            self.state.outlier.observe_answer(elapsed);
             elapsed
         };
         self.state.latency.observe(observed, now, ewma);
@@ -492,7 +495,46 @@ impl Cluster {
             return;
         };
         let now = tokio::time::Instant::now();
-        if !state.outlier.record(outcome, now, config) {
+        if let Some(detector) = state.outlier.record(outcome, now, config) {
+            self.try_eject(state, now, config, detector);
+        }
+    }
+
+    /// Runs the per-interval detectors over the interval that ends now (see
+    /// [`crate::outlier::interval_outliers`]) and ejects what they find, each finding
+    /// enforced with its detector's probability.
+    pub fn sweep_outliers(&self, now: tokio::time::Instant) {
+        let Some(config) = &self.outlier else {
+            return;
+        };
+        let stats: Vec<IntervalStats> = self
+            .endpoints
+            .iter()
+            .map(|e| e.state.outlier.take_interval())
+            .collect();
+        for (i, detector) in interval_outliers(&stats, config) {
+            let enforcing = match detector {
+                Detector::SuccessRate => config.success_rate.map_or(0, |d| d.enforcing_percent),
+                Detector::FailurePercentage => {
+                    config.failure_percentage.map_or(0, |d| d.enforcing_percent)
+                }
+                _ => 100,
+            };
+            if fastrand::u32(..100) < enforcing {
+                self.try_eject(&self.endpoints[i].state, now, config, detector);
+            }
+        }
+    }
+
+    /// Ejects an endpoint unless it is out already or the cluster may not lose one more.
+    fn try_eject(
+        &self,
+        state: &EndpointState,
+        now: tokio::time::Instant,
+        config: &OutlierConfig,
+        detector: Detector,
+    ) {
+        if state.outlier.is_ejected(now) {
             return;
         }
         let ejected = self
@@ -503,7 +545,7 @@ impl Cluster {
         let allowed = (self.endpoints.len() * config.max_ejection_percent as usize / 100).max(1);
         if ejected < allowed {
             state.outlier.eject(now, config);
-            self.stats.outlier_ejections.inc();
+            self.stats.outlier_ejections[detector.index()].inc();
         }
     }
 

@@ -90,6 +90,12 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetectorLabels {
+    cluster: String,
+    detector: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ShedLabels {
     cluster: String,
     priority: &'static str,
@@ -162,8 +168,8 @@ pub struct ClusterStats {
     pub rq_active: Gauge,
     /// Retries sent.
     pub rq_retry: Counter,
-    /// Endpoints ejected by outlier detection.
-    pub outlier_ejections: Counter,
+    /// Endpoints ejected by outlier detection, by detector ([`crate::outlier::Detector`]).
+    pub outlier_ejections: [Counter; 5],
     /// Retries in flight (for the `max_retries` circuit breaker).
     pub rq_retry_active: Gauge,
     /// Requests refused by the `max_requests` circuit breaker.
@@ -193,7 +199,7 @@ pub struct Metrics {
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_rq_retry: Family<ClusterLabels, Counter>,
-    outlier_ejections: Family<ClusterLabels, Counter>,
+    outlier_ejections: Family<DetectorLabels, Counter>,
     upstream_rq_retry_active: Family<ClusterLabels, Gauge>,
     upstream_rq_overflow: Family<ClusterLabels, Counter>,
     upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
@@ -296,7 +302,7 @@ impl Metrics {
         );
         registry.register(
             "outlier_ejections",
-            "Endpoints ejected by outlier detection",
+            "Endpoints ejected by outlier detection, by detector",
             m.outlier_ejections.clone(),
         );
         registry.register(
@@ -429,7 +435,14 @@ impl Metrics {
             cx_connect_fail: self.upstream_cx_connect_fail.get_or_create(&labels).clone(),
             rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
             rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
-            outlier_ejections: self.outlier_ejections.get_or_create(&labels).clone(),
+            outlier_ejections: crate::outlier::Detector::ALL.map(|detector| {
+                self.outlier_ejections
+                    .get_or_create(&DetectorLabels {
+                        cluster: cluster.to_string(),
+                        detector: detector.as_str(),
+                    })
+                    .clone()
+            }),
             rq_retry_active: self.upstream_rq_retry_active.get_or_create(&labels).clone(),
             rq_overflow: self.upstream_rq_overflow.get_or_create(&labels).clone(),
             rq_retry_overflow: self

@@ -4,7 +4,8 @@
 //! Threads and why:
 //! * pingora's worker runtime(s): requests only.
 //! * `nip-control`: one current-thread tokio runtime for the admin port, config reloads
-//!   (SIGHUP and file changes), active health checks and shutdown draining — so none of that
+//!   (SIGHUP and file changes), active health checks, the per-interval outlier detectors and
+//!   shutdown draining — so none of that
 //!   competes with requests, and a slow scrape cannot hurt tail latency.
 //! * `nip-access-log`: writes access log lines when enabled.
 
@@ -13,6 +14,7 @@ use crate::cluster::EndpointRegistry;
 use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
+use crate::outlier::OutlierSweeper;
 use crate::plugins::PluginLoader;
 use crate::snapshot::{CompileError, Compiler, Snapshot};
 use crate::source::{ConfigSource, Fingerprint};
@@ -319,6 +321,9 @@ impl Control {
         };
         let mut watch = tokio::time::interval(self.watch_interval);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut outliers = OutlierSweeper::default();
+        let mut sweep = tokio::time::interval(OutlierSweeper::TICK);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let follows_control_plane = self.swapped.is_some();
             tokio::select! {
@@ -343,6 +348,9 @@ impl Control {
                         tracing::info!("plugin module {} changed: reloading", file.display());
                         self.reload(true);
                     }
+                }
+                _ = sweep.tick() => {
+                    outliers.sweep(&self.snapshot.load(), tokio::time::Instant::now());
                 }
                 _ = terminate.recv() => {
                     self.drain().await;

@@ -318,7 +318,7 @@ impl Compiler<'_> {
         let outlier = xds
             .outlier_detection
             .as_ref()
-            .map(outlier_config)
+            .map(|od| outlier_config(od, xds))
             .transpose()
             .map_err(fail)?;
         let adaptive = adaptive_concurrency(xds)

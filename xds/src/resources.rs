@@ -65,6 +65,10 @@ pub mod names {
     /// (Envoy's `AdaptiveConcurrency` filter config, applied per cluster).
     pub const ADAPTIVE_CONCURRENCY_METADATA: &str = "nip.adaptive_concurrency";
 
+    /// Cluster `metadata.filter_metadata` key of NIP's latency outlier detector
+    /// (`{factor, minimum_hosts, request_volume}`): Envoy's `OutlierDetection` has none.
+    pub const OUTLIER_LATENCY_METADATA: &str = "nip.outlier_latency";
+
     /// Upstream HTTP protocol options key in `typed_extension_protocol_options`.
     pub const HTTP_PROTOCOL_OPTIONS: &str =
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -808,8 +808,66 @@ fn outlier_detection(
         base_ejection_time: time(config.base_ejection_time),
         max_ejection_time: time(config.max_ejection_time),
         max_ejection_percent: number(config.max_ejection_percent),
+        success_rate_minimum_hosts: number(config.success_rate_minimum_hosts),
+        success_rate_request_volume: number(config.success_rate_request_volume),
+        success_rate_stdev_factor: config.success_rate_stdev_factor.map(|f| UInt32Value {
+            value: (f * 1000.0).round() as u32,
+        }),
+        enforcing_success_rate: number(config.enforcing_success_rate),
+        failure_percentage_threshold: number(config.failure_percentage_threshold),
+        enforcing_failure_percentage: config
+            .failure_percentage_threshold
+            .map(|_| UInt32Value { value: 100 }),
+        failure_percentage_minimum_hosts: number(config.failure_percentage_minimum_hosts),
+        failure_percentage_request_volume: number(config.failure_percentage_request_volume),
         ..Default::default()
     }
+}
+
+/// What a cluster carries in metadata: adaptive concurrency (typed) and the latency
+/// outlier detector.
+fn cluster_metadata(service: &ServiceConfig) -> Option<Metadata> {
+    let typed_filter_metadata: std::collections::HashMap<_, _> = service
+        .adaptive_concurrency
+        .map(|config| {
+            (
+                names::ADAPTIVE_CONCURRENCY_METADATA.to_string(),
+                pack_any(adaptive_concurrency(config)),
+            )
+        })
+        .into_iter()
+        .collect();
+    let filter_metadata: std::collections::HashMap<_, _> = service
+        .outlier_detection
+        .as_ref()
+        .and_then(outlier_latency_metadata)
+        .map(|fields| (names::OUTLIER_LATENCY_METADATA.to_string(), fields))
+        .into_iter()
+        .collect();
+    let any = !typed_filter_metadata.is_empty() || !filter_metadata.is_empty();
+    any.then_some(Metadata {
+        typed_filter_metadata,
+        filter_metadata,
+    })
+}
+
+/// NIP's latency outlier detector as cluster metadata (Envoy has no field for it).
+fn outlier_latency_metadata(config: &crate::config::OutlierDetectionConfig) -> Option<Struct> {
+    let factor = config.latency_factor?;
+    let number = |n: f64| Value {
+        kind: Some(Kind::NumberValue(n)),
+    };
+    let mut fields = BTreeMap::new();
+    fields.insert("factor".to_string(), number(factor));
+    if let Some(hosts) = config.latency_minimum_hosts {
+        fields.insert("minimum_hosts".to_string(), number(f64::from(hosts)));
+    }
+    if let Some(volume) = config.latency_request_volume {
+        fields.insert("request_volume".to_string(), number(f64::from(volume)));
+    }
+    Some(Struct {
+        fields: fields.into_iter().collect(),
+    })
 }
 
 /// The v4 adaptive concurrency as Envoy's filter config (unset fields stay unset: Envoy
@@ -969,14 +1027,7 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         }),
         health_checks,
         typed_extension_protocol_options,
-        metadata: service.adaptive_concurrency.map(|config| Metadata {
-            typed_filter_metadata: [(
-                names::ADAPTIVE_CONCURRENCY_METADATA.to_string(),
-                pack_any(adaptive_concurrency(config)),
-            )]
-            .into(),
-            ..Default::default()
-        }),
+        metadata: cluster_metadata(service),
         ..Default::default()
     }
 }

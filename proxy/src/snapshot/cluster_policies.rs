@@ -6,7 +6,9 @@ use super::{decode, duration, names};
 use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy, RetryBudget};
 use crate::concurrency::GradientConfig;
 use crate::ewma::EwmaConfig;
-use crate::outlier::OutlierConfig;
+use crate::outlier::{
+    FailurePercentageDetector, LatencyDetector, OutlierConfig, SuccessRateDetector,
+};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};
 use envoy_types::pb::envoy::config::core::v3::health_check;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
@@ -71,6 +73,7 @@ pub(super) fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>
 /// defaults fill what is not set; an `enforcing_*` of 0 switches a detector off.
 pub(super) fn outlier_config(
     xds: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection,
+    cluster: &XdsCluster,
 ) -> Result<OutlierConfig, String> {
     let defaults = OutlierConfig::default();
     let number = |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value);
@@ -81,6 +84,10 @@ pub(super) fn outlier_config(
             .ok_or_else(|| format!("outlier_detection.{field} must be more than 0")),
     };
     let enforced = |v: &Option<UInt32Value>, default: u32| number(v, default) > 0;
+    let percent = |v: &Option<UInt32Value>, field: &str, default: u32| match number(v, default) {
+        p if p <= 100 => Ok(p),
+        p => Err(format!("outlier_detection.{field}: {p} is more than 100")),
+    };
     let max_ejection_percent = number(&xds.max_ejection_percent, defaults.max_ejection_percent);
     if max_ejection_percent > 100 {
         return Err(format!(
@@ -110,7 +117,81 @@ pub(super) fn outlier_config(
             defaults.max_ejection_time,
         )?,
         max_ejection_percent,
+        success_rate: if enforced(&xds.enforcing_success_rate, 100) {
+            let envoy = SuccessRateDetector::default();
+            Some(SuccessRateDetector {
+                minimum_hosts: number(&xds.success_rate_minimum_hosts, envoy.minimum_hosts),
+                request_volume: number(&xds.success_rate_request_volume, envoy.request_volume),
+                stdev_factor_milli: number(
+                    &xds.success_rate_stdev_factor,
+                    envoy.stdev_factor_milli,
+                ),
+                enforcing_percent: percent(
+                    &xds.enforcing_success_rate,
+                    "enforcing_success_rate",
+                    100,
+                )?,
+            })
+        } else {
+            None
+        },
+        failure_percentage: if enforced(&xds.enforcing_failure_percentage, 0) {
+            let envoy = FailurePercentageDetector::default();
+            Some(FailurePercentageDetector {
+                threshold_percent: percent(
+                    &xds.failure_percentage_threshold,
+                    "failure_percentage_threshold",
+                    envoy.threshold_percent,
+                )?,
+                minimum_hosts: number(&xds.failure_percentage_minimum_hosts, envoy.minimum_hosts),
+                request_volume: number(
+                    &xds.failure_percentage_request_volume,
+                    envoy.request_volume,
+                ),
+                enforcing_percent: percent(
+                    &xds.enforcing_failure_percentage,
+                    "enforcing_failure_percentage",
+                    0,
+                )?,
+            })
+        } else {
+            None
+        },
+        latency: latency_detector(cluster)?,
     })
+}
+
+/// NIP's latency outlier detector from the cluster's `filter_metadata["nip.outlier_latency"]`
+/// (`factor`, `minimum_hosts`, `request_volume`; Envoy's `OutlierDetection` has no field
+/// for it).
+fn latency_detector(cluster: &XdsCluster) -> Result<Option<LatencyDetector>, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(fields) = cluster
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::OUTLIER_LATENCY_METADATA))
+    else {
+        return Ok(None);
+    };
+    let defaults = LatencyDetector::default();
+    let number = |key: &str, min: f64, max: f64| -> Result<Option<f64>, String> {
+        match fields.fields.get(key).and_then(|v| v.kind.as_ref()) {
+            None => Ok(None),
+            Some(Kind::NumberValue(n)) if (min..=max).contains(n) => Ok(Some(*n)),
+            Some(_) => Err(format!(
+                "{}.{key} must be a number between {min} and {max}",
+                names::OUTLIER_LATENCY_METADATA
+            )),
+        }
+    };
+    Ok(Some(LatencyDetector {
+        factor_milli: number("factor", 1.0, 1000.0)?
+            .map_or(defaults.factor_milli, |f| (f * 1000.0) as u32),
+        minimum_hosts: number("minimum_hosts", 1.0, 1e6)?
+            .map_or(defaults.minimum_hosts, |n| n as u32),
+        request_volume: number("request_volume", 1.0, 1e9)?
+            .map_or(defaults.request_volume, |n| n as u32),
+    }))
 }
 
 /// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).

@@ -474,3 +474,74 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
         .adaptive_concurrency
         .is_none());
 }
+
+#[test]
+fn interval_outlier_detectors_carry_over_and_latency_rides_in_metadata() {
+    use crate::outlier::{FailurePercentageDetector, LatencyDetector, SuccessRateDetector};
+    let t = translated(
+        "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    outlier_detection: { success_rate_minimum_hosts: 3, success_rate_stdev_factor: 1.5, failure_percentage_threshold: 60, latency_factor: 4, latency_request_volume: 10 }\nroutes:\n  - { service: web }\n",
+    );
+    let config = compile(&t).unwrap().clusters["web"].outlier.unwrap();
+    assert_eq!(
+        config.success_rate,
+        Some(SuccessRateDetector {
+            minimum_hosts: 3,
+            stdev_factor_milli: 1500,
+            ..SuccessRateDetector::default()
+        })
+    );
+    assert_eq!(
+        config.failure_percentage,
+        Some(FailurePercentageDetector {
+            threshold_percent: 60,
+            ..FailurePercentageDetector::default()
+        })
+    );
+    assert_eq!(
+        config.latency,
+        Some(LatencyDetector {
+            factor_milli: 4000,
+            request_volume: 10,
+            ..LatencyDetector::default()
+        })
+    );
+    // enforcing_success_rate 0 switches the success-rate detector off, as in Envoy.
+    let mut off = t.clone();
+    off.resources.clusters[0]
+        .outlier_detection
+        .as_mut()
+        .unwrap()
+        .enforcing_success_rate = Some(UInt32Value { value: 0 });
+    assert_eq!(
+        compile(&off).unwrap().clusters["web"]
+            .outlier
+            .unwrap()
+            .success_rate,
+        None
+    );
+    // A latency factor that is not a number is refused by name.
+    let mut bad = t.clone();
+    bad.resources.clusters[0]
+        .metadata
+        .as_mut()
+        .unwrap()
+        .filter_metadata
+        .get_mut(names::OUTLIER_LATENCY_METADATA)
+        .unwrap()
+        .fields
+        .insert(
+            "factor".into(),
+            envoy_types::pb::google::protobuf::Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+                    "fast".into(),
+                )),
+            },
+        );
+    let Err(error) = compile(&bad) else {
+        panic!("a string factor must be refused");
+    };
+    assert!(
+        error.to_string().contains("nip.outlier_latency.factor"),
+        "{error}"
+    );
+}

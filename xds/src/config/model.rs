@@ -366,6 +366,37 @@ pub struct OutlierDetectionConfig {
     /// always be ejected).
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
+    /// Success-rate detector: endpoints needed to judge (default 5).
+    #[serde(default)]
+    pub success_rate_minimum_hosts: Option<u32>,
+    /// Success-rate detector: requests per interval an endpoint needs (default 100).
+    #[serde(default)]
+    pub success_rate_request_volume: Option<u32>,
+    /// Success-rate detector: eject below mean − this × stdev (default 1.9).
+    #[serde(default)]
+    pub success_rate_stdev_factor: Option<f64>,
+    /// Success-rate detector: percent of findings enforced (default 100; 0 switches it off).
+    #[serde(default)]
+    pub enforcing_success_rate: Option<u32>,
+    /// Failure-percentage detector: eject at this failure percentage (off unless set).
+    #[serde(default)]
+    pub failure_percentage_threshold: Option<u32>,
+    /// Failure-percentage detector: endpoints needed to judge (default 5).
+    #[serde(default)]
+    pub failure_percentage_minimum_hosts: Option<u32>,
+    /// Failure-percentage detector: requests per interval an endpoint needs (default 50).
+    #[serde(default)]
+    pub failure_percentage_request_volume: Option<u32>,
+    /// Latency detector: eject an endpoint whose mean answer time is above this × the
+    /// median endpoint's (off unless set; e.g. 3).
+    #[serde(default)]
+    pub latency_factor: Option<f64>,
+    /// Latency detector: endpoints needed to judge (default 3).
+    #[serde(default)]
+    pub latency_minimum_hosts: Option<u32>,
+    /// Latency detector: answers per interval an endpoint needs (default 50).
+    #[serde(default)]
+    pub latency_request_volume: Option<u32>,
 }
 
 /// Circuit breakers of a service (Envoy's defaults: 1024 requests, 3 retries).

@@ -229,7 +229,7 @@ fn adaptive_concurrency_and_outlier_limits_name_their_fields() {
 services:
   a:
     endpoints: ["127.0.0.1:80"]
-    outlier_detection: { max_ejection_percent: 150 }
+    outlier_detection: { max_ejection_percent: 150, latency_factor: 0.5 }
     circuit_breakers: { retry_budget: { percent: 120 } }
     adaptive_concurrency:
       percentile: 101
@@ -246,6 +246,7 @@ routes:
     for expected in [
         "services.a.outlier_detection.max_ejection_percent: 150 is more than 100",
         "services.a.circuit_breakers.retry_budget.percent: 120 is not between 0 and 100",
+        "services.a.outlier_detection.latency_factor: 0.5 is not between 1 and 1000",
         "services.a.adaptive_concurrency.percentile:",
         "services.a.adaptive_concurrency.buffer:",
         "services.a.adaptive_concurrency.update_interval: must be more than 0",

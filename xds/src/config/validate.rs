@@ -253,15 +253,40 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             ),
         );
     }
-    if let Some(percent) = service
-        .outlier_detection
-        .and_then(|o| o.max_ejection_percent)
-        .filter(|p| *p > 100)
-    {
-        errors.add(
-            format!("{path}.outlier_detection.max_ejection_percent"),
-            format!("{percent} is more than 100"),
-        );
+    if let Some(outlier) = &service.outlier_detection {
+        for (field, value) in [
+            ("max_ejection_percent", outlier.max_ejection_percent),
+            ("enforcing_success_rate", outlier.enforcing_success_rate),
+            (
+                "failure_percentage_threshold",
+                outlier.failure_percentage_threshold,
+            ),
+        ] {
+            if let Some(percent) = value.filter(|p| *p > 100) {
+                errors.add(
+                    format!("{path}.outlier_detection.{field}"),
+                    format!("{percent} is more than 100"),
+                );
+            }
+        }
+        if let Some(factor) = outlier
+            .latency_factor
+            .filter(|f| !(1.0..=1000.0).contains(f))
+        {
+            errors.add(
+                format!("{path}.outlier_detection.latency_factor"),
+                format!("{factor} is not between 1 and 1000"),
+            );
+        }
+        if let Some(factor) = outlier
+            .success_rate_stdev_factor
+            .filter(|f| !(0.0..=100.0).contains(f))
+        {
+            errors.add(
+                format!("{path}.outlier_detection.success_rate_stdev_factor"),
+                format!("{factor} is not between 0 and 100"),
+            );
+        }
     }
     if let Some(percent) = service
         .circuit_breakers
