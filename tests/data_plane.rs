@@ -1135,16 +1135,16 @@ services:
       interval: 1s
       max_ejection_percent: 50
       success_rate_minimum_hosts: 5
-      success_rate_request_volume: 20
+      success_rate_request_volume: 10
       latency_factor: 10
-      latency_request_volume: 10
+      latency_request_volume: 5
 routes:
   - service: web
 "#,
         endpoints.join(", ")
     ))
     .await;
-    let load = SteadyLoad::start(&proxy.url("/"), 8);
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
     proxy
         .wait_for_sample(
             "nip_outlier_ejections_total",
