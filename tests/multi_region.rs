@@ -83,6 +83,11 @@ fn share(counts: &[usize], i: usize) -> f64 {
 /// `service` adds to the service's flow map, `routes` are the route list's items (YAML;
 /// empty: one route to `web`).
 async fn three_regions(service: &str, routes: &str) -> ([Region; 3], Proxy) {
+    three_regions_with("", service, routes).await
+}
+
+/// [`three_regions`] with `top` (YAML) added at the top level of the proxy's config.
+async fn three_regions_with(top: &str, service: &str, routes: &str) -> ([Region; 3], Proxy) {
     let routes = if routes.is_empty() {
         "  - service: web\n"
     } else {
@@ -100,6 +105,7 @@ async fn three_regions(service: &str, routes: &str) -> ([Region; 3], Proxy) {
         .collect();
     let proxy = Proxy::start(&format!(
         r#"
+{top}
 node: {{ id: edge-r1, region: r1 }}
 admin: {{ address: "127.0.0.1:{{admin}}" }}
 api_gateway: {{ address: "127.0.0.1:{{port}}" }}
@@ -248,4 +254,39 @@ async fn a_route_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_d
         client.get(proxy.url("/")).send().await.unwrap().status(),
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_down() {
+    let (regions, proxy) = three_regions_with(
+        "tenant: { id: acme, data: { locality: r3 } }",
+        ", health_check: { path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }",
+        "",
+    )
+    .await;
+    // Under load, every request of the tenant is answered in r3 — the slowest region,
+    // while r1 is local and fastest.
+    let load = Load::start(&proxy.url("/"), 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(load.stop().await, 0);
+    assert!(regions[2].backend.requests() > 5);
+    assert_eq!(regions[0].backend.requests(), 0);
+    assert_eq!(regions[1].backend.requests(), 0);
+
+    // r3 goes down: 503 UH, and still nothing anywhere else.
+    regions[2].backend.set_healthy(false);
+    let client = client();
+    eventually("the tenant's requests answer 503 UH", || async {
+        let r = client.get(proxy.url("/")).send().await.unwrap();
+        r.status() == 503 && r.headers()["x-nip-response-flags"] == "UH"
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            client.get(proxy.url("/")).send().await.unwrap().status(),
+            503
+        );
+    }
+    assert_eq!(regions[0].backend.requests(), 0);
+    assert_eq!(regions[1].backend.requests(), 0);
 }

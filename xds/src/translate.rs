@@ -161,7 +161,7 @@ fn not_applied(config: &Config) -> Vec<String> {
         .collect();
     if config.tenant.is_some() {
         notes.push(
-            "tenant: validated but not enforced yet (rate limit, plugin whitelist, data locality)"
+            "tenant: data.locality is enforced; message_rate, plugins, data.isolated, encryption and retention are validated but not enforced yet"
                 .to_string(),
         );
     }
@@ -525,7 +525,7 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
         }
     }
     for (index, route) in config.routes.iter().enumerate() {
-        let xds_route = xds_route(route, index);
+        let xds_route = xds_route(route, index, config.data_locality());
         match route.matcher.host.as_deref() {
             None | Some("*") => {
                 for routes in hosts.values_mut() {
@@ -558,7 +558,9 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
     }
 }
 
-fn xds_route(route: &RouteConfig, index: usize) -> Route {
+/// One route; `tenant_locality` is where the tenant's data must stay (a route without its
+/// own `locality` is pinned there).
+fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -> Route {
     let m = &route.matcher;
     let path_specifier = if let Some(path) = &m.path {
         route_match::PathSpecifier::Path(path.clone())
@@ -626,14 +628,15 @@ fn xds_route(route: &RouteConfig, index: usize) -> Route {
             )
         })
         .collect();
-    let metadata = route.locality.as_ref().map(|region| Metadata {
+    let locality = route.locality.as_deref().or(tenant_locality);
+    let metadata = locality.map(|region| Metadata {
         filter_metadata: [(
             names::LOCALITY_METADATA.to_string(),
             Struct {
                 fields: [(
                     "region".to_string(),
                     Value {
-                        kind: Some(Kind::StringValue(region.clone())),
+                        kind: Some(Kind::StringValue(region.to_string())),
                     },
                 )]
                 .into(),

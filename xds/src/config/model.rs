@@ -786,6 +786,17 @@ fn default_isolation() -> String {
     "wasm".to_string()
 }
 
+impl Config {
+    /// The region the tenant's traffic must stay in (`tenant.data.locality`), if any.
+    pub fn data_locality(&self) -> Option<&str> {
+        self.tenant
+            .as_ref()
+            .and_then(|t| t.data.as_ref())
+            .and_then(|d| d.locality.as_deref())
+            .filter(|l| !l.is_empty())
+    }
+}
+
 /// A tenant as written in the v4 plan.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -260,3 +260,33 @@ routes:
         );
     }
 }
+
+#[test]
+fn pinned_routes_need_an_endpoint_in_their_region_and_obey_the_tenant() {
+    let yaml = r#"
+tenant:
+  id: acme
+  data: { locality: eu }
+services:
+  web: { endpoints: [{ address: "127.0.0.1:80", region: eu }, { address: "127.0.0.1:81", region: us }] }
+  us-only: { endpoints: [{ address: "127.0.0.1:82", region: us }] }
+routes:
+  - match: { path_prefix: /a }
+    service: web
+    locality: us
+  - match: { path_prefix: /b }
+    service: us-only
+  - service: web
+"#;
+    let errors = errors_of(yaml).join("\n");
+    for expected in [
+        "routes[0].locality: the tenant's data must stay in \"eu\"",
+        "tenant.data.locality: routes[1] goes to service \"us-only\", which has no endpoint in region \"eu\"",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(!errors.contains("routes[2]"), "{errors}");
+}

@@ -389,6 +389,51 @@ fn validate_adaptive_concurrency(
     }
 }
 
+/// A pinned route (its own `locality` or the tenant's `data.locality`) must stay where the
+/// tenant's data may go, and each of its services needs an endpoint there: otherwise every
+/// request would be answered 503.
+fn validate_route_locality(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
+    let tenant = config.data_locality();
+    if let (Some(own), Some(tenant)) = (route.locality.as_deref(), tenant) {
+        if own != tenant {
+            errors.add(
+                format!("{path}.locality"),
+                format!("the tenant's data must stay in {tenant:?} (tenant.data.locality)"),
+            );
+            return;
+        }
+    }
+    let Some(region) = route.locality.as_deref().or(tenant) else {
+        return;
+    };
+    let services = route
+        .service
+        .iter()
+        .chain(route.split.iter().map(|leg| &leg.service));
+    for name in services {
+        let Some(service) = config.services.get(name) else {
+            continue;
+        };
+        let present = service
+            .endpoints
+            .iter()
+            .any(|e| e.region.as_deref() == Some(region));
+        if !service.endpoints.is_empty() && !present {
+            let field = if route.locality.is_some() {
+                format!("{path}.locality")
+            } else {
+                "tenant.data.locality".to_string()
+            };
+            errors.add(
+                field,
+                format!(
+                    "{path} goes to service {name:?}, which has no endpoint in region {region:?}"
+                ),
+            );
+        }
+    }
+}
+
 fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
     let m = &route.matcher;
     let specifiers = [&m.path, &m.path_prefix, &m.path_regex]
@@ -473,6 +518,7 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
             errors.add(format!("{path}.timeout"), "must be more than 0");
         }
     }
+    validate_route_locality(path, route, config, errors);
     let mut seen_plugins = HashSet::new();
     for (i, name) in route.plugins.iter().enumerate() {
         let field = format!("{path}.plugins[{i}]");
