@@ -924,13 +924,14 @@ const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
 const DEFAULT_LATENCY_RTT: Duration = Duration::from_millis(30);
 
 fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
-    let lb_policy = match service.lb {
+    let lb = service.lb_policy();
+    let lb_policy = match lb {
         LbPolicy::RoundRobin => cluster::LbPolicy::RoundRobin,
         LbPolicy::LeastRequest | LbPolicy::Latency => cluster::LbPolicy::LeastRequest,
         LbPolicy::Random => cluster::LbPolicy::Random,
     };
-    let load_balancing_policy = (service.lb == LbPolicy::Latency)
-        .then(|| peak_ewma_policy(service.latency.unwrap_or_default()));
+    let load_balancing_policy =
+        (lb == LbPolicy::Latency).then(|| peak_ewma_policy(service.latency.unwrap_or_default()));
     let mut typed_extension_protocol_options = std::collections::HashMap::new();
     if service.protocol == UpstreamProtocol::Http2 {
         let options = HttpProtocolOptions {

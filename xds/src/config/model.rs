@@ -197,9 +197,10 @@ pub struct ServiceConfig {
     /// Static endpoints: `"ip:port"` or a map with address, region, zone and weight.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
-    /// Load-balancing policy.
+    /// Load-balancing policy (default: `latency` when the endpoints span several regions,
+    /// `round_robin` otherwise; see [`ServiceConfig::lb_policy`]).
     #[serde(default)]
-    pub lb: LbPolicy,
+    pub lb: Option<LbPolicy>,
     /// Tuning of `lb: latency`.
     #[serde(default)]
     pub latency: Option<LatencyConfig>,
@@ -226,6 +227,26 @@ pub struct ServiceConfig {
     /// Active HTTP health checking.
     #[serde(default)]
     pub health_check: Option<HealthCheckConfig>,
+}
+
+impl ServiceConfig {
+    /// The policy in effect: the configured one, else `latency` for a service deployed in
+    /// several regions (traffic should go where it is answered fastest) unless it weighs its
+    /// localities itself, and `round_robin` otherwise.
+    pub fn lb_policy(&self) -> LbPolicy {
+        self.lb.unwrap_or_else(|| {
+            if !self.locality_weights.is_empty() {
+                return LbPolicy::RoundRobin;
+            }
+            let mut regions = self.endpoints.iter().map(|e| e.region.as_deref());
+            let first = regions.next().flatten();
+            if regions.any(|r| r != first) {
+                LbPolicy::Latency
+            } else {
+                LbPolicy::RoundRobin
+            }
+        })
+    }
 }
 
 /// CPU and memory hints used by the Kubernetes manifests.

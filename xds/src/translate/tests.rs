@@ -223,3 +223,53 @@ fn a_resource_set_survives_a_file_round_trip_and_garbage_is_an_error() {
         "an empty file has no listener"
     );
 }
+
+#[test]
+fn a_service_across_regions_balances_by_latency_unless_told_otherwise() {
+    let yaml = r#"
+services:
+  global:
+    endpoints: [{ address: "10.0.0.1:80", region: eu }, { address: "10.0.0.2:80", region: us }]
+  local:
+    endpoints: [{ address: "10.0.0.3:80", region: eu }, { address: "10.0.0.4:80", region: eu }]
+  chosen:
+    endpoints: [{ address: "10.0.0.5:80", region: eu }, { address: "10.0.0.6:80", region: us }]
+    lb: round_robin
+  weighted:
+    endpoints: [{ address: "10.0.0.7:80", region: eu }, { address: "10.0.0.8:80", region: us }]
+    locality_weights: { eu: 1, us: 2 }
+"#;
+    let t = translate(&Config::from_yaml(yaml).unwrap());
+    let policy = |name: &str| {
+        let cluster = t
+            .resources
+            .clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        let ewma = cluster.load_balancing_policy.as_ref().is_some_and(|p| {
+            p.policies[0]
+                .typed_extension_config
+                .as_ref()
+                .is_some_and(|e| e.name == names::PEAK_EWMA_POLICY)
+        });
+        (ewma, cluster.lb_policy)
+    };
+    assert_eq!(
+        policy("global"),
+        (true, cluster::LbPolicy::LeastRequest as i32)
+    );
+    assert_eq!(
+        policy("local"),
+        (false, cluster::LbPolicy::RoundRobin as i32)
+    );
+    assert_eq!(
+        policy("chosen"),
+        (false, cluster::LbPolicy::RoundRobin as i32)
+    );
+    assert_eq!(
+        policy("weighted"),
+        (false, cluster::LbPolicy::RoundRobin as i32),
+        "locality weights choose localities themselves"
+    );
+}
