@@ -290,3 +290,40 @@ async fn a_tenant_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_
     assert_eq!(regions[0].backend.requests(), 0);
     assert_eq!(regions[1].backend.requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_retries_a_black_holed_region_costs_only_the_tries_it_swallowed() {
+    let (regions, proxy) = three_regions("", "  - service: web\n    timeout: 2s\n").await;
+    let clients = 4;
+    let load = Load::start(&proxy.url("/"), clients);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady = counts_during(&regions, Duration::from_secs(1)).await;
+    assert!(share(&steady, 0) >= 0.9, "steady state {steady:?}");
+
+    // The local region stops answering: each client's try in r1 hangs until its 2 s
+    // timeout. A new request 0.3 s later, before any of them failed, goes to r2 — the
+    // silence of the hanging tries is the signal, not their timeouts.
+    regions[0].link.black_hole(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let r = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-backend"], "r2");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Once the swallowed tries have timed out, the clients go on in r2.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = counts_during(&regions, Duration::from_secs(1)).await;
+    assert!(share(&after, 1) >= 0.9, "traffic is in r2: {after:?}");
+    let served: usize = regions.iter().map(|r| r.backend.requests()).sum();
+    let failures = load.stop().await;
+    // What failed is what was in flight in r1 when it went dark, and at most one
+    // exploring try at a time after that.
+    assert!(
+        failures <= clients + 3,
+        "{failures} failed of about {served} (only the swallowed tries may fail)"
+    );
+}

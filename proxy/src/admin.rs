@@ -152,6 +152,8 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                         "healthy": e.state.is_healthy(),
                         "active_requests": e.state.active_requests(),
                         "latency_ewma_ms": e.state.latency.estimate(&c.lb.ewma()).as_secs_f64() * 1000.0,
+                        "predicted_ms": e.state.predicted(&c.lb.ewma(), now).as_secs_f64() * 1000.0,
+                        "silent_for_ms": e.state.silence(now).as_secs_f64() * 1000.0,
                         "ejected": c.outlier.is_some() && e.state.outlier.is_ejected(now),
                         "ejected_for_ms": e.state.outlier.ejected_for(now).as_millis() as u64,
                         "ejections_total": e.state.outlier.ejections_total.load(Ordering::Relaxed),

@@ -74,6 +74,12 @@ pub struct EndpointState {
     pub latency: PeakEwma,
     /// Failure streaks and ejection (outlier detection).
     pub outlier: OutlierState,
+    /// Tries sent and still waiting for their response head.
+    awaiting_head: AtomicUsize,
+    /// Roughly when the oldest try still waiting started, in µs since `base` (see
+    /// [`EndpointState::silence`]).
+    pending_since_us: AtomicU64,
+    base: tokio::time::Instant,
 }
 
 impl Default for EndpointState {
@@ -86,6 +92,9 @@ impl Default for EndpointState {
             connect_failures_total: AtomicU64::new(0),
             latency: PeakEwma::default(),
             outlier: OutlierState::default(),
+            awaiting_head: AtomicUsize::new(0),
+            pending_since_us: AtomicU64::new(0),
+            base: tokio::time::Instant::now(),
         }
     }
 }
@@ -105,6 +114,63 @@ impl EndpointState {
     pub fn active_requests(&self) -> usize {
         self.active_requests.load(Ordering::Relaxed)
     }
+
+    fn micros_since_base(&self, at: tokio::time::Instant) -> u64 {
+        // +1 so that 0 can mean "nothing pending".
+        u64::try_from(at.saturating_duration_since(self.base).as_micros()).unwrap_or(u64::MAX) + 1
+    }
+
+    /// How long the endpoint has kept a try waiting without answering anything: the age of
+    /// its oldest waiting try, approximately (each answer moves the mark to the start of the
+    /// try it answered, so the mark only ages while nothing comes back). Silence is
+    /// slowness: a black-holed endpoint's prediction grows by the millisecond instead of
+    /// staying at its last good estimate until a timeout fires.
+    pub fn silence(&self, now: tokio::time::Instant) -> Duration {
+        if self.awaiting_head.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
+        match self.pending_since_us.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_micros(self.micros_since_base(now).saturating_sub(since)),
+        }
+    }
+
+    /// The predicted response time: the peak-EWMA estimate, or the current silence when
+    /// that is longer.
+    pub fn predicted(&self, config: &EwmaConfig, now: tokio::time::Instant) -> Duration {
+        self.latency.estimate(config).max(self.silence(now))
+    }
+
+    /// What one more request would cost: prediction × (requests in flight + 1).
+    pub fn cost(&self, config: &EwmaConfig, now: tokio::time::Instant) -> f64 {
+        self.predicted(config, now).as_nanos() as f64 * (self.active_requests() as f64 + 1.0)
+    }
+
+    fn try_started(&self, at: tokio::time::Instant) {
+        if self.awaiting_head.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.pending_since_us
+                .store(self.micros_since_base(at), Ordering::Relaxed);
+        }
+    }
+
+    /// A try that started at `started` got its outcome (or was dropped without one).
+    fn try_settled(&self, started: tokio::time::Instant) {
+        let left = self
+            .awaiting_head
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        if left == 0 {
+            self.pending_since_us.store(0, Ordering::Relaxed);
+        } else {
+            self.pending_since_us
+                .fetch_max(self.micros_since_base(started), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a try to this endpoint is waiting for its answer.
+    pub fn awaiting_answer(&self) -> bool {
+        self.awaiting_head.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// What a failed try counts as in an endpoint's latency estimate: a connection refused
@@ -123,11 +189,13 @@ pub struct ActiveRequest {
 impl ActiveRequest {
     /// Starts counting.
     pub fn start(state: &Arc<EndpointState>) -> Self {
+        let started = tokio::time::Instant::now();
         state.active_requests.fetch_add(1, Ordering::Relaxed);
         state.requests_total.fetch_add(1, Ordering::Relaxed);
+        state.try_started(started);
         ActiveRequest {
             state: Arc::clone(state),
-            started: tokio::time::Instant::now(),
+            started,
             timed: false,
         }
     }
@@ -153,6 +221,7 @@ impl ActiveRequest {
             return false;
         }
         self.timed = true;
+        self.state.try_settled(self.started);
         let now = tokio::time::Instant::now();
         let elapsed = now.saturating_duration_since(self.started);
         let observed = if failed {
@@ -169,6 +238,9 @@ impl ActiveRequest {
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.state.active_requests.fetch_sub(1, Ordering::Relaxed);
+        if !self.timed {
+            self.state.try_settled(self.started);
+        }
     }
 }
 
@@ -626,12 +698,13 @@ impl Cluster {
         usable: &impl Fn(&Endpoint) -> bool,
         config: &EwmaConfig,
     ) -> Option<f64> {
+        let now = tokio::time::Instant::now();
         self.regions.groups[group]
             .1
             .iter()
             .map(|&i| &self.endpoints[i])
             .filter(|e| usable(e))
-            .map(|e| e.state.latency.estimate(config).as_nanos() as f64)
+            .map(|e| e.state.predicted(config, now).as_nanos() as f64)
             .min_by(|a, b| a.total_cmp(b))
     }
 
@@ -753,9 +826,16 @@ impl Cluster {
                 let chosen = self.choose_region(&usable, &config)?;
                 let picks = self.regions.picks.fetch_add(1, Ordering::Relaxed);
                 let group = if picks % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
-                    // Explore the other regions in turn (those with something usable).
+                    // Explore the other regions in turn: those with something usable and
+                    // no try still waiting there (its answer is the measurement; a dead
+                    // region then costs one try at a time, not one in fifty).
                     let other = |g: &usize| {
-                        *g != chosen && self.region_cost(*g, &usable, &config).is_some()
+                        *g != chosen
+                            && self.region_cost(*g, &usable, &config).is_some()
+                            && !self.regions.groups[*g]
+                                .1
+                                .iter()
+                                .any(|&i| self.endpoints[i].state.awaiting_answer())
                     };
                     let count = (0..self.regions.groups.len()).filter(other).count();
                     let turn = usize::try_from(picks / EXPLORE_EVERY).unwrap_or(0);
@@ -769,7 +849,8 @@ impl Cluster {
                 let region = self.regions.groups[group].0.as_str();
                 let in_group = |e: &Endpoint| usable(e) && e.locality.region == region;
                 let (a, b) = self.two_choices(&in_group)?;
-                let cost = |e: &Endpoint| e.state.latency.cost(e.state.active_requests(), &config);
+                let now = tokio::time::Instant::now();
+                let cost = |e: &Endpoint| e.state.cost(&config, now);
                 if cost(b) < cost(a) {
                     Some(b)
                 } else {
@@ -778,7 +859,8 @@ impl Cluster {
             }
             LbPolicy::Latency(config) => {
                 let (a, b) = self.two_choices(&usable)?;
-                let cost = |e: &Endpoint| e.state.latency.cost(e.state.active_requests(), &config);
+                let now = tokio::time::Instant::now();
+                let cost = |e: &Endpoint| e.state.cost(&config, now);
                 if cost(b) < cost(a) {
                     Some(b)
                 } else {
@@ -1101,6 +1183,40 @@ mod tests {
             "not at the first fast answer: the estimate decays in"
         );
         assert_eq!(c.current_region(), Some("r1"), "and stays");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_is_slowness_a_black_holed_region_is_left_before_any_timeout() {
+        let c = three_regions();
+        observe(&c, [2, 30, 90]);
+        let local = &c.endpoints[0].state;
+        // Answers keep coming: no silence.
+        let mut answered = ActiveRequest::start(local);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        answered.answered(&c.lb.ewma());
+        drop(answered);
+        assert_eq!(local.silence(tokio::time::Instant::now()), Duration::ZERO);
+
+        // The region goes dark: tries hang, nothing comes back, no failure is seen yet.
+        let hanging: Vec<ActiveRequest> = (0..4).map(|_| ActiveRequest::start(local)).collect();
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert_eq!(
+            c.pick(&[]).unwrap().locality.region,
+            "r1",
+            "20 ms: still local"
+        );
+        tokio::time::advance(Duration::from_millis(30)).await;
+        // 50 ms of silence > 1.5 × r2's 30 ms: traffic moves, long before a timeout.
+        assert!(local.silence(tokio::time::Instant::now()) >= Duration::from_millis(50));
+        shares(&c, 10);
+        assert_eq!(c.current_region(), Some("r2"));
+        // Exploration does not pile more tries onto the silent region.
+        let counts = shares(&c, 1000);
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!(counts[2] > 0, "r3 is still explored: {counts:?}");
+        // The hanging tries end (dropped without an answer): the silence is over.
+        drop(hanging);
+        assert_eq!(local.silence(tokio::time::Instant::now()), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
