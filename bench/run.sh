@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
 # bench/bench.py, which writes bench/RESULTS.md (~10 minutes with RUNS=3), then
-# bench/xds-scale, which adds the control-plane section to it (~1 minute).
+# bench/xds-scale, which adds the control-plane section to it (~1 minute), and
+# bench/multi-region, which adds the multi-region routing section (~6 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -19,9 +20,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v oha >/dev/null || cargo install --locked oha
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
-cargo build --release -p nip -p nip-bench-baseline -p nip-bench-xds
+cargo build --release -p nip -p nip-bench-baseline -p nip-bench-xds -p nip-bench-regions
 cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Cargo.toml
 python3 bench/bench.py "$@"
 # The control plane at scale: apply → ACK over 100 proxies, memory at 1k/10k streams.
 ulimit -n 65536 2>/dev/null || true
 target/release/nip-bench-xds target/release/nip bench/RESULTS.md
+# Three regions behind userspace WAN links: latency vs round_robin vs static priority.
+target/release/nip-bench-regions target/release/nip bench/RESULTS.md

@@ -178,9 +178,20 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (write it like 30s)"))
 }
 
+/// pingora logs an ERROR each time its pool loses a race to reuse an idle upstream
+/// connection (its idle watcher still holds the connection; a new one is opened instead) —
+/// benign, and thousands of times a minute under load. That module is silenced unless the
+/// filter names it.
+const QUIET_BY_DEFAULT: &str = "pingora_core::connectors=off";
+
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = if filter.contains("pingora_core::connectors") {
+        filter.to_string()
+    } else {
+        format!("{filter},{QUIET_BY_DEFAULT}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("info,{QUIET_BY_DEFAULT}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

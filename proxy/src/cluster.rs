@@ -405,10 +405,12 @@ impl Default for CircuitBreakers {
 /// would send traffic back and forth between regions as requests come and go). Traffic stays in the proxy's own region until that is
 /// slower than the best region by more than [`REGION_MARGIN`] (or has nothing usable),
 /// then goes to the best; it comes back once the local prediction is within half the margin
-/// of where traffic is (hysteresis: no flapping between close regions). One request in
-/// [`EXPLORE_EVERY`] goes to another region so that its prediction stays current — that is
-/// how a recovered region is noticed.
-#[derive(Debug, Default)]
+/// of where traffic is (hysteresis: no flapping between close regions). Other regions are
+/// explored so that their predictions stay current — that is how a recovered region is
+/// noticed: each at most once per [`EXPLORE_INTERVAL`], and only on one pick in
+/// [`EXPLORE_EVERY`], so exploring costs a bounded share of traffic at any rate (p99 stays
+/// the local region's), and never while a try explored there is still unanswered.
+#[derive(Debug)]
 struct Regions {
     /// Region names and the indexes of their endpoints.
     groups: Vec<(String, Vec<usize>)>,
@@ -418,13 +420,19 @@ struct Regions {
     current: AtomicUsize,
     /// Counts picks, to spread exploration.
     picks: AtomicU64,
+    /// When each group was last explored, in ms since `base` (0: never).
+    explored_at_ms: Vec<AtomicU64>,
+    base: tokio::time::Instant,
 }
 
 /// How much slower (relative) the current region may be than the best before traffic moves.
 pub const REGION_MARGIN: f64 = 0.5;
 
-/// One pick in this many explores another region.
+/// At most one pick in this many explores another region.
 pub const EXPLORE_EVERY: u64 = 50;
+
+/// A region is explored at most this often.
+pub const EXPLORE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// Builds a cluster and its round-robin schedule.
@@ -475,8 +483,12 @@ impl Cluster {
             schedule,
             cursor: AtomicUsize::new(fastrand::usize(..1 << 16)),
             regions: Regions {
+                explored_at_ms: groups.iter().map(|_| AtomicU64::new(0)).collect(),
                 groups,
-                ..Regions::default()
+                local: None,
+                current: AtomicUsize::new(0),
+                picks: AtomicU64::new(0),
+                base: tokio::time::Instant::now(),
             },
             outlier: None,
             breakers: CircuitBreakers::default(),
@@ -750,6 +762,37 @@ impl Cluster {
         Some(next)
     }
 
+    /// Another region due for exploration (see [`Regions`]), claimed for this pick: not
+    /// explored for [`EXPLORE_INTERVAL`], something usable, no explored try unanswered.
+    fn region_to_explore(
+        &self,
+        chosen: usize,
+        usable: &impl Fn(&Endpoint) -> bool,
+        config: &EwmaConfig,
+    ) -> Option<usize> {
+        let now_ms = u64::try_from(
+            tokio::time::Instant::now()
+                .saturating_duration_since(self.regions.base)
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX)
+            + 1;
+        let interval_ms = u64::try_from(EXPLORE_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        (0..self.regions.groups.len()).find(|&g| {
+            let last = self.regions.explored_at_ms[g].load(Ordering::Relaxed);
+            g != chosen
+                && (last == 0 || now_ms >= last.saturating_add(interval_ms))
+                && !self.regions.groups[g]
+                    .1
+                    .iter()
+                    .any(|&i| self.endpoints[i].state.awaiting_answer())
+                && self.region_cost(g, usable, config).is_some()
+                && self.regions.explored_at_ms[g]
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        })
+    }
+
     /// Number of endpoints currently taking traffic (healthy, not ejected).
     pub fn healthy_count(&self) -> usize {
         let now = tokio::time::Instant::now();
@@ -825,23 +868,8 @@ impl Cluster {
             LbPolicy::Latency(config) if self.regions.groups.len() > 1 => {
                 let chosen = self.choose_region(&usable, &config)?;
                 let picks = self.regions.picks.fetch_add(1, Ordering::Relaxed);
-                let group = if picks % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
-                    // Explore the other regions in turn: those with something usable and
-                    // no try still waiting there (its answer is the measurement; a dead
-                    // region then costs one try at a time, not one in fifty).
-                    let other = |g: &usize| {
-                        *g != chosen
-                            && self.region_cost(*g, &usable, &config).is_some()
-                            && !self.regions.groups[*g]
-                                .1
-                                .iter()
-                                .any(|&i| self.endpoints[i].state.awaiting_answer())
-                    };
-                    let count = (0..self.regions.groups.len()).filter(other).count();
-                    let turn = usize::try_from(picks / EXPLORE_EVERY).unwrap_or(0);
-                    (0..self.regions.groups.len())
-                        .filter(other)
-                        .nth(turn % count.max(1))
+                let group = if picks % EXPLORE_EVERY == 0 {
+                    self.region_to_explore(chosen, &usable, &config)
                         .unwrap_or(chosen)
                 } else {
                     chosen
@@ -1200,11 +1228,8 @@ mod tests {
         // The region goes dark: tries hang, nothing comes back, no failure is seen yet.
         let hanging: Vec<ActiveRequest> = (0..4).map(|_| ActiveRequest::start(local)).collect();
         tokio::time::advance(Duration::from_millis(20)).await;
-        assert_eq!(
-            c.pick(&[]).unwrap().locality.region,
-            "r1",
-            "20 ms: still local"
-        );
+        shares(&c, 10);
+        assert_eq!(c.current_region(), Some("r1"), "20 ms: still local");
         tokio::time::advance(Duration::from_millis(30)).await;
         // 50 ms of silence > 1.5 × r2's 30 ms: traffic moves, long before a timeout.
         assert!(local.silence(tokio::time::Instant::now()) >= Duration::from_millis(50));
