@@ -1185,3 +1185,74 @@ routes:
         assert_eq!(get(&client, &proxy.url("/")).await.status(), 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_sends_each_user_to_one_backend_and_moves_only_a_lost_backends_users() {
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(Backend::start(name).await);
+    }
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.address))
+        .collect();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web:
+    endpoints: [{}]
+    lb: ring_hash
+    health_check: {{ path: /healthz, interval: 100ms, timeout: 1s, unhealthy_threshold: 1 }}
+routes:
+  - service: web
+    hash_policy: [{{ header: x-user }}]
+"#,
+        endpoints.join(", ")
+    ))
+    .await;
+    let client = client();
+    let backend_of = |user: usize| {
+        let (client, url) = (client.clone(), proxy.url("/"));
+        async move {
+            let r = client
+                .get(url)
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-backend"].to_str().unwrap().to_string()
+        }
+    };
+    let mut owners = Vec::new();
+    for user in 0..40 {
+        let owner = backend_of(user).await;
+        for _ in 0..3 {
+            assert_eq!(backend_of(user).await, owner, "user-{user} moved");
+        }
+        owners.push(owner);
+    }
+    for name in ["a", "b", "c"] {
+        assert!(
+            owners.iter().any(|o| o == name),
+            "40 users spread over all three: {owners:?}"
+        );
+    }
+    // b goes down: its users move, everyone else stays.
+    backends[1].set_healthy(false);
+    eventually("b is out", || async {
+        let clusters = proxy.admin_json("/clusters").await;
+        clusters["clusters"][0]["healthy_endpoints"] == 2
+    })
+    .await;
+    for (user, old) in owners.iter().enumerate() {
+        let now = backend_of(user).await;
+        if old == "b" {
+            assert_ne!(now, "b");
+        } else {
+            assert_eq!(&now, old, "user-{user} moved although {old} is up");
+        }
+    }
+}

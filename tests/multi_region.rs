@@ -327,3 +327,40 @@ async fn without_retries_a_black_holed_region_costs_only_the_tries_it_swallowed(
         "{failures} failed of about {served} (only the swallowed tries may fail)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_probes_keep_idle_regions_predictions_current() {
+    let (regions, proxy) = three_regions(
+        ", health_check: { path: /healthz, interval: 200ms, timeout: 2s }",
+        "",
+    )
+    .await;
+    let predicted = |clusters: &serde_json::Value, region: &str| {
+        clusters["clusters"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["region"] == region)
+            .unwrap()["latency_ewma_ms"]
+            .as_f64()
+            .unwrap()
+    };
+    // No request at all: the probes alone measure each region's round trip (not the
+    // 30 ms an endpoint never measured is assumed to take).
+    eventually("probes measured r1 and r3", || async {
+        let clusters = proxy.admin_json("/clusters").await;
+        let (r1, r3) = (predicted(&clusters, "r1"), predicted(&clusters, "r3"));
+        r1 < 20.0 && (80.0..200.0).contains(&r3)
+    })
+    .await;
+    assert_eq!(
+        regions.iter().map(|r| r.backend.requests()).sum::<usize>(),
+        0
+    );
+    // An idle region slows down: its prediction follows, still without traffic.
+    regions[1].link.set_rtt(Duration::from_millis(150));
+    eventually("r2's prediction follows its slowdown", || async {
+        predicted(&proxy.admin_json("/clusters").await, "r2") >= 140.0
+    })
+    .await;
+}

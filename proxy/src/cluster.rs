@@ -28,6 +28,9 @@ pub enum LbPolicy {
     Random,
     /// Peak-EWMA latency × (in flight + 1), the cheaper of two random healthy endpoints.
     Latency(EwmaConfig),
+    /// Consistent hashing on a ring (Envoy's `RING_HASH`): a request's hash (from its
+    /// route's hash policy) goes to the first usable endpoint clockwise from it.
+    RingHash,
 }
 
 impl LbPolicy {
@@ -38,6 +41,7 @@ impl LbPolicy {
             LbPolicy::LeastRequest => "least_request",
             LbPolicy::Random => "random",
             LbPolicy::Latency(_) => "latency",
+            LbPolicy::RingHash => "ring_hash",
         }
     }
 
@@ -327,6 +331,27 @@ pub struct Cluster {
     localities: Vec<Vec<usize>>,
     /// Adaptive concurrency, if configured.
     pub adaptive_concurrency: Option<AdaptiveConcurrency>,
+    /// `ring_hash`: points (hash, endpoint index), sorted by hash.
+    ring: Vec<(u64, u32)>,
+}
+
+/// Ring sizes of `ring_hash` (Envoy's `RingHashLbConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSize {
+    /// Fewest points.
+    pub minimum: u64,
+    /// Most points.
+    pub maximum: u64,
+}
+
+impl Default for RingSize {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        RingSize {
+            minimum: 1024,
+            maximum: 8 * 1024 * 1024,
+        }
+    }
 }
 
 /// A cluster's adaptive concurrency: the controller (kept across reloads) and the status
@@ -495,7 +520,62 @@ impl Cluster {
             priorities,
             localities: Vec::new(),
             adaptive_concurrency: None,
+            ring: Vec::new(),
         }
+    }
+
+    /// Builds the hash ring of `ring_hash`: each endpoint gets points in proportion to its
+    /// weight (at least one), about `size.minimum` in all and never more than
+    /// `size.maximum`; a point is the hash of `"address_n"`, so every proxy builds the same
+    /// ring for the same endpoints.
+    pub fn with_ring(mut self, size: RingSize) -> Self {
+        self.ring.clear();
+        if self.lb != LbPolicy::RingHash || self.endpoints.is_empty() {
+            return self;
+        }
+        let total_weight: u64 = self
+            .endpoints
+            .iter()
+            .map(|e| u64::from(e.weight.max(1)))
+            .sum();
+        let target = size
+            .minimum
+            .max(self.endpoints.len() as u64)
+            .min(size.maximum.max(1));
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let share = target * u64::from(endpoint.weight.max(1)) / total_weight.max(1);
+            let points = share.max(1);
+            for n in 0..points {
+                let key = format!("{}_{n}", endpoint.address);
+                self.ring.push((
+                    crate::hash::hash64(key.as_bytes()),
+                    u32::try_from(index).unwrap_or(u32::MAX),
+                ));
+            }
+        }
+        self.ring.sort_unstable();
+        self
+    }
+
+    /// The first usable endpoint clockwise from `hash` on the ring.
+    fn ring_pick(&self, hash: u64, usable: &impl Fn(&Endpoint) -> bool) -> Option<&Endpoint> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let start = self.ring.partition_point(|(point, _)| *point < hash);
+        let mut seen_last = u32::MAX;
+        for step in 0..self.ring.len() {
+            let (_, index) = self.ring[(start + step) % self.ring.len()];
+            if index == seen_last {
+                continue;
+            }
+            seen_last = index;
+            let endpoint = self.endpoints.get(index as usize)?;
+            if usable(endpoint) {
+                return Some(endpoint);
+            }
+        }
+        None
     }
 
     /// Limits requests in flight by a gradient controller (see [`crate::concurrency`]).
@@ -805,12 +885,18 @@ impl Cluster {
     /// Picks a healthy endpoint, avoiding `tried` (endpoints that already failed this
     /// request) when another healthy one exists. `None` means no endpoint is healthy.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<&Endpoint> {
-        self.pick_in(tried, None)
+        self.pick_in(tried, None, None)
     }
 
     /// [`Cluster::pick`] among the endpoints of `region` only, when given (data locality:
-    /// `None` back rather than another region).
-    pub fn pick_in(&self, tried: &[SocketAddr], region: Option<&str>) -> Option<&Endpoint> {
+    /// `None` back rather than another region); `hash` is the request's key for
+    /// `ring_hash` (without one, it picks at random).
+    pub fn pick_in(
+        &self,
+        tried: &[SocketAddr],
+        region: Option<&str>,
+        hash: Option<u64>,
+    ) -> Option<&Endpoint> {
         let now = tokio::time::Instant::now();
         let allowed = |e: &Endpoint| {
             self.in_service(e, now) && region.is_none_or(|r| *e.locality.region == *r)
@@ -826,29 +912,37 @@ impl Cluster {
                         .iter()
                         .any(|&i| self.endpoints[i].address == e.address)
             };
-            if let Some(endpoint) = self.pick_where(in_locality) {
+            if let Some(endpoint) = self.pick_where(in_locality, hash) {
                 return Some(endpoint);
             }
         }
         if level.is_some() {
-            if let Some(endpoint) = self.pick_where(at_level) {
+            if let Some(endpoint) = self.pick_where(at_level, hash) {
                 return Some(endpoint);
             }
         }
-        self.pick_where(usable).or_else(|| {
+        self.pick_where(usable, hash).or_else(|| {
             if tried.is_empty() {
                 None
             } else {
-                self.pick_where(allowed)
+                self.pick_where(allowed, hash)
             }
         })
     }
 
-    fn pick_where(&self, usable: impl Fn(&Endpoint) -> bool) -> Option<&Endpoint> {
+    fn pick_where(
+        &self,
+        usable: impl Fn(&Endpoint) -> bool,
+        hash: Option<u64>,
+    ) -> Option<&Endpoint> {
         if self.endpoints.is_empty() {
             return None;
         }
         match self.lb {
+            LbPolicy::RingHash => match hash {
+                Some(hash) => self.ring_pick(hash, &usable),
+                None => self.weighted_random(&usable),
+            },
             LbPolicy::RoundRobin => {
                 let len = self.schedule.len();
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
@@ -1051,6 +1145,52 @@ mod tests {
         };
         assert_eq!(no_floor.retries_allowed(1), 0);
         assert_eq!(no_floor.retries_allowed(9), 4);
+    }
+
+    #[test]
+    fn ring_hash_keeps_keys_on_their_endpoint_and_moves_only_a_lost_endpoints_keys() {
+        let c = cluster(LbPolicy::RingHash, &[1, 1, 1, 1, 3]).with_ring(RingSize::default());
+        let owner = |c: &Cluster, key: u32| {
+            let hash = crate::hash::hash64(format!("user-{key}").as_bytes());
+            c.pick_in(&[], None, Some(hash)).unwrap().address
+        };
+        let before: Vec<SocketAddr> = (0..2000).map(|k| owner(&c, k)).collect();
+        assert_eq!(
+            before,
+            (0..2000).map(|k| owner(&c, k)).collect::<Vec<_>>(),
+            "the same key, the same endpoint"
+        );
+        // Weight 3 holds about three times the keys of a weight-1 endpoint.
+        let held = |i: usize| {
+            before
+                .iter()
+                .filter(|a| **a == c.endpoints[i].address)
+                .count()
+        };
+        assert!(
+            held(4) > 2 * held(0) && held(4) < 4 * held(0),
+            "{} vs {}",
+            held(4),
+            held(0)
+        );
+        // Endpoint 1 goes down: only its keys move.
+        c.endpoints[1].state.set_healthy(false);
+        let lost = c.endpoints[1].address;
+        for (key, old) in before.iter().enumerate() {
+            let new = owner(&c, key as u32);
+            if *old == lost {
+                assert_ne!(new, lost);
+            } else {
+                assert_eq!(new, *old, "key {key} moved although its endpoint is up");
+            }
+        }
+        // A retry skips the endpoint already tried, to the next one on the ring.
+        let hash = crate::hash::hash64(b"user-7");
+        let first = c.pick_in(&[], None, Some(hash)).unwrap().address;
+        let second = c.pick_in(&[first], None, Some(hash)).unwrap().address;
+        assert_ne!(first, second);
+        // Without a key: any usable endpoint.
+        assert!(c.pick(&[]).is_some());
     }
 
     fn shares(c: &Cluster, n: usize) -> Vec<usize> {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How the estimates behave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EwmaConfig {
     /// Time constant of the decay toward newer, faster observations.
     pub decay: Duration,
@@ -81,6 +81,18 @@ impl PeakEwma {
             0 => config.default_rtt,
             estimate => Duration::from_nanos(estimate),
         }
+    }
+
+    /// How long ago the estimate was last updated (`None`: never measured).
+    pub fn age(&self, now: Instant) -> Option<Duration> {
+        if self.estimate_ns.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let stamp = Duration::from_nanos(self.stamp_ns.load(Ordering::Relaxed));
+        Some(
+            now.saturating_duration_since(self.base)
+                .saturating_sub(stamp),
+        )
     }
 
     /// What one more request would cost: the estimate times (requests in flight + 1).

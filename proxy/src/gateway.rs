@@ -14,7 +14,7 @@
 //! rules under a request in flight. Nothing here locks, allocates per header beyond what the
 //! headers need, or logs on success.
 
-use crate::cluster::{ActiveRequest, Cluster};
+use crate::cluster::{ActiveRequest, Cluster, LbPolicy};
 use crate::concurrency::{ConcurrencyPermit, Priority};
 use crate::metrics::Metrics;
 use crate::outlier::TryOutcome;
@@ -629,7 +629,7 @@ impl ProxyHttp for Gateway {
     /// Picks an endpoint: healthy, and not one that already failed this request.
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let (Some(cluster), Some(route)) = (&ctx.cluster, &ctx.route) else {
@@ -638,7 +638,18 @@ impl ProxyHttp for Gateway {
                 "no cluster chosen",
             ));
         };
-        let Some(endpoint) = cluster.pick_in(&ctx.tried, route.locality.as_deref()) else {
+        // The request's key for ring_hash (the same for each of its tries).
+        let hash = if cluster.lb == LbPolicy::RingHash && !route.hash_policy.is_empty() {
+            let request = session.req_header();
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            route.request_hash(&request.headers, request.uri.query(), client)
+        } else {
+            None
+        };
+        let Some(endpoint) = cluster.pick_in(&ctx.tried, route.locality.as_deref(), hash) else {
             ctx.flag = Some(ResponseFlag::NoHealthyUpstream);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(503),

@@ -2,21 +2,26 @@
 //!
 //! One task per (cluster, endpoint, check spec) probes `GET path` on a fresh connection
 //! every interval. After `unhealthy_threshold` failures in a row the endpoint stops taking
-//! traffic; after `healthy_threshold` successes it comes back. [`HealthChecker::reconcile`]
+//! traffic; after `healthy_threshold` successes it comes back. The probes are also the
+//! active latency probes of `lb: latency`: a passing probe's time from request to status
+//! line feeds the endpoint's peak-EWMA estimate when no request has measured it for two
+//! intervals — how a remote region that gets no traffic keeps a current prediction. [`HealthChecker::reconcile`]
 //! runs after every snapshot swap: it starts tasks for new endpoints, stops the ones whose
 //! endpoint or check disappeared, and puts endpoints whose check was removed back in service.
 
 use crate::cluster::{EndpointState, HealthCheckSpec};
+use crate::ewma::EwmaConfig;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-type CheckKey = (String, SocketAddr, HealthCheckSpec);
+type CheckKey = (String, SocketAddr, HealthCheckSpec, EwmaConfig);
 
 /// Owns the probe tasks. Must be used from within the control runtime.
 #[derive(Default)]
@@ -33,7 +38,12 @@ impl HealthChecker {
                 match &cluster.health_check {
                     Some(spec) => {
                         wanted.insert(
-                            (cluster.name.to_string(), endpoint.address, spec.clone()),
+                            (
+                                cluster.name.to_string(),
+                                endpoint.address,
+                                spec.clone(),
+                                cluster.lb.ewma(),
+                            ),
                             Arc::clone(&endpoint.state),
                         );
                     }
@@ -53,9 +63,9 @@ impl HealthChecker {
             if self.tasks.contains_key(&key) {
                 continue;
             }
-            let (cluster, address, spec) = key.clone();
+            let (cluster, address, spec, ewma) = key.clone();
             let metrics = Arc::clone(metrics);
-            let task = tokio::spawn(probe_loop(cluster, address, spec, state, metrics));
+            let task = tokio::spawn(probe_loop(cluster, address, spec, ewma, state, metrics));
             self.tasks.insert(key, task);
         }
     }
@@ -73,6 +83,7 @@ async fn probe_loop(
     cluster: String,
     address: SocketAddr,
     spec: HealthCheckSpec,
+    ewma: EwmaConfig,
     state: Arc<EndpointState>,
     metrics: Arc<Metrics>,
 ) {
@@ -85,7 +96,15 @@ async fn probe_loop(
         let result = probe(address, &spec).await;
         metrics.health_check(&cluster, result.is_ok());
         match result {
-            Ok(()) => {
+            Ok(answer_time) => {
+                let now = tokio::time::Instant::now();
+                let stale = state
+                    .latency
+                    .age(now)
+                    .is_none_or(|age| age >= spec.interval * 2);
+                if stale {
+                    state.latency.observe(answer_time, now, &ewma);
+                }
                 failures = 0;
                 successes = successes.saturating_add(1);
                 if !state.is_healthy() && successes >= spec.healthy_threshold {
@@ -106,8 +125,10 @@ async fn probe_loop(
     }
 }
 
-/// One probe: `GET path` on a new connection; the status line decides.
-async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<(), String> {
+/// One probe: `GET path` on a new connection; the status line decides. A pass returns the
+/// time from sending the request to reading the status line (one round trip, without the
+/// connection set-up a pooled request does not pay).
+async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<Duration, String> {
     let attempt = async {
         let mut stream = TcpStream::connect(address)
             .await
@@ -121,6 +142,7 @@ async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<(), String
             "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nip-health-check\r\nConnection: close\r\n\r\n",
             spec.path
         );
+        let sent = tokio::time::Instant::now();
         stream
             .write_all(request.as_bytes())
             .await
@@ -137,9 +159,10 @@ async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<(), String
             }
             head.extend_from_slice(&buf[..n]);
         }
+        let answer_time = sent.elapsed();
         let status = parse_status_line(&head).ok_or("no HTTP status line in the answer")?;
         if spec.accepts(status) {
-            Ok(())
+            Ok(answer_time)
         } else {
             Err(format!("status {status}"))
         }
@@ -164,7 +187,6 @@ fn parse_status_line(head: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn status_lines() {
@@ -196,7 +218,7 @@ mod tests {
             healthy_threshold: 1,
             expected_statuses: vec![],
         };
-        assert_eq!(probe(address, &spec).await, Ok(()));
+        assert!(probe(address, &spec).await.is_ok());
         assert_eq!(probe(address, &spec).await, Err("status 503".to_string()));
     }
 }

@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod concurrency;
 pub mod ewma;
 pub mod gateway;
+pub mod hash;
 pub mod health;
 pub mod metrics;
 pub mod outlier;

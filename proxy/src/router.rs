@@ -187,6 +187,62 @@ pub struct Route {
     pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
     /// Data locality: the only region whose endpoints may serve this route.
     pub locality: Option<Arc<str>>,
+    /// Where a request's key for `ring_hash` clusters comes from (Envoy's `hash_policy`).
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// One source of a request's hash key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashSource {
+    /// A request header's value (all values of a repeated header, in order).
+    Header(HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address.
+    SourceIp,
+    /// A query parameter's (raw) value.
+    QueryParameter(String),
+}
+
+/// One entry of a route's hash policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    /// Where the key comes from.
+    pub source: HashSource,
+    /// When this entry produced a key, the later ones are not consulted.
+    pub terminal: bool,
+}
+
+impl HashSource {
+    /// The key this source finds in a request, if any.
+    fn key<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<u64> {
+        use crate::hash::{combine, hash64};
+        match self {
+            HashSource::Header(name) => headers
+                .get_all(name)
+                .iter()
+                .fold(None, |h, v| Some(combine(h, hash64(v.as_bytes())))),
+            HashSource::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| hash64(v.as_bytes())),
+            HashSource::SourceIp => client.map(|ip| hash64(ip.to_string().as_bytes())),
+            HashSource::QueryParameter(name) => query?
+                .split('&')
+                .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| hash64(v.as_bytes())),
+        }
+    }
 }
 
 impl Route {
@@ -211,7 +267,35 @@ impl Route {
             stats,
             plugins,
             locality: None,
+            hash_policy: Vec::new(),
         }
+    }
+
+    /// Sets where `ring_hash` keys come from.
+    pub fn with_hash_policy(mut self, hash_policy: Vec<HashPolicy>) -> Self {
+        self.hash_policy = hash_policy;
+        self
+    }
+
+    /// The request's hash for `ring_hash` clusters: every entry of the hash policy that
+    /// finds its key, combined as Envoy does, up to the first terminal one that did.
+    /// `None` when nothing was found (the cluster then picks at random).
+    pub fn request_hash(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<u64> {
+        let mut hash = None;
+        for policy in &self.hash_policy {
+            if let Some(key) = policy.source.key(headers, query, client) {
+                hash = Some(crate::hash::combine(hash, key));
+                if policy.terminal {
+                    break;
+                }
+            }
+        }
+        hash
     }
 
     /// Pins the route to the endpoints of one region.
@@ -512,5 +596,71 @@ mod tests {
         let mut b = RouterBuilder::default();
         b.add(&["a.com".into()], VirtualHost::default()).unwrap();
         assert!(b.add(&["A.com".into()], VirtualHost::default()).is_err());
+    }
+
+    #[test]
+    fn request_hashes_come_from_each_source_and_combine_up_to_a_terminal_one() {
+        use crate::hash::{combine, hash64};
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user", "alice".parse().unwrap());
+        headers.insert("cookie", "theme=dark; session=s-42".parse().unwrap());
+        let client: Option<std::net::IpAddr> = "10.1.2.3".parse().ok();
+        let query = Some("a=1&user=bob&b");
+        let policy = |source: HashSource, terminal: bool| HashPolicy { source, terminal };
+        let base = route("r", PathMatch::Prefix("/".into()), vec![]);
+        let with = |policies: Vec<HashPolicy>| {
+            Route::new(
+                base.name.clone(),
+                RouteMatch {
+                    path: PathMatch::Prefix("/".into()),
+                    headers: vec![],
+                },
+                vec![],
+                Duration::ZERO,
+                RetryPolicy::default(),
+                base.stats.clone(),
+                Vec::new(),
+            )
+            .with_hash_policy(policies)
+        };
+        let header = policy(HashSource::Header(HeaderName::from_static("x-user")), false);
+        assert_eq!(
+            with(vec![header.clone()]).request_hash(&headers, query, client),
+            Some(combine(None, hash64(b"alice")))
+        );
+        let cookie = policy(HashSource::Cookie("session".into()), false);
+        assert_eq!(
+            with(vec![cookie]).request_hash(&headers, query, client),
+            Some(hash64(b"s-42"))
+        );
+        let query_parameter = policy(HashSource::QueryParameter("user".into()), false);
+        assert_eq!(
+            with(vec![query_parameter.clone()]).request_hash(&headers, query, client),
+            Some(hash64(b"bob"))
+        );
+        assert_eq!(
+            with(vec![policy(HashSource::SourceIp, false)]).request_hash(&headers, query, client),
+            Some(hash64(b"10.1.2.3"))
+        );
+        // Absent sources add nothing; present ones combine, a terminal one ends it.
+        let missing = policy(HashSource::Header(HeaderName::from_static("x-none")), false);
+        assert_eq!(
+            with(vec![
+                missing.clone(),
+                header.clone(),
+                query_parameter.clone()
+            ])
+            .request_hash(&headers, query, client),
+            Some(combine(Some(hash64(b"alice")), hash64(b"bob")))
+        );
+        let terminal = policy(HashSource::Header(HeaderName::from_static("x-user")), true);
+        assert_eq!(
+            with(vec![terminal, query_parameter]).request_hash(&headers, query, client),
+            Some(hash64(b"alice"))
+        );
+        assert_eq!(
+            with(vec![missing]).request_hash(&headers, query, client),
+            None
+        );
     }
 }

@@ -12,12 +12,12 @@ use crate::cluster::{AdaptiveConcurrency, Cluster, Endpoint, EndpointRegistry, L
 use crate::metrics::{Metrics, RequestCounters};
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
-    HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route, RouteMatch, Router,
-    RouterBuilder, Target, VirtualHost,
+    HashPolicy, HashSource, HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route,
+    RouteMatch, Router, RouterBuilder, Target, VirtualHost,
 };
 use cluster_policies::{
     adaptive_concurrency, circuit_breakers, health_check_spec, legacy_lb_policy,
-    load_balancing_policy, outlier_config, upstream_http2,
+    load_balancing_policy, outlier_config, ring_size, upstream_http2,
 };
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
@@ -147,6 +147,64 @@ pub struct Compiler<'a> {
     pub previous_access_log: Option<Arc<AccessLogger>>,
     /// Compiles and canaries plugins.
     pub plugins: &'a PluginLoader,
+}
+
+/// A route's hash policy (Envoy's `RouteAction.hash_policy`): header, cookie (without
+/// generating one), source IP and query parameter sources.
+fn hash_policy(
+    action: &envoy_types::pb::envoy::config::route::v3::RouteAction,
+) -> Result<Vec<HashPolicy>, String> {
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
+    action
+        .hash_policy
+        .iter()
+        .enumerate()
+        .map(|(i, policy)| {
+            let field = format!("route.hash_policy[{i}]");
+            let source = match &policy.policy_specifier {
+                Some(PolicySpecifier::Header(h)) => {
+                    if h.regex_rewrite.is_some() {
+                        return Err(format!("{field}.header.regex_rewrite is not supported"));
+                    }
+                    HashSource::Header(HeaderName::from_bytes(h.header_name.as_bytes()).map_err(
+                        |_| {
+                            format!(
+                                "{field}.header.header_name: {:?} is not a header name",
+                                h.header_name
+                            )
+                        },
+                    )?)
+                }
+                Some(PolicySpecifier::Cookie(c)) => {
+                    if c.ttl.is_some() {
+                        return Err(format!(
+                            "{field}.cookie.ttl: generating cookies is not supported"
+                        ));
+                    }
+                    HashSource::Cookie(c.name.clone())
+                }
+                Some(PolicySpecifier::ConnectionProperties(p)) if p.source_ip => {
+                    HashSource::SourceIp
+                }
+                Some(PolicySpecifier::QueryParameter(q)) => {
+                    HashSource::QueryParameter(q.name.clone())
+                }
+                Some(PolicySpecifier::ConnectionProperties(_)) => {
+                    return Err(format!(
+                        "{field}.connection_properties: source_ip must be true"
+                    ))
+                }
+                Some(PolicySpecifier::FilterState(_)) => {
+                    return Err(format!("{field}.filter_state is not supported"))
+                }
+                None => return Err(format!("{field}: no policy")),
+            };
+            Ok(HashPolicy {
+                source,
+                terminal: policy.terminal,
+            })
+        })
+        .collect()
 }
 
 /// A route's data locality from its metadata (`nip.locality` → `region`).
@@ -339,6 +397,7 @@ impl Compiler<'_> {
         .with_outlier_detection(outlier)
         .with_circuit_breakers(circuit_breakers(xds).map_err(fail)?)
         .with_adaptive_concurrency(adaptive)
+        .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(
             xds.common_lb_config
                 .as_ref()
@@ -578,7 +637,8 @@ impl Compiler<'_> {
             self.metrics.route_stats(&route_name),
             route_plugins(xds, plugins)?,
         )
-        .with_locality(route_locality(xds)?))
+        .with_locality(route_locality(xds)?)
+        .with_hash_policy(hash_policy(action)?))
     }
 
     fn access_log(

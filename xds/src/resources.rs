@@ -54,6 +54,8 @@ pub mod names {
     /// its `typed_config` is a `google.protobuf.Struct` with `decay_seconds` and
     /// `default_rtt_seconds`. Clients that do not know it use the next policy in the list.
     pub const PEAK_EWMA_POLICY: &str = "nip.load_balancing_policies.peak_ewma";
+    /// Envoy's ring-hash policy extension (`RingHash` config).
+    pub const RING_HASH_POLICY: &str = "envoy.load_balancing_policies.ring_hash";
     /// Envoy's least-request policy extension (the fallback after peak EWMA).
     pub const LEAST_REQUEST_POLICY: &str = "envoy.load_balancing_policies.least_request";
 

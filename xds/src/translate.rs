@@ -663,9 +663,40 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
                     .unwrap_or(DEFAULT_ROUTE_TIMEOUT),
             )),
             retry_policy,
+            hash_policy: route.hash_policy.iter().map(hash_policy).collect(),
             ..Default::default()
         })),
         ..Default::default()
+    }
+}
+
+/// One v4 hash policy entry as Envoy's (validation made sure exactly one source is set).
+fn hash_policy(
+    config: &crate::config::HashPolicyConfig,
+) -> envoy_types::pb::envoy::config::route::v3::route_action::HashPolicy {
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+    };
+    let policy_specifier = if let Some(header) = &config.header {
+        PolicySpecifier::Header(Header {
+            header_name: header.clone(),
+            regex_rewrite: None,
+        })
+    } else if let Some(cookie) = &config.cookie {
+        PolicySpecifier::Cookie(Cookie {
+            name: cookie.clone(),
+            ..Default::default()
+        })
+    } else if let Some(name) = &config.query_parameter {
+        PolicySpecifier::QueryParameter(QueryParameter { name: name.clone() })
+    } else {
+        PolicySpecifier::ConnectionProperties(ConnectionProperties {
+            source_ip: config.source_ip,
+        })
+    };
+    envoy_types::pb::envoy::config::route::v3::route_action::HashPolicy {
+        terminal: config.terminal,
+        policy_specifier: Some(policy_specifier),
     }
 }
 
@@ -929,7 +960,20 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         LbPolicy::RoundRobin => cluster::LbPolicy::RoundRobin,
         LbPolicy::LeastRequest | LbPolicy::Latency => cluster::LbPolicy::LeastRequest,
         LbPolicy::Random => cluster::LbPolicy::Random,
+        LbPolicy::RingHash => cluster::LbPolicy::RingHash,
     };
+    let lb_config = (lb == LbPolicy::RingHash).then(|| {
+        let ring = service.ring_hash.unwrap_or_default();
+        cluster::LbConfig::RingHashLbConfig(cluster::RingHashLbConfig {
+            minimum_ring_size: ring
+                .minimum_ring_size
+                .map(|value| envoy_types::pb::google::protobuf::UInt64Value { value }),
+            maximum_ring_size: ring
+                .maximum_ring_size
+                .map(|value| envoy_types::pb::google::protobuf::UInt64Value { value }),
+            hash_function: 0,
+        })
+    });
     let load_balancing_policy =
         (lb == LbPolicy::Latency).then(|| peak_ewma_policy(service.latency.unwrap_or_default()));
     let mut typed_extension_protocol_options = std::collections::HashMap::new();
@@ -997,6 +1041,7 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         )),
         lb_policy: lb_policy as i32,
+        lb_config,
         load_balancing_policy,
         outlier_detection: service.outlier_detection.map(outlier_detection),
         common_lb_config: (!service.locality_weights.is_empty()).then(|| cluster::CommonLbConfig {

@@ -3,7 +3,7 @@
 //! of an Envoy `Cluster` and answers the proxy's own type, or an error naming the field.
 
 use super::{decode, duration, names};
-use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy, RetryBudget};
+use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy, RetryBudget, RingSize};
 use crate::concurrency::GradientConfig;
 use crate::ewma::EwmaConfig;
 use crate::outlier::{
@@ -62,10 +62,11 @@ pub(super) fn load_balancing_policy(xds: &XdsCluster) -> Result<Option<LbPolicy>
             names::LEAST_REQUEST_POLICY => return Ok(Some(LbPolicy::LeastRequest)),
             "envoy.load_balancing_policies.round_robin" => return Ok(Some(LbPolicy::RoundRobin)),
             "envoy.load_balancing_policies.random" => return Ok(Some(LbPolicy::Random)),
+            names::RING_HASH_POLICY => return Ok(Some(LbPolicy::RingHash)),
             _ => continue,
         }
     }
-    Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random)".to_string())
+    Err("load_balancing_policy: none of its policies is supported (peak EWMA, least_request, round_robin, random, ring_hash)".to_string())
 }
 
 /// Envoy's `OutlierDetection` as NIP applies it: the consecutive-5xx and
@@ -248,8 +249,9 @@ pub(super) fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
         Ok(cluster::LbPolicy::RoundRobin) => Ok(LbPolicy::RoundRobin),
         Ok(cluster::LbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
         Ok(cluster::LbPolicy::Random) => Ok(LbPolicy::Random),
+        Ok(cluster::LbPolicy::RingHash) => Ok(LbPolicy::RingHash),
         Ok(other) => Err(format!(
-            "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM)",
+            "lb_policy {} is not supported (ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH)",
             other.as_str_name()
         )),
         Err(_) => Err(format!("lb_policy {} is unknown", xds.lb_policy)),
@@ -454,4 +456,49 @@ pub(super) fn adaptive_concurrency(
         ));
     }
     Ok(Some((result, status)))
+}
+
+/// Ring sizes of a `ring_hash` cluster: from its typed `load_balancing_policy` (`RingHash`)
+/// or the legacy `ring_hash_lb_config`; Envoy's defaults otherwise.
+pub(super) fn ring_size(xds: &XdsCluster) -> Result<RingSize, String> {
+    use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
+    use envoy_types::pb::google::protobuf::UInt64Value;
+    let typed = xds
+        .load_balancing_policy
+        .iter()
+        .flat_map(|list| &list.policies)
+        .filter_map(|p| p.typed_extension_config.as_ref())
+        .find(|e| e.name == names::RING_HASH_POLICY);
+    let (minimum, maximum, field): (Option<UInt64Value>, Option<UInt64Value>, &str) =
+        match (typed, &xds.lb_config) {
+            (Some(extension), _) => {
+                let ring: RingHash = match &extension.typed_config {
+                    Some(any) => decode(any)?,
+                    None => RingHash::default(),
+                };
+                (
+                    ring.minimum_ring_size,
+                    ring.maximum_ring_size,
+                    names::RING_HASH_POLICY,
+                )
+            }
+            (None, Some(cluster::LbConfig::RingHashLbConfig(ring))) => (
+                ring.minimum_ring_size,
+                ring.maximum_ring_size,
+                "ring_hash_lb_config",
+            ),
+            (None, _) => (None, None, ""),
+        };
+    let defaults = RingSize::default();
+    let size = RingSize {
+        minimum: minimum.map_or(defaults.minimum, |v| v.value),
+        maximum: maximum.map_or(defaults.maximum, |v| v.value),
+    };
+    if size.minimum == 0 || size.minimum > size.maximum || size.maximum > defaults.maximum {
+        return Err(format!(
+            "{field}: ring sizes must satisfy 1 ≤ minimum ({}) ≤ maximum ({}) ≤ {}",
+            size.minimum, size.maximum, defaults.maximum
+        ));
+    }
+    Ok(size)
 }

@@ -545,3 +545,68 @@ fn interval_outlier_detectors_carry_over_and_latency_rides_in_metadata() {
         "{error}"
     );
 }
+
+#[test]
+fn ring_hash_and_hash_policies_carry_over_and_unsupported_parts_are_named() {
+    use crate::router::HashSource;
+    let t = translated(
+        "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\", \"127.0.0.1:8082\"]\n    lb: ring_hash\n    ring_hash: { minimum_ring_size: 64 }\nroutes:\n  - service: web\n    hash_policy: [{ header: x-user }, { cookie: session, terminal: true }, { source_ip: true }]\n",
+    );
+    let snapshot = compile(&t).unwrap();
+    assert_eq!(snapshot.clusters["web"].lb, LbPolicy::RingHash);
+    let route = snapshot
+        .router
+        .route("x", "/", &http::Method::GET, &http::HeaderMap::new())
+        .unwrap();
+    let sources: Vec<(HashSource, bool)> = route
+        .hash_policy
+        .iter()
+        .map(|p| (p.source.clone(), p.terminal))
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            (HashSource::Header(HeaderName::from_static("x-user")), false),
+            (HashSource::Cookie("session".into()), true),
+            (HashSource::SourceIp, false),
+        ]
+    );
+    // Cookie generation (ttl) is Envoy's; NIP refuses it by name.
+    let mut bad = t.clone();
+    let Some(route::Action::Route(action)) = bad.resources.routes[0].virtual_hosts[0].routes[0]
+        .action
+        .as_mut()
+    else {
+        panic!("a route action");
+    };
+    if let Some(
+        envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier::Cookie(
+            cookie,
+        ),
+    ) = action.hash_policy[1].policy_specifier.as_mut()
+    {
+        cookie.ttl = Some(PbDuration {
+            seconds: 60,
+            nanos: 0,
+        });
+    }
+    let Err(error) = compile(&bad) else {
+        panic!("a cookie ttl must be refused");
+    };
+    assert!(
+        error.to_string().contains("hash_policy[1].cookie.ttl"),
+        "{error}"
+    );
+    // A ring larger than Envoy allows is refused.
+    let mut huge = t.clone();
+    if let Some(cluster::LbConfig::RingHashLbConfig(ring)) =
+        huge.resources.clusters[0].lb_config.as_mut()
+    {
+        ring.maximum_ring_size =
+            Some(envoy_types::pb::google::protobuf::UInt64Value { value: 1 << 40 });
+    }
+    let Err(error) = compile(&huge) else {
+        panic!("a huge ring must be refused");
+    };
+    assert!(error.to_string().contains("ring_hash_lb_config"), "{error}");
+}

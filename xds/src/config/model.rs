@@ -204,6 +204,9 @@ pub struct ServiceConfig {
     /// Tuning of `lb: latency`.
     #[serde(default)]
     pub latency: Option<LatencyConfig>,
+    /// Ring size of `lb: ring_hash`.
+    #[serde(default)]
+    pub ring_hash: Option<RingHashConfig>,
     /// Eject endpoints that keep failing (Envoy's outlier detection).
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetectionConfig>,
@@ -349,6 +352,43 @@ pub enum LbPolicy {
     /// Peak-EWMA latency × (in flight + 1), power of two random choices: traffic goes where
     /// it will be answered fastest.
     Latency,
+    /// Consistent hashing: requests with the same key (from the route's `hash_policy`) go
+    /// to the same endpoint while it is usable; a change of endpoints moves few keys.
+    RingHash,
+}
+
+/// Ring size of `lb: ring_hash` (Envoy's `RingHashLbConfig`).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingHashConfig {
+    /// Fewest points on the ring (default 1024).
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+    /// Most points on the ring (default 8M).
+    #[serde(default)]
+    pub maximum_ring_size: Option<u64>,
+}
+
+/// One source of a request's key for `ring_hash` (Envoy's `hash_policy`); set one of
+/// `header`, `cookie`, `source_ip`, `query_parameter`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashPolicyConfig {
+    /// A request header's value.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A cookie's value.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// The client's IP address.
+    #[serde(default)]
+    pub source_ip: bool,
+    /// A query parameter's value.
+    #[serde(default)]
+    pub query_parameter: Option<String>,
+    /// When this entry finds a key, later entries are not consulted.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// Tuning of `lb: latency`.
@@ -573,6 +613,10 @@ pub struct RouteConfig {
     /// usable the answer is 503 (flag `UH`) rather than another region.
     #[serde(default)]
     pub locality: Option<String>,
+    /// Where the key of `lb: ring_hash` services comes from; entries that find a key are
+    /// combined (Envoy's `hash_policy`).
+    #[serde(default)]
+    pub hash_policy: Vec<HashPolicyConfig>,
 }
 
 /// The conditions a request must meet for a route. All given conditions must hold.

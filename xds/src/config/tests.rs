@@ -290,3 +290,33 @@ routes:
     }
     assert!(!errors.contains("routes[2]"), "{errors}");
 }
+
+#[test]
+fn hash_policies_and_ring_sizes_name_their_fields() {
+    let yaml = r#"
+services:
+  web:
+    endpoints: ["127.0.0.1:80"]
+    lb: ring_hash
+    ring_hash: { minimum_ring_size: 100, maximum_ring_size: 10 }
+  rr:
+    endpoints: ["127.0.0.1:81"]
+    ring_hash: {}
+routes:
+  - service: web
+    hash_policy: [{ header: "bad header" }, { cookie: a, source_ip: true }, {}]
+"#;
+    let errors = errors_of(yaml).join("\n");
+    for expected in [
+        "services.web.ring_hash: ring sizes must satisfy",
+        "services.rr.ring_hash: only applies with lb: ring_hash",
+        "routes[0].hash_policy[0].header: \"bad header\" is not a valid header name",
+        "routes[0].hash_policy[1]: set exactly one of",
+        "routes[0].hash_policy[2]: set exactly one of",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! path it is about; all problems are collected so a user fixes them in one go.
 
 use super::{
-    ByteSize, Config, FieldError, HeaderMatchConfig, HumanDuration, PluginLimitsConfig,
+    ByteSize, Config, FieldError, HeaderMatchConfig, HumanDuration, LbPolicy, PluginLimitsConfig,
     PluginSource, RouteConfig, ServiceConfig,
 };
 use std::collections::HashSet;
@@ -299,6 +299,22 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
             format!("{percent} is not between 0 and 100"),
         );
     }
+    if let Some(ring) = &service.ring_hash {
+        let min = ring.minimum_ring_size.unwrap_or(1024);
+        let max = ring.maximum_ring_size.unwrap_or(8 * 1024 * 1024);
+        if min == 0 || max > 8 * 1024 * 1024 || min > max {
+            errors.add(
+                format!("{path}.ring_hash"),
+                format!("ring sizes must satisfy 1 ≤ minimum ({min}) ≤ maximum ({max}) ≤ 8388608"),
+            );
+        }
+        if service.lb_policy() != LbPolicy::RingHash {
+            errors.add(
+                format!("{path}.ring_hash"),
+                "only applies with lb: ring_hash",
+            );
+        }
+    }
     if let Some(adaptive) = &service.adaptive_concurrency {
         validate_adaptive_concurrency(&format!("{path}.adaptive_concurrency"), adaptive, errors);
     }
@@ -519,6 +535,40 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
         }
     }
     validate_route_locality(path, route, config, errors);
+    for (i, policy) in route.hash_policy.iter().enumerate() {
+        let field = format!("{path}.hash_policy[{i}]");
+        let sources = [
+            policy.header.is_some(),
+            policy.cookie.is_some(),
+            policy.source_ip,
+            policy.query_parameter.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if sources != 1 {
+            errors.add(
+                field.clone(),
+                "set exactly one of header, cookie, source_ip: true, query_parameter",
+            );
+        }
+        if let Some(header) = &policy.header {
+            if http_header_name_invalid(header) {
+                errors.add(
+                    format!("{field}.header"),
+                    format!("{header:?} is not a valid header name"),
+                );
+            }
+        }
+        for (name, value) in [
+            ("cookie", &policy.cookie),
+            ("query_parameter", &policy.query_parameter),
+        ] {
+            if value.as_deref().is_some_and(str::is_empty) {
+                errors.add(format!("{field}.{name}"), "must not be empty");
+            }
+        }
+    }
     let mut seen_plugins = HashSet::new();
     for (i, name) in route.plugins.iter().enumerate() {
         let field = format!("{path}.plugins[{i}]");
