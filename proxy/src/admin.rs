@@ -148,6 +148,7 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                         "address": e.address.to_string(),
                         "region": e.locality.region,
                         "zone": e.locality.zone,
+                        "sub_zone": e.locality.sub_zone,
                         "weight": e.weight,
                         "healthy": e.state.is_healthy(),
                         "active_requests": e.state.active_requests(),

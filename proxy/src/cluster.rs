@@ -61,6 +61,8 @@ pub struct Locality {
     pub region: String,
     /// Zone name.
     pub zone: String,
+    /// Sub-zone name (a rack, a cell).
+    pub sub_zone: String,
 }
 
 /// State of one endpoint that survives config reloads.
@@ -145,6 +147,16 @@ impl EndpointState {
         self.latency.estimate(config).max(self.silence(now))
     }
 
+    /// The prediction that region choice compares: the smoothed average, or the current
+    /// silence beyond [`SILENCE_GRACE`] when that is longer (a stall of the proxy itself
+    /// must not move a cluster to another region; a black hole still does, within the
+    /// grace plus the margin).
+    pub fn region_predicted(&self, config: &EwmaConfig, now: tokio::time::Instant) -> Duration {
+        self.latency
+            .smoothed(config)
+            .max(self.silence(now).saturating_sub(SILENCE_GRACE))
+    }
+
     /// What one more request would cost: prediction × (requests in flight + 1).
     pub fn cost(&self, config: &EwmaConfig, now: tokio::time::Instant) -> f64 {
         self.predicted(config, now).as_nanos() as f64 * (self.active_requests() as f64 + 1.0)
@@ -176,6 +188,10 @@ impl EndpointState {
         self.awaiting_head.load(Ordering::Relaxed) > 0
     }
 }
+
+/// Silence shorter than this does not count in region choice (see
+/// [`EndpointState::region_predicted`]).
+pub const SILENCE_GRACE: Duration = Duration::from_millis(100);
 
 /// What a failed try counts as in an endpoint's latency estimate: a connection refused
 /// in a microsecond must not make a dead endpoint look like the fastest one.
@@ -425,9 +441,11 @@ impl Default for CircuitBreakers {
 
 /// Endpoints by region and which region `lb: latency` sends traffic to now.
 ///
-/// The predicted latency of a region is the lowest peak-EWMA estimate among its usable
-/// endpoints (load is weighed inside the region, by the two choices; weighing it here too
-/// would send traffic back and forth between regions as requests come and go). Traffic stays in the proxy's own region until that is
+/// The predicted latency of a region is the lowest [`EndpointState::region_predicted`] among
+/// its usable endpoints — the smoothed average, or a silence past its grace (load is
+/// weighed inside the region, by the two choices; weighing it here too would send traffic
+/// back and forth between regions as requests come and go). Traffic stays in the proxy's
+/// own region until that is
 /// slower than the best region by more than [`REGION_MARGIN`] (or has nothing usable),
 /// then goes to the best; it comes back once the local prediction is within half the margin
 /// of where traffic is (hysteresis: no flapping between close regions). Other regions are
@@ -796,7 +814,7 @@ impl Cluster {
             .iter()
             .map(|&i| &self.endpoints[i])
             .filter(|e| usable(e))
-            .map(|e| e.state.predicted(config, now).as_nanos() as f64)
+            .map(|e| e.state.region_predicted(config, now).as_nanos() as f64)
             .min_by(|a, b| a.total_cmp(b))
     }
 
@@ -1279,7 +1297,7 @@ mod tests {
                     address,
                     locality: Locality {
                         region: region.to_string(),
-                        zone: String::new(),
+                        ..Locality::default()
                     },
                     weight: 1,
                     priority: 0,
@@ -1324,33 +1342,50 @@ mod tests {
         );
         assert_eq!(c.current_region(), Some("r1"));
 
-        // The local region slows to 60 ms: traffic moves to the best other region at once.
+        // One slow answer among fast ones does not move a whole cluster's traffic.
         observe(&c, [60, 30, 90]);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        observe(&c, [2, 30, 90]);
+        shares(&c, 100);
+        assert_eq!(c.current_region(), Some("r1"), "a single spike");
+
+        // The local region slows to 60 ms and stays slow: traffic moves to the best other
+        // region within a second.
+        let mut moved_after = None;
+        for step in 1..=40 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            observe(&c, [60, 30, 90]);
+            shares(&c, 10);
+            if c.current_region() == Some("r2") {
+                moved_after = Some(Duration::from_millis(50) * step);
+                break;
+            }
+        }
+        let moved_after = moved_after.expect("traffic moves within 2 s");
+        assert!(moved_after <= Duration::from_secs(1), "{moved_after:?}");
         let counts = shares(&c, 5000);
         assert!(counts[1] >= 4750, "moved to r2: {counts:?}");
-        assert_eq!(c.current_region(), Some("r2"));
 
         // While the local region stays slow, traffic stays away.
         for _ in 0..30 {
             tokio::time::advance(Duration::from_secs(1)).await;
             observe(&c, [60, 30, 90]);
+            shares(&c, 100);
+            assert_eq!(c.current_region(), Some("r2"));
         }
-        // It recovers to 2 ms; explorations see it and the average decays.
+        // It recovers to 2 ms; explorations see it and traffic comes back, and stays.
         let mut back_after = None;
         for second in 1..=30 {
             tokio::time::advance(Duration::from_secs(1)).await;
             observe(&c, [2, 30, 90]);
             shares(&c, 100);
-            if c.current_region() == Some("r1") && back_after.is_none() {
-                back_after = Some(second);
+            match (back_after, c.current_region()) {
+                (None, Some("r1")) => back_after = Some(second),
+                (Some(_), region) => assert_eq!(region, Some("r1"), "flapped at {second} s"),
+                _ => {}
             }
         }
-        let back_after = back_after.expect("traffic returns within 30 s");
-        assert!(
-            back_after > 1,
-            "not at the first fast answer: the estimate decays in"
-        );
-        assert_eq!(c.current_region(), Some("r1"), "and stays");
+        assert!(back_after.is_some(), "traffic returns within 30 s");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1367,12 +1402,17 @@ mod tests {
 
         // The region goes dark: tries hang, nothing comes back, no failure is seen yet.
         let hanging: Vec<ActiveRequest> = (0..4).map(|_| ActiveRequest::start(local)).collect();
-        tokio::time::advance(Duration::from_millis(20)).await;
+        tokio::time::advance(Duration::from_millis(100)).await;
         shares(&c, 10);
-        assert_eq!(c.current_region(), Some("r1"), "20 ms: still local");
-        tokio::time::advance(Duration::from_millis(30)).await;
-        // 50 ms of silence > 1.5 × r2's 30 ms: traffic moves, long before a timeout.
-        assert!(local.silence(tokio::time::Instant::now()) >= Duration::from_millis(50));
+        assert_eq!(
+            c.current_region(),
+            Some("r1"),
+            "100 ms: still local (a stall of the proxy itself looks like this)"
+        );
+        tokio::time::advance(Duration::from_millis(50)).await;
+        // 150 ms of silence > the 100 ms grace + 1.5 × r2's 30 ms: traffic moves, long
+        // before a timeout.
+        assert!(local.silence(tokio::time::Instant::now()) >= Duration::from_millis(150));
         shares(&c, 10);
         assert_eq!(c.current_region(), Some("r2"));
         // Exploration does not pile more tries onto the silent region.
@@ -1391,9 +1431,12 @@ mod tests {
         // 40 vs 30: within the margin, so the local region keeps the traffic.
         shares(&c, 1000);
         assert_eq!(c.current_region(), Some("r1"));
-        // Once away (the local one spiked), 40 is not close enough to come back.
-        observe(&c, [60, 30, 90]);
-        shares(&c, 10);
+        // Once away (the local one slowed for a while), 40 is not close enough to come back.
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            observe(&c, [60, 30, 90]);
+            shares(&c, 10);
+        }
         assert_eq!(c.current_region(), Some("r2"));
         for _ in 0..120 {
             tokio::time::advance(Duration::from_secs(1)).await;
@@ -1492,6 +1535,7 @@ mod tests {
                     locality: Locality {
                         region: "r".into(),
                         zone: zone.to_string(),
+                        ..Locality::default()
                     },
                     weight: 1,
                     priority: 0,

@@ -500,7 +500,8 @@ pub struct ConcurrencyPermit {
 }
 
 impl ConcurrencyPermit {
-    /// The response head arrived: its delay is a latency sample (once per request).
+    /// The response head arrived (or the request timed out): its delay is a latency sample
+    /// (once per request).
     pub fn answered(&mut self) {
         if self.recorded {
             return;

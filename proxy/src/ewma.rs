@@ -8,6 +8,11 @@
 //! is `estimate × (in flight + 1)`; power-of-two-choices picks the cheaper of two random
 //! endpoints, which avoids the herd that "always the fastest" would cause.
 //!
+//! Alongside, a *smoothed* average with a short time constant ([`SMOOTHING`], no peaks)
+//! serves the choice between regions: moving a whole cluster's traffic to another region
+//! must follow a sustained slowdown within a second, not a single slow answer, which the
+//! peak estimate would hold against the region for its whole decay.
+//!
 //! Time comes from `tokio::time::Instant`, so tests run on a paused clock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,14 +44,21 @@ impl Default for EwmaConfig {
 #[derive(Debug)]
 pub struct PeakEwma {
     estimate_ns: AtomicU64,
+    /// The smoothed average (0 = never measured).
+    smooth_ns: AtomicU64,
     stamp_ns: AtomicU64,
     base: Instant,
 }
+
+/// Time constant of the smoothed average: a slowdown that lasts shows within about a
+/// second; one slow answer among many fast ones barely moves it.
+pub const SMOOTHING: Duration = Duration::from_millis(500);
 
 impl Default for PeakEwma {
     fn default() -> Self {
         PeakEwma {
             estimate_ns: AtomicU64::new(0),
+            smooth_ns: AtomicU64::new(0),
             stamp_ns: AtomicU64::new(0),
             base: Instant::now(),
         }
@@ -62,16 +74,24 @@ impl PeakEwma {
     pub fn observe(&self, rtt: Duration, now: Instant, config: &EwmaConfig) {
         let rtt = nanos(rtt).max(1);
         let stamp = nanos(now.saturating_duration_since(self.base));
+        let elapsed =
+            Duration::from_nanos(stamp.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)));
         let estimate = self.estimate_ns.load(Ordering::Relaxed);
         let next = if estimate == 0 || rtt > estimate {
             rtt
         } else {
-            let elapsed =
-                Duration::from_nanos(stamp.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)));
             let weight = decay_weight(elapsed, config.decay);
             (estimate as f64 * weight + rtt as f64 * (1.0 - weight)) as u64
         };
+        let smooth = self.smooth_ns.load(Ordering::Relaxed);
+        let next_smooth = if smooth == 0 {
+            rtt
+        } else {
+            let weight = decay_weight(elapsed, SMOOTHING);
+            (smooth as f64 * weight + rtt as f64 * (1.0 - weight)) as u64
+        };
         self.estimate_ns.store(next.max(1), Ordering::Relaxed);
+        self.smooth_ns.store(next_smooth.max(1), Ordering::Relaxed);
         self.stamp_ns.store(stamp, Ordering::Relaxed);
     }
 
@@ -80,6 +100,15 @@ impl PeakEwma {
         match self.estimate_ns.load(Ordering::Relaxed) {
             0 => config.default_rtt,
             estimate => Duration::from_nanos(estimate),
+        }
+    }
+
+    /// The smoothed average (the default for an endpoint never measured): what region
+    /// choice compares.
+    pub fn smoothed(&self, config: &EwmaConfig) -> Duration {
+        match self.smooth_ns.load(Ordering::Relaxed) {
+            0 => config.default_rtt,
+            smooth => Duration::from_nanos(smooth),
         }
     }
 
@@ -158,5 +187,37 @@ mod tests {
         ewma.observe(ms(10), Instant::now(), &config);
         assert_eq!(ewma.cost(0, &config), ms(10).as_nanos() as f64);
         assert_eq!(ewma.cost(3, &config), ms(40).as_nanos() as f64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_smoothed_average_ignores_a_spike_and_follows_a_lasting_slowdown() {
+        let config = EwmaConfig::default();
+        let ewma = PeakEwma::default();
+        ewma.observe(ms(2), Instant::now(), &config);
+        // A fast stream of answers with one slow one in it.
+        for i in 0..100 {
+            tokio::time::advance(ms(1)).await;
+            let rtt = if i == 50 { ms(60) } else { ms(2) };
+            ewma.observe(rtt, Instant::now(), &config);
+        }
+        assert!(
+            ewma.smoothed(&config) < ms(3),
+            "{:?}",
+            ewma.smoothed(&config)
+        );
+        assert!(
+            ewma.estimate(&config) > ms(50),
+            "the peak estimate holds it"
+        );
+        // A slowdown that lasts: within a second the smoothed average is most of the way.
+        for _ in 0..100 {
+            tokio::time::advance(ms(10)).await;
+            ewma.observe(ms(60), Instant::now(), &config);
+        }
+        assert!(
+            ewma.smoothed(&config) > ms(50),
+            "{:?}",
+            ewma.smoothed(&config)
+        );
     }
 }

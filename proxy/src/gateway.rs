@@ -905,6 +905,14 @@ impl ProxyHttp for Gateway {
         };
         ctx.flag = flag;
         ctx.local_status = code;
+        // A timeout is a latency sample too (at least this slow): an upstream that stops
+        // answering in time must pull the adaptive concurrency limit down. Faster failures
+        // (refused connections, resets) say nothing about queueing and are not samples.
+        if flag == Some(ResponseFlag::UpstreamTimeout) {
+            if let Some(permit) = &mut ctx.concurrency {
+                permit.answered();
+            }
+        }
         // Pingora closes the client connection after a failed proxy attempt; say so in the
         // response (`Connection: close`) so HTTP/1.1 clients do not reuse it and hit a reset.
         session.set_keepalive(None);

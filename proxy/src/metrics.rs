@@ -111,6 +111,7 @@ struct LocalityLabels {
     cluster: String,
     region: String,
     zone: String,
+    sub_zone: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -415,12 +416,13 @@ impl Metrics {
 
     /// The counter of tries a cluster sends to one locality (resolved at compile time,
     /// so the request path only increments).
-    pub fn locality_picks(&self, cluster: &str, region: &str, zone: &str) -> Counter {
+    pub fn locality_picks(&self, cluster: &str, locality: &crate::cluster::Locality) -> Counter {
         self.locality_picks
             .get_or_create(&LocalityLabels {
                 cluster: cluster.to_string(),
-                region: region.to_string(),
-                zone: zone.to_string(),
+                region: locality.region.clone(),
+                zone: locality.zone.clone(),
+                sub_zone: locality.sub_zone.clone(),
             })
             .clone()
     }

@@ -419,6 +419,7 @@ impl Compiler<'_> {
                 .map(|l| Locality {
                     region: l.region.clone(),
                     zone: l.zone.clone(),
+                    sub_zone: l.sub_zone.clone(),
                 })
                 .unwrap_or_default();
             for (ei, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
@@ -458,11 +459,7 @@ impl Compiler<'_> {
                         .as_ref()
                         .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
-                    locality_picks: self.metrics.locality_picks(
-                        cluster,
-                        &locality.region,
-                        &locality.zone,
-                    ),
+                    locality_picks: self.metrics.locality_picks(cluster, &locality),
                 });
             }
         }

@@ -8,7 +8,7 @@
 //! | `api_gateway` | `Listener` `api_gateway` + `HttpConnectionManager` (RDS over ADS, access log, TLS transport socket) |
 //! | `routes` | `RouteConfiguration` `api_gateway_routes`: one `VirtualHost` per host pattern |
 //! | `services.NAME` | `Cluster` NAME (`type: EDS`, lb policy, connect timeout, health check, HTTP/2 options) |
-//! | `services.NAME.endpoints` | `ClusterLoadAssignment` NAME, one locality per (region, zone) |
+//! | `services.NAME.endpoints` | `ClusterLoadAssignment` NAME, one locality per (region, zone, sub-zone, priority) |
 //! | `node`, `admin` | the bootstrap (`node`, `admin.address`) |
 //!
 //! Routes without a host go into every virtual host, in their place in the list, so that the
@@ -1081,11 +1081,20 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
     }
 }
 
-/// The configured weight of a locality (`region/zone` first, then `region`), 1 otherwise.
+/// The configured weight of a locality (`region/zone/sub_zone` first, then `region/zone`,
+/// then `region`), 1 otherwise.
 fn locality_weight(service: &ServiceConfig, locality: &Locality) -> u32 {
     service
         .locality_weights
-        .get(&format!("{}/{}", locality.region, locality.zone))
+        .get(&format!(
+            "{}/{}/{}",
+            locality.region, locality.zone, locality.sub_zone
+        ))
+        .or_else(|| {
+            service
+                .locality_weights
+                .get(&format!("{}/{}", locality.region, locality.zone))
+        })
         .or_else(|| service.locality_weights.get(&locality.region))
         .copied()
         .unwrap_or(1)
@@ -1098,7 +1107,7 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
         let locality = Locality {
             region: endpoint.region.clone().unwrap_or_default(),
             zone: endpoint.zone.clone().unwrap_or_default(),
-            sub_zone: String::new(),
+            sub_zone: endpoint.sub_zone.clone().unwrap_or_default(),
         };
         let (host, port) = parse_endpoint_address(&endpoint.address)
             .unwrap_or_else(|_| (endpoint.address.clone(), 0));

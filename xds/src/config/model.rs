@@ -273,6 +273,8 @@ pub struct EndpointConfig {
     pub region: Option<String>,
     /// Zone of the endpoint.
     pub zone: Option<String>,
+    /// Sub-zone of the endpoint (a rack, a cell).
+    pub sub_zone: Option<String>,
     /// Relative share of traffic (default 1).
     pub weight: u32,
     /// Priority level (0 is preferred; higher levels take traffic as lower ones lose health,
@@ -292,6 +294,9 @@ struct EndpointFields {
     /// Zone of the endpoint.
     #[serde(default)]
     pub zone: Option<String>,
+    /// Sub-zone of the endpoint.
+    #[serde(default)]
+    pub sub_zone: Option<String>,
     /// Relative share of traffic (default 1).
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -322,6 +327,7 @@ impl<'de> Visitor<'de> for EndpointVisitor {
             address: v.to_string(),
             region: None,
             zone: None,
+            sub_zone: None,
             weight: default_weight(),
             priority: 0,
         })
@@ -332,6 +338,7 @@ impl<'de> Visitor<'de> for EndpointVisitor {
             address: fields.address,
             region: fields.region,
             zone: fields.zone,
+            sub_zone: fields.sub_zone,
             weight: fields.weight,
             priority: fields.priority,
         })

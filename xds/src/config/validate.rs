@@ -223,12 +223,15 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
         let known = service.endpoints.iter().any(|e| {
             let region = e.region.as_deref().unwrap_or("");
             let zone = e.zone.as_deref().unwrap_or("");
-            *locality == region || *locality == format!("{region}/{zone}")
+            let sub_zone = e.sub_zone.as_deref().unwrap_or("");
+            *locality == region
+                || *locality == format!("{region}/{zone}")
+                || *locality == format!("{region}/{zone}/{sub_zone}")
         });
         if !known {
             errors.add(
                 path.clone(),
-                "no endpoint of the service is in this locality (write region or region/zone)",
+                "no endpoint of the service is in this locality (write region, region/zone or region/zone/sub_zone)",
             );
         }
         if *weight == 0 || *weight > 128 {

@@ -273,3 +273,31 @@ services:
         "locality weights choose localities themselves"
     );
 }
+
+#[test]
+fn sub_zones_are_localities_of_their_own_and_take_the_most_specific_weight() {
+    let yaml = r#"
+services:
+  svc:
+    endpoints:
+      - { address: "10.0.0.1:80", region: eu, zone: a, sub_zone: rack1 }
+      - { address: "10.0.0.2:80", region: eu, zone: a, sub_zone: rack2 }
+    locality_weights: { eu/a: 2, eu/a/rack1: 5 }
+"#;
+    let t = translate(&Config::from_yaml(yaml).unwrap());
+    let cla = &t.resources.endpoints[0];
+    let weights: Vec<(String, u32)> = cla
+        .endpoints
+        .iter()
+        .map(|l| {
+            (
+                l.locality.as_ref().unwrap().sub_zone.clone(),
+                l.load_balancing_weight.as_ref().unwrap().value,
+            )
+        })
+        .collect();
+    assert_eq!(
+        weights,
+        vec![("rack1".to_string(), 5), ("rack2".to_string(), 2)]
+    );
+}
