@@ -401,7 +401,10 @@ impl ConcurrencyController {
             }
             return;
         }
-        if state.min_rtt.is_some() && now >= state.next_min_rtt_window {
+        if self.config.fixed_min_rtt.is_none()
+            && state.min_rtt.is_some()
+            && now >= state.next_min_rtt_window
+        {
             self.start_min_rtt_window(&mut state);
             return;
         }

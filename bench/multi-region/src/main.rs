@@ -622,7 +622,7 @@ async fn main() -> Result<(), Failure> {
         failed(failures[5])
     ));
     lines.push(String::new());
-    lines.push("Without retries, the tries in flight in r1 when it goes dark cannot be saved (each of the closed-loop clients has one there, answered 504 after the 2 s route timeout); what `latency` adds is that no further request follows them — the silence of the hanging tries moves traffic within ~1.5 × r2's latency, and exploration sends at most one try at a time into the dark region. Round robin and static priority keep sending r1 its share until outlier detection ejects it (5 consecutive failures, after their 2 s timeouts), and again each time the ejection ends.".to_string());
+    lines.push("Without retries, the tries in flight in r1 when it goes dark cannot be saved (each of the closed-loop clients has one there, answered 504 after the 2 s route timeout); what `latency` adds is that no further request follows them — the silence of the hanging tries moves traffic within its 100 ms grace plus 1.5 × r2's latency, and exploration sends at most one try at a time into the dark region. Round robin and static priority keep sending r1 its share until outlier detection ejects it (5 consecutive failures, after their 2 s timeouts), and again each time the ejection ends.".to_string());
     lines.push("<!-- multi-region:end -->".to_string());
     let section = lines.join("\n");
     println!("{section}");

@@ -261,3 +261,29 @@ fn priorities_parse_in_any_case_and_nothing_else() {
     assert_eq!(Priority::parse(b"urgent"), None);
     assert_eq!(Priority::parse(b""), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fixed_min_rtt_is_never_measured_and_the_limit_keeps_adapting() {
+    let config = GradientConfig {
+        fixed_min_rtt: Some(Duration::from_millis(10)),
+        ..GradientConfig::default()
+    };
+    let controller = Arc::new(ConcurrencyController::new(config));
+    assert!(!controller.status().measuring_min_rtt);
+    let mut backend = SimulatedBackend::new(10, Duration::from_millis(10));
+    // Past several min RTT intervals: never a window, and the limit still follows load.
+    let [_, normal, _] = backend
+        .run(&controller, [0.0, 0.8, 0.0], Duration::from_secs(200))
+        .await;
+    assert!(!controller.status().measuring_min_rtt);
+    assert!(normal.admitted_share() > 0.99, "{normal:?}");
+    backend.service = Duration::from_millis(40);
+    backend
+        .run(&controller, [0.0, 0.8, 0.0], Duration::from_secs(5))
+        .await;
+    let status = controller.status();
+    assert!(
+        status.limit < 20,
+        "a slower backend pulls the limit down: {status:?}"
+    );
+}
