@@ -214,6 +214,22 @@ fn summarize(samples: &[Sample]) -> Summary {
     }
 }
 
+/// The share of the answers completed in [start, start + window) that `region` gave;
+/// `None` when nothing was answered then.
+fn share_in(samples: &[Sample], start: Instant, window: Duration, region: usize) -> Option<f64> {
+    let (mut answered, mut hits) = (0usize, 0usize);
+    for s in samples
+        .iter()
+        .filter(|s| s.done >= start && s.done < start + window)
+    {
+        if let Some(r) = s.region {
+            answered += 1;
+            hits += usize::from(r == region);
+        }
+    }
+    (answered > 0).then(|| hits as f64 / answered as f64)
+}
+
 /// The first 100 ms window from `from` in which at least 90 % of the answers came from
 /// `region`, as time since `from`.
 fn time_until_share(samples: &[Sample], from: Instant, region: usize) -> Option<Duration> {
@@ -221,15 +237,7 @@ fn time_until_share(samples: &[Sample], from: Instant, region: usize) -> Option<
     let end = samples.iter().map(|s| s.done).max()?;
     let mut start = from;
     while start < end {
-        let in_window: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| s.done >= start && s.done < start + window && s.region.is_some())
-            .collect();
-        let hits = in_window
-            .iter()
-            .filter(|s| s.region == Some(region))
-            .count();
-        if !in_window.is_empty() && hits * 10 >= in_window.len() * 9 {
+        if share_in(samples, start, window, region).is_some_and(|share| share >= 0.9) {
             return Some(start + window - from);
         }
         start += window;
@@ -246,15 +254,7 @@ fn windows_away(samples: &[Sample], from: Instant, region: usize) -> usize {
     let mut start = from;
     let mut away = 0;
     while start + window <= end {
-        let in_window: Vec<&Sample> = samples
-            .iter()
-            .filter(|s| s.done >= start && s.done < start + window && s.region.is_some())
-            .collect();
-        let hits = in_window
-            .iter()
-            .filter(|s| s.region == Some(region))
-            .count();
-        if !in_window.is_empty() && hits * 2 < in_window.len() {
+        if share_in(samples, start, window, region).is_some_and(|share| share < 0.5) {
             away += 1;
         }
         start += window;
