@@ -7,7 +7,7 @@ use common::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
     client
@@ -1255,4 +1255,73 @@ routes:
             assert_eq!(&now, old, "user-{user} moved although {old} is up");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_makes_requests_wait_and_max_pending_requests_refuses_the_rest() {
+    let backend = Backend::start("web").await;
+    backend.set_delay(Duration::from_millis(400));
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"], circuit_breakers: {{ max_connections: 2, max_pending_requests: 2 }} }}
+routes:
+  - service: web
+"#,
+        backend.address
+    ))
+    .await;
+    let client = client();
+    let url = proxy.url("/");
+    let started = Instant::now();
+    // Six at once: two get connections, two wait for them, two find the line full.
+    let answers = futures_util::future::join_all((0..6).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let r = get(&client, &url).await;
+            let flag = r
+                .headers()
+                .get("x-nip-response-flags")
+                .map(|f| f.to_str().unwrap().to_string());
+            (r.status().as_u16(), flag, started.elapsed())
+        }
+    }))
+    .await;
+    let served: Vec<Duration> = answers
+        .iter()
+        .filter(|(s, _, _)| *s == 200)
+        .map(|(_, _, t)| *t)
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|(s, f, _)| *s == 503 && f.as_deref() == Some("UO"))
+        .count();
+    assert_eq!((served.len(), refused), (4, 2), "{answers:?}");
+    // Never more than two at the backend at once: the last two waited a whole turn.
+    assert!(
+        served
+            .iter()
+            .filter(|t| **t >= Duration::from_millis(780))
+            .count()
+            >= 2,
+        "{served:?}"
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_upstream_rq_pending_overflow_total",
+            &[("cluster", "web")]
+        ),
+        2.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "nip_upstream_cx_overflow_total",
+            &[("cluster", "web")]
+        ) >= 4.0
+    );
 }

@@ -349,6 +349,8 @@ pub struct Cluster {
     pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// `ring_hash`: points (hash, endpoint index), sorted by hash.
     ring: Vec<(u64, u32)>,
+    /// Connection slots of an HTTP/1 cluster (`max_connections`, `max_pending_requests`).
+    pub connection_slots: Option<Arc<ConnectionSlots>>,
 }
 
 /// Ring sizes of `ring_hash` (Envoy's `RingHashLbConfig`).
@@ -393,6 +395,11 @@ pub struct CircuitBreakers {
     pub max_retries: u32,
     /// Retries in flight as a share of the requests in flight (replaces `max_retries`).
     pub retry_budget: Option<RetryBudget>,
+    /// Upstream connections in use (HTTP/1: one per request in flight); more requests
+    /// wait for one (Envoy's `max_connections`).
+    pub max_connections: u32,
+    /// Requests waiting for a connection; more are answered 503 `UO`.
+    pub max_pending_requests: u32,
 }
 
 /// Envoy's retry budget: retries in flight may be `percent` of the requests in flight, and
@@ -435,7 +442,79 @@ impl Default for CircuitBreakers {
             max_requests: 1024,
             max_retries: 3,
             retry_budget: None,
+            max_connections: 1024,
+            max_pending_requests: 1024,
         }
+    }
+}
+
+/// The connections an HTTP/1 cluster may have in use and the requests waiting for one
+/// (Envoy's `max_connections` and `max_pending_requests`). Each request to the cluster
+/// holds a slot from its first try to its end (an HTTP/1 request uses one connection at a
+/// time); a request that finds none free waits in line, unless the line is full. Idle
+/// connections in pingora's pool hold no slot. Kept across reloads while the limits stay.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The limits this was made for.
+    pub limits: (u32, u32),
+    waiting: AtomicUsize,
+}
+
+/// Why a request got no connection slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotRefusal {
+    /// The line of waiting requests is full (503 `UO`).
+    PendingOverflow,
+    /// No slot came free within the wait allowed.
+    TimedOut,
+}
+
+impl ConnectionSlots {
+    /// Slots for `max_connections` connections and a line of `max_pending` requests.
+    pub fn new(max_connections: u32, max_pending: u32) -> Self {
+        ConnectionSlots {
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections as usize)),
+            limits: (max_connections, max_pending),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot at once, or `None` when all are in use.
+    pub fn try_take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.slots).try_acquire_owned().ok()
+    }
+
+    /// Waits in line for a slot for at most `wait` (forever when zero).
+    pub async fn wait_for(
+        &self,
+        wait: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, SlotRefusal> {
+        let max_pending = self.limits.1 as usize;
+        let joined = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max_pending).then_some(n + 1)
+            });
+        if joined.is_err() {
+            return Err(SlotRefusal::PendingOverflow);
+        }
+        let acquire = Arc::clone(&self.slots).acquire_owned();
+        let result = if wait.is_zero() {
+            acquire.await.map_err(|_| SlotRefusal::TimedOut)
+        } else {
+            match tokio::time::timeout(wait, acquire).await {
+                Ok(Ok(permit)) => Ok(permit),
+                _ => Err(SlotRefusal::TimedOut),
+            }
+        };
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -539,7 +618,15 @@ impl Cluster {
             localities: Vec::new(),
             adaptive_concurrency: None,
             ring: Vec::new(),
+            connection_slots: None,
         }
+    }
+
+    /// Limits connections in use and requests waiting for one (HTTP/1 clusters; an HTTP/2
+    /// connection carries many requests, which `max_requests` limits).
+    pub fn with_connection_slots(mut self, slots: Option<Arc<ConnectionSlots>>) -> Self {
+        self.connection_slots = if self.http2 { None } else { slots };
+        self
     }
 
     /// Builds the hash ring of `ring_hash`: each endpoint gets points in proportion to its
@@ -1069,6 +1156,8 @@ pub struct EndpointRegistry {
     states: Mutex<HashMap<(String, SocketAddr), Arc<EndpointState>>>,
     /// Each cluster's adaptive concurrency controller, with the settings it was made for.
     controllers: Mutex<HashMap<String, Arc<ConcurrencyController>>>,
+    /// Each HTTP/1 cluster's connection slots, with the limits they were made for.
+    slots: Mutex<HashMap<String, Arc<ConnectionSlots>>>,
 }
 
 impl EndpointRegistry {
@@ -1096,6 +1185,27 @@ impl EndpointRegistry {
         }
     }
 
+    /// The connection slots of a cluster: the ones it had while its limits stay the same
+    /// (requests holding or waiting for a slot keep counting), new ones otherwise.
+    pub fn connection_slots(
+        &self,
+        cluster: &str,
+        max_connections: u32,
+        max_pending: u32,
+    ) -> Arc<ConnectionSlots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get(cluster) {
+            Some(existing) if existing.limits == (max_connections, max_pending) => {
+                Arc::clone(existing)
+            }
+            _ => {
+                let fresh = Arc::new(ConnectionSlots::new(max_connections, max_pending));
+                slots.insert(cluster.to_string(), Arc::clone(&fresh));
+                fresh
+            }
+        }
+    }
+
     /// Forgets endpoints and controllers no live snapshot refers to any more.
     pub fn prune(&self) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -1103,6 +1213,9 @@ impl EndpointRegistry {
         drop(states);
         let mut controllers = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
         controllers.retain(|_, controller| Arc::strong_count(controller) > 1);
+        drop(controllers);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slots| Arc::strong_count(slots) > 1);
     }
 }
 
@@ -1209,6 +1322,34 @@ mod tests {
         assert_ne!(first, second);
         // Without a key: any usable endpoint.
         assert!(c.pick(&[]).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_slots_queue_up_to_max_pending_then_refuse() {
+        let slots = Arc::new(ConnectionSlots::new(1, 1));
+        let held = slots.try_take().expect("one slot");
+        assert!(slots.try_take().is_none(), "all in use");
+        // One request may wait; it gets the slot when the holder ends.
+        let waiter = {
+            let slots = Arc::clone(&slots);
+            tokio::spawn(async move { slots.wait_for(Duration::from_secs(5)).await.is_ok() })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(slots.waiting(), 1);
+        // A second one finds the line full.
+        assert_eq!(
+            slots.wait_for(Duration::from_secs(5)).await.err(),
+            Some(SlotRefusal::PendingOverflow)
+        );
+        drop(held);
+        assert!(waiter.await.unwrap(), "the waiting request got the slot");
+        assert_eq!(slots.waiting(), 0);
+        // A wait that outlasts its limit ends in a timeout.
+        let _held = slots.try_take().expect("free again");
+        assert_eq!(
+            slots.wait_for(Duration::from_millis(100)).await.err(),
+            Some(SlotRefusal::TimedOut)
+        );
     }
 
     fn shares(c: &Cluster, n: usize) -> Vec<usize> {

@@ -14,7 +14,7 @@
 //! rules under a request in flight. Nothing here locks, allocates per header beyond what the
 //! headers need, or logs on success.
 
-use crate::cluster::{ActiveRequest, Cluster, LbPolicy};
+use crate::cluster::{ActiveRequest, Cluster, LbPolicy, SlotRefusal};
 use crate::concurrency::{ConcurrencyPermit, Priority};
 use crate::metrics::Metrics;
 use crate::outlier::TryOutcome;
@@ -136,8 +136,11 @@ pub struct RequestCtx {
     retry_slot: Option<GaugeGuard>,
     /// The request's priority class (`x-nip-priority`), for load shedding.
     priority: Priority,
-    /// Admission by the cluster's adaptive concurrency, held until the request ends.
-    concurrency: Option<ConcurrencyPermit>,
+    /// Admission by the cluster's adaptive concurrency, held until the request ends (boxed:
+    /// opt-in state must not grow every request's context).
+    concurrency: Option<Box<ConcurrencyPermit>>,
+    /// A connection slot of the cluster (`max_connections`), held until the request ends.
+    connection_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The route's plugins as this request runs through them.
     /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
     /// which is moved whole, so requests without plugins must not pay for its size.)
@@ -453,6 +456,7 @@ impl ProxyHttp for Gateway {
             retry_slot: None,
             priority: Priority::Normal,
             concurrency: None,
+            connection_slot: None,
             plugins: None,
             plugin_stop: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
@@ -543,7 +547,7 @@ impl ProxyHttp for Gateway {
         }
         if let Some(adaptive) = &cluster.adaptive_concurrency {
             match adaptive.controller.try_acquire(ctx.priority) {
-                Some(permit) => ctx.concurrency = Some(permit),
+                Some(permit) => ctx.concurrency = Some(Box::new(permit)),
                 None => {
                     cluster.stats.rq_shed[ctx.priority.index()].inc();
                     ctx.flag = Some(ResponseFlag::Overload);
@@ -558,6 +562,43 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 }
             }
+        }
+        if let Some(slots) = &cluster.connection_slots {
+            ctx.connection_slot = match slots.try_take() {
+                Some(slot) => Some(slot),
+                None => {
+                    cluster.stats.cx_overflow.inc();
+                    let waiting = GaugeGuard::new(&cluster.stats.rq_pending_active);
+                    // Boxed: the wait is the slow path; every request's future must not
+                    // carry its size.
+                    let slot = Box::pin(slots.wait_for(route.timeout)).await;
+                    drop(waiting);
+                    match slot {
+                        Ok(slot) => Some(slot),
+                        Err(refusal) => {
+                            let (status, flag, body) = match refusal {
+                                SlotRefusal::PendingOverflow => {
+                                    cluster.stats.rq_pending_overflow.inc();
+                                    (
+                                        503,
+                                        ResponseFlag::UpstreamOverflow,
+                                        "upstream overflow (too many requests waiting for a connection)\n",
+                                    )
+                                }
+                                SlotRefusal::TimedOut => (
+                                    504,
+                                    ResponseFlag::UpstreamTimeout,
+                                    "no upstream connection came free in time\n",
+                                ),
+                            };
+                            ctx.flag = Some(flag);
+                            ctx.local_status = status;
+                            respond(session, ctx, status, body).await;
+                            return Ok(true);
+                        }
+                    }
+                }
+            };
         }
         ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
         ctx.cluster = Some(cluster);

@@ -179,6 +179,12 @@ pub struct ClusterStats {
     pub rq_retry_overflow: Counter,
     /// Requests shed by adaptive concurrency, by priority (low, normal, high).
     pub rq_shed: [Counter; 3],
+    /// Requests that found every connection slot in use (`max_connections`) and waited.
+    pub cx_overflow: Counter,
+    /// Requests refused because the line waiting for a connection was full.
+    pub rq_pending_overflow: Counter,
+    /// Requests waiting for a connection now.
+    pub rq_pending_active: Gauge,
 }
 
 impl ClusterStats {
@@ -205,6 +211,9 @@ pub struct Metrics {
     upstream_rq_overflow: Family<ClusterLabels, Counter>,
     upstream_rq_retry_overflow: Family<ClusterLabels, Counter>,
     upstream_rq_shed: Family<ShedLabels, Counter>,
+    upstream_cx_overflow: Family<ClusterLabels, Counter>,
+    upstream_rq_pending_overflow: Family<ClusterLabels, Counter>,
+    upstream_rq_pending_active: Family<ClusterLabels, Gauge>,
     concurrency_limit: Family<ClusterLabels, Gauge>,
     locality_picks: Family<LocalityLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
@@ -247,6 +256,9 @@ impl Metrics {
             upstream_rq_overflow: Family::default(),
             upstream_rq_retry_overflow: Family::default(),
             upstream_rq_shed: Family::default(),
+            upstream_cx_overflow: Family::default(),
+            upstream_rq_pending_overflow: Family::default(),
+            upstream_rq_pending_active: Family::default(),
             concurrency_limit: Family::default(),
             locality_picks: Family::default(),
             endpoint_healthy: Family::default(),
@@ -325,6 +337,21 @@ impl Metrics {
             "upstream_rq_shed",
             "Requests shed by adaptive concurrency (flag OM), by priority: low first",
             m.upstream_rq_shed.clone(),
+        );
+        registry.register(
+            "upstream_cx_overflow",
+            "Requests that found max_connections in use and waited for a connection",
+            m.upstream_cx_overflow.clone(),
+        );
+        registry.register(
+            "upstream_rq_pending_overflow",
+            "Requests refused because max_pending_requests were already waiting (flag UO)",
+            m.upstream_rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "upstream_rq_pending_active",
+            "Requests waiting for an upstream connection now",
+            m.upstream_rq_pending_active.clone(),
         );
         registry.register(
             "upstream_concurrency_limit",
@@ -449,6 +476,15 @@ impl Metrics {
             rq_overflow: self.upstream_rq_overflow.get_or_create(&labels).clone(),
             rq_retry_overflow: self
                 .upstream_rq_retry_overflow
+                .get_or_create(&labels)
+                .clone(),
+            cx_overflow: self.upstream_cx_overflow.get_or_create(&labels).clone(),
+            rq_pending_overflow: self
+                .upstream_rq_pending_overflow
+                .get_or_create(&labels)
+                .clone(),
+            rq_pending_active: self
+                .upstream_rq_pending_active
                 .get_or_create(&labels)
                 .clone(),
             rq_shed: crate::concurrency::Priority::ALL.map(|priority| {

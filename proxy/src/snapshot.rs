@@ -379,6 +379,7 @@ impl Compiler<'_> {
             .map(|od| outlier_config(od, xds))
             .transpose()
             .map_err(fail)?;
+        let breakers = circuit_breakers(xds).map_err(fail)?;
         let adaptive = adaptive_concurrency(xds)
             .map_err(fail)?
             .map(|(config, status)| AdaptiveConcurrency {
@@ -395,7 +396,12 @@ impl Compiler<'_> {
             self.metrics.cluster_stats(name),
         )
         .with_outlier_detection(outlier)
-        .with_circuit_breakers(circuit_breakers(xds).map_err(fail)?)
+        .with_circuit_breakers(breakers)
+        .with_connection_slots(Some(self.registry.connection_slots(
+            name,
+            breakers.max_connections,
+            breakers.max_pending_requests,
+        )))
         .with_adaptive_concurrency(adaptive)
         .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(

@@ -1058,6 +1058,8 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
                 thresholds: vec![circuit_breakers::Thresholds {
                     max_requests: b.max_requests.map(|value| UInt32Value { value }),
                     max_retries: b.max_retries.map(|value| UInt32Value { value }),
+                    max_connections: b.max_connections.map(|value| UInt32Value { value }),
+                    max_pending_requests: b.max_pending_requests.map(|value| UInt32Value { value }),
                     retry_budget: b.retry_budget.map(|budget| {
                         circuit_breakers::thresholds::RetryBudget {
                             budget_percent: budget

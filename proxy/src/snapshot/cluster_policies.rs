@@ -196,8 +196,8 @@ fn latency_detector(cluster: &XdsCluster) -> Result<Option<LatencyDetector>, Str
 }
 
 /// The default-priority thresholds of `circuit_breakers` (Envoy's defaults otherwise).
-/// NIP enforces `max_requests`, `max_retries` and `retry_budget`; connection and
-/// pending-request limits are left to the connection pool.
+/// NIP enforces all of `max_requests`, `max_retries`, `retry_budget`, `max_connections`
+/// and `max_pending_requests` (the last two on HTTP/1 clusters: connections in use).
 pub(super) fn circuit_breakers(xds: &XdsCluster) -> Result<CircuitBreakers, String> {
     let defaults = CircuitBreakers::default();
     let thresholds = xds.circuit_breakers.as_ref().and_then(|b| {
@@ -240,6 +240,14 @@ pub(super) fn circuit_breakers(xds: &XdsCluster) -> Result<CircuitBreakers, Stri
             .as_ref()
             .map_or(defaults.max_retries, |v| v.value),
         retry_budget,
+        max_connections: t
+            .max_connections
+            .as_ref()
+            .map_or(defaults.max_connections, |v| v.value),
+        max_pending_requests: t
+            .max_pending_requests
+            .as_ref()
+            .map_or(defaults.max_pending_requests, |v| v.value),
     })
 }
 

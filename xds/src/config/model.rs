@@ -480,6 +480,13 @@ pub struct CircuitBreakersConfig {
     /// Retries in flight as a share of requests in flight (replaces `max_retries`).
     #[serde(default)]
     pub retry_budget: Option<RetryBudgetConfig>,
+    /// Connections in use to the service (HTTP/1: one per request in flight); more
+    /// requests wait for one (default 1024).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection; more are answered 503 `UO` (default 1024).
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
 }
 
 /// Envoy's retry budget; unset fields take Envoy's defaults (20 %, 3).
