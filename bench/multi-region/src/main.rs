@@ -10,7 +10,8 @@
 //! through its link, no proxy) is the yardstick for the steady-state p50.
 //!
 //! Usage: `nip-bench-regions NIP_BINARY [RESULTS_MD]` (env CLIENTS=8 SECONDS=10
-//! DARK_SECONDS=60: the black hole without retries).
+//! DARK_SECONDS=60: the black hole without retries; ONLY=steady: the steady-state table
+//! alone, printed, for quick comparisons).
 //! Prints a markdown section; with RESULTS_MD, also writes it there between
 //! `<!-- multi-region:begin -->` and `<!-- multi-region:end -->`.
 
@@ -550,6 +551,10 @@ async fn main() -> Result<(), Failure> {
     ));
     lines.push(String::new());
 
+    if std::env::var("ONLY").as_deref() == Ok("steady") {
+        println!("{}", lines.join("\n"));
+        return Ok(());
+    }
     lines.push("| event | `lb: latency` | `lb: round_robin` | static priority |".to_string());
     lines.push("|---|---|---|---|".to_string());
     let mut shifts = Vec::new();
