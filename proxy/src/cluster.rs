@@ -622,10 +622,10 @@ impl Cluster {
         }
     }
 
-    /// Limits connections in use and requests waiting for one (HTTP/1 clusters; an HTTP/2
-    /// connection carries many requests, which `max_requests` limits).
+    /// Limits connections in use and requests waiting for one (for HTTP/1 clusters: the
+    /// compiler gives HTTP/2 clusters none, their connections carry many requests).
     pub fn with_connection_slots(mut self, slots: Option<Arc<ConnectionSlots>>) -> Self {
-        self.connection_slots = if self.http2 { None } else { slots };
+        self.connection_slots = slots;
         self
     }
 
@@ -880,7 +880,8 @@ impl Cluster {
             .iter()
             .enumerate()
             .map(|(g, (region, _))| {
-                let cost = self.region_cost(g, &|e: &Endpoint| self.in_service(e, now), &config);
+                let cost =
+                    self.region_cost(g, &|e: &Endpoint| self.in_service(e, now), &config, now);
                 (
                     region.as_str(),
                     cost.map(|ns| Duration::from_nanos(ns as u64)),
@@ -894,8 +895,8 @@ impl Cluster {
         group: usize,
         usable: &impl Fn(&Endpoint) -> bool,
         config: &EwmaConfig,
+        now: tokio::time::Instant,
     ) -> Option<f64> {
-        let now = tokio::time::Instant::now();
         self.regions.groups[group]
             .1
             .iter()
@@ -910,19 +911,20 @@ impl Cluster {
         &self,
         usable: &impl Fn(&Endpoint) -> bool,
         config: &EwmaConfig,
+        now: tokio::time::Instant,
     ) -> Option<usize> {
         // No allocation: a region count is small, each cost a pass over its endpoints.
         let best = (0..self.regions.groups.len())
-            .filter_map(|g| self.region_cost(g, usable, config).map(|c| (g, c)))
+            .filter_map(|g| self.region_cost(g, usable, config, now).map(|c| (g, c)))
             .min_by(|a, b| a.1.total_cmp(&b.1))?;
         let current = self.regions.current.load(Ordering::Relaxed);
         let here = (current < self.regions.groups.len())
-            .then(|| self.region_cost(current, usable, config))
+            .then(|| self.region_cost(current, usable, config, now))
             .flatten();
         let local = self
             .regions
             .local
-            .and_then(|l| self.region_cost(l, usable, config).map(|c| (l, c)));
+            .and_then(|l| self.region_cost(l, usable, config, now).map(|c| (l, c)));
         let next = match (local, here) {
             // Nothing usable where traffic goes: the best region.
             (_, None) => best.0,
@@ -954,13 +956,10 @@ impl Cluster {
         chosen: usize,
         usable: &impl Fn(&Endpoint) -> bool,
         config: &EwmaConfig,
+        now: tokio::time::Instant,
     ) -> Option<usize> {
-        let now_ms = u64::try_from(
-            tokio::time::Instant::now()
-                .saturating_duration_since(self.regions.base)
-                .as_millis(),
-        )
-        .unwrap_or(u64::MAX)
+        let now_ms = u64::try_from(now.saturating_duration_since(self.regions.base).as_millis())
+            .unwrap_or(u64::MAX)
             + 1;
         let interval_ms = u64::try_from(EXPLORE_INTERVAL.as_millis()).unwrap_or(u64::MAX);
         (0..self.regions.groups.len()).find(|&g| {
@@ -971,7 +970,7 @@ impl Cluster {
                     .1
                     .iter()
                     .any(|&i| self.endpoints[i].state.awaiting_answer())
-                && self.region_cost(g, usable, config).is_some()
+                && self.region_cost(g, usable, config, now).is_some()
                 && self.regions.explored_at_ms[g]
                     .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
@@ -1064,37 +1063,43 @@ impl Cluster {
                     Some(a)
                 }
             }
-            LbPolicy::Latency(config) if self.regions.groups.len() > 1 => {
-                let chosen = self.choose_region(&usable, &config)?;
+            LbPolicy::Latency(config) => {
+                // One clock read per pick: region costs, exploration and the two choices.
+                let now = tokio::time::Instant::now();
+                if self.regions.groups.len() < 2 {
+                    return self.cheaper_of_two(&usable, &config, now);
+                }
+                let chosen = self.choose_region(&usable, &config, now)?;
                 let picks = self.regions.picks.fetch_add(1, Ordering::Relaxed);
                 let group = if picks % EXPLORE_EVERY == 0 {
-                    self.region_to_explore(chosen, &usable, &config)
+                    self.region_to_explore(chosen, &usable, &config, now)
                         .unwrap_or(chosen)
                 } else {
                     chosen
                 };
                 let region = self.regions.groups[group].0.as_str();
-                let in_group = |e: &Endpoint| usable(e) && e.locality.region == region;
-                let (a, b) = self.two_choices(&in_group)?;
-                let now = tokio::time::Instant::now();
-                let cost = |e: &Endpoint| e.state.cost(&config, now);
-                if cost(b) < cost(a) {
-                    Some(b)
-                } else {
-                    Some(a)
-                }
-            }
-            LbPolicy::Latency(config) => {
-                let (a, b) = self.two_choices(&usable)?;
-                let now = tokio::time::Instant::now();
-                let cost = |e: &Endpoint| e.state.cost(&config, now);
-                if cost(b) < cost(a) {
-                    Some(b)
-                } else {
-                    Some(a)
-                }
+                self.cheaper_of_two(
+                    &|e: &Endpoint| usable(e) && e.locality.region == region,
+                    &config,
+                    now,
+                )
             }
         }
+    }
+
+    /// Power of two choices by predicted cost (peak EWMA or silence, × in flight + 1).
+    fn cheaper_of_two(
+        &self,
+        usable: &impl Fn(&Endpoint) -> bool,
+        config: &EwmaConfig,
+        now: tokio::time::Instant,
+    ) -> Option<&Endpoint> {
+        let (a, b) = self.two_choices(usable)?;
+        Some(if b.state.cost(config, now) < a.state.cost(config, now) {
+            b
+        } else {
+            a
+        })
     }
 
     /// Two different usable endpoints drawn by weight (the same one twice when it is the

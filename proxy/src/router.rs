@@ -235,7 +235,15 @@ impl HashSource {
                 .filter_map(|pair| pair.trim().split_once('='))
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| hash64(v.as_bytes())),
-            HashSource::SourceIp => client.map(|ip| hash64(ip.to_string().as_bytes())),
+            HashSource::SourceIp => client.map(|ip| {
+                // The address's text, written on the stack (no allocation per request).
+                use std::io::Write as _;
+                let mut text = [0u8; 45];
+                let mut cursor = std::io::Cursor::new(&mut text[..]);
+                let _ = write!(cursor, "{ip}");
+                let len = usize::try_from(cursor.position()).unwrap_or(0);
+                hash64(&text[..len])
+            }),
             HashSource::QueryParameter(name) => query?
                 .split('&')
                 .map(|pair| pair.split_once('=').unwrap_or((pair, "")))

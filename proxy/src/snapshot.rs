@@ -397,11 +397,14 @@ impl Compiler<'_> {
         )
         .with_outlier_detection(outlier)
         .with_circuit_breakers(breakers)
-        .with_connection_slots(Some(self.registry.connection_slots(
-            name,
-            breakers.max_connections,
-            breakers.max_pending_requests,
-        )))
+        // HTTP/2 carries many requests per connection; max_requests limits those.
+        .with_connection_slots((!http2).then(|| {
+            self.registry.connection_slots(
+                name,
+                breakers.max_connections,
+                breakers.max_pending_requests,
+            )
+        }))
         .with_adaptive_concurrency(adaptive)
         .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(
