@@ -157,13 +157,19 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
         following.output()
     );
 
-    // The client is a proxy like any other on the control plane: ACKed, no NACK.
+    // The client is a proxy like any other on the control plane: ACKed, no NACK. Each
+    // client process had its own stream, listed apart; the later one ran version 2.
     let proxies: serde_json::Value = get_json(&format!("{api}/v1/proxies")).await;
-    let grpc = proxies
+    let streams: Vec<&serde_json::Value> = proxies
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["node_id"] == "grpc-client-1")
+        .filter(|p| p["node_id"] == "grpc-client-1")
+        .collect();
+    assert!(streams.len() >= 2, "one row per stream: {proxies}");
+    let grpc = streams
+        .into_iter()
+        .max_by_key(|p| p["stream_id"].as_u64())
         .unwrap_or_else(|| panic!("the gRPC client is listed: {proxies}"));
     assert_eq!(grpc["region"], "eu");
     assert!(grpc["last_nack"].is_null(), "{grpc}");

@@ -75,7 +75,7 @@ async fn at_three_times_capacity_high_priority_succeeds_and_low_priority_is_shed
     let proxy = Proxy::start(&format!(
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
 services:
   web:
     endpoints: ["{}"]
@@ -177,7 +177,7 @@ async fn a_priority_that_is_not_low_normal_or_high_is_refused_with_400() {
     let proxy = Proxy::start(&format!(
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
 services:
   web: {{ endpoints: ["{}"] }}
 routes:

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 
 /// Starts a proxy that must refuse `config` (exit 2, not a crash); returns what it said.
 fn refused_at_start(config: &str) -> String {
@@ -972,4 +973,58 @@ async fn a_resume_in_the_header_phase_does_not_undo_a_later_body_pause() {
         !String::from_utf8_lossy(&backend.last_body()).contains("harmless"),
         "held chunks reached the upstream"
     );
+}
+
+/// A plugin registry that accepts connections and never answers.
+async fn stalled_registry() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_plugin_download_does_not_hold_the_admin_port_or_sigterm() {
+    let backend = Backend::start("web").await;
+    let mut proxy = Proxy::start(&config(&backend, "", "  - { service: web }")).await;
+    let registry = stalled_registry().await;
+    let stalled = config(
+        &backend,
+        &format!(
+            "  slow: {{ source: {{ url: \"http://{registry}/slow.wasm\", sha256: \"{}\" }} }}",
+            "0".repeat(64)
+        ),
+        "  - { service: web, plugins: [slow] }",
+    );
+    proxy.rewrite_config(&stalled);
+    proxy.signal("HUP");
+    // The download hangs (for up to its 30 s timeout); meanwhile the admin port answers at
+    // once and requests are served by the config in force.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = client();
+    for path in ["/ready", "/metrics", "/clusters"] {
+        let started = Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get(proxy.admin_url(path)).send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} stalled behind the download"))
+        .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{path}");
+    }
+    let response = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    // SIGTERM still drains and exits promptly.
+    let started = Instant::now();
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}\n{}", proxy.log());
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

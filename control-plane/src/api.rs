@@ -8,7 +8,9 @@
 //! it is: 400 unreadable request, 404 unknown version, 409 conflict or rolled-back canary,
 //! 422 invalid config, 500 store failure.
 
-use crate::service::{validate, Canary, Change, ChangeError, ConfigService, Outcome};
+use crate::service::{
+    validate, validate_bounded, Canary, Change, ChangeError, ConfigService, Outcome,
+};
 use crate::store::{Revision, RevisionAction};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -227,6 +229,21 @@ fn canary_of(region: Option<String>, timeout: Option<f64>) -> Result<Option<Cana
     Ok(Some(Canary { region, timeout }))
 }
 
+/// What the API does with an apply or validate body before anything is stored: decode it
+/// (JSON or raw YAML, by `content_type`) and validate the document; the answer's status
+/// when refused. The fuzz target of API bodies calls this.
+pub fn check_body(content_type: &str, body: &[u8]) -> Result<(), u16> {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = content_type.parse() {
+        headers.insert(axum::http::header::CONTENT_TYPE, value);
+    }
+    let (yaml, _, _) = read_change(&headers, None, &Bytes::copy_from_slice(body))
+        .map_err(|e| e.status.as_u16())?;
+    validate(&yaml)
+        .map(drop)
+        .map_err(|e| ApiError::invalid(&e).status.as_u16())
+}
+
 /// Reads a change from a JSON or raw YAML body.
 fn read_change(
     headers: &HeaderMap,
@@ -278,7 +295,9 @@ async fn apply_config(
 
 async fn validate_config(headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
     let (yaml, _, _) = read_change(&headers, None, &body)?;
-    let validated = validate(&yaml).map_err(|e| ApiError::invalid(&e))?;
+    let validated = validate_bounded(yaml)
+        .await
+        .map_err(|e| ApiError::invalid(&e))?;
     Ok(Json(json!({ "valid": true, "notes": validated.notes })))
 }
 

@@ -243,10 +243,12 @@ pub fn proxies_json(registry: &ProxyRegistry, views: &Views) -> serde_json::Valu
                 let config_version = (!served.label.is_empty() && served.is_acked_by(&p.acked))
                     .then(|| served.label.clone());
                 serde_json::json!({
+                    "stream_id": p.stream_id,
                     "node_id": p.node_id,
                     "region": p.region,
                     "zone": p.zone,
                     "connected": p.connected,
+                    "disconnected_at_unix_seconds": p.disconnected_at.map(seconds),
                     "config_version": config_version,
                     "acked": p.acked,
                     "last_nack": p.last_nack.map(|n| serde_json::json!({

@@ -146,14 +146,42 @@ pub fn validate(yaml: &str) -> Result<Validated, ConfigError> {
     Ok(Validated { notes })
 }
 
-/// The serving state of one revision, labelled with its version.
-fn state_of(revision: &Revision) -> Result<CacheState, ConfigError> {
-    let config = Config::from_yaml(&revision.yaml)?;
-    let translation = translate(&config);
-    Ok(CacheState::new(
-        &revision.version.to_string(),
-        &translation.resources,
-    ))
+/// Documents parsed and translated at once. Each runs on tokio's blocking pool, so a large
+/// or hostile body never holds an async worker (the API, xDS streams and sync keep going),
+/// and at most this many cores are spent on parsing.
+const PARSE_CONCURRENCY: usize = 2;
+
+static PARSING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PARSE_CONCURRENCY);
+
+/// Runs config work off the async workers, [`PARSE_CONCURRENCY`] at a time.
+async fn off_async_workers<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ConfigError> + Send + 'static,
+) -> Result<T, ConfigError> {
+    let _permit = PARSING.acquire().await;
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(ConfigError::Syntax(nip_xds::config::FieldError {
+            path: String::new(),
+            message: format!("the document could not be processed: {e}"),
+        }))
+    })
+}
+
+/// [`validate`] on the blocking pool, bounded (what the API and `apply` use).
+pub async fn validate_bounded(yaml: String) -> Result<Validated, ConfigError> {
+    off_async_workers(move || validate(&yaml)).await
+}
+
+/// The serving state of one revision, labelled with its version (parsed off the async
+/// workers).
+async fn state_of(revision: &Revision) -> Result<CacheState, ConfigError> {
+    let yaml = revision.yaml.clone();
+    let version = revision.version.to_string();
+    off_async_workers(move || {
+        let config = Config::from_yaml(&yaml)?;
+        let translation = translate(&config);
+        Ok(CacheState::new(&version, &translation.resources))
+    })
+    .await
 }
 
 /// The store, what is served from it, and the proxies that are served.
@@ -221,7 +249,7 @@ impl ConfigService {
         let canary = self.store.canary().await?;
         let previous = self.cache.views();
         let default = match &current {
-            Some(revision) => match state_of(revision) {
+            Some(revision) => match state_of(revision).await {
                 Ok(state) => Arc::new(state),
                 Err(e) => {
                     tracing::error!(
@@ -235,7 +263,7 @@ impl ConfigService {
         };
         let mut by_region = BTreeMap::new();
         if let Some(revision) = &canary {
-            match state_of(revision) {
+            match state_of(revision).await {
                 Ok(state) => {
                     let region = revision.canary_region.clone().unwrap_or_default();
                     by_region.insert(region, Arc::new(state));
@@ -297,7 +325,7 @@ impl ConfigService {
         let started = SystemTime::now();
         let revision = {
             let _one_change = self.changing.lock().await;
-            if let Err(e) = validate(&change.yaml) {
+            if let Err(e) = validate_bounded(change.yaml.clone()).await {
                 self.store
                     .record(&change.author, "refused", None, &e.to_string())
                     .await?;
@@ -446,7 +474,9 @@ impl ConfigService {
                 }
             )));
         }
-        validate(&target.yaml).map_err(ChangeError::Invalid)?;
+        validate_bounded(target.yaml.clone())
+            .await
+            .map_err(ChangeError::Invalid)?;
         if let Some(current) = self.store.current().await? {
             if current.yaml == target.yaml {
                 return Ok(Outcome::Unchanged(current));

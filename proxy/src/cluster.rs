@@ -12,6 +12,7 @@ use crate::outlier::{
     interval_outliers, Detector, IntervalStats, OutlierConfig, OutlierState, TryOutcome,
 };
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -499,22 +500,32 @@ impl ConnectionSlots {
         if joined.is_err() {
             return Err(SlotRefusal::PendingOverflow);
         }
+        // Leaves the line however the wait ends, also when the request is dropped while
+        // waiting (its client went away): the wait is cancel-safe.
+        let _in_line = InLine(&self.waiting);
         let acquire = Arc::clone(&self.slots).acquire_owned();
-        let result = if wait.is_zero() {
+        if wait.is_zero() {
             acquire.await.map_err(|_| SlotRefusal::TimedOut)
         } else {
             match tokio::time::timeout(wait, acquire).await {
                 Ok(Ok(permit)) => Ok(permit),
                 _ => Err(SlotRefusal::TimedOut),
             }
-        };
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        result
+        }
     }
 
     /// Requests waiting now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// A place in a connection-slot line, given back when dropped.
+struct InLine<'a>(&'a AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -629,33 +640,45 @@ impl Cluster {
         self
     }
 
-    /// Builds the hash ring of `ring_hash`: each endpoint gets points in proportion to its
-    /// weight (at least one), about `size.minimum` in all and never more than
-    /// `size.maximum`; a point is the hash of `"address_n"`, so every proxy builds the same
-    /// ring for the same endpoints.
+    /// Builds the hash ring of `ring_hash` exactly as Envoy does (`RingHashLoadBalancer`):
+    /// scale = min(⌈min normalized weight × minimum⌉ / min normalized weight, maximum);
+    /// endpoints take points in order from running sums of scale × normalized weight; a
+    /// point is xxHash64 of `"address_n"`. So every proxy, and Envoy, builds the same ring
+    /// for the same endpoints. (Envoy rebuilds its ring without unhealthy hosts; NIP keeps
+    /// the ring and walks past them clockwise.)
     pub fn with_ring(mut self, size: RingSize) -> Self {
         self.ring.clear();
         if self.lb != LbPolicy::RingHash || self.endpoints.is_empty() {
             return self;
         }
-        let total_weight: u64 = self
+        let total: f64 = self
             .endpoints
             .iter()
-            .map(|e| u64::from(e.weight.max(1)))
+            .map(|e| f64::from(e.weight.max(1)))
             .sum();
-        let target = size
-            .minimum
-            .max(self.endpoints.len() as u64)
-            .min(size.maximum.max(1));
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
-            let share = target * u64::from(endpoint.weight.max(1)) / total_weight.max(1);
-            let points = share.max(1);
-            for n in 0..points {
-                let key = format!("{}_{n}", endpoint.address);
+        let normalized: Vec<f64> = self
+            .endpoints
+            .iter()
+            .map(|e| f64::from(e.weight.max(1)) / total)
+            .collect();
+        let min_normalized = normalized.iter().copied().fold(f64::INFINITY, f64::min);
+        let scale = ((min_normalized * size.minimum as f64).ceil() / min_normalized)
+            .min(size.maximum.max(1) as f64);
+        self.ring.reserve(scale.ceil() as usize);
+        let (mut current, mut target) = (0.0f64, 0.0f64);
+        let mut key = String::new();
+        for (index, (endpoint, weight)) in self.endpoints.iter().zip(&normalized).enumerate() {
+            target += scale * weight;
+            let mut n = 0u64;
+            while current < target {
+                key.clear();
+                let _ = write!(key, "{}_{n}", endpoint.address);
                 self.ring.push((
                     crate::hash::hash64(key.as_bytes()),
                     u32::try_from(index).unwrap_or(u32::MAX),
                 ));
+                n += 1;
+                current += 1.0;
             }
         }
         self.ring.sort_unstable();
@@ -1134,16 +1157,51 @@ impl Cluster {
     }
 }
 
+/// The longest round-robin schedule built: weights whose sum (after dividing by their
+/// greatest common divisor) is larger are scaled down to it, keeping ratios to within
+/// 1/16384 of the total.
+const MAX_SCHEDULE_LEN: u64 = 16 * 1024;
+
+/// The weights the schedule is built from: full EDS weights (1–2³²−1), divided by their
+/// greatest common divisor, scaled down only when their sum passes [`MAX_SCHEDULE_LEN`].
+fn schedule_weights(endpoints: &[Endpoint]) -> Vec<u64> {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let weights: Vec<u64> = endpoints
+        .iter()
+        .map(|e| u64::from(e.weight.max(1)))
+        .collect();
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<u64> = weights.iter().map(|w| w / divisor).collect();
+    let total: u64 = weights.iter().sum();
+    if total <= MAX_SCHEDULE_LEN {
+        return weights;
+    }
+    weights
+        .iter()
+        .map(|w| {
+            let scaled = u128::from(*w) * u128::from(MAX_SCHEDULE_LEN) / u128::from(total);
+            u64::try_from(scaled).unwrap_or(MAX_SCHEDULE_LEN).max(1)
+        })
+        .collect()
+}
+
 /// Spreads each endpoint's weight evenly over the schedule (smooth weighted round robin,
 /// precomputed), so weights 3:1 give `a a b a`, not `a a a b` bursts.
 fn interleaved_schedule(endpoints: &[Endpoint]) -> Vec<u32> {
-    let total: i64 = endpoints.iter().map(|e| i64::from(e.weight.max(1))).sum();
+    let weights = schedule_weights(endpoints);
+    let total: i64 = weights.iter().map(|w| i64::try_from(*w).unwrap_or(0)).sum();
     let mut current = vec![0i64; endpoints.len()];
     let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     for _ in 0..total {
         let mut best = 0;
-        for (i, e) in endpoints.iter().enumerate() {
-            current[i] += i64::from(e.weight.max(1));
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += i64::try_from(*w).unwrap_or(0);
             if current[i] > current[best] {
                 best = i;
             }
@@ -1255,6 +1313,70 @@ mod tests {
             None,
             ClusterStats::detached(),
         )
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_waiting_for_a_slot_leaves_the_line() {
+        let slots = ConnectionSlots::new(1, 2);
+        let _held = slots.try_take().expect("one slot");
+        for _ in 0..5 {
+            // The client goes away while the request waits.
+            let waited =
+                tokio::time::timeout(Duration::from_millis(5), slots.wait_for(Duration::ZERO))
+                    .await;
+            assert!(waited.is_err());
+            assert_eq!(slots.waiting(), 0);
+        }
+        let refused = slots.wait_for(Duration::from_millis(5)).await;
+        assert_eq!(
+            refused.err(),
+            Some(SlotRefusal::TimedOut),
+            "the line is not full"
+        );
+    }
+
+    #[test]
+    fn the_ring_is_built_as_envoy_builds_it() {
+        let ring = cluster(LbPolicy::RingHash, &[1, 1, 1]).with_ring(RingSize::default());
+        // scale = ⌈⅓ × 1024⌉ / ⅓ = 1026: 342 points each.
+        assert_eq!(ring.ring.len(), 1026);
+        let ring = cluster(LbPolicy::RingHash, &[1, 2]).with_ring(RingSize::default());
+        let of = |i: u32| ring.ring.iter().filter(|(_, e)| *e == i).count();
+        assert_eq!((of(0), of(1)), (342, 684));
+        // Points are xxHash64("address_n").
+        let first = crate::hash::hash64(b"127.0.0.1:1000_0");
+        assert!(ring.ring.contains(&(first, 0)));
+        let last = crate::hash::hash64(b"127.0.0.1:1001_683");
+        assert!(ring.ring.contains(&(last, 1)));
+        // A key goes to the first point at or after its hash, wrapping around.
+        let key = crate::hash::hash64(b"user-42");
+        let expected = ring
+            .ring
+            .iter()
+            .find(|(point, _)| *point >= key)
+            .unwrap_or(&ring.ring[0])
+            .1;
+        let picked = ring.ring_pick(key, &|_| true).unwrap();
+        assert_eq!(picked.address, ring.endpoints[expected as usize].address);
+    }
+
+    #[test]
+    fn full_eds_weights_keep_their_ratio() {
+        let c = cluster(LbPolicy::RoundRobin, &[1000, 1]);
+        let heavy = c.schedule.iter().filter(|i| **i == 0).count();
+        assert_eq!(
+            (heavy, c.schedule.len()),
+            (1000, 1001),
+            "1000:1 stays 1000:1"
+        );
+        let c = cluster(LbPolicy::RoundRobin, &[3000, 1000]);
+        assert_eq!(c.schedule.len(), 4, "divided by the common divisor");
+        let c = cluster(LbPolicy::RoundRobin, &[u32::MAX, 1, 2_000_000_000]);
+        assert!(c.schedule.len() <= MAX_SCHEDULE_LEN as usize + 3);
+        let count = |i: u32| c.schedule.iter().filter(|x| **x == i).count() as f64;
+        let ratio = count(0) / count(2);
+        assert!((ratio - f64::from(u32::MAX) / 2e9).abs() < 0.01, "{ratio}");
+        assert_eq!(count(1), 1.0, "the lightest endpoint keeps a place");
     }
 
     #[test]

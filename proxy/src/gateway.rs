@@ -16,7 +16,8 @@
 
 use crate::cluster::{ActiveRequest, Cluster, LbPolicy, SlotRefusal};
 use crate::concurrency::{ConcurrencyPermit, Priority};
-use crate::metrics::Metrics;
+use crate::downstream;
+use crate::metrics::{CloseReason, Metrics};
 use crate::outlier::TryOutcome;
 use crate::plugins::chain::{RequestPlugins, Verdict};
 use crate::plugins::headers::request_headers;
@@ -466,7 +467,24 @@ impl ProxyHttp for Gateway {
     /// Takes the snapshot, assigns the request id and picks the route and cluster.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
+        if let Err(refusal) = downstream::on_request_head(session, &snapshot.downstream) {
+            self.metrics.downstream.closed(CloseReason::BadFraming);
+            // The body's length is unknown: nothing after this head can be trusted.
+            session.set_keepalive(None);
+            ctx.snapshot = Some(snapshot);
+            ctx.local_status = refusal.status();
+            respond(session, ctx, refusal.status(), refusal.message()).await;
+            return Ok(true);
+        }
+        let trust_priority = downstream::guarded_stream(session)
+            .map_or(snapshot.downstream.trust_priority_header, |stream| {
+                stream.limits().trust_priority_header
+            });
         let request = session.req_header_mut();
+        if !trust_priority {
+            // Only a listener that trusts its clients takes their priority (and forwards it).
+            request.remove_header(Priority::HEADER);
+        }
         ctx.request_id = match request
             .headers
             .get("x-request-id")
@@ -997,6 +1015,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if !ctx.request_id.is_empty() {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        if downstream::past_max_connection_duration(session) {
+            session.set_keepalive(None);
         }
         if let Some(plugins) = ctx.plugins.as_mut() {
             let end_of_stream = response_has_no_body(session, upstream_response);

@@ -1,7 +1,8 @@
 //! Active HTTP health checking, on the control runtime (never on a worker thread).
 //!
 //! One task per (cluster, endpoint, check spec) probes `GET path` on a fresh connection
-//! every interval. After `unhealthy_threshold` failures in a row the endpoint stops taking
+//! every interval, through hyper's client in the cluster's protocol (HTTP/1.1, or h2c for
+//! an HTTP/2 cluster, so an h2c-only backend can pass). After `unhealthy_threshold` failures in a row the endpoint stops taking
 //! traffic; after `healthy_threshold` successes it comes back. The probes are also the
 //! active latency probes of `lb: latency`: a passing probe's time from request to status
 //! line feeds the endpoint's peak-EWMA estimate when no request has measured it for two
@@ -13,15 +14,18 @@ use crate::cluster::{EndpointState, HealthCheckSpec};
 use crate::ewma::EwmaConfig;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-type CheckKey = (String, SocketAddr, HealthCheckSpec, EwmaConfig);
+/// Cluster, endpoint, check, the cluster's latency settings, and whether it speaks HTTP/2.
+type CheckKey = (String, SocketAddr, HealthCheckSpec, EwmaConfig, bool);
 
 /// Owns the probe tasks. Must be used from within the control runtime.
 #[derive(Default)]
@@ -43,6 +47,7 @@ impl HealthChecker {
                                 endpoint.address,
                                 spec.clone(),
                                 cluster.lb.ewma(),
+                                cluster.http2,
                             ),
                             Arc::clone(&endpoint.state),
                         );
@@ -63,9 +68,14 @@ impl HealthChecker {
             if self.tasks.contains_key(&key) {
                 continue;
             }
-            let (cluster, address, spec, ewma) = key.clone();
+            let (cluster, address, spec, ewma, http2) = key.clone();
             let metrics = Arc::clone(metrics);
-            let task = tokio::spawn(probe_loop(cluster, address, spec, ewma, state, metrics));
+            let target = Target {
+                cluster,
+                address,
+                http2,
+            };
+            let task = tokio::spawn(probe_loop(target, spec, ewma, state, metrics));
             self.tasks.insert(key, task);
         }
     }
@@ -79,21 +89,32 @@ impl Drop for HealthChecker {
     }
 }
 
-async fn probe_loop(
+/// What a probe task checks.
+struct Target {
     cluster: String,
     address: SocketAddr,
+    http2: bool,
+}
+
+async fn probe_loop(
+    target: Target,
     spec: HealthCheckSpec,
     ewma: EwmaConfig,
     state: Arc<EndpointState>,
     metrics: Arc<Metrics>,
 ) {
+    let Target {
+        cluster,
+        address,
+        http2,
+    } = target;
     let mut failures = 0u32;
     let mut successes = 0u32;
     // Spread the first probes of many endpoints over the interval.
     let first_delay = spec.interval.mul_f64(fastrand::f64() * 0.1);
     tokio::time::sleep(first_delay).await;
     loop {
-        let result = probe(address, &spec).await;
+        let result = probe(address, &spec, http2).await;
         metrics.health_check(&cluster, result.is_ok());
         match result {
             Ok(answer_time) => {
@@ -125,42 +146,57 @@ async fn probe_loop(
     }
 }
 
-/// One probe: `GET path` on a new connection; the status line decides. A pass returns the
-/// time from sending the request to reading the status line (one round trip, without the
-/// connection set-up a pooled request does not pay).
-async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<Duration, String> {
+/// One probe: `GET path` on a new connection, in the cluster's protocol; the status
+/// decides. A pass returns the time from sending the request to its response head (one
+/// round trip, without the connection set-up a pooled request does not pay).
+async fn probe(
+    address: SocketAddr,
+    spec: &HealthCheckSpec,
+    http2: bool,
+) -> Result<Duration, String> {
     let attempt = async {
-        let mut stream = TcpStream::connect(address)
+        let stream = TcpStream::connect(address)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
         let host = if spec.host.is_empty() {
             address.to_string()
         } else {
             spec.host.clone()
         };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nip-health-check\r\nConnection: close\r\n\r\n",
-            spec.path
-        );
-        let sent = tokio::time::Instant::now();
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut head = Vec::with_capacity(64);
-        let mut buf = [0u8; 256];
-        while !head.contains(&b'\n') && head.len() < 1024 {
-            let n = stream
-                .read(&mut buf)
+        let build = |uri: String| {
+            http::Request::get(uri)
+                .header(http::header::HOST, host.as_str())
+                .header(http::header::USER_AGENT, "nip-health-check")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("request: {e}"))
+        };
+        let (response, answer_time, connection) = if http2 {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("h2 handshake: {e}"))?;
+            let connection = tokio::spawn(connection);
+            let request = build(format!("http://{host}{}", spec.path))?;
+            let sent = tokio::time::Instant::now();
+            let response = sender.send_request(request).await;
+            (response, sent.elapsed(), connection)
+        } else {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
                 .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        let answer_time = sent.elapsed();
-        let status = parse_status_line(&head).ok_or("no HTTP status line in the answer")?;
+                .map_err(|e| format!("handshake: {e}"))?;
+            let connection = tokio::spawn(connection);
+            let request = build(spec.path.clone())?;
+            let sent = tokio::time::Instant::now();
+            let response = sender.send_request(request).await;
+            (response, sent.elapsed(), connection)
+        };
+        connection.abort();
+        let status = response
+            .map_err(|e| format!("request: {e}"))?
+            .status()
+            .as_u16();
         if spec.accepts(status) {
             Ok(answer_time)
         } else {
@@ -173,26 +209,54 @@ async fn probe(address: SocketAddr, spec: &HealthCheckSpec) -> Result<Duration, 
     }
 }
 
-fn parse_status_line(head: &[u8]) -> Option<u16> {
-    let line = head.split(|b| *b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?;
-    let mut parts = line.split_whitespace();
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/") {
-        return None;
-    }
-    parts.next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status_line(b"HTTP/1.1 204 No Content\r\n"), Some(204));
-        assert_eq!(parse_status_line(b"HTTP/1.0 503\r\n"), Some(503));
-        assert_eq!(parse_status_line(b"SSH-2.0\r\n"), None);
+    fn spec(path: &str) -> HealthCheckSpec {
+        HealthCheckSpec {
+            path: path.into(),
+            host: String::new(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            unhealthy_threshold: 1,
+            healthy_threshold: 1,
+            expected_statuses: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn an_h2c_only_backend_passes_an_http2_clusters_probe() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        log.lock().unwrap().push(req.uri().to_string());
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                Empty::<Bytes>::new(),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let spec = spec("/health%20z?full=1");
+        assert!(probe(address, &spec, true).await.is_ok());
+        assert!(
+            probe(address, &spec, false).await.is_err(),
+            "HTTP/1.1 cannot pass an h2c-only backend"
+        );
+        assert!(seen.lock().unwrap()[0].ends_with("/health%20z?full=1"));
     }
 
     #[tokio::test]
@@ -209,16 +273,11 @@ mod tests {
                     .await;
             }
         });
-        let spec = HealthCheckSpec {
-            path: "/healthz".into(),
-            host: String::new(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(2),
-            unhealthy_threshold: 1,
-            healthy_threshold: 1,
-            expected_statuses: vec![],
-        };
-        assert!(probe(address, &spec).await.is_ok());
-        assert_eq!(probe(address, &spec).await, Err("status 503".to_string()));
+        let spec = spec("/healthz");
+        assert!(probe(address, &spec, false).await.is_ok());
+        assert_eq!(
+            probe(address, &spec, false).await,
+            Err("status 503".to_string())
+        );
     }
 }

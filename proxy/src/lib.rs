@@ -32,6 +32,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cluster;
 pub mod concurrency;
+pub mod downstream;
 pub mod ewma;
 pub mod gateway;
 pub mod hash;

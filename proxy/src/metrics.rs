@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,7 +108,7 @@ struct FlagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LocalityLabels {
+pub(crate) struct LocalityLabels {
     cluster: String,
     region: String,
     zone: String,
@@ -132,6 +133,11 @@ struct PluginLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -148,6 +154,83 @@ impl RequestCounters {
     pub fn count(&self, status: u16) {
         let index = usize::from(status / 100).clamp(1, 5) - 1;
         self.0[index].inc();
+    }
+}
+
+/// Why the proxy closed a client connection (or refused it), the `reason` label of
+/// `nip_downstream_cx_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Refused at accept: the listener holds `max_active_downstream_connections`.
+    Overflow,
+    /// Idle between requests for `idle_timeout`.
+    IdleTimeout,
+    /// Idle while the listener was near its connection limit.
+    OverloadDrain,
+    /// A request head took longer than `request_headers_timeout` (408).
+    RequestHeadersTimeout,
+    /// A request head grew past `max_request_headers_kb` (431).
+    HeadersTooLarge,
+    /// The request line was not HTTP/1.0 or HTTP/1.1 (400).
+    NotHttp1,
+    /// A request head failed the framing checks (400, 431 or 501).
+    BadFraming,
+    /// Open for `max_connection_duration`.
+    MaxConnectionDuration,
+    /// An HTTP/2 client flooded control or empty frames (GOAWAY `ENHANCE_YOUR_CALM`).
+    H2Flood,
+}
+
+impl CloseReason {
+    /// Every reason, in label order.
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Overflow,
+        CloseReason::IdleTimeout,
+        CloseReason::OverloadDrain,
+        CloseReason::RequestHeadersTimeout,
+        CloseReason::HeadersTooLarge,
+        CloseReason::NotHttp1,
+        CloseReason::BadFraming,
+        CloseReason::MaxConnectionDuration,
+        CloseReason::H2Flood,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Overflow => "overflow",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::OverloadDrain => "overload_drain",
+            CloseReason::RequestHeadersTimeout => "request_headers_timeout",
+            CloseReason::HeadersTooLarge => "headers_too_large",
+            CloseReason::NotHttp1 => "not_http1",
+            CloseReason::BadFraming => "bad_framing",
+            CloseReason::MaxConnectionDuration => "max_connection_duration",
+            CloseReason::H2Flood => "h2_flood",
+        }
+    }
+}
+
+/// Client connection counters of the listener, resolved once.
+#[derive(Clone, Debug, Default)]
+pub struct DownstreamStats {
+    /// Connections accepted.
+    pub cx_total: Counter,
+    /// Connections open now.
+    pub cx_active: Gauge,
+    /// Connections closed or refused by the proxy, by [`CloseReason`].
+    pub cx_closed: [Counter; CloseReason::ALL.len()],
+}
+
+impl DownstreamStats {
+    /// Counts one connection closed for `reason`.
+    pub fn closed(&self, reason: CloseReason) {
+        self.cx_closed[reason as usize].inc();
+    }
+
+    /// How many connections were closed for `reason`.
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
+        self.cx_closed[reason as usize].get()
     }
 }
 
@@ -230,6 +313,27 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Downstream requests in flight.
     pub downstream_rq_active: Gauge,
+    /// Client connections of the listener.
+    pub downstream: DownstreamStats,
+    /// Which labelled series the config being compiled and the config in force use.
+    series: std::sync::Mutex<Generations>,
+}
+
+/// Label sets of series that belong to config objects (routes, clusters, localities).
+#[derive(Debug, Default)]
+struct SeriesIndex {
+    routes: HashSet<String>,
+    pairs: HashSet<(String, String)>,
+    clusters: HashSet<String>,
+    localities: HashSet<LocalityLabels>,
+}
+
+/// The series the compile in progress resolved, and those of the config in force: a
+/// series only the latter has belongs to a removed route, cluster or locality.
+#[derive(Debug, Default)]
+struct Generations {
+    pending: SeriesIndex,
+    committed: SeriesIndex,
 }
 
 impl Default for Metrics {
@@ -242,6 +346,17 @@ impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("nip");
+        let closed: Family<CloseLabels, Counter> = Family::default();
+        let downstream = DownstreamStats {
+            cx_closed: CloseReason::ALL.map(|reason| {
+                closed
+                    .get_or_create(&CloseLabels {
+                        reason: reason.as_str(),
+                    })
+                    .clone()
+            }),
+            ..DownstreamStats::default()
+        };
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::default(),
@@ -271,8 +386,25 @@ impl Metrics {
             config_reload_failures: Counter::default(),
             access_log_dropped: Counter::default(),
             downstream_rq_active: Gauge::default(),
+            downstream,
+            series: Default::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "downstream_cx",
+            "Client connections accepted",
+            m.downstream.cx_total.clone(),
+        );
+        registry.register(
+            "downstream_cx_active",
+            "Client connections open now",
+            m.downstream.cx_active.clone(),
+        );
+        registry.register(
+            "downstream_cx_closed",
+            "Client connections the proxy closed or refused, by reason",
+            closed,
+        );
         registry.register(
             "requests",
             "Downstream requests by route, cluster and response status class",
@@ -418,6 +550,7 @@ impl Metrics {
 
     /// Handles for one route.
     pub fn route_stats(&self, route: &str) -> RouteStats {
+        self.generations().pending.routes.insert(route.to_string());
         RouteStats {
             duration: self
                 .request_duration
@@ -430,6 +563,10 @@ impl Metrics {
 
     /// Request counters for a (route, cluster) pair; empty names for requests with none.
     pub fn request_counters(&self, route: &str, cluster: &str) -> RequestCounters {
+        self.generations()
+            .pending
+            .pairs
+            .insert((route.to_string(), cluster.to_string()));
         RequestCounters(STATUS_CLASSES.map(|status_class| {
             self.requests
                 .get_or_create(&RequestLabels {
@@ -444,18 +581,104 @@ impl Metrics {
     /// The counter of tries a cluster sends to one locality (resolved at compile time,
     /// so the request path only increments).
     pub fn locality_picks(&self, cluster: &str, locality: &crate::cluster::Locality) -> Counter {
-        self.locality_picks
-            .get_or_create(&LocalityLabels {
+        let labels = LocalityLabels {
+            cluster: cluster.to_string(),
+            region: locality.region.clone(),
+            zone: locality.zone.clone(),
+            sub_zone: locality.sub_zone.clone(),
+        };
+        let counter = self.locality_picks.get_or_create(&labels).clone();
+        self.generations().pending.localities.insert(labels);
+        counter
+    }
+
+    fn generations(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A compile starts: the series it resolves from now on are its own.
+    pub fn begin_generation(&self) {
+        self.generations().pending = SeriesIndex::default();
+    }
+
+    /// A compiled config is taking over: series of routes, clusters and localities it no
+    /// longer has are removed, so `/metrics` stays bounded under config churn and never
+    /// exports what is gone.
+    pub fn commit_generation(&self) {
+        let mut generations = self.generations();
+        let pending = std::mem::take(&mut generations.pending);
+        let stale = std::mem::replace(&mut generations.committed, pending);
+        let live = &generations.committed;
+        for route in stale.routes.difference(&live.routes) {
+            self.request_duration.remove(&RouteLabels {
+                route: route.clone(),
+            });
+        }
+        for (route, cluster) in stale.pairs.difference(&live.pairs) {
+            for status_class in STATUS_CLASSES {
+                self.requests.remove(&RequestLabels {
+                    route: route.clone(),
+                    cluster: cluster.clone(),
+                    status_class,
+                });
+            }
+        }
+        for labels in stale.localities.difference(&live.localities) {
+            self.locality_picks.remove(labels);
+        }
+        for cluster in stale.clusters.difference(&live.clusters) {
+            self.remove_cluster_series(cluster);
+        }
+    }
+
+    fn remove_cluster_series(&self, cluster: &str) {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        for family in [
+            &self.upstream_cx_total,
+            &self.upstream_cx_connect_fail,
+            &self.upstream_rq_retry,
+            &self.upstream_rq_overflow,
+            &self.upstream_rq_retry_overflow,
+            &self.upstream_cx_overflow,
+            &self.upstream_rq_pending_overflow,
+        ] {
+            family.remove(&labels);
+        }
+        for family in [
+            &self.upstream_rq_active,
+            &self.upstream_rq_retry_active,
+            &self.upstream_rq_pending_active,
+        ] {
+            family.remove(&labels);
+        }
+        for detector in crate::outlier::Detector::ALL {
+            self.outlier_ejections.remove(&DetectorLabels {
                 cluster: cluster.to_string(),
-                region: locality.region.clone(),
-                zone: locality.zone.clone(),
-                sub_zone: locality.sub_zone.clone(),
-            })
-            .clone()
+                detector: detector.as_str(),
+            });
+        }
+        for priority in crate::concurrency::Priority::ALL {
+            self.upstream_rq_shed.remove(&ShedLabels {
+                cluster: cluster.to_string(),
+                priority: priority.as_str(),
+            });
+        }
+        for result in ["success", "failure"] {
+            self.health_checks.remove(&HealthCheckLabels {
+                cluster: cluster.to_string(),
+                result,
+            });
+        }
     }
 
     /// Handles for one cluster.
     pub fn cluster_stats(&self, cluster: &str) -> ClusterStats {
+        self.generations()
+            .pending
+            .clusters
+            .insert(cluster.to_string());
         let labels = ClusterLabels {
             cluster: cluster.to_string(),
         };
@@ -594,6 +817,29 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_of_removed_config_go_with_it() {
+        let metrics = Metrics::new();
+        metrics.begin_generation();
+        metrics.route_stats("old-route");
+        metrics.request_counters("old-route", "old").count(200);
+        metrics.cluster_stats("old").rq_retry.inc();
+        metrics.cluster_stats("kept").rq_retry.inc();
+        metrics.commit_generation();
+        let text = metrics.render(None);
+        assert!(text.contains("route=\"old-route\""), "{text}");
+        assert!(text.contains("cluster=\"old\""), "{text}");
+        metrics.begin_generation();
+        metrics.cluster_stats("kept");
+        metrics.commit_generation();
+        let text = metrics.render(None);
+        assert!(!text.contains("old"), "{text}");
+        assert!(
+            text.contains("nip_upstream_rq_retry_total{cluster=\"kept\"} 1"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn latency_histogram_renders_cumulative_buckets() {

@@ -11,6 +11,8 @@
 
 use crate::admin::{self, AdminState, ProxyStatus};
 use crate::cluster::EndpointRegistry;
+use crate::downstream::admission::Admission;
+use crate::downstream::app::FrontDoor;
 use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
@@ -26,7 +28,9 @@ use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -194,16 +198,19 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service_with_name(
+    let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
-        Gateway::new(snapshot, metrics),
-        "nip",
+        Gateway::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
-    if let Some(app) = service.app_logic_mut() {
-        let mut server_options = HttpServerOptions::default();
-        server_options.h2c = listener.h2c;
-        app.server_options = Some(server_options);
-    }
+    let mut server_options = HttpServerOptions::default();
+    server_options.h2c = listener.h2c;
+    // HTTP/2 connections with no stream open close after the idle timeout too (pingora
+    // takes it once, at start).
+    server_options.h2_idle_timeout = snapshot.load().downstream.idle_timeout;
+    proxy.server_options = Some(server_options);
+    let admission = Admission::new(metrics.downstream.clone());
+    let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c);
+    let mut service = Service::new("nip".to_string(), front_door);
     let address = listener.address.to_string();
     match &listener.tls {
         None => service.add_tcp(&address),
@@ -296,6 +303,15 @@ struct Control {
     swapped: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
 }
 
+/// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
+type ReloadResult = Result<Option<Snapshot>, String>;
+
+/// A reload running on the blocking pool, and the snapshot it started from.
+struct ReloadTask {
+    task: Pin<Box<tokio::task::JoinHandle<ReloadResult>>>,
+    current: Arc<Snapshot>,
+}
+
 /// The next swap the control plane made; never, without one.
 async fn next_swap(swapped: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>>) -> Option<()> {
     match swapped {
@@ -324,11 +340,24 @@ impl Control {
         let mut outliers = OutlierSweeper::default();
         let mut sweep = tokio::time::interval(OutlierSweeper::TICK);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At most one reload runs; a SIGHUP meanwhile runs another after it.
+        let mut reloading: Option<ReloadTask> = None;
+        let mut hangup_pending = false;
         loop {
             let follows_control_plane = self.swapped.is_some();
+            if reloading.is_none() && hangup_pending {
+                hangup_pending = false;
+                let plugin_changed = self.changed_plugin_file().is_some();
+                reloading = Some(self.start_reload(plugin_changed));
+            }
             tokio::select! {
                 Some(()) = next_swap(&mut self.swapped) => {
                     self.after_swap();
+                }
+                result = async { (&mut reloading.as_mut()?.task).await.into() }, if reloading.is_some() => {
+                    if let (Some(result), Some(task)) = (result, reloading.take()) {
+                        self.finish_reload(result, task.current);
+                    }
                 }
                 _ = hangup.recv() => {
                     if follows_control_plane {
@@ -336,17 +365,16 @@ impl Control {
                         continue;
                     }
                     tracing::info!("SIGHUP: reloading {}", self.source.describe());
-                    let plugin_changed = self.changed_plugin_file().is_some();
-                    self.reload(plugin_changed);
+                    hangup_pending = true;
                 }
-                _ = watch.tick(), if !follows_control_plane => {
+                _ = watch.tick(), if !follows_control_plane && reloading.is_none() => {
                     let current = self.source.fingerprint();
                     if current.is_some() && current != self.fingerprint {
                         tracing::info!("{} changed: reloading", self.source.describe());
-                        self.reload(false);
+                        reloading = Some(self.start_reload(false));
                     } else if let Some(file) = self.changed_plugin_file() {
                         tracing::info!("plugin module {} changed: reloading", file.display());
-                        self.reload(true);
+                        reloading = Some(self.start_reload(true));
                     }
                 }
                 _ = sweep.tick() => {
@@ -381,27 +409,53 @@ impl Control {
         changed
     }
 
-    /// Loads the source again and swaps the snapshot, or keeps the old one and says why.
+    /// Starts loading the source again on the blocking pool: reading, translating,
+    /// resolving host names, downloading and compiling plugins take as long as they take
+    /// there, while this thread keeps serving the admin port, probes, sweeps and signals.
     /// Unless `force`d (a plugin module changed on disk), an unchanged config is left alone.
-    fn reload(&mut self, force: bool) {
+    fn start_reload(&mut self, force: bool) -> ReloadTask {
         self.fingerprint = self.source.fingerprint();
         let current = self.snapshot.load_full();
-        let result = self.source.load().map_err(|e| e.to_string()).and_then(|t| {
-            if !force && t.resources.version == current.version && t.bootstrap == current.bootstrap
-            {
-                return Ok(None);
-            }
-            let compiler = Compiler {
-                registry: &self.registry,
-                metrics: &self.metrics,
-                previous_access_log: current.access_log.clone(),
-                plugins: &self.plugins,
-            };
-            compiler
-                .compile(&t.bootstrap, &t.resources)
-                .map(Some)
-                .map_err(|e| e.to_string())
+        let source = self.source.clone();
+        let (registry, metrics, plugins) = (
+            Arc::clone(&self.registry),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.plugins),
+        );
+        let previous = Arc::clone(&current);
+        let task = tokio::task::spawn_blocking(move || {
+            source.load().map_err(|e| e.to_string()).and_then(|t| {
+                if !force
+                    && t.resources.version == previous.version
+                    && t.bootstrap == previous.bootstrap
+                {
+                    return Ok(None);
+                }
+                let compiler = Compiler {
+                    registry: &registry,
+                    metrics: &metrics,
+                    previous_access_log: previous.access_log.clone(),
+                    plugins: &plugins,
+                };
+                compiler
+                    .compile(&t.bootstrap, &t.resources)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            })
         });
+        ReloadTask {
+            task: Box::pin(task),
+            current,
+        }
+    }
+
+    /// Swaps in what a reload compiled, or keeps the old snapshot and says why.
+    fn finish_reload(
+        &mut self,
+        result: Result<ReloadResult, tokio::task::JoinError>,
+        current: Arc<Snapshot>,
+    ) {
+        let result = result.unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
         match result {
             Ok(None) => {
                 tracing::debug!("config unchanged (version {})", current.version);

@@ -9,6 +9,7 @@
 
 use crate::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::cluster::{AdaptiveConcurrency, Cluster, Endpoint, EndpointRegistry, Locality};
+use crate::downstream::limits::DownstreamLimits;
 use crate::metrics::{Metrics, RequestCounters};
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::router::{
@@ -114,6 +115,8 @@ pub struct Snapshot {
     pub bootstrap: Bootstrap,
     /// The listener.
     pub listener: ListenerSpec,
+    /// Client timeouts and limits of the listener (taken by each new connection).
+    pub downstream: DownstreamLimits,
     /// Route selection.
     pub router: Router,
     /// Clusters by name.
@@ -241,6 +244,7 @@ impl Compiler<'_> {
         bootstrap: &Bootstrap,
         resources: &ResourceSet,
     ) -> Result<Snapshot, CompileError> {
+        self.metrics.begin_generation();
         let mut clusters = BTreeMap::new();
         for xds in &resources.clusters {
             if clusters.contains_key(&xds.name) {
@@ -270,6 +274,8 @@ impl Compiler<'_> {
             ));
         };
         let (listener_spec, hcm) = listener_spec(listener)?;
+        let downstream = downstream::downstream_limits(listener, &hcm)
+            .map_err(|m| err("Listener", &listener.name, m))?;
         let route_config = match &hcm.route_specifier {
             Some(http_connection_manager::RouteSpecifier::Rds(rds)) => resources
                 .routes
@@ -294,19 +300,23 @@ impl Compiler<'_> {
                 ))
             }
         };
-        self.plugins.set_upstreams(clusters.keys().cloned());
         let plugins = self.plugin_filters(listener, &hcm, bootstrap)?;
         let router = self.router(route_config, &clusters, &plugins)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
+        // Side effects only once nothing can fail: a refused config changes nothing.
+        self.plugins.set_upstreams(clusters.keys().cloned());
+        let unrouted = self.metrics.request_counters("", "");
+        self.metrics.commit_generation();
         Ok(Snapshot {
             version: resources.version.clone(),
             resources: resources.clone(),
             bootstrap: bootstrap.clone(),
             listener: listener_spec,
+            downstream,
             router,
             clusters,
             access_log,
-            unrouted: self.metrics.request_counters("", ""),
+            unrouted,
             plugins,
         })
     }
@@ -461,7 +471,7 @@ impl Compiler<'_> {
                 endpoints.push(Endpoint {
                     address,
                     locality: locality.clone(),
-                    weight: weight.min(128),
+                    weight,
                     priority: locality_endpoints.priority,
                     locality_weight: locality_endpoints
                         .load_balancing_weight
@@ -975,6 +985,7 @@ fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
 }
 
 mod cluster_policies;
+mod downstream;
 
 #[cfg(test)]
 mod tests;

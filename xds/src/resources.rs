@@ -42,6 +42,9 @@ pub mod names {
 
     /// `HttpUri.cluster` of a remote plugin module: the proxy downloads it itself.
     pub const PLUGIN_FETCH_CLUSTER: &str = "nip.plugin_fetch";
+    /// Listener `filter_metadata` key of client limits Envoy keeps elsewhere (its overload
+    /// manager): `max_active_downstream_connections`, and `trust_priority_header`.
+    pub const DOWNSTREAM_METADATA: &str = "nip.downstream";
     /// Listener `filter_metadata` key holding each plugin filter's resource limits.
     pub const PLUGIN_LIMITS_METADATA: &str = "nip.plugin_limits";
 

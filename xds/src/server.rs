@@ -33,7 +33,7 @@ use prost::{Message, Name};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -224,44 +224,80 @@ pub struct Nack {
     pub at: SystemTime,
 }
 
-/// What the control plane knows about one proxy.
+/// What the control plane knows about one proxy's stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyStatus {
+    /// The stream, unique for the life of the control plane: two streams of one node id
+    /// (a restart overlapping the old process, a misconfigured pair) are two rows.
+    pub stream_id: u64,
     /// `node.id`.
     pub node_id: String,
     /// `node.locality.region`.
     pub region: String,
     /// `node.locality.zone`.
     pub zone: String,
-    /// Whether a stream from it is open.
+    /// Whether the stream is open.
     pub connected: bool,
+    /// When the stream closed (rows are forgotten [`DISCONNECTED_RETENTION`] later).
+    pub disconnected_at: Option<SystemTime>,
     /// Version ACKed per type URL.
     pub acked: BTreeMap<String, String>,
     /// The last NACK, if any (cleared by a later ACK of the same type).
     pub last_nack: Option<Nack>,
 }
 
-/// Every proxy that has connected, by node id.
-#[derive(Debug, Default)]
+/// How long a closed stream's row stays listed (so `nip get proxies` shows a proxy that
+/// just went away), before it is forgotten.
+pub const DISCONNECTED_RETENTION: Duration = Duration::from_secs(600);
+
+/// Every open stream, and streams closed within the retention time, by stream id.
+#[derive(Debug)]
 pub struct ProxyRegistry {
-    proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+    next_stream: std::sync::atomic::AtomicU64,
+    retention: Duration,
+}
+
+impl Default for ProxyRegistry {
+    fn default() -> Self {
+        ProxyRegistry::with_retention(DISCONNECTED_RETENTION)
+    }
 }
 
 impl ProxyRegistry {
-    /// A copy of every proxy's status.
-    pub fn list(&self) -> Vec<ProxyStatus> {
-        self.lock().values().cloned().collect()
+    /// A registry that forgets closed streams after `retention`.
+    pub fn with_retention(retention: Duration) -> Self {
+        ProxyRegistry {
+            proxies: Mutex::new(BTreeMap::new()),
+            next_stream: std::sync::atomic::AtomicU64::new(1),
+            retention,
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProxyStatus>> {
+    /// A copy of every stream's status (closed streams past the retention are dropped).
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        let mut proxies = self.lock();
+        self.forget_old(&mut proxies);
+        proxies.values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
         self.proxies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget_old(&self, proxies: &mut BTreeMap<u64, ProxyStatus>) {
+        let now = SystemTime::now();
+        proxies.retain(|_, p| {
+            p.disconnected_at
+                .is_none_or(|at| now.duration_since(at).unwrap_or_default() < self.retention)
+        });
     }
 
     /// Records a client's answer to a response: a NACK (with `error_detail`) becomes its
     /// last NACK; an ACK records `version` for the type and clears a NACK of that type.
     fn record_reply(
         &self,
-        node_id: &str,
+        stream: u64,
         type_url: &str,
         nonce: &str,
         error: Option<&envoy_types::pb::google::rpc::Status>,
@@ -275,9 +311,9 @@ impl ProxyRegistry {
                     reason: error.message.clone(),
                     at: SystemTime::now(),
                 };
-                self.update(node_id, |status| status.last_nack = Some(nack));
+                self.update(stream, |status| status.last_nack = Some(nack));
             }
-            None => self.update(node_id, |status| {
+            None => self.update(stream, |status| {
                 if status
                     .last_nack
                     .as_ref()
@@ -292,36 +328,48 @@ impl ProxyRegistry {
         }
     }
 
-    /// Records the node of a stream's first request as connected (with its locality);
-    /// its id and region, which pick the stream's view.
+    /// Records a new stream from the node of its first request; returns the stream id,
+    /// the node id and the region (which picks the stream's view).
     fn connect(
         &self,
         node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
-    ) -> (String, String) {
+    ) -> (u64, String, String) {
         let node = node.cloned().unwrap_or_default();
         let locality = node.locality.unwrap_or_default();
         let region = locality.region.clone();
-        self.update(&node.id, |status| {
-            status.connected = true;
-            status.region = locality.region;
-            status.zone = locality.zone;
-        });
-        (node.id, region)
-    }
-
-    fn update(&self, node_id: &str, change: impl FnOnce(&mut ProxyStatus)) {
+        let stream = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut proxies = self.lock();
-        let status = proxies
-            .entry(node_id.to_string())
-            .or_insert_with(|| ProxyStatus {
-                node_id: node_id.to_string(),
-                region: String::new(),
-                zone: String::new(),
-                connected: false,
+        self.forget_old(&mut proxies);
+        proxies.insert(
+            stream,
+            ProxyStatus {
+                stream_id: stream,
+                node_id: node.id.clone(),
+                region: locality.region,
+                zone: locality.zone,
+                connected: true,
+                disconnected_at: None,
                 acked: BTreeMap::new(),
                 last_nack: None,
-            });
-        change(status);
+            },
+        );
+        (stream, node.id, region)
+    }
+
+    /// The stream closed.
+    fn disconnect(&self, stream: u64) {
+        self.update(stream, |status| {
+            status.connected = false;
+            status.disconnected_at = Some(SystemTime::now());
+        });
+    }
+
+    fn update(&self, stream: u64, change: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(status) = self.lock().get_mut(&stream) {
+            change(status);
+        }
     }
 }
 
@@ -361,6 +409,8 @@ impl AdsServer {
 
 /// One ADS stream's state.
 struct StreamState {
+    /// The registry's id of this stream, once its node is known.
+    stream_id: Option<u64>,
     node_id: Option<String>,
     /// `node.locality.region`: picks the stream's view.
     region: String,
@@ -376,7 +426,7 @@ impl StreamState {
         request: DiscoveryRequest,
         cache: &CacheState,
     ) -> Option<DiscoveryResponse> {
-        let node_id = self.node_id.clone().unwrap_or_default();
+        let stream_id = self.stream_id.unwrap_or_default();
         let type_url = request.type_url.clone();
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
         if !request.response_nonce.is_empty()
@@ -387,7 +437,7 @@ impl StreamState {
         }
         if !request.response_nonce.is_empty() {
             self.registry.record_reply(
-                &node_id,
+                stream_id,
                 &type_url,
                 &request.response_nonce,
                 request.error_detail.as_ref(),
@@ -550,6 +600,8 @@ trait StreamProtocol: Send + 'static {
     fn on_cache_change(&mut self, cache: &CacheState) -> Vec<Self::Response>;
     /// The client's node id, once known.
     fn node_id(&self) -> Option<&str>;
+    /// The registry's id of the stream, once its node is known.
+    fn stream_id(&self) -> Option<u64>;
 }
 
 /// Runs one stream until the client goes away, then marks it disconnected.
@@ -592,8 +644,8 @@ where
                 }
             }
         }
-        if let Some(node_id) = state.node_id() {
-            registry.update(node_id, |status| status.connected = false);
+        if let Some(stream) = state.stream_id() {
+            registry.disconnect(stream);
         }
     });
     Box::pin(ReceiverStream::new(rx))
@@ -608,8 +660,8 @@ impl StreamProtocol for StreamState {
     }
 
     fn identify(&mut self, request: &DiscoveryRequest) {
-        let (node_id, region) = self.registry.connect(request.node.as_ref());
-        (self.node_id, self.region) = (Some(node_id), region);
+        let (stream, node_id, region) = self.registry.connect(request.node.as_ref());
+        (self.stream_id, self.node_id, self.region) = (Some(stream), Some(node_id), region);
     }
 
     fn on_request(
@@ -627,6 +679,10 @@ impl StreamProtocol for StreamState {
     fn node_id(&self) -> Option<&str> {
         self.node_id.as_deref()
     }
+
+    fn stream_id(&self) -> Option<u64> {
+        self.stream_id
+    }
 }
 
 #[tonic::async_trait]
@@ -639,6 +695,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
         let state = StreamState {
+            stream_id: None,
             node_id: None,
             region: String::new(),
             subscriptions: HashMap::new(),
@@ -671,3 +728,48 @@ mod delta;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            locality: Some(Locality {
+                region: "eu".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn two_streams_of_one_node_are_two_rows_and_closed_ones_are_forgotten() {
+        let registry = ProxyRegistry::with_retention(Duration::from_millis(50));
+        let (first, ..) = registry.connect(Some(&node("p")));
+        let (second, ..) = registry.connect(Some(&node("p")));
+        registry.record_reply(second, "t", "n", None, "v2");
+        registry.disconnect(first);
+        let rows = registry.list();
+        assert_eq!(rows.len(), 2);
+        let live = rows.iter().find(|r| r.stream_id == second).unwrap();
+        assert!(
+            live.connected,
+            "the first stream ending does not mark the second"
+        );
+        assert_eq!(live.acked.get("t").map(String::as_str), Some("v2"));
+        std::thread::sleep(Duration::from_millis(80));
+        let rows = registry.list();
+        assert_eq!(
+            rows.len(),
+            1,
+            "closed streams are forgotten after the retention"
+        );
+        assert_eq!(rows[0].stream_id, second);
+        registry.disconnect(second);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(registry.list().is_empty());
+    }
+}

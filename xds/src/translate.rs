@@ -17,8 +17,9 @@
 use crate::config::{
     parse_endpoint_address, parse_listen_address, plugin_config_bytes, route_name, AccessLogFormat,
     Config, FailPolicy, HeaderMatchConfig, LbPolicy, PluginConfig as PluginYaml, RouteConfig,
-    ServiceConfig, UpstreamProtocol, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU,
-    DEFAULT_PLUGIN_MEMORY,
+    ServiceConfig, UpstreamProtocol, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS_COUNT,
+    DEFAULT_MAX_REQUEST_HEADERS_KB, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
+    DEFAULT_REQUEST_HEADERS_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT,
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
@@ -26,6 +27,7 @@ use envoy_types::pb::envoy::config::bootstrap::v3::{
     bootstrap::DynamicResources, Admin, Bootstrap,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster, LoadBalancingPolicy};
+use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as CoreHttpProtocolOptions;
 use envoy_types::pb::envoy::config::core::v3::{
     address, config_source, data_source, health_check, socket_address, substitution_format_string,
     transport_socket, Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource,
@@ -302,6 +304,36 @@ fn gateway_listener(config: &Config) -> Listener {
             .collect(),
         access_log,
         generate_request_id: Some(pbuf::BoolValue { value: true }),
+        request_headers_timeout: Some(pb_duration(
+            gateway
+                .request_headers_timeout
+                .map_or(DEFAULT_REQUEST_HEADERS_TIMEOUT, |d| d.0),
+        )),
+        stream_idle_timeout: Some(pb_duration(
+            gateway
+                .stream_idle_timeout
+                .map_or(DEFAULT_STREAM_IDLE_TIMEOUT, |d| d.0),
+        )),
+        max_request_headers_kb: Some(UInt32Value {
+            value: gateway
+                .max_request_headers_kb
+                .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_KB),
+        }),
+        common_http_protocol_options: Some(CoreHttpProtocolOptions {
+            idle_timeout: Some(pb_duration(
+                gateway.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            )),
+            max_connection_duration: gateway.max_connection_duration.map(|d| pb_duration(d.0)),
+            max_headers_count: Some(UInt32Value {
+                value: gateway
+                    .max_headers_count
+                    .unwrap_or(DEFAULT_MAX_HEADERS_COUNT),
+            }),
+            max_requests_per_connection: gateway
+                .max_requests_per_connection
+                .map(|value| UInt32Value { value }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let transport_socket = gateway.tls.enabled.then(|| {
@@ -341,7 +373,7 @@ fn gateway_listener(config: &Config) -> Listener {
             transport_socket,
             ..Default::default()
         }],
-        metadata: plugin_limits_metadata(config),
+        metadata: listener_metadata(config),
         ..Default::default()
     }
 }
@@ -373,6 +405,36 @@ fn plugin_code(source: &crate::config::PluginSource) -> Option<AsyncDataSource> 
     Some(AsyncDataSource {
         specifier: Some(specifier),
     })
+}
+
+/// The listener's metadata: plugin limits and the client limits Envoy keeps outside the
+/// listener (`nip.downstream`).
+fn listener_metadata(config: &Config) -> Option<Metadata> {
+    let mut metadata = plugin_limits_metadata(config).unwrap_or_default();
+    let gateway = &config.api_gateway;
+    let mut fields = std::collections::HashMap::new();
+    if let Some(n) = gateway.max_active_downstream_connections {
+        fields.insert(
+            "max_active_downstream_connections".to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(n as f64)),
+            },
+        );
+    }
+    if gateway.trust_priority_header {
+        fields.insert(
+            "trust_priority_header".to_string(),
+            Value {
+                kind: Some(Kind::BoolValue(true)),
+            },
+        );
+    }
+    if !fields.is_empty() {
+        metadata
+            .filter_metadata
+            .insert(names::DOWNSTREAM_METADATA.to_string(), Struct { fields });
+    }
+    (!metadata.filter_metadata.is_empty()).then_some(metadata)
 }
 
 /// How long the proxy may take to download a plugin module.

@@ -219,10 +219,15 @@ impl PluginLoader {
         })
     }
 
-    /// Tells plugins which clusters `proxy_http_call` may reach; called with each
-    /// configuration before its plugins are loaded.
+    /// Tells plugins which clusters `proxy_http_call` may reach; called once a
+    /// configuration compiled, never for one that was refused.
     pub fn set_upstreams(&self, names: impl IntoIterator<Item = String>) {
         self.engine.shared().set_upstreams(names);
+    }
+
+    /// Whether `proxy_http_call` may reach `cluster` now.
+    pub fn may_call(&self, cluster: &str) -> bool {
+        self.engine.shared().has_upstream(cluster)
     }
 
     /// Plugin-defined metrics in Prometheus text: `nip_plugin_metric{plugin,name,kind}`

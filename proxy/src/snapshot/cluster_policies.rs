@@ -307,6 +307,18 @@ pub(super) fn health_check_spec(
     if !http.path.starts_with('/') {
         return Err("health_checks[0].http_health_check.path must start with '/'".into());
     }
+    if http.path.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(format!(
+            "health_checks[0].http_health_check.path {:?} is not a valid request path",
+            http.path
+        ));
+    }
+    if !http.host.is_empty() && http.host.parse::<http::uri::Authority>().is_err() {
+        return Err(format!(
+            "health_checks[0].http_health_check.host {:?} is not a valid host",
+            http.host
+        ));
+    }
     let expected_statuses = http
         .expected_statuses
         .iter()

@@ -174,6 +174,76 @@ fn unopenable_access_log_is_a_compile_error() {
     assert!(e.message.starts_with("access_log: cannot open"), "{e}");
 }
 
+#[test]
+fn a_refused_config_does_not_change_what_plugins_may_call() {
+    let loader = PluginLoader::new(None).expect("wasm engine");
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    let compiler = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+        plugins: &loader,
+    };
+    let good = translated(BASE);
+    compiler.compile(&good.bootstrap, &good.resources).unwrap();
+    assert!(loader.may_call("web"));
+    let refused = translated(
+        "api_gateway:\n  access_log: { enabled: true, path: /nonexistent-dir/access.log }\nservices:\n  other: { endpoints: [\"127.0.0.1:9\"] }\n",
+    );
+    compiler
+        .compile(&refused.bootstrap, &refused.resources)
+        .unwrap_err();
+    assert!(
+        !loader.may_call("other"),
+        "a refused config opened a cluster to plugins"
+    );
+    assert!(loader.may_call("web"));
+}
+
+#[test]
+fn client_limits_come_from_the_hcm_with_envoy_meanings() {
+    let defaults = compile(&translated(BASE)).unwrap();
+    assert_eq!(defaults.downstream, DownstreamLimits::default());
+    let t = translated(
+        "api_gateway:\n  request_headers_timeout: 0s\n  idle_timeout: 5s\n  stream_idle_timeout: 1m\n  max_connection_duration: 1h\n  max_requests_per_connection: 7\n  max_request_headers_kb: 8\n  max_headers_count: 20\n  max_active_downstream_connections: 300\n  trust_priority_header: true\n",
+    );
+    let limits = compile(&t).unwrap().downstream;
+    assert_eq!(
+        limits.request_headers_timeout, None,
+        "0s disables, as in Envoy"
+    );
+    assert_eq!(limits.idle_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(limits.stream_idle_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(
+        limits.max_connection_duration,
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(limits.max_requests_per_connection, Some(7));
+    assert_eq!(limits.max_head_bytes(), 8 * 1024);
+    assert_eq!(limits.max_headers_count, 20);
+    assert_eq!(limits.connection_limit(), 300);
+    assert!(limits.trust_priority_header);
+    // What a foreign xDS server might send: out of range, or unknown keys.
+    let mut resources = t.resources.clone();
+    let listener = &mut resources.listeners[0];
+    listener
+        .metadata
+        .as_mut()
+        .unwrap()
+        .filter_metadata
+        .get_mut(names::DOWNSTREAM_METADATA)
+        .unwrap()
+        .fields
+        .insert("max_connections".into(), Default::default());
+    let e = compile(&nip_xds::translate::Translation {
+        resources,
+        ..t.clone()
+    })
+    .unwrap_err();
+    assert!(e.message.contains("unknown key \"max_connections\""), "{e}");
+}
+
 /// Mutated configs must come back as errors or snapshots, never as panics: the same path
 /// that will take resources from a control plane takes whatever the mutation makes.
 #[test]

@@ -6,10 +6,14 @@
 //! config that the translator can turn into xDS resources without further checks, or all the
 //! problems found at once.
 
+mod bounds;
 mod duration;
 mod model;
 mod validate;
 
+pub use bounds::{
+    check_bounds, check_document_bounds, BoundsError, MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH,
+};
 pub use duration::HumanDuration;
 pub use model::*;
 pub use validate::{
@@ -92,6 +96,12 @@ impl Config {
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        check_document_bounds(text).map_err(|e| {
+            ConfigError::Syntax(FieldError {
+                path: String::new(),
+                message: e.to_string(),
+            })
+        })?;
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();

@@ -108,7 +108,51 @@ pub struct GatewayConfig {
     /// One line per request, off by default.
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// From a request's first byte to the end of its head (408 after); `0s` disables.
+    /// Envoy's HCM field; NIP's default is 10 s where Envoy has none.
+    #[serde(default)]
+    pub request_headers_timeout: Option<HumanDuration>,
+    /// A connection with no request in progress closes after this (default 60 s; Envoy's
+    /// `common_http_protocol_options.idle_timeout`); `0s` disables.
+    #[serde(default)]
+    pub idle_timeout: Option<HumanDuration>,
+    /// A request whose body makes no progress for this long ends (default 5 min, Envoy's).
+    #[serde(default)]
+    pub stream_idle_timeout: Option<HumanDuration>,
+    /// Connections close (after their current request) once this old; off by default.
+    #[serde(default)]
+    pub max_connection_duration: Option<HumanDuration>,
+    /// Requests served on one connection before it closes; unlimited by default.
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    /// Size limit of a request head in KiB, 1–8192 (431 beyond; default 60, Envoy's).
+    #[serde(default)]
+    pub max_request_headers_kb: Option<u32>,
+    /// Header fields a request may carry (431 beyond; default 100, Envoy's).
+    #[serde(default)]
+    pub max_headers_count: Option<u32>,
+    /// Client connections open at once; new ones beyond are closed at accept. Default:
+    /// 80 % of the process's descriptor limit.
+    #[serde(default)]
+    pub max_active_downstream_connections: Option<u64>,
+    /// Take `x-nip-priority` from this listener's clients (off: it is removed, so a
+    /// stranger cannot raise its own priority).
+    #[serde(default)]
+    pub trust_priority_header: bool,
 }
+
+/// NIP's `request_headers_timeout` when none is set (HAProxy's `timeout http-request`).
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// NIP's `idle_timeout` when none is set.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Envoy's default `stream_idle_timeout`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+/// Envoy's ceiling of `max_request_headers_kb`.
+pub const MAX_REQUEST_HEADERS_KB_CEILING: u32 = 8192;
+/// Envoy's default `max_headers_count`.
+pub const DEFAULT_MAX_HEADERS_COUNT: u32 = 100;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -117,6 +161,15 @@ impl Default for GatewayConfig {
             tls: TlsConfig::default(),
             h2c: true,
             access_log: AccessLogConfig::default(),
+            request_headers_timeout: None,
+            idle_timeout: None,
+            stream_idle_timeout: None,
+            max_connection_duration: None,
+            max_requests_per_connection: None,
+            max_request_headers_kb: None,
+            max_headers_count: None,
+            max_active_downstream_connections: None,
+            trust_priority_header: false,
         }
     }
 }

@@ -25,6 +25,33 @@ impl Errors {
     }
 }
 
+/// Client limits of the listener: the ranges Envoy accepts.
+fn validate_client_limits(config: &Config, errors: &mut Errors) {
+    let gateway = &config.api_gateway;
+    if let Some(kb) = gateway.max_request_headers_kb {
+        if kb == 0 || kb > super::MAX_REQUEST_HEADERS_KB_CEILING {
+            errors.add(
+                "api_gateway.max_request_headers_kb",
+                format!(
+                    "{kb} is outside 1–{}",
+                    super::MAX_REQUEST_HEADERS_KB_CEILING
+                ),
+            );
+        }
+    }
+    if gateway.max_headers_count == Some(0) {
+        errors.add("api_gateway.max_headers_count", "must be at least 1");
+    }
+    if let Some(n) = gateway.max_active_downstream_connections {
+        if n == 0 || n > 1_000_000_000 {
+            errors.add(
+                "api_gateway.max_active_downstream_connections",
+                format!("{n} is outside 1–1000000000"),
+            );
+        }
+    }
+}
+
 /// Checks every rule and returns all violations (empty when the config is good).
 pub fn validate(config: &Config) -> Vec<FieldError> {
     let mut errors = Errors(Vec::new());
@@ -46,6 +73,7 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
         }
     }
     validate_tls(config, &mut errors);
+    validate_client_limits(config, &mut errors);
     if let Some(id) = &config.node.id {
         if id.trim().is_empty() {
             errors.add("node.id", "must not be empty");

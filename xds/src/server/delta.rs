@@ -39,6 +39,7 @@ struct DeltaType {
 
 /// One delta ADS stream's state.
 pub(super) struct DeltaStream {
+    stream_id: Option<u64>,
     node_id: Option<String>,
     region: String,
     types: HashMap<String, DeltaType>,
@@ -49,6 +50,7 @@ pub(super) struct DeltaStream {
 impl DeltaStream {
     pub(super) fn new(registry: Arc<ProxyRegistry>) -> DeltaStream {
         DeltaStream {
+            stream_id: None,
             node_id: None,
             region: String::new(),
             types: HashMap::new(),
@@ -160,12 +162,16 @@ impl StreamProtocol for DeltaStream {
     }
 
     fn identify(&mut self, request: &DeltaDiscoveryRequest) {
-        let (node_id, region) = self.registry.connect(request.node.as_ref());
-        (self.node_id, self.region) = (Some(node_id), region);
+        let (stream, node_id, region) = self.registry.connect(request.node.as_ref());
+        (self.stream_id, self.node_id, self.region) = (Some(stream), Some(node_id), region);
     }
 
     fn node_id(&self) -> Option<&str> {
         self.node_id.as_deref()
+    }
+
+    fn stream_id(&self) -> Option<u64> {
+        self.stream_id
     }
 
     fn on_request(
@@ -174,7 +180,7 @@ impl StreamProtocol for DeltaStream {
         cache: &CacheState,
     ) -> Option<DeltaDiscoveryResponse> {
         let type_url = request.type_url.clone();
-        let node_id = self.node_id.clone().unwrap_or_default();
+        let stream_id = self.stream_id.unwrap_or_default();
         let first = !self.types.contains_key(&type_url);
         let state = self.types.entry(type_url.clone()).or_default();
         if first {
@@ -189,7 +195,7 @@ impl StreamProtocol for DeltaStream {
         let current = !request.response_nonce.is_empty() && request.response_nonce == state.nonce;
         if current {
             self.registry.record_reply(
-                &node_id,
+                stream_id,
                 &type_url,
                 &request.response_nonce,
                 request.error_detail.as_ref(),

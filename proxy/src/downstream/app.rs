@@ -1,0 +1,125 @@
+//! [`FrontDoor`]: pingora's server app for the listener, in front of the proxy.
+//!
+//! Pingora hands every accepted connection (after TLS) to `FrontDoor::process_new`, which
+//! 1. takes a slot from the listener's [`Admission`] (closing the connection when full),
+//! 2. wraps it in a [`GuardedStream`] with the limits of the snapshot in force,
+//! 3. tells HTTP/2 from HTTP/1 (ALPN, or the h2c preface read under the idle clock — pingora's
+//!    own peek waits for 24 bytes, which a short HTTP/1 request never sends),
+//! 4. runs HTTP/2 connections through pingora's own HTTP/2 path, and HTTP/1 connections
+//!    through the keep-alive loop below: one pingora session per request, pipelining on
+//!    (RFC 9112 §9.3.2: answers in order; pingora reads the next request only after the
+//!    current one is answered, so TCP flow control bounds what a client can queue),
+//!    `max_requests_per_connection`, `max_connection_duration`, the phase marks.
+
+use super::admission::Admission;
+use super::stream::GuardedStream;
+use crate::gateway::Gateway;
+use crate::metrics::CloseReason;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use std::sync::Arc;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The listener's server app: connection admission and clocks, then the proxy.
+pub struct FrontDoor {
+    proxy: Arc<HttpProxy<Gateway>>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    admission: Arc<Admission>,
+    h2c: bool,
+}
+
+impl FrontDoor {
+    /// A front door for `proxy`, reading its limits from the snapshot in force.
+    pub fn new(
+        proxy: HttpProxy<Gateway>,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        admission: Arc<Admission>,
+        h2c: bool,
+    ) -> Self {
+        FrontDoor {
+            proxy: Arc::new(proxy),
+            snapshot,
+            admission,
+            h2c,
+        }
+    }
+
+    async fn serve_http1(&self, stream: GuardedStream, shutdown: &ShutdownWatch) {
+        let limits = stream.limits().clone();
+        let mut session = ServerSession::new_http1(Box::new(stream));
+        // The guarded stream keeps the idle clock; pingora's read would add its own.
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
+        // Pingora counts reuses after the first request.
+        session.set_keepalive_reuses_remaining(
+            limits
+                .max_requests_per_connection
+                .map(|n| n.saturating_sub(1)),
+        );
+        session.set_pipelining_enabled(true);
+        let mut result = self.proxy.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(|r| r.consume()) {
+            let Ok(mut guarded) = stream.into_any().downcast::<GuardedStream>() else {
+                return;
+            };
+            if guarded.past_max_duration() {
+                guarded.count_close(CloseReason::MaxConnectionDuration);
+                return;
+            }
+            guarded.mark_idle();
+            let mut session = ServerSession::new_http1(guarded);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            result = self.proxy.process_new_http(session, shutdown).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for FrontDoor {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let limits = self.snapshot.load().downstream.clone();
+        let slot = self.admission.try_admit(limits.connection_limit())?;
+        let tls = stream.get_ssl_digest().is_some();
+        let alpn_h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let stats = self.admission.stats().clone();
+        let mut guarded = GuardedStream::new(
+            stream,
+            limits,
+            stats,
+            Some(slot),
+            Some(Arc::clone(&self.admission)),
+        );
+        let h2 = if alpn_h2 {
+            true
+        } else if !tls && self.h2c {
+            guarded.sniff_h2c_preface(H2_PREFACE).await?
+        } else {
+            false
+        };
+        if h2 {
+            return ServerApp::process_new(&self.proxy, Box::new(guarded.into_h2()), shutdown)
+                .await;
+        }
+        self.serve_http1(guarded, shutdown).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}

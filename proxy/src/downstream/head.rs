@@ -1,0 +1,195 @@
+//! Watching a request head go by, byte by byte, without parsing it: where it ends, how
+//! big it got, and whether its request line names HTTP/1.0 or HTTP/1.1.
+//!
+//! [`super::stream::GuardedStream`] feeds every byte a client sends while a request head
+//! is due, so the head's deadline stops when the head is complete, a head past
+//! `max_request_headers_kb` is refused with 431 before it is buffered, and an HTTP/0.9 line
+//! (`GET /`, which a parser waits on forever) is refused with 400 at once.
+
+/// What the bytes fed so far say about the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProgress {
+    /// More is due.
+    Incomplete,
+    /// The blank line after the fields arrived; `used` bytes of the last chunk belong to
+    /// the head.
+    Complete {
+        /// Bytes of the last chunk up to and including the blank line.
+        used: usize,
+    },
+    /// The head grew past the limit before it ended.
+    TooLarge,
+    /// The request line does not end in `HTTP/1.0` or `HTTP/1.1`.
+    NotHttp1,
+}
+
+/// The longest version suffix checked: `HTTP/1.1`.
+const VERSION_LEN: usize = 8;
+
+/// Incremental scanner of one request head.
+#[derive(Debug, Clone)]
+pub struct HeadScanner {
+    limit: usize,
+    seen: usize,
+    /// Something other than CR/LF arrived (empty lines before a request line are skipped,
+    /// RFC 9112 §2.2).
+    started: bool,
+    at_line_start: bool,
+    cr_at_line_start: bool,
+    request_line_done: bool,
+    /// The last bytes of the request line, for its version.
+    line_tail: [u8; VERSION_LEN + 2],
+    line_tail_len: usize,
+}
+
+impl HeadScanner {
+    /// A scanner that refuses heads longer than `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        HeadScanner {
+            limit,
+            seen: 0,
+            started: false,
+            at_line_start: false,
+            cr_at_line_start: false,
+            request_line_done: false,
+            line_tail: [0; VERSION_LEN + 2],
+            line_tail_len: 0,
+        }
+    }
+
+    /// Feeds the next bytes the client sent.
+    pub fn feed(&mut self, chunk: &[u8]) -> HeadProgress {
+        for (i, &byte) in chunk.iter().enumerate() {
+            self.seen += 1;
+            if self.seen > self.limit {
+                return HeadProgress::TooLarge;
+            }
+            if !self.started {
+                if byte == b'\r' || byte == b'\n' {
+                    continue;
+                }
+                self.started = true;
+            }
+            if !self.request_line_done {
+                if byte == b'\n' {
+                    self.request_line_done = true;
+                    if !self.request_line_is_http1() {
+                        return HeadProgress::NotHttp1;
+                    }
+                    self.at_line_start = true;
+                    continue;
+                }
+                self.push_line_byte(byte);
+                continue;
+            }
+            match byte {
+                b'\n' if self.at_line_start => return HeadProgress::Complete { used: i + 1 },
+                b'\n' => {
+                    self.at_line_start = true;
+                    self.cr_at_line_start = false;
+                }
+                b'\r' if self.at_line_start && !self.cr_at_line_start => {
+                    self.cr_at_line_start = true;
+                }
+                _ => {
+                    self.at_line_start = false;
+                    self.cr_at_line_start = false;
+                }
+            }
+        }
+        HeadProgress::Incomplete
+    }
+
+    fn push_line_byte(&mut self, byte: u8) {
+        if self.line_tail_len == self.line_tail.len() {
+            self.line_tail.copy_within(1.., 0);
+            self.line_tail_len -= 1;
+        }
+        self.line_tail[self.line_tail_len] = byte;
+        self.line_tail_len += 1;
+    }
+
+    fn request_line_is_http1(&self) -> bool {
+        let mut tail = &self.line_tail[..self.line_tail_len];
+        if let [rest @ .., b'\r'] = tail {
+            tail = rest;
+        }
+        tail.ends_with(b" HTTP/1.1") || tail.ends_with(b" HTTP/1.0")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(limit: usize, chunks: &[&[u8]]) -> HeadProgress {
+        let mut scanner = HeadScanner::new(limit);
+        let mut last = HeadProgress::Incomplete;
+        for chunk in chunks {
+            last = scanner.feed(chunk);
+            if last != HeadProgress::Incomplete {
+                return last;
+            }
+        }
+        last
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_across_chunks() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY";
+        assert_eq!(
+            scan_all(1024, &[head]),
+            HeadProgress::Complete {
+                used: head.len() - 4
+            }
+        );
+        // One byte at a time.
+        let mut scanner = HeadScanner::new(1024);
+        let mut ended_at = None;
+        for (i, byte) in head.iter().enumerate() {
+            if let HeadProgress::Complete { .. } = scanner.feed(std::slice::from_ref(byte)) {
+                ended_at = Some(i);
+                break;
+            }
+        }
+        assert_eq!(ended_at, Some(head.len() - 5));
+        // Bare LF line endings, which httparse accepts too.
+        assert_eq!(
+            scan_all(1024, &[b"GET / HTTP/1.0\nHost: a\n\n"]),
+            HeadProgress::Complete { used: 24 }
+        );
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_do_not_end_it() {
+        assert_eq!(
+            scan_all(1024, &[b"\r\n\r\n", b"GET / HTTP/1.1\r\n"]),
+            HeadProgress::Incomplete
+        );
+    }
+
+    #[test]
+    fn refuses_http09_and_other_versions() {
+        assert_eq!(scan_all(1024, &[b"GET /\r\n"]), HeadProgress::NotHttp1);
+        assert_eq!(scan_all(1024, &[b"GET /\n"]), HeadProgress::NotHttp1);
+        assert_eq!(
+            scan_all(1024, &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
+            HeadProgress::NotHttp1
+        );
+        assert_eq!(
+            scan_all(
+                1024,
+                &[b"GET /a-long-path-", b"that-spans HTTP/1", b".1\r\n"]
+            ),
+            HeadProgress::Incomplete
+        );
+    }
+
+    #[test]
+    fn a_head_past_the_limit_is_too_large() {
+        let mut head = b"GET / HTTP/1.1\r\nx: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 100));
+        assert_eq!(scan_all(64, &[&head]), HeadProgress::TooLarge);
+        assert_eq!(scan_all(200, &[&head]), HeadProgress::Incomplete);
+    }
+}
