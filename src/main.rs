@@ -243,7 +243,26 @@ fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCod
     )
 }
 
+/// mimalloc's `mi_option_purge_delay` (v2's `mi_option_e`; the sys crate names no
+/// constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed when a crowd of connections goes is handed back to the OS at once: with
+/// mimalloc's default delay the purge waits for the next allocation on the freeing
+/// thread, and a worker that went quiet kept a burst's peak for good. Transparent huge
+/// pages are off for the process: khugepaged would fill the allocator's sparse arena
+/// with 2 MiB pages after such a burst, growing RSS by memory nobody uses.
+fn return_freed_memory_promptly() {
+    // SAFETY: sets one integer option of the allocator; mimalloc reads it on each purge
+    // and allows changing it at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours;
+    // where the kernel refuses it, nothing changes.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 fn main() -> ExitCode {
+    return_freed_memory_promptly();
     let cli = Cli::parse();
     init_logging(&cli.log);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

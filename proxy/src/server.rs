@@ -26,6 +26,8 @@ use async_trait::async_trait;
 use nip_xds::config::ConfigError;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -212,15 +214,17 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c);
     let mut service = Service::new("nip".to_string(), front_door);
     let address = listener.address.to_string();
-    match &listener.tls {
-        None => service.add_tcp(&address),
-        Some(files) => {
-            let mut tls = TlsSettings::intermediate(&files.cert_file, &files.key_file)
-                .map_err(|e| StartError::Tls(e.to_string()))?;
-            tls.enable_h2();
-            service.add_tls_with_settings(&address, None, tls);
-        }
+    let mut endpoint = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings {
+        read: Some(DOWNSTREAM_READ_BUFFER),
+        write: None,
+    });
+    if let Some(files) = &listener.tls {
+        let mut tls = TlsSettings::intermediate(&files.cert_file, &files.key_file)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        tls.enable_h2();
+        endpoint = endpoint.tls(tls);
     }
+    service.add_listener(endpoint);
     server.add_service(service);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
@@ -305,6 +309,10 @@ struct Control {
 
 /// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
 type ReloadResult = Result<Option<Snapshot>, String>;
+
+/// Each client connection's read buffer: a TLS record (pingora's default is 64 KiB, which
+/// idle and slow clients hold for nothing; requests with larger bodies read past it).
+const DOWNSTREAM_READ_BUFFER: usize = 16 * 1024;
 
 /// A reload running on the blocking pool, and the snapshot it started from.
 struct ReloadTask {

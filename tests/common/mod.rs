@@ -284,6 +284,18 @@ impl Proxy {
     /// Starts with `{port}` = `port` (for a listener whose address comes from elsewhere,
     /// such as a control plane), without waiting for readiness.
     pub fn spawn_on(yaml: &str, port: u16) -> Proxy {
+        Proxy::spawn_limited(yaml, port, None)
+    }
+
+    /// Starts with at most `nofile` open descriptors (`ulimit -n`, soft and hard), as on a
+    /// host with the usual 1,024; returns once `/ready` answers 200.
+    pub async fn start_with_nofile(yaml: &str, nofile: u32) -> Proxy {
+        let proxy = Proxy::spawn_limited(yaml, free_port(), Some(nofile));
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    fn spawn_limited(yaml: &str, port: u16, nofile: Option<u32>) -> Proxy {
         let admin_port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("nip.yaml");
@@ -291,7 +303,20 @@ impl Proxy {
         let yaml = fill(yaml, port, admin_port, dir.path());
         std::fs::write(&config_path, yaml).unwrap();
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(nip_bin())
+        let mut command = match nofile {
+            // The shell's builtin ulimit, then exec: the limit applies to the proxy itself.
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args([
+                    "-c",
+                    &format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+                    nip_bin(),
+                ]);
+                c
+            }
+            None => Command::new(nip_bin()),
+        };
+        let child = command
             .args(["proxy", "--config"])
             .arg(&config_path)
             .args(["--threads", "2", "--drain-timeout", "10s"])
@@ -390,12 +415,22 @@ impl Proxy {
 
     /// The proxy process's resident memory, in KiB.
     pub fn rss_kb(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    /// Resident heap and stacks only (`RssAnon`): what connections cost, without the pages
+    /// of the binary that running new code paths maps in.
+    pub fn rss_anon_kb(&self) -> u64 {
+        self.status_kb("RssAnon:")
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
     }
 
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
