@@ -23,6 +23,8 @@ rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add was
 cargo build --release -p nip -p nip-bench-baseline -p nip-bench-xds -p nip-bench-regions
 cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Cargo.toml
 python3 bench/bench.py "$@"
+# Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
+python3 bench/crowd.py
 # The control plane at scale: apply → ACK over 100 proxies, memory at 1k/10k streams.
 ulimit -n 65536 2>/dev/null || true
 target/release/nip-bench-xds target/release/nip bench/RESULTS.md

@@ -12,6 +12,10 @@
 //!        ──▶ snapshot::Snapshot ──ArcSwap──▶ gateway::Gateway (each request loads it once)
 //! ```
 //!
+//! How a connection is taken: [`downstream`] admits it under the listener's connection
+//! limit, keeps its idle and head clocks, bounds its head and checks its framing, and runs
+//! the HTTP/1 keep-alive loop (HTTP/2 goes through pingora's own, behind a flood guard).
+//!
 //! How a request flows: [`gateway`] is pingora's `ProxyHttp`, its callbacks are the phases
 //! (route → pick endpoint → forward → retry? → respond → log). [`router`] matches,
 //! [`cluster`] picks endpoints (by latency with [`ewma`], across regions, within circuit
