@@ -31,11 +31,12 @@ pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name (each has `fuzz/targets/fuzz_targets/NAME.rs` and
 /// `fuzz/corpus/NAME/`).
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("config_yaml", config_yaml),
     ("xds_response", xds_response),
     ("header_map", header_map),
     ("api_body", api_body),
+    ("host_calls", host_calls),
 ];
 
 /// The v4 YAML loader and translator (what `nip proxy --config` and `nip validate` run).
@@ -172,4 +173,69 @@ pub fn api_body(data: &[u8]) {
             "a refused body is the client's error"
         );
     }
+}
+
+/// The host-call guest (`guest.wat`): it runs its request body as a program of host calls
+/// with arbitrary arguments.
+const GUEST: &str = include_str!("guest.wat");
+
+thread_local! {
+    static GUEST_INSTANCE: std::cell::RefCell<Option<nip_filters::PluginInstance>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn guest_module() -> &'static nip_filters::PluginModule {
+    static MODULE: OnceLock<nip_filters::PluginModule> = OnceLock::new();
+    MODULE.get_or_init(|| {
+        let engine = nip_filters::PluginEngine::new(None).expect("a wasm engine");
+        nip_filters::PluginModule::compile(
+            &engine,
+            nip_filters::host::PluginIdentity {
+                name: "host-calls".into(),
+                ..Default::default()
+            },
+            nip_filters::host::NodeInfo::default(),
+            nip_filters::PluginLimits::default(),
+            GUEST.as_bytes(),
+        )
+        .expect("the host-call guest compiles")
+    })
+}
+
+/// The proxy-wasm host (header maps, buffers, properties, local replies, shared data and
+/// queues, HTTP calls, logs, ticks) called by a plugin with arguments it chose: every
+/// call returns a status or traps the instance, never takes the host down; the request
+/// state stays well-formed.
+pub fn host_calls(data: &[u8]) {
+    use nip_filters::host::{Headers, HttpState};
+    GUEST_INSTANCE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let instance = slot.get_or_insert_with(|| {
+            nip_filters::PluginInstance::start(guest_module()).expect("the host-call guest starts")
+        });
+        let mut http = HttpState {
+            request_headers: Headers::from_pairs(vec![
+                (":method".into(), "POST".into()),
+                (":path".into(), "/fuzz".into()),
+                (":authority".into(), "example.com".into()),
+                ("x-a".into(), "1".into()),
+            ]),
+            request_body: data.to_vec().into(),
+            ..Default::default()
+        };
+        let outcome = instance.create_http_context().and_then(|ctx| {
+            instance.on_request_body(ctx, &mut http, true)?;
+            instance.finish_http_context(ctx, &mut http)
+        });
+        if outcome.is_err() {
+            // A trap ends the instance, as the proxy would replace it.
+            *slot = None;
+        }
+        // Whatever the plugin made of the headers is still a map the ABI can carry.
+        let pairs = http.request_headers.pairs();
+        let encoded =
+            nip_filters::abi::encode_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+        let decoded = nip_filters::abi::decode_pairs(&encoded).expect("an encodable map");
+        assert_eq!(decoded.len(), pairs.len());
+    });
 }

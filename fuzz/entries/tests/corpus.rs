@@ -134,6 +134,28 @@ routes:
         &nip_filters::abi::encode_pairs(std::iter::empty::<(&str, &[u8])>()),
     );
     write("header_map", "seed-truncated", &[3, 0, 0, 0, 200, 0, 0, 0]);
+    // host_calls: one record per host function, with small in-bounds arguments, and one
+    // with hostile ones.
+    let record = |op: u8, args: [i32; 10]| {
+        let mut bytes = vec![op];
+        for arg in args {
+            bytes.extend_from_slice(&arg.to_le_bytes());
+        }
+        bytes
+    };
+    let gentle: Vec<u8> = (0..25u8)
+        .flat_map(|op| record(op, [0, 8, 4, 16, 4, 24, 4, 0, 100, 32]))
+        .collect();
+    write("host_calls", "seed-every-call", &gentle);
+    let hostile: Vec<u8> = (0..25u8)
+        .flat_map(|op| {
+            record(
+                op,
+                [-1, i32::MAX, i32::MIN, 65535, 131071, -8, 1 << 30, 7, 0, -1],
+            )
+        })
+        .collect();
+    write("host_calls", "seed-hostile", &hostile);
 }
 
 /// `{"yaml": TEXT, "message": "seed"}` without a JSON dependency.
