@@ -11,7 +11,7 @@ use nip_xds::envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use nip_xds::ResourceSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Records the cluster names of every set it is given.
 #[derive(Clone, Default)]
@@ -867,4 +867,50 @@ async fn renaming_a_service_under_load_drops_no_request() {
     let (sent, failures) = load.stop().await;
     assert!(sent > 50, "the load was real ({sent} requests)");
     assert_eq!(failures, 0, "requests failed while services were renamed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_bodies_are_refused_at_once_and_stall_nothing() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let http = client();
+    let applied = http
+        .post(control_plane.api("/v1/config"))
+        .header("content-type", "application/yaml")
+        .body(services(&["web"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    // 80 KB nested 40,000 deep, twice at once (libyaml alone spent seconds on each).
+    let deep = format!("services: {}", "[".repeat(80_000));
+    let started = Instant::now();
+    let post = || {
+        http.post(control_plane.api("/v1/validate"))
+            .header("content-type", "application/yaml")
+            .body(deep.clone())
+            .send()
+    };
+    let (a, b) = tokio::join!(post(), post());
+    for response in [a.unwrap(), b.unwrap()] {
+        assert_eq!(response.status(), 422);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body.to_string().contains("nesting deeper than 64 levels"),
+            "{body}"
+        );
+    }
+    // A new xDS client is served meanwhile, and the API answers.
+    let clusters = ads_client(&control_plane, "after-deep", "eu");
+    eventually("a new xDS client gets the clusters", || async {
+        clusters.last() == ["web"]
+    })
+    .await;
+    let proxies = http
+        .get(control_plane.api("/v1/proxies"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxies.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
