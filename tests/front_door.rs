@@ -653,3 +653,61 @@ routes:
         "heap {after} KiB after the crowd ({with_crowd} KiB with it), {idle_rss} KiB before"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_end_at_max_connection_duration() {
+    let backend = Backend::start("app").await;
+    let proxy = proxy_to(backend.address, "  max_connection_duration: 1s\n").await;
+    // HTTP/1: the first answer after the connection's age says Connection: close.
+    let mut stream = connect(&proxy).await;
+    stream
+        .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(first.contains("connection: keep-alive"), "{first}");
+    // A request in flight when the age passes gets its answer, which closes.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    backend.set_delay(Duration::from_millis(600));
+    stream
+        .write_all(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (second, closed) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    backend.set_delay(Duration::ZERO);
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(
+        second.to_lowercase().contains("connection: close"),
+        "{second}"
+    );
+    assert!(closed);
+    // An idle connection is closed at its age.
+    let mut idle = connect(&proxy).await;
+    let started = Instant::now();
+    let (nothing, closed) = read_until_close(&mut idle, Duration::from_secs(5)).await;
+    assert!(closed && nothing.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // HTTP/2: GOAWAY at the age; the client moves to a new connection without an error.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let response = h2.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    eventually(
+        "the HTTP/1, idle and HTTP/2 connections are counted",
+        || async {
+            sample(
+                &proxy.metrics().await,
+                "nip_downstream_cx_closed_total",
+                &[("reason", "max_connection_duration")],
+            ) >= 3.0
+        },
+    )
+    .await;
+}

@@ -1018,6 +1018,9 @@ impl ProxyHttp for Gateway {
         }
         if downstream::past_max_connection_duration(session) {
             session.set_keepalive(None);
+            self.metrics
+                .downstream
+                .closed(CloseReason::MaxConnectionDuration);
         }
         if let Some(plugins) = ctx.plugins.as_mut() {
             let end_of_stream = response_has_no_body(session, upstream_response);

@@ -210,6 +210,11 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     // takes it once, at start).
     server_options.h2_idle_timeout = snapshot.load().downstream.idle_timeout;
     proxy.server_options = Some(server_options);
+    // HTTP/2 heads are bounded like HTTP/1 ones (pingora keeps its 100 concurrent streams).
+    let mut h2_options = pingora::protocols::http::v2::server::default_h2_options();
+    let max_head = snapshot.load().downstream.max_head_bytes();
+    h2_options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
+    proxy.h2_options = Some(h2_options);
     let admission = Admission::new(metrics.downstream.clone());
     let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c);
     let mut service = Service::new("nip".to_string(), front_door);

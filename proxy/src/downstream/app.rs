@@ -27,6 +27,22 @@ use std::sync::Arc;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Flips an HTTP/2 connection's shutdown watch when the server shuts down or the
+/// connection is `max` old; then holds it (a dropped sender would read as a change).
+async fn end_at_max_duration(
+    tx: tokio::sync::watch::Sender<bool>,
+    mut server: ShutdownWatch,
+    max: std::time::Duration,
+    stats: crate::metrics::DownstreamStats,
+) {
+    tokio::select! {
+        _ = server.changed() => {}
+        () = tokio::time::sleep(max) => stats.closed(CloseReason::MaxConnectionDuration),
+    }
+    let _ = tx.send(true);
+    std::future::pending::<()>().await;
+}
+
 /// The listener's server app: connection admission and clocks, then the proxy.
 pub struct FrontDoor {
     proxy: Arc<HttpProxy<Gateway>>,
@@ -112,8 +128,26 @@ impl ServerApp for FrontDoor {
             false
         };
         if h2 {
-            return ServerApp::process_new(&self.proxy, Box::new(guarded.into_h2()), shutdown)
-                .await;
+            let max_duration = guarded.limits().max_connection_duration;
+            let guarded = Box::new(guarded.into_h2());
+            return match max_duration {
+                None => ServerApp::process_new(&self.proxy, guarded, shutdown).await,
+                Some(max) => {
+                    // Pingora ends an HTTP/2 connection gracefully (GOAWAY, streams finish)
+                    // when its shutdown watch changes: this connection's watch changes at
+                    // the server's shutdown or when the connection reaches its age.
+                    let (tx, watch) = tokio::sync::watch::channel(*shutdown.borrow());
+                    let relay = tokio::spawn(end_at_max_duration(
+                        tx,
+                        shutdown.clone(),
+                        max,
+                        self.admission.stats().clone(),
+                    ));
+                    let result = ServerApp::process_new(&self.proxy, guarded, &watch).await;
+                    relay.abort();
+                    result
+                }
+            };
         }
         self.serve_http1(guarded, shutdown).await;
         None

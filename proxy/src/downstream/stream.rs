@@ -70,6 +70,9 @@ impl Phase {
     }
 }
 
+/// A deadline that never comes (a year).
+const FAR: Duration = Duration::from_secs(86_400 * 365);
+
 /// How long a refused connection keeps reading (and discarding) after its answer, so the
 /// client's unread request does not turn the close into a reset that loses the answer.
 const LINGER: Duration = Duration::from_millis(500);
@@ -205,11 +208,9 @@ impl GuardedStream {
     /// Reads until the bytes so far are, or cannot be, the HTTP/2 preface; they are handed
     /// to pingora afterwards. `None` when the client sent nothing in time or left.
     pub async fn sniff_h2c_preface(&mut self, preface: &[u8]) -> Option<bool> {
-        let deadline = self.established
-            + self
-                .limits
-                .idle_timeout
-                .unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+        let (deadline, idle_reason) = self
+            .idle_deadline(self.established)
+            .unwrap_or((self.established + FAR, CloseReason::IdleTimeout));
         // Until its first byte the connection is idle: it gives way under pressure too.
         let mut drain = self
             .drain_source
@@ -255,7 +256,7 @@ impl GuardedStream {
                     let reason = if self.head_started.is_some() {
                         CloseReason::RequestHeadersTimeout
                     } else {
-                        CloseReason::IdleTimeout
+                        idle_reason
                     };
                     self.stats.closed(reason);
                     return None;
@@ -276,29 +277,13 @@ impl GuardedStream {
         let now = Instant::now();
         let (at, reason) = match phase {
             Phase::Idle => {
-                let idle = self
-                    .limits
-                    .idle_timeout
-                    .map(|t| (now + t, CloseReason::IdleTimeout));
-                let max = self
-                    .limits
-                    .max_connection_duration
-                    .map(|t| (self.established + t, CloseReason::MaxConnectionDuration));
                 self.drain = self
                     .drain_source
                     .as_ref()
                     .map(|admission| Box::pin(admission.idle_drain()));
-                match (idle, max) {
-                    (Some(a), Some(b)) => {
-                        if a.0 <= b.0 {
-                            a
-                        } else {
-                            b
-                        }
-                    }
-                    (Some(a), None) | (None, Some(a)) => a,
-                    (None, None) => {
-                        self.deadline_reason = CloseReason::IdleTimeout;
+                match self.idle_deadline(now) {
+                    Some(deadline) => deadline,
+                    None => {
                         self.armed_without_deadline();
                         return;
                     }
@@ -325,10 +310,26 @@ impl GuardedStream {
         self.deadline.as_mut().reset(at.into());
     }
 
+    /// When a connection idle since `since` is closed, and why: the idle timeout or the
+    /// connection's age, whichever comes first.
+    fn idle_deadline(&self, since: Instant) -> Option<(Instant, CloseReason)> {
+        let idle = self
+            .limits
+            .idle_timeout
+            .map(|t| (since + t, CloseReason::IdleTimeout));
+        let max = self
+            .limits
+            .max_connection_duration
+            .map(|t| (self.established + t, CloseReason::MaxConnectionDuration));
+        match (idle, max) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn armed_without_deadline(&mut self) {
         // Far enough to never fire; re-armed on the next phase change.
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-        self.deadline.as_mut().reset(far);
+        self.deadline.as_mut().reset((Instant::now() + FAR).into());
     }
 
     /// Looks at bytes on their way to pingora.
