@@ -644,12 +644,13 @@ routes:
     })
     .await;
     drop(crowd);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Each worker gives freed memory back within a second of its connections closing.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = proxy.rss_anon_kb();
-    // Most of it: a few MiB stay as allocator fragmentation (bounded: repeated crowds
-    // do not add up).
+    // Back within a few MiB (the crowd took 20–60 MiB; the scrapes and pooled upstream
+    // connections of the test keep a little).
     assert!(
-        after <= idle_rss + with_crowd.saturating_sub(idle_rss) / 2,
+        after <= idle_rss + 8 * 1024,
         "heap {after} KiB after the crowd ({with_crowd} KiB with it), {idle_rss} KiB before"
     );
 }

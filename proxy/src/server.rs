@@ -51,6 +51,10 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// How often a config file is checked for changes.
     pub watch_interval: Duration,
+    /// Hands memory the allocator keeps for the calling thread back to the OS (the
+    /// binary's allocator knows how); run on each worker thread once a second after
+    /// connections closed there, so a burst's peak does not stay resident.
+    pub release_memory: Option<fn()>,
 }
 
 /// Why a proxy did not start.
@@ -216,11 +220,17 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     h2_options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
     proxy.h2_options = Some(h2_options);
     let admission = Admission::new(metrics.downstream.clone());
-    let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c);
+    let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c)
+        .releasing_memory(options.release_memory);
     let mut service = Service::new("nip".to_string(), front_door);
     let address = listener.address.to_string();
+    let read_buffer = if listener.tls.is_some() {
+        DOWNSTREAM_TLS_READ_BUFFER
+    } else {
+        DOWNSTREAM_READ_BUFFER
+    };
     let mut endpoint = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings {
-        read: Some(DOWNSTREAM_READ_BUFFER),
+        read: Some(read_buffer),
         write: None,
     });
     if let Some(files) = &listener.tls {
@@ -315,9 +325,12 @@ struct Control {
 /// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
 type ReloadResult = Result<Option<Snapshot>, String>;
 
-/// Each client connection's read buffer: a TLS record (pingora's default is 64 KiB, which
-/// idle and slow clients hold for nothing; requests with larger bodies read past it).
-const DOWNSTREAM_READ_BUFFER: usize = 16 * 1024;
+/// Each plaintext client connection's read buffer. Pingora's default is 64 KiB, which every
+/// idle or slow client holds for nothing; a request head fits in 4 KiB, and larger reads
+/// (bodies) go past the buffer straight into the caller's.
+const DOWNSTREAM_READ_BUFFER: usize = 4 * 1024;
+/// With TLS, a record (16 KiB) per read.
+const DOWNSTREAM_TLS_READ_BUFFER: usize = 16 * 1024;
 
 /// A reload running on the blocking pool, and the snapshot it started from.
 struct ReloadTask {

@@ -45,7 +45,7 @@ impl Admission {
             self.drain.notify_waiters();
             return None;
         }
-        if active.saturating_mul(10) >= limit.saturating_mul(9) {
+        if self.under_pressure(limit) {
             self.drain.notify_waiters();
         }
         self.stats.cx_total.inc();
@@ -58,6 +58,11 @@ impl Admission {
     /// Resolves when idle connections should close to make room.
     pub fn idle_drain(&self) -> OwnedNotified {
         Arc::clone(&self.drain).notified_owned()
+    }
+
+    /// Whether the listener is at nine tenths of `limit` or more (idle connections give way).
+    pub fn under_pressure(&self, limit: u64) -> bool {
+        self.active().saturating_mul(10) >= limit.saturating_mul(9)
     }
 
     /// Connections open now.

@@ -49,6 +49,31 @@ pub struct FrontDoor {
     snapshot: Arc<ArcSwap<Snapshot>>,
     admission: Arc<Admission>,
     h2c: bool,
+    release_memory: Option<fn()>,
+}
+
+/// How often a worker thread whose connections closed gives memory back.
+const RELEASE_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// Whether this worker thread runs its memory-release task.
+    static RELEASING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once per worker thread: every [`RELEASE_MEMORY_EVERY`], if connections closed on this
+/// thread since, hand what the allocator keeps back to the OS.
+fn release_memory_on_this_thread(release: fn()) {
+    if RELEASING.with(|r| r.replace(true)) {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RELEASE_MEMORY_EVERY).await;
+            if super::stream::take_closed_on_this_thread() > 0 {
+                release();
+            }
+        }
+    });
 }
 
 impl FrontDoor {
@@ -64,7 +89,14 @@ impl FrontDoor {
             snapshot,
             admission,
             h2c,
+            release_memory: None,
         }
+    }
+
+    /// With a way to give freed memory back to the OS (see `ProxyOptions`).
+    pub fn releasing_memory(mut self, release: Option<fn()>) -> Self {
+        self.release_memory = release;
+        self
     }
 
     async fn serve_http1(&self, stream: GuardedStream, shutdown: &ShutdownWatch) {
@@ -108,6 +140,9 @@ impl ServerApp for FrontDoor {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if let Some(release) = self.release_memory {
+            release_memory_on_this_thread(release);
+        }
         let limits = self.snapshot.load().downstream.clone();
         let slot = self.admission.try_admit(limits.connection_limit())?;
         let tls = stream.get_ssl_digest().is_some();

@@ -94,10 +94,17 @@ const ANSWER_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain
 pub struct GuardedStream {
     inner: Stream,
     phase: AtomicU8,
-    /// The phase the deadline was set for.
+    /// The phase `due` was computed for.
     armed: Option<Phase>,
+    /// When the current phase's clock runs out, and what that means. Computing it costs no
+    /// timer operation: the timer is only touched when a read has to wait.
+    due: Option<Instant>,
+    due_reason: CloseReason,
+    /// The timer, and the instant it is set to (it may be set earlier than `due`: it then
+    /// fires, finds time left, and is set again; so a busy keep-alive connection resets
+    /// its timer once per idle timeout, not once per request).
     deadline: Pin<Box<Sleep>>,
-    deadline_reason: CloseReason,
+    timer_at: Option<Instant>,
     head: HeadScanner,
     /// Only a connection's first head is checked for its version: later ones may start
     /// in bytes pingora already holds (pipelining).
@@ -138,8 +145,10 @@ impl GuardedStream {
             inner,
             phase: AtomicU8::new(Phase::Idle as u8),
             armed: None,
+            due: None,
+            due_reason: CloseReason::IdleTimeout,
             deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            deadline_reason: CloseReason::IdleTimeout,
+            timer_at: None,
             head: HeadScanner::new(limits.max_head_bytes()),
             first_head: true,
             h2: None,
@@ -272,42 +281,68 @@ impl GuardedStream {
         self
     }
 
+    /// The clock of `phase`, computed when the connection enters it.
     fn arm(&mut self, phase: Phase) {
         self.armed = Some(phase);
         let now = Instant::now();
-        let (at, reason) = match phase {
-            Phase::Idle => {
-                self.drain = self
-                    .drain_source
-                    .as_ref()
-                    .map(|admission| Box::pin(admission.idle_drain()));
-                match self.idle_deadline(now) {
-                    Some(deadline) => deadline,
-                    None => {
-                        self.armed_without_deadline();
-                        return;
-                    }
-                }
-            }
+        let clock = match phase {
+            Phase::Idle => self.idle_deadline(now),
             Phase::Head => {
-                self.drain = None;
                 let started = *self.head_started.get_or_insert(now);
-                match self.limits.request_headers_timeout {
-                    Some(t) => (started + t, CloseReason::RequestHeadersTimeout),
-                    None => {
-                        self.armed_without_deadline();
-                        return;
-                    }
-                }
+                self.limits
+                    .request_headers_timeout
+                    .map(|t| (started + t, CloseReason::RequestHeadersTimeout))
             }
-            Phase::Active | Phase::H2 => {
-                self.drain = None;
-                self.armed_without_deadline();
-                return;
-            }
+            Phase::Active | Phase::H2 => None,
         };
-        self.deadline_reason = reason;
-        self.deadline.as_mut().reset(at.into());
+        self.due = clock.map(|(at, _)| at);
+        if let Some((_, reason)) = clock {
+            self.due_reason = reason;
+        }
+    }
+
+    /// Whether the current phase's clock ran out; otherwise the timer is set to wake the
+    /// reader by then.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let Some(due) = self.due else {
+            return Poll::Pending;
+        };
+        loop {
+            if Instant::now() >= due {
+                return Poll::Ready(self.due_reason);
+            }
+            if self.timer_at.is_none_or(|at| at > due) {
+                self.deadline.as_mut().reset(due.into());
+                self.timer_at = Some(due);
+            }
+            match self.deadline.as_mut().poll(cx) {
+                // Set for an earlier phase's clock: set it again.
+                Poll::Ready(()) => self.timer_at = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Whether the listener wants idle connections to give way now. The notification is
+    /// kept across requests (no allocation per request) and only acted on while the
+    /// listener is still near its limit.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(admission) = self.drain_source.as_ref() else {
+            return Poll::Pending;
+        };
+        for _ in 0..2 {
+            let drain = self
+                .drain
+                .get_or_insert_with(|| Box::pin(admission.idle_drain()));
+            if drain.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.drain = None;
+            if admission.under_pressure(self.limits.connection_limit()) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 
     /// When a connection idle since `since` is closed, and why: the idle timeout or the
@@ -325,11 +360,6 @@ impl GuardedStream {
             (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
             (a, b) => a.or(b),
         }
-    }
-
-    fn armed_without_deadline(&mut self) {
-        // Far enough to never fire; re-armed on the next phase change.
-        self.deadline.as_mut().reset((Instant::now() + FAR).into());
     }
 
     /// Looks at bytes on their way to pingora.
@@ -400,6 +430,22 @@ impl GuardedStream {
     }
 }
 
+thread_local! {
+    /// Connections closed on this thread since the memory-release task last looked.
+    static CLOSED_ON_THIS_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many connections closed on this thread since the last call.
+pub fn take_closed_on_this_thread() -> u64 {
+    CLOSED_ON_THIS_THREAD.with(|c| c.replace(0))
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        CLOSED_ON_THIS_THREAD.with(|c| c.set(c.get() + 1));
+    }
+}
+
 impl AsyncRead for GuardedStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -440,8 +486,7 @@ impl AsyncRead for GuardedStream {
                 }
             }
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
-                    let reason = this.deadline_reason;
+                if let Poll::Ready(reason) = this.poll_due(cx) {
                     return match phase {
                         Phase::Head => this.refuse(
                             cx,
@@ -461,17 +506,13 @@ impl AsyncRead for GuardedStream {
                         }
                     };
                 }
-                if phase == Phase::Idle {
-                    if let Some(drain) = this.drain.as_mut() {
-                        if drain.as_mut().poll(cx).is_ready() {
-                            this.stats.closed(CloseReason::OverloadDrain);
-                            this.refusal = Some(Refusal {
-                                reason: CloseReason::OverloadDrain,
-                                answer: &[],
-                            });
-                            return Poll::Ready(Ok(()));
-                        }
-                    }
+                if phase == Phase::Idle && this.poll_drain(cx).is_ready() {
+                    this.stats.closed(CloseReason::OverloadDrain);
+                    this.refusal = Some(Refusal {
+                        reason: CloseReason::OverloadDrain,
+                        answer: &[],
+                    });
+                    return Poll::Ready(Ok(()));
                 }
                 Poll::Pending
             }
