@@ -16,6 +16,7 @@ and writes medians, with ratios to nginx and HAProxy, to bench/RESULTS.md.
 Environment: RUNS (3), DURATION seconds per load phase (10), RATE for the open loop (10000).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -218,25 +219,19 @@ def run_oha() -> dict:
             "success": data["summary"]["successRate"]}
 
 
-def measure(name: str) -> dict:
-    log = open(OUT / f"{name}.log", "w")
+@contextlib.contextmanager
+def running(name: str, log_name: str):
+    """Starts proxy `name` pinned to PROXY_CPU, waits for its first proxied 200 and yields
+    (its pids, start-up ms); stops it (SIGTERM, then SIGKILL after 10 s) afterwards."""
+    log = open(OUT / f"{log_name}.log", "w")
     start = time.monotonic()
     proc = subprocess.Popen(taskset(PROXY_CPU, PROXIES[name]()), stdout=log, stderr=log)
     try:
         if not wait_for_200(f"http://{LISTEN}/"):
-            raise RuntimeError(f"{name} did not serve a 200; see {OUT}/{name}.log")
+            raise RuntimeError(f"{name} did not serve a 200; see {OUT}/{log_name}.log")
         startup_ms = (time.monotonic() - start) * 1000
         time.sleep(0.5)
-        pids = pids_of(proc.pid)
-        idle_rss = rss_kb(pids, "VmRSS")
-        before = cpu_ticks(pids)
-        rps, total = run_wrk()
-        after = cpu_ticks(pids)
-        cpu_us = (after - before) * 1_000_000 / CLK_TCK / max(total, 1)
-        latency = run_oha()
-        peak_rss = rss_kb(pids, "VmHWM")
-        return {"rps": rps, "cpu_us": cpu_us, "startup_ms": startup_ms,
-                "idle_rss_mb": idle_rss / 1024, "peak_rss_mb": peak_rss / 1024, **latency}
+        yield pids_of(proc.pid), startup_ms
     finally:
         proc.terminate()
         try:
@@ -246,6 +241,19 @@ def measure(name: str) -> dict:
             proc.wait()
         log.close()
         time.sleep(0.3)
+
+
+def measure(name: str) -> dict:
+    with running(name, name) as (pids, startup_ms):
+        idle_rss = rss_kb(pids, "VmRSS")
+        before = cpu_ticks(pids)
+        rps, total = run_wrk()
+        after = cpu_ticks(pids)
+        cpu_us = (after - before) * 1_000_000 / CLK_TCK / max(total, 1)
+        latency = run_oha()
+        peak_rss = rss_kb(pids, "VmHWM")
+        return {"rps": rps, "cpu_us": cpu_us, "startup_ms": startup_ms,
+                "idle_rss_mb": idle_rss / 1024, "peak_rss_mb": peak_rss / 1024, **latency}
 
 
 def main() -> None:

@@ -112,14 +112,7 @@ def alive(s: socket.socket) -> bool:
 
 
 def measure(name: str) -> dict:
-    log = open(bench.OUT / f"crowd-{name}.log", "w")
-    proc = subprocess.Popen(bench.taskset(bench.PROXY_CPU, bench.PROXIES[name]()),
-                            stdout=log, stderr=log)
-    try:
-        if not bench.wait_for_200(f"http://{bench.LISTEN}/"):
-            raise RuntimeError(f"{name} did not serve a 200; see crowd-{name}.log")
-        time.sleep(0.5)
-        pids = bench.pids_of(proc.pid)
+    with bench.running(name, f"crowd-{name}") as (pids, _):
         bench.RATE = RATE
         quiet = bench.run_oha()
         rss_quiet = bench.rss_kb(pids, "VmRSS")
@@ -131,15 +124,6 @@ def measure(name: str) -> dict:
                 "p50_crowd": crowded["p50_ms"], "p99_crowd": crowded["p99_ms"],
                 "success_crowd": crowded["success"],
                 "rss_quiet_mb": rss_quiet / 1024, "rss_crowd_mb": rss_crowd / 1024}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        time.sleep(0.3)
 
 
 def main() -> None:

@@ -86,6 +86,15 @@ impl RecordingBackend {
     }
 }
 
+/// `nip_downstream_cx_closed_total{reason}` in a scrape.
+fn closed_for(metrics: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        "nip_downstream_cx_closed_total",
+        &[("reason", reason)],
+    )
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -181,15 +190,11 @@ async fn idle_and_slow_clients_are_cut_off_on_time() {
     assert!(started.elapsed() < Duration::from_secs(9));
 
     let metrics = proxy.metrics().await;
-    let closed_for = |reason| {
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", reason)],
-        )
-    };
-    assert!(closed_for("idle_timeout") >= 2.0, "{metrics}");
-    assert!(closed_for("request_headers_timeout") >= 1.0, "{metrics}");
+    assert!(closed_for(&metrics, "idle_timeout") >= 2.0, "{metrics}");
+    assert!(
+        closed_for(&metrics, "request_headers_timeout") >= 1.0,
+        "{metrics}"
+    );
     assert!(!backend.received().contains("X-Slow"));
 }
 
@@ -267,27 +272,9 @@ async fn ambiguous_framing_never_reaches_the_backend() {
     let head = &head[..head.find("\r\n\r\n").unwrap()];
     assert!(!head.contains("content-length"), "{head}");
     let metrics = proxy.metrics().await;
-    assert!(
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", "bad_framing")]
-        ) >= 8.0
-    );
-    assert!(
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", "not_http1")]
-        ) >= 1.0
-    );
-    assert!(
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", "headers_too_large")]
-        ) >= 1.0
-    );
+    assert!(closed_for(&metrics, "bad_framing") >= 8.0);
+    assert!(closed_for(&metrics, "not_http1") >= 1.0);
+    assert!(closed_for(&metrics, "headers_too_large") >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,23 +354,12 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
         "places free up when the heads time out"
     );
     let metrics = proxy.metrics().await;
-    let closed_for = |reason| {
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", reason)],
-        )
-    };
-    assert!(closed_for("overflow") >= 1.0, "{metrics}");
-    assert!(closed_for("overload_drain") >= 1.0, "{metrics}");
+    assert!(closed_for(&metrics, "overflow") >= 1.0, "{metrics}");
+    assert!(closed_for(&metrics, "overload_drain") >= 1.0, "{metrics}");
     assert!(sample(&metrics, "nip_downstream_cx_active", &[]) <= 20.0);
     eventually("the stalled heads time out", || async {
         let metrics = proxy.metrics().await;
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", "request_headers_timeout")],
-        ) >= 1.0
+        closed_for(&metrics, "request_headers_timeout") >= 1.0
     })
     .await;
     drop((idle, busy));
@@ -499,13 +475,7 @@ async fn h2_settings_flood_is_ended_with_enhance_your_calm() {
         .count();
     assert!(acks < 500, "{acks} SETTINGS acknowledged");
     let metrics = proxy.metrics().await;
-    assert!(
-        sample(
-            &metrics,
-            "nip_downstream_cx_closed_total",
-            &[("reason", "h2_flood")]
-        ) >= 1.0
-    );
+    assert!(closed_for(&metrics, "h2_flood") >= 1.0);
     // Ordinary HTTP/2 clients are served.
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -702,13 +672,7 @@ async fn connections_end_at_max_connection_duration() {
     }
     eventually(
         "the HTTP/1, idle and HTTP/2 connections are counted",
-        || async {
-            sample(
-                &proxy.metrics().await,
-                "nip_downstream_cx_closed_total",
-                &[("reason", "max_connection_duration")],
-            ) >= 3.0
-        },
+        || async { closed_for(&proxy.metrics().await, "max_connection_duration") >= 3.0 },
     )
     .await;
 }

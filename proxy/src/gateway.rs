@@ -17,7 +17,8 @@
 use crate::cluster::{ActiveRequest, Cluster, LbPolicy, SlotRefusal};
 use crate::concurrency::{ConcurrencyPermit, Priority};
 use crate::downstream;
-use crate::metrics::{CloseReason, Metrics};
+use crate::downstream::stats::CloseReason;
+use crate::metrics::Metrics;
 use crate::outlier::TryOutcome;
 use crate::plugins::chain::{RequestPlugins, Verdict};
 use crate::plugins::headers::request_headers;
@@ -467,21 +468,20 @@ impl ProxyHttp for Gateway {
     /// Takes the snapshot, assigns the request id and picks the route and cluster.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
-        if let Err(refusal) = downstream::on_request_head(session, &snapshot.downstream) {
-            self.metrics.downstream.closed(CloseReason::BadFraming);
-            // The body's length is unknown: nothing after this head can be trusted.
-            session.set_keepalive(None);
-            ctx.snapshot = Some(snapshot);
-            ctx.local_status = refusal.status();
-            respond(session, ctx, refusal.status(), refusal.message()).await;
-            return Ok(true);
-        }
-        let trust_priority = downstream::guarded_stream(session)
-            .map_or(snapshot.downstream.trust_priority_header, |stream| {
-                stream.limits().trust_priority_header
-            });
+        let connection = match downstream::on_request_head(session, &snapshot.downstream) {
+            Ok(connection) => connection,
+            Err(refusal) => {
+                self.metrics.downstream.closed(CloseReason::BadFraming);
+                // The body's length is unknown: nothing after this head can be trusted.
+                session.set_keepalive(None);
+                ctx.snapshot = Some(snapshot);
+                ctx.local_status = refusal.status();
+                respond(session, ctx, refusal.status(), refusal.message()).await;
+                return Ok(true);
+            }
+        };
         let request = session.req_header_mut();
-        if !trust_priority {
+        if !connection.trust_priority_header {
             // Only a listener that trusts its clients takes their priority (and forwards it).
             request.remove_header(Priority::HEADER);
         }

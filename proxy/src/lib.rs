@@ -49,6 +49,7 @@ pub mod server;
 pub mod snapshot;
 pub mod sockets;
 pub mod source;
+mod threads;
 pub mod xds_feed;
 
 pub use server::{run, ProxyOptions, StartError};

@@ -12,7 +12,7 @@
 use crate::admin::{self, AdminState, ProxyStatus};
 use crate::cluster::EndpointRegistry;
 use crate::downstream::admission::Admission;
-use crate::downstream::app::FrontDoor;
+use crate::downstream::app::{CurrentLimits, FrontDoor};
 use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
@@ -189,7 +189,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         status,
         plugins,
     };
-    spawn_runtime_thread("nip-control", move || {
+    crate::threads::spawn_runtime_thread("nip-control", move || {
         control.run(admin_listener, admin_state)
     })
     .map_err(StartError::Runtime)?;
@@ -220,7 +220,9 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     h2_options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
     proxy.h2_options = Some(h2_options);
     let admission = Admission::new(metrics.downstream.clone());
-    let front_door = FrontDoor::new(proxy, Arc::clone(&snapshot), admission, listener.h2c)
+    let in_force = Arc::clone(&snapshot);
+    let limits: CurrentLimits = Arc::new(move || in_force.load().downstream.clone());
+    let front_door = FrontDoor::new(proxy, limits, admission, listener.h2c)
         .releasing_memory(options.release_memory);
     let mut service = Service::new("nip".to_string(), front_door);
     let address = listener.address.to_string();
@@ -245,33 +247,6 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
-}
-
-/// Runs the future `make` returns on a thread of its own with a current-thread runtime (the
-/// control thread, the xDS client). Without that runtime the proxy cannot work: it exits.
-pub(crate) fn spawn_runtime_thread<F>(
-    name: &str,
-    make: impl FnOnce() -> F + Send + 'static,
-) -> std::io::Result<()>
-where
-    F: std::future::Future<Output = ()>,
-{
-    let thread = name.to_string();
-    std::thread::Builder::new()
-        .name(thread.clone())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime.block_on(make()),
-                Err(e) => {
-                    tracing::error!("{thread}: runtime failed to start: {e}");
-                    std::process::exit(1);
-                }
-            }
-        })
-        .map(drop)
 }
 
 /// Where compiled plugin code is cached across restarts.

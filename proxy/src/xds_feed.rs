@@ -213,7 +213,7 @@ impl XdsFeed {
         };
         let last_refusal = Arc::clone(&sink.last_refusal);
         let server = format!("http://{target}");
-        crate::server::spawn_runtime_thread("nip-xds", move || {
+        crate::threads::spawn_runtime_thread("nip-xds", move || {
             AdsClient::new(server, node, sink).run()
         })
         .map_err(|e| format!("xDS thread: {e}"))?;

@@ -6,7 +6,7 @@
 //! connection sitting idle between requests is told to close ([`Admission::idle_drain`]),
 //! so keep-alive clients that do nothing cannot starve clients with requests.
 
-use crate::metrics::{CloseReason, DownstreamStats};
+use super::stats::{CloseReason, DownstreamStats};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::futures::OwnedNotified;

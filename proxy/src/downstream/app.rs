@@ -12,16 +12,14 @@
 //!    `max_requests_per_connection`, `max_connection_duration`, the phase marks.
 
 use super::admission::Admission;
+use super::limits::DownstreamLimits;
+use super::stats::CloseReason;
 use super::stream::GuardedStream;
-use crate::gateway::Gateway;
-use crate::metrics::CloseReason;
-use crate::snapshot::Snapshot;
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
+use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 
@@ -33,7 +31,7 @@ async fn end_at_max_duration(
     tx: tokio::sync::watch::Sender<bool>,
     mut server: ShutdownWatch,
     max: std::time::Duration,
-    stats: crate::metrics::DownstreamStats,
+    stats: super::stats::DownstreamStats,
 ) {
     tokio::select! {
         _ = server.changed() => {}
@@ -43,10 +41,13 @@ async fn end_at_max_duration(
     std::future::pending::<()>().await;
 }
 
+/// The limits in force now (the server reads them from the snapshot).
+pub type CurrentLimits = Arc<dyn Fn() -> DownstreamLimits + Send + Sync>;
+
 /// The listener's server app: connection admission and clocks, then the proxy.
-pub struct FrontDoor {
-    proxy: Arc<HttpProxy<Gateway>>,
-    snapshot: Arc<ArcSwap<Snapshot>>,
+pub struct FrontDoor<SV> {
+    proxy: Arc<HttpProxy<SV>>,
+    limits: CurrentLimits,
     admission: Arc<Admission>,
     h2c: bool,
     release_memory: Option<fn()>,
@@ -76,17 +77,21 @@ fn release_memory_on_this_thread(release: fn()) {
     });
 }
 
-impl FrontDoor {
-    /// A front door for `proxy`, reading its limits from the snapshot in force.
+impl<SV> FrontDoor<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
+    /// A front door for `proxy`; each new connection takes the limits `limits` gives then.
     pub fn new(
-        proxy: HttpProxy<Gateway>,
-        snapshot: Arc<ArcSwap<Snapshot>>,
+        proxy: HttpProxy<SV>,
+        limits: CurrentLimits,
         admission: Arc<Admission>,
         h2c: bool,
     ) -> Self {
         FrontDoor {
             proxy: Arc::new(proxy),
-            snapshot,
+            limits,
             admission,
             h2c,
             release_memory: None,
@@ -134,7 +139,11 @@ impl FrontDoor {
 }
 
 #[async_trait]
-impl ServerApp for FrontDoor {
+impl<SV> ServerApp for FrontDoor<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -143,7 +152,7 @@ impl ServerApp for FrontDoor {
         if let Some(release) = self.release_memory {
             release_memory_on_this_thread(release);
         }
-        let limits = self.snapshot.load().downstream.clone();
+        let limits = (self.limits)();
         let slot = self.admission.try_admit(limits.connection_limit())?;
         let tls = stream.get_ssl_digest().is_some();
         let alpn_h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));

@@ -54,18 +54,6 @@ impl FramingError {
             FramingError::BadVersion => "bad request: HTTP/1.0 or HTTP/1.1 only\n",
         }
     }
-
-    /// The reason label of `nip_downstream_rq_refused_total`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            FramingError::BadContentLength => "content_length",
-            FramingError::BadTransferEncoding => "transfer_encoding",
-            FramingError::UnknownTransferCoding => "transfer_coding",
-            FramingError::BadHost => "host",
-            FramingError::TooManyHeaders => "headers_count",
-            FramingError::BadVersion => "version",
-        }
-    }
 }
 
 /// Checks an HTTP/1 request head. Pingora has already removed `Content-Length` when

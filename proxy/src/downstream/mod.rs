@@ -14,7 +14,9 @@
 //! for new connections. Everything here is per connection and lock-free; what it closes is
 //! counted in `nip_downstream_cx_closed_total{reason}`.
 //!
-//! This module knows sockets and HTTP framing, never routes or clusters.
+//! This module knows sockets and HTTP framing, never routes, clusters or snapshots: it
+//! imports nothing else of the crate (the server wires [`app::FrontDoor`] to the gateway
+//! and to the snapshot's limits).
 
 pub mod admission;
 pub mod app;
@@ -22,6 +24,7 @@ pub mod framing;
 pub mod h2_flood;
 pub mod head;
 pub mod limits;
+pub mod stats;
 pub mod stream;
 
 use framing::FramingError;
@@ -37,33 +40,42 @@ pub fn guarded_stream(session: &Session) -> Option<&GuardedStream> {
         .and_then(|stream| stream.as_ref().as_any().downcast_ref::<GuardedStream>())
 }
 
+/// What the gateway takes from the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionFacts {
+    /// The listener trusts its clients' `x-nip-priority`.
+    pub trust_priority_header: bool,
+}
+
 /// The first thing the gateway does with a request head: stop the head clock, set the
 /// body clocks (`stream_idle_timeout`), and check the framing. A refused head must be
-/// answered with the error's status on a connection that then closes.
+/// answered with the error's status on a connection that then closes. `current` are the
+/// limits in force, for HTTP/2 streams (whose connection pingora does not show).
 pub fn on_request_head(
     session: &mut Session,
     current: &DownstreamLimits,
-) -> Result<(), FramingError> {
-    let (max_headers, stream_idle) = match guarded_stream(session) {
-        Some(stream) => {
-            stream.mark_active();
-            let limits = stream.limits();
-            (limits.max_headers_count, limits.stream_idle_timeout)
-        }
-        None => (current.max_headers_count, current.stream_idle_timeout),
+) -> Result<ConnectionFacts, FramingError> {
+    let guarded = guarded_stream(session);
+    if let Some(stream) = guarded {
+        stream.mark_active();
+    }
+    let limits = guarded.map_or(current, GuardedStream::limits);
+    let max_headers = usize::try_from(limits.max_headers_count).unwrap_or(usize::MAX);
+    let stream_idle = limits.stream_idle_timeout;
+    let facts = ConnectionFacts {
+        trust_priority_header: limits.trust_priority_header,
     };
     session.set_read_timeout(stream_idle);
     session.set_write_timeout(stream_idle);
-    let max_headers = usize::try_from(max_headers).unwrap_or(usize::MAX);
     let request = session.req_header();
     if session.downstream_session.is_http2() {
         return if request.headers.len() > max_headers {
             Err(FramingError::TooManyHeaders)
         } else {
-            Ok(())
+            Ok(facts)
         };
     }
-    framing::check_request_head(request.version, &request.headers, max_headers)
+    framing::check_request_head(request.version, &request.headers, max_headers).map(|()| facts)
 }
 
 /// Whether the connection under `session` has lived past `max_connection_duration` (its

@@ -25,7 +25,7 @@ use super::admission::ConnectionSlot;
 use super::h2_flood::{H2Flood, H2FloodGuard};
 use super::head::{HeadProgress, HeadScanner};
 use super::limits::DownstreamLimits;
-use crate::metrics::{CloseReason, DownstreamStats};
+use super::stats::{CloseReason, DownstreamStats};
 use async_trait::async_trait;
 use bytes::{Buf, BytesMut};
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -190,11 +190,6 @@ impl GuardedStream {
         self.phase.store(Phase::Idle as u8, Ordering::Release);
         self.first_head = false;
         self.head_started = None;
-    }
-
-    /// When the connection was accepted.
-    pub fn established(&self) -> Instant {
-        self.established
     }
 
     /// Whether the connection is older than `max_connection_duration`.
