@@ -676,3 +676,75 @@ async fn connections_end_at_max_connection_duration() {
     )
     .await;
 }
+
+/// A backend that answers every connection's first request with `size` bytes of body and
+/// records whether the whole body went out.
+async fn big_response_backend(size: usize) -> (std::net::SocketAddr, Arc<Mutex<Option<bool>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let finished = Arc::new(Mutex::new(None));
+    let outcome = Arc::clone(&finished);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let outcome = Arc::clone(&outcome);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                let mut ok = stream.write_all(answer.as_bytes()).await.is_ok();
+                let chunk = vec![b'x'; 1 << 20];
+                let mut sent = 0;
+                while ok && sent < size {
+                    let n = chunk.len().min(size - sent);
+                    ok = stream.write_all(&chunk[..n]).await.is_ok();
+                    sent += n;
+                }
+                *outcome.lock().unwrap() = Some(ok);
+            });
+        }
+    });
+    (address, finished)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_at_stream_idle_timeout() {
+    const SIZE: usize = 256 << 20;
+    let (backend, finished) = big_response_backend(SIZE).await;
+    let proxy = proxy_to(backend, "  stream_idle_timeout: 1s\n").await;
+    let mut stream = connect(&proxy).await;
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The client stops reading; the socket buffers fill and the proxy's writes wait.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually("the stalled download is counted", || async {
+        closed_for(&proxy.metrics().await, "stream_idle_timeout") >= 1.0
+    })
+    .await;
+    // What the buffers held arrives, then the connection ends, far short of the body.
+    let mut received = n;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await;
+        match read.expect("the connection stays open") {
+            Ok(0) | Err(_) => break,
+            Ok(more) => received += more,
+        }
+    }
+    assert!(received < SIZE / 2, "{received} of {SIZE} bytes arrived");
+    // The upstream side is let go too: the backend's write fails.
+    eventually("the backend's write fails", || async {
+        *finished.lock().unwrap() == Some(false)
+    })
+    .await;
+}

@@ -70,20 +70,27 @@ pub fn check_request_head(
     if headers.len() > max_headers_count {
         return Err(FramingError::TooManyHeaders);
     }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        if lengths.next().is_some() || parse_content_length(first.as_bytes()).is_none() {
-            return Err(FramingError::BadContentLength);
+    // One pass over the fields (a head has a handful; three hashed lookups cost more).
+    let (mut length, mut coding, mut hosts) = (None, None, 0usize);
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH {
+            if length.replace(value).is_some() {
+                return Err(FramingError::BadContentLength);
+            }
+        } else if name == TRANSFER_ENCODING {
+            if coding.replace(value).is_some() {
+                return Err(FramingError::BadTransferEncoding);
+            }
+        } else if name == HOST {
+            hosts += 1;
         }
     }
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(first) = codings.next() {
-        if codings.next().is_some() {
-            return Err(FramingError::BadTransferEncoding);
-        }
-        check_transfer_encoding(first.as_bytes())?;
+    if length.is_some_and(|value| parse_content_length(value.as_bytes()).is_none()) {
+        return Err(FramingError::BadContentLength);
     }
-    let hosts = headers.get_all(HOST).iter().count();
+    if let Some(value) = coding {
+        check_transfer_encoding(value.as_bytes())?;
+    }
     if hosts > 1 || (version == Version::HTTP_11 && hosts == 0) {
         return Err(FramingError::BadHost);
     }

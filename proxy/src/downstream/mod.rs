@@ -66,7 +66,11 @@ pub fn on_request_head(
         trust_priority_header: limits.trust_priority_header,
     };
     session.set_read_timeout(stream_idle);
-    session.set_write_timeout(stream_idle);
+    if session.downstream_session.is_http2() {
+        // An HTTP/1 client's stalled reads are the guarded stream's write clock; an HTTP/2
+        // stream waits on flow control, which only pingora sees.
+        session.set_write_timeout(stream_idle);
+    }
     let request = session.req_header();
     if session.downstream_session.is_http2() {
         return if request.headers.len() > max_headers {

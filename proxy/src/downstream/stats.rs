@@ -1,5 +1,5 @@
 //! Counters of the listener's client connections: how many, and why the proxy closed
-//! each one it closed. Resolved once; `crate::metrics` registers them.
+//! each one it closed. Resolved once; the metric registry registers them.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,11 +26,13 @@ pub enum CloseReason {
     MaxConnectionDuration,
     /// An HTTP/2 client flooded control or empty frames (GOAWAY `ENHANCE_YOUR_CALM`).
     H2Flood,
+    /// The client read nothing of a response for `stream_idle_timeout`.
+    StreamIdleTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in label order.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Overflow,
         CloseReason::IdleTimeout,
         CloseReason::OverloadDrain,
@@ -40,6 +42,7 @@ impl CloseReason {
         CloseReason::BadFraming,
         CloseReason::MaxConnectionDuration,
         CloseReason::H2Flood,
+        CloseReason::StreamIdleTimeout,
     ];
 
     /// The label value.
@@ -54,6 +57,7 @@ impl CloseReason {
             CloseReason::BadFraming => "bad_framing",
             CloseReason::MaxConnectionDuration => "max_connection_duration",
             CloseReason::H2Flood => "h2_flood",
+            CloseReason::StreamIdleTimeout => "stream_idle_timeout",
         }
     }
 }

@@ -12,8 +12,12 @@
 //!   [`HeadScanner`]): `request_headers_timeout` (408), `max_request_headers_kb` (431), an
 //!   HTTP/0.9 or foreign request line (400). The answer is written straight to the socket
 //!   and the connection closed with a lingering close, so the client reads it.
-//! * `Active` (the gateway has the head): nothing here; the gateway sets pingora's body
-//!   read timeout (`stream_idle_timeout`).
+//! * `Active` (the gateway has the head): the gateway sets pingora's body read timeout
+//!   (`stream_idle_timeout`).
+//! * In every phase, a write the client does not take for `stream_idle_timeout` (it stopped
+//!   reading a response) ends the connection. The clock starts when a write first finds the
+//!   socket full, so writes that never wait cost no timer (pingora's own write timeout
+//!   wraps every response write in one).
 //! * `H2`: frame floods ([`H2FloodGuard`]) end the connection with GOAWAY.
 //!
 //! The gateway marks a request's head as taken ([`GuardedStream::mark_active`], also for
@@ -118,6 +122,10 @@ pub struct GuardedStream {
     drain: Option<Pin<Box<OwnedNotified>>>,
     drain_source: Option<Arc<super::admission::Admission>>,
     refusal: Option<Refusal>,
+    /// Since when writes have found the socket full (none while they make progress).
+    write_stalled_since: Option<Instant>,
+    /// The write-stall timer, made the first time a write waits.
+    write_timer: Option<Pin<Box<Sleep>>>,
     stats: DownstreamStats,
     _slot: Option<ConnectionSlot>,
 }
@@ -159,6 +167,8 @@ impl GuardedStream {
             drain: None,
             drain_source: admission,
             refusal: None,
+            write_stalled_since: None,
+            write_timer: None,
             stats,
             _slot: slot,
         }
@@ -338,6 +348,45 @@ impl GuardedStream {
             }
         }
         Poll::Pending
+    }
+
+    /// The outcome of a write (or flush) to the client, with the write-stall clock applied:
+    /// progress stops the clock, waiting starts it, and waiting past `stream_idle_timeout`
+    /// ends the connection.
+    fn after_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.write_stalled_since = None;
+            return result;
+        }
+        let Some(limit) = self.limits.stream_idle_timeout else {
+            return Poll::Pending;
+        };
+        let due = *self.write_stalled_since.get_or_insert_with(Instant::now) + limit;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due.into())));
+        if timer.deadline() != due.into() {
+            timer.as_mut().reset(due.into());
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                let reason = CloseReason::StreamIdleTimeout;
+                self.stats.closed(reason);
+                self.refusal = Some(Refusal {
+                    reason,
+                    answer: &[],
+                });
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client read nothing for stream_idle_timeout",
+                )))
+            }
+        }
     }
 
     /// When a connection idle since `since` is closed, and why: the idle timeout or the
@@ -522,11 +571,15 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after_write(cx, result)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -538,7 +591,9 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
