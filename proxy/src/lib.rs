@@ -8,49 +8,47 @@
 //! How config flows (one way only):
 //!
 //! ```text
-//! source::ConfigSource ──(nip-xds: YAML → xDS resources)──▶ snapshot::Compiler::compile
-//!        ──▶ snapshot::Snapshot ──ArcSwap──▶ gateway::Gateway (each request loads it once)
+//! config_source (file: YAML ─nip-xds─▶ xDS resources; ads: a control plane)
+//!        ──▶ compile::Compiler::compile ──▶ compile::Snapshot ──ArcSwap──▶ http::Gateway
+//!                                                        (each request loads it once)
 //! ```
 //!
 //! How a connection is taken: [`downstream`] admits it under the listener's connection
-//! limit, keeps its idle and head clocks, bounds its head and checks its framing, and runs
-//! the HTTP/1 keep-alive loop (HTTP/2 goes through pingora's own, behind a flood guard).
+//! limit, keeps its idle, head and write-stall clocks, bounds its head and checks its
+//! framing, and runs the HTTP/1 keep-alive loop (HTTP/2 goes through pingora's own, behind
+//! a flood guard).
 //!
-//! How a request flows: [`gateway`] is pingora's `ProxyHttp`, its callbacks are the phases
-//! (route → pick endpoint → forward → retry? → respond → log). [`router`] matches,
-//! [`cluster`] picks endpoints (by latency with [`ewma`], across regions, within circuit
-//! breakers), [`outlier`] ejects the ones that keep failing, [`health`] probes them, [`metrics`] and [`access_log`]
-//! record, [`admin`] shows. [`server`] wires the threads: pingora workers carry requests;
-//! one control thread carries the admin port, reloads, health checks and draining.
+//! How a request flows: [`http`] is pingora's `ProxyHttp`, its callbacks are the phases
+//! (route → admit → pick endpoint → forward → retry? → respond → log). [`route`] matches,
+//! [`upstream`] narrows a cluster to the endpoints a try may use and its balancing policy
+//! picks one (by latency across regions, by ring, …), ejects endpoints that keep failing
+//! and probes them; [`plugins`] run proxy-wasm filters; [`telemetry`] records; [`admin`]
+//! shows. [`server`] wires the threads: pingora workers carry requests; one control thread
+//! carries the admin port, reloads, health checks and draining.
 //!
-//! With `control_plane` in its local config, the proxy instead follows a control plane over
-//! ADS ([`xds_feed`]): every set it receives goes through the same compiler, and a set that
-//! does not compile is NACKed with the compiler's message.
+//! The modules are layers, declared below lowest first; a module uses only those above it
+//! (ARCHITECTURE.md, "Layers of nip-proxy").
 //!
-//! This crate may not parse YAML except through [`source`], and nothing on the request path
-//! blocks, locks a shared mutex, or logs on success.
+//! With `control_plane` in its local config, the proxy follows a control plane over ADS
+//! ([`config_source::ads`]): every set it receives goes through the same compiler, and a
+//! set that does not compile is NACKed with the compiler's message.
+//!
+//! This crate may not parse YAML except through [`config_source::file`], and nothing on
+//! the request path blocks, locks a shared mutex, or logs on success.
 
 #![warn(missing_docs)]
 
-pub mod access_log;
 pub mod admin;
-pub mod cluster;
-pub mod concurrency;
+pub mod compile;
+pub mod config_source;
 pub mod downstream;
-pub mod ewma;
-pub mod gateway;
-pub mod hash;
-pub mod health;
-pub mod metrics;
-pub mod outlier;
+pub mod http;
 pub mod plugins;
-pub mod router;
+pub mod route;
 pub mod server;
-pub mod snapshot;
-pub mod sockets;
-pub mod source;
+pub mod telemetry;
 mod threads;
-pub mod xds_feed;
+pub mod upstream;
 
+pub use config_source::ConfigSource;
 pub use server::{run, ProxyOptions, StartError};
-pub use source::ConfigSource;

@@ -10,17 +10,17 @@
 //! * `nip-access-log`: writes access log lines when enabled.
 
 use crate::admin::{self, AdminState, ProxyStatus};
-use crate::cluster::EndpointRegistry;
+use crate::compile::{CompileError, Compiler, Snapshot};
+use crate::config_source::ads::XdsFeed;
+use crate::config_source::{ConfigSource, Fingerprint};
 use crate::downstream::admission::Admission;
 use crate::downstream::app::{CurrentLimits, FrontDoor};
-use crate::gateway::Gateway;
-use crate::health::HealthChecker;
-use crate::metrics::Metrics;
-use crate::outlier::OutlierSweeper;
+use crate::http::Gateway;
 use crate::plugins::PluginLoader;
-use crate::snapshot::{CompileError, Compiler, Snapshot};
-use crate::source::{ConfigSource, Fingerprint};
-use crate::xds_feed::XdsFeed;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::health::HealthChecker;
+use crate::upstream::outlier::OutlierSweeper;
+use crate::upstream::registry::EndpointRegistry;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use nip_xds::config::ConfigError;
@@ -126,7 +126,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
             tracing::info!(control_plane = %target, "waiting for config from the control plane");
             let (first, feed) = XdsFeed::start(
                 target,
-                crate::xds_feed::FeedParts {
+                crate::config_source::ads::FeedParts {
                     bootstrap: translation.bootstrap.clone(),
                     registry: Arc::clone(&registry),
                     metrics: Arc::clone(&metrics),
@@ -328,7 +328,8 @@ impl Control {
                 tracing::error!("admin server stopped: {e}");
             }
         });
-        self.health.reconcile(&self.snapshot.load(), &self.metrics);
+        self.health
+            .reconcile(&self.snapshot.load().clusters, &self.metrics);
         let (Ok(mut hangup), Ok(mut terminate)) = (
             signal(SignalKind::hangup()),
             signal(SignalKind::terminate()),
@@ -379,7 +380,7 @@ impl Control {
                     }
                 }
                 _ = sweep.tick() => {
-                    outliers.sweep(&self.snapshot.load(), tokio::time::Instant::now());
+                    outliers.sweep(&self.snapshot.load().clusters, tokio::time::Instant::now());
                 }
                 _ = terminate.recv() => {
                     self.drain().await;
@@ -494,7 +495,8 @@ impl Control {
     /// compiled plugin versions no snapshot uses (in-flight requests keep theirs through
     /// their own snapshot).
     fn after_swap(&mut self) {
-        self.health.reconcile(&self.snapshot.load(), &self.metrics);
+        self.health
+            .reconcile(&self.snapshot.load().clusters, &self.metrics);
         self.registry.prune();
         let live: Vec<u64> = self
             .snapshot

@@ -1,13 +1,12 @@
 //! `proxy_http_call`: the HTTP client plugins reach named clusters with.
 //!
-//! A callout goes to a healthy endpoint of the named cluster of the *current* snapshot,
+//! A callout goes to a healthy endpoint of the named cluster of the config *in force*,
 //! over pingora's connector (pooled keep-alive connections, h2c when the cluster speaks it),
 //! under the timeout the plugin gave. Any failure — no such cluster, no healthy endpoint,
 //! connect error, timeout, an oversized answer — is delivered to the plugin as an answer
 //! with no headers, which is how Envoy reports a failed callout.
 
-use crate::snapshot::Snapshot;
-use arc_swap::ArcSwap;
+use crate::upstream::cluster::Cluster;
 use bytes::Bytes;
 use nip_filters::host::{Callout, CalloutResponse};
 use pingora::connectors::http::Connector;
@@ -23,9 +22,13 @@ const MAX_RESPONSE_BODY: usize = 4 << 20;
 /// Pooled callout connections idle longer than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Finds a cluster of the config in force by name (the config layer above hands it in, so
+/// plugins need not know how config is held).
+pub type ClusterLookup = Arc<dyn Fn(&str) -> Option<Arc<Cluster>> + Send + Sync>;
+
 /// Performs plugins' HTTP callouts.
 pub struct CalloutClient {
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    clusters: ClusterLookup,
     connector: Connector,
 }
 
@@ -36,10 +39,10 @@ impl std::fmt::Debug for CalloutClient {
 }
 
 impl CalloutClient {
-    /// A client resolving cluster names in whatever snapshot `snapshot` holds at call time.
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Self {
+    /// A client resolving cluster names through `clusters` at call time.
+    pub fn new(clusters: ClusterLookup) -> Self {
         CalloutClient {
-            snapshot,
+            clusters,
             connector: Connector::new(None),
         }
     }
@@ -66,10 +69,7 @@ impl CalloutClient {
 
     async fn try_call(&self, callout: &Callout) -> Result<CalloutResponse, String> {
         let (peer, request) = {
-            let snapshot = self.snapshot.load();
-            let cluster = snapshot
-                .clusters
-                .get(&callout.upstream)
+            let cluster = (self.clusters)(&callout.upstream)
                 .ok_or_else(|| format!("no cluster {:?}", callout.upstream))?;
             let endpoint = cluster
                 .pick(&[])

@@ -12,11 +12,9 @@
 //! response phase) and delivers their answers. It ends when its instance is replaced or its
 //! plugin version is no longer configured.
 
-use super::callout::CalloutClient;
+use super::callout::{CalloutClient, ClusterLookup};
 use super::LoadedPlugin;
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
-use arc_swap::ArcSwap;
+use crate::telemetry::metrics::Metrics;
 use nip_filters::host::{Callout, CalloutResponse};
 use nip_filters::{PluginError, PluginInstance};
 use std::cell::RefCell;
@@ -107,11 +105,11 @@ impl std::fmt::Debug for PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// A runtime whose callouts reach the clusters of whatever `snapshot` holds.
-    pub fn new(metrics: Arc<Metrics>, snapshot: Arc<ArcSwap<Snapshot>>) -> Arc<Self> {
+    /// A runtime whose callouts reach the clusters `clusters` finds.
+    pub fn new(metrics: Arc<Metrics>, clusters: ClusterLookup) -> Arc<Self> {
         Arc::new(PluginRuntime {
             metrics,
-            callouts: CalloutClient::new(snapshot),
+            callouts: CalloutClient::new(clusters),
         })
     }
 

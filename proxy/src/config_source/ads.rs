@@ -16,10 +16,10 @@
 //! (atomically); a proxy that starts while the control plane does not answer serves the
 //! saved set after a short wait, and swaps in whatever the control plane sends later.
 
-use crate::cluster::EndpointRegistry;
-use crate::metrics::Metrics;
+use crate::compile::{Compiler, Snapshot};
 use crate::plugins::PluginLoader;
-use crate::snapshot::{Compiler, Snapshot};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::registry::EndpointRegistry;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use nip_xds::client::{AdsClient, ResourceSink};

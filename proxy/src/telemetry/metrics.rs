@@ -143,6 +143,19 @@ struct VersionLabels {
     version: String,
 }
 
+/// Outlier detectors in label order (`upstream::outlier::Detector` is indexed the same way).
+pub const DETECTOR_LABELS: [&str; 5] = [
+    "consecutive_5xx",
+    "consecutive_gateway_failure",
+    "success_rate",
+    "failure_percentage",
+    "latency",
+];
+
+/// Request priority classes, lowest first (`upstream::concurrency::Priority` is indexed the
+/// same way; the names are also the `x-nip-priority` values).
+pub const PRIORITY_LABELS: [&str; 3] = ["low", "normal", "high"];
+
 /// Status classes in label order; index = status / 100 - 1.
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -176,8 +189,8 @@ pub struct ClusterStats {
     pub rq_active: Gauge,
     /// Retries sent.
     pub rq_retry: Counter,
-    /// Endpoints ejected by outlier detection, by detector ([`crate::outlier::Detector`]).
-    pub outlier_ejections: [Counter; 5],
+    /// Endpoints ejected by outlier detection, by detector ([`DETECTOR_LABELS`]).
+    pub outlier_ejections: [Counter; DETECTOR_LABELS.len()],
     /// Retries in flight (for the `max_retries` circuit breaker).
     pub rq_retry_active: Gauge,
     /// Requests refused by the `max_requests` circuit breaker.
@@ -185,7 +198,7 @@ pub struct ClusterStats {
     /// Retries not made because of the `max_retries` circuit breaker.
     pub rq_retry_overflow: Counter,
     /// Requests shed by adaptive concurrency, by priority (low, normal, high).
-    pub rq_shed: [Counter; 3],
+    pub rq_shed: [Counter; PRIORITY_LABELS.len()],
     /// Requests that found every connection slot in use (`max_connections`) and waited.
     pub cx_overflow: Counter,
     /// Requests refused because the line waiting for a connection was full.
@@ -504,12 +517,18 @@ impl Metrics {
 
     /// The counter of tries a cluster sends to one locality (resolved at compile time,
     /// so the request path only increments).
-    pub fn locality_picks(&self, cluster: &str, locality: &crate::cluster::Locality) -> Counter {
+    pub fn locality_picks(
+        &self,
+        cluster: &str,
+        region: &str,
+        zone: &str,
+        sub_zone: &str,
+    ) -> Counter {
         let labels = LocalityLabels {
             cluster: cluster.to_string(),
-            region: locality.region.clone(),
-            zone: locality.zone.clone(),
-            sub_zone: locality.sub_zone.clone(),
+            region: region.to_string(),
+            zone: zone.to_string(),
+            sub_zone: sub_zone.to_string(),
         };
         let counter = self.locality_picks.get_or_create(&labels).clone();
         self.generations().pending.localities.insert(labels);
@@ -577,16 +596,16 @@ impl Metrics {
         ] {
             family.remove(&labels);
         }
-        for detector in crate::outlier::Detector::ALL {
+        for detector in DETECTOR_LABELS {
             self.outlier_ejections.remove(&DetectorLabels {
                 cluster: cluster.to_string(),
-                detector: detector.as_str(),
+                detector,
             });
         }
-        for priority in crate::concurrency::Priority::ALL {
+        for priority in PRIORITY_LABELS {
             self.upstream_rq_shed.remove(&ShedLabels {
                 cluster: cluster.to_string(),
-                priority: priority.as_str(),
+                priority,
             });
         }
         for result in ["success", "failure"] {
@@ -611,11 +630,11 @@ impl Metrics {
             cx_connect_fail: self.upstream_cx_connect_fail.get_or_create(&labels).clone(),
             rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
             rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
-            outlier_ejections: crate::outlier::Detector::ALL.map(|detector| {
+            outlier_ejections: DETECTOR_LABELS.map(|detector| {
                 self.outlier_ejections
                     .get_or_create(&DetectorLabels {
                         cluster: cluster.to_string(),
-                        detector: detector.as_str(),
+                        detector,
                     })
                     .clone()
             }),
@@ -634,11 +653,11 @@ impl Metrics {
                 .upstream_rq_pending_active
                 .get_or_create(&labels)
                 .clone(),
-            rq_shed: crate::concurrency::Priority::ALL.map(|priority| {
+            rq_shed: PRIORITY_LABELS.map(|priority| {
                 self.upstream_rq_shed
                     .get_or_create(&ShedLabels {
                         cluster: cluster.to_string(),
-                        priority: priority.as_str(),
+                        priority,
                     })
                     .clone()
             }),
@@ -680,61 +699,75 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the Prometheus text format, after refreshing the state gauges from `snapshot`.
-    pub fn render(&self, snapshot: Option<&crate::snapshot::Snapshot>) -> String {
+    /// Renders the Prometheus text format, after `refresh` has set the gauges that show
+    /// state (endpoint health, connections, the config version) from the config in force.
+    pub fn render(&self, refresh: impl FnOnce(&StateGauges<'_>)) -> String {
         self.endpoint_healthy.clear();
         self.endpoint_rq_active.clear();
         self.upstream_cx_active.clear();
         self.config_info.clear();
         self.concurrency_limit.clear();
-        if let Some(snapshot) = snapshot {
-            for cluster in snapshot.clusters.values() {
-                if let Some(adaptive) = &cluster.adaptive_concurrency {
-                    self.concurrency_limit
-                        .get_or_create(&ClusterLabels {
-                            cluster: cluster.name.to_string(),
-                        })
-                        .set(i64::from(adaptive.controller.status().limit));
-                }
-            }
-            let open = crate::sockets::established_by_remote();
-            for cluster in snapshot.clusters.values() {
-                let connections: usize = cluster
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| open.get(&e.address))
-                    .sum();
-                self.upstream_cx_active
-                    .get_or_create(&ClusterLabels {
-                        cluster: cluster.name.to_string(),
-                    })
-                    .set(i64::try_from(connections).unwrap_or(i64::MAX));
-            }
-            self.config_info
-                .get_or_create(&VersionLabels {
-                    version: snapshot.version.clone(),
-                })
-                .set(1);
-            for cluster in snapshot.clusters.values() {
-                for endpoint in &cluster.endpoints {
-                    let labels = EndpointLabels {
-                        cluster: cluster.name.to_string(),
-                        endpoint: endpoint.address.to_string(),
-                    };
-                    self.endpoint_healthy
-                        .get_or_create(&labels)
-                        .set(i64::from(endpoint.state.is_healthy()));
-                    self.endpoint_rq_active
-                        .get_or_create(&labels)
-                        .set(i64::try_from(endpoint.state.active_requests()).unwrap_or(i64::MAX));
-                }
-            }
-        }
+        refresh(&StateGauges { metrics: self });
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!("rendering metrics failed: {e}");
         }
         out
+    }
+}
+
+/// The gauges that show state rather than count events, set right before each scrape (see
+/// [`Metrics::render`]): whoever holds the config in force walks it and sets them here.
+#[derive(Debug)]
+pub struct StateGauges<'a> {
+    metrics: &'a Metrics,
+}
+
+impl StateGauges<'_> {
+    /// `nip_upstream_concurrency_limit` of a cluster with adaptive concurrency.
+    pub fn concurrency_limit(&self, cluster: &str, limit: u32) {
+        self.metrics
+            .concurrency_limit
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .set(i64::from(limit));
+    }
+
+    /// `nip_upstream_cx_active`: connections open to a cluster's endpoints.
+    pub fn upstream_connections(&self, cluster: &str, open: usize) {
+        self.metrics
+            .upstream_cx_active
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// `nip_config_info{version}`.
+    pub fn config_version(&self, version: &str) {
+        self.metrics
+            .config_info
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
+    }
+
+    /// `nip_endpoint_healthy` and `nip_endpoint_rq_active` of one endpoint.
+    pub fn endpoint(&self, cluster: &str, endpoint: &str, healthy: bool, active_requests: usize) {
+        let labels = EndpointLabels {
+            cluster: cluster.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        self.metrics
+            .endpoint_healthy
+            .get_or_create(&labels)
+            .set(i64::from(healthy));
+        self.metrics
+            .endpoint_rq_active
+            .get_or_create(&labels)
+            .set(i64::try_from(active_requests).unwrap_or(i64::MAX));
     }
 }
 
@@ -751,13 +784,13 @@ mod tests {
         metrics.cluster_stats("old").rq_retry.inc();
         metrics.cluster_stats("kept").rq_retry.inc();
         metrics.commit_generation();
-        let text = metrics.render(None);
+        let text = metrics.render(|_| {});
         assert!(text.contains("route=\"old-route\""), "{text}");
         assert!(text.contains("cluster=\"old\""), "{text}");
         metrics.begin_generation();
         metrics.cluster_stats("kept");
         metrics.commit_generation();
-        let text = metrics.render(None);
+        let text = metrics.render(|_| {});
         assert!(!text.contains("old"), "{text}");
         assert!(
             text.contains("nip_upstream_rq_retry_total{cluster=\"kept\"} 1"),
@@ -772,7 +805,7 @@ mod tests {
         stats.duration.observe(Duration::from_micros(300));
         stats.duration.observe(Duration::from_millis(3));
         stats.duration.observe(Duration::from_secs(60));
-        let text = metrics.render(None);
+        let text = metrics.render(|_| {});
         for (line, present) in [
             ("nip_request_duration_seconds_count{route=\"r\"} 3", true),
             (

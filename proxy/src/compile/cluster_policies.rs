@@ -3,10 +3,12 @@
 //! of an Envoy `Cluster` and answers the proxy's own type, or an error naming the field.
 
 use super::{decode, duration, names};
-use crate::cluster::{CircuitBreakers, HealthCheckSpec, LbPolicy, RetryBudget, RingSize};
-use crate::concurrency::GradientConfig;
-use crate::ewma::EwmaConfig;
-use crate::outlier::{
+use crate::upstream::breakers::{CircuitBreakers, RetryBudget};
+use crate::upstream::cluster::HealthCheckSpec;
+use crate::upstream::concurrency::GradientConfig;
+use crate::upstream::ewma::EwmaConfig;
+use crate::upstream::lb::{LbPolicy, RingSize};
+use crate::upstream::outlier::{
     FailurePercentageDetector, LatencyDetector, OutlierConfig, SuccessRateDetector,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};

@@ -4,8 +4,8 @@
 //! longest `*.suffix`, then `*`), then routes are tried in order. Paths are matched without
 //! the query string; a regex must match the whole path.
 
-use crate::cluster::Cluster;
-use crate::metrics::{RequestCounters, RouteStats};
+use crate::telemetry::metrics::{RequestCounters, RouteStats};
+use crate::upstream::cluster::Cluster;
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;
 use std::collections::HashMap;
@@ -221,7 +221,7 @@ impl HashSource {
         query: Option<&'a str>,
         client: Option<std::net::IpAddr>,
     ) -> Option<u64> {
-        use crate::hash::{combine, hash64};
+        use crate::upstream::hash::{combine, hash64};
         match self {
             HashSource::Header(name) => headers
                 .get_all(name)
@@ -297,7 +297,7 @@ impl Route {
         let mut hash = None;
         for policy in &self.hash_policy {
             if let Some(key) = policy.source.key(headers, query, client) {
-                hash = Some(crate::hash::combine(hash, key));
+                hash = Some(crate::upstream::hash::combine(hash, key));
                 if policy.terminal {
                     break;
                 }
@@ -461,7 +461,7 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     fn route(name: &str, path: PathMatch, headers: Vec<HeaderMatch>) -> Arc<Route> {
         let metrics = Metrics::new();
@@ -608,7 +608,7 @@ mod tests {
 
     #[test]
     fn request_hashes_come_from_each_source_and_combine_up_to_a_terminal_one() {
-        use crate::hash::{combine, hash64};
+        use crate::upstream::hash::{combine, hash64};
         let mut headers = HeaderMap::new();
         headers.insert("x-user", "alice".parse().unwrap());
         headers.insert("cookie", "theme=dark; session=s-42".parse().unwrap());

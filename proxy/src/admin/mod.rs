@@ -11,8 +11,8 @@
 //! | `/config_dump` | the xDS resources being served, as proto3 JSON, with version and node |
 //! | `/clusters` | every endpoint with locality, weight, health, load and latency estimate |
 
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::compile::Snapshot;
+use crate::telemetry::metrics::{Metrics, StateGauges};
 use arc_swap::ArcSwap;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -98,9 +98,36 @@ async fn ready(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// Sets the gauges that show the state of the config in force.
+fn state_gauges(snapshot: &Snapshot, gauges: &StateGauges<'_>) {
+    let open = crate::telemetry::sockets::established_by_remote();
+    for cluster in snapshot.clusters.values() {
+        if let Some(adaptive) = &cluster.adaptive_concurrency {
+            gauges.concurrency_limit(&cluster.name, adaptive.controller.status().limit);
+        }
+        let connections = cluster
+            .endpoints
+            .iter()
+            .filter_map(|e| open.get(&e.address))
+            .sum();
+        gauges.upstream_connections(&cluster.name, connections);
+        for endpoint in &cluster.endpoints {
+            gauges.endpoint(
+                &cluster.name,
+                &endpoint.address.to_string(),
+                endpoint.state.is_healthy(),
+                endpoint.state.active_requests(),
+            );
+        }
+    }
+    gauges.config_version(&snapshot.version);
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     let snapshot = state.snapshot.load();
-    let mut body = state.metrics.render(Some(&snapshot));
+    let mut body = state
+        .metrics
+        .render(|gauges| state_gauges(&snapshot, gauges));
     let plugin_metrics = state.plugins.metrics_text();
     if !plugin_metrics.is_empty() {
         // OpenMetrics ends with "# EOF": plugin families go before it.
@@ -134,7 +161,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
 
 async fn clusters(State(state): State<AdminState>) -> Json<Value> {
     let snapshot = state.snapshot.load();
-    let open = crate::sockets::established_by_remote();
+    let open = crate::telemetry::sockets::established_by_remote();
     let clusters: Vec<Value> = snapshot
         .clusters
         .values()
@@ -184,7 +211,7 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
                     "min_rtt_ms": ms(status.min_rtt),
                     "sample_rtt_ms": ms(status.sample_rtt),
                     "measuring_min_rtt": status.measuring_min_rtt,
-                    "shed_total": crate::concurrency::Priority::ALL
+                    "shed_total": crate::upstream::concurrency::Priority::ALL
                         .iter()
                         .map(|p| (p.as_str(), c.stats.rq_shed[p.index()].get()))
                         .collect::<std::collections::BTreeMap<_, _>>(),

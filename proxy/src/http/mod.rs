@@ -10,163 +10,62 @@
 //! fail_to_proxy: the error becomes an Envoy-like status and response flag (503 UF, 504 UT…)
 //! ```
 //!
+//! The phases stay thin; each step lives in a file of this folder: [`context`] (what a
+//! request carries, retry bookkeeping), [`admission`] (breakers, adaptive concurrency,
+//! connection slots), [`peer`] (the try's peer and timeout), [`failure`] (pure: which
+//! errors the route retries, error → status + response flag), [`local_reply`] (answers the
+//! proxy writes itself), [`request_id`], [`flags`].
+//!
 //! Each request holds the `Arc<Snapshot>` it started with, so a reload never changes the
 //! rules under a request in flight. Nothing here locks, allocates per header beyond what the
 //! headers need, or logs on success.
 
-use crate::cluster::{ActiveRequest, Cluster, LbPolicy, SlotRefusal};
-use crate::concurrency::{ConcurrencyPermit, Priority};
+mod admission;
+mod context;
+mod failure;
+mod flags;
+mod local_reply;
+mod peer;
+mod request_id;
+
+pub use context::RequestCtx;
+pub use flags::ResponseFlag;
+
+use crate::compile::Snapshot;
 use crate::downstream;
 use crate::downstream::stats::CloseReason;
-use crate::metrics::Metrics;
-use crate::outlier::TryOutcome;
+use crate::plugins::callout::ClusterLookup;
 use crate::plugins::chain::{RequestPlugins, Verdict};
 use crate::plugins::headers::request_headers;
 use crate::plugins::runtime::PluginRuntime;
 use crate::plugins::LoadedPlugin;
-use crate::router::Route;
-use crate::snapshot::Snapshot;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::concurrency::Priority;
+use crate::upstream::endpoint::ActiveRequest;
+use crate::upstream::lb::LbPolicy;
+use crate::upstream::outlier::TryOutcome;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use nip_filters::host::{HttpState, LocalResponse, RequestInfo};
+use context::GaugeGuard;
+use local_reply::{answer_plugin_verdict, respond};
+use nip_filters::host::{HttpState, RequestInfo};
 use pingora::http::ResponseHeader;
 use pingora::prelude::{HttpPeer, Session};
 use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorType, Result};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
+use request_id::new_request_id;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-/// Pooled upstream connections idle longer than this are closed.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Marks an upstream response that the route's retry policy wants tried again.
 const RETRIABLE_STATUS: ErrorType = ErrorType::Custom("UpstreamRetriableStatus");
 
 /// A plugin ended the request from a body phase; `RequestCtx::plugin_stop` says how.
 const PLUGIN_STOP: ErrorType = ErrorType::Custom("PluginStoppedRequest");
-
-/// Why the proxy answered or shaped a response itself, as Envoy's response flags say it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseFlag {
-    /// No route matched (404).
-    NoRoute,
-    /// The route names a cluster that does not exist (503).
-    NoCluster,
-    /// No healthy endpoint (503).
-    NoHealthyUpstream,
-    /// Connecting failed (503).
-    UpstreamConnectFailure,
-    /// The upstream did not answer in time (504).
-    UpstreamTimeout,
-    /// The upstream reset or closed the connection (502).
-    UpstreamReset,
-    /// Retries were used up and the last try still failed.
-    RetryLimitExceeded,
-    /// The client went away.
-    DownstreamClosed,
-    /// A fail-closed plugin failed (503).
-    PluginFailure,
-    /// The cluster's `max_requests` circuit breaker is open (503).
-    UpstreamOverflow,
-    /// Shed by the cluster's adaptive concurrency: its limit is reached for this request's
-    /// priority (503 unless configured; Envoy's overload flag).
-    Overload,
-}
-
-impl ResponseFlag {
-    const ALL: [ResponseFlag; 11] = [
-        ResponseFlag::NoRoute,
-        ResponseFlag::NoCluster,
-        ResponseFlag::NoHealthyUpstream,
-        ResponseFlag::UpstreamConnectFailure,
-        ResponseFlag::UpstreamTimeout,
-        ResponseFlag::UpstreamReset,
-        ResponseFlag::RetryLimitExceeded,
-        ResponseFlag::DownstreamClosed,
-        ResponseFlag::PluginFailure,
-        ResponseFlag::UpstreamOverflow,
-        ResponseFlag::Overload,
-    ];
-
-    /// Envoy's short name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResponseFlag::NoRoute => "NR",
-            ResponseFlag::NoCluster => "NC",
-            ResponseFlag::NoHealthyUpstream => "UH",
-            ResponseFlag::UpstreamConnectFailure => "UF",
-            ResponseFlag::UpstreamTimeout => "UT",
-            ResponseFlag::UpstreamReset => "UR",
-            ResponseFlag::RetryLimitExceeded => "URX",
-            ResponseFlag::DownstreamClosed => "DC",
-            ResponseFlag::PluginFailure => "PF",
-            ResponseFlag::UpstreamOverflow => "UO",
-            ResponseFlag::Overload => "OM",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Per-request state, created by `new_ctx` and dropped after `logging`.
-pub struct RequestCtx {
-    start: Instant,
-    start_wall: SystemTime,
-    snapshot: Option<Arc<Snapshot>>,
-    route: Option<Arc<Route>>,
-    target: usize,
-    cluster: Option<Arc<Cluster>>,
-    endpoint: Option<SocketAddr>,
-    tried: Vec<SocketAddr>,
-    retries: u32,
-    flag: Option<ResponseFlag>,
-    /// Status of a response the proxy generated itself.
-    local_status: u16,
-    request_id: String,
-    active_endpoint: Option<ActiveRequest>,
-    active_cluster: Option<GaugeGuard>,
-    /// Held from a request's first retry: counts it against the `max_retries` breaker.
-    retry_slot: Option<GaugeGuard>,
-    /// The request's priority class (`x-nip-priority`), for load shedding.
-    priority: Priority,
-    /// Admission by the cluster's adaptive concurrency, held until the request ends (boxed:
-    /// opt-in state must not grow every request's context).
-    concurrency: Option<Box<ConcurrencyPermit>>,
-    /// A connection slot of the cluster (`max_connections`), held until the request ends.
-    connection_slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The route's plugins as this request runs through them.
-    /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
-    /// which is moved whole, so requests without plugins must not pay for its size.)
-    plugins: Option<Box<RequestPlugins>>,
-    /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
-    plugin_stop: Option<Box<Verdict>>,
-    _downstream: GaugeGuard,
-}
-
-/// Increments a gauge for as long as it lives.
-struct GaugeGuard(Gauge);
-
-impl GaugeGuard {
-    fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        GaugeGuard(gauge.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
 
 /// The proxy: reads the current snapshot, routes, balances, retries and reports.
 pub struct Gateway {
@@ -180,7 +79,10 @@ impl Gateway {
     /// A gateway serving whatever snapshot `snapshot` holds at each request's start.
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
         let flag_counters = ResponseFlag::ALL.map(|f| metrics.response_flag(f.as_str()));
-        let plugin_runtime = PluginRuntime::new(Arc::clone(&metrics), Arc::clone(&snapshot));
+        let in_force = Arc::clone(&snapshot);
+        let clusters: ClusterLookup =
+            Arc::new(move |name: &str| in_force.load().clusters.get(name).cloned());
+        let plugin_runtime = PluginRuntime::new(Arc::clone(&metrics), clusters);
         Gateway {
             snapshot,
             metrics,
@@ -250,49 +152,6 @@ impl Gateway {
     }
 }
 
-/// Answers the request when a plugin phase ended it; returns whether it did.
-async fn answer_plugin_verdict(
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    verdict: Verdict,
-) -> bool {
-    match verdict {
-        Verdict::Continue => return false,
-        Verdict::Reply(reply) => {
-            ctx.local_status = reply.status;
-            respond_local(session, ctx, reply).await;
-        }
-        Verdict::Failed => {
-            ctx.flag = Some(ResponseFlag::PluginFailure);
-            ctx.local_status = 503;
-            respond(session, ctx, 503, "a plugin failed\n").await;
-        }
-        Verdict::RequestBodyTooLarge => {
-            ctx.local_status = 413;
-            respond(
-                session,
-                ctx,
-                413,
-                "request body too large for a plugin's buffer\n",
-            )
-            .await;
-        }
-        Verdict::ResponseBodyTooLarge => {
-            ctx.local_status = 500;
-            respond(
-                session,
-                ctx,
-                500,
-                "response body too large for a plugin's buffer\n",
-            )
-            .await;
-        }
-        // The stream ends without an answer; the caller closes the connection.
-        Verdict::Reset => {}
-    }
-    true
-}
-
 /// Whether a response ends with its head: HEAD requests, 1xx/204/304, `content-length: 0`.
 fn response_has_no_body(session: &Session, response: &ResponseHeader) -> bool {
     let status = response.status.as_u16();
@@ -304,135 +163,6 @@ fn response_has_no_body(session: &Session, response: &ResponseHeader) -> bool {
             .headers
             .get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0")
-}
-
-/// A 128-bit random request id in UUID v4 form.
-fn new_request_id() -> String {
-    let hi = fastrand::u64(..);
-    let lo = fastrand::u64(..);
-    let mut id = String::with_capacity(36);
-    let _ = write!(
-        id,
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0x0fff,
-        ((lo >> 48) & 0x3fff) | 0x8000,
-        lo & 0xffff_ffff_ffff
-    );
-    id
-}
-
-/// Writes a response the proxy generates itself (text body, response flag if any).
-async fn respond(session: &mut Session, ctx: &RequestCtx, status: u16, body: &'static str) {
-    let headers = [("content-type".to_string(), "text/plain".to_string())];
-    write_local(
-        session,
-        ctx,
-        status,
-        &headers,
-        Bytes::from_static(body.as_bytes()),
-    )
-    .await;
-}
-
-/// Sends a plugin's local reply.
-async fn respond_local(session: &mut Session, ctx: &RequestCtx, reply: LocalResponse) {
-    write_local(
-        session,
-        ctx,
-        reply.status,
-        &reply.headers,
-        Bytes::from(reply.body),
-    )
-    .await;
-}
-
-/// Writes a complete response from the proxy: `headers`, content length, request id and
-/// the response flag. Write errors mean the client left; they are only logged at debug.
-async fn write_local(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    status: u16,
-    headers: &[(String, String)],
-    body: Bytes,
-) {
-    let mut header = match ResponseHeader::build(status, Some(headers.len() + 3)) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("cannot build a {status} response: {e}");
-            return;
-        }
-    };
-    for (name, value) in headers {
-        if let Err(e) = header.append_header(name.clone(), value.as_str()) {
-            tracing::warn!("response header {name:?} skipped: {e}");
-        }
-    }
-    let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len());
-    if !ctx.request_id.is_empty() {
-        let _ = header.insert_header("x-request-id", ctx.request_id.as_str());
-    }
-    if let Some(flag) = ctx.flag {
-        let _ = header.insert_header("x-nip-response-flags", flag.as_str());
-    }
-    let result = async {
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!("could not send the {status} response: {e}");
-    }
-}
-
-fn is_connect_error(etype: &ErrorType) -> bool {
-    matches!(
-        etype,
-        ErrorType::ConnectTimedout
-            | ErrorType::ConnectRefused
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::ConnectProxyFailure
-            | ErrorType::TLSHandshakeFailure
-            | ErrorType::TLSHandshakeTimedout
-            | ErrorType::HandshakeError
-            | ErrorType::InvalidCert
-            | ErrorType::SocketError
-            | ErrorType::BindError
-    )
-}
-
-impl RequestCtx {
-    /// Takes another try if the route's budget and the cluster's `max_retries` circuit
-    /// breaker allow it (a request already retrying holds its breaker slot), counting it;
-    /// call it only once the route's policy wants the retry, so overflows count real ones.
-    fn try_retry(&mut self) -> bool {
-        let budget = self
-            .route
-            .as_ref()
-            .is_some_and(|r| self.retries < r.retry.max_retries);
-        if !budget {
-            return false;
-        }
-        if let Some(cluster) = &self.cluster {
-            if self.retry_slot.is_none() {
-                let allowed = cluster
-                    .breakers
-                    .retries_allowed(cluster.stats.rq_active.get());
-                if cluster.stats.rq_retry_active.get() >= allowed {
-                    cluster.stats.rq_retry_overflow.inc();
-                    return false;
-                }
-                self.retry_slot = Some(GaugeGuard::new(&cluster.stats.rq_retry_active));
-            }
-            cluster.stats.rq_retry.inc();
-        }
-        self.retries += 1;
-        true
-    }
 }
 
 #[async_trait]
@@ -556,67 +286,11 @@ impl ProxyHttp for Gateway {
             respond(session, ctx, 503, "the route's cluster does not exist\n").await;
             return Ok(true);
         };
-        if cluster.stats.rq_active.get() >= i64::from(cluster.breakers.max_requests) {
-            cluster.stats.rq_overflow.inc();
-            ctx.flag = Some(ResponseFlag::UpstreamOverflow);
-            ctx.local_status = 503;
-            respond(session, ctx, 503, "upstream overflow (circuit breaker)\n").await;
+        if let Err(refusal) = admission::admit(&cluster, ctx, route.timeout).await {
+            ctx.flag = Some(refusal.flag);
+            ctx.local_status = refusal.status;
+            respond(session, ctx, refusal.status, refusal.body).await;
             return Ok(true);
-        }
-        if let Some(adaptive) = &cluster.adaptive_concurrency {
-            match adaptive.controller.try_acquire(ctx.priority) {
-                Some(permit) => ctx.concurrency = Some(Box::new(permit)),
-                None => {
-                    cluster.stats.rq_shed[ctx.priority.index()].inc();
-                    ctx.flag = Some(ResponseFlag::Overload);
-                    ctx.local_status = adaptive.status;
-                    respond(
-                        session,
-                        ctx,
-                        adaptive.status,
-                        "overloaded: shed by adaptive concurrency (lower priority goes first)\n",
-                    )
-                    .await;
-                    return Ok(true);
-                }
-            }
-        }
-        if let Some(slots) = &cluster.connection_slots {
-            ctx.connection_slot = match slots.try_take() {
-                Some(slot) => Some(slot),
-                None => {
-                    cluster.stats.cx_overflow.inc();
-                    let waiting = GaugeGuard::new(&cluster.stats.rq_pending_active);
-                    // Boxed: the wait is the slow path; every request's future must not
-                    // carry its size.
-                    let slot = Box::pin(slots.wait_for(route.timeout)).await;
-                    drop(waiting);
-                    match slot {
-                        Ok(slot) => Some(slot),
-                        Err(refusal) => {
-                            let (status, flag, body) = match refusal {
-                                SlotRefusal::PendingOverflow => {
-                                    cluster.stats.rq_pending_overflow.inc();
-                                    (
-                                        503,
-                                        ResponseFlag::UpstreamOverflow,
-                                        "upstream overflow (too many requests waiting for a connection)\n",
-                                    )
-                                }
-                                SlotRefusal::TimedOut => (
-                                    504,
-                                    ResponseFlag::UpstreamTimeout,
-                                    "no upstream connection came free in time\n",
-                                ),
-                            };
-                            ctx.flag = Some(flag);
-                            ctx.local_status = status;
-                            respond(session, ctx, status, body).await;
-                            return Ok(true);
-                        }
-                    }
-                }
-            };
         }
         ctx.active_cluster = Some(GaugeGuard::new(&cluster.stats.rq_active));
         ctx.cluster = Some(cluster);
@@ -716,27 +390,12 @@ impl ProxyHttp for Gateway {
             ));
         };
         let address = endpoint.address;
-        let timeout = match route.retry.per_try_timeout {
-            Some(per_try) if route.timeout.is_zero() => per_try,
-            Some(per_try) => per_try.min(route.timeout),
-            None => route.timeout,
-        };
-        let connect_timeout = cluster.connect_timeout;
-        let http2 = cluster.http2;
         endpoint.locality_picks.inc();
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
         ctx.endpoint = Some(address);
         ctx.tried.push(address);
-        let mut peer = HttpPeer::new(address, false, String::new());
-        peer.options.connection_timeout = Some(connect_timeout);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        if !timeout.is_zero() {
-            peer.options.read_timeout = Some(timeout);
-        }
-        if http2 {
-            peer.options.set_http_version(2, 2);
-        }
-        Ok(Box::new(peer))
+        let timeout = peer::try_timeout(route.timeout, route.retry.per_try_timeout);
+        Ok(Box::new(peer::for_try(address, cluster, timeout)))
     }
 
     /// Adds x-forwarded-for/-proto and, on retries, the retry count.
@@ -880,23 +539,15 @@ impl ProxyHttp for Gateway {
             return e;
         }
         e.retry.decide_reuse(client_reused);
-        if !e.retry() && session.response_written().is_none() {
-            let retries_reset = ctx.route.as_ref().is_some_and(|r| r.retry.retries_reset());
-            let is_reset = matches!(
-                e.etype(),
-                ErrorType::ConnectionClosed
-                    | ErrorType::ReadError
-                    | ErrorType::H2Error
-                    | ErrorType::H1Error
-            );
-            let retries_timeout = ctx
+        if !e.retry()
+            && session.response_written().is_none()
+            && ctx
                 .route
                 .as_ref()
-                .is_some_and(|r| r.retry.retries_timeout());
-            let is_timeout = matches!(e.etype(), ErrorType::ReadTimedout);
-            if ((retries_reset && is_reset) || (retries_timeout && is_timeout)) && ctx.try_retry() {
-                e.set_retry(true);
-            }
+                .is_some_and(|r| failure::retry_policy_covers(&r.retry, e.etype()))
+            && ctx.try_retry()
+        {
+            e.set_retry(true);
         }
         e
     }
@@ -930,38 +581,11 @@ impl ProxyHttp for Gateway {
                 can_reuse_downstream: false,
             };
         }
-        let etype = e.etype();
-        let (code, flag, body) = match (etype, e.esource()) {
-            (ErrorType::HTTPStatus(code), _) => {
-                let body = if ctx.flag == Some(ResponseFlag::NoHealthyUpstream) {
-                    "no healthy upstream\n"
-                } else {
-                    "request failed\n"
-                };
-                (*code, ctx.flag, body)
-            }
-            (t, ErrorSource::Upstream) if is_connect_error(t) => (
-                503,
-                Some(ResponseFlag::UpstreamConnectFailure),
-                "upstream connect error\n",
-            ),
-            (ErrorType::ReadTimedout | ErrorType::WriteTimedout, ErrorSource::Upstream) => (
-                504,
-                Some(ResponseFlag::UpstreamTimeout),
-                "upstream request timeout\n",
-            ),
-            (_, ErrorSource::Upstream) => (
-                502,
-                Some(ResponseFlag::UpstreamReset),
-                "upstream reset before response\n",
-            ),
-            (
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
-                ErrorSource::Downstream,
-            ) => (0, Some(ResponseFlag::DownstreamClosed), ""),
-            (_, ErrorSource::Downstream) => (400, None, "bad request\n"),
-            _ => (500, None, "internal error\n"),
-        };
+        let failure::Failure {
+            status: code,
+            flag,
+            body,
+        } = failure::classify(e.etype(), e.esource(), ctx.flag);
         ctx.flag = flag;
         ctx.local_status = code;
         // A timeout is a latency sample too (at least this slow): an upstream that stops
@@ -1073,7 +697,7 @@ impl ProxyHttp for Gateway {
             Some(addr) => addr.ip().to_string(),
             None => String::new(),
         };
-        log.log(&crate::access_log::LogEntry {
+        log.log(&crate::telemetry::access_log::LogEntry {
             start: ctx.start_wall,
             method: request.method.as_str(),
             path,
@@ -1102,35 +726,5 @@ impl ProxyHttp for Gateway {
             cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
             upstream_host: &upstream,
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_look_like_uuid_v4() {
-        let id = new_request_id();
-        assert_eq!(id.len(), 36, "{id}");
-        let parts: Vec<&str> = id.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            vec![8, 4, 4, 4, 12]
-        );
-        assert!(parts[2].starts_with('4'));
-        assert!(matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'));
-        assert_ne!(new_request_id(), id);
-    }
-}
-#[cfg(test)]
-mod size_tests {
-    /// The per-request context lives inside pingora's per-request future, which pingora
-    /// moves (memcpy) as a whole: 320 bytes of inline plugin state once cost every request
-    /// ~12k instructions (13 %), plugins or not. Keep big, rare state behind a `Box`.
-    #[test]
-    fn the_request_context_stays_small() {
-        let size = std::mem::size_of::<super::RequestCtx>();
-        assert!(size <= 256, "RequestCtx grew to {size} bytes");
     }
 }

@@ -7,15 +7,17 @@
 //! endpoint state) and returns a [`Snapshot`]. Any unsupported or broken field is an error
 //! naming the resource, so the caller can keep the previous snapshot (and, over xDS, NACK).
 
-use crate::access_log::{AccessLogger, LogFormat, LogSink};
-use crate::cluster::{AdaptiveConcurrency, Cluster, Endpoint, EndpointRegistry, Locality};
 use crate::downstream::limits::DownstreamLimits;
-use crate::metrics::{Metrics, RequestCounters};
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
-use crate::router::{
+use crate::route::{
     HashPolicy, HashSource, HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route,
     RouteMatch, Router, RouterBuilder, Target, VirtualHost,
 };
+use crate::telemetry::access_log::{AccessLogger, LogFormat, LogSink};
+use crate::telemetry::metrics::{Metrics, RequestCounters};
+use crate::upstream::cluster::{AdaptiveConcurrency, Cluster};
+use crate::upstream::endpoint::{Endpoint, Locality};
+use crate::upstream::registry::EndpointRegistry;
 use cluster_policies::{
     adaptive_concurrency, circuit_breakers, health_check_spec, legacy_lb_policy,
     load_balancing_policy, outlier_config, ring_size, upstream_http2,
@@ -478,7 +480,12 @@ impl Compiler<'_> {
                         .as_ref()
                         .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
-                    locality_picks: self.metrics.locality_picks(cluster, &locality),
+                    locality_picks: self.metrics.locality_picks(
+                        cluster,
+                        &locality.region,
+                        &locality.zone,
+                        &locality.sub_zone,
+                    ),
                 });
             }
         }

@@ -175,13 +175,7 @@ impl Detector {
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Detector::Consecutive5xx => "consecutive_5xx",
-            Detector::ConsecutiveGatewayFailure => "consecutive_gateway_failure",
-            Detector::SuccessRate => "success_rate",
-            Detector::FailurePercentage => "failure_percentage",
-            Detector::Latency => "latency",
-        }
+        crate::telemetry::metrics::DETECTOR_LABELS[self.index()]
     }
 
     /// Position in [`Detector::ALL`].
@@ -469,8 +463,8 @@ impl OutlierSweeper {
     pub const TICK: Duration = Duration::from_millis(100);
 
     /// Sweeps the clusters whose interval has passed.
-    pub fn sweep(&mut self, snapshot: &crate::snapshot::Snapshot, now: Instant) {
-        for (name, cluster) in &snapshot.clusters {
+    pub fn sweep(&mut self, clusters: &super::Clusters, now: Instant) {
+        for (name, cluster) in clusters {
             let Some(config) = cluster.outlier.filter(|c| c.has_interval_detectors()) else {
                 continue;
             };
@@ -480,8 +474,7 @@ impl OutlierSweeper {
                 cluster.sweep_outliers(now);
             }
         }
-        self.last
-            .retain(|name, _| snapshot.clusters.contains_key(name));
+        self.last.retain(|name, _| clusters.contains_key(name));
     }
 }
 

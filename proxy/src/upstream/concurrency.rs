@@ -65,11 +65,7 @@ impl Priority {
 
     /// The name used in headers, metrics and `/clusters`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Low => "low",
-            Priority::Normal => "normal",
-            Priority::High => "high",
-        }
+        crate::telemetry::metrics::PRIORITY_LABELS[self.index()]
     }
 
     /// Position in [`Priority::ALL`] (for per-class counters).

@@ -10,10 +10,10 @@
 //! runs after every snapshot swap: it starts tasks for new endpoints, stops the ones whose
 //! endpoint or check disappeared, and puts endpoints whose check was removed back in service.
 
-use crate::cluster::{EndpointState, HealthCheckSpec};
-use crate::ewma::EwmaConfig;
-use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::cluster::HealthCheckSpec;
+use crate::upstream::endpoint::EndpointState;
+use crate::upstream::ewma::EwmaConfig;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,10 +34,10 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    /// Makes the running probes match `snapshot`.
-    pub fn reconcile(&mut self, snapshot: &Snapshot, metrics: &Arc<Metrics>) {
+    /// Makes the running probes match the clusters in force.
+    pub fn reconcile(&mut self, clusters: &super::Clusters, metrics: &Arc<Metrics>) {
         let mut wanted: HashMap<CheckKey, Arc<EndpointState>> = HashMap::new();
-        for cluster in snapshot.clusters.values() {
+        for cluster in clusters.values() {
             for endpoint in &cluster.endpoints {
                 match &cluster.health_check {
                     Some(spec) => {

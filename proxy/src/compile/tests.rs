@@ -1,7 +1,7 @@
 use super::*;
-use crate::cluster::LbPolicy;
-use crate::ewma::EwmaConfig;
-use crate::outlier::OutlierConfig;
+use crate::upstream::ewma::EwmaConfig;
+use crate::upstream::lb::LbPolicy;
+use crate::upstream::outlier::OutlierConfig;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as XdsLbPolicy;
 use nip_xds::config::Config;
 use nip_xds::translate::translate;
@@ -484,7 +484,7 @@ fn locality_weights_travel_in_eds_and_switch_on_locality_weighting() {
 
 #[test]
 fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
-    use crate::concurrency::GradientConfig;
+    use crate::upstream::concurrency::GradientConfig;
     let yaml = "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    adaptive_concurrency: { percentile: 90, max_limit: 200, min_rtt: 15ms, buffer: 50, status: 429 }\nroutes:\n  - { service: web }\n";
     let t = translated(yaml);
     let registry = EndpointRegistry::default();
@@ -547,7 +547,9 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
 
 #[test]
 fn interval_outlier_detectors_carry_over_and_latency_rides_in_metadata() {
-    use crate::outlier::{FailurePercentageDetector, LatencyDetector, SuccessRateDetector};
+    use crate::upstream::outlier::{
+        FailurePercentageDetector, LatencyDetector, SuccessRateDetector,
+    };
     let t = translated(
         "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\"]\n    outlier_detection: { success_rate_minimum_hosts: 3, success_rate_stdev_factor: 1.5, failure_percentage_threshold: 60, latency_factor: 4, latency_request_volume: 10 }\nroutes:\n  - { service: web }\n",
     );
@@ -618,7 +620,7 @@ fn interval_outlier_detectors_carry_over_and_latency_rides_in_metadata() {
 
 #[test]
 fn ring_hash_and_hash_policies_carry_over_and_unsupported_parts_are_named() {
-    use crate::router::HashSource;
+    use crate::route::HashSource;
     let t = translated(
         "services:\n  web:\n    endpoints: [\"127.0.0.1:8081\", \"127.0.0.1:8082\"]\n    lb: ring_hash\n    ring_hash: { minimum_ring_size: 64 }\nroutes:\n  - service: web\n    hash_policy: [{ header: x-user }, { cookie: session, terminal: true }, { source_ip: true }]\n",
     );
