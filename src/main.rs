@@ -418,6 +418,14 @@ fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {
     match nip_xds::config::Config::from_file(file) {
         Ok(config) => {
             let translation = nip_xds::translate::translate(&config);
+            // The proxy's own compiler, without loading plugins or resolving host names.
+            if let Err(e) =
+                nip_proxy::compile::check(&translation.bootstrap, &translation.resources)
+            {
+                eprintln!("{}: invalid config", file.display());
+                eprintln!("  the proxy's compiler refuses it: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             for note in &translation.not_applied {
                 eprintln!("note: {note}");
             }

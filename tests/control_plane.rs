@@ -580,6 +580,41 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
         "{}",
         stderr(&cli)
     );
+    // One compile path: a document the v4 rules accept but the proxy's compiler refuses is
+    // refused at apply (422 naming the service and the compiler's reason), by the CLI and
+    // by `nip validate` alike — never stored for every proxy to NACK.
+    let uncompilable = "services:\n  web:\n    endpoints: [\"127.0.0.1:9\"]\n    health_check: { path: \"/h z\", interval: 1s }\nroutes:\n  - { service: web }\n";
+    let refused = post_json("/v1/config", serde_json::json!({ "yaml": uncompilable }))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["path"], "services.web", "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("compiler") && message.contains("http_health_check.path"),
+        "{body}"
+    );
+    let cli = control_plane.apply(uncompilable, &[]);
+    assert_eq!(cli.status.code(), Some(2), "{}", stdout(&cli));
+    assert!(stderr(&cli).contains("services.web"), "{}", stderr(&cli));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), uncompilable).unwrap();
+    let validated = run_nip(
+        &["validate", "--file", &file.path().to_string_lossy()],
+        None,
+    );
+    assert_eq!(validated.status.code(), Some(2), "{}", stdout(&validated));
+    assert!(
+        stderr(&validated).contains("http_health_check.path"),
+        "{}",
+        stderr(&validated)
+    );
+    let history = stdout(&control_plane.nip(&["history"]));
+    assert!(
+        !history.contains("version 1"),
+        "nothing was stored:\n{history}"
+    );
     let unreadable = post_json("/v1/config", serde_json::json!({ "yml": "" }))
         .await
         .unwrap();
@@ -712,6 +747,20 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
         },
     )
     .await;
+    // What the demo promises: a 504 after the route's 2 s timeout — the budget of the
+    // request and its retry together, not 2 s per try.
+    let started = std::time::Instant::now();
+    let slow = client()
+        .get(format!("http://127.0.0.1:{port}/delay/3000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 504);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2900),
+        "answered after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

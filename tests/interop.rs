@@ -231,4 +231,48 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     .await;
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.headers()["x-backend"], "a");
+    // Version 2's gateway fields, written by a control plane that is not NIP.
+    let response = client()
+        .get(proxy.url("/v2/x?q=1"))
+        .header("x-drop", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backend2.last_target(), "/internal/x?q=1", "prefix_rewrite");
+    assert_eq!(
+        backend2.last_header("host").as_deref(),
+        Some("backend2.local")
+    );
+    assert_eq!(backend2.last_header("x-route").as_deref(), Some("HTTP/1.1"));
+    // Route, then virtual host, then route configuration: the last overwrites.
+    assert_eq!(backend2.last_header("x-level").as_deref(), Some("config"));
+    assert_eq!(backend2.last_header("x-drop"), None);
+    assert_eq!(
+        response.headers()["x-upstream"],
+        backend2.address.to_string().as_str()
+    );
+    assert!(!response.headers().contains_key("x-internal"));
+    backend2.set_status(409);
+    let before = backend2.requests();
+    let response = client()
+        .get(proxy.url("/v2/conflict"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        backend2.requests() - before,
+        2,
+        "one retry of a retriable status"
+    );
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let moved = no_redirects.get(proxy.url("/moved")).send().await.unwrap();
+    assert_eq!(moved.status(), 307);
+    assert_eq!(moved.headers()["location"], "https://127.0.0.1/here");
+    let ping = client().get(proxy.url("/ping")).send().await.unwrap();
+    assert_eq!(ping.status(), 202);
+    assert_eq!(ping.text().await.unwrap(), "pong");
 }

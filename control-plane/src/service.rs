@@ -132,10 +132,16 @@ pub struct Validated {
     pub notes: Vec<String>,
 }
 
-/// Validates a document exactly as a proxy would, without storing it.
+/// Validates a document exactly as a proxy would, without storing it: the v4 rules, the
+/// translation, then the proxy's own compiler ([`nip_proxy::compile::check`]), so a
+/// document accepted here is one every proxy of this version compiles (a plugin module or
+/// a host name a proxy cannot reach is still the proxy's to find).
 pub fn validate(yaml: &str) -> Result<Validated, ConfigError> {
     let config = Config::from_yaml(yaml)?;
-    let mut notes = translate(&config).not_applied;
+    let translation = translate(&config);
+    nip_proxy::compile::check(&translation.bootstrap, &translation.resources)
+        .map_err(|e| ConfigError::Invalid(vec![compile_error_field(&e)]))?;
+    let mut notes = translation.not_applied;
     if config.control_plane.is_some() {
         notes.push(
             "control_plane: ignored in a config the control plane serves (it belongs in a \
@@ -144,6 +150,22 @@ pub fn validate(yaml: &str) -> Result<Validated, ConfigError> {
         );
     }
     Ok(Validated { notes })
+}
+
+/// The v4 field a compiler error is about (the resource it names, by what the translation
+/// makes of each part of the document), with the compiler's message.
+fn compile_error_field(e: &nip_proxy::compile::CompileError) -> nip_xds::config::FieldError {
+    let path = match e.kind {
+        "Cluster" => format!("services.{}", e.name),
+        "ClusterLoadAssignment" => format!("services.{}.endpoints", e.name),
+        "Listener" => "api_gateway".to_string(),
+        "RouteConfiguration" => "routes".to_string(),
+        _ => String::new(),
+    };
+    nip_xds::config::FieldError {
+        path,
+        message: format!("the proxy's compiler refuses it: {e}"),
+    }
 }
 
 /// Documents parsed and translated at once. Each runs on tokio's blocking pool, so a large

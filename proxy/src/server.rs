@@ -10,7 +10,7 @@
 //! * `nip-access-log`: writes access log lines when enabled.
 
 use crate::admin::{self, AdminState, ProxyStatus};
-use crate::compile::{CompileError, Compiler, Snapshot};
+use crate::compile::{Builder, CompileError, Snapshot};
 use crate::config_source::ads::XdsFeed;
 use crate::config_source::{ConfigSource, Fingerprint};
 use crate::downstream::admission::Admission;
@@ -110,7 +110,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     for note in &translation.not_applied {
         tracing::warn!("{note}");
     }
-    let compiler = Compiler {
+    let compiler = Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
@@ -119,7 +119,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let ads_target = nip_xds::translate::ads_target(&translation.bootstrap);
     let (snapshot, feed) = match &ads_target {
         None => (
-            compiler.compile(&translation.bootstrap, &translation.resources)?,
+            compiler.build(&translation.bootstrap, &translation.resources)?,
             None,
         ),
         Some(target) => {
@@ -433,14 +433,14 @@ impl Control {
                 {
                     return Ok(None);
                 }
-                let compiler = Compiler {
+                let compiler = Builder {
                     registry: &registry,
                     metrics: &metrics,
                     previous_access_log: previous.access_log.clone(),
                     plugins: &plugins,
                 };
                 compiler
-                    .compile(&t.bootstrap, &t.resources)
+                    .build(&t.bootstrap, &t.resources)
                     .map(Some)
                     .map_err(|e| e.to_string())
             })

@@ -56,6 +56,8 @@ pub struct BackendControl {
     pub last_version: Mutex<String>,
     /// Body of the last normal request.
     pub last_body: Mutex<Vec<u8>>,
+    /// Path and query of the last normal request.
+    pub last_target: Mutex<String>,
     /// When set, the backend is an auth service: 200 with `x-user: user-of-<token>` for
     /// `authorization: Bearer <token>`, 401 `bad token` otherwise.
     pub auth_token: Mutex<Option<String>>,
@@ -82,6 +84,7 @@ impl Backend {
             last_headers: Mutex::new(HashMap::new()),
             last_version: Mutex::new(String::new()),
             last_body: Mutex::new(Vec::new()),
+            last_target: Mutex::new(String::new()),
             auth_token: Mutex::new(None),
         });
         let shared = Arc::clone(&control);
@@ -133,6 +136,11 @@ impl Backend {
         self.control.last_headers.lock().unwrap().get(name).cloned()
     }
 
+    /// The path and query of the last request.
+    pub fn last_target(&self) -> String {
+        self.control.last_target.lock().unwrap().clone()
+    }
+
     pub fn last_body(&self) -> Vec<u8> {
         self.control.last_body.lock().unwrap().clone()
     }
@@ -153,6 +161,10 @@ async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Fu
         return response;
     }
     control.requests.fetch_add(1, Ordering::SeqCst);
+    *control.last_target.lock().unwrap() = req
+        .uri()
+        .path_and_query()
+        .map_or_else(String::new, |p| p.to_string());
     {
         let mut headers = control.last_headers.lock().unwrap();
         headers.clear();
@@ -201,6 +213,10 @@ async fn answer(req: Request<Incoming>, control: &BackendControl) -> Response<Fu
     response
         .headers_mut()
         .insert("x-backend", control.name.parse().unwrap());
+    // A header a route may want to hide from clients.
+    response
+        .headers_mut()
+        .insert("x-internal", "backend-only".parse().unwrap());
     response
 }
 
@@ -698,4 +714,23 @@ impl SteadyLoad {
         }
         (sent, self.failures.load(Ordering::SeqCst))
     }
+}
+
+/// The config example `examples/NAME.yaml` ready for [`Proxy::start`]: its listener and
+/// admin addresses become the test's ports, and each `(address, backend)` pair points an
+/// endpoint of the example at a test backend. The examples stay runnable as written;
+/// tests exercise them instead of repeating config preambles.
+pub fn example(name: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(format!("{name}.yaml"));
+    let mut yaml = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .replace("\"127.0.0.1:8080\"", "\"127.0.0.1:{port}\"")
+        .replace("\"127.0.0.1:9901\"", "\"127.0.0.1:{admin}\"");
+    for (address, backend) in backends {
+        assert!(yaml.contains(address), "{name}.yaml has no {address}");
+        yaml = yaml.replace(address, &backend.to_string());
+    }
+    yaml
 }

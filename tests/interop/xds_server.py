@@ -4,9 +4,12 @@ It serves, over ADS state of the world, resources written the way any Envoy cont
 writes them: a Listener "ingress" on LISTEN_PORT whose connection manager takes routes over
 RDS ("local_route"), a route to cluster "backend", an EDS cluster and its endpoint at
 BACKEND_PORT. Once the client has ACKed all four types it pushes version 2: a route for
-/v2 to a new cluster "backend2" (at BACKEND2_PORT), and clusters with "backend2" and one the
-proxy cannot run (ORIGINAL_DST). The proxy must apply the good ones and NACK the clusters
-with a reason naming the bad one.
+/v2 to a new cluster "backend2" (at BACKEND2_PORT) with Envoy's gateway fields (prefix and
+host rewrites, header edits at the route, virtual host and route configuration levels with
+%VARIABLE%s, a retry policy with retriable status codes and back-off, an idle timeout), a
+redirect and a direct response, and clusters with "backend2" and one the proxy cannot run
+(ORIGINAL_DST). The proxy must apply the good ones and NACK the clusters with a reason naming
+the bad one.
 
 Prints one line per event, flushed: "listening", "ACK TYPE VERSION", "NACK TYPE REASON".
 Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT BACKEND2_PORT
@@ -17,7 +20,7 @@ import sys
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -78,18 +81,58 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
             )
         ],
     )
+    def add(name: str, value: str, action=base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD):
+        return base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+        )
+
+    gateway_routes = [
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(path="/moved"),
+            redirect=route_components_pb2.RedirectAction(
+                https_redirect=True,
+                path_redirect="/here",
+                response_code=route_components_pb2.RedirectAction.TEMPORARY_REDIRECT,
+            ),
+        ),
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(path="/ping"),
+            direct_response=route_components_pb2.DirectResponseAction(
+                status=202, body=base_pb2.DataSource(inline_string="pong")
+            ),
+        ),
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(prefix="/v2"),
+            route=route_components_pb2.RouteAction(
+                cluster="backend2",
+                prefix_rewrite="/internal",
+                host_rewrite_literal="backend2.local",
+                idle_timeout=duration_pb2.Duration(seconds=5),
+                retry_policy=route_components_pb2.RetryPolicy(
+                    retry_on="retriable-status-codes",
+                    retriable_status_codes=[409],
+                    retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+                        base_interval=duration_pb2.Duration(nanos=10_000_000)
+                    ),
+                ),
+            ),
+            request_headers_to_add=[add("x-route", "%PROTOCOL%")],
+            response_headers_to_add=[add("x-upstream", "%UPSTREAM_HOST%")],
+        ),
+    ]
     routes = route_pb2.RouteConfiguration(
         name="local_route",
+        request_headers_to_add=[
+            add("x-level", "config", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+        ] if v2 else [],
+        response_headers_to_remove=["x-internal"] if v2 else [],
         virtual_hosts=[
             route_components_pb2.VirtualHost(
                 name="all",
                 domains=["*"],
-                routes=([
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix="/v2"),
-                        route=route_components_pb2.RouteAction(cluster="backend2"),
-                    )
-                ] if v2 else []) + [
+                request_headers_to_add=[add("x-level", "vhost")] if v2 else [],
+                request_headers_to_remove=["x-drop"] if v2 else [],
+                routes=(gateway_routes if v2 else []) + [
                     route_components_pb2.Route(
                         match=route_components_pb2.RouteMatch(prefix="/"),
                         route=route_components_pb2.RouteAction(cluster="backend"),

@@ -16,9 +16,10 @@
 
 use crate::config::{
     parse_endpoint_address, parse_listen_address, plugin_config_bytes, route_name, AccessLogFormat,
-    Config, FailPolicy, HeaderMatchConfig, LbPolicy, PluginConfig as PluginYaml, RouteConfig,
-    ServiceConfig, UpstreamProtocol, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS_COUNT,
-    DEFAULT_MAX_REQUEST_HEADERS_KB, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
+    Config, FailPolicy, HeaderAddConfig, HeaderMatchConfig, LbPolicy, PluginConfig as PluginYaml,
+    RedirectConfig, RegexRewriteConfig, RouteConfig, ServiceConfig, UpstreamProtocol,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS_COUNT, DEFAULT_MAX_REQUEST_HEADERS_KB,
+    DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
     DEFAULT_REQUEST_HEADERS_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT,
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
@@ -35,7 +36,8 @@ use envoy_types::pb::envoy::config::core::v3::{
     TransportSocket,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    api_config_source, grpc_service, ApiConfigSource, GrpcService,
+    api_config_source, grpc_service, header_value_option, ApiConfigSource, GrpcService,
+    HeaderValue, HeaderValueOption,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     async_data_source, http_uri, AsyncDataSource, HttpUri, Metadata, RemoteDataSource,
@@ -48,8 +50,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, RetryPolicy,
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, redirect_action as redirect, retry_policy, route, route_action, route_match,
+    weighted_cluster, DirectResponseAction, HeaderMatcher, RedirectAction, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
@@ -69,10 +72,12 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, FailurePolicy, PluginConfig, VmConfig,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
+};
 use envoy_types::pb::envoy::r#type::v3::Int64Range;
 use envoy_types::pb::google::protobuf::{
-    self as pbuf, value::Kind, Duration as PbDuration, Struct, UInt32Value, Value,
+    self as pbuf, value::Kind, BoolValue, Duration as PbDuration, Struct, UInt32Value, Value,
 };
 use envoy_types::util::pack_any;
 use std::collections::BTreeMap;
@@ -669,6 +674,15 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
         retry_on: r.on.join(","),
         num_retries: Some(UInt32Value { value: r.max }),
         per_try_timeout: r.per_try_timeout.map(|d| pb_duration(d.into())),
+        retriable_status_codes: r
+            .retriable_status_codes
+            .iter()
+            .map(|&c| u32::from(c))
+            .collect(),
+        retry_back_off: r.back_off.as_ref().map(|b| retry_policy::RetryBackOff {
+            base_interval: Some(pb_duration(b.base_interval.into())),
+            max_interval: b.max_interval.map(|d| pb_duration(d.into())),
+        }),
         ..Default::default()
     });
     // Each listed plugin is switched on for this route; its position in the list is the
@@ -707,6 +721,43 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
         .into(),
         ..Default::default()
     });
+    let action = if let Some(redirect) = &route.redirect {
+        route::Action::Redirect(redirect_action(redirect))
+    } else if let Some(direct) = &route.direct_response {
+        route::Action::DirectResponse(DirectResponseAction {
+            status: u32::from(direct.status),
+            body: direct.body.as_ref().map(|body| DataSource {
+                specifier: Some(data_source::Specifier::InlineString(body.clone())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    } else {
+        route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            prefix_rewrite: route.prefix_rewrite.clone().unwrap_or_default(),
+            regex_rewrite: route.regex_rewrite.as_ref().map(regex_rewrite),
+            host_rewrite_specifier: match (&route.host_rewrite, route.auto_host_rewrite) {
+                (Some(host), _) => Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(
+                    host.clone(),
+                )),
+                (None, true) => Some(route_action::HostRewriteSpecifier::AutoHostRewrite(
+                    BoolValue { value: true },
+                )),
+                (None, false) => None,
+            },
+            timeout: Some(pb_duration(
+                route
+                    .timeout
+                    .map(Into::into)
+                    .unwrap_or(DEFAULT_ROUTE_TIMEOUT),
+            )),
+            retry_policy,
+            idle_timeout: route.idle_timeout.map(|d| pb_duration(d.into())),
+            hash_policy: route.hash_policy.iter().map(hash_policy).collect(),
+            ..Default::default()
+        })
+    };
     Route {
         name: route_name(route, index),
         metadata,
@@ -716,19 +767,90 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
             headers,
             ..Default::default()
         }),
-        action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(cluster_specifier),
-            timeout: Some(pb_duration(
-                route
-                    .timeout
-                    .map(Into::into)
-                    .unwrap_or(DEFAULT_ROUTE_TIMEOUT),
-            )),
-            retry_policy,
-            hash_policy: route.hash_policy.iter().map(hash_policy).collect(),
-            ..Default::default()
-        })),
+        action: Some(action),
+        request_headers_to_add: route
+            .request_headers_to_add
+            .iter()
+            .map(header_option)
+            .collect(),
+        request_headers_to_remove: route.request_headers_to_remove.clone(),
+        response_headers_to_add: route
+            .response_headers_to_add
+            .iter()
+            .map(header_option)
+            .collect(),
+        response_headers_to_remove: route.response_headers_to_remove.clone(),
         ..Default::default()
+    }
+}
+
+/// A v4 regex rewrite as Envoy's `RegexMatchAndSubstitute`.
+fn regex_rewrite(rewrite: &RegexRewriteConfig) -> RegexMatchAndSubstitute {
+    RegexMatchAndSubstitute {
+        pattern: Some(RegexMatcher {
+            regex: rewrite.pattern.clone(),
+            ..Default::default()
+        }),
+        substitution: rewrite.substitution.clone(),
+    }
+}
+
+/// A v4 header to add as Envoy's `HeaderValueOption` (validation checked the action).
+fn header_option(add: &HeaderAddConfig) -> HeaderValueOption {
+    use header_value_option::HeaderAppendAction;
+    let append_action = match add.append_action.as_deref() {
+        Some("add_if_absent") => HeaderAppendAction::AddIfAbsent,
+        Some("overwrite_if_exists_or_add") => HeaderAppendAction::OverwriteIfExistsOrAdd,
+        Some("overwrite_if_exists") => HeaderAppendAction::OverwriteIfExists,
+        _ => HeaderAppendAction::AppendIfExistsOrAdd,
+    };
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: add.name.clone(),
+            value: add.value.clone(),
+            ..Default::default()
+        }),
+        append_action: append_action as i32,
+        keep_empty_value: add.keep_empty_value,
+        ..Default::default()
+    }
+}
+
+/// A v4 redirect as Envoy's `RedirectAction`.
+fn redirect_action(redirect: &RedirectConfig) -> RedirectAction {
+    use redirect::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
+    let scheme = if redirect.https_redirect {
+        Some(SchemeRewriteSpecifier::HttpsRedirect(true))
+    } else {
+        redirect
+            .scheme_redirect
+            .clone()
+            .map(SchemeRewriteSpecifier::SchemeRedirect)
+    };
+    let path = if let Some(path) = &redirect.path_redirect {
+        Some(PathRewriteSpecifier::PathRedirect(path.clone()))
+    } else if let Some(prefix) = &redirect.prefix_rewrite {
+        Some(PathRewriteSpecifier::PrefixRewrite(prefix.clone()))
+    } else {
+        redirect
+            .regex_rewrite
+            .as_ref()
+            .map(|r| PathRewriteSpecifier::RegexRewrite(regex_rewrite(r)))
+    };
+    let code = match redirect.response_code {
+        Some(302) => RedirectResponseCode::Found,
+        Some(303) => RedirectResponseCode::SeeOther,
+        Some(307) => RedirectResponseCode::TemporaryRedirect,
+        Some(308) => RedirectResponseCode::PermanentRedirect,
+        _ => RedirectResponseCode::MovedPermanently,
+    };
+    RedirectAction {
+        host_redirect: redirect.host_redirect.clone().unwrap_or_default(),
+        port_redirect: redirect.port_redirect.map_or(0, u32::from),
+        response_code: code as i32,
+        strip_query: redirect.strip_query,
+        scheme_rewrite_specifier: scheme,
+        path_rewrite_specifier: path,
     }
 }
 

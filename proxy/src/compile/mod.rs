@@ -1,17 +1,27 @@
 //! The compiled, immutable routing snapshot and the compiler that builds it from xDS
 //! resources.
 //!
-//! Every config version — from a file today, from a control plane later — arrives as a
-//! [`ResourceSet`]. [`Compiler::compile`] checks each resource, decodes the typed extensions
-//! NIP supports, resolves names into `Arc`s (routes point straight at clusters, clusters at
-//! endpoint state) and returns a [`Snapshot`]. Any unsupported or broken field is an error
-//! naming the resource, so the caller can keep the previous snapshot (and, over xDS, NACK).
+//! Every config version — from a file or a control plane — arrives as a [`ResourceSet`].
+//!
+//! ```text
+//! prepare (plugins loaded, host names resolved: the only I/O)
+//!   ──▶ Compiler::compile (pure) ──▶ Snapshot ──▶ the caller activates it (ArcSwap::store)
+//! check = prepare_check (plugins decoded only, placeholder addresses) ──▶ the same compile
+//! ```
+//!
+//! [`Compiler::compile`] checks each resource, decodes the typed extensions NIP supports,
+//! resolves names into `Arc`s (routes point straight at clusters, clusters at endpoint
+//! state) and returns a [`Snapshot`]. Any unsupported or broken field is an error naming the
+//! resource, so the caller can keep the previous snapshot (and, over xDS, NACK). Because
+//! [`check`] runs the same compile, the control plane refuses at apply what a proxy of this
+//! version would refuse for reasons in the config itself.
 
 use crate::downstream::limits::DownstreamLimits;
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::route::{
-    HashPolicy, HashSource, HeaderMatch, HeaderValueMatch, PathMatch, RetryPolicy, Route,
-    RouteMatch, Router, RouterBuilder, Target, VirtualHost,
+    AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HeaderMatch, HeaderValueMatch,
+    HostRewrite, LocalAction, PathMatch, PathRewrite, Redirect, RedirectPath, RetryPolicy, Route,
+    RouteEdits, RouteMatch, Router, RouterBuilder, Target, ValueTemplate, VirtualHost,
 };
 use crate::telemetry::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::telemetry::metrics::{Metrics, RequestCounters};
@@ -25,15 +35,17 @@ use cluster_policies::{
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster};
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, substitution_format_string, transport_socket, Address,
-    DataSource, SubstitutionFormatString,
+    DataSource, SocketAddress, SubstitutionFormatString,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher, route, route_action, route_match, HeaderMatcher, RouteConfiguration,
+    header_matcher, route, route_action, route_match, DirectResponseAction, HeaderMatcher,
+    RedirectAction, RouteAction, RouteConfiguration,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
     file_access_log, FileAccessLog,
@@ -50,7 +62,6 @@ use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use http::HeaderName;
-use nip_filters::host::NodeInfo;
 use nip_xds::resources::names;
 use nip_xds::ResourceSet;
 use prost::{Message, Name};
@@ -138,7 +149,7 @@ impl Snapshot {
             .admin
             .as_ref()
             .and_then(|a| a.address.as_ref())
-            .and_then(|a| socket_addr(a).ok())
+            .and_then(|a| resolve_now(a).ok())
     }
 }
 
@@ -150,8 +161,8 @@ pub struct Compiler<'a> {
     pub metrics: &'a Metrics,
     /// The access logger of the previous snapshot, reused when unchanged.
     pub previous_access_log: Option<Arc<AccessLogger>>,
-    /// Compiles and canaries plugins.
-    pub plugins: &'a PluginLoader,
+    /// The plugins and host addresses gathered beforehand ([`prepare`], [`prepare_check`]).
+    pub prepared: &'a Prepared,
 }
 
 /// A route's hash policy (Envoy's `RouteAction.hash_policy`): header, cookie (without
@@ -212,6 +223,55 @@ fn hash_policy(
         .collect()
 }
 
+/// A route's retry policy (Envoy's `RetryPolicy`); errors name the field under
+/// `retry_policy`.
+fn retry_policy(
+    policy: &envoy_types::pb::envoy::config::route::v3::RetryPolicy,
+) -> Result<RetryPolicy, String> {
+    let positive = |d: &PbDuration, field: &str| {
+        duration(d)
+            .filter(|d| !d.is_zero())
+            .ok_or(format!("{field} must be more than 0"))
+    };
+    let mut retry = RetryPolicy::parse(
+        &policy.retry_on,
+        policy.num_retries.as_ref().map_or(1, |n| n.value),
+    )
+    .map_err(|e| format!("retry_on: {e}"))?;
+    retry.per_try_timeout = policy
+        .per_try_timeout
+        .as_ref()
+        .map(|d| positive(d, "per_try_timeout"))
+        .transpose()?;
+    retry.retriable_status_codes = policy
+        .retriable_status_codes
+        .iter()
+        .map(|&code| {
+            u16::try_from(code)
+                .ok()
+                .filter(|c| (100..600).contains(c))
+                .ok_or(format!(
+                    "retriable_status_codes: {code} is not an HTTP status"
+                ))
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(back_off) = &policy.retry_back_off {
+        let base = match &back_off.base_interval {
+            Some(d) => positive(d, "retry_back_off.base_interval")?,
+            None => return Err("retry_back_off.base_interval is required".into()),
+        };
+        let max = match &back_off.max_interval {
+            Some(d) => positive(d, "retry_back_off.max_interval")?,
+            None => base.saturating_mul(10),
+        };
+        if max < base {
+            return Err("retry_back_off.max_interval must be at least base_interval".into());
+        }
+        retry.back_off = crate::route::BackOff { base, max };
+    }
+    Ok(retry)
+}
+
 /// A route's data locality from its metadata (`nip.locality` → `region`).
 fn route_locality(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
@@ -236,8 +296,8 @@ fn route_locality(
     }
 }
 
-/// Plugins of a listener by HTTP filter name.
-type PluginFilters = BTreeMap<String, Arc<LoadedPlugin>>;
+/// Plugins of a listener by HTTP filter name (`None` in a check: decoded, not loaded).
+type PluginFilters = BTreeMap<String, Option<Arc<LoadedPlugin>>>;
 
 impl Compiler<'_> {
     /// Compiles a resource set into a snapshot.
@@ -262,20 +322,8 @@ impl Compiler<'_> {
                 .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
-        // Listeners with `api_listener` are for proxyless gRPC clients, not for a proxy.
-        let served: Vec<&Listener> = resources
-            .listeners
-            .iter()
-            .filter(|l| l.api_listener.is_none())
-            .collect();
-        let [listener] = served.as_slice() else {
-            return Err(err(
-                "Listener",
-                "",
-                format!("NIP serves exactly one listener, got {}", served.len()),
-            ));
-        };
-        let (listener_spec, hcm) = listener_spec(listener)?;
+        let listener = served_listener(resources)?;
+        let (listener_spec, hcm) = listener_spec(listener, self.prepared)?;
         let downstream = downstream::downstream_limits(listener, &hcm)
             .map_err(|m| err("Listener", &listener.name, m))?;
         let route_config = match &hcm.route_specifier {
@@ -302,11 +350,13 @@ impl Compiler<'_> {
                 ))
             }
         };
-        let plugins = self.plugin_filters(listener, &hcm, bootstrap)?;
-        let router = self.router(route_config, &clusters, &plugins)?;
+        let plugins = &self.prepared.plugins;
+        let router = self.router(route_config, &clusters, plugins)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
-        // Side effects only once nothing can fail: a refused config changes nothing.
-        self.plugins.set_upstreams(clusters.keys().cloned());
+        let plugins = plugins
+            .iter()
+            .filter_map(|(name, plugin)| Some((name.clone(), Arc::clone(plugin.as_ref()?))))
+            .collect();
         let unrouted = self.metrics.request_counters("", "");
         self.metrics.commit_generation();
         Ok(Snapshot {
@@ -452,14 +502,25 @@ impl Compiler<'_> {
                         format!("{field}: {m}"),
                     )
                 };
-                let address = match &lb_endpoint.host_identifier {
-                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e
-                        .address
-                        .as_ref()
-                        .ok_or_else(|| fail("endpoint.address is missing".into()))?,
+                let (address, hostname) = match &lb_endpoint.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => (
+                        e.address
+                            .as_ref()
+                            .ok_or_else(|| fail("endpoint.address is missing".into()))?,
+                        e.hostname.as_str(),
+                    ),
                     _ => return Err(fail("only endpoint addresses are supported".into())),
                 };
-                let address = socket_addr(address).map_err(fail)?;
+                let hostname = match (hostname, &address.address) {
+                    ("", Some(address::Address::SocketAddress(sa)))
+                        if sa.address.parse::<std::net::IpAddr>().is_err() =>
+                    {
+                        Some(sa.address.as_str().into())
+                    }
+                    ("", _) => None,
+                    (name, _) => Some(name.into()),
+                };
+                let address = socket_addr(address, self.prepared).map_err(fail)?;
                 if endpoints.iter().any(|e: &Endpoint| e.address == address) {
                     return Err(fail(format!("{address} is listed twice")));
                 }
@@ -480,6 +541,7 @@ impl Compiler<'_> {
                         .as_ref()
                         .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
+                    hostname,
                     locality_picks: self.metrics.locality_picks(
                         cluster,
                         &locality.region,
@@ -493,46 +555,6 @@ impl Compiler<'_> {
     }
 
     /// Loads every plugin filter of the listener (compile + canary).
-    fn plugin_filters(
-        &self,
-        listener: &Listener,
-        hcm: &HttpConnectionManager,
-        bootstrap: &Bootstrap,
-    ) -> Result<PluginFilters, CompileError> {
-        let node = bootstrap.node.as_ref();
-        let locality = node.and_then(|n| n.locality.as_ref());
-        let node = NodeInfo {
-            id: node.map(|n| n.id.clone()).unwrap_or_default(),
-            region: locality.map(|l| l.region.clone()).unwrap_or_default(),
-            zone: locality.map(|l| l.zone.clone()).unwrap_or_default(),
-        };
-        let mut plugins = PluginFilters::new();
-        for (i, filter) in hcm.http_filters.iter().enumerate() {
-            let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-                continue;
-            };
-            if any.type_url != Wasm::type_url() {
-                continue;
-            }
-            let limits = plugin_limits(listener, &filter.name).map_err(|e| {
-                err(
-                    "Listener",
-                    &listener.name,
-                    format!("metadata {}: {e}", names::PLUGIN_LIMITS_METADATA),
-                )
-            })?;
-            let plugin = self.plugins.load(any, &node, limits).map_err(|e| {
-                err(
-                    "Listener",
-                    &listener.name,
-                    format!("http_filters[{i}] {:?}: {e}", filter.name),
-                )
-            })?;
-            plugins.insert(filter.name.clone(), Arc::new(plugin));
-        }
-        Ok(plugins)
-    }
-
     fn router(
         &self,
         config: &RouteConfiguration,
@@ -540,20 +562,64 @@ impl Compiler<'_> {
         plugins: &PluginFilters,
     ) -> Result<Router, CompileError> {
         let name = config.name.as_str();
+        let fail = |field: String| {
+            move |m: String| err("RouteConfiguration", name, format!("{field}: {m}"))
+        };
+        let config_edits = (
+            header_edits(
+                &config.request_headers_to_add,
+                &config.request_headers_to_remove,
+            )
+            .map_err(fail("request_headers_to_add".into()))?,
+            header_edits(
+                &config.response_headers_to_add,
+                &config.response_headers_to_remove,
+            )
+            .map_err(fail("response_headers_to_add".into()))?,
+        );
+        let body_limit = match config.max_direct_response_body_size_bytes.as_ref() {
+            Some(limit) => usize::try_from(limit.value).unwrap_or(usize::MAX),
+            None => DEFAULT_DIRECT_RESPONSE_BODY_LIMIT,
+        };
         let mut builder = RouterBuilder::default();
         // Routes shared by several virtual hosts (hostless routes) compile once per name.
         let mut compiled: BTreeMap<Vec<u8>, Arc<Route>> = BTreeMap::new();
         for (vi, vhost) in config.virtual_hosts.iter().enumerate() {
+            let vhost_field = format!("virtual_hosts[{vi}]");
+            let outer = (
+                header_edits(
+                    &vhost.request_headers_to_add,
+                    &vhost.request_headers_to_remove,
+                )
+                .map_err(fail(format!("{vhost_field}.request_headers_to_add")))?
+                .then(&config_edits.0),
+                header_edits(
+                    &vhost.response_headers_to_add,
+                    &vhost.response_headers_to_remove,
+                )
+                .map_err(fail(format!("{vhost_field}.response_headers_to_add")))?
+                .then(&config_edits.1),
+            );
+            // A route shared by virtual hosts compiles once per set of outer header edits.
+            let vhost_headers = envoy_types::pb::envoy::config::route::v3::VirtualHost {
+                request_headers_to_add: vhost.request_headers_to_add.clone(),
+                request_headers_to_remove: vhost.request_headers_to_remove.clone(),
+                response_headers_to_add: vhost.response_headers_to_add.clone(),
+                response_headers_to_remove: vhost.response_headers_to_remove.clone(),
+                ..Default::default()
+            }
+            .encode_to_vec();
             let mut routes = Vec::with_capacity(vhost.routes.len());
             for (ri, xds_route) in vhost.routes.iter().enumerate() {
-                let key = xds_route.encode_to_vec();
+                let mut key = xds_route.encode_to_vec();
+                key.extend_from_slice(&vhost_headers);
                 if let Some(route) = compiled.get(&key) {
                     routes.push(Arc::clone(route));
                     continue;
                 }
                 let field = format!("virtual_hosts[{vi}].routes[{ri}]");
                 let route = self
-                    .route(xds_route, clusters, plugins)
+                    .route(xds_route, clusters, plugins, &outer, body_limit)
                     .map_err(|m| err("RouteConfiguration", name, format!("{field}: {m}")))?;
                 let route = Arc::new(route);
                 compiled.insert(key, Arc::clone(&route));
@@ -583,6 +649,8 @@ impl Compiler<'_> {
         xds: &envoy_types::pb::envoy::config::route::v3::Route,
         clusters: &BTreeMap<String, Arc<Cluster>>,
         plugins: &PluginFilters,
+        outer: &(HeaderEdits, HeaderEdits),
+        body_limit: usize,
     ) -> Result<Route, String> {
         let route_name: Arc<str> = xds.name.as_str().into();
         let matcher = xds.r#match.as_ref().ok_or("match is missing")?;
@@ -604,9 +672,64 @@ impl Compiler<'_> {
             .enumerate()
             .map(|(i, h)| header_match(h).map_err(|e| format!("match.headers[{i}]: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        let request_headers =
+            header_edits(&xds.request_headers_to_add, &xds.request_headers_to_remove)
+                .map_err(|e| format!("request_headers_to_add: {e}"))?
+                .then(&outer.0);
+        let response_headers = header_edits(
+            &xds.response_headers_to_add,
+            &xds.response_headers_to_remove,
+        )
+        .map_err(|e| format!("response_headers_to_add: {e}"))?
+        .then(&outer.1);
         let action = match &xds.action {
             Some(route::Action::Route(action)) => action,
-            _ => return Err("only `route` actions are supported".into()),
+            Some(route::Action::Redirect(redirect)) => {
+                let local =
+                    redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?;
+                return Ok(self.local_route(
+                    route_name,
+                    RouteMatch { path, headers },
+                    local,
+                    response_headers,
+                ));
+            }
+            Some(route::Action::DirectResponse(direct)) => {
+                let local = direct_response(direct, body_limit)
+                    .map_err(|e| format!("direct_response.{e}"))?;
+                return Ok(self.local_route(
+                    route_name,
+                    RouteMatch { path, headers },
+                    local,
+                    response_headers,
+                ));
+            }
+            _ => {
+                return Err("only route, redirect and direct_response actions are supported".into())
+            }
+        };
+        let edits = RouteEdits {
+            request_headers,
+            response_headers,
+            path: path_rewrite(action, &path)?,
+            host: match &action.host_rewrite_specifier {
+                None => None,
+                Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(host)) => {
+                    <http::uri::Authority as std::str::FromStr>::from_str(host).map_err(|_| {
+                        format!("route.host_rewrite_literal: {host:?} is not a host")
+                    })?;
+                    Some(HostRewrite::Literal(host.clone()))
+                }
+                Some(route_action::HostRewriteSpecifier::AutoHostRewrite(on)) => {
+                    on.value.then_some(HostRewrite::Auto)
+                }
+                Some(_) => {
+                    return Err(
+                        "route: only host_rewrite_literal and auto_host_rewrite are supported"
+                            .into(),
+                    )
+                }
+            },
         };
         let target = |cluster_name: &str, weight: u32| Target {
             cluster_name: cluster_name.into(),
@@ -633,24 +756,15 @@ impl Compiler<'_> {
             None => DEFAULT_ROUTE_TIMEOUT,
         };
         let retry = match &action.retry_policy {
-            Some(policy) => RetryPolicy {
-                per_try_timeout: policy
-                    .per_try_timeout
-                    .as_ref()
-                    .map(|d| {
-                        duration(d)
-                            .filter(|d| !d.is_zero())
-                            .ok_or("route.retry_policy.per_try_timeout must be more than 0")
-                    })
-                    .transpose()?,
-                ..RetryPolicy::parse(
-                    &policy.retry_on,
-                    policy.num_retries.as_ref().map_or(1, |n| n.value),
-                )
-                .map_err(|e| format!("route.retry_policy.retry_on: {e}"))?
-            },
+            Some(policy) => retry_policy(policy).map_err(|e| format!("route.retry_policy.{e}"))?,
             None => RetryPolicy::default(),
         };
+        let idle_timeout = action
+            .idle_timeout
+            .as_ref()
+            .map(|d| duration(d).ok_or("route.idle_timeout is negative"))
+            .transpose()?
+            .filter(|d| !d.is_zero());
         Ok(Route::new(
             Arc::clone(&route_name),
             RouteMatch { path, headers },
@@ -660,6 +774,8 @@ impl Compiler<'_> {
             self.metrics.route_stats(&route_name),
             route_plugins(xds, plugins)?,
         )
+        .with_idle_timeout(idle_timeout)
+        .with_edits(edits)
         .with_locality(route_locality(xds)?)
         .with_hash_policy(hash_policy(action)?))
     }
@@ -784,7 +900,9 @@ fn route_plugins(
             }
             _ => u32::MAX,
         };
-        enabled.push((position, filter.clone(), Arc::clone(plugin)));
+        if let Some(plugin) = plugin {
+            enabled.push((position, filter.clone(), Arc::clone(plugin)));
+        }
     }
     enabled.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     Ok(enabled.into_iter().map(|(_, _, p)| p).collect())
@@ -797,8 +915,81 @@ fn log_format(format: &SubstitutionFormatString) -> LogFormat {
     }
 }
 
+/// The one listener NIP serves (listeners with `api_listener` are for proxyless gRPC
+/// clients, not for a proxy).
+fn served_listener(resources: &ResourceSet) -> Result<&Listener, CompileError> {
+    let served: Vec<&Listener> = resources
+        .listeners
+        .iter()
+        .filter(|l| l.api_listener.is_none())
+        .collect();
+    match served.as_slice() {
+        [listener] => Ok(listener),
+        _ => Err(err(
+            "Listener",
+            "",
+            format!("NIP serves exactly one listener, got {}", served.len()),
+        )),
+    }
+}
+
+/// What a proxy does with each config change: [`prepare`] (load plugins, resolve host
+/// names), [`Compiler::compile`], then tell plugins which clusters their callouts may reach
+/// (only for a set that compiled: a refused set changes nothing).
+pub struct Builder<'a> {
+    /// Endpoint state shared across snapshots.
+    pub registry: &'a EndpointRegistry,
+    /// Metric families.
+    pub metrics: &'a Metrics,
+    /// The access logger of the previous snapshot, reused when unchanged.
+    pub previous_access_log: Option<Arc<AccessLogger>>,
+    /// Loads (reads or downloads, compiles, canaries) plugins.
+    pub plugins: &'a PluginLoader,
+}
+
+impl Builder<'_> {
+    /// Prepares and compiles `resources` into a snapshot ready to serve.
+    pub fn build(
+        &self,
+        bootstrap: &Bootstrap,
+        resources: &ResourceSet,
+    ) -> Result<Snapshot, CompileError> {
+        let prepared = prepare(bootstrap, resources, self.plugins)?;
+        let snapshot = Compiler {
+            registry: self.registry,
+            metrics: self.metrics,
+            previous_access_log: self.previous_access_log.clone(),
+            prepared: &prepared,
+        }
+        .compile(bootstrap, resources)?;
+        self.plugins
+            .set_upstreams(snapshot.clusters.keys().cloned());
+        Ok(snapshot)
+    }
+}
+
+/// Runs the proxy's compiler over `resources` without loading plugins, resolving host
+/// names or touching any state a proxy serves with: what the control plane's apply and
+/// `nip validate` refuse is exactly what a proxy of this version would refuse for reasons
+/// in the config itself (a plugin module or a host name a proxy cannot reach is the
+/// proxy's to find).
+pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), CompileError> {
+    let prepared = prepare_check(bootstrap, resources)?;
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+        prepared: &prepared,
+    }
+    .compile(bootstrap, resources)
+    .map(drop)
+}
+
 fn listener_spec(
     listener: &Listener,
+    prepared: &Prepared,
 ) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
     let name = listener.name.as_str();
     let fail = |m: String| err("Listener", name, m);
@@ -806,7 +997,7 @@ fn listener_spec(
         .address
         .as_ref()
         .ok_or_else(|| fail("address is missing".into()))?;
-    let address = socket_addr(address).map_err(|e| fail(format!("address: {e}")))?;
+    let address = socket_addr(address, prepared).map_err(|e| fail(format!("address: {e}")))?;
     let [chain] = listener.filter_chains.as_slice() else {
         return Err(fail("exactly one filter chain is supported".into()));
     };
@@ -948,6 +1139,242 @@ fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
 }
 
 /// Envoy regexes must match the whole input.
+/// Envoy's default `max_direct_response_body_size_bytes`.
+const DEFAULT_DIRECT_RESPONSE_BODY_LIMIT: usize = 4096;
+
+impl Compiler<'_> {
+    /// A route that answers by itself.
+    fn local_route(
+        &self,
+        name: Arc<str>,
+        matcher: RouteMatch,
+        local: LocalAction,
+        response_headers: HeaderEdits,
+    ) -> Route {
+        Route::new(
+            Arc::clone(&name),
+            matcher,
+            Vec::new(),
+            Duration::ZERO,
+            RetryPolicy::default(),
+            self.metrics.route_stats(&name),
+            Vec::new(),
+        )
+        .with_edits(RouteEdits {
+            response_headers,
+            ..RouteEdits::default()
+        })
+        .with_local_action(Some(local))
+    }
+}
+
+/// Header edits from Envoy's `*_headers_to_add` and `*_headers_to_remove` of one level.
+fn header_edits(add: &[HeaderValueOption], remove: &[String]) -> Result<HeaderEdits, String> {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    let name_of = |name: &str, field: &str| {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{field}: {name:?} is not a header name"))?;
+        if name.starts_with(':') || header == http::header::HOST {
+            return Err(format!(
+                "{field}: {name:?} cannot be edited (use the route's host rewrite)"
+            ));
+        }
+        Ok(header)
+    };
+    let mut edits = HeaderEdits::default();
+    for (i, option) in add.iter().enumerate() {
+        let field = format!("[{i}]");
+        let header = option
+            .header
+            .as_ref()
+            .ok_or(format!("{field}.header is missing"))?;
+        let name = name_of(&header.key, &format!("{field}.header.key"))?;
+        let text = if header.raw_value.is_empty() {
+            header.value.clone()
+        } else {
+            String::from_utf8(header.raw_value.clone())
+                .map_err(|_| format!("{field}.header.raw_value is not UTF-8"))?
+        };
+        let value =
+            ValueTemplate::parse(&text).map_err(|e| format!("{field}.header.value: {e}"))?;
+        if let Some(literal) = value.literal() {
+            http::HeaderValue::from_str(literal)
+                .map_err(|_| format!("{field}.header.value: {literal:?} is not a header value"))?;
+        }
+        #[allow(deprecated)]
+        let action = match (
+            option.append.as_ref(),
+            HeaderAppendAction::try_from(option.append_action),
+        ) {
+            (Some(append), _) if option.append_action == 0 => {
+                if append.value {
+                    AppendAction::Append
+                } else {
+                    AppendAction::Overwrite
+                }
+            }
+            (Some(_), _) => {
+                return Err(format!(
+                    "{field}: append and append_action cannot both be set"
+                ))
+            }
+            (None, Ok(HeaderAppendAction::AppendIfExistsOrAdd)) => AppendAction::Append,
+            (None, Ok(HeaderAppendAction::AddIfAbsent)) => AppendAction::AddIfAbsent,
+            (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => AppendAction::Overwrite,
+            (None, Ok(HeaderAppendAction::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
+            (None, Err(_)) => {
+                return Err(format!(
+                    "{field}.append_action {} is unknown",
+                    option.append_action
+                ))
+            }
+        };
+        edits.add.push(HeaderAdd {
+            name,
+            value,
+            action,
+            keep_empty_value: option.keep_empty_value,
+        });
+    }
+    for (i, name) in remove.iter().enumerate() {
+        edits.remove.push(name_of(name, &format!("(remove)[{i}]"))?);
+    }
+    Ok(edits)
+}
+
+/// The forwarded path's rewrite (`prefix_rewrite` or `regex_rewrite`).
+fn path_rewrite(action: &RouteAction, path: &PathMatch) -> Result<Option<PathRewrite>, String> {
+    match (action.prefix_rewrite.is_empty(), &action.regex_rewrite) {
+        (true, None) => Ok(None),
+        (false, Some(_)) => {
+            Err("route: prefix_rewrite and regex_rewrite exclude each other".into())
+        }
+        (false, None) => prefix_rewrite(&action.prefix_rewrite, path)
+            .map(Some)
+            .map_err(|e| format!("route.prefix_rewrite: {e}")),
+        (true, Some(rewrite)) => regex_rewrite(rewrite)
+            .map(Some)
+            .map_err(|e| format!("route.regex_rewrite: {e}")),
+    }
+}
+
+fn prefix_rewrite(replacement: &str, path: &PathMatch) -> Result<PathRewrite, String> {
+    let matched = match path {
+        PathMatch::Prefix(prefix) | PathMatch::Exact(prefix) => prefix.clone(),
+        PathMatch::Regex(_) => return Err("needs a prefix or path match, not a regex".into()),
+    };
+    Ok(PathRewrite::Prefix {
+        matched,
+        replacement: replacement.to_string(),
+    })
+}
+
+fn regex_rewrite(
+    rewrite: &envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute,
+) -> Result<PathRewrite, String> {
+    let pattern = rewrite.pattern.as_ref().ok_or("pattern is missing")?;
+    let regex = Regex::new(&pattern.regex).map_err(|e| {
+        format!(
+            "pattern.regex: {}",
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    })?;
+    Ok(PathRewrite::Regex {
+        pattern: regex,
+        substitution: crate::route::actions::envoy_substitution(&rewrite.substitution),
+    })
+}
+
+/// A `RedirectAction`; errors name the field under `redirect`.
+fn redirect_action(redirect: &RedirectAction, path: &PathMatch) -> Result<LocalAction, String> {
+    use envoy_types::pb::envoy::config::route::v3::redirect_action::{
+        PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier,
+    };
+    let scheme = match &redirect.scheme_rewrite_specifier {
+        None => None,
+        Some(SchemeRewriteSpecifier::HttpsRedirect(https)) => https.then(|| "https".to_string()),
+        Some(SchemeRewriteSpecifier::SchemeRedirect(scheme)) => match scheme.as_str() {
+            "http" | "https" => Some(scheme.clone()),
+            other => return Err(format!("scheme_redirect: {other:?} is not http or https")),
+        },
+    };
+    if !redirect.host_redirect.is_empty() {
+        <http::uri::Authority as std::str::FromStr>::from_str(&redirect.host_redirect)
+            .map_err(|_| format!("host_redirect: {:?} is not a host", redirect.host_redirect))?;
+    }
+    let port = u16::try_from(redirect.port_redirect)
+        .map_err(|_| format!("port_redirect: {} is not a port", redirect.port_redirect))?;
+    let path = match &redirect.path_rewrite_specifier {
+        None => None,
+        Some(PathRewriteSpecifier::PathRedirect(to)) => {
+            if !to.starts_with('/') {
+                return Err(format!("path_redirect: {to:?} must start with /"));
+            }
+            Some(RedirectPath::Replace(to.clone()))
+        }
+        Some(PathRewriteSpecifier::PrefixRewrite(to)) => Some(RedirectPath::Rewrite(
+            prefix_rewrite(to, path).map_err(|e| format!("prefix_rewrite: {e}"))?,
+        )),
+        Some(PathRewriteSpecifier::RegexRewrite(rewrite)) => Some(RedirectPath::Rewrite(
+            regex_rewrite(rewrite).map_err(|e| format!("regex_rewrite: {e}"))?,
+        )),
+        Some(PathRewriteSpecifier::PathRewrite(_)) => {
+            return Err("path_rewrite (a path template) is not supported".into())
+        }
+    };
+    let status = match RedirectResponseCode::try_from(redirect.response_code) {
+        Ok(RedirectResponseCode::MovedPermanently) => 301,
+        Ok(RedirectResponseCode::Found) => 302,
+        Ok(RedirectResponseCode::SeeOther) => 303,
+        Ok(RedirectResponseCode::TemporaryRedirect) => 307,
+        Ok(RedirectResponseCode::PermanentRedirect) => 308,
+        Err(_) => {
+            return Err(format!(
+                "response_code {} is unknown",
+                redirect.response_code
+            ))
+        }
+    };
+    Ok(LocalAction::Redirect(Redirect {
+        scheme,
+        host: (!redirect.host_redirect.is_empty()).then(|| redirect.host_redirect.clone()),
+        port,
+        path,
+        status,
+        strip_query: redirect.strip_query,
+    }))
+}
+
+/// A `DirectResponseAction` (inline bodies, at most `limit` bytes).
+fn direct_response(direct: &DirectResponseAction, limit: usize) -> Result<LocalAction, String> {
+    let status = u16::try_from(direct.status)
+        .ok()
+        .filter(|s| (200..600).contains(s))
+        .ok_or(format!("status: {} must be 200–599", direct.status))?;
+    if direct.body_format.is_some() {
+        return Err("body_format is not supported".into());
+    }
+    let body = match direct.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+        None => Vec::new(),
+        Some(data_source::Specifier::InlineString(text)) => text.clone().into_bytes(),
+        Some(data_source::Specifier::InlineBytes(bytes)) => bytes.clone(),
+        Some(_) => return Err("body: only inline_string and inline_bytes are supported".into()),
+    };
+    if body.len() > limit {
+        return Err(format!(
+            "body: {} bytes is more than max_direct_response_body_size_bytes ({limit})",
+            body.len()
+        ));
+    }
+    Ok(LocalAction::DirectResponse {
+        status,
+        body: bytes::Bytes::from(body),
+    })
+}
+
 fn full_match_regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
         format!(
@@ -970,17 +1397,30 @@ fn decode<M: Message + Default + Name>(any: &Any) -> Result<M, String> {
     M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", any.type_url))
 }
 
-/// Resolves an xDS socket address; host names are resolved once, here, off the request path.
-fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
+/// The port of an xDS socket address.
+fn port_of(sa: &SocketAddress) -> Result<u16, String> {
+    match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))
+        }
+        _ => Err("socket_address.port_value is missing".into()),
+    }
+}
+
+/// An xDS socket address: an IP as written, a host name as [`prepare`] resolved it.
+fn socket_addr(address: &Address, prepared: &Prepared) -> Result<SocketAddr, String> {
     let Some(address::Address::SocketAddress(sa)) = &address.address else {
         return Err("only socket_address is supported".into());
     };
-    let port = match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => {
-            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
-        }
-        _ => return Err("socket_address.port_value is missing".into()),
+    prepared.address(&sa.address, port_of(sa)?)
+}
+
+/// An xDS socket address resolved now (the admin address, at start-up).
+fn resolve_now(address: &Address) -> Result<SocketAddr, String> {
+    let Some(address::Address::SocketAddress(sa)) = &address.address else {
+        return Err("only socket_address is supported".into());
     };
+    let port = port_of(sa)?;
     if let Ok(ip) = sa.address.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
@@ -993,6 +1433,9 @@ fn socket_addr(address: &Address) -> Result<SocketAddr, String> {
 
 mod cluster_policies;
 mod downstream;
+mod prepare;
+
+pub use prepare::{prepare, prepare_check, Prepared};
 
 #[cfg(test)]
 mod tests;

@@ -35,13 +35,13 @@ routes:
 fn compile(t: &nip_xds::translate::Translation) -> Result<Snapshot, CompileError> {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    Compiler {
+    Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
         plugins: loader(),
     }
-    .compile(&t.bootstrap, &t.resources)
+    .build(&t.bootstrap, &t.resources)
 }
 
 #[test]
@@ -150,16 +150,16 @@ fn a_route_to_a_missing_cluster_compiles_and_answers_503_nc_at_request_time() {
 fn endpoint_state_survives_recompilation() {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Compiler {
+    let compiler = Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
         plugins: loader(),
     };
     let t = translated(BASE);
-    let first = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    let first = compiler.build(&t.bootstrap, &t.resources).unwrap();
     first.clusters["web"].endpoints[0].state.set_healthy(false);
-    let second = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    let second = compiler.build(&t.bootstrap, &t.resources).unwrap();
     assert!(!second.clusters["web"].endpoints[0].state.is_healthy());
     assert!(second.clusters["web"].endpoints[1].state.is_healthy());
 }
@@ -179,20 +179,20 @@ fn a_refused_config_does_not_change_what_plugins_may_call() {
     let loader = PluginLoader::new(None).expect("wasm engine");
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Compiler {
+    let compiler = Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
         plugins: &loader,
     };
     let good = translated(BASE);
-    compiler.compile(&good.bootstrap, &good.resources).unwrap();
+    compiler.build(&good.bootstrap, &good.resources).unwrap();
     assert!(loader.may_call("web"));
     let refused = translated(
         "api_gateway:\n  access_log: { enabled: true, path: /nonexistent-dir/access.log }\nservices:\n  other: { endpoints: [\"127.0.0.1:9\"] }\n",
     );
     compiler
-        .compile(&refused.bootstrap, &refused.resources)
+        .build(&refused.bootstrap, &refused.resources)
         .unwrap_err();
     assert!(
         !loader.may_call("other"),
@@ -250,7 +250,7 @@ fn client_limits_come_from_the_hcm_with_envoy_meanings() {
 fn mutated_configs_never_panic_the_loader_or_compiler() {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Compiler {
+    let compiler = Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
@@ -275,9 +275,24 @@ fn mutated_configs_never_panic_the_loader_or_compiler() {
             continue;
         };
         let result = Config::from_yaml(&text).map(|c| translate(&c));
-        let compiled = result
-            .ok()
-            .map(|t| compiler.compile(&t.bootstrap, &t.resources).is_ok());
+        let compiled = result.ok().map(|t| {
+            let built = compiler.build(&t.bootstrap, &t.resources);
+            // One compile path: the check refuses exactly what a proxy refuses (these
+            // configs name no host and no plugin a proxy could fail to reach).
+            let checked = check(&t.bootstrap, &t.resources);
+            // A mutated IP that became a host name is the proxy's to resolve.
+            let unresolvable = built
+                .as_ref()
+                .is_err_and(|e| e.message.contains("cannot resolve"));
+            if !unresolvable {
+                assert_eq!(
+                    built.as_ref().err(),
+                    checked.as_ref().err(),
+                    "check and build disagree on:\n{text}"
+                );
+            }
+            built.is_ok()
+        });
         outcomes[usize::from(compiled == Some(true))] += 1;
     }
     // Both outcomes occur, so the mutations exercise the compiler and the error paths.
@@ -489,13 +504,13 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
     let t = translated(yaml);
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Compiler {
+    let compiler = Builder {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
         plugins: loader(),
     };
-    let first = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    let first = compiler.build(&t.bootstrap, &t.resources).unwrap();
     let adaptive = first.clusters["web"].adaptive_concurrency.as_ref().unwrap();
     assert_eq!(adaptive.status, 429);
     assert_eq!(
@@ -509,7 +524,7 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
         }
     );
     // A reload with the same settings keeps the controller (and what it learned).
-    let second = compiler.compile(&t.bootstrap, &t.resources).unwrap();
+    let second = compiler.build(&t.bootstrap, &t.resources).unwrap();
     assert!(Arc::ptr_eq(
         &adaptive.controller,
         &second.clusters["web"]
@@ -681,4 +696,92 @@ fn ring_hash_and_hash_policies_carry_over_and_unsupported_parts_are_named() {
         panic!("a huge ring must be refused");
     };
     assert!(error.to_string().contains("ring_hash_lb_config"), "{error}");
+}
+
+#[test]
+fn a_check_neither_resolves_host_names_nor_loads_plugins_but_refuses_what_the_proxy_would() {
+    let yaml = r#"
+services:
+  web: { endpoints: ["web.invalid:8080", "web.invalid:8081"] }
+plugins:
+  stamp: { source: { url: "http://127.0.0.1:9/stamp.wasm", sha256: "0000000000000000000000000000000000000000000000000000000000000000" } }
+routes:
+  - { service: web, plugins: [stamp] }
+"#;
+    let t = translated(yaml);
+    check(&t.bootstrap, &t.resources).expect("a check leaves hosts and modules to the proxy");
+    // A proxy must reach both, so building fails on the first it cannot.
+    let built = compile(&t).expect_err("a proxy cannot resolve web.invalid");
+    assert!(built.message.contains("web.invalid"), "{built}");
+    let resolvable = translated(&yaml.replace("web.invalid", "127.0.0.1"));
+    let built = compile(&resolvable).expect_err("a proxy cannot download the module");
+    assert!(built.message.contains("stamp"), "{built}");
+    // The same host and port twice is refused by both (placeholders keep names apart and
+    // equal names equal).
+    let mut twice = translated(yaml);
+    let assignment = &mut twice.resources.endpoints[0].endpoints[0];
+    let first = assignment.lb_endpoints[0].clone();
+    assignment.lb_endpoints.push(first);
+    let checked = check(&twice.bootstrap, &twice.resources).expect_err("listed twice");
+    assert!(checked.message.contains("listed twice"), "{checked}");
+    // Compiling itself is pure: with nothing prepared, a host name is an error, not a
+    // lookup.
+    let registry = EndpointRegistry::default();
+    let metrics = Metrics::new();
+    let unprepared = Compiler {
+        registry: &registry,
+        metrics: &metrics,
+        previous_access_log: None,
+        prepared: &Prepared::default(),
+    }
+    .compile(&t.bootstrap, &t.resources)
+    .expect_err("nothing prepared");
+    assert!(
+        unprepared.message.contains("was not resolved"),
+        "{unprepared}"
+    );
+}
+
+#[test]
+fn retry_policies_carry_statuses_and_back_off_and_refuse_nonsense_by_field() {
+    use envoy_types::pb::envoy::config::route::v3::{retry_policy, RetryPolicy as XdsRetry};
+    let ms = |n: i32| PbDuration {
+        seconds: 0,
+        nanos: n * 1_000_000,
+    };
+    let policy = retry_policy(&XdsRetry {
+        retry_on: "retriable-status-codes,connect-failure".into(),
+        retriable_status_codes: vec![409, 429],
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(ms(40)),
+            max_interval: None,
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(policy.retries_status(429) && !policy.retries_status(503));
+    assert_eq!(
+        (policy.back_off.base, policy.back_off.max),
+        (Duration::from_millis(40), Duration::from_millis(400)),
+        "max defaults to 10 × base, as in Envoy"
+    );
+    let refused = |p: XdsRetry| retry_policy(&p).unwrap_err();
+    assert!(refused(XdsRetry {
+        retriable_status_codes: vec![99],
+        ..Default::default()
+    })
+    .starts_with("retriable_status_codes"));
+    assert!(refused(XdsRetry {
+        retry_back_off: Some(retry_policy::RetryBackOff::default()),
+        ..Default::default()
+    })
+    .contains("base_interval is required"));
+    assert!(refused(XdsRetry {
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(ms(100)),
+            max_interval: Some(ms(50)),
+        }),
+        ..Default::default()
+    })
+    .contains("max_interval must be at least base_interval"));
 }

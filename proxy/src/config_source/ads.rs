@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! bootstrap (local YAML: node, admin, control_plane) ──▶ nip-xds AdsClient (own thread)
-//!     ──complete ResourceSet──▶ FeedSink::apply ──Compiler::compile──▶ ArcSwap::store
+//!     ──complete ResourceSet──▶ FeedSink::apply ──compile::Builder::build──▶ ArcSwap::store
 //!                                    │ error → NACK with the compile error   │
 //!                                    └──────────────── "swapped" ────────────▶ control thread
 //! ```
@@ -16,7 +16,7 @@
 //! (atomically); a proxy that starts while the control plane does not answer serves the
 //! saved set after a short wait, and swaps in whatever the control plane sends later.
 
-use crate::compile::{Compiler, Snapshot};
+use crate::compile::{Builder, Snapshot};
 use crate::plugins::PluginLoader;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::registry::EndpointRegistry;
@@ -74,7 +74,7 @@ impl ResourceSink for FeedSink {
             Destination::Running(swap) => swap.load().access_log.clone(),
             Destination::Starting { .. } => None,
         };
-        let compiler = Compiler {
+        let compiler = Builder {
             registry: &self.registry,
             metrics: &self.metrics,
             previous_access_log,
@@ -86,7 +86,7 @@ impl ResourceSink for FeedSink {
         let mut applied = std::borrow::Cow::Borrowed(resources);
         let mut left_out = Vec::new();
         let snapshot = loop {
-            match compiler.compile(&self.bootstrap, &applied) {
+            match compiler.build(&self.bootstrap, &applied) {
                 Ok(snapshot) => break snapshot,
                 Err(e)
                     if matches!(e.kind, "Cluster" | "ClusterLoadAssignment")
@@ -177,13 +177,13 @@ impl XdsFeed {
         let saved = parts.last_good.as_deref().and_then(|path| {
             let saved = std::fs::read(path).ok()?;
             let compiled = ResourceSet::from_file_bytes(&saved).and_then(|resources| {
-                Compiler {
+                Builder {
                     registry: &parts.registry,
                     metrics: &parts.metrics,
                     previous_access_log: None,
                     plugins: &parts.plugins,
                 }
-                .compile(&parts.bootstrap, &resources)
+                .build(&parts.bootstrap, &resources)
                 .map_err(|e| e.to_string())
             });
             match compiled {

@@ -65,6 +65,16 @@ impl Drop for GaugeGuard {
 }
 
 impl RequestCtx {
+    /// When the route's budget (its `timeout`: tries, back-off and body) runs out; computed
+    /// from the route rather than stored, so every request's context stays small.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        let timeout = self.route.as_ref()?.timeout;
+        if timeout.is_zero() {
+            return None;
+        }
+        self.start.checked_add(timeout)
+    }
+
     /// Takes another try if the route's budget and the cluster's `max_retries` circuit
     /// breaker allow it (a request already retrying holds its breaker slot), counting it;
     /// call it only once the route's policy wants the retry, so overflows count real ones.

@@ -22,10 +22,10 @@ pub struct Failure {
 pub fn classify(etype: &ErrorType, source: &ErrorSource, flag: Option<ResponseFlag>) -> Failure {
     let (status, flag, body) = match (etype, source) {
         (ErrorType::HTTPStatus(code), _) => {
-            let body = if flag == Some(ResponseFlag::NoHealthyUpstream) {
-                "no healthy upstream\n"
-            } else {
-                "request failed\n"
+            let body = match flag {
+                Some(ResponseFlag::NoHealthyUpstream) => "no healthy upstream\n",
+                Some(ResponseFlag::UpstreamTimeout) => "upstream request timeout\n",
+                _ => "request failed\n",
             };
             (*code, flag, body)
         }

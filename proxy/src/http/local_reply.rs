@@ -4,6 +4,8 @@
 use super::context::RequestCtx;
 use super::flags::ResponseFlag;
 use crate::plugins::chain::Verdict;
+use crate::route::actions::RequestTarget;
+use crate::route::{HeaderEdits, LocalAction};
 use bytes::Bytes;
 use nip_filters::host::LocalResponse;
 use pingora::http::ResponseHeader;
@@ -91,6 +93,19 @@ async fn write_local(
     headers: &[(String, String)],
     body: Bytes,
 ) {
+    write_answer(session, ctx, status, headers, body, None).await;
+}
+
+/// [`write_local`], with the route's response header edits (for the answers of routes
+/// that answer by themselves, as Envoy applies them).
+pub(super) async fn write_answer(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    headers: &[(String, String)],
+    body: Bytes,
+    edits: Option<&HeaderEdits>,
+) {
     let mut header = match ResponseHeader::build(status, Some(headers.len() + 3)) {
         Ok(h) => h,
         Err(e) => {
@@ -110,6 +125,11 @@ async fn write_local(
     if let Some(flag) = ctx.flag {
         let _ = header.insert_header("x-nip-response-flags", flag.as_str());
     }
+    if let Some(edits) = edits.filter(|e| !e.is_empty()) {
+        super::edits::with_vars(session, ctx, |vars| {
+            super::edits::apply(edits, &mut header, vars)
+        });
+    }
     let result = async {
         session
             .write_response_header(Box::new(header), false)
@@ -119,5 +139,48 @@ async fn write_local(
     .await;
     if let Err(e) = result {
         tracing::debug!("could not send the {status} response: {e}");
+    }
+}
+
+/// The status, headers and body a route that answers by itself gives this request.
+pub(super) fn local_action_answer(
+    session: &Session,
+    action: &LocalAction,
+) -> (u16, Vec<(String, String)>, Bytes) {
+    match action {
+        LocalAction::Redirect(redirect) => {
+            let request = session.req_header();
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+            let authority = request
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    request
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or("");
+            let location = redirect.location(RequestTarget {
+                scheme: if tls { "https" } else { "http" },
+                authority,
+                path: request.uri.path(),
+                query: request.uri.query(),
+            });
+            (
+                redirect.status,
+                vec![("location".to_string(), location)],
+                Bytes::new(),
+            )
+        }
+        LocalAction::DirectResponse { status, body } => {
+            let headers = if body.is_empty() {
+                Vec::new()
+            } else {
+                vec![("content-type".to_string(), "text/plain".to_string())]
+            };
+            (*status, headers, body.clone())
+        }
     }
 }

@@ -22,6 +22,7 @@
 
 mod admission;
 mod context;
+mod edits;
 mod failure;
 mod flags;
 mod local_reply;
@@ -274,6 +275,21 @@ impl ProxyHttp for Gateway {
         }
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
+        if let Some(local) = &route.local {
+            // A redirect or a direct response: answered here, nothing goes upstream.
+            let (status, headers, body) = local_reply::local_action_answer(session, local);
+            ctx.local_status = status;
+            local_reply::write_answer(
+                session,
+                ctx,
+                status,
+                &headers,
+                body,
+                Some(&route.edits.response_headers),
+            )
+            .await;
+            return Ok(true);
+        }
         ctx.target = index;
         // Boxed: the plugin path's future is large (it may await a callout), and async_trait
         // moves this whole future into a box on every request, plugins or not.
@@ -318,6 +334,27 @@ impl ProxyHttp for Gateway {
                 ))
             }
         }
+    }
+
+    /// The route's budget covers the whole response: a body still arriving when it runs
+    /// out is cut (the client sees the stream end early, as with Envoy).
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if ctx.deadline().is_some_and(|d| Instant::now() >= d) {
+            ctx.flag = Some(ResponseFlag::UpstreamTimeout);
+            return Err(Error::create(
+                ErrorType::ReadTimedout,
+                pingora::ErrorSource::Upstream,
+                Some("the route's timeout ran out during the response body".into()),
+                None,
+            ));
+        }
+        Ok(None)
     }
 
     /// Runs response body chunks through the route's plugins.
@@ -371,6 +408,21 @@ impl ProxyHttp for Gateway {
                 "no cluster chosen",
             ));
         };
+        // A retry waits its back-off first; the budget bounds the wait and every try.
+        if ctx.retries > 0 {
+            let wait = route.retry.back_off.wait(ctx.retries, fastrand::u64(..));
+            let within_budget = ctx.deadline().is_none_or(|d| Instant::now() + wait < d);
+            if within_budget && !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        if ctx.deadline().is_some_and(|d| Instant::now() >= d) {
+            ctx.flag = Some(ResponseFlag::UpstreamTimeout);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "the route's timeout ran out before another try",
+            ));
+        }
         // The request's key for ring_hash (the same for each of its tries).
         let hash = if cluster.lb == LbPolicy::RingHash && !route.hash_policy.is_empty() {
             let request = session.req_header();
@@ -394,8 +446,12 @@ impl ProxyHttp for Gateway {
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
         ctx.endpoint = Some(address);
         ctx.tried.push(address);
-        let timeout = peer::try_timeout(route.timeout, route.retry.per_try_timeout);
-        Ok(Box::new(peer::for_try(address, cluster, timeout)))
+        let remaining = ctx
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        let read_timeout =
+            peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
+        Ok(Box::new(peer::for_try(address, cluster, read_timeout)))
     }
 
     /// Adds x-forwarded-for/-proto and, on retries, the retry count.
@@ -421,6 +477,28 @@ impl ProxyHttp for Gateway {
         upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         if ctx.retries > 0 {
             upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
+        }
+        if let Some(route) = &ctx.route {
+            let route_edits = &route.edits;
+            if let Some(rewrite) = &route_edits.path {
+                edits::rewrite_path(rewrite, upstream_request);
+            }
+            if let Some(rewrite) = &route_edits.host {
+                // The try's endpoint, for `auto_host_rewrite` (found only for such routes).
+                let hostname = ctx.cluster.as_ref().and_then(|cluster| {
+                    cluster
+                        .endpoints
+                        .iter()
+                        .find(|e| Some(e.address) == ctx.endpoint)
+                        .and_then(|e| e.hostname.as_deref())
+                });
+                edits::rewrite_host(rewrite, hostname, upstream_request);
+            }
+            if !route_edits.request_headers.is_empty() {
+                edits::with_vars(session, ctx, |vars| {
+                    edits::apply(&route_edits.request_headers, upstream_request, vars)
+                });
+            }
         }
         Ok(())
     }
@@ -639,6 +717,13 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if !ctx.request_id.is_empty() {
             upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        if let Some(route) = &ctx.route {
+            if !route.edits.response_headers.is_empty() {
+                edits::with_vars(session, ctx, |vars| {
+                    edits::apply(&route.edits.response_headers, upstream_response, vars)
+                });
+            }
         }
         if downstream::past_max_connection_duration(session) {
             session.set_keepalive(None);

@@ -8,25 +8,24 @@ use std::time::Duration;
 /// Pooled upstream connections idle longer than this are closed.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long one try may wait for its answer: the route's `per_try_timeout`, bounded by the
-/// route's `timeout` (zero: none).
-pub fn try_timeout(route_timeout: Duration, per_try: Option<Duration>) -> Duration {
-    match per_try {
-        Some(per_try) if route_timeout.is_zero() => per_try,
-        Some(per_try) => per_try.min(route_timeout),
-        None => route_timeout,
-    }
+/// The longest a try waits for each read from the upstream (its response head, then each
+/// body chunk): the least of what is left of the route's budget, the route's
+/// `per_try_timeout` and its `idle_timeout`. `None`: no limit.
+pub fn read_timeout(
+    budget_left: Option<Duration>,
+    per_try: Option<Duration>,
+    idle: Option<Duration>,
+) -> Option<Duration> {
+    [budget_left, per_try, idle].into_iter().flatten().min()
 }
 
-/// The peer of a try to `address`, an endpoint of `cluster`, answering within `timeout`
-/// (zero: no limit).
-pub fn for_try(address: SocketAddr, cluster: &Cluster, timeout: Duration) -> HttpPeer {
+/// The peer of a try to `address`, an endpoint of `cluster`, each read within `timeout`.
+pub fn for_try(address: SocketAddr, cluster: &Cluster, timeout: Option<Duration>) -> HttpPeer {
     let mut peer = HttpPeer::new(address, false, String::new());
     peer.options.connection_timeout = Some(cluster.connect_timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-    if !timeout.is_zero() {
-        peer.options.read_timeout = Some(timeout);
-    }
+    // A budget already spent still gets a read timeout, not none.
+    peer.options.read_timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
     if cluster.http2 {
         peer.options.set_http_version(2, 2);
     }
@@ -38,12 +37,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_try_waits_the_shorter_of_its_own_and_the_routes_timeout() {
+    fn a_read_waits_the_least_of_the_budget_left_the_per_try_and_the_idle_timeout() {
         let s = Duration::from_secs;
-        assert_eq!(try_timeout(s(15), None), s(15));
-        assert_eq!(try_timeout(s(15), Some(s(2))), s(2));
-        assert_eq!(try_timeout(s(1), Some(s(2))), s(1));
-        assert_eq!(try_timeout(Duration::ZERO, Some(s(2))), s(2));
-        assert_eq!(try_timeout(Duration::ZERO, None), Duration::ZERO);
+        assert_eq!(read_timeout(Some(s(15)), None, None), Some(s(15)));
+        assert_eq!(read_timeout(Some(s(15)), Some(s(2)), None), Some(s(2)));
+        assert_eq!(read_timeout(Some(s(1)), Some(s(2)), None), Some(s(1)));
+        assert_eq!(read_timeout(None, Some(s(2)), Some(s(5))), Some(s(2)));
+        assert_eq!(read_timeout(None, None, Some(s(5))), Some(s(5)));
+        assert_eq!(read_timeout(None, None, None), None);
     }
 }

@@ -2,12 +2,13 @@
 //! the listener, running them per worker thread, and driving a request through them.
 //!
 //! ```text
-//! snapshot compile ──PluginLoader::load──▶ LoadedPlugin (compiled once per content, canaried)
+//! compile::prepare ──PluginSpec::decode, PluginLoader::load──▶ LoadedPlugin (compiled once
+//!                                                          per content, canaried)
 //! request ──chain::RequestPlugins──▶ runtime::PluginRuntime (thread-local instances)
 //!                                     └─ callout::CalloutClient (proxy_http_call)
 //! ```
 //!
-//! Loading happens on the control thread when a snapshot is compiled: the module is read,
+//! Loading happens off the request path before a snapshot is compiled: the module is read,
 //! compiled (once per content, cached across reloads) and canaried — instantiated and
 //! configured on a fresh instance — so a plugin that cannot start is a compile error and the
 //! previous config keeps serving. Worker threads start their own instance on first use
@@ -125,6 +126,43 @@ fn any_bytes(any: &Option<Any>, field: &str) -> Result<Vec<u8>, String> {
     }
 }
 
+/// What a Wasm filter asks for, decoded and checked without touching the disk, the network
+/// or wasmtime: what the compiler (and the control plane's check) sees of a plugin.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    config: envoy_types::pb::envoy::extensions::wasm::v3::PluginConfig,
+    vm_id: String,
+    source: ModuleSource,
+    plugin_config: Vec<u8>,
+    vm_config: Vec<u8>,
+    fail_open: bool,
+}
+
+impl PluginSpec {
+    /// Decodes a Wasm filter's typed config; the error names the field.
+    pub fn decode(any: &Any) -> Result<PluginSpec, String> {
+        let wasm =
+            Wasm::decode(any.value.as_slice()).map_err(|e| format!("cannot decode Wasm: {e}"))?;
+        let config = wasm.config.ok_or("Wasm.config is missing")?;
+        let Some(plugin_config::Vm::VmConfig(vm)) = &config.vm else {
+            return Err("config.vm_config is missing".into());
+        };
+        let source = ModuleSource::from_code(vm.code.as_ref())?;
+        let plugin_config = any_bytes(&config.configuration, "config.configuration")?;
+        let vm_config = any_bytes(&vm.configuration, "vm_config.configuration")?;
+        #[allow(deprecated)]
+        let fail_open = config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32;
+        Ok(PluginSpec {
+            vm_id: vm.vm_id.clone(),
+            config,
+            source,
+            plugin_config,
+            vm_config,
+            fail_open,
+        })
+    }
+}
+
 impl PluginLoader {
     /// Starts the wasm engine; compiled code is cached in `cache_dir` across restarts.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, String> {
@@ -135,26 +173,25 @@ impl PluginLoader {
         })
     }
 
-    /// Loads the plugin a Wasm filter describes, with `limits`, and canaries it on a fresh
-    /// instance.
+    /// Loads the plugin `spec` describes, with `limits`, and canaries it on a fresh
+    /// instance: reads (or downloads) the module and compiles it, unless this exact version
+    /// is loaded already.
     pub fn load(
         &self,
-        any: &Any,
+        spec: &PluginSpec,
         node: &NodeInfo,
         limits: ResourceLimits,
     ) -> Result<LoadedPlugin, String> {
-        let wasm =
-            Wasm::decode(any.value.as_slice()).map_err(|e| format!("cannot decode Wasm: {e}"))?;
-        let config = wasm.config.ok_or("Wasm.config is missing")?;
-        let Some(plugin_config::Vm::VmConfig(vm)) = &config.vm else {
-            return Err("config.vm_config is missing".into());
-        };
-        let source = ModuleSource::from_code(vm.code.as_ref())?;
+        let PluginSpec {
+            config,
+            vm_id,
+            source,
+            plugin_config,
+            vm_config,
+            fail_open,
+        } = spec;
+        let fail_open = *fail_open;
         let bytes = source.read(self.download_dir.as_deref())?;
-        let plugin_config = any_bytes(&config.configuration, "config.configuration")?;
-        let vm_config = any_bytes(&vm.configuration, "vm_config.configuration")?;
-        #[allow(deprecated)]
-        let fail_open = config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (
             &bytes,
@@ -162,7 +199,7 @@ impl PluginLoader {
             &vm_config,
             &config.name,
             &config.root_id,
-            &vm.vm_id,
+            vm_id,
             (&node.id, &node.region, &node.zone),
             fail_open,
             (
@@ -186,9 +223,9 @@ impl PluginLoader {
                     PluginIdentity {
                         name: config.name.clone(),
                         root_id: config.root_id.clone(),
-                        vm_id: vm.vm_id.clone(),
-                        vm_config,
-                        plugin_config,
+                        vm_id: vm_id.clone(),
+                        vm_config: vm_config.clone(),
+                        plugin_config: plugin_config.clone(),
                     },
                     node.clone(),
                     limits.instance,

@@ -2,10 +2,16 @@
 //!
 //! Semantics follow Envoy: the most specific virtual host wins (exact domain, then the
 //! longest `*.suffix`, then `*`), then routes are tried in order. Paths are matched without
-//! the query string; a regex must match the whole path.
+//! the query string; a regex must match the whole path. A route may also rewrite what it
+//! forwards and edit headers ([`edits`]), or answer by itself ([`actions`]).
+
+pub mod actions;
+pub mod edits;
 
 use crate::telemetry::metrics::{RequestCounters, RouteStats};
 use crate::upstream::cluster::Cluster;
+pub use actions::{HostRewrite, LocalAction, PathRewrite, Redirect, RedirectPath};
+pub use edits::{AppendAction, HeaderAdd, HeaderEdits, ValueTemplate, Vars};
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;
 use std::collections::HashMap;
@@ -85,8 +91,8 @@ impl HeaderMatch {
     }
 }
 
-/// Which retries a route allows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which retries a route allows, and how long it waits before each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Retries after the first try.
     pub max_retries: u32,
@@ -101,6 +107,53 @@ pub struct RetryPolicy {
     /// Longest wait for one try's answer (a timed-out try is retried on `5xx` or
     /// `gateway-error`).
     pub per_try_timeout: Option<Duration>,
+    /// Retry on a status in [`RetryPolicy::retriable_status_codes`] (Envoy's
+    /// `retriable-status-codes`).
+    pub on_retriable_status_codes: bool,
+    /// The statuses `retriable-status-codes` retries.
+    pub retriable_status_codes: Vec<u16>,
+    /// The wait before each retry ([`BackOff`]; Envoy's defaults unless configured).
+    pub back_off: BackOff,
+}
+
+/// Envoy's retry back-off: exponential with full jitter. Before retry `n` (1, 2, …) the
+/// wait is uniform in `[0, min(base × 2^(n-1), max))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackOff {
+    /// `retry_back_off.base_interval` (Envoy's default 25 ms).
+    pub base: Duration,
+    /// `retry_back_off.max_interval` (default 10 × base).
+    pub max: Duration,
+}
+
+impl Default for BackOff {
+    fn default() -> Self {
+        BackOff {
+            base: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+        }
+    }
+}
+
+impl BackOff {
+    /// The ceiling of the wait before retry `retry` (1-based): base doubled each time,
+    /// capped at `max`, as Envoy's `JitteredExponentialBackOffStrategy`.
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        let doublings = retry.saturating_sub(1).min(31);
+        self.base
+            .checked_mul(1u32 << doublings)
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+
+    /// The wait before retry `retry`, drawn with `random` (a uniform `u64`).
+    pub fn wait(&self, retry: u32, random: u64) -> Duration {
+        let ceiling = u64::try_from(self.ceiling(retry).as_micros()).unwrap_or(u64::MAX);
+        if ceiling == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(random % ceiling)
+    }
 }
 
 impl RetryPolicy {
@@ -116,6 +169,7 @@ impl RetryPolicy {
                 "5xx" => policy.on_5xx = true,
                 "gateway-error" => policy.on_gateway_error = true,
                 "reset" => policy.on_reset = true,
+                "retriable-status-codes" => policy.on_retriable_status_codes = true,
                 other => return Err(format!("retry condition {other:?} is not supported")),
             }
         }
@@ -126,6 +180,7 @@ impl RetryPolicy {
     pub fn retries_status(&self, status: u16) -> bool {
         (self.on_5xx && (500..600).contains(&status))
             || (self.on_gateway_error && matches!(status, 502..=504))
+            || (self.on_retriable_status_codes && self.retriable_status_codes.contains(&status))
     }
 
     /// Whether a failed connection attempt is worth another try.
@@ -177,8 +232,12 @@ pub struct Route {
     /// One target, or several for a weighted split.
     pub targets: Vec<Target>,
     total_weight: u64,
-    /// Time allowed for the upstream to answer; zero means none.
+    /// The request's whole budget upstream, retries and back-off included (Envoy's route
+    /// `timeout`); zero means none.
     pub timeout: Duration,
+    /// The longest wait for each read from the upstream — the response head, then each
+    /// body chunk (Envoy's route `idle_timeout`); `None`: only the budget bounds it.
+    pub idle_timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryPolicy,
     /// Metric handles.
@@ -189,6 +248,24 @@ pub struct Route {
     pub locality: Option<Arc<str>>,
     /// Where a request's key for `ring_hash` clusters comes from (Envoy's `hash_policy`).
     pub hash_policy: Vec<HashPolicy>,
+    /// What changes in forwarded requests and their responses.
+    pub edits: RouteEdits,
+    /// Set when the route answers by itself (redirect, direct response) instead.
+    pub local: Option<LocalAction>,
+}
+
+/// What a route changes in the requests it forwards and their responses.
+#[derive(Debug, Clone, Default)]
+pub struct RouteEdits {
+    /// Header edits of the forwarded request (route, then virtual host, then route
+    /// configuration).
+    pub request_headers: HeaderEdits,
+    /// Header edits of the response (the same order).
+    pub response_headers: HeaderEdits,
+    /// The forwarded path.
+    pub path: Option<PathRewrite>,
+    /// The forwarded `Host`.
+    pub host: Option<HostRewrite>,
 }
 
 /// One source of a request's hash key.
@@ -271,12 +348,33 @@ impl Route {
             targets,
             total_weight,
             timeout,
+            idle_timeout: None,
             retry,
             stats,
             plugins,
             locality: None,
             hash_policy: Vec::new(),
+            edits: RouteEdits::default(),
+            local: None,
         }
+    }
+
+    /// Sets what the route changes in forwarded requests and responses.
+    pub fn with_edits(mut self, edits: RouteEdits) -> Self {
+        self.edits = edits;
+        self
+    }
+
+    /// Makes the route answer by itself.
+    pub fn with_local_action(mut self, local: Option<LocalAction>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// Bounds each read from the upstream (Envoy's route `idle_timeout`).
+    pub fn with_idle_timeout(mut self, idle_timeout: Option<Duration>) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
     }
 
     /// Sets where `ring_hash` keys come from.
@@ -597,6 +695,10 @@ mod tests {
         let p = RetryPolicy::parse("connect-failure", 1).unwrap();
         assert!(!p.retries_status(503) && !p.retries_reset());
         assert!(RetryPolicy::parse("sometimes", 1).is_err());
+        let mut codes = RetryPolicy::parse("retriable-status-codes", 1).unwrap();
+        assert!(!codes.retries_status(409), "no codes listed yet");
+        codes.retriable_status_codes = vec![409];
+        assert!(codes.retries_status(409) && !codes.retries_status(503));
     }
 
     #[test]
@@ -670,5 +772,28 @@ mod tests {
             with(vec![missing]).request_hash(&headers, query, client),
             None
         );
+    }
+
+    #[test]
+    fn back_off_doubles_from_the_base_up_to_the_max_with_full_jitter() {
+        let ms = Duration::from_millis;
+        let envoy = BackOff::default();
+        assert_eq!((envoy.base, envoy.max), (ms(25), ms(250)));
+        let ceilings: Vec<Duration> = (1..=6).map(|n| envoy.ceiling(n)).collect();
+        assert_eq!(
+            ceilings,
+            [ms(25), ms(50), ms(100), ms(200), ms(250), ms(250)]
+        );
+        assert_eq!(envoy.ceiling(u32::MAX), ms(250), "no overflow");
+        // Full jitter: anywhere from zero up to (not including) the ceiling.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let waits: Vec<Duration> = (0..2000).map(|_| envoy.wait(3, rng.u64(..))).collect();
+        assert!(waits.iter().all(|w| *w < ms(100)));
+        assert!(waits.iter().any(|w| *w < ms(10)) && waits.iter().any(|w| *w > ms(90)));
+        let zero = BackOff {
+            base: Duration::ZERO,
+            max: Duration::ZERO,
+        };
+        assert_eq!(zero.wait(1, 12345), Duration::ZERO);
     }
 }

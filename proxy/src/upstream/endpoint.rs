@@ -234,6 +234,9 @@ pub struct Endpoint {
     pub locality_weight: u32,
     /// Live state shared across snapshots.
     pub state: Arc<EndpointState>,
+    /// The endpoint's host name (EDS `Endpoint.hostname`, or the name its address was
+    /// given by), for `auto_host_rewrite`.
+    pub hostname: Option<Arc<str>>,
     /// Tries sent to this endpoint's locality (`nip_upstream_locality_picks_total`).
     pub locality_picks: prometheus_client::metrics::counter::Counter,
 }

@@ -18,7 +18,7 @@ pub use duration::HumanDuration;
 pub use model::*;
 pub use validate::{
     check_host_pattern, parse_endpoint_address, parse_listen_address, parse_rate, route_name,
-    MAX_RETRIES, RETRY_CONDITIONS,
+    APPEND_ACTIONS, HEADER_VARIABLES, MAX_DIRECT_RESPONSE_BODY, MAX_RETRIES, RETRY_CONDITIONS,
 };
 
 use std::fmt;

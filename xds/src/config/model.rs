@@ -665,11 +665,15 @@ pub struct RouteConfig {
     /// A weighted split across services (canary).
     #[serde(default)]
     pub split: Vec<SplitConfig>,
-    /// Longest wait for each read from the upstream: the response head, then each body
-    /// chunk (default 15 s). Unlike Envoy's route timeout it is not a total budget, so a
-    /// long stream that keeps sending is never cut.
+    /// The request's whole budget upstream, as Envoy's route `timeout`: every try, the
+    /// back-off between them and the response body must fit in it (default 15 s; `0s`: no
+    /// budget, for long streams — bound them with `idle_timeout`). Past it: 504, flag `UT`.
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// The longest wait for each read from the upstream — the response head, then each
+    /// body chunk (Envoy's route `idle_timeout`; default: only `timeout` bounds it).
+    #[serde(default)]
+    pub idle_timeout: Option<HumanDuration>,
     /// Retries.
     #[serde(default)]
     pub retries: Option<RetryConfig>,
@@ -684,6 +688,110 @@ pub struct RouteConfig {
     /// combined (Envoy's `hash_policy`).
     #[serde(default)]
     pub hash_policy: Vec<HashPolicyConfig>,
+    /// Forward with the matched `path_prefix` (or `path`) swapped for this (Envoy's
+    /// `prefix_rewrite`).
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Forward with the path rewritten by a regex (Envoy's `regex_rewrite`; `\1` groups).
+    #[serde(default)]
+    pub regex_rewrite: Option<RegexRewriteConfig>,
+    /// Forward with this `Host` (Envoy's `host_rewrite_literal`).
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
+    /// Forward with the endpoint's host name as `Host` (Envoy's `auto_host_rewrite`).
+    #[serde(default)]
+    pub auto_host_rewrite: bool,
+    /// Headers added to the forwarded request (values may use `%VARIABLE%`s).
+    #[serde(default)]
+    pub request_headers_to_add: Vec<HeaderAddConfig>,
+    /// Headers removed from the forwarded request.
+    #[serde(default)]
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to the response.
+    #[serde(default)]
+    pub response_headers_to_add: Vec<HeaderAddConfig>,
+    /// Headers removed from the response.
+    #[serde(default)]
+    pub response_headers_to_remove: Vec<String>,
+    /// Answer with a redirect instead of forwarding (Envoy's `redirect`).
+    #[serde(default)]
+    pub redirect: Option<RedirectConfig>,
+    /// Answer with a fixed response instead of forwarding (Envoy's `direct_response`).
+    #[serde(default)]
+    pub direct_response: Option<DirectResponseConfig>,
+}
+
+/// Envoy's `RegexMatchAndSubstitute`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewriteConfig {
+    /// What to match in the path (every match is substituted).
+    pub pattern: String,
+    /// What replaces each match; `\1`… are the pattern's groups.
+    pub substitution: String,
+}
+
+/// A header to add (Envoy's `HeaderValueOption`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderAddConfig {
+    /// The header.
+    pub name: String,
+    /// Its value: text with `%DOWNSTREAM_REMOTE_ADDRESS%`,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`, `%DOWNSTREAM_LOCAL_ADDRESS%`,
+    /// `%UPSTREAM_HOST%`, `%START_TIME%`, `%PROTOCOL%` or `%REQ(header)%` (`%%` for `%`).
+    pub value: String,
+    /// `append_if_exists_or_add` (default), `add_if_absent`, `overwrite_if_exists_or_add`
+    /// or `overwrite_if_exists` (Envoy's `append_action`).
+    #[serde(default)]
+    pub append_action: Option<String>,
+    /// Add it even when its value is empty.
+    #[serde(default)]
+    pub keep_empty_value: bool,
+}
+
+/// Envoy's `RedirectAction`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// To `https`.
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// To this scheme (`http` or `https`).
+    #[serde(default)]
+    pub scheme_redirect: Option<String>,
+    /// To this host.
+    #[serde(default)]
+    pub host_redirect: Option<String>,
+    /// To this port.
+    #[serde(default)]
+    pub port_redirect: Option<u16>,
+    /// To this path (may carry a query).
+    #[serde(default)]
+    pub path_redirect: Option<String>,
+    /// To the path with the matched prefix swapped for this.
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// To the path rewritten by a regex.
+    #[serde(default)]
+    pub regex_rewrite: Option<RegexRewriteConfig>,
+    /// 301 (default), 302, 303, 307 or 308.
+    #[serde(default)]
+    pub response_code: Option<u16>,
+    /// Drop the query.
+    #[serde(default)]
+    pub strip_query: bool,
+}
+
+/// Envoy's `DirectResponseAction`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseConfig {
+    /// The status (200–599).
+    pub status: u16,
+    /// The body (at most 4 KiB, Envoy's limit).
+    #[serde(default)]
+    pub body: Option<String>,
 }
 
 /// The conditions a request must meet for a route. All given conditions must hold.
@@ -744,9 +852,17 @@ pub struct SplitConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Conditions: `connect-failure`, `5xx`, `gateway-error`, `reset`.
+    /// Conditions: `connect-failure`, `5xx`, `gateway-error`, `reset`,
+    /// `retriable-status-codes` (the statuses in `retriable_status_codes`).
     #[serde(default = "default_retry_on")]
     pub on: Vec<String>,
+    /// The statuses `retriable-status-codes` retries (Envoy's `retriable_status_codes`).
+    #[serde(default)]
+    pub retriable_status_codes: Vec<u16>,
+    /// The wait before each retry: exponential from `base_interval` with full jitter, at
+    /// most `max_interval` (Envoy's `retry_back_off`; default 25 ms and 10 × base).
+    #[serde(default)]
+    pub back_off: Option<BackOffConfig>,
     /// Retries after the first try (default 1, as in Envoy).
     #[serde(default = "default_retry_max")]
     pub max: u32,
@@ -754,6 +870,17 @@ pub struct RetryConfig {
     /// `5xx` or `gateway-error` (Envoy's `per_try_timeout`).
     #[serde(default)]
     pub per_try_timeout: Option<HumanDuration>,
+}
+
+/// Envoy's `retry_back_off`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackOffConfig {
+    /// The first retry waits up to this (more than 0).
+    pub base_interval: HumanDuration,
+    /// No retry waits more (default 10 × `base_interval`; at least `base_interval`).
+    #[serde(default)]
+    pub max_interval: Option<HumanDuration>,
 }
 
 fn default_retry_on() -> Vec<String> {

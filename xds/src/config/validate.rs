@@ -9,7 +9,13 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
 /// Retry conditions a route may name (Envoy's `retry_on` spelling).
-pub const RETRY_CONDITIONS: &[&str] = &["connect-failure", "5xx", "gateway-error", "reset"];
+pub const RETRY_CONDITIONS: &[&str] = &[
+    "connect-failure",
+    "5xx",
+    "gateway-error",
+    "reset",
+    "retriable-status-codes",
+];
 
 /// The most retries a route may ask for; more only multiplies load on a failing upstream.
 pub const MAX_RETRIES: u32 = 10;
@@ -524,14 +530,24 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
             );
         }
     }
+    validate_route_edits(path, route, errors);
+    let answers_itself = route.redirect.is_some() || route.direct_response.is_some();
     match (&route.service, route.split.is_empty()) {
+        _ if answers_itself => {
+            if route.service.is_some() || !route.split.is_empty() {
+                errors.add(
+                    path.to_string(),
+                    "a route with `redirect` or `direct_response` answers by itself: no `service` or `split`",
+                );
+            }
+        }
         (Some(_), false) => errors.add(
             path.to_string(),
             "set either `service` or `split`, not both",
         ),
         (None, true) => errors.add(
             path.to_string(),
-            "needs a destination: `service: NAME` or `split: [...]`",
+            "needs a destination: `service: NAME`, `split: [...]`, `redirect` or `direct_response`",
         ),
         (Some(service), true) => {
             if !config.services.contains_key(service) {
@@ -560,11 +576,7 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
             }
         }
     }
-    if let Some(timeout) = route.timeout {
-        if timeout.0.is_zero() {
-            errors.add(format!("{path}.timeout"), "must be more than 0");
-        }
-    }
+    // `timeout: 0s` is Envoy's "no budget" (streams); `idle_timeout` then bounds each read.
     validate_route_locality(path, route, config, errors);
     for (i, policy) in route.hash_policy.iter().enumerate() {
         let field = format!("{path}.hash_policy[{i}]");
@@ -637,6 +649,313 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
                 format!("at most {MAX_RETRIES}"),
             );
         }
+        let by_codes = retries.on.iter().any(|on| on == "retriable-status-codes");
+        if by_codes && retries.retriable_status_codes.is_empty() {
+            errors.add(
+                format!("{path}.retries.retriable_status_codes"),
+                "`retriable-status-codes` needs at least one status here",
+            );
+        }
+        if !by_codes && !retries.retriable_status_codes.is_empty() {
+            errors.add(
+                format!("{path}.retries.on"),
+                "retriable_status_codes are retried only with `retriable-status-codes` in `on`",
+            );
+        }
+        for (i, code) in retries.retriable_status_codes.iter().enumerate() {
+            if !(100..600).contains(code) {
+                errors.add(
+                    format!("{path}.retries.retriable_status_codes[{i}]"),
+                    format!("{code} is not an HTTP status"),
+                );
+            }
+        }
+        if let Some(back_off) = &retries.back_off {
+            let base = back_off.base_interval.0;
+            if base.is_zero() {
+                errors.add(
+                    format!("{path}.retries.back_off.base_interval"),
+                    "must be more than 0",
+                );
+            }
+            if back_off.max_interval.is_some_and(|max| max.0 < base) {
+                errors.add(
+                    format!("{path}.retries.back_off.max_interval"),
+                    "must be at least base_interval",
+                );
+            }
+        }
+    }
+    if route.idle_timeout.is_some_and(|t| t.0.is_zero()) {
+        errors.add(
+            format!("{path}.idle_timeout"),
+            "must be more than 0 (leave it out for none)",
+        );
+    }
+}
+
+/// Values of `append_action` (Envoy's `HeaderAppendAction`, in lower case).
+pub const APPEND_ACTIONS: &[&str] = &[
+    "append_if_exists_or_add",
+    "add_if_absent",
+    "overwrite_if_exists_or_add",
+    "overwrite_if_exists",
+];
+
+/// The `%VARIABLE%`s a header value may use (`REQ(name)` takes a header name).
+pub const HEADER_VARIABLES: &[&str] = &[
+    "DOWNSTREAM_REMOTE_ADDRESS",
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+    "DOWNSTREAM_LOCAL_ADDRESS",
+    "UPSTREAM_HOST",
+    "START_TIME",
+    "PROTOCOL",
+    "REQ(header-name)",
+];
+
+/// The variables of a header value that are not supported, or why the value is malformed.
+fn header_value_problem(value: &str) -> Option<String> {
+    let mut rest = value;
+    while let Some(start) = rest.find('%') {
+        let after = &rest[start + 1..];
+        if let Some(tail) = after.strip_prefix('%') {
+            rest = tail;
+            continue;
+        }
+        let Some(end) = after.find('%') else {
+            return Some("a `%` opens a variable that is not closed (write `%%` for `%`)".into());
+        };
+        let name = &after[..end];
+        let known = HEADER_VARIABLES[..HEADER_VARIABLES.len() - 1].contains(&name)
+            || name
+                .strip_prefix("REQ(")
+                .and_then(|n| n.strip_suffix(')'))
+                .is_some_and(|n| !http_header_name_invalid(n));
+        if !known {
+            return Some(format!(
+                "%{name}% is not a supported variable (supported: {})",
+                HEADER_VARIABLES.join(", ")
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    None
+}
+
+/// Rewrites, header edits, redirects and direct responses of a route.
+fn validate_route_edits(path: &str, route: &RouteConfig, errors: &mut Errors) {
+    let answers_itself = route.redirect.is_some() || route.direct_response.is_some();
+    if route.redirect.is_some() && route.direct_response.is_some() {
+        errors.add(
+            path.to_string(),
+            "set either `redirect` or `direct_response`, not both",
+        );
+    }
+    if answers_itself {
+        let forwarding = [
+            ("retries", route.retries.is_some()),
+            ("hash_policy", !route.hash_policy.is_empty()),
+            ("plugins", !route.plugins.is_empty()),
+            ("prefix_rewrite", route.prefix_rewrite.is_some()),
+            ("regex_rewrite", route.regex_rewrite.is_some()),
+            ("host_rewrite", route.host_rewrite.is_some()),
+            ("auto_host_rewrite", route.auto_host_rewrite),
+            (
+                "request_headers_to_add",
+                !route.request_headers_to_add.is_empty(),
+            ),
+            (
+                "request_headers_to_remove",
+                !route.request_headers_to_remove.is_empty(),
+            ),
+        ];
+        for (field, set) in forwarding {
+            if set {
+                errors.add(
+                    format!("{path}.{field}"),
+                    "applies to forwarded requests; this route answers by itself",
+                );
+            }
+        }
+    }
+    if route.prefix_rewrite.is_some() && route.regex_rewrite.is_some() {
+        errors.add(
+            format!("{path}.regex_rewrite"),
+            "set either prefix_rewrite or regex_rewrite, not both",
+        );
+    }
+    let prefix_matched = route.matcher.path.is_some() || route.matcher.path_prefix.is_some();
+    if route.prefix_rewrite.is_some() && !prefix_matched {
+        errors.add(
+            format!("{path}.prefix_rewrite"),
+            "needs `match.path_prefix` or `match.path` (the part it swaps)",
+        );
+    }
+    if let Some(rewrite) = &route.regex_rewrite {
+        validate_regex_rewrite(&format!("{path}.regex_rewrite"), rewrite, errors);
+    }
+    if route.host_rewrite.is_some() && route.auto_host_rewrite {
+        errors.add(
+            format!("{path}.host_rewrite"),
+            "set either host_rewrite or auto_host_rewrite, not both",
+        );
+    }
+    if let Some(host) = &route.host_rewrite {
+        if host.parse::<http::uri::Authority>().is_err() || host.is_empty() {
+            errors.add(
+                format!("{path}.host_rewrite"),
+                format!("{host:?} is not a host"),
+            );
+        }
+    }
+    for (field, adds) in [
+        ("request_headers_to_add", &route.request_headers_to_add),
+        ("response_headers_to_add", &route.response_headers_to_add),
+    ] {
+        for (i, add) in adds.iter().enumerate() {
+            let at = format!("{path}.{field}[{i}]");
+            check_editable_header(&format!("{at}.name"), &add.name, errors);
+            if let Some(problem) = header_value_problem(&add.value) {
+                errors.add(format!("{at}.value"), problem);
+            } else if add.value.contains(['\r', '\n', '\0']) {
+                errors.add(
+                    format!("{at}.value"),
+                    "a header value cannot hold CR, LF or NUL",
+                );
+            }
+            if let Some(action) = &add.append_action {
+                if !APPEND_ACTIONS.contains(&action.as_str()) {
+                    errors.add(
+                        format!("{at}.append_action"),
+                        format!("{action:?} is not one of {}", APPEND_ACTIONS.join(", ")),
+                    );
+                }
+            }
+        }
+    }
+    for (field, names) in [
+        (
+            "request_headers_to_remove",
+            &route.request_headers_to_remove,
+        ),
+        (
+            "response_headers_to_remove",
+            &route.response_headers_to_remove,
+        ),
+    ] {
+        for (i, name) in names.iter().enumerate() {
+            check_editable_header(&format!("{path}.{field}[{i}]"), name, errors);
+        }
+    }
+    if let Some(redirect) = &route.redirect {
+        let at = format!("{path}.redirect");
+        if redirect.https_redirect && redirect.scheme_redirect.is_some() {
+            errors.add(
+                format!("{at}.scheme_redirect"),
+                "set either https_redirect or scheme_redirect",
+            );
+        }
+        if let Some(scheme) = &redirect.scheme_redirect {
+            if scheme != "http" && scheme != "https" {
+                errors.add(
+                    format!("{at}.scheme_redirect"),
+                    format!("{scheme:?} is not http or https"),
+                );
+            }
+        }
+        if let Some(host) = &redirect.host_redirect {
+            if host.is_empty() || host.parse::<http::uri::Authority>().is_err() {
+                errors.add(
+                    format!("{at}.host_redirect"),
+                    format!("{host:?} is not a host"),
+                );
+            }
+        }
+        if redirect.port_redirect == Some(0) {
+            errors.add(format!("{at}.port_redirect"), "must be a port (1–65535)");
+        }
+        let paths = [
+            redirect.path_redirect.is_some(),
+            redirect.prefix_rewrite.is_some(),
+            redirect.regex_rewrite.is_some(),
+        ];
+        if paths.iter().filter(|p| **p).count() > 1 {
+            errors.add(
+                at.clone(),
+                "set at most one of path_redirect, prefix_rewrite and regex_rewrite",
+            );
+        }
+        if redirect
+            .path_redirect
+            .as_deref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            errors.add(format!("{at}.path_redirect"), "must start with '/'");
+        }
+        if redirect.prefix_rewrite.is_some() && !prefix_matched {
+            errors.add(
+                format!("{at}.prefix_rewrite"),
+                "needs `match.path_prefix` or `match.path` (the part it swaps)",
+            );
+        }
+        if let Some(rewrite) = &redirect.regex_rewrite {
+            validate_regex_rewrite(&format!("{at}.regex_rewrite"), rewrite, errors);
+        }
+        if let Some(code) = redirect.response_code {
+            if ![301, 302, 303, 307, 308].contains(&code) {
+                errors.add(
+                    format!("{at}.response_code"),
+                    format!("{code} is not 301, 302, 303, 307 or 308"),
+                );
+            }
+        }
+    }
+    if let Some(direct) = &route.direct_response {
+        let at = format!("{path}.direct_response");
+        if !(200..600).contains(&direct.status) {
+            errors.add(
+                format!("{at}.status"),
+                format!("{} is not 200–599", direct.status),
+            );
+        }
+        if direct
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_DIRECT_RESPONSE_BODY)
+        {
+            errors.add(
+                format!("{at}.body"),
+                format!("at most {MAX_DIRECT_RESPONSE_BODY} bytes (Envoy's limit)"),
+            );
+        }
+    }
+}
+
+/// Envoy's default `max_direct_response_body_size_bytes`.
+pub const MAX_DIRECT_RESPONSE_BODY: usize = 4096;
+
+fn validate_regex_rewrite(path: &str, rewrite: &super::RegexRewriteConfig, errors: &mut Errors) {
+    if let Err(e) = regex::Regex::new(&rewrite.pattern) {
+        errors.add(
+            format!("{path}.pattern"),
+            format!("invalid regex: {}", one_line(&e.to_string())),
+        );
+    }
+}
+
+/// A header a route may add or remove: a valid name, not a pseudo-header and not `Host`
+/// (the host rewrites change that).
+fn check_editable_header(path: &str, name: &str, errors: &mut Errors) {
+    if http_header_name_invalid(name) {
+        errors.add(
+            path.to_string(),
+            format!("{name:?} is not a valid header name"),
+        );
+    } else if name.eq_ignore_ascii_case("host") {
+        errors.add(
+            path.to_string(),
+            "Host is changed with host_rewrite or auto_host_rewrite",
+        );
     }
 }
 

@@ -35,6 +35,7 @@ fn cluster(lb: LbPolicy, weights: &[u32]) -> Cluster {
                 priority: 0,
                 locality_weight: 1,
                 state: registry.state("c", address),
+                hostname: None,
                 locality_picks: Default::default(),
             }
         })
@@ -305,6 +306,7 @@ fn three_regions() -> Cluster {
                 priority: 0,
                 locality_weight: 1,
                 state: registry.state("c", address),
+                hostname: None,
                 locality_picks: Default::default(),
             }
         })
@@ -474,6 +476,7 @@ fn two_priorities() -> Cluster {
                 priority: u32::from(i >= 10),
                 locality_weight: 1,
                 state: registry.state("c", address),
+                hostname: None,
                 locality_picks: Default::default(),
             }
         })
@@ -542,6 +545,7 @@ fn locality_weights_share_traffic_scaled_by_availability() {
                 priority: 0,
                 locality_weight: *weight,
                 state: registry.state("c", address),
+                hostname: None,
                 locality_picks: Default::default(),
             }
         })

@@ -1,0 +1,202 @@
+//! What compiling takes from outside the resources, gathered before it: the listener's
+//! plugins (read or downloaded, compiled by wasmtime, canaried) and the addresses of host
+//! names (DNS). This is the only step of a config change that reaches the disk, the network
+//! or wasmtime, so [`super::Compiler::compile`] itself is pure and runs the same way in a
+//! proxy and in a check ([`super::check`]: the control plane's apply, `nip validate`).
+
+use super::{err, listener_spec, plugin_limits, served_listener, CompileError};
+use crate::plugins::{LoadedPlugin, PluginLoader, PluginSpec};
+use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+use envoy_types::pb::envoy::config::core::v3::{address, Address};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+use nip_filters::host::NodeInfo;
+use nip_xds::ResourceSet;
+use prost::Name;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+/// The plugins of the served listener by HTTP filter name, and the addresses of the host
+/// names its resources use.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Each Wasm filter's plugin: loaded in a proxy, `None` in a check (decoded only).
+    pub(super) plugins: BTreeMap<String, Option<Arc<LoadedPlugin>>>,
+    /// `(host, port)` → address, for every socket address that is not an IP.
+    pub(super) hosts: HashMap<(String, u16), SocketAddr>,
+}
+
+impl Prepared {
+    /// The address of `host:port`: an IP as written, a host name as prepared.
+    pub(super) fn address(&self, host: &str, port: u16) -> Result<SocketAddr, String> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        self.hosts
+            .get(&(host.to_string(), port))
+            .copied()
+            .ok_or_else(|| format!("{host:?} was not resolved"))
+    }
+}
+
+/// How host names are handled while preparing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    /// Resolved (a proxy).
+    Resolve,
+    /// Given distinct placeholder addresses from 240.0.0.0/4 (a check: the host names are
+    /// the proxies' to resolve).
+    Placeholder,
+}
+
+/// Loads the plugins and resolves the host names `resources` use, for a proxy.
+pub fn prepare(
+    bootstrap: &Bootstrap,
+    resources: &ResourceSet,
+    loader: &PluginLoader,
+) -> Result<Prepared, CompileError> {
+    gather(bootstrap, resources, Some(loader), Hosts::Resolve)
+}
+
+/// Decodes the plugins and names the host names `resources` use without loading or
+/// resolving anything: what a check compiles with.
+pub fn prepare_check(
+    bootstrap: &Bootstrap,
+    resources: &ResourceSet,
+) -> Result<Prepared, CompileError> {
+    gather(bootstrap, resources, None, Hosts::Placeholder)
+}
+
+fn gather(
+    bootstrap: &Bootstrap,
+    resources: &ResourceSet,
+    loader: Option<&PluginLoader>,
+    hosts: Hosts,
+) -> Result<Prepared, CompileError> {
+    let mut prepared = Prepared::default();
+    let mut add_host = |address: &Address, fail: &dyn Fn(String) -> CompileError| {
+        let Some(address::Address::SocketAddress(sa)) = &address.address else {
+            return Ok(());
+        };
+        let Some(port) = super::port_of(sa).ok() else {
+            return Ok(());
+        };
+        if sa.address.parse::<IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let key = (sa.address.clone(), port);
+        if prepared.hosts.contains_key(&key) {
+            return Ok(());
+        }
+        let resolved = match hosts {
+            Hosts::Resolve => resolve(&sa.address, port).map_err(fail)?,
+            Hosts::Placeholder => {
+                let n = u32::try_from(prepared.hosts.len()).unwrap_or(u32::MAX);
+                SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(0xF000_0000 | (n & 0x0FFF_FFFF))),
+                    port,
+                )
+            }
+        };
+        prepared.hosts.insert(key, resolved);
+        Ok::<(), CompileError>(())
+    };
+    let assignments = resources
+        .clusters
+        .iter()
+        .filter_map(|c| c.load_assignment.as_ref())
+        .chain(&resources.endpoints);
+    for cla in assignments {
+        for_each_endpoint_address(cla, |field, address| {
+            add_host(address, &|m| {
+                err(
+                    "ClusterLoadAssignment",
+                    &cla.cluster_name,
+                    format!("{field}: {m}"),
+                )
+            })
+        })?;
+    }
+    // The listener: its address, and its plugins.
+    let Ok(listener) = served_listener(resources) else {
+        // The compiler names what is wrong with the listeners.
+        return Ok(prepared);
+    };
+    if let Some(address) = &listener.address {
+        add_host(address, &|m| {
+            err("Listener", &listener.name, format!("address: {m}"))
+        })?;
+    }
+    let Ok((_, hcm)) = listener_spec(listener, &prepared) else {
+        return Ok(prepared);
+    };
+    let node = bootstrap.node.as_ref();
+    let locality = node.and_then(|n| n.locality.as_ref());
+    let node = NodeInfo {
+        id: node.map(|n| n.id.clone()).unwrap_or_default(),
+        region: locality.map(|l| l.region.clone()).unwrap_or_default(),
+        zone: locality.map(|l| l.zone.clone()).unwrap_or_default(),
+    };
+    for (i, filter) in hcm.http_filters.iter().enumerate() {
+        let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+            continue;
+        };
+        if any.type_url != Wasm::type_url() {
+            continue;
+        }
+        let fail = |e: String| {
+            err(
+                "Listener",
+                &listener.name,
+                format!("http_filters[{i}] {:?}: {e}", filter.name),
+            )
+        };
+        let limits = plugin_limits(listener, &filter.name).map_err(|e| {
+            err(
+                "Listener",
+                &listener.name,
+                format!(
+                    "metadata {}: {e}",
+                    nip_xds::resources::names::PLUGIN_LIMITS_METADATA
+                ),
+            )
+        })?;
+        let spec = PluginSpec::decode(any).map_err(fail)?;
+        let plugin = match loader {
+            Some(loader) => Some(Arc::new(loader.load(&spec, &node, limits).map_err(fail)?)),
+            None => None,
+        };
+        prepared.plugins.insert(filter.name.clone(), plugin);
+    }
+    Ok(prepared)
+}
+
+/// Calls `visit` with each endpoint address of `cla` and its field path.
+fn for_each_endpoint_address(
+    cla: &ClusterLoadAssignment,
+    mut visit: impl FnMut(&str, &Address) -> Result<(), CompileError>,
+) -> Result<(), CompileError> {
+    for (li, locality) in cla.endpoints.iter().enumerate() {
+        for (ei, lb_endpoint) in locality.lb_endpoints.iter().enumerate() {
+            if let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) =
+                &lb_endpoint.host_identifier
+            {
+                if let Some(address) = &endpoint.address {
+                    visit(&format!("endpoints[{li}].lb_endpoints[{ei}]"), address)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a host name once, here, off the request path.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
