@@ -180,6 +180,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
 async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     let backend = Backend::start("a").await;
     let backend2 = Backend::start("b").await;
+    let plugin = example_plugin("add_header");
     let (xds_port, listen_port) = (free_port(), free_port());
     let server = Background::python(&[
         script("xds_server.py").to_str().unwrap(),
@@ -187,6 +188,7 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
         &listen_port.to_string(),
         &backend.address.port().to_string(),
         &backend2.address.port().to_string(),
+        plugin.to_str().unwrap(),
     ]);
     server.wait_for("listening").await;
     let proxy = Proxy::spawn_on(
@@ -221,6 +223,10 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
         nack.contains("Cluster \"passthrough\": type ORIGINAL_DST is not supported"),
         "{nack}"
     );
+    assert!(
+        nack.contains("Cluster \"buffered\": per_connection_buffer_limit_bytes: NIP does not implement this field"),
+        "{nack}"
+    );
     eventually("the new route and cluster serve", || async {
         client()
             .get(proxy.url("/v2/x"))
@@ -231,6 +237,16 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     .await;
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.headers()["x-backend"], "a");
+    // A Wasm filter that is not `disabled` runs on every route, as in Envoy (its listener
+    // may come a push after the routes).
+    eventually("the stamp filter runs on the catch-all route", || async {
+        client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.headers().get("x-stamp").is_some_and(|v| v == "on"))
+    })
+    .await;
     // Version 2's gateway fields, written by a control plane that is not NIP.
     let response = client()
         .get(proxy.url("/v2/x?q=1"))
@@ -252,6 +268,7 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
         backend2.address.to_string().as_str()
     );
     assert!(!response.headers().contains_key("x-internal"));
+    assert_eq!(response.headers()["x-stamp"], "on");
     backend2.set_status(409);
     let before = backend2.requests();
     let response = client()

@@ -8,11 +8,14 @@ BACKEND_PORT. Once the client has ACKed all four types it pushes version 2: a ro
 host rewrites, header edits at the route, virtual host and route configuration levels with
 %VARIABLE%s, a retry policy with retriable status codes and back-off, an idle timeout), a
 redirect and a direct response, and clusters with "backend2" and one the proxy cannot run
-(ORIGINAL_DST). The proxy must apply the good ones and NACK the clusters with a reason naming
-the bad one.
+(ORIGINAL_DST) or that sets a field NIP does not implement. The proxy must apply the good
+ones and NACK the clusters with a reason naming the bad ones.
 
 Prints one line per event, flushed: "listening", "ACK TYPE VERSION", "NACK TYPE REASON".
-Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT BACKEND2_PORT
+With PLUGIN (a proxy-wasm module file), version 2's connection manager also carries a
+Wasm filter that is not `disabled`: Envoy runs such a filter on every route.
+
+Usage: xds_server.py XDS_PORT LISTEN_PORT BACKEND_PORT BACKEND2_PORT [PLUGIN]
 """
 
 import asyncio
@@ -25,11 +28,13 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as wasm_filter_pb2
+from envoy.extensions.wasm.v3 import wasm_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -56,12 +61,28 @@ def socket(port: int) -> address_pb2.Address:
     )
 
 
-def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
+def stamp_filter(plugin: str) -> hcm_pb2.HttpFilter:
+    """A Wasm filter on every route (not disabled) that stamps responses with x-stamp."""
+    config = wasm_pb2.PluginConfig(
+        name="stamp",
+        vm_config=wasm_pb2.VmConfig(
+            runtime="envoy.wasm.runtime.v8",
+            code=base_pb2.AsyncDataSource(local=base_pb2.DataSource(filename=plugin)),
+        ),
+        configuration=packed(wrappers_pb2.StringValue(value="x-stamp=on")),
+    )
+    return hcm_pb2.HttpFilter(
+        name="stamp", typed_config=packed(wasm_filter_pb2.Wasm(config=config))
+    )
+
+
+def resources(listen_port: int, backend_ports: tuple, v2: bool, plugin: str = "") -> dict:
+    filters = [stamp_filter(plugin)] if v2 and plugin else []
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="ingress",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name="local_route"),
-        http_filters=[
+        http_filters=filters + [
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=packed(router_pb2.Router())
             )
@@ -161,6 +182,10 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
                 lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
             )
         )
+        # A field NIP does not implement: refused by name, never ignored.
+        buffered = eds_cluster("buffered")
+        buffered.per_connection_buffer_limit_bytes.value = 32768
+        clusters.append(buffered)
     def assignment(name: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
         return endpoint_pb2.ClusterLoadAssignment(
             cluster_name=name,
@@ -178,6 +203,7 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
     assignments = [assignment("backend", backend_ports[0])]
     if v2:
         assignments.append(assignment("backend2", backend_ports[1]))
+        assignments.append(assignment("buffered", backend_ports[1]))
     return {
         LISTENER: {listener.name: listener},
         ROUTE: {routes.name: routes},
@@ -187,9 +213,10 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool) -> dict:
 
 
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, listen_port: int, backend_ports: tuple) -> None:
+    def __init__(self, listen_port: int, backend_ports: tuple, plugin: str) -> None:
         self.listen_port = listen_port
         self.backend_ports = backend_ports
+        self.plugin = plugin
 
     async def StreamAggregatedResources(self, request_iterator, context):
         outbox: asyncio.Queue = asyncio.Queue()
@@ -219,11 +246,12 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         async def push_version_2() -> None:
             nonlocal current
             await asyncio.sleep(0.3)
-            current = resources(self.listen_port, self.backend_ports, v2=True)
-            for type_url in (CLUSTER, ENDPOINT, ROUTE):
+            current = resources(self.listen_port, self.backend_ports, v2=True, plugin=self.plugin)
+            for type_url in (CLUSTER, ENDPOINT, ROUTE, LISTENER):
                 versions[type_url] = "2"
             respond(CLUSTER)
             respond(ROUTE)
+            respond(LISTENER)
 
         async def read() -> None:
             try:
@@ -263,9 +291,10 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
 async def main() -> None:
     xds_port, listen_port, backend_port, backend2_port = (int(a) for a in sys.argv[1:5])
+    plugin = sys.argv[5] if len(sys.argv) > 5 else ""
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        Ads(listen_port, (backend_port, backend2_port)), server
+        Ads(listen_port, (backend_port, backend2_port), plugin), server
     )
     server.add_insecure_port(f"127.0.0.1:{xds_port}")
     await server.start()

@@ -10,7 +10,10 @@ use std::sync::OnceLock;
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/xds_descriptors.bin"));
 
-fn pool() -> Option<&'static DescriptorPool> {
+/// The descriptors of the xDS resource types NIP reads and writes (`None` only when the
+/// build found no `.proto` files), for proto3 JSON and for finding which fields a resource
+/// sets.
+pub fn descriptor_pool() -> Option<&'static DescriptorPool> {
     static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
     POOL.get_or_init(|| {
         if DESCRIPTORS.is_empty() {
@@ -34,7 +37,7 @@ pub fn to_json<M: prost::Message + prost::Name>(message: &M) -> Value {
 }
 
 fn decode_json(full_name: &str, bytes: &[u8]) -> Option<Value> {
-    let descriptor = pool()?.get_message_by_name(full_name)?;
+    let descriptor = descriptor_pool()?.get_message_by_name(full_name)?;
     let message = DynamicMessage::decode(descriptor, bytes).ok()?;
     serde_json::to_value(&message).ok()
 }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 /// names its resources use.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    /// Each Wasm filter's plugin: loaded in a proxy, `None` in a check (decoded only).
-    pub(super) plugins: BTreeMap<String, Option<Arc<LoadedPlugin>>>,
+    /// Each Wasm filter's plugin by HTTP filter name.
+    pub(super) plugins: BTreeMap<String, PreparedPlugin>,
     /// `(host, port)` → address, for every socket address that is not an IP.
     pub(super) hosts: HashMap<(String, u16), SocketAddr>,
 }
@@ -39,6 +39,18 @@ impl Prepared {
             .copied()
             .ok_or_else(|| format!("{host:?} was not resolved"))
     }
+}
+
+/// One Wasm filter of the listener.
+#[derive(Debug, Clone)]
+pub(super) struct PreparedPlugin {
+    /// Loaded in a proxy; `None` in a check (decoded only).
+    pub plugin: Option<Arc<LoadedPlugin>>,
+    /// Runs on every route that does not switch it off (Envoy: a filter not `disabled`);
+    /// otherwise only where a route's `typed_per_filter_config` switches it on.
+    pub on_by_default: bool,
+    /// Its place among the listener's HTTP filters (the order filters run in).
+    pub order: usize,
 }
 
 /// How host names are handled while preparing.
@@ -168,7 +180,14 @@ fn gather(
             Some(loader) => Some(Arc::new(loader.load(&spec, &node, limits).map_err(fail)?)),
             None => None,
         };
-        prepared.plugins.insert(filter.name.clone(), plugin);
+        prepared.plugins.insert(
+            filter.name.clone(),
+            PreparedPlugin {
+                plugin,
+                on_by_default: !filter.disabled,
+                order: i,
+            },
+        );
     }
     Ok(prepared)
 }

@@ -1,0 +1,191 @@
+//! Compiling a `Cluster` and its `ClusterLoadAssignment`: balancing policy, health
+//! checks, breakers, outlier detection, adaptive concurrency (`cluster_policies.rs`), and
+//! the endpoints with their localities, weights, priorities and shared state.
+
+use super::*;
+
+/// Envoy's default connect timeout, used when a cluster gives none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Compiler<'_> {
+    pub(super) fn cluster(
+        &self,
+        xds: &XdsCluster,
+        assignments: &[ClusterLoadAssignment],
+    ) -> Result<Cluster, CompileError> {
+        let name = xds.name.as_str();
+        let fail = |m: String| err("Cluster", name, m);
+        let discovery = match &xds.cluster_discovery_type {
+            Some(cluster::ClusterDiscoveryType::Type(t)) => cluster::DiscoveryType::try_from(*t)
+                .map_err(|_| fail(format!("type {t} is unknown")))?,
+            Some(cluster::ClusterDiscoveryType::ClusterType(_)) => {
+                return Err(fail(
+                    "cluster_type (custom cluster) is not supported".into(),
+                ))
+            }
+            None => cluster::DiscoveryType::Static,
+        };
+        let assignment = match discovery {
+            cluster::DiscoveryType::Eds => {
+                let service_name = xds
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.as_str())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(name);
+                assignments.iter().find(|a| a.cluster_name == service_name)
+            }
+            cluster::DiscoveryType::Static | cluster::DiscoveryType::StrictDns => {
+                xds.load_assignment.as_ref()
+            }
+            other => {
+                return Err(fail(format!(
+                    "type {} is not supported (use EDS, STATIC or STRICT_DNS)",
+                    other.as_str_name()
+                )))
+            }
+        };
+        let lb = match load_balancing_policy(xds).map_err(fail)? {
+            Some(policy) => policy,
+            None => legacy_lb_policy(xds).map_err(fail)?,
+        };
+        let connect_timeout = match &xds.connect_timeout {
+            Some(d) => duration(d).ok_or_else(|| fail("connect_timeout is negative".into()))?,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        if connect_timeout.is_zero() {
+            return Err(fail("connect_timeout must be more than 0".into()));
+        }
+        let health_check = match xds.health_checks.as_slice() {
+            [] => None,
+            [hc] => Some(health_check_spec(hc).map_err(fail)?),
+            _ => {
+                return Err(fail(
+                    "only one health check per cluster is supported".into(),
+                ))
+            }
+        };
+        let http2 = upstream_http2(xds).map_err(fail)?;
+        let endpoints = match assignment {
+            Some(cla) => self.endpoints(name, cla)?,
+            None => Vec::new(),
+        };
+        let outlier = xds
+            .outlier_detection
+            .as_ref()
+            .map(|od| outlier_config(od, xds))
+            .transpose()
+            .map_err(fail)?;
+        let breakers = circuit_breakers(xds).map_err(fail)?;
+        let adaptive = adaptive_concurrency(xds)
+            .map_err(fail)?
+            .map(|(config, status)| AdaptiveConcurrency {
+                controller: self.registry.concurrency_controller(name, config),
+                status,
+            });
+        Ok(Cluster::new(
+            name.into(),
+            lb,
+            http2,
+            connect_timeout,
+            endpoints,
+            health_check,
+            self.metrics.cluster_stats(name),
+        )
+        .with_outlier_detection(outlier)
+        .with_circuit_breakers(breakers)
+        // HTTP/2 carries many requests per connection; max_requests limits those.
+        .with_connection_slots((!http2).then(|| {
+            self.registry.connection_slots(
+                name,
+                breakers.max_connections,
+                breakers.max_pending_requests,
+            )
+        }))
+        .with_adaptive_concurrency(adaptive)
+        .with_ring(ring_size(xds).map_err(fail)?)
+        .with_locality_weights(matches!(
+            xds.common_lb_config
+                .as_ref()
+                .and_then(|c| c.locality_config_specifier.as_ref()),
+            Some(cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        )))
+    }
+
+    pub(super) fn endpoints(
+        &self,
+        cluster: &str,
+        cla: &ClusterLoadAssignment,
+    ) -> Result<Vec<Endpoint>, CompileError> {
+        let mut endpoints = Vec::new();
+        for (li, locality_endpoints) in cla.endpoints.iter().enumerate() {
+            let locality = locality_endpoints
+                .locality
+                .as_ref()
+                .map(|l| Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    sub_zone: l.sub_zone.clone(),
+                })
+                .unwrap_or_default();
+            for (ei, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
+                let field = format!("endpoints[{li}].lb_endpoints[{ei}]");
+                let fail = |m: String| {
+                    err(
+                        "ClusterLoadAssignment",
+                        &cla.cluster_name,
+                        format!("{field}: {m}"),
+                    )
+                };
+                let (address, hostname) = match &lb_endpoint.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => (
+                        e.address
+                            .as_ref()
+                            .ok_or_else(|| fail("endpoint.address is missing".into()))?,
+                        e.hostname.as_str(),
+                    ),
+                    _ => return Err(fail("only endpoint addresses are supported".into())),
+                };
+                let hostname = match (hostname, &address.address) {
+                    ("", Some(address::Address::SocketAddress(sa)))
+                        if sa.address.parse::<std::net::IpAddr>().is_err() =>
+                    {
+                        Some(sa.address.as_str().into())
+                    }
+                    ("", _) => None,
+                    (name, _) => Some(name.into()),
+                };
+                let address = socket_addr(address, self.prepared).map_err(fail)?;
+                if endpoints.iter().any(|e: &Endpoint| e.address == address) {
+                    return Err(fail(format!("{address} is listed twice")));
+                }
+                let weight = lb_endpoint
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |w| w.value);
+                if weight == 0 {
+                    return Err(fail("load_balancing_weight must be at least 1".into()));
+                }
+                endpoints.push(Endpoint {
+                    address,
+                    locality: locality.clone(),
+                    weight,
+                    priority: locality_endpoints.priority,
+                    locality_weight: locality_endpoints
+                        .load_balancing_weight
+                        .as_ref()
+                        .map_or(1, |w| w.value.max(1)),
+                    state: self.registry.state(cluster, address),
+                    hostname,
+                    locality_picks: self.metrics.locality_picks(
+                        cluster,
+                        &locality.region,
+                        &locality.zone,
+                        &locality.sub_zone,
+                    ),
+                });
+            }
+        }
+        Ok(endpoints)
+    }
+}

@@ -1,0 +1,241 @@
+//! Compiling the `Listener`: its address and TLS, the connection manager (codec, filters in
+//! order, route source), the plugins' resource limits and the access log.
+
+use super::*;
+
+/// TLS certificate files of the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert_file: String,
+    /// PEM private key.
+    pub key_file: String,
+}
+
+/// What the listening socket looks like. Pingora binds it once at start; a reload that
+/// changes it is logged and takes effect at the next restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// TLS termination, with HTTP/2 offered through ALPN.
+    pub tls: Option<TlsFiles>,
+    /// Accept h2c (prior knowledge) next to HTTP/1.1 on plaintext.
+    pub h2c: bool,
+}
+
+/// The one listener NIP serves (listeners with `api_listener` are for proxyless gRPC
+/// clients, not for a proxy).
+pub(super) fn served_listener(resources: &ResourceSet) -> Result<&Listener, CompileError> {
+    let served: Vec<&Listener> = resources
+        .listeners
+        .iter()
+        .filter(|l| l.api_listener.is_none())
+        .collect();
+    match served.as_slice() {
+        [listener] => Ok(listener),
+        _ => Err(err(
+            "Listener",
+            "",
+            format!("NIP serves exactly one listener, got {}", served.len()),
+        )),
+    }
+}
+
+pub(super) fn listener_spec(
+    listener: &Listener,
+    prepared: &Prepared,
+) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
+    let name = listener.name.as_str();
+    let fail = |m: String| err("Listener", name, m);
+    let address = listener
+        .address
+        .as_ref()
+        .ok_or_else(|| fail("address is missing".into()))?;
+    let address = socket_addr(address, prepared).map_err(|e| fail(format!("address: {e}")))?;
+    let [chain] = listener.filter_chains.as_slice() else {
+        return Err(fail("exactly one filter chain is supported".into()));
+    };
+    let [network_filter] = chain.filters.as_slice() else {
+        return Err(fail(
+            "the filter chain must hold exactly the http_connection_manager".into(),
+        ));
+    };
+    let Some(filter::ConfigType::TypedConfig(any)) = &network_filter.config_type else {
+        return Err(fail(
+            "filter_chains[0].filters[0].typed_config is missing".into(),
+        ));
+    };
+    if any.type_url != HttpConnectionManager::type_url() {
+        return Err(fail(format!(
+            "filter {} is not supported; only {}",
+            any.type_url,
+            names::HTTP_CONNECTION_MANAGER
+        )));
+    }
+    let hcm: HttpConnectionManager = decode(any).map_err(&fail)?;
+    if hcm.generate_request_id.as_ref().is_some_and(|g| !g.value) {
+        return Err(fail(
+            "http_connection_manager.generate_request_id: false is not supported (NIP keeps or makes x-request-id on every request)".into(),
+        ));
+    }
+    for (i, http) in hcm.http_filters.iter().enumerate() {
+        let last = i + 1 == hcm.http_filters.len();
+        let type_url = match &http.config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => a.type_url.as_str(),
+            _ => "",
+        };
+        let is_router = http.name == names::ROUTER || type_url.ends_with(".router.v3.Router");
+        if last != is_router {
+            return Err(fail(format!(
+                "http_filters[{i}] {:?}: the router must be the last filter, and only there",
+                http.name
+            )));
+        }
+        if !is_router && type_url != Wasm::type_url() {
+            return Err(fail(format!(
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs {} plugins and the router)",
+                http.name,
+                Wasm::type_url()
+            )));
+        }
+    }
+    let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
+        .unwrap_or(http_connection_manager::CodecType::Auto);
+    let tls = match &chain.transport_socket {
+        None => None,
+        Some(socket) => {
+            let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+                return Err(fail("transport_socket.typed_config is missing".into()));
+            };
+            if any.type_url != DownstreamTlsContext::type_url() {
+                return Err(fail(format!(
+                    "transport socket {} is not supported",
+                    any.type_url
+                )));
+            }
+            let tls: DownstreamTlsContext = decode(any).map_err(&fail)?;
+            let cert = tls
+                .common_tls_context
+                .as_ref()
+                .and_then(|c| c.tls_certificates.first())
+                .ok_or_else(|| fail("tls: common_tls_context.tls_certificates is empty".into()))?;
+            let file = |source: &Option<DataSource>, field: &str| match source
+                .as_ref()
+                .and_then(|s| s.specifier.as_ref())
+            {
+                Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
+                _ => Err(fail(format!("tls: {field} must be a filename"))),
+            };
+            Some(TlsFiles {
+                cert_file: file(&cert.certificate_chain, "certificate_chain")?,
+                key_file: file(&cert.private_key, "private_key")?,
+            })
+        }
+    };
+    let spec = ListenerSpec {
+        address,
+        h2c: tls.is_none() && codec != http_connection_manager::CodecType::Http1,
+        tls,
+    };
+    Ok((spec, hcm))
+}
+
+/// The resource limits of plugin filter `filter` from the listener's `nip.plugin_limits`
+/// metadata; defaults for a plugin (or a field) it does not mention.
+pub(super) fn plugin_limits(listener: &Listener, filter: &str) -> Result<ResourceLimits, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let mut limits = ResourceLimits::default();
+    let Some(entry) = listener
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::PLUGIN_LIMITS_METADATA))
+        .and_then(|s| s.fields.get(filter))
+    else {
+        return Ok(limits);
+    };
+    let Some(Kind::StructValue(fields)) = &entry.kind else {
+        return Err(format!("{filter:?} must be a struct"));
+    };
+    for (key, value) in &fields.fields {
+        let Some(Kind::NumberValue(n)) = value.kind else {
+            return Err(format!("{filter:?}.{key} must be a number"));
+        };
+        if !(n.is_finite() && n >= 0.0 && n <= u32::MAX as f64 * 4.0) {
+            return Err(format!("{filter:?}.{key} = {n} is out of range"));
+        }
+        match key.as_str() {
+            "memory_bytes" if n >= 65536.0 => limits.instance.memory_bytes = n as usize,
+            "cpu_ms" if n >= 1.0 => {
+                limits.instance.callback_deadline = Duration::from_millis(n as u64)
+            }
+            "body_bytes" => limits.max_body_bytes = n as usize,
+            "memory_bytes" | "cpu_ms" => {
+                return Err(format!("{filter:?}.{key} = {n} is too small"))
+            }
+            other => return Err(format!("{filter:?}: unknown limit {other:?}")),
+        }
+    }
+    Ok(limits)
+}
+
+pub(super) fn log_format(format: &SubstitutionFormatString) -> LogFormat {
+    match format.format {
+        Some(substitution_format_string::Format::JsonFormat(_)) => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
+impl Compiler<'_> {
+    pub(super) fn access_log(
+        &self,
+        listener: &str,
+        logs: &[AccessLog],
+    ) -> Result<Option<Arc<AccessLogger>>, CompileError> {
+        let fail = |m: String| err("Listener", listener, format!("access_log: {m}"));
+        let Some(log) = logs.first() else {
+            return Ok(None);
+        };
+        if logs.len() > 1 {
+            return Err(fail("only one access log is supported".into()));
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = &log.config_type else {
+            return Err(fail("typed_config is missing".into()));
+        };
+        let (sink, format) = if any.type_url == StdoutAccessLog::type_url() {
+            let stdout: StdoutAccessLog = decode(any).map_err(fail)?;
+            let format = match stdout.access_log_format {
+                Some(stdout_access_log::AccessLogFormat::LogFormat(f)) => log_format(&f),
+                None => LogFormat::Text,
+            };
+            (LogSink::Stdout, format)
+        } else if any.type_url == FileAccessLog::type_url() {
+            let file: FileAccessLog = decode(any).map_err(fail)?;
+            let format = match file.access_log_format {
+                Some(file_access_log::AccessLogFormat::LogFormat(f)) => log_format(&f),
+                Some(_) => return Err(fail("only log_format is supported".into())),
+                None => LogFormat::Text,
+            };
+            let sink = if file.path == "/dev/stdout" {
+                LogSink::Stdout
+            } else {
+                LogSink::File(file.path)
+            };
+            (sink, format)
+        } else {
+            return Err(fail(format!("{} is not supported", any.type_url)));
+        };
+        if let Some(previous) = &self.previous_access_log {
+            if previous.is(format, &sink) {
+                return Ok(Some(Arc::clone(previous)));
+            }
+        }
+        let logger = AccessLogger::start(
+            format,
+            sink.clone(),
+            self.metrics.access_log_dropped.clone(),
+        )
+        .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;
+        Ok(Some(Arc::new(logger)))
+    }
+}

@@ -1,0 +1,241 @@
+//! Every feature example in `examples/` loads and does what its comments say (the gateway
+//! basics have their own tests in tests/gateway.rs; the self-healing and multi-region
+//! benches and tests build on the same configs).
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[test]
+fn every_example_is_a_valid_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let mut yaml = std::fs::read_to_string(&path).unwrap();
+        if name == "plugins" {
+            yaml = with_built_plugin(&yaml);
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), yaml).unwrap();
+        let output = run_nip(
+            &["validate", "--file", &file.path().to_string_lossy()],
+            None,
+        );
+        assert!(
+            output.status.success(),
+            "{name}.yaml: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 9, "only {checked} examples");
+}
+
+fn with_built_plugin(yaml: &str) -> String {
+    yaml.replace(
+        "filters/examples/target/wasm32-wasip1/release/add_header.wasm",
+        &example_plugin("add_header").to_string_lossy(),
+    )
+}
+
+async fn backend_of(response: reqwest::Response) -> String {
+    response.headers()["x-backend"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_picks_the_most_specific_host_then_the_first_matching_route() {
+    let api = Backend::start("api").await;
+    let admin = Backend::start("admin").await;
+    let web = Backend::start("web").await;
+    let proxy = Proxy::start(&example(
+        "routing",
+        &[
+            ("127.0.0.1:8081", api.address),
+            ("127.0.0.1:8082", admin.address),
+            ("127.0.0.1:8083", web.address),
+        ],
+    ))
+    .await;
+    let http = client();
+    let send = |method: reqwest::Method, host: &str, path: &str, admin_token: bool| {
+        let mut request = http
+            .request(method, proxy.url(path))
+            .header("host", host.to_string());
+        if admin_token {
+            request = request.header("x-admin-token", "t");
+        }
+        request.send()
+    };
+    let post = send(
+        reqwest::Method::POST,
+        "api.example.com",
+        "/v1/orders",
+        false,
+    );
+    assert_eq!(backend_of(post.await.unwrap()).await, "api");
+    let get = send(reqwest::Method::GET, "api.example.com", "/v1/orders", false);
+    assert_eq!(
+        backend_of(get.await.unwrap()).await,
+        "web",
+        "GET is not a write"
+    );
+    let token = send(reqwest::Method::GET, "shop.test", "/anything", true);
+    assert_eq!(backend_of(token.await.unwrap()).await, "admin");
+    let versioned = send(reqwest::Method::GET, "eu.example.com", "/v3/items", false);
+    assert_eq!(backend_of(versioned.await.unwrap()).await, "api");
+    let other = send(reqwest::Method::GET, "example.org", "/v3/items", false);
+    assert_eq!(backend_of(other.await.unwrap()).await, "web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_takes_its_share_and_testers_always_reach_it() {
+    let v1 = Backend::start("shop-v1").await;
+    let v2 = Backend::start("shop-v2").await;
+    let proxy = Proxy::start(&example(
+        "canary",
+        &[
+            ("127.0.0.1:8081", v1.address),
+            ("127.0.0.1:8082", v2.address),
+        ],
+    ))
+    .await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        let response = client().get(proxy.url("/cart")).send().await.unwrap();
+        *counts.entry(backend_of(response).await).or_default() += 1;
+    }
+    let canary = counts.get("shop-v2").copied().unwrap_or(0);
+    assert!(
+        (15..=70).contains(&canary),
+        "10 % of 400 ± noise: {counts:?}"
+    );
+    for _ in 0..20 {
+        let response = client()
+            .get(proxy.url("/cart"))
+            .header("x-canary", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(backend_of(response).await, "shop-v2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_data_stays_in_its_region_even_when_that_means_503() {
+    let eu = Backend::start("eu").await;
+    let us = Backend::start("us").await;
+    let proxy = Proxy::start(&example(
+        "locality",
+        &[
+            ("127.0.0.1:8081", eu.address),
+            ("127.0.0.1:8082", us.address),
+        ],
+    ))
+    .await;
+    for _ in 0..10 {
+        let response = client().get(proxy.url("/eu-data/1")).send().await.unwrap();
+        assert_eq!(backend_of(response).await, "eu");
+    }
+    eu.set_healthy(false);
+    eventually("the eu endpoint is marked down", || async {
+        client()
+            .get(proxy.url("/eu-data/1"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    let pinned = client().get(proxy.url("/eu-data/1")).send().await.unwrap();
+    assert_eq!(pinned.status(), 503);
+    assert_eq!(pinned.headers()["x-nip-response-flags"], "UH");
+    let free = client().get(proxy.url("/profile")).send().await.unwrap();
+    assert_eq!(
+        backend_of(free).await,
+        "us",
+        "unpinned routes leave the region"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_runs_a_concurrency_limit_and_takes_priorities_from_trusted_clients() {
+    let search = Backend::start("search").await;
+    let proxy = Proxy::start(&example("shedding", &[("127.0.0.1:8081", search.address)])).await;
+    let response = client()
+        .get(proxy.url("/q"))
+        .header("x-nip-priority", "high")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        search.last_header("x-nip-priority").as_deref(),
+        Some("high")
+    );
+    let bad = client()
+        .get(proxy.url("/q"))
+        .header("x-nip-priority", "urgent")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let limit = sample(
+        &proxy.metrics().await,
+        "nip_upstream_concurrency_limit",
+        &[("cluster", "search")],
+    );
+    assert!((2.0..=20.0).contains(&limit), "limit {limit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_keeps_traffic_in_the_proxys_region_while_it_is_fast() {
+    let r1 = Backend::start("r1").await;
+    let r2 = Backend::start("r2").await;
+    let r3 = Backend::start("r3").await;
+    r2.set_delay(Duration::from_millis(30));
+    r3.set_delay(Duration::from_millis(60));
+    let proxy = Proxy::start(&example(
+        "multi-region",
+        &[
+            ("127.0.0.1:8081", r1.address),
+            ("127.0.0.1:8082", r2.address),
+            ("127.0.0.1:8083", r3.address),
+        ],
+    ))
+    .await;
+    let mut local = 0;
+    for _ in 0..100 {
+        let response = client().get(proxy.url("/me")).send().await.unwrap();
+        if backend_of(response).await == "r1" {
+            local += 1;
+        }
+    }
+    assert!(local >= 90, "{local} of 100 stayed in r1");
+    // r1 stops answering well: traffic moves.
+    r1.set_status(503);
+    eventually("traffic leaves r1", || async {
+        let response = client().get(proxy.url("/me")).send().await.unwrap();
+        response.status() == 200 && backend_of(response).await != "r1"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_runs_on_the_routes_that_name_it() {
+    let web = Backend::start("web").await;
+    let yaml = with_built_plugin(&example("plugins", &[("127.0.0.1:8081", web.address)]));
+    let proxy = Proxy::start(&yaml).await;
+    let stamped = client().get(proxy.url("/stamped/a")).send().await.unwrap();
+    assert_eq!(stamped.headers()["x-stamped"], "yes");
+    let plain = client().get(proxy.url("/plain")).send().await.unwrap();
+    assert!(!plain.headers().contains_key("x-stamped"));
+}
