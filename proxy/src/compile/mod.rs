@@ -371,7 +371,6 @@ mod routes;
 use listeners::*;
 pub use listeners::{ListenerSpec, TlsFiles};
 pub use prepare::{prepare, prepare_check, Prepared};
-use routes::*;
 
 #[cfg(test)]
 mod tests;

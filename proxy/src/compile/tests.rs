@@ -1,3 +1,4 @@
+use super::routes::retry_policy;
 use super::*;
 use crate::upstream::ewma::EwmaConfig;
 use crate::upstream::lb::LbPolicy;
