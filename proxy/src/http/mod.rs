@@ -409,14 +409,17 @@ impl ProxyHttp for Gateway {
             ));
         };
         // A retry waits its back-off first; the budget bounds the wait and every try.
+        let deadline = ctx.deadline();
         if ctx.retries > 0 {
             let wait = route.retry.back_off.wait(ctx.retries, fastrand::u64(..));
-            let within_budget = ctx.deadline().is_none_or(|d| Instant::now() + wait < d);
+            let within_budget = deadline.is_none_or(|d| Instant::now() + wait < d);
             if within_budget && !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
         }
-        if ctx.deadline().is_some_and(|d| Instant::now() >= d) {
+        // What is left of the budget (one clock read per try, none without a budget).
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining.is_some_and(|r| r.is_zero()) {
             ctx.flag = Some(ResponseFlag::UpstreamTimeout);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(504),
@@ -446,9 +449,6 @@ impl ProxyHttp for Gateway {
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
         ctx.endpoint = Some(address);
         ctx.tried.push(address);
-        let remaining = ctx
-            .deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()));
         let read_timeout =
             peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
         Ok(Box::new(peer::for_try(address, cluster, read_timeout)))
