@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod json;
 pub mod resources;
+pub mod schema;
 pub mod server;
 #[cfg(test)]
 mod test_support;

@@ -2,15 +2,14 @@
 //!
 //! A control plane that is not NIP may set any of Envoy's hundreds of fields; a proxy that
 //! ignored the ones it does not implement would run something other than what was asked.
-//! Each resource is walked by reflection (the descriptors `nip-xds` compiles from the
-//! `.proto` files in `envoy-types`): a set field of a message type in [`IMPLEMENTED`] that
+//! Each encoded resource is walked field by field with the static schema `nip-xds`
+//! generates from the `.proto` files in `envoy-types` ([`nip_xds::schema`]): a set field of a message type in [`IMPLEMENTED`] that
 //! is not in its list is refused by its path (`virtual_hosts[0].routes[2].route.cors`),
 //! which the compiler turns into a NACK. Types not in the table (durations, structs,
 //! matchers whose every form the compiler decodes or refuses itself) are taken whole;
 //! `Any` fields are opened when their type is known.
 
 use prost::{Message, Name};
-use prost_reflect::{DynamicMessage, MapKey, ReflectMessage, Value};
 
 /// The fields NIP implements, by message type (Envoy's full names).
 pub const IMPLEMENTED: &[(&str, &[&str])] = &[
@@ -330,76 +329,144 @@ fn implemented(full_name: &str) -> Option<&'static [&'static str]> {
         .map(|(_, fields)| *fields)
 }
 
-/// The path of the first field `message` sets that NIP does not implement, if any (`None`
-/// also when the descriptors are missing, which `xds_descriptors_are_compiled_in` keeps
-/// from happening unnoticed).
+/// The path of the first field `message` sets that NIP does not implement, if any. The
+/// encoded message is walked field by field with [`nip_xds::schema`] (no descriptor pool
+/// is decoded, so checking a config costs no resident memory).
 pub fn first_unimplemented<M: Message + Name>(message: &M) -> Option<String> {
-    let pool = nip_xds::json::descriptor_pool()?;
-    let descriptor = pool.get_message_by_name(&M::full_name())?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice()).ok()?;
-    let mut path = String::new();
-    walk(&dynamic, &mut path)
+    let bytes = message.encode_to_vec();
+    walk(&M::full_name(), &bytes, &mut String::new())
 }
 
-fn walk(message: &DynamicMessage, path: &mut String) -> Option<String> {
-    let descriptor = message.descriptor();
-    let allowed = implemented(descriptor.full_name());
-    if descriptor.full_name() == "google.protobuf.Any" {
-        return walk_any(message, path);
+/// One field of an encoded message: its number, and its bytes when length-delimited.
+struct WireField<'a> {
+    number: i32,
+    payload: Option<&'a [u8]>,
+}
+
+/// The fields of an encoded message in order; `None` for bytes that are not protobuf.
+fn wire_fields(mut bytes: &[u8]) -> Option<Vec<WireField<'_>>> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut fields = Vec::new();
+    while !bytes.is_empty() {
+        let (number, wire_type) = decode_key(&mut bytes).ok()?;
+        let payload = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut bytes).ok()?;
+                None
+            }
+            WireType::SixtyFourBit => {
+                bytes = bytes.get(8..)?;
+                None
+            }
+            WireType::ThirtyTwoBit => {
+                bytes = bytes.get(4..)?;
+                None
+            }
+            WireType::LengthDelimited => {
+                let len = usize::try_from(decode_varint(&mut bytes).ok()?).ok()?;
+                let (payload, rest) = (bytes.get(..len)?, bytes.get(len..)?);
+                bytes = rest;
+                Some(payload)
+            }
+            WireType::StartGroup | WireType::EndGroup => return None,
+        };
+        fields.push(WireField {
+            number: i32::try_from(number).ok()?,
+            payload,
+        });
     }
-    for (field, value) in message.fields() {
+    Some(fields)
+}
+
+fn walk(type_name: &str, bytes: &[u8], path: &mut String) -> Option<String> {
+    if type_name == "google.protobuf.Any" {
+        return walk_any(bytes, path);
+    }
+    let schema = nip_xds::schema::message(type_name)?;
+    let allowed = implemented(type_name);
+    let mut seen: Vec<(i32, usize)> = Vec::new();
+    for field in wire_fields(bytes)? {
         let len = path.len();
+        let Some(known) = schema.field(field.number) else {
+            // A field this version of the protos does not even know: refused by number.
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&format!("#{}", field.number));
+            return Some(std::mem::take(path));
+        };
         if !path.is_empty() {
             path.push('.');
         }
-        path.push_str(field.name());
-        if allowed.is_some_and(|fields| !fields.contains(&field.name())) {
+        path.push_str(known.name);
+        if allowed.is_some_and(|fields| !fields.contains(&known.name)) {
             return Some(std::mem::take(path));
         }
-        if let Some(found) = walk_value(value, path) {
-            return Some(found);
+        if known.repeated {
+            let index = match seen.iter_mut().find(|(n, _)| *n == field.number) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count - 1
+                }
+                None => {
+                    seen.push((field.number, 1));
+                    0
+                }
+            };
+            if !nip_xds::schema::message(known.message).is_some_and(|m| m.map_entry) {
+                path.push_str(&format!("[{index}]"));
+            }
+        }
+        if let (Some(payload), false) = (field.payload, known.message.is_empty()) {
+            let found = match nip_xds::schema::message(known.message) {
+                Some(entry) if entry.map_entry => walk_map_entry(entry, payload, path),
+                _ => walk(known.message, payload, path),
+            };
+            if found.is_some() {
+                return found;
+            }
         }
         path.truncate(len);
     }
     None
 }
 
-fn walk_value(value: &Value, path: &mut String) -> Option<String> {
-    match value {
-        Value::Message(inner) => walk(inner, path),
-        Value::List(items) => items.iter().enumerate().find_map(|(i, item)| {
-            let len = path.len();
-            path.push_str(&format!("[{i}]"));
-            let found = walk_value(item, path);
-            path.truncate(len);
-            found
-        }),
-        Value::Map(entries) => entries.iter().find_map(|(key, item)| {
-            let len = path.len();
-            match key {
-                MapKey::String(key) => path.push_str(&format!("[{key:?}]")),
-                other => path.push_str(&format!("[{other:?}]")),
-            }
-            let found = walk_value(item, path);
-            path.truncate(len);
-            found
-        }),
-        _ => None,
+/// A map entry: `name["key"]`, then its value.
+fn walk_map_entry(
+    entry: &'static nip_xds::schema::MessageSchema,
+    bytes: &[u8],
+    path: &mut String,
+) -> Option<String> {
+    let fields = wire_fields(bytes)?;
+    let key = fields
+        .iter()
+        .find(|f| f.number == 1)
+        .and_then(|f| f.payload)
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    path.push_str(&format!("[{key:?}]"));
+    let value_type = entry.field(2)?.message;
+    let value = fields.iter().find(|f| f.number == 2)?.payload?;
+    if value_type.is_empty() {
+        return None;
     }
+    walk(value_type, value, path)
 }
 
 /// An `Any` is opened when its type is known (the typed configs of listeners, filters and
 /// clusters); an unknown type is for the compiler to refuse.
-fn walk_any(any: &DynamicMessage, path: &mut String) -> Option<String> {
-    let type_url = any.get_field_by_name("type_url")?;
-    let bytes = any.get_field_by_name("value")?;
-    let (Value::String(type_url), Value::Bytes(bytes)) = (type_url.as_ref(), bytes.as_ref()) else {
-        return None;
-    };
+fn walk_any(bytes: &[u8], path: &mut String) -> Option<String> {
+    let fields = wire_fields(bytes)?;
+    let type_url = fields.iter().find(|f| f.number == 1)?.payload?;
+    let value = fields
+        .iter()
+        .find(|f| f.number == 2)
+        .and_then(|f| f.payload)
+        .unwrap_or_default();
+    let type_url = std::str::from_utf8(type_url).ok()?;
     let name = type_url.rsplit('/').next()?;
-    let descriptor = nip_xds::json::descriptor_pool()?.get_message_by_name(name)?;
-    let inner = DynamicMessage::decode(descriptor, bytes.as_ref()).ok()?;
-    walk(&inner, path)
+    nip_xds::schema::message(name)?;
+    walk(name, value, path)
 }
 
 #[cfg(test)]
@@ -410,15 +477,13 @@ mod tests {
     };
 
     #[test]
-    fn xds_descriptors_are_compiled_in() {
-        let pool = nip_xds::json::descriptor_pool().expect("descriptors");
+    fn every_implemented_field_is_a_field_of_its_message() {
         for (name, fields) in IMPLEMENTED {
-            let message = pool
-                .get_message_by_name(name)
-                .unwrap_or_else(|| panic!("{name} is not among the descriptors"));
+            let message = nip_xds::schema::message(name)
+                .unwrap_or_else(|| panic!("{name} is not in the schema"));
             for field in *fields {
                 assert!(
-                    message.get_field_by_name(field).is_some(),
+                    message.fields.iter().any(|f| f.name == *field),
                     "{name} has no field {field}"
                 );
             }
