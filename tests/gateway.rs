@@ -244,3 +244,37 @@ routes:
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_plugins_run_before_it_answers_by_itself() {
+    let plugin = c_plugin();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+plugins:
+  deny: {{ source: {{ file: "{}" }}, config: "x-forbidden" }}
+routes:
+  - match: {{ path: /status }}
+    direct_response: {{ status: 200, body: "up" }}
+    plugins: [deny]
+"#,
+        plugin.display()
+    ))
+    .await;
+    let allowed = client().get(proxy.url("/status")).send().await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(allowed.text().await.unwrap(), "up");
+    let denied = client()
+        .get(proxy.url("/status"))
+        .header("x-forbidden", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        denied.status(),
+        403,
+        "the plugin answers before the route does"
+    );
+    assert_eq!(denied.headers()["x-blocked-by"], "c-deny");
+}

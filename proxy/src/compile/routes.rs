@@ -147,6 +147,7 @@ impl Compiler<'_> {
         let action = match &xds.action {
             Some(route::Action::Route(action)) => action,
             Some(route::Action::Redirect(redirect)) => {
+                let plugins = route_plugins(xds, plugins)?;
                 let local =
                     redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?;
                 return Ok(self.local_route(
@@ -154,9 +155,11 @@ impl Compiler<'_> {
                     RouteMatch { path, headers },
                     local,
                     response_headers,
+                    plugins,
                 ));
             }
             Some(route::Action::DirectResponse(direct)) => {
+                let plugins = route_plugins(xds, plugins)?;
                 let local = direct_response(direct, body_limit)
                     .map_err(|e| format!("direct_response.{e}"))?;
                 return Ok(self.local_route(
@@ -164,6 +167,7 @@ impl Compiler<'_> {
                     RouteMatch { path, headers },
                     local,
                     response_headers,
+                    plugins,
                 ));
             }
             _ => {
@@ -251,6 +255,7 @@ impl Compiler<'_> {
         matcher: RouteMatch,
         local: LocalAction,
         response_headers: HeaderEdits,
+        plugins: Vec<Arc<LoadedPlugin>>,
     ) -> Route {
         Route::new(
             Arc::clone(&name),
@@ -259,7 +264,7 @@ impl Compiler<'_> {
             Duration::ZERO,
             RetryPolicy::default(),
             self.metrics.route_stats(&name),
-            Vec::new(),
+            plugins,
         )
         .with_edits(RouteEdits {
             response_headers,

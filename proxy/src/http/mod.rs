@@ -275,25 +275,27 @@ impl ProxyHttp for Gateway {
         }
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
+        ctx.target = index;
+        // Boxed: the plugin path's future is large (it may await a callout), and async_trait
+        // moves this whole future into a box on every request, plugins or not.
+        if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {
+            return Ok(true);
+        }
         if let Some(local) = &route.local {
-            // A redirect or a direct response: answered here, nothing goes upstream.
+            // A redirect or a direct response, after the route's plugins (as Envoy's router
+            // answers after the filters before it): nothing goes upstream.
             let (status, headers, body) = local_reply::local_action_answer(session, local);
             ctx.local_status = status;
-            local_reply::write_answer(
+            // Boxed like the plugin path: a rare path must not grow every request's future.
+            Box::pin(local_reply::write_answer(
                 session,
                 ctx,
                 status,
                 &headers,
                 body,
                 Some(&route.edits.response_headers),
-            )
+            ))
             .await;
-            return Ok(true);
-        }
-        ctx.target = index;
-        // Boxed: the plugin path's future is large (it may await a callout), and async_trait
-        // moves this whole future into a box on every request, plugins or not.
-        if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {
             return Ok(true);
         }
         let Some(cluster) = cluster else {

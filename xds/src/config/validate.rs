@@ -755,7 +755,6 @@ fn validate_route_edits(path: &str, route: &RouteConfig, errors: &mut Errors) {
         let forwarding = [
             ("retries", route.retries.is_some()),
             ("hash_policy", !route.hash_policy.is_empty()),
-            ("plugins", !route.plugins.is_empty()),
             ("prefix_rewrite", route.prefix_rewrite.is_some()),
             ("regex_rewrite", route.regex_rewrite.is_some()),
             ("host_rewrite", route.host_rewrite.is_some()),
