@@ -151,6 +151,35 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
         &["prefix", "path", "safe_regex", "headers", "case_sensitive"],
     ),
     (
+        "envoy.config.route.v3.HeaderMatcher",
+        &["name", "present_match", "string_match", "invert_match"],
+    ),
+    (
+        "envoy.type.matcher.v3.StringMatcher",
+        &[
+            "exact",
+            "prefix",
+            "suffix",
+            "contains",
+            "safe_regex",
+            "ignore_case",
+        ],
+    ),
+    // `google_re2` only names the engine (RE2 semantics, which NIP's regexes follow).
+    (
+        "envoy.type.matcher.v3.RegexMatcher",
+        &["regex", "google_re2"],
+    ),
+    (
+        "envoy.config.core.v3.Locality",
+        &["region", "zone", "sub_zone"],
+    ),
+    // NIP follows one control plane over ADS: any other config source is refused.
+    (
+        "envoy.config.core.v3.ConfigSource",
+        &["ads", "resource_api_version"],
+    ),
+    (
         "envoy.config.route.v3.RouteAction",
         &[
             "cluster",
@@ -473,7 +502,8 @@ fn walk_any(bytes: &[u8], path: &mut String) -> Option<String> {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::route::v3::{
-        route, CorsPolicy, Route, RouteAction, RouteConfiguration, VirtualHost,
+        route, CorsPolicy, HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch,
+        VirtualHost,
     };
 
     #[test]
@@ -519,5 +549,19 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(first_unimplemented(&fine), None);
+        // Inside a match too: a header matcher's option NIP would otherwise ignore.
+        let mut treat_missing = fine.clone();
+        treat_missing.virtual_hosts[0].routes[0].r#match = Some(RouteMatch {
+            headers: vec![HeaderMatcher {
+                name: "x-a".into(),
+                treat_missing_header_as_empty: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            first_unimplemented(&treat_missing).as_deref(),
+            Some("virtual_hosts[0].routes[0].match.headers[0].treat_missing_header_as_empty")
+        );
     }
 }
