@@ -614,15 +614,21 @@ routes:
     })
     .await;
     drop(crowd);
-    // Each worker gives freed memory back within a second of its connections closing.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let after = proxy.rss_anon_kb();
-    // Back within a few MiB (the crowd took 20–60 MiB; the scrapes and pooled upstream
-    // connections of the test keep a little).
-    assert!(
-        after <= idle_rss + 8 * 1024,
-        "heap {after} KiB after the crowd ({with_crowd} KiB with it), {idle_rss} KiB before"
-    );
+    // Each worker gives freed memory back within a second of its connections closing
+    // (later on a loaded machine): back within a few MiB (the crowd took 20–60 MiB; the
+    // scrapes and pooled upstream connections of the test keep a little).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let after = proxy.rss_anon_kb();
+        if after <= idle_rss + 8 * 1024 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap {after} KiB after the crowd ({with_crowd} KiB with it), {idle_rss} KiB before"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
