@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
+/// `examples/retries.yaml` on a proxy, with its three services as test backends.
+async fn retries_example() -> (Proxy, [Backend; 3]) {
     let orders = Backend::start("orders").await;
     let payments = Backend::start("payments").await;
     let feed = Backend::start("feed").await;
@@ -21,6 +21,12 @@ async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
         ],
     ))
     .await;
+    (proxy, [orders, payments, feed])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
+    let (proxy, [orders, _payments, _feed]) = retries_example().await;
     // 5 retries of 300 ms tries would take 1.8 s: the 1 s budget ends it first.
     orders.set_delay(Duration::from_secs(5));
     let started = Instant::now();
@@ -41,18 +47,7 @@ async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retriable_statuses_are_retried_after_a_jittered_back_off() {
-    let orders = Backend::start("orders").await;
-    let payments = Backend::start("payments").await;
-    let feed = Backend::start("feed").await;
-    let proxy = Proxy::start(&example(
-        "retries",
-        &[
-            ("127.0.0.1:8081", orders.address),
-            ("127.0.0.1:8082", payments.address),
-            ("127.0.0.1:8083", feed.address),
-        ],
-    ))
-    .await;
+    let (proxy, [_orders, payments, _feed]) = retries_example().await;
     payments.set_status(409);
     let started = Instant::now();
     let response = client().get(proxy.url("/payments/1")).send().await.unwrap();
@@ -73,18 +68,7 @@ async fn retriable_statuses_are_retried_after_a_jittered_back_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_timeout_bounds_each_read_of_a_route_without_a_budget() {
-    let orders = Backend::start("orders").await;
-    let payments = Backend::start("payments").await;
-    let feed = Backend::start("feed").await;
-    let proxy = Proxy::start(&example(
-        "retries",
-        &[
-            ("127.0.0.1:8081", orders.address),
-            ("127.0.0.1:8082", payments.address),
-            ("127.0.0.1:8083", feed.address),
-        ],
-    ))
-    .await;
+    let (proxy, [_orders, _payments, feed]) = retries_example().await;
     feed.set_delay(Duration::from_millis(300));
     let response = client().get(proxy.url("/feed")).send().await.unwrap();
     assert_eq!(response.status(), 200, "300 ms is within the idle timeout");

@@ -150,20 +150,9 @@ pub(super) fn local_action_answer(
     match action {
         LocalAction::Redirect(redirect) => {
             let request = session.req_header();
-            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-            let authority = request
-                .uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    request
-                        .headers
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or("");
+            let authority = super::request_authority(request);
             let location = redirect.location(RequestTarget {
-                scheme: if tls { "https" } else { "http" },
+                scheme: super::client_scheme(session),
                 authority,
                 path: request.uri.path(),
                 query: request.uri.query(),

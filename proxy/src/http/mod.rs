@@ -62,6 +62,30 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// The host a request is for: its absolute target's authority (HTTP/2), else `Host`.
+fn request_authority(request: &pingora::http::RequestHeader) -> &str {
+    request
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            request
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+/// `https` when the client connected over TLS, else `http`.
+fn client_scheme(session: &Session) -> &'static str {
+    if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 /// Marks an upstream response that the route's retry policy wants tried again.
 const RETRIABLE_STATUS: ErrorType = ErrorType::Custom("UpstreamRetriableStatus");
 
@@ -246,17 +270,7 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        let host = request
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                request
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or("");
+        let host = request_authority(request);
         let route = snapshot
             .router
             .route(host, request.uri.path(), &request.method, &request.headers)
@@ -475,8 +489,7 @@ impl ProxyHttp for Gateway {
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
-        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+        upstream_request.insert_header("x-forwarded-proto", client_scheme(session))?;
         if ctx.retries > 0 {
             upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
         }
