@@ -182,10 +182,37 @@ async fn redirects_and_direct_responses_are_answered_without_an_upstream() {
         admin.headers()["location"],
         "https://admin.example.com/admin/users"
     );
+    // An HTTP/1.0 request without Host: a path-only Location (no empty host), and a
+    // redirect that must write a host of its own still answers with its own host.
+    for (request, location) in [
+        ("GET /old/a?x=1 HTTP/1.0\r\n\r\n", "location: /new/a?x=1\r\n"),
+        (
+            "GET /admin HTTP/1.0\r\n\r\n",
+            "location: https://admin.example.com/admin\r\n",
+        ),
+    ] {
+        let answer = raw_exchange(proxy.port, request).await;
+        assert!(answer.contains(location), "{request:?}: {answer}");
+    }
     assert_eq!(web.requests(), 0, "nothing went upstream");
     let forwarded = no_redirects.get(proxy.url("/page")).send().await.unwrap();
     assert_eq!(forwarded.status(), 200);
     assert_eq!(web.requests(), 1);
+}
+
+/// Sends `request` as written and reads the answer until the proxy closes (HTTP/1.0).
+async fn raw_exchange(port: u16, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes after an HTTP/1.0 answer")
+        .unwrap();
+    String::from_utf8_lossy(&answer).to_lowercase()
 }
 
 #[test]
@@ -207,6 +234,12 @@ routes:
     retries: { max: 1 }
   - match: { path_prefix: /d }
     direct_response: { status: 99 }
+  - match: { path_prefix: /q }
+    service: web
+    prefix_rewrite: "/new?x=1"
+  - match: { path_prefix: /s }
+    service: web
+    regex_rewrite: { pattern: "^/s/(.*)", substitution: "/t/\\1 x" }
 "#,
     )
     .unwrap();
@@ -221,6 +254,8 @@ routes:
         "routes[1].redirect.path_redirect: must start with '/'",
         "routes[1].retries: applies to forwarded requests",
         "routes[2].direct_response.status: 99 is not 200–599",
+        "routes[3].prefix_rewrite: '?' cannot appear in a path",
+        "routes[4].regex_rewrite.substitution: ' ' cannot appear in a path",
     ] {
         assert!(
             stderr.contains(expected),

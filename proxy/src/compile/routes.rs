@@ -605,6 +605,9 @@ pub(super) fn prefix_rewrite(replacement: &str, path: &PathMatch) -> Result<Path
         PathMatch::Prefix(prefix) | PathMatch::Exact(prefix) => prefix.clone(),
         PathMatch::Regex(_) => return Err("needs a prefix or path match, not a regex".into()),
     };
+    if let Some(problem) = nip_xds::config::path_text_problem(replacement) {
+        return Err(problem);
+    }
     Ok(PathRewrite::Prefix {
         matched,
         replacement: replacement.to_string(),
@@ -624,6 +627,9 @@ pub(super) fn regex_rewrite(
                 .join(" ")
         )
     })?;
+    if let Some(problem) = nip_xds::config::substitution_problem(&rewrite.substitution) {
+        return Err(format!("substitution: {problem}"));
+    }
     Ok(PathRewrite::Regex {
         pattern: regex,
         substitution: crate::route::actions::envoy_substitution(&rewrite.substitution),
@@ -655,8 +661,8 @@ pub(super) fn redirect_action(
     let path = match &redirect.path_rewrite_specifier {
         None => None,
         Some(PathRewriteSpecifier::PathRedirect(to)) => {
-            if !to.starts_with('/') {
-                return Err(format!("path_redirect: {to:?} must start with /"));
+            if let Some(problem) = nip_xds::config::redirect_path_problem(to) {
+                return Err(format!("path_redirect: {to:?}: {problem}"));
             }
             Some(RedirectPath::Replace(to.clone()))
         }

@@ -786,3 +786,46 @@ fn retry_policies_carry_statuses_and_back_off_and_refuse_nonsense_by_field() {
     })
     .contains("max_interval must be at least base_interval"));
 }
+
+#[test]
+fn rewrites_and_redirects_that_would_write_no_valid_path_are_refused_by_field() {
+    use super::routes::{path_rewrite, redirect_action};
+    use crate::route::PathMatch;
+    use envoy_types::pb::envoy::config::route::v3::{redirect_action, RedirectAction, RouteAction};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
+    let prefix = PathMatch::Prefix("/old".into());
+    let with_prefix = |to: &str| RouteAction {
+        prefix_rewrite: to.into(),
+        ..Default::default()
+    };
+    assert!(path_rewrite(&with_prefix("/new/"), &prefix).is_ok());
+    assert_eq!(
+        path_rewrite(&with_prefix("/new?x"), &prefix).unwrap_err(),
+        "route.prefix_rewrite: '?' cannot appear in a path"
+    );
+    let with_regex = |substitution: &str| RouteAction {
+        regex_rewrite: Some(RegexMatchAndSubstitute {
+            pattern: Some(RegexMatcher {
+                regex: "^/old/(.*)$".into(),
+                ..Default::default()
+            }),
+            substitution: substitution.into(),
+        }),
+        ..Default::default()
+    };
+    assert!(path_rewrite(&with_regex("/new/\\1"), &prefix).is_ok());
+    assert_eq!(
+        path_rewrite(&with_regex("/new/\\1#top"), &prefix).unwrap_err(),
+        "route.regex_rewrite: substitution: '#' cannot appear in a path"
+    );
+    let redirect = |to: &str| RedirectAction {
+        path_rewrite_specifier: Some(redirect_action::PathRewriteSpecifier::PathRedirect(
+            to.into(),
+        )),
+        ..Default::default()
+    };
+    assert!(redirect_action(&redirect("/landing?from=old"), &prefix).is_ok());
+    assert!(redirect_action(&redirect("/land ing"), &prefix)
+        .unwrap_err()
+        .starts_with("path_redirect: \"/land ing\": ' ' cannot appear"));
+}

@@ -90,24 +90,28 @@ pub(super) fn with_vars<T>(
 }
 
 /// Rewrites the forwarded request's path (the query is kept).
-pub(super) fn rewrite_path(rewrite: &PathRewrite, request: &mut RequestHeader) {
+pub(super) fn rewrite_path(
+    rewrite: &PathRewrite,
+    request: &mut RequestHeader,
+) -> Result<(), InvalidRewrite> {
     let path = rewrite.apply(request.uri.path());
     let target = match request.uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path,
     };
     let mut parts = request.uri.clone().into_parts();
-    match target.parse() {
-        Ok(path_and_query) => parts.path_and_query = Some(path_and_query),
-        Err(_) => {
-            tracing::debug!("rewritten path {target:?} is not a valid request target; kept");
-            return;
-        }
-    }
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        request.set_uri(uri);
-    }
+    parts.path_and_query = Some(target.parse().map_err(|_| InvalidRewrite(target))?);
+    let uri = http::Uri::from_parts(parts).map_err(|e| InvalidRewrite(e.to_string()))?;
+    request.set_uri(uri);
+    Ok(())
 }
+
+/// A rewritten path that is no request target. The compiler refuses replacements with
+/// characters a path cannot hold, so only a regex that captures across the path's
+/// structure could produce one; the request is answered 500 rather than forwarded
+/// unchanged to a path the route did not mean.
+#[derive(Debug)]
+pub(super) struct InvalidRewrite(pub String);
 
 /// Rewrites the forwarded `Host`: to a literal, or to the endpoint's host name.
 pub(super) fn rewrite_host(

@@ -157,6 +157,13 @@ pub(super) fn local_action_answer(
                 path: request.uri.path(),
                 query: request.uri.query(),
             });
+            let Some(location) = location else {
+                return (
+                    400,
+                    vec![("content-type".to_string(), "text/plain".to_string())],
+                    Bytes::from_static(b"the redirect needs the request's Host\n"),
+                );
+            };
             (
                 redirect.status,
                 vec![("location".to_string(), location)],

@@ -496,7 +496,14 @@ impl ProxyHttp for Gateway {
         if let Some(route) = &ctx.route {
             let route_edits = &route.edits;
             if let Some(rewrite) = &route_edits.path {
-                edits::rewrite_path(rewrite, upstream_request);
+                if let Err(edits::InvalidRewrite(target)) =
+                    edits::rewrite_path(rewrite, upstream_request)
+                {
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(500),
+                        format!("the route's rewrite made {target:?}, which is no request target"),
+                    ));
+                }
             }
             if let Some(rewrite) = &route_edits.host {
                 // The try's endpoint, for `auto_host_rewrite` (found only for such routes).

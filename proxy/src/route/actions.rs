@@ -122,11 +122,17 @@ pub struct RequestTarget<'a> {
 }
 
 impl Redirect {
-    /// The `Location` of the redirect for `request`.
-    pub fn location(&self, request: RequestTarget<'_>) -> String {
+    /// The `Location` of the redirect for `request`: absolute, or only the path and query
+    /// when the request named no host (HTTP/1.0) and the redirect changes neither host,
+    /// scheme nor port. `None` when it would need a host that neither gives.
+    pub fn location(&self, request: RequestTarget<'_>) -> Option<String> {
         let scheme = self.scheme.as_deref().unwrap_or(request.scheme);
         let (request_host, request_port) = split_authority(request.authority);
         let host = self.host.as_deref().unwrap_or(request_host);
+        let relative = host.is_empty();
+        if relative && (self.port != 0 || scheme != request.scheme) {
+            return None;
+        }
         // A port is kept only when it is not the scheme's default (and Envoy drops the old
         // port on a scheme change).
         let port = if self.port != 0 {
@@ -151,16 +157,19 @@ impl Redirect {
         if self.strip_query {
             query = None;
         }
-        let mut location = format!("{scheme}://{host}");
-        if let Some(port) = port {
-            location.push_str(&format!(":{port}"));
+        let mut location = String::new();
+        if !relative {
+            location = format!("{scheme}://{host}");
+            if let Some(port) = port {
+                location.push_str(&format!(":{port}"));
+            }
         }
         location.push_str(&path);
         if let Some(query) = query.filter(|q| !q.is_empty()) {
             location.push('?');
             location.push_str(&query);
         }
-        location
+        Some(location)
     }
 }
 
@@ -239,8 +248,10 @@ mod tests {
             strip_query: false,
         };
         assert_eq!(
-            https.location(target("http", "shop.example:80", "/cart", Some("a=1"))),
-            "https://shop.example/cart?a=1"
+            https
+                .location(target("http", "shop.example:80", "/cart", Some("a=1")))
+                .as_deref(),
+            Some("https://shop.example/cart?a=1")
         );
         let moved = Redirect {
             scheme: None,
@@ -251,8 +262,10 @@ mod tests {
             strip_query: false,
         };
         assert_eq!(
-            moved.location(target("https", "old.example", "/x", Some("q=2"))),
-            "https://new.example:8443/landing?from=old"
+            moved
+                .location(target("https", "old.example", "/x", Some("q=2")))
+                .as_deref(),
+            Some("https://new.example:8443/landing?from=old")
         );
         let stripped = Redirect {
             scheme: None,
@@ -266,8 +279,23 @@ mod tests {
             strip_query: true,
         };
         assert_eq!(
-            stripped.location(target("http", "a.example:8080", "/old/page", Some("z=1"))),
-            "http://a.example:8080/new/page"
+            stripped
+                .location(target("http", "a.example:8080", "/old/page", Some("z=1")))
+                .as_deref(),
+            Some("http://a.example:8080/new/page")
+        );
+        // HTTP/1.0 without a Host: a path-only Location when nothing else changes, none
+        // when the redirect needs a host to write (a scheme or port change).
+        assert_eq!(
+            stripped
+                .location(target("http", "", "/old/page", None))
+                .as_deref(),
+            Some("/new/page")
+        );
+        assert_eq!(https.location(target("http", "", "/cart", None)), None);
+        assert_eq!(
+            moved.location(target("https", "", "/x", None)).as_deref(),
+            Some("https://new.example:8443/landing?from=old")
         );
     }
 }

@@ -9,6 +9,7 @@
 mod bounds;
 mod duration;
 mod model;
+mod path_text;
 mod validate;
 
 pub use bounds::{
@@ -16,6 +17,7 @@ pub use bounds::{
 };
 pub use duration::HumanDuration;
 pub use model::*;
+pub use path_text::{path_text_problem, redirect_path_problem, substitution_problem};
 pub use validate::{
     check_host_pattern, parse_endpoint_address, parse_listen_address, parse_rate, route_name,
     APPEND_ACTIONS, HEADER_VARIABLES, MAX_DIRECT_RESPONSE_BODY, MAX_RETRIES, RETRY_CONDITIONS,

@@ -2,8 +2,9 @@
 //! path it is about; all problems are collected so a user fixes them in one go.
 
 use super::{
-    ByteSize, Config, FieldError, HeaderMatchConfig, HumanDuration, LbPolicy, PluginLimitsConfig,
-    PluginSource, RouteConfig, ServiceConfig,
+    path_text_problem, redirect_path_problem, substitution_problem, ByteSize, Config, FieldError,
+    HeaderMatchConfig, HumanDuration, LbPolicy, PluginLimitsConfig, PluginSource, RouteConfig,
+    ServiceConfig,
 };
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -790,6 +791,9 @@ fn validate_route_edits(path: &str, route: &RouteConfig, errors: &mut Errors) {
             "needs `match.path_prefix` or `match.path` (the part it swaps)",
         );
     }
+    if let Some(problem) = route.prefix_rewrite.as_deref().and_then(path_text_problem) {
+        errors.add(format!("{path}.prefix_rewrite"), problem);
+    }
     if let Some(rewrite) = &route.regex_rewrite {
         validate_regex_rewrite(&format!("{path}.regex_rewrite"), rewrite, errors);
     }
@@ -884,18 +888,25 @@ fn validate_route_edits(path: &str, route: &RouteConfig, errors: &mut Errors) {
                 "set at most one of path_redirect, prefix_rewrite and regex_rewrite",
             );
         }
-        if redirect
+        if let Some(problem) = redirect
             .path_redirect
             .as_deref()
-            .is_some_and(|p| !p.starts_with('/'))
+            .and_then(redirect_path_problem)
         {
-            errors.add(format!("{at}.path_redirect"), "must start with '/'");
+            errors.add(format!("{at}.path_redirect"), problem);
         }
         if redirect.prefix_rewrite.is_some() && !prefix_matched {
             errors.add(
                 format!("{at}.prefix_rewrite"),
                 "needs `match.path_prefix` or `match.path` (the part it swaps)",
             );
+        }
+        if let Some(problem) = redirect
+            .prefix_rewrite
+            .as_deref()
+            .and_then(path_text_problem)
+        {
+            errors.add(format!("{at}.prefix_rewrite"), problem);
         }
         if let Some(rewrite) = &redirect.regex_rewrite {
             validate_regex_rewrite(&format!("{at}.regex_rewrite"), rewrite, errors);
@@ -939,6 +950,9 @@ fn validate_regex_rewrite(path: &str, rewrite: &super::RegexRewriteConfig, error
             format!("{path}.pattern"),
             format!("invalid regex: {}", one_line(&e.to_string())),
         );
+    }
+    if let Some(problem) = substitution_problem(&rewrite.substitution) {
+        errors.add(format!("{path}.substitution"), problem);
     }
 }
 
