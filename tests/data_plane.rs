@@ -4,9 +4,6 @@
 mod common;
 
 use common::*;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
@@ -17,194 +14,52 @@ async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
         .expect("request reaches the proxy")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn routes_by_host_path_header_and_method() {
-    let names = ["host", "exact", "header", "method", "regex", "fallback"];
-    let mut backends = HashMap::new();
-    for name in names {
-        backends.insert(name, Backend::start(name).await);
-    }
-    let services: String = names
-        .iter()
-        .map(|n| format!("  {n}: {{ endpoints: [\"{}\"] }}\n", backends[n].address))
-        .collect();
-    let proxy = Proxy::start(&format!(
-        r#"
-admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
-services:
-{services}
-routes:
-  - name: by-host
-    match: {{ host: "*.example.com" }}
-    service: host
-  - name: by-exact-path
-    match: {{ path: /exact }}
-    service: exact
-  - name: by-header
-    match: {{ headers: [{{ name: x-canary, exact: "yes" }}] }}
-    service: header
-  - name: by-method
-    match: {{ path_prefix: /items, methods: [POST, PUT] }}
-    service: method
-  - name: by-regex
-    match: {{ path_regex: "/v[0-9]+/users/[0-9]+" }}
-    service: regex
-  - name: fallback
-    match: {{ path_prefix: / }}
-    service: fallback
-"#
-    ))
-    .await;
-    let client = client();
-    let backend_of = |r: &reqwest::Response| {
-        r.headers()
-            .get("x-backend")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default()
-    };
-    let cases: Vec<(reqwest::RequestBuilder, &str)> = vec![
-        (
-            client
-                .get(proxy.url("/exact"))
-                .header("host", "api.example.com"),
-            "host",
-        ),
-        (client.get(proxy.url("/exact")), "exact"),
-        (client.get(proxy.url("/exact/more")), "fallback"),
-        (
-            client.get(proxy.url("/x")).header("x-canary", "yes"),
-            "header",
-        ),
-        (
-            client.get(proxy.url("/x")).header("x-canary", "no"),
-            "fallback",
-        ),
-        (client.post(proxy.url("/items/1")), "method"),
-        (client.get(proxy.url("/items/1")), "fallback"),
-        (client.get(proxy.url("/v2/users/42?expand=1")), "regex"),
-        (client.get(proxy.url("/v2/users/42/posts")), "fallback"),
-        (
-            client.get(proxy.url("/")).header("host", "example.com"),
-            "fallback",
-        ),
-    ];
-    for (i, (request, expected)) in cases.into_iter().enumerate() {
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200, "case {i}");
-        assert_eq!(backend_of(&response), expected, "case {i}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn weighted_split_follows_weights_over_2000_requests() {
-    let stable = Backend::start("stable").await;
-    let canary = Backend::start("canary").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
-services:
-  stable: {{ endpoints: ["{}"] }}
-  canary: {{ endpoints: ["{}"] }}
-routes:
-  - name: split
-    split:
-      - {{ service: stable, weight: 80 }}
-      - {{ service: canary, weight: 20 }}
-"#,
-        stable.address, canary.address
-    ))
-    .await;
-    let client = client();
-    let url = proxy.url("/");
-    let failures = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let (client, url, failures) = (client.clone(), url.clone(), Arc::clone(&failures));
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..100 {
-                if get(&client, &url).await.status() != 200 {
-                    failures.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(failures.load(Ordering::SeqCst), 0);
-    let total = (stable.requests() + canary.requests()) as f64;
-    assert_eq!(total, 2000.0);
-    let canary_share = canary.requests() as f64 / total;
-    assert!(
-        (canary_share - 0.20).abs() <= 0.05,
-        "canary share {canary_share:.3} is not 0.20 ± 0.05"
+/// The retries example with its catalog service on `first` and `second`, with or without
+/// the catalog route's retries.
+fn catalog(first: std::net::SocketAddr, second: std::net::SocketAddr, retries: bool) -> String {
+    let yaml = example(
+        "retries",
+        &[
+            ("127.0.0.1:8084", first),
+            ("127.0.0.1:8085", second),
+            ("127.0.0.1:8081", dead_address()),
+            ("127.0.0.1:8082", dead_address()),
+            ("127.0.0.1:8083", dead_address()),
+        ],
     );
-    proxy
-        .wait_for_sample(
-            "nip_requests_total",
-            &[("route", "split"), ("cluster", "canary")],
-            canary.requests() as f64,
-        )
-        .await;
-}
-
-fn retry_config(live: &Backend, dead: std::net::SocketAddr, retries: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
-services:
-  flaky:
-    endpoints: ["{dead}", "{}"]
-    connect_timeout: 1s
-routes:
-  - name: r
-    service: flaky
-{retries}
-"#,
-        live.address
-    )
+    let with = "    retries: { on: [connect-failure, 5xx], max: 2 }\n";
+    assert!(yaml.contains(with));
+    if retries {
+        yaml
+    } else {
+        yaml.replace(with, "")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_on_connect_failure_hide_a_dead_endpoint() {
     let live = Backend::start("live").await;
     let dead = dead_address();
-    let proxy = Proxy::start(&retry_config(
-        &live,
-        dead,
-        "    retries: { on: [connect-failure], max: 2 }",
-    ))
-    .await;
+    let proxy = Proxy::start(&catalog(dead, live.address, true)).await;
     let client = client();
     for i in 0..200 {
-        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        let response = get(&client, &proxy.url(&format!("/catalog/{i}"))).await;
         assert_eq!(response.status(), 200, "request {i}");
     }
     assert_eq!(live.requests(), 200);
     let metrics = proxy.metrics().await;
-    assert!(
-        sample(
-            &metrics,
-            "nip_upstream_rq_retry_total",
-            &[("cluster", "flaky")]
-        ) >= 50.0
-    );
-    assert!(
-        sample(
-            &metrics,
-            "nip_upstream_cx_connect_fail_total",
-            &[("cluster", "flaky")]
-        ) >= 50.0
-    );
+    for counter in [
+        "nip_upstream_rq_retry_total",
+        "nip_upstream_cx_connect_fail_total",
+    ] {
+        assert!(sample(&metrics, counter, &[("cluster", "catalog")]) >= 50.0);
+    }
 
     // Without retries the same dead endpoint shows up as 503 UF: the retry is what saved us.
-    let proxy = Proxy::start(&retry_config(&live, dead, "")).await;
+    let proxy = Proxy::start(&catalog(dead, live.address, false)).await;
     let mut unavailable = 0;
     for i in 0..20 {
-        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        let response = get(&client, &proxy.url(&format!("/catalog/{i}"))).await;
         if response.status() == 503 {
             assert_eq!(response.headers()["x-nip-response-flags"], "UF");
             unavailable += 1;
@@ -221,23 +76,10 @@ async fn retries_on_5xx_go_to_another_endpoint() {
     let broken = Backend::start("broken").await;
     broken.set_status(503);
     let good = Backend::start("good").await;
-    let proxy = Proxy::start(&format!(
-        r#"
-admin: {{ address: "127.0.0.1:{{admin}}" }}
-api_gateway: {{ address: "127.0.0.1:{{port}}" }}
-services:
-  svc: {{ endpoints: ["{}", "{}"] }}
-routes:
-  - name: r
-    service: svc
-    retries: {{ on: [5xx], max: 1 }}
-"#,
-        broken.address, good.address
-    ))
-    .await;
+    let proxy = Proxy::start(&catalog(broken.address, good.address, true)).await;
     let client = client();
     for i in 0..40 {
-        let response = get(&client, &proxy.url(&format!("/{i}"))).await;
+        let response = get(&client, &proxy.url(&format!("/catalog/{i}"))).await;
         assert_eq!(response.status(), 200, "request {i}");
         assert_eq!(response.headers()["x-backend"], "good");
     }
@@ -249,14 +91,14 @@ routes:
         sample(
             &metrics,
             "nip_upstream_rq_retry_total",
-            &[("cluster", "svc")]
+            &[("cluster", "catalog")]
         ) >= 39.0
     );
     assert_eq!(
         sample(
             &metrics,
             "nip_requests_total",
-            &[("route", "r"), ("status_class", "5xx")]
+            &[("route", "catalog"), ("status_class", "5xx")]
         ),
         0.0
     );

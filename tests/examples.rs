@@ -67,34 +67,113 @@ async fn routing_picks_the_most_specific_host_then_the_first_matching_route() {
     ))
     .await;
     let http = client();
-    let send = |method: reqwest::Method, host: &str, path: &str, admin_token: bool| {
+    use reqwest::Method;
+    // (method, host, path, x-admin-token?, the backend that answers, why)
+    let cases = [
+        (
+            Method::POST,
+            "api.example.com",
+            "/v1/orders",
+            false,
+            "api",
+            "a write",
+        ),
+        (
+            Method::PUT,
+            "api.example.com",
+            "/v1/x",
+            false,
+            "api",
+            "a write",
+        ),
+        (
+            Method::GET,
+            "api.example.com",
+            "/v1/orders",
+            false,
+            "web",
+            "GET is no write",
+        ),
+        (
+            Method::POST,
+            "api.example.com",
+            "/v2/orders",
+            false,
+            "web",
+            "not under /v1/",
+        ),
+        (
+            Method::GET,
+            "shop.test",
+            "/anything",
+            true,
+            "admin",
+            "the header",
+        ),
+        (
+            Method::GET,
+            "shop.test",
+            "/admin",
+            false,
+            "admin",
+            "exactly /admin",
+        ),
+        (
+            Method::GET,
+            "shop.test",
+            "/admin/x",
+            false,
+            "web",
+            "not exactly /admin",
+        ),
+        (
+            Method::GET,
+            "eu.example.com",
+            "/v3/items",
+            false,
+            "api",
+            "versioned",
+        ),
+        (
+            Method::GET,
+            "eu.example.com",
+            "/x/v3/items",
+            false,
+            "web",
+            "the whole path",
+        ),
+        (
+            Method::GET,
+            "example.org",
+            "/v3/items",
+            false,
+            "web",
+            "another domain",
+        ),
+        (
+            Method::GET,
+            "example.com",
+            "/v3/items",
+            false,
+            "web",
+            "* needs a subdomain",
+        ),
+    ];
+    for (method, host, path, admin_token, expected, why) in cases {
         let mut request = http
-            .request(method, proxy.url(path))
-            .header("host", host.to_string());
+            .request(method.clone(), proxy.url(path))
+            .header("host", host);
         if admin_token {
             request = request.header("x-admin-token", "t");
         }
-        request.send()
-    };
-    let post = send(
-        reqwest::Method::POST,
-        "api.example.com",
-        "/v1/orders",
-        false,
-    );
-    assert_eq!(backend_of(post.await.unwrap()).await, "api");
-    let get = send(reqwest::Method::GET, "api.example.com", "/v1/orders", false);
-    assert_eq!(
-        backend_of(get.await.unwrap()).await,
-        "web",
-        "GET is not a write"
-    );
-    let token = send(reqwest::Method::GET, "shop.test", "/anything", true);
-    assert_eq!(backend_of(token.await.unwrap()).await, "admin");
-    let versioned = send(reqwest::Method::GET, "eu.example.com", "/v3/items", false);
-    assert_eq!(backend_of(versioned.await.unwrap()).await, "api");
-    let other = send(reqwest::Method::GET, "example.org", "/v3/items", false);
-    assert_eq!(backend_of(other.await.unwrap()).await, "web");
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{method} {host}{path}");
+        assert_eq!(
+            backend_of(response).await,
+            expected,
+            "{method} {host}{path}: {why}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,16 +188,41 @@ async fn a_canary_takes_its_share_and_testers_always_reach_it() {
         ],
     ))
     .await;
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for _ in 0..400 {
-        let response = client().get(proxy.url("/cart")).send().await.unwrap();
-        *counts.entry(backend_of(response).await).or_default() += 1;
+    // 2,000 requests from 20 clients at once.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let url = proxy.url("/cart");
+        clients.push(tokio::spawn(async move {
+            let http = client();
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for _ in 0..100 {
+                let response = http.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                *counts.entry(backend_of(response).await).or_default() += 1;
+            }
+            counts
+        }));
     }
-    let canary = counts.get("shop-v2").copied().unwrap_or(0);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for each in clients {
+        for (backend, n) in each.await.unwrap() {
+            *counts.entry(backend).or_default() += n;
+        }
+    }
+    assert_eq!(counts.values().sum::<usize>(), 2000);
+    let canary_share = counts.get("shop-v2").copied().unwrap_or(0) as f64 / 2000.0;
     assert!(
-        (15..=70).contains(&canary),
-        "10 % of 400 ± noise: {counts:?}"
+        (canary_share - 0.10).abs() <= 0.04,
+        "canary share {canary_share:.3} is not 0.10 ± 0.04: {counts:?}"
     );
+    proxy
+        .wait_for_sample(
+            "nip_requests_total",
+            &[("route", "shop"), ("cluster", "shop-v2")],
+            v2.requests() as f64,
+        )
+        .await;
+    // Testers reach the canary every time; another value of the header is no tester.
     for _ in 0..20 {
         let response = client()
             .get(proxy.url("/cart"))
@@ -128,6 +232,17 @@ async fn a_canary_takes_its_share_and_testers_always_reach_it() {
             .unwrap();
         assert_eq!(backend_of(response).await, "shop-v2");
     }
+    let before = v1.requests();
+    for _ in 0..20 {
+        let response = client()
+            .get(proxy.url("/cart"))
+            .header("x-canary", "0")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert!(v1.requests() > before, "x-canary: 0 takes the split");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,7 +185,10 @@ async fn redirects_and_direct_responses_are_answered_without_an_upstream() {
     // An HTTP/1.0 request without Host: a path-only Location (no empty host), and a
     // redirect that must write a host of its own still answers with its own host.
     for (request, location) in [
-        ("GET /old/a?x=1 HTTP/1.0\r\n\r\n", "location: /new/a?x=1\r\n"),
+        (
+            "GET /old/a?x=1 HTTP/1.0\r\n\r\n",
+            "location: /new/a?x=1\r\n",
+        ),
         (
             "GET /admin HTTP/1.0\r\n\r\n",
             "location: https://admin.example.com/admin\r\n",
