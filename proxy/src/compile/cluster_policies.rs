@@ -271,6 +271,16 @@ pub(super) fn legacy_lb_policy(xds: &XdsCluster) -> Result<LbPolicy, String> {
 pub(super) fn upstream_http2(xds: &XdsCluster) -> Result<bool, String> {
     #[allow(deprecated)]
     let mut http2 = xds.http2_protocol_options.is_some();
+    if let Some(other) = xds
+        .typed_extension_protocol_options
+        .keys()
+        .find(|key| *key != names::HTTP_PROTOCOL_OPTIONS)
+    {
+        return Err(format!(
+            "typed_extension_protocol_options[{other:?}]: only {} is supported",
+            names::HTTP_PROTOCOL_OPTIONS
+        ));
+    }
     if let Some(any) = xds
         .typed_extension_protocol_options
         .get(names::HTTP_PROTOCOL_OPTIONS)

@@ -7,7 +7,9 @@
 //! is not in its list is refused by its path (`virtual_hosts[0].routes[2].route.cors`),
 //! which the compiler turns into a NACK. Types not in the table (durations, structs,
 //! matchers whose every form the compiler decodes or refuses itself) are taken whole;
-//! `Any` fields are opened when their type is known.
+//! `Any` fields are opened when their type is known. `Metadata` is taken whole on purpose:
+//! as in Envoy it is data for whoever reads its namespace, and a namespace nobody reads
+//! changes nothing.
 
 use prost::{Message, Name};
 
@@ -80,6 +82,21 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     (
         "envoy.extensions.wasm.v3.VmConfig",
         &["vm_id", "runtime", "code", "configuration"],
+    ),
+    (
+        "envoy.config.core.v3.SubstitutionFormatString",
+        &["text_format", "json_format", "text_format_source"],
+    ),
+    // Which source a consumer accepts (a file for certificates and modules, inline text for
+    // bodies and formats) is the consumer's to check.
+    (
+        "envoy.config.core.v3.DataSource",
+        &[
+            "filename",
+            "inline_bytes",
+            "inline_string",
+            "environment_variable",
+        ],
     ),
     (
         "envoy.config.accesslog.v3.AccessLog",
@@ -264,6 +281,18 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "metadata",
         ],
     ),
+    // The upstream protocol (`typed_extension_protocol_options`): HTTP/1 or HTTP/2 chosen
+    // explicitly, with no protocol settings of either.
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        &["explicit_http_config"],
+    ),
+    (
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+    ),
+    ("envoy.config.core.v3.Http1ProtocolOptions", &[]),
+    ("envoy.config.core.v3.Http2ProtocolOptions", &[]),
     (
         "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
         &["eds_config", "service_name"],
@@ -562,6 +591,92 @@ mod tests {
         assert_eq!(
             first_unimplemented(&treat_missing).as_deref(),
             Some("virtual_hosts[0].routes[0].match.headers[0].treat_missing_header_as_empty")
+        );
+    }
+
+    #[test]
+    fn formats_data_sources_and_upstream_protocol_settings_are_walked_field_by_field() {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::envoy::config::core::v3::{
+            data_source, DataSource, Http2ProtocolOptions, SubstitutionFormatString,
+        };
+        use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
+            stdout_access_log, StdoutAccessLog,
+        };
+        use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+            http_protocol_options, HttpProtocolOptions,
+        };
+        use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+        let log = |format: SubstitutionFormatString| StdoutAccessLog {
+            access_log_format: Some(stdout_access_log::AccessLogFormat::LogFormat(format)),
+        };
+        let text = SubstitutionFormatString {
+            format: Some(
+                envoy_types::pb::envoy::config::core::v3::substitution_format_string::Format::TextFormatSource(
+                    DataSource {
+                        specifier: Some(data_source::Specifier::InlineString("x".into())),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        assert_eq!(first_unimplemented(&log(text.clone())), None);
+        let omit = SubstitutionFormatString {
+            omit_empty_values: true,
+            ..text.clone()
+        };
+        assert_eq!(
+            first_unimplemented(&log(omit)).as_deref(),
+            Some("log_format.omit_empty_values")
+        );
+
+        let cluster = |config: http_protocol_options::explicit_http_config::ProtocolConfig| {
+            let options = HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(config),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            };
+            Cluster {
+                name: "c".into(),
+                typed_extension_protocol_options: [(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                    Any {
+                        type_url: format!(
+                            "type.googleapis.com/{}",
+                            HttpProtocolOptions::full_name()
+                        ),
+                        value: options.encode_to_vec(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            }
+        };
+        use http_protocol_options::explicit_http_config::ProtocolConfig;
+        assert_eq!(
+            first_unimplemented(&cluster(ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions::default()
+            ))),
+            None
+        );
+        assert_eq!(
+            first_unimplemented(&cluster(ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions {
+                    max_concurrent_streams: Some(UInt32Value { value: 10 }),
+                    ..Default::default()
+                }
+            )))
+            .as_deref(),
+            Some(
+                "typed_extension_protocol_options[\"envoy.extensions.upstreams.http.v3.HttpProtocolOptions\"]\
+                 .explicit_http_config.http2_protocol_options.max_concurrent_streams"
+            )
         );
     }
 }

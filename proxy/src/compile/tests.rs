@@ -829,3 +829,71 @@ fn rewrites_and_redirects_that_would_write_no_valid_path_are_refused_by_field() 
         .unwrap_err()
         .starts_with("path_redirect: \"/land ing\": ' ' cannot appear"));
 }
+
+#[test]
+fn access_log_formats_other_than_the_two_nip_writes_are_refused() {
+    use super::listeners::log_format;
+    use envoy_types::pb::envoy::config::core::v3::{
+        substitution_format_string::Format, SubstitutionFormatString,
+    };
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use nip_xds::translate::{ENVOY_DEFAULT_TEXT_FORMAT, JSON_ACCESS_LOG_FIELDS};
+    let format = |format: Format| SubstitutionFormatString {
+        format: Some(format),
+        ..Default::default()
+    };
+    let json = |fields: &[(&str, &str)]| {
+        Format::JsonFormat(Struct {
+            fields: fields
+                .iter()
+                .map(|(key, command)| {
+                    let value = Value {
+                        kind: Some(Kind::StringValue(command.to_string())),
+                    };
+                    (key.to_string(), value)
+                })
+                .collect(),
+        })
+    };
+    assert_eq!(
+        log_format(&SubstitutionFormatString::default()),
+        Ok(LogFormat::Text)
+    );
+    #[allow(deprecated)]
+    let text = |t: &str| Format::TextFormat(t.into());
+    assert_eq!(
+        log_format(&format(text(ENVOY_DEFAULT_TEXT_FORMAT))),
+        Ok(LogFormat::Text)
+    );
+    assert_eq!(
+        log_format(&format(json(JSON_ACCESS_LOG_FIELDS))),
+        Ok(LogFormat::Json)
+    );
+    assert!(log_format(&format(text("%RESPONSE_CODE%\n")))
+        .unwrap_err()
+        .contains("custom command strings are not supported"));
+    assert!(
+        log_format(&format(json(&[("status", "%RESPONSE_CODE%")])))
+            .unwrap_err()
+            .starts_with("log_format.json_format:")
+    );
+}
+
+#[test]
+fn protocol_options_of_other_extensions_are_refused_by_key() {
+    use super::cluster_policies::upstream_http2;
+    let cluster = XdsCluster {
+        name: "c".into(),
+        typed_extension_protocol_options: [(
+            "envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions".to_string(),
+            Any::default(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        upstream_http2(&cluster).unwrap_err(),
+        "typed_extension_protocol_options[\"envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions\"]: \
+         only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported"
+    );
+}
