@@ -10,7 +10,7 @@
 //! * `nip-access-log`: writes access log lines when enabled.
 
 use crate::admin::{self, AdminState, ProxyStatus};
-use crate::compile::{Builder, CompileError, Snapshot};
+use crate::compile::{CompileError, Compiler, Snapshot};
 use crate::config_source::ads::XdsFeed;
 use crate::config_source::{ConfigSource, Fingerprint};
 use crate::downstream::admission::Admission;
@@ -110,16 +110,15 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     for note in &translation.not_applied {
         tracing::warn!("{note}");
     }
-    let compiler = Builder {
+    let compiler = Compiler {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
-        plugins: &plugins,
     };
     let ads_target = nip_xds::translate::ads_target(&translation.bootstrap);
     let (snapshot, feed) = match &ads_target {
         None => (
-            compiler.build(&translation.bootstrap, &translation.resources)?,
+            compiler.build(&plugins, &translation.bootstrap, &translation.resources)?,
             None,
         ),
         Some(target) => {
@@ -433,14 +432,13 @@ impl Control {
                 {
                     return Ok(None);
                 }
-                let compiler = Builder {
+                let compiler = Compiler {
                     registry: &registry,
                     metrics: &metrics,
                     previous_access_log: previous.access_log.clone(),
-                    plugins: &plugins,
                 };
                 compiler
-                    .build(&t.bootstrap, &t.resources)
+                    .build(&plugins, &t.bootstrap, &t.resources)
                     .map(Some)
                     .map_err(|e| e.to_string())
             })

@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use nip_proxy::compile::Builder;
+use nip_proxy::compile::Compiler;
 use nip_proxy::plugins::PluginLoader;
 use nip_proxy::telemetry::metrics::Metrics;
 use nip_proxy::upstream::registry::EndpointRegistry;
@@ -112,13 +112,12 @@ pub fn xds_response(data: &[u8]) {
         return;
     }
     resources.version = resources.content_version();
-    let compiler = Builder {
+    let compiler = Compiler {
         registry: &context.registry,
         metrics: &context.metrics,
         previous_access_log: None,
-        plugins: &context.plugins,
     };
-    if let Err(e) = compiler.build(&context.baseline.bootstrap, &resources) {
+    if let Err(e) = compiler.build(&context.plugins, &context.baseline.bootstrap, &resources) {
         assert!(!e.to_string().is_empty(), "a NACK says why");
     }
 }

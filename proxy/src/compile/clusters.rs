@@ -12,6 +12,7 @@ impl Compiler<'_> {
         &self,
         xds: &XdsCluster,
         assignments: &[ClusterLoadAssignment],
+        prepared: &Prepared,
     ) -> Result<Cluster, CompileError> {
         let name = xds.name.as_str();
         let fail = |m: String| err("Cluster", name, m);
@@ -67,7 +68,7 @@ impl Compiler<'_> {
         };
         let http2 = upstream_http2(xds).map_err(fail)?;
         let endpoints = match assignment {
-            Some(cla) => self.endpoints(name, cla)?,
+            Some(cla) => self.endpoints(name, cla, prepared)?,
             None => Vec::new(),
         };
         let outlier = xds
@@ -116,6 +117,7 @@ impl Compiler<'_> {
         &self,
         cluster: &str,
         cla: &ClusterLoadAssignment,
+        prepared: &Prepared,
     ) -> Result<Vec<Endpoint>, CompileError> {
         let mut endpoints = Vec::new();
         for (li, locality_endpoints) in cla.endpoints.iter().enumerate() {
@@ -155,7 +157,7 @@ impl Compiler<'_> {
                     ("", _) => None,
                     (name, _) => Some(name.into()),
                 };
-                let address = socket_addr(address, self.prepared).map_err(fail)?;
+                let address = socket_addr(address, prepared).map_err(fail)?;
                 if endpoints.iter().any(|e: &Endpoint| e.address == address) {
                     return Err(fail(format!("{address} is listed twice")));
                 }

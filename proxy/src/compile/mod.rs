@@ -141,14 +141,28 @@ pub struct Compiler<'a> {
     pub metrics: &'a Metrics,
     /// The access logger of the previous snapshot, reused when unchanged.
     pub previous_access_log: Option<Arc<AccessLogger>>,
-    /// The plugins and host addresses gathered beforehand ([`prepare`], [`prepare_check`]).
-    pub prepared: &'a Prepared,
 }
 
 impl Compiler<'_> {
-    /// Compiles a resource set into a snapshot.
+    /// Prepares (loads plugins, resolves host names) and compiles `resources` into a
+    /// snapshot ready to serve; the plugins' callable upstreams follow the new clusters.
+    pub fn build(
+        &self,
+        plugins: &PluginLoader,
+        bootstrap: &Bootstrap,
+        resources: &ResourceSet,
+    ) -> Result<Snapshot, CompileError> {
+        let prepared = prepare(bootstrap, resources, plugins)?;
+        let snapshot = self.compile(&prepared, bootstrap, resources)?;
+        plugins.set_upstreams(snapshot.clusters.keys().cloned());
+        Ok(snapshot)
+    }
+
+    /// Compiles a resource set into a snapshot, with the plugins and host addresses
+    /// gathered beforehand ([`prepare`], [`prepare_check`]): pure, no I/O.
     pub fn compile(
         &self,
+        prepared: &Prepared,
         bootstrap: &Bootstrap,
         resources: &ResourceSet,
     ) -> Result<Snapshot, CompileError> {
@@ -165,12 +179,12 @@ impl Compiler<'_> {
                 .and_then(|n| n.locality.as_ref())
                 .map_or("", |l| l.region.as_str());
             let cluster = self
-                .cluster(xds, &resources.endpoints)?
+                .cluster(xds, &resources.endpoints, prepared)?
                 .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
         let listener = served_listener(resources)?;
-        let (listener_spec, hcm) = listener_spec(listener, self.prepared)?;
+        let (listener_spec, hcm) = listener_spec(listener, prepared)?;
         let downstream = downstream::downstream_limits(listener, &hcm)
             .map_err(|m| err("Listener", &listener.name, m))?;
         let route_config = match &hcm.route_specifier {
@@ -197,7 +211,7 @@ impl Compiler<'_> {
                 ))
             }
         };
-        let plugins = &self.prepared.plugins;
+        let plugins = &prepared.plugins;
         let router = self.router(route_config, &clusters, plugins)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
         let plugins = plugins
@@ -262,41 +276,6 @@ fn refuse_unimplemented_fields(resources: &ResourceSet) -> Result<(), CompileErr
     Ok(())
 }
 
-/// What a proxy does with each config change: [`prepare`] (load plugins, resolve host
-/// names), [`Compiler::compile`], then tell plugins which clusters their callouts may reach
-/// (only for a set that compiled: a refused set changes nothing).
-pub struct Builder<'a> {
-    /// Endpoint state shared across snapshots.
-    pub registry: &'a EndpointRegistry,
-    /// Metric families.
-    pub metrics: &'a Metrics,
-    /// The access logger of the previous snapshot, reused when unchanged.
-    pub previous_access_log: Option<Arc<AccessLogger>>,
-    /// Loads (reads or downloads, compiles, canaries) plugins.
-    pub plugins: &'a PluginLoader,
-}
-
-impl Builder<'_> {
-    /// Prepares and compiles `resources` into a snapshot ready to serve.
-    pub fn build(
-        &self,
-        bootstrap: &Bootstrap,
-        resources: &ResourceSet,
-    ) -> Result<Snapshot, CompileError> {
-        let prepared = prepare(bootstrap, resources, self.plugins)?;
-        let snapshot = Compiler {
-            registry: self.registry,
-            metrics: self.metrics,
-            previous_access_log: self.previous_access_log.clone(),
-            prepared: &prepared,
-        }
-        .compile(bootstrap, resources)?;
-        self.plugins
-            .set_upstreams(snapshot.clusters.keys().cloned());
-        Ok(snapshot)
-    }
-}
-
 /// Runs the proxy's compiler over `resources` without loading plugins, resolving host
 /// names or touching any state a proxy serves with: what the control plane's apply and
 /// `nip validate` refuse is exactly what a proxy of this version would refuse for reasons
@@ -310,9 +289,8 @@ pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), Compi
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
-        prepared: &prepared,
     }
-    .compile(bootstrap, resources)
+    .compile(&prepared, bootstrap, resources)
     .map(drop)
 }
 

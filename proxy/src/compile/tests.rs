@@ -36,13 +36,16 @@ routes:
 fn compile(t: &nip_xds::translate::Translation) -> Result<Snapshot, CompileError> {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    Builder {
-        registry: &registry,
-        metrics: &metrics,
+    compiler(&registry, &metrics).build(loader(), &t.bootstrap, &t.resources)
+}
+
+/// A compiler with no access log carried over.
+fn compiler<'a>(registry: &'a EndpointRegistry, metrics: &'a Metrics) -> Compiler<'a> {
+    Compiler {
+        registry,
+        metrics,
         previous_access_log: None,
-        plugins: loader(),
     }
-    .build(&t.bootstrap, &t.resources)
 }
 
 #[test]
@@ -151,16 +154,15 @@ fn a_route_to_a_missing_cluster_compiles_and_answers_503_nc_at_request_time() {
 fn endpoint_state_survives_recompilation() {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Builder {
-        registry: &registry,
-        metrics: &metrics,
-        previous_access_log: None,
-        plugins: loader(),
-    };
+    let compiler = compiler(&registry, &metrics);
     let t = translated(BASE);
-    let first = compiler.build(&t.bootstrap, &t.resources).unwrap();
+    let first = compiler
+        .build(loader(), &t.bootstrap, &t.resources)
+        .unwrap();
     first.clusters["web"].endpoints[0].state.set_healthy(false);
-    let second = compiler.build(&t.bootstrap, &t.resources).unwrap();
+    let second = compiler
+        .build(loader(), &t.bootstrap, &t.resources)
+        .unwrap();
     assert!(!second.clusters["web"].endpoints[0].state.is_healthy());
     assert!(second.clusters["web"].endpoints[1].state.is_healthy());
 }
@@ -180,20 +182,21 @@ fn a_refused_config_does_not_change_what_plugins_may_call() {
     let loader = PluginLoader::new(None).expect("wasm engine");
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Builder {
+    let compiler = Compiler {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
-        plugins: &loader,
     };
     let good = translated(BASE);
-    compiler.build(&good.bootstrap, &good.resources).unwrap();
+    compiler
+        .build(&loader, &good.bootstrap, &good.resources)
+        .unwrap();
     assert!(loader.may_call("web"));
     let refused = translated(
         "api_gateway:\n  access_log: { enabled: true, path: /nonexistent-dir/access.log }\nservices:\n  other: { endpoints: [\"127.0.0.1:9\"] }\n",
     );
     compiler
-        .build(&refused.bootstrap, &refused.resources)
+        .build(&loader, &refused.bootstrap, &refused.resources)
         .unwrap_err();
     assert!(
         !loader.may_call("other"),
@@ -251,12 +254,7 @@ fn client_limits_come_from_the_hcm_with_envoy_meanings() {
 fn mutated_configs_never_panic_the_loader_or_compiler() {
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Builder {
-        registry: &registry,
-        metrics: &metrics,
-        previous_access_log: None,
-        plugins: loader(),
-    };
+    let compiler = compiler(&registry, &metrics);
     let alphabet = b" :-{}[]\n\"'*/.,0123456789abcxyz_#&!|>";
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     let mut outcomes = [0usize; 2];
@@ -277,7 +275,7 @@ fn mutated_configs_never_panic_the_loader_or_compiler() {
         };
         let result = Config::from_yaml(&text).map(|c| translate(&c));
         let compiled = result.ok().map(|t| {
-            let built = compiler.build(&t.bootstrap, &t.resources);
+            let built = compiler.build(loader(), &t.bootstrap, &t.resources);
             // One compile path: the check refuses exactly what a proxy refuses (these
             // configs name no host and no plugin a proxy could fail to reach).
             let checked = check(&t.bootstrap, &t.resources);
@@ -505,13 +503,10 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
     let t = translated(yaml);
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let compiler = Builder {
-        registry: &registry,
-        metrics: &metrics,
-        previous_access_log: None,
-        plugins: loader(),
-    };
-    let first = compiler.build(&t.bootstrap, &t.resources).unwrap();
+    let compiler = compiler(&registry, &metrics);
+    let first = compiler
+        .build(loader(), &t.bootstrap, &t.resources)
+        .unwrap();
     let adaptive = first.clusters["web"].adaptive_concurrency.as_ref().unwrap();
     assert_eq!(adaptive.status, 429);
     assert_eq!(
@@ -525,7 +520,9 @@ fn adaptive_concurrency_travels_as_envoys_filter_config_and_survives_reloads() {
         }
     );
     // A reload with the same settings keeps the controller (and what it learned).
-    let second = compiler.build(&t.bootstrap, &t.resources).unwrap();
+    let second = compiler
+        .build(loader(), &t.bootstrap, &t.resources)
+        .unwrap();
     assert!(Arc::ptr_eq(
         &adaptive.controller,
         &second.clusters["web"]
@@ -729,14 +726,9 @@ routes:
     // lookup.
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();
-    let unprepared = Compiler {
-        registry: &registry,
-        metrics: &metrics,
-        previous_access_log: None,
-        prepared: &Prepared::default(),
-    }
-    .compile(&t.bootstrap, &t.resources)
-    .expect_err("nothing prepared");
+    let unprepared = compiler(&registry, &metrics)
+        .compile(&Prepared::default(), &t.bootstrap, &t.resources)
+        .expect_err("nothing prepared");
     assert!(
         unprepared.message.contains("was not resolved"),
         "{unprepared}"
@@ -872,11 +864,9 @@ fn access_log_formats_other_than_the_two_nip_writes_are_refused() {
     assert!(log_format(&format(text("%RESPONSE_CODE%\n")))
         .unwrap_err()
         .contains("custom command strings are not supported"));
-    assert!(
-        log_format(&format(json(&[("status", "%RESPONSE_CODE%")])))
-            .unwrap_err()
-            .starts_with("log_format.json_format:")
-    );
+    assert!(log_format(&format(json(&[("status", "%RESPONSE_CODE%")])))
+        .unwrap_err()
+        .starts_with("log_format.json_format:"));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! bootstrap (local YAML: node, admin, control_plane) ──▶ nip-xds AdsClient (own thread)
-//!     ──complete ResourceSet──▶ FeedSink::apply ──compile::Builder::build──▶ ArcSwap::store
+//!     ──complete ResourceSet──▶ FeedSink::apply ──compile::Compiler::build──▶ ArcSwap::store
 //!                                    │ error → NACK with the compile error   │
 //!                                    └──────────────── "swapped" ────────────▶ control thread
 //! ```
@@ -16,7 +16,7 @@
 //! (atomically); a proxy that starts while the control plane does not answer serves the
 //! saved set after a short wait, and swaps in whatever the control plane sends later.
 
-use crate::compile::{Builder, Snapshot};
+use crate::compile::{Compiler, Snapshot};
 use crate::plugins::PluginLoader;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::registry::EndpointRegistry;
@@ -74,11 +74,10 @@ impl ResourceSink for FeedSink {
             Destination::Running(swap) => swap.load().access_log.clone(),
             Destination::Starting { .. } => None,
         };
-        let compiler = Builder {
+        let compiler = Compiler {
             registry: &self.registry,
             metrics: &self.metrics,
             previous_access_log,
-            plugins: &self.plugins,
         };
         // A cluster (or its endpoints) the proxy cannot run is left out and the rest is
         // applied, as Envoy does; the response is still NACKed, naming what was left out.
@@ -86,7 +85,7 @@ impl ResourceSink for FeedSink {
         let mut applied = std::borrow::Cow::Borrowed(resources);
         let mut left_out = Vec::new();
         let snapshot = loop {
-            match compiler.build(&self.bootstrap, &applied) {
+            match compiler.build(&self.plugins, &self.bootstrap, &applied) {
                 Ok(snapshot) => break snapshot,
                 Err(e)
                     if matches!(e.kind, "Cluster" | "ClusterLoadAssignment")
@@ -177,13 +176,12 @@ impl XdsFeed {
         let saved = parts.last_good.as_deref().and_then(|path| {
             let saved = std::fs::read(path).ok()?;
             let compiled = ResourceSet::from_file_bytes(&saved).and_then(|resources| {
-                Builder {
+                Compiler {
                     registry: &parts.registry,
                     metrics: &parts.metrics,
                     previous_access_log: None,
-                    plugins: &parts.plugins,
                 }
-                .build(&parts.bootstrap, &resources)
+                .build(&parts.plugins, &parts.bootstrap, &resources)
                 .map_err(|e| e.to_string())
             });
             match compiled {
