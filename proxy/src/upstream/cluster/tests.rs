@@ -21,23 +21,30 @@ fn ring(c: &Cluster) -> &RingHash {
     }
 }
 
+/// An endpoint on 127.0.0.1:`port` with Envoy's defaults: weight 1, priority 0, no
+/// locality.
+fn endpoint(registry: &EndpointRegistry, port: usize) -> Endpoint {
+    let address = SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap()));
+    Endpoint {
+        address,
+        locality: Locality::default(),
+        weight: 1,
+        priority: 0,
+        locality_weight: 1,
+        state: registry.state("c", address),
+        hostname: None,
+        locality_picks: Default::default(),
+    }
+}
+
 fn cluster(lb: LbPolicy, weights: &[u32]) -> Cluster {
     let registry = EndpointRegistry::default();
     let endpoints = weights
         .iter()
         .enumerate()
-        .map(|(i, w)| {
-            let address: SocketAddr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
-            Endpoint {
-                address,
-                locality: Locality::default(),
-                weight: *w,
-                priority: 0,
-                locality_weight: 1,
-                state: registry.state("c", address),
-                hostname: None,
-                locality_picks: Default::default(),
-            }
+        .map(|(i, w)| Endpoint {
+            weight: *w,
+            ..endpoint(&registry, 1000 + i)
         })
         .collect();
     Cluster::new(
@@ -294,21 +301,12 @@ fn three_regions() -> Cluster {
     let endpoints = ["r1", "r2", "r3"]
         .iter()
         .enumerate()
-        .map(|(i, region)| {
-            let address: SocketAddr = format!("127.0.0.1:{}", 2000 + i).parse().unwrap();
-            Endpoint {
-                address,
-                locality: Locality {
-                    region: region.to_string(),
-                    ..Locality::default()
-                },
-                weight: 1,
-                priority: 0,
-                locality_weight: 1,
-                state: registry.state("c", address),
-                hostname: None,
-                locality_picks: Default::default(),
-            }
+        .map(|(i, region)| Endpoint {
+            locality: Locality {
+                region: region.to_string(),
+                ..Locality::default()
+            },
+            ..endpoint(&registry, 2000 + i)
         })
         .collect();
     Cluster::new(
@@ -467,18 +465,9 @@ fn a_region_with_nothing_healthy_is_left_and_none_when_all_are_down() {
 fn two_priorities() -> Cluster {
     let registry = EndpointRegistry::default();
     let endpoints = (0..20)
-        .map(|i| {
-            let address: SocketAddr = format!("127.0.0.1:{}", 3000 + i).parse().unwrap();
-            Endpoint {
-                address,
-                locality: Locality::default(),
-                weight: 1,
-                priority: u32::from(i >= 10),
-                locality_weight: 1,
-                state: registry.state("c", address),
-                hostname: None,
-                locality_picks: Default::default(),
-            }
+        .map(|i| Endpoint {
+            priority: u32::from(i >= 10),
+            ..endpoint(&registry, 3000 + i)
         })
         .collect();
     Cluster::new(
@@ -532,22 +521,14 @@ fn locality_weights_share_traffic_scaled_by_availability() {
     let endpoints = [("a", 3), ("b", 1), ("b", 1)]
         .iter()
         .enumerate()
-        .map(|(i, (zone, weight))| {
-            let address: SocketAddr = format!("127.0.0.1:{}", 4000 + i).parse().unwrap();
-            Endpoint {
-                address,
-                locality: Locality {
-                    region: "r".into(),
-                    zone: zone.to_string(),
-                    ..Locality::default()
-                },
-                weight: 1,
-                priority: 0,
-                locality_weight: *weight,
-                state: registry.state("c", address),
-                hostname: None,
-                locality_picks: Default::default(),
-            }
+        .map(|(i, (zone, weight))| Endpoint {
+            locality: Locality {
+                region: "r".into(),
+                zone: zone.to_string(),
+                ..Locality::default()
+            },
+            locality_weight: *weight,
+            ..endpoint(&registry, 4000 + i)
         })
         .collect();
     let c = Cluster::new(
