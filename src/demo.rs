@@ -211,6 +211,8 @@ pub struct DemoLayout<'a> {
     pub api_port: u16,
     /// The file the control plane follows.
     pub desired: &'a std::path::Path,
+    /// The admin token the demo's control plane made.
+    pub admin_token_file: &'a std::path::Path,
 }
 
 /// Tells the user what to try.
@@ -220,8 +222,10 @@ pub fn print_instructions(layout: &DemoLayout<'_>, plugin: bool) {
         admin_port,
         api_port,
         desired,
+        admin_token_file,
     } = layout;
     let desired = desired.display();
+    let token_file = admin_token_file.display();
     let cp = if *api_port == 18001 {
         String::new()
     } else {
@@ -247,6 +251,9 @@ Try:
 {plugin_lines}  curl -s localhost:{admin_port}/metrics | grep nip_requests
   curl -s localhost:{admin_port}/clusters
   curl -s localhost:{admin_port}/config_dump
+  export NIP_TOKEN_FILE={token_file}   # the demo control plane's admin token
+  curl -s -H "Authorization: Bearer $(cat $NIP_TOKEN_FILE)" localhost:{api_port}/v1/proxies
+  nip token create ci --role operator --ttl 30d{cp}    # a token for CI (shown once)
   nip get proxies{cp}                                   # the proxy, its region, the version it ACKed
   nip apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place
   nip history{cp}  /  nip rollback{cp} 1

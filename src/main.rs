@@ -59,6 +59,10 @@ enum Command {
         /// Address ADS is served on.
         #[arg(long, default_value = "127.0.0.1:18000")]
         xds_address: std::net::SocketAddr,
+        /// The first admin token: read from this file, or made and written here (0600)
+        /// when the store has no usable admin token.
+        #[arg(long, env = "NIP_ADMIN_TOKEN_FILE", default_value_os_t = default_admin_token_file())]
+        admin_token_file: PathBuf,
         /// Address the REST API is served on.
         #[arg(long, default_value = "127.0.0.1:18001")]
         api_address: std::net::SocketAddr,
@@ -82,6 +86,14 @@ enum Command {
         /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Create, list and revoke the API tokens of a control plane (admin role).
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        action: TokenAction,
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -165,13 +177,56 @@ enum GetWhat {
     },
 }
 
-/// `sqlite://` under the user's data directory (`$XDG_DATA_HOME` or `~/.local/share`).
-fn default_store() -> String {
-    let base = std::env::var_os("XDG_DATA_HOME")
+/// What `nip token` does.
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a token; it is printed once and only its digest is kept.
+    Create {
+        /// A name for it (what `nip token revoke` takes, and the audit trail shows).
+        name: String,
+        /// viewer (reads), operator (also applies and rolls back) or admin (also tokens).
+        #[arg(long)]
+        role: String,
+        /// Limit it to a tenant's config (repeat for several; none: every tenant).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// How long it works, e.g. 30d or 12h (none: until revoked).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every token: name, role, tenants, state (never a secret).
+    List {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once and for good.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// NIP's folder under the user's data directory (`$XDG_DATA_HOME` or `~/.local/share`).
+fn data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    format!("sqlite://{}", base.join("nip/control-plane.db").display())
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("nip")
+}
+
+/// `sqlite://` in [`data_dir`].
+fn default_store() -> String {
+    format!("sqlite://{}", data_dir().join("control-plane.db").display())
+}
+
+/// Where a control plane keeps its first admin token, and the CLI looks for it last.
+pub(crate) fn default_admin_token_file() -> PathBuf {
+    data_dir().join("admin-token")
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -314,6 +369,7 @@ fn main() -> ExitCode {
             store,
             config,
             xds_address,
+            admin_token_file,
             api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
             store,
@@ -321,7 +377,28 @@ fn main() -> ExitCode {
             xds_address,
             api_address,
             watch_interval: Duration::from_millis(200),
+            admin_token_file,
         }),
+        Command::Token { action, remote } => match action {
+            TokenAction::Create {
+                name,
+                role,
+                tenants,
+                ttl,
+                json,
+            } => remote::token_create(
+                &remote,
+                &remote::NewTokenOptions {
+                    name,
+                    role,
+                    tenants,
+                    ttl,
+                    json,
+                },
+            ),
+            TokenAction::List { json } => remote::token_list(&remote, json),
+            TokenAction::Revoke { name } => remote::token_revoke(&remote, &name),
+        },
         Command::Validate { file, xds } => validate(&file, xds),
         Command::Demo {
             port,
@@ -380,6 +457,7 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         xds_address: std::net::SocketAddr::from(([127, 0, 0, 1], ports.xds_port)),
         api_address: std::net::SocketAddr::from(([127, 0, 0, 1], ports.api_port)),
         watch_interval: Duration::from_millis(200),
+        admin_token_file: dir.join("admin-token"),
     };
     let control_plane = std::thread::Builder::new()
         .name("nip-demo-control-plane".into())
@@ -402,6 +480,7 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
             admin_port: ports.admin_port,
             api_port: ports.api_port,
             desired: &desired,
+            admin_token_file: &dir.join("admin-token"),
         },
         plugin.is_some(),
     );

@@ -1,6 +1,11 @@
 //! CLI verbs that talk to a control plane's REST API: `nip apply`, `nip get proxies`,
-//! `nip history`, `nip rollback`. Each prints what happened for a human (or the API's JSON
-//! with `--json`) and exits 0 on success, 2 when the config must be fixed, 1 otherwise.
+//! `nip history`, `nip rollback`, `nip token`. Each prints what happened for a human (or
+//! the API's JSON with `--json`) and exits 0 on success, 2 when the config must be fixed,
+//! 1 otherwise.
+//!
+//! Every call carries a bearer token, the first found of: `--token-file`, `$NIP_TOKEN`,
+//! `~/.config/nip/token`, and the admin token file a control plane on this machine wrote
+//! (its default place). The token is never printed.
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -18,9 +23,10 @@ pub struct Remote {
         default_value = "http://127.0.0.1:18001"
     )]
     pub control_plane: String,
-    /// Who makes the change, for the audit trail (default: $USER).
-    #[arg(long = "as", global = true, env = "NIP_ACTOR")]
-    pub actor: Option<String>,
+    /// A file holding the API token (else $NIP_TOKEN, ~/.config/nip/token, or the admin
+    /// token a local control plane wrote).
+    #[arg(long, global = true, env = "NIP_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// A failed call: what to print and how to exit.
@@ -39,12 +45,38 @@ impl Failure {
 }
 
 impl Remote {
-    fn actor(&self) -> String {
-        self.actor
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .filter(|a| !a.trim().is_empty())
-            .unwrap_or_else(|| "unknown".to_string())
+    /// The API token, from the first place that has one (see the module documentation).
+    fn token(&self) -> Result<Option<String>, Failure> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    Failure::other(format!(
+                        "cannot read the token file {}: {e}",
+                        path.display()
+                    ))
+                })
+        };
+        if let Some(path) = &self.token_file {
+            return read(path).map(Some);
+        }
+        if let Some(token) = std::env::var("NIP_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+        {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let home_token =
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config/nip/token"));
+        for path in home_token
+            .into_iter()
+            .chain([crate::default_admin_token_file()])
+        {
+            if path.is_file() {
+                return read(&path).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// One call: the status and the JSON answer. Connection failures and non-JSON answers
@@ -62,16 +94,25 @@ impl Remote {
             .timeout_global(Some(timeout))
             .build()
             .into();
+        let authorization = self.token()?.map(|t| format!("Bearer {t}"));
+        let authorization = authorization.as_deref().unwrap_or("");
         let response = match (method, body) {
-            ("GET", _) => agent.get(&url).call(),
+            ("GET", _) => agent
+                .get(&url)
+                .header("authorization", authorization)
+                .call(),
+            ("DELETE", _) => agent
+                .delete(&url)
+                .header("authorization", authorization)
+                .call(),
             (_, Some(body)) => agent
                 .post(&url)
-                .header("x-nip-actor", &self.actor())
+                .header("authorization", authorization)
                 .header("content-type", "application/json")
                 .send(body.to_string()),
             (_, None) => agent
                 .post(&url)
-                .header("x-nip-actor", &self.actor())
+                .header("authorization", authorization)
                 .send_empty(),
         };
         let mut response =
@@ -106,7 +147,11 @@ fn explain(status: u16, answer: &Value, subject: &str) -> Failure {
             code: ExitCode::from(crate::EXIT_BAD_CONFIG),
         };
     }
-    Failure::other(format!("{subject}: {error} (HTTP {status})"))
+    let hint = match status {
+        401 => " — give a token: NIP_TOKEN, --token-file or ~/.config/nip/token",
+        _ => "",
+    };
+    Failure::other(format!("{subject}: {error} (HTTP {status}){hint}"))
 }
 
 fn finish(verb: &str, result: Result<(), Failure>) -> ExitCode {
@@ -350,5 +395,124 @@ fn rollback_inner(remote: &Remote, version: u64, message: &str) -> Result<(), Fa
         println!("version {now} restores version {version}; pushed to every proxy");
         print!("{}", answer["diff"].as_str().unwrap_or(""));
     }
+    Ok(())
+}
+
+/// What `nip token create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewTokenOptions {
+    /// The token's name (what `nip token revoke` takes).
+    pub name: String,
+    /// viewer, operator or admin.
+    pub role: String,
+    /// Tenants it is limited to (none: every tenant).
+    pub tenants: Vec<String>,
+    /// Lifetime, e.g. 30d (none: until revoked).
+    pub ttl: Option<String>,
+    /// Print the API's JSON.
+    pub json: bool,
+}
+
+/// `nip token create NAME --role R`: prints the new token, once.
+pub fn token_create(remote: &Remote, options: &NewTokenOptions) -> ExitCode {
+    finish("token create", token_create_inner(remote, options))
+}
+
+fn token_create_inner(remote: &Remote, options: &NewTokenOptions) -> Result<(), Failure> {
+    let mut body = json!({
+        "name": options.name,
+        "role": options.role,
+        "tenants": options.tenants,
+    });
+    if let Some(ttl) = &options.ttl {
+        body["ttl"] = json!(ttl);
+    }
+    let (status, answer) =
+        remote.call("POST", "/v1/tokens", Some(&body), Duration::from_secs(30))?;
+    if status != 201 {
+        return Err(explain(
+            status,
+            &answer,
+            &format!("token {:?}", options.name),
+        ));
+    }
+    if options.json {
+        print_json(&answer);
+        return Ok(());
+    }
+    let expires = match &answer["expires_at_ms"] {
+        Value::Null => "never expires".to_string(),
+        ms => format!("expires {}", when(ms)),
+    };
+    eprintln!(
+        "token {:?} ({}, {expires}); it is shown this once:",
+        options.name, options.role
+    );
+    println!("{}", answer["token"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+/// `nip token list`: every token's name, role, scope and state (never a secret).
+pub fn token_list(remote: &Remote, json: bool) -> ExitCode {
+    finish("token list", token_list_inner(remote, json))
+}
+
+fn token_list_inner(remote: &Remote, json: bool) -> Result<(), Failure> {
+    let (status, tokens) = remote.call("GET", "/v1/tokens", None, Duration::from_secs(30))?;
+    if status != 200 {
+        return Err(explain(status, &tokens, "tokens"));
+    }
+    if json {
+        print_json(&tokens);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<9} {:<8} {:<16} {:<21} CREATED BY",
+        "NAME", "ROLE", "STATE", "TENANTS", "EXPIRES"
+    );
+    for token in tokens.as_array().into_iter().flatten() {
+        let tenants: Vec<&str> = token["tenants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let expires = match &token["expires_at_ms"] {
+            Value::Null => "never".to_string(),
+            ms => when(ms),
+        };
+        println!(
+            "{:<28} {:<9} {:<8} {:<16} {:<21} {}",
+            token["name"].as_str().unwrap_or(""),
+            token["role"].as_str().unwrap_or(""),
+            token["state"].as_str().unwrap_or(""),
+            if tenants.is_empty() {
+                "*".to_string()
+            } else {
+                tenants.join(",")
+            },
+            expires,
+            token["created_by"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+/// `nip token revoke NAME`: the token stops working at once, for good.
+pub fn token_revoke(remote: &Remote, name: &str) -> ExitCode {
+    finish("token revoke", token_revoke_inner(remote, name))
+}
+
+fn token_revoke_inner(remote: &Remote, name: &str) -> Result<(), Failure> {
+    let (status, answer) = remote.call(
+        "DELETE",
+        &format!("/v1/tokens/{name}"),
+        None,
+        Duration::from_secs(30),
+    )?;
+    if status != 200 {
+        return Err(explain(status, &answer, &format!("token {name:?}")));
+    }
+    println!("token {name:?} revoked");
     Ok(())
 }

@@ -39,6 +39,7 @@ struct ControlPlane {
     xds_port: u16,
     api_port: u16,
     log: std::path::PathBuf,
+    admin_token_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -61,6 +62,7 @@ impl ControlPlane {
             xds_port: free_port(),
             api_port: free_port(),
             log: dir.path().join("control-plane.log"),
+            admin_token_file: dir.path().join("admin-token"),
             _dir: dir,
         };
         control_plane.spawn();
@@ -72,7 +74,9 @@ impl ControlPlane {
         command
             .args(["control-plane", "--store", &self.store])
             .args(["--xds-address", &format!("127.0.0.1:{}", self.xds_port)])
-            .args(["--api-address", &format!("127.0.0.1:{}", self.api_port)]);
+            .args(["--api-address", &format!("127.0.0.1:{}", self.api_port)])
+            .arg("--admin-token-file")
+            .arg(&self.admin_token_file);
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
@@ -119,7 +123,7 @@ impl ControlPlane {
         Command::new(nip_bin())
             .args(args)
             .args(["--control-plane", &self.api("")])
-            .env("NIP_ACTOR", "tester")
+            .env("NIP_TOKEN_FILE", &self.admin_token_file)
             .output()
             .unwrap()
     }
@@ -134,9 +138,44 @@ impl ControlPlane {
         self.nip(&args)
     }
 
-    /// `GET` of an API path, as JSON.
+    /// The admin token its first start made (or was given).
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(&self.admin_token_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// An HTTP client that sends `token` as its bearer token.
+    fn client_with(token: &str) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(20))
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    }
+
+    /// An HTTP client with the admin token.
+    fn http(&self) -> reqwest::Client {
+        ControlPlane::client_with(&self.admin_token())
+    }
+
+    /// `GET` of an API path with the admin token, as JSON.
     async fn get_json(&self, path: &str) -> serde_json::Value {
-        get_json(&self.api(path)).await
+        self.http()
+            .get(self.api(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     async fn wait_ready(&self) {
@@ -356,8 +395,8 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
     let history = stdout(&control_plane.nip(&["history"]));
     assert!(history.contains("rollback to 1"), "{history}");
     assert!(
-        history.contains("tester"),
-        "the actor is recorded:\n{history}"
+        history.contains("token:bootstrap-admin-"),
+        "the authenticated caller is recorded:\n{history}"
     );
     let diff = stdout(&control_plane.nip(&["history", "4"]));
     assert!(diff.contains("back to a") && diff.contains("+"), "{diff}");
@@ -555,10 +594,10 @@ async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_afte
 async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
-    let http = client();
+    let http = control_plane.http();
     let post_json = |path: &str, body: serde_json::Value| {
         http.post(control_plane.api(path))
-            .header("x-nip-actor", "rest-test")
+            .header("x-nip-actor", "someone-else")
             .json(&body)
             .send()
     };
@@ -640,7 +679,11 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     let current = control_plane.get_json("/v1/config").await;
     assert_eq!(current["version"], 1);
     assert_eq!(current["message"], "first");
-    assert_eq!(current["author"], "anonymous");
+    let author = current["author"].as_str().unwrap_or_default();
+    assert!(
+        author.starts_with("token:bootstrap-admin-"),
+        "the authenticated identity, never a header: {author}"
+    );
 
     let valid = post_json(
         "/v1/validate",
@@ -669,9 +712,11 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     assert!(paths.len() >= 8, "{paths:?}");
     for (path, methods) in paths {
         for method in methods.as_object().unwrap().keys() {
-            let url = control_plane.api(&path.replace("{version}", "1"));
+            let url =
+                control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
             let response = match method.as_str() {
                 "get" => http.get(url).send().await.unwrap(),
+                "delete" => http.delete(url).send().await.unwrap(),
                 "post" => http
                     .post(url)
                     .header("content-type", "application/json")
@@ -723,7 +768,21 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
             let _ = self.0.wait();
         }
     }
+    let token_file = std::env::temp_dir()
+        .join(format!("nip-demo-{}", child.id()))
+        .join("admin-token");
     let _demo = Demo(child);
+    eventually(
+        "the demo's API refuses a caller without its token",
+        || async {
+            client()
+                .get(format!("http://127.0.0.1:{api}/v1/proxies"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 401)
+        },
+    )
+    .await;
     eventually("the demo proxy answers through the plugin", || async {
         client()
             .get(format!("http://127.0.0.1:{port}/hello"))
@@ -735,7 +794,10 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
     eventually(
         "the control plane lists the demo proxy running version 1",
         || async {
-            let proxies: serde_json::Value = match client()
+            let Ok(token) = std::fs::read_to_string(&token_file) else {
+                return false;
+            };
+            let proxies: serde_json::Value = match ControlPlane::client_with(token.trim())
                 .get(format!("http://127.0.0.1:{api}/v1/proxies"))
                 .send()
                 .await
@@ -849,8 +911,13 @@ async fn replicas_sharing_postgresql_serve_each_others_changes() {
     let port = free_port();
     let store = postgres_database();
     let first = ControlPlane::start_on(Some(&store), None);
-    let second = ControlPlane::start_on(Some(&store), None);
     first.wait_ready().await;
+    // The second replica is given the first one's admin token file, as replicas are given
+    // one secret; it makes no token of its own.
+    let mut second = ControlPlane::start_on(Some(&store), None);
+    second.kill();
+    std::fs::copy(&first.admin_token_file, &second.admin_token_file).unwrap();
+    second.spawn();
     second.wait_ready().await;
     assert!(first.apply(&gateway(port, &a, ""), &[]).status.success());
     // The proxy talks to the second replica; changes are applied through the first.
@@ -922,7 +989,7 @@ async fn renaming_a_service_under_load_drops_no_request() {
 async fn deeply_nested_bodies_are_refused_at_once_and_stall_nothing() {
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
-    let http = client();
+    let http = control_plane.http();
     let applied = http
         .post(control_plane.api("/v1/config"))
         .header("content-type", "application/yaml")
@@ -962,4 +1029,235 @@ async fn deeply_nested_bodies_are_refused_at_once_and_stall_nothing() {
         .unwrap();
     assert_eq!(proxies.status(), 200);
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// `nip token create` as `caller` (a token file); the new token, printed once on stdout.
+fn create_token(control_plane: &ControlPlane, args: &[&str]) -> String {
+    let mut all = vec!["token", "create"];
+    all.extend_from_slice(args);
+    let output = control_plane.nip(&all);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = stdout(&output).trim().to_string();
+    assert!(token.starts_with("nip_"), "{token}");
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_names_it() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let viewer = create_token(&control_plane, &["viewer-1", "--role", "viewer"]);
+    let operator = create_token(
+        &control_plane,
+        &["ci", "--role", "operator", "--ttl", "30d"],
+    );
+    let admin = control_plane.admin_token();
+
+    // The matrix: every documented route and method, for no token, a made-up token and each
+    // role. Below its role a route answers 403, above it anything but 401/403.
+    let document = control_plane.get_json("/v1/openapi.json").await;
+    let paths = document["paths"].as_object().expect("paths");
+    let made_up = format!("nip_{}_{}", "0".repeat(12), "1".repeat(64));
+    let callers: [(&str, Option<&str>); 5] = [
+        ("nobody", None),
+        ("made-up", Some(&made_up)),
+        ("viewer", Some(&viewer)),
+        ("operator", Some(&operator)),
+        ("admin", Some(&admin)),
+    ];
+    let rank = |role: &str| {
+        ["viewer", "operator", "admin"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    let mut checked = 0;
+    for (path, methods) in paths {
+        for (method, operation) in methods.as_object().unwrap() {
+            let url =
+                control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
+            let needed = operation["x-nip-role"].as_str();
+            for (who, token) in &callers {
+                let http = token.map_or_else(client, ControlPlane::client_with);
+                let request = match method.as_str() {
+                    "get" => http.get(&url),
+                    "delete" => http.delete(&url),
+                    _ => http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body("{}"),
+                };
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                let challenge = response.headers().contains_key("www-authenticate");
+                let body = response.text().await.unwrap();
+                let expected = match (needed, token, rank(who)) {
+                    (None, _, _) => "served",
+                    (Some(_), None, _) | (Some(_), Some(_), None) => "401",
+                    (Some(role), Some(_), Some(mine)) if Some(mine) < rank(role) => "403",
+                    _ => "served",
+                };
+                match expected {
+                    "401" => assert!(
+                        status == 401 && challenge,
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                    "403" => assert!(
+                        status == 403 && body.contains(needed.unwrap_or_default()),
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                    _ => assert!(
+                        status != 401 && status != 403,
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 55, "{checked} calls");
+
+    // The operator's change is recorded under its token's name, whatever header it sends.
+    let applied = ControlPlane::client_with(&operator)
+        .post(control_plane.api("/v1/config"))
+        .header("content-type", "application/yaml")
+        .header("x-nip-actor", "mallory")
+        .body(services(&["web"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    let events = control_plane.get_json("/v1/events").await;
+    let actors: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actors[0], ("apply", "token:ci"), "{events}");
+    assert!(
+        actors
+            .iter()
+            .any(|(action, actor)| *action == "token_created"
+                && actor.starts_with("token:bootstrap-admin-")),
+        "{events}"
+    );
+
+    // Revoked and expired tokens stop working at once; the answer says which.
+    let short = create_token(
+        &control_plane,
+        &["short", "--role", "viewer", "--ttl", "1s"],
+    );
+    assert!(control_plane
+        .nip(&["token", "revoke", "viewer-1"])
+        .status
+        .success());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for (token, reason) in [(&viewer, "revoked"), (&short, "expired")] {
+        let refused = ControlPlane::client_with(token)
+            .get(control_plane.api("/v1/config"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        assert!(refused.text().await.unwrap().contains(reason));
+    }
+    let listed = stdout(&control_plane.nip(&["token", "list"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("viewer-1") && l.contains("revoked"))
+            && listed
+                .lines()
+                .any(|l| l.starts_with("short") && l.contains("expired")),
+        "{listed}"
+    );
+    let denied = control_plane.nip(&["token", "create", "x", "--role", "admin"]);
+    assert!(
+        denied.status.success(),
+        "the admin may: {}",
+        stderr(&denied)
+    );
+    let as_operator = Command::new(nip_bin())
+        .args(["token", "list", "--control-plane", &control_plane.api("")])
+        .env("NIP_TOKEN", &operator)
+        .output()
+        .unwrap();
+    assert_eq!(as_operator.status.code(), Some(1));
+    assert!(
+        stderr(&as_operator).contains("needs admin"),
+        "{}",
+        stderr(&as_operator)
+    );
+
+    // Secrets are never stored or logged: neither the database nor the log holds one.
+    let secrets: Vec<&str> = [&viewer, &operator, &admin, &short]
+        .iter()
+        .map(|t| t.rsplit('_').next().unwrap())
+        .collect();
+    let db_dir = control_plane.store.trim_start_matches("sqlite://");
+    let db_dir = std::path::Path::new(db_dir).parent().unwrap();
+    for entry in std::fs::read_dir(db_dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in &secrets {
+            assert!(!text.contains(secret), "a secret in the store");
+        }
+    }
+    let log = control_plane.log();
+    for secret in &secrets {
+        assert!(!log.contains(secret), "a secret in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let acme = create_token(
+        &control_plane,
+        &["acme-ci", "--role", "operator", "--tenant", "acme"],
+    );
+    let tenant = |id: &str| format!("tenant: {{ id: {id} }}\n{}", services(&["web"]));
+    let apply = |token: String, yaml: String| {
+        let url = control_plane.api("/v1/config");
+        async move {
+            ControlPlane::client_with(&token)
+                .post(url)
+                .header("content-type", "application/yaml")
+                .body(yaml)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(apply(acme.clone(), tenant("acme")).await.status(), 201);
+    let other = apply(acme.clone(), tenant("globex")).await;
+    assert_eq!(other.status(), 403);
+    assert!(other
+        .text()
+        .await
+        .unwrap()
+        .contains("the new config belongs to tenant globex"));
+    // Once another tenant's config is current, the acme token may not read or replace it.
+    assert_eq!(
+        apply(control_plane.admin_token(), tenant("globex"))
+            .await
+            .status(),
+        201
+    );
+    let read = ControlPlane::client_with(&acme)
+        .get(control_plane.api("/v1/config"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 403);
+    assert_eq!(apply(acme.clone(), tenant("acme")).await.status(), 403);
+    // And it hands out no token beyond its tenants (it is no admin anyway).
+    let escalate = ControlPlane::client_with(&acme)
+        .post(control_plane.api("/v1/tokens"))
+        .json(&serde_json::json!({ "name": "all", "role": "viewer" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escalate.status(), 403);
 }

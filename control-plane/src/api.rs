@@ -1,21 +1,28 @@
 //! The REST API (axum): apply and validate config, list proxies, history, rollback, the
 //! audit trail, and the OpenAPI document describing all of it (`GET /v1/openapi.json`).
 //!
+//! Every route but the OpenAPI document needs `Authorization: Bearer <token>`
+//! ([`crate::auth`]); [`required_role`] is the one table of which role each route needs.
+//! Who made a change is the authenticated identity (`token:NAME`), never a header the
+//! client chose.
+//!
 //! Bodies are JSON. A config can also be posted as raw YAML (`Content-Type:
 //! application/yaml`, options in the query string), so `curl --data-binary @routes.yaml`
-//! works. Who made a change comes from the `X-Nip-Actor` header. Errors are
-//! `{"error": "...", "errors": [{"path", "message"}]}` with a status that says whose fault
-//! it is: 400 unreadable request, 404 unknown version, 409 conflict or rolled-back canary,
-//! 422 invalid config, 500 store failure.
+//! works. Errors are `{"error": "...", "errors": [{"path", "message"}]}` with a status that
+//! says whose fault it is: 400 unreadable request, 401 no or bad token, 403 a role or tenant
+//! that may not, 404 unknown version, 409 conflict or rolled-back canary, 422 invalid
+//! config, 500 store failure.
 
+use crate::auth::{AuthError, Authenticator, Identity, Role};
 use crate::service::{
     validate, validate_bounded, Canary, Change, ChangeError, ConfigService, Outcome,
 };
-use crate::store::{Revision, RevisionAction};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use crate::store::{now_ms, Revision, RevisionAction};
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use nip_xds::config::ConfigError;
@@ -27,17 +34,14 @@ use std::time::Duration;
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// Header naming who makes a change.
-pub const ACTOR_HEADER: &str = "x-nip-actor";
-
 /// How long a canary waits for its region by default.
 pub const DEFAULT_CANARY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest canary wait a request may ask for.
 const MAX_CANARY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Every route of the API.
-pub fn router(service: Arc<ConfigService>) -> Router {
+/// Every route of the API, behind the authentication and role check.
+pub fn router(service: Arc<ConfigService>, auth: Authenticator) -> Router {
     Router::new()
         .route("/v1/config", get(current_config).post(apply_config))
         .route("/v1/validate", post(validate_config))
@@ -46,8 +50,112 @@ pub fn router(service: Arc<ConfigService>) -> Router {
         .route("/v1/history/{version}", get(revision))
         .route("/v1/rollback/{version}", post(rollback))
         .route("/v1/events", get(events))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/v1/openapi.json", get(openapi))
         .with_state(service)
+        .layer(middleware::from_fn_with_state(auth, authorize))
+}
+
+/// The role a request needs: `None` for the public OpenAPI document; every other route,
+/// known or not, needs at least a viewer (a stranger learns nothing, not even which
+/// paths exist).
+pub fn required_role(method: &Method, path: &str) -> Option<Role> {
+    let path = path.trim_end_matches('/');
+    match (method.as_str(), path) {
+        ("GET", "/v1/openapi.json") => None,
+        (_, "/v1/tokens") => Some(Role::Admin),
+        (_, p) if p.starts_with("/v1/tokens/") => Some(Role::Admin),
+        ("POST", "/v1/config") => Some(Role::Operator),
+        ("POST", p) if p.starts_with("/v1/rollback/") => Some(Role::Operator),
+        _ => Some(Role::Viewer),
+    }
+}
+
+/// Authenticates the caller and checks its role against [`required_role`]; the identity
+/// rides on to the handler in the request's extensions.
+async fn authorize(
+    State(auth): State<Authenticator>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(needed) = required_role(request.method(), request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.authenticate(header).await {
+        Ok(identity) if identity.role >= needed => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Ok(identity) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} is a {}; {} {} needs {}",
+                identity.name,
+                identity.role.as_str(),
+                request.method(),
+                request.uri().path(),
+                needed.as_str()
+            ),
+        )
+        .into_response(),
+        Err(AuthError::Store(e)) => {
+            tracing::error!("REST API: cannot check a token: {e}");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot check the token")
+                .into_response()
+        }
+        Err(e) => {
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"nip\""),
+            );
+            response
+        }
+    }
+}
+
+/// Refuses a caller limited to tenants when the current config (and `incoming`, a
+/// document it wants to apply) belongs to a tenant it is not limited to.
+async fn check_tenants(
+    identity: &Identity,
+    service: &ConfigService,
+    incoming: Option<&str>,
+) -> Result<(), ApiError> {
+    if identity.tenants.is_empty() {
+        return Ok(());
+    }
+    let tenant_of = |yaml: &str| {
+        nip_xds::config::Config::from_yaml(yaml)
+            .ok()
+            .and_then(|c| c.tenant.map(|t| t.id))
+    };
+    let current = service.store().current().await?;
+    let documents = current
+        .as_ref()
+        .map(|r| ("the current config", r.yaml.as_str()))
+        .into_iter()
+        .chain(incoming.map(|yaml| ("the new config", yaml)));
+    for (which, yaml) in documents {
+        let tenant = tenant_of(yaml);
+        if !identity.covers_tenant(tenant.as_deref()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may act on tenants {} only; {which} belongs to {}",
+                    identity.name,
+                    identity.tenants.join(", "),
+                    tenant.map_or("no tenant".to_string(), |t| format!("tenant {t}")),
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An error answer.
@@ -154,16 +262,6 @@ fn outcome_json(outcome: &Outcome) -> (StatusCode, Value) {
             }),
         ),
     }
-}
-
-fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get(ACTOR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .unwrap_or("anonymous")
-        .to_string()
 }
 
 /// A config change as JSON.
@@ -273,6 +371,7 @@ fn read_change(
 
 async fn apply_config(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
     headers: HeaderMap,
     query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
@@ -280,9 +379,10 @@ async fn apply_config(
     let query =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
     let (yaml, message, canary) = read_change(&headers, Some(query.0), &body)?;
+    check_tenants(&identity, &service, Some(&yaml)).await?;
     let outcome = service
         .apply(Change {
-            author: actor(&headers),
+            author: identity.name,
             message,
             yaml,
             canary,
@@ -303,7 +403,9 @@ async fn validate_config(headers: HeaderMap, body: Bytes) -> Result<Json<Value>,
 
 async fn current_config(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
 ) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
     match service.store().current().await? {
         Some(revision) => {
             let mut body = full(&revision);
@@ -319,8 +421,15 @@ async fn current_config(
     }
 }
 
-async fn proxies(State(service): State<Arc<ConfigService>>) -> Json<Value> {
-    Json(crate::proxies_json(service.registry(), &service.views()))
+async fn proxies(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
+    Ok(Json(crate::proxies_json(
+        service.registry(),
+        &service.views(),
+    )))
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,8 +458,10 @@ fn checked_limit(
 
 async fn history(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
     query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
     let limit = checked_limit(query)?;
     let revisions = service.store().history(limit).await?;
     Ok(Json(Value::Array(revisions.iter().map(summary).collect())))
@@ -358,8 +469,10 @@ async fn history(
 
 async fn revision(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
     Path(version): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
     let version = parse_version(&version)?;
     Ok(Json(full(&service.store().revision(version).await?)))
 }
@@ -382,11 +495,13 @@ struct RollbackBody {
 
 async fn rollback(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
     Path(version): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let version = parse_version(&version)?;
+    let restored = service.store().revision(version).await?;
+    check_tenants(&identity, &service, Some(&restored.yaml)).await?;
     let body: RollbackBody = if body.is_empty() {
         RollbackBody::default()
     } else {
@@ -394,7 +509,7 @@ async fn rollback(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?
     };
     let outcome = service
-        .rollback(version, &actor(&headers), &body.message)
+        .rollback(version, &identity.name, &body.message)
         .await?;
     let (status, body) = outcome_json(&outcome);
     Ok((status, Json(body)))
@@ -402,11 +517,130 @@ async fn rollback(
 
 async fn events(
     State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
     query: Result<Query<Limit>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
     let limit = checked_limit(query)?;
     let events = service.store().events(limit).await?;
     Ok(Json(json!(events)))
+}
+
+/// A token asked for (`POST /v1/tokens`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    role: String,
+    #[serde(default)]
+    tenants: Vec<String>,
+    /// A lifetime such as `30d` or `12h`; none: until revoked.
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Store(e) => ApiError::from(e),
+            AuthError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            e => ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()),
+        }
+    }
+}
+
+async fn create_token(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body: TokenBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+    let role = Role::parse(&body.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("role: {:?} is not viewer, operator or admin", body.role),
+        )
+    })?;
+    // A caller limited to tenants hands out no more than it has.
+    if !identity.tenants.is_empty()
+        && (body.tenants.is_empty() || !body.tenants.iter().all(|t| identity.tenants.contains(t)))
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may create tokens for tenants {} only",
+                identity.name,
+                identity.tenants.join(", ")
+            ),
+        ));
+    }
+    let ttl = body
+        .ttl
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?;
+    let new = crate::auth::mint(&body.name, role, body.tenants, ttl, &identity.name)?;
+    service.store().create_token(&new.stored).await?;
+    let mut answer = token_json(&new.stored);
+    answer["token"] = json!(new.token);
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// A token as the API shows it: never its secret or digest.
+fn token_json(token: &crate::store::StoredToken) -> Value {
+    let state = if token.revoked_at_ms.is_some() {
+        "revoked"
+    } else if token.usable_at(now_ms()) {
+        "active"
+    } else {
+        "expired"
+    };
+    let mut value = json!(token);
+    value["state"] = json!(state);
+    value
+}
+
+/// Whether `identity` may see and revoke `token`: a caller limited to tenants only
+/// those limited to some of its tenants.
+fn within_scope(identity: &Identity, token: &crate::store::StoredToken) -> bool {
+    identity.tenants.is_empty()
+        || (!token.tenants.is_empty() && token.tenants.iter().all(|t| identity.tenants.contains(t)))
+}
+
+async fn list_tokens(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+) -> Result<Json<Value>, ApiError> {
+    let tokens = service.store().tokens().await?;
+    Ok(Json(Value::Array(
+        tokens
+            .iter()
+            .filter(|t| within_scope(&identity, t))
+            .map(token_json)
+            .collect(),
+    )))
+}
+
+async fn revoke_token(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let visible = service
+        .store()
+        .token_named(&name)
+        .await?
+        .is_some_and(|t| within_scope(&identity, &t));
+    if visible && service.store().revoke_token(&name, &identity.name).await? {
+        Ok(Json(json!({ "revoked": name })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no token named {name:?} (nip token list)"),
+        ))
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

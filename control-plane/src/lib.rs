@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod service;
 pub mod store;
 
@@ -49,6 +50,9 @@ pub struct ControlPlaneOptions {
     pub api_address: SocketAddr,
     /// How often the file and the store are checked for changes.
     pub watch_interval: Duration,
+    /// The first admin token: read from this file if it exists (and made known to the
+    /// store), else made and written here when the store has no usable admin token.
+    pub admin_token_file: PathBuf,
 }
 
 /// Why the control plane could not start.
@@ -73,6 +77,9 @@ pub enum ControlPlaneError {
         /// What went wrong.
         error: ChangeError,
     },
+    /// The admin token could not be read, made or stored.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
     /// The xDS port could not be bound or served.
     #[error("xDS server on {address}: {reason}")]
     Serve {
@@ -143,6 +150,18 @@ async fn apply_file(path: &Path, service: &ConfigService) -> Result<(), ControlP
 /// config file, if any).
 pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> {
     let store = Store::open(&options.store).await?;
+    match auth::bootstrap_admin(&store, &options.admin_token_file).await? {
+        auth::Bootstrap::Created => tracing::info!(
+            file = %options.admin_token_file.display(),
+            "made the first admin token; the CLI reads it from this file (or NIP_TOKEN)"
+        ),
+        auth::Bootstrap::Imported => tracing::info!(
+            file = %options.admin_token_file.display(),
+            "admin token from the file is now known to the store"
+        ),
+        auth::Bootstrap::Unchanged => {}
+    }
+    let authenticator = auth::Authenticator::new(store.clone());
     let cache = Arc::new(SnapshotCache::default());
     let registry = Arc::new(ProxyRegistry::default());
     let service = Arc::new(ConfigService::new(store, cache.clone(), registry.clone()));
@@ -164,7 +183,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     );
     let api_service = Arc::clone(&service);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(api, api::router(api_service)).await {
+        if let Err(e) = axum::serve(api, api::router(api_service, authenticator)).await {
             tracing::error!("REST API stopped: {e}");
         }
     });

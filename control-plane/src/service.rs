@@ -67,9 +67,9 @@ impl From<StoreError> for ChangeError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(version) => ChangeError::NotFound(version),
-            e @ (StoreError::CanaryInProgress { .. } | StoreError::WrongState { .. }) => {
-                ChangeError::Conflict(e.to_string())
-            }
+            e @ (StoreError::CanaryInProgress { .. }
+            | StoreError::WrongState { .. }
+            | StoreError::NameTaken(_)) => ChangeError::Conflict(e.to_string()),
             e => ChangeError::Store(e),
         }
     }

@@ -45,6 +45,9 @@ pub enum StoreError {
         /// Its region.
         region: String,
     },
+    /// A token of this name exists already.
+    #[error("a token named {0:?} exists already")]
+    NameTaken(String),
     /// The operation does not apply to this revision.
     #[error("version {version} is {state}, not {expected}")]
     WrongState {
@@ -202,13 +205,22 @@ pub fn now_ms() -> i64 {
 /// The schema, embedded in the binary.
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("revisions and events"),
-            MigrationType::Simple,
-            Cow::Borrowed(include_str!("../migrations/0001_revisions.sql")),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("revisions and events"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0001_revisions.sql")),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("api tokens"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0002_tokens.sql")),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -627,6 +639,10 @@ fn is_write_race(error: &sqlx::Error) -> bool {
 async fn race_pause() {
     tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(2..20))).await;
 }
+
+mod tokens;
+
+pub use tokens::StoredToken;
 
 #[cfg(test)]
 mod tests;

@@ -92,6 +92,8 @@ struct ControlPlane {
     child: Child,
     api: String,
     xds: String,
+    /// `Bearer <the admin token the control plane made>`.
+    authorization: String,
 }
 
 impl Drop for ControlPlane {
@@ -104,24 +106,30 @@ impl Drop for ControlPlane {
 impl ControlPlane {
     fn start(nip: &str, store_dir: &std::path::Path) -> Result<ControlPlane, Failure> {
         let (xds_port, api_port) = (free_port()?, free_port()?);
+        let token_file = store_dir.join("admin-token");
         let child = Command::new(nip)
             .args(["control-plane", "--store"])
             .arg(format!("sqlite://{}/store.db", store_dir.display()))
+            .arg("--admin-token-file")
+            .arg(&token_file)
             .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
             .args(["--api-address", &format!("127.0.0.1:{api_port}")])
             .env("NIP_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?;
-        let control_plane = ControlPlane {
+        let mut control_plane = ControlPlane {
             child,
             api: format!("http://127.0.0.1:{api_port}"),
             xds: format!("http://127.0.0.1:{xds_port}"),
+            authorization: String::new(),
         };
         for _ in 0..500 {
-            if ureq::get(&format!("{}/v1/proxies", control_plane.api))
+            if ureq::get(&format!("{}/v1/openapi.json", control_plane.api))
                 .call()
                 .is_ok()
             {
+                let token = std::fs::read_to_string(&token_file)?;
+                control_plane.authorization = format!("Bearer {}", token.trim());
                 return Ok(control_plane);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -134,7 +142,7 @@ impl ControlPlane {
         let body = serde_json::json!({ "yaml": yaml }).to_string();
         let mut response = ureq::post(&format!("{}/v1/config", self.api))
             .header("content-type", "application/json")
-            .header("x-nip-actor", "bench")
+            .header("authorization", &self.authorization)
             .send(body)?;
         let answer: serde_json::Value =
             serde_json::from_str(&response.body_mut().read_to_string()?)?;
@@ -143,7 +151,9 @@ impl ControlPlane {
 
     /// How many proxies run `version`, as the control plane sees their ACKs.
     fn running(&self, version: &str) -> Result<usize, Failure> {
-        let mut response = ureq::get(&format!("{}/v1/proxies", self.api)).call()?;
+        let mut response = ureq::get(&format!("{}/v1/proxies", self.api))
+            .header("authorization", &self.authorization)
+            .call()?;
         let proxies: serde_json::Value =
             serde_json::from_str(&response.body_mut().read_to_string()?)?;
         Ok(proxies.as_array().map_or(0, |all| {
