@@ -389,7 +389,10 @@ mod tests {
             .await
             .unwrap();
         let file = dir.path().join("secrets/admin-token");
-        assert_eq!(bootstrap_admin(&store, &file).await.unwrap(), Bootstrap::Created);
+        assert_eq!(
+            bootstrap_admin(&store, &file).await.unwrap(),
+            Bootstrap::Created
+        );
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
@@ -399,21 +402,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(me.role, Role::Admin);
-        assert_eq!(bootstrap_admin(&store, &file).await.unwrap(), Bootstrap::Unchanged);
+        assert_eq!(
+            bootstrap_admin(&store, &file).await.unwrap(),
+            Bootstrap::Unchanged
+        );
 
         // Another store (a replica's, or a new database) given the same file imports it.
         let other = Store::open(&format!("sqlite://{}/b.db", dir.path().display()))
             .await
             .unwrap();
-        assert_eq!(bootstrap_admin(&other, &file).await.unwrap(), Bootstrap::Imported);
+        assert_eq!(
+            bootstrap_admin(&other, &file).await.unwrap(),
+            Bootstrap::Imported
+        );
         assert!(Authenticator::new(other.clone())
             .authenticate(Some(&format!("Bearer {token}")))
             .await
             .is_ok());
 
         // Revoked stays revoked, file or not; a file whose token differs is an error.
-        store.revoke_token(&me.name["token:".len()..], "test").await.unwrap();
-        assert_eq!(bootstrap_admin(&store, &file).await.unwrap(), Bootstrap::Unchanged);
+        store
+            .revoke_token(&me.name["token:".len()..], "test")
+            .await
+            .unwrap();
+        assert_eq!(
+            bootstrap_admin(&store, &file).await.unwrap(),
+            Bootstrap::Unchanged
+        );
         assert!(matches!(
             auth.authenticate(Some(&format!("Bearer {token}"))).await,
             Err(AuthError::Invalid("the token was revoked"))
@@ -424,7 +439,12 @@ mod tests {
             bootstrap_admin(&store, &file).await,
             Err(AuthError::File { .. })
         ));
-        for header in [None, Some("Basic abc"), Some("Bearer nip_x"), Some("Bearer ")] {
+        for header in [
+            None,
+            Some("Basic abc"),
+            Some("Bearer nip_x"),
+            Some("Bearer "),
+        ] {
             assert!(auth.authenticate(header).await.is_err(), "{header:?}");
         }
     }

@@ -206,6 +206,63 @@ async fn concurrent_replicas(url: &str) {
     assert_eq!(reopened.current().await.unwrap().unwrap().version, 20);
 }
 
+/// Tokens: stored with their digest only, found by id and name, names unique, revocation
+/// for good and recorded.
+async fn tokens(store: &Store) {
+    let token = StoredToken {
+        id: "0123456789ab".into(),
+        name: "ci".into(),
+        role: "operator".into(),
+        tenants: vec!["acme".into(), "globex".into()],
+        secret_sha256: "d".repeat(64),
+        created_at_ms: now_ms(),
+        created_by: "token:root".into(),
+        expires_at_ms: Some(now_ms() + 60_000),
+        revoked_at_ms: None,
+    };
+    store.create_token(&token).await.unwrap();
+    assert_eq!(
+        store.token("0123456789ab").await.unwrap().as_ref(),
+        Some(&token)
+    );
+    assert_eq!(
+        store.token_named("ci").await.unwrap().as_ref(),
+        Some(&token)
+    );
+    assert_eq!(store.token("ffffffffffff").await.unwrap(), None);
+    let taken = StoredToken {
+        id: "ba9876543210".into(),
+        ..token.clone()
+    };
+    assert!(matches!(
+        store.create_token(&taken).await,
+        Err(StoreError::NameTaken(name)) if name == "ci"
+    ));
+    assert!(store.revoke_token("ci", "token:root").await.unwrap());
+    assert!(!store.revoke_token("nobody", "token:root").await.unwrap());
+    let revoked = store.token("0123456789ab").await.unwrap().unwrap();
+    assert!(revoked.revoked_at_ms.is_some() && !revoked.usable_at(now_ms()));
+    assert_eq!(store.tokens().await.unwrap().len(), 1);
+    let events = store.events(10).await.unwrap();
+    assert_eq!(
+        (events[0].action.as_str(), events[0].actor.as_str()),
+        ("token_revoked", "token:root")
+    );
+    assert_eq!(events[1].action, "token_created");
+}
+
+#[tokio::test]
+async fn sqlite_tokens() {
+    let (store, _, _dir) = sqlite().await;
+    tokens(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_tokens() {
+    let (store, _) = postgres().await;
+    tokens(&store).await;
+}
+
 #[tokio::test]
 async fn sqlite_history_and_rollback() {
     let (store, _, _dir) = sqlite().await;

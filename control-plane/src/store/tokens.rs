@@ -1,5 +1,5 @@
 //! API tokens in the store: created, looked up by id, listed and revoked. Only the SHA-256
-//! of a token's secret is stored; [`crate::auth`] makes the secrets and checks them.
+//! of a token's secret is stored; the auth layer above makes the secrets and checks them.
 
 use super::{insert_event, is_write_race, now_ms, race_pause, Store, StoreError, INSERT_ATTEMPTS};
 use sqlx::any::AnyRow;
