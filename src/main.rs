@@ -63,6 +63,10 @@ enum Command {
         /// when the store has no usable admin token.
         #[arg(long, env = "NIP_ADMIN_TOKEN_FILE", default_value_os_t = default_admin_token_file())]
         admin_token_file: PathBuf,
+        /// A host plugin `source.url`s may name (repeat; `*.example.com` for subdomains).
+        /// None: configs with plugin URLs are refused.
+        #[arg(long = "allow-plugin-host")]
+        plugin_hosts: Vec<String>,
         /// Address the REST API is served on.
         #[arg(long, default_value = "127.0.0.1:18001")]
         api_address: std::net::SocketAddr,
@@ -83,6 +87,10 @@ enum Command {
         /// How long the canary region's proxies have to ACK.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         canary_timeout: Duration,
+        /// Apply even a config that serves nothing (no routes, or a routed service with
+        /// no endpoints).
+        #[arg(long)]
+        allow_empty: bool,
         /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
@@ -342,6 +350,7 @@ fn main() -> ExitCode {
             message,
             canary,
             canary_timeout,
+            allow_empty,
             json,
             remote,
         } => remote::apply(
@@ -351,6 +360,7 @@ fn main() -> ExitCode {
                 message,
                 canary,
                 canary_timeout,
+                allow_empty,
                 json,
             },
         ),
@@ -370,6 +380,7 @@ fn main() -> ExitCode {
             config,
             xds_address,
             admin_token_file,
+            plugin_hosts,
             api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
             store,
@@ -378,6 +389,7 @@ fn main() -> ExitCode {
             api_address,
             watch_interval: Duration::from_millis(200),
             admin_token_file,
+            policy: nip_control_plane::service::ChangePolicy { plugin_hosts },
         }),
         Command::Token { action, remote } => match action {
             TokenAction::Create {
@@ -458,6 +470,7 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         api_address: std::net::SocketAddr::from(([127, 0, 0, 1], ports.api_port)),
         watch_interval: Duration::from_millis(200),
         admin_token_file: dir.join("admin-token"),
+        policy: nip_control_plane::service::ChangePolicy::default(),
     };
     let control_plane = std::thread::Builder::new()
         .name("nip-demo-control-plane".into())

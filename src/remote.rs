@@ -185,6 +185,8 @@ pub struct ApplyOptions {
     pub canary: Option<String>,
     /// How long the canary region has to ACK.
     pub canary_timeout: Duration,
+    /// Apply even a config that serves nothing.
+    pub allow_empty: bool,
     /// Print the API's JSON.
     pub json: bool,
 }
@@ -197,7 +199,11 @@ pub fn apply(remote: &Remote, file: &Path, options: &ApplyOptions) -> ExitCode {
 fn apply_inner(remote: &Remote, file: &Path, options: &ApplyOptions) -> Result<(), Failure> {
     let yaml = std::fs::read_to_string(file)
         .map_err(|e| Failure::other(format!("cannot read {}: {e}", file.display())))?;
-    let mut body = json!({ "yaml": yaml, "message": options.message });
+    let mut body = json!({
+        "yaml": yaml,
+        "message": options.message,
+        "allow_empty": options.allow_empty,
+    });
     if let Some(region) = &options.canary {
         body["canary"] = json!({
             "region": region,

@@ -1261,3 +1261,59 @@ async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
         .unwrap();
     assert_eq!(escalate.status(), 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_cannot_black_out_the_fleet_or_send_proxies_to_a_url_of_its_choice() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let http = control_plane.http();
+    let post = |yaml: String, query: &str| {
+        http.post(control_plane.api(&format!("/v1/config{query}")))
+            .header("content-type", "application/yaml")
+            .body(yaml)
+            .send()
+    };
+    assert_eq!(post(services(&["web"]), "").await.unwrap().status(), 201);
+    // An empty body, or a service in use left with no endpoints: 422 naming why.
+    for (yaml, path) in [
+        (String::new(), "routes"),
+        (
+            "services:\n  web: { endpoints: [] }\nroutes:\n  - { service: web }\n".to_string(),
+            "services.web.endpoints",
+        ),
+    ] {
+        let refused = post(yaml.clone(), "").await.unwrap();
+        assert_eq!(refused.status(), 422);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["errors"][0]["path"], path, "{body}");
+        assert!(body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-empty"));
+        // Meant: the explicit flag lets it through (API and CLI alike).
+        if path == "routes" {
+            assert_eq!(post(yaml, "?allow_empty=true").await.unwrap().status(), 201);
+        } else {
+            let cli = control_plane.apply(&yaml, &[]);
+            assert_eq!(cli.status.code(), Some(2), "{}", stderr(&cli));
+            assert!(stderr(&cli).contains("services.web.endpoints"));
+            assert!(control_plane
+                .apply(&yaml, &["--allow-empty"])
+                .status
+                .success());
+        }
+    }
+    // A plugin URL on a host this control plane was not told to allow: refused before any
+    // proxy could be told to fetch it.
+    let fetch = format!(
+        "plugins:\n  p: {{ source: {{ url: \"http://169.254.169.254/latest/meta-data\", sha256: \"{}\" }} }}\n{}",
+        "0".repeat(64),
+        services(&["web"])
+    );
+    let refused = post(fetch, "").await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["path"], "plugins.p.source.url", "{body}");
+    let events = control_plane.get_json("/v1/events").await;
+    assert_eq!(events[0]["action"], "refused", "{events}");
+}

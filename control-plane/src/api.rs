@@ -273,6 +273,8 @@ struct ApplyBody {
     message: String,
     #[serde(default)]
     canary: Option<CanaryBody>,
+    #[serde(default)]
+    allow_empty: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +295,8 @@ struct ApplyQuery {
     canary: Option<String>,
     #[serde(default)]
     canary_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    allow_empty: bool,
 }
 
 fn canary_of(region: Option<String>, timeout: Option<f64>) -> Result<Option<Canary>, ApiError> {
@@ -335,11 +339,19 @@ pub fn check_body(content_type: &str, body: &[u8]) -> Result<(), u16> {
     if let Ok(value) = content_type.parse() {
         headers.insert(axum::http::header::CONTENT_TYPE, value);
     }
-    let (yaml, _, _) = read_change(&headers, None, &Bytes::copy_from_slice(body))
+    let change = read_change(&headers, None, &Bytes::copy_from_slice(body))
         .map_err(|e| e.status.as_u16())?;
-    validate(&yaml)
+    validate(&change.yaml)
         .map(drop)
         .map_err(|e| ApiError::invalid(&e).status.as_u16())
+}
+
+/// A change as a request asks for it.
+struct ChangeRequest {
+    yaml: String,
+    message: String,
+    canary: Option<Canary>,
+    allow_empty: bool,
 }
 
 /// Reads a change from a JSON or raw YAML body.
@@ -347,7 +359,7 @@ fn read_change(
     headers: &HeaderMap,
     query: Option<ApplyQuery>,
     body: &Bytes,
-) -> Result<(String, String, Option<Canary>), ApiError> {
+) -> Result<ChangeRequest, ApiError> {
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -359,14 +371,24 @@ fn read_change(
             Some(c) => canary_of(Some(c.region), c.timeout_seconds)?,
             None => None,
         };
-        return Ok((body.yaml, body.message, canary));
+        return Ok(ChangeRequest {
+            yaml: body.yaml,
+            message: body.message,
+            canary,
+            allow_empty: body.allow_empty,
+        });
     }
     let yaml = std::str::from_utf8(body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "request body: not UTF-8 text"))?
         .to_string();
     let query = query.unwrap_or_default();
     let canary = canary_of(query.canary, query.canary_timeout_seconds)?;
-    Ok((yaml, query.message, canary))
+    Ok(ChangeRequest {
+        yaml,
+        message: query.message,
+        canary,
+        allow_empty: query.allow_empty,
+    })
 }
 
 async fn apply_config(
@@ -378,15 +400,16 @@ async fn apply_config(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let query =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
-    let (yaml, message, canary) = read_change(&headers, Some(query.0), &body)?;
-    check_tenants(&identity, &service, Some(&yaml)).await?;
+    let request = read_change(&headers, Some(query.0), &body)?;
+    check_tenants(&identity, &service, Some(&request.yaml)).await?;
     let outcome = service
         .apply(Change {
             author: identity.name,
-            message,
-            yaml,
-            canary,
+            message: request.message,
+            yaml: request.yaml,
+            canary: request.canary,
             action: RevisionAction::Apply,
+            allow_empty: request.allow_empty,
         })
         .await?;
     let (status, body) = outcome_json(&outcome);
@@ -394,8 +417,8 @@ async fn apply_config(
 }
 
 async fn validate_config(headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let (yaml, _, _) = read_change(&headers, None, &body)?;
-    let validated = validate_bounded(yaml)
+    let request = read_change(&headers, None, &body)?;
+    let validated = validate_bounded(request.yaml)
         .await
         .map_err(|e| ApiError::invalid(&e))?;
     Ok(Json(json!({ "valid": true, "notes": validated.notes })))

@@ -53,6 +53,8 @@ pub struct ControlPlaneOptions {
     /// The first admin token: read from this file if it exists (and made known to the
     /// store), else made and written here when the store has no usable admin token.
     pub admin_token_file: PathBuf,
+    /// The operator's rules for changes (which hosts plugin URLs may name).
+    pub policy: service::ChangePolicy,
 }
 
 /// Why the control plane could not start.
@@ -126,6 +128,8 @@ async fn apply_file(path: &Path, service: &ConfigService) -> Result<(), ControlP
             yaml,
             canary: None,
             action: RevisionAction::File,
+            // The operator's own file: what it says is meant.
+            allow_empty: true,
         })
         .await
         .map_err(|error| match error {
@@ -164,7 +168,12 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     let authenticator = auth::Authenticator::new(store.clone());
     let cache = Arc::new(SnapshotCache::default());
     let registry = Arc::new(ProxyRegistry::default());
-    let service = Arc::new(ConfigService::new(store, cache.clone(), registry.clone()));
+    let service = Arc::new(ConfigService::new(
+        store,
+        cache.clone(),
+        registry.clone(),
+        options.policy.clone(),
+    ));
     service.sync().await?;
     if let Some(path) = &options.config {
         apply_file(path, &service).await?;

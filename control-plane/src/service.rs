@@ -16,7 +16,7 @@
 use crate::store::{
     now_ms, Head, NewRevision, Revision, RevisionAction, RevisionState, Store, StoreError,
 };
-use nip_xds::config::{Config, ConfigError};
+use nip_xds::config::{Config, ConfigError, FieldError};
 use nip_xds::server::{CacheState, ProxyRegistry, SnapshotCache, Views};
 use nip_xds::translate::translate;
 use std::collections::BTreeMap;
@@ -84,6 +84,98 @@ pub struct Canary {
     pub timeout: Duration,
 }
 
+/// What this control plane accepts beyond a valid document: rules of the operator's, not
+/// of the config format.
+#[derive(Debug, Clone, Default)]
+pub struct ChangePolicy {
+    /// Hosts a plugin's `source.url` may point at (exact host names, or `*.example.com`
+    /// for its subdomains). Empty: no URL sources, so an apply can never make every proxy
+    /// fetch an address of the caller's choosing.
+    pub plugin_hosts: Vec<String>,
+}
+
+impl ChangePolicy {
+    /// Every problem of `config` under this policy, with its field path; with
+    /// `allow_empty`, a config that serves nothing is let through.
+    pub fn problems(&self, config: &Config, allow_empty: bool) -> Vec<FieldError> {
+        let mut problems = Vec::new();
+        for (name, plugin) in &config.plugins {
+            let Some(url) = plugin.source.as_ref().and_then(|s| s.url.as_deref()) else {
+                continue;
+            };
+            let host = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_ascii_lowercase))
+                .unwrap_or_default();
+            if !self
+                .plugin_hosts
+                .iter()
+                .any(|allowed| host_allowed(allowed, &host))
+            {
+                problems.push(FieldError {
+                    path: format!("plugins.{name}.source.url"),
+                    message: if self.plugin_hosts.is_empty() {
+                        "this control plane takes no plugin URLs (start it with \
+                         --allow-plugin-host HOST to allow a registry)"
+                            .to_string()
+                    } else {
+                        format!(
+                            "{host:?} is not an allowed plugin host ({})",
+                            self.plugin_hosts.join(", ")
+                        )
+                    },
+                });
+            }
+        }
+        if allow_empty {
+            return problems;
+        }
+        if config.routes.is_empty() {
+            problems.push(FieldError {
+                path: "routes".into(),
+                message: "no routes: every request would answer 404 (apply with --allow-empty \
+                          if that is meant)"
+                    .into(),
+            });
+        }
+        for (i, route) in config.routes.iter().enumerate() {
+            let targets = route
+                .service
+                .iter()
+                .chain(route.split.iter().map(|s| &s.service));
+            for service in targets {
+                if config
+                    .services
+                    .get(service)
+                    .is_some_and(|s| s.endpoints.is_empty())
+                {
+                    problems.push(FieldError {
+                        path: format!("services.{service}.endpoints"),
+                        message: format!(
+                            "empty, but routes[{i}] sends traffic here: it would answer 503 \
+                             (apply with --allow-empty if that is meant)"
+                        ),
+                    });
+                }
+            }
+        }
+        problems.dedup();
+        problems
+    }
+}
+
+/// `host` matches `allowed`: equal, or a subdomain of `*.domain`.
+fn host_allowed(allowed: &str, host: &str) -> bool {
+    let allowed = allowed.to_ascii_lowercase();
+    match allowed.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+        None => !host.is_empty() && host == allowed,
+    }
+}
+
 /// A change someone asks for.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -97,6 +189,9 @@ pub struct Change {
     pub canary: Option<Canary>,
     /// How the change came (API or the followed file).
     pub action: RevisionAction,
+    /// Apply even a config that serves nothing (no routes, or a routed service with no
+    /// endpoints).
+    pub allow_empty: bool,
 }
 
 /// What a change did.
@@ -216,6 +311,8 @@ pub struct ConfigService {
     served: tokio::sync::Mutex<Option<Head>>,
     /// One change at a time per replica (validation to commit).
     changing: tokio::sync::Mutex<()>,
+    /// The operator's rules for changes.
+    policy: ChangePolicy,
     /// When the cache last changed.
     last_push: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// How many times the cache changed.
@@ -224,13 +321,19 @@ pub struct ConfigService {
 
 impl ConfigService {
     /// A service over `store`, serving into `cache`, reading ACKs from `registry`.
-    pub fn new(store: Store, cache: Arc<SnapshotCache>, registry: Arc<ProxyRegistry>) -> Self {
+    pub fn new(
+        store: Store,
+        cache: Arc<SnapshotCache>,
+        registry: Arc<ProxyRegistry>,
+        policy: ChangePolicy,
+    ) -> Self {
         ConfigService {
             store,
             cache,
             registry,
             served: tokio::sync::Mutex::new(None),
             changing: tokio::sync::Mutex::new(()),
+            policy,
             last_push: std::sync::Mutex::new(None),
             pushes: std::sync::atomic::AtomicU64::new(0),
         }
@@ -341,13 +444,30 @@ impl ConfigService {
         self.sync().await
     }
 
+    /// [`validate`], then this control plane's [`ChangePolicy`].
+    async fn check(&self, yaml: String, allow_empty: bool) -> Result<(), ConfigError> {
+        let policy = self.policy.clone();
+        off_async_workers(move || {
+            validate(&yaml)?;
+            let config = Config::from_yaml(&yaml)?;
+            let problems = policy.problems(&config, allow_empty);
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(problems))
+            }
+        })
+        .await
+    }
+
     /// Validates, stores and serves `change`; with a canary, waits for the region's
     /// proxies and promotes or rolls back.
     pub async fn apply(&self, change: Change) -> Result<Outcome, ChangeError> {
         let started = SystemTime::now();
         let revision = {
             let _one_change = self.changing.lock().await;
-            if let Err(e) = validate_bounded(change.yaml.clone()).await {
+            let checked = self.check(change.yaml.clone(), change.allow_empty).await;
+            if let Err(e) = checked {
                 self.store
                     .record(&change.author, "refused", None, &e.to_string())
                     .await?;
@@ -496,7 +616,9 @@ impl ConfigService {
                 }
             )));
         }
-        validate_bounded(target.yaml.clone())
+        // A version that was served once may restore an empty config on purpose; the
+        // plugin hosts allowed now still apply.
+        self.check(target.yaml.clone(), true)
             .await
             .map_err(ChangeError::Invalid)?;
         if let Some(current) = self.store.current().await? {

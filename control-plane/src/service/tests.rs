@@ -11,6 +11,7 @@ fn change(port: u16) -> Change {
         yaml: yaml(port),
         canary: None,
         action: RevisionAction::Apply,
+        allow_empty: false,
     }
 }
 
@@ -25,6 +26,7 @@ async fn a_burst_of_changes_is_one_or_two_pushes_and_ends_on_the_last() {
         store,
         Arc::clone(&cache),
         Arc::new(ProxyRegistry::default()),
+        ChangePolicy::default(),
     ));
     service.sync().await.unwrap();
     let before = service.pushes();
@@ -63,6 +65,7 @@ async fn a_canary_left_behind_by_a_dead_replica_is_rolled_back_by_the_next_sync(
         store.clone(),
         Arc::new(SnapshotCache::default()),
         Arc::new(ProxyRegistry::default()),
+        ChangePolicy::default(),
     );
     service.apply(change(9001)).await.unwrap();
     // A replica stored a canary and died: its deadline is long past.
@@ -92,4 +95,55 @@ async fn a_canary_left_behind_by_a_dead_replica_is_rolled_back_by_the_next_sync(
         service.apply(change(9003)).await,
         Ok(Outcome::Applied(_))
     ));
+}
+
+#[test]
+fn the_policy_refuses_unlisted_plugin_hosts_and_configs_that_serve_nothing() {
+    let config = |yaml: &str| Config::from_yaml(yaml).unwrap();
+    let sha = "0".repeat(64);
+    let with_url = |host: &str| {
+        config(&format!(
+            "plugins:\n  p: {{ source: {{ url: \"https://{host}/p.wasm\", sha256: \"{sha}\" }} }}\n{}",
+            yaml(9001)
+        ))
+    };
+    let closed = ChangePolicy::default();
+    let paths =
+        |problems: Vec<FieldError>| problems.into_iter().map(|p| p.path).collect::<Vec<_>>();
+    assert_eq!(
+        paths(closed.problems(&with_url("registry.example.com"), false)),
+        ["plugins.p.source.url"]
+    );
+    let open = ChangePolicy {
+        plugin_hosts: vec!["registry.example.com".into(), "*.wasm.example.org".into()],
+    };
+    for (host, allowed) in [
+        ("registry.example.com", true),
+        ("REGISTRY.example.com", true),
+        ("a.wasm.example.org", true),
+        ("wasm.example.org", false),
+        ("evilwasm.example.org", false),
+        ("169.254.169.254", false),
+        ("registry.example.com.evil", false),
+    ] {
+        assert_eq!(
+            open.problems(&with_url(host), false).is_empty(),
+            allowed,
+            "{host}"
+        );
+    }
+
+    // Serving nothing takes an explicit allow_empty.
+    let empty = config("services:\n  web: { endpoints: [] }\n");
+    assert_eq!(paths(closed.problems(&empty, false)), ["routes"]);
+    assert!(closed.problems(&empty, true).is_empty());
+    let no_endpoints = config(
+        "services:\n  web: { endpoints: [] }\n  b: { endpoints: [\"127.0.0.1:1\"] }\nroutes:\n  - split: [{ service: web, weight: 1 }, { service: b, weight: 1 }]\n  - { service: web }\n",
+    );
+    let problems = closed.problems(&no_endpoints, false);
+    assert_eq!(
+        paths(problems.clone()),
+        ["services.web.endpoints", "services.web.endpoints"]
+    );
+    assert!(problems[1].message.contains("routes[1]"));
 }
