@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod service;
 pub mod store;
 

@@ -15,6 +15,8 @@
 //! * [`translate`] turns a validated config into Envoy's own resource types (`envoy-types`):
 //!   `Listener` + `HttpConnectionManager`, `RouteConfiguration`, `Cluster`,
 //!   `ClusterLoadAssignment`, and a `Bootstrap` holding node identity and the admin address.
+//! * [`identity`] names workloads (SPIFFE IDs), makes a proxy's key and CSR, and reads what
+//!   a certificate says about its holder.
 //! * [`resources`] groups one consistent set of resources under one content version.
 //! * [`client`] keeps a proxy's resource set in step with any ADS server, ACKing what the
 //!   proxy's compiler accepts and NACKing the rest with the reason.
@@ -28,6 +30,7 @@
 
 pub mod client;
 pub mod config;
+pub mod identity;
 pub mod json;
 pub mod resources;
 pub mod schema;
