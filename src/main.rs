@@ -192,9 +192,16 @@ enum TokenAction {
     Create {
         /// A name for it (what `nip token revoke` takes, and the audit trail shows).
         name: String,
-        /// viewer (reads), operator (also applies and rolls back) or admin (also tokens).
+        /// viewer (reads), operator (also applies and rolls back), admin (also tokens), or
+        /// join (gets a proxy its first certificate; 24 h unless --ttl).
         #[arg(long)]
         role: String,
+        /// A join token for this node id only.
+        #[arg(long)]
+        node: Option<String>,
+        /// A join token for nodes of this region only.
+        #[arg(long)]
+        region: Option<String>,
         /// Limit it to a tenant's config (repeat for several; none: every tenant).
         #[arg(long = "tenant")]
         tenants: Vec<String>,
@@ -395,6 +402,8 @@ fn main() -> ExitCode {
             TokenAction::Create {
                 name,
                 role,
+                node,
+                region,
                 tenants,
                 ttl,
                 json,
@@ -403,6 +412,8 @@ fn main() -> ExitCode {
                 &remote::NewTokenOptions {
                     name,
                     role,
+                    node,
+                    region,
                     tenants,
                     ttl,
                     json,

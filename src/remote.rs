@@ -409,8 +409,12 @@ fn rollback_inner(remote: &Remote, version: u64, message: &str) -> Result<(), Fa
 pub struct NewTokenOptions {
     /// The token's name (what `nip token revoke` takes).
     pub name: String,
-    /// viewer, operator or admin.
+    /// viewer, operator, admin or join.
     pub role: String,
+    /// A join token's node.
+    pub node: Option<String>,
+    /// A join token's region.
+    pub region: Option<String>,
     /// Tenants it is limited to (none: every tenant).
     pub tenants: Vec<String>,
     /// Lifetime, e.g. 30d (none: until revoked).
@@ -432,6 +436,12 @@ fn token_create_inner(remote: &Remote, options: &NewTokenOptions) -> Result<(), 
     });
     if let Some(ttl) = &options.ttl {
         body["ttl"] = json!(ttl);
+    }
+    if let Some(node) = &options.node {
+        body["node"] = json!(node);
+    }
+    if let Some(region) = &options.region {
+        body["region"] = json!(region);
     }
     let (status, answer) =
         remote.call("POST", "/v1/tokens", Some(&body), Duration::from_secs(30))?;
@@ -474,7 +484,7 @@ fn token_list_inner(remote: &Remote, json: bool) -> Result<(), Failure> {
     }
     println!(
         "{:<28} {:<9} {:<8} {:<16} {:<21} CREATED BY",
-        "NAME", "ROLE", "STATE", "TENANTS", "EXPIRES"
+        "NAME", "ROLE", "STATE", "SCOPE", "EXPIRES"
     );
     for token in tokens.as_array().into_iter().flatten() {
         let tenants: Vec<&str> = token["tenants"]

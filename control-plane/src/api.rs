@@ -557,10 +557,19 @@ struct TokenBody {
     role: String,
     #[serde(default)]
     tenants: Vec<String>,
-    /// A lifetime such as `30d` or `12h`; none: until revoked.
+    /// A lifetime such as `30d` or `12h`; none: until revoked (join tokens: 24 h).
     #[serde(default)]
     ttl: Option<String>,
+    /// A join token for this node id only.
+    #[serde(default)]
+    node: Option<String>,
+    /// A join token for nodes of this region only.
+    #[serde(default)]
+    region: Option<String>,
 }
+
+/// How long a join token lives unless asked otherwise.
+const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
@@ -579,12 +588,26 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body: TokenBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
-    let role = Role::parse(&body.role).ok_or_else(|| {
-        ApiError::new(
+    let join = body.role == crate::auth::JOIN_ROLE;
+    let role = match Role::parse(&body.role) {
+        Some(role) => Some(role),
+        None if join => None,
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "role: {:?} is not viewer, operator, admin or join",
+                    body.role
+                ),
+            ))
+        }
+    };
+    if !join && (body.node.is_some() || body.region.is_some()) {
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("role: {:?} is not viewer, operator or admin", body.role),
-        )
-    })?;
+            "node and region limit join tokens (role: join) only",
+        ));
+    }
     // A caller limited to tenants hands out no more than it has.
     if !identity.tenants.is_empty()
         && (body.tenants.is_empty() || !body.tenants.iter().all(|t| identity.tenants.contains(t)))
@@ -604,7 +627,34 @@ async fn create_token(
         .map(humantime::parse_duration)
         .transpose()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl: {e}")))?;
-    let new = crate::auth::mint(&body.name, role, body.tenants, ttl, &identity.name)?;
+    let (kind, ttl) = match role {
+        Some(role) => (
+            crate::auth::TokenKind::Api {
+                role,
+                tenants: body.tenants,
+            },
+            ttl,
+        ),
+        None => {
+            use crate::auth::JoinScope;
+            let scope = match (body.node, body.region) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "a join token is for one node or one region, not both",
+                    ))
+                }
+                (Some(node), None) => JoinScope::Node(node),
+                (None, Some(region)) => JoinScope::Region(region),
+                (None, None) => JoinScope::Any,
+            };
+            (
+                crate::auth::TokenKind::Join(scope),
+                Some(ttl.unwrap_or(DEFAULT_JOIN_TTL)),
+            )
+        }
+    };
+    let new = crate::auth::mint(&body.name, kind, ttl, &identity.name)?;
     service.store().create_token(&new.stored).await?;
     let mut answer = token_json(&new.stored);
     answer["token"] = json!(new.token);

@@ -143,16 +143,93 @@ fn check_name(name: &str) -> Result<(), AuthError> {
     }
 }
 
-/// Makes a token of `role` for `tenants` (empty: all), valid for `ttl` (`None`: until
-/// revoked).
+/// The role column of a join token: it gets a proxy its first certificate and nothing else.
+pub const JOIN_ROLE: &str = "join";
+
+/// Which proxies may join with a join token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinScope {
+    /// Any node id.
+    Any,
+    /// Exactly this node id.
+    Node(String),
+    /// Nodes that say they are in this region.
+    Region(String),
+}
+
+impl JoinScope {
+    /// As stored: `node:ID`, `region:NAME`, or empty.
+    pub fn as_stored(&self) -> String {
+        match self {
+            JoinScope::Any => String::new(),
+            JoinScope::Node(id) => format!("node:{id}"),
+            JoinScope::Region(region) => format!("region:{region}"),
+        }
+    }
+
+    /// From what [`JoinScope::as_stored`] wrote.
+    pub fn from_stored(text: &str) -> JoinScope {
+        match text.split_once(':') {
+            Some(("node", id)) => JoinScope::Node(id.to_string()),
+            Some(("region", region)) => JoinScope::Region(region.to_string()),
+            _ => JoinScope::Any,
+        }
+    }
+
+    /// Whether a node `node_id` in `region` may join with it.
+    pub fn admits(&self, node_id: &str, region: &str) -> bool {
+        match self {
+            JoinScope::Any => true,
+            JoinScope::Node(id) => id == node_id,
+            JoinScope::Region(r) => r == region,
+        }
+    }
+}
+
+/// What a token is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Calls the REST API with a role, for some tenants (empty: all).
+    Api {
+        /// What it may do.
+        role: Role,
+        /// The tenants it may act on.
+        tenants: Vec<String>,
+    },
+    /// Gets a proxy its first certificate.
+    Join(JoinScope),
+}
+
+/// A join token checked: who may join with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinGrant {
+    /// The token's name (the audit trail's actor: `join:NAME`).
+    pub name: String,
+    /// Which nodes it admits.
+    pub scope: JoinScope,
+}
+
+/// Makes a token of `kind`, valid for `ttl` (`None`: until revoked).
 pub fn mint(
     name: &str,
-    role: Role,
-    tenants: Vec<String>,
+    kind: TokenKind,
     ttl: Option<Duration>,
     created_by: &str,
 ) -> Result<NewToken, AuthError> {
     check_name(name)?;
+    let (role, tenants, scope) = match kind {
+        TokenKind::Api { role, tenants } => (role.as_str().to_string(), tenants, String::new()),
+        TokenKind::Join(scope) => {
+            if let JoinScope::Node(id) = &scope {
+                nip_xds::identity::check_node_id(id)
+                    .map_err(|e| AuthError::BadRequest(format!("node: {e}")))?;
+            }
+            if matches!(&scope, JoinScope::Region(r) if r.is_empty() || r.contains(':')) {
+                return Err(AuthError::BadRequest("region: must name a region".into()));
+            }
+            (JOIN_ROLE.to_string(), Vec::new(), scope.as_stored())
+        }
+    };
     if let Some(bad) = tenants
         .iter()
         .find(|t| t.is_empty() || t.contains(',') || t.len() > 128)
@@ -176,13 +253,14 @@ pub fn mint(
         stored: StoredToken {
             id,
             name: name.to_string(),
-            role: role.as_str().to_string(),
+            role,
             tenants,
             secret_sha256: sha256_hex(secret.as_bytes()),
             created_at_ms: now,
             created_by: created_by.to_string(),
             expires_at_ms,
             revoked_at_ms: None,
+            scope,
         },
     })
 }
@@ -211,8 +289,8 @@ impl Authenticator {
         Authenticator { store }
     }
 
-    /// The identity behind an `Authorization` header value.
-    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+    /// The stored token behind an `Authorization: Bearer` header value, if it is usable.
+    async fn usable_token(&self, authorization: Option<&str>) -> Result<StoredToken, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let (scheme, token) = header.trim().split_once(' ').ok_or(AuthError::Missing)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
@@ -231,6 +309,30 @@ impl Authenticator {
         }
         if !stored.usable_at(now_ms()) {
             return Err(AuthError::Invalid("the token expired"));
+        }
+        Ok(stored)
+    }
+
+    /// The join grant behind an `Authorization` header value (a join token only).
+    pub async fn authenticate_join(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<JoinGrant, AuthError> {
+        let stored = self.usable_token(authorization).await?;
+        if stored.role != JOIN_ROLE {
+            return Err(AuthError::Invalid("not a join token"));
+        }
+        Ok(JoinGrant {
+            name: stored.name,
+            scope: JoinScope::from_stored(&stored.scope),
+        })
+    }
+
+    /// The identity behind an `Authorization` header value.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        let stored = self.usable_token(authorization).await?;
+        if stored.role == JOIN_ROLE {
+            return Err(AuthError::Invalid("a join token cannot call the API"));
         }
         let role = Role::parse(&stored.role).ok_or(AuthError::Invalid("the token has no role"))?;
         Ok(Identity {
@@ -283,6 +385,7 @@ pub async fn bootstrap_admin(store: &Store, file: &Path) -> Result<Bootstrap, Au
                 created_by: format!("file:{}", file.display()),
                 expires_at_ms: None,
                 revoked_at_ms: None,
+                scope: String::new(),
             };
             match store.create_token(&stored).await {
                 // Another replica imported it first.
@@ -300,13 +403,11 @@ pub async fn bootstrap_admin(store: &Store, file: &Path) -> Result<Bootstrap, Au
             if has_admin {
                 return Ok(Bootstrap::Unchanged);
             }
-            let new = mint(
-                BOOTSTRAP_TOKEN_NAME,
-                Role::Admin,
-                Vec::new(),
-                None,
-                "control-plane",
-            )?;
+            let admin = TokenKind::Api {
+                role: Role::Admin,
+                tenants: Vec::new(),
+            };
+            let new = mint(BOOTSTRAP_TOKEN_NAME, admin, None, "control-plane")?;
             let stored = StoredToken {
                 name: format!("{BOOTSTRAP_TOKEN_NAME}-{}", new.stored.id),
                 ..new.stored
@@ -342,23 +443,37 @@ mod tests {
 
     #[test]
     fn tokens_have_a_public_id_and_a_secret_only_whose_digest_is_kept() {
-        let new = mint("ci", Role::Operator, vec![], None, "token:root").unwrap();
+        let operator = |tenants: Vec<String>| TokenKind::Api {
+            role: Role::Operator,
+            tenants,
+        };
+        let new = mint("ci", operator(vec![]), None, "token:root").unwrap();
         let (id, secret) = split_token(&new.token).unwrap();
         assert_eq!(id, new.stored.id);
         assert_eq!(new.stored.secret_sha256, sha256_hex(secret.as_bytes()));
         assert!(!format!("{:?}", new.stored).contains(secret));
         assert_ne!(
-            mint("ci", Role::Operator, vec![], None, "x").unwrap().token,
+            mint("ci", operator(vec![]), None, "x").unwrap().token,
             new.token,
             "random every time"
         );
         for bad in ["nip_x_y", "Bearer", "nip_0123456789ab_short", "abc"] {
             assert_eq!(split_token(bad), None, "{bad}");
         }
-        assert!(mint("", Role::Viewer, vec![], None, "x").is_err());
-        assert!(mint("a b", Role::Viewer, vec![], None, "x").is_err());
-        assert!(mint("ok", Role::Viewer, vec!["a,b".into()], None, "x").is_err());
-        assert!(mint("ok", Role::Viewer, vec![], Some(Duration::ZERO), "x").is_err());
+        assert!(mint("", operator(vec![]), None, "x").is_err());
+        assert!(mint("a b", operator(vec![]), None, "x").is_err());
+        assert!(mint("ok", operator(vec!["a,b".into()]), None, "x").is_err());
+        assert!(mint("ok", operator(vec![]), Some(Duration::ZERO), "x").is_err());
+        let join = |scope| mint("j", TokenKind::Join(scope), None, "x");
+        assert_eq!(
+            join(JoinScope::Node("edge-1".into())).unwrap().stored.scope,
+            "node:edge-1"
+        );
+        assert!(join(JoinScope::Node("a/b".into())).is_err());
+        assert!(join(JoinScope::Region(String::new())).is_err());
+        let scope = JoinScope::from_stored("region:eu");
+        assert!(scope.admits("any", "eu") && !scope.admits("any", "us"));
+        assert!(JoinScope::from_stored("").admits("x", ""));
     }
 
     #[test]

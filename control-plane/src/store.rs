@@ -220,6 +220,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed(include_str!("../migrations/0002_tokens.sql")),
                 false,
             ),
+            Migration::new(
+                3,
+                Cow::Borrowed("join token scope"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0003_join_scope.sql")),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

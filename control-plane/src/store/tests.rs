@@ -219,6 +219,7 @@ async fn tokens(store: &Store) {
         created_by: "token:root".into(),
         expires_at_ms: Some(now_ms() + 60_000),
         revoked_at_ms: None,
+        scope: String::new(),
     };
     store.create_token(&token).await.unwrap();
     assert_eq!(

@@ -27,6 +27,8 @@ pub struct StoredToken {
     pub expires_at_ms: Option<i64>,
     /// When it was revoked, if it was.
     pub revoked_at_ms: Option<i64>,
+    /// For a join token: which node may use it (`node:ID`, `region:NAME`, empty: any).
+    pub scope: String,
 }
 
 impl StoredToken {
@@ -37,7 +39,7 @@ impl StoredToken {
 }
 
 const TOKEN_COLUMNS: &str = "id, name, role, tenants, secret_sha256, created_at_ms, created_by, \
-                             expires_at_ms, revoked_at_ms";
+                             expires_at_ms, revoked_at_ms, scope";
 
 fn token_from(row: &AnyRow) -> Result<StoredToken, sqlx::Error> {
     let tenants: String = row.try_get("tenants")?;
@@ -55,6 +57,7 @@ fn token_from(row: &AnyRow) -> Result<StoredToken, sqlx::Error> {
         created_by: row.try_get("created_by")?,
         expires_at_ms: row.try_get("expires_at_ms")?,
         revoked_at_ms: row.try_get("revoked_at_ms")?,
+        scope: row.try_get("scope")?,
     })
 }
 
@@ -85,7 +88,7 @@ impl Store {
     async fn try_create_token(&self, token: &StoredToken) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
-            "INSERT INTO nip_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO nip_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         ))
         .bind(&token.id)
         .bind(&token.name)
@@ -96,12 +99,13 @@ impl Store {
         .bind(&token.created_by)
         .bind(token.expires_at_ms)
         .bind(token.revoked_at_ms)
+        .bind(&token.scope)
         .execute(&mut *tx)
         .await?;
-        let scope = if token.tenants.is_empty() {
-            "every tenant".to_string()
-        } else {
-            format!("tenants {}", token.tenants.join(", "))
+        let scope = match (token.scope.as_str(), token.tenants.is_empty()) {
+            ("", true) => "every tenant".to_string(),
+            ("", false) => format!("tenants {}", token.tenants.join(", ")),
+            (scope, _) => scope.to_string(),
         };
         let detail = format!("token {:?}: {} for {scope}", token.name, token.role);
         insert_event(&mut tx, &token.created_by, "token_created", None, &detail).await?;
