@@ -127,11 +127,71 @@ async fn answer(
     Ok(response)
 }
 
-/// The demo proxy's own file: who it is, its admin port, its control plane.
-pub fn proxy_bootstrap(admin_port: u16, xds_port: u16) -> String {
+/// The demo proxy's node id.
+pub const DEMO_NODE: &str = "demo-proxy";
+
+/// The demo proxy's own file: who it is, its admin port, its control plane (mutual TLS:
+/// the CA's trust bundle, and the join token that gets it its first certificate).
+pub fn proxy_bootstrap(
+    admin_port: u16,
+    xds_port: u16,
+    bundle: &std::path::Path,
+    join_token: &std::path::Path,
+) -> String {
     format!(
-        "node:\n  id: demo-proxy\n  region: local\nadmin:\n  address: \"127.0.0.1:{admin_port}\"\ncontrol_plane:\n  address: \"127.0.0.1:{xds_port}\"\n"
+        "node:\n  id: {DEMO_NODE}\n  region: local\nadmin:\n  address: \"127.0.0.1:{admin_port}\"\ncontrol_plane:\n  address: \"127.0.0.1:{xds_port}\"\n  ca_file: \"{}\"\n  join_token_file: \"{}\"\n",
+        bundle.display(),
+        join_token.display()
     )
+}
+
+/// Waits for the demo control plane's admin token, then asks its API for a join token for
+/// the demo proxy (as an operator would with `nip token create --role join`) and writes it
+/// to `join_token`.
+pub fn make_join_token(
+    api_port: u16,
+    admin_token: &std::path::Path,
+    join_token: &std::path::Path,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .into();
+    let body = serde_json::json!({ "name": "demo-proxy-join", "role": "join", "node": DEMO_NODE });
+    loop {
+        let attempt = std::fs::read_to_string(admin_token)
+            .map_err(|e| e.to_string())
+            .and_then(|token| {
+                let mut response = agent
+                    .post(&format!("http://127.0.0.1:{api_port}/v1/tokens"))
+                    .header("authorization", &format!("Bearer {}", token.trim()))
+                    .header("content-type", "application/json")
+                    .send(body.to_string())
+                    .map_err(|e| e.to_string())?;
+                let text = response
+                    .body_mut()
+                    .read_to_string()
+                    .map_err(|e| e.to_string())?;
+                let answer: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
+                answer["token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| text.clone())
+            });
+        match attempt {
+            Ok(token) => {
+                return nip_control_plane::auth::write_private(join_token, &token)
+                    .map_err(|e| format!("{}: {e}", join_token.display()))
+            }
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(format!("no join token from the demo control plane: {e}"))
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 /// The desired config the demo's control plane serves: the same v4 YAML a user would write.

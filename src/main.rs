@@ -63,6 +63,31 @@ enum Command {
         /// when the store has no usable admin token.
         #[arg(long, env = "NIP_ADMIN_TOKEN_FILE", default_value_os_t = default_admin_token_file())]
         admin_token_file: PathBuf,
+        /// The trust domain of the identities its CA signs (spiffe://TRUST_DOMAIN/…).
+        #[arg(long, env = "NIP_TRUST_DOMAIN", default_value = "nip.local")]
+        trust_domain: String,
+        /// Where the CA keeps the roots it made (keys 0600).
+        #[arg(long, env = "NIP_CA_DIR", default_value_os_t = data_dir().join("ca"))]
+        ca_dir: PathBuf,
+        /// An intermediate CA certificate (PEM, with its chain) to sign with instead of a
+        /// root of its own; needs --ca-key.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The key of --ca-cert (PKCS#8 PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// The roots proxies trust with --ca-cert (default: the last certificate of its chain).
+        #[arg(long, requires = "ca_cert")]
+        ca_bundle: Option<PathBuf>,
+        /// How long a proxy's certificate lives (renewed at half-life).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        certificate_lifetime: Duration,
+        /// A DNS name or IP proxies reach the xDS port by (repeat; its bind IP is added).
+        #[arg(long = "server-name", default_value = "localhost")]
+        server_names: Vec<String>,
+        /// Serve ADS in plaintext to anyone, without certificates (development only).
+        #[arg(long)]
+        xds_plaintext: bool,
         /// A host plugin `source.url`s may name (repeat; `*.example.com` for subdomains).
         /// None: configs with plugin URLs are refused.
         #[arg(long = "allow-plugin-host")]
@@ -387,6 +412,14 @@ fn main() -> ExitCode {
             config,
             xds_address,
             admin_token_file,
+            trust_domain,
+            ca_dir,
+            ca_cert,
+            ca_key,
+            ca_bundle,
+            certificate_lifetime,
+            server_names,
+            xds_plaintext,
             plugin_hosts,
             api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
@@ -397,6 +430,21 @@ fn main() -> ExitCode {
             watch_interval: Duration::from_millis(200),
             admin_token_file,
             policy: nip_control_plane::service::ChangePolicy { plugin_hosts },
+            identity: (!xds_plaintext).then(|| nip_control_plane::IdentityOptions {
+                ca: nip_control_plane::ca::CaOptions {
+                    trust_domain,
+                    dir: ca_dir,
+                    issuer: ca_cert.zip(ca_key).map(|(cert, key)| {
+                        nip_control_plane::ca::IssuerFiles {
+                            cert,
+                            key,
+                            bundle: ca_bundle,
+                        }
+                    }),
+                    workload_lifetime: certificate_lifetime,
+                },
+                server_names,
+            }),
         }),
         Command::Token { action, remote } => match action {
             TokenAction::Create {
@@ -482,6 +530,15 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         watch_interval: Duration::from_millis(200),
         admin_token_file: dir.join("admin-token"),
         policy: nip_control_plane::service::ChangePolicy::default(),
+        identity: Some(nip_control_plane::IdentityOptions {
+            ca: nip_control_plane::ca::CaOptions {
+                trust_domain: "nip.local".into(),
+                dir: dir.join("ca"),
+                issuer: None,
+                workload_lifetime: nip_control_plane::ca::DEFAULT_WORKLOAD_LIFETIME,
+            },
+            server_names: vec!["localhost".into()],
+        }),
     };
     let control_plane = std::thread::Builder::new()
         .name("nip-demo-control-plane".into())
@@ -508,8 +565,21 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         },
         plugin.is_some(),
     );
+    let join_token = dir.join("join-token");
+    if let Err(e) = demo::make_join_token(ports.api_port, &dir.join("admin-token"), &join_token) {
+        eprintln!("nip demo: {e}");
+        return ExitCode::FAILURE;
+    }
+    let bundle = dir
+        .join("ca")
+        .join(nip_control_plane::ca::TRUST_BUNDLE_FILE);
     run_proxy(ProxyOptions {
-        source: ConfigSource::Embedded(demo::proxy_bootstrap(ports.admin_port, ports.xds_port)),
+        source: ConfigSource::Embedded(demo::proxy_bootstrap(
+            ports.admin_port,
+            ports.xds_port,
+            &bundle,
+            &join_token,
+        )),
         threads: cpus.min(2),
         drain_timeout: Duration::from_secs(5),
         watch_interval: Duration::from_secs(3600),

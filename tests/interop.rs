@@ -92,13 +92,15 @@ async fn echo_server(name: &str) -> (Background, u16) {
     (server, port)
 }
 
-fn apply(api: &str, yaml: &str) {
+fn apply(api: &str, token_file: &std::path::Path, yaml: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), yaml).unwrap();
     let output = Command::new(nip_bin())
         .args(["apply", "-f"])
         .arg(file.path())
         .args(["--control-plane", api])
+        .arg("--token-file")
+        .arg(token_file)
         .output()
         .unwrap();
     assert!(
@@ -123,6 +125,13 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
             ])
             .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
             .args(["--api-address", &format!("127.0.0.1:{api_port}")])
+            .arg("--admin-token-file")
+            .arg(dir.path().join("admin-token"))
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            // grpc-python's xDS client speaks plaintext here (its TLS needs certificate
+            // provider plugins this test does not set up).
+            .arg("--xds-plaintext")
             .stdin(Stdio::null()),
     );
     control_plane.wait_for("serving ADS").await;
@@ -130,7 +139,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
     let services = |port: u16| {
         format!("services:\n  echo: {{ endpoints: [\"127.0.0.1:{port}\"], protocol: http2 }}\n")
     };
-    apply(&api, &services(one_port));
+    apply(&api, &dir.path().join("admin-token"), &services(one_port));
 
     let client = |expect: &str| {
         Background::python(&[
@@ -149,7 +158,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
     // A live client follows a push: its calls move to the other server.
     let mut following = client("two: hello");
     following.wait_for("one: hello").await;
-    apply(&api, &services(two_port));
+    apply(&api, &dir.path().join("admin-token"), &services(two_port));
     assert_eq!(
         following.exit_code().await,
         Some(0),
@@ -159,7 +168,16 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
 
     // The client is a proxy like any other on the control plane: ACKed, no NACK. Each
     // client process had its own stream, listed apart; the later one ran version 2.
-    let proxies: serde_json::Value = get_json(&format!("{api}/v1/proxies")).await;
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let proxies: serde_json::Value = common::client()
+        .get(format!("{api}/v1/proxies"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let streams: Vec<&serde_json::Value> = proxies
         .as_array()
         .unwrap()

@@ -33,6 +33,10 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(2);
 /// How long a self-made root lives.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// The file in the CA directory holding the trust bundle (what proxies are given as
+/// `control_plane.ca_file`).
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
+
 /// Clock skew allowed for: a certificate is valid from a minute before it was made.
 const BACKDATE: Duration = Duration::from_secs(60);
 
@@ -265,6 +269,14 @@ impl CertificateAuthority {
         if certificates_der(&bundle_pem).map_err(invalid)?.is_empty() {
             return Err(invalid("the trust bundle holds no certificate"));
         }
+        // The bundle is public: operators hand it to proxies as control_plane.ca_file.
+        let bundle_file = options.dir.join(TRUST_BUNDLE_FILE);
+        std::fs::create_dir_all(&options.dir)
+            .and_then(|()| std::fs::write(&bundle_file, &bundle_pem))
+            .map_err(|e| CaError::File {
+                path: bundle_file.display().to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(CertificateAuthority {
             trust_domain: options.trust_domain.clone(),
             issuer,
@@ -367,8 +379,10 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        // Backdated for clock skew, but by no more than a quarter of the lifetime: holders
+        // renew at half of not_before..not_after, which must stay ahead of now.
         let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - BACKDATE.min(lifetime / 4)).into();
         params.not_after = (now + lifetime).into();
         Ok(params)
     }
@@ -448,8 +462,7 @@ mod tests {
         );
         let identity = SpiffeId::node("nip.test", "edge-1").unwrap();
         // The CSR asks for another name: the CA writes the identity it vouches for.
-        let asked = SpiffeId::node("nip.test", "admin").unwrap();
-        let csr = key_and_csr(&asked).unwrap();
+        let csr = key_and_csr("admin").unwrap();
         let issued = ca
             .sign_csr(&csr.csr_pem, &identity, Some(Duration::from_secs(3600)))
             .unwrap();
@@ -465,13 +478,25 @@ mod tests {
         let facts = CertificateFacts::from_pem(&issued.chain_pem).unwrap();
         let life = facts.not_after.duration_since(facts.not_before).unwrap();
         assert_eq!(life, Duration::from_secs(3600) + BACKDATE);
+        // A short-lived certificate is backdated by a quarter of its life at most, so its
+        // half-life lies ahead.
+        let short = ca
+            .sign_csr(&csr.csr_pem, &identity, Some(Duration::from_secs(8)))
+            .unwrap();
+        let facts = CertificateFacts::from_pem(&short.chain_pem).unwrap();
+        assert!(facts.renew_at() > SystemTime::now(), "{facts:?}");
         // Reopening uses the same root.
         let again = CertificateAuthority::open(&options(dir.path())).unwrap();
         assert_eq!(again.trust_bundle_pem(), ca.trust_bundle_pem());
         // Another trust domain or a tampered CSR is refused.
         let elsewhere = SpiffeId::node("other.test", "edge-1").unwrap();
         assert!(ca.sign_csr(&csr.csr_pem, &elsewhere, None).is_err());
-        let tampered = csr.csr_pem.replacen("MII", "MIJ", 1);
+        // One bit of the signed body changed: the signature no longer verifies.
+        let mut lines: Vec<String> = csr.csr_pem.lines().map(str::to_string).collect();
+        let middle = &mut lines[2];
+        let flipped = if middle.starts_with('A') { "B" } else { "A" };
+        middle.replace_range(0..1, flipped);
+        let tampered = lines.join("\n");
         assert!(matches!(
             ca.sign_csr(&tampered, &identity, None),
             Err(CaError::BadCsr(_))
@@ -483,7 +508,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old_ca = CertificateAuthority::open(&options(dir.path())).unwrap();
         let identity = SpiffeId::node("nip.test", "n").unwrap();
-        let csr = key_and_csr(&identity).unwrap().csr_pem;
+        let csr = key_and_csr("n").unwrap().csr_pem;
         let old_leaf = old_ca.sign_csr(&csr, &identity, None).unwrap().chain_pem;
         std::thread::sleep(Duration::from_millis(2));
         rotate(dir.path(), "nip.test").unwrap();
@@ -610,8 +635,12 @@ mod tests {
         .unwrap();
         assert!(ca.trust_bundle_pem().contains("BEGIN CERTIFICATE"));
         assert!(!d.join("unused/roots").exists(), "no root of its own");
+        assert_eq!(
+            std::fs::read_to_string(d.join("unused").join(TRUST_BUNDLE_FILE)).unwrap(),
+            ca.trust_bundle_pem()
+        );
         let identity = SpiffeId::node("nip.test", "n").unwrap();
-        let csr = key_and_csr(&identity).unwrap().csr_pem;
+        let csr = key_and_csr("n").unwrap().csr_pem;
         let issued = ca.sign_csr(&csr, &identity, None).unwrap();
         assert_eq!(
             issued.chain_pem.matches("BEGIN CERTIFICATE").count(),

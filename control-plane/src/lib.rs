@@ -26,6 +26,7 @@ pub mod auth;
 pub mod ca;
 pub mod service;
 pub mod store;
+pub mod xds_port;
 
 use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache, Views};
 use service::{Change, ChangeError, ConfigService};
@@ -56,6 +57,18 @@ pub struct ControlPlaneOptions {
     pub admin_token_file: PathBuf,
     /// The operator's rules for changes (which hosts plugin URLs may name).
     pub policy: service::ChangePolicy,
+    /// Workload identity: the CA and the names the xDS port answers to. `None` serves
+    /// plaintext ADS to anyone (`--xds-plaintext`, development only).
+    pub identity: Option<IdentityOptions>,
+}
+
+/// The control plane as a certificate authority, and how its xDS port is named.
+#[derive(Debug, Clone)]
+pub struct IdentityOptions {
+    /// The CA.
+    pub ca: ca::CaOptions,
+    /// DNS names and IPs the xDS port's certificate carries (its bind IP is added).
+    pub server_names: Vec<String>,
 }
 
 /// Why the control plane could not start.
@@ -80,6 +93,9 @@ pub enum ControlPlaneError {
         /// What went wrong.
         error: ChangeError,
     },
+    /// The certificate authority could not start.
+    #[error("{0}")]
+    Ca(#[from] ca::CaError),
     /// The admin token could not be read, made or stored.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
@@ -167,6 +183,24 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         auth::Bootstrap::Unchanged => {}
     }
     let authenticator = auth::Authenticator::new(store.clone());
+    let issuer = match &options.identity {
+        Some(identity) => {
+            let ca = ca::CertificateAuthority::open(&identity.ca)?;
+            tracing::info!(
+                trust_domain = ca.trust_domain(),
+                "certificate authority ready"
+            );
+            Some((
+                xds_port::Issuer {
+                    ca: Arc::new(ca),
+                    auth: authenticator.clone(),
+                    store: store.clone(),
+                },
+                identity.server_names.clone(),
+            ))
+        }
+        None => None,
+    };
     let cache = Arc::new(SnapshotCache::default());
     let registry = Arc::new(ProxyRegistry::default());
     let service = Arc::new(ConfigService::new(
@@ -205,11 +239,14 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
             Arc::clone(&service),
         ));
     }
-    tonic::transport::Server::builder()
-        .add_service(AdsServer::new(cache, registry).into_service())
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-        .await
-        .map_err(serve_error(options.xds_address))
+    xds_port::serve(
+        listener,
+        options.xds_address,
+        AdsServer::new(cache, registry),
+        issuer,
+    )
+    .await
+    .map_err(serve_error(options.xds_address))
 }
 
 /// Turns a bind or serve failure on `address` into a [`ControlPlaneError`].

@@ -95,9 +95,15 @@ pub struct ChangePolicy {
 }
 
 impl ChangePolicy {
-    /// Every problem of `config` under this policy, with its field path; with
-    /// `allow_empty`, a config that serves nothing is let through.
-    pub fn problems(&self, config: &Config, allow_empty: bool) -> Vec<FieldError> {
+    /// Every problem of `config` under this policy, with its field path. Without
+    /// `allow_empty`, a change may not take every route away (`had_routes`: the current
+    /// config has some) nor leave a routed service with no endpoints.
+    pub fn problems(
+        &self,
+        config: &Config,
+        had_routes: bool,
+        allow_empty: bool,
+    ) -> Vec<FieldError> {
         let mut problems = Vec::new();
         for (name, plugin) in &config.plugins {
             let Some(url) = plugin.source.as_ref().and_then(|s| s.url.as_deref()) else {
@@ -131,7 +137,7 @@ impl ChangePolicy {
         if allow_empty {
             return problems;
         }
-        if config.routes.is_empty() {
+        if config.routes.is_empty() && had_routes {
             problems.push(FieldError {
                 path: "routes".into(),
                 message: "no routes: every request would answer 404 (apply with --allow-empty \
@@ -447,10 +453,14 @@ impl ConfigService {
     /// [`validate`], then this control plane's [`ChangePolicy`].
     async fn check(&self, yaml: String, allow_empty: bool) -> Result<(), ConfigError> {
         let policy = self.policy.clone();
+        let current = self.store.current().await.ok().flatten();
         off_async_workers(move || {
             validate(&yaml)?;
             let config = Config::from_yaml(&yaml)?;
-            let problems = policy.problems(&config, allow_empty);
+            let had_routes = current
+                .and_then(|c| Config::from_yaml(&c.yaml).ok())
+                .is_some_and(|c| !c.routes.is_empty());
+            let problems = policy.problems(&config, had_routes, allow_empty);
             if problems.is_empty() {
                 Ok(())
             } else {

@@ -31,7 +31,10 @@
 //!
 //! With `control_plane` in its local config, the proxy follows a control plane over ADS
 //! ([`config_source::ads`]): every set it receives goes through the same compiler, and a
-//! set that does not compile is NACKed with the compiler's message.
+//! set that does not compile is NACKed with the compiler's message. With
+//! `control_plane.ca_file`, that stream is mutual TLS: [`identity`] gets the proxy a
+//! certificate from the control plane's CA (joining with a join token the first time) and
+//! renews it at half-life.
 //!
 //! This crate may not parse YAML except through [`config_source::file`], and nothing on
 //! the request path blocks, locks a shared mutex, or logs on success.
@@ -43,6 +46,7 @@ pub mod compile;
 pub mod config_source;
 pub mod downstream;
 pub mod http;
+pub mod identity;
 pub mod plugins;
 pub mod route;
 pub mod server;

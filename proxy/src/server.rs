@@ -123,6 +123,26 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         ),
         Some(target) => {
             tracing::info!(control_plane = %target, "waiting for config from the control plane");
+            let identity = match &translation.control_plane_identity {
+                Some(settings) => {
+                    let node = translation.bootstrap.node.clone().unwrap_or_default();
+                    let region = node
+                        .locality
+                        .as_ref()
+                        .map(|l| l.region.clone())
+                        .unwrap_or_default();
+                    Some(
+                        crate::identity::WorkloadIdentity::obtain(
+                            settings, target, &node.id, &region,
+                        )
+                        .map_err(|e| StartError::ControlPlane(format!("identity: {e}")))?,
+                    )
+                }
+                None => {
+                    tracing::warn!(control_plane = %target, "plaintext xDS: set control_plane.ca_file for mutual TLS");
+                    None
+                }
+            };
             let (first, feed) = XdsFeed::start(
                 target,
                 crate::config_source::ads::FeedParts {
@@ -131,6 +151,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
                     metrics: Arc::clone(&metrics),
                     plugins: Arc::clone(&plugins),
                     last_good: translation.last_good_file.clone(),
+                    identity,
                 },
                 CONTROL_PLANE_WAIT,
             )

@@ -30,6 +30,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -156,12 +157,19 @@ impl Received {
     }
 }
 
+/// The TLS settings of a connection to the server, asked for at each connect: a renewed
+/// client certificate is used from the next connection on (an open stream keeps the
+/// session it authenticated).
+pub type TlsSettings =
+    Arc<dyn Fn() -> Result<tonic::transport::ClientTlsConfig, String> + Send + Sync>;
+
 /// Keeps a [`ResourceSink`] in step with an ADS server.
 pub struct AdsClient<S: ResourceSink> {
     server: String,
     node: Node,
     sink: S,
     received: Received,
+    tls: Option<TlsSettings>,
 }
 
 impl<S: ResourceSink> AdsClient<S> {
@@ -172,7 +180,42 @@ impl<S: ResourceSink> AdsClient<S> {
             node,
             sink,
             received: Received::default(),
+            tls: None,
         }
+    }
+
+    /// Speaks to the server over TLS (`https://`), with the settings `tls` gives at each
+    /// connect (the trust bundle, and a client certificate for mutual TLS).
+    pub fn with_tls(mut self, tls: TlsSettings) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    async fn connect(&self) -> Result<tonic::transport::Channel, String> {
+        use tonic::transport::Endpoint;
+        let endpoint = match &self.tls {
+            None => Endpoint::from_shared(self.server.clone()).map_err(|e| e.to_string())?,
+            Some(tls) => {
+                let https = match self.server.strip_prefix("http://") {
+                    Some(rest) => format!("https://{rest}"),
+                    None => self.server.clone(),
+                };
+                Endpoint::from_shared(https)
+                    .map_err(|e| e.to_string())?
+                    .tls_config(tls()?)
+                    .map_err(|e| format!("TLS settings: {e}"))?
+            }
+        };
+        endpoint.connect().await.map_err(|e| {
+            use std::error::Error;
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(inner) = source {
+                text.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            text
+        })
     }
 
     /// Runs forever: connects, follows the stream, and reconnects with back-off.
@@ -208,10 +251,9 @@ impl<S: ResourceSink> AdsClient<S> {
     /// One stream, until it ends. Returns `Ok` when at least one response was handled (so
     /// the next reconnect starts from the shortest back-off).
     async fn follow_stream(&mut self) -> Result<(), String> {
-        let mut client = AggregatedDiscoveryServiceClient::connect(self.server.clone())
-            .await
-            .map_err(|e| format!("connect: {e}"))?
-            .max_decoding_message_size(64 << 20);
+        let channel = self.connect().await.map_err(|e| format!("connect: {e}"))?;
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
         let send = |request: DiscoveryRequest| {
             let tx = tx.clone();

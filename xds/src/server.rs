@@ -391,12 +391,59 @@ struct Subscription {
 pub struct AdsServer {
     cache: Arc<SnapshotCache>,
     registry: Arc<ProxyRegistry>,
+    /// When set, every stream must come with a client certificate of this trust domain
+    /// naming a node, and may only speak as that node.
+    trust_domain: Option<String>,
 }
 
 impl AdsServer {
     /// A server for `cache`, recording clients in `registry`.
     pub fn new(cache: Arc<SnapshotCache>, registry: Arc<ProxyRegistry>) -> Self {
-        AdsServer { cache, registry }
+        AdsServer {
+            cache,
+            registry,
+            trust_domain: None,
+        }
+    }
+
+    /// Requires each stream's client certificate (mutual TLS, served by the caller) to name
+    /// a node of `trust_domain` (`spiffe://TRUST_DOMAIN/node/ID`), and binds the stream to
+    /// that node: a request claiming another `node.id` ends it with `PERMISSION_DENIED`.
+    pub fn require_node_identity(mut self, trust_domain: &str) -> Self {
+        self.trust_domain = Some(trust_domain.to_string());
+        self
+    }
+
+    /// The node the stream's client certificate names, when identities are required.
+    fn certified_node<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<Option<String>, tonic::Status> {
+        let Some(trust_domain) = &self.trust_domain else {
+            return Ok(None);
+        };
+        let unauthenticated = |why: &str| {
+            tonic::Status::unauthenticated(format!(
+                "{why}: ADS needs a client certificate naming spiffe://{trust_domain}/node/NODE_ID \
+                 (a proxy gets one by joining with a join token)"
+            ))
+        };
+        let certificates = request
+            .peer_certs()
+            .ok_or_else(|| unauthenticated("no client certificate"))?;
+        let leaf = certificates
+            .first()
+            .ok_or_else(|| unauthenticated("no client certificate"))?;
+        let facts = crate::identity::CertificateFacts::from_der(leaf)
+            .map_err(|_| unauthenticated("an unreadable client certificate"))?;
+        facts
+            .spiffe_id()
+            .filter(|id| &id.trust_domain == trust_domain)
+            .and_then(|id| id.node_id())
+            .map(|node| Some(node.to_string()))
+            .ok_or_else(|| {
+                unauthenticated("the client certificate names no node of this trust domain")
+            })
     }
 
     /// The tonic service, with a message limit big enough for large configs.
@@ -594,6 +641,8 @@ trait StreamProtocol: Send + 'static {
     fn region(&self) -> &str;
     /// Learns who the client is from its first request.
     fn identify(&mut self, request: &Self::Request);
+    /// The `node.id` a request claims.
+    fn claimed_node_id(request: &Self::Request) -> &str;
     /// Handles one request against the client's view.
     fn on_request(&mut self, request: Self::Request, cache: &CacheState) -> Option<Self::Response>;
     /// Pushes what changed in the client's view.
@@ -605,11 +654,13 @@ trait StreamProtocol: Send + 'static {
 }
 
 /// Runs one stream until the client goes away, then marks it disconnected.
+/// `certified_node`, when set, is the only node id the client may claim.
 fn drive<P: StreamProtocol>(
     mut requests: tonic::Streaming<P::Request>,
     mut changes: watch::Receiver<Arc<Views>>,
     mut state: P,
     registry: Arc<ProxyRegistry>,
+    certified_node: Option<String>,
 ) -> ResponseStream<P::Response>
 where
     P::Request: prost::Message + Default,
@@ -620,6 +671,20 @@ where
             tokio::select! {
                 next = requests.next() => {
                     let Some(Ok(request)) = next else { break };
+                    if let Some(certified) = &certified_node {
+                        // Only the first request must name the node; later ones may leave it out.
+                        let claimed = P::claimed_node_id(&request);
+                        let first = state.node_id().is_none();
+                        if claimed != certified && (first || !claimed.is_empty()) {
+                            tracing::warn!(claimed, certified = %certified, "ADS client claimed another node's id");
+                            let _ = tx
+                                .send(Err(tonic::Status::permission_denied(format!(
+                                    "node id {claimed:?} is not the node its certificate names ({certified:?})"
+                                ))))
+                                .await;
+                            break;
+                        }
+                    }
                     if state.node_id().is_none() {
                         state.identify(&request);
                     }
@@ -664,6 +729,10 @@ impl StreamProtocol for StreamState {
         (self.stream_id, self.node_id, self.region) = (Some(stream), Some(node_id), region);
     }
 
+    fn claimed_node_id(request: &DiscoveryRequest) -> &str {
+        request.node.as_ref().map_or("", |n| n.id.as_str())
+    }
+
     fn on_request(
         &mut self,
         request: DiscoveryRequest,
@@ -694,6 +763,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        let certified = self.certified_node(&request)?;
         let state = StreamState {
             stream_id: None,
             node_id: None,
@@ -707,6 +777,7 @@ impl AggregatedDiscoveryService for AdsServer {
             self.cache.subscribe(),
             state,
             Arc::clone(&self.registry),
+            certified,
         )))
     }
 
@@ -714,12 +785,14 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let certified = self.certified_node(&request)?;
         let state = delta::DeltaStream::new(Arc::clone(&self.registry));
         Ok(tonic::Response::new(drive(
             request.into_inner(),
             self.cache.subscribe(),
             state,
             Arc::clone(&self.registry),
+            certified,
         )))
     }
 }

@@ -123,6 +123,20 @@ pub struct Translation {
     /// Where a proxy following a control plane keeps its last accepted set (a proxy-local
     /// setting: Envoy's bootstrap has no field for it).
     pub last_good_file: Option<std::path::PathBuf>,
+    /// How a proxy following a control plane proves who it is (mutual TLS and joining);
+    /// `None`: plaintext. Proxy-local like `last_good_file`.
+    pub control_plane_identity: Option<ControlPlaneIdentity>,
+}
+
+/// A proxy's settings for mutual TLS with its control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlaneIdentity {
+    /// The trust bundle the control plane's certificate must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// The join token's file (else `$NIP_JOIN_TOKEN`).
+    pub join_token_file: Option<std::path::PathBuf>,
+    /// Where the key and certificate are kept between restarts.
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 /// Translates a validated config into xDS resources.
@@ -154,6 +168,22 @@ pub fn translate(config: &Config) -> Translation {
             .as_ref()
             .and_then(|c| c.last_good.as_ref())
             .map(std::path::PathBuf::from),
+        control_plane_identity: config.control_plane.as_ref().and_then(|c| {
+            let ca_file = std::path::PathBuf::from(c.ca_file.as_ref()?);
+            let identity_dir = c
+                .identity_dir
+                .as_ref()
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    let last_good = std::path::Path::new(c.last_good.as_ref()?);
+                    Some(last_good.parent()?.join("identity"))
+                });
+            Some(ControlPlaneIdentity {
+                ca_file,
+                join_token_file: c.join_token_file.as_ref().map(std::path::PathBuf::from),
+                identity_dir,
+            })
+        }),
     }
 }
 

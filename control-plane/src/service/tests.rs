@@ -111,7 +111,7 @@ fn the_policy_refuses_unlisted_plugin_hosts_and_configs_that_serve_nothing() {
     let paths =
         |problems: Vec<FieldError>| problems.into_iter().map(|p| p.path).collect::<Vec<_>>();
     assert_eq!(
-        paths(closed.problems(&with_url("registry.example.com"), false)),
+        paths(closed.problems(&with_url("registry.example.com"), true, false)),
         ["plugins.p.source.url"]
     );
     let open = ChangePolicy {
@@ -127,7 +127,7 @@ fn the_policy_refuses_unlisted_plugin_hosts_and_configs_that_serve_nothing() {
         ("registry.example.com.evil", false),
     ] {
         assert_eq!(
-            open.problems(&with_url(host), false).is_empty(),
+            open.problems(&with_url(host), true, false).is_empty(),
             allowed,
             "{host}"
         );
@@ -135,12 +135,16 @@ fn the_policy_refuses_unlisted_plugin_hosts_and_configs_that_serve_nothing() {
 
     // Serving nothing takes an explicit allow_empty.
     let empty = config("services:\n  web: { endpoints: [] }\n");
-    assert_eq!(paths(closed.problems(&empty, false)), ["routes"]);
-    assert!(closed.problems(&empty, true).is_empty());
+    assert_eq!(paths(closed.problems(&empty, true, false)), ["routes"]);
+    assert!(closed.problems(&empty, true, true).is_empty());
+    assert!(
+        closed.problems(&empty, false, false).is_empty(),
+        "a config that never had routes (services for gRPC clients) loses none"
+    );
     let no_endpoints = config(
         "services:\n  web: { endpoints: [] }\n  b: { endpoints: [\"127.0.0.1:1\"] }\nroutes:\n  - split: [{ service: web, weight: 1 }, { service: b, weight: 1 }]\n  - { service: web }\n",
     );
-    let problems = closed.problems(&no_endpoints, false);
+    let problems = closed.problems(&no_endpoints, true, false);
     assert_eq!(
         paths(problems.clone()),
         ["services.web.endpoints", "services.web.endpoints"]

@@ -162,6 +162,8 @@ pub struct FeedParts {
     pub plugins: Arc<PluginLoader>,
     /// `control_plane.last_good`: where accepted sets are saved and read back at start.
     pub last_good: Option<PathBuf>,
+    /// The proxy's certificate for mutual TLS with the control plane (`None`: plaintext).
+    pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
 }
 
 impl XdsFeed {
@@ -211,8 +213,16 @@ impl XdsFeed {
         };
         let last_refusal = Arc::clone(&sink.last_refusal);
         let server = format!("http://{target}");
-        crate::threads::spawn_runtime_thread("nip-xds", move || {
-            AdsClient::new(server, node, sink).run()
+        let identity = parts.identity.clone();
+        crate::threads::spawn_runtime_thread("nip-xds", move || async move {
+            let client = AdsClient::new(server, node, sink);
+            match identity {
+                Some(identity) => {
+                    tokio::spawn(Arc::clone(&identity).renew_forever());
+                    client.with_tls(identity.tls_settings()).run().await
+                }
+                None => client.run().await,
+            }
         })
         .map_err(|e| format!("xDS thread: {e}"))?;
         let feed = |first| XdsFeed {

@@ -900,6 +900,16 @@ pub struct ControlPlaneConfig {
     /// control plane is unreachable still serves (after a short wait for the control plane).
     #[serde(default)]
     pub last_good: Option<String>,
+    /// The control plane's trust bundle (PEM): turns on mutual TLS to it, and joining.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// A join token (or `$NIP_JOIN_TOKEN`) that gets the proxy its first certificate.
+    #[serde(default)]
+    pub join_token_file: Option<String>,
+    /// Where the proxy keeps its key and certificate between restarts (files 0600);
+    /// default: `identity/` next to `last_good`, else kept in memory only.
+    #[serde(default)]
+    pub identity_dir: Option<String>,
 }
 
 /// A plugin: a proxy-wasm module and its configuration. Routes name the plugins they run.

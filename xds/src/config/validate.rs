@@ -136,6 +136,29 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
         }
     }
     if let Some(control_plane) = &config.control_plane {
+        for (field, value) in [
+            ("ca_file", &control_plane.ca_file),
+            ("join_token_file", &control_plane.join_token_file),
+            ("identity_dir", &control_plane.identity_dir),
+            ("last_good", &control_plane.last_good),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errors.add(format!("control_plane.{field}"), "must name a path");
+            }
+        }
+        if control_plane.ca_file.is_none() {
+            for (field, set) in [
+                ("join_token_file", control_plane.join_token_file.is_some()),
+                ("identity_dir", control_plane.identity_dir.is_some()),
+            ] {
+                if set {
+                    errors.add(
+                        format!("control_plane.{field}"),
+                        "needs control_plane.ca_file (identities go with mutual TLS)",
+                    );
+                }
+            }
+        }
         if parse_endpoint_address(&control_plane.address).is_err() {
             errors.add(
                 "control_plane.address",

@@ -166,6 +166,10 @@ impl StreamProtocol for DeltaStream {
         (self.stream_id, self.node_id, self.region) = (Some(stream), Some(node_id), region);
     }
 
+    fn claimed_node_id(request: &DeltaDiscoveryRequest) -> &str {
+        request.node.as_ref().map_or("", |n| n.id.as_str())
+    }
+
     fn node_id(&self) -> Option<&str> {
         self.node_id.as_deref()
     }

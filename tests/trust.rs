@@ -1,0 +1,588 @@
+//! Trust: who may change the fleet and who may join it. The REST API's tokens and roles
+//! (every route × every role), tenant limits, the guards against one request blacking out
+//! the fleet; the CA, joining with a join token, certificates checked with openssl,
+//! renewal under load, and the identities ADS binds streams to.
+
+mod common;
+
+use common::control_plane::*;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_names_it() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let viewer = create_token(&control_plane, &["viewer-1", "--role", "viewer"]);
+    let operator = create_token(
+        &control_plane,
+        &["ci", "--role", "operator", "--ttl", "30d"],
+    );
+    let admin = control_plane.admin_token();
+
+    // The matrix: every documented route and method, for no token, a made-up token and each
+    // role. Below its role a route answers 403, above it anything but 401/403.
+    let document = control_plane.get_json("/v1/openapi.json").await;
+    let paths = document["paths"].as_object().expect("paths");
+    let made_up = format!("nip_{}_{}", "0".repeat(12), "1".repeat(64));
+    let callers: [(&str, Option<&str>); 5] = [
+        ("nobody", None),
+        ("made-up", Some(&made_up)),
+        ("viewer", Some(&viewer)),
+        ("operator", Some(&operator)),
+        ("admin", Some(&admin)),
+    ];
+    let rank = |role: &str| {
+        ["viewer", "operator", "admin"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    let mut checked = 0;
+    for (path, methods) in paths {
+        for (method, operation) in methods.as_object().unwrap() {
+            let url =
+                control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
+            let needed = operation["x-nip-role"].as_str();
+            for (who, token) in &callers {
+                let http = token.map_or_else(client, ControlPlane::client_with);
+                let request = match method.as_str() {
+                    "get" => http.get(&url),
+                    "delete" => http.delete(&url),
+                    _ => http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body("{}"),
+                };
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                let challenge = response.headers().contains_key("www-authenticate");
+                let body = response.text().await.unwrap();
+                let expected = match (needed, token, rank(who)) {
+                    (None, _, _) => "served",
+                    (Some(_), None, _) | (Some(_), Some(_), None) => "401",
+                    (Some(role), Some(_), Some(mine)) if Some(mine) < rank(role) => "403",
+                    _ => "served",
+                };
+                match expected {
+                    "401" => assert!(
+                        status == 401 && challenge,
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                    "403" => assert!(
+                        status == 403 && body.contains(needed.unwrap_or_default()),
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                    _ => assert!(
+                        status != 401 && status != 403,
+                        "{who} {method} {path}: {status} {body}"
+                    ),
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 55, "{checked} calls");
+
+    // The operator's change is recorded under its token's name, whatever header it sends.
+    let applied = ControlPlane::client_with(&operator)
+        .post(control_plane.api("/v1/config"))
+        .header("content-type", "application/yaml")
+        .header("x-nip-actor", "mallory")
+        .body(services(&["web"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 201);
+    let events = control_plane.get_json("/v1/events").await;
+    let actors: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actors[0], ("apply", "token:ci"), "{events}");
+    assert!(
+        actors
+            .iter()
+            .any(|(action, actor)| *action == "token_created"
+                && actor.starts_with("token:bootstrap-admin-")),
+        "{events}"
+    );
+
+    // Revoked and expired tokens stop working at once; the answer says which.
+    let short = create_token(
+        &control_plane,
+        &["short", "--role", "viewer", "--ttl", "1s"],
+    );
+    assert!(control_plane
+        .nip(&["token", "revoke", "viewer-1"])
+        .status
+        .success());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for (token, reason) in [(&viewer, "revoked"), (&short, "expired")] {
+        let refused = ControlPlane::client_with(token)
+            .get(control_plane.api("/v1/config"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        assert!(refused.text().await.unwrap().contains(reason));
+    }
+    let listed = stdout(&control_plane.nip(&["token", "list"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("viewer-1") && l.contains("revoked"))
+            && listed
+                .lines()
+                .any(|l| l.starts_with("short") && l.contains("expired")),
+        "{listed}"
+    );
+    let denied = control_plane.nip(&["token", "create", "x", "--role", "admin"]);
+    assert!(
+        denied.status.success(),
+        "the admin may: {}",
+        stderr(&denied)
+    );
+    let as_operator = Command::new(nip_bin())
+        .args(["token", "list", "--control-plane", &control_plane.api("")])
+        .env("NIP_TOKEN", &operator)
+        .output()
+        .unwrap();
+    assert_eq!(as_operator.status.code(), Some(1));
+    assert!(
+        stderr(&as_operator).contains("needs admin"),
+        "{}",
+        stderr(&as_operator)
+    );
+
+    // Secrets are never stored or logged: neither the database nor the log holds one.
+    let secrets: Vec<&str> = [&viewer, &operator, &admin, &short]
+        .iter()
+        .map(|t| t.rsplit('_').next().unwrap())
+        .collect();
+    let db_dir = control_plane.store.trim_start_matches("sqlite://");
+    let db_dir = std::path::Path::new(db_dir).parent().unwrap();
+    for entry in std::fs::read_dir(db_dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in &secrets {
+            assert!(!text.contains(secret), "a secret in the store");
+        }
+    }
+    let log = control_plane.log();
+    for secret in &secrets {
+        assert!(!log.contains(secret), "a secret in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let acme = create_token(
+        &control_plane,
+        &["acme-ci", "--role", "operator", "--tenant", "acme"],
+    );
+    let tenant = |id: &str| format!("tenant: {{ id: {id} }}\n{}", services(&["web"]));
+    let apply = |token: String, yaml: String| {
+        let url = control_plane.api("/v1/config");
+        async move {
+            ControlPlane::client_with(&token)
+                .post(url)
+                .header("content-type", "application/yaml")
+                .body(yaml)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(apply(acme.clone(), tenant("acme")).await.status(), 201);
+    let other = apply(acme.clone(), tenant("globex")).await;
+    assert_eq!(other.status(), 403);
+    assert!(other
+        .text()
+        .await
+        .unwrap()
+        .contains("the new config belongs to tenant globex"));
+    // Once another tenant's config is current, the acme token may not read or replace it.
+    assert_eq!(
+        apply(control_plane.admin_token(), tenant("globex"))
+            .await
+            .status(),
+        201
+    );
+    let read = ControlPlane::client_with(&acme)
+        .get(control_plane.api("/v1/config"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 403);
+    assert_eq!(apply(acme.clone(), tenant("acme")).await.status(), 403);
+    // And it hands out no token beyond its tenants (it is no admin anyway).
+    let escalate = ControlPlane::client_with(&acme)
+        .post(control_plane.api("/v1/tokens"))
+        .json(&serde_json::json!({ "name": "all", "role": "viewer" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escalate.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_cannot_black_out_the_fleet_or_send_proxies_to_a_url_of_its_choice() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let http = control_plane.http();
+    let post = |yaml: String, query: &str| {
+        http.post(control_plane.api(&format!("/v1/config{query}")))
+            .header("content-type", "application/yaml")
+            .body(yaml)
+            .send()
+    };
+    assert_eq!(post(services(&["web"]), "").await.unwrap().status(), 201);
+    // An empty body, or a service in use left with no endpoints: 422 naming why.
+    for (yaml, path) in [
+        (String::new(), "routes"),
+        (
+            "services:\n  web: { endpoints: [] }\nroutes:\n  - { service: web }\n".to_string(),
+            "services.web.endpoints",
+        ),
+    ] {
+        let refused = post(yaml.clone(), "").await.unwrap();
+        assert_eq!(refused.status(), 422);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["errors"][0]["path"], path, "{body}");
+        assert!(body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-empty"));
+        // Meant: the explicit flag lets it through (API and CLI alike).
+        if path == "routes" {
+            assert_eq!(post(yaml, "?allow_empty=true").await.unwrap().status(), 201);
+        } else {
+            let cli = control_plane.apply(&yaml, &[]);
+            assert_eq!(cli.status.code(), Some(2), "{}", stderr(&cli));
+            assert!(stderr(&cli).contains("services.web.endpoints"));
+            assert!(control_plane
+                .apply(&yaml, &["--allow-empty"])
+                .status
+                .success());
+        }
+    }
+    // A plugin URL on a host this control plane was not told to allow: refused before any
+    // proxy could be told to fetch it.
+    let fetch = format!(
+        "plugins:\n  p: {{ source: {{ url: \"http://169.254.169.254/latest/meta-data\", sha256: \"{}\" }} }}\n{}",
+        "0".repeat(64),
+        services(&["web"])
+    );
+    let refused = post(fetch, "").await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["path"], "plugins.p.source.url", "{body}");
+    let events = control_plane.get_json("/v1/events").await;
+    assert_eq!(events[0]["action"], "refused", "{events}");
+}
+
+/// The `control_plane:` block of a proxy joining as `node`, keeping its key and certificate
+/// in `dir/identity`.
+fn joining(control_plane: &ControlPlane, node: &str, dir: &std::path::Path) -> String {
+    format!(
+        "node: {{ id: {node}, region: eu }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{}\", ca_file: \"{}\", join_token_file: \"{}\", identity_dir: \"{}\" }}\n",
+        control_plane.xds_port,
+        control_plane.bundle_file().display(),
+        control_plane.join_token_file(node, dir).display(),
+        dir.join("identity").display()
+    )
+}
+
+/// Runs `openssl` with `args`; its exit status and output.
+fn openssl(args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
+    let output = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_joins_with_a_token_and_gets_a_certificate_naming_it_for_its_lifetime() {
+    let backend = Backend::start("web").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "1h"]);
+    control_plane.wait_ready().await;
+    let applied = control_plane.apply(&gateway(port, &backend, ""), &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(&proxy).await, "web");
+
+    // openssl reads the certificate the proxy keeps: its identity, its lifetime, its chain.
+    let cert = dir.path().join("identity/cert.pem");
+    let cert_path = cert.to_string_lossy().to_string();
+    let (_, text) = openssl(&["x509", "-noout", "-text", "-in", &cert_path], "");
+    assert!(
+        text.contains("URI:spiffe://nip.local/node/edge-1"),
+        "{text}"
+    );
+    let (valid_for_59_min, _) = openssl(
+        &["x509", "-noout", "-checkend", "3540", "-in", &cert_path],
+        "",
+    );
+    let (valid_for_61_min, _) = openssl(
+        &["x509", "-noout", "-checkend", "3660", "-in", &cert_path],
+        "",
+    );
+    assert!(
+        valid_for_59_min && !valid_for_61_min,
+        "an hour's certificate"
+    );
+    let bundle = control_plane.bundle_file().to_string_lossy().to_string();
+    let (verified, why) = openssl(
+        &[
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            &bundle,
+            &cert_path,
+        ],
+        "",
+    );
+    assert!(verified, "{why}");
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(dir.path().join("identity/key.pem")).unwrap();
+    assert_eq!(
+        key.permissions().mode() & 0o777,
+        0o600,
+        "the key is the proxy's alone"
+    );
+
+    // openssl s_client checks the xDS port's own certificate against the same bundle.
+    let address = format!("127.0.0.1:{}", control_plane.xds_port);
+    let (_, handshake) = openssl(
+        &[
+            "s_client",
+            "-connect",
+            &address,
+            "-CAfile",
+            &bundle,
+            "-verify_return_error",
+            "-showcerts",
+        ],
+        "",
+    );
+    assert!(
+        handshake.contains("Verify return code: 0 (ok)"),
+        "{handshake}"
+    );
+
+    // The audit trail names the join token that vouched for the node.
+    let events = control_plane.get_json("/v1/events").await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "certificate_issued"
+                && e["actor"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("join:join-edge-1")
+                && e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("spiffe://nip.local/node/edge-1")),
+        "{events}"
+    );
+}
+
+/// `curl` (an independent client) posting a certificate request to the xDS port.
+fn curl_certificate(
+    control_plane: &ControlPlane,
+    node: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    // The CSR's own subject does not matter: the CA writes the node it vouches for.
+    let csr = nip_xds::identity::key_and_csr("any").unwrap().csr_pem;
+    let body = serde_json::json!({ "node_id": node, "region": "eu", "csr": csr }).to_string();
+    let mut command = Command::new("curl");
+    command
+        .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(control_plane.bundle_file())
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body,
+        ]);
+    if let Some(token) = token {
+        command.args(["-H", &format!("authorization: Bearer {token}")]);
+    }
+    let output = command
+        .arg(format!(
+            "https://127.0.0.1:{}/v1/certificates",
+            control_plane.xds_port
+        ))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        status.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_expired_revoked_or_misused_tokens_and_borrowed_node_ids_are_refused() {
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let for_n1 = create_token(&control_plane, &["j1", "--role", "join", "--node", "n1"]);
+    let short = create_token(&control_plane, &["j2", "--role", "join", "--ttl", "1s"]);
+    let revoked = create_token(&control_plane, &["j3", "--role", "join"]);
+    assert!(control_plane
+        .nip(&["token", "revoke", "j3"])
+        .status
+        .success());
+    let (ok, answer) = curl_certificate(&control_plane, "n1", Some(&for_n1));
+    assert_eq!(ok, 200, "{answer}");
+    assert!(answer["certificate_chain"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let made_up = format!("nip_{}_{}", "0".repeat(12), "1".repeat(64));
+    let admin = control_plane.admin_token();
+    for (node, token, status, why) in [
+        ("n1", None, 401, "join token"),
+        ("n1", Some(made_up.as_str()), 401, "unknown token"),
+        ("n1", Some(short.as_str()), 401, "expired"),
+        ("n1", Some(revoked.as_str()), 401, "revoked"),
+        ("n1", Some(admin.as_str()), 401, "not a join token"),
+        ("n2", Some(for_n1.as_str()), 403, "node:n1"),
+        ("../admin", Some(for_n1.as_str()), 400, "node_id"),
+    ] {
+        let (got, answer) = curl_certificate(&control_plane, node, token);
+        assert_eq!(got, status, "{node} {why}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap_or("").contains(why),
+            "{answer}"
+        );
+    }
+
+    // ADS: no client certificate → UNAUTHENTICATED; a certificate for n1 claiming n2 →
+    // PERMISSION_DENIED, and n2 never shows among the proxies.
+    use nip_xds::envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use nip_xds::envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    let bundle = std::fs::read_to_string(control_plane.bundle_file()).unwrap();
+    let open = |tls: tonic::transport::ClientTlsConfig| {
+        let url = format!("https://127.0.0.1:{}", control_plane.xds_port);
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            AggregatedDiscoveryServiceClient::new(channel)
+        }
+    };
+    let trust_only = tonic::transport::ClientTlsConfig::new()
+        .domain_name("127.0.0.1")
+        .ca_certificate(tonic::transport::Certificate::from_pem(&bundle));
+    let request = |node: &str| DiscoveryRequest {
+        node: Some(nip_xds::envoy_types::pb::envoy::config::core::v3::Node {
+            id: node.into(),
+            ..Default::default()
+        }),
+        type_url: nip_xds::resources::CLUSTER_TYPE.into(),
+        ..Default::default()
+    };
+    let refused = open(trust_only.clone())
+        .await
+        .stream_aggregated_resources(tokio_stream::iter([request("n1")]))
+        .await
+        .expect_err("no certificate");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    let dir = tempfile::tempdir().unwrap();
+    let settings = nip_xds::translate::ControlPlaneIdentity {
+        ca_file: control_plane.bundle_file(),
+        join_token_file: Some(control_plane.join_token_file("n1", dir.path())),
+        identity_dir: None,
+    };
+    let target = format!("127.0.0.1:{}", control_plane.xds_port);
+    let identity = tokio::task::spawn_blocking(move || {
+        nip_proxy::identity::WorkloadIdentity::obtain(&settings, &target, "n1", "eu")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let tls = (identity.tls_settings())().unwrap();
+    let mut stream = open(tls)
+        .await
+        .stream_aggregated_resources(tokio_stream::iter([request("n2")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let denied = stream.message().await.expect_err("another node's id");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    let proxies = control_plane.get_json("/v1/proxies").await;
+    assert!(
+        !proxies.to_string().contains("\"n2\""),
+        "the borrowed id was never registered: {proxies}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    proxy.wait_ready().await;
+    let first = std::fs::read_to_string(dir.path().join("identity/cert.pem")).unwrap();
+    let load = SteadyLoad::start(&proxy.url("/"), 4);
+    eventually("three renewals", || async {
+        proxy.log().matches("certificate renewed").count() >= 3
+    })
+    .await;
+    let renewed = std::fs::read_to_string(dir.path().join("identity/cert.pem")).unwrap();
+    assert_ne!(first, renewed, "a new certificate was kept");
+    // The first certificate has expired: a restarted control plane is reached with the
+    // current one, and changes still arrive.
+    control_plane.kill();
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &b, ""), &[])
+        .status
+        .success());
+    wait_routes_to(&proxy, "b").await;
+    let (sent, failures) = load.stop().await;
+    assert!(sent > 100, "the load was real ({sent} requests)");
+    assert_eq!(failures, 0, "no request failed across renewals");
+    assert!(!proxy.log().contains("renewal failed"), "{}", proxy.log());
+}
