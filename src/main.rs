@@ -122,6 +122,16 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Rotate or retire the control plane's self-made roots (in its CA directory; the
+    /// control plane applies the change at its next start).
+    Ca {
+        /// What to do.
+        #[command(subcommand)]
+        action: CaAction,
+        /// The control plane's CA directory.
+        #[arg(long, global = true, env = "NIP_CA_DIR", default_value_os_t = data_dir().join("ca"))]
+        ca_dir: PathBuf,
+    },
     /// Create, list and revoke the API tokens of a control plane (admin role).
     Token {
         /// What to do.
@@ -208,6 +218,22 @@ enum GetWhat {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `nip ca` does.
+#[derive(Subcommand)]
+enum CaAction {
+    /// Add a new root: it signs proxies' certificates from the control plane's next start,
+    /// while the old roots stay trusted (proxies learn the new one as they renew).
+    Rotate {
+        /// The trust domain (as the control plane's --trust-domain).
+        #[arg(long, env = "NIP_TRUST_DOMAIN", default_value = "nip.local")]
+        trust_domain: String,
+    },
+    /// Remove every root but the newest from the trust bundle: run it once the
+    /// certificates the old roots signed have expired (one certificate lifetime after the
+    /// restart that followed `rotate`).
+    Retire,
 }
 
 /// What `nip token` does.
@@ -446,6 +472,31 @@ fn main() -> ExitCode {
                 server_names,
             }),
         }),
+        Command::Ca { action, ca_dir } => {
+            let done = match action {
+                CaAction::Rotate { trust_domain } => {
+                    nip_control_plane::ca::rotate(&ca_dir, &trust_domain).map(|root| {
+                        format!(
+                            "new root {}; restart the control plane to sign with it (the old roots stay trusted)",
+                            root.display()
+                        )
+                    })
+                }
+                CaAction::Retire => nip_control_plane::ca::retire(&ca_dir).map(|n| {
+                    format!("{n} old root(s) retired; restart the control plane to serve the new bundle")
+                }),
+            };
+            match done {
+                Ok(message) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nip ca: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Token { action, remote } => match action {
             TokenAction::Create {
                 name,

@@ -586,3 +586,61 @@ async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request
     assert_eq!(failures, 0, "no request failed across renewals");
     assert!(!proxy.log().contains("renewal failed"), "{}", proxy.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_overlaps_so_joined_proxies_keep_their_control_plane() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    proxy.wait_ready().await;
+    let ca_dir = control_plane.ca_dir();
+    let ca = |action: &str| {
+        let output = Command::new(nip_bin())
+            .args(["ca", action, "--ca-dir"])
+            .arg(&ca_dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+    };
+    let bundle = || std::fs::read_to_string(dir.path().join("identity/bundle.pem")).unwrap();
+    assert_eq!(bundle().matches("BEGIN CERTIFICATE").count(), 1);
+
+    // A new root: after the restart it signs, the old one still vouches for the control
+    // plane, and the proxy learns both at its next renewal.
+    ca("rotate");
+    control_plane.kill();
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    eventually("the proxy holds the two-root bundle", || async {
+        bundle().matches("BEGIN CERTIFICATE").count() == 2
+    })
+    .await;
+    assert!(control_plane
+        .apply(&gateway(port, &b, ""), &[])
+        .status
+        .success());
+    wait_routes_to(&proxy, "b").await;
+
+    // The old root retired: the proxy, renewed under the new root, keeps following.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ca("retire");
+    control_plane.kill();
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    wait_routes_to(&proxy, "a").await;
+    eventually("the proxy holds the one new root", || async {
+        bundle().matches("BEGIN CERTIFICATE").count() == 1
+    })
+    .await;
+}

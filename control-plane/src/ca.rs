@@ -95,13 +95,47 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// A CA certificate with its key, and what follows a leaf it signs in a chain.
+struct Signer {
+    certificate: rcgen::Certificate,
+    key: KeyPair,
+    /// PEM: the issuer unless it is a root, and its own chain up to a root.
+    intermediates_pem: String,
+}
+
+impl Signer {
+    fn load(
+        certificate_pem: &str,
+        key_pem: &str,
+        intermediates_pem: String,
+    ) -> Result<Signer, CaError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| invalid(format!("the CA key is not a PKCS#8 key rcgen can use: {e}")))?;
+        let facts = CertificateFacts::from_pem(certificate_pem).map_err(invalid)?;
+        if facts.public_key_der != key.public_key_der() {
+            return Err(invalid("the CA key does not belong to the CA certificate"));
+        }
+        let certificate = CertificateParams::from_ca_cert_pem(certificate_pem)
+            .map_err(invalid)?
+            .self_signed(&key)
+            .map_err(|e| invalid(format!("the CA key does not fit its certificate: {e}")))?;
+        Ok(Signer {
+            certificate,
+            key,
+            intermediates_pem,
+        })
+    }
+}
+
 /// Signs identities for one trust domain.
 pub struct CertificateAuthority {
     trust_domain: String,
-    issuer: rcgen::Certificate,
-    issuer_key: KeyPair,
-    /// PEM of what follows a leaf: the issuer, unless it is a root, and its own chain.
-    intermediates_pem: String,
+    /// Signs workload certificates: the newest root, or the operator's intermediate.
+    workload: Signer,
+    /// Signs the control plane's own certificate: during a root rotation the oldest root
+    /// still trusted (every proxy trusts it, including those that have not yet learned the
+    /// new root); otherwise the same as `workload`.
+    server: Signer,
     bundle_pem: String,
     workload_lifetime: Duration,
 }
@@ -219,7 +253,7 @@ impl CertificateAuthority {
     /// Loads the CA (making a root at first start when no intermediate is given).
     pub fn open(options: &CaOptions) -> Result<CertificateAuthority, CaError> {
         SpiffeId::control_plane(&options.trust_domain).map_err(invalid)?;
-        let (issuer_pem, key_pem, intermediates_pem, bundle_pem) = match &options.issuer {
+        let (workload, server, bundle_pem) = match &options.issuer {
             Some(files) => {
                 let chain = read(&files.cert)?;
                 let key = read(&files.key)?;
@@ -238,7 +272,8 @@ impl CertificateAuthority {
                     .filter(|der| !roots.contains(der))
                     .map(|der| pem_encode(der))
                     .collect();
-                (issuer, key, intermediates, bundle)
+                let signer = || Signer::load(&issuer, &key, intermediates.clone());
+                (signer()?, signer()?, bundle)
             }
             None => {
                 let mut all = roots(&options.dir)?;
@@ -246,26 +281,24 @@ impl CertificateAuthority {
                     rotate(&options.dir, &options.trust_domain)?;
                     all = roots(&options.dir)?;
                 }
-                let Some((newest_crt, newest_key)) = all.first() else {
+                let (Some((newest_crt, newest_key)), Some((oldest_crt, oldest_key))) =
+                    (all.first(), all.last())
+                else {
                     return Err(invalid("no root could be made"));
                 };
                 let bundle = all
                     .iter()
                     .map(|(crt, _)| read(crt))
                     .collect::<Result<String, _>>()?;
-                (read(newest_crt)?, read(newest_key)?, String::new(), bundle)
+                let load =
+                    |crt: &Path, key: &Path| Signer::load(&read(crt)?, &read(key)?, String::new());
+                (
+                    load(newest_crt, newest_key)?,
+                    load(oldest_crt, oldest_key)?,
+                    bundle,
+                )
             }
         };
-        let issuer_key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(format!("the CA key is not a PKCS#8 key rcgen can use: {e}")))?;
-        let issuer_facts = CertificateFacts::from_pem(&issuer_pem).map_err(invalid)?;
-        if issuer_facts.public_key_der != issuer_key.public_key_der() {
-            return Err(invalid("the CA key does not belong to the CA certificate"));
-        }
-        let issuer = CertificateParams::from_ca_cert_pem(&issuer_pem)
-            .map_err(invalid)?
-            .self_signed(&issuer_key)
-            .map_err(|e| invalid(format!("the CA key does not fit its certificate: {e}")))?;
         if certificates_der(&bundle_pem).map_err(invalid)?.is_empty() {
             return Err(invalid("the trust bundle holds no certificate"));
         }
@@ -279,9 +312,8 @@ impl CertificateAuthority {
             })?;
         Ok(CertificateAuthority {
             trust_domain: options.trust_domain.clone(),
-            issuer,
-            issuer_key,
-            intermediates_pem,
+            workload,
+            server,
             bundle_pem,
             workload_lifetime: options.workload_lifetime,
         })
@@ -315,9 +347,9 @@ impl CertificateAuthority {
         let lifetime = lifetime.unwrap_or(self.workload_lifetime);
         csr.params = self.leaf_params(identity, &[], &[], lifetime)?;
         let leaf = csr
-            .signed_by(&self.issuer, &self.issuer_key)
+            .signed_by(&self.workload.certificate, &self.workload.key)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        self.issued(leaf.pem())
+        issued(leaf.pem(), &self.workload)
     }
 
     /// A certificate and its key for the control plane's own TLS (the key is made here and
@@ -332,9 +364,9 @@ impl CertificateAuthority {
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let params = self.leaf_params(&identity, dns_names, ips, lifetime)?;
         let leaf = params
-            .signed_by(&key, &self.issuer, &self.issuer_key)
+            .signed_by(&key, &self.server.certificate, &self.server.key)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        Ok((self.issued(leaf.pem())?, key.serialize_pem()))
+        Ok((issued(leaf.pem(), &self.server)?, key.serialize_pem()))
     }
 
     fn leaf_params(
@@ -386,14 +418,15 @@ impl CertificateAuthority {
         params.not_after = (now + lifetime).into();
         Ok(params)
     }
+}
 
-    fn issued(&self, leaf_pem: String) -> Result<Issued, CaError> {
-        let facts = CertificateFacts::from_pem(&leaf_pem).map_err(invalid)?;
-        Ok(Issued {
-            chain_pem: format!("{leaf_pem}{}", self.intermediates_pem),
-            not_after: facts.not_after,
-        })
-    }
+/// A leaf signed by `signer`, with the chain that follows it.
+fn issued(leaf_pem: String, signer: &Signer) -> Result<Issued, CaError> {
+    let facts = CertificateFacts::from_pem(&leaf_pem).map_err(invalid)?;
+    Ok(Issued {
+        chain_pem: format!("{leaf_pem}{}", signer.intermediates_pem),
+        not_after: facts.not_after,
+    })
 }
 
 /// One DER certificate as PEM (LF line endings).
