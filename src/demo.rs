@@ -151,21 +151,45 @@ pub fn proxy_bootstrap(
 pub fn make_join_token(
     api_port: u16,
     admin_token: &std::path::Path,
+    bundle: &std::path::Path,
     join_token: &std::path::Path,
 ) -> Result<(), String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(5)))
-        .build()
-        .into();
+    let agent = |bundle: &[u8]| -> Result<ureq::Agent, String> {
+        let roots: Vec<_> = ureq::tls::parse_pem(bundle)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if roots.is_empty() {
+            return Err("the trust bundle is not written yet".into());
+        }
+        Ok(ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(5)))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            )
+            .build()
+            .into())
+    };
     let body = serde_json::json!({ "name": "demo-proxy-join", "role": "join", "node": DEMO_NODE });
     loop {
-        let attempt = std::fs::read_to_string(admin_token)
+        let attempt = std::fs::read(bundle)
             .map_err(|e| e.to_string())
-            .and_then(|token| {
+            .and_then(|pem| agent(&pem))
+            .and_then(|agent| {
+                Ok((
+                    agent,
+                    std::fs::read_to_string(admin_token).map_err(|e| e.to_string())?,
+                ))
+            })
+            .and_then(|(agent, token)| {
                 let mut response = agent
-                    .post(&format!("http://127.0.0.1:{api_port}/v1/tokens"))
+                    .post(&format!("https://127.0.0.1:{api_port}/v1/tokens"))
                     .header("authorization", &format!("Bearer {}", token.trim()))
                     .header("content-type", "application/json")
                     .send(body.to_string())
@@ -286,10 +310,14 @@ pub fn print_instructions(layout: &DemoLayout<'_>, plugin: bool) {
     } = layout;
     let desired = desired.display();
     let token_file = admin_token_file.display();
+    let bundle = admin_token_file
+        .with_file_name("ca")
+        .join("trust-bundle.pem");
+    let bundle = bundle.display();
     let cp = if *api_port == 18001 {
         String::new()
     } else {
-        format!(" --control-plane http://127.0.0.1:{api_port}")
+        format!(" --control-plane https://127.0.0.1:{api_port}")
     };
     let plugin_lines = if plugin {
         format!(
@@ -311,8 +339,8 @@ Try:
 {plugin_lines}  curl -s localhost:{admin_port}/metrics | grep nip_requests
   curl -s localhost:{admin_port}/clusters
   curl -s localhost:{admin_port}/config_dump
-  export NIP_TOKEN_FILE={token_file}   # the demo control plane's admin token
-  curl -s -H "Authorization: Bearer $(cat $NIP_TOKEN_FILE)" localhost:{api_port}/v1/proxies
+  export NIP_TOKEN_FILE={token_file} NIP_CA_FILE={bundle}   # admin token, CA
+  curl -s --cacert $NIP_CA_FILE -H "Authorization: Bearer $(cat $NIP_TOKEN_FILE)" https://localhost:{api_port}/v1/proxies
   nip token create ci --role operator --ttl 30d{cp}    # a token for CI (shown once)
   nip get proxies{cp}                                   # the proxy, its region, the version it ACKed
   nip apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place

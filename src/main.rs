@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, env = "NIP_TRUST_DOMAIN", default_value = "nip.local")]
         trust_domain: String,
         /// Where the CA keeps the roots it made (keys 0600).
-        #[arg(long, env = "NIP_CA_DIR", default_value_os_t = data_dir().join("ca"))]
+        #[arg(long, env = "NIP_CA_DIR", default_value_os_t = default_ca_dir())]
         ca_dir: PathBuf,
         /// An intermediate CA certificate (PEM, with its chain) to sign with instead of a
         /// root of its own; needs --ca-key.
@@ -85,9 +85,10 @@ enum Command {
         /// A DNS name or IP proxies reach the xDS port by (repeat; its bind IP is added).
         #[arg(long = "server-name", default_value = "localhost")]
         server_names: Vec<String>,
-        /// Serve ADS in plaintext to anyone, without certificates (development only).
+        /// Serve the xDS port and the REST API without TLS, and ADS to anyone without a
+        /// certificate (development only).
         #[arg(long)]
-        xds_plaintext: bool,
+        plaintext: bool,
         /// A host plugin `source.url`s may name (repeat; `*.example.com` for subdomains).
         /// None: configs with plugin URLs are refused.
         #[arg(long = "allow-plugin-host")]
@@ -129,7 +130,7 @@ enum Command {
         #[command(subcommand)]
         action: CaAction,
         /// The control plane's CA directory.
-        #[arg(long, global = true, env = "NIP_CA_DIR", default_value_os_t = data_dir().join("ca"))]
+        #[arg(long, global = true, env = "NIP_CA_DIR", default_value_os_t = default_ca_dir())]
         ca_dir: PathBuf,
     },
     /// Create, list and revoke the API tokens of a control plane (admin role).
@@ -290,6 +291,11 @@ fn default_store() -> String {
     format!("sqlite://{}", data_dir().join("control-plane.db").display())
 }
 
+/// Where a control plane keeps its CA (and writes the trust bundle the CLI trusts).
+pub(crate) fn default_ca_dir() -> PathBuf {
+    data_dir().join("ca")
+}
+
 /// Where a control plane keeps its first admin token, and the CLI looks for it last.
 pub(crate) fn default_admin_token_file() -> PathBuf {
     data_dir().join("admin-token")
@@ -445,7 +451,7 @@ fn main() -> ExitCode {
             ca_bundle,
             certificate_lifetime,
             server_names,
-            xds_plaintext,
+            plaintext,
             plugin_hosts,
             api_address,
         } => run_control_plane(nip_control_plane::ControlPlaneOptions {
@@ -456,7 +462,7 @@ fn main() -> ExitCode {
             watch_interval: Duration::from_millis(200),
             admin_token_file,
             policy: nip_control_plane::service::ChangePolicy { plugin_hosts },
-            identity: (!xds_plaintext).then(|| nip_control_plane::IdentityOptions {
+            identity: (!plaintext).then(|| nip_control_plane::IdentityOptions {
                 ca: nip_control_plane::ca::CaOptions {
                     trust_domain,
                     dir: ca_dir,
@@ -617,13 +623,18 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         plugin.is_some(),
     );
     let join_token = dir.join("join-token");
-    if let Err(e) = demo::make_join_token(ports.api_port, &dir.join("admin-token"), &join_token) {
-        eprintln!("nip demo: {e}");
-        return ExitCode::FAILURE;
-    }
     let bundle = dir
         .join("ca")
         .join(nip_control_plane::ca::TRUST_BUNDLE_FILE);
+    if let Err(e) = demo::make_join_token(
+        ports.api_port,
+        &dir.join("admin-token"),
+        &bundle,
+        &join_token,
+    ) {
+        eprintln!("nip demo: {e}");
+        return ExitCode::FAILURE;
+    }
     run_proxy(ProxyOptions {
         source: ConfigSource::Embedded(demo::proxy_bootstrap(
             ports.admin_port,

@@ -20,9 +20,13 @@ pub struct Remote {
         long,
         global = true,
         env = "NIP_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:18001"
+        default_value = "https://127.0.0.1:18001"
     )]
     pub control_plane: String,
+    /// The trust bundle the control plane's certificate chains to (default: the bundle a
+    /// control plane on this machine wrote).
+    #[arg(long, global = true, env = "NIP_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// A file holding the API token (else $NIP_TOKEN, ~/.config/nip/token, or the admin
     /// token a local control plane wrote).
     #[arg(long, global = true, env = "NIP_TOKEN_FILE")]
@@ -79,6 +83,33 @@ impl Remote {
         Ok(None)
     }
 
+    /// The roots to trust for an `https://` control plane: `--ca-file`, else the bundle a
+    /// local control plane wrote (`None`: the system's roots).
+    fn trusted_roots(&self) -> Result<Option<Vec<ureq::tls::Certificate<'static>>>, Failure> {
+        let local = crate::default_ca_dir().join(nip_control_plane::ca::TRUST_BUNDLE_FILE);
+        let path = match &self.ca_file {
+            Some(path) => path.clone(),
+            None if local.is_file() => local,
+            None => return Ok(None),
+        };
+        let pem = std::fs::read(&path).map_err(|e| {
+            Failure::other(format!("cannot read the CA file {}: {e}", path.display()))
+        })?;
+        let roots: Vec<_> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if roots.is_empty() {
+            return Err(Failure::other(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            )));
+        }
+        Ok(Some(roots))
+    }
+
     /// One call: the status and the JSON answer. Connection failures and non-JSON answers
     /// are failures; HTTP error statuses are returned for the caller to explain.
     fn call(
@@ -89,11 +120,17 @@ impl Remote {
         timeout: Duration,
     ) -> Result<(u16, Value), Failure> {
         let url = format!("{}{path}", self.control_plane.trim_end_matches('/'));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build()
-            .into();
+            .timeout_global(Some(timeout));
+        if let Some(roots) = self.trusted_roots()? {
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            );
+        }
+        let agent: ureq::Agent = config.build().into();
         let authorization = self.token()?.map(|t| format!("Bearer {t}"));
         let authorization = authorization.as_deref().unwrap_or("");
         let response = match (method, body) {

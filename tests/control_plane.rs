@@ -477,15 +477,18 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
             let _ = self.0.wait();
         }
     }
-    let token_file = std::env::temp_dir()
-        .join(format!("nip-demo-{}", child.id()))
-        .join("admin-token");
+    let demo_dir = std::env::temp_dir().join(format!("nip-demo-{}", child.id()));
+    let token_file = demo_dir.join("admin-token");
+    let bundle = demo_dir.join("ca/trust-bundle.pem");
     let _demo = Demo(child);
     eventually(
         "the demo's API refuses a caller without its token",
         || async {
-            client()
-                .get(format!("http://127.0.0.1:{api}/v1/proxies"))
+            let Some(anonymous) = api_client(&bundle, None) else {
+                return false;
+            };
+            anonymous
+                .get(format!("https://127.0.0.1:{api}/v1/proxies"))
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 401)
@@ -506,8 +509,11 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
             let Ok(token) = std::fs::read_to_string(&token_file) else {
                 return false;
             };
-            let proxies: serde_json::Value = match ControlPlane::client_with(token.trim())
-                .get(format!("http://127.0.0.1:{api}/v1/proxies"))
+            let Some(admin) = api_client(&bundle, Some(token.trim())) else {
+                return false;
+            };
+            let proxies: serde_json::Value = match admin
+                .get(format!("https://127.0.0.1:{api}/v1/proxies"))
                 .send()
                 .await
             {

@@ -131,7 +131,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
             .arg(dir.path().join("ca"))
             // grpc-python's xDS client speaks plaintext here (its TLS needs certificate
             // provider plugins this test does not set up).
-            .arg("--xds-plaintext")
+            .arg("--plaintext")
             .stdin(Stdio::null()),
     );
     control_plane.wait_for("serving ADS").await;

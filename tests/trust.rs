@@ -45,7 +45,10 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
                 control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
             let needed = operation["x-nip-role"].as_str();
             for (who, token) in &callers {
-                let http = token.map_or_else(client, ControlPlane::client_with);
+                let http = match token {
+                    Some(token) => control_plane.client_with(token),
+                    None => control_plane.anonymous(),
+                };
                 let request = match method.as_str() {
                     "get" => http.get(&url),
                     "delete" => http.delete(&url),
@@ -85,7 +88,8 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
     assert!(checked >= 55, "{checked} calls");
 
     // The operator's change is recorded under its token's name, whatever header it sends.
-    let applied = ControlPlane::client_with(&operator)
+    let applied = control_plane
+        .client_with(&operator)
         .post(control_plane.api("/v1/config"))
         .header("content-type", "application/yaml")
         .header("x-nip-actor", "mallory")
@@ -121,7 +125,8 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
         .success());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for (token, reason) in [(&viewer, "revoked"), (&short, "expired")] {
-        let refused = ControlPlane::client_with(token)
+        let refused = control_plane
+            .client_with(token)
             .get(control_plane.api("/v1/config"))
             .send()
             .await
@@ -148,6 +153,7 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
     let as_operator = Command::new(nip_bin())
         .args(["token", "list", "--control-plane", &control_plane.api("")])
         .env("NIP_TOKEN", &operator)
+        .env("NIP_CA_FILE", control_plane.bundle_file())
         .output()
         .unwrap();
     assert_eq!(as_operator.status.code(), Some(1));
@@ -188,8 +194,9 @@ async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
     let tenant = |id: &str| format!("tenant: {{ id: {id} }}\n{}", services(&["web"]));
     let apply = |token: String, yaml: String| {
         let url = control_plane.api("/v1/config");
+        let client = control_plane.client_with(&token);
         async move {
-            ControlPlane::client_with(&token)
+            client
                 .post(url)
                 .header("content-type", "application/yaml")
                 .body(yaml)
@@ -213,7 +220,8 @@ async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
             .status(),
         201
     );
-    let read = ControlPlane::client_with(&acme)
+    let read = control_plane
+        .client_with(&acme)
         .get(control_plane.api("/v1/config"))
         .send()
         .await
@@ -221,7 +229,8 @@ async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
     assert_eq!(read.status(), 403);
     assert_eq!(apply(acme.clone(), tenant("acme")).await.status(), 403);
     // And it hands out no token beyond its tenants (it is no admin anyway).
-    let escalate = ControlPlane::client_with(&acme)
+    let escalate = control_plane
+        .client_with(&acme)
         .post(control_plane.api("/v1/tokens"))
         .json(&serde_json::json!({ "name": "all", "role": "viewer" }))
         .send()

@@ -24,6 +24,7 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod https;
 pub mod service;
 pub mod store;
 pub mod xds_port;
@@ -57,8 +58,8 @@ pub struct ControlPlaneOptions {
     pub admin_token_file: PathBuf,
     /// The operator's rules for changes (which hosts plugin URLs may name).
     pub policy: service::ChangePolicy,
-    /// Workload identity: the CA and the names the xDS port answers to. `None` serves
-    /// plaintext ADS to anyone (`--xds-plaintext`, development only).
+    /// Workload identity: the CA and the names the xDS port and the REST API answer to
+    /// over TLS. `None` serves both in plaintext (`--plaintext`, development only).
     pub identity: Option<IdentityOptions>,
 }
 
@@ -190,13 +191,18 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
                 trust_domain = ca.trust_domain(),
                 "certificate authority ready"
             );
+            let serving = xds_port::ServingCertificate::make(
+                &ca,
+                &identity.server_names,
+                &[options.xds_address, options.api_address],
+            )?;
             Some((
                 xds_port::Issuer {
                     ca: Arc::new(ca),
                     auth: authenticator.clone(),
                     store: store.clone(),
                 },
-                identity.server_names.clone(),
+                serving,
             ))
         }
         None => None,
@@ -225,12 +231,27 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         store = %store::redact(&options.store),
         "nip control plane serving ADS and the REST API"
     );
-    let api_service = Arc::clone(&service);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(api, api::router(api_service, authenticator)).await {
-            tracing::error!("REST API stopped: {e}");
+    let router = api::router(Arc::clone(&service), authenticator);
+    match &issuer {
+        Some((_, serving)) => {
+            let config =
+                https::server_config(&serving.chain_pem, &serving.key_pem).map_err(|reason| {
+                    ControlPlaneError::Serve {
+                        address: options.api_address,
+                        reason,
+                    }
+                })?;
+            tokio::spawn(https::serve(api, config, router));
         }
-    });
+        None => {
+            tracing::warn!(api = %options.api_address, "REST API in plaintext (--plaintext): tokens cross the network in the clear");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(api, router).await {
+                    tracing::error!("REST API stopped: {e}");
+                }
+            });
+        }
+    }
     tokio::spawn(follow_store(Arc::clone(&service), options.watch_interval));
     if let Some(path) = options.config.clone() {
         tokio::spawn(watch_file(

@@ -9,8 +9,8 @@
 //! ```
 //!
 //! A proxy without a certificate can do one thing here: present a join token and a CSR.
-//! Without an identity (`--xds-plaintext`) the port serves ADS in plaintext to anyone, as
-//! before; that is for development and is logged as such.
+//! Without an identity (`--plaintext`) the port serves ADS in plaintext to anyone; that is
+//! for development and is logged as such.
 
 use crate::auth::{AuthError, Authenticator};
 use crate::ca::{CertificateAuthority, MIN_LIFETIME};
@@ -178,17 +178,54 @@ async fn issue(State(issuer): State<Issuer>, request: Request) -> Response {
     .into_response()
 }
 
+/// The control plane's own certificate (PEM chain and key), made by its CA at start.
+#[derive(Debug, Clone)]
+pub struct ServingCertificate {
+    /// The leaf and its intermediates.
+    pub chain_pem: String,
+    /// Its private key (made in this process).
+    pub key_pem: String,
+}
+
+impl ServingCertificate {
+    /// A certificate from `ca` naming the `server_names` (DNS names or IPs) and the bind IP
+    /// of each address in `binds`.
+    pub fn make(
+        ca: &CertificateAuthority,
+        server_names: &[String],
+        binds: &[SocketAddr],
+    ) -> Result<ServingCertificate, crate::ca::CaError> {
+        let mut ips: Vec<std::net::IpAddr> =
+            server_names.iter().filter_map(|n| n.parse().ok()).collect();
+        for bind in binds {
+            if !bind.ip().is_unspecified() && !ips.contains(&bind.ip()) {
+                ips.push(bind.ip());
+            }
+        }
+        let dns: Vec<String> = server_names
+            .iter()
+            .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+            .cloned()
+            .collect();
+        let (issued, key_pem) = ca.issue_server(&dns, &ips, SERVER_CERTIFICATE_LIFETIME)?;
+        Ok(ServingCertificate {
+            chain_pem: issued.chain_pem,
+            key_pem,
+        })
+    }
+}
+
 /// Serves the xDS port until the process ends: with `issuer`, TLS, the certificate
 /// endpoint and ADS bound to client identities; without, plaintext ADS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     address: SocketAddr,
     ads: AdsServer,
-    issuer: Option<(Issuer, Vec<String>)>,
+    issuer: Option<(Issuer, ServingCertificate)>,
 ) -> Result<(), String> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let Some((issuer, server_names)) = issuer else {
-        tracing::warn!(%address, "xDS in plaintext (--xds-plaintext): anyone who reaches this port gets every proxy's config");
+    let Some((issuer, serving)) = issuer else {
+        tracing::warn!(%address, "xDS in plaintext (--plaintext): anyone who reaches this port gets every proxy's config");
         return tonic::transport::Server::builder()
             .add_service(ads.into_service())
             .serve_with_incoming(incoming)
@@ -196,23 +233,10 @@ pub async fn serve(
             .map_err(|e| e.to_string());
     };
     let ca = Arc::clone(&issuer.ca);
-    let ips: Vec<std::net::IpAddr> = server_names
-        .iter()
-        .filter_map(|n| n.parse().ok())
-        .chain((!address.ip().is_unspecified()).then_some(address.ip()))
-        .collect();
-    let dns: Vec<String> = server_names
-        .iter()
-        .filter(|n| n.parse::<std::net::IpAddr>().is_err())
-        .cloned()
-        .collect();
-    let (serving, key) = ca
-        .issue_server(&dns, &ips, SERVER_CERTIFICATE_LIFETIME)
-        .map_err(|e| e.to_string())?;
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
             &serving.chain_pem,
-            &key,
+            &serving.key_pem,
         ))
         .client_ca_root(tonic::transport::Certificate::from_pem(
             ca.trust_bundle_pem(),
@@ -223,7 +247,7 @@ pub async fn serve(
         .with_state(issuer);
     let routes = tonic::service::Routes::from(certificates)
         .add_service(ads.require_node_identity(ca.trust_domain()).into_service());
-    tracing::info!(%address, trust_domain = ca.trust_domain(), names = ?server_names, "xDS over mutual TLS; certificates at POST /v1/certificates");
+    tracing::info!(%address, trust_domain = ca.trust_domain(), "xDS over mutual TLS; certificates at POST /v1/certificates");
     tonic::transport::Server::builder()
         .tls_config(tls)
         .map_err(|e| e.to_string())?

@@ -126,7 +126,7 @@ impl ControlPlane {
     }
 
     pub fn api(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.api_port)
+        format!("https://127.0.0.1:{}{path}", self.api_port)
     }
 
     /// Runs a `nip` CLI verb against this control plane.
@@ -135,6 +135,7 @@ impl ControlPlane {
             .args(args)
             .args(["--control-plane", &self.api("")])
             .env("NIP_TOKEN_FILE", &self.admin_token_file)
+            .env("NIP_CA_FILE", self.bundle_file())
             .output()
             .unwrap()
     }
@@ -194,24 +195,19 @@ impl ControlPlane {
             .to_string()
     }
 
-    /// An HTTP client that sends `token` as its bearer token.
-    pub fn client_with(token: &str) -> reqwest::Client {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(20))
-            .default_headers(headers)
-            .build()
-            .unwrap()
+    /// An HTTPS client of its API that sends `token` as its bearer token.
+    pub fn client_with(&self, token: &str) -> reqwest::Client {
+        api_client(&self.bundle_file(), Some(token)).unwrap()
     }
 
-    /// An HTTP client with the admin token.
+    /// An HTTPS client of its API without a token.
+    pub fn anonymous(&self) -> reqwest::Client {
+        api_client(&self.bundle_file(), None).unwrap()
+    }
+
+    /// An HTTPS client of its API with the admin token.
     pub fn http(&self) -> reqwest::Client {
-        ControlPlane::client_with(&self.admin_token())
+        self.client_with(&self.admin_token())
     }
 
     /// `GET` of an API path with the admin token, as JSON.
@@ -228,10 +224,38 @@ impl ControlPlane {
 
     pub async fn wait_ready(&self) {
         eventually("the control plane answers", || async {
-            client().get(self.api("/v1/proxies")).send().await.is_ok()
+            let Some(client) = api_client(&self.bundle_file(), None) else {
+                return false;
+            };
+            client
+                .get(self.api("/v1/openapi.json"))
+                .send()
+                .await
+                .is_ok()
         })
         .await;
     }
+}
+
+/// An HTTPS client trusting the CA bundle in `bundle` (`None` while it is not written),
+/// sending `token` as a bearer token if given.
+pub fn api_client(bundle: &std::path::Path, token: Option<&str>) -> Option<reqwest::Client> {
+    let pem = std::fs::read(bundle).ok()?;
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20));
+    for certificate in reqwest::Certificate::from_pem_bundle(&pem).ok()? {
+        builder = builder.add_root_certificate(certificate);
+    }
+    if let Some(token) = token {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().ok()?,
+        );
+        builder = builder.default_headers(headers);
+    }
+    builder.build().ok()
 }
 
 impl Drop for ControlPlane {

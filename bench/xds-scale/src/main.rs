@@ -114,7 +114,7 @@ impl ControlPlane {
             .arg(&token_file)
             // Push fan-out is measured without TLS (a thousand clients would each need a
             // certificate first); the cost of mutual TLS is benched on its own.
-            .arg("--xds-plaintext")
+            .arg("--plaintext")
             .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
             .args(["--api-address", &format!("127.0.0.1:{api_port}")])
             .env("NIP_LOG", "warn")
