@@ -48,55 +48,7 @@ enum Command {
     /// Run a control plane: store the desired config with its history and serve it to
     /// proxies and xDS clients over ADS. Changes come from `nip apply`, the REST API, or a
     /// config file it follows.
-    ControlPlane {
-        /// Where versions and the audit trail are kept: sqlite://PATH or postgres://URL
-        /// (several replicas may share one PostgreSQL database).
-        #[arg(long, env = "NIP_STORE", default_value_t = default_store())]
-        store: String,
-        /// A v4 YAML config to follow: applied at start and whenever the file changes.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        /// Address ADS is served on.
-        #[arg(long, default_value = "127.0.0.1:18000")]
-        xds_address: std::net::SocketAddr,
-        /// The first admin token: read from this file, or made and written here (0600)
-        /// when the store has no usable admin token.
-        #[arg(long, env = "NIP_ADMIN_TOKEN_FILE", default_value_os_t = default_admin_token_file())]
-        admin_token_file: PathBuf,
-        /// The trust domain of the identities its CA signs (spiffe://TRUST_DOMAIN/…).
-        #[arg(long, env = "NIP_TRUST_DOMAIN", default_value = "nip.local")]
-        trust_domain: String,
-        /// Where the CA keeps the roots it made (keys 0600).
-        #[arg(long, env = "NIP_CA_DIR", default_value_os_t = default_ca_dir())]
-        ca_dir: PathBuf,
-        /// An intermediate CA certificate (PEM, with its chain) to sign with instead of a
-        /// root of its own; needs --ca-key.
-        #[arg(long, requires = "ca_key")]
-        ca_cert: Option<PathBuf>,
-        /// The key of --ca-cert (PKCS#8 PEM).
-        #[arg(long, requires = "ca_cert")]
-        ca_key: Option<PathBuf>,
-        /// The roots proxies trust with --ca-cert (default: the last certificate of its chain).
-        #[arg(long, requires = "ca_cert")]
-        ca_bundle: Option<PathBuf>,
-        /// How long a proxy's certificate lives (renewed at half-life).
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        certificate_lifetime: Duration,
-        /// A DNS name or IP proxies reach the xDS port by (repeat; its bind IP is added).
-        #[arg(long = "server-name", default_value = "localhost")]
-        server_names: Vec<String>,
-        /// Serve the xDS port and the REST API without TLS, and ADS to anyone without a
-        /// certificate (development only).
-        #[arg(long)]
-        plaintext: bool,
-        /// A host plugin `source.url`s may name (repeat; `*.example.com` for subdomains).
-        /// None: configs with plugin URLs are refused.
-        #[arg(long = "allow-plugin-host")]
-        plugin_hosts: Vec<String>,
-        /// Address the REST API is served on.
-        #[arg(long, default_value = "127.0.0.1:18001")]
-        api_address: std::net::SocketAddr,
-    },
+    ControlPlane(Box<ControlPlaneArgs>),
     /// Apply a whole v4 config through the control plane: stored as a new version and
     /// pushed to every proxy (or to one region first with --canary).
     Apply {
@@ -219,6 +171,131 @@ enum GetWhat {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The flags of `nip control-plane`.
+#[derive(clap::Args)]
+struct ControlPlaneArgs {
+    /// Where versions and the audit trail are kept: sqlite://PATH or postgres://URL
+    /// (several replicas may share one PostgreSQL database).
+    #[arg(long, env = "NIP_STORE", default_value_t = default_store())]
+    store: String,
+    /// A v4 YAML config to follow: applied at start and whenever the file changes.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Address ADS is served on.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    xds_address: std::net::SocketAddr,
+    /// The first admin token: read from this file, or made and written here (0600)
+    /// when the store has no usable admin token.
+    #[arg(long, env = "NIP_ADMIN_TOKEN_FILE", default_value_os_t = default_admin_token_file())]
+    admin_token_file: PathBuf,
+    /// The trust domain of the identities its CA signs (spiffe://TRUST_DOMAIN/…).
+    #[arg(long, env = "NIP_TRUST_DOMAIN", default_value = "nip.local")]
+    trust_domain: String,
+    /// Where the CA keeps the roots it made (keys 0600).
+    #[arg(long, env = "NIP_CA_DIR", default_value_os_t = default_ca_dir())]
+    ca_dir: PathBuf,
+    /// An intermediate CA certificate (PEM, with its chain) to sign with instead of a
+    /// root of its own; needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PKCS#8 PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The roots proxies trust with --ca-cert (default: the last certificate of its chain).
+    #[arg(long, requires = "ca_cert")]
+    ca_bundle: Option<PathBuf>,
+    /// How long a proxy's certificate lives (renewed at half-life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    certificate_lifetime: Duration,
+    /// A DNS name or IP proxies reach the xDS port by (repeat; its bind IP is added).
+    #[arg(long = "server-name", default_value = "localhost")]
+    server_names: Vec<String>,
+    /// Serve the xDS port and the REST API without TLS, and ADS to anyone without a
+    /// certificate (development only).
+    #[arg(long)]
+    plaintext: bool,
+    /// Also accept JWTs of this OIDC issuer on the REST API (https://, or http:// on
+    /// loopback); roles and tenants come from the claims below.
+    #[arg(long, env = "NIP_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// The audience (`aud`) those JWTs must be for.
+    #[arg(long, env = "NIP_OIDC_AUDIENCE", default_value = "nip")]
+    oidc_audience: String,
+    /// The claim holding a caller's role (viewer, operator or admin).
+    #[arg(long, default_value = "nip_role")]
+    oidc_role_claim: String,
+    /// The claim holding a caller's tenants (absent: every tenant).
+    #[arg(long, default_value = "nip_tenants")]
+    oidc_tenants_claim: String,
+    /// PEM roots to trust for the OIDC issuer (default: the system's).
+    #[arg(long)]
+    oidc_ca_file: Option<PathBuf>,
+    /// A host plugin `source.url`s may name (repeat; `*.example.com` for subdomains).
+    /// None: configs with plugin URLs are refused.
+    #[arg(long = "allow-plugin-host")]
+    plugin_hosts: Vec<String>,
+    /// Address the REST API is served on.
+    #[arg(long, default_value = "127.0.0.1:18001")]
+    api_address: std::net::SocketAddr,
+}
+
+impl ControlPlaneArgs {
+    fn into_options(self) -> nip_control_plane::ControlPlaneOptions {
+        let ControlPlaneArgs {
+            store,
+            config,
+            xds_address,
+            admin_token_file,
+            trust_domain,
+            ca_dir,
+            ca_cert,
+            ca_key,
+            ca_bundle,
+            certificate_lifetime,
+            server_names,
+            plaintext,
+            oidc_issuer,
+            oidc_audience,
+            oidc_role_claim,
+            oidc_tenants_claim,
+            oidc_ca_file,
+            plugin_hosts,
+            api_address,
+        } = self;
+        nip_control_plane::ControlPlaneOptions {
+            oidc: oidc_issuer.map(|issuer| nip_control_plane::oidc::OidcOptions {
+                issuer,
+                audience: oidc_audience,
+                role_claim: oidc_role_claim,
+                tenants_claim: oidc_tenants_claim,
+                ca_file: oidc_ca_file,
+            }),
+            store,
+            config,
+            xds_address,
+            api_address,
+            watch_interval: Duration::from_millis(200),
+            admin_token_file,
+            policy: nip_control_plane::service::ChangePolicy { plugin_hosts },
+            identity: (!plaintext).then(|| nip_control_plane::IdentityOptions {
+                ca: nip_control_plane::ca::CaOptions {
+                    trust_domain,
+                    dir: ca_dir,
+                    issuer: ca_cert.zip(ca_key).map(|(cert, key)| {
+                        nip_control_plane::ca::IssuerFiles {
+                            cert,
+                            key,
+                            bundle: ca_bundle,
+                        }
+                    }),
+                    workload_lifetime: certificate_lifetime,
+                },
+                server_names,
+            }),
+        }
+    }
 }
 
 /// What `nip ca` does.
@@ -439,45 +516,7 @@ fn main() -> ExitCode {
             message,
             remote,
         } => remote::rollback(&remote, version, &message),
-        Command::ControlPlane {
-            store,
-            config,
-            xds_address,
-            admin_token_file,
-            trust_domain,
-            ca_dir,
-            ca_cert,
-            ca_key,
-            ca_bundle,
-            certificate_lifetime,
-            server_names,
-            plaintext,
-            plugin_hosts,
-            api_address,
-        } => run_control_plane(nip_control_plane::ControlPlaneOptions {
-            store,
-            config,
-            xds_address,
-            api_address,
-            watch_interval: Duration::from_millis(200),
-            admin_token_file,
-            policy: nip_control_plane::service::ChangePolicy { plugin_hosts },
-            identity: (!plaintext).then(|| nip_control_plane::IdentityOptions {
-                ca: nip_control_plane::ca::CaOptions {
-                    trust_domain,
-                    dir: ca_dir,
-                    issuer: ca_cert.zip(ca_key).map(|(cert, key)| {
-                        nip_control_plane::ca::IssuerFiles {
-                            cert,
-                            key,
-                            bundle: ca_bundle,
-                        }
-                    }),
-                    workload_lifetime: certificate_lifetime,
-                },
-                server_names,
-            }),
-        }),
+        Command::ControlPlane(args) => run_control_plane(args.into_options()),
         Command::Ca { action, ca_dir } => {
             let done = match action {
                 CaAction::Rotate { trust_domain } => {
@@ -587,6 +626,7 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         watch_interval: Duration::from_millis(200),
         admin_token_file: dir.join("admin-token"),
         policy: nip_control_plane::service::ChangePolicy::default(),
+        oidc: None,
         identity: Some(nip_control_plane::IdentityOptions {
             ca: nip_control_plane::ca::CaOptions {
                 trust_domain: "nip.local".into(),

@@ -1,7 +1,8 @@
 //! Interoperability with xDS peers that share no code with NIP (Python `grpcio` and
 //! `xds-protos`, installed by `./dev test` into a virtualenv named by `NIP_TEST_PYTHON`):
 //! a proxyless gRPC client resolving `xds:///NAME` through `nip control-plane`, and a NIP
-//! proxy driven by an independent xDS server. Scripts are in `tests/interop/`.
+//! proxy driven by an independent xDS server; and an OIDC issuer signing with PyJWT whose
+//! tokens the control plane takes. Scripts are in `tests/interop/`.
 
 mod common;
 
@@ -310,4 +311,84 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     let ping = client().get(proxy.url("/ping")).send().await.unwrap();
     assert_eq!(ping.status(), 202);
     assert_eq!(ping.text().await.unwrap(), "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_roles() {
+    let port = free_port();
+    let issuer = Background::python(&[
+        script("oidc_issuer.py").to_str().unwrap(),
+        &port.to_string(),
+    ]);
+    issuer.wait_for("listening").await;
+    let issuer_url = format!("http://127.0.0.1:{port}");
+    let control_plane = common::control_plane::ControlPlane::start_with(
+        None,
+        None,
+        &["--oidc-issuer", &issuer_url, "--oidc-audience", "nip"],
+    );
+    control_plane.wait_ready().await;
+    let mint = |query: &str| {
+        let url = format!("{issuer_url}/token?{query}");
+        async move {
+            common::client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let call = |jwt: String, method: &str, path: &str| {
+        let client = control_plane.client_with(&jwt);
+        let url = control_plane.api(path);
+        let post = method == "POST";
+        async move {
+            let request = if post {
+                client
+                    .post(url)
+                    .header("content-type", "application/yaml")
+                    .body("services:\n  web: { endpoints: [\"127.0.0.1:9000\"] }\nroutes:\n  - { service: web }\n")
+            } else {
+                client.get(url)
+            };
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    // The role in the claims decides, as with NIP tokens; the author is the subject.
+    let viewer = mint("sub=vera&role=viewer").await;
+    let operator = mint("sub=otto&role=operator").await;
+    assert_eq!(call(viewer.clone(), "GET", "/v1/proxies").await.0, 200);
+    let (status, body) = call(viewer, "POST", "/v1/config").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("oidc:vera is a viewer"), "{body}");
+    let (status, body) = call(operator, "POST", "/v1/config").await;
+    assert_eq!(status, 201, "{body}");
+    let current = control_plane.get_json("/v1/config").await;
+    assert_eq!(current["author"], "oidc:otto");
+
+    // What does not verify is 401 with the reason; a verified caller without a role is 403.
+    for (query, status, why) in [
+        ("role=admin&sign=other", 401, "InvalidSignature"),
+        ("role=admin&aud=someone-else", 401, "InvalidAudience"),
+        ("role=admin&iss=http://evil.example", 401, "InvalidIssuer"),
+        ("role=admin&ttl=-120", 401, "ExpiredSignature"),
+        ("role=admin&kid=k9", 401, "no key"),
+        ("role=root", 403, "not viewer, operator or admin"),
+        ("sub=nobody", 403, "no nip_role claim"),
+        ("role=admin&tenants=", 403, "empty tenant list"),
+    ] {
+        let (got, body) = call(mint(query).await, "GET", "/v1/proxies").await;
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(body.contains(why), "{query}: {body}");
+    }
+    // Tenants in the claims limit as a token's do.
+    let acme = mint("sub=ann&role=operator&tenants=acme").await;
+    let (status, body) = call(acme, "GET", "/v1/config").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("tenants acme only"), "{body}");
 }

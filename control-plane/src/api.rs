@@ -108,6 +108,13 @@ async fn authorize(
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot check the token")
                 .into_response()
         }
+        Err(e @ AuthError::NoRole(_)) => {
+            ApiError::new(StatusCode::FORBIDDEN, e.to_string()).into_response()
+        }
+        Err(e @ AuthError::Issuer(_)) => {
+            tracing::warn!("REST API: {e}");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
         Err(e) => {
             let mut response =
                 ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).into_response();

@@ -83,6 +83,15 @@ pub enum AuthError {
     /// A bearer token that is not (or no longer) valid; the reason is safe to show.
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// A JWT that does not verify (signature, issuer, audience, time, form).
+    #[error("invalid token: {0}")]
+    InvalidJwt(String),
+    /// An authenticated caller with no role NIP knows (403, not 401).
+    #[error("no role: {0}")]
+    NoRole(String),
+    /// The OIDC issuer could not be asked for its keys.
+    #[error("cannot check the token with its issuer: {0}")]
+    Issuer(String),
     /// A token asked for with a bad name, role or lifetime.
     #[error("{0}")]
     BadRequest(String),
@@ -272,6 +281,41 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
     (hex(id, 12) && hex(secret, 64)).then_some((id, secret))
 }
 
+/// The identity a verified JWT's claims give: `oidc:SUB` with the role and tenants they
+/// name. A caller without a role NIP knows, or with an empty tenant list (which must not
+/// widen to every tenant), gets none.
+fn identity_of(claims: crate::oidc::Claims, role_claim: &str) -> Result<Identity, AuthError> {
+    let name = format!("oidc:{}", claims.subject);
+    let role = match claims.role.as_deref() {
+        Some(role) => Role::parse(role).ok_or_else(|| {
+            AuthError::NoRole(format!("{name}: {role:?} is not viewer, operator or admin"))
+        })?,
+        None => {
+            return Err(AuthError::NoRole(format!(
+                "{name}: the token has no {role_claim} claim"
+            )))
+        }
+    };
+    let tenants = match claims.tenants {
+        Some(tenants) if tenants.is_empty() => {
+            return Err(AuthError::NoRole(format!("{name}: an empty tenant list")))
+        }
+        Some(tenants) => tenants,
+        None => Vec::new(),
+    };
+    Ok(Identity {
+        name,
+        role,
+        tenants,
+    })
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header value.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, token) = authorization?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Equal in time independent of where they differ (digests of equal length).
 fn same_digest(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
@@ -281,23 +325,25 @@ fn same_digest(a: &str, b: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     store: Store,
+    oidc: Option<std::sync::Arc<crate::oidc::OidcVerifier>>,
 }
 
 impl Authenticator {
-    /// Checks tokens against `store`.
+    /// Checks NIP tokens against `store`.
     pub fn new(store: Store) -> Authenticator {
-        Authenticator { store }
+        Authenticator { store, oidc: None }
+    }
+
+    /// Also accepts JWTs of an OIDC issuer.
+    pub fn with_oidc(mut self, verifier: crate::oidc::OidcVerifier) -> Authenticator {
+        self.oidc = Some(std::sync::Arc::new(verifier));
+        self
     }
 
     /// The stored token behind an `Authorization: Bearer` header value, if it is usable.
     async fn usable_token(&self, authorization: Option<&str>) -> Result<StoredToken, AuthError> {
-        let header = authorization.ok_or(AuthError::Missing)?;
-        let (scheme, token) = header.trim().split_once(' ').ok_or(AuthError::Missing)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::Missing);
-        }
-        let (id, secret) =
-            split_token(token.trim()).ok_or(AuthError::Invalid("not a NIP token"))?;
+        let token = bearer(authorization).ok_or(AuthError::Missing)?;
+        let (id, secret) = split_token(token).ok_or(AuthError::Invalid("not a NIP token"))?;
         let stored = self
             .store
             .token(id)
@@ -328,8 +374,18 @@ impl Authenticator {
         })
     }
 
-    /// The identity behind an `Authorization` header value.
+    /// The identity behind an `Authorization` header value: a NIP token, or a JWT of the
+    /// OIDC issuer when one is configured.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        if let (Some(verifier), Some(token)) = (&self.oidc, bearer(authorization)) {
+            if !token.starts_with(TOKEN_PREFIX) && token.matches('.').count() == 2 {
+                let claims = verifier.verify(token).await.map_err(|e| match e {
+                    crate::oidc::OidcError::Invalid(e) => AuthError::InvalidJwt(e),
+                    crate::oidc::OidcError::Issuer(e) => AuthError::Issuer(e),
+                })?;
+                return identity_of(claims, verifier.role_claim());
+            }
+        }
         let stored = self.usable_token(authorization).await?;
         if stored.role == JOIN_ROLE {
             return Err(AuthError::Invalid("a join token cannot call the API"));

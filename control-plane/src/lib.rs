@@ -25,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod https;
+pub mod oidc;
 pub mod service;
 pub mod store;
 pub mod xds_port;
@@ -58,6 +59,8 @@ pub struct ControlPlaneOptions {
     pub admin_token_file: PathBuf,
     /// The operator's rules for changes (which hosts plugin URLs may name).
     pub policy: service::ChangePolicy,
+    /// JWTs of an OIDC issuer accepted as API credentials (besides NIP tokens).
+    pub oidc: Option<oidc::OidcOptions>,
     /// Workload identity: the CA and the names the xDS port and the REST API answer to
     /// over TLS. `None` serves both in plaintext (`--plaintext`, development only).
     pub identity: Option<IdentityOptions>,
@@ -183,7 +186,13 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         ),
         auth::Bootstrap::Unchanged => {}
     }
-    let authenticator = auth::Authenticator::new(store.clone());
+    let mut authenticator = auth::Authenticator::new(store.clone());
+    if let Some(oidc) = &options.oidc {
+        let verifier = oidc::OidcVerifier::new(oidc.clone())
+            .map_err(|reason| ControlPlaneError::Auth(auth::AuthError::BadRequest(reason)))?;
+        tracing::info!(issuer = %oidc.issuer, audience = %oidc.audience, "REST API also takes JWTs of this OIDC issuer");
+        authenticator = authenticator.with_oidc(verifier);
+    }
     let issuer = match &options.identity {
         Some(identity) => {
             let ca = ca::CertificateAuthority::open(&identity.ca)?;
