@@ -421,11 +421,22 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
     assert!(paths.len() >= 8, "{paths:?}");
     for (path, methods) in paths {
         for method in methods.as_object().unwrap().keys() {
-            let url =
-                control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
+            let url = control_plane.api(
+                &path
+                    .replace("{version}", "1")
+                    .replace("{name}", "nobody")
+                    .replace("{tenant}", "acme"),
+            );
             let response = match method.as_str() {
                 "get" => http.get(url).send().await.unwrap(),
                 "delete" => http.delete(url).send().await.unwrap(),
+                "put" => http
+                    .put(url)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap(),
                 "post" => http
                     .post(url)
                     .header("content-type", "application/json")

@@ -41,8 +41,12 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
     let mut checked = 0;
     for (path, methods) in paths {
         for (method, operation) in methods.as_object().unwrap() {
-            let url =
-                control_plane.api(&path.replace("{version}", "1").replace("{name}", "nobody"));
+            let url = control_plane.api(
+                &path
+                    .replace("{version}", "1")
+                    .replace("{name}", "nobody")
+                    .replace("{tenant}", "acme"),
+            );
             let needed = operation["x-nip-role"].as_str();
             for (who, token) in &callers {
                 let http = match token {
@@ -52,6 +56,10 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
                 let request = match method.as_str() {
                     "get" => http.get(&url),
                     "delete" => http.delete(&url),
+                    "put" => http
+                        .put(&url)
+                        .header("content-type", "application/json")
+                        .body("{}"),
                     _ => http
                         .post(&url)
                         .header("content-type", "application/json")
@@ -85,7 +93,7 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
             }
         }
     }
-    assert!(checked >= 55, "{checked} calls");
+    assert!(checked >= 70, "{checked} calls");
 
     // The operator's change is recorded under its token's name, whatever header it sends.
     let applied = control_plane
@@ -652,4 +660,139 @@ async fn a_root_rotation_overlaps_so_joined_proxies_keep_their_control_plane() {
         bundle().matches("BEGIN CERTIFICATE").count() == 1
     })
     .await;
+}
+
+/// `openssl` run in `dir`; panics on failure; its stdout.
+fn openssl_in(dir: &std::path::Path, args: &[&str]) -> Vec<u8> {
+    let output = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// Base64 of `bytes`, by the `base64` tool (independent of NIP's decoder).
+fn base64_of(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_unsigned_modules() {
+    let backend = Backend::start("web").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    // Keys and signatures made by openssl (ed25519), not by NIP.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let module = example_plugin("add_header");
+    let module_path = module.to_string_lossy().to_string();
+    for key in ["trusted.pem", "other.pem"] {
+        openssl_in(d, &["genpkey", "-algorithm", "ed25519", "-out", key]);
+    }
+    let public = openssl_in(
+        d,
+        &["pkey", "-in", "trusted.pem", "-pubout", "-outform", "DER"],
+    );
+    let public_key = base64_of(&public[public.len() - 32..]);
+    let sign = |key: &str| {
+        base64_of(&openssl_in(
+            d,
+            &[
+                "pkeyutl",
+                "-sign",
+                "-inkey",
+                key,
+                "-rawin",
+                "-in",
+                &module_path,
+            ],
+        ))
+    };
+    let (good, forged) = (sign("trusted.pem"), sign("other.pem"));
+    let config = |signature: Option<&str>| {
+        let signature = signature.map_or(String::new(), |s| format!(", signature: \"{s}\""));
+        format!(
+            "tenant: {{ id: acme }}\n{}plugins:\n  tag: {{ source: {{ file: \"{module_path}\"{signature} }}, config: \"x-signed=yes\" }}\nroutes:\n  - {{ service: web, plugins: [tag] }}\n",
+            gateway(port, &backend, "").split("routes:").next().unwrap()
+        )
+    };
+    // The admin requires signed modules for acme (a viewer may look, not change).
+    let admin = control_plane.http();
+    let policy = control_plane.api("/v1/tenants/acme/plugin-signing");
+    let set = admin
+        .put(&policy)
+        .json(&serde_json::json!({ "keys": [public_key] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200, "{}", set.text().await.unwrap());
+    let bad_key = admin
+        .put(&policy)
+        .json(&serde_json::json!({ "keys": ["bm90IGEga2V5"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 400);
+
+    // Unsigned: refused at apply, naming the field.
+    let unsigned = control_plane.apply(&config(None), &[]);
+    assert_eq!(unsigned.status.code(), Some(2), "{}", stderr(&unsigned));
+    assert!(
+        stderr(&unsigned)
+            .contains("plugins.tag.source.signature: tenant acme requires signed plugins"),
+        "{}",
+        stderr(&unsigned)
+    );
+    // Signed by the trusted key: served and run.
+    let signed = control_plane.apply(&config(Some(&good)), &[]);
+    assert!(signed.status.success(), "{}", stderr(&signed));
+    let proxy_dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", proxy_dir.path()), port);
+    proxy.wait_ready().await;
+    let answered = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert_eq!(backend.last_header("x-signed").as_deref(), Some("yes"), "the module ran");
+    // Signed by another key: the control plane cannot tell (it never sees the module), the
+    // proxy can: it NACKs with the reason and keeps running the signed one.
+    let forged_config = config(Some(&forged)).replace("x-signed=yes", "x-signed=forged");
+    assert!(control_plane.apply(&forged_config, &[]).status.success());
+    eventually("the proxy NACKs the forged module", || async {
+        let proxies = control_plane.get_json("/v1/proxies").await;
+        proxies
+            .to_string()
+            .contains("not signed by a key the tenant trusts")
+    })
+    .await;
+    let still = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(still.status(), 200);
+    assert_eq!(backend.last_header("x-signed").as_deref(), Some("yes"), "the signed one");
+    // The requirement goes away only by an admin's DELETE, recorded in the audit trail.
+    let cleared = admin.delete(&policy).send().await.unwrap();
+    assert_eq!(cleared.status(), 200);
+    let events = control_plane.get_json("/v1/events").await;
+    let actions: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"plugin_signing_set") && actions.contains(&"plugin_signing_cleared"),
+        "{actions:?}"
+    );
 }

@@ -52,6 +52,12 @@ pub fn router(service: Arc<ConfigService>, auth: Authenticator) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", delete(revoke_token))
+        .route(
+            "/v1/tenants/{tenant}/plugin-signing",
+            get(plugin_signing)
+                .put(set_plugin_signing)
+                .delete(clear_plugin_signing),
+        )
         .route("/v1/openapi.json", get(openapi))
         .with_state(service)
         .layer(middleware::from_fn_with_state(auth, authorize))
@@ -68,6 +74,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, p) if p.starts_with("/v1/tokens/") => Some(Role::Admin),
         ("POST", "/v1/config") => Some(Role::Operator),
         ("POST", p) if p.starts_with("/v1/rollback/") => Some(Role::Operator),
+        ("PUT" | "DELETE", p) if p.starts_with("/v1/tenants/") => Some(Role::Admin),
         _ => Some(Role::Viewer),
     }
 }
@@ -721,6 +728,100 @@ async fn revoke_token(
             format!("no token named {name:?} (nip token list)"),
         ))
     }
+}
+
+/// A tenant's plugin signing keys (`PUT /v1/tenants/{tenant}/plugin-signing`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SigningBody {
+    /// Base64 ed25519 public keys.
+    keys: Vec<String>,
+}
+
+/// Refuses a caller limited to other tenants.
+fn check_tenant_scope(identity: &Identity, tenant: &str) -> Result<(), ApiError> {
+    if identity.covers_tenant(Some(tenant)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} may act on tenants {} only",
+                identity.name,
+                identity.tenants.join(", ")
+            ),
+        ))
+    }
+}
+
+async fn plugin_signing(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_tenant_scope(&identity, &tenant)?;
+    let keys = service.store().plugin_signing(&tenant).await?;
+    Ok(Json(json!({
+        "tenant": tenant,
+        "required": keys.is_some(),
+        "keys": keys.unwrap_or_default(),
+    })))
+}
+
+async fn set_plugin_signing(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_tenant_scope(&identity, &tenant)?;
+    let body: SigningBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+    if body.keys.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "keys: give at least one key (DELETE removes the requirement)",
+        ));
+    }
+    for (i, key) in body.keys.iter().enumerate() {
+        let ok = nip_xds::config::decode_base64(key)
+            .is_some_and(|k| k.len() == nip_xds::config::ED25519_KEY_BYTES);
+        if !ok {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("keys[{i}]: not the base64 of an ed25519 public key (32 bytes)"),
+            ));
+        }
+    }
+    let keys: Vec<String> = body.keys.iter().map(|k| k.trim().to_string()).collect();
+    service
+        .store()
+        .set_plugin_signing(&tenant, &keys, &identity.name)
+        .await?;
+    service.sync().await?;
+    Ok(Json(
+        json!({ "tenant": tenant, "required": true, "keys": keys }),
+    ))
+}
+
+async fn clear_plugin_signing(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_tenant_scope(&identity, &tenant)?;
+    if !service
+        .store()
+        .set_plugin_signing(&tenant, &[], &identity.name)
+        .await?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("tenant {tenant:?} requires no signed plugins"),
+        ));
+    }
+    service.sync().await?;
+    Ok(Json(json!({ "tenant": tenant, "required": false })))
 }
 
 async fn openapi() -> impl IntoResponse {

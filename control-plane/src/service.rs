@@ -295,16 +295,49 @@ pub async fn validate_bounded(yaml: String) -> Result<Validated, ConfigError> {
 }
 
 /// The serving state of one revision, labelled with its version (parsed off the async
-/// workers).
-async fn state_of(revision: &Revision) -> Result<CacheState, ConfigError> {
+/// workers); a tenant whose admin requires signed plugins gets the keys added, so every
+/// proxy refuses a module they did not sign.
+async fn state_of(
+    revision: &Revision,
+    plugin_keys: &BTreeMap<String, Vec<String>>,
+) -> Result<CacheState, ConfigError> {
     let yaml = revision.yaml.clone();
     let version = revision.version.to_string();
+    let plugin_keys = plugin_keys.clone();
     off_async_workers(move || {
         let config = Config::from_yaml(&yaml)?;
-        let translation = translate(&config);
+        let mut translation = translate(&config);
+        if let Some(keys) = config.tenant.as_ref().and_then(|t| plugin_keys.get(&t.id)) {
+            nip_xds::translate::require_signed_plugins(&mut translation.resources, keys);
+        }
         Ok(CacheState::new(&version, &translation.resources))
     })
     .await
+}
+
+/// The plugins of `config` that carry no signature while its tenant requires signed ones.
+pub fn unsigned_plugins(config: &Config, required: bool) -> Vec<FieldError> {
+    if !required {
+        return Vec::new();
+    }
+    let tenant = config.tenant.as_ref().map_or("", |t| t.id.as_str());
+    config
+        .plugins
+        .iter()
+        .filter(|(_, plugin)| {
+            plugin
+                .source
+                .as_ref()
+                .is_some_and(|source| source.signature.is_none())
+        })
+        .map(|(name, _)| FieldError {
+            path: format!("plugins.{name}.source.signature"),
+            message: format!(
+                "tenant {tenant} requires signed plugins: sign the module with one of its keys \
+                 (ed25519, base64)"
+            ),
+        })
+        .collect()
 }
 
 /// The store, what is served from it, and the proxies that are served.
@@ -378,9 +411,10 @@ impl ConfigService {
         }
         let current = self.store.current().await?;
         let canary = self.store.canary().await?;
+        let plugin_keys = self.store.plugin_signing_all().await?;
         let previous = self.cache.views();
         let default = match &current {
-            Some(revision) => match state_of(revision).await {
+            Some(revision) => match state_of(revision, &plugin_keys).await {
                 Ok(state) => Arc::new(state),
                 Err(e) => {
                     tracing::error!(
@@ -394,7 +428,7 @@ impl ConfigService {
         };
         let mut by_region = BTreeMap::new();
         if let Some(revision) = &canary {
-            match state_of(revision).await {
+            match state_of(revision, &plugin_keys).await {
                 Ok(state) => {
                     let region = revision.canary_region.clone().unwrap_or_default();
                     by_region.insert(region, Arc::new(state));
@@ -450,17 +484,28 @@ impl ConfigService {
         self.sync().await
     }
 
-    /// [`validate`], then this control plane's [`ChangePolicy`].
+    /// [`validate`], then this control plane's [`ChangePolicy`] and tenant policies.
     async fn check(&self, yaml: String, allow_empty: bool) -> Result<(), ConfigError> {
         let policy = self.policy.clone();
         let current = self.store.current().await.ok().flatten();
+        let signing = self.store.plugin_signing_all().await.map_err(|e| {
+            ConfigError::Syntax(FieldError {
+                path: String::new(),
+                message: format!("cannot read tenant policies: {e}"),
+            })
+        })?;
         off_async_workers(move || {
             validate(&yaml)?;
             let config = Config::from_yaml(&yaml)?;
             let had_routes = current
                 .and_then(|c| Config::from_yaml(&c.yaml).ok())
                 .is_some_and(|c| !c.routes.is_empty());
-            let problems = policy.problems(&config, had_routes, allow_empty);
+            let mut problems = policy.problems(&config, had_routes, allow_empty);
+            let signed = config
+                .tenant
+                .as_ref()
+                .is_some_and(|t| signing.contains_key(&t.id));
+            problems.extend(unsigned_plugins(&config, signed));
             if problems.is_empty() {
                 Ok(())
             } else {

@@ -193,6 +193,8 @@ pub struct Head {
     pub active: Option<i64>,
     /// The canary in progress, if any.
     pub canary: Option<i64>,
+    /// The last change of a tenant policy (an event id): what is served depends on them.
+    pub policies: Option<i64>,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -225,6 +227,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed("join token scope"),
                 MigrationType::Simple,
                 Cow::Borrowed(include_str!("../migrations/0003_join_scope.sql")),
+                false,
+            ),
+            Migration::new(
+                4,
+                Cow::Borrowed("tenant policies"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0004_tenant_policies.sql")),
                 false,
             ),
         ]),
@@ -393,13 +402,15 @@ impl Store {
         let row = sqlx::query(
             "SELECT \
                (SELECT MAX(version) FROM nip_revisions WHERE state = 'active') AS active, \
-               (SELECT MAX(version) FROM nip_revisions WHERE state = 'canary') AS canary",
+               (SELECT MAX(version) FROM nip_revisions WHERE state = 'canary') AS canary, \
+               (SELECT MAX(id) FROM nip_events WHERE action LIKE 'plugin_signing%') AS policies",
         )
         .fetch_one(&self.pool)
         .await?;
         Ok(Head {
             active: row.try_get("active")?,
             canary: row.try_get("canary")?,
+            policies: row.try_get("policies")?,
         })
     }
 
@@ -647,6 +658,7 @@ async fn race_pause() {
     tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(2..20))).await;
 }
 
+mod policies;
 mod tokens;
 
 pub use tokens::StoredToken;

@@ -47,6 +47,10 @@ pub mod names {
     pub const DOWNSTREAM_METADATA: &str = "nip.downstream";
     /// Listener `filter_metadata` key holding each plugin filter's resource limits.
     pub const PLUGIN_LIMITS_METADATA: &str = "nip.plugin_limits";
+    /// Listener `filter_metadata` key for signed plugins: `trusted_keys` (base64 ed25519
+    /// public keys; when present, every plugin module must be signed by one of them) and
+    /// `signatures` (base64 signature per plugin filter name).
+    pub const PLUGIN_SIGNING_METADATA: &str = "nip.plugin_signing";
 
     /// The HTTP filter name of a plugin.
     pub fn plugin_filter(plugin: &str) -> String {

@@ -446,6 +446,34 @@ fn plugin_code(source: &crate::config::PluginSource) -> Option<AsyncDataSource> 
 /// listener (`nip.downstream`).
 fn listener_metadata(config: &Config) -> Option<Metadata> {
     let mut metadata = plugin_limits_metadata(config).unwrap_or_default();
+    let signatures: std::collections::HashMap<String, Value> = config
+        .plugins
+        .iter()
+        .filter_map(|(name, plugin)| {
+            let signature = plugin.source.as_ref()?.signature.as_ref()?;
+            Some((
+                names::plugin_filter(name),
+                Value {
+                    kind: Some(Kind::StringValue(signature.trim().to_string())),
+                },
+            ))
+        })
+        .collect();
+    if !signatures.is_empty() {
+        let signing = Struct {
+            fields: [(
+                "signatures".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(Struct { fields: signatures })),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        metadata
+            .filter_metadata
+            .insert(names::PLUGIN_SIGNING_METADATA.to_string(), signing);
+    }
     let gateway = &config.api_gateway;
     let mut fields = std::collections::HashMap::new();
     if let Some(n) = gateway.max_active_downstream_connections {
@@ -470,6 +498,36 @@ fn listener_metadata(config: &Config) -> Option<Metadata> {
             .insert(names::DOWNSTREAM_METADATA.to_string(), Struct { fields });
     }
     (!metadata.filter_metadata.is_empty()).then_some(metadata)
+}
+
+/// Makes every proxy served `resources` refuse a plugin module not signed by one of
+/// `trusted_keys` (base64 ed25519 public keys): what a control plane adds for a tenant
+/// whose admin requires signed plugins (the config's author cannot take it out).
+pub fn require_signed_plugins(resources: &mut ResourceSet, trusted_keys: &[String]) {
+    let keys = Value {
+        kind: Some(Kind::ListValue(pbuf::ListValue {
+            values: trusted_keys
+                .iter()
+                .map(|k| Value {
+                    kind: Some(Kind::StringValue(k.clone())),
+                })
+                .collect(),
+        })),
+    };
+    for listener in resources
+        .listeners
+        .iter_mut()
+        .filter(|l| l.api_listener.is_none())
+    {
+        let metadata = listener.metadata.get_or_insert_with(Default::default);
+        metadata
+            .filter_metadata
+            .entry(names::PLUGIN_SIGNING_METADATA.to_string())
+            .or_default()
+            .fields
+            .insert("trusted_keys".to_string(), keys.clone());
+    }
+    resources.version = resources.content_version();
 }
 
 /// How long the proxy may take to download a plugin module.

@@ -144,6 +144,67 @@ pub(super) fn listener_spec(
 
 /// The resource limits of plugin filter `filter` from the listener's `nip.plugin_limits`
 /// metadata; defaults for a plugin (or a field) it does not mention.
+/// The signature a plugin filter's module must carry, when the listener says modules must
+/// be signed (`nip.plugin_signing.trusted_keys`, added by a control plane for a tenant
+/// whose admin requires it).
+pub(super) fn plugin_signature(
+    listener: &Listener,
+    filter: &str,
+) -> Result<Option<crate::plugins::SignatureCheck>, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(signing) = listener
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::PLUGIN_SIGNING_METADATA))
+    else {
+        return Ok(None);
+    };
+    let keys = match signing
+        .fields
+        .get("trusted_keys")
+        .and_then(|v| v.kind.as_ref())
+    {
+        None => return Ok(None),
+        Some(Kind::ListValue(list)) => list
+            .values
+            .iter()
+            .map(|v| match &v.kind {
+                Some(Kind::StringValue(key)) => nip_xds::config::decode_base64(key)
+                    .filter(|k| k.len() == nip_xds::config::ED25519_KEY_BYTES)
+                    .ok_or_else(|| {
+                        format!("trusted_keys: {key:?} is not a base64 ed25519 public key")
+                    }),
+                _ => Err("trusted_keys: must be strings".to_string()),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err("trusted_keys: must be a list".into()),
+    };
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let signature = signing
+        .fields
+        .get("signatures")
+        .and_then(|v| match &v.kind {
+            Some(Kind::StructValue(s)) => s.fields.get(filter),
+            _ => None,
+        })
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            format!("{filter:?}: the tenant requires signed plugins and this one has no signature")
+        })?;
+    let signature = nip_xds::config::decode_base64(signature)
+        .filter(|s| s.len() == nip_xds::config::ED25519_SIGNATURE_BYTES)
+        .ok_or_else(|| format!("{filter:?}: the signature is not base64 of 64 bytes"))?;
+    Ok(Some(crate::plugins::SignatureCheck {
+        trusted_keys: keys,
+        signature,
+    }))
+}
+
 pub(super) fn plugin_limits(listener: &Listener, filter: &str) -> Result<ResourceLimits, String> {
     use envoy_types::pb::google::protobuf::value::Kind;
     let mut limits = ResourceLimits::default();

@@ -175,7 +175,20 @@ fn gather(
                 ),
             )
         })?;
-        let spec = PluginSpec::decode(any).map_err(fail)?;
+        let signing = super::listeners::plugin_signature(listener, &filter.name).map_err(|e| {
+            err(
+                "Listener",
+                &listener.name,
+                format!(
+                    "metadata {}: {e}",
+                    nip_xds::resources::names::PLUGIN_SIGNING_METADATA
+                ),
+            )
+        })?;
+        let mut spec = PluginSpec::decode(any).map_err(fail)?;
+        if let Some(check) = signing {
+            spec = spec.require_signature(check);
+        }
         let plugin = match loader {
             Some(loader) => Some(Arc::new(loader.load(&spec, &node, limits).map_err(fail)?)),
             None => None,

@@ -136,9 +136,42 @@ pub struct PluginSpec {
     plugin_config: Vec<u8>,
     vm_config: Vec<u8>,
     fail_open: bool,
+    signature: Option<SignatureCheck>,
+}
+
+/// A module that must be signed: the ed25519 keys it may be signed by, and its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureCheck {
+    /// Raw ed25519 public keys (32 bytes each).
+    pub trusted_keys: Vec<Vec<u8>>,
+    /// The module's signature (64 bytes).
+    pub signature: Vec<u8>,
+}
+
+impl SignatureCheck {
+    /// Whether one of the trusted keys signed `module`.
+    pub fn verify(&self, module: &[u8]) -> Result<(), String> {
+        use ring::signature::{UnparsedPublicKey, ED25519};
+        let signed = self.trusted_keys.iter().any(|key| {
+            UnparsedPublicKey::new(&ED25519, key)
+                .verify(module, &self.signature)
+                .is_ok()
+        });
+        if signed {
+            Ok(())
+        } else {
+            Err("module signature: not signed by a key the tenant trusts".into())
+        }
+    }
 }
 
 impl PluginSpec {
+    /// Requires the module to be signed (checked when it is loaded, before it is compiled).
+    pub fn require_signature(mut self, check: SignatureCheck) -> PluginSpec {
+        self.signature = Some(check);
+        self
+    }
+
     /// Decodes a Wasm filter's typed config; the error names the field.
     pub fn decode(any: &Any) -> Result<PluginSpec, String> {
         let wasm =
@@ -159,6 +192,7 @@ impl PluginSpec {
             plugin_config,
             vm_config,
             fail_open,
+            signature: None,
         })
     }
 }
@@ -189,9 +223,13 @@ impl PluginLoader {
             plugin_config,
             vm_config,
             fail_open,
+            signature,
         } = spec;
         let fail_open = *fail_open;
         let bytes = source.read(self.download_dir.as_deref())?;
+        if let Some(check) = signature {
+            check.verify(&bytes)?;
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (
             &bytes,

@@ -19,8 +19,9 @@ pub use duration::HumanDuration;
 pub use model::*;
 pub use path_text::{path_text_problem, redirect_path_problem, substitution_problem};
 pub use validate::{
-    check_host_pattern, parse_endpoint_address, parse_listen_address, parse_rate, route_name,
-    APPEND_ACTIONS, HEADER_VARIABLES, MAX_DIRECT_RESPONSE_BODY, MAX_RETRIES, RETRY_CONDITIONS,
+    check_host_pattern, decode_base64, parse_endpoint_address, parse_listen_address, parse_rate,
+    route_name, APPEND_ACTIONS, ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, HEADER_VARIABLES,
+    MAX_DIRECT_RESPONSE_BODY, MAX_RETRIES, RETRY_CONDITIONS,
 };
 
 use std::fmt;

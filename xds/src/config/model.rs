@@ -955,6 +955,10 @@ pub struct PluginSource {
     /// Hex SHA-256 of the module; required with `url` (a download that differs is refused).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Base64 ed25519 signature over the module's bytes: checked by proxies against the
+    /// keys an admin set for the config's tenant (`PUT /v1/tenants/T/plugin-signing`).
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// Resource ceilings of one plugin instance, as written in YAML.

@@ -1160,6 +1160,28 @@ fn validate_plugin_source(path: &str, source: &PluginSource, errors: &mut Errors
         (Some(_), Some(_)) => errors.add(path, "give either `file` or `url`, not both"),
         (None, None) => errors.add(path, "give `file` or `url` (with `sha256`)"),
     }
+    if let Some(signature) = &source.signature {
+        if decode_base64(signature).is_none_or(|bytes| bytes.len() != ED25519_SIGNATURE_BYTES) {
+            errors.add(
+                format!("{path}.signature"),
+                "must be the base64 of an ed25519 signature (64 bytes)",
+            );
+        }
+    }
+}
+
+/// The length of an ed25519 signature.
+pub const ED25519_SIGNATURE_BYTES: usize = 64;
+/// The length of an ed25519 public key.
+pub const ED25519_KEY_BYTES: usize = 32;
+
+/// Standard base64 (padding optional), `None` if it is not.
+pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text.trim()))
+        .ok()
 }
 
 /// Whether `text` is a hex SHA-256 digest.
