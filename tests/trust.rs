@@ -766,7 +766,11 @@ async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_uns
     proxy.wait_ready().await;
     let answered = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(answered.status(), 200);
-    assert_eq!(backend.last_header("x-signed").as_deref(), Some("yes"), "the module ran");
+    assert_eq!(
+        backend.last_header("x-signed").as_deref(),
+        Some("yes"),
+        "the module ran"
+    );
     // Signed by another key: the control plane cannot tell (it never sees the module), the
     // proxy can: it NACKs with the reason and keeps running the signed one.
     let forged_config = config(Some(&forged)).replace("x-signed=yes", "x-signed=forged");
@@ -780,7 +784,11 @@ async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_uns
     .await;
     let still = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(still.status(), 200);
-    assert_eq!(backend.last_header("x-signed").as_deref(), Some("yes"), "the signed one");
+    assert_eq!(
+        backend.last_header("x-signed").as_deref(),
+        Some("yes"),
+        "the signed one"
+    );
     // The requirement goes away only by an admin's DELETE, recorded in the audit trail.
     let cleared = admin.delete(&policy).send().await.unwrap();
     assert_eq!(cleared.status(), 200);

@@ -132,7 +132,8 @@ async fn canary_lifecycle(store: &Store) {
         store.head().await.unwrap(),
         Head {
             active: Some(1),
-            canary: Some(2)
+            canary: Some(2),
+            policies: None,
         }
     );
     assert_eq!(store.current().await.unwrap().unwrap().version, 1);
@@ -250,6 +251,55 @@ async fn tokens(store: &Store) {
         ("token_revoked", "token:root")
     );
     assert_eq!(events[1].action, "token_created");
+}
+
+/// Tenant policies: set, replaced, read back, cleared once; each change moves the head.
+async fn tenant_policies(store: &Store) {
+    assert_eq!(store.plugin_signing("acme").await.unwrap(), None);
+    let before = store.head().await.unwrap().policies;
+    let keys = vec!["a2V5MQ==".to_string(), "a2V5Mg==".to_string()];
+    assert!(!store
+        .set_plugin_signing("acme", &keys, "token:root")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.plugin_signing("acme").await.unwrap(),
+        Some(keys.clone())
+    );
+    let after_set = store.head().await.unwrap().policies;
+    assert_ne!(before, after_set, "replicas notice the change");
+    assert!(store
+        .set_plugin_signing("acme", &keys[..1], "token:root")
+        .await
+        .unwrap());
+    assert_eq!(store.plugin_signing_all().await.unwrap()["acme"], keys[..1]);
+    assert!(store
+        .set_plugin_signing("acme", &[], "token:root")
+        .await
+        .unwrap());
+    assert!(!store
+        .set_plugin_signing("acme", &[], "token:root")
+        .await
+        .unwrap());
+    assert_eq!(store.plugin_signing("acme").await.unwrap(), None);
+    let events = store.events(10).await.unwrap();
+    assert_eq!(
+        events[0].action, "plugin_signing_cleared",
+        "clearing nothing records nothing"
+    );
+    assert_eq!(events[1].action, "plugin_signing_set");
+}
+
+#[tokio::test]
+async fn sqlite_tenant_policies() {
+    let (store, _, _dir) = sqlite().await;
+    tenant_policies(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_tenant_policies() {
+    let (store, _) = postgres().await;
+    tenant_policies(&store).await;
 }
 
 #[tokio::test]
