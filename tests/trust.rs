@@ -804,3 +804,205 @@ async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_uns
         "{actions:?}"
     );
 }
+
+/// A CA, a server certificate for 127.0.0.1 and client certificates made by openssl in
+/// `dir`: `ca.crt`; `server.crt/key`; `client.crt/key` (URI SAN
+/// spiffe://nip.local/node/client-1, signed by the CA); `rogue.crt/key` (self-signed).
+fn openssl_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        openssl_in(dir, args);
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=Test CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&ca);
+    for (name, san, usage) in [
+        ("server", "IP:127.0.0.1", "serverAuth"),
+        (
+            "client",
+            "URI:spiffe://nip.local/node/client-1",
+            "clientAuth",
+        ),
+    ] {
+        let (key, csr, ext, crt, subject) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.ext"),
+            format!("{name}.crt"),
+            format!("/CN={name}"),
+        );
+        let mut request = vec!["req"];
+        request.extend(ec);
+        request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+        run(&request);
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName={san}\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"),
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ]);
+    }
+    let mut rogue = vec!["req", "-x509"];
+    rogue.extend(ec);
+    rogue.extend([
+        "-keyout",
+        "rogue.key",
+        "-out",
+        "rogue.crt",
+        "-subj",
+        "/CN=rogue",
+        "-days",
+        "1",
+        "-addext",
+        "subjectAltName=URI:spiffe://nip.local/node/client-1",
+    ]);
+    run(&rogue);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_verifies_client_certificates_and_hands_the_peer_identity_on() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl_pki(d);
+    let plugin = example_plugin("add_header");
+    let config = |require: bool| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  tls: {{ enabled: true, cert_file: "{d}/server.crt", key_file: "{d}/server.key", client_ca_file: "{d}/ca.crt", require_client_certificate: {require} }}
+  access_log: {{ enabled: true, path: "{d}/access.log", format: json }}
+services:
+  web: {{ endpoints: ["{}"] }}
+plugins:
+  peer: {{ source: {{ file: "{}" }}, config: "x-peer=%connection.uri_san_peer_certificate%" }}
+routes:
+  - {{ service: web, plugins: [peer] }}
+"#,
+            backend.address,
+            plugin.display(),
+            d = d.display()
+        )
+    };
+    let curl = |port: u16, identity: Option<&str>| {
+        let mut command = Command::new("curl");
+        command.current_dir(d).args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            "ca.crt",
+        ]);
+        if let Some(name) = identity {
+            command.args([
+                "--cert",
+                &format!("{name}.crt"),
+                "--key",
+                &format!("{name}.key"),
+            ]);
+        }
+        let output = command
+            .arg(format!("https://127.0.0.1:{port}/"))
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+        )
+    };
+
+    // Required: a verified client gets through and is named to plugins and the access log;
+    // no certificate or one the CA did not sign is refused at the handshake.
+    let proxy = Proxy::start(&config(true)).await;
+    assert_eq!(
+        curl(proxy.port, Some("client")),
+        (Some(0), "200".to_string())
+    );
+    assert_eq!(
+        backend.last_header("x-peer").as_deref(),
+        Some("spiffe://nip.local/node/client-1")
+    );
+    let before = backend.requests();
+    for identity in [None, Some("rogue")] {
+        let (code, status) = curl(proxy.port, identity);
+        assert!(
+            code != Some(0) && status != "200",
+            "{identity:?}: curl {code:?} {status}"
+        );
+    }
+    assert_eq!(backend.requests(), before, "nothing reached the backend");
+    // openssl s_client (TLS 1.2, where the client's certificate is part of the handshake
+    // itself) without a certificate: the handshake fails with the server's alert.
+    let address = format!("127.0.0.1:{}", proxy.port);
+    let ca = format!("{}/ca.crt", d.display());
+    let (completed, handshake) = openssl(
+        &["s_client", "-tls1_2", "-connect", &address, "-CAfile", &ca],
+        "",
+    );
+    assert!(
+        !completed && handshake.contains("alert"),
+        "openssl s_client without a certificate: {handshake}"
+    );
+    eventually("the access log names the peer", || async {
+        std::fs::read_to_string(d.join("access.log"))
+            .unwrap_or_default()
+            .contains("\"downstream_peer_uri_san\":\"spiffe://nip.local/node/client-1\"")
+    })
+    .await;
+    drop(proxy);
+
+    // Optional: a client may come without a certificate (then it is no peer), but one it
+    // presents must verify.
+    let proxy = Proxy::start(&config(false)).await;
+    assert_eq!(curl(proxy.port, None), (Some(0), "200".to_string()));
+    assert_eq!(backend.last_header("x-peer").as_deref(), Some(""));
+    assert_eq!(
+        curl(proxy.port, Some("client")),
+        (Some(0), "200".to_string())
+    );
+    assert_eq!(
+        backend.last_header("x-peer").as_deref(),
+        Some("spiffe://nip.local/node/client-1")
+    );
+    assert_ne!(curl(proxy.port, Some("rogue")).1, "200");
+}

@@ -46,6 +46,24 @@ pub struct LocalResponse {
     pub details: String,
 }
 
+/// What a client's verified certificate says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerCertificate {
+    /// URI SANs (a workload's SPIFFE ID).
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// The subject, as text.
+    pub subject: String,
+}
+
+impl PeerCertificate {
+    /// The first URI SAN (what Envoy's `%DOWNSTREAM_PEER_URI_SAN%` shows), or empty.
+    pub fn uri(&self) -> &str {
+        self.uris.first().map_or("", String::as_str)
+    }
+}
+
 /// Request facts plugins read as properties.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
@@ -59,6 +77,9 @@ pub struct RequestInfo {
     pub destination: Option<std::net::SocketAddr>,
     /// TLS on the downstream connection (`connection.tls`).
     pub tls: bool,
+    /// The client's verified certificate, on a mutual TLS connection (`connection.mtls`,
+    /// `connection.uri_san_peer_certificate`, …).
+    pub peer_certificate: Option<Arc<PeerCertificate>>,
     /// Route name (`route_name`).
     pub route_name: Arc<str>,
     /// Cluster name (`cluster_name`).
@@ -386,9 +407,18 @@ impl HostState {
             ["destination", "port"] => info
                 .and_then(|i| i.destination)
                 .map(|a| u64::from(a.port()).to_le_bytes().to_vec()),
-            ["connection", "tls"] | ["connection", "mtls"] => {
-                info.map(|i| vec![u8::from(i.tls && path[1] == "tls")])
-            }
+            ["connection", "tls"] => info.map(|i| vec![u8::from(i.tls)]),
+            ["connection", "mtls"] => info.map(|i| vec![u8::from(i.peer_certificate.is_some())]),
+            ["connection", "uri_san_peer_certificate"] => info
+                .and_then(|i| i.peer_certificate.as_ref())
+                .map(|p| p.uri().as_bytes().to_vec()),
+            ["connection", "dns_san_peer_certificate"] => info
+                .and_then(|i| i.peer_certificate.as_ref())
+                .and_then(|p| p.dns_names.first())
+                .map(|d| d.as_bytes().to_vec()),
+            ["connection", "subject_peer_certificate"] => info
+                .and_then(|i| i.peer_certificate.as_ref())
+                .map(|p| p.subject.as_bytes().to_vec()),
             ["route_name"] => info.map(|i| i.route_name.as_bytes().to_vec()),
             ["cluster_name"] => info.map(|i| i.cluster_name.as_bytes().to_vec()),
             ["response", "code"] => info

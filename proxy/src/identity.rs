@@ -118,6 +118,8 @@ impl WorkloadIdentity {
             bundle_pem: bundle,
             facts: CertificateFacts {
                 spiffe_ids: Vec::new(),
+                uris: Vec::new(),
+                subject: String::new(),
                 dns_names: Vec::new(),
                 not_before: SystemTime::UNIX_EPOCH,
                 not_after: SystemTime::UNIX_EPOCH,

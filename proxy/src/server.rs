@@ -25,7 +25,6 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use nip_xds::config::ConfigError;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
@@ -256,9 +255,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         write: None,
     });
     if let Some(files) = &listener.tls {
-        let mut tls = TlsSettings::intermediate(&files.cert_file, &files.key_file)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
-        tls.enable_h2();
+        let tls = crate::downstream::tls::settings(&crate::downstream::tls::ListenerTls {
+            cert_file: &files.cert_file,
+            key_file: &files.key_file,
+            client_ca_file: files.client_ca_file.as_deref(),
+            require_client_certificate: files.require_client_certificate,
+        })
+        .map_err(StartError::Tls)?;
         endpoint = endpoint.tls(tls);
     }
     service.add_listener(endpoint);

@@ -141,6 +141,10 @@ pub fn key_and_csr(node_id: &str) -> Result<KeyAndCsr, IdentityError> {
 pub struct CertificateFacts {
     /// Its URI SANs that are SPIFFE IDs.
     pub spiffe_ids: Vec<SpiffeId>,
+    /// All its URI SANs, as written.
+    pub uris: Vec<String>,
+    /// Its subject, as text (`CN=…, O=…`).
+    pub subject: String,
     /// Its DNS SANs.
     pub dns_names: Vec<String>,
     /// When it starts to be valid.
@@ -160,6 +164,8 @@ impl CertificateFacts {
             .map_err(|e| IdentityError::Certificate(e.to_string()))?;
         let mut facts = CertificateFacts {
             spiffe_ids: Vec::new(),
+            uris: Vec::new(),
+            subject: certificate.subject().to_string(),
             dns_names: Vec::new(),
             not_before: unix(certificate.validity().not_before.timestamp()),
             not_after: unix(certificate.validity().not_after.timestamp()),
@@ -169,6 +175,7 @@ impl CertificateFacts {
             for name in &san.value.general_names {
                 match name {
                     GeneralName::URI(uri) => {
+                        facts.uris.push(uri.to_string());
                         if let Ok(id) = SpiffeId::parse(uri) {
                             facts.spiffe_ids.push(id);
                         }

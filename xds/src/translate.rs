@@ -64,7 +64,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager, http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+    common_tls_context, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
+    TlsCertificate,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
@@ -109,6 +110,7 @@ pub const JSON_ACCESS_LOG_FIELDS: &[(&str, &str)] = &[
     ("route_name", "%ROUTE_NAME%"),
     ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
     ("upstream_host", "%UPSTREAM_HOST%"),
+    ("downstream_peer_uri_san", "%DOWNSTREAM_PEER_URI_SAN%"),
 ];
 
 /// The translation of one config: the bootstrap and the resources.
@@ -378,6 +380,14 @@ fn gateway_listener(config: &Config) -> Listener {
             )),
             ..Default::default()
         };
+        let validation = gateway.tls.client_ca_file.as_ref().map(|ca| {
+            common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(file(&Some(ca.clone()))),
+                    ..Default::default()
+                },
+            )
+        });
         let tls = DownstreamTlsContext {
             common_tls_context: Some(CommonTlsContext {
                 tls_certificates: vec![TlsCertificate {
@@ -386,8 +396,13 @@ fn gateway_listener(config: &Config) -> Listener {
                     ..Default::default()
                 }],
                 alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+                validation_context_type: validation,
                 ..Default::default()
             }),
+            require_client_certificate: gateway
+                .tls
+                .require_client_certificate
+                .then_some(BoolValue { value: true }),
             ..Default::default()
         };
         TransportSocket {

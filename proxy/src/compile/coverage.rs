@@ -112,11 +112,15 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        &["common_tls_context"],
+        &["common_tls_context", "require_client_certificate"],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
-        &["tls_certificates", "alpn_protocols"],
+        &["tls_certificates", "alpn_protocols", "validation_context"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+        &["trusted_ca"],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",

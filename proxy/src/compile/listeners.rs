@@ -11,6 +11,10 @@ pub struct TlsFiles {
     pub cert_file: String,
     /// PEM private key.
     pub key_file: String,
+    /// PEM roots client certificates must chain to (`validation_context.trusted_ca`).
+    pub client_ca_file: Option<String>,
+    /// Refuse clients without a verified certificate (`require_client_certificate`).
+    pub require_client_certificate: bool,
 }
 
 /// What the listening socket looks like. Pingora binds it once at start; a reload that
@@ -128,9 +132,35 @@ pub(super) fn listener_spec(
                 Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
                 _ => Err(fail(format!("tls: {field} must be a filename"))),
             };
+            use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+            let client_ca_file = match tls
+                .common_tls_context
+                .as_ref()
+                .and_then(|c| c.validation_context_type.as_ref())
+            {
+                None => None,
+                Some(ValidationContextType::ValidationContext(validation)) => Some(file(
+                    &validation.trusted_ca,
+                    "validation_context.trusted_ca",
+                )?),
+                Some(_) => {
+                    return Err(fail(
+                        "tls: only an inline validation_context is supported".into(),
+                    ))
+                }
+            };
+            let require_client_certificate =
+                tls.require_client_certificate.is_some_and(|r| r.value);
+            if require_client_certificate && client_ca_file.is_none() {
+                return Err(fail(
+                    "tls: require_client_certificate needs validation_context.trusted_ca".into(),
+                ));
+            }
             Some(TlsFiles {
                 cert_file: file(&cert.certificate_chain, "certificate_chain")?,
                 key_file: file(&cert.private_key, "private_key")?,
+                client_ca_file,
+                require_client_certificate,
             })
         }
     };

@@ -26,6 +26,7 @@ pub mod head;
 pub mod limits;
 pub mod stats;
 pub mod stream;
+pub mod tls;
 
 use framing::FramingError;
 use limits::DownstreamLimits;

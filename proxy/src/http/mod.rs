@@ -117,6 +117,18 @@ impl Gateway {
     }
 }
 
+/// The client's verified certificate, on a mutual TLS connection.
+pub(crate) fn peer_certificate(
+    session: &Session,
+) -> Option<&crate::downstream::tls::PeerCertificate> {
+    session
+        .digest()?
+        .ssl_digest
+        .as_ref()?
+        .extension
+        .get::<crate::downstream::tls::PeerCertificate>()
+}
+
 impl Gateway {
     /// Runs the route's plugins on the request head, in order. Returns true when the
     /// request was answered (a plugin's local reply, or 503 `PF` for a fail-closed failure),
@@ -144,6 +156,7 @@ impl Gateway {
                 source: session.client_addr().and_then(|a| a.as_inet()).copied(),
                 destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
                 tls,
+                peer_certificate: peer_certificate(session).map(|p| Arc::new(p.clone())),
                 route_name: ctx
                     .route
                     .as_ref()
@@ -832,6 +845,7 @@ impl ProxyHttp for Gateway {
             route: ctx.route.as_ref().map_or("", |r| &r.name),
             cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
             upstream_host: &upstream,
+            peer_uri_san: peer_certificate(session).map_or("", |p| p.uri()),
         });
     }
 }

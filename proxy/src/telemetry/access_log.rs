@@ -66,6 +66,9 @@ pub struct LogEntry<'a> {
     pub cluster: &'a str,
     /// Upstream endpoint.
     pub upstream_host: &'a str,
+    /// The client certificate's first URI SAN, on a mutual TLS connection
+    /// (`%DOWNSTREAM_PEER_URI_SAN%`; JSON format only).
+    pub peer_uri_san: &'a str,
 }
 
 /// A running access log writer.
@@ -172,6 +175,7 @@ fn json_line(e: &LogEntry<'_>) -> String {
         "route_name": e.route,
         "upstream_cluster": e.cluster,
         "upstream_host": e.upstream_host,
+        "downstream_peer_uri_san": e.peer_uri_san,
     });
     let mut line = value.to_string();
     line.push('\n');
@@ -232,6 +236,7 @@ mod tests {
             route: "r",
             cluster: "c",
             upstream_host: "",
+            peer_uri_san: "",
         }
     }
 

@@ -195,6 +195,14 @@ pub struct TlsConfig {
     /// PEM private key file.
     #[serde(default)]
     pub key_file: Option<String>,
+    /// PEM roots client certificates must chain to (Envoy's
+    /// `validation_context.trusted_ca`): clients may present one, and a presented one must
+    /// verify.
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// Refuse clients without a verified certificate at the handshake (mutual TLS).
+    #[serde(default)]
+    pub require_client_certificate: bool,
 }
 
 /// Access log settings.

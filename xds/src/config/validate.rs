@@ -238,6 +238,17 @@ fn valid_name(name: &str) -> bool {
 fn validate_tls(config: &Config, errors: &mut Errors) {
     let tls = &config.api_gateway.tls;
     if !tls.enabled {
+        for (field, set) in [
+            ("client_ca_file", tls.client_ca_file.is_some()),
+            ("require_client_certificate", tls.require_client_certificate),
+        ] {
+            if set {
+                errors.add(
+                    format!("api_gateway.tls.{field}"),
+                    "needs tls.enabled: client certificates are part of TLS",
+                );
+            }
+        }
         return;
     }
     for (field, value) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
@@ -249,6 +260,17 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
             }
             Some(_) => {}
         }
+    }
+    match &tls.client_ca_file {
+        Some(file) if !std::path::Path::new(file).is_file() => errors.add(
+            "api_gateway.tls.client_ca_file",
+            format!("file {file:?} does not exist"),
+        ),
+        None if tls.require_client_certificate => errors.add(
+            "api_gateway.tls.require_client_certificate",
+            "needs client_ca_file: the roots client certificates must chain to",
+        ),
+        _ => {}
     }
 }
 

@@ -1,4 +1,6 @@
 //! Adds headers in both directions (and a trailer to responses that have trailers). Plugin config: `name=value` (default `x-plugin=add-header`).
+//! A value written `%a.b%` is the host property `a.b` of each request (e.g.
+//! `x-peer=%connection.uri_san_peer_certificate%`), or empty when the host has none.
 //! Also answers 403 locally when the request carries `x-deny: yes`, to exercise local replies.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -58,7 +60,14 @@ impl HttpContext for AddHeader {
             return Action::Pause;
         }
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        self.add_http_request_header(&self.name.clone(), &self.value.clone());
+        let value = match self.value.strip_prefix('%').and_then(|v| v.strip_suffix('%')) {
+            Some(property) => self
+                .get_property(property.split('.').collect())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_default(),
+            None => self.value.clone(),
+        };
+        self.add_http_request_header(&self.name.clone(), &value);
         self.set_http_request_header("x-seen-path", Some(&path));
         Action::Continue
     }
