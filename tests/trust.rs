@@ -1006,3 +1006,117 @@ routes:
     );
     assert_ne!(curl(proxy.port, Some("rogue")).1, "200");
 }
+
+/// `openssl s_server -www` (an independent TLS peer) on a free port, with the server
+/// certificate of [`openssl_pki`], requiring a client certificate from its CA.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(dir: &std::path::Path) -> TlsServer {
+        let port = free_port();
+        let child = Command::new("openssl")
+            .current_dir(dir)
+            .args([
+                "s_server",
+                "-accept",
+                &port.to_string(),
+                "-cert",
+                "server.crt",
+            ])
+            .args([
+                "-key",
+                "server.key",
+                "-www",
+                "-Verify",
+                "1",
+                "-CAfile",
+                "ca.crt",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        TlsServer { child, port }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_over_mutual_tls_is_reached_only_when_both_identities_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl_pki(d);
+    let server = TlsServer::start(d);
+    eventually("openssl s_server listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let config = |tls: &str| {
+        format!(
+            "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  secure: {{ endpoints: [\"127.0.0.1:{}\"], tls: {{ {tls} }} }}\nroutes:\n  - {{ service: secure }}\n",
+            server.port
+        )
+    };
+    let d = d.display();
+    let mutual = format!(
+        "ca_file: \"{d}/ca.crt\", cert_file: \"{d}/client.crt\", key_file: \"{d}/client.key\""
+    );
+    // Both sides verify: the proxy checks s_server's certificate (its IP, the CA), s_server
+    // checks the proxy's client certificate.
+    let proxy = Proxy::start(&config(&mutual)).await;
+    let answer = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(
+        answer.text().await.unwrap().contains("s_server"),
+        "s_server's page"
+    );
+    drop(proxy);
+
+    // The wrong identity or the wrong roots: the proxy's own check fails the handshake,
+    // 503 UF, counted as a TLS failure.
+    for (why, tls) in [
+        ("another name", format!("{mutual}, sni: \"other.example\"")),
+        ("other roots", mutual.replace("ca.crt", "rogue.crt")),
+    ] {
+        let proxy = Proxy::start(&config(&tls)).await;
+        let refused = client().get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(refused.status(), 503, "{why}");
+        assert_eq!(refused.headers()["x-nip-response-flags"], "UF", "{why}");
+        let metrics = proxy.metrics().await;
+        assert!(
+            sample(
+                &metrics,
+                "nip_upstream_cx_tls_fail_total",
+                &[("cluster", "secure")]
+            ) >= 1.0,
+            "{why}: {metrics}"
+        );
+    }
+    // Without a client certificate s_server refuses the proxy: under TLS 1.3 that comes
+    // after the handshake, so the try ends as an upstream reset (502 UR), and nothing is
+    // answered by the upstream.
+    let proxy = Proxy::start(&config(&format!("ca_file: \"{d}/ca.crt\""))).await;
+    let refused = client().get(proxy.url("/")).send().await.unwrap();
+    assert!(
+        [502, 503].contains(&refused.status().as_u16()),
+        "{}",
+        refused.status()
+    );
+    assert!(
+        ["UR", "UF"].contains(&refused.headers()["x-nip-response-flags"].to_str().unwrap()),
+        "{:?}",
+        refused.headers()
+    );
+}

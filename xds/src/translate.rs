@@ -65,7 +65,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
-    TlsCertificate,
+    TlsCertificate, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
@@ -1366,7 +1366,45 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
         health_checks,
         typed_extension_protocol_options,
         metadata: cluster_metadata(service),
+        transport_socket: service.tls.as_ref().map(upstream_tls),
         ..Default::default()
+    }
+}
+
+/// `tls` of a service as Envoy's `UpstreamTlsContext`.
+fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
+    let file = |path: &String| DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.clone())),
+        ..Default::default()
+    };
+    let context = UpstreamTlsContext {
+        sni: tls.sni.clone().unwrap_or_default(),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificates: tls
+                .cert_file
+                .iter()
+                .zip(&tls.key_file)
+                .map(|(cert, key)| TlsCertificate {
+                    certificate_chain: Some(file(cert)),
+                    private_key: Some(file(key)),
+                    ..Default::default()
+                })
+                .collect(),
+            validation_context_type: tls.ca_file.as_ref().map(|ca| {
+                common_tls_context::ValidationContextType::ValidationContext(
+                    CertificateValidationContext {
+                        trusted_ca: Some(file(ca)),
+                        ..Default::default()
+                    },
+                )
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
     }
 }
 

@@ -534,3 +534,73 @@ pub(super) fn ring_size(xds: &XdsCluster) -> Result<RingSize, String> {
     }
     Ok(size)
 }
+
+/// Where a cluster's TLS material is (`transport_socket` with an `UpstreamTlsContext`),
+/// read from the resource alone; the files are read by `prepare`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct UpstreamTlsFiles {
+    /// `sni` (`None` when empty).
+    pub sni: Option<String>,
+    /// `validation_context.trusted_ca` (a filename).
+    pub ca_file: Option<String>,
+    /// `tls_certificates[0]`: certificate chain and private key filenames.
+    pub client: Option<(String, String)>,
+}
+
+pub(super) fn upstream_tls_files(xds: &XdsCluster) -> Result<Option<UpstreamTlsFiles>, String> {
+    use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        common_tls_context::ValidationContextType, UpstreamTlsContext,
+    };
+    let Some(socket) = &xds.transport_socket else {
+        return Ok(None);
+    };
+    if socket.name != names::TLS_TRANSPORT_SOCKET {
+        return Err(format!(
+            "transport_socket {:?}: only {} is supported",
+            socket.name,
+            names::TLS_TRANSPORT_SOCKET
+        ));
+    }
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Err("transport_socket: typed_config is missing".into());
+    };
+    let context: UpstreamTlsContext = decode(any).map_err(|e| format!("transport_socket: {e}"))?;
+    let filename = |source: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>,
+                    field: &str| {
+        match source.as_ref().and_then(|s| s.specifier.as_ref()) {
+            Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
+            _ => Err(format!("transport_socket: {field} must be a filename")),
+        }
+    };
+    let common = context.common_tls_context.unwrap_or_default();
+    let client = match common.tls_certificates.as_slice() {
+        [] => None,
+        [one] => Some((
+            filename(
+                &one.certificate_chain,
+                "tls_certificates[0].certificate_chain",
+            )?,
+            filename(&one.private_key, "tls_certificates[0].private_key")?,
+        )),
+        _ => return Err("transport_socket: one client certificate at most".into()),
+    };
+    let ca_file = match &common.validation_context_type {
+        None => None,
+        Some(ValidationContextType::ValidationContext(validation)) => Some(filename(
+            &validation.trusted_ca,
+            "validation_context.trusted_ca",
+        )?),
+        Some(_) => {
+            return Err("transport_socket: only an inline validation_context is supported".into())
+        }
+    };
+    if !xds.health_checks.is_empty() {
+        return Err("health checks of a TLS cluster are not supported yet".into());
+    }
+    Ok(Some(UpstreamTlsFiles {
+        sni: (!context.sni.is_empty()).then_some(context.sni),
+        ca_file,
+        client,
+    }))
+}

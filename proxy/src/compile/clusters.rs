@@ -67,6 +67,10 @@ impl Compiler<'_> {
             }
         };
         let http2 = upstream_http2(xds).map_err(fail)?;
+        // The TLS settings are checked here; their files were read by prepare.
+        let tls = super::cluster_policies::upstream_tls_files(xds)
+            .map_err(fail)?
+            .and_then(|_| prepared.upstream_tls.get(name).cloned());
         let endpoints = match assignment {
             Some(cla) => self.endpoints(name, cla, prepared)?,
             None => Vec::new(),
@@ -104,6 +108,7 @@ impl Compiler<'_> {
             )
         }))
         .with_adaptive_concurrency(adaptive)
+        .with_tls(tls)
         .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(
             xds.common_lb_config

@@ -283,7 +283,16 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "ring_hash_lb_config",
             "common_lb_config",
             "metadata",
+            "transport_socket",
         ],
+    ),
+    (
+        "envoy.config.core.v3.TransportSocket",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        &["common_tls_context", "sni"],
     ),
     // The upstream protocol (`typed_extension_protocol_options`): HTTP/1 or HTTP/2 chosen
     // explicitly, with no protocol settings of either.

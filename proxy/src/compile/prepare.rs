@@ -26,6 +26,9 @@ pub struct Prepared {
     pub(super) plugins: BTreeMap<String, PreparedPlugin>,
     /// `(host, port)` → address, for every socket address that is not an IP.
     pub(super) hosts: HashMap<(String, u16), SocketAddr>,
+    /// Each TLS cluster's certificates and keys, read (a proxy; none in a check: the
+    /// files are on the proxies).
+    pub(super) upstream_tls: HashMap<String, Arc<crate::upstream::tls::UpstreamTls>>,
 }
 
 impl Prepared {
@@ -130,6 +133,28 @@ fn gather(
                 )
             })
         })?;
+    }
+    // TLS clusters: their files, read once here (a proxy only).
+    if hosts == Hosts::Resolve {
+        for xds in &resources.clusters {
+            let fail = |m: String| err("Cluster", &xds.name, m);
+            let Some(files) = super::cluster_policies::upstream_tls_files(xds).map_err(fail)?
+            else {
+                continue;
+            };
+            let tls = crate::upstream::tls::UpstreamTls::load(
+                files.sni,
+                files.ca_file.as_deref(),
+                files
+                    .client
+                    .as_ref()
+                    .map(|(cert, key)| (cert.as_str(), key.as_str())),
+            )
+            .map_err(|e| fail(format!("transport_socket: {e}")))?;
+            prepared
+                .upstream_tls
+                .insert(xds.name.clone(), Arc::new(tls));
+        }
     }
     // The listener: its address, and its plugins.
     let Ok(listener) = served_listener(resources) else {

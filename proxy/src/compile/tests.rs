@@ -887,3 +887,39 @@ fn protocol_options_of_other_extensions_are_refused_by_key() {
          only envoy.extensions.upstreams.http.v3.HttpProtocolOptions is supported"
     );
 }
+
+#[test]
+fn upstream_tls_files_are_read_when_prepared_and_bad_ones_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "services:\n  s: {{ endpoints: [\"127.0.0.1:9\"], tls: {{ ca_file: \"{}\", sni: api.example.com }} }}\nroutes:\n  - service: s\n",
+        garbage.display()
+    );
+    let t = translated(&yaml);
+    // A check (the control plane) does not read the proxies' files.
+    assert!(check(&t.bootstrap, &t.resources).is_ok());
+    let refused = compile(&t).expect_err("unreadable roots");
+    assert_eq!(refused.kind, "Cluster");
+    assert!(
+        refused.message.contains("transport_socket: trusted_ca"),
+        "{refused}"
+    );
+    // A transport socket NIP does not implement is named.
+    let mut other = t.clone();
+    other.resources.clusters[0]
+        .transport_socket
+        .as_mut()
+        .unwrap()
+        .name = "envoy.transport_sockets.alts".into();
+    let refused = check(&other.bootstrap, &other.resources).expect_err("alts");
+    assert!(
+        refused.message.contains("only envoy.transport_sockets.tls"),
+        "{refused}"
+    );
+}

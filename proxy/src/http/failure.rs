@@ -69,6 +69,18 @@ pub fn retry_policy_covers(policy: &RetryPolicy, etype: &ErrorType) -> bool {
     (policy.retries_reset() && is_reset) || (policy.retries_timeout() && is_timeout)
 }
 
+/// Whether a failed connect failed in its TLS handshake (a certificate that does not
+/// verify, a client certificate refused).
+pub fn is_tls_error(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+            | ErrorType::InvalidCert
+    )
+}
+
 /// Whether `etype` means the connection was never made (503 `UF`, retried under
 /// `connect-failure`).
 pub fn is_connect_error(etype: &ErrorType) -> bool {

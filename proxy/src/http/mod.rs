@@ -480,7 +480,12 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(address);
         let read_timeout =
             peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
-        Ok(Box::new(peer::for_try(address, cluster, read_timeout)))
+        Ok(Box::new(peer::for_try(
+            address,
+            endpoint.hostname.as_deref(),
+            cluster,
+            read_timeout,
+        )))
     }
 
     /// Adds x-forwarded-for/-proto and, on retries, the retry count.
@@ -573,6 +578,9 @@ impl ProxyHttp for Gateway {
         ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
+            if failure::is_tls_error(&e.etype) {
+                cluster.stats.cx_tls_fail.inc();
+            }
         }
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
             active

@@ -19,9 +19,29 @@ pub fn read_timeout(
     [budget_left, per_try, idle].into_iter().flatten().min()
 }
 
-/// The peer of a try to `address`, an endpoint of `cluster`, each read within `timeout`.
-pub fn for_try(address: SocketAddr, cluster: &Cluster, timeout: Option<Duration>) -> HttpPeer {
-    let mut peer = HttpPeer::new(address, false, String::new());
+/// The peer of a try to `address` (named `hostname` in its cluster's endpoints, if it has
+/// a name), an endpoint of `cluster`, each read within `timeout`. Over TLS the endpoint's
+/// certificate must name the cluster's `sni`, else its host name, else its IP address.
+pub fn for_try(
+    address: SocketAddr,
+    hostname: Option<&str>,
+    cluster: &Cluster,
+    timeout: Option<Duration>,
+) -> HttpPeer {
+    let mut peer = match &cluster.tls {
+        None => HttpPeer::new(address, false, String::new()),
+        Some(tls) => {
+            let name = tls
+                .sni
+                .clone()
+                .or_else(|| hostname.map(str::to_string))
+                .unwrap_or_else(|| address.ip().to_string());
+            let mut peer = HttpPeer::new(address, true, name);
+            peer.options.ca = tls.roots.clone();
+            peer.client_cert_key = tls.client.clone();
+            peer
+        }
+    };
     peer.options.connection_timeout = Some(cluster.connect_timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
     // A budget already spent still gets a read timeout, not none.

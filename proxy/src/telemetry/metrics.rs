@@ -185,6 +185,9 @@ pub struct ClusterStats {
     pub cx_total: Counter,
     /// Failed connection attempts.
     pub cx_connect_fail: Counter,
+    /// Connection attempts whose TLS handshake failed (an endpoint whose certificate did
+    /// not verify or name the expected identity, or that refused ours).
+    pub cx_tls_fail: Counter,
     /// Upstream requests in flight.
     pub rq_active: Gauge,
     /// Retries sent.
@@ -224,6 +227,7 @@ pub struct Metrics {
     upstream_cx_total: Family<ClusterLabels, Counter>,
     upstream_cx_active: Family<ClusterLabels, Gauge>,
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
+    upstream_cx_tls_fail: Family<ClusterLabels, Counter>,
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_rq_retry: Family<ClusterLabels, Counter>,
     outlier_ejections: Family<DetectorLabels, Counter>,
@@ -301,6 +305,7 @@ impl Metrics {
             upstream_cx_total: Family::default(),
             upstream_cx_active: Family::default(),
             upstream_cx_connect_fail: Family::default(),
+            upstream_cx_tls_fail: Family::default(),
             upstream_rq_active: Family::default(),
             upstream_rq_retry: Family::default(),
             outlier_ejections: Family::default(),
@@ -371,6 +376,11 @@ impl Metrics {
             "upstream_cx_connect_fail",
             "Upstream connection attempts that failed",
             m.upstream_cx_connect_fail.clone(),
+        );
+        registry.register(
+            "upstream_cx_tls_fail",
+            "Upstream connection attempts whose TLS handshake failed (the endpoint's certificate did not verify or name the expected identity)",
+            m.upstream_cx_tls_fail.clone(),
         );
         registry.register(
             "upstream_rq_active",
@@ -581,6 +591,7 @@ impl Metrics {
         for family in [
             &self.upstream_cx_total,
             &self.upstream_cx_connect_fail,
+            &self.upstream_cx_tls_fail,
             &self.upstream_rq_retry,
             &self.upstream_rq_overflow,
             &self.upstream_rq_retry_overflow,
@@ -628,6 +639,7 @@ impl Metrics {
         ClusterStats {
             cx_total: self.upstream_cx_total.get_or_create(&labels).clone(),
             cx_connect_fail: self.upstream_cx_connect_fail.get_or_create(&labels).clone(),
+            cx_tls_fail: self.upstream_cx_tls_fail.get_or_create(&labels).clone(),
             rq_active: self.upstream_rq_active.get_or_create(&labels).clone(),
             rq_retry: self.upstream_rq_retry.get_or_create(&labels).clone(),
             outlier_ejections: DETECTOR_LABELS.map(|detector| {

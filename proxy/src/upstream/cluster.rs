@@ -81,6 +81,8 @@ pub struct Cluster {
     pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Connection slots of an HTTP/1 cluster (`max_connections`, `max_pending_requests`).
     pub connection_slots: Option<Arc<ConnectionSlots>>,
+    /// TLS to the endpoints (`transport_socket`), if any.
+    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
 }
 
 /// A cluster's adaptive concurrency: the controller (kept across reloads) and the status
@@ -139,6 +141,7 @@ impl Cluster {
             localities: Vec::new(),
             adaptive_concurrency: None,
             connection_slots: None,
+            tls: None,
         }
     }
 
@@ -327,6 +330,12 @@ impl Cluster {
         endpoint.state.is_healthy()
             && (self.outlier.is_none() || !endpoint.state.outlier.is_ejected(now))
     }
+    /// Connects to the endpoints over TLS.
+    pub fn with_tls(mut self, tls: Option<Arc<crate::upstream::tls::UpstreamTls>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Tells the cluster which region the proxy runs in: `latency` prefers it.
     pub fn with_local_region(mut self, region: &str) -> Self {
         if let Balancer::Latency(latency) = &mut self.balancer {

@@ -18,6 +18,7 @@ pub mod health;
 pub mod lb;
 pub mod outlier;
 pub mod registry;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -245,6 +245,26 @@ pub enum AccessLogFormat {
     Text,
 }
 
+/// TLS to a service's endpoints: their certificate must chain to `ca_file` (else the
+/// system's roots) and name `sni` (else the endpoint's host name or IP); `cert_file` and
+/// `key_file` give the proxy's own certificate for mutual TLS.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// The name sent as SNI and verified in the endpoint's certificate.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM roots the endpoint's certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain (mutual TLS).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// PEM client key (mutual TLS).
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
 /// An upstream service: a set of endpoints and how to use them.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +278,9 @@ pub struct ServiceConfig {
     /// Static endpoints: `"ip:port"` or a map with address, region, zone and weight.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// TLS to the endpoints (Envoy's `UpstreamTlsContext`).
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
     /// Load-balancing policy (default: `latency` when the endpoints span several regions,
     /// `round_robin` otherwise; see [`ServiceConfig::lb_policy`]).
     #[serde(default)]

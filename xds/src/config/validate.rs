@@ -276,6 +276,42 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
 
 fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
     let path = format!("services.{name}");
+    if let Some(tls) = &service.tls {
+        for (field, value) in [
+            ("ca_file", &tls.ca_file),
+            ("cert_file", &tls.cert_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if let Some(file) = value {
+                if !std::path::Path::new(file).is_file() {
+                    errors.add(
+                        format!("{path}.tls.{field}"),
+                        format!("file {file:?} does not exist"),
+                    );
+                }
+            }
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            errors.add(
+                format!("{path}.tls"),
+                "cert_file and key_file go together (the proxy's client certificate)",
+            );
+        }
+        if let Some(sni) = &tls.sni {
+            if sni.is_empty() || sni.parse::<http::uri::Authority>().is_err() || sni.contains(':') {
+                errors.add(
+                    format!("{path}.tls.sni"),
+                    format!("{sni:?} is not a host name"),
+                );
+            }
+        }
+        if service.health_check.is_some() {
+            errors.add(
+                format!("{path}.health_check"),
+                "health checks of a TLS service are not supported yet (outlier detection is)",
+            );
+        }
+    }
     if !valid_name(name) {
         errors.add(
             path.clone(),
