@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
 # bench/bench.py, which writes bench/RESULTS.md (~10 minutes with RUNS=3), then
-# bench/xds-scale, which adds the control-plane section to it (~1 minute), and
+# bench/mtls.py (mutual TLS between two proxies), bench/xds-scale, which adds the
+# control-plane section to it (~1 minute), and
 # bench/multi-region, which adds the multi-region routing section (~6 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,8 @@ cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Ca
 python3 bench/bench.py "$@"
 # Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
 python3 bench/crowd.py
+# Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).
+python3 bench/mtls.py
 # The control plane at scale: apply → ACK over 100 proxies, memory at 1k/10k streams.
 ulimit -n 65536 2>/dev/null || true
 target/release/nip-bench-xds target/release/nip bench/RESULTS.md
