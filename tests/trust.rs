@@ -1120,3 +1120,49 @@ async fn a_service_over_mutual_tls_is_reached_only_when_both_identities_verify()
         refused.headers()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_certificate_expired_while_all_was_down_serves_its_saved_config_and_joins_again(
+) {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &a, ""), &[])
+        .status
+        .success());
+    let dir = tempfile::tempdir().unwrap();
+    let config = joining(&control_plane, "edge-1", dir.path()).replace(
+        "identity_dir:",
+        &format!(
+            "last_good: \"{}/last-good.xds\", identity_dir:",
+            dir.path().display()
+        ),
+    );
+    let proxy = Proxy::spawn_on(&config, port);
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(&proxy).await, "a");
+    let saved = dir.path().join("last-good.xds");
+    eventually("the accepted set is saved", || async { saved.is_file() }).await;
+    // Everything goes down long enough for the proxy's certificate to expire.
+    control_plane.kill();
+    drop(proxy);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let proxy = Proxy::spawn_on(&config, port);
+    proxy.wait_ready().await;
+    assert_eq!(backend_of(&proxy).await, "a", "the saved config serves");
+    assert!(
+        proxy.log().contains("cannot join the control plane yet"),
+        "{}",
+        proxy.log()
+    );
+    // The control plane returns: the proxy joins again with its token and follows.
+    control_plane.spawn();
+    control_plane.wait_ready().await;
+    assert!(control_plane
+        .apply(&gateway(port, &b, ""), &[])
+        .status
+        .success());
+    wait_routes_to(&proxy, "b").await;
+}

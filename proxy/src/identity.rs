@@ -58,6 +58,9 @@ pub struct WorkloadIdentity {
     /// The host name its certificate must carry.
     server_name: String,
     dir: Option<PathBuf>,
+    /// The join token, kept while the proxy has not joined yet (a start that could not
+    /// reach the control plane keeps trying with it).
+    join_token: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for WorkloadIdentity {
@@ -98,6 +101,19 @@ impl WorkloadIdentity {
         node_id: &str,
         region: &str,
     ) -> Result<Arc<WorkloadIdentity>, String> {
+        Self::obtain_or_defer(settings, target, node_id, region, false)
+    }
+
+    /// [`WorkloadIdentity::obtain`], but with `may_defer` a join that fails (the control
+    /// plane is down) is retried in the background ([`WorkloadIdentity::renew_forever`])
+    /// instead of failing: a proxy with a saved config serves it meanwhile.
+    pub fn obtain_or_defer(
+        settings: &ControlPlaneIdentity,
+        target: &str,
+        node_id: &str,
+        region: &str,
+        may_defer: bool,
+    ) -> Result<Arc<WorkloadIdentity>, String> {
         let bundle = read(&settings.ca_file).map_err(|e| format!("control_plane.ca_file: {e}"))?;
         let server_name = target
             .rsplit_once(':')
@@ -133,6 +149,7 @@ impl WorkloadIdentity {
             endpoint: format!("https://{target}"),
             server_name,
             dir: settings.identity_dir.clone(),
+            join_token: std::sync::Mutex::new(None),
         };
         if fresh {
             let token = match &settings.join_token_file {
@@ -147,7 +164,19 @@ impl WorkloadIdentity {
                             (control_plane.join_token_file or NIP_JOIN_TOKEN)"
                     .into());
             }
-            identity.request(Some(&token))?;
+            match identity.request(Some(&token)) {
+                Ok(()) => {}
+                Err(e) if may_defer => {
+                    tracing::warn!(
+                        "cannot join the control plane yet, trying again in the background: {e}"
+                    );
+                    *identity
+                        .join_token
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(token);
+                }
+                Err(e) => return Err(e),
+            }
         }
         if let Some(id) = identity.current.load().spiffe_id() {
             tracing::info!(identity = %id, "workload identity ready");
@@ -288,10 +317,19 @@ impl WorkloadIdentity {
                 .unwrap_or(Duration::ZERO);
             tokio::time::sleep(wait).await;
             let identity = Arc::clone(&self);
-            let renewed = tokio::task::spawn_blocking(move || identity.request(None))
+            // Not joined yet (the control plane was down at start): join, else renew.
+            let join = self
+                .join_token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let renewed = tokio::task::spawn_blocking(move || identity.request(join.as_deref()))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
+            if renewed.is_ok() {
+                *self.join_token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
             match renewed {
                 Ok(()) => {
                     retry = RETRY_MIN;

@@ -130,9 +130,14 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
                         .as_ref()
                         .map(|l| l.region.clone())
                         .unwrap_or_default();
+                    // With a saved config the proxy can serve while it cannot join.
+                    let may_defer = translation
+                        .last_good_file
+                        .as_ref()
+                        .is_some_and(|f| f.is_file());
                     Some(
-                        crate::identity::WorkloadIdentity::obtain(
-                            settings, target, &node.id, &region,
+                        crate::identity::WorkloadIdentity::obtain_or_defer(
+                            settings, target, &node.id, &region, may_defer,
                         )
                         .map_err(|e| StartError::ControlPlane(format!("identity: {e}")))?,
                     )
