@@ -1166,3 +1166,157 @@ async fn a_proxy_whose_certificate_expired_while_all_was_down_serves_its_saved_c
         .success());
     wait_routes_to(&proxy, "b").await;
 }
+
+/// A certificate `name.crt`/`name.key` for `san` (serverAuth), signed by `ca`.crt/`ca`.key
+/// in `dir` (made by openssl). With `fresh_ca`, makes that CA first.
+fn server_certificate(dir: &std::path::Path, ca: &str, fresh_ca: bool, name: &str, san: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
+    if fresh_ca {
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        let subject = format!("/CN={ca}");
+        args.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_crt,
+            "-subj",
+            &subject,
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]);
+        openssl_in(dir, &args);
+    }
+    let (key, csr, ext, crt) = (
+        format!("{name}.key.new"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+        format!("{name}.crt.new"),
+    );
+    let mut request = vec!["req"];
+    request.extend(ec);
+    let subject = format!("/CN={name}");
+    request.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+    openssl_in(dir, &request);
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    openssl_in(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    );
+    // Both files appear at once, as a deployment would swap them.
+    std::fs::rename(dir.join(&key), dir.join(format!("{name}.key"))).unwrap();
+    std::fs::rename(dir.join(&crt), dir.join(format!("{name}.crt"))).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_serves_the_certificate_each_name_asks_for_and_a_replaced_one_at_once() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl_pki(d);
+    server_certificate(d, "ca", false, "api", "DNS:api.example.com");
+    server_certificate(d, "ca", false, "wild", "DNS:*.wild.example");
+    let dd = d.display();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  tls:
+    enabled: true
+    cert_file: "{dd}/server.crt"
+    key_file: "{dd}/server.key"
+    certificates:
+      - {{ cert_file: "{dd}/api.crt", key_file: "{dd}/api.key" }}
+      - {{ cert_file: "{dd}/wild.crt", key_file: "{dd}/wild.key" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - {{ service: web }}
+"#,
+        backend.address
+    ))
+    .await;
+    let port = proxy.port;
+    // curl verifies the certificate against the name it asked for: a 200 means the
+    // listener chose the certificate naming it.
+    let fetch = |host: &str, ca: &str| {
+        let output = Command::new("curl")
+            .current_dir(d)
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                ca,
+            ])
+            .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+            .arg(format!("https://{host}:{port}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    assert_eq!(fetch("api.example.com", "ca.crt"), "200", "exact name");
+    assert_eq!(fetch("x.wild.example", "ca.crt"), "200", "wildcard");
+    assert_eq!(
+        fetch("127.0.0.1", "ca.crt"),
+        "200",
+        "no SNI: the default (IP SAN)"
+    );
+    assert_ne!(
+        fetch("other.example", "ca.crt"),
+        "200",
+        "the default names no other.example"
+    );
+    // The api certificate is replaced on disk (by one from another CA): served at once,
+    // without a restart.
+    server_certificate(d, "ca2", true, "api", "DNS:api.example.com");
+    eventually("the replaced certificate serves", || async {
+        fetch("api.example.com", "ca2.crt") == "200"
+    })
+    .await;
+    assert_ne!(
+        fetch("api.example.com", "ca.crt"),
+        "200",
+        "the old one is gone"
+    );
+    assert_eq!(fetch("x.wild.example", "ca.crt"), "200", "the others stay");
+    assert!(
+        proxy.log().contains("listener certificate"),
+        "{}",
+        proxy.log()
+    );
+}

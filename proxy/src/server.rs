@@ -193,7 +193,18 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let status = Arc::new(ProxyStatus::default());
     let swapped = feed.map(|feed| feed.running_on(&snapshot));
 
+    // The listener's certificates: a resolver the control thread refreshes on reloads and
+    // certificate file changes (the listener itself is bound once).
+    let listener_certificates = match &listener.tls {
+        Some(files) => Some(Arc::new(crate::downstream::tls::SniResolver::new(
+            crate::downstream::tls::CertificateSet::load(&files.certificates)
+                .map_err(StartError::Tls)?,
+        ))),
+        None => None,
+    };
     let control = Control {
+        listener_certificates: listener_certificates.clone(),
+        certificate_fingerprints: Default::default(),
         source: options.source.clone(),
         snapshot: Arc::clone(&snapshot),
         metrics: Arc::clone(&metrics),
@@ -259,10 +270,9 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         read: Some(read_buffer),
         write: None,
     });
-    if let Some(files) = &listener.tls {
+    if let (Some(files), Some(certificates)) = (&listener.tls, listener_certificates) {
         let tls = crate::downstream::tls::settings(&crate::downstream::tls::ListenerTls {
-            cert_file: &files.cert_file,
-            key_file: &files.key_file,
+            certificates,
             client_ca_file: files.client_ca_file.as_deref(),
             require_client_certificate: files.require_client_certificate,
         })
@@ -323,6 +333,10 @@ struct Control {
     /// When following a control plane: a signal per snapshot it swapped in. The local file
     /// is then only the bootstrap, so it is not reloaded.
     swapped: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    /// The listener's certificates, replaced live (`None`: no TLS).
+    listener_certificates: Option<Arc<crate::downstream::tls::SniResolver>>,
+    /// Each listener certificate or key file as last seen.
+    certificate_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
 }
 
 /// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
@@ -405,6 +419,9 @@ impl Control {
                     } else if let Some(file) = self.changed_plugin_file() {
                         tracing::info!("plugin module {} changed: reloading", file.display());
                         reloading = Some(self.start_reload(true));
+                    } else if let Some(file) = self.changed_certificate_file() {
+                        tracing::info!("listener certificate {} changed", file.display());
+                        self.load_listener_certificates();
                     }
                 }
                 _ = sweep.tick() => {
@@ -413,6 +430,45 @@ impl Control {
                 _ = terminate.recv() => {
                     self.drain().await;
                 }
+            }
+        }
+    }
+
+    /// The first listener certificate or key file whose fingerprint changed since it was
+    /// last seen.
+    fn changed_certificate_file(&mut self) -> Option<std::path::PathBuf> {
+        let snapshot = self.snapshot.load();
+        let files = snapshot.listener.tls.as_ref()?;
+        let mut changed = None;
+        for (cert, key) in &files.certificates {
+            for file in [cert, key].map(std::path::PathBuf::from) {
+                let current = Fingerprint::of(&file);
+                let known = self
+                    .certificate_fingerprints
+                    .entry(file.clone())
+                    .or_insert_with(|| current.clone());
+                if *known != current {
+                    *known = current;
+                    changed.get_or_insert(file);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Serves the current snapshot's listener certificates from the next handshake on; a
+    /// set that cannot be read leaves the one in use.
+    fn load_listener_certificates(&self) {
+        let (Some(resolver), Some(files)) = (
+            &self.listener_certificates,
+            self.snapshot.load().listener.tls.clone(),
+        ) else {
+            return;
+        };
+        match crate::downstream::tls::CertificateSet::load(&files.certificates) {
+            Ok(set) => resolver.replace(set),
+            Err(e) => {
+                tracing::error!("listener certificates not replaced, the old ones serve on: {e}")
             }
         }
     }
@@ -491,9 +547,18 @@ impl Control {
                 self.status.set_reload_error(None);
             }
             Ok(Some(snapshot)) => {
-                if snapshot.listener != current.listener {
+                let bound = |l: &crate::compile::ListenerSpec| {
+                    (
+                        l.address,
+                        l.h2c,
+                        l.tls
+                            .as_ref()
+                            .map(|t| (t.client_ca_file.clone(), t.require_client_certificate)),
+                    )
+                };
+                if bound(&snapshot.listener) != bound(&current.listener) {
                     tracing::warn!(
-                        "api_gateway address/TLS changed; the listener keeps {:?} until restart",
+                        "api_gateway address/TLS settings changed; the listener keeps {:?} until restart (its certificates follow the config)",
                         current.listener
                     );
                 }
@@ -524,6 +589,7 @@ impl Control {
     fn after_swap(&mut self) {
         self.health
             .reconcile(&self.snapshot.load().clusters, &self.metrics);
+        self.load_listener_certificates();
         self.registry.prune();
         let live: Vec<u64> = self
             .snapshot

@@ -390,11 +390,17 @@ fn gateway_listener(config: &Config) -> Listener {
         });
         let tls = DownstreamTlsContext {
             common_tls_context: Some(CommonTlsContext {
-                tls_certificates: vec![TlsCertificate {
+                tls_certificates: std::iter::once(TlsCertificate {
                     certificate_chain: Some(file(&gateway.tls.cert_file)),
                     private_key: Some(file(&gateway.tls.key_file)),
                     ..Default::default()
-                }],
+                })
+                .chain(gateway.tls.certificates.iter().map(|pair| TlsCertificate {
+                    certificate_chain: Some(file(&Some(pair.cert_file.clone()))),
+                    private_key: Some(file(&Some(pair.key_file.clone()))),
+                    ..Default::default()
+                }))
+                .collect(),
                 alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
                 validation_context_type: validation,
                 ..Default::default()

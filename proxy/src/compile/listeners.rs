@@ -7,10 +7,8 @@ use nip_xds::translate::{ENVOY_DEFAULT_TEXT_FORMAT, JSON_ACCESS_LOG_FIELDS};
 /// TLS certificate files of the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
-    /// PEM certificate chain.
-    pub cert_file: String,
-    /// PEM private key.
-    pub key_file: String,
+    /// `(certificate chain, private key)` PEM files, chosen by SNI; the first is the default.
+    pub certificates: Vec<(String, String)>,
     /// PEM roots client certificates must chain to (`validation_context.trusted_ca`).
     pub client_ca_file: Option<String>,
     /// Refuse clients without a verified certificate (`require_client_certificate`).
@@ -120,11 +118,16 @@ pub(super) fn listener_spec(
                 )));
             }
             let tls: DownstreamTlsContext = decode(any).map_err(&fail)?;
-            let cert = tls
+            let certificates = tls
                 .common_tls_context
                 .as_ref()
-                .and_then(|c| c.tls_certificates.first())
-                .ok_or_else(|| fail("tls: common_tls_context.tls_certificates is empty".into()))?;
+                .map(|c| c.tls_certificates.as_slice())
+                .unwrap_or_default();
+            if certificates.is_empty() {
+                return Err(fail(
+                    "tls: common_tls_context.tls_certificates is empty".into(),
+                ));
+            }
             let file = |source: &Option<DataSource>, field: &str| match source
                 .as_ref()
                 .and_then(|s| s.specifier.as_ref())
@@ -157,8 +160,22 @@ pub(super) fn listener_spec(
                 ));
             }
             Some(TlsFiles {
-                cert_file: file(&cert.certificate_chain, "certificate_chain")?,
-                key_file: file(&cert.private_key, "private_key")?,
+                certificates: certificates
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cert)| {
+                        Ok((
+                            file(
+                                &cert.certificate_chain,
+                                &format!("tls_certificates[{i}].certificate_chain"),
+                            )?,
+                            file(
+                                &cert.private_key,
+                                &format!("tls_certificates[{i}].private_key"),
+                            )?,
+                        ))
+                    })
+                    .collect::<Result<_, CompileError>>()?,
                 client_ca_file,
                 require_client_certificate,
             })

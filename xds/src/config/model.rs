@@ -195,6 +195,11 @@ pub struct TlsConfig {
     /// PEM private key file.
     #[serde(default)]
     pub key_file: Option<String>,
+    /// More certificates for other names: each handshake gets the one whose DNS SANs name
+    /// the client's SNI (exactly, then by `*.` wildcard), else `cert_file`'s. Certificate
+    /// files are watched: a replaced file serves from the next handshake on.
+    #[serde(default)]
+    pub certificates: Vec<CertificateFiles>,
     /// PEM roots client certificates must chain to (Envoy's
     /// `validation_context.trusted_ca`): clients may present one, and a presented one must
     /// verify.
@@ -203,6 +208,16 @@ pub struct TlsConfig {
     /// Refuse clients without a verified certificate at the handshake (mutual TLS).
     #[serde(default)]
     pub require_client_certificate: bool,
+}
+
+/// A certificate chain and its key (PEM files).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain file.
+    pub cert_file: String,
+    /// PEM private key file.
+    pub key_file: String,
 }
 
 /// Access log settings.

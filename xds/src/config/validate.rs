@@ -261,6 +261,16 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
             Some(_) => {}
         }
     }
+    for (i, pair) in tls.certificates.iter().enumerate() {
+        for (field, file) in [("cert_file", &pair.cert_file), ("key_file", &pair.key_file)] {
+            if !std::path::Path::new(file).is_file() {
+                errors.add(
+                    format!("api_gateway.tls.certificates[{i}].{field}"),
+                    format!("file {file:?} does not exist"),
+                );
+            }
+        }
+    }
     match &tls.client_ca_file {
         Some(file) if !std::path::Path::new(file).is_file() => errors.add(
             "api_gateway.tls.client_ca_file",
