@@ -989,6 +989,13 @@ routes:
             .contains("\"downstream_peer_uri_san\":\"spiffe://nip.local/node/client-1\"")
     })
     .await;
+    proxy
+        .wait_for_sample(
+            "nip_downstream_peer_requests_total",
+            &[("peer", "spiffe://nip.local/node/client-1")],
+            1.0,
+        )
+        .await;
     drop(proxy);
 
     // Optional: a client may come without a certificate (then it is no peer), but one it

@@ -808,6 +808,9 @@ impl ProxyHttp for Gateway {
             }
             None => snapshot.unrouted.count(status),
         }
+        if let Some(peer) = peer_certificate(session).filter(|p| !p.uri().is_empty()) {
+            self.metrics.count_peer_request(peer.uri());
+        }
         let Some(log) = &snapshot.access_log else {
             return;
         };

@@ -109,6 +109,12 @@ struct FlagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    /// The client certificate's URI SAN (a workload's SPIFFE ID).
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LocalityLabels {
     cluster: String,
     region: String,
@@ -224,6 +230,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
+    downstream_peer_requests: Family<PeerLabels, Counter>,
     upstream_cx_total: Family<ClusterLabels, Counter>,
     upstream_cx_active: Family<ClusterLabels, Gauge>,
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
@@ -302,6 +309,7 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::default(),
             response_flags: Family::default(),
+            downstream_peer_requests: Family::default(),
             upstream_cx_total: Family::default(),
             upstream_cx_active: Family::default(),
             upstream_cx_connect_fail: Family::default(),
@@ -356,6 +364,11 @@ impl Metrics {
             "request_duration_seconds",
             "Time from request start to the end of the response, by route",
             m.request_duration.clone(),
+        );
+        registry.register(
+            "downstream_peer_requests",
+            "Requests on mutual TLS connections, by the client certificate's URI SAN (Istio's source_principal)",
+            m.downstream_peer_requests.clone(),
         );
         registry.register(
             "response_flags",
@@ -681,6 +694,15 @@ impl Metrics {
         self.response_flags
             .get_or_create(&FlagLabels { flag })
             .clone()
+    }
+
+    /// Counts one request from a client that proved `peer` (its certificate's URI SAN).
+    pub fn count_peer_request(&self, peer: &str) {
+        self.downstream_peer_requests
+            .get_or_create(&PeerLabels {
+                peer: peer.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one health check probe.
