@@ -566,17 +566,22 @@ async fn wrong_expired_revoked_or_misused_tokens_and_borrowed_node_ids_are_refus
     );
 }
 
+/// A control plane signing 3 s certificates, serving a gateway on `port` routed to
+/// `backend`.
+async fn serving_with_short_certificates(port: u16, backend: &Backend) -> ControlPlane {
+    let control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
+    control_plane.wait_ready().await;
+    let applied = control_plane.apply(&gateway(port, backend, ""), &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    control_plane
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let port = free_port();
-    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let mut control_plane = serving_with_short_certificates(port, &a).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
     proxy.wait_ready().await;
@@ -608,12 +613,7 @@ async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request
 async fn a_root_rotation_overlaps_so_joined_proxies_keep_their_control_plane() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
-    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let mut control_plane = serving_with_short_certificates(port, &a).await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
     proxy.wait_ready().await;
@@ -1133,12 +1133,7 @@ async fn a_proxy_whose_certificate_expired_while_all_was_down_serves_its_saved_c
 ) {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
-    let mut control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
+    let mut control_plane = serving_with_short_certificates(port, &a).await;
     let dir = tempfile::tempdir().unwrap();
     let config = joining(&control_plane, "edge-1", dir.path()).replace(
         "identity_dir:",
