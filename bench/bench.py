@@ -47,18 +47,19 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def nginx_backend_conf() -> Path:
-    return write(OUT / "backend-nginx.conf", f"""
+def nginx_backend_conf(out: Path = OUT, backend: str = BACKEND) -> Path:
+    """nginx answering `200 ok` on `backend`, its files in `out` (bench/mtls.py uses it too)."""
+    return write(out / "backend-nginx.conf", f"""
 worker_processes 1;
 daemon off;
-error_log {OUT}/backend-error.log;
-pid {OUT}/backend.pid;
+error_log {out}/backend-error.log;
+pid {out}/backend.pid;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
   server {{
-    listen {BACKEND} backlog=4096;
+    listen {backend} backlog=4096;
     location / {{ return 200 "ok\\n"; }}
   }}
 }}

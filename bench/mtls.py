@@ -55,21 +55,6 @@ def make_pki() -> None:
                 "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
 
 
-def backend_conf() -> Path:
-    return bench.write(OUT / "backend.conf", f"""
-worker_processes 1;
-daemon off;
-error_log {OUT}/backend-error.log;
-pid {OUT}/backend.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  server {{ listen {BACKEND} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
-
-
 def nip_b() -> list[str]:
     conf = bench.write(OUT / "nip-b.yaml", f"""
 admin: {{ address: "{ADMIN_B}" }}
@@ -209,7 +194,7 @@ def measure(name: str) -> dict[str, float]:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     make_pki()
-    backend = subprocess.Popen(bench.taskset(bench.LOAD_CPU, ["nginx", "-c", str(backend_conf())]),
+    backend = subprocess.Popen(bench.taskset(bench.LOAD_CPU, ["nginx", "-c", str(bench.nginx_backend_conf(OUT, BACKEND))]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in PAIRS}
     try:

@@ -72,15 +72,34 @@ impl Remote {
         }
         let home_token =
             std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config/nip/token"));
-        for path in home_token
-            .into_iter()
-            .chain([crate::default_admin_token_file()])
-        {
+        // The admin token a control plane on this machine wrote goes to that control plane
+        // only: never to one named by a URL elsewhere.
+        let local_admin = self.on_this_machine().then(crate::default_admin_token_file);
+        for path in home_token.into_iter().chain(local_admin) {
             if path.is_file() {
                 return read(&path).map(Some);
             }
         }
         Ok(None)
+    }
+
+    /// Whether the control plane's URL names this machine (a loopback address or
+    /// `localhost`).
+    fn on_this_machine(&self) -> bool {
+        let rest = self
+            .control_plane
+            .split_once("://")
+            .map_or(self.control_plane.as_str(), |(_, rest)| rest);
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        };
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     /// The roots to trust for an `https://` control plane: `--ca-file`, else the bundle a
@@ -568,4 +587,34 @@ fn token_revoke_inner(remote: &Remote, name: &str) -> Result<(), Failure> {
     }
     println!("token {name:?} revoked");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Remote;
+
+    #[test]
+    fn the_local_admin_token_goes_only_to_a_control_plane_on_this_machine() {
+        let remote = |url: &str| Remote {
+            control_plane: url.to_string(),
+            ca_file: None,
+            token_file: None,
+        };
+        for url in [
+            "https://127.0.0.1:18001",
+            "https://localhost:18001/",
+            "http://[::1]:18001",
+            "https://127.0.0.2",
+        ] {
+            assert!(remote(url).on_this_machine(), "{url}");
+        }
+        for url in [
+            "https://cp.example.com:18001",
+            "https://10.0.0.1:18001",
+            "https://localhost.evil.example",
+            "https://127.0.0.1.evil.example:443",
+        ] {
+            assert!(!remote(url).on_this_machine(), "{url}");
+        }
+    }
 }

@@ -276,8 +276,7 @@ async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_afte
         "a",
         "serving on without a control plane"
     );
-    control_plane.spawn();
-    control_plane.wait_ready().await;
+    control_plane.respawn().await;
     // The restarted control plane serves what its store holds; the proxy reconnects.
     eventually("the proxy reconnects and runs version 1", || async {
         let table = stdout(&control_plane.nip(&["get", "proxies"]));
@@ -286,11 +285,7 @@ async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_afte
             .any(|l| l.starts_with("edge-eu-1") && l.contains(" true ") && l.contains(" 1 "))
     })
     .await;
-    assert!(control_plane
-        .apply(&gateway(port, &b, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "b").await;
+    control_plane.route_to(&proxy, port, &b).await;
     let (sent, failures) = load.stop().await;
     assert!(sent > 50, "the load was real ({sent} requests)");
     assert_eq!(
@@ -591,13 +586,8 @@ async fn a_proxy_restarted_while_its_control_plane_is_down_serves_its_last_good_
     );
 
     // The control plane returns with a change: the proxy follows it.
-    control_plane.spawn();
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &b, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "b").await;
+    control_plane.respawn().await;
+    control_plane.route_to(&proxy, port, &b).await;
 
     // A saved file that is not a resource set is ignored with a warning (no crash).
     std::fs::write(&last_good, b"garbage").unwrap();

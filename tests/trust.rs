@@ -472,6 +472,16 @@ async fn wrong_expired_revoked_or_misused_tokens_and_borrowed_node_ids_are_refus
     let for_n1 = create_token(&control_plane, &["j1", "--role", "join", "--node", "n1"]);
     let short = create_token(&control_plane, &["j2", "--role", "join", "--ttl", "1s"]);
     let revoked = create_token(&control_plane, &["j3", "--role", "join"]);
+    // Tenants limit API tokens: a join token asked for with one is refused, not widened.
+    let tenant_join = control_plane.nip(&[
+        "token", "create", "j4", "--role", "join", "--tenant", "acme",
+    ]);
+    assert_eq!(tenant_join.status.code(), Some(1));
+    assert!(
+        stderr(&tenant_join).contains("tenants limit API tokens"),
+        "{}",
+        stderr(&tenant_join)
+    );
     assert!(control_plane
         .nip(&["token", "revoke", "j3"])
         .status
@@ -596,13 +606,8 @@ async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request
     // The first certificate has expired: a restarted control plane is reached with the
     // current one, and changes still arrive.
     control_plane.kill();
-    control_plane.spawn();
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &b, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "b").await;
+    control_plane.respawn().await;
+    control_plane.route_to(&proxy, port, &b).await;
     let (sent, failures) = load.stop().await;
     assert!(sent > 100, "the load was real ({sent} requests)");
     assert_eq!(failures, 0, "no request failed across renewals");
@@ -633,29 +638,19 @@ async fn a_root_rotation_overlaps_so_joined_proxies_keep_their_control_plane() {
     // plane, and the proxy learns both at its next renewal.
     ca("rotate");
     control_plane.kill();
-    control_plane.spawn();
-    control_plane.wait_ready().await;
+    control_plane.respawn().await;
     eventually("the proxy holds the two-root bundle", || async {
         bundle().matches("BEGIN CERTIFICATE").count() == 2
     })
     .await;
-    assert!(control_plane
-        .apply(&gateway(port, &b, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "b").await;
+    control_plane.route_to(&proxy, port, &b).await;
 
     // The old root retired: the proxy, renewed under the new root, keeps following.
     tokio::time::sleep(Duration::from_secs(4)).await;
     ca("retire");
     control_plane.kill();
-    control_plane.spawn();
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &a, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "a").await;
+    control_plane.respawn().await;
+    control_plane.route_to(&proxy, port, &a).await;
     eventually("the proxy holds the one new root", || async {
         bundle().matches("BEGIN CERTIFICATE").count() == 1
     })
@@ -1160,13 +1155,8 @@ async fn a_proxy_whose_certificate_expired_while_all_was_down_serves_its_saved_c
         proxy.log()
     );
     // The control plane returns: the proxy joins again with its token and follows.
-    control_plane.spawn();
-    control_plane.wait_ready().await;
-    assert!(control_plane
-        .apply(&gateway(port, &b, ""), &[])
-        .status
-        .success());
-    wait_routes_to(&proxy, "b").await;
+    control_plane.respawn().await;
+    control_plane.route_to(&proxy, port, &b).await;
 }
 
 /// A certificate `name.crt`/`name.key` for `san` (serverAuth), signed by `ca`.crt/`ca`.key

@@ -144,11 +144,6 @@ async fn check_tenants(
     if identity.tenants.is_empty() {
         return Ok(());
     }
-    let tenant_of = |yaml: &str| {
-        nip_xds::config::Config::from_yaml(yaml)
-            .ok()
-            .and_then(|c| c.tenant.map(|t| t.id))
-    };
     let current = service.store().current().await?;
     let documents = current
         .as_ref()
@@ -156,7 +151,8 @@ async fn check_tenants(
         .into_iter()
         .chain(incoming.map(|yaml| ("the new config", yaml)));
     for (which, yaml) in documents {
-        let tenant = tenant_of(yaml);
+        // Parsed off the async workers: a large document must not hold one.
+        let tenant = crate::service::tenant_of(yaml.to_string()).await;
         if !identity.covers_tenant(tenant.as_deref()) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -620,6 +616,12 @@ async fn create_token(
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "node and region limit join tokens (role: join) only",
+        ));
+    }
+    if join && !body.tenants.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "tenants limit API tokens; a join token is limited by node or region",
         ));
     }
     // A caller limited to tenants hands out no more than it has.

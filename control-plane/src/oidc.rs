@@ -62,16 +62,23 @@ pub struct Claims {
     pub tenants: Option<Vec<String>>,
 }
 
-/// Keys fetched from the issuer.
+/// Keys fetched from the issuer, and when it was last asked.
+#[derive(Default)]
 struct Keys {
-    set: JwkSet,
-    fetched: Instant,
+    /// The last set fetched.
+    set: Option<JwkSet>,
+    /// When `set` was fetched.
+    fetched: Option<Instant>,
+    /// When the issuer was last asked (successfully or not).
+    asked: Option<Instant>,
+    /// Why the last fetch failed, if it did.
+    failure: Option<String>,
 }
 
 /// Verifies JWTs of one issuer.
 pub struct OidcVerifier {
     options: OidcOptions,
-    keys: tokio::sync::Mutex<Option<Keys>>,
+    keys: tokio::sync::Mutex<Keys>,
 }
 
 impl std::fmt::Debug for OidcVerifier {
@@ -117,7 +124,7 @@ impl OidcVerifier {
         }
         Ok(OidcVerifier {
             options,
-            keys: tokio::sync::Mutex::new(None),
+            keys: tokio::sync::Mutex::new(Keys::default()),
         })
     }
 
@@ -183,39 +190,42 @@ impl OidcVerifier {
         &self.options.role_claim
     }
 
-    /// The key `kid`, from the cached set or a fresh fetch.
+    /// The key `kid`, from the cached set or a fresh fetch. The issuer is asked when the set
+    /// is old or lacks `kid`, but at most every [`MIN_REFETCH`]: an issuer that is down (or
+    /// tokens naming made-up keys) cannot make every request wait for a fetch.
     async fn key(&self, kid: &str) -> Result<DecodingKey, OidcError> {
         let mut keys = self.keys.lock().await;
-        let stale = keys
-            .as_ref()
-            .is_none_or(|k| k.fetched.elapsed() > KEYS_MAX_AGE);
-        let unknown = keys.as_ref().is_none_or(|k| k.set.find(kid).is_none());
-        let may_fetch = keys
-            .as_ref()
-            .is_none_or(|k| k.fetched.elapsed() > MIN_REFETCH);
-        if stale || (unknown && may_fetch) {
+        let stale = keys.fetched.is_none_or(|at| at.elapsed() > KEYS_MAX_AGE);
+        let unknown = keys.set.as_ref().is_none_or(|set| set.find(kid).is_none());
+        let may_ask = keys.asked.is_none_or(|at| at.elapsed() > MIN_REFETCH);
+        if (stale || unknown) && may_ask {
+            keys.asked = Some(Instant::now());
             let options = self.options.clone();
             let fetched = tokio::task::spawn_blocking(move || fetch_keys(&options))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
             match fetched {
                 Ok(set) => {
-                    *keys = Some(Keys {
-                        set,
-                        fetched: Instant::now(),
-                    })
+                    keys.set = Some(set);
+                    keys.fetched = keys.asked;
+                    keys.failure = None;
                 }
-                Err(e) if keys.is_some() => {
-                    tracing::warn!(
-                        "OIDC: cannot refresh the issuer's keys, using the cached ones: {e}"
-                    )
+                Err(e) => {
+                    if keys.set.is_some() {
+                        tracing::warn!(
+                            "OIDC: cannot refresh the issuer's keys, using the cached ones: {e}"
+                        );
+                    }
+                    keys.failure = Some(e);
                 }
-                Err(e) => return Err(OidcError::Issuer(e)),
             }
         }
-        let jwk = keys
-            .as_ref()
-            .and_then(|k| k.set.find(kid))
+        let Some(set) = &keys.set else {
+            let why = keys.failure.clone().unwrap_or_else(|| "no keys yet".into());
+            return Err(OidcError::Issuer(why));
+        };
+        let jwk = set
+            .find(kid)
             .ok_or_else(|| OidcError::Invalid(format!("the issuer has no key {kid:?}")))?;
         DecodingKey::from_jwk(jwk).map_err(jwt_error)
     }
@@ -281,5 +291,42 @@ mod tests {
         ] {
             assert_eq!(acceptable_url(url), ok, "{url}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_issuer_that_is_down_is_asked_at_most_every_min_refetch() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // An "issuer" that takes connections and closes them: every fetch fails at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&asked);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let verifier = OidcVerifier::new(OidcOptions {
+            issuer: format!("http://127.0.0.1:{port}"),
+            audience: "nip".into(),
+            role_claim: "nip_role".into(),
+            tenants_claim: "nip_tenants".into(),
+            ca_file: None,
+        })
+        .unwrap();
+        // A token whose header names an RS256 key (its signature is never reached).
+        let token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.e30.c2ln";
+        for _ in 0..5 {
+            assert!(matches!(
+                verifier.verify(token).await,
+                Err(OidcError::Issuer(_))
+            ));
+        }
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "one fetch, not one per request"
+        );
     }
 }

@@ -289,6 +289,20 @@ async fn off_async_workers<T: Send + 'static>(
     })
 }
 
+/// The `tenant.id` of a document (`None`: no tenant block, or no valid document), parsed on
+/// the blocking pool like every document the API receives.
+pub async fn tenant_of(yaml: String) -> Option<String> {
+    off_async_workers(move || {
+        Ok(Config::from_yaml(&yaml)
+            .ok()
+            .and_then(|c| c.tenant)
+            .map(|t| t.id))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// [`validate`] on the blocking pool, bounded (what the API and `apply` use).
 pub async fn validate_bounded(yaml: String) -> Result<Validated, ConfigError> {
     off_async_workers(move || validate(&yaml)).await

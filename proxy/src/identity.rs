@@ -128,19 +128,12 @@ impl WorkloadIdentity {
             usable.then_some(loaded)
         });
         let fresh = saved.is_none();
+        // Not joined yet: only the bundle, to reach the control plane with.
         let placeholder = Credentials {
             chain_pem: String::new(),
             key_pem: String::new(),
             bundle_pem: bundle,
-            facts: CertificateFacts {
-                spiffe_ids: Vec::new(),
-                uris: Vec::new(),
-                subject: String::new(),
-                dns_names: Vec::new(),
-                not_before: SystemTime::UNIX_EPOCH,
-                not_after: SystemTime::UNIX_EPOCH,
-                public_key_der: Vec::new(),
-            },
+            facts: CertificateFacts::default(),
         };
         let identity = WorkloadIdentity {
             current: ArcSwap::from_pointee(saved.unwrap_or(placeholder)),

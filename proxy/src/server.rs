@@ -339,6 +339,24 @@ struct Control {
     certificate_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
 }
 
+/// The first of `files` whose fingerprint differs from the one `known` holds (files seen
+/// for the first time are remembered, not reported); every changed one is remembered anew.
+fn first_changed(
+    known: &mut std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
+    files: impl Iterator<Item = std::path::PathBuf>,
+) -> Option<std::path::PathBuf> {
+    let mut changed = None;
+    for file in files {
+        let current = Fingerprint::of(&file);
+        let seen = known.entry(file.clone()).or_insert_with(|| current.clone());
+        if *seen != current {
+            *seen = current;
+            changed.get_or_insert(file);
+        }
+    }
+    changed
+}
+
 /// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
 type ReloadResult = Result<Option<Snapshot>, String>;
 
@@ -411,7 +429,15 @@ impl Control {
                     tracing::info!("SIGHUP: reloading {}", self.source.describe());
                     hangup_pending = true;
                 }
-                _ = watch.tick(), if !follows_control_plane && reloading.is_none() => {
+                _ = watch.tick(), if reloading.is_none() => {
+                    // Certificate files are watched whatever the config comes from.
+                    if let Some(file) = self.changed_certificate_file() {
+                        tracing::info!("listener certificate {} changed", file.display());
+                        self.load_listener_certificates();
+                    }
+                    if follows_control_plane {
+                        continue;
+                    }
                     let current = self.source.fingerprint();
                     if current.is_some() && current != self.fingerprint {
                         tracing::info!("{} changed: reloading", self.source.describe());
@@ -419,9 +445,6 @@ impl Control {
                     } else if let Some(file) = self.changed_plugin_file() {
                         tracing::info!("plugin module {} changed: reloading", file.display());
                         reloading = Some(self.start_reload(true));
-                    } else if let Some(file) = self.changed_certificate_file() {
-                        tracing::info!("listener certificate {} changed", file.display());
-                        self.load_listener_certificates();
                     }
                 }
                 _ = sweep.tick() => {
@@ -439,21 +462,12 @@ impl Control {
     fn changed_certificate_file(&mut self) -> Option<std::path::PathBuf> {
         let snapshot = self.snapshot.load();
         let files = snapshot.listener.tls.as_ref()?;
-        let mut changed = None;
-        for (cert, key) in &files.certificates {
-            for file in [cert, key].map(std::path::PathBuf::from) {
-                let current = Fingerprint::of(&file);
-                let known = self
-                    .certificate_fingerprints
-                    .entry(file.clone())
-                    .or_insert_with(|| current.clone());
-                if *known != current {
-                    *known = current;
-                    changed.get_or_insert(file);
-                }
-            }
-        }
-        changed
+        let paths = files
+            .certificates
+            .iter()
+            .flat_map(|(cert, key)| [cert, key])
+            .map(std::path::PathBuf::from);
+        first_changed(&mut self.certificate_fingerprints, paths)
     }
 
     /// Serves the current snapshot's listener certificates from the next handshake on; a
@@ -476,23 +490,11 @@ impl Control {
     /// The first plugin module file whose fingerprint changed since it was last seen.
     fn changed_plugin_file(&mut self) -> Option<std::path::PathBuf> {
         let snapshot = self.snapshot.load();
-        let mut changed = None;
-        for file in snapshot
+        let paths = snapshot
             .plugins
             .values()
-            .filter_map(|p| p.source_file.as_ref())
-        {
-            let current = Fingerprint::of(file);
-            let known = self
-                .plugin_fingerprints
-                .entry(file.clone())
-                .or_insert_with(|| current.clone());
-            if *known != current {
-                *known = current;
-                changed.get_or_insert_with(|| file.clone());
-            }
-        }
-        changed
+            .filter_map(|p| p.source_file.clone());
+        first_changed(&mut self.plugin_fingerprints, paths)
     }
 
     /// Starts loading the source again on the blocking pool: reading, translating,

@@ -222,6 +222,20 @@ impl ControlPlane {
             .unwrap()
     }
 
+    /// Starts it again after [`ControlPlane::kill`] and waits until it answers.
+    pub async fn respawn(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Applies [`gateway`] on `port` routed to `backend` and waits until `proxy` routes
+    /// there.
+    pub async fn route_to(&self, proxy: &Proxy, port: u16, backend: &Backend) {
+        let applied = self.apply(&gateway(port, backend, ""), &[]);
+        assert!(applied.status.success(), "{}", stderr(&applied));
+        wait_routes_to(proxy, &backend.control.name).await;
+    }
+
     pub async fn wait_ready(&self) {
         eventually("the control plane answers", || async {
             let Some(client) = api_client(&self.bundle_file(), None) else {

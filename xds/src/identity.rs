@@ -155,6 +155,21 @@ pub struct CertificateFacts {
     pub public_key_der: Vec<u8>,
 }
 
+impl Default for CertificateFacts {
+    /// No certificate: no names, valid never (its validity is the Unix epoch).
+    fn default() -> Self {
+        CertificateFacts {
+            spiffe_ids: Vec::new(),
+            uris: Vec::new(),
+            subject: String::new(),
+            dns_names: Vec::new(),
+            not_before: SystemTime::UNIX_EPOCH,
+            not_after: SystemTime::UNIX_EPOCH,
+            public_key_der: Vec::new(),
+        }
+    }
+}
+
 impl CertificateFacts {
     /// Reads a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<CertificateFacts, IdentityError> {

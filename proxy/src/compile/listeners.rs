@@ -189,8 +189,6 @@ pub(super) fn listener_spec(
     Ok((spec, hcm))
 }
 
-/// The resource limits of plugin filter `filter` from the listener's `nip.plugin_limits`
-/// metadata; defaults for a plugin (or a field) it does not mention.
 /// The signature a plugin filter's module must carry, when the listener says modules must
 /// be signed (`nip.plugin_signing.trusted_keys`, added by a control plane for a tenant
 /// whose admin requires it).
@@ -252,6 +250,8 @@ pub(super) fn plugin_signature(
     }))
 }
 
+/// The resource limits of plugin filter `filter` from the listener's `nip.plugin_limits`
+/// metadata; defaults for a plugin (or a field) it does not mention.
 pub(super) fn plugin_limits(listener: &Listener, filter: &str) -> Result<ResourceLimits, String> {
     use envoy_types::pb::google::protobuf::value::Kind;
     let mut limits = ResourceLimits::default();

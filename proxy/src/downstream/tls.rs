@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! handshake ──rustls (WebPKI client verifier: chain to client_ca_file)──▶ verified or refused
-//!     └─ handshake_complete_callback ──▶ PeerCertificate {uris, dns, subject} in the
-//!        connection's SslDigest extension ──▶ every request on it (plugins, access log)
+//!     └─ handshake_complete_callback ──▶ VerifiedPeer {certificate, request counter} in
+//!        the connection's SslDigest extension ──▶ every request on it (plugins, access
+//!        log, metrics)
 //! ```
 //!
 //! With `require_client_certificate` a client without a verified certificate is refused
@@ -20,17 +21,29 @@ use nip_xds::identity::CertificateFacts;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
+use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// What a client's verified certificate says about it (the plugins' type, so requests
 /// hand it on as is).
 pub use nip_filters::host::PeerCertificate;
+
+/// The verified client of a mutual TLS connection, recorded once per connection: its
+/// certificate, shared as is with the plugins of every request on the connection, and the
+/// counter of its requests, looked up by its first request (later ones only increment it).
+#[derive(Debug)]
+pub struct VerifiedPeer {
+    /// What the certificate says about the client.
+    pub certificate: Arc<PeerCertificate>,
+    /// `nip_downstream_peer_requests_total{peer}` for this client, once known.
+    pub requests: OnceLock<Counter>,
+}
 
 /// Records the client certificate after each handshake.
 struct RecordPeer;
@@ -43,10 +56,13 @@ impl TlsAccept for RecordPeer {
     ) -> Option<Arc<dyn Any + Send + Sync>> {
         // Only verified certificates reach here: the verifier refused the rest.
         let facts = CertificateFacts::from_der(tls.peer_certificate_der()?).ok()?;
-        Some(Arc::new(PeerCertificate {
-            uris: facts.uris,
-            dns_names: facts.dns_names,
-            subject: facts.subject,
+        Some(Arc::new(VerifiedPeer {
+            certificate: Arc::new(PeerCertificate {
+                uris: facts.uris,
+                dns_names: facts.dns_names,
+                subject: facts.subject,
+            }),
+            requests: OnceLock::new(),
         }))
     }
 }

@@ -117,16 +117,14 @@ impl Gateway {
     }
 }
 
-/// The client's verified certificate, on a mutual TLS connection.
-pub(crate) fn peer_certificate(
-    session: &Session,
-) -> Option<&crate::downstream::tls::PeerCertificate> {
+/// The verified client, on a mutual TLS connection.
+fn verified_peer(session: &Session) -> Option<&crate::downstream::tls::VerifiedPeer> {
     session
         .digest()?
         .ssl_digest
         .as_ref()?
         .extension
-        .get::<crate::downstream::tls::PeerCertificate>()
+        .get::<crate::downstream::tls::VerifiedPeer>()
 }
 
 impl Gateway {
@@ -156,7 +154,7 @@ impl Gateway {
                 source: session.client_addr().and_then(|a| a.as_inet()).copied(),
                 destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
                 tls,
-                peer_certificate: peer_certificate(session).map(|p| Arc::new(p.clone())),
+                peer_certificate: verified_peer(session).map(|p| Arc::clone(&p.certificate)),
                 route_name: ctx
                     .route
                     .as_ref()
@@ -808,8 +806,11 @@ impl ProxyHttp for Gateway {
             }
             None => snapshot.unrouted.count(status),
         }
-        if let Some(peer) = peer_certificate(session).filter(|p| !p.uri().is_empty()) {
-            self.metrics.count_peer_request(peer.uri());
+        let peer = verified_peer(session);
+        if let Some(peer) = peer.filter(|p| !p.certificate.uri().is_empty()) {
+            peer.requests
+                .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
+                .inc();
         }
         let Some(log) = &snapshot.access_log else {
             return;
@@ -856,7 +857,7 @@ impl ProxyHttp for Gateway {
             route: ctx.route.as_ref().map_or("", |r| &r.name),
             cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
             upstream_host: &upstream,
-            peer_uri_san: peer_certificate(session).map_or("", |p| p.uri()),
+            peer_uri_san: peer.map_or("", |p| p.certificate.uri()),
         });
     }
 }

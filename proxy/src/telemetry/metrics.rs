@@ -696,13 +696,13 @@ impl Metrics {
             .clone()
     }
 
-    /// Counts one request from a client that proved `peer` (its certificate's URI SAN).
-    pub fn count_peer_request(&self, peer: &str) {
+    /// The request counter of clients that proved `peer` (their certificate's URI SAN).
+    pub fn peer_requests(&self, peer: &str) -> Counter {
         self.downstream_peer_requests
             .get_or_create(&PeerLabels {
                 peer: peer.to_string(),
             })
-            .inc();
+            .clone()
     }
 
     /// Counts one health check probe.

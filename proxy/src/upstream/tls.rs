@@ -12,7 +12,6 @@ use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use std::sync::Arc;
 
 /// How a cluster's connections are secured.
-#[derive(Clone)]
 pub struct UpstreamTls {
     /// The name the endpoint's certificate must carry, sent as SNI (`None`: the endpoint's
     /// host name, or its IP address for an IP endpoint).
@@ -30,24 +29,6 @@ impl std::fmt::Debug for UpstreamTls {
             .field("roots", &self.roots.as_ref().map(|r| r.len()))
             .field("client", &self.client.is_some())
             .finish()
-    }
-}
-
-impl PartialEq for UpstreamTls {
-    fn eq(&self, other: &Self) -> bool {
-        let roots = |t: &UpstreamTls| {
-            t.roots.as_ref().map(|r| {
-                r.iter()
-                    .map(|c| c.borrow_raw_cert().clone())
-                    .collect::<Vec<_>>()
-            })
-        };
-        let client = |t: &UpstreamTls| {
-            t.client
-                .as_ref()
-                .map(|c| (c.key().clone(), c.leaf().borrow_raw_cert().clone()))
-        };
-        self.sni == other.sni && roots(self) == roots(other) && client(self) == client(other)
     }
 }
 
