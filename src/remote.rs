@@ -5,7 +5,8 @@
 //!
 //! Every call carries a bearer token, the first found of: `--token-file`, `$NIP_TOKEN`,
 //! `~/.config/nip/token`, and the admin token file a control plane on this machine wrote
-//! (its default place). The token is never printed.
+//! (its default place; sent only to a control plane URL on this machine). The token is
+//! never printed.
 
 use serde_json::{json, Value};
 use std::path::Path;
