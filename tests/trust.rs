@@ -801,7 +801,7 @@ async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_uns
 }
 
 /// A CA, a server certificate for 127.0.0.1 and client certificates made by openssl in
-/// `dir`: `ca.crt`; `server.crt/key`; `client.crt/key` (URI SAN
+/// `dir`: `ca.crt`; `server.crt/key` (IP 127.0.0.1, URI SAN spiffe://nip.local/node/server-1); `client.crt/key` (URI SAN
 /// spiffe://nip.local/node/client-1, signed by the CA); `rogue.crt/key` (self-signed).
 fn openssl_pki(dir: &std::path::Path) {
     let run = |args: &[&str]| {
@@ -832,7 +832,11 @@ fn openssl_pki(dir: &std::path::Path) {
     ]);
     run(&ca);
     for (name, san, usage) in [
-        ("server", "IP:127.0.0.1", "serverAuth"),
+        (
+            "server",
+            "IP:127.0.0.1,URI:spiffe://nip.local/node/server-1",
+            "serverAuth",
+        ),
         (
             "client",
             "URI:spiffe://nip.local/node/client-1",
@@ -1086,11 +1090,36 @@ async fn a_service_over_mutual_tls_is_reached_only_when_both_identities_verify()
     );
     drop(proxy);
 
+    // The identity asked for by URI SAN (a SPIFFE ID): the name sent as SNI is then not
+    // checked, as in Envoy.
+    let identity = |san_type: &str, matcher: &str| {
+        format!(
+            "{mutual}, sni: \"other.example\", match_typed_subject_alt_names: [{{ san_type: {san_type}, matcher: {{ {matcher} }} }}]"
+        )
+    };
+    for matcher in [
+        "exact: \"spiffe://nip.local/node/server-1\"",
+        "prefix: \"spiffe://nip.local/\"",
+        "regex: \"spiffe://nip[.]local/node/server-[0-9]+\"",
+    ] {
+        let proxy = Proxy::start(&config(&identity("URI", matcher))).await;
+        let answer = client().get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(answer.status(), 200, "{matcher}");
+    }
+
     // The wrong identity or the wrong roots: the proxy's own check fails the handshake,
     // 503 UF, counted as a TLS failure.
     for (why, tls) in [
         ("another name", format!("{mutual}, sni: \"other.example\"")),
         ("other roots", mutual.replace("ca.crt", "rogue.crt")),
+        (
+            "another SPIFFE ID",
+            identity("URI", "exact: \"spiffe://nip.local/node/server-2\""),
+        ),
+        (
+            "a DNS name it does not have",
+            identity("DNS", "exact: \"server-1\""),
+        ),
     ] {
         let proxy = Proxy::start(&config(&tls)).await;
         let refused = client().get(proxy.url("/")).send().await.unwrap();

@@ -1396,10 +1396,17 @@ fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
                     ..Default::default()
                 })
                 .collect(),
-            validation_context_type: tls.ca_file.as_ref().map(|ca| {
+            validation_context_type: (tls.ca_file.is_some()
+                || !tls.match_typed_subject_alt_names.is_empty())
+            .then(|| {
                 common_tls_context::ValidationContextType::ValidationContext(
                     CertificateValidationContext {
-                        trusted_ca: Some(file(ca)),
+                        trusted_ca: tls.ca_file.as_ref().map(file),
+                        match_typed_subject_alt_names: tls
+                            .match_typed_subject_alt_names
+                            .iter()
+                            .map(subject_alt_name_matcher)
+                            .collect(),
                         ..Default::default()
                     },
                 )
@@ -1411,6 +1418,42 @@ fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
     TransportSocket {
         name: names::TLS_TRANSPORT_SOCKET.to_string(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+    }
+}
+
+/// One `match_typed_subject_alt_names` entry as Envoy's `SubjectAltNameMatcher`.
+fn subject_alt_name_matcher(
+    san: &crate::config::SubjectAltNameMatcherConfig,
+) -> envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        string_matcher::MatchPattern, RegexMatcher, StringMatcher,
+    };
+    let m = &san.matcher;
+    let pattern = if let Some(v) = &m.exact {
+        MatchPattern::Exact(v.clone())
+    } else if let Some(v) = &m.prefix {
+        MatchPattern::Prefix(v.clone())
+    } else if let Some(v) = &m.suffix {
+        MatchPattern::Suffix(v.clone())
+    } else if let Some(v) = &m.contains {
+        MatchPattern::Contains(v.clone())
+    } else {
+        MatchPattern::SafeRegex(RegexMatcher {
+            regex: m.regex.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    };
+    envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher {
+        san_type: match san.san_type {
+            crate::config::SanTypeConfig::Uri => SanType::Uri,
+            crate::config::SanTypeConfig::Dns => SanType::Dns,
+        } as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(pattern),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

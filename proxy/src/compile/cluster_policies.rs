@@ -535,19 +535,11 @@ pub(super) fn ring_size(xds: &XdsCluster) -> Result<RingSize, String> {
     Ok(size)
 }
 
-/// Where a cluster's TLS material is (`transport_socket` with an `UpstreamTlsContext`),
-/// read from the resource alone; the files are read by `prepare`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct UpstreamTlsFiles {
-    /// `sni` (`None` when empty).
-    pub sni: Option<String>,
-    /// `validation_context.trusted_ca` (a filename).
-    pub ca_file: Option<String>,
-    /// `tls_certificates[0]`: certificate chain and private key filenames.
-    pub client: Option<(String, String)>,
-}
-
-pub(super) fn upstream_tls_files(xds: &XdsCluster) -> Result<Option<UpstreamTlsFiles>, String> {
+/// A cluster's TLS settings (`transport_socket` with an `UpstreamTlsContext`), read from
+/// the resource alone; the files are read by `prepare`.
+pub(super) fn upstream_tls_settings(
+    xds: &XdsCluster,
+) -> Result<Option<crate::upstream::tls::UpstreamTlsSettings>, String> {
     use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket};
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         common_tls_context::ValidationContextType, UpstreamTlsContext,
@@ -585,12 +577,27 @@ pub(super) fn upstream_tls_files(xds: &XdsCluster) -> Result<Option<UpstreamTlsF
         )),
         _ => return Err("transport_socket: one client certificate at most".into()),
     };
-    let ca_file = match &common.validation_context_type {
-        None => None,
-        Some(ValidationContextType::ValidationContext(validation)) => Some(filename(
-            &validation.trusted_ca,
-            "validation_context.trusted_ca",
-        )?),
+    let (ca_file, san_matchers) = match &common.validation_context_type {
+        None => (None, Vec::new()),
+        Some(ValidationContextType::ValidationContext(validation)) => {
+            let ca_file = match &validation.trusted_ca {
+                None => None,
+                some => Some(filename(some, "validation_context.trusted_ca")?),
+            };
+            let matchers = validation
+                .match_typed_subject_alt_names
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    san_matcher(m).map_err(|e| {
+                        format!(
+                            "transport_socket: validation_context.match_typed_subject_alt_names[{i}]: {e}"
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            (ca_file, matchers)
+        }
         Some(_) => {
             return Err("transport_socket: only an inline validation_context is supported".into())
         }
@@ -598,9 +605,52 @@ pub(super) fn upstream_tls_files(xds: &XdsCluster) -> Result<Option<UpstreamTlsF
     if !xds.health_checks.is_empty() {
         return Err("health checks of a TLS cluster are not supported yet".into());
     }
-    Ok(Some(UpstreamTlsFiles {
+    if !context.sni.is_empty() {
+        rustls::pki_types::ServerName::try_from(context.sni.as_str())
+            .map_err(|e| format!("transport_socket: sni {:?}: {e}", context.sni))?;
+    }
+    Ok(Some(crate::upstream::tls::UpstreamTlsSettings {
         sni: (!context.sni.is_empty()).then_some(context.sni),
         ca_file,
+        san_matchers,
         client,
     }))
+}
+
+/// One `SubjectAltNameMatcher`: DNS or URI names, by any `StringMatcher` but ignore-case.
+fn san_matcher(
+    matcher: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher,
+) -> Result<crate::upstream::tls::SanMatcher, String> {
+    use crate::upstream::tls::{SanMatcher, SanType, StringMatch};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType as XdsSanType;
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    let san_type = match XdsSanType::try_from(matcher.san_type) {
+        Ok(XdsSanType::Dns) => SanType::Dns,
+        Ok(XdsSanType::Uri) => SanType::Uri,
+        Ok(other) => {
+            return Err(format!(
+                "san_type {}: NIP matches DNS and URI names",
+                other.as_str_name()
+            ))
+        }
+        Err(_) => return Err(format!("san_type {} is unknown", matcher.san_type)),
+    };
+    let Some(string) = &matcher.matcher else {
+        return Err("matcher is missing".into());
+    };
+    if string.ignore_case {
+        return Err("matcher.ignore_case is not supported".into());
+    }
+    let matcher = match &string.match_pattern {
+        Some(MatchPattern::Exact(v)) => StringMatch::Exact(v.clone()),
+        Some(MatchPattern::Prefix(v)) => StringMatch::Prefix(v.clone()),
+        Some(MatchPattern::Suffix(v)) => StringMatch::Suffix(v.clone()),
+        Some(MatchPattern::Contains(v)) => StringMatch::Contains(v.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StringMatch::Regex(
+            regex::Regex::new(&format!("^(?:{})$", r.regex))
+                .map_err(|e| format!("matcher.safe_regex: {e}"))?,
+        ),
+        _ => return Err("matcher: a pattern is needed".into()),
+    };
+    Ok(SanMatcher { san_type, matcher })
 }

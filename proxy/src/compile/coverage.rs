@@ -120,7 +120,11 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
-        &["trusted_ca"],
+        &["trusted_ca", "match_typed_subject_alt_names"],
+    ),
+    (
+        "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher",
+        &["san_type", "matcher"],
     ),
     (
         "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",

@@ -142,10 +142,17 @@ pub(super) fn listener_spec(
                 .and_then(|c| c.validation_context_type.as_ref())
             {
                 None => None,
-                Some(ValidationContextType::ValidationContext(validation)) => Some(file(
-                    &validation.trusted_ca,
-                    "validation_context.trusted_ca",
-                )?),
+                Some(ValidationContextType::ValidationContext(validation)) => {
+                    if !validation.match_typed_subject_alt_names.is_empty() {
+                        return Err(fail(
+                            "tls: validation_context.match_typed_subject_alt_names is not supported on a listener (plugins see the client's names)".into(),
+                        ));
+                    }
+                    Some(file(
+                        &validation.trusted_ca,
+                        "validation_context.trusted_ca",
+                    )?)
+                }
                 Some(_) => {
                     return Err(fail(
                         "tls: only an inline validation_context is supported".into(),

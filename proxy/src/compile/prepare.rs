@@ -138,19 +138,13 @@ fn gather(
     if hosts == Hosts::Resolve {
         for xds in &resources.clusters {
             let fail = |m: String| err("Cluster", &xds.name, m);
-            let Some(files) = super::cluster_policies::upstream_tls_files(xds).map_err(fail)?
+            let Some(settings) =
+                super::cluster_policies::upstream_tls_settings(xds).map_err(fail)?
             else {
                 continue;
             };
-            let tls = crate::upstream::tls::UpstreamTls::load(
-                files.sni,
-                files.ca_file.as_deref(),
-                files
-                    .client
-                    .as_ref()
-                    .map(|(cert, key)| (cert.as_str(), key.as_str())),
-            )
-            .map_err(|e| fail(format!("transport_socket: {e}")))?;
+            let tls = crate::upstream::tls::UpstreamTls::load(settings)
+                .map_err(|e| fail(format!("transport_socket: {e}")))?;
             prepared
                 .upstream_tls
                 .insert(xds.name.clone(), Arc::new(tls));

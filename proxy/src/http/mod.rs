@@ -483,7 +483,7 @@ impl ProxyHttp for Gateway {
             endpoint.hostname.as_deref(),
             cluster,
             read_timeout,
-        )))
+        )?))
     }
 
     /// Adds x-forwarded-for/-proto and, on retries, the retry count.

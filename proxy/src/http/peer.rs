@@ -21,27 +21,33 @@ pub fn read_timeout(
 
 /// The peer of a try to `address` (named `hostname` in its cluster's endpoints, if it has
 /// a name), an endpoint of `cluster`, each read within `timeout`. Over TLS the endpoint's
-/// certificate must name the cluster's `sni`, else its host name, else its IP address.
+/// certificate must name the cluster's `sni`, else its host name, else its IP address
+/// (or carry a name the cluster's SAN matchers accept); NIP makes that connection itself
+/// ([`crate::upstream::tls`]) and pingora sees a connected stream.
 pub fn for_try(
     address: SocketAddr,
     hostname: Option<&str>,
     cluster: &Cluster,
     timeout: Option<Duration>,
-) -> HttpPeer {
-    let mut peer = match &cluster.tls {
-        None => HttpPeer::new(address, false, String::new()),
-        Some(tls) => {
-            let name = tls
-                .sni
-                .clone()
-                .or_else(|| hostname.map(str::to_string))
-                .unwrap_or_else(|| address.ip().to_string());
-            let mut peer = HttpPeer::new(address, true, name);
-            peer.options.ca = tls.roots.clone();
-            peer.client_cert_key = tls.client.clone();
-            peer
-        }
-    };
+) -> pingora::Result<HttpPeer> {
+    let mut peer = HttpPeer::new(address, false, String::new());
+    if let Some(tls) = &cluster.tls {
+        let ip;
+        let name = match (&tls.sni, hostname) {
+            (Some(sni), _) => sni.as_str(),
+            (None, Some(hostname)) => hostname,
+            (None, None) => {
+                ip = address.ip().to_string();
+                ip.as_str()
+            }
+        };
+        let connector = tls
+            .connector(name, cluster.http2, cluster.connect_timeout)
+            .map_err(|e| pingora::Error::explain(pingora::ErrorType::InvalidCert, e))?;
+        peer.options.custom_l4 = Some(connector);
+        // Pooled connections are shared only by clusters with the same TLS settings.
+        peer.group_key = tls.pool_group;
+    }
     peer.options.connection_timeout = Some(cluster.connect_timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
     // A budget already spent still gets a read timeout, not none.
@@ -49,7 +55,7 @@ pub fn for_try(
     if cluster.http2 {
         peer.options.set_http_version(2, 2);
     }
-    peer
+    Ok(peer)
 }
 
 #[cfg(test)]

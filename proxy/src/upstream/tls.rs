@@ -1,39 +1,152 @@
-//! TLS to a cluster's endpoints (Envoy's `UpstreamTlsContext`): the name the endpoint's
-//! certificate must carry (sent as SNI), the roots it must chain to, and a client
+//! TLS to a cluster's endpoints (Envoy's `UpstreamTlsContext`): the name sent as SNI, the
+//! roots the endpoint's certificate must chain to, the names it must carry
+//! (`match_typed_subject_alt_names`, URI SANs such as `spiffe://…` included), and a client
 //! certificate for mutual TLS.
+//!
+//! NIP makes these connections itself rather than through pingora's TLS connector, which
+//! verifies only a DNS name and rebuilds a rustls config for every connection: here each
+//! cluster gets its rustls configs once, when the config is compiled, and a new connection
+//! is a TCP connect and a handshake under the cluster's `connect_timeout`, handed to
+//! pingora as a connected stream ([`UpstreamTls::connector`]).
+//!
+//! ```text
+//! compile: files ──UpstreamTls::load──▶ ClientConfig (roots + SAN verifier + client cert)
+//! try:     peer::for_try ──connector(name)──▶ pingora connects through EndpointTls:
+//!          TCP ─▶ handshake (verify chain, then SANs or the name) ─▶ Stream
+//! ```
 //!
 //! Everything is read and checked when the config is compiled: a file that does not hold
 //! a certificate or key is a compile error, never a panic at connect time. A certificate
 //! that does not verify fails the try like a refused connection (503 `UF`, counted in
 //! `nip_upstream_cx_connect_fail_total` and `nip_upstream_cx_tls_fail_total`).
 
+use async_trait::async_trait;
 use nip_xds::identity::{certificates_der, CertificateFacts};
-use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+use pingora::connectors::L4Connect;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddress;
+use pingora::protocols::l4::stream::Stream;
+use pingora::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use pingora::{Error, ErrorType};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// How a cluster's connections are secured.
+/// Which kind of subject alternative name a matcher looks at (Envoy's `SubjectAltNameMatcher.san_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SanType {
+    /// A DNS name.
+    Dns,
+    /// A URI (a SPIFFE ID is one).
+    Uri,
+}
+
+/// How a name is compared (Envoy's `StringMatcher`, case-sensitive).
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    /// Equal to.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Contains.
+    Contains(String),
+    /// The whole name matches.
+    Regex(regex::Regex),
+}
+
+impl StringMatch {
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => value == s,
+            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
+            StringMatch::Contains(s) => value.contains(s.as_str()),
+            StringMatch::Regex(r) => r.is_match(value),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            StringMatch::Exact(s) => format!("exact {s}"),
+            StringMatch::Prefix(s) => format!("prefix {s}"),
+            StringMatch::Suffix(s) => format!("suffix {s}"),
+            StringMatch::Contains(s) => format!("contains {s}"),
+            StringMatch::Regex(r) => format!("regex {}", r.as_str()),
+        }
+    }
+}
+
+/// One accepted name of the endpoint's certificate (Envoy's `SubjectAltNameMatcher`).
+#[derive(Debug, Clone)]
+pub struct SanMatcher {
+    /// The kind of name.
+    pub san_type: SanType,
+    /// How it is compared.
+    pub matcher: StringMatch,
+}
+
+impl SanMatcher {
+    fn matches(&self, facts: &CertificateFacts) -> bool {
+        let names = match self.san_type {
+            SanType::Dns => &facts.dns_names,
+            SanType::Uri => &facts.uris,
+        };
+        names.iter().any(|name| self.matcher.matches(name))
+    }
+}
+
+/// What a cluster's TLS is made of, as the compiler read it from the resource.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTlsSettings {
+    /// `sni`: the name sent, and verified unless SAN matchers are given (`None`: the
+    /// endpoint's host name, or its IP address for an IP endpoint).
+    pub sni: Option<String>,
+    /// `validation_context.trusted_ca`: a PEM file of roots (`None`: the system's).
+    pub ca_file: Option<String>,
+    /// `validation_context.match_typed_subject_alt_names`: when not empty, the certificate
+    /// must carry a name one of them accepts, and the SNI name is not checked (Envoy's
+    /// semantics).
+    pub san_matchers: Vec<SanMatcher>,
+    /// `tls_certificates[0]`: certificate chain and key files, for mutual TLS.
+    pub client: Option<(String, String)>,
+}
+
+/// How a cluster's connections are secured: built once per compiled config.
 pub struct UpstreamTls {
     /// The name the endpoint's certificate must carry, sent as SNI (`None`: the endpoint's
     /// host name, or its IP address for an IP endpoint).
     pub sni: Option<String>,
-    /// The roots to trust (`None`: the system's).
-    pub roots: Option<Arc<[WrappedX509]>>,
-    /// The client certificate and key, for mutual TLS.
-    pub client: Option<Arc<CertKey>>,
+    /// Offers `http/1.1` by ALPN.
+    http1: Arc<ClientConfig>,
+    /// Offers `h2` by ALPN.
+    http2: Arc<ClientConfig>,
+    /// Tells pooled connections of different TLS settings apart (pingora sees a plaintext
+    /// peer and pools by address and this group).
+    pub pool_group: u64,
+    description: String,
 }
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamTls")
             .field("sni", &self.sni)
-            .field("roots", &self.roots.as_ref().map(|r| r.len()))
-            .field("client", &self.client.is_some())
+            .field("settings", &self.description)
             .finish()
     }
 }
 
-/// DER certificates of a PEM file, each checked to parse (pingora panics on one that
-/// does not).
+/// DER certificates of a PEM file, each checked to parse.
 fn certificates(path: &str, what: &str) -> Result<Vec<Vec<u8>>, String> {
     let pem = std::fs::read_to_string(path).map_err(|e| format!("{what} {path:?}: {e}"))?;
     let ders = certificates_der(&pem).map_err(|e| format!("{what} {path:?}: {e}"))?;
@@ -46,37 +159,309 @@ fn certificates(path: &str, what: &str) -> Result<Vec<Vec<u8>>, String> {
     Ok(ders)
 }
 
+/// The system's roots, read once per process.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    Arc::clone(ROOTS.get_or_init(|| {
+        let mut store = RootCertStore::empty();
+        let found = pingora::tls::load_native_certs().unwrap_or_else(|error| {
+            tracing::warn!(%error, "reading the system's root certificates");
+            Vec::new()
+        });
+        let (added, ignored) = store.add_parsable_certificates(found);
+        if ignored > 0 {
+            tracing::warn!(added, ignored, "some system root certificates do not parse");
+        }
+        Arc::new(store)
+    }))
+}
+
 impl UpstreamTls {
-    /// Reads and checks the files of a cluster's TLS settings.
-    pub fn load(
-        sni: Option<String>,
-        ca_file: Option<&str>,
-        client: Option<(&str, &str)>,
-    ) -> Result<UpstreamTls, String> {
-        let roots = match ca_file {
-            None => None,
+    /// Reads and checks the files of a cluster's TLS settings and builds its configs.
+    pub fn load(settings: UpstreamTlsSettings) -> Result<UpstreamTls, String> {
+        let mut group = std::collections::hash_map::DefaultHasher::new();
+        settings.sni.hash(&mut group);
+        let roots = match &settings.ca_file {
+            None => system_roots(),
             Some(path) => {
-                let roots: Vec<WrappedX509> = certificates(path, "trusted_ca")?
-                    .into_iter()
-                    .map(|der| WrappedX509::new(der, parse_x509))
-                    .collect();
-                Some(Arc::from(roots.into_boxed_slice()))
+                let mut store = RootCertStore::empty();
+                for der in certificates(path, "trusted_ca")? {
+                    der.hash(&mut group);
+                    store
+                        .add(CertificateDer::from(der))
+                        .map_err(|e| format!("trusted_ca {path:?}: {e}"))?;
+                }
+                Arc::new(store)
             }
         };
-        let client = match client {
-            None => None,
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| format!("trusted_ca: {e}"))?;
+        let san_verifier = Arc::new(SanVerifier {
+            webpki: verifier,
+            san_matchers: settings.san_matchers.clone(),
+        });
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(san_verifier);
+        let config = match &settings.client {
+            None => builder.with_no_client_auth(),
             Some((cert_file, key_file)) => {
-                let chain = certificates(cert_file, "certificate_chain")?;
+                let chain: Vec<CertificateDer<'static>> =
+                    certificates(cert_file, "certificate_chain")?
+                        .into_iter()
+                        .map(CertificateDer::from)
+                        .collect();
                 let key_pem = std::fs::read_to_string(key_file)
                     .map_err(|e| format!("private_key {key_file:?}: {e}"))?;
                 let key = {
                     use rustls::pki_types::pem::PemObject;
-                    rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                    PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                         .map_err(|e| format!("private_key {key_file:?}: {e}"))?
                 };
-                Some(Arc::new(CertKey::new(chain, key.secret_der().to_vec())))
+                for der in &chain {
+                    der.hash(&mut group);
+                }
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("certificate_chain {cert_file:?}: {e}"))?
             }
         };
-        Ok(UpstreamTls { sni, roots, client })
+        let description = format!(
+            "roots: {}, names: [{}], client certificate: {}",
+            settings.ca_file.as_deref().unwrap_or("system"),
+            settings
+                .san_matchers
+                .iter()
+                .map(|m| format!("{:?} {}", m.san_type, m.matcher.describe()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            settings.client.is_some()
+        );
+        description.hash(&mut group);
+        let with_alpn = |protocol: &[u8]| {
+            let mut config = config.clone();
+            config.alpn_protocols = vec![protocol.to_vec()];
+            Arc::new(config)
+        };
+        Ok(UpstreamTls {
+            sni: settings.sni,
+            http1: with_alpn(b"http/1.1"),
+            http2: with_alpn(b"h2"),
+            pool_group: group.finish(),
+            description,
+        })
+    }
+
+    /// What connects to one endpoint whose certificate is checked against `server_name`
+    /// (sent as SNI unless it is an IP address), within `timeout` for TCP and handshake.
+    pub fn connector(
+        self: &Arc<Self>,
+        server_name: &str,
+        http2: bool,
+        timeout: Duration,
+    ) -> Result<Arc<dyn L4Connect + Send + Sync>, String> {
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("server name {server_name:?}: {e}"))?;
+        let config = if http2 { &self.http2 } else { &self.http1 };
+        Ok(Arc::new(EndpointTls {
+            connector: pingora::tls::TlsConnector::from(Arc::clone(config)),
+            server_name,
+            timeout,
+        }))
+    }
+}
+
+/// Verifies the chain with webpki, then the names: the SAN matchers when there are any
+/// (a name mismatch with the SNI is then not an error), else the SNI name.
+#[derive(Debug)]
+struct SanVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    san_matchers: Vec<SanMatcher>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let checked = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        if self.san_matchers.is_empty() {
+            return checked;
+        }
+        match checked {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(other) => return Err(other),
+        }
+        let facts = CertificateFacts::from_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.san_matchers.iter().any(|m| m.matches(&facts)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Connects to one endpoint of a TLS cluster (pingora's custom L4 connector).
+struct EndpointTls {
+    connector: pingora::tls::TlsConnector,
+    server_name: ServerName<'static>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for EndpointTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl L4Connect for EndpointTls {
+    async fn connect(&self, address: &PeerAddress) -> pingora::Result<Stream> {
+        let PeerAddress::Inet(inet) = address else {
+            return Error::e_explain(ErrorType::ConnectError, "TLS endpoints are IP addresses");
+        };
+        let connecting = async {
+            let tcp = tokio::net::TcpStream::connect(inet).await.map_err(|e| {
+                let kind = match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+                    _ => ErrorType::ConnectError,
+                };
+                Error::because(kind, format!("connecting to {inet}"), e)
+            })?;
+            let _ = tcp.set_nodelay(true);
+            self.connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| {
+                    let kind = match e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    {
+                        Some(rustls::Error::InvalidCertificate(_)) => ErrorType::InvalidCert,
+                        _ => ErrorType::TLSHandshakeFailure,
+                    };
+                    Error::because(kind, format!("TLS handshake with {inet}"), e)
+                })
+        };
+        let tls = match tokio::time::timeout(self.timeout, connecting).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Error::e_explain(
+                    ErrorType::ConnectTimedout,
+                    format!("connecting to {inet} over TLS took over {:?}", self.timeout),
+                )
+            }
+        };
+        Ok(Stream::from(VirtualSocketStream::new(Box::new(TlsSocket(
+            tls,
+        )))))
+    }
+}
+
+/// An established TLS connection, as pingora's virtual socket.
+struct TlsSocket(pingora::tls::ClientTlsStream<tokio::net::TcpStream>);
+
+impl std::fmt::Debug for TlsSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSocket")
+            .field("peer", &self.0.get_ref().0.peer_addr().ok())
+            .finish()
+    }
+}
+
+impl VirtualSocket for TlsSocket {
+    fn set_socket_option(&self, option: VirtualSockOpt) -> std::io::Result<()> {
+        match option {
+            VirtualSockOpt::NoDelay => self.0.get_ref().0.set_nodelay(true),
+            // Keep-alive probes are the TCP stack's; the TLS layer has nothing to set.
+            _ => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for TlsSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
     }
 }

@@ -278,6 +278,52 @@ pub struct UpstreamTlsConfig {
     /// PEM client key (mutual TLS).
     #[serde(default)]
     pub key_file: Option<String>,
+    /// Names the endpoint's certificate must carry, one of them at least (Envoy's
+    /// `match_typed_subject_alt_names`): when given, `sni` is sent but not checked.
+    #[serde(default)]
+    pub match_typed_subject_alt_names: Vec<SubjectAltNameMatcherConfig>,
+}
+
+/// One accepted name of an endpoint's certificate.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectAltNameMatcherConfig {
+    /// `URI` (a SPIFFE ID is one) or `DNS`.
+    pub san_type: SanTypeConfig,
+    /// How the name is compared.
+    pub matcher: StringMatcherConfig,
+}
+
+/// The kinds of subject alternative names NIP matches.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SanTypeConfig {
+    /// A URI name.
+    #[serde(rename = "URI")]
+    Uri,
+    /// A DNS name.
+    #[serde(rename = "DNS")]
+    Dns,
+}
+
+/// A string comparison (Envoy's `StringMatcher`): exactly one field is set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatcherConfig {
+    /// Equal to.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Starts with.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Ends with.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Contains.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// The whole string matches this regex.
+    #[serde(default)]
+    pub regex: Option<String>,
 }
 
 /// An upstream service: a set of endpoints and how to use them.

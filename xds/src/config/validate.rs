@@ -307,6 +307,22 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
                 "cert_file and key_file go together (the proxy's client certificate)",
             );
         }
+        for (i, san) in tls.match_typed_subject_alt_names.iter().enumerate() {
+            let field = format!("{path}.tls.match_typed_subject_alt_names[{i}].matcher");
+            let m = &san.matcher;
+            let set = [&m.exact, &m.prefix, &m.suffix, &m.contains, &m.regex]
+                .iter()
+                .filter(|v| v.is_some())
+                .count();
+            if set != 1 {
+                errors.add(
+                    field,
+                    "set exactly one of exact, prefix, suffix, contains, regex",
+                );
+            } else if let Some(Err(e)) = m.regex.as_ref().map(|r| regex::Regex::new(r)) {
+                errors.add(format!("{field}.regex"), e.to_string());
+            }
+        }
         if let Some(sni) = &tls.sni {
             if sni.is_empty() || sni.parse::<http::uri::Authority>().is_err() || sni.contains(':') {
                 errors.add(
