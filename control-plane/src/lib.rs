@@ -224,6 +224,11 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         registry.clone(),
         options.policy.clone(),
     ));
+    if let Some((issuer, _)) = &issuer {
+        service
+            .set_trust_bundle(issuer.ca.trust_bundle_pem())
+            .await?;
+    }
     service.sync().await?;
     if let Some(path) = &options.config {
         apply_file(path, &service).await?;

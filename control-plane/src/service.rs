@@ -310,10 +310,12 @@ pub async fn validate_bounded(yaml: String) -> Result<Validated, ConfigError> {
 
 /// The serving state of one revision, labelled with its version (parsed off the async
 /// workers); a tenant whose admin requires signed plugins gets the keys added, so every
-/// proxy refuses a module they did not sign.
+/// proxy refuses a module they did not sign; the CA's trust bundle goes with every state
+/// as the SDS secret `ROOTCA`.
 async fn state_of(
     revision: &Revision,
     plugin_keys: &BTreeMap<String, Vec<String>>,
+    trust_bundle: Option<Arc<str>>,
 ) -> Result<CacheState, ConfigError> {
     let yaml = revision.yaml.clone();
     let version = revision.version.to_string();
@@ -323,6 +325,13 @@ async fn state_of(
         let mut translation = translate(&config);
         if let Some(keys) = config.tenant.as_ref().and_then(|t| plugin_keys.get(&t.id)) {
             nip_xds::translate::require_signed_plugins(&mut translation.resources, keys);
+        }
+        if let Some(pem) = trust_bundle {
+            translation
+                .resources
+                .secrets
+                .push(nip_xds::secrets::trust_bundle(&pem));
+            translation.resources.version = translation.resources.content_version();
         }
         Ok(CacheState::new(&version, &translation.resources))
     })
@@ -370,6 +379,8 @@ pub struct ConfigService {
     last_push: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// How many times the cache changed.
     pushes: std::sync::atomic::AtomicU64,
+    /// The CA's trust bundle (PEM), served to every proxy as the SDS secret `ROOTCA`.
+    trust_bundle: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 impl ConfigService {
@@ -389,7 +400,29 @@ impl ConfigService {
             policy,
             last_push: std::sync::Mutex::new(None),
             pushes: std::sync::atomic::AtomicU64::new(0),
+            trust_bundle: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Serves `pem` as the mesh's trust bundle (SDS secret `ROOTCA`) from the next sync on;
+    /// a changed bundle is pushed to every proxy even when the config did not change.
+    pub async fn set_trust_bundle(&self, pem: &str) -> Result<(), StoreError> {
+        {
+            let mut bundle = self.trust_bundle.lock().unwrap_or_else(|p| p.into_inner());
+            if bundle.as_deref() == Some(pem) {
+                return Ok(());
+            }
+            *bundle = Some(Arc::from(pem));
+        }
+        *self.served.lock().await = None;
+        self.sync().await
+    }
+
+    fn current_trust_bundle(&self) -> Option<Arc<str>> {
+        self.trust_bundle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The store (for history and events).
@@ -426,9 +459,10 @@ impl ConfigService {
         let current = self.store.current().await?;
         let canary = self.store.canary().await?;
         let plugin_keys = self.store.plugin_signing_all().await?;
+        let bundle = self.current_trust_bundle();
         let previous = self.cache.views();
         let default = match &current {
-            Some(revision) => match state_of(revision, &plugin_keys).await {
+            Some(revision) => match state_of(revision, &plugin_keys, bundle.clone()).await {
                 Ok(state) => Arc::new(state),
                 Err(e) => {
                     tracing::error!(
@@ -442,7 +476,7 @@ impl ConfigService {
         };
         let mut by_region = BTreeMap::new();
         if let Some(revision) = &canary {
-            match state_of(revision, &plugin_keys).await {
+            match state_of(revision, &plugin_keys, bundle.clone()).await {
                 Ok(state) => {
                     let region = revision.canary_region.clone().unwrap_or_default();
                     by_region.insert(region, Arc::new(state));

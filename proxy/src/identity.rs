@@ -39,9 +39,31 @@ pub struct Credentials {
     pub bundle_pem: String,
     /// What the leaf says.
     pub facts: CertificateFacts,
+    /// The chain and key ready for rustls (`None` before the proxy joined).
+    pub certified_key: Option<Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl Credentials {
+    /// Credentials from PEM text; the chain and key are parsed for TLS once, here.
+    fn new(
+        chain_pem: String,
+        key_pem: String,
+        bundle_pem: String,
+        facts: CertificateFacts,
+    ) -> Credentials {
+        let certified_key = certified_key(&chain_pem, &key_pem)
+            .map_err(|e| tracing::warn!("the workload certificate cannot serve TLS: {e}"))
+            .ok()
+            .map(Arc::new);
+        Credentials {
+            chain_pem,
+            key_pem,
+            bundle_pem,
+            facts,
+            certified_key,
+        }
+    }
+
     /// The SPIFFE ID the certificate names.
     pub fn spiffe_id(&self) -> Option<&SpiffeId> {
         self.facts.spiffe_id()
@@ -134,6 +156,7 @@ impl WorkloadIdentity {
             key_pem: String::new(),
             bundle_pem: bundle,
             facts: CertificateFacts::default(),
+            certified_key: None,
         };
         let identity = WorkloadIdentity {
             current: ArcSwap::from_pointee(saved.unwrap_or(placeholder)),
@@ -185,17 +208,18 @@ impl WorkloadIdentity {
         let names_this_node = facts
             .spiffe_id()
             .is_some_and(|id| id.node_id() == Some(node_id));
-        names_this_node.then_some(Credentials {
-            chain_pem,
-            key_pem,
-            bundle_pem,
-            facts,
-        })
+        names_this_node.then(|| Credentials::new(chain_pem, key_pem, bundle_pem, facts))
     }
 
     /// The certificate in use now.
     pub fn current(&self) -> Arc<Credentials> {
         self.current.load_full()
+    }
+
+    /// The workload certificate as a rustls client certificate that follows renewals (a
+    /// cluster's mesh mutual TLS, SDS secret `default`).
+    pub fn client_certificate(self: &Arc<Self>) -> Arc<dyn rustls::client::ResolvesClientCert> {
+        Arc::new(WorkloadClientCertificate(Arc::clone(self)))
     }
 
     /// TLS settings for each xDS connection: the current bundle and certificate.
@@ -279,12 +303,7 @@ impl WorkloadIdentity {
                 self.node_id
             ));
         }
-        let credentials = Credentials {
-            chain_pem,
-            key_pem: made.key_pem,
-            bundle_pem,
-            facts,
-        };
+        let credentials = Credentials::new(chain_pem, made.key_pem, bundle_pem, facts);
         if let Some(dir) = &self.dir {
             let saved = std::fs::create_dir_all(dir)
                 .and_then(|()| write_private(&dir.join("key.pem"), &credentials.key_pem))
@@ -359,4 +378,34 @@ fn parse_certificates(pem: &str) -> Result<Vec<ureq::tls::Certificate<'static>>,
         return Err("no certificate in the PEM".into());
     }
     Ok(certificates)
+}
+
+/// A chain and key in PEM, ready for rustls.
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<rustls::sign::CertifiedKey, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+    rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map_err(|e| e.to_string())
+}
+
+/// The current workload certificate, each handshake (renewals apply to new connections).
+#[derive(Debug)]
+struct WorkloadClientCertificate(Arc<WorkloadIdentity>);
+
+impl rustls::client::ResolvesClientCert for WorkloadClientCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.current().certified_key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }

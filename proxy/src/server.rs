@@ -113,7 +113,10 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        identity: None,
     };
+    // The workload identity, when following a control plane with its CA.
+    let mut workload_identity = None;
     let ads_target = nip_xds::translate::ads_target(&translation.bootstrap);
     let (snapshot, feed) = match &ads_target {
         None => (
@@ -147,6 +150,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
                     None
                 }
             };
+            workload_identity = identity.clone();
             let (first, feed) = XdsFeed::start(
                 target,
                 crate::config_source::ads::FeedParts {
@@ -193,17 +197,27 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let status = Arc::new(ProxyStatus::default());
     let swapped = feed.map(|feed| feed.running_on(&snapshot));
 
-    // The listener's certificates: a resolver the control thread refreshes on reloads and
-    // certificate file changes (the listener itself is bound once).
+    // The listener's certificates and client roots: the control thread replaces them on
+    // reloads, certificate file changes, renewals of the workload certificate and pushes of
+    // the trust bundle (the listener itself is bound once).
     let listener_certificates = match &listener.tls {
-        Some(files) => Some(Arc::new(crate::downstream::tls::SniResolver::new(
-            crate::downstream::tls::CertificateSet::load(&files.certificates)
-                .map_err(StartError::Tls)?,
+        Some(tls) => Some(Arc::new(crate::downstream::tls::SniResolver::new(
+            listener_certificate_set(tls, workload_identity.as_ref()).map_err(StartError::Tls)?,
         ))),
         None => None,
     };
+    let client_verifier = match (&listener.tls, &snapshot.load().listener_client_roots) {
+        (Some(tls), Some(roots)) => Some(Arc::new(
+            crate::downstream::tls::ClientVerifier::new(roots, tls.require_client_certificate)
+                .map_err(StartError::Tls)?,
+        )),
+        _ => None,
+    };
     let control = Control {
         listener_certificates: listener_certificates.clone(),
+        client_verifier: client_verifier.clone(),
+        workload_certificate: workload_identity.as_ref().map(|i| i.current()),
+        identity: workload_identity,
         certificate_fingerprints: Default::default(),
         source: options.source.clone(),
         snapshot: Arc::clone(&snapshot),
@@ -270,13 +284,9 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         read: Some(read_buffer),
         write: None,
     });
-    if let (Some(files), Some(certificates)) = (&listener.tls, listener_certificates) {
-        let tls = crate::downstream::tls::settings(&crate::downstream::tls::ListenerTls {
-            certificates,
-            client_ca_file: files.client_ca_file.as_deref(),
-            require_client_certificate: files.require_client_certificate,
-        })
-        .map_err(StartError::Tls)?;
+    if let Some(certificates) = &listener_certificates {
+        let tls = crate::downstream::tls::settings(certificates, client_verifier.as_ref())
+            .map_err(StartError::Tls)?;
         endpoint = endpoint.tls(tls);
     }
     service.add_listener(endpoint);
@@ -285,6 +295,22 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
+}
+
+/// The certificates a listener serves: its files, or the proxy's workload certificate.
+fn listener_certificate_set(
+    tls: &crate::compile::TlsFiles,
+    identity: Option<&Arc<crate::identity::WorkloadIdentity>>,
+) -> Result<crate::downstream::tls::CertificateSet, String> {
+    if !tls.workload_certificate {
+        return crate::downstream::tls::CertificateSet::load(&tls.certificates);
+    }
+    match identity {
+        Some(identity) => Ok(crate::downstream::tls::CertificateSet::workload(
+            identity.current().certified_key.clone(),
+        )),
+        None => Err("the listener serves the workload certificate, and this proxy has none (control_plane.ca_file makes it join the mesh)".into()),
+    }
 }
 
 /// Where compiled plugin code is cached across restarts.
@@ -335,6 +361,12 @@ struct Control {
     swapped: Option<tokio::sync::mpsc::UnboundedReceiver<()>>,
     /// The listener's certificates, replaced live (`None`: no TLS).
     listener_certificates: Option<Arc<crate::downstream::tls::SniResolver>>,
+    /// The listener's client roots, replaced live (`None`: clients are not verified).
+    client_verifier: Option<Arc<crate::downstream::tls::ClientVerifier>>,
+    /// The proxy's workload identity (when following a control plane with its CA).
+    identity: Option<Arc<crate::identity::WorkloadIdentity>>,
+    /// The workload certificate the listener was last given.
+    workload_certificate: Option<Arc<crate::identity::Credentials>>,
     /// Each listener certificate or key file as last seen.
     certificate_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
 }
@@ -434,6 +466,8 @@ impl Control {
                     if let Some(file) = self.changed_certificate_file() {
                         tracing::info!("listener certificate {} changed", file.display());
                         self.load_listener_certificates();
+                    } else if self.workload_certificate_renewed() {
+                        self.load_listener_certificates();
                     }
                     if follows_control_plane {
                         continue;
@@ -470,19 +504,42 @@ impl Control {
         first_changed(&mut self.certificate_fingerprints, paths)
     }
 
-    /// Serves the current snapshot's listener certificates from the next handshake on; a
-    /// set that cannot be read leaves the one in use.
+    /// Whether the workload certificate changed since the listener was last given it.
+    fn workload_certificate_renewed(&mut self) -> bool {
+        let Some(identity) = &self.identity else {
+            return false;
+        };
+        let current = identity.current();
+        let renewed = self
+            .workload_certificate
+            .as_ref()
+            .is_none_or(|seen| !Arc::ptr_eq(seen, &current));
+        self.workload_certificate = Some(current);
+        renewed
+    }
+
+    /// Serves the current snapshot's listener certificates and client roots from the next
+    /// handshake on; a set that cannot be read leaves the one in use.
     fn load_listener_certificates(&self) {
-        let (Some(resolver), Some(files)) = (
-            &self.listener_certificates,
-            self.snapshot.load().listener.tls.clone(),
-        ) else {
+        let snapshot = self.snapshot.load();
+        let Some(tls) = &snapshot.listener.tls else {
             return;
         };
-        match crate::downstream::tls::CertificateSet::load(&files.certificates) {
-            Ok(set) => resolver.replace(set),
-            Err(e) => {
-                tracing::error!("listener certificates not replaced, the old ones serve on: {e}")
+        if let Some(resolver) = &self.listener_certificates {
+            match listener_certificate_set(tls, self.identity.as_ref()) {
+                Ok(set) => resolver.replace(set),
+                Err(e) => {
+                    tracing::error!(
+                        "listener certificates not replaced, the old ones serve on: {e}"
+                    )
+                }
+            }
+        }
+        if let (Some(verifier), Some(roots)) =
+            (&self.client_verifier, &snapshot.listener_client_roots)
+        {
+            if let Err(e) = verifier.replace(roots) {
+                tracing::error!("listener client roots not replaced, the old ones verify on: {e}")
             }
         }
     }
@@ -523,6 +580,7 @@ impl Control {
                     registry: &registry,
                     metrics: &metrics,
                     previous_access_log: previous.access_log.clone(),
+                    identity: None,
                 };
                 compiler
                     .build(&plugins, &t.bootstrap, &t.resources)
@@ -553,9 +611,13 @@ impl Control {
                     (
                         l.address,
                         l.h2c,
-                        l.tls
-                            .as_ref()
-                            .map(|t| (t.client_ca_file.clone(), t.require_client_certificate)),
+                        l.tls.as_ref().map(|t| {
+                            (
+                                t.client_roots.is_some(),
+                                t.require_client_certificate,
+                                t.workload_certificate,
+                            )
+                        }),
                     )
                 };
                 if bound(&snapshot.listener) != bound(&current.listener) {

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The client subscribes to every Cluster and Listener, then to the ClusterLoadAssignments
-//! its clusters need and the RouteConfigurations its listeners name. A response replaces the
+//! its clusters need, the RouteConfigurations its listeners name and the Secrets (SDS) both
+//! name (but the workload certificate, which the proxy resolves itself). A response replaces the
 //! resources of its type (all of them for Listener/Cluster, the named ones for Route/
 //! Endpoint); once every listener has its routes and every cluster its endpoints, the whole
 //! set goes to the sink — the same compiler the file config goes through. The sink's
@@ -16,7 +17,9 @@
 //! with exponential back-off and jitter (10 ms → 15 s), resubscribing with the versions it
 //! holds.
 
-use crate::resources::{ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use crate::resources::{
+    ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
+};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -25,6 +28,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager, HttpConnectionManager,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
@@ -53,6 +57,7 @@ struct Received {
     routes: BTreeMap<String, RouteConfiguration>,
     clusters: BTreeMap<String, Cluster>,
     endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    secrets: BTreeMap<String, Secret>,
     versions: BTreeMap<String, String>,
 }
 
@@ -94,6 +99,13 @@ impl Received {
             .collect()
     }
 
+    /// Secrets the listeners and clusters name, to ask the server for.
+    fn secret_names(&self) -> BTreeSet<String> {
+        let listeners: Vec<Listener> = self.listeners.values().cloned().collect();
+        let clusters: Vec<Cluster> = self.clusters.values().cloned().collect();
+        crate::secrets::to_fetch(&listeners, &clusters)
+    }
+
     /// Replaces the resources of `response`'s type; a resource that does not decode is an
     /// error naming it.
     fn absorb(&mut self, response: &DiscoveryResponse) -> Result<(), String> {
@@ -122,6 +134,9 @@ impl Received {
                 .extend(decode_all(response, |e: &ClusterLoadAssignment| {
                     e.cluster_name.clone()
                 })?),
+            SECRET_TYPE => self
+                .secrets
+                .extend(decode_all(response, |s: &Secret| s.name.clone())?),
             other => return Err(format!("unexpected type {other:?}")),
         }
         Ok(())
@@ -132,10 +147,12 @@ impl Received {
     fn complete_set(&self) -> Option<ResourceSet> {
         let route_names = self.route_names();
         let endpoint_names = self.endpoint_names();
+        let secret_names = self.secret_names();
         if !route_names.iter().all(|n| self.routes.contains_key(n))
             || !endpoint_names
                 .iter()
                 .all(|n| self.endpoints.contains_key(n))
+            || !secret_names.iter().all(|n| self.secrets.contains_key(n))
         {
             return None;
         }
@@ -149,6 +166,10 @@ impl Received {
             endpoints: endpoint_names
                 .iter()
                 .filter_map(|n| self.endpoints.get(n).cloned())
+                .collect(),
+            secrets: secret_names
+                .iter()
+                .filter_map(|n| self.secrets.get(n).cloned())
                 .collect(),
             version: String::new(),
         };
@@ -272,8 +293,7 @@ impl<S: ResourceSink> AdsClient<S> {
             .await
             .map_err(|e| format!("open: {e}"))?
             .into_inner();
-        let mut subscribed_routes = BTreeSet::new();
-        let mut subscribed_endpoints = BTreeSet::new();
+        let mut subscribed = Subscribed::default();
         let mut handled_any = false;
         loop {
             let response = match responses.message().await {
@@ -301,11 +321,7 @@ impl<S: ResourceSink> AdsClient<S> {
                     self.received
                         .versions
                         .insert(type_url.clone(), response.version_info.clone());
-                    self.request(
-                        &type_url,
-                        subscribed_names(&type_url, &subscribed_routes, &subscribed_endpoints),
-                        &response.nonce,
-                    )
+                    self.request(&type_url, subscribed.names(&type_url), &response.nonce)
                 }
                 Err(reason) => {
                     tracing::warn!(%type_url, version = %response.version_info, "xDS NACK: {reason}");
@@ -315,46 +331,61 @@ impl<S: ResourceSink> AdsClient<S> {
                             message: reason,
                             ..Default::default()
                         }),
-                        ..self.request(
-                            &type_url,
-                            subscribed_names(&type_url, &subscribed_routes, &subscribed_endpoints),
-                            &response.nonce,
-                        )
+                        ..self.request(&type_url, subscribed.names(&type_url), &response.nonce)
                     }
                 }
             };
             send(reply).await?;
             // Follow what the accepted listeners and clusters need.
-            let routes = self.received.route_names();
-            if routes != subscribed_routes {
-                subscribed_routes = routes;
-                send(self.request(ROUTE_TYPE, subscribed_routes.iter().cloned().collect(), ""))
-                    .await?;
-            }
-            let endpoints = self.received.endpoint_names();
-            if endpoints != subscribed_endpoints {
-                subscribed_endpoints = endpoints;
-                send(self.request(
-                    ENDPOINT_TYPE,
-                    subscribed_endpoints.iter().cloned().collect(),
-                    "",
-                ))
-                .await?;
+            for (type_url, names) in [
+                (SECRET_TYPE, self.received.secret_names()),
+                (ROUTE_TYPE, self.received.route_names()),
+                (ENDPOINT_TYPE, self.received.endpoint_names()),
+            ] {
+                if subscribed.replace(type_url, &names) {
+                    send(self.request(type_url, names.into_iter().collect(), "")).await?;
+                }
             }
         }
     }
 }
 
-/// The names a request of `type_url` carries: none (wildcard) for Listener and Cluster.
-fn subscribed_names(
-    type_url: &str,
-    routes: &BTreeSet<String>,
-    endpoints: &BTreeSet<String>,
-) -> Vec<String> {
-    match type_url {
-        ROUTE_TYPE => routes.iter().cloned().collect(),
-        ENDPOINT_TYPE => endpoints.iter().cloned().collect(),
-        _ => Vec::new(),
+/// The names subscribed to, per named type (Listener and Cluster are wildcards).
+#[derive(Debug, Default)]
+struct Subscribed {
+    routes: BTreeSet<String>,
+    endpoints: BTreeSet<String>,
+    secrets: BTreeSet<String>,
+}
+
+impl Subscribed {
+    fn of(&mut self, type_url: &str) -> Option<&mut BTreeSet<String>> {
+        match type_url {
+            ROUTE_TYPE => Some(&mut self.routes),
+            ENDPOINT_TYPE => Some(&mut self.endpoints),
+            SECRET_TYPE => Some(&mut self.secrets),
+            _ => None,
+        }
+    }
+
+    /// The names a request of `type_url` carries: none (wildcard) for Listener and Cluster.
+    fn names(&mut self, type_url: &str) -> Vec<String> {
+        self.of(type_url)
+            .map(|names| names.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes `names` for `type_url`; whether they differ from what was subscribed (a
+    /// secret subscription starts only once something names a secret).
+    fn replace(&mut self, type_url: &str, names: &BTreeSet<String>) -> bool {
+        let Some(current) = self.of(type_url) else {
+            return false;
+        };
+        if current == names {
+            return false;
+        }
+        *current = names.clone();
+        true
     }
 }
 

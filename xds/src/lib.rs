@@ -18,6 +18,8 @@
 //! * [`identity`] names workloads (SPIFFE IDs), makes a proxy's key and CSR, and reads what
 //!   a certificate says about its holder.
 //! * [`resources`] groups one consistent set of resources under one content version.
+//! * [`secrets`] names TLS material (SDS): which secrets listeners and clusters use, and
+//!   the one a proxy resolves itself (its workload certificate).
 //! * [`client`] keeps a proxy's resource set in step with any ADS server, ACKing what the
 //!   proxy's compiler accepts and NACKing the rest with the reason.
 //! * [`server`] serves resource sets to any xDS client over ADS: a snapshot cache with
@@ -34,6 +36,7 @@ pub mod identity;
 pub mod json;
 pub mod resources;
 pub mod schema;
+pub mod secrets;
 pub mod server;
 #[cfg(test)]
 mod test_support;

@@ -4,6 +4,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
@@ -14,6 +15,9 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// Type URL of `envoy.config.cluster.v3.Cluster` (CDS).
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of `envoy.extensions.transport_sockets.tls.v3.Secret` (SDS).
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// Type URL of `envoy.config.endpoint.v3.ClusterLoadAssignment` (EDS).
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -99,6 +103,8 @@ pub struct ResourceSet {
     pub clusters: Vec<Cluster>,
     /// EDS resources.
     pub endpoints: Vec<ClusterLoadAssignment>,
+    /// SDS resources: the secrets listeners and clusters name ([`crate::secrets`]).
+    pub secrets: Vec<Secret>,
 }
 
 impl ResourceSet {
@@ -116,6 +122,9 @@ impl ResourceSet {
         }
         for e in &self.endpoints {
             hash.write(&e.encode_to_vec());
+        }
+        for s in &self.secrets {
+            hash.write(&s.encode_to_vec());
         }
         format!("{:016x}", hash.0)
     }
@@ -141,6 +150,7 @@ impl ResourceSet {
         }
         let mut out = Vec::new();
         for message in [
+            response(&self.secrets, &self.version),
             response(&self.clusters, &self.version),
             response(&self.endpoints, &self.version),
             response(&self.listeners, &self.version),
@@ -178,6 +188,7 @@ impl ResourceSet {
                 .map_err(|e| format!("not a saved resource set: {e}"))?;
             set.version = response.version_info.clone();
             match response.type_url.as_str() {
+                SECRET_TYPE => set.secrets = decode_all(&response)?,
                 CLUSTER_TYPE => set.clusters = decode_all(&response)?,
                 ENDPOINT_TYPE => set.endpoints = decode_all(&response)?,
                 LISTENER_TYPE => set.listeners = decode_all(&response)?,

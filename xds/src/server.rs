@@ -15,12 +15,15 @@
 //! cache does not have yet is answered with an empty assignment, so clusters never stay
 //! warming. Removal is last: a cluster that leaves the cache is sent once more (with its
 //! endpoints) until the listeners and routes have been pushed, then removed. Listener and Cluster responses carry every resource (a missing one is deleted);
-//! RouteConfiguration and ClusterLoadAssignment carry the names asked for.
+//! RouteConfiguration, ClusterLoadAssignment and Secret (SDS) carry the names asked for;
+//! secrets are pushed first, before the clusters and listeners that name them.
 //!
 //! Delta (incremental) xDS is served too (`delta.rs`): the same cache and views, sending
 //! only the resources whose version the client does not have, and `removed_resources`.
 
-use crate::resources::{ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use crate::resources::{
+    ResourceSet, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -38,8 +41,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
-/// The order types are pushed in when the cache changes (make before break).
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+/// The order types are pushed in when the cache changes (make before break): secrets
+/// before the clusters and listeners that name them.
+pub const PUSH_ORDER: [&str; 5] = [
+    SECRET_TYPE,
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+];
 
 /// The resources of one type, each with its own content version.
 #[derive(Debug, Clone, Default)]
@@ -96,6 +106,10 @@ impl CacheState {
                     .iter()
                     .map(|r| (r.cluster_name.clone(), pack(r))),
             ),
+        );
+        types.insert(
+            SECRET_TYPE,
+            type_resources(resources.secrets.iter().map(|r| (r.name.clone(), pack(r)))),
         );
         CacheState {
             label: label.to_string(),

@@ -65,7 +65,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
-    TlsCertificate, UpstreamTlsContext,
+    SdsSecretConfig, TlsCertificate, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
@@ -159,6 +159,8 @@ pub fn translate(config: &Config) -> Translation {
             .iter()
             .map(|(name, service)| load_assignment(name, service))
             .collect(),
+        // The control plane adds the mesh's trust bundle; a file config has no secrets.
+        secrets: Vec::new(),
     };
     resources.version = resources.content_version();
     Translation {
@@ -327,7 +329,7 @@ fn gateway_listener(config: &Config) -> Listener {
     }
     let hcm = HttpConnectionManager {
         stat_prefix: GATEWAY_LISTENER.to_string(),
-        codec_type: if gateway.h2c || gateway.tls.enabled {
+        codec_type: if gateway.h2c || gateway.tls.enabled || gateway.tls.mesh {
             http_connection_manager::CodecType::Auto as i32
         } else {
             http_connection_manager::CodecType::Http1 as i32
@@ -373,49 +375,11 @@ fn gateway_listener(config: &Config) -> Listener {
         }),
         ..Default::default()
     };
-    let transport_socket = gateway.tls.enabled.then(|| {
-        let file = |path: &Option<String>| DataSource {
-            specifier: Some(data_source::Specifier::Filename(
-                path.clone().unwrap_or_default(),
-            )),
-            ..Default::default()
-        };
-        let validation = gateway.tls.client_ca_file.as_ref().map(|ca| {
-            common_tls_context::ValidationContextType::ValidationContext(
-                CertificateValidationContext {
-                    trusted_ca: Some(file(&Some(ca.clone()))),
-                    ..Default::default()
-                },
-            )
-        });
-        let tls = DownstreamTlsContext {
-            common_tls_context: Some(CommonTlsContext {
-                tls_certificates: std::iter::once(TlsCertificate {
-                    certificate_chain: Some(file(&gateway.tls.cert_file)),
-                    private_key: Some(file(&gateway.tls.key_file)),
-                    ..Default::default()
-                })
-                .chain(gateway.tls.certificates.iter().map(|pair| TlsCertificate {
-                    certificate_chain: Some(file(&Some(pair.cert_file.clone()))),
-                    private_key: Some(file(&Some(pair.key_file.clone()))),
-                    ..Default::default()
-                }))
-                .collect(),
-                alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
-                validation_context_type: validation,
-                ..Default::default()
-            }),
-            require_client_certificate: gateway
-                .tls
-                .require_client_certificate
-                .then_some(BoolValue { value: true }),
-            ..Default::default()
-        };
-        TransportSocket {
-            name: names::TLS_TRANSPORT_SOCKET.to_string(),
-            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
-        }
-    });
+    let transport_socket = if gateway.tls.mesh {
+        Some(mesh_downstream_tls())
+    } else {
+        gateway_tls(gateway)
+    };
     Listener {
         name: GATEWAY_LISTENER.to_string(),
         address: parse_listen_address(&gateway.address)
@@ -1377,12 +1341,93 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
     }
 }
 
+/// The listener's TLS from certificate files (`api_gateway.tls` without `mesh`).
+fn gateway_tls(gateway: &crate::config::GatewayConfig) -> Option<TransportSocket> {
+    gateway.tls.enabled.then(|| {
+        let file = |path: &Option<String>| DataSource {
+            specifier: Some(data_source::Specifier::Filename(
+                path.clone().unwrap_or_default(),
+            )),
+            ..Default::default()
+        };
+        let validation = gateway.tls.client_ca_file.as_ref().map(|ca| {
+            common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(file(&Some(ca.clone()))),
+                    ..Default::default()
+                },
+            )
+        });
+        let tls = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificates: std::iter::once(TlsCertificate {
+                    certificate_chain: Some(file(&gateway.tls.cert_file)),
+                    private_key: Some(file(&gateway.tls.key_file)),
+                    ..Default::default()
+                })
+                .chain(gateway.tls.certificates.iter().map(|pair| TlsCertificate {
+                    certificate_chain: Some(file(&Some(pair.cert_file.clone()))),
+                    private_key: Some(file(&Some(pair.key_file.clone()))),
+                    ..Default::default()
+                }))
+                .collect(),
+                alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+                validation_context_type: validation,
+                ..Default::default()
+            }),
+            require_client_certificate: gateway
+                .tls
+                .require_client_certificate
+                .then_some(BoolValue { value: true }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: names::TLS_TRANSPORT_SOCKET.to_string(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+        }
+    })
+}
+
+/// SDS references to the mesh's secrets, over ADS.
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ads_config_source()),
+    }
+}
+
+/// Mesh mutual TLS on the listener: the workload certificate, clients verified against
+/// the mesh's trust bundle.
+fn mesh_downstream_tls() -> TransportSocket {
+    let tls = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(crate::secrets::WORKLOAD_CERTIFICATE)],
+            alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    crate::secrets::TRUST_BUNDLE,
+                )),
+            ),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
 /// `tls` of a service as Envoy's `UpstreamTlsContext`.
 fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
     let file = |path: &String| DataSource {
         specifier: Some(data_source::Specifier::Filename(path.clone())),
         ..Default::default()
     };
+    if tls.mesh {
+        return mesh_upstream_tls(tls);
+    }
     let context = UpstreamTlsContext {
         sni: tls.sni.clone().unwrap_or_default(),
         common_tls_context: Some(CommonTlsContext {
@@ -1411,6 +1456,58 @@ fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
                     },
                 )
             }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+    }
+}
+
+/// Mesh mutual TLS to a service: the workload certificate, the mesh's trust bundle, and
+/// the endpoint's SPIFFE ID checked (any, unless `match_typed_subject_alt_names` narrows it:
+/// the mesh's CA issues IDs of its own trust domain only).
+fn mesh_upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        common_tls_context::CombinedCertificateValidationContext, subject_alt_name_matcher,
+        SubjectAltNameMatcher,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+    let matchers = if tls.match_typed_subject_alt_names.is_empty() {
+        vec![SubjectAltNameMatcher {
+            san_type: subject_alt_name_matcher::SanType::Uri as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Prefix("spiffe://".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]
+    } else {
+        tls.match_typed_subject_alt_names
+            .iter()
+            .map(subject_alt_name_matcher)
+            .collect()
+    };
+    let context = UpstreamTlsContext {
+        sni: tls.sni.clone().unwrap_or_default(),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(crate::secrets::WORKLOAD_CERTIFICATE)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: matchers,
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(
+                            crate::secrets::TRUST_BUNDLE,
+                        )),
+                        ..Default::default()
+                    },
+                ),
+            ),
             ..Default::default()
         }),
         ..Default::default()

@@ -535,15 +535,23 @@ pub(super) fn ring_size(xds: &XdsCluster) -> Result<RingSize, String> {
     Ok(size)
 }
 
-/// A cluster's TLS settings (`transport_socket` with an `UpstreamTlsContext`), read from
-/// the resource alone; the files are read by `prepare`.
-pub(super) fn upstream_tls_settings(
-    xds: &XdsCluster,
-) -> Result<Option<crate::upstream::tls::UpstreamTlsSettings>, String> {
-    use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket};
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-        common_tls_context::ValidationContextType, UpstreamTlsContext,
-    };
+/// A cluster's TLS (`transport_socket` with an `UpstreamTlsContext`) as the resource says
+/// it: names and files, found and read by `prepare`.
+#[derive(Debug, Clone)]
+pub(super) struct UpstreamTlsSpec {
+    /// `sni` (`None` when empty).
+    pub sni: Option<String>,
+    /// The roots (`None`: the system's).
+    pub trust: Option<super::secrets::TrustRef>,
+    /// `match_typed_subject_alt_names`, checked.
+    pub san_matchers: Vec<crate::upstream::tls::SanMatcher>,
+    /// The client certificate, for mutual TLS.
+    pub client: Option<super::secrets::CertificateRef>,
+}
+
+pub(super) fn upstream_tls_spec(xds: &XdsCluster) -> Result<Option<UpstreamTlsSpec>, String> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
     let Some(socket) = &xds.transport_socket else {
         return Ok(None);
     };
@@ -558,50 +566,23 @@ pub(super) fn upstream_tls_settings(
         return Err("transport_socket: typed_config is missing".into());
     };
     let context: UpstreamTlsContext = decode(any).map_err(|e| format!("transport_socket: {e}"))?;
-    let filename = |source: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>,
-                    field: &str| {
-        match source.as_ref().and_then(|s| s.specifier.as_ref()) {
-            Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
-            _ => Err(format!("transport_socket: {field} must be a filename")),
-        }
-    };
     let common = context.common_tls_context.unwrap_or_default();
-    let client = match common.tls_certificates.as_slice() {
+    let refs =
+        super::secrets::tls_context(&common).map_err(|e| format!("transport_socket: {e}"))?;
+    let client = match refs.certificates.as_slice() {
         [] => None,
-        [one] => Some((
-            filename(
-                &one.certificate_chain,
-                "tls_certificates[0].certificate_chain",
-            )?,
-            filename(&one.private_key, "tls_certificates[0].private_key")?,
-        )),
+        [one] => Some(one.clone()),
         _ => return Err("transport_socket: one client certificate at most".into()),
     };
-    let (ca_file, san_matchers) = match &common.validation_context_type {
-        None => (None, Vec::new()),
-        Some(ValidationContextType::ValidationContext(validation)) => {
-            let ca_file = match &validation.trusted_ca {
-                None => None,
-                some => Some(filename(some, "validation_context.trusted_ca")?),
-            };
-            let matchers = validation
-                .match_typed_subject_alt_names
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    san_matcher(m).map_err(|e| {
-                        format!(
-                            "transport_socket: validation_context.match_typed_subject_alt_names[{i}]: {e}"
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            (ca_file, matchers)
-        }
-        Some(_) => {
-            return Err("transport_socket: only an inline validation_context is supported".into())
-        }
-    };
+    let san_matchers = refs
+        .san_matchers
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            san_matcher(m)
+                .map_err(|e| format!("transport_socket: match_typed_subject_alt_names[{i}]: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     if !xds.health_checks.is_empty() {
         return Err("health checks of a TLS cluster are not supported yet".into());
     }
@@ -609,9 +590,9 @@ pub(super) fn upstream_tls_settings(
         rustls::pki_types::ServerName::try_from(context.sni.as_str())
             .map_err(|e| format!("transport_socket: sni {:?}: {e}", context.sni))?;
     }
-    Ok(Some(crate::upstream::tls::UpstreamTlsSettings {
+    Ok(Some(UpstreamTlsSpec {
         sni: (!context.sni.is_empty()).then_some(context.sni),
-        ca_file,
+        trust: refs.trust,
         san_matchers,
         client,
     }))

@@ -68,7 +68,7 @@ impl Compiler<'_> {
         };
         let http2 = upstream_http2(xds).map_err(fail)?;
         // The TLS settings are checked here; their files were read by prepare.
-        let tls = super::cluster_policies::upstream_tls_settings(xds)
+        let tls = super::cluster_policies::upstream_tls_spec(xds)
             .map_err(fail)?
             .and_then(|_| prepared.upstream_tls.get(name).cloned());
         let endpoints = match assignment {

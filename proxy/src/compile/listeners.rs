@@ -4,13 +4,17 @@
 use super::*;
 use nip_xds::translate::{ENVOY_DEFAULT_TEXT_FORMAT, JSON_ACCESS_LOG_FIELDS};
 
-/// TLS certificate files of the listener.
+/// Where the listener's TLS material comes from: files, or SDS secrets (read by the
+/// control thread and, for secrets, by `prepare`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// `(certificate chain, private key)` PEM files, chosen by SNI; the first is the default.
     pub certificates: Vec<(String, String)>,
-    /// PEM roots client certificates must chain to (`validation_context.trusted_ca`).
-    pub client_ca_file: Option<String>,
+    /// Serve the proxy's workload certificate (SDS secret `default`), renewed in place.
+    pub workload_certificate: bool,
+    /// The roots client certificates must chain to (`validation_context.trusted_ca`, or an
+    /// SDS validation context such as the mesh's `ROOTCA`).
+    pub client_roots: Option<super::secrets::TrustRef>,
     /// Refuse clients without a verified certificate (`require_client_certificate`).
     pub require_client_certificate: bool,
 }
@@ -118,72 +122,55 @@ pub(super) fn listener_spec(
                 )));
             }
             let tls: DownstreamTlsContext = decode(any).map_err(&fail)?;
-            let certificates = tls
-                .common_tls_context
-                .as_ref()
-                .map(|c| c.tls_certificates.as_slice())
-                .unwrap_or_default();
-            if certificates.is_empty() {
+            let refs = super::secrets::tls_context(&tls.common_tls_context.unwrap_or_default())
+                .map_err(|e| fail(format!("tls: {e}")))?;
+            if refs.certificates.is_empty() {
                 return Err(fail(
-                    "tls: common_tls_context.tls_certificates is empty".into(),
+                    "tls: common_tls_context has no certificate (tls_certificates or tls_certificate_sds_secret_configs)".into(),
                 ));
             }
-            let file = |source: &Option<DataSource>, field: &str| match source
-                .as_ref()
-                .and_then(|s| s.specifier.as_ref())
-            {
-                Some(data_source::Specifier::Filename(f)) => Ok(f.clone()),
-                _ => Err(fail(format!("tls: {field} must be a filename"))),
-            };
-            use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
-            let client_ca_file = match tls
-                .common_tls_context
-                .as_ref()
-                .and_then(|c| c.validation_context_type.as_ref())
-            {
-                None => None,
-                Some(ValidationContextType::ValidationContext(validation)) => {
-                    if !validation.match_typed_subject_alt_names.is_empty() {
-                        return Err(fail(
-                            "tls: validation_context.match_typed_subject_alt_names is not supported on a listener (plugins see the client's names)".into(),
-                        ));
+            if !refs.san_matchers.is_empty() {
+                return Err(fail(
+                    "tls: validation_context.match_typed_subject_alt_names is not supported on a listener (plugins see the client's names)".into(),
+                ));
+            }
+            let mut certificates = Vec::new();
+            let mut workload_certificate = false;
+            for certificate in refs.certificates {
+                match certificate {
+                    super::secrets::CertificateRef::Files { chain, key } => {
+                        certificates.push((chain, key))
                     }
-                    Some(file(
-                        &validation.trusted_ca,
-                        "validation_context.trusted_ca",
-                    )?)
+                    super::secrets::CertificateRef::Secret(name)
+                        if name == nip_xds::secrets::WORKLOAD_CERTIFICATE
+                            && !workload_certificate =>
+                    {
+                        workload_certificate = true
+                    }
+                    super::secrets::CertificateRef::Secret(name) => {
+                        return Err(fail(format!(
+                            "tls: secret {name:?}: a listener serves certificate files or the workload certificate (\"{}\"), once",
+                            nip_xds::secrets::WORKLOAD_CERTIFICATE
+                        )))
+                    }
                 }
-                Some(_) => {
-                    return Err(fail(
-                        "tls: only an inline validation_context is supported".into(),
-                    ))
-                }
-            };
+            }
+            if workload_certificate && !certificates.is_empty() {
+                return Err(fail(
+                    "tls: the workload certificate and certificate files cannot be mixed on one listener".into(),
+                ));
+            }
             let require_client_certificate =
                 tls.require_client_certificate.is_some_and(|r| r.value);
-            if require_client_certificate && client_ca_file.is_none() {
+            if require_client_certificate && refs.trust.is_none() {
                 return Err(fail(
-                    "tls: require_client_certificate needs validation_context.trusted_ca".into(),
+                    "tls: require_client_certificate needs a validation context (trusted_ca or an SDS secret)".into(),
                 ));
             }
             Some(TlsFiles {
-                certificates: certificates
-                    .iter()
-                    .enumerate()
-                    .map(|(i, cert)| {
-                        Ok((
-                            file(
-                                &cert.certificate_chain,
-                                &format!("tls_certificates[{i}].certificate_chain"),
-                            )?,
-                            file(
-                                &cert.private_key,
-                                &format!("tls_certificates[{i}].private_key"),
-                            )?,
-                        ))
-                    })
-                    .collect::<Result<_, CompileError>>()?,
-                client_ca_file,
+                certificates,
+                workload_certificate,
+                client_roots: refs.trust,
                 require_client_certificate,
             })
         }

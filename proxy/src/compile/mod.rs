@@ -44,7 +44,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster as XdsCluster
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, substitution_format_string, transport_socket, Address,
-    DataSource, SocketAddress, SubstitutionFormatString,
+    SocketAddress, SubstitutionFormatString,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
@@ -120,6 +120,9 @@ pub struct Snapshot {
     pub unrouted: RequestCounters,
     /// Plugins of the listener by filter name.
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
+    /// The roots the listener verifies client certificates with, read from a file or an
+    /// SDS secret (`None` in a check, or without client verification).
+    pub listener_client_roots: Option<crate::downstream::tls::ClientRoots>,
 }
 
 impl Snapshot {
@@ -141,6 +144,9 @@ pub struct Compiler<'a> {
     pub metrics: &'a Metrics,
     /// The access logger of the previous snapshot, reused when unchanged.
     pub previous_access_log: Option<Arc<AccessLogger>>,
+    /// The proxy's workload identity: the SDS secret `default` (none in a check, or
+    /// without a control plane's CA).
+    pub identity: Option<&'a Arc<crate::identity::WorkloadIdentity>>,
 }
 
 impl Compiler<'_> {
@@ -152,7 +158,7 @@ impl Compiler<'_> {
         bootstrap: &Bootstrap,
         resources: &ResourceSet,
     ) -> Result<Snapshot, CompileError> {
-        let prepared = prepare(bootstrap, resources, plugins)?;
+        let prepared = prepare(bootstrap, resources, plugins, self.identity)?;
         let snapshot = self.compile(&prepared, bootstrap, resources)?;
         plugins.set_upstreams(snapshot.clusters.keys().cloned());
         Ok(snapshot)
@@ -231,6 +237,7 @@ impl Compiler<'_> {
             access_log,
             unrouted,
             plugins,
+            listener_client_roots: prepared.listener_client_roots.clone(),
         })
     }
 }
@@ -273,6 +280,11 @@ fn refuse_unimplemented_fields(resources: &ResourceSet) -> Result<(), CompileErr
             ));
         }
     }
+    for secret in &resources.secrets {
+        if let Some(path) = coverage::first_unimplemented(secret) {
+            return Err(refuse("Secret", &secret.name, path));
+        }
+    }
     Ok(())
 }
 
@@ -289,6 +301,7 @@ pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), Compi
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        identity: None,
     }
     .compile(&prepared, bootstrap, resources)
     .map(drop)
@@ -345,10 +358,12 @@ mod downstream;
 mod listeners;
 mod prepare;
 mod routes;
+mod secrets;
 
 use listeners::*;
 pub use listeners::{ListenerSpec, TlsFiles};
 pub use prepare::{prepare, prepare_check, Prepared};
+pub use secrets::{CertificateRef, TrustRef};
 
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,12 @@
 //! or wasmtime, so [`super::Compiler::compile`] itself is pure and runs the same way in a
 //! proxy and in a check ([`super::check`]: the control plane's apply, `nip validate`).
 
+use super::cluster_policies::UpstreamTlsSpec;
+use super::secrets::{Material, SecretSource};
 use super::{err, listener_spec, plugin_limits, served_listener, CompileError};
+use crate::identity::WorkloadIdentity;
 use crate::plugins::{LoadedPlugin, PluginLoader, PluginSpec};
+use crate::upstream::tls::{ClientCertificate, Roots, UpstreamTlsSettings};
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use envoy_types::pb::envoy::config::core::v3::{address, Address};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
@@ -29,6 +33,8 @@ pub struct Prepared {
     /// Each TLS cluster's certificates and keys, read (a proxy; none in a check: the
     /// files are on the proxies).
     pub(super) upstream_tls: HashMap<String, Arc<crate::upstream::tls::UpstreamTls>>,
+    /// The roots the listener verifies clients with, read (a proxy).
+    pub(super) listener_client_roots: Option<crate::downstream::tls::ClientRoots>,
 }
 
 impl Prepared {
@@ -66,13 +72,15 @@ enum Hosts {
     Placeholder,
 }
 
-/// Loads the plugins and resolves the host names `resources` use, for a proxy.
+/// Loads the plugins, resolves the host names `resources` use and reads their TLS
+/// material (files, SDS secrets, the workload `identity`), for a proxy.
 pub fn prepare(
     bootstrap: &Bootstrap,
     resources: &ResourceSet,
     loader: &PluginLoader,
+    identity: Option<&Arc<WorkloadIdentity>>,
 ) -> Result<Prepared, CompileError> {
-    gather(bootstrap, resources, Some(loader), Hosts::Resolve)
+    gather(bootstrap, resources, Some(loader), Hosts::Resolve, identity)
 }
 
 /// Decodes the plugins and names the host names `resources` use without loading or
@@ -81,7 +89,7 @@ pub fn prepare_check(
     bootstrap: &Bootstrap,
     resources: &ResourceSet,
 ) -> Result<Prepared, CompileError> {
-    gather(bootstrap, resources, None, Hosts::Placeholder)
+    gather(bootstrap, resources, None, Hosts::Placeholder, None)
 }
 
 fn gather(
@@ -89,8 +97,13 @@ fn gather(
     resources: &ResourceSet,
     loader: Option<&PluginLoader>,
     hosts: Hosts,
+    identity: Option<&Arc<WorkloadIdentity>>,
 ) -> Result<Prepared, CompileError> {
     let mut prepared = Prepared::default();
+    let source = SecretSource {
+        secrets: &resources.secrets,
+        identity,
+    };
     let mut add_host = |address: &Address, fail: &dyn Fn(String) -> CompileError| {
         let Some(address::Address::SocketAddress(sa)) = &address.address else {
             return Ok(());
@@ -138,12 +151,11 @@ fn gather(
     if hosts == Hosts::Resolve {
         for xds in &resources.clusters {
             let fail = |m: String| err("Cluster", &xds.name, m);
-            let Some(settings) =
-                super::cluster_policies::upstream_tls_settings(xds).map_err(fail)?
-            else {
+            let Some(spec) = super::cluster_policies::upstream_tls_spec(xds).map_err(fail)? else {
                 continue;
             };
-            let tls = crate::upstream::tls::UpstreamTls::load(settings)
+            let tls = upstream_tls(spec, &source)
+                .and_then(crate::upstream::tls::UpstreamTls::load)
                 .map_err(|e| fail(format!("transport_socket: {e}")))?;
             prepared
                 .upstream_tls
@@ -160,9 +172,18 @@ fn gather(
             err("Listener", &listener.name, format!("address: {m}"))
         })?;
     }
-    let Ok((_, hcm)) = listener_spec(listener, &prepared) else {
+    let Ok((spec, hcm)) = listener_spec(listener, &prepared) else {
         return Ok(prepared);
     };
+    if hosts == Hosts::Resolve {
+        if let Some(trust) = spec.tls.as_ref().and_then(|t| t.client_roots.as_ref()) {
+            let (origin, pem) = source
+                .trust(trust)
+                .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;
+            prepared.listener_client_roots =
+                Some(crate::downstream::tls::ClientRoots { origin, pem });
+        }
+    }
     let node = bootstrap.node.as_ref();
     let locality = node.and_then(|n| n.locality.as_ref());
     let node = NodeInfo {
@@ -250,4 +271,33 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
+/// A cluster's TLS spec with its material found and read.
+fn upstream_tls(
+    spec: UpstreamTlsSpec,
+    source: &SecretSource<'_>,
+) -> Result<UpstreamTlsSettings, String> {
+    let roots = match &spec.trust {
+        None => Roots::System,
+        Some(trust) => {
+            let (origin, pem) = source.trust(trust)?;
+            Roots::Pem { origin, pem }
+        }
+    };
+    let client = match &spec.client {
+        None => None,
+        Some(reference) => Some(match source.certificate(reference)? {
+            Material::Certificate { origin, chain, key } => {
+                ClientCertificate::Pem { origin, chain, key }
+            }
+            Material::Workload(identity) => ClientCertificate::Workload(identity),
+        }),
+    };
+    Ok(UpstreamTlsSettings {
+        sni: spec.sni,
+        roots,
+        san_matchers: spec.san_matchers,
+        client,
+    })
 }

@@ -45,6 +45,7 @@ fn compiler<'a>(registry: &'a EndpointRegistry, metrics: &'a Metrics) -> Compile
         registry,
         metrics,
         previous_access_log: None,
+        identity: None,
     }
 }
 
@@ -186,6 +187,7 @@ fn a_refused_config_does_not_change_what_plugins_may_call() {
         registry: &registry,
         metrics: &metrics,
         previous_access_log: None,
+        identity: None,
     };
     let good = translated(BASE);
     compiler

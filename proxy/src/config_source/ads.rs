@@ -65,6 +65,8 @@ struct FeedSink {
     last_refusal: Arc<Mutex<Option<String>>>,
     /// Where accepted sets are saved, if anywhere.
     last_good: Option<PathBuf>,
+    /// The proxy's workload identity (SDS secret `default`).
+    identity: Option<Arc<crate::identity::WorkloadIdentity>>,
 }
 
 impl ResourceSink for FeedSink {
@@ -78,6 +80,7 @@ impl ResourceSink for FeedSink {
             registry: &self.registry,
             metrics: &self.metrics,
             previous_access_log,
+            identity: self.identity.as_ref(),
         };
         // A cluster (or its endpoints) the proxy cannot run is left out and the rest is
         // applied, as Envoy does; the response is still NACKed, naming what was left out.
@@ -182,6 +185,7 @@ impl XdsFeed {
                     registry: &parts.registry,
                     metrics: &parts.metrics,
                     previous_access_log: None,
+                    identity: parts.identity.as_ref(),
                 }
                 .build(&parts.plugins, &parts.bootstrap, &resources)
                 .map_err(|e| e.to_string())
@@ -210,6 +214,7 @@ impl XdsFeed {
             swapped: swapped_tx,
             last_refusal: Arc::default(),
             last_good: parts.last_good.clone(),
+            identity: parts.identity.clone(),
         };
         let last_refusal = Arc::clone(&sink.last_refusal);
         let server = format!("http://{target}");

@@ -2,7 +2,7 @@
 //! against the listener's trusted roots, and who the client proved to be.
 //!
 //! ```text
-//! handshake ──rustls (WebPKI client verifier: chain to client_ca_file)──▶ verified or refused
+//! handshake ──rustls (WebPKI client verifier: chain to the client roots)──▶ verified or refused
 //!     └─ handshake_complete_callback ──▶ VerifiedPeer {certificate, request counter} in
 //!        the connection's SslDigest extension ──▶ every request on it (plugins, access
 //!        log, metrics)
@@ -13,7 +13,10 @@
 //!
 //! Several certificates may serve one listener: each handshake gets the one whose DNS SANs
 //! name the client's SNI (exactly, then by `*.` wildcard), else the first; the set is
-//! replaced live when the config or a certificate file changes.
+//! replaced live when the config or a certificate file changes. A mesh listener serves the
+//! proxy's workload certificate instead, replaced live when it is renewed; its client
+//! roots (the mesh's trust bundle, SDS `ROOTCA`) are replaced live when the control plane
+//! pushes a new bundle: rotations need no restart and drop no connection.
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -22,10 +25,14 @@ use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
 use prometheus_client::metrics::counter::Counter;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -71,7 +78,8 @@ impl TlsAccept for RecordPeer {
 /// whose DNS SANs name it exactly, else one with a matching `*.` wildcard, else the first.
 #[derive(Debug)]
 pub struct CertificateSet {
-    default: Arc<CertifiedKey>,
+    /// `None`: no certificate yet (a workload certificate before the proxy joined).
+    default: Option<Arc<CertifiedKey>>,
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
 }
@@ -110,23 +118,33 @@ impl CertificateSet {
             default.get_or_insert(certified);
         }
         Ok(CertificateSet {
-            default: default.ok_or("no certificate")?,
+            default: Some(default.ok_or("no certificate")?),
             exact,
             wildcard,
         })
     }
 
+    /// The proxy's workload certificate for every name (`None`: not joined yet, so every
+    /// handshake fails until it has one).
+    pub fn workload(certificate: Option<Arc<CertifiedKey>>) -> CertificateSet {
+        CertificateSet {
+            default: certificate,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+
     /// The certificate for a client that asked for `server_name` (or none).
-    pub fn choose(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+    pub fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = server_name.map(str::to_ascii_lowercase) else {
-            return Arc::clone(&self.default);
+            return self.default.clone();
         };
         if let Some(exact) = self.exact.get(&name) {
-            return Arc::clone(exact);
+            return Some(Arc::clone(exact));
         }
         name.split_once('.')
             .and_then(|(_, parent)| self.wildcard.get(parent))
-            .map_or_else(|| Arc::clone(&self.default), Arc::clone)
+            .map_or_else(|| self.default.clone(), |c| Some(Arc::clone(c)))
     }
 }
 
@@ -153,49 +171,139 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load().choose(client_hello.server_name()))
+        self.current.load().choose(client_hello.server_name())
     }
 }
 
-/// What the listener's TLS is made of.
-#[derive(Debug, Clone)]
-pub struct ListenerTls<'a> {
-    /// The certificates, chosen by SNI (the first is the default).
-    pub certificates: Arc<SniResolver>,
-    /// PEM roots client certificates must chain to.
-    pub client_ca_file: Option<&'a str>,
-    /// Refuse clients without a verified certificate.
-    pub require_client_certificate: bool,
+/// Verifies client certificates against roots that can be replaced while the listener
+/// runs (a new trust bundle verifies the next handshake; open connections stay).
+#[derive(Debug)]
+pub struct ClientVerifier {
+    current: ArcSwap<WebPki>,
+    required: bool,
 }
 
-/// pingora's TLS settings for the listener: HTTP/2 and HTTP/1.1 by ALPN, the peer recorded.
-pub fn settings(tls: &ListenerTls<'_>) -> Result<TlsSettings, String> {
+#[derive(Debug)]
+struct WebPki(Arc<dyn ClientCertVerifier>);
+
+fn webpki(roots: &ClientRoots, required: bool) -> Result<WebPki, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(roots.pem.as_bytes()) {
+        let certificate = certificate.map_err(|e| format!("{}: {e}", roots.origin))?;
+        store
+            .add(certificate)
+            .map_err(|e| format!("{}: {e}", roots.origin))?;
+    }
+    if store.is_empty() {
+        return Err(format!("{}: no certificate", roots.origin));
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    );
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    Ok(WebPki(builder.build().map_err(|e| e.to_string())?))
+}
+
+impl ClientVerifier {
+    /// A verifier of certificates chaining to `roots`; `required`: refuse clients that
+    /// present none.
+    pub fn new(roots: &ClientRoots, required: bool) -> Result<ClientVerifier, String> {
+        Ok(ClientVerifier {
+            current: ArcSwap::from_pointee(webpki(roots, required)?),
+            required,
+        })
+    }
+
+    /// Verifies with `roots` from the next handshake on; roots that do not load leave the
+    /// old ones in use.
+    pub fn replace(&self, roots: &ClientRoots) -> Result<(), String> {
+        self.current.store(Arc::new(webpki(roots, self.required)?));
+        Ok(())
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.required
+    }
+
+    /// No hints: the roots may change under a running listener, and clients send the
+    /// certificate they have either way.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
+}
+
+/// PEM roots the listener verifies client certificates with, and where they came from (a
+/// file, or an SDS secret such as the mesh's `ROOTCA`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRoots {
+    /// Where they came from, for messages.
+    pub origin: String,
+    /// The certificates.
+    pub pem: String,
+}
+
+/// pingora's TLS settings for the listener: HTTP/2 and HTTP/1.1 by ALPN, certificates from
+/// `certificates`, clients verified by `clients` (if any), the peer recorded.
+pub fn settings(
+    certificates: &Arc<SniResolver>,
+    clients: Option<&Arc<ClientVerifier>>,
+) -> Result<TlsSettings, String> {
     let mut settings =
         TlsSettings::with_callbacks(Box::new(RecordPeer)).map_err(|e| e.to_string())?;
-    settings.set_cert_resolver(Arc::clone(&tls.certificates) as Arc<dyn ResolvesServerCert>);
-    if let Some(ca_file) = tls.client_ca_file {
-        let mut roots = rustls::RootCertStore::empty();
-        let certificates = CertificateDer::pem_file_iter(ca_file)
-            .map_err(|e| format!("client_ca_file {ca_file}: {e}"))?;
-        for certificate in certificates {
-            let certificate = certificate.map_err(|e| format!("client_ca_file {ca_file}: {e}"))?;
-            roots
-                .add(certificate)
-                .map_err(|e| format!("client_ca_file {ca_file}: {e}"))?;
-        }
-        if roots.is_empty() {
-            return Err(format!("client_ca_file {ca_file}: no certificate"));
-        }
-        let builder = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        );
-        let builder = if tls.require_client_certificate {
-            builder
-        } else {
-            builder.allow_unauthenticated()
-        };
-        settings.set_client_cert_verifier(builder.build().map_err(|e| e.to_string())?);
+    settings.set_cert_resolver(Arc::clone(certificates) as Arc<dyn ResolvesServerCert>);
+    if let Some(clients) = clients {
+        settings.set_client_cert_verifier(Arc::clone(clients) as Arc<dyn ClientCertVerifier>);
     }
     settings.enable_h2();
     Ok(settings)

@@ -106,20 +106,59 @@ impl SanMatcher {
     }
 }
 
-/// What a cluster's TLS is made of, as the compiler read it from the resource.
+/// The roots a cluster's endpoints must chain to.
+#[derive(Debug, Clone, Default)]
+pub enum Roots {
+    /// The system's.
+    #[default]
+    System,
+    /// PEM roots, read by the compiler from `origin` (a file, or an SDS secret).
+    Pem {
+        /// Where they came from, for messages.
+        origin: String,
+        /// The certificates.
+        pem: String,
+    },
+}
+
+/// The certificate a proxy presents to a cluster's endpoints (mutual TLS).
+#[derive(Clone)]
+pub enum ClientCertificate {
+    /// A chain and key in PEM, read by the compiler from `origin`.
+    Pem {
+        /// Where they came from, for messages.
+        origin: String,
+        /// The leaf and its intermediates.
+        chain: String,
+        /// The private key.
+        key: String,
+    },
+    /// The proxy's workload certificate (SDS secret `default`), following its renewals.
+    Workload(Arc<crate::identity::WorkloadIdentity>),
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientCertificate::Pem { origin, .. } => write!(f, "Pem({origin})"),
+            ClientCertificate::Workload(_) => f.write_str("Workload"),
+        }
+    }
+}
+
+/// What a cluster's TLS is made of, resolved by the compiler (files read, secrets found).
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamTlsSettings {
     /// `sni`: the name sent, and verified unless SAN matchers are given (`None`: the
     /// endpoint's host name, or its IP address for an IP endpoint).
     pub sni: Option<String>,
-    /// `validation_context.trusted_ca`: a PEM file of roots (`None`: the system's).
-    pub ca_file: Option<String>,
-    /// `validation_context.match_typed_subject_alt_names`: when not empty, the certificate
-    /// must carry a name one of them accepts, and the SNI name is not checked (Envoy's
-    /// semantics).
+    /// The roots (`validation_context.trusted_ca` or an SDS validation context).
+    pub roots: Roots,
+    /// `match_typed_subject_alt_names`: when not empty, the certificate must carry a name
+    /// one of them accepts, and the SNI name is not checked (Envoy's semantics).
     pub san_matchers: Vec<SanMatcher>,
-    /// `tls_certificates[0]`: certificate chain and key files, for mutual TLS.
-    pub client: Option<(String, String)>,
+    /// The client certificate, for mutual TLS.
+    pub client: Option<ClientCertificate>,
 }
 
 /// How a cluster's connections are secured: built once per compiled config.
@@ -146,15 +185,14 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
-/// DER certificates of a PEM file, each checked to parse.
-fn certificates(path: &str, what: &str) -> Result<Vec<Vec<u8>>, String> {
-    let pem = std::fs::read_to_string(path).map_err(|e| format!("{what} {path:?}: {e}"))?;
-    let ders = certificates_der(&pem).map_err(|e| format!("{what} {path:?}: {e}"))?;
+/// DER certificates of PEM text, each checked to parse.
+fn certificates(pem: &str, origin: &str) -> Result<Vec<Vec<u8>>, String> {
+    let ders = certificates_der(pem).map_err(|e| format!("{origin}: {e}"))?;
     if ders.is_empty() {
-        return Err(format!("{what} {path:?}: no certificate"));
+        return Err(format!("{origin}: no certificate"));
     }
     for der in &ders {
-        CertificateFacts::from_der(der).map_err(|e| format!("{what} {path:?}: {e}"))?;
+        CertificateFacts::from_der(der).map_err(|e| format!("{origin}: {e}"))?;
     }
     Ok(ders)
 }
@@ -177,19 +215,19 @@ fn system_roots() -> Arc<RootCertStore> {
 }
 
 impl UpstreamTls {
-    /// Reads and checks the files of a cluster's TLS settings and builds its configs.
+    /// Checks a cluster's TLS material and builds its configs.
     pub fn load(settings: UpstreamTlsSettings) -> Result<UpstreamTls, String> {
         let mut group = std::collections::hash_map::DefaultHasher::new();
         settings.sni.hash(&mut group);
-        let roots = match &settings.ca_file {
-            None => system_roots(),
-            Some(path) => {
+        let roots = match &settings.roots {
+            Roots::System => system_roots(),
+            Roots::Pem { origin, pem } => {
                 let mut store = RootCertStore::empty();
-                for der in certificates(path, "trusted_ca")? {
+                for der in certificates(pem, origin)? {
                     der.hash(&mut group);
                     store
                         .add(CertificateDer::from(der))
-                        .map_err(|e| format!("trusted_ca {path:?}: {e}"))?;
+                        .map_err(|e| format!("{origin}: {e}"))?;
                 }
                 Arc::new(store)
             }
@@ -212,37 +250,41 @@ impl UpstreamTls {
                 .with_custom_certificate_verifier(san_verifier);
         let config = match &settings.client {
             None => builder.with_no_client_auth(),
-            Some((cert_file, key_file)) => {
-                let chain: Vec<CertificateDer<'static>> =
-                    certificates(cert_file, "certificate_chain")?
-                        .into_iter()
-                        .map(CertificateDer::from)
-                        .collect();
-                let key_pem = std::fs::read_to_string(key_file)
-                    .map_err(|e| format!("private_key {key_file:?}: {e}"))?;
+            Some(ClientCertificate::Workload(identity)) => {
+                "workload".hash(&mut group);
+                builder.with_client_cert_resolver(identity.client_certificate())
+            }
+            Some(ClientCertificate::Pem { origin, chain, key }) => {
+                let chain: Vec<CertificateDer<'static>> = certificates(chain, origin)?
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect();
                 let key = {
                     use rustls::pki_types::pem::PemObject;
-                    PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-                        .map_err(|e| format!("private_key {key_file:?}: {e}"))?
+                    PrivateKeyDer::from_pem_slice(key.as_bytes())
+                        .map_err(|e| format!("{origin}: private key: {e}"))?
                 };
                 for der in &chain {
                     der.hash(&mut group);
                 }
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("certificate_chain {cert_file:?}: {e}"))?
+                    .map_err(|e| format!("{origin}: {e}"))?
             }
         };
         let description = format!(
-            "roots: {}, names: [{}], client certificate: {}",
-            settings.ca_file.as_deref().unwrap_or("system"),
+            "roots: {}, names: [{}], client certificate: {:?}",
+            match &settings.roots {
+                Roots::System => "system",
+                Roots::Pem { origin, .. } => origin,
+            },
             settings
                 .san_matchers
                 .iter()
                 .map(|m| format!("{:?} {}", m.san_type, m.matcher.describe()))
                 .collect::<Vec<_>>()
                 .join(", "),
-            settings.client.is_some()
+            settings.client
         );
         description.hash(&mut group);
         let with_alpn = |protocol: &[u8]| {

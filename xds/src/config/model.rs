@@ -208,6 +208,12 @@ pub struct TlsConfig {
     /// Refuse clients without a verified certificate at the handshake (mutual TLS).
     #[serde(default)]
     pub require_client_certificate: bool,
+    /// Mesh mutual TLS: serve this proxy's workload certificate (SDS secret `default`)
+    /// and require clients with a certificate from the mesh's CA (SDS secret `ROOTCA`,
+    /// pushed again when the CA rotates). Needs a control plane; replaces the certificate
+    /// and client CA files.
+    #[serde(default)]
+    pub mesh: bool,
 }
 
 /// A certificate chain and its key (PEM files).
@@ -278,6 +284,12 @@ pub struct UpstreamTlsConfig {
     /// PEM client key (mutual TLS).
     #[serde(default)]
     pub key_file: Option<String>,
+    /// Mesh mutual TLS: present this proxy's workload certificate (SDS secret `default`)
+    /// and trust the mesh's CA (SDS secret `ROOTCA`); the endpoint must carry a SPIFFE ID
+    /// (`match_typed_subject_alt_names` narrows it). Replaces `ca_file`, `cert_file` and
+    /// `key_file`.
+    #[serde(default)]
+    pub mesh: bool,
     /// Names the endpoint's certificate must carry, one of them at least (Envoy's
     /// `match_typed_subject_alt_names`): when given, `sni` is sent but not checked.
     #[serde(default)]

@@ -237,6 +237,22 @@ fn valid_name(name: &str) -> bool {
 
 fn validate_tls(config: &Config, errors: &mut Errors) {
     let tls = &config.api_gateway.tls;
+    if tls.mesh {
+        for (field, set) in [
+            ("cert_file", tls.cert_file.is_some()),
+            ("key_file", tls.key_file.is_some()),
+            ("certificates", !tls.certificates.is_empty()),
+            ("client_ca_file", tls.client_ca_file.is_some()),
+        ] {
+            if set {
+                errors.add(
+                    format!("api_gateway.tls.{field}"),
+                    "mesh: true serves the proxy's workload certificate and verifies clients with the mesh's CA instead",
+                );
+            }
+        }
+        return;
+    }
     if !tls.enabled {
         for (field, set) in [
             ("client_ca_file", tls.client_ca_file.is_some()),
@@ -297,6 +313,20 @@ fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
                     errors.add(
                         format!("{path}.tls.{field}"),
                         format!("file {file:?} does not exist"),
+                    );
+                }
+            }
+        }
+        if tls.mesh {
+            for (field, set) in [
+                ("ca_file", tls.ca_file.is_some()),
+                ("cert_file", tls.cert_file.is_some()),
+                ("key_file", tls.key_file.is_some()),
+            ] {
+                if set {
+                    errors.add(
+                        format!("{path}.tls.{field}"),
+                        "mesh: true uses the proxy's workload certificate and the mesh's CA instead",
                     );
                 }
             }
