@@ -1341,3 +1341,190 @@ routes:
         proxy.log()
     );
 }
+
+/// A workload certificate for `node` from the control plane's CA (a join token, a CSR):
+/// `(certificate chain, key)` PEM files in `dir`, for clients that are mesh members.
+async fn mesh_member(
+    control_plane: &ControlPlane,
+    node: &str,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let token = std::fs::read_to_string(control_plane.join_token_file(node, dir)).unwrap();
+    let made = nip_xds::identity::key_and_csr(node).unwrap();
+    let issued: serde_json::Value = api_client(&control_plane.bundle_file(), Some(token.trim()))
+        .unwrap()
+        .post(format!(
+            "https://127.0.0.1:{}/v1/certificates",
+            control_plane.xds_port
+        ))
+        .json(&serde_json::json!({ "node_id": node, "region": "eu", "csr": made.csr_pem }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (cert, key) = (
+        dir.join(format!("{node}.crt")),
+        dir.join(format!("{node}.key")),
+    );
+    std::fs::write(&cert, issued["certificate_chain"].as_str().unwrap()).unwrap();
+    std::fs::write(&key, &made.key_pem).unwrap();
+    (cert, key)
+}
+
+/// `curl` over mutual TLS with `member`'s certificate (the proxy's certificate names a
+/// workload, not a host, so curl checks no host name: `-k`; openssl checks its chain).
+fn curl_as(member: &(std::path::PathBuf, std::path::PathBuf), url: &str) -> (bool, String) {
+    let output = Command::new("curl")
+        .args(["-sk", "-w", "\n%{http_code}", "--cert"])
+        .arg(&member.0)
+        .arg("--key")
+        .arg(&member.1)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    (text.ends_with("200"), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_trust_bundle() {
+    let backend = Backend::start("web").await;
+    let port = free_port();
+    let mut control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    // The listener is mesh mutual TLS; /hop/ goes out again to the proxy's own listener
+    // over mesh mutual TLS (its workload certificate both ways) and arrives as /direct/.
+    let config = format!(
+        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n  hop: {{ endpoints: [\"127.0.0.1:{port}\"], tls: {{ mesh: true, match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/edge-1\" }} }}] }} }}\nroutes:\n  - {{ match: {{ path_prefix: /hop/ }}, service: hop, prefix_rewrite: /direct/ }}\n  - {{ service: web }}\n",
+        backend.address
+    );
+    let applied = control_plane.apply(&config, &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    proxy.wait_ready().await;
+    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+
+    // openssl s_client: the listener serves the proxy's workload certificate, which chains
+    // to the mesh's bundle; without a client certificate the handshake is refused.
+    let member = mesh_member(&control_plane, "client-1", dir.path()).await;
+    let address = format!("127.0.0.1:{port}");
+    let bundle = control_plane.bundle_file().display().to_string();
+    let (cert, key) = (
+        member.0.display().to_string(),
+        member.1.display().to_string(),
+    );
+    let (_, handshake) = openssl(
+        &[
+            "s_client",
+            "-connect",
+            &address,
+            "-CAfile",
+            &bundle,
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-verify_return_error",
+            "-showcerts",
+        ],
+        "",
+    );
+    assert!(
+        handshake.contains("Verify return code: 0 (ok)"),
+        "{handshake}"
+    );
+    assert!(
+        handshake.contains("NIP root CA for nip.local"),
+        "{handshake}"
+    );
+    let (refused, _) = curl_as(
+        &(dir.path().join("none.crt"), dir.path().join("none.key")),
+        &url("/"),
+    );
+    assert!(!refused, "no client certificate, no request");
+    let anonymous = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url("/")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "000");
+
+    // A mesh member reaches the backend directly, and through the proxy's own mesh hop.
+    let (ok, text) = curl_as(&member, &url("/"));
+    assert!(ok, "{text}");
+    let (ok, text) = curl_as(&member, &url("/hop/x"));
+    assert!(ok, "{text}");
+    assert_eq!(backend.last_target(), "/direct/x");
+    let metrics = proxy.metrics().await;
+    for peer in [
+        "spiffe://nip.local/node/client-1",
+        "spiffe://nip.local/node/edge-1",
+    ] {
+        assert!(
+            sample(
+                &metrics,
+                "nip_downstream_peer_requests_total",
+                &[("peer", peer)]
+            ) >= 1.0,
+            "{peer}: {metrics}"
+        );
+    }
+
+    // A new root: the restarted control plane signs with it and pushes the two-root bundle
+    // (SDS ROOTCA). The proxy, whose own certificate is hours from renewal, accepts a
+    // member certified by the new root at once, and its kept-alive connections stay.
+    let kept = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .identity(
+            reqwest::Identity::from_pem(
+                &[
+                    std::fs::read(&member.0).unwrap(),
+                    std::fs::read(&member.1).unwrap(),
+                ]
+                .concat(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(kept.get(url("/")).send().await.unwrap().status(), 200);
+    let old_bundle = dir.path().join("old-bundle.pem");
+    std::fs::copy(control_plane.bundle_file(), &old_bundle).unwrap();
+    let rotated = Command::new(nip_bin())
+        .args(["ca", "rotate", "--ca-dir"])
+        .arg(control_plane.ca_dir())
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    control_plane.kill();
+    control_plane.respawn().await;
+    let newcomer = mesh_member(&control_plane, "client-2", dir.path()).await;
+    let (verified, _) = openssl(
+        &[
+            "verify",
+            "-CAfile",
+            &old_bundle.display().to_string(),
+            &newcomer.0.display().to_string(),
+        ],
+        "",
+    );
+    assert!(
+        !verified,
+        "the new root signs: the old one alone does not vouch for it"
+    );
+    eventually("the pushed bundle lets the newcomer in", || async {
+        curl_as(&newcomer, &url("/")).0
+    })
+    .await;
+    assert!(
+        curl_as(&member, &url("/hop/y")).0,
+        "the old root still vouches"
+    );
+    // The connection opened before the rotation still serves: no new connection is made.
+    let connections = |metrics: &str| sample(metrics, "nip_downstream_cx_total", &[]);
+    let before = connections(&proxy.metrics().await);
+    assert_eq!(kept.get(url("/")).send().await.unwrap().status(), 200);
+    assert_eq!(connections(&proxy.metrics().await), before);
+}
