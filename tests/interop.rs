@@ -392,3 +392,39 @@ async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_r
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("tenants acme only"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
+    let control_plane = common::control_plane::ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    let applied = control_plane.apply(
+        "api_gateway: { address: \"127.0.0.1:8080\" }\nservices:\n  web: { endpoints: [\"127.0.0.1:9\"] }\nroutes:\n  - { service: web }\n",
+        &[],
+    );
+    assert!(applied.status.success(), "{}", common::control_plane::stderr(&applied));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = control_plane
+        .member_certificate("sds-client", dir.path())
+        .await;
+    let mut client = Background::python(&[
+        script("sds_client.py").to_str().unwrap(),
+        &format!("127.0.0.1:{}", control_plane.xds_port),
+        control_plane.bundle_file().to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        "sds-client",
+        "ROOTCA",
+    ]);
+    assert_eq!(client.exit_code().await, Some(0), "{}", client.output());
+    let output = client.output();
+    // FetchSecrets, StreamSecrets and ADS agree: the bundle with its one root; a stream
+    // claiming another node than its certificate names is refused.
+    for line in [
+        "fetch ROOTCA 1",
+        "stream ROOTCA 1",
+        "ads ROOTCA 1",
+        "denied PERMISSION_DENIED",
+    ] {
+        assert!(output.contains(line), "{line:?} in {output}");
+    }
+}

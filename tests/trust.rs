@@ -1342,37 +1342,6 @@ routes:
     );
 }
 
-/// A workload certificate for `node` from the control plane's CA (a join token, a CSR):
-/// `(certificate chain, key)` PEM files in `dir`, for clients that are mesh members.
-async fn mesh_member(
-    control_plane: &ControlPlane,
-    node: &str,
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let token = std::fs::read_to_string(control_plane.join_token_file(node, dir)).unwrap();
-    let made = nip_xds::identity::key_and_csr(node).unwrap();
-    let issued: serde_json::Value = api_client(&control_plane.bundle_file(), Some(token.trim()))
-        .unwrap()
-        .post(format!(
-            "https://127.0.0.1:{}/v1/certificates",
-            control_plane.xds_port
-        ))
-        .json(&serde_json::json!({ "node_id": node, "region": "eu", "csr": made.csr_pem }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (cert, key) = (
-        dir.join(format!("{node}.crt")),
-        dir.join(format!("{node}.key")),
-    );
-    std::fs::write(&cert, issued["certificate_chain"].as_str().unwrap()).unwrap();
-    std::fs::write(&key, &made.key_pem).unwrap();
-    (cert, key)
-}
-
 /// `curl` over mutual TLS with `member`'s certificate (the proxy's certificate names a
 /// workload, not a host, so curl checks no host name: `-k`; openssl checks its chain).
 fn curl_as(member: &(std::path::PathBuf, std::path::PathBuf), url: &str) -> (bool, String) {
@@ -1409,7 +1378,9 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
 
     // openssl s_client: the listener serves the proxy's workload certificate, which chains
     // to the mesh's bundle; without a client certificate the handshake is refused.
-    let member = mesh_member(&control_plane, "client-1", dir.path()).await;
+    let member = control_plane
+        .member_certificate("client-1", dir.path())
+        .await;
     let address = format!("127.0.0.1:{port}");
     let bundle = control_plane.bundle_file().display().to_string();
     let (cert, key) = (
@@ -1500,7 +1471,9 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
     assert!(rotated.status.success(), "{}", stderr(&rotated));
     control_plane.kill();
     control_plane.respawn().await;
-    let newcomer = mesh_member(&control_plane, "client-2", dir.path()).await;
+    let newcomer = control_plane
+        .member_certificate("client-2", dir.path())
+        .await;
     let (verified, _) = openssl(
         &[
             "verify",

@@ -216,7 +216,7 @@ impl ServingCertificate {
 }
 
 /// Serves the xDS port until the process ends: with `issuer`, TLS, the certificate
-/// endpoint and ADS bound to client identities; without, plaintext ADS.
+/// endpoint, and ADS and SDS bound to client identities; without, plaintext ADS and SDS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     address: SocketAddr,
@@ -227,6 +227,7 @@ pub async fn serve(
     let Some((issuer, serving)) = issuer else {
         tracing::warn!(%address, "xDS in plaintext (--plaintext): anyone who reaches this port gets every proxy's config");
         return tonic::transport::Server::builder()
+            .add_service(ads.sds_service())
             .add_service(ads.into_service())
             .serve_with_incoming(incoming)
             .await
@@ -245,8 +246,10 @@ pub async fn serve(
     let certificates = axum::Router::new()
         .route("/v1/certificates", post(issue))
         .with_state(issuer);
+    let ads = ads.require_node_identity(ca.trust_domain());
     let routes = tonic::service::Routes::from(certificates)
-        .add_service(ads.require_node_identity(ca.trust_domain()).into_service());
+        .add_service(ads.sds_service())
+        .add_service(ads.into_service());
     tracing::info!(%address, trust_domain = ca.trust_domain(), "xDS over mutual TLS; certificates at POST /v1/certificates");
     tonic::transport::Server::builder()
         .tls_config(tls)

@@ -222,6 +222,37 @@ impl ControlPlane {
             .unwrap()
     }
 
+    /// A workload certificate for `node` from the control plane's CA (a join token, a CSR):
+    /// `(certificate chain, key)` PEM files in `dir`, for clients that are mesh members.
+    pub async fn member_certificate(
+        &self,
+        node: &str,
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let token = std::fs::read_to_string(self.join_token_file(node, dir)).unwrap();
+        let made = nip_xds::identity::key_and_csr(node).unwrap();
+        let issued: serde_json::Value = api_client(&self.bundle_file(), Some(token.trim()))
+            .unwrap()
+            .post(format!(
+                "https://127.0.0.1:{}/v1/certificates",
+                self.xds_port
+            ))
+            .json(&serde_json::json!({ "node_id": node, "region": "eu", "csr": made.csr_pem }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (cert, key) = (
+            dir.join(format!("{node}.crt")),
+            dir.join(format!("{node}.key")),
+        );
+        std::fs::write(&cert, issued["certificate_chain"].as_str().unwrap()).unwrap();
+        std::fs::write(&key, &made.key_pem).unwrap();
+        (cert, key)
+    }
+
     /// Starts it again after [`ControlPlane::kill`] and waits until it answers.
     pub async fn respawn(&mut self) {
         self.spawn();

@@ -670,7 +670,7 @@ trait StreamProtocol: Send + 'static {
 /// Runs one stream until the client goes away, then marks it disconnected.
 /// `certified_node`, when set, is the only node id the client may claim.
 fn drive<P: StreamProtocol>(
-    mut requests: tonic::Streaming<P::Request>,
+    mut requests: impl Stream<Item = Result<P::Request, tonic::Status>> + Send + Unpin + 'static,
     mut changes: watch::Receiver<Arc<Views>>,
     mut state: P,
     registry: Arc<ProxyRegistry>,
@@ -812,6 +812,8 @@ impl AggregatedDiscoveryService for AdsServer {
 }
 
 mod delta;
+mod sds;
+pub use sds::SdsServer;
 
 #[cfg(test)]
 mod tests;
