@@ -401,7 +401,11 @@ async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
         "api_gateway: { address: \"127.0.0.1:8080\" }\nservices:\n  web: { endpoints: [\"127.0.0.1:9\"] }\nroutes:\n  - { service: web }\n",
         &[],
     );
-    assert!(applied.status.success(), "{}", common::control_plane::stderr(&applied));
+    assert!(
+        applied.status.success(),
+        "{}",
+        common::control_plane::stderr(&applied)
+    );
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = control_plane
         .member_certificate("sds-client", dir.path())

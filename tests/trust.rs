@@ -1366,7 +1366,7 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
     // The listener is mesh mutual TLS; /hop/ goes out again to the proxy's own listener
     // over mesh mutual TLS (its workload certificate both ways) and arrives as /direct/.
     let config = format!(
-        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n  hop: {{ endpoints: [\"127.0.0.1:{port}\"], tls: {{ mesh: true, match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/edge-1\" }} }}] }} }}\nroutes:\n  - {{ match: {{ path_prefix: /hop/ }}, service: hop, prefix_rewrite: /direct/ }}\n  - {{ service: web }}\n",
+        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n  hop: {{ endpoints: [\"127.0.0.1:{port}\"], tls: {{ mesh: true, match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/edge-1\" }} }}] }} }}\n  auto: {{ endpoints: [\"127.0.0.1:{port}\"] }}\nroutes:\n  - {{ match: {{ path_prefix: /hop/ }}, service: hop, prefix_rewrite: /direct/ }}\n  - {{ match: {{ path_prefix: /auto/ }}, service: auto, prefix_rewrite: /direct/ }}\n  - {{ service: web }}\n",
         backend.address
     );
     let applied = control_plane.apply(&config, &[]);
@@ -1428,6 +1428,14 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
     let (ok, text) = curl_as(&member, &url("/hop/x"));
     assert!(ok, "{text}");
     assert_eq!(backend.last_target(), "/direct/x");
+    // A service with no TLS of its own whose endpoint is a mesh proxy (the control plane
+    // knows edge-1 joined from 127.0.0.1, and the mesh listener's port) is reached over
+    // mesh mutual TLS expecting edge-1's identity: no per-service config.
+    eventually("the joined proxy is reached over mesh mTLS", || async {
+        curl_as(&member, &url("/auto/z")).0
+    })
+    .await;
+    assert_eq!(backend.last_target(), "/direct/z");
     let metrics = proxy.metrics().await;
     for peer in [
         "spiffe://nip.local/node/client-1",

@@ -226,8 +226,22 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
     ));
     if let Some((issuer, _)) = &issuer {
         service
-            .set_trust_bundle(issuer.ca.trust_bundle_pem())
+            .set_trust_bundle(issuer.ca.trust_bundle_pem(), issuer.ca.trust_domain())
             .await?;
+        // Proxies that join (or come back from another address) are reached over mesh
+        // mutual TLS as soon as they are known.
+        let (service, registry) = (Arc::clone(&service), Arc::clone(&registry));
+        tokio::spawn(async move {
+            let mut members = registry.watch_members();
+            loop {
+                if let Err(e) = service.set_mesh_members(registry.mesh_members()).await {
+                    tracing::error!("mesh members not served: {e}");
+                }
+                if members.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
     }
     service.sync().await?;
     if let Some(path) = &options.config {

@@ -311,11 +311,12 @@ pub async fn validate_bounded(yaml: String) -> Result<Validated, ConfigError> {
 /// The serving state of one revision, labelled with its version (parsed off the async
 /// workers); a tenant whose admin requires signed plugins gets the keys added, so every
 /// proxy refuses a module they did not sign; the CA's trust bundle goes with every state
-/// as the SDS secret `ROOTCA`.
+/// as the SDS secret `ROOTCA`, and endpoints that are mesh proxies are reached over mesh
+/// mutual TLS ([`nip_xds::mesh`]).
 async fn state_of(
     revision: &Revision,
     plugin_keys: &BTreeMap<String, Vec<String>>,
-    trust_bundle: Option<Arc<str>>,
+    mesh: Arc<MeshState>,
 ) -> Result<CacheState, ConfigError> {
     let yaml = revision.yaml.clone();
     let version = revision.version.to_string();
@@ -326,11 +327,16 @@ async fn state_of(
         if let Some(keys) = config.tenant.as_ref().and_then(|t| plugin_keys.get(&t.id)) {
             nip_xds::translate::require_signed_plugins(&mut translation.resources, keys);
         }
-        if let Some(pem) = trust_bundle {
+        if let Some(pem) = &mesh.trust_bundle {
             translation
                 .resources
                 .secrets
-                .push(nip_xds::secrets::trust_bundle(&pem));
+                .push(nip_xds::secrets::trust_bundle(pem));
+            nip_xds::mesh::reach_members_over_mtls(
+                &mut translation.resources,
+                &mesh.trust_domain,
+                &mesh.members,
+            );
             translation.resources.version = translation.resources.content_version();
         }
         Ok(CacheState::new(&version, &translation.resources))
@@ -379,8 +385,20 @@ pub struct ConfigService {
     last_push: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// How many times the cache changed.
     pushes: std::sync::atomic::AtomicU64,
+    /// What the CA adds to every state served: the trust bundle and the mesh's members.
+    mesh: std::sync::Mutex<Arc<MeshState>>,
+}
+
+/// What the CA adds to every state served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshState {
     /// The CA's trust bundle (PEM), served to every proxy as the SDS secret `ROOTCA`.
-    trust_bundle: std::sync::Mutex<Option<Arc<str>>>,
+    pub trust_bundle: Option<String>,
+    /// The CA's trust domain.
+    pub trust_domain: String,
+    /// Certified proxies by node id, with the address each connects from: endpoints there
+    /// (at the mesh listener's port) are reached over mesh mutual TLS.
+    pub members: BTreeMap<String, std::net::IpAddr>,
 }
 
 impl ConfigService {
@@ -400,29 +418,45 @@ impl ConfigService {
             policy,
             last_push: std::sync::Mutex::new(None),
             pushes: std::sync::atomic::AtomicU64::new(0),
-            trust_bundle: std::sync::Mutex::new(None),
+            mesh: std::sync::Mutex::new(Arc::default()),
         }
     }
 
-    /// Serves `pem` as the mesh's trust bundle (SDS secret `ROOTCA`) from the next sync on;
-    /// a changed bundle is pushed to every proxy even when the config did not change.
-    pub async fn set_trust_bundle(&self, pem: &str) -> Result<(), StoreError> {
+    /// Serves `pem` as the mesh's trust bundle (SDS secret `ROOTCA`) of `trust_domain`
+    /// from now on; a changed bundle is pushed to every proxy even when the config did not
+    /// change.
+    pub async fn set_trust_bundle(&self, pem: &str, trust_domain: &str) -> Result<(), StoreError> {
+        self.change_mesh(|mesh| {
+            mesh.trust_bundle = Some(pem.to_string());
+            mesh.trust_domain = trust_domain.to_string();
+        })
+        .await
+    }
+
+    /// Reaches `members` (certified node → address) over mesh mutual TLS from now on.
+    pub async fn set_mesh_members(
+        &self,
+        members: BTreeMap<String, std::net::IpAddr>,
+    ) -> Result<(), StoreError> {
+        self.change_mesh(|mesh| mesh.members = members).await
+    }
+
+    async fn change_mesh(&self, change: impl FnOnce(&mut MeshState)) -> Result<(), StoreError> {
         {
-            let mut bundle = self.trust_bundle.lock().unwrap_or_else(|p| p.into_inner());
-            if bundle.as_deref() == Some(pem) {
+            let mut mesh = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+            let mut changed = MeshState::clone(&mesh);
+            change(&mut changed);
+            if changed == **mesh {
                 return Ok(());
             }
-            *bundle = Some(Arc::from(pem));
+            *mesh = Arc::new(changed);
         }
         *self.served.lock().await = None;
         self.sync().await
     }
 
-    fn current_trust_bundle(&self) -> Option<Arc<str>> {
-        self.trust_bundle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn current_mesh(&self) -> Arc<MeshState> {
+        Arc::clone(&self.mesh.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The store (for history and events).
@@ -459,10 +493,10 @@ impl ConfigService {
         let current = self.store.current().await?;
         let canary = self.store.canary().await?;
         let plugin_keys = self.store.plugin_signing_all().await?;
-        let bundle = self.current_trust_bundle();
+        let mesh = self.current_mesh();
         let previous = self.cache.views();
         let default = match &current {
-            Some(revision) => match state_of(revision, &plugin_keys, bundle.clone()).await {
+            Some(revision) => match state_of(revision, &plugin_keys, Arc::clone(&mesh)).await {
                 Ok(state) => Arc::new(state),
                 Err(e) => {
                     tracing::error!(
@@ -476,7 +510,7 @@ impl ConfigService {
         };
         let mut by_region = BTreeMap::new();
         if let Some(revision) = &canary {
-            match state_of(revision, &plugin_keys, bundle.clone()).await {
+            match state_of(revision, &plugin_keys, Arc::clone(&mesh)).await {
                 Ok(state) => {
                     let region = revision.canary_region.clone().unwrap_or_default();
                     by_region.insert(region, Arc::new(state));

@@ -18,6 +18,8 @@
 //! * [`identity`] names workloads (SPIFFE IDs), makes a proxy's key and CSR, and reads what
 //!   a certificate says about its holder.
 //! * [`resources`] groups one consistent set of resources under one content version.
+//! * [`mesh`] builds mesh mutual TLS (workload certificates, the trust bundle) and makes
+//!   clusters reach endpoints that are mesh proxies over it, with no per-service config.
 //! * [`secrets`] names TLS material (SDS): which secrets listeners and clusters use, and
 //!   the one a proxy resolves itself (its workload certificate).
 //! * [`client`] keeps a proxy's resource set in step with any ADS server, ACKing what the
@@ -34,6 +36,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod json;
+pub mod mesh;
 pub mod resources;
 pub mod schema;
 pub mod secrets;

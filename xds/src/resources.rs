@@ -35,6 +35,15 @@ pub mod names {
     pub const ROUTER: &str = "envoy.filters.http.router";
     /// Downstream/upstream TLS transport socket.
     pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+    /// The plaintext transport socket (a `transport_socket_matches` entry for endpoints
+    /// reached without TLS).
+    pub const RAW_BUFFER_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.raw_buffer";
+    /// `envoy.transport_socket_match` field a control plane sets on an endpoint that is a
+    /// NIP proxy of the mesh: its SPIFFE ID (the cluster's matching entry does mesh mutual
+    /// TLS expecting exactly that identity).
+    pub const MESH_IDENTITY_MATCH_FIELD: &str = "nip.mesh_identity";
+    /// Endpoint `filter_metadata` key Envoy matches `transport_socket_matches` against.
+    pub const TRANSPORT_SOCKET_MATCH_METADATA: &str = "envoy.transport_socket_match";
     /// Access log to standard output.
     pub const STDOUT_ACCESS_LOG: &str = "envoy.access_loggers.stdout";
     /// Access log to a file.

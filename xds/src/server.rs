@@ -258,6 +258,10 @@ pub struct ProxyStatus {
     pub acked: BTreeMap<String, String>,
     /// The last NACK, if any (cleared by a later ACK of the same type).
     pub last_nack: Option<Nack>,
+    /// The address the stream comes from.
+    pub address: Option<std::net::IpAddr>,
+    /// Whether the stream's node is the one its client certificate names (a mesh member).
+    pub certified: bool,
 }
 
 /// How long a closed stream's row stays listed (so `nip get proxies` shows a proxy that
@@ -270,6 +274,8 @@ pub struct ProxyRegistry {
     proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
     next_stream: std::sync::atomic::AtomicU64,
     retention: Duration,
+    /// Bumped when the mesh's members (certified nodes and their addresses) change.
+    members: watch::Sender<u64>,
 }
 
 impl Default for ProxyRegistry {
@@ -285,6 +291,39 @@ impl ProxyRegistry {
             proxies: Mutex::new(BTreeMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
             retention,
+            members: watch::channel(0).0,
+        }
+    }
+
+    /// The mesh's members: each certified node seen (connected or within the retention)
+    /// with the address it came from, newest stream first per node.
+    pub fn mesh_members(&self) -> BTreeMap<String, std::net::IpAddr> {
+        let mut proxies = self.lock();
+        self.forget_old(&mut proxies);
+        let mut members = BTreeMap::new();
+        for status in proxies.values().rev() {
+            if let (true, Some(address)) = (status.certified, status.address) {
+                members.entry(status.node_id.clone()).or_insert(address);
+            }
+        }
+        members
+    }
+
+    /// Changes whenever [`ProxyRegistry::mesh_members`] may have changed.
+    pub fn watch_members(&self) -> watch::Receiver<u64> {
+        self.members.subscribe()
+    }
+
+    /// Records where a stream comes from and whether its node is certified; a certified
+    /// node at a new address changes the mesh's members.
+    fn set_peer(&self, stream: u64, address: Option<std::net::IpAddr>, certified: bool) {
+        let before = certified.then(|| self.mesh_members());
+        self.update(stream, |status| {
+            status.address = address;
+            status.certified = certified;
+        });
+        if before.is_some_and(|before| before != self.mesh_members()) {
+            self.members.send_modify(|generation| *generation += 1);
         }
     }
 
@@ -367,6 +406,8 @@ impl ProxyRegistry {
                 disconnected_at: None,
                 acked: BTreeMap::new(),
                 last_nack: None,
+                address: None,
+                certified: false,
             },
         );
         (stream, node.id, region)
@@ -675,6 +716,7 @@ fn drive<P: StreamProtocol>(
     mut state: P,
     registry: Arc<ProxyRegistry>,
     certified_node: Option<String>,
+    peer: Option<std::net::IpAddr>,
 ) -> ResponseStream<P::Response>
 where
     P::Request: prost::Message + Default,
@@ -701,6 +743,9 @@ where
                     }
                     if state.node_id().is_none() {
                         state.identify(&request);
+                        if let Some(stream) = state.stream_id() {
+                            registry.set_peer(stream, peer, certified_node.is_some());
+                        }
                     }
                     let views = changes.borrow_and_update().clone();
                     let response = state.on_request(request, views.for_region(state.region()));
@@ -778,6 +823,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
         let certified = self.certified_node(&request)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let state = StreamState {
             stream_id: None,
             node_id: None,
@@ -792,6 +838,7 @@ impl AggregatedDiscoveryService for AdsServer {
             state,
             Arc::clone(&self.registry),
             certified,
+            peer,
         )))
     }
 
@@ -800,6 +847,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
         let certified = self.certified_node(&request)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let state = delta::DeltaStream::new(Arc::clone(&self.registry));
         Ok(tonic::Response::new(drive(
             request.into_inner(),
@@ -807,6 +855,7 @@ impl AggregatedDiscoveryService for AdsServer {
             state,
             Arc::clone(&self.registry),
             certified,
+            peer,
         )))
     }
 }

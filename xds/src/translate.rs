@@ -65,7 +65,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
-    SdsSecretConfig, TlsCertificate, UpstreamTlsContext,
+    TlsCertificate, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options, HttpProtocolOptions,
@@ -304,7 +304,7 @@ fn socket_address(host: &str, port: u16) -> Address {
     }
 }
 
-fn ads_config_source() -> ConfigSource {
+pub(crate) fn ads_config_source() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
             AggregatedConfigSource {},
@@ -376,7 +376,7 @@ fn gateway_listener(config: &Config) -> Listener {
         ..Default::default()
     };
     let transport_socket = if gateway.tls.mesh {
-        Some(mesh_downstream_tls())
+        Some(crate::mesh::downstream_tls())
     } else {
         gateway_tls(gateway)
     };
@@ -1388,37 +1388,6 @@ fn gateway_tls(gateway: &crate::config::GatewayConfig) -> Option<TransportSocket
     })
 }
 
-/// SDS references to the mesh's secrets, over ADS.
-fn sds(name: &str) -> SdsSecretConfig {
-    SdsSecretConfig {
-        name: name.to_string(),
-        sds_config: Some(ads_config_source()),
-    }
-}
-
-/// Mesh mutual TLS on the listener: the workload certificate, clients verified against
-/// the mesh's trust bundle.
-fn mesh_downstream_tls() -> TransportSocket {
-    let tls = DownstreamTlsContext {
-        common_tls_context: Some(CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(crate::secrets::WORKLOAD_CERTIFICATE)],
-            alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
-            validation_context_type: Some(
-                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
-                    crate::secrets::TRUST_BUNDLE,
-                )),
-            ),
-            ..Default::default()
-        }),
-        require_client_certificate: Some(BoolValue { value: true }),
-        ..Default::default()
-    };
-    TransportSocket {
-        name: names::TLS_TRANSPORT_SOCKET.to_string(),
-        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
-    }
-}
-
 /// `tls` of a service as Envoy's `UpstreamTlsContext`.
 fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
     let file = |path: &String| DataSource {
@@ -1466,56 +1435,15 @@ fn upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
     }
 }
 
-/// Mesh mutual TLS to a service: the workload certificate, the mesh's trust bundle, and
-/// the endpoint's SPIFFE ID checked (any, unless `match_typed_subject_alt_names` narrows it:
-/// the mesh's CA issues IDs of its own trust domain only).
+/// Mesh mutual TLS to a service ([`crate::mesh::upstream_tls`]), narrowed to the
+/// configured names, if any.
 fn mesh_upstream_tls(tls: &crate::config::UpstreamTlsConfig) -> TransportSocket {
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-        common_tls_context::CombinedCertificateValidationContext, subject_alt_name_matcher,
-        SubjectAltNameMatcher,
-    };
-    use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
-    let matchers = if tls.match_typed_subject_alt_names.is_empty() {
-        vec![SubjectAltNameMatcher {
-            san_type: subject_alt_name_matcher::SanType::Uri as i32,
-            matcher: Some(StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::Prefix("spiffe://".into())),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]
-    } else {
-        tls.match_typed_subject_alt_names
-            .iter()
-            .map(subject_alt_name_matcher)
-            .collect()
-    };
-    let context = UpstreamTlsContext {
-        sni: tls.sni.clone().unwrap_or_default(),
-        common_tls_context: Some(CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(crate::secrets::WORKLOAD_CERTIFICATE)],
-            validation_context_type: Some(
-                common_tls_context::ValidationContextType::CombinedValidationContext(
-                    CombinedCertificateValidationContext {
-                        default_validation_context: Some(CertificateValidationContext {
-                            match_typed_subject_alt_names: matchers,
-                            ..Default::default()
-                        }),
-                        validation_context_sds_secret_config: Some(sds(
-                            crate::secrets::TRUST_BUNDLE,
-                        )),
-                        ..Default::default()
-                    },
-                ),
-            ),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    TransportSocket {
-        name: names::TLS_TRANSPORT_SOCKET.to_string(),
-        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
-    }
+    let matchers = tls
+        .match_typed_subject_alt_names
+        .iter()
+        .map(subject_alt_name_matcher)
+        .collect();
+    crate::mesh::upstream_tls(tls.sni.clone(), matchers)
 }
 
 /// One `match_typed_subject_alt_names` entry as Envoy's `SubjectAltNameMatcher`.

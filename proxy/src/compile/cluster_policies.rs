@@ -550,16 +550,62 @@ pub(super) struct UpstreamTlsSpec {
 }
 
 pub(super) fn upstream_tls_spec(xds: &XdsCluster) -> Result<Option<UpstreamTlsSpec>, String> {
+    if !xds.health_checks.is_empty()
+        && (xds.transport_socket.is_some() || !xds.transport_socket_matches.is_empty())
+    {
+        return Err("health checks of a TLS cluster are not supported yet".into());
+    }
+    match &xds.transport_socket {
+        None => Ok(None),
+        Some(socket) => transport_socket_spec(socket),
+    }
+}
+
+/// One of a cluster's `transport_socket_matches`: endpoints whose metadata under
+/// `envoy.transport_socket_match` has every field of `criteria` use `spec` (`None`: a raw
+/// buffer, plaintext).
+#[derive(Debug, Clone)]
+pub(super) struct SocketMatch {
+    /// The entry's `match`.
+    pub criteria: envoy_types::pb::google::protobuf::Struct,
+    /// Its transport socket.
+    pub spec: Option<UpstreamTlsSpec>,
+}
+
+/// A cluster's `transport_socket_matches`, in order (the first match wins, as in Envoy).
+pub(super) fn transport_socket_matches(xds: &XdsCluster) -> Result<Vec<SocketMatch>, String> {
+    xds.transport_socket_matches
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let spec = match &entry.transport_socket {
+                None => None,
+                Some(socket) => transport_socket_spec(socket)
+                    .map_err(|e| format!("transport_socket_matches[{i}] {:?}: {e}", entry.name))?,
+            };
+            Ok(SocketMatch {
+                criteria: entry.r#match.clone().unwrap_or_default(),
+                spec,
+            })
+        })
+        .collect()
+}
+
+/// What a transport socket is: TLS (its spec), or a raw buffer (`None`).
+fn transport_socket_spec(
+    socket: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+) -> Result<Option<UpstreamTlsSpec>, String> {
     use envoy_types::pb::envoy::config::core::v3::transport_socket;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
-    let Some(socket) = &xds.transport_socket else {
+    if socket.name == names::RAW_BUFFER_TRANSPORT_SOCKET {
         return Ok(None);
-    };
+    }
     if socket.name != names::TLS_TRANSPORT_SOCKET {
         return Err(format!(
-            "transport_socket {:?}: only {} is supported",
+            "transport_socket {:?}: only {} and {} are supported",
             socket.name,
-            names::TLS_TRANSPORT_SOCKET
+            names::TLS_TRANSPORT_SOCKET,
+            names::RAW_BUFFER_TRANSPORT_SOCKET
         ));
     }
     let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
@@ -583,9 +629,6 @@ pub(super) fn upstream_tls_spec(xds: &XdsCluster) -> Result<Option<UpstreamTlsSp
                 .map_err(|e| format!("transport_socket: match_typed_subject_alt_names[{i}]: {e}"))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    if !xds.health_checks.is_empty() {
-        return Err("health checks of a TLS cluster are not supported yet".into());
-    }
     if !context.sni.is_empty() {
         rustls::pki_types::ServerName::try_from(context.sni.as_str())
             .map_err(|e| format!("transport_socket: sni {:?}: {e}", context.sni))?;

@@ -71,8 +71,25 @@ impl Compiler<'_> {
         let tls = super::cluster_policies::upstream_tls_spec(xds)
             .map_err(fail)?
             .and_then(|_| prepared.upstream_tls.get(name).cloned());
+        let transports = Transports {
+            matches: super::cluster_policies::transport_socket_matches(xds)
+                .map_err(fail)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, entry)| {
+                    (
+                        entry.criteria,
+                        prepared
+                            .upstream_tls_matches
+                            .get(&(name.to_string(), i))
+                            .cloned(),
+                    )
+                })
+                .collect(),
+            default: tls.clone(),
+        };
         let endpoints = match assignment {
-            Some(cla) => self.endpoints(name, cla, prepared)?,
+            Some(cla) => self.endpoints(name, cla, prepared, &transports)?,
             None => Vec::new(),
         };
         let outlier = xds
@@ -123,6 +140,7 @@ impl Compiler<'_> {
         cluster: &str,
         cla: &ClusterLoadAssignment,
         prepared: &Prepared,
+        transports: &Transports,
     ) -> Result<Vec<Endpoint>, CompileError> {
         let mut endpoints = Vec::new();
         for (li, locality_endpoints) in cla.endpoints.iter().enumerate() {
@@ -184,6 +202,10 @@ impl Compiler<'_> {
                         .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
                     hostname,
+                    tls: transports.for_endpoint(
+                        lb_endpoint.metadata.as_ref(),
+                        locality_endpoints.metadata.as_ref(),
+                    ),
                     locality_picks: self.metrics.locality_picks(
                         cluster,
                         &locality.region,
@@ -194,5 +216,46 @@ impl Compiler<'_> {
             }
         }
         Ok(endpoints)
+    }
+}
+
+/// How a cluster's endpoints are reached: `transport_socket_matches` entries in order, each
+/// with its TLS (`None`: plaintext), else the cluster's own transport socket.
+pub(super) struct Transports {
+    matches: Vec<(
+        envoy_types::pb::google::protobuf::Struct,
+        Option<Arc<crate::upstream::tls::UpstreamTls>>,
+    )>,
+    default: Option<Arc<crate::upstream::tls::UpstreamTls>>,
+}
+
+impl Transports {
+    /// The TLS of an endpoint with these metadata (the endpoint's, then its locality's,
+    /// under `envoy.transport_socket_match`): the first entry whose every field they hold
+    /// with the same value, else the cluster's.
+    fn for_endpoint(
+        &self,
+        endpoint: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+        locality: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+    ) -> Option<Arc<crate::upstream::tls::UpstreamTls>> {
+        let labels = |metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>| {
+            metadata.and_then(|m| {
+                m.filter_metadata
+                    .get(names::TRANSPORT_SOCKET_MATCH_METADATA)
+                    .cloned()
+            })
+        };
+        let labels = labels(endpoint)
+            .or_else(|| labels(locality))
+            .unwrap_or_default();
+        self.matches
+            .iter()
+            .find(|(criteria, _)| {
+                criteria
+                    .fields
+                    .iter()
+                    .all(|(key, value)| labels.fields.get(key) == Some(value))
+            })
+            .map_or_else(|| self.default.clone(), |(_, tls)| tls.clone())
     }
 }

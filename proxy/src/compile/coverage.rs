@@ -308,7 +308,12 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "common_lb_config",
             "metadata",
             "transport_socket",
+            "transport_socket_matches",
         ],
+    ),
+    (
+        "envoy.config.cluster.v3.Cluster.TransportSocketMatch",
+        &["name", "match", "transport_socket"],
     ),
     (
         "envoy.config.core.v3.TransportSocket",
@@ -400,11 +405,12 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "lb_endpoints",
             "load_balancing_weight",
             "priority",
+            "metadata",
         ],
     ),
     (
         "envoy.config.endpoint.v3.LbEndpoint",
-        &["endpoint", "load_balancing_weight"],
+        &["endpoint", "load_balancing_weight", "metadata"],
     ),
     (
         "envoy.config.endpoint.v3.Endpoint",

@@ -33,6 +33,9 @@ pub struct Prepared {
     /// Each TLS cluster's certificates and keys, read (a proxy; none in a check: the
     /// files are on the proxies).
     pub(super) upstream_tls: HashMap<String, Arc<crate::upstream::tls::UpstreamTls>>,
+    /// The TLS of each cluster's `transport_socket_matches` entry, by (cluster, index).
+    pub(super) upstream_tls_matches:
+        HashMap<(String, usize), Arc<crate::upstream::tls::UpstreamTls>>,
     /// The roots the listener verifies clients with, read (a proxy).
     pub(super) listener_client_roots: Option<crate::downstream::tls::ClientRoots>,
 }
@@ -151,6 +154,20 @@ fn gather(
     if hosts == Hosts::Resolve {
         for xds in &resources.clusters {
             let fail = |m: String| err("Cluster", &xds.name, m);
+            for (i, entry) in super::cluster_policies::transport_socket_matches(xds)
+                .map_err(fail)?
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(spec) = entry.spec {
+                    let tls = upstream_tls(spec, &source)
+                        .and_then(crate::upstream::tls::UpstreamTls::load)
+                        .map_err(|e| fail(format!("transport_socket_matches[{i}]: {e}")))?;
+                    prepared
+                        .upstream_tls_matches
+                        .insert((xds.name.clone(), i), Arc::new(tls));
+                }
+            }
             let Some(spec) = super::cluster_policies::upstream_tls_spec(xds).map_err(fail)? else {
                 continue;
             };

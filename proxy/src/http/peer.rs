@@ -1,8 +1,8 @@
 //! The upstream peer of one try: where it connects, how long it may take, which protocol.
 
 use crate::upstream::cluster::Cluster;
+use crate::upstream::endpoint::Endpoint;
 use pingora::prelude::HttpPeer;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Pooled upstream connections idle longer than this are closed.
@@ -19,19 +19,19 @@ pub fn read_timeout(
     [budget_left, per_try, idle].into_iter().flatten().min()
 }
 
-/// The peer of a try to `address` (named `hostname` in its cluster's endpoints, if it has
-/// a name), an endpoint of `cluster`, each read within `timeout`. Over TLS the endpoint's
+/// The peer of a try to `endpoint` (its address; its host name, if it has one) of
+/// `cluster`, each read within `timeout`. Over TLS (the endpoint's transport) the endpoint's
 /// certificate must name the cluster's `sni`, else its host name, else its IP address
 /// (or carry a name the cluster's SAN matchers accept); NIP makes that connection itself
 /// ([`crate::upstream::tls`]) and pingora sees a connected stream.
 pub fn for_try(
-    address: SocketAddr,
-    hostname: Option<&str>,
+    endpoint: &Endpoint,
     cluster: &Cluster,
     timeout: Option<Duration>,
 ) -> pingora::Result<HttpPeer> {
+    let (address, hostname) = (endpoint.address, endpoint.hostname.as_deref());
     let mut peer = HttpPeer::new(address, false, String::new());
-    if let Some(tls) = &cluster.tls {
+    if let Some(tls) = &endpoint.tls {
         let ip;
         let name = match (&tls.sni, hostname) {
             (Some(sni), _) => sni.as_str(),

@@ -239,4 +239,7 @@ pub struct Endpoint {
     pub hostname: Option<Arc<str>>,
     /// Tries sent to this endpoint's locality (`nip_upstream_locality_picks_total`).
     pub locality_picks: prometheus_client::metrics::counter::Counter,
+    /// How it is reached over TLS (`None`: plaintext): its cluster's `transport_socket`,
+    /// or the `transport_socket_matches` entry its metadata matches.
+    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
 }

@@ -49,6 +49,7 @@ impl SecretDiscoveryService for SdsServer {
     ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
         let ads = &self.0;
         let certified = ads.certified_node(&request)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let state = StreamState {
             stream_id: None,
             node_id: None,
@@ -68,6 +69,7 @@ impl SecretDiscoveryService for SdsServer {
             state,
             Arc::clone(&ads.registry),
             certified,
+            peer,
         )))
     }
 
@@ -77,6 +79,7 @@ impl SecretDiscoveryService for SdsServer {
     ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
         let ads = &self.0;
         let certified = ads.certified_node(&request)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let state = super::delta::DeltaStream::new(Arc::clone(&ads.registry));
         let requests = request.into_inner().map(|request| {
             let mut request = request?;
@@ -89,6 +92,7 @@ impl SecretDiscoveryService for SdsServer {
             state,
             Arc::clone(&ads.registry),
             certified,
+            peer,
         )))
     }
 

@@ -34,6 +34,7 @@ fn endpoint(registry: &EndpointRegistry, port: usize) -> Endpoint {
         state: registry.state("c", address),
         hostname: None,
         locality_picks: Default::default(),
+        tls: None,
     }
 }
 

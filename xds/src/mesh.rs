@@ -1,0 +1,244 @@
+//! Mesh mutual TLS between NIP proxies: the transport sockets that use a proxy's workload
+//! certificate and the mesh's trust bundle (by SDS name), and the control plane's pass that
+//! makes every cluster reach the endpoints that are mesh proxies over mutual TLS, expecting
+//! each one's own SPIFFE ID, with no per-service config.
+//!
+//! ```text
+//! members (certified nodes and the address each connects from) ─┐
+//! ResourceSet: gateway listener is mesh (serves SDS "default") ──┴─ reach_members_over_mtls
+//!   └▶ endpoint (member address, gateway port): metadata envoy.transport_socket_match
+//!        {nip.mesh_identity: spiffe://TD/node/N}
+//!   └▶ its cluster (no TLS of its own): transport_socket_matches entry for that identity,
+//!        mesh mutual TLS with the URI SAN exactly that identity
+//! ```
+
+use crate::identity::SpiffeId;
+use crate::resources::names;
+use crate::secrets::{TRUST_BUNDLE, WORKLOAD_CERTIFICATE};
+use crate::ResourceSet;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::{
+    address, transport_socket, Metadata, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    subject_alt_name_matcher, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
+    SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::google::protobuf::{value, BoolValue, Struct, Value};
+use prost::{Message, Name};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// An SDS reference over ADS.
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(crate::translate::ads_config_source()),
+    }
+}
+
+fn tls_socket<M: Message + Name>(context: M) -> TransportSocket {
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.to_string(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(
+            envoy_types::pb::google::protobuf::Any {
+                type_url: M::type_url(),
+                value: context.encode_to_vec(),
+            },
+        )),
+    }
+}
+
+/// A URI SAN matcher.
+fn uri(pattern: string_matcher::MatchPattern) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(pattern),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Mesh mutual TLS on a listener: the workload certificate, clients verified against the
+/// mesh's trust bundle.
+pub fn downstream_tls() -> TransportSocket {
+    tls_socket(DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_CERTIFICATE)],
+            alpn_protocols: vec!["h2".to_string(), "http/1.1".to_string()],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                sds(TRUST_BUNDLE),
+            )),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    })
+}
+
+/// Mesh mutual TLS to endpoints: the workload certificate, the mesh's trust bundle, and
+/// the endpoint's names checked by `matchers` (none: any SPIFFE ID, since the mesh's CA
+/// issues IDs of its own trust domain only).
+pub fn upstream_tls(sni: Option<String>, matchers: Vec<SubjectAltNameMatcher>) -> TransportSocket {
+    let matchers = if matchers.is_empty() {
+        vec![uri(string_matcher::MatchPattern::Prefix(
+            "spiffe://".into(),
+        ))]
+    } else {
+        matchers
+    };
+    tls_socket(UpstreamTlsContext {
+        sni: sni.unwrap_or_default(),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_CERTIFICATE)],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: matchers,
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(TRUST_BUNDLE)),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The port of the gateway listener when it is a mesh listener (it serves the workload
+/// certificate): the port every mesh proxy takes mesh mutual TLS on.
+pub fn mesh_listener_port(resources: &ResourceSet) -> Option<u16> {
+    let listener = resources
+        .listeners
+        .iter()
+        .find(|l| l.name == crate::resources::GATEWAY_LISTENER)?;
+    if !crate::secrets::referenced(std::slice::from_ref(listener), &[])
+        .contains(WORKLOAD_CERTIFICATE)
+    {
+        return None;
+    }
+    match listener.address.as_ref()?.address.as_ref()? {
+        address::Address::SocketAddress(sa) => match sa.port_specifier {
+            Some(
+                envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                    port,
+                ),
+            ) => u16::try_from(port).ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn string_value(text: &str) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(text.to_string())),
+    }
+}
+
+/// Makes every cluster with no TLS of its own reach its endpoints that are mesh proxies
+/// (a member's address at the mesh listener's port) over mesh mutual TLS expecting that
+/// member's SPIFFE ID. `members`: node id → the address it connects from. Nothing changes
+/// when the gateway is not a mesh listener.
+pub fn reach_members_over_mtls(
+    resources: &mut ResourceSet,
+    trust_domain: &str,
+    members: &BTreeMap<String, IpAddr>,
+) {
+    let Some(port) = mesh_listener_port(resources) else {
+        return;
+    };
+    let by_address: BTreeMap<IpAddr, String> = members
+        .iter()
+        .filter_map(|(node, ip)| {
+            let id = SpiffeId::node(trust_domain, node).ok()?;
+            Some((*ip, id.to_string()))
+        })
+        .collect();
+    let eligible: std::collections::BTreeSet<String> = resources
+        .clusters
+        .iter()
+        .filter(|c| c.transport_socket.is_none() && c.transport_socket_matches.is_empty())
+        .map(|c| c.name.clone())
+        .collect();
+    let mut identities: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for assignment in &mut resources.endpoints {
+        if !eligible.contains(&assignment.cluster_name) {
+            continue;
+        }
+        for lb in assignment
+            .endpoints
+            .iter_mut()
+            .flat_map(|l| l.lb_endpoints.iter_mut())
+        {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &lb.host_identifier else {
+                continue;
+            };
+            let Some(address::Address::SocketAddress(sa)) =
+                endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                continue;
+            };
+            let at_mesh_port = matches!(
+                sa.port_specifier,
+                Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p))
+                    if u16::try_from(p) == Ok(port)
+            );
+            let Some(identity) = sa
+                .address
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|_| at_mesh_port)
+                .and_then(|ip| by_address.get(&ip))
+            else {
+                continue;
+            };
+            let metadata = lb.metadata.get_or_insert_with(Metadata::default);
+            metadata.filter_metadata.insert(
+                names::TRANSPORT_SOCKET_MATCH_METADATA.to_string(),
+                Struct {
+                    fields: [(
+                        names::MESH_IDENTITY_MATCH_FIELD.to_string(),
+                        string_value(identity),
+                    )]
+                    .into(),
+                },
+            );
+            let of_cluster = identities
+                .entry(assignment.cluster_name.clone())
+                .or_default();
+            if !of_cluster.contains(identity) {
+                of_cluster.push(identity.clone());
+            }
+        }
+    }
+    for cluster in &mut resources.clusters {
+        let Some(identities) = identities.get(&cluster.name) else {
+            continue;
+        };
+        for identity in identities {
+            cluster.transport_socket_matches.push(TransportSocketMatch {
+                name: format!("nip-mesh {identity}"),
+                r#match: Some(Struct {
+                    fields: [(
+                        names::MESH_IDENTITY_MATCH_FIELD.to_string(),
+                        string_value(identity),
+                    )]
+                    .into(),
+                }),
+                transport_socket: Some(upstream_tls(
+                    None,
+                    vec![uri(string_matcher::MatchPattern::Exact(identity.clone()))],
+                )),
+            });
+        }
+    }
+    resources.version = resources.content_version();
+}
