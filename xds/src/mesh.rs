@@ -242,3 +242,96 @@ pub fn reach_members_over_mtls(
     }
     resources.version = resources.content_version();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::resources;
+
+    const MESH: &str = "api_gateway: { address: \"0.0.0.0:8443\", tls: { mesh: true } }\nservices:\n  a: { endpoints: [\"10.0.0.1:8443\", \"10.0.0.2:8443\", \"10.0.0.1:9000\"] }\n  b: { endpoints: [\"10.0.0.1:8443\"], tls: { sni: b.example } }\nroutes:\n  - { service: a }\n  - { match: { path_prefix: /b }, service: b }\n";
+
+    fn identity_of(set: &ResourceSet, cluster: &str, endpoint: usize) -> Option<String> {
+        let assignment = set.endpoints.iter().find(|e| e.cluster_name == cluster)?;
+        let lb = assignment
+            .endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .nth(endpoint)?;
+        let labels = lb
+            .metadata
+            .as_ref()?
+            .filter_metadata
+            .get(names::TRANSPORT_SOCKET_MATCH_METADATA)?;
+        match labels
+            .fields
+            .get(names::MESH_IDENTITY_MATCH_FIELD)?
+            .kind
+            .as_ref()?
+        {
+            value::Kind::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn endpoints_at_a_members_address_and_the_mesh_port_are_reached_as_that_member() {
+        let mut set = resources(MESH);
+        let members = [("n1".to_string(), "10.0.0.1".parse().unwrap())].into();
+        let before = set.version.clone();
+        reach_members_over_mtls(&mut set, "td.example", &members);
+        assert_ne!(set.version, before, "a new version for the change");
+        assert_eq!(
+            identity_of(&set, "a", 0).as_deref(),
+            Some("spiffe://td.example/node/n1")
+        );
+        assert_eq!(identity_of(&set, "a", 1), None, "not a member");
+        assert_eq!(identity_of(&set, "a", 2), None, "not the mesh port");
+        let a = set.clusters.iter().find(|c| c.name == "a").unwrap();
+        assert_eq!(a.transport_socket_matches.len(), 1);
+        let entry = &a.transport_socket_matches[0];
+        let socket = entry.transport_socket.as_ref().unwrap();
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("typed config");
+        };
+        let context = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        let common = context.common_tls_context.unwrap();
+        assert_eq!(
+            common.tls_certificate_sds_secret_configs[0].name,
+            WORKLOAD_CERTIFICATE
+        );
+        let Some(ValidationContextType::CombinedValidationContext(combined)) =
+            common.validation_context_type
+        else {
+            panic!("combined validation context");
+        };
+        assert_eq!(
+            combined.validation_context_sds_secret_config.unwrap().name,
+            TRUST_BUNDLE
+        );
+        let matcher = &combined
+            .default_validation_context
+            .unwrap()
+            .match_typed_subject_alt_names[0];
+        assert_eq!(
+            matcher.matcher.as_ref().unwrap().match_pattern,
+            Some(string_matcher::MatchPattern::Exact(
+                "spiffe://td.example/node/n1".into()
+            ))
+        );
+        // A service with TLS of its own keeps it.
+        let b = set.clusters.iter().find(|c| c.name == "b").unwrap();
+        assert!(b.transport_socket_matches.is_empty());
+        assert_eq!(identity_of(&set, "b", 0), None);
+    }
+
+    #[test]
+    fn without_a_mesh_listener_nothing_changes() {
+        let plain = MESH.replace(", tls: { mesh: true }", "");
+        let mut set = resources(&plain);
+        let untouched = set.clone();
+        let members = [("n1".to_string(), "10.0.0.1".parse().unwrap())].into();
+        reach_members_over_mtls(&mut set, "td.example", &members);
+        assert_eq!(set, untouched);
+        assert_eq!(mesh_listener_port(&resources(MESH)), Some(8443));
+    }
+}

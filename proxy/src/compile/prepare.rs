@@ -197,8 +197,12 @@ fn gather(
             let (origin, pem) = source
                 .trust(trust)
                 .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;
-            prepared.listener_client_roots =
-                Some(crate::downstream::tls::ClientRoots { origin, pem });
+            let roots = crate::downstream::tls::ClientRoots { origin, pem };
+            // Checked here, so roots that cannot verify anything are refused (NACKed), not
+            // found out when the listener is given them.
+            crate::downstream::tls::ClientVerifier::new(&roots, true)
+                .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;
+            prepared.listener_client_roots = Some(roots);
         }
     }
     let node = bootstrap.node.as_ref();

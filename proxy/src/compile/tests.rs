@@ -925,3 +925,118 @@ fn upstream_tls_files_are_read_when_prepared_and_bad_ones_are_errors_not_panics(
         "{refused}"
     );
 }
+
+#[test]
+fn transport_socket_matches_pick_each_endpoints_transport_by_its_metadata() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+    use envoy_types::pb::envoy::config::core::v3::{Metadata, TransportSocket};
+    use envoy_types::pb::google::protobuf::{value, Struct, Value};
+    let yaml = "services:\n  s: { endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"], tls: { sni: a.example } }\nroutes:\n  - service: s\n";
+    let mut t = translated(yaml);
+    let labels = |kind: &str| Struct {
+        fields: [(
+            "kind".to_string(),
+            Value {
+                kind: Some(value::Kind::StringValue(kind.into())),
+            },
+        )]
+        .into(),
+    };
+    let cluster = &mut t.resources.clusters[0];
+    let mut other = cluster.transport_socket.clone().unwrap();
+    let yaml_b = yaml.replace("a.example", "b.example");
+    other.config_type = translated(&yaml_b).resources.clusters[0]
+        .transport_socket
+        .clone()
+        .unwrap()
+        .config_type;
+    cluster.transport_socket_matches = vec![
+        TransportSocketMatch {
+            name: "plain".into(),
+            r#match: Some(labels("plain")),
+            transport_socket: Some(TransportSocket {
+                name: names::RAW_BUFFER_TRANSPORT_SOCKET.into(),
+                config_type: None,
+            }),
+        },
+        TransportSocketMatch {
+            name: "other".into(),
+            r#match: Some(labels("other")),
+            transport_socket: Some(other),
+        },
+    ];
+    let endpoints = &mut t.resources.endpoints[0].endpoints[0].lb_endpoints;
+    for (endpoint, kind) in endpoints.iter_mut().zip(["plain", "other"]) {
+        endpoint.metadata = Some(Metadata {
+            filter_metadata: [(names::TRANSPORT_SOCKET_MATCH_METADATA.into(), labels(kind))].into(),
+            ..Default::default()
+        });
+    }
+    let snapshot = compile(&t).expect("compiles");
+    let sni = |i: usize| {
+        snapshot.clusters["s"].endpoints[i]
+            .tls
+            .as_ref()
+            .map(|tls| tls.sni.clone().unwrap_or_default())
+    };
+    assert_eq!(sni(0), None, "raw buffer: plaintext");
+    assert_eq!(sni(1).as_deref(), Some("b.example"), "the matching entry");
+    assert_eq!(
+        sni(2).as_deref(),
+        Some("a.example"),
+        "no match: the cluster's own"
+    );
+    // A transport socket NIP does not run is named with its entry.
+    t.resources.clusters[0].transport_socket_matches[0]
+        .transport_socket
+        .as_mut()
+        .unwrap()
+        .name = "envoy.transport_sockets.alts".into();
+    let refused = check(&t.bootstrap, &t.resources).expect_err("alts");
+    assert!(
+        refused
+            .message
+            .contains("transport_socket_matches[0] \"plain\""),
+        "{refused}"
+    );
+}
+
+#[test]
+fn mesh_tls_needs_the_workload_identity_and_the_pushed_bundle_and_says_which_is_missing() {
+    let yaml = "api_gateway: { address: \"127.0.0.1:8443\", tls: { mesh: true } }\nservices:\n  s: { endpoints: [\"127.0.0.1:1\"], tls: { mesh: true } }\nroutes:\n  - service: s\n";
+    let mut t = translated(yaml);
+    // The control plane's check does not need the proxies' secrets.
+    assert!(check(&t.bootstrap, &t.resources).is_ok());
+    let refused = compile(&t).expect_err("no trust bundle");
+    assert!(
+        refused
+            .message
+            .contains("secret \"ROOTCA\" was not received over SDS"),
+        "{refused}"
+    );
+    let root = rcgen::generate_simple_self_signed(vec!["root.example".to_string()]).unwrap();
+    t.resources
+        .secrets
+        .push(nip_xds::secrets::trust_bundle(&root.cert.pem()));
+    let refused = compile(&t).expect_err("no workload identity");
+    assert_eq!(refused.kind, "Cluster", "{refused}");
+    assert!(
+        refused
+            .message
+            .contains("secret \"default\" is the proxy's workload certificate"),
+        "{refused}"
+    );
+    // A bundle that holds no certificate is refused for the listener too.
+    t.resources.clusters.clear();
+    t.resources.endpoints.clear();
+    t.resources.routes[0].virtual_hosts[0].routes.clear();
+    t.resources.secrets = vec![nip_xds::secrets::trust_bundle("not PEM")];
+    let refused = compile(&t).expect_err("roots that verify nothing");
+    assert_eq!(refused.kind, "Listener", "{refused}");
+    assert!(
+        refused
+            .message
+            .contains("secret \"ROOTCA\": no certificate"),
+        "{refused}"
+    );
+}
