@@ -274,8 +274,8 @@ pub struct ProxyRegistry {
     proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
     next_stream: std::sync::atomic::AtomicU64,
     retention: Duration,
-    /// Bumped when the mesh's members (certified nodes and their addresses) change.
-    members: watch::Sender<u64>,
+    /// The mesh's members (certified node → address), watched by the control plane.
+    members: watch::Sender<BTreeMap<String, std::net::IpAddr>>,
 }
 
 impl Default for ProxyRegistry {
@@ -291,39 +291,36 @@ impl ProxyRegistry {
             proxies: Mutex::new(BTreeMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
             retention,
-            members: watch::channel(0).0,
+            members: watch::channel(BTreeMap::new()).0,
         }
     }
 
-    /// The mesh's members: each certified node seen (connected or within the retention)
-    /// with the address it came from, newest stream first per node.
+    /// The mesh's members: each certified node ever seen, with the address its latest
+    /// stream came from (a node that left keeps its address until it comes back).
     pub fn mesh_members(&self) -> BTreeMap<String, std::net::IpAddr> {
-        let mut proxies = self.lock();
-        self.forget_old(&mut proxies);
-        let mut members = BTreeMap::new();
-        for status in proxies.values().rev() {
-            if let (true, Some(address)) = (status.certified, status.address) {
-                members.entry(status.node_id.clone()).or_insert(address);
-            }
-        }
-        members
+        self.members
+            .borrow()
+            .clone()
     }
 
-    /// Changes whenever [`ProxyRegistry::mesh_members`] may have changed.
-    pub fn watch_members(&self) -> watch::Receiver<u64> {
+    /// Changes whenever [`ProxyRegistry::mesh_members`] changes.
+    pub fn watch_members(&self) -> watch::Receiver<BTreeMap<String, std::net::IpAddr>> {
         self.members.subscribe()
     }
 
     /// Records where a stream comes from and whether its node is certified; a certified
     /// node at a new address changes the mesh's members.
     fn set_peer(&self, stream: u64, address: Option<std::net::IpAddr>, certified: bool) {
-        let before = certified.then(|| self.mesh_members());
+        let mut node = None;
         self.update(stream, |status| {
             status.address = address;
             status.certified = certified;
+            node = Some(status.node_id.clone());
         });
-        if before.is_some_and(|before| before != self.mesh_members()) {
-            self.members.send_modify(|generation| *generation += 1);
+        if let (true, Some(node), Some(address)) = (certified, node, address) {
+            self.members.send_if_modified(|members| {
+                members.insert(node, address) != Some(address)
+            });
         }
     }
 

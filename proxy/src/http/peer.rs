@@ -22,32 +22,57 @@ pub fn read_timeout(
 /// The peer of a try to `endpoint` (its address; its host name, if it has one) of
 /// `cluster`, each read within `timeout`. Over TLS (the endpoint's transport) the endpoint's
 /// certificate must name the cluster's `sni`, else its host name, else its IP address
-/// (or carry a name the cluster's SAN matchers accept); NIP makes that connection itself
-/// ([`crate::upstream::tls`]) and pingora sees a connected stream.
+/// (or carry a name the cluster's SAN matchers accept). pingora's own TLS carries what it
+/// can (roots, a fixed client certificate, the name); SAN matchers and the renewing
+/// workload certificate need NIP's connector ([`crate::upstream::tls`]), whose connected
+/// stream pingora pools.
 pub fn for_try(
     endpoint: &Endpoint,
     cluster: &Cluster,
     timeout: Option<Duration>,
 ) -> pingora::Result<HttpPeer> {
     let (address, hostname) = (endpoint.address, endpoint.hostname.as_deref());
-    let mut peer = HttpPeer::new(address, false, String::new());
-    if let Some(tls) = &endpoint.tls {
-        let ip;
-        let name = match (&tls.sni, hostname) {
-            (Some(sni), _) => sni.as_str(),
-            (None, Some(hostname)) => hostname,
-            (None, None) => {
-                ip = address.ip().to_string();
-                ip.as_str()
+    let peer = match &endpoint.tls {
+        None => HttpPeer::new(address, false, String::new()),
+        Some(tls) => {
+            let ip;
+            let name = match (&tls.sni, hostname) {
+                (Some(sni), _) => sni.as_str(),
+                (None, Some(hostname)) => hostname,
+                (None, None) => {
+                    ip = address.ip().to_string();
+                    ip.as_str()
+                }
+            };
+            if let Some(native) = &tls.native {
+                // pingora's own TLS: it verifies the chain and the name.
+                let mut peer = HttpPeer::new(address, true, name.to_string());
+                peer.options.ca = native.roots.clone();
+                peer.client_cert_key = native.client.clone();
+                return Ok(finish(peer, cluster, timeout));
             }
-        };
-        let connector = tls
-            .connector(name, cluster.http2, cluster.connect_timeout)
-            .map_err(|e| pingora::Error::explain(pingora::ErrorType::InvalidCert, e))?;
-        peer.options.custom_l4 = Some(connector);
-        // Pooled connections are shared only by clusters with the same TLS settings.
-        peer.group_key = tls.pool_group;
-    }
+            let connector = tls
+                .connector(address, name, cluster.http2, cluster.connect_timeout)
+                .map_err(|e| pingora::Error::explain(pingora::ErrorType::InvalidCert, e))?;
+            // NIP connects (the connector knows the address); pingora pools what it is
+            // handed under the pool group (settings, name and address). Its peer address
+            // is the unspecified one, the address pingora does not hold a pooled socket's
+            // peer name against (the socket it holds is NIP's relay, not the TCP one).
+            let mut peer = HttpPeer::new(
+                std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), address.port()),
+                false,
+                String::new(),
+            );
+            peer.options.custom_l4 = Some(connector);
+            peer.group_key = tls.pool_group(address, name);
+            peer
+        }
+    };
+    Ok(finish(peer, cluster, timeout))
+}
+
+/// The settings every peer of `cluster` gets: timeouts and protocol.
+fn finish(mut peer: HttpPeer, cluster: &Cluster, timeout: Option<Duration>) -> HttpPeer {
     peer.options.connection_timeout = Some(cluster.connect_timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
     // A budget already spent still gets a read timeout, not none.
@@ -55,7 +80,7 @@ pub fn for_try(
     if cluster.http2 {
         peer.options.set_http_version(2, 2);
     }
-    Ok(peer)
+    peer
 }
 
 #[cfg(test)]
