@@ -1509,3 +1509,42 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
     assert_eq!(kept.get(url("/")).send().await.unwrap().status(), 200);
     assert_eq!(connections(&proxy.metrics().await), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_to_a_tls_service_works_through_either_tls_connector() {
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    openssl_pki(dir.path());
+    // B: a TLS listener (h2 by ALPN) that tells the backend which protocol reached it.
+    let b = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway:\n  address: \"127.0.0.1:{{port}}\"\n  tls: {{ enabled: true, cert_file: \"{d}/server.crt\", key_file: \"{d}/server.key\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ service: web, request_headers_to_add: [{{ name: x-proto, value: \"%PROTOCOL%\" }}] }}\n",
+        backend.address
+    ))
+    .await;
+    // A: HTTP/2 to B, once through pingora's connector (roots and name), once through
+    // NIP's (a SPIFFE ID checked).
+    let a = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  named: {{ endpoints: [\"127.0.0.1:{0}\"], protocol: http2, tls: {{ ca_file: \"{d}/ca.crt\" }} }}\n  spiffe: {{ endpoints: [\"127.0.0.1:{0}\"], protocol: http2, tls: {{ ca_file: \"{d}/ca.crt\", match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/server-1\" }} }}] }} }}\nroutes:\n  - {{ match: {{ path_prefix: /spiffe }}, service: spiffe }}\n  - {{ service: named }}\n",
+        b.port
+    ))
+    .await;
+    for path in ["/named", "/spiffe"] {
+        for _ in 0..3 {
+            let answer = client().get(a.url(path)).send().await.unwrap();
+            assert_eq!(answer.status(), 200, "{path}");
+            assert_eq!(
+                backend.last_header("x-proto").as_deref(),
+                Some("HTTP/2"),
+                "{path}"
+            );
+        }
+    }
+    // Both kept their connection: B saw one per connector.
+    let metrics = b.metrics().await;
+    assert_eq!(
+        sample(&metrics, "nip_downstream_cx_total", &[]),
+        2.0,
+        "{metrics}"
+    );
+}

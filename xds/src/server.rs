@@ -298,9 +298,7 @@ impl ProxyRegistry {
     /// The mesh's members: each certified node ever seen, with the address its latest
     /// stream came from (a node that left keeps its address until it comes back).
     pub fn mesh_members(&self) -> BTreeMap<String, std::net::IpAddr> {
-        self.members
-            .borrow()
-            .clone()
+        self.members.borrow().clone()
     }
 
     /// Changes whenever [`ProxyRegistry::mesh_members`] changes.
@@ -318,9 +316,8 @@ impl ProxyRegistry {
             node = Some(status.node_id.clone());
         });
         if let (true, Some(node), Some(address)) = (certified, node, address) {
-            self.members.send_if_modified(|members| {
-                members.insert(node, address) != Some(address)
-            });
+            self.members
+                .send_if_modified(|members| members.insert(node, address) != Some(address));
         }
     }
 

@@ -15,13 +15,14 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use nip_proxy::compile::Compiler;
 use nip_proxy::plugins::PluginLoader;
 use nip_proxy::telemetry::metrics::Metrics;
 use nip_proxy::upstream::registry::EndpointRegistry;
 use nip_xds::config::Config;
-use nip_xds::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use nip_xds::resources::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE};
 use nip_xds::translate::{translate, Translation};
 use prost::Message;
 use std::sync::OnceLock;
@@ -106,6 +107,7 @@ pub fn xds_response(data: &[u8]) {
         ENDPOINT_TYPE => {
             decode_all::<ClusterLoadAssignment>(&response).map(|e| resources.endpoints = e)
         }
+        SECRET_TYPE => decode_all::<Secret>(&response).map(|s| resources.secrets = s),
         _ => None,
     };
     if replaced.is_none() || reaches_outside(&resources) {
@@ -116,6 +118,7 @@ pub fn xds_response(data: &[u8]) {
         registry: &context.registry,
         metrics: &context.metrics,
         previous_access_log: None,
+        identity: None,
     };
     if let Err(e) = compiler.build(&context.plugins, &context.baseline.bootstrap, &resources) {
         assert!(!e.to_string().is_empty(), "a NACK says why");
