@@ -344,6 +344,30 @@ async fn state_of(
     .await
 }
 
+/// The mesh TLS `config` asks for, refused on a control plane without a CA (`--plaintext`):
+/// no proxy could get the workload certificate or the trust bundle it needs.
+pub fn mesh_without_ca(config: &Config) -> Vec<FieldError> {
+    let why = "mesh mutual TLS needs the control plane's CA (it runs with --plaintext)";
+    let listener = config
+        .api_gateway
+        .tls
+        .mesh
+        .then(|| "api_gateway.tls.mesh".to_string());
+    let services = config
+        .services
+        .iter()
+        .filter(|(_, s)| s.tls.as_ref().is_some_and(|t| t.mesh))
+        .map(|(name, _)| format!("services.{name}.tls.mesh"));
+    listener
+        .into_iter()
+        .chain(services)
+        .map(|path| FieldError {
+            path,
+            message: why.to_string(),
+        })
+        .collect()
+}
+
 /// The plugins of `config` that carry no signature while its tenant requires signed ones.
 pub fn unsigned_plugins(config: &Config, required: bool) -> Vec<FieldError> {
     if !required {
@@ -576,6 +600,7 @@ impl ConfigService {
                 message: format!("cannot read tenant policies: {e}"),
             })
         })?;
+        let has_ca = self.current_mesh().trust_bundle.is_some();
         off_async_workers(move || {
             validate(&yaml)?;
             let config = Config::from_yaml(&yaml)?;
@@ -588,6 +613,9 @@ impl ConfigService {
                 .as_ref()
                 .is_some_and(|t| signing.contains_key(&t.id));
             problems.extend(unsigned_plugins(&config, signed));
+            if !has_ca {
+                problems.extend(mesh_without_ca(&config));
+            }
             if problems.is_empty() {
                 Ok(())
             } else {

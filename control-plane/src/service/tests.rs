@@ -151,3 +151,67 @@ fn the_policy_refuses_unlisted_plugin_hosts_and_configs_that_serve_nothing() {
     );
     assert!(problems[1].message.contains("routes[1]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_tls_is_refused_without_a_ca_and_served_with_the_bundle_and_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/nip.db", dir.path().display()))
+        .await
+        .unwrap();
+    let cache = Arc::new(SnapshotCache::default());
+    let service = ConfigService::new(
+        store,
+        Arc::clone(&cache),
+        Arc::new(ProxyRegistry::default()),
+        ChangePolicy::default(),
+    );
+    let mesh = "api_gateway: { address: \"0.0.0.0:8443\", tls: { mesh: true } }\nservices:\n  web: { endpoints: [\"10.0.0.7:8443\"] }\n  hop: { endpoints: [\"10.0.0.8:8443\"], tls: { mesh: true } }\nroutes:\n  - { service: web }\n  - { match: { path_prefix: /hop }, service: hop }\n";
+    let with = |yaml: &str| Change {
+        yaml: yaml.to_string(),
+        ..change(0)
+    };
+    // Without a CA (--plaintext) no proxy could get its certificate or the bundle.
+    let Err(ChangeError::Invalid(ConfigError::Invalid(problems))) = service.apply(with(mesh)).await
+    else {
+        panic!("refused without a CA");
+    };
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["api_gateway.tls.mesh", "services.hop.tls.mesh"]);
+
+    // With one: ROOTCA goes with the state, and a member's endpoint is marked.
+    let root = rcgen::generate_simple_self_signed(vec!["root.example".to_string()]).unwrap();
+    service
+        .set_trust_bundle(&root.cert.pem(), "nip.local")
+        .await
+        .unwrap();
+    service.apply(with(mesh)).await.unwrap();
+    let secrets = |cache: &SnapshotCache| {
+        cache.current().types[nip_xds::resources::SECRET_TYPE]
+            .resources
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(secrets(&cache), ["ROOTCA"]);
+    let version_before = cache.current().types[nip_xds::resources::ENDPOINT_TYPE]
+        .version
+        .clone();
+    service
+        .set_mesh_members([("edge-7".to_string(), "10.0.0.7".parse().unwrap())].into())
+        .await
+        .unwrap();
+    let after = cache.current();
+    assert_ne!(
+        after.types[nip_xds::resources::ENDPOINT_TYPE].version,
+        version_before,
+        "the member's endpoint is marked and pushed"
+    );
+    // The cluster gets the entry expecting edge-7 (its encoded resource names it).
+    let (_, web) = &after.types[nip_xds::resources::CLUSTER_TYPE].resources["web"];
+    assert!(String::from_utf8_lossy(&web.value).contains("nip-mesh spiffe://nip.local/node/edge-7"));
+    let (_, hop) = &after.types[nip_xds::resources::CLUSTER_TYPE].resources["hop"];
+    assert!(
+        !String::from_utf8_lossy(&hop.value).contains("nip-mesh"),
+        "its own TLS stays"
+    );
+}
