@@ -1548,3 +1548,55 @@ async fn http2_to_a_tls_service_works_through_either_tls_connector() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_listener_serves_its_renewed_workload_certificate() {
+    let backend = Backend::start("web").await;
+    let port = free_port();
+    let control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);
+    control_plane.wait_ready().await;
+    let config = format!(
+        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ service: web }}\n",
+        backend.address
+    );
+    let applied = control_plane.apply(&config, &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    proxy.wait_ready().await;
+    // Past the first certificate's end: a new handshake must get a renewed one (an
+    // expired certificate fails openssl's verification).
+    eventually("three renewals", || async {
+        proxy.log().matches("certificate renewed").count() >= 3
+    })
+    .await;
+    let member = control_plane
+        .member_certificate("client-1", dir.path())
+        .await;
+    let (cert, key) = (
+        member.0.display().to_string(),
+        member.1.display().to_string(),
+    );
+    let bundle = control_plane.bundle_file().display().to_string();
+    let address = format!("127.0.0.1:{port}");
+    let (_, handshake) = openssl(
+        &[
+            "s_client",
+            "-connect",
+            &address,
+            "-CAfile",
+            &bundle,
+            "-cert",
+            &cert,
+            "-key",
+            &key,
+            "-verify_return_error",
+        ],
+        "",
+    );
+    assert!(
+        handshake.contains("Verify return code: 0 (ok)"),
+        "{handshake}"
+    );
+    assert!(curl_as(&member, &format!("https://{address}/")).0);
+}
