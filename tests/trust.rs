@@ -1357,37 +1357,35 @@ fn curl_as(member: &(std::path::PathBuf, std::path::PathBuf), url: &str) -> (boo
     (text.ends_with("200"), text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_trust_bundle() {
-    let backend = Backend::start("web").await;
-    let port = free_port();
-    let mut control_plane = ControlPlane::start(None);
-    control_plane.wait_ready().await;
-    // The listener is mesh mutual TLS; /hop/ goes out again to the proxy's own listener
-    // over mesh mutual TLS (its workload certificate both ways) and arrives as /direct/.
-    let config = format!(
-        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n  hop: {{ endpoints: [\"127.0.0.1:{port}\"], tls: {{ mesh: true, match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/edge-1\" }} }}] }} }}\n  auto: {{ endpoints: [\"127.0.0.1:{port}\"] }}\nroutes:\n  - {{ match: {{ path_prefix: /hop/ }}, service: hop, prefix_rewrite: /direct/ }}\n  - {{ match: {{ path_prefix: /auto/ }}, service: auto, prefix_rewrite: /direct/ }}\n  - {{ service: web }}\n",
-        backend.address
-    );
-    let applied = control_plane.apply(&config, &[]);
+/// Applies `config` (a mesh gateway on `port`) and starts a proxy that joins as edge-1,
+/// keeping its identity in `dir`.
+async fn mesh_proxy(
+    control_plane: &ControlPlane,
+    config: &str,
+    port: u16,
+    dir: &std::path::Path,
+) -> Proxy {
+    let applied = control_plane.apply(config, &[]);
     assert!(applied.status.success(), "{}", stderr(&applied));
-    let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
+    let proxy = Proxy::spawn_on(&joining(control_plane, "edge-1", dir), port);
     proxy.wait_ready().await;
-    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+    proxy
+}
 
-    // openssl s_client: the listener serves the proxy's workload certificate, which chains
-    // to the mesh's bundle; without a client certificate the handshake is refused.
-    let member = control_plane
-        .member_certificate("client-1", dir.path())
-        .await;
+/// `openssl s_client` to the proxy on `port` as `member`, verifying the proxy's
+/// certificate against the mesh's bundle: its output.
+fn s_client_as(
+    control_plane: &ControlPlane,
+    member: &(std::path::PathBuf, std::path::PathBuf),
+    port: u16,
+) -> String {
     let address = format!("127.0.0.1:{port}");
     let bundle = control_plane.bundle_file().display().to_string();
     let (cert, key) = (
         member.0.display().to_string(),
         member.1.display().to_string(),
     );
-    let (_, handshake) = openssl(
+    openssl(
         &[
             "s_client",
             "-connect",
@@ -1402,7 +1400,32 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
             "-showcerts",
         ],
         "",
+    )
+    .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_trust_bundle() {
+    let backend = Backend::start("web").await;
+    let port = free_port();
+    let mut control_plane = ControlPlane::start(None);
+    control_plane.wait_ready().await;
+    // The listener is mesh mutual TLS; /hop/ goes out again to the proxy's own listener
+    // over mesh mutual TLS (its workload certificate both ways) and arrives as /direct/.
+    let config = format!(
+        "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\n  hop: {{ endpoints: [\"127.0.0.1:{port}\"], tls: {{ mesh: true, match_typed_subject_alt_names: [{{ san_type: URI, matcher: {{ exact: \"spiffe://nip.local/node/edge-1\" }} }}] }} }}\n  auto: {{ endpoints: [\"127.0.0.1:{port}\"] }}\nroutes:\n  - {{ match: {{ path_prefix: /hop/ }}, service: hop, prefix_rewrite: /direct/ }}\n  - {{ match: {{ path_prefix: /auto/ }}, service: auto, prefix_rewrite: /direct/ }}\n  - {{ service: web }}\n",
+        backend.address
     );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = mesh_proxy(&control_plane, &config, port, dir.path()).await;
+    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+
+    // openssl s_client: the listener serves the proxy's workload certificate, which chains
+    // to the mesh's bundle; without a client certificate the handshake is refused.
+    let member = control_plane
+        .member_certificate("client-1", dir.path())
+        .await;
+    let handshake = s_client_as(&control_plane, &member, port);
     assert!(
         handshake.contains("Verify return code: 0 (ok)"),
         "{handshake}"
@@ -1559,11 +1582,8 @@ async fn a_mesh_listener_serves_its_renewed_workload_certificate() {
         "api_gateway: {{ address: \"127.0.0.1:{port}\", tls: {{ mesh: true }} }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ service: web }}\n",
         backend.address
     );
-    let applied = control_plane.apply(&config, &[]);
-    assert!(applied.status.success(), "{}", stderr(&applied));
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::spawn_on(&joining(&control_plane, "edge-1", dir.path()), port);
-    proxy.wait_ready().await;
+    let proxy = mesh_proxy(&control_plane, &config, port, dir.path()).await;
     // Past the first certificate's end: a new handshake must get a renewed one (an
     // expired certificate fails openssl's verification).
     eventually("three renewals", || async {
@@ -1573,30 +1593,10 @@ async fn a_mesh_listener_serves_its_renewed_workload_certificate() {
     let member = control_plane
         .member_certificate("client-1", dir.path())
         .await;
-    let (cert, key) = (
-        member.0.display().to_string(),
-        member.1.display().to_string(),
-    );
-    let bundle = control_plane.bundle_file().display().to_string();
-    let address = format!("127.0.0.1:{port}");
-    let (_, handshake) = openssl(
-        &[
-            "s_client",
-            "-connect",
-            &address,
-            "-CAfile",
-            &bundle,
-            "-cert",
-            &cert,
-            "-key",
-            &key,
-            "-verify_return_error",
-        ],
-        "",
-    );
+    let handshake = s_client_as(&control_plane, &member, port);
     assert!(
         handshake.contains("Verify return code: 0 (ok)"),
         "{handshake}"
     );
-    assert!(curl_as(&member, &format!("https://{address}/")).0);
+    assert!(curl_as(&member, &format!("https://127.0.0.1:{port}/")).0);
 }

@@ -816,21 +816,9 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        let certified = self.certified_node(&request)?;
-        let peer = request.remote_addr().map(|a| a.ip());
-        let state = StreamState {
-            stream_id: None,
-            node_id: None,
-            region: String::new(),
-            subscriptions: HashMap::new(),
-            next_nonce: 0,
-            registry: Arc::clone(&self.registry),
-        };
-        Ok(tonic::Response::new(drive(
+        let (certified, peer) = self.client_of(&request)?;
+        Ok(tonic::Response::new(self.sotw(
             request.into_inner(),
-            self.cache.subscribe(),
-            state,
-            Arc::clone(&self.registry),
             certified,
             peer,
         )))
@@ -840,17 +828,72 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        let certified = self.certified_node(&request)?;
-        let peer = request.remote_addr().map(|a| a.ip());
-        let state = delta::DeltaStream::new(Arc::clone(&self.registry));
-        Ok(tonic::Response::new(drive(
+        let (certified, peer) = self.client_of(&request)?;
+        Ok(tonic::Response::new(self.delta(
             request.into_inner(),
+            certified,
+            peer,
+        )))
+    }
+}
+
+impl AdsServer {
+    /// Who a stream's client is: the node its certificate names (when identities are
+    /// required) and the address it comes from.
+    fn client_of<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<(Option<String>, Option<std::net::IpAddr>), tonic::Status> {
+        Ok((
+            self.certified_node(request)?,
+            request.remote_addr().map(|a| a.ip()),
+        ))
+    }
+
+    /// A state-of-the-world stream over `requests`.
+    fn sotw(
+        &self,
+        requests: impl Stream<Item = Result<DiscoveryRequest, tonic::Status>> + Send + Unpin + 'static,
+        certified: Option<String>,
+        peer: Option<std::net::IpAddr>,
+    ) -> ResponseStream<DiscoveryResponse> {
+        let state = StreamState {
+            stream_id: None,
+            node_id: None,
+            region: String::new(),
+            subscriptions: HashMap::new(),
+            next_nonce: 0,
+            registry: Arc::clone(&self.registry),
+        };
+        drive(
+            requests,
             self.cache.subscribe(),
             state,
             Arc::clone(&self.registry),
             certified,
             peer,
-        )))
+        )
+    }
+
+    /// A delta (incremental) stream over `requests`.
+    fn delta(
+        &self,
+        requests: impl Stream<Item = Result<DeltaDiscoveryRequest, tonic::Status>>
+            + Send
+            + Unpin
+            + 'static,
+        certified: Option<String>,
+        peer: Option<std::net::IpAddr>,
+    ) -> ResponseStream<DeltaDiscoveryResponse> {
+        let state = delta::DeltaStream::new(Arc::clone(&self.registry));
+        drive(
+            requests,
+            self.cache.subscribe(),
+            state,
+            Arc::clone(&self.registry),
+            certified,
+            peer,
+        )
     }
 }
 

@@ -2,7 +2,7 @@
 //! names an SDS `api_config_source` instead of ADS: the same streams (state of the world
 //! and delta), carrying secrets only, and the unary `FetchSecrets`.
 
-use super::{drive, AdsServer, ResponseStream, StreamState};
+use super::{AdsServer, ResponseStream};
 use crate::resources::SECRET_TYPE;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -10,8 +10,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
-use std::collections::HashMap;
-use std::sync::Arc;
 use tokio_stream::StreamExt;
 
 /// [`AdsServer`]'s streams restricted to secrets.
@@ -47,53 +45,28 @@ impl SecretDiscoveryService for SdsServer {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
-        let ads = &self.0;
-        let certified = ads.certified_node(&request)?;
-        let peer = request.remote_addr().map(|a| a.ip());
-        let state = StreamState {
-            stream_id: None,
-            node_id: None,
-            region: String::new(),
-            subscriptions: HashMap::new(),
-            next_nonce: 0,
-            registry: Arc::clone(&ads.registry),
-        };
+        let (certified, peer) = self.0.client_of(&request)?;
         let requests = request.into_inner().map(|request| {
             let mut request = request?;
             only_secrets(&mut request.type_url)?;
             Ok(request)
         });
-        Ok(tonic::Response::new(drive(
-            requests,
-            ads.cache.subscribe(),
-            state,
-            Arc::clone(&ads.registry),
-            certified,
-            peer,
-        )))
+        Ok(tonic::Response::new(self.0.sotw(requests, certified, peer)))
     }
 
     async fn delta_secrets(
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
-        let ads = &self.0;
-        let certified = ads.certified_node(&request)?;
-        let peer = request.remote_addr().map(|a| a.ip());
-        let state = super::delta::DeltaStream::new(Arc::clone(&ads.registry));
+        let (certified, peer) = self.0.client_of(&request)?;
         let requests = request.into_inner().map(|request| {
             let mut request = request?;
             only_secrets(&mut request.type_url)?;
             Ok(request)
         });
-        Ok(tonic::Response::new(drive(
-            requests,
-            ads.cache.subscribe(),
-            state,
-            Arc::clone(&ads.registry),
-            certified,
-            peer,
-        )))
+        Ok(tonic::Response::new(
+            self.0.delta(requests, certified, peer),
+        ))
     }
 
     /// The named secrets of the client's view, once (nothing is registered or pushed).
