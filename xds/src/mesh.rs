@@ -36,7 +36,7 @@ use std::net::IpAddr;
 fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
-        sds_config: Some(crate::translate::ads_config_source()),
+        sds_config: Some(crate::resources::ads_config_source()),
     }
 }
 

@@ -96,6 +96,21 @@ pub mod names {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 }
 
+/// "Over ADS": the config source of every resource NIP names (RDS, EDS, SDS, and LDS/CDS
+/// in the bootstrap).
+pub fn ads_config_source() -> envoy_types::pb::envoy::config::core::v3::ConfigSource {
+    use envoy_types::pb::envoy::config::core::v3::{
+        config_source, AggregatedConfigSource, ApiVersion, ConfigSource,
+    };
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
 /// One consistent set of xDS resources: what a proxy needs to serve traffic.
 ///
 /// A file config is translated into one of these; later a control plane sends the same

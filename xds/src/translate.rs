@@ -30,10 +30,9 @@ use envoy_types::pb::envoy::config::bootstrap::v3::{
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster, LoadBalancingPolicy};
 use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as CoreHttpProtocolOptions;
 use envoy_types::pb::envoy::config::core::v3::{
-    address, config_source, data_source, health_check, socket_address, substitution_format_string,
-    transport_socket, Address, AggregatedConfigSource, ApiVersion, ConfigSource, DataSource,
-    HealthCheck, Http2ProtocolOptions, Locality, Node, SocketAddress, SubstitutionFormatString,
-    TransportSocket,
+    address, data_source, health_check, socket_address, substitution_format_string,
+    transport_socket, Address, ApiVersion, DataSource, HealthCheck, Http2ProtocolOptions, Locality,
+    Node, SocketAddress, SubstitutionFormatString, TransportSocket,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     api_config_source, grpc_service, header_value_option, ApiConfigSource, GrpcService,
@@ -261,8 +260,8 @@ fn ads_bootstrap(control_plane: &crate::config::ControlPlaneConfig) -> DynamicRe
             }],
             ..Default::default()
         }),
-        lds_config: Some(ads_config_source()),
-        cds_config: Some(ads_config_source()),
+        lds_config: Some(crate::resources::ads_config_source()),
+        cds_config: Some(crate::resources::ads_config_source()),
         ..Default::default()
     }
 }
@@ -304,16 +303,6 @@ fn socket_address(host: &str, port: u16) -> Address {
     }
 }
 
-pub(crate) fn ads_config_source() -> ConfigSource {
-    ConfigSource {
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-            AggregatedConfigSource {},
-        )),
-        resource_api_version: ApiVersion::V3 as i32,
-        ..Default::default()
-    }
-}
-
 fn pb_duration(d: Duration) -> PbDuration {
     PbDuration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -335,7 +324,7 @@ fn gateway_listener(config: &Config) -> Listener {
             http_connection_manager::CodecType::Http1 as i32
         },
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-            config_source: Some(ads_config_source()),
+            config_source: Some(crate::resources::ads_config_source()),
             route_config_name: GATEWAY_ROUTES.to_string(),
         })),
         http_filters: plugin_filters(config)
@@ -1288,7 +1277,7 @@ fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
             cluster::DiscoveryType::Eds as i32,
         )),
         eds_cluster_config: Some(cluster::EdsClusterConfig {
-            eds_config: Some(ads_config_source()),
+            eds_config: Some(crate::resources::ads_config_source()),
             service_name: String::new(),
         }),
         connect_timeout: Some(pb_duration(

@@ -206,7 +206,7 @@ fn every_service_gets_the_listener_a_proxyless_grpc_client_resolves() {
     let cluster = &t.resources.clusters[0];
     assert_eq!(
         cluster.eds_cluster_config.as_ref().unwrap().eds_config,
-        Some(ads_config_source())
+        Some(crate::resources::ads_config_source())
     );
 }
 
