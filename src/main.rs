@@ -3,6 +3,7 @@
 //! crates.
 
 mod demo;
+mod iptables;
 mod remote;
 
 use clap::{Parser, Subcommand};
@@ -84,6 +85,19 @@ enum Command {
         /// The control plane's CA directory.
         #[arg(long, global = true, env = "NIP_CA_DIR", default_value_os_t = default_ca_dir())]
         ca_dir: PathBuf,
+    },
+    /// Send a pod's TCP traffic through its NIP sidecar (iptables `nat` rules, as an init
+    /// step run with NET_ADMIN), or remove those rules.
+    Iptables {
+        /// What to do.
+        #[command(subcommand)]
+        action: IptablesAction,
+        /// The iptables binary (`iptables-legacy` or `iptables-nft` to pick a backend).
+        #[arg(long, global = true, default_value = "iptables")]
+        iptables: String,
+        /// Print the commands instead of running them.
+        #[arg(long, global = true)]
+        dry_run: bool,
     },
     /// Create, list and revoke the API tokens of a control plane (admin role).
     Token {
@@ -314,6 +328,35 @@ enum CaAction {
     Retire,
 }
 
+/// What `nip iptables` does.
+#[derive(Subcommand)]
+enum IptablesAction {
+    /// Redirect inbound and outbound TCP to the proxy's ports, except the proxy's own
+    /// traffic (its UID), loopback, and what is excluded.
+    Setup {
+        /// The UID the proxy runs as (its connections are never redirected).
+        #[arg(long)]
+        proxy_uid: u32,
+        /// The proxy's inbound port.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// The proxy's outbound port.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// Inbound ports left alone, comma-separated (e.g. 22,15021).
+        #[arg(long, value_delimiter = ',')]
+        inbound_ports_exclude: Vec<u16>,
+        /// Outbound ports left alone, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        outbound_ports_exclude: Vec<u16>,
+        /// Outbound destinations left alone, comma-separated CIDRs (e.g. 169.254.169.254/32).
+        #[arg(long, value_delimiter = ',')]
+        outbound_cidrs_exclude: Vec<iptables::Cidr>,
+    },
+    /// Remove NIP's chains and the jumps into them (nothing else).
+    Cleanup,
+}
+
 /// What `nip token` does.
 #[derive(Subcommand)]
 enum TokenAction {
@@ -517,6 +560,44 @@ fn main() -> ExitCode {
             remote,
         } => remote::rollback(&remote, version, &message),
         Command::ControlPlane(args) => run_control_plane(args.into_options()),
+        Command::Iptables {
+            action,
+            iptables: binary,
+            dry_run,
+        } => {
+            let (rules, cleanup) = match action {
+                IptablesAction::Setup {
+                    proxy_uid,
+                    inbound_port,
+                    outbound_port,
+                    inbound_ports_exclude,
+                    outbound_ports_exclude,
+                    outbound_cidrs_exclude,
+                } => (
+                    iptables::setup_rules(&iptables::Interception {
+                        proxy_uid,
+                        inbound_port,
+                        outbound_port,
+                        inbound_ports_excluded: inbound_ports_exclude,
+                        outbound_ports_excluded: outbound_ports_exclude,
+                        outbound_cidrs_excluded: outbound_cidrs_exclude,
+                    }),
+                    false,
+                ),
+                IptablesAction::Cleanup => (iptables::cleanup_rules(), true),
+            };
+            if dry_run {
+                print!("{}", iptables::shell_lines(&binary, &rules));
+                return ExitCode::SUCCESS;
+            }
+            match iptables::run(&binary, &rules, cleanup) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nip iptables: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ca { action, ca_dir } => {
             let done = match action {
                 CaAction::Rotate { trust_domain } => {

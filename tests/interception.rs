@@ -1,0 +1,231 @@
+//! Transparent interception in network namespaces with real iptables (nft and legacy):
+//! `nip iptables setup` sends an application's outbound TCP to the proxy's port with its
+//! original destination readable (SO_ORIGINAL_DST), leaves the proxy's own traffic, loopback
+//! and excluded ports alone, and `cleanup` restores direct traffic.
+//!
+//! Needs root and network namespaces; where the kernel forbids them the test says so and
+//! passes without running.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A Python any UID can run (the stand-ins use only its standard library): the system's,
+/// else the test virtualenv's.
+fn python() -> String {
+    if std::path::Path::new("/usr/bin/python3").is_file() {
+        return "/usr/bin/python3".to_string();
+    }
+    std::env::var("NIP_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interception")
+        .join(name)
+}
+
+/// A network namespace of its own (loopback up, and a veth pair whose one end holds
+/// 10.99.0.1/24, so 10.99.0.0/24 is routable and nobody answers there), deleted when
+/// dropped.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn create(tag: &str) -> Option<Namespace> {
+        let name = format!("nip-{tag}-{}", std::process::id());
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .ok()?;
+        if !made.status.success() {
+            eprintln!(
+                "SKIPPED: cannot create a network namespace here ({})",
+                String::from_utf8_lossy(&made.stderr).trim()
+            );
+            return None;
+        }
+        let namespace = Namespace { name };
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            vec!["addr", "add", "10.99.0.1/24", "dev", "v0"],
+            vec!["link", "set", "v0", "up"],
+            vec!["link", "set", "v1", "up"],
+        ] {
+            let status = Command::new("ip")
+                .args(["-n", &namespace.name])
+                .args(&args)
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        }
+        Some(namespace)
+    }
+
+    /// A command run inside the namespace.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// `nip iptables ARGS` inside the namespace; panics unless it succeeds.
+    fn nip_iptables(&self, args: &[&str]) {
+        let output = self
+            .command(nip_bin())
+            .arg("iptables")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "nip iptables {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// What an application connecting to `address:port` as `uid` gets: `captured`, or
+    /// `unreached`.
+    fn connect_as(&self, uid: u32, address: &str, port: u16) -> String {
+        let output = self
+            .command("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".to_string(),
+            ])
+            .arg(python())
+            .arg(script("connect.py"))
+            .args([address, &port.to_string()])
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        if answer.is_empty() {
+            // Say why (a Python the UID cannot run, …) rather than an empty answer.
+            return format!("no answer: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        answer
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The stand-in proxy listener, killed when dropped.
+struct Capture {
+    child: Child,
+    output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Capture {
+    async fn start(namespace: &Namespace, port: u16) -> Capture {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("output");
+        let file = std::fs::File::create(&output).unwrap();
+        let child = namespace
+            .command(&python())
+            .arg(script("capture.py"))
+            .arg(port.to_string())
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let capture = Capture {
+            child,
+            output,
+            _dir: dir,
+        };
+        eventually("the capture listener is up", || async {
+            capture.seen().contains("listening")
+        })
+        .await;
+        capture
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and_cleanup_undoes_it()
+{
+    for binary in ["iptables-nft", "iptables-legacy"] {
+        let Some(namespace) = Namespace::create(&binary[9..]) else {
+            return;
+        };
+        const PROXY_UID: u32 = 1337;
+        const APP_UID: u32 = 1000;
+        let capture = Capture::start(&namespace, 15001).await;
+        // Before: the application's connection goes where it was sent (nowhere here).
+        assert_eq!(namespace.connect_as(APP_UID, "10.99.0.2", 80), "unreached");
+
+        namespace.nip_iptables(&[
+            "setup",
+            "--iptables",
+            binary,
+            "--proxy-uid",
+            &PROXY_UID.to_string(),
+            "--outbound-ports-exclude",
+            "5432",
+        ]);
+        // The application's connection reaches the proxy's port, which reads where it was
+        // going.
+        assert_eq!(
+            namespace.connect_as(APP_UID, "10.99.0.2", 80),
+            "captured",
+            "{binary}"
+        );
+        assert!(
+            capture.seen().contains("original 10.99.0.2:80"),
+            "{binary}: {}",
+            capture.seen()
+        );
+        // The proxy's own connections and excluded ports are left alone (no loop).
+        assert_eq!(
+            namespace.connect_as(PROXY_UID, "10.99.0.2", 80),
+            "unreached",
+            "{binary}: the proxy's UID"
+        );
+        assert_eq!(
+            namespace.connect_as(APP_UID, "10.99.0.2", 5432),
+            "unreached",
+            "{binary}: an excluded port"
+        );
+
+        // Cleanup restores direct traffic, and running it twice is fine.
+        namespace.nip_iptables(&["cleanup", "--iptables", binary]);
+        namespace.nip_iptables(&["cleanup", "--iptables", binary]);
+        assert_eq!(
+            namespace.connect_as(APP_UID, "10.99.0.2", 80),
+            "unreached",
+            "{binary}: after cleanup"
+        );
+        let saved = namespace
+            .command(&format!("{binary}-save"))
+            .args(["-t", "nat"])
+            .output()
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&saved.stdout).contains("NIP_"),
+            "{binary}: no chain left"
+        );
+    }
+}
