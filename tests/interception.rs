@@ -229,3 +229,137 @@ async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and
         );
     }
 }
+
+/// A process run inside the namespace as `uid`, its output in a file; killed when dropped.
+struct Running {
+    child: Child,
+    output: PathBuf,
+}
+
+impl Running {
+    fn start(
+        namespace: &Namespace,
+        uid: u32,
+        program: &str,
+        args: &[&str],
+        output: PathBuf,
+    ) -> Running {
+        let file = std::fs::File::create(&output).unwrap();
+        let child = namespace
+            .command("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".to_string(),
+            ])
+            .arg(program)
+            .args(args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Running { child, output }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_passes_an_applications_http_to_its_original_destination() {
+    let Some(namespace) = Namespace::create("passthrough") else {
+        return;
+    };
+    const PROXY_UID: u32 = 1337;
+    const APP_UID: u32 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "from the backend\n").unwrap();
+    // The backend and the sidecar run as other users: they must read these files.
+    let readable = |path: &std::path::Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    readable(dir.path(), 0o755);
+    readable(&dir.path().join("index.html"), 0o644);
+    // The backend the application calls, in the same pod namespace on its veth address.
+    let backend = Running::start(
+        &namespace,
+        APP_UID,
+        &python(),
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "10.99.0.1",
+            "--directory",
+            dir.path().to_str().unwrap(),
+        ],
+        dir.path().join("backend.log"),
+    );
+    // The sidecar: outbound listener on :15001, every request to its original destination.
+    let config = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &config,
+        "admin: { address: \"127.0.0.1:15020\" }\napi_gateway: { address: \"0.0.0.0:15001\" }\nservices:\n  passthrough: { original_destination: true }\nroutes:\n  - { service: passthrough }\n",
+    )
+    .unwrap();
+    readable(&config, 0o644);
+    let sidecar = Running::start(
+        &namespace,
+        PROXY_UID,
+        nip_bin(),
+        &[
+            "proxy",
+            "--config",
+            config.to_str().unwrap(),
+            "--threads",
+            "1",
+        ],
+        dir.path().join("sidecar.log"),
+    );
+    let curl = |url: &str| {
+        let output = namespace
+            .command("setpriv")
+            .args([
+                format!("--reuid={APP_UID}"),
+                format!("--regid={APP_UID}"),
+                "--clear-groups".to_string(),
+            ])
+            .args(["curl", "-si", "--max-time", "3", url])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    eventually("backend and sidecar are up", || async {
+        curl("http://10.99.0.1:8080/").contains("from the backend")
+            && curl("http://127.0.0.1:15020/ready").contains("200")
+    })
+    .await;
+    namespace.nip_iptables(&["setup", "--proxy-uid", &PROXY_UID.to_string()]);
+
+    // The application's plain request goes through the sidecar (it adds x-request-id) to
+    // where it was sent.
+    let answer = curl("http://10.99.0.1:8080/");
+    assert!(
+        answer.contains("from the backend"),
+        "{answer}\n{}",
+        sidecar.output()
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("x-request-id"),
+        "{answer}"
+    );
+    // A request made to the sidecar's own port has no original destination: 503, no loop.
+    let direct = curl("http://127.0.0.1:15001/");
+    assert!(direct.starts_with("HTTP/1.1 503"), "{direct}");
+    assert!(backend.output().contains("GET /"), "{}", backend.output());
+}

@@ -154,7 +154,7 @@ impl ChangePolicy {
                 if config
                     .services
                     .get(service)
-                    .is_some_and(|s| s.endpoints.is_empty())
+                    .is_some_and(|s| s.endpoints.is_empty() && !s.original_destination)
                 {
                     problems.push(FieldError {
                         path: format!("services.{service}.endpoints"),

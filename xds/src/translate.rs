@@ -156,6 +156,7 @@ pub fn translate(config: &Config) -> Translation {
         endpoints: config
             .services
             .iter()
+            .filter(|(_, service)| !service.original_destination)
             .map(|(name, service)| load_assignment(name, service))
             .collect(),
         // The control plane adds the mesh's trust bundle; a file config has no secrets.
@@ -1201,6 +1202,23 @@ const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
 const DEFAULT_LATENCY_RTT: Duration = Duration::from_millis(30);
 
 fn cluster(name: &str, service: &ServiceConfig) -> Cluster {
+    let mut cluster = balanced_cluster(name, service);
+    if service.original_destination {
+        // Each request's destination is the one its connection had: nothing to discover
+        // or balance.
+        cluster.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        ));
+        cluster.eds_cluster_config = None;
+        cluster.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
+        cluster.lb_config = None;
+        cluster.load_balancing_policy = None;
+    }
+    cluster
+}
+
+/// A service's cluster of its own endpoints (EDS), balanced by its policy.
+fn balanced_cluster(name: &str, service: &ServiceConfig) -> Cluster {
     let lb = service.lb_policy();
     let lb_policy = match lb {
         LbPolicy::RoundRobin => cluster::LbPolicy::RoundRobin,

@@ -39,15 +39,33 @@ impl Compiler<'_> {
             cluster::DiscoveryType::Static | cluster::DiscoveryType::StrictDns => {
                 xds.load_assignment.as_ref()
             }
+            cluster::DiscoveryType::OriginalDst => {
+                if xds.load_assignment.is_some() || xds.transport_socket.is_some() {
+                    return Err(fail(
+                        "an ORIGINAL_DST cluster has no load_assignment and no transport_socket here"
+                            .into(),
+                    ));
+                }
+                None
+            }
             other => {
                 return Err(fail(format!(
-                    "type {} is not supported (use EDS, STATIC or STRICT_DNS)",
+                    "type {} is not supported (use EDS, STATIC, STRICT_DNS or ORIGINAL_DST)",
                     other.as_str_name()
                 )))
             }
         };
+        let original_destination = discovery == cluster::DiscoveryType::OriginalDst;
+        let cluster_provided = xds.lb_policy == cluster::LbPolicy::ClusterProvided as i32;
+        if original_destination != cluster_provided {
+            return Err(fail(
+                "lb_policy CLUSTER_PROVIDED goes with type ORIGINAL_DST, and only with it".into(),
+            ));
+        }
         let lb = match load_balancing_policy(xds).map_err(fail)? {
             Some(policy) => policy,
+            // The original destination is the one endpoint: nothing to balance.
+            None if original_destination => crate::upstream::lb::LbPolicy::RoundRobin,
             None => legacy_lb_policy(xds).map_err(fail)?,
         };
         let connect_timeout = match &xds.connect_timeout {
@@ -126,6 +144,7 @@ impl Compiler<'_> {
         }))
         .with_adaptive_concurrency(adaptive)
         .with_tls(tls)
+        .with_original_destination(original_destination)
         .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(
             xds.common_lb_config

@@ -1040,3 +1040,29 @@ fn mesh_tls_needs_the_workload_identity_and_the_pushed_bundle_and_says_which_is_
         "{refused}"
     );
 }
+
+#[test]
+fn an_original_destination_service_is_an_original_dst_cluster_and_nothing_else_is() {
+    let t = translated(
+        "services:\n  passthrough: { original_destination: true }\nroutes:\n  - service: passthrough\n",
+    );
+    assert!(t.resources.endpoints.is_empty(), "no endpoints of its own");
+    let snapshot = compile(&t).expect("compiles");
+    let cluster = &snapshot.clusters["passthrough"];
+    assert!(cluster.original_destination && cluster.endpoints.is_empty());
+    // CLUSTER_PROVIDED belongs to ORIGINAL_DST only, and the other way round.
+    let mut other =
+        translated("services:\n  s: { endpoints: [\"127.0.0.1:1\"] }\nroutes:\n  - service: s\n");
+    other.resources.clusters[0].lb_policy =
+        envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::ClusterProvided as i32;
+    let refused = check(&other.bootstrap, &other.resources).expect_err("not ORIGINAL_DST");
+    assert!(refused.message.contains("CLUSTER_PROVIDED"), "{refused}");
+    let invalid = nip_xds::config::Config::from_yaml(
+        "services:\n  p: { original_destination: true, endpoints: [\"127.0.0.1:1\"] }\nroutes:\n  - service: p\n",
+    )
+    .expect_err("endpoints too");
+    assert!(
+        invalid.to_string().contains("services.p.endpoints"),
+        "{invalid}"
+    );
+}

@@ -453,6 +453,29 @@ impl ProxyHttp for Gateway {
                 "the route's timeout ran out before another try",
             ));
         }
+        if cluster.original_destination {
+            // Where the client's connection was going before a redirect sent it here; a
+            // connection made to this listener itself has none (it would loop).
+            let original = session
+                .digest()
+                .and_then(|d| d.socket_digest.as_ref())
+                .and_then(|s| s.original_dst())
+                .and_then(|a| a.as_inet())
+                .copied();
+            let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+            let Some(address) = original.filter(|o| Some(*o) != local) else {
+                ctx.flag = Some(ResponseFlag::NoHealthyUpstream);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no original destination: the connection was not redirected here",
+                ));
+            };
+            ctx.endpoint = Some(address);
+            ctx.tried.push(address);
+            let read_timeout =
+                peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
+            return Ok(Box::new(peer::to_address(address, cluster, read_timeout)));
+        }
         // The request's key for ring_hash (the same for each of its tries).
         let hash = if cluster.lb == LbPolicy::RingHash && !route.hash_policy.is_empty() {
             let request = session.req_header();

@@ -71,6 +71,20 @@ pub fn for_try(
     Ok(finish(peer, cluster, timeout))
 }
 
+/// The peer of a try to `address` itself, in plaintext (an `ORIGINAL_DST` cluster's
+/// original destination), each read within `timeout`.
+pub fn to_address(
+    address: std::net::SocketAddr,
+    cluster: &Cluster,
+    timeout: Option<Duration>,
+) -> HttpPeer {
+    finish(
+        HttpPeer::new(address, false, String::new()),
+        cluster,
+        timeout,
+    )
+}
+
 /// The settings every peer of `cluster` gets: timeouts and protocol.
 fn finish(mut peer: HttpPeer, cluster: &Cluster, timeout: Option<Duration>) -> HttpPeer {
     peer.options.connection_timeout = Some(cluster.connect_timeout);

@@ -351,6 +351,11 @@ pub struct ServiceConfig {
     /// Static endpoints: `"ip:port"` or a map with address, region, zone and weight.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// No endpoints of its own: each request goes where the client's connection was going
+    /// before iptables redirected it to the proxy (Envoy's `ORIGINAL_DST` cluster, the
+    /// sidecar's pass-through).
+    #[serde(default)]
+    pub original_destination: bool,
     /// TLS to the endpoints (Envoy's `UpstreamTlsContext`).
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,

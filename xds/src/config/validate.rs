@@ -302,6 +302,21 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
 
 fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
     let path = format!("services.{name}");
+    if service.original_destination {
+        for (field, set) in [
+            ("endpoints", !service.endpoints.is_empty()),
+            ("tls", service.tls.is_some()),
+            ("health_check", service.health_check.is_some()),
+            ("lb", service.lb.is_some()),
+        ] {
+            if set {
+                errors.add(
+                    format!("{path}.{field}"),
+                    "original_destination: each request goes where its connection was going",
+                );
+            }
+        }
+    }
     if let Some(tls) = &service.tls {
         for (field, value) in [
             ("ca_file", &tls.ca_file),
