@@ -239,7 +239,7 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
         .unwrap_or_default()
         .to_string();
     assert!(
-        nack.contains("Cluster \"passthrough\": type ORIGINAL_DST is not supported"),
+        nack.contains("Cluster \"logical\": type LOGICAL_DNS is not supported"),
         "{nack}"
     );
     assert!(

@@ -8,7 +8,7 @@ BACKEND_PORT. Once the client has ACKed all four types it pushes version 2: a ro
 host rewrites, header edits at the route, virtual host and route configuration levels with
 %VARIABLE%s, a retry policy with retriable status codes and back-off, an idle timeout), a
 redirect and a direct response, and clusters with "backend2" and one the proxy cannot run
-(ORIGINAL_DST) or that sets a field NIP does not implement. The proxy must apply the good
+(LOGICAL_DNS) or that sets a field NIP does not implement. The proxy must apply the good
 ones and NACK the clusters with a reason naming the bad ones.
 
 Prints one line per event, flushed: "listening", "ACK TYPE VERSION", "NACK TYPE REASON".
@@ -176,10 +176,9 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool, plugin: str = ""
         clusters.append(eds_cluster("backend2"))
         clusters.append(
             cluster_pb2.Cluster(
-                name="passthrough",
-                type=cluster_pb2.Cluster.ORIGINAL_DST,
+                name="logical",
+                type=cluster_pb2.Cluster.LOGICAL_DNS,
                 connect_timeout=duration_pb2.Duration(seconds=1),
-                lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
             )
         )
         # A field NIP does not implement: refused by name, never ignored.
