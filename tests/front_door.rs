@@ -343,6 +343,9 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
         let _ = stream.write_all(b"GET /slow HTTP/1.1\r\n").await;
         busy.push(stream);
     }
+    // Let the proxy read those partial heads: a connection it has not read from yet still
+    // counts as idle and could be drained for the next one (a race under load).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut refused = connect(&proxy).await;
     let (answer, closed) = read_until_close(&mut refused, Duration::from_secs(1)).await;
     assert!(
