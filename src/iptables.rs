@@ -84,9 +84,39 @@ fn rule(parts: &[&str]) -> Rule {
     parts.iter().map(|p| p.to_string()).collect()
 }
 
-/// The rules of `setup`, in the order they run (IPv4: CIDRs of the other family are
-/// skipped).
-pub fn setup_rules(plan: &Interception) -> Vec<Rule> {
+/// Which IP version a set of rules is for (`iptables` or `ip6tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 (`iptables`).
+    V4,
+    /// IPv6 (`ip6tables`).
+    V6,
+}
+
+impl Family {
+    /// The loopback range, never redirected outbound.
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    /// The binary for this family: `iptables-nft` → `ip6tables-nft`, and so on.
+    pub fn binary(self, iptables: &str) -> String {
+        match self {
+            Family::V4 => iptables.to_string(),
+            Family::V6 => match iptables.rsplit_once('/') {
+                Some((dir, name)) => format!("{dir}/{}", name.replacen("iptables", "ip6tables", 1)),
+                None => iptables.replacen("iptables", "ip6tables", 1),
+            },
+        }
+    }
+}
+
+/// The rules of `setup` for one IP family, in the order they run (CIDRs of the other
+/// family are skipped).
+pub fn setup_rules(plan: &Interception, family: Family) -> Vec<Rule> {
     let mut rules: Vec<Rule> = CHAINS
         .iter()
         .map(|c| rule(&["-t", "nat", "-N", c]))
@@ -184,14 +214,14 @@ pub fn setup_rules(plan: &Interception) -> Vec<Rule> {
         "-A",
         "NIP_OUTPUT",
         "-d",
-        "127.0.0.1/32",
+        family.loopback(),
         "-j",
         "RETURN",
     ]));
     for cidr in plan
         .outbound_cidrs_excluded
         .iter()
-        .filter(|c| c.address.is_ipv4())
+        .filter(|c| c.address.is_ipv4() == (family == Family::V4))
     {
         rules.push(rule(&[
             "-t",
@@ -334,7 +364,7 @@ mod tests {
 
     #[test]
     fn setup_makes_the_chains_then_redirects_all_but_what_is_left_alone() {
-        let text = shell_lines("iptables", &setup_rules(&plan()));
+        let text = shell_lines("iptables", &setup_rules(&plan(), Family::V4));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "iptables -t nat -N NIP_INBOUND");
         assert!(lines
@@ -356,6 +386,15 @@ mod tests {
         let inbound = position("iptables -t nat -A NIP_INBOUND -p tcp -j NIP_IN_REDIRECT");
         assert!(ssh < inbound, "{text}");
         assert!(!text.contains("fd00::"), "IPv6 ranges are ip6tables'");
+        let v6 = shell_lines("ip6tables", &setup_rules(&plan(), Family::V6));
+        assert!(v6.contains("-A NIP_OUTPUT -d ::1/128 -j RETURN"), "{v6}");
+        assert!(v6.contains("-A NIP_OUTPUT -d fd00::/8 -j RETURN"), "{v6}");
+        assert!(!v6.contains("169.254"), "{v6}");
+        assert_eq!(Family::V6.binary("iptables-nft"), "ip6tables-nft");
+        assert_eq!(
+            Family::V6.binary("/usr/sbin/iptables"),
+            "/usr/sbin/ip6tables"
+        );
     }
 
     #[test]

@@ -98,6 +98,9 @@ enum Command {
         /// Print the commands instead of running them.
         #[arg(long, global = true)]
         dry_run: bool,
+        /// IPv6 too (the same rules with ip6tables).
+        #[arg(long, global = true)]
+        ipv6: bool,
     },
     /// Create, list and revoke the API tokens of a control plane (admin role).
     Token {
@@ -564,39 +567,47 @@ fn main() -> ExitCode {
             action,
             iptables: binary,
             dry_run,
+            ipv6,
         } => {
-            let (rules, cleanup) = match action {
-                IptablesAction::Setup {
-                    proxy_uid,
-                    inbound_port,
-                    outbound_port,
-                    inbound_ports_exclude,
-                    outbound_ports_exclude,
-                    outbound_cidrs_exclude,
-                } => (
-                    iptables::setup_rules(&iptables::Interception {
+            let families: &[iptables::Family] = if ipv6 {
+                &[iptables::Family::V4, iptables::Family::V6]
+            } else {
+                &[iptables::Family::V4]
+            };
+            for &family in families {
+                let binary = family.binary(&binary);
+                let (rules, cleanup) = match &action {
+                    IptablesAction::Setup {
                         proxy_uid,
                         inbound_port,
                         outbound_port,
-                        inbound_ports_excluded: inbound_ports_exclude,
-                        outbound_ports_excluded: outbound_ports_exclude,
-                        outbound_cidrs_excluded: outbound_cidrs_exclude,
-                    }),
-                    false,
-                ),
-                IptablesAction::Cleanup => (iptables::cleanup_rules(), true),
-            };
-            if dry_run {
-                print!("{}", iptables::shell_lines(&binary, &rules));
-                return ExitCode::SUCCESS;
-            }
-            match iptables::run(&binary, &rules, cleanup) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
+                        inbound_ports_exclude,
+                        outbound_ports_exclude,
+                        outbound_cidrs_exclude,
+                    } => (
+                        iptables::setup_rules(
+                            &iptables::Interception {
+                                proxy_uid: *proxy_uid,
+                                inbound_port: *inbound_port,
+                                outbound_port: *outbound_port,
+                                inbound_ports_excluded: inbound_ports_exclude.clone(),
+                                outbound_ports_excluded: outbound_ports_exclude.clone(),
+                                outbound_cidrs_excluded: outbound_cidrs_exclude.clone(),
+                            },
+                            family,
+                        ),
+                        false,
+                    ),
+                    IptablesAction::Cleanup => (iptables::cleanup_rules(), true),
+                };
+                if dry_run {
+                    print!("{}", iptables::shell_lines(&binary, &rules));
+                } else if let Err(e) = iptables::run(&binary, &rules, cleanup) {
                     eprintln!("nip iptables: {e}");
-                    ExitCode::FAILURE
+                    return ExitCode::FAILURE;
                 }
             }
+            ExitCode::SUCCESS
         }
         Command::Ca { action, ca_dir } => {
             let done = match action {

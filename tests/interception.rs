@@ -28,8 +28,8 @@ fn script(name: &str) -> PathBuf {
 }
 
 /// A network namespace of its own (loopback up, and a veth pair whose one end holds
-/// 10.99.0.1/24, so 10.99.0.0/24 is routable and nobody answers there), deleted when
-/// dropped.
+/// 10.99.0.1/24 and fd00:99::1/64, so those networks are routable and nobody answers
+/// there), deleted when dropped.
 struct Namespace {
     name: String,
 }
@@ -53,6 +53,7 @@ impl Namespace {
             vec!["link", "set", "lo", "up"],
             vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
             vec!["addr", "add", "10.99.0.1/24", "dev", "v0"],
+            vec!["-6", "addr", "add", "fd00:99::1/64", "dev", "v0", "nodad"],
             vec!["link", "set", "v0", "up"],
             vec!["link", "set", "v1", "up"],
         ] {
@@ -181,6 +182,7 @@ async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and
             "setup",
             "--iptables",
             binary,
+            "--ipv6",
             "--proxy-uid",
             &PROXY_UID.to_string(),
             "--outbound-ports-exclude",
@@ -198,6 +200,17 @@ async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and
             "{binary}: {}",
             capture.seen()
         );
+        // IPv6 too (ip6tables, IP6T_SO_ORIGINAL_DST).
+        assert_eq!(
+            namespace.connect_as(APP_UID, "fd00:99::2", 80),
+            "captured",
+            "{binary} IPv6"
+        );
+        assert!(
+            capture.seen().contains("original [fd00:99::2]:80"),
+            "{binary}: {}",
+            capture.seen()
+        );
         // The proxy's own connections and excluded ports are left alone (no loop).
         assert_eq!(
             namespace.connect_as(PROXY_UID, "10.99.0.2", 80),
@@ -211,22 +224,29 @@ async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and
         );
 
         // Cleanup restores direct traffic, and running it twice is fine.
-        namespace.nip_iptables(&["cleanup", "--iptables", binary]);
-        namespace.nip_iptables(&["cleanup", "--iptables", binary]);
-        assert_eq!(
-            namespace.connect_as(APP_UID, "10.99.0.2", 80),
-            "unreached",
-            "{binary}: after cleanup"
-        );
-        let saved = namespace
-            .command(&format!("{binary}-save"))
-            .args(["-t", "nat"])
-            .output()
-            .unwrap();
-        assert!(
-            !String::from_utf8_lossy(&saved.stdout).contains("NIP_"),
-            "{binary}: no chain left"
-        );
+        namespace.nip_iptables(&["cleanup", "--iptables", binary, "--ipv6"]);
+        namespace.nip_iptables(&["cleanup", "--iptables", binary, "--ipv6"]);
+        for address in ["10.99.0.2", "fd00:99::2"] {
+            assert_eq!(
+                namespace.connect_as(APP_UID, address, 80),
+                "unreached",
+                "{binary}: after cleanup"
+            );
+        }
+        for save in [
+            format!("{binary}-save"),
+            format!("ip6{}-save", &binary[2..]),
+        ] {
+            let saved = namespace
+                .command(&save)
+                .args(["-t", "nat"])
+                .output()
+                .unwrap();
+            assert!(
+                saved.status.success() && !String::from_utf8_lossy(&saved.stdout).contains("NIP_"),
+                "{save}: no chain left"
+            );
+        }
     }
 }
 
