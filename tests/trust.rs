@@ -1459,6 +1459,18 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
     })
     .await;
     assert_eq!(backend.last_target(), "/direct/z");
+    // The control plane lists it as a certified member and where it is.
+    let proxies = control_plane.get_json("/v1/proxies").await;
+    assert!(
+        proxies
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["node_id"] == "edge-1"
+                && p["certified"] == true
+                && p["address"] == "127.0.0.1"),
+        "{proxies}"
+    );
     let metrics = proxy.metrics().await;
     for peer in [
         "spiffe://nip.local/node/client-1",

@@ -342,8 +342,9 @@ async fn watch_file(path: PathBuf, interval: Duration, service: Arc<ConfigServic
     }
 }
 
-/// Every proxy as JSON: node, locality, connected, the config version it runs (when it
-/// ACKed everything of the state it is served), ACKed versions by type, last NACK.
+/// Every proxy as JSON: node, locality, connected, where its stream comes from and whether
+/// its certificate names it (a mesh member), the config version it runs (when it ACKed
+/// everything of the state it is served), ACKed versions by type, last NACK.
 pub fn proxies_json(registry: &ProxyRegistry, views: &Views) -> serde_json::Value {
     let seconds = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
@@ -363,6 +364,8 @@ pub fn proxies_json(registry: &ProxyRegistry, views: &Views) -> serde_json::Valu
                     "region": p.region,
                     "zone": p.zone,
                     "connected": p.connected,
+                    "address": p.address.map(|a| a.to_string()),
+                    "certified": p.certified,
                     "disconnected_at_unix_seconds": p.disconnected_at.map(seconds),
                     "config_version": config_version,
                     "acked": p.acked,
