@@ -1167,3 +1167,95 @@ routes:
         ) >= 4.0
     );
 }
+
+/// A backend that switches every connection to an echo protocol after `101 Switching
+/// Protocols` (a WebSocket server's handshake, then its bytes), recording each head.
+async fn upgrading_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = std::sync::Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let mut echo = b"echo:".to_vec();
+                            echo.extend_from_slice(&buf[..n]);
+                            if stream.write_all(&echo).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (address, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_passes_through_and_carries_bytes_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let (backend, heads) = upgrading_backend().await;
+    let proxy = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  ws: {{ endpoints: [\"{backend}\"] }}\nroutes:\n  - {{ service: ws }}\n"
+    ))
+    .await;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = read_within(&mut client, &mut buf).await;
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    // The backend saw the upgrade asked for, with the key.
+    let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(
+        head.contains("upgrade: websocket") && head.contains("sec-websocket-key"),
+        "{head}"
+    );
+    // After the switch, bytes go both ways on the same connection.
+    for message in ["hello", "again"] {
+        client.write_all(message.as_bytes()).await.unwrap();
+        let n = read_within(&mut client, &mut buf).await;
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..n]),
+            format!("echo:{message}")
+        );
+    }
+}
+
+/// One read of `stream` into `buf`, within 3 s.
+async fn read_within(stream: &mut tokio::net::TcpStream, buf: &mut [u8]) -> usize {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(3), stream.read(buf))
+        .await
+        .expect("an answer")
+        .unwrap()
+}
