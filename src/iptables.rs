@@ -80,8 +80,14 @@ impl std::fmt::Display for Cidr {
 /// One `iptables` invocation: its arguments.
 pub type Rule = Vec<String>;
 
-fn rule(parts: &[&str]) -> Rule {
-    parts.iter().map(|p| p.to_string()).collect()
+/// `iptables -t nat OPERATION CHAIN SPEC…`: `spec` is split on spaces (every value put in
+/// it — ports, CIDRs, a UID — is a checked number or address, never free text).
+fn nat(operation: &str, chain: &str, spec: &str) -> Rule {
+    ["-t", "nat", operation, chain]
+        .into_iter()
+        .chain(spec.split_whitespace())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Which IP version a set of rules is for (`iptables` or `ip6tables`).
@@ -117,145 +123,53 @@ impl Family {
 /// The rules of `setup` for one IP family, in the order they run (CIDRs of the other
 /// family are skipped).
 pub fn setup_rules(plan: &Interception, family: Family) -> Vec<Rule> {
-    let mut rules: Vec<Rule> = CHAINS
-        .iter()
-        .map(|c| rule(&["-t", "nat", "-N", c]))
-        .collect();
-    let (inbound, outbound) = (
-        plan.inbound_port.to_string(),
-        plan.outbound_port.to_string(),
-    );
-    let uid = plan.proxy_uid.to_string();
-    rules.push(rule(&[
-        "-t",
-        "nat",
+    let mut rules: Vec<Rule> = CHAINS.iter().map(|c| nat("-N", c, "")).collect();
+    let (inbound, outbound) = (plan.inbound_port, plan.outbound_port);
+    rules.push(nat(
         "-A",
         "NIP_IN_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound,
-    ]));
-    rules.push(rule(&[
-        "-t",
-        "nat",
+        &format!("-p tcp -j REDIRECT --to-ports {inbound}"),
+    ));
+    rules.push(nat(
         "-A",
         "NIP_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &outbound,
-    ]));
+        &format!("-p tcp -j REDIRECT --to-ports {outbound}"),
+    ));
     // Inbound: everything but the excluded ports.
-    rules.push(rule(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-j",
-        "NIP_INBOUND",
-    ]));
+    rules.push(nat("-A", "PREROUTING", "-p tcp -j NIP_INBOUND"));
     for port in &plan.inbound_ports_excluded {
-        rules.push(rule(&[
-            "-t",
-            "nat",
+        rules.push(nat(
             "-A",
             "NIP_INBOUND",
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+            &format!("-p tcp --dport {port} -j RETURN"),
+        ));
     }
-    rules.push(rule(&[
-        "-t",
-        "nat",
-        "-A",
-        "NIP_INBOUND",
-        "-p",
-        "tcp",
-        "-j",
-        "NIP_IN_REDIRECT",
-    ]));
+    rules.push(nat("-A", "NIP_INBOUND", "-p tcp -j NIP_IN_REDIRECT"));
     // Outbound: not the proxy's own, not loopback, not the excluded.
-    rules.push(rule(&[
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-j",
-        "NIP_OUTPUT",
-    ]));
-    rules.push(rule(&[
-        "-t",
-        "nat",
+    rules.push(nat("-A", "OUTPUT", "-p tcp -j NIP_OUTPUT"));
+    let uid = plan.proxy_uid;
+    rules.push(nat(
         "-A",
         "NIP_OUTPUT",
-        "-m",
-        "owner",
-        "--uid-owner",
-        &uid,
-        "-j",
-        "RETURN",
-    ]));
-    rules.push(rule(&[
-        "-t",
-        "nat",
-        "-A",
-        "NIP_OUTPUT",
-        "-d",
-        family.loopback(),
-        "-j",
-        "RETURN",
-    ]));
+        &format!("-m owner --uid-owner {uid} -j RETURN"),
+    ));
+    let loopback = family.loopback();
+    rules.push(nat("-A", "NIP_OUTPUT", &format!("-d {loopback} -j RETURN")));
     for cidr in plan
         .outbound_cidrs_excluded
         .iter()
         .filter(|c| c.address.is_ipv4() == (family == Family::V4))
     {
-        rules.push(rule(&[
-            "-t",
-            "nat",
-            "-A",
-            "NIP_OUTPUT",
-            "-d",
-            &cidr.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+        rules.push(nat("-A", "NIP_OUTPUT", &format!("-d {cidr} -j RETURN")));
     }
     for port in &plan.outbound_ports_excluded {
-        rules.push(rule(&[
-            "-t",
-            "nat",
+        rules.push(nat(
             "-A",
             "NIP_OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+            &format!("-p tcp --dport {port} -j RETURN"),
+        ));
     }
-    rules.push(rule(&[
-        "-t",
-        "nat",
-        "-A",
-        "NIP_OUTPUT",
-        "-j",
-        "NIP_REDIRECT",
-    ]));
+    rules.push(nat("-A", "NIP_OUTPUT", "-j NIP_REDIRECT"));
     rules
 }
 
@@ -263,20 +177,11 @@ pub fn setup_rules(plan: &Interception, family: Family) -> Vec<Rule> {
 /// be gone: cleanup after a partial setup, or twice, is not an error).
 pub fn cleanup_rules() -> Vec<Rule> {
     let mut rules = vec![
-        rule(&[
-            "-t",
-            "nat",
-            "-D",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-j",
-            "NIP_INBOUND",
-        ]),
-        rule(&["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", "NIP_OUTPUT"]),
+        nat("-D", "PREROUTING", "-p tcp -j NIP_INBOUND"),
+        nat("-D", "OUTPUT", "-p tcp -j NIP_OUTPUT"),
     ];
-    rules.extend(CHAINS.iter().map(|c| rule(&["-t", "nat", "-F", c])));
-    rules.extend(CHAINS.iter().map(|c| rule(&["-t", "nat", "-X", c])));
+    rules.extend(CHAINS.iter().map(|c| nat("-F", c, "")));
+    rules.extend(CHAINS.iter().map(|c| nat("-X", c, "")));
     rules
 }
 
@@ -293,8 +198,8 @@ pub enum IptablesError {
         /// What the system said.
         reason: String,
     },
-    /// A rule was refused; the ones before it stay (run `nip iptables cleanup`).
-    #[error("{binary} {rule}: {reason}")]
+    /// A rule was refused; the ones before it stay.
+    #[error("{binary} {rule}: {reason} (the rules before it stay: `nip iptables cleanup` removes them, also after an earlier setup)")]
     Refused {
         /// The binary.
         binary: String,
