@@ -422,12 +422,14 @@ async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
     assert_eq!(client.exit_code().await, Some(0), "{}", client.output());
     let output = client.output();
     // FetchSecrets, StreamSecrets and ADS agree: the bundle with its one root; a stream
-    // claiming another node than its certificate names is refused.
+    // claiming another node than its certificate names is refused, and SDS asked for
+    // another type says so.
     for line in [
         "fetch ROOTCA 1",
         "stream ROOTCA 1",
         "ads ROOTCA 1",
         "denied PERMISSION_DENIED",
+        "wrong-type INVALID_ARGUMENT",
     ] {
         assert!(output.contains(line), "{line:?} in {output}");
     }

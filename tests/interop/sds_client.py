@@ -6,6 +6,7 @@ would. Prints one line per answer:
   stream NAME CERTIFICATES         StreamSecrets: the first response
   ads NAME CERTIFICATES            the same secret over ADS (type Secret)
   denied CODE                      a stream that claims another node is refused
+  wrong-type CODE                  a stream asking SDS for another type is refused
 
 Usage: sds_client.py ADDRESS BUNDLE CERT KEY NODE_ID NAME
 """
@@ -66,6 +67,13 @@ def main() -> int:
         print("denied none", flush=True)
     except grpc.RpcError as error:
         print("denied", error.code().name, flush=True)
+    try:
+        cluster = request(node_id, name)
+        cluster.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        next(sds.StreamSecrets(iter([cluster])))
+        print("wrong-type none", flush=True)
+    except grpc.RpcError as error:
+        print("wrong-type", error.code().name, flush=True)
     return 0
 
 

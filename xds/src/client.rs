@@ -101,9 +101,7 @@ impl Received {
 
     /// Secrets the listeners and clusters name, to ask the server for.
     fn secret_names(&self) -> BTreeSet<String> {
-        let listeners: Vec<Listener> = self.listeners.values().cloned().collect();
-        let clusters: Vec<Cluster> = self.clusters.values().cloned().collect();
-        crate::secrets::to_fetch(&listeners, &clusters)
+        crate::secrets::to_fetch(self.listeners.values(), self.clusters.values())
     }
 
     /// Replaces the resources of `response`'s type; a resource that does not decode is an

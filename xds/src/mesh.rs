@@ -119,9 +119,7 @@ pub fn mesh_listener_port(resources: &ResourceSet) -> Option<u16> {
         .listeners
         .iter()
         .find(|l| l.name == crate::resources::GATEWAY_LISTENER)?;
-    if !crate::secrets::referenced(std::slice::from_ref(listener), &[])
-        .contains(WORKLOAD_CERTIFICATE)
-    {
+    if !crate::secrets::referenced([listener], []).contains(WORKLOAD_CERTIFICATE) {
         return None;
     }
     match listener.address.as_ref()?.address.as_ref()? {

@@ -73,12 +73,15 @@ fn common_of(socket: &TransportSocket) -> Option<CommonTlsContext> {
 
 /// Every SDS name the listeners' filter chains and the clusters' transport sockets (and
 /// transport socket matches) refer to.
-pub fn referenced(listeners: &[Listener], clusters: &[Cluster]) -> BTreeSet<String> {
+pub fn referenced<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+    clusters: impl IntoIterator<Item = &'a Cluster>,
+) -> BTreeSet<String> {
     let sockets = listeners
-        .iter()
+        .into_iter()
         .flat_map(|l| l.filter_chains.iter().chain(&l.default_filter_chain))
         .filter_map(|chain| chain.transport_socket.as_ref())
-        .chain(clusters.iter().flat_map(|c| {
+        .chain(clusters.into_iter().flat_map(|c| {
             c.transport_socket.iter().chain(
                 c.transport_socket_matches
                     .iter()
@@ -93,7 +96,10 @@ pub fn referenced(listeners: &[Listener], clusters: &[Cluster]) -> BTreeSet<Stri
 
 /// The names a NIP proxy asks the control plane for: the referenced ones it does not
 /// resolve itself.
-pub fn to_fetch(listeners: &[Listener], clusters: &[Cluster]) -> BTreeSet<String> {
+pub fn to_fetch<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+    clusters: impl IntoIterator<Item = &'a Cluster>,
+) -> BTreeSet<String> {
     referenced(listeners, clusters)
         .into_iter()
         .filter(|name| !is_resolved_locally(name))

@@ -720,7 +720,16 @@ where
         loop {
             tokio::select! {
                 next = requests.next() => {
-                    let Some(Ok(request)) = next else { break };
+                    let request = match next {
+                        Some(Ok(request)) => request,
+                        // A refused request (the SDS service takes secrets only) tells the
+                        // client why; a closed or broken stream just ends.
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                        None => break,
+                    };
                     if let Some(certified) = &certified_node {
                         // Only the first request must name the node; later ones may leave it out.
                         let claimed = P::claimed_node_id(&request);

@@ -90,6 +90,8 @@ impl Compiler<'_> {
             .map_err(fail)?
             .and_then(|_| prepared.upstream_tls.get(name).cloned());
         let transports = Transports {
+            http2,
+            connect_timeout,
             matches: super::cluster_policies::transport_socket_matches(xds)
                 .map_err(fail)?
                 .into_iter()
@@ -104,7 +106,7 @@ impl Compiler<'_> {
                     )
                 })
                 .collect(),
-            default: tls.clone(),
+            default: tls,
         };
         let endpoints = match assignment {
             Some(cla) => self.endpoints(name, cla, prepared, &transports)?,
@@ -143,7 +145,6 @@ impl Compiler<'_> {
             )
         }))
         .with_adaptive_concurrency(adaptive)
-        .with_tls(tls)
         .with_original_destination(original_destination)
         .with_ring(ring_size(xds).map_err(fail)?)
         .with_locality_weights(matches!(
@@ -210,6 +211,23 @@ impl Compiler<'_> {
                 if weight == 0 {
                     return Err(fail("load_balancing_weight must be at least 1".into()));
                 }
+                let tls = transports
+                    .settings_for(
+                        lb_endpoint.metadata.as_ref(),
+                        locality_endpoints.metadata.as_ref(),
+                    )
+                    .map(|settings| {
+                        settings
+                            .for_endpoint(
+                                address,
+                                hostname.as_deref(),
+                                transports.http2,
+                                transports.connect_timeout,
+                            )
+                            .map(Arc::new)
+                    })
+                    .transpose()
+                    .map_err(|e| fail(format!("transport_socket: {e}")))?;
                 endpoints.push(Endpoint {
                     address,
                     locality: locality.clone(),
@@ -221,10 +239,7 @@ impl Compiler<'_> {
                         .map_or(1, |w| w.value.max(1)),
                     state: self.registry.state(cluster, address),
                     hostname,
-                    tls: transports.for_endpoint(
-                        lb_endpoint.metadata.as_ref(),
-                        locality_endpoints.metadata.as_ref(),
-                    ),
+                    tls,
                     locality_picks: self.metrics.locality_picks(
                         cluster,
                         &locality.region,
@@ -239,42 +254,42 @@ impl Compiler<'_> {
 }
 
 /// How a cluster's endpoints are reached: `transport_socket_matches` entries in order, each
-/// with its TLS (`None`: plaintext), else the cluster's own transport socket.
+/// with its TLS (`None`: plaintext), else the cluster's own transport socket; and what each
+/// endpoint's connector needs.
 pub(super) struct Transports {
     matches: Vec<(
         envoy_types::pb::google::protobuf::Struct,
         Option<Arc<crate::upstream::tls::UpstreamTls>>,
     )>,
     default: Option<Arc<crate::upstream::tls::UpstreamTls>>,
+    http2: bool,
+    connect_timeout: std::time::Duration,
 }
 
 impl Transports {
     /// The TLS of an endpoint with these metadata (the endpoint's, then its locality's,
     /// under `envoy.transport_socket_match`): the first entry whose every field they hold
     /// with the same value, else the cluster's.
-    fn for_endpoint(
+    fn settings_for(
         &self,
         endpoint: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
         locality: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
-    ) -> Option<Arc<crate::upstream::tls::UpstreamTls>> {
-        let labels = |metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>| {
-            metadata.and_then(|m| {
+    ) -> Option<&Arc<crate::upstream::tls::UpstreamTls>> {
+        let labels = endpoint
+            .and_then(|m| {
                 m.filter_metadata
                     .get(names::TRANSPORT_SOCKET_MATCH_METADATA)
-                    .cloned()
             })
-        };
-        let labels = labels(endpoint)
-            .or_else(|| labels(locality))
-            .unwrap_or_default();
+            .or_else(|| {
+                locality.and_then(|m| {
+                    m.filter_metadata
+                        .get(names::TRANSPORT_SOCKET_MATCH_METADATA)
+                })
+            });
+        let holds = |key: &String, value| labels.and_then(|l| l.fields.get(key)) == Some(value);
         self.matches
             .iter()
-            .find(|(criteria, _)| {
-                criteria
-                    .fields
-                    .iter()
-                    .all(|(key, value)| labels.fields.get(key) == Some(value))
-            })
-            .map_or_else(|| self.default.clone(), |(_, tls)| tls.clone())
+            .find(|(criteria, _)| criteria.fields.iter().all(|(k, v)| holds(k, v)))
+            .map_or(self.default.as_ref(), |(_, tls)| tls.as_ref())
     }
 }

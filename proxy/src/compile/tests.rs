@@ -977,7 +977,7 @@ fn transport_socket_matches_pick_each_endpoints_transport_by_its_metadata() {
         snapshot.clusters["s"].endpoints[i]
             .tls
             .as_ref()
-            .map(|tls| tls.sni.clone().unwrap_or_default())
+            .map(|tls| tls.settings.sni.clone().unwrap_or_default())
     };
     assert_eq!(sni(0), None, "raw buffer: plaintext");
     assert_eq!(sni(1).as_deref(), Some("b.example"), "the matching entry");

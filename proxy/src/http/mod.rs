@@ -501,7 +501,7 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(address);
         let read_timeout =
             peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
-        Ok(Box::new(peer::for_try(endpoint, cluster, read_timeout)?))
+        Ok(Box::new(peer::for_try(endpoint, cluster, read_timeout)))
     }
 
     /// Adds x-forwarded-for/-proto and, on retries, the retry count.

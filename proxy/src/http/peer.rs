@@ -3,6 +3,7 @@
 use crate::upstream::cluster::Cluster;
 use crate::upstream::endpoint::Endpoint;
 use pingora::prelude::HttpPeer;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Pooled upstream connections idle longer than this are closed.
@@ -26,49 +27,37 @@ pub fn read_timeout(
 /// can (roots, a fixed client certificate, the name); SAN matchers and the renewing
 /// workload certificate need NIP's connector ([`crate::upstream::tls`]), whose connected
 /// stream pingora pools.
-pub fn for_try(
-    endpoint: &Endpoint,
-    cluster: &Cluster,
-    timeout: Option<Duration>,
-) -> pingora::Result<HttpPeer> {
-    let (address, hostname) = (endpoint.address, endpoint.hostname.as_deref());
+pub fn for_try(endpoint: &Endpoint, cluster: &Cluster, timeout: Option<Duration>) -> HttpPeer {
+    let address = endpoint.address;
     let peer = match &endpoint.tls {
         None => HttpPeer::new(address, false, String::new()),
-        Some(tls) => {
-            let ip;
-            let name = match (&tls.sni, hostname) {
-                (Some(sni), _) => sni.as_str(),
-                (None, Some(hostname)) => hostname,
-                (None, None) => {
-                    ip = address.ip().to_string();
-                    ip.as_str()
-                }
-            };
-            if let Some(native) = &tls.native {
+        Some(tls) => match &tls.connector {
+            None => {
                 // pingora's own TLS: it verifies the chain and the name.
-                let mut peer = HttpPeer::new(address, true, name.to_string());
-                peer.options.ca = native.roots.clone();
-                peer.client_cert_key = native.client.clone();
-                return Ok(finish(peer, cluster, timeout));
+                let native = tls.settings.native.as_ref();
+                let mut peer = HttpPeer::new(address, true, tls.server_name.clone());
+                peer.options.ca = native.and_then(|n| n.roots.clone());
+                peer.client_cert_key = native.and_then(|n| n.client.clone());
+                peer
             }
-            let connector = tls
-                .connector(address, name, cluster.http2, cluster.connect_timeout)
-                .map_err(|e| pingora::Error::explain(pingora::ErrorType::InvalidCert, e))?;
-            // NIP connects (the connector knows the address); pingora pools what it is
-            // handed under the pool group (settings, name and address). Its peer address
-            // is the unspecified one, the address pingora does not hold a pooled socket's
-            // peer name against (the socket it holds is NIP's relay, not the TCP one).
-            let mut peer = HttpPeer::new(
-                std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), address.port()),
-                false,
-                String::new(),
-            );
-            peer.options.custom_l4 = Some(connector);
-            peer.group_key = tls.pool_group(address, name);
-            peer
-        }
+            Some(connector) => {
+                // NIP connects (the connector knows the address); pingora pools what it is
+                // handed under the endpoint's pool group. Its peer address is the
+                // unspecified one, the address pingora does not hold a pooled socket's
+                // peer name against (the socket it holds is NIP's relay, not the TCP one).
+                let unspecified = std::net::Ipv4Addr::UNSPECIFIED.into();
+                let mut peer = HttpPeer::new(
+                    std::net::SocketAddr::new(unspecified, address.port()),
+                    false,
+                    String::new(),
+                );
+                peer.options.custom_l4 = Some(Arc::clone(connector));
+                peer.group_key = tls.pool_group;
+                peer
+            }
+        },
     };
-    Ok(finish(peer, cluster, timeout))
+    finish(peer, cluster, timeout)
 }
 
 /// The peer of a try to `address` itself, in plaintext (an `ORIGINAL_DST` cluster's

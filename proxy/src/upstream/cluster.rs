@@ -81,8 +81,6 @@ pub struct Cluster {
     pub adaptive_concurrency: Option<AdaptiveConcurrency>,
     /// Connection slots of an HTTP/1 cluster (`max_connections`, `max_pending_requests`).
     pub connection_slots: Option<Arc<ConnectionSlots>>,
-    /// TLS to the endpoints (`transport_socket`), if any.
-    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
     /// Envoy's `ORIGINAL_DST` cluster: no endpoints of its own; each request goes where the
     /// client's connection was going before a redirect (`SO_ORIGINAL_DST`).
     pub original_destination: bool,
@@ -144,7 +142,6 @@ impl Cluster {
             localities: Vec::new(),
             adaptive_concurrency: None,
             connection_slots: None,
-            tls: None,
             original_destination: false,
         }
     }
@@ -334,15 +331,10 @@ impl Cluster {
         endpoint.state.is_healthy()
             && (self.outlier.is_none() || !endpoint.state.outlier.is_ejected(now))
     }
+
     /// Sends each request where its connection was going (an `ORIGINAL_DST` cluster).
     pub fn with_original_destination(mut self, original: bool) -> Self {
         self.original_destination = original;
-        self
-    }
-
-    /// Connects to the endpoints over TLS.
-    pub fn with_tls(mut self, tls: Option<Arc<crate::upstream::tls::UpstreamTls>>) -> Self {
-        self.tls = tls;
         self
     }
 

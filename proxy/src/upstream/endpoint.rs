@@ -241,5 +241,5 @@ pub struct Endpoint {
     pub locality_picks: prometheus_client::metrics::counter::Counter,
     /// How it is reached over TLS (`None`: plaintext): its cluster's `transport_socket`,
     /// or the `transport_socket_matches` entry its metadata matches.
-    pub tls: Option<Arc<crate::upstream::tls::UpstreamTls>>,
+    pub tls: Option<Arc<crate::upstream::tls::EndpointTls>>,
 }

@@ -17,7 +17,8 @@
 //!
 //! ```text
 //! compile: files ──UpstreamTls::load──▶ ClientConfig (roots + SAN verifier + client cert)
-//! try:     peer::for_try ──connector(name)──▶ pingora connects through EndpointTls:
+//! compile: each endpoint ──UpstreamTls::for_endpoint──▶ EndpointTls (name, pool group, connector)
+//! try:     peer::for_try ──▶ pingora connects through the endpoint's Connector:
 //!          TCP ─▶ handshake (verify chain, then SANs or the name) ─▶ Stream
 //! ```
 //!
@@ -337,34 +338,71 @@ impl UpstreamTls {
         })
     }
 
-    /// The pool group of connections made with these settings to `address`, checked
-    /// against `server_name`: a pooled connection is only reused for all three the same.
-    pub fn pool_group(&self, address: std::net::SocketAddr, server_name: &str) -> u64 {
+    /// How `address` (named `hostname` in its cluster, if it has a name) is reached:
+    /// the name its certificate is checked against — the cluster's `sni`, else the host
+    /// name, else the IP — and, unless pingora's own TLS carries the settings, NIP's
+    /// connector with TCP + handshake under `timeout`. Made once per compiled endpoint; an
+    /// unusable name is a compile error.
+    pub fn for_endpoint(
+        self: &Arc<Self>,
+        address: std::net::SocketAddr,
+        hostname: Option<&str>,
+        http2: bool,
+        timeout: Duration,
+    ) -> Result<EndpointTls, String> {
+        let name = match (&self.sni, hostname) {
+            (Some(sni), _) => sni.clone(),
+            (None, Some(hostname)) => hostname.to_string(),
+            (None, None) => address.ip().to_string(),
+        };
+        let connector: Option<Arc<dyn L4Connect + Send + Sync>> = match self.native {
+            Some(_) => None,
+            None => {
+                let server_name = ServerName::try_from(name.clone())
+                    .map_err(|e| format!("server name {name:?}: {e}"))?;
+                let config = if http2 { &self.http2 } else { &self.http1 };
+                Some(Arc::new(Connector {
+                    connector: pingora::tls::TlsConnector::from(Arc::clone(config)),
+                    address,
+                    server_name,
+                    timeout,
+                }))
+            }
+        };
+        // Pooled connections are shared only for the same settings, address and name.
         let mut group = std::collections::hash_map::DefaultHasher::new();
         self.settings_group.hash(&mut group);
         address.hash(&mut group);
-        server_name.hash(&mut group);
-        group.finish()
+        name.hash(&mut group);
+        Ok(EndpointTls {
+            settings: Arc::clone(self),
+            server_name: name,
+            pool_group: group.finish(),
+            connector,
+        })
     }
+}
 
-    /// What connects to one endpoint whose certificate is checked against `server_name`
-    /// (sent as SNI unless it is an IP address), within `timeout` for TCP and handshake.
-    pub fn connector(
-        self: &Arc<Self>,
-        address: std::net::SocketAddr,
-        server_name: &str,
-        http2: bool,
-        timeout: Duration,
-    ) -> Result<Arc<dyn L4Connect + Send + Sync>, String> {
-        let server_name = ServerName::try_from(server_name.to_string())
-            .map_err(|e| format!("server name {server_name:?}: {e}"))?;
-        let config = if http2 { &self.http2 } else { &self.http1 };
-        Ok(Arc::new(EndpointTls {
-            connector: pingora::tls::TlsConnector::from(Arc::clone(config)),
-            address,
-            server_name,
-            timeout,
-        }))
+/// How one endpoint is reached over TLS, made when the config is compiled (nothing is
+/// built per try).
+pub struct EndpointTls {
+    /// The cluster's (or its `transport_socket_matches` entry's) TLS.
+    pub settings: Arc<UpstreamTls>,
+    /// The name the certificate is checked against (sent as SNI unless an IP address).
+    pub server_name: String,
+    /// pingora's pool group for NIP-made connections (see `http::peer`).
+    pub pool_group: u64,
+    /// NIP's connector (`None`: pingora's own TLS, from `settings.native`).
+    pub connector: Option<Arc<dyn L4Connect + Send + Sync>>,
+}
+
+impl std::fmt::Debug for EndpointTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointTls")
+            .field("settings", &self.settings)
+            .field("server_name", &self.server_name)
+            .field("nip_connector", &self.connector.is_some())
+            .finish()
     }
 }
 
@@ -437,7 +475,7 @@ impl ServerCertVerifier for SanVerifier {
 }
 
 /// Connects to one endpoint of a TLS cluster (pingora's custom L4 connector).
-struct EndpointTls {
+struct Connector {
     connector: pingora::tls::TlsConnector,
     /// Where to connect (pingora's peer address is a placeholder, see `http::peer`).
     address: std::net::SocketAddr,
@@ -445,16 +483,16 @@ struct EndpointTls {
     timeout: Duration,
 }
 
-impl std::fmt::Debug for EndpointTls {
+impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointTls")
+        f.debug_struct("Connector")
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
 }
 
 #[async_trait]
-impl L4Connect for EndpointTls {
+impl L4Connect for Connector {
     async fn connect(&self, _placeholder: &PeerAddress) -> pingora::Result<Stream> {
         let inet = &self.address;
         let connecting = async {

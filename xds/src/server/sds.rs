@@ -36,6 +36,18 @@ fn only_secrets(type_url: &mut String) -> Result<(), tonic::Status> {
     Ok(())
 }
 
+/// `requests` with each one's type checked ([`only_secrets`]) through `type_url`.
+fn secrets_only<R: Send + 'static>(
+    requests: tonic::Streaming<R>,
+    type_url: fn(&mut R) -> &mut String,
+) -> impl tokio_stream::Stream<Item = Result<R, tonic::Status>> + Send + Unpin + 'static {
+    requests.map(move |request| {
+        let mut request = request?;
+        only_secrets(type_url(&mut request))?;
+        Ok(request)
+    })
+}
+
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsServer {
     type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
@@ -46,11 +58,7 @@ impl SecretDiscoveryService for SdsServer {
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
         let (certified, peer) = self.0.client_of(&request)?;
-        let requests = request.into_inner().map(|request| {
-            let mut request = request?;
-            only_secrets(&mut request.type_url)?;
-            Ok(request)
-        });
+        let requests = secrets_only(request.into_inner(), |r| &mut r.type_url);
         Ok(tonic::Response::new(self.0.sotw(requests, certified, peer)))
     }
 
@@ -59,11 +67,7 @@ impl SecretDiscoveryService for SdsServer {
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
         let (certified, peer) = self.0.client_of(&request)?;
-        let requests = request.into_inner().map(|request| {
-            let mut request = request?;
-            only_secrets(&mut request.type_url)?;
-            Ok(request)
-        });
+        let requests = secrets_only(request.into_inner(), |r| &mut r.type_url);
         Ok(tonic::Response::new(
             self.0.delta(requests, certified, peer),
         ))
