@@ -306,9 +306,13 @@ fn listener_certificate_set(
         return crate::downstream::tls::CertificateSet::load(&tls.certificates);
     }
     match identity {
-        Some(identity) => Ok(crate::downstream::tls::CertificateSet::workload(
-            identity.current().certified_key.clone(),
-        )),
+        Some(identity) => {
+            let certificate = identity.current().certified_key.clone();
+            if certificate.is_none() {
+                tracing::warn!("the listener serves the workload certificate, which this proxy does not have yet (it has not joined): handshakes fail until it does");
+            }
+            Ok(crate::downstream::tls::CertificateSet::workload(certificate))
+        }
         None => Err("the listener serves the workload certificate, and this proxy has none (control_plane.ca_file makes it join the mesh)".into()),
     }
 }
