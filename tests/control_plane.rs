@@ -3,10 +3,8 @@
 //! followed file, refuses bad ones, rolls back, runs canaries, survives restarts. Checked
 //! with real proxies and with the xDS client library a proxy uses.
 
-mod common;
-
-use common::control_plane::*;
-use common::*;
+use crate::common::control_plane::*;
+use crate::common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

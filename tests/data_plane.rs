@@ -1,9 +1,7 @@
 //! End-to-end tests of the data plane: a real `nip proxy` process in front of real HTTP
 //! backends on 127.0.0.1, driven by a real HTTP client.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {

@@ -2,9 +2,7 @@
 //! basics have their own tests in tests/gateway.rs; the self-healing and multi-region
 //! benches and tests build on the same configs).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::collections::HashMap;
 use std::time::Duration;
 

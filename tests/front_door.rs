@@ -2,9 +2,7 @@
 //! real `nip proxy` in front of a recording backend that keeps every byte it receives, so
 //! each test sees exactly what would reach a lenient server.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,9 +2,7 @@
 //! real backends: retries under Envoy's route budget, per-try and idle timeouts, back-off
 //! and retriable statuses.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 /// `examples/retries.yaml` on a proxy, with its three services as test backends.

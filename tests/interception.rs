@@ -6,9 +6,7 @@
 //! Needs root and network namespaces; where the kernel forbids them the test says so and
 //! passes without running.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 

@@ -4,9 +4,7 @@
 //! proxy driven by an independent xDS server; and an OIDC issuer signing with PyJWT whose
 //! tokens the control plane takes. Scripts are in `tests/interop/`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -170,7 +168,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
     // The client is a proxy like any other on the control plane: ACKed, no NACK. Each
     // client process had its own stream, listed apart; the later one ran version 2.
     let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
-    let proxies: serde_json::Value = common::client()
+    let proxies: serde_json::Value = crate::common::client()
         .get(format!("{api}/v1/proxies"))
         .bearer_auth(token.trim())
         .send()
@@ -322,7 +320,7 @@ async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_r
     ]);
     issuer.wait_for("listening").await;
     let issuer_url = format!("http://127.0.0.1:{port}");
-    let control_plane = common::control_plane::ControlPlane::start_with(
+    let control_plane = crate::common::control_plane::ControlPlane::start_with(
         None,
         None,
         &["--oidc-issuer", &issuer_url, "--oidc-audience", "nip"],
@@ -331,7 +329,7 @@ async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_r
     let mint = |query: &str| {
         let url = format!("{issuer_url}/token?{query}");
         async move {
-            common::client()
+            crate::common::client()
                 .get(url)
                 .send()
                 .await
@@ -395,7 +393,7 @@ async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
-    let control_plane = common::control_plane::ControlPlane::start(None);
+    let control_plane = crate::common::control_plane::ControlPlane::start(None);
     control_plane.wait_ready().await;
     let applied = control_plane.apply(
         "api_gateway: { address: \"127.0.0.1:8080\" }\nservices:\n  web: { endpoints: [\"127.0.0.1:9\"] }\nroutes:\n  - { service: web }\n",
@@ -404,7 +402,7 @@ async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
     assert!(
         applied.status.success(),
         "{}",
-        common::control_plane::stderr(&applied)
+        crate::common::control_plane::stderr(&applied)
     );
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = control_plane

@@ -2,10 +2,8 @@
 //! proxy in the first one with `lb: latency`: where traffic goes in steady state, how fast
 //! it moves when the local region slows down, and that it comes back when it recovers.
 
-mod common;
-
-use common::wan::WanLink;
-use common::*;
+use crate::common::wan::WanLink;
+use crate::common::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

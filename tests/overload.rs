@@ -2,9 +2,7 @@
 //! a proxy with adaptive concurrency. High-priority requests must keep succeeding; low
 //! priority is shed with 503 and flag `OM`; the proxy's memory stays bounded.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,9 +1,7 @@
 //! Plugins through a real proxy: the Rust-SDK example plugin on some routes, misbehaving
 //! plugins under both fail policies, and a broken plugin at start and at reload.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 /// Starts a proxy that must refuse `config` (exit 2, not a crash); returns what it said.

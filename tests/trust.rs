@@ -3,10 +3,8 @@
 //! the fleet; the CA, joining with a join token, certificates checked with openssl,
 //! renewal under load, and the identities ADS binds streams to.
 
-mod common;
-
-use common::control_plane::*;
-use common::*;
+use crate::common::control_plane::*;
+use crate::common::*;
 use std::process::Command;
 use std::time::Duration;
 
