@@ -47,6 +47,7 @@ pub mod config_source;
 pub mod downstream;
 pub mod http;
 pub mod identity;
+pub mod listener;
 pub mod plugins;
 pub mod route;
 pub mod server;

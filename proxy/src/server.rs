@@ -16,6 +16,7 @@ use crate::config_source::{ConfigSource, Fingerprint};
 use crate::downstream::admission::Admission;
 use crate::downstream::app::{CurrentLimits, FrontDoor};
 use crate::http::Gateway;
+use crate::listener::dispatch::{CurrentListeners, Dispatch};
 use crate::plugins::PluginLoader;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::HealthChecker;
@@ -168,28 +169,36 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         }
     };
     metrics.config_reloads.inc();
-    let listener = snapshot.listener.clone();
+    let listeners = Arc::clone(&snapshot.listeners);
+    let http = snapshot.http.clone();
     let admin_address = snapshot
         .admin_address()
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
-    // Bind-check the gateway port now, so a busy port is a clear error, not a worker panic.
-    drop(
-        TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
-            what: "api_gateway.address",
-            address: listener.address,
-            source,
-        })?,
-    );
+    // Bind-check each listener's port now, so a busy port is a clear error, not a worker
+    // panic.
+    for listener in listeners.bound() {
+        drop(
+            TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
+                what: "a listener's address",
+                address: listener.address,
+                source,
+            })?,
+        );
+    }
     let admin_listener = TcpListener::bind(admin_address).map_err(|source| StartError::Bind {
         what: "admin.address",
         address: admin_address,
         source,
     })?;
+    let bound: Vec<String> = listeners
+        .bound()
+        .map(|l| format!("{} {}", l.name, l.address))
+        .collect();
     tracing::info!(
         version = %snapshot.version,
-        listener = %listener.address,
+        listeners = %bound.join(", "),
         admin = %admin_address,
-        tls = listener.tls.is_some(),
+        tls = http.tls.is_some(),
         "nip proxy starting with {}",
         options.source.describe()
     );
@@ -200,13 +209,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     // The listener's certificates and client roots: the control thread replaces them on
     // reloads, certificate file changes, renewals of the workload certificate and pushes of
     // the trust bundle (the listener itself is bound once).
-    let listener_certificates = match &listener.tls {
+    let listener_certificates = match &http.tls {
         Some(tls) => Some(Arc::new(crate::downstream::tls::SniResolver::new(
             listener_certificate_set(tls, workload_identity.as_ref()).map_err(StartError::Tls)?,
         ))),
         None => None,
     };
-    let client_verifier = match (&listener.tls, &snapshot.load().listener_client_roots) {
+    let client_verifier = match (&http.tls, &snapshot.load().listener_client_roots) {
         (Some(tls), Some(roots)) => Some(Arc::new(
             crate::downstream::tls::ClientVerifier::new(roots, tls.require_client_certificate)
                 .map_err(StartError::Tls)?,
@@ -258,7 +267,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         Gateway::new(Arc::clone(&snapshot), Arc::clone(&metrics)),
     );
     let mut server_options = HttpServerOptions::default();
-    server_options.h2c = listener.h2c;
+    server_options.h2c = http.h2c;
     // HTTP/2 connections with no stream open close after the idle timeout too (pingora
     // takes it once, at start).
     server_options.h2_idle_timeout = snapshot.load().downstream.idle_timeout;
@@ -271,30 +280,56 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let admission = Admission::new(metrics.downstream.clone());
     let in_force = Arc::clone(&snapshot);
     let limits: CurrentLimits = Arc::new(move || in_force.load().downstream.clone());
-    let front_door = FrontDoor::new(proxy, limits, admission, listener.h2c)
-        .releasing_memory(options.release_memory);
-    let mut service = Service::new("nip".to_string(), front_door);
-    let address = listener.address.to_string();
-    let read_buffer = if listener.tls.is_some() {
-        DOWNSTREAM_TLS_READ_BUFFER
-    } else {
-        DOWNSTREAM_READ_BUFFER
+    let front_door = Arc::new(
+        FrontDoor::new(proxy, limits, admission, http.h2c).releasing_memory(options.release_memory),
+    );
+    // TLS is terminated per filter chain, after the listener filters chose it.
+    let tls_acceptor = match &listener_certificates {
+        Some(certificates) => Some(Arc::new(
+            crate::downstream::tls::settings(certificates, client_verifier.as_ref())
+                .map_err(StartError::Tls)?
+                .build(),
+        )),
+        None => None,
     };
-    let mut endpoint = ListenerConfig::tcp(address).l4_buffer(L4BufferSettings {
-        read: Some(read_buffer),
-        write: None,
-    });
-    if let Some(certificates) = &listener_certificates {
-        let tls = crate::downstream::tls::settings(certificates, client_verifier.as_ref())
-            .map_err(StartError::Tls)?;
-        endpoint = endpoint.tls(tls);
+    let in_force = Arc::clone(&snapshot);
+    let current: CurrentListeners = Arc::new(move || Arc::clone(&in_force.load().listeners));
+    for listener in listeners.bound() {
+        let app = Dispatch::new(
+            listener.address,
+            Arc::clone(&current),
+            Arc::clone(&front_door),
+            tls_acceptor.clone(),
+        );
+        let mut service = Service::new(format!("nip {}", listener.name), app);
+        let read_buffer = if listener_terminates_tls(listener) {
+            DOWNSTREAM_TLS_READ_BUFFER
+        } else {
+            DOWNSTREAM_READ_BUFFER
+        };
+        let endpoint =
+            ListenerConfig::tcp(listener.address.to_string()).l4_buffer(L4BufferSettings {
+                read: Some(read_buffer),
+                write: None,
+            });
+        service.add_listener(endpoint);
+        server.add_service(service);
     }
-    service.add_listener(endpoint);
-    server.add_service(service);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
+}
+
+/// Whether any filter chain of `listener` (or of a listener it hands connections to)
+/// terminates TLS.
+fn listener_terminates_tls(listener: &crate::listener::ServedListener) -> bool {
+    listener
+        .chains
+        .iter()
+        .chain(listener.default_chain.as_ref())
+        .any(|c| matches!(c.action, crate::listener::ChainAction::Http { tls: true }))
+        || listener.use_original_dst
 }
 
 /// The certificates a listener serves: its files, or the proxy's workload certificate.
@@ -499,7 +534,7 @@ impl Control {
     /// last seen.
     fn changed_certificate_file(&mut self) -> Option<std::path::PathBuf> {
         let snapshot = self.snapshot.load();
-        let files = snapshot.listener.tls.as_ref()?;
+        let files = snapshot.http.tls.as_ref()?;
         let paths = files
             .certificates
             .iter()
@@ -526,7 +561,7 @@ impl Control {
     /// handshake on; a set that cannot be read leaves the one in use.
     fn load_listener_certificates(&self) {
         let snapshot = self.snapshot.load();
-        let Some(tls) = &snapshot.listener.tls else {
+        let Some(tls) = &snapshot.http.tls else {
             return;
         };
         if let Some(resolver) = &self.listener_certificates {
@@ -611,11 +646,15 @@ impl Control {
                 self.status.set_reload_error(None);
             }
             Ok(Some(snapshot)) => {
-                let bound = |l: &crate::compile::ListenerSpec| {
+                // What the process set up at start: bound addresses, h2c, the kind of TLS.
+                let fixed = |s: &Snapshot| {
+                    let mut bound: Vec<SocketAddr> =
+                        s.listeners.bound().map(|l| l.address).collect();
+                    bound.sort();
                     (
-                        l.address,
-                        l.h2c,
-                        l.tls.as_ref().map(|t| {
+                        bound,
+                        s.http.h2c,
+                        s.http.tls.as_ref().map(|t| {
                             (
                                 t.client_roots.is_some(),
                                 t.require_client_certificate,
@@ -624,10 +663,10 @@ impl Control {
                         }),
                     )
                 };
-                if bound(&snapshot.listener) != bound(&current.listener) {
+                if fixed(&snapshot) != fixed(&current) {
                     tracing::warn!(
-                        "api_gateway address/TLS settings changed; the listener keeps {:?} until restart (its certificates follow the config)",
-                        current.listener
+                        "listener addresses or TLS settings changed; the process keeps {:?} until restart (filter chains, routes and certificates follow the config)",
+                        fixed(&current)
                     );
                 }
                 if snapshot.admin_address() != current.admin_address() {

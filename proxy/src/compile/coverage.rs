@@ -24,13 +24,61 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "filter_chains",
             "metadata",
             "stat_prefix",
+            "use_original_dst",
+            "bind_to_port",
+            "listener_filters",
+            "listener_filters_timeout",
+            "continue_on_listener_filters_timeout",
+            "default_filter_chain",
+            // Informational in Envoy too (stats and tracing); Istio sets it.
+            "traffic_direction",
         ],
     ),
     (
         "envoy.config.listener.v3.FilterChain",
-        &["filters", "transport_socket", "name"],
+        &["filters", "transport_socket", "name", "filter_chain_match"],
+    ),
+    (
+        "envoy.config.listener.v3.FilterChainMatch",
+        &[
+            "destination_port",
+            "prefix_ranges",
+            "direct_source_prefix_ranges",
+            "source_type",
+            "source_prefix_ranges",
+            "source_ports",
+            "server_names",
+            "transport_protocol",
+            "application_protocols",
+        ],
     ),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
+    (
+        "envoy.config.listener.v3.ListenerFilter",
+        &["name", "typed_config"],
+    ),
+    (
+        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+        &[],
+    ),
+    (
+        "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+        &[],
+    ),
+    (
+        "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+        &[],
+    ),
+    (
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        &[
+            "stat_prefix",
+            "cluster",
+            "idle_timeout",
+            "max_connect_attempts",
+            "max_downstream_connection_duration",
+        ],
+    ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         &[

@@ -2,6 +2,17 @@
 //! order, route source), the plugins' resource limits and the access log.
 
 use super::*;
+use crate::listener::chains::{ChainMatch, Cidr, SourceType};
+use crate::listener::tcp_proxy::TcpProxy;
+use crate::listener::{ChainAction, FilterChain, Listeners, ServedListener};
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
+use envoy_types::pb::envoy::config::listener::v3::{
+    listener_filter, FilterChain as XdsFilterChain, FilterChainMatch as XdsFilterChainMatch,
+};
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy as XdsTcpProxy;
 use nip_xds::translate::{ENVOY_DEFAULT_TEXT_FORMAT, JSON_ACCESS_LOG_FIELDS};
 
 /// Where the listener's TLS material comes from: files, or SDS secrets (read by the
@@ -19,72 +30,170 @@ pub struct TlsFiles {
     pub require_client_certificate: bool,
 }
 
-/// What the listening socket looks like. Pingora binds it once at start; a reload that
-/// changes it is logged and takes effect at the next restart.
+/// The HTTP side of a proxy's listeners. Every `http_connection_manager` filter chain
+/// carries the same connection manager (NIP serves one route table, plugin chain and set of
+/// client limits per proxy), and every one that terminates TLS the same TLS context.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSpec {
-    /// Address to bind.
-    pub address: SocketAddr,
-    /// TLS termination, with HTTP/2 offered through ALPN.
+pub struct HttpListening {
+    /// The TLS of the chains that terminate it, with HTTP/2 offered through ALPN.
     pub tls: Option<TlsFiles>,
-    /// Accept h2c (prior knowledge) next to HTTP/1.1 on plaintext.
+    /// Accept h2c (prior knowledge) next to HTTP/1.1 on plaintext chains.
     pub h2c: bool,
 }
 
-/// The one listener NIP serves (listeners with `api_listener` are for proxyless gRPC
+/// What the served listeners say about HTTP, found without compiling clusters (plugins
+/// and TLS roots are prepared from it).
+pub(super) struct HttpSide<'r> {
+    /// The listener of the first HTTP chain: its metadata carries the plugins' limits and
+    /// signatures (`None`: no chain speaks HTTP).
+    pub listener: Option<&'r Listener>,
+    /// The connection manager (an empty one when no chain speaks HTTP).
+    pub hcm: HttpConnectionManager,
+    /// TLS and h2c.
+    pub listening: HttpListening,
+}
+
+/// The listeners NIP serves (listeners with `api_listener` are for proxyless gRPC
 /// clients, not for a proxy).
-pub(super) fn served_listener(resources: &ResourceSet) -> Result<&Listener, CompileError> {
+pub(super) fn served_listeners(resources: &ResourceSet) -> Result<Vec<&Listener>, CompileError> {
     let served: Vec<&Listener> = resources
         .listeners
         .iter()
         .filter(|l| l.api_listener.is_none())
         .collect();
-    match served.as_slice() {
-        [listener] => Ok(listener),
-        _ => Err(err(
-            "Listener",
-            "",
-            format!("NIP serves exactly one listener, got {}", served.len()),
-        )),
+    if served.is_empty() {
+        return Err(err("Listener", "", "there is no listener to serve"));
     }
+    for (i, listener) in served.iter().enumerate() {
+        if served[..i].iter().any(|l| l.name == listener.name) {
+            return Err(err("Listener", &listener.name, "name is used twice"));
+        }
+    }
+    Ok(served)
 }
 
-pub(super) fn listener_spec(
-    listener: &Listener,
-    prepared: &Prepared,
-) -> Result<(ListenerSpec, HttpConnectionManager), CompileError> {
-    let name = listener.name.as_str();
-    let fail = |m: String| err("Listener", name, m);
-    let address = listener
-        .address
-        .as_ref()
-        .ok_or_else(|| fail("address is missing".into()))?;
-    let address = socket_addr(address, prepared).map_err(|e| fail(format!("address: {e}")))?;
-    let [chain] = listener.filter_chains.as_slice() else {
-        return Err(fail("exactly one filter chain is supported".into()));
-    };
+/// A listener's filter chains with the path each is named by in errors, the default
+/// chain last.
+fn chains_of(listener: &Listener) -> impl Iterator<Item = (String, &XdsFilterChain)> {
+    listener
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("filter_chains[{i}]"), c))
+        .chain(
+            listener
+                .default_filter_chain
+                .iter()
+                .map(|c| ("default_filter_chain".to_string(), c)),
+        )
+}
+
+/// A filter chain's one network filter, decoded.
+enum NetworkFilter {
+    Http(Box<HttpConnectionManager>),
+    Tcp(Box<XdsTcpProxy>),
+}
+
+fn network_filter(chain: &XdsFilterChain) -> Result<NetworkFilter, String> {
     let [network_filter] = chain.filters.as_slice() else {
-        return Err(fail(
-            "the filter chain must hold exactly the http_connection_manager".into(),
+        return Err(format!(
+            "a filter chain holds exactly one network filter ({} or {}), got {}",
+            names::HTTP_CONNECTION_MANAGER,
+            TCP_PROXY,
+            chain.filters.len()
         ));
     };
     let Some(filter::ConfigType::TypedConfig(any)) = &network_filter.config_type else {
-        return Err(fail(
-            "filter_chains[0].filters[0].typed_config is missing".into(),
+        return Err(format!(
+            "filters[0] {:?}: typed_config is missing",
+            network_filter.name
         ));
     };
-    if any.type_url != HttpConnectionManager::type_url() {
-        return Err(fail(format!(
-            "filter {} is not supported; only {}",
-            any.type_url,
-            names::HTTP_CONNECTION_MANAGER
-        )));
+    if any.type_url == HttpConnectionManager::type_url() {
+        return Ok(NetworkFilter::Http(Box::new(decode(any)?)));
     }
-    let hcm: HttpConnectionManager = decode(any).map_err(&fail)?;
+    if any.type_url == XdsTcpProxy::type_url() {
+        return Ok(NetworkFilter::Tcp(Box::new(decode(any)?)));
+    }
+    Err(format!(
+        "filters[0]: {} is not supported; only {} and {}",
+        any.type_url,
+        HttpConnectionManager::type_url(),
+        XdsTcpProxy::type_url()
+    ))
+}
+
+/// Envoy's name of the TCP proxy network filter.
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+
+/// The HTTP side of the served listeners (see [`HttpListening`]).
+pub(super) fn http_side(resources: &ResourceSet) -> Result<HttpSide<'_>, CompileError> {
+    let mut found: Option<(&Listener, String, HttpConnectionManager)> = None;
+    let mut tls: Option<(String, TlsFiles)> = None;
+    for listener in served_listeners(resources)? {
+        let name = listener.name.as_str();
+        for (path, chain) in chains_of(listener) {
+            let fail = |m: String| err("Listener", name, format!("{path}: {m}"));
+            let NetworkFilter::Http(hcm) = network_filter(chain).map_err(fail)? else {
+                continue;
+            };
+            match &found {
+                None => found = Some((listener, path.clone(), *hcm)),
+                Some((first, first_path, first_hcm)) if *first_hcm != *hcm => {
+                    return Err(fail(format!(
+                        "its http_connection_manager differs from the one in listener {:?} {first_path}: NIP serves one connection manager (routes, HTTP filters, limits) per proxy, the same in every HTTP filter chain",
+                        first.name
+                    )));
+                }
+                Some(_) => {}
+            }
+            if let Some(chain_tls) = chain_tls(chain).map_err(fail)? {
+                match &tls {
+                    None => tls = Some((format!("listener {name:?} {path}"), chain_tls)),
+                    Some((first, first_tls)) if *first_tls != chain_tls => {
+                        return Err(fail(format!(
+                            "its TLS context differs from the one of {first}: NIP terminates TLS with one context (certificates, client roots) per proxy"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    let Some((listener, _, hcm)) = found else {
+        return Ok(HttpSide {
+            listener: None,
+            hcm: HttpConnectionManager {
+                route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                    RouteConfiguration::default(),
+                )),
+                ..Default::default()
+            },
+            listening: HttpListening {
+                tls: None,
+                h2c: false,
+            },
+        });
+    };
+    check_connection_manager(&hcm).map_err(|m| err("Listener", &listener.name, m))?;
+    let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
+        .unwrap_or(http_connection_manager::CodecType::Auto);
+    Ok(HttpSide {
+        listener: Some(listener),
+        hcm,
+        listening: HttpListening {
+            tls: tls.map(|(_, t)| t),
+            h2c: codec != http_connection_manager::CodecType::Http1,
+        },
+    })
+}
+
+/// What NIP's HTTP path refuses in a connection manager.
+fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
     if hcm.generate_request_id.as_ref().is_some_and(|g| !g.value) {
-        return Err(fail(
+        return Err(
             "http_connection_manager.generate_request_id: false is not supported (NIP keeps or makes x-request-id on every request)".into(),
-        ));
+        );
     }
     for (i, http) in hcm.http_filters.iter().enumerate() {
         let last = i + 1 == hcm.http_filters.len();
@@ -94,50 +203,49 @@ pub(super) fn listener_spec(
         };
         let is_router = http.name == names::ROUTER || type_url.ends_with(".router.v3.Router");
         if last != is_router {
-            return Err(fail(format!(
+            return Err(format!(
                 "http_filters[{i}] {:?}: the router must be the last filter, and only there",
                 http.name
-            )));
+            ));
         }
         if !is_router && type_url != Wasm::type_url() {
-            return Err(fail(format!(
+            return Err(format!(
                 "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs {} plugins and the router)",
                 http.name,
                 Wasm::type_url()
-            )));
+            ));
         }
     }
-    let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
-        .unwrap_or(http_connection_manager::CodecType::Auto);
-    let tls = match &chain.transport_socket {
-        None => None,
-        Some(socket) => {
-            let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
-                return Err(fail("transport_socket.typed_config is missing".into()));
-            };
-            if any.type_url != DownstreamTlsContext::type_url() {
-                return Err(fail(format!(
-                    "transport socket {} is not supported",
-                    any.type_url
-                )));
-            }
-            let tls: DownstreamTlsContext = decode(any).map_err(&fail)?;
-            let refs = super::secrets::tls_context(&tls.common_tls_context.unwrap_or_default())
-                .map_err(|e| fail(format!("tls: {e}")))?;
-            if refs.certificates.is_empty() {
-                return Err(fail(
-                    "tls: common_tls_context has no certificate (tls_certificates or tls_certificate_sds_secret_configs)".into(),
-                ));
-            }
-            if !refs.san_matchers.is_empty() {
-                return Err(fail(
-                    "tls: validation_context.match_typed_subject_alt_names is not supported on a listener (plugins see the client's names)".into(),
-                ));
-            }
-            let mut certificates = Vec::new();
-            let mut workload_certificate = false;
-            for certificate in refs.certificates {
-                match certificate {
+    Ok(())
+}
+
+/// The TLS a filter chain terminates (`None`: plaintext).
+fn chain_tls(chain: &XdsFilterChain) -> Result<Option<TlsFiles>, String> {
+    let Some(socket) = &chain.transport_socket else {
+        return Ok(None);
+    };
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Err("transport_socket.typed_config is missing".into());
+    };
+    if any.type_url != DownstreamTlsContext::type_url() {
+        return Err(format!(
+            "transport socket {} is not supported",
+            any.type_url
+        ));
+    }
+    let tls: DownstreamTlsContext = decode(any)?;
+    let refs = super::secrets::tls_context(&tls.common_tls_context.unwrap_or_default())
+        .map_err(|e| format!("tls: {e}"))?;
+    if refs.certificates.is_empty() {
+        return Err("tls: common_tls_context has no certificate (tls_certificates or tls_certificate_sds_secret_configs)".into());
+    }
+    if !refs.san_matchers.is_empty() {
+        return Err("tls: validation_context.match_typed_subject_alt_names is not supported on a listener (plugins see the client's names)".into());
+    }
+    let mut certificates = Vec::new();
+    let mut workload_certificate = false;
+    for certificate in refs.certificates {
+        match certificate {
                     super::secrets::CertificateRef::Files { chain, key } => {
                         certificates.push((chain, key))
                     }
@@ -148,39 +256,327 @@ pub(super) fn listener_spec(
                         workload_certificate = true
                     }
                     super::secrets::CertificateRef::Secret(name) => {
-                        return Err(fail(format!(
+                        return Err(format!(
                             "tls: secret {name:?}: a listener serves certificate files or the workload certificate (\"{}\"), once",
                             nip_xds::secrets::WORKLOAD_CERTIFICATE
-                        )))
+                        ))
                     }
                 }
-            }
-            if workload_certificate && !certificates.is_empty() {
-                return Err(fail(
-                    "tls: the workload certificate and certificate files cannot be mixed on one listener".into(),
+    }
+    if workload_certificate && !certificates.is_empty() {
+        return Err(
+            "tls: the workload certificate and certificate files cannot be mixed on one listener"
+                .into(),
+        );
+    }
+    let require_client_certificate = tls.require_client_certificate.is_some_and(|r| r.value);
+    if require_client_certificate && refs.trust.is_none() {
+        return Err("tls: require_client_certificate needs a validation context (trusted_ca or an SDS secret)".into());
+    }
+    Ok(Some(TlsFiles {
+        certificates,
+        workload_certificate,
+        client_roots: refs.trust,
+        require_client_certificate,
+    }))
+}
+
+impl Compiler<'_> {
+    /// The served listeners, compiled: addresses, listener filters, filter chains with
+    /// their matches, `tcp_proxy` filters pointed at their clusters.
+    pub(super) fn listeners(
+        &self,
+        resources: &ResourceSet,
+        prepared: &Prepared,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<Listeners, CompileError> {
+        let mut all = Vec::new();
+        for listener in served_listeners(resources)? {
+            all.push(self.listener(listener, prepared, clusters)?);
+        }
+        if all.iter().all(|l| !l.bind_to_port) {
+            return Err(err(
+                "Listener",
+                "",
+                "every listener has bind_to_port: false, so none takes connections",
+            ));
+        }
+        for (i, listener) in all.iter().enumerate() {
+            if let Some(other) = all[..i]
+                .iter()
+                .find(|o| o.bind_to_port == listener.bind_to_port && o.address == listener.address)
+            {
+                return Err(err(
+                    "Listener",
+                    &listener.name,
+                    format!(
+                        "address {} is also listener {:?}'s",
+                        listener.address, other.name
+                    ),
                 ));
             }
-            let require_client_certificate =
-                tls.require_client_certificate.is_some_and(|r| r.value);
-            if require_client_certificate && refs.trust.is_none() {
-                return Err(fail(
-                    "tls: require_client_certificate needs a validation context (trusted_ca or an SDS secret)".into(),
-                ));
+        }
+        Ok(Listeners { all })
+    }
+
+    fn listener(
+        &self,
+        listener: &Listener,
+        prepared: &Prepared,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<ServedListener, CompileError> {
+        let name = listener.name.as_str();
+        let fail = |m: String| err("Listener", name, m);
+        let address = listener
+            .address
+            .as_ref()
+            .ok_or_else(|| fail("address is missing".into()))?;
+        let address = socket_addr(address, prepared).map_err(|e| fail(format!("address: {e}")))?;
+        let mut use_original_dst = listener.use_original_dst.as_ref().is_some_and(|b| b.value);
+        let (mut inspect_tls, mut inspect_http) = (false, false);
+        for (i, filter) in listener.listener_filters.iter().enumerate() {
+            let type_url = match &filter.config_type {
+                Some(listener_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+                _ => "",
+            };
+            let is =
+                |name: &str, type_url_of: String| filter.name == name || type_url == type_url_of;
+            if is(
+                "envoy.filters.listener.tls_inspector",
+                TlsInspector::type_url(),
+            ) {
+                inspect_tls = true;
+            } else if is(
+                "envoy.filters.listener.http_inspector",
+                HttpInspector::type_url(),
+            ) {
+                inspect_http = true;
+            } else if is(
+                "envoy.filters.listener.original_dst",
+                OriginalDst::type_url(),
+            ) {
+                use_original_dst = true;
+            } else {
+                return Err(fail(format!(
+                    "listener_filters[{i}] {:?}: not supported (NIP runs tls_inspector, http_inspector and original_dst)",
+                    filter.name
+                )));
             }
-            Some(TlsFiles {
-                certificates,
-                workload_certificate,
-                client_roots: refs.trust,
-                require_client_certificate,
+        }
+        let inspection_timeout = match &listener.listener_filters_timeout {
+            None => Some(crate::listener::DEFAULT_INSPECTION_TIMEOUT),
+            Some(t) => {
+                let t = duration(t)
+                    .ok_or_else(|| fail("listener_filters_timeout: not a valid duration".into()))?;
+                (!t.is_zero()).then_some(t)
+            }
+        };
+        let mut chains = Vec::new();
+        let mut default_chain = None;
+        for (path, chain) in chains_of(listener) {
+            let fail = |m: String| err("Listener", name, format!("{path}: {m}"));
+            let is_default = path == "default_filter_chain";
+            if is_default && chain.filter_chain_match.is_some() {
+                return Err(fail("the default filter chain takes what no chain matches; it has no filter_chain_match".into()));
+            }
+            let matches = match &chain.filter_chain_match {
+                Some(m) => chain_match(m).map_err(|e| fail(format!("filter_chain_match: {e}")))?,
+                None => ChainMatch::default(),
+            };
+            let action = match network_filter(chain).map_err(fail)? {
+                NetworkFilter::Http(_) => ChainAction::Http {
+                    tls: chain.transport_socket.is_some(),
+                },
+                NetworkFilter::Tcp(tcp) => {
+                    if chain.transport_socket.is_some() {
+                        return Err(fail("a tcp_proxy chain passes bytes through; it cannot terminate TLS (transport_socket)".into()));
+                    }
+                    ChainAction::Tcp(self.tcp_proxy(&tcp, clusters).map_err(fail)?)
+                }
+            };
+            let compiled = FilterChain {
+                name: chain.name.clone(),
+                matches,
+                action,
+            };
+            if is_default {
+                default_chain = Some(compiled);
+                continue;
+            }
+            if let Some(same) = chains
+                .iter()
+                .position(|c: &FilterChain| c.matches == compiled.matches)
+            {
+                return Err(fail(format!(
+                    "its filter_chain_match is the same as filter_chains[{same}]'s (a connection could not tell them apart)"
+                )));
+            }
+            chains.push(compiled);
+        }
+        if chains.is_empty() && default_chain.is_none() {
+            return Err(fail("has no filter chain".into()));
+        }
+        Ok(ServedListener {
+            name: Arc::from(name),
+            address,
+            bind_to_port: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
+            use_original_dst,
+            inspect_tls,
+            inspect_http,
+            inspection_timeout,
+            continue_on_inspection_timeout: listener.continue_on_listener_filters_timeout,
+            chains,
+            default_chain,
+            stats: self.metrics.listener_stats(name),
+        })
+    }
+
+    fn tcp_proxy(
+        &self,
+        tcp: &XdsTcpProxy,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<TcpProxy, String> {
+        use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier;
+        if tcp.stat_prefix.is_empty() {
+            return Err("tcp_proxy.stat_prefix is required".into());
+        }
+        let cluster = match &tcp.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(name)) => clusters
+                .get(name)
+                .ok_or_else(|| format!("tcp_proxy.cluster {name:?} is not among the clusters"))?,
+            Some(ClusterSpecifier::WeightedClusters(_)) => {
+                return Err(
+                    "tcp_proxy.weighted_clusters is not supported yet; name one cluster".into(),
+                )
+            }
+            None => return Err("tcp_proxy needs a cluster".into()),
+        };
+        if cluster.endpoints.iter().any(|e| e.tls.is_some()) {
+            return Err(format!(
+                "tcp_proxy.cluster {:?} reaches its endpoints over TLS, which tcp_proxy does not originate yet",
+                cluster.name
+            ));
+        }
+        let idle_timeout = match &tcp.idle_timeout {
+            None => Some(crate::listener::tcp_proxy::DEFAULT_IDLE_TIMEOUT),
+            Some(t) => {
+                let t = duration(t).ok_or("tcp_proxy.idle_timeout: not a valid duration")?;
+                (!t.is_zero()).then_some(t)
+            }
+        };
+        let max_connect_attempts = match &tcp.max_connect_attempts {
+            None => 1,
+            Some(n) if n.value >= 1 && n.value <= 10 => n.value,
+            Some(n) => {
+                return Err(format!(
+                    "tcp_proxy.max_connect_attempts: {} is outside 1–10",
+                    n.value
+                ))
+            }
+        };
+        let max_downstream_connection_duration = match &tcp.max_downstream_connection_duration {
+            None => None,
+            Some(t) => {
+                let t = duration(t)
+                    .ok_or("tcp_proxy.max_downstream_connection_duration: not a valid duration")?;
+                (!t.is_zero()).then_some(t)
+            }
+        };
+        Ok(TcpProxy {
+            stat_prefix: tcp.stat_prefix.clone(),
+            cluster: Arc::clone(cluster),
+            idle_timeout,
+            max_connect_attempts,
+            max_downstream_connection_duration,
+            stats: self.metrics.tcp_stats(&tcp.stat_prefix),
+        })
+    }
+}
+
+/// A `filter_chain_match`, checked.
+fn chain_match(m: &XdsFilterChainMatch) -> Result<ChainMatch, String> {
+    use envoy_types::pb::envoy::config::listener::v3::filter_chain_match::ConnectionSourceType;
+    let cidrs = |ranges: &[CidrRange], field: &str| -> Result<Vec<Cidr>, String> {
+        ranges
+            .iter()
+            .map(|r| {
+                let ip: std::net::IpAddr = r
+                    .address_prefix
+                    .parse()
+                    .map_err(|_| format!("{field}: {:?} is not an IP address", r.address_prefix))?;
+                let len = r
+                    .prefix_len
+                    .as_ref()
+                    .map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+                Cidr::new(ip, len).map_err(|e| format!("{field}: {e}"))
             })
+            .collect()
+    };
+    let destination_port = match &m.destination_port {
+        None => None,
+        Some(p) => Some(
+            u16::try_from(p.value)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("destination_port: {} is not a port", p.value))?,
+        ),
+    };
+    let source_ports = m
+        .source_ports
+        .iter()
+        .map(|p| {
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("source_ports: {p} is not a port"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut server_names = Vec::new();
+    for name in &m.server_names {
+        let lower = name.to_ascii_lowercase();
+        let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+        if bare.is_empty() || bare.contains('*') || bare.contains(['/', ' ', ':']) {
+            return Err(format!(
+                "server_names: {name:?} is not a host name or a \"*.\" wildcard"
+            ));
+        }
+        server_names.push(lower);
+    }
+    let transport_protocol = match m.transport_protocol.as_str() {
+        "" => None,
+        "tls" | "raw_buffer" => Some(m.transport_protocol.clone()),
+        other => {
+            return Err(format!(
+                "transport_protocol: {other:?} is not one NIP detects (tls, raw_buffer)"
+            ))
         }
     };
-    let spec = ListenerSpec {
-        address,
-        h2c: tls.is_none() && codec != http_connection_manager::CodecType::Http1,
-        tls,
+    let source_type = match ConnectionSourceType::try_from(m.source_type) {
+        Ok(ConnectionSourceType::Any) => SourceType::Any,
+        Ok(ConnectionSourceType::SameIpOrLoopback) => SourceType::SameIpOrLoopback,
+        Ok(ConnectionSourceType::External) => SourceType::External,
+        Err(_) => {
+            return Err(format!(
+                "source_type: {} is not a source type",
+                m.source_type
+            ))
+        }
     };
-    Ok((spec, hcm))
+    Ok(ChainMatch {
+        destination_port,
+        prefix_ranges: cidrs(&m.prefix_ranges, "prefix_ranges")?,
+        server_names,
+        transport_protocol,
+        application_protocols: m.application_protocols.clone(),
+        direct_source_prefix_ranges: cidrs(
+            &m.direct_source_prefix_ranges,
+            "direct_source_prefix_ranges",
+        )?,
+        source_type,
+        source_prefix_ranges: cidrs(&m.source_prefix_ranges, "source_prefix_ranges")?,
+        source_ports,
+    }
+    .normalized())
 }
 
 /// The signature a plugin filter's module must carry, when the listener says modules must

@@ -106,8 +106,10 @@ pub struct Snapshot {
     pub resources: ResourceSet,
     /// Node identity and admin address.
     pub bootstrap: Bootstrap,
-    /// The listener.
-    pub listener: ListenerSpec,
+    /// The listeners: addresses, listener filters, filter chains.
+    pub listeners: Arc<crate::listener::Listeners>,
+    /// The HTTP side of the listeners: TLS and h2c.
+    pub http: HttpListening,
     /// Client timeouts and limits of the listener (taken by each new connection).
     pub downstream: DownstreamLimits,
     /// Route selection.
@@ -189,10 +191,15 @@ impl Compiler<'_> {
                 .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
-        let listener = served_listener(resources)?;
-        let (listener_spec, hcm) = listener_spec(listener, prepared)?;
-        let downstream = downstream::downstream_limits(listener, &hcm)
-            .map_err(|m| err("Listener", &listener.name, m))?;
+        let listeners = self.listeners(resources, prepared, &clusters)?;
+        let side = http_side(resources)?;
+        let hcm = &side.hcm;
+        let listener_name = side.listener.map_or("", |l| l.name.as_str());
+        let downstream = match side.listener {
+            Some(listener) => downstream::downstream_limits(listener, hcm)
+                .map_err(|m| err("Listener", &listener.name, m))?,
+            None => DownstreamLimits::default(),
+        };
         let route_config = match &hcm.route_specifier {
             Some(http_connection_manager::RouteSpecifier::Rds(rds)) => resources
                 .routes
@@ -201,7 +208,7 @@ impl Compiler<'_> {
                 .ok_or_else(|| {
                     err(
                         "Listener",
-                        &listener.name,
+                        listener_name,
                         format!(
                             "rds.route_config_name {:?} is not among the route configurations",
                             rds.route_config_name
@@ -212,14 +219,14 @@ impl Compiler<'_> {
             _ => {
                 return Err(err(
                     "Listener",
-                    &listener.name,
+                    listener_name,
                     "http_connection_manager needs rds or route_config",
                 ))
             }
         };
         let plugins = &prepared.plugins;
         let router = self.router(route_config, &clusters, plugins)?;
-        let access_log = self.access_log(&listener.name, &hcm.access_log)?;
+        let access_log = self.access_log(listener_name, &hcm.access_log)?;
         let plugins = plugins
             .iter()
             .filter_map(|(name, p)| Some((name.clone(), Arc::clone(p.plugin.as_ref()?))))
@@ -230,7 +237,8 @@ impl Compiler<'_> {
             version: resources.version.clone(),
             resources: resources.clone(),
             bootstrap: bootstrap.clone(),
-            listener: listener_spec,
+            listeners: Arc::new(listeners),
+            http: side.listening,
             downstream,
             router,
             clusters,
@@ -361,9 +369,11 @@ mod routes;
 mod secrets;
 
 use listeners::*;
-pub use listeners::{ListenerSpec, TlsFiles};
+pub use listeners::{HttpListening, TlsFiles};
 pub use prepare::{prepare, prepare_check, Prepared};
 pub use secrets::{CertificateRef, TrustRef};
 
+#[cfg(test)]
+mod listener_tests;
 #[cfg(test)]
 mod tests;

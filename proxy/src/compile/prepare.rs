@@ -6,7 +6,7 @@
 
 use super::cluster_policies::UpstreamTlsSpec;
 use super::secrets::{Material, SecretSource};
-use super::{err, listener_spec, plugin_limits, served_listener, CompileError};
+use super::{err, http_side, plugin_limits, served_listeners, CompileError};
 use crate::identity::WorkloadIdentity;
 use crate::plugins::{LoadedPlugin, PluginLoader, PluginSpec};
 use crate::upstream::tls::{ClientCertificate, Roots, UpstreamTlsSettings};
@@ -179,21 +179,33 @@ fn gather(
                 .insert(xds.name.clone(), Arc::new(tls));
         }
     }
-    // The listener: its address, and its plugins.
-    let Ok(listener) = served_listener(resources) else {
+    // The listeners: their addresses, and the plugins of their connection manager.
+    let Ok(served) = served_listeners(resources) else {
         // The compiler names what is wrong with the listeners.
         return Ok(prepared);
     };
-    if let Some(address) = &listener.address {
-        add_host(address, &|m| {
-            err("Listener", &listener.name, format!("address: {m}"))
-        })?;
+    for listener in served {
+        if let Some(address) = &listener.address {
+            add_host(address, &|m| {
+                err("Listener", &listener.name, format!("address: {m}"))
+            })?;
+        }
     }
-    let Ok((spec, hcm)) = listener_spec(listener, &prepared) else {
+    let Ok(side) = http_side(resources) else {
         return Ok(prepared);
     };
+    let Some(listener) = side.listener else {
+        // No chain speaks HTTP: no plugins, no listener TLS.
+        return Ok(prepared);
+    };
+    let hcm = &side.hcm;
     if hosts == Hosts::Resolve {
-        if let Some(trust) = spec.tls.as_ref().and_then(|t| t.client_roots.as_ref()) {
+        if let Some(trust) = side
+            .listening
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_roots.as_ref())
+        {
             let (origin, pem) = source
                 .trust(trust)
                 .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;

@@ -76,8 +76,9 @@ fn translated_config_compiles_with_every_field_carried_over() {
         .route("a.example.com", "/v2/x", &http::Method::GET, &headers)
         .unwrap();
     assert_eq!(&*route.name, "rest");
-    assert_eq!(snapshot.listener.address, "0.0.0.0:8080".parse().unwrap());
-    assert!(snapshot.listener.h2c && snapshot.listener.tls.is_none());
+    let bound: Vec<_> = snapshot.listeners.bound().map(|l| l.address).collect();
+    assert_eq!(bound, ["0.0.0.0:8080".parse().unwrap()]);
+    assert!(snapshot.http.h2c && snapshot.http.tls.is_none());
     assert_eq!(
         snapshot.admin_address(),
         Some("127.0.0.1:9901".parse().unwrap())
@@ -110,7 +111,7 @@ fn unsupported_fields_are_refused_naming_the_resource() {
     assert!(compile(&t)
         .unwrap_err()
         .message
-        .contains("exactly one listener"));
+        .contains("there is no listener to serve"));
 
     let mut t = translated(BASE);
     let api = t.resources.routes[0]

@@ -98,6 +98,20 @@ where
         }
     }
 
+    /// A slot for a connection that does not go through the front door's HTTP path (a
+    /// `tcp_proxy` chain) under the same `max_active_downstream_connections`; `None` when
+    /// the listener is full (the connection is then closed, and counted).
+    pub fn admit_other(&self) -> Option<super::admission::ConnectionSlot> {
+        self.admission.try_admit((self.limits)().connection_limit())
+    }
+
+    /// How long a client may take to finish a TLS handshake: the `request_headers_timeout`
+    /// in force, else the `idle_timeout`.
+    pub fn handshake_timeout(&self) -> Option<std::time::Duration> {
+        let limits = (self.limits)();
+        limits.request_headers_timeout.or(limits.idle_timeout)
+    }
+
     /// With a way to give freed memory back to the OS (see `ProxyOptions`).
     pub fn releasing_memory(mut self, release: Option<fn()>) -> Self {
         self.release_memory = release;

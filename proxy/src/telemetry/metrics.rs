@@ -92,6 +92,16 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    stat_prefix: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DetectorLabels {
     cluster: String,
     detector: &'static str,
@@ -184,7 +194,38 @@ pub struct RouteStats {
     pub duration: LatencyHistogram,
 }
 
-/// Metric handles of one cluster.
+/// Metric handles of one `tcp_proxy` filter (by its `stat_prefix`), resolved at compile
+/// time.
+#[derive(Clone, Debug, Default)]
+pub struct TcpStats {
+    /// Connections the filter took.
+    pub cx_total: Counter,
+    /// Connections it carries now.
+    pub cx_active: Gauge,
+    /// Bytes from the client.
+    pub rx_bytes: Counter,
+    /// Bytes to the client.
+    pub tx_bytes: Counter,
+    /// Connections closed for silence in both directions (`idle_timeout`).
+    pub idle_timeout: Counter,
+    /// Connections closed at `max_downstream_connection_duration`.
+    pub max_duration_reached: Counter,
+    /// Connections closed because no upstream could be reached (no healthy endpoint, no
+    /// original destination, or every connect attempt failed).
+    pub no_upstream: Counter,
+}
+
+/// Metric handles of one listener, resolved at compile time.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerStats {
+    /// Connections no filter chain matched (closed; Envoy's `no_filter_chain_match`).
+    pub no_filter_chain_match: Counter,
+    /// Connections closed because the listener filters saw too little in time
+    /// (`listener_filters_timeout`; Envoy's `downstream_pre_cx_timeout`).
+    pub inspection_timeout: Counter,
+}
+
+/// Metric handles of one cluster, resolved at compile time.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterStats {
     /// Connections opened.
@@ -232,6 +273,15 @@ pub struct Metrics {
     response_flags: Family<FlagLabels, Counter>,
     downstream_peer_requests: Family<PeerLabels, Counter>,
     upstream_cx_total: Family<ClusterLabels, Counter>,
+    tcp_cx_total: Family<TcpLabels, Counter>,
+    tcp_cx_active: Family<TcpLabels, Gauge>,
+    tcp_rx_bytes: Family<TcpLabels, Counter>,
+    tcp_tx_bytes: Family<TcpLabels, Counter>,
+    tcp_idle_timeout: Family<TcpLabels, Counter>,
+    tcp_max_duration_reached: Family<TcpLabels, Counter>,
+    tcp_no_upstream: Family<TcpLabels, Counter>,
+    listener_no_filter_chain_match: Family<ListenerLabels, Counter>,
+    listener_inspection_timeout: Family<ListenerLabels, Counter>,
     upstream_cx_active: Family<ClusterLabels, Gauge>,
     upstream_cx_connect_fail: Family<ClusterLabels, Counter>,
     upstream_cx_tls_fail: Family<ClusterLabels, Counter>,
@@ -271,6 +321,8 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 struct SeriesIndex {
     routes: HashSet<String>,
+    tcp_prefixes: HashSet<String>,
+    listeners: HashSet<String>,
     pairs: HashSet<(String, String)>,
     clusters: HashSet<String>,
     localities: HashSet<LocalityLabels>,
@@ -311,6 +363,15 @@ impl Metrics {
             response_flags: Family::default(),
             downstream_peer_requests: Family::default(),
             upstream_cx_total: Family::default(),
+            tcp_cx_total: Family::default(),
+            tcp_cx_active: Family::default(),
+            tcp_rx_bytes: Family::default(),
+            tcp_tx_bytes: Family::default(),
+            tcp_idle_timeout: Family::default(),
+            tcp_max_duration_reached: Family::default(),
+            tcp_no_upstream: Family::default(),
+            listener_no_filter_chain_match: Family::default(),
+            listener_inspection_timeout: Family::default(),
             upstream_cx_active: Family::default(),
             upstream_cx_connect_fail: Family::default(),
             upstream_cx_tls_fail: Family::default(),
@@ -374,6 +435,51 @@ impl Metrics {
             "response_flags",
             "Responses the proxy generated or shaped, by Envoy response flag (NR, UH, UF, UT, UR, NC, URX)",
             m.response_flags.clone(),
+        );
+        registry.register(
+            "tcp_downstream_cx",
+            "Connections taken by a tcp_proxy filter, by its stat_prefix",
+            m.tcp_cx_total.clone(),
+        );
+        registry.register(
+            "tcp_downstream_cx_active",
+            "Connections a tcp_proxy filter carries now",
+            m.tcp_cx_active.clone(),
+        );
+        registry.register(
+            "tcp_downstream_cx_rx_bytes",
+            "Bytes a tcp_proxy filter received from clients",
+            m.tcp_rx_bytes.clone(),
+        );
+        registry.register(
+            "tcp_downstream_cx_tx_bytes",
+            "Bytes a tcp_proxy filter sent to clients",
+            m.tcp_tx_bytes.clone(),
+        );
+        registry.register(
+            "tcp_idle_timeout",
+            "tcp_proxy connections closed after idle_timeout with no byte either way",
+            m.tcp_idle_timeout.clone(),
+        );
+        registry.register(
+            "tcp_max_downstream_connection_duration",
+            "tcp_proxy connections closed at max_downstream_connection_duration",
+            m.tcp_max_duration_reached.clone(),
+        );
+        registry.register(
+            "tcp_no_upstream",
+            "tcp_proxy connections closed because no upstream could be reached",
+            m.tcp_no_upstream.clone(),
+        );
+        registry.register(
+            "listener_no_filter_chain_match",
+            "Connections closed because none of the listener's filter chains matched",
+            m.listener_no_filter_chain_match.clone(),
+        );
+        registry.register(
+            "listener_filters_timeout",
+            "Connections closed because the listener filters (TLS/HTTP inspection) saw too little within listener_filters_timeout",
+            m.listener_inspection_timeout.clone(),
         );
         registry.register(
             "upstream_cx",
@@ -595,6 +701,29 @@ impl Metrics {
         for cluster in stale.clusters.difference(&live.clusters) {
             self.remove_cluster_series(cluster);
         }
+        for prefix in stale.tcp_prefixes.difference(&live.tcp_prefixes) {
+            let labels = TcpLabels {
+                stat_prefix: prefix.clone(),
+            };
+            for family in [
+                &self.tcp_cx_total,
+                &self.tcp_rx_bytes,
+                &self.tcp_tx_bytes,
+                &self.tcp_idle_timeout,
+                &self.tcp_max_duration_reached,
+                &self.tcp_no_upstream,
+            ] {
+                family.remove(&labels);
+            }
+            self.tcp_cx_active.remove(&labels);
+        }
+        for listener in stale.listeners.difference(&live.listeners) {
+            let labels = ListenerLabels {
+                listener: listener.clone(),
+            };
+            self.listener_no_filter_chain_match.remove(&labels);
+            self.listener_inspection_timeout.remove(&labels);
+        }
     }
 
     fn remove_cluster_series(&self, cluster: &str) {
@@ -686,6 +815,48 @@ impl Metrics {
                     })
                     .clone()
             }),
+        }
+    }
+
+    /// Handles for one `tcp_proxy` filter's `stat_prefix` (filters sharing a prefix share
+    /// its series, as in Envoy).
+    pub fn tcp_stats(&self, stat_prefix: &str) -> TcpStats {
+        self.generations()
+            .pending
+            .tcp_prefixes
+            .insert(stat_prefix.to_string());
+        let labels = TcpLabels {
+            stat_prefix: stat_prefix.to_string(),
+        };
+        TcpStats {
+            cx_total: self.tcp_cx_total.get_or_create(&labels).clone(),
+            cx_active: self.tcp_cx_active.get_or_create(&labels).clone(),
+            rx_bytes: self.tcp_rx_bytes.get_or_create(&labels).clone(),
+            tx_bytes: self.tcp_tx_bytes.get_or_create(&labels).clone(),
+            idle_timeout: self.tcp_idle_timeout.get_or_create(&labels).clone(),
+            max_duration_reached: self.tcp_max_duration_reached.get_or_create(&labels).clone(),
+            no_upstream: self.tcp_no_upstream.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Handles for one listener.
+    pub fn listener_stats(&self, listener: &str) -> ListenerStats {
+        self.generations()
+            .pending
+            .listeners
+            .insert(listener.to_string());
+        let labels = ListenerLabels {
+            listener: listener.to_string(),
+        };
+        ListenerStats {
+            no_filter_chain_match: self
+                .listener_no_filter_chain_match
+                .get_or_create(&labels)
+                .clone(),
+            inspection_timeout: self
+                .listener_inspection_timeout
+                .get_or_create(&labels)
+                .clone(),
         }
     }
 
