@@ -311,6 +311,190 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
     assert_eq!(ping.text().await.unwrap(), "pong");
 }
 
+/// A TLS server (`openssl s_server -www`) whose certificate names `passthrough.test`,
+/// signed by a CA made here; its port and the CA's PEM.
+async fn passthrough_tls_server(dir: &Path) -> (Background, u16, Vec<u8>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["passthrough.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), certificate.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let port = free_port();
+    let server = Background::start(Command::new("openssl").args([
+        "s_server",
+        "-accept",
+        &format!("127.0.0.1:{port}"),
+        "-cert",
+        dir.join("server.pem").to_str().unwrap(),
+        "-key",
+        dir.join("server.key").to_str().unwrap(),
+        "-www",
+        "-quiet",
+    ]));
+    eventually("openssl s_server listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    (server, port, ca.pem().into_bytes())
+}
+
+/// A server-first TCP service: greets with `hello\n`, echoes what it reads, and when the
+/// client has sent everything (EOF) says `bye\n` and closes.
+async fn greeting_echo_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                socket.write_all(b"hello\n").await?;
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = socket.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    socket.write_all(&buf[..n]).await?;
+                }
+                socket.write_all(b"bye\n").await?;
+                socket.shutdown().await
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start("a").await;
+    let (_tls_server, tls_port, ca) = passthrough_tls_server(dir.path()).await;
+    let echo = greeting_echo_server().await;
+    let (xds_port, listen_port) = (free_port(), free_port());
+    let server = Background::python(&[
+        script("sidecar_xds_server.py").to_str().unwrap(),
+        &xds_port.to_string(),
+        &listen_port.to_string(),
+        &backend.address.port().to_string(),
+        &tls_port.to_string(),
+        &echo.port().to_string(),
+    ]);
+    server.wait_for("listening").await;
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: sidecar-1, region: eu }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{xds_port}\" }}\n"
+        ),
+        listen_port,
+    );
+    proxy.wait_ready().await;
+
+    // HTTP (the http_inspector saw a request line): the connection manager's route.
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "a");
+
+    // TLS for passthrough.test: relayed untouched, so the client verifies the backend's
+    // own certificate (the proxy has none for that name).
+    let proxy_address: std::net::SocketAddr = ([127, 0, 0, 1], listen_port).into();
+    let tls_client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .resolve("passthrough.test", proxy_address)
+        .build()
+        .unwrap();
+    let response = tls_client
+        .get(format!("https://passthrough.test:{listen_port}/"))
+        .send()
+        .await
+        .expect("TLS through the proxy to the backend's certificate");
+    assert_eq!(response.status(), 200);
+
+    // Opaque TCP (redis's first bytes): the default chain; bytes both ways, and the
+    // client's half-close reaches the server, whose last words still come back.
+    let mut tcp = tokio::net::TcpStream::connect(proxy_address).await.unwrap();
+    let ping = b"*1\r\n$4\r\nPING\r\n";
+    tcp.write_all(ping).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut received),
+    )
+    .await
+    .expect("the relay ends when both sides are done")
+    .unwrap();
+    let expected = [&b"hello\n"[..], ping, b"bye\n"].concat();
+    assert_eq!(received, expected);
+    let opaque = [("stat_prefix", "opaque")];
+    proxy
+        .wait_for_sample(
+            "nip_tcp_downstream_cx_rx_bytes_total",
+            &opaque,
+            ping.len() as f64,
+        )
+        .await;
+    proxy
+        .wait_for_sample(
+            "nip_tcp_downstream_cx_tx_bytes_total",
+            &opaque,
+            expected.len() as f64,
+        )
+        .await;
+    proxy
+        .wait_for_sample("nip_tcp_downstream_cx_active", &opaque, 0.0)
+        .await;
+
+    // A server-first protocol: the client says nothing, the inspectors give up after
+    // listener_filters_timeout (1 s) and continue, the server's greeting arrives; after
+    // idle_timeout (2 s) of silence the connection is closed.
+    let started = std::time::Instant::now();
+    let mut quiet = tokio::net::TcpStream::connect(proxy_address).await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        quiet.read_to_end(&mut greeting),
+    )
+    .await
+    .expect("closed at the idle timeout")
+    .unwrap();
+    assert_eq!(greeting, b"hello\n");
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_secs(3), "{took:?}");
+    proxy
+        .wait_for_sample("nip_tcp_idle_timeout_total", &opaque, 1.0)
+        .await;
+    proxy
+        .wait_for_sample(
+            "nip_tcp_downstream_cx_total",
+            &[("stat_prefix", "passthrough")],
+            1.0,
+        )
+        .await;
+
+    // Version 2 adds a listener filter NIP does not run: NACKed by name, version 1 serves on.
+    server.wait_for("NACK ").await;
+    let nack = server
+        .output()
+        .lines()
+        .find(|l| l.starts_with("NACK"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        nack.contains("Listener \"virtualOutbound\": listener_filters[2] \"envoy.filters.listener.proxy_protocol\": not supported"),
+        "{nack}"
+    );
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_roles() {
     let port = free_port();

@@ -212,15 +212,17 @@ def resources(listen_port: int, backend_ports: tuple, v2: bool, plugin: str = ""
 
 
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, listen_port: int, backend_ports: tuple, plugin: str) -> None:
-        self.listen_port = listen_port
-        self.backend_ports = backend_ports
-        self.plugin = plugin
+    """ADS state of the world: FIRST (resources by type URL, then by name) at version 1;
+    once the client has ACKed every type, SECOND (if any) at version 2."""
+
+    def __init__(self, first: dict, second: dict = None) -> None:
+        self.first = first
+        self.second = second
 
     async def StreamAggregatedResources(self, request_iterator, context):
         outbox: asyncio.Queue = asyncio.Queue()
         versions = {t: "1" for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)}
-        current = resources(self.listen_port, self.backend_ports, v2=False)
+        current = self.first
         subscribed: dict = {}
         last_nonce: dict = {}
         acked: set = set()
@@ -245,7 +247,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         async def push_version_2() -> None:
             nonlocal current
             await asyncio.sleep(0.3)
-            current = resources(self.listen_port, self.backend_ports, v2=True, plugin=self.plugin)
+            current = self.second
             for type_url in (CLUSTER, ENDPOINT, ROUTE, LISTENER):
                 versions[type_url] = "2"
             respond(CLUSTER)
@@ -275,7 +277,7 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if request.response_nonce == "" or names != subscribed.get(type_url):
                     subscribed[type_url] = names
                     respond(type_url)
-                if not pushed and len(acked) == 4:
+                if not pushed and len(acked) == 4 and self.second is not None:
                     pushed = True
                     asyncio.ensure_future(push_version_2())
 
@@ -292,9 +294,10 @@ async def main() -> None:
     xds_port, listen_port, backend_port, backend2_port = (int(a) for a in sys.argv[1:5])
     plugin = sys.argv[5] if len(sys.argv) > 5 else ""
     server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        Ads(listen_port, (backend_port, backend2_port), plugin), server
-    )
+    backends = (backend_port, backend2_port)
+    first = resources(listen_port, backends, v2=False)
+    second = resources(listen_port, backends, v2=True, plugin=plugin)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(first, second), server)
     server.add_insecure_port(f"127.0.0.1:{xds_port}")
     await server.start()
     print("listening", flush=True)
