@@ -14,7 +14,7 @@ use crate::compile::{CompileError, Compiler, Snapshot};
 use crate::config_source::ads::XdsFeed;
 use crate::config_source::{ConfigSource, Fingerprint};
 use crate::downstream::admission::Admission;
-use crate::downstream::app::{CurrentLimits, FrontDoor};
+use crate::downstream::app::FrontDoor;
 use crate::http::Gateway;
 use crate::listener::dispatch::{CurrentListeners, Dispatch};
 use crate::plugins::PluginLoader;
@@ -113,7 +113,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     let compiler = Compiler {
         registry: &registry,
         metrics: &metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     };
     // The workload identity, when following a control plane with its CA.
@@ -270,19 +270,22 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     server_options.h2c = http.h2c;
     // HTTP/2 connections with no stream open close after the idle timeout too (pingora
     // takes it once, at start).
-    server_options.h2_idle_timeout = snapshot.load().downstream.idle_timeout;
+    server_options.h2_idle_timeout = snapshot.load().primary_http().downstream.idle_timeout;
     proxy.server_options = Some(server_options);
     // HTTP/2 heads are bounded like HTTP/1 ones (pingora keeps its 100 concurrent streams).
     let mut h2_options = pingora::protocols::http::v2::server::default_h2_options();
-    let max_head = snapshot.load().downstream.max_head_bytes();
+    let max_head = snapshot
+        .load()
+        .http_managers
+        .iter()
+        .map(|m| m.downstream.max_head_bytes())
+        .max()
+        .unwrap_or(0);
     h2_options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
     proxy.h2_options = Some(h2_options);
     let admission = Admission::new(metrics.downstream.clone());
-    let in_force = Arc::clone(&snapshot);
-    let limits: CurrentLimits = Arc::new(move || in_force.load().downstream.clone());
-    let front_door = Arc::new(
-        FrontDoor::new(proxy, limits, admission, http.h2c).releasing_memory(options.release_memory),
-    );
+    let front_door =
+        Arc::new(FrontDoor::new(proxy, admission).releasing_memory(options.release_memory));
     // TLS is terminated per filter chain, after the listener filters chose it.
     let tls_acceptor = match &listener_certificates {
         Some(certificates) => Some(Arc::new(
@@ -328,7 +331,12 @@ fn listener_terminates_tls(listener: &crate::listener::ServedListener) -> bool {
         .chains
         .iter()
         .chain(listener.default_chain.as_ref())
-        .any(|c| matches!(c.action, crate::listener::ChainAction::Http { tls: true }))
+        .any(|c| {
+            matches!(
+                c.action,
+                crate::listener::ChainAction::Http { tls: true, .. }
+            )
+        })
         || listener.use_original_dst
 }
 
@@ -618,7 +626,7 @@ impl Control {
                 let compiler = Compiler {
                     registry: &registry,
                     metrics: &metrics,
-                    previous_access_log: previous.access_log.clone(),
+                    previous_access_logs: previous.access_loggers(),
                     identity: None,
                 };
                 compiler

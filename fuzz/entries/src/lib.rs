@@ -117,7 +117,7 @@ pub fn xds_response(data: &[u8]) {
     let compiler = Compiler {
         registry: &context.registry,
         metrics: &context.metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     };
     if let Err(e) = compiler.build(&context.plugins, &context.baseline.bootstrap, &resources) {

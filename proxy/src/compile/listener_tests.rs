@@ -130,7 +130,7 @@ fn compile(t: &Translation) -> Result<Snapshot, CompileError> {
     Compiler {
         registry: &registry,
         metrics: &metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     }
     .compile(
@@ -160,7 +160,7 @@ fn a_sidecar_set_of_listeners_compiles_into_bound_and_handed_off_listeners() {
     );
     assert!(matches!(
         outbound.chains[0].action,
-        ChainAction::Http { tls: false }
+        ChainAction::Http { tls: false, .. }
     ));
     let Some(ChainAction::Tcp(passthrough)) = outbound.default_chain.as_ref().map(|c| &c.action)
     else {
@@ -189,25 +189,83 @@ fn a_sidecar_set_of_listeners_compiles_into_bound_and_handed_off_listeners() {
 }
 
 #[test]
-fn two_connection_managers_are_refused_naming_both_chains() {
+fn each_chain_gets_its_own_connection_manager_and_equal_ones_are_shared() {
     let mut t = sidecar();
-    let mut second = t.resources.listeners[0].filter_chains[0].clone();
-    second.filter_chain_match = Some(FilterChainMatch {
+    // An inbound listener whose connection manager routes everything to a direct answer,
+    // and a second chain on the outbound listener with the outbound manager again.
+    let outbound_chain = t.resources.listeners[0].filter_chains[0].clone();
+    let mut again = outbound_chain.clone();
+    again.filter_chain_match = Some(FilterChainMatch {
         destination_port: Some(UInt32Value { value: 9090 }),
         ..Default::default()
     });
-    let Some(filter::ConfigType::TypedConfig(any)) = &mut second.filters[0].config_type else {
+    t.resources.listeners[0].filter_chains.push(again);
+    let mut inbound_chain = outbound_chain;
+    inbound_chain.filter_chain_match = None;
+    let Some(filter::ConfigType::TypedConfig(any)) = &mut inbound_chain.filters[0].config_type
+    else {
         panic!("typed config");
     };
     let mut hcm: HttpConnectionManager = decode(any).unwrap();
-    hcm.stat_prefix = "another".into();
+    hcm.stat_prefix = "inbound".into();
+    hcm.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(
+        RouteConfiguration {
+            name: "inbound".into(),
+            virtual_hosts: vec![envoy_types::pb::envoy::config::route::v3::VirtualHost {
+                name: "local".into(),
+                domains: vec!["*".into()],
+                routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
+                    r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::DirectResponse(DirectResponseAction {
+                        status: 204,
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ));
     *any = packed(&hcm);
-    t.resources.listeners[0].filter_chains.push(second);
-    let e = refusal(&t);
-    assert!(
-        e.contains("filter_chains[1]")
-            && e.contains("differs from the one in listener \"outbound\" filter_chains[0]"),
-        "{e}"
+    t.resources.listeners.push(Listener {
+        name: "inbound".into(),
+        address: Some(socket("127.0.0.1", 15006)),
+        filter_chains: vec![inbound_chain],
+        ..Default::default()
+    });
+    let snapshot = compile(&t).expect("compiles");
+    assert_eq!(snapshot.http_managers.len(), 2);
+    let manager = |listener: &str, chain: usize| {
+        let listener = snapshot.listeners.by_name(listener).unwrap();
+        Arc::clone(listener.chains[chain].http_manager().unwrap())
+    };
+    assert!(Arc::ptr_eq(
+        &manager("outbound", 0),
+        &manager("outbound", 1)
+    ));
+    let inbound = manager("inbound", 0);
+    assert_eq!(inbound.stat_prefix, "inbound");
+    let headers = http::HeaderMap::new();
+    let route = inbound
+        .router
+        .route("any.host", "/x", &http::Method::GET, &headers)
+        .expect("the inbound route");
+    assert!(route.targets.is_empty(), "a direct response, not a cluster");
+    let outbound = manager("outbound", 0);
+    let route = outbound
+        .router
+        .route("any.host", "/x", &http::Method::GET, &headers)
+        .expect("the outbound route");
+    assert_eq!(
+        route.targets[0]
+            .cluster
+            .as_ref()
+            .map(|c| c.name.to_string()),
+        Some("web".to_string())
     );
 }
 

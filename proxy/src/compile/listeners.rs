@@ -4,7 +4,7 @@
 use super::*;
 use crate::listener::chains::{ChainMatch, Cidr, SourceType};
 use crate::listener::tcp_proxy::TcpProxy;
-use crate::listener::{ChainAction, FilterChain, Listeners, ServedListener};
+use crate::listener::{ChainAction, FilterChain, HttpManager, Listeners, ServedListener};
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain as XdsFilterChain, FilterChainMatch as XdsFilterChainMatch,
@@ -30,27 +30,31 @@ pub struct TlsFiles {
     pub require_client_certificate: bool,
 }
 
-/// The HTTP side of a proxy's listeners. Every `http_connection_manager` filter chain
-/// carries the same connection manager (NIP serves one route table, plugin chain and set of
-/// client limits per proxy), and every one that terminates TLS the same TLS context.
+/// The HTTP side of a proxy's listeners that the process sets up once: TLS (every filter
+/// chain that terminates it uses the same context: certificates, client roots) and h2c.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpListening {
     /// The TLS of the chains that terminate it, with HTTP/2 offered through ALPN.
     pub tls: Option<TlsFiles>,
-    /// Accept h2c (prior knowledge) next to HTTP/1.1 on plaintext chains.
+    /// Some connection manager accepts h2c (prior knowledge) next to HTTP/1.1.
     pub h2c: bool,
 }
 
-/// What the served listeners say about HTTP, found without compiling clusters (plugins
-/// and TLS roots are prepared from it).
+/// The connection managers of the served listeners, found without compiling clusters
+/// (plugins and TLS roots are prepared from them).
 pub(super) struct HttpSide<'r> {
-    /// The listener of the first HTTP chain: its metadata carries the plugins' limits and
-    /// signatures (`None`: no chain speaks HTTP).
-    pub listener: Option<&'r Listener>,
-    /// The connection manager (an empty one when no chain speaks HTTP).
-    pub hcm: HttpConnectionManager,
+    /// Each distinct connection manager with the listener it was first met in (whose
+    /// metadata carries its plugins' limits and signatures), in the order met.
+    pub managers: Vec<(&'r Listener, HttpConnectionManager)>,
     /// TLS and h2c.
     pub listening: HttpListening,
+}
+
+impl HttpSide<'_> {
+    /// The index in `managers` of `hcm`.
+    pub fn index_of(&self, hcm: &HttpConnectionManager) -> Option<usize> {
+        self.managers.iter().position(|(_, m)| m == hcm)
+    }
 }
 
 /// The listeners NIP serves (listeners with `api_listener` are for proxyless gRPC
@@ -126,9 +130,9 @@ fn network_filter(chain: &XdsFilterChain) -> Result<NetworkFilter, String> {
 /// Envoy's name of the TCP proxy network filter.
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 
-/// The HTTP side of the served listeners (see [`HttpListening`]).
+/// The connection managers and TLS of the served listeners (see [`HttpSide`]).
 pub(super) fn http_side(resources: &ResourceSet) -> Result<HttpSide<'_>, CompileError> {
-    let mut found: Option<(&Listener, String, HttpConnectionManager)> = None;
+    let mut managers: Vec<(&Listener, HttpConnectionManager)> = Vec::new();
     let mut tls: Option<(String, TlsFiles)> = None;
     for listener in served_listeners(resources)? {
         let name = listener.name.as_str();
@@ -137,15 +141,9 @@ pub(super) fn http_side(resources: &ResourceSet) -> Result<HttpSide<'_>, Compile
             let NetworkFilter::Http(hcm) = network_filter(chain).map_err(fail)? else {
                 continue;
             };
-            match &found {
-                None => found = Some((listener, path.clone(), *hcm)),
-                Some((first, first_path, first_hcm)) if *first_hcm != *hcm => {
-                    return Err(fail(format!(
-                        "its http_connection_manager differs from the one in listener {:?} {first_path}: NIP serves one connection manager (routes, HTTP filters, limits) per proxy, the same in every HTTP filter chain",
-                        first.name
-                    )));
-                }
-                Some(_) => {}
+            if !managers.iter().any(|(_, m)| *m == *hcm) {
+                check_connection_manager(&hcm).map_err(fail)?;
+                managers.push((listener, *hcm));
             }
             if let Some(chain_tls) = chain_tls(chain).map_err(fail)? {
                 match &tls {
@@ -160,30 +158,16 @@ pub(super) fn http_side(resources: &ResourceSet) -> Result<HttpSide<'_>, Compile
             }
         }
     }
-    let Some((listener, _, hcm)) = found else {
-        return Ok(HttpSide {
-            listener: None,
-            hcm: HttpConnectionManager {
-                route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
-                    RouteConfiguration::default(),
-                )),
-                ..Default::default()
-            },
-            listening: HttpListening {
-                tls: None,
-                h2c: false,
-            },
-        });
-    };
-    check_connection_manager(&hcm).map_err(|m| err("Listener", &listener.name, m))?;
-    let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
-        .unwrap_or(http_connection_manager::CodecType::Auto);
+    let h2c = managers.iter().any(|(_, hcm)| {
+        http_connection_manager::CodecType::try_from(hcm.codec_type)
+            .unwrap_or(http_connection_manager::CodecType::Auto)
+            != http_connection_manager::CodecType::Http1
+    });
     Ok(HttpSide {
-        listener: Some(listener),
-        hcm,
+        managers,
         listening: HttpListening {
             tls: tls.map(|(_, t)| t),
-            h2c: codec != http_connection_manager::CodecType::Http1,
+            h2c,
         },
     })
 }
@@ -281,6 +265,16 @@ fn chain_tls(chain: &XdsFilterChain) -> Result<Option<TlsFiles>, String> {
     }))
 }
 
+/// The connection managers as compiled, for the listeners' HTTP chains.
+pub(super) struct HttpManagers<'s, 'r> {
+    /// Where they came from.
+    pub side: &'s HttpSide<'r>,
+    /// Each of `side.managers`, compiled, in the same order.
+    pub compiled: &'s [Arc<HttpManager>],
+    /// The limits of a listener without an HTTP chain.
+    pub fallback_limits: DownstreamLimits,
+}
+
 impl Compiler<'_> {
     /// The served listeners, compiled: addresses, listener filters, filter chains with
     /// their matches, `tcp_proxy` filters pointed at their clusters.
@@ -289,10 +283,11 @@ impl Compiler<'_> {
         resources: &ResourceSet,
         prepared: &Prepared,
         clusters: &BTreeMap<String, Arc<Cluster>>,
+        http: &HttpManagers<'_, '_>,
     ) -> Result<Listeners, CompileError> {
         let mut all = Vec::new();
         for listener in served_listeners(resources)? {
-            all.push(self.listener(listener, prepared, clusters)?);
+            all.push(self.listener(listener, prepared, clusters, http)?);
         }
         if all.iter().all(|l| !l.bind_to_port) {
             return Err(err(
@@ -324,6 +319,7 @@ impl Compiler<'_> {
         listener: &Listener,
         prepared: &Prepared,
         clusters: &BTreeMap<String, Arc<Cluster>>,
+        http: &HttpManagers<'_, '_>,
     ) -> Result<ServedListener, CompileError> {
         let name = listener.name.as_str();
         let fail = |m: String| err("Listener", name, m);
@@ -384,9 +380,17 @@ impl Compiler<'_> {
                 None => ChainMatch::default(),
             };
             let action = match network_filter(chain).map_err(fail)? {
-                NetworkFilter::Http(_) => ChainAction::Http {
-                    tls: chain.transport_socket.is_some(),
-                },
+                NetworkFilter::Http(hcm) => {
+                    let manager = http
+                        .side
+                        .index_of(&hcm)
+                        .and_then(|i| http.compiled.get(i))
+                        .ok_or_else(|| fail("its connection manager was not compiled".into()))?;
+                    ChainAction::Http {
+                        tls: chain.transport_socket.is_some(),
+                        manager: Arc::clone(manager),
+                    }
+                }
                 NetworkFilter::Tcp(tcp) => {
                     if chain.transport_socket.is_some() {
                         return Err(fail("a tcp_proxy chain passes bytes through; it cannot terminate TLS (transport_socket)".into()));
@@ -416,6 +420,13 @@ impl Compiler<'_> {
         if chains.is_empty() && default_chain.is_none() {
             return Err(fail("has no filter chain".into()));
         }
+        // Connections a tcp_proxy takes count against the limits of the listener's HTTP
+        // side (its first connection manager's, else the proxy's first).
+        let limits = chains
+            .iter()
+            .chain(default_chain.as_ref())
+            .find_map(|c| c.http_manager())
+            .map_or_else(|| http.fallback_limits.clone(), |m| m.downstream.clone());
         Ok(ServedListener {
             name: Arc::from(name),
             address,
@@ -427,6 +438,7 @@ impl Compiler<'_> {
             continue_on_inspection_timeout: listener.continue_on_listener_filters_timeout,
             chains,
             default_chain,
+            limits,
             stats: self.metrics.listener_stats(name),
         })
     }
@@ -764,10 +776,12 @@ impl Compiler<'_> {
         } else {
             return Err(fail(format!("{} is not supported", any.type_url)));
         };
-        if let Some(previous) = &self.previous_access_log {
-            if previous.is(format, &sink) {
-                return Ok(Some(Arc::clone(previous)));
-            }
+        if let Some(previous) = self
+            .previous_access_logs
+            .iter()
+            .find(|p| p.is(format, &sink))
+        {
+            return Ok(Some(Arc::clone(previous)));
         }
         let logger = AccessLogger::start(
             format,

@@ -23,6 +23,7 @@
 //! version would refuse for reasons in the config itself.
 
 use crate::downstream::limits::DownstreamLimits;
+use crate::listener::HttpManager;
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::route::{
     AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HeaderMatch, HeaderValueMatch,
@@ -30,7 +31,7 @@ use crate::route::{
     RouteEdits, RouteMatch, Router, RouterBuilder, Target, ValueTemplate, VirtualHost,
 };
 use crate::telemetry::access_log::{AccessLogger, LogFormat, LogSink};
-use crate::telemetry::metrics::{Metrics, RequestCounters};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::cluster::{AdaptiveConcurrency, Cluster};
 use crate::upstream::endpoint::{Endpoint, Locality};
 use crate::upstream::registry::EndpointRegistry;
@@ -110,16 +111,11 @@ pub struct Snapshot {
     pub listeners: Arc<crate::listener::Listeners>,
     /// The HTTP side of the listeners: TLS and h2c.
     pub http: HttpListening,
-    /// Client timeouts and limits of the listener (taken by each new connection).
-    pub downstream: DownstreamLimits,
-    /// Route selection.
-    pub router: Router,
+    /// The listeners' connection managers (at least one: an empty one when no chain
+    /// speaks HTTP), each with its routes, client limits and access log.
+    pub http_managers: Vec<Arc<HttpManager>>,
     /// Clusters by name.
     pub clusters: BTreeMap<String, Arc<Cluster>>,
-    /// Access log, when enabled.
-    pub access_log: Option<Arc<AccessLogger>>,
-    /// Counters for requests no route matched.
-    pub unrouted: RequestCounters,
     /// Plugins of the listener by filter name.
     pub plugins: BTreeMap<String, Arc<LoadedPlugin>>,
     /// The roots the listener verifies client certificates with, read from a file or an
@@ -128,6 +124,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The access loggers in use (a reload reuses those it still needs).
+    pub fn access_loggers(&self) -> Vec<Arc<AccessLogger>> {
+        self.http_managers
+            .iter()
+            .filter_map(|m| m.access_log.clone())
+            .collect()
+    }
+
+    /// The first connection manager: what a request on a connection no chain bound
+    /// uses, and whose limits the process starts pingora's HTTP/2 with.
+    pub fn primary_http(&self) -> &Arc<HttpManager> {
+        // Compile always leaves one.
+        &self.http_managers[0]
+    }
+
     /// The admin address from the bootstrap.
     pub fn admin_address(&self) -> Option<SocketAddr> {
         self.bootstrap
@@ -144,14 +155,58 @@ pub struct Compiler<'a> {
     pub registry: &'a EndpointRegistry,
     /// Metric families.
     pub metrics: &'a Metrics,
-    /// The access logger of the previous snapshot, reused when unchanged.
-    pub previous_access_log: Option<Arc<AccessLogger>>,
+    /// The access loggers of the previous snapshot, reused when unchanged.
+    pub previous_access_logs: Vec<Arc<AccessLogger>>,
     /// The proxy's workload identity: the SDS secret `default` (none in a check, or
     /// without a control plane's CA).
     pub identity: Option<&'a Arc<crate::identity::WorkloadIdentity>>,
 }
 
 impl Compiler<'_> {
+    /// Compiles one connection manager (first met in `listener`): routes, client limits,
+    /// access log.
+    fn http_manager(
+        &self,
+        listener: &Listener,
+        hcm: &HttpConnectionManager,
+        resources: &ResourceSet,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+        prepared: &Prepared,
+    ) -> Result<HttpManager, CompileError> {
+        let fail = |m: String| err("Listener", &listener.name, m);
+        let downstream = downstream::downstream_limits(listener, hcm).map_err(fail)?;
+        let route_config = match &hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => resources
+                .routes
+                .iter()
+                .find(|r| r.name == rds.route_config_name)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "rds.route_config_name {:?} is not among the route configurations",
+                        rds.route_config_name
+                    ))
+                })?,
+            Some(http_connection_manager::RouteSpecifier::RouteConfig(inline)) => inline,
+            _ => {
+                return Err(fail(
+                    "http_connection_manager needs rds or route_config".into(),
+                ))
+            }
+        };
+        let router = self.router(route_config, clusters, &prepared.plugins)?;
+        let access_log = self.access_log(&listener.name, &hcm.access_log)?;
+        let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
+            .unwrap_or(http_connection_manager::CodecType::Auto);
+        Ok(HttpManager {
+            stat_prefix: hcm.stat_prefix.clone(),
+            downstream,
+            router,
+            access_log,
+            unrouted: self.metrics.request_counters("", ""),
+            h2c: codec != http_connection_manager::CodecType::Http1,
+        })
+    }
+
     /// Prepares (loads plugins, resolves host names) and compiles `resources` into a
     /// snapshot ready to serve; the plugins' callable upstreams follow the new clusters.
     pub fn build(
@@ -191,47 +246,41 @@ impl Compiler<'_> {
                 .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
-        let listeners = self.listeners(resources, prepared, &clusters)?;
         let side = http_side(resources)?;
-        let hcm = &side.hcm;
-        let listener_name = side.listener.map_or("", |l| l.name.as_str());
-        let downstream = match side.listener {
-            Some(listener) => downstream::downstream_limits(listener, hcm)
-                .map_err(|m| err("Listener", &listener.name, m))?,
-            None => DownstreamLimits::default(),
-        };
-        let route_config = match &hcm.route_specifier {
-            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => resources
-                .routes
-                .iter()
-                .find(|r| r.name == rds.route_config_name)
-                .ok_or_else(|| {
-                    err(
-                        "Listener",
-                        listener_name,
-                        format!(
-                            "rds.route_config_name {:?} is not among the route configurations",
-                            rds.route_config_name
-                        ),
-                    )
-                })?,
-            Some(http_connection_manager::RouteSpecifier::RouteConfig(inline)) => inline,
-            _ => {
-                return Err(err(
-                    "Listener",
-                    listener_name,
-                    "http_connection_manager needs rds or route_config",
-                ))
-            }
-        };
+        let mut managers = Vec::new();
+        for (listener, hcm) in &side.managers {
+            let manager = self.http_manager(listener, hcm, resources, &clusters, prepared)?;
+            managers.push(Arc::new(manager));
+        }
+        let fallback_limits = managers
+            .first()
+            .map_or_else(DownstreamLimits::default, |m| m.downstream.clone());
+        let listeners = self.listeners(
+            resources,
+            prepared,
+            &clusters,
+            &HttpManagers {
+                side: &side,
+                compiled: &managers,
+                fallback_limits,
+            },
+        )?;
+        if managers.is_empty() {
+            // No chain speaks HTTP; the proxy's HTTP path still needs limits to start with.
+            managers.push(Arc::new(HttpManager {
+                stat_prefix: String::new(),
+                downstream: DownstreamLimits::default(),
+                router: RouterBuilder::default().build(),
+                access_log: None,
+                unrouted: self.metrics.request_counters("", ""),
+                h2c: false,
+            }));
+        }
         let plugins = &prepared.plugins;
-        let router = self.router(route_config, &clusters, plugins)?;
-        let access_log = self.access_log(listener_name, &hcm.access_log)?;
         let plugins = plugins
             .iter()
             .filter_map(|(name, p)| Some((name.clone(), Arc::clone(p.plugin.as_ref()?))))
             .collect();
-        let unrouted = self.metrics.request_counters("", "");
         self.metrics.commit_generation();
         Ok(Snapshot {
             version: resources.version.clone(),
@@ -239,11 +288,8 @@ impl Compiler<'_> {
             bootstrap: bootstrap.clone(),
             listeners: Arc::new(listeners),
             http: side.listening,
-            downstream,
-            router,
+            http_managers: managers,
             clusters,
-            access_log,
-            unrouted,
             plugins,
             listener_client_roots: prepared.listener_client_roots.clone(),
         })
@@ -308,7 +354,7 @@ pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), Compi
     Compiler {
         registry: &registry,
         metrics: &metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     }
     .compile(&prepared, bootstrap, resources)

@@ -14,7 +14,9 @@ use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use envoy_types::pb::envoy::config::core::v3::{address, Address};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_filter, HttpFilter,
+};
 use nip_filters::host::NodeInfo;
 use nip_xds::ResourceSet;
 use prost::Name;
@@ -194,11 +196,6 @@ fn gather(
     let Ok(side) = http_side(resources) else {
         return Ok(prepared);
     };
-    let Some(listener) = side.listener else {
-        // No chain speaks HTTP: no plugins, no listener TLS.
-        return Ok(prepared);
-    };
-    let hcm = &side.hcm;
     if hosts == Hosts::Resolve {
         if let Some(trust) = side
             .listening
@@ -206,14 +203,12 @@ fn gather(
             .as_ref()
             .and_then(|t| t.client_roots.as_ref())
         {
-            let (origin, pem) = source
-                .trust(trust)
-                .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;
+            let fail = |e: String| err("Listener", "", format!("tls: {e}"));
+            let (origin, pem) = source.trust(trust).map_err(fail)?;
             let roots = crate::downstream::tls::ClientRoots { origin, pem };
             // Checked here, so roots that cannot verify anything are refused (NACKed), not
             // found out when the listener is given them.
-            crate::downstream::tls::ClientVerifier::new(&roots, true)
-                .map_err(|e| err("Listener", &listener.name, format!("tls: {e}")))?;
+            crate::downstream::tls::ClientVerifier::new(&roots, true).map_err(fail)?;
             prepared.listener_client_roots = Some(roots);
         }
     }
@@ -224,56 +219,71 @@ fn gather(
         region: locality.map(|l| l.region.clone()).unwrap_or_default(),
         zone: locality.map(|l| l.zone.clone()).unwrap_or_default(),
     };
-    for (i, filter) in hcm.http_filters.iter().enumerate() {
-        let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-            continue;
-        };
-        if any.type_url != Wasm::type_url() {
-            continue;
+    // Plugins are known by their filter's name across connection managers: one name, one
+    // filter.
+    let mut seen: HashMap<&str, (&str, &HttpFilter, usize)> = HashMap::new();
+    for (listener, hcm) in &side.managers {
+        for (i, filter) in hcm.http_filters.iter().enumerate() {
+            let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                continue;
+            };
+            if any.type_url != Wasm::type_url() {
+                continue;
+            }
+            let fail = |e: String| {
+                err(
+                    "Listener",
+                    &listener.name,
+                    format!("http_filters[{i}] {:?}: {e}", filter.name),
+                )
+            };
+            if let Some((first_listener, first, order)) = seen.get(filter.name.as_str()) {
+                if *first != filter || *order != i {
+                    return Err(fail(format!(
+                        "a filter of this name is configured differently (or elsewhere in the chain) in another connection manager of listener {first_listener:?}; plugins are known by filter name"
+                    )));
+                }
+                continue;
+            }
+            seen.insert(&filter.name, (&listener.name, filter, i));
+            let limits = plugin_limits(listener, &filter.name).map_err(|e| {
+                err(
+                    "Listener",
+                    &listener.name,
+                    format!(
+                        "metadata {}: {e}",
+                        nip_xds::resources::names::PLUGIN_LIMITS_METADATA
+                    ),
+                )
+            })?;
+            let signing =
+                super::listeners::plugin_signature(listener, &filter.name).map_err(|e| {
+                    err(
+                        "Listener",
+                        &listener.name,
+                        format!(
+                            "metadata {}: {e}",
+                            nip_xds::resources::names::PLUGIN_SIGNING_METADATA
+                        ),
+                    )
+                })?;
+            let mut spec = PluginSpec::decode(any).map_err(fail)?;
+            if let Some(check) = signing {
+                spec = spec.require_signature(check);
+            }
+            let plugin = match loader {
+                Some(loader) => Some(Arc::new(loader.load(&spec, &node, limits).map_err(fail)?)),
+                None => None,
+            };
+            prepared.plugins.insert(
+                filter.name.clone(),
+                PreparedPlugin {
+                    plugin,
+                    on_by_default: !filter.disabled,
+                    order: i,
+                },
+            );
         }
-        let fail = |e: String| {
-            err(
-                "Listener",
-                &listener.name,
-                format!("http_filters[{i}] {:?}: {e}", filter.name),
-            )
-        };
-        let limits = plugin_limits(listener, &filter.name).map_err(|e| {
-            err(
-                "Listener",
-                &listener.name,
-                format!(
-                    "metadata {}: {e}",
-                    nip_xds::resources::names::PLUGIN_LIMITS_METADATA
-                ),
-            )
-        })?;
-        let signing = super::listeners::plugin_signature(listener, &filter.name).map_err(|e| {
-            err(
-                "Listener",
-                &listener.name,
-                format!(
-                    "metadata {}: {e}",
-                    nip_xds::resources::names::PLUGIN_SIGNING_METADATA
-                ),
-            )
-        })?;
-        let mut spec = PluginSpec::decode(any).map_err(fail)?;
-        if let Some(check) = signing {
-            spec = spec.require_signature(check);
-        }
-        let plugin = match loader {
-            Some(loader) => Some(Arc::new(loader.load(&spec, &node, limits).map_err(fail)?)),
-            None => None,
-        };
-        prepared.plugins.insert(
-            filter.name.clone(),
-            PreparedPlugin {
-                plugin,
-                on_by_default: !filter.disabled,
-                order: i,
-            },
-        );
     }
     Ok(prepared)
 }

@@ -44,7 +44,7 @@ fn compiler<'a>(registry: &'a EndpointRegistry, metrics: &'a Metrics) -> Compile
     Compiler {
         registry,
         metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     }
 }
@@ -63,6 +63,7 @@ fn translated_config_compiles_with_every_field_carried_over() {
     assert!(hc.accepts(204) && !hc.accepts(200));
     let headers = http::HeaderMap::new();
     let route = snapshot
+        .primary_http()
         .router
         .route("a.example.com", "/v2", &http::Method::GET, &headers)
         .unwrap();
@@ -72,6 +73,7 @@ fn translated_config_compiles_with_every_field_carried_over() {
     assert!(route.retry.retries_status(503) && !route.retry.retries_status(500));
     // The regex must match the whole path.
     let route = snapshot
+        .primary_http()
         .router
         .route("a.example.com", "/v2/x", &http::Method::GET, &headers)
         .unwrap();
@@ -146,6 +148,7 @@ fn a_route_to_a_missing_cluster_compiles_and_answers_503_nc_at_request_time() {
     let snapshot = compile(&t).unwrap();
     let headers = http::HeaderMap::new();
     let route = snapshot
+        .primary_http()
         .router
         .route("x", "/", &http::Method::GET, &headers)
         .unwrap();
@@ -187,7 +190,7 @@ fn a_refused_config_does_not_change_what_plugins_may_call() {
     let compiler = Compiler {
         registry: &registry,
         metrics: &metrics,
-        previous_access_log: None,
+        previous_access_logs: Vec::new(),
         identity: None,
     };
     let good = translated(BASE);
@@ -211,11 +214,14 @@ fn a_refused_config_does_not_change_what_plugins_may_call() {
 #[test]
 fn client_limits_come_from_the_hcm_with_envoy_meanings() {
     let defaults = compile(&translated(BASE)).unwrap();
-    assert_eq!(defaults.downstream, DownstreamLimits::default());
+    assert_eq!(
+        defaults.primary_http().downstream,
+        DownstreamLimits::default()
+    );
     let t = translated(
         "api_gateway:\n  request_headers_timeout: 0s\n  idle_timeout: 5s\n  stream_idle_timeout: 1m\n  max_connection_duration: 1h\n  max_requests_per_connection: 7\n  max_request_headers_kb: 8\n  max_headers_count: 20\n  max_active_downstream_connections: 300\n  trust_priority_header: true\n",
     );
-    let limits = compile(&t).unwrap().downstream;
+    let limits = compile(&t).unwrap().primary_http().downstream.clone();
     assert_eq!(
         limits.request_headers_timeout, None,
         "0s disables, as in Envoy"
@@ -643,6 +649,7 @@ fn ring_hash_and_hash_policies_carry_over_and_unsupported_parts_are_named() {
     let snapshot = compile(&t).unwrap();
     assert_eq!(snapshot.clusters["web"].lb, LbPolicy::RingHash);
     let route = snapshot
+        .primary_http()
         .router
         .route("x", "/", &http::Method::GET, &http::HeaderMap::new())
         .unwrap();

@@ -72,14 +72,14 @@ struct FeedSink {
 impl ResourceSink for FeedSink {
     fn apply(&mut self, resources: &ResourceSet) -> Result<(), String> {
         let mut destination = self.destination.lock().unwrap_or_else(|p| p.into_inner());
-        let previous_access_log = match &*destination {
-            Destination::Running(swap) => swap.load().access_log.clone(),
-            Destination::Starting { .. } => None,
+        let previous_access_logs = match &*destination {
+            Destination::Running(swap) => swap.load().access_loggers(),
+            Destination::Starting { .. } => Vec::new(),
         };
         let compiler = Compiler {
             registry: &self.registry,
             metrics: &self.metrics,
-            previous_access_log,
+            previous_access_logs,
             identity: self.identity.as_ref(),
         };
         // A cluster (or its endpoints) the proxy cannot run is left out and the rest is
@@ -184,7 +184,7 @@ impl XdsFeed {
                 Compiler {
                     registry: &parts.registry,
                     metrics: &parts.metrics,
-                    previous_access_log: None,
+                    previous_access_logs: Vec::new(),
                     identity: parts.identity.as_ref(),
                 }
                 .build(&parts.plugins, &parts.bootstrap, &resources)

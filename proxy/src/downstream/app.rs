@@ -1,8 +1,9 @@
-//! [`FrontDoor`]: pingora's server app for the listener, in front of the proxy.
+//! [`FrontDoor`]: the HTTP path of a connection, in front of the proxy.
 //!
-//! Pingora hands every accepted connection (after TLS) to `FrontDoor::process_new`, which
+//! The listener's dispatcher hands every connection an HTTP filter chain took (after TLS)
+//! to [`FrontDoor::serve`] with its connection manager's limits, which
 //! 1. takes a slot from the listener's [`Admission`] (closing the connection when full),
-//! 2. wraps it in a [`GuardedStream`] with the limits of the snapshot in force,
+//! 2. wraps it in a [`GuardedStream`] with those limits,
 //! 3. tells HTTP/2 from HTTP/1 (ALPN, or the h2c preface read under the idle clock — pingora's
 //!    own peek waits for 24 bytes, which a short HTTP/1 request never sends),
 //! 4. runs HTTP/2 connections through pingora's own HTTP/2 path, and HTTP/1 connections
@@ -15,7 +16,6 @@ use super::admission::Admission;
 use super::limits::DownstreamLimits;
 use super::stats::CloseReason;
 use super::stream::GuardedStream;
-use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
@@ -41,15 +41,10 @@ async fn end_at_max_duration(
     std::future::pending::<()>().await;
 }
 
-/// The limits in force now (the server reads them from the snapshot).
-pub type CurrentLimits = Arc<dyn Fn() -> DownstreamLimits + Send + Sync>;
-
-/// The listener's server app: connection admission and clocks, then the proxy.
+/// The HTTP path of the proxy's connections: admission and clocks, then the proxy.
 pub struct FrontDoor<SV> {
     proxy: Arc<HttpProxy<SV>>,
-    limits: CurrentLimits,
     admission: Arc<Admission>,
-    h2c: bool,
     release_memory: Option<fn()>,
 }
 
@@ -82,18 +77,11 @@ where
     SV: ProxyHttp + Send + Sync + 'static,
     SV::CTX: Send + Sync,
 {
-    /// A front door for `proxy`; each new connection takes the limits `limits` gives then.
-    pub fn new(
-        proxy: HttpProxy<SV>,
-        limits: CurrentLimits,
-        admission: Arc<Admission>,
-        h2c: bool,
-    ) -> Self {
+    /// A front door for `proxy`, admitting connections through `admission`.
+    pub fn new(proxy: HttpProxy<SV>, admission: Arc<Admission>) -> Self {
         FrontDoor {
             proxy: Arc::new(proxy),
-            limits,
             admission,
-            h2c,
             release_memory: None,
         }
     }
@@ -101,15 +89,11 @@ where
     /// A slot for a connection that does not go through the front door's HTTP path (a
     /// `tcp_proxy` chain) under the same `max_active_downstream_connections`; `None` when
     /// the listener is full (the connection is then closed, and counted).
-    pub fn admit_other(&self) -> Option<super::admission::ConnectionSlot> {
-        self.admission.try_admit((self.limits)().connection_limit())
-    }
-
-    /// How long a client may take to finish a TLS handshake: the `request_headers_timeout`
-    /// in force, else the `idle_timeout`.
-    pub fn handshake_timeout(&self) -> Option<std::time::Duration> {
-        let limits = (self.limits)();
-        limits.request_headers_timeout.or(limits.idle_timeout)
+    pub fn admit_other(
+        &self,
+        limits: &DownstreamLimits,
+    ) -> Option<super::admission::ConnectionSlot> {
+        self.admission.try_admit(limits.connection_limit())
     }
 
     /// With a way to give freed memory back to the OS (see `ProxyOptions`).
@@ -152,21 +136,23 @@ where
     }
 }
 
-#[async_trait]
-impl<SV> ServerApp for FrontDoor<SV>
+impl<SV> FrontDoor<SV>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     SV::CTX: Send + Sync,
 {
-    async fn process_new(
+    /// Serves the HTTP connection `stream` under `limits` until it ends; `h2c`: a
+    /// plaintext client may speak HTTP/2 with prior knowledge.
+    pub async fn serve(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
+        limits: DownstreamLimits,
+        h2c: bool,
     ) -> Option<Stream> {
         if let Some(release) = self.release_memory {
             release_memory_on_this_thread(release);
         }
-        let limits = (self.limits)();
         let slot = self.admission.try_admit(limits.connection_limit())?;
         let tls = stream.get_ssl_digest().is_some();
         let alpn_h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
@@ -180,7 +166,7 @@ where
         );
         let h2 = if alpn_h2 {
             true
-        } else if !tls && self.h2c {
+        } else if !tls && h2c {
             guarded.sniff_h2c_preface(H2_PREFACE).await?
         } else {
             false
@@ -211,7 +197,8 @@ where
         None
     }
 
-    async fn cleanup(&self) {
+    /// Pingora's cleanup of the proxy at shutdown.
+    pub async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
     }
 }

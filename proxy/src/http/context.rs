@@ -18,6 +18,8 @@ pub struct RequestCtx {
     pub(super) start: Instant,
     pub(super) start_wall: SystemTime,
     pub(super) snapshot: Option<Arc<Snapshot>>,
+    /// The connection manager the request is under (its routes, limits, access log).
+    pub(super) manager: Option<Arc<crate::listener::HttpManager>>,
     pub(super) route: Option<Arc<Route>>,
     pub(super) target: usize,
     pub(super) cluster: Option<Arc<Cluster>>,

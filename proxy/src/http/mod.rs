@@ -35,6 +35,7 @@ pub use flags::ResponseFlag;
 use crate::compile::Snapshot;
 use crate::downstream;
 use crate::downstream::stats::CloseReason;
+use crate::listener::bindings;
 use crate::plugins::callout::ClusterLookup;
 use crate::plugins::chain::{RequestPlugins, Verdict};
 use crate::plugins::headers::request_headers;
@@ -210,6 +211,7 @@ impl ProxyHttp for Gateway {
             start: Instant::now(),
             start_wall: SystemTime::now(),
             snapshot: None,
+            manager: None,
             route: None,
             target: 0,
             cluster: None,
@@ -234,13 +236,19 @@ impl ProxyHttp for Gateway {
     /// Takes the snapshot, assigns the request id and picks the route and cluster.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let snapshot = self.snapshot.load_full();
-        let connection = match downstream::on_request_head(session, &snapshot.downstream) {
+        // The connection manager of the filter chain that took the connection.
+        let manager = match bindings::binding_of(session.downstream_session.digest()) {
+            Some(binding) => binding.manager_in(&snapshot.listeners),
+            None => Arc::clone(snapshot.primary_http()),
+        };
+        let connection = match downstream::on_request_head(session, &manager.downstream) {
             Ok(connection) => connection,
             Err(refusal) => {
                 self.metrics.downstream.closed(CloseReason::BadFraming);
                 // The body's length is unknown: nothing after this head can be trusted.
                 session.set_keepalive(None);
                 ctx.snapshot = Some(snapshot);
+                ctx.manager = Some(manager);
                 ctx.local_status = refusal.status();
                 respond(session, ctx, refusal.status(), refusal.message()).await;
                 return Ok(true);
@@ -269,6 +277,7 @@ impl ProxyHttp for Gateway {
                 Some(priority) => ctx.priority = priority,
                 None => {
                     ctx.snapshot = Some(snapshot);
+                    ctx.manager = Some(manager);
                     ctx.local_status = 400;
                     respond(
                         session,
@@ -282,11 +291,12 @@ impl ProxyHttp for Gateway {
             }
         }
         let host = request_authority(request);
-        let route = snapshot
+        let route = manager
             .router
             .route(host, request.uri.path(), &request.method, &request.headers)
             .cloned();
         ctx.snapshot = Some(snapshot);
+        ctx.manager = Some(manager);
         let Some(route) = route else {
             ctx.flag = Some(ResponseFlag::NoRoute);
             ctx.local_status = 404;
@@ -812,7 +822,7 @@ impl ProxyHttp for Gateway {
         if let Some(flag) = ctx.flag {
             self.flag_counters[flag.index()].inc();
         }
-        let Some(snapshot) = &ctx.snapshot else {
+        let Some(manager) = &ctx.manager else {
             return;
         };
         match &ctx.route {
@@ -822,7 +832,7 @@ impl ProxyHttp for Gateway {
                     target.counters.count(status);
                 }
             }
-            None => snapshot.unrouted.count(status),
+            None => manager.unrouted.count(status),
         }
         let peer = verified_peer(session);
         if let Some(peer) = peer.filter(|p| !p.certificate.uri().is_empty()) {
@@ -830,7 +840,7 @@ impl ProxyHttp for Gateway {
                 .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
                 .inc();
         }
-        let Some(log) = &snapshot.access_log else {
+        let Some(log) = &manager.access_log else {
             return;
         };
         let request = session.req_header();

@@ -3,6 +3,7 @@
 //! filters, chooses the filter chain, and hands the connection to the front door (HTTP,
 //! after TLS when the chain has it) or to a `tcp_proxy`.
 
+use super::bindings::{self, Binding};
 use super::chains::ConnectionFacts;
 use super::inspect::{self, Detected, Inspection};
 use super::{ChainAction, Listeners, ServedListener};
@@ -189,45 +190,57 @@ where
             source: peer,
             detected: &detected,
         };
-        let Some(chain) = listener.choose(&facts) else {
+        let Some((index, chain)) = listener.choose(&facts) else {
             listener.stats.no_filter_chain_match.inc();
             return None;
         };
-        match &chain.action {
+        let (tls, manager) = match &chain.action {
             ChainAction::Tcp(tcp) => {
-                let _slot = self.http.admit_other()?;
+                let _slot = self.http.admit_other(&listener.limits)?;
                 tcp.serve(stream, destination, local).await;
-                None
+                return None;
             }
-            ChainAction::Http { tls: false } => {
-                ServerApp::process_new(&self.http, stream, shutdown).await
-            }
-            ChainAction::Http { tls: true } => {
-                let Some(acceptor) = &self.tls else {
-                    tracing::warn!(listener = %listener.name, "a TLS filter chain, and the proxy has no listener TLS yet (it takes effect at the next restart)");
+            ChainAction::Http { tls, manager } => (*tls, manager),
+        };
+        let limits = manager.downstream.clone();
+        let stream = if tls {
+            let Some(acceptor) = &self.tls else {
+                tracing::warn!(listener = %listener.name, "a TLS filter chain, and the proxy has no listener TLS yet (it takes effect at the next restart)");
+                return None;
+            };
+            let Some(l4) = into_l4(stream) else {
+                tracing::error!(listener = %listener.name, "cannot start TLS on this stream");
+                return None;
+            };
+            let handshake = acceptor.tls_handshake(*l4);
+            // A client gets as long for its handshake as for its first request head.
+            let tls = match limits.request_headers_timeout.or(limits.idle_timeout) {
+                Some(limit) => tokio::time::timeout(limit, handshake).await.ok()?,
+                None => handshake.await,
+            };
+            match tls {
+                Ok(tls) => Box::new(tls) as Stream,
+                Err(e) => {
+                    tracing::debug!(listener = %listener.name, %peer, "TLS handshake failed: {e}");
                     return None;
-                };
-                let Some(l4) = into_l4(stream) else {
-                    tracing::error!(listener = %listener.name, "cannot start TLS on this stream");
-                    return None;
-                };
-                let handshake = acceptor.tls_handshake(*l4);
-                let tls = match self.http.handshake_timeout() {
-                    Some(limit) => tokio::time::timeout(limit, handshake).await.ok()?,
-                    None => handshake.await,
-                };
-                match tls {
-                    Ok(tls) => ServerApp::process_new(&self.http, Box::new(tls), shutdown).await,
-                    Err(e) => {
-                        tracing::debug!(listener = %listener.name, %peer, "TLS handshake failed: {e}");
-                        None
-                    }
                 }
             }
-        }
+        } else {
+            stream
+        };
+        let digest = stream.get_socket_digest()?;
+        let _binding = bindings::bind(
+            &digest,
+            Binding {
+                listener: Arc::clone(&listener.name),
+                chain: index,
+                manager: Arc::clone(manager),
+            },
+        );
+        self.http.serve(stream, shutdown, limits, manager.h2c).await
     }
 
     async fn cleanup(&self) {
-        ServerApp::cleanup(&*self.http).await;
+        self.http.cleanup().await;
     }
 }

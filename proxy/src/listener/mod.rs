@@ -22,12 +22,16 @@
 //! front door and clusters, never routes or snapshots (the server hands it the listeners in
 //! force through a closure).
 
+pub mod bindings;
 pub mod chains;
 pub mod dispatch;
 pub mod inspect;
 pub mod tcp_proxy;
 
-use crate::telemetry::metrics::ListenerStats;
+use crate::downstream::limits::DownstreamLimits;
+use crate::route::Router;
+use crate::telemetry::access_log::AccessLogger;
+use crate::telemetry::metrics::{ListenerStats, RequestCounters};
 use chains::{ChainMatch, ConnectionFacts};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -104,16 +108,56 @@ pub struct ServedListener {
     pub chains: Vec<FilterChain>,
     /// `default_filter_chain`: takes what no chain matches.
     pub default_chain: Option<FilterChain>,
+    /// Client limits for connections its `tcp_proxy` chains take (its first connection
+    /// manager's): `max_active_downstream_connections`.
+    pub limits: DownstreamLimits,
     /// Counters.
     pub stats: ListenerStats,
 }
 
+/// A compiled `http_connection_manager`: what the HTTP path of a connection that one of
+/// its filter chains took uses. Chains carrying the same connection manager share one.
+#[derive(Debug)]
+pub struct HttpManager {
+    /// Its `stat_prefix`.
+    pub stat_prefix: String,
+    /// Client timeouts and limits (taken by each new connection).
+    pub downstream: DownstreamLimits,
+    /// Route selection.
+    pub router: Router,
+    /// Access log, when enabled.
+    pub access_log: Option<Arc<AccessLogger>>,
+    /// Counters for requests no route matched.
+    pub unrouted: RequestCounters,
+    /// Accepts h2c (prior knowledge) next to HTTP/1.1 (`codec_type` is not `HTTP1`).
+    pub h2c: bool,
+}
+
+impl FilterChain {
+    /// Its connection manager, for an HTTP chain.
+    pub fn http_manager(&self) -> Option<&Arc<HttpManager>> {
+        match &self.action {
+            ChainAction::Http { manager, .. } => Some(manager),
+            ChainAction::Tcp(_) => None,
+        }
+    }
+}
+
 impl ServedListener {
-    /// The chain that takes a connection with `facts`, if any.
-    pub fn choose(&self, facts: &ConnectionFacts<'_>) -> Option<&FilterChain> {
-        chains::select(self.chains.iter().map(|c| &c.matches), facts)
-            .and_then(|i| self.chains.get(i))
-            .or(self.default_chain.as_ref())
+    /// Its chain at `index` in `filter_chains`, or its default chain (`None`).
+    pub fn chain(&self, index: Option<usize>) -> Option<&FilterChain> {
+        match index {
+            Some(i) => self.chains.get(i),
+            None => self.default_chain.as_ref(),
+        }
+    }
+
+    /// The chain that takes a connection with `facts`, and where it is ([`Self::chain`]).
+    pub fn choose(&self, facts: &ConnectionFacts<'_>) -> Option<(Option<usize>, &FilterChain)> {
+        match chains::select(self.chains.iter().map(|c| &c.matches), facts) {
+            Some(i) => self.chains.get(i).map(|c| (Some(i), c)),
+            None => self.default_chain.as_ref().map(|c| (None, c)),
+        }
     }
 
     /// Whether it inspects the first bytes of connections.
@@ -136,11 +180,13 @@ pub struct FilterChain {
 /// The network filter of a chain.
 #[derive(Debug)]
 pub enum ChainAction {
-    /// `http_connection_manager`: the proxy's HTTP path, behind TLS when `tls` (the
-    /// proxy's one listener TLS context).
+    /// `http_connection_manager`: the proxy's HTTP path with this manager's routes and
+    /// limits, behind TLS when `tls` (the proxy's one listener TLS context).
     Http {
         /// Terminate TLS first.
         tls: bool,
+        /// The connection manager.
+        manager: Arc<HttpManager>,
     },
     /// `tcp_proxy`.
     Tcp(TcpProxy),
