@@ -379,7 +379,7 @@ async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() 
     let backend = Backend::start("a").await;
     let (_tls_server, tls_port, ca) = passthrough_tls_server(dir.path()).await;
     let echo = greeting_echo_server().await;
-    let (xds_port, listen_port) = (free_port(), free_port());
+    let (xds_port, listen_port, inbound_port) = (free_port(), free_port(), free_port());
     let server = Background::python(&[
         script("sidecar_xds_server.py").to_str().unwrap(),
         &xds_port.to_string(),
@@ -387,6 +387,7 @@ async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() 
         &backend.address.port().to_string(),
         &tls_port.to_string(),
         &echo.port().to_string(),
+        &inbound_port.to_string(),
     ]);
     server.wait_for("listening").await;
     let proxy = Proxy::spawn_on(
@@ -400,6 +401,25 @@ async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() 
     // HTTP (the http_inspector saw a request line): the connection manager's route.
     let response = client().get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "a");
+
+    // The inbound listener's own connection manager answers itself, over HTTP/1.1 and
+    // over h2c (the streams of an HTTP/2 connection find their manager too).
+    let inbound = format!("http://127.0.0.1:{inbound_port}/");
+    let response = client().get(&inbound).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "inbound");
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let response = h2c.get(&inbound).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.text().await.unwrap(), "inbound");
+    }
+    let response = h2c.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.headers()["x-backend"], "a");
 
     // TLS for passthrough.test: relayed untouched, so the client verifies the backend's

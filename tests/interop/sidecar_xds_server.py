@@ -10,12 +10,14 @@ pass), and three ways out:
     untouched;
   * anything else (default_filter_chain) -> tcp_proxy "opaque" to cluster "tcp" (EDS,
     TCP_PORT), idle_timeout 2 s.
+And listener "virtualInbound" on INBOUND_PORT, a connection manager of its own whose inline
+route answers every request itself (200 "inbound"): two listeners, two managers.
 Once every type is ACKed it pushes version 2, whose listener adds a listener filter NIP
 does not run: the proxy must NACK it by name and keep serving version 1.
 
 Prints "listening", then "ACK TYPE VERSION" / "NACK TYPE REASON" lines, flushed.
 
-Usage: sidecar_xds_server.py XDS_PORT LISTEN_PORT HTTP_PORT TLS_PORT TCP_PORT
+Usage: sidecar_xds_server.py XDS_PORT LISTEN_PORT HTTP_PORT TLS_PORT TCP_PORT INBOUND_PORT
 """
 
 import asyncio
@@ -23,6 +25,7 @@ import sys
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -106,7 +109,44 @@ def outbound_listener(listen_port: int, extra_listener_filter: bool):
     )
 
 
-def resources(listen_port: int, ports: dict, v2: bool) -> dict:
+def inbound_listener(inbound_port: int):
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="inbound_http",
+        route_config=route_pb2.RouteConfiguration(
+            name="inbound",
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(
+                    name="local",
+                    domains=["*"],
+                    routes=[
+                        route_components_pb2.Route(
+                            match=route_components_pb2.RouteMatch(prefix="/"),
+                            direct_response=route_components_pb2.DirectResponseAction(
+                                status=200, body=base_pb2.DataSource(inline_string="inbound")
+                            ),
+                        )
+                    ],
+                )
+            ],
+        ),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=packed(router_pb2.Router())
+            )
+        ],
+    )
+    return listener_pb2.Listener(
+        name="virtualInbound",
+        address=socket(inbound_port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[network_filter("envoy.filters.network.http_connection_manager", manager)]
+            )
+        ],
+    )
+
+
+def resources(listen_port: int, inbound_port: int, ports: dict, v2: bool) -> dict:
     routes = route_pb2.RouteConfiguration(
         name="local_route",
         virtual_hosts=[
@@ -146,9 +186,12 @@ def resources(listen_port: int, ports: dict, v2: bool) -> dict:
         )
         for name, port in ports.items()
     ]
-    listener = outbound_listener(listen_port, extra_listener_filter=v2)
+    listeners = [
+        outbound_listener(listen_port, extra_listener_filter=v2),
+        inbound_listener(inbound_port),
+    ]
     return {
-        LISTENER: {listener.name: listener},
+        LISTENER: {listener.name: listener for listener in listeners},
         ROUTE: {routes.name: routes},
         CLUSTER: {c.name: c for c in clusters},
         ENDPOINT: {a.cluster_name: a for a in assignments},
@@ -156,11 +199,16 @@ def resources(listen_port: int, ports: dict, v2: bool) -> dict:
 
 
 async def main() -> None:
-    xds_port, listen_port, http_port, tls_port, tcp_port = (int(a) for a in sys.argv[1:6])
+    xds_port, listen_port, http_port, tls_port, tcp_port, inbound_port = (
+        int(a) for a in sys.argv[1:7]
+    )
     ports = {"backend": http_port, "tls": tls_port, "tcp": tcp_port}
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        Ads(resources(listen_port, ports, v2=False), resources(listen_port, ports, v2=True)),
+        Ads(
+            resources(listen_port, inbound_port, ports, v2=False),
+            resources(listen_port, inbound_port, ports, v2=True),
+        ),
         server,
     )
     server.add_insecure_port(f"127.0.0.1:{xds_port}")
