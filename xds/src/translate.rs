@@ -144,14 +144,24 @@ pub struct ControlPlaneIdentity {
 pub fn translate(config: &Config) -> Translation {
     let mut resources = ResourceSet {
         version: String::new(),
-        listeners: std::iter::once(gateway_listener(config))
-            .chain(config.services.keys().map(|name| grpc_api_listener(name)))
-            .collect(),
+        listeners: match &config.sidecar {
+            None => vec![gateway_listener(config)],
+            Some(sidecar_config) => sidecar::listeners(config, sidecar_config),
+        }
+        .into_iter()
+        .chain(config.services.keys().map(|name| grpc_api_listener(name)))
+        .collect(),
         routes: vec![route_configuration(config)],
         clusters: config
             .services
             .iter()
             .map(|(name, service)| cluster(name, service))
+            .chain(
+                config
+                    .sidecar
+                    .as_ref()
+                    .map(|_| sidecar::passthrough_cluster()),
+            )
             .collect(),
         endpoints: config
             .services
@@ -313,11 +323,39 @@ fn pb_duration(d: Duration) -> PbDuration {
 
 fn gateway_listener(config: &Config) -> Listener {
     let gateway = &config.api_gateway;
+    let hcm = gateway_connection_manager(config);
+    let transport_socket = if gateway.tls.mesh {
+        Some(crate::mesh::downstream_tls())
+    } else {
+        gateway_tls(gateway)
+    };
+    Listener {
+        name: GATEWAY_LISTENER.to_string(),
+        address: parse_listen_address(&gateway.address)
+            .ok()
+            .map(socket_address_of),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            transport_socket,
+            ..Default::default()
+        }],
+        metadata: listener_metadata(config),
+        ..Default::default()
+    }
+}
+
+/// The connection manager of `api_gateway`: its routes (RDS), plugins, client limits and
+/// access log.
+fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
+    let gateway = &config.api_gateway;
     let mut access_log = Vec::new();
     if gateway.access_log.enabled {
         access_log.push(access_log_entry(config));
     }
-    let hcm = HttpConnectionManager {
+    HttpConnectionManager {
         stat_prefix: GATEWAY_LISTENER.to_string(),
         codec_type: if gateway.h2c || gateway.tls.enabled || gateway.tls.mesh {
             http_connection_manager::CodecType::Auto as i32
@@ -363,27 +401,6 @@ fn gateway_listener(config: &Config) -> Listener {
                 .map(|value| UInt32Value { value }),
             ..Default::default()
         }),
-        ..Default::default()
-    };
-    let transport_socket = if gateway.tls.mesh {
-        Some(crate::mesh::downstream_tls())
-    } else {
-        gateway_tls(gateway)
-    };
-    Listener {
-        name: GATEWAY_LISTENER.to_string(),
-        address: parse_listen_address(&gateway.address)
-            .ok()
-            .map(socket_address_of),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: names::HTTP_CONNECTION_MANAGER.to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-            }],
-            transport_socket,
-            ..Default::default()
-        }],
-        metadata: listener_metadata(config),
         ..Default::default()
     }
 }
@@ -667,6 +684,12 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
                     routes.push(xds_route);
                 }
             }
+        }
+    }
+    if config.sidecar.is_some() {
+        // A request no route takes goes on to where it was going.
+        if let Some(routes) = hosts.get_mut("*") {
+            routes.push(sidecar::passthrough_route());
         }
     }
     RouteConfiguration {
@@ -1552,6 +1575,9 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
         ..Default::default()
     }
 }
+
+mod sidecar;
+pub use sidecar::{SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH};
 
 #[cfg(test)]
 mod tests;

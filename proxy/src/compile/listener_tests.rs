@@ -355,3 +355,34 @@ fn listener_filters_timeout_zero_waits_as_long_as_the_client_takes() {
     assert_eq!(outbound.inspection_timeout, None);
     assert!(outbound.continue_on_inspection_timeout);
 }
+
+#[test]
+fn the_sidecar_short_form_compiles_into_two_intercepting_listeners() {
+    let t = translate(
+        &Config::from_yaml(
+            "sidecar: {}\nservices:\n  web: { endpoints: [\"10.0.0.2:8080\"] }\nroutes:\n  - { match: { host: web.local }, service: web }\n",
+        )
+        .expect("valid"),
+    );
+    let snapshot = compile(&t).expect("compiles");
+    let mut bound: Vec<_> = snapshot.listeners.bound().map(|l| l.address).collect();
+    bound.sort();
+    assert_eq!(
+        bound,
+        [
+            "0.0.0.0:15001".parse().unwrap(),
+            "0.0.0.0:15006".parse().unwrap()
+        ]
+    );
+    assert_eq!(snapshot.http_managers.len(), 2, "outbound and inbound");
+    for listener in snapshot.listeners.bound() {
+        assert!(listener.use_original_dst && listener.inspect_tls && listener.inspect_http);
+        assert!(listener.continue_on_inspection_timeout);
+        let Some(ChainAction::Tcp(passthrough)) =
+            listener.default_chain.as_ref().map(|c| &c.action)
+        else {
+            panic!("passthrough");
+        };
+        assert!(passthrough.cluster.original_destination);
+    }
+}

@@ -36,6 +36,49 @@ pub struct Config {
     /// `api_gateway`, `services`, `routes` and `plugins` are not served by this proxy.
     #[serde(default)]
     pub control_plane: Option<ControlPlaneConfig>,
+    /// Run as a transparent sidecar (`nip iptables setup` sends the pod's traffic here)
+    /// instead of binding `api_gateway.address`.
+    #[serde(default)]
+    pub sidecar: Option<SidecarConfig>,
+}
+
+/// The sidecar short form: the listeners an Envoy sidecar gets, on the ports the
+/// interception rules redirect to. Outbound, a connection's first bytes tell HTTP (routed by
+/// `routes`, with `api_gateway`'s client limits, plugins and access log; a request no route
+/// takes goes on to where it was going) from anything else (passed to its original
+/// destination untouched, TLS included). Inbound, HTTP is counted and logged on its way to
+/// the application, and everything else passes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Where outbound connections are redirected (istio-iptables' 15001).
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// Where inbound connections are redirected (15006).
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    /// How long to wait for a client's first bytes to tell HTTP, TLS and other protocols
+    /// apart (Istio's `protocolDetectionTimeout`); a protocol whose server speaks first
+    /// passes as TCP after it.
+    #[serde(default = "default_protocol_detection_timeout")]
+    pub protocol_detection_timeout: HumanDuration,
+}
+
+/// The outbound redirect port.
+pub const DEFAULT_SIDECAR_OUTBOUND_PORT: u16 = 15001;
+/// The inbound redirect port.
+pub const DEFAULT_SIDECAR_INBOUND_PORT: u16 = 15006;
+
+fn default_outbound_port() -> u16 {
+    DEFAULT_SIDECAR_OUTBOUND_PORT
+}
+
+fn default_inbound_port() -> u16 {
+    DEFAULT_SIDECAR_INBOUND_PORT
+}
+
+fn default_protocol_detection_timeout() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(100))
 }
 
 /// Node identity, as in Envoy's bootstrap `node`.

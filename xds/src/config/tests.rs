@@ -320,3 +320,21 @@ routes:
         );
     }
 }
+
+#[test]
+fn sidecar_ports_and_timeouts_are_checked_by_field() {
+    let errors = errors_of(
+        "sidecar: { outbound_port: 9901, inbound_port: 9901, protocol_detection_timeout: 0s }\napi_gateway: { tls: { mesh: true } }\nservices:\n  sidecar_passthrough: { endpoints: [\"127.0.0.1:1\"] }\n",
+    );
+    let joined = errors.join("\n");
+    for expected in [
+        "sidecar.outbound_port: port 9901 is already used by admin.address",
+        "sidecar.inbound_port: must differ from sidecar.outbound_port",
+        "sidecar.protocol_detection_timeout: must be more than 0s",
+        "api_gateway.tls: a sidecar terminates no TLS of its own yet",
+        "services.sidecar_passthrough: is the sidecar's own cluster",
+    ] {
+        assert!(joined.contains(expected), "{expected:?} in:\n{joined}");
+    }
+    assert!(Config::from_yaml("sidecar: {}\n").is_ok());
+}

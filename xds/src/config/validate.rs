@@ -59,6 +59,55 @@ fn validate_client_limits(config: &Config, errors: &mut Errors) {
     }
 }
 
+/// The sidecar short form's rules.
+fn validate_sidecar(config: &Config, errors: &mut Errors) {
+    let Some(sidecar) = &config.sidecar else {
+        return;
+    };
+    for (field, port) in [
+        ("outbound_port", sidecar.outbound_port),
+        ("inbound_port", sidecar.inbound_port),
+    ] {
+        if port == 0 {
+            errors.add(format!("sidecar.{field}"), "must be a port (1–65535)");
+        }
+        if parse_listen_address(&config.admin.address).is_ok_and(|a| a.port() == port) {
+            errors.add(
+                format!("sidecar.{field}"),
+                format!("port {port} is already used by admin.address"),
+            );
+        }
+    }
+    if sidecar.outbound_port == sidecar.inbound_port {
+        errors.add(
+            "sidecar.inbound_port",
+            "must differ from sidecar.outbound_port",
+        );
+    }
+    let timeout = sidecar.protocol_detection_timeout.0;
+    if timeout.is_zero() || timeout > std::time::Duration::from_secs(60) {
+        errors.add(
+            "sidecar.protocol_detection_timeout",
+            "must be more than 0s and at most 60s",
+        );
+    }
+    if config.api_gateway.tls.enabled || config.api_gateway.tls.mesh {
+        errors.add(
+            "api_gateway.tls",
+            "a sidecar terminates no TLS of its own yet (TLS passes through it by SNI)",
+        );
+    }
+    if config
+        .services
+        .contains_key(crate::translate::SIDECAR_PASSTHROUGH)
+    {
+        errors.add(
+            format!("services.{}", crate::translate::SIDECAR_PASSTHROUGH),
+            "is the sidecar's own cluster for traffic going where it was going",
+        );
+    }
+}
+
 /// Checks every rule and returns all violations (empty when the config is good).
 pub fn validate(config: &Config) -> Vec<FieldError> {
     let mut errors = Errors(Vec::new());
@@ -81,6 +130,7 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
     }
     validate_tls(config, &mut errors);
     validate_client_limits(config, &mut errors);
+    validate_sidecar(config, &mut errors);
     if let Some(id) = &config.node.id {
         if id.trim().is_empty() {
             errors.add("node.id", "must not be empty");

@@ -301,3 +301,71 @@ services:
         vec![("rack1".to_string(), 5), ("rack2".to_string(), 2)]
     );
 }
+
+#[test]
+fn the_sidecar_short_form_becomes_an_outbound_and_an_inbound_listener_like_istios() {
+    let config = Config::from_yaml(
+        "sidecar: { protocol_detection_timeout: 250ms }\nservices:\n  web: { endpoints: [\"10.0.0.2:8080\"] }\nroutes:\n  - { match: { host: web.local }, service: web }\n",
+    )
+    .expect("valid");
+    let t = translate(&config);
+    let listener = |name: &str| {
+        t.resources
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    assert!(!t
+        .resources
+        .listeners
+        .iter()
+        .any(|l| l.name == GATEWAY_LISTENER));
+    for (name, port) in [(SIDECAR_OUTBOUND, 15001), (SIDECAR_INBOUND, 15006)] {
+        let l = listener(name);
+        assert_eq!(
+            l.address,
+            Some(socket_address("0.0.0.0", port)),
+            "{name} listens where the redirect sends"
+        );
+        assert_eq!(l.use_original_dst, Some(pbuf::BoolValue { value: true }));
+        assert_eq!(l.listener_filters.len(), 2);
+        assert_eq!(
+            l.listener_filters_timeout,
+            Some(pb_duration(Duration::from_millis(250)))
+        );
+        assert!(l.continue_on_listener_filters_timeout);
+        let http = l.filter_chains[0].filter_chain_match.as_ref().unwrap();
+        assert_eq!(http.application_protocols, ["http/1.0", "http/1.1", "h2c"]);
+        assert!(l.default_filter_chain.is_some());
+    }
+    let passthrough = t
+        .resources
+        .clusters
+        .iter()
+        .find(|c| c.name == SIDECAR_PASSTHROUGH)
+        .expect("the passthrough cluster");
+    assert_eq!(
+        passthrough.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32
+        ))
+    );
+    // Unknown hosts go on to where they were going; known ones follow their routes.
+    let routes = &t.resources.routes[0];
+    let catch_all = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains == ["*"])
+        .unwrap();
+    assert_eq!(
+        catch_all.routes.last().map(|r| r.name.as_str()),
+        Some(SIDECAR_PASSTHROUGH)
+    );
+    let web = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.domains == ["web.local"])
+        .unwrap();
+    assert!(web.routes.iter().all(|r| r.name != SIDECAR_PASSTHROUGH));
+}

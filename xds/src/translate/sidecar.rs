@@ -1,0 +1,173 @@
+//! The `sidecar:` short form in xDS: the two listeners an Envoy sidecar gets from Istio, on
+//! the ports `nip iptables setup` redirects to.
+//!
+//! ```text
+//! sidecar_outbound :15001  use_original_dst, tls_inspector + http_inspector
+//!   ├─ http/1.x, h2c ─▶ api_gateway's connection manager (routes; "*" ends in passthrough)
+//!   └─ anything else (TLS too) ─▶ tcp_proxy ─▶ sidecar_passthrough (ORIGINAL_DST)
+//! sidecar_inbound  :15006  use_original_dst, tls_inspector + http_inspector
+//!   ├─ http/1.x, h2c ─▶ its own connection manager ─▶ sidecar_passthrough (the app)
+//!   └─ anything else ─▶ tcp_proxy ─▶ sidecar_passthrough
+//! ```
+
+use super::{
+    gateway_connection_manager, listener_metadata, pack_any, pb_duration, router_filter,
+    socket_address, ServiceConfig,
+};
+use crate::config::{Config, SidecarConfig};
+use crate::resources::names;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::google::protobuf::BoolValue;
+
+/// The sidecar's cluster of where each connection was going before it was redirected.
+pub const SIDECAR_PASSTHROUGH: &str = "sidecar_passthrough";
+/// The outbound listener's name.
+pub const SIDECAR_OUTBOUND: &str = "sidecar_outbound";
+/// The inbound listener's name.
+pub const SIDECAR_INBOUND: &str = "sidecar_inbound";
+
+/// The application protocols the HTTP inspector reports.
+const HTTP_PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
+
+/// The outbound and inbound listeners.
+pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listener> {
+    let outbound_http = gateway_connection_manager(config);
+    let mut inbound_http = outbound_http.clone();
+    inbound_http.stat_prefix = SIDECAR_INBOUND.to_string();
+    // Inbound HTTP is counted and logged on its way to the application; routes and plugins
+    // are the outbound side's.
+    inbound_http.http_filters = vec![router_filter()];
+    inbound_http.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(
+        RouteConfiguration {
+            name: SIDECAR_INBOUND.to_string(),
+            virtual_hosts: vec![VirtualHost {
+                name: "application".to_string(),
+                domains: vec!["*".to_string()],
+                routes: vec![passthrough_route()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ));
+    vec![
+        Listener {
+            metadata: listener_metadata(config),
+            ..intercepting(
+                SIDECAR_OUTBOUND,
+                sidecar.outbound_port,
+                sidecar,
+                TrafficDirection::Outbound,
+                pack_any(outbound_http),
+            )
+        },
+        intercepting(
+            SIDECAR_INBOUND,
+            sidecar.inbound_port,
+            sidecar,
+            TrafficDirection::Inbound,
+            pack_any(inbound_http),
+        ),
+    ]
+}
+
+/// A listener for redirected connections: HTTP to `http` (a packed connection manager),
+/// everything else passed through.
+fn intercepting(
+    name: &str,
+    port: u16,
+    sidecar: &SidecarConfig,
+    direction: TrafficDirection,
+    http: envoy_types::pb::google::protobuf::Any,
+) -> Listener {
+    let inspector = |name: &str, config| ListenerFilter {
+        name: name.to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        address: Some(socket_address("0.0.0.0", port)),
+        use_original_dst: Some(BoolValue { value: true }),
+        listener_filters: vec![
+            inspector(
+                "envoy.filters.listener.tls_inspector",
+                pack_any(TlsInspector::default()),
+            ),
+            inspector(
+                "envoy.filters.listener.http_inspector",
+                pack_any(HttpInspector::default()),
+            ),
+        ],
+        listener_filters_timeout: Some(pb_duration(sidecar.protocol_detection_timeout.0)),
+        continue_on_listener_filters_timeout: true,
+        traffic_direction: direction as i32,
+        filter_chains: vec![FilterChain {
+            name: "http".to_string(),
+            filter_chain_match: Some(FilterChainMatch {
+                application_protocols: HTTP_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
+                ..Default::default()
+            }),
+            filters: vec![Filter {
+                name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(http)),
+            }],
+            ..Default::default()
+        }],
+        default_filter_chain: Some(FilterChain {
+            name: "passthrough".to_string(),
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
+                    stat_prefix: format!("{name}_passthrough"),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                        SIDECAR_PASSTHROUGH.to_string(),
+                    )),
+                    ..Default::default()
+                }))),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `sidecar_passthrough`: an `ORIGINAL_DST` cluster.
+pub(super) fn passthrough_cluster() -> Cluster {
+    super::cluster(
+        SIDECAR_PASSTHROUGH,
+        &ServiceConfig {
+            original_destination: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// A route of everything to `sidecar_passthrough`.
+pub(super) fn passthrough_route() -> Route {
+    Route {
+        name: SIDECAR_PASSTHROUGH.to_string(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                SIDECAR_PASSTHROUGH.to_string(),
+            )),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
