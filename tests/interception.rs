@@ -381,3 +381,342 @@ async fn a_sidecar_passes_an_applications_http_to_its_original_destination() {
     assert!(direct.starts_with("HTTP/1.1 503"), "{direct}");
     assert!(backend.output().contains("GET /"), "{}", backend.output());
 }
+
+/// Two pods, each a network namespace with loopback up, joined by a veth pair: the client
+/// at 10.98.0.1, the server at 10.98.0.2. Deleted when dropped.
+struct Pods {
+    client: Namespace,
+    server: Namespace,
+}
+
+impl Pods {
+    fn create() -> Option<Pods> {
+        let bare = |tag: &str| -> Option<Namespace> {
+            let name = format!("nip-{tag}-{}", std::process::id());
+            let made = Command::new("ip")
+                .args(["netns", "add", &name])
+                .output()
+                .ok()?;
+            if !made.status.success() {
+                eprintln!(
+                    "SKIPPED: cannot create a network namespace here ({})",
+                    String::from_utf8_lossy(&made.stderr).trim()
+                );
+                return None;
+            }
+            Some(Namespace { name })
+        };
+        let client = bare("client-pod")?;
+        let server = bare("server-pod")?;
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &server.name,
+        ]);
+        for (pod, address) in [(&client, "10.98.0.1/24"), (&server, "10.98.0.2/24")] {
+            ip(&["-n", &pod.name, "link", "set", "lo", "up"]);
+            ip(&["-n", &pod.name, "addr", "add", address, "dev", "eth0"]);
+            ip(&["-n", &pod.name, "link", "set", "eth0", "up"]);
+        }
+        Some(Pods { client, server })
+    }
+}
+
+impl Namespace {
+    /// `program ARGS` run inside the namespace as `uid`: its exit status and output.
+    fn run_as(&self, uid: u32, program: &str, args: &[&str]) -> (bool, String) {
+        let output = self
+            .command("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".to_string(),
+            ])
+            .arg(program)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    }
+
+    /// The metrics of the sidecar whose admin port is 15020 in this namespace.
+    fn sidecar_metrics(&self) -> String {
+        self.run_as(
+            0,
+            "curl",
+            &["-s", "--max-time", "3", "http://127.0.0.1:15020/metrics"],
+        )
+        .1
+    }
+}
+
+/// Makes `path` readable (and a directory enterable) by the pods' other users.
+fn share(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("redis-server is missing: ./dev test installs it (Debian's redis-server)");
+    }
+    let Some(pods) = Pods::create() else {
+        return;
+    };
+    const PROXY_UID: u32 = 1337;
+    const APP_UID: u32 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    share(dir.path(), 0o755);
+    std::fs::write(path("index.html"), "from the server pod\n").unwrap();
+    share(&path("index.html"), 0o644);
+    // A certificate for passthrough.test, signed by a CA only the client application has.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // OpenSSL (curl) takes a leaf whose subject is its issuer's for self-signed: names
+    // of their own.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "NIP test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["passthrough.test".to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "passthrough.test");
+    let certificate = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", certificate.pem()),
+        ("server.key", key.serialize_pem()),
+    ] {
+        std::fs::write(path(name), pem).unwrap();
+        share(&path(name), 0o644);
+    }
+    // Both sidecars run the same short form; the client's routes name the server.
+    std::fs::write(
+        path("sidecar.yaml"),
+        "admin: { address: \"127.0.0.1:15020\" }\nsidecar: {}\nservices:\n  server: { endpoints: [\"10.98.0.2:8080\"] }\nroutes:\n  - { match: { host: server.mesh }, service: server }\n",
+    )
+    .unwrap();
+    share(&path("sidecar.yaml"), 0o644);
+
+    // The server pod: a web server, redis and a TLS server, as the application's user.
+    let (server, client) = (&pods.server, &pods.client);
+    let _web = Running::start(
+        server,
+        APP_UID,
+        &python(),
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--directory",
+            dir.path().to_str().unwrap(),
+        ],
+        path("web.log"),
+    );
+    let _redis = Running::start(
+        server,
+        APP_UID,
+        "redis-server",
+        &[
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/tmp",
+        ],
+        path("redis.log"),
+    );
+    let _tls = Running::start(
+        server,
+        APP_UID,
+        "openssl",
+        &[
+            "s_server",
+            "-accept",
+            "8443",
+            "-cert",
+            path("server.pem").to_str().unwrap(),
+            "-key",
+            path("server.key").to_str().unwrap(),
+            "-www",
+            "-quiet",
+        ],
+        path("tls.log"),
+    );
+    let sidecar_args = [
+        "proxy",
+        "--config",
+        path("sidecar.yaml").to_str().unwrap().to_string().leak(),
+        "--threads",
+        "1",
+    ];
+    let server_sidecar = Running::start(
+        server,
+        PROXY_UID,
+        nip_bin(),
+        &sidecar_args,
+        path("server-sidecar.log"),
+    );
+    let client_sidecar = Running::start(
+        client,
+        PROXY_UID,
+        nip_bin(),
+        &sidecar_args,
+        path("client-sidecar.log"),
+    );
+    let http_get = |extra: &[&str], url: &str| {
+        let mut args = vec!["-s", "--max-time", "5"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        client.run_as(APP_UID, "curl", &args)
+    };
+    let redis_ping = || client.run_as(APP_UID, "redis-cli", &["-h", "10.98.0.2", "PING"]);
+    let tls_get = || {
+        http_get(
+            &[
+                "--resolve",
+                "passthrough.test:8443:10.98.0.2",
+                "--cacert",
+                path("ca.pem").to_str().unwrap(),
+            ],
+            "https://passthrough.test:8443/",
+        )
+    };
+    eventually(
+        "the server pod's services and both sidecars are up",
+        || async {
+            http_get(&[], "http://10.98.0.2:8080/")
+                .1
+                .contains("from the server pod")
+                && redis_ping().1.contains("PONG")
+                && tls_get().0
+                && client.sidecar_metrics().contains("nip_config_reloads")
+                && server.sidecar_metrics().contains("nip_config_reloads")
+        },
+    )
+    .await;
+
+    for pod in [client, server] {
+        pod.nip_iptables(&["setup", "--proxy-uid", &PROXY_UID.to_string()]);
+    }
+    let logs = || {
+        format!(
+            "client sidecar:\n{}\nserver sidecar:\n{}",
+            client_sidecar.output(),
+            server_sidecar.output()
+        )
+    };
+
+    // HTTP by a name only the client sidecar's routes know: routed to the service, through
+    // the server sidecar's inbound HTTP path, to the application.
+    let (ok, body) = http_get(
+        &["--resolve", "server.mesh:8080:10.98.0.2"],
+        "http://server.mesh:8080/",
+    );
+    assert!(
+        ok && body.contains("from the server pod"),
+        "{body}\n{}",
+        logs()
+    );
+    let requests = |metrics: &str, cluster: &str| {
+        sample(metrics, "nip_requests_total", &[("cluster", cluster)])
+    };
+    assert_eq!(requests(&client.sidecar_metrics(), "server"), 1.0);
+    assert_eq!(
+        requests(&server.sidecar_metrics(), "sidecar_passthrough"),
+        1.0
+    );
+    // A host no route names goes on to where it was going, through both sidecars too.
+    let (ok, body) = http_get(&[], "http://10.98.0.2:8080/");
+    assert!(ok && body.contains("from the server pod"), "{body}");
+    assert_eq!(
+        requests(&client.sidecar_metrics(), "sidecar_passthrough"),
+        1.0
+    );
+    assert_eq!(
+        requests(&server.sidecar_metrics(), "sidecar_passthrough"),
+        2.0
+    );
+
+    // Redis's protocol is neither HTTP nor TLS: passed as TCP by both sidecars.
+    let (ok, pong) = redis_ping();
+    assert!(ok && pong.contains("PONG"), "{pong}\n{}", logs());
+    let tcp = |metrics: &str, prefix: &str| {
+        sample(
+            metrics,
+            "nip_tcp_downstream_cx_total",
+            &[("stat_prefix", prefix)],
+        )
+    };
+    assert_eq!(
+        tcp(&client.sidecar_metrics(), "sidecar_outbound_passthrough"),
+        1.0
+    );
+    assert_eq!(
+        tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
+        1.0
+    );
+    // TLS passes untouched: the application verifies the server's own certificate.
+    let (ok, page) = tls_get();
+    assert!(ok, "{page}\n{}", logs());
+    assert_eq!(
+        tcp(&client.sidecar_metrics(), "sidecar_outbound_passthrough"),
+        2.0
+    );
+    assert_eq!(
+        tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
+        2.0
+    );
+
+    // Without the rules, traffic goes direct again and the sidecars see none of it.
+    for pod in [client, server] {
+        pod.nip_iptables(&["cleanup"]);
+    }
+    let before = (client.sidecar_metrics(), server.sidecar_metrics());
+    assert!(http_get(&[], "http://10.98.0.2:8080/")
+        .1
+        .contains("from the server pod"));
+    assert!(redis_ping().1.contains("PONG"));
+    assert!(tls_get().0);
+    let after = (client.sidecar_metrics(), server.sidecar_metrics());
+    assert_eq!(
+        requests(&after.1, "sidecar_passthrough"),
+        requests(&before.1, "sidecar_passthrough")
+    );
+    assert_eq!(
+        tcp(&after.0, "sidecar_outbound_passthrough"),
+        tcp(&before.0, "sidecar_outbound_passthrough")
+    );
+}

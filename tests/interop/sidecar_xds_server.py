@@ -89,7 +89,7 @@ def outbound_listener(listen_port: int, extra_listener_filter: bool):
             listener_components_pb2.FilterChain(
                 name="http",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
-                    application_protocols=["http/1.1", "h2c"]
+                    transport_protocol="raw_buffer", application_protocols=["http/1.1", "h2c"]
                 ),
                 filters=[
                     network_filter("envoy.filters.network.http_connection_manager", manager)

@@ -1,18 +1,16 @@
 //! Which connection manager a connection's requests belong to.
 //!
 //! The dispatcher chose an HTTP filter chain for the connection before pingora read a
-//! single request; pingora's request callbacks see only the session, whose socket digest
-//! names the connection's socket. So while the front door serves the connection, the
-//! dispatcher keeps a binding from the socket to the chain in a table of its worker thread
-//! (a connection and its HTTP/2 streams run on the thread that accepted it: pingora's
-//! workers do not steal work), and the gateway reads it at each request's start. Each
+//! single request; pingora's request callbacks see only the session. So the dispatcher
+//! attaches a [`Binding`] to the connection ([`bind`]), which every session on it carries
+//! in its digest, and the gateway reads it at each request's start ([`binding_of`]). Each
 //! request resolves the chain in the snapshot in force then, so route changes reach open
 //! connections; a chain that is gone leaves the manager the connection started with.
 
 use super::{HttpManager, Listeners};
-use pingora::protocols::{Digest, SocketDigest};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use pingora::http::ResponseHeader;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{Digest, Stream};
 use std::sync::Arc;
 
 /// Where a connection's requests go.
@@ -40,51 +38,26 @@ impl Binding {
     }
 }
 
-/// A connection's key: the address of its socket digest, which pingora shares between
-/// the stream and every session on it for the connection's life.
-type Key = usize;
-
-thread_local! {
-    static BINDINGS: RefCell<HashMap<Key, (u64, Binding)>> = RefCell::new(HashMap::new());
-    static NEXT_TOKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// Removes a connection's binding when its serving ends.
-pub struct BindingGuard {
-    key: Key,
-    token: u64,
-}
-
-impl Drop for BindingGuard {
-    fn drop(&mut self) {
-        BINDINGS.with(|b| {
-            let mut bindings = b.borrow_mut();
-            // A digest freed and its address reused by a newer connection keeps the newer
-            // binding.
-            if bindings
-                .get(&self.key)
-                .is_some_and(|(t, _)| *t == self.token)
-            {
-                bindings.remove(&self.key);
-            }
-        });
-    }
-}
-
-/// Binds the connection whose socket digest is `digest` for as long as the guard lives.
-pub fn bind(digest: &Arc<SocketDigest>, binding: Binding) -> BindingGuard {
-    let key = Arc::as_ptr(digest) as Key;
-    let token = NEXT_TOKEN.with(|n| {
-        let token = n.get().wrapping_add(1);
-        n.set(token);
-        token
-    });
-    BINDINGS.with(|b| b.borrow_mut().insert(key, (token, binding)));
-    BindingGuard { key, token }
+/// Attaches `binding` to a connection before its HTTP path starts (and before TLS: the
+/// TLS stream shows the digest of the socket under it).
+///
+/// Pingora builds each session's digest from the connection's stream, and its proxy
+/// digest carries `user_data` for whoever made the connection: the one channel from a
+/// connection to every request on it, HTTP/2 streams included (pingora runs those on any
+/// worker thread).
+pub fn bind(stream: &mut Stream, binding: Binding) {
+    let Ok(marker) = ResponseHeader::build(200, Some(0)) else {
+        return;
+    };
+    stream.set_proxy_digest(ProxyDigest::new(Box::new(marker), Some(Box::new(binding))));
 }
 
 /// The binding of the connection a request came on.
-pub fn binding_of(digest: Option<&Digest>) -> Option<Binding> {
-    let key = Arc::as_ptr(digest?.socket_digest.as_ref()?) as Key;
-    BINDINGS.with(|b| b.borrow().get(&key).map(|(_, binding)| binding.clone()))
+pub fn binding_of(digest: Option<&Digest>) -> Option<&Binding> {
+    digest?
+        .proxy_digest
+        .as_ref()?
+        .user_data
+        .as_ref()?
+        .downcast_ref::<Binding>()
 }

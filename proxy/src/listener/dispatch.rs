@@ -203,6 +203,15 @@ where
             ChainAction::Http { tls, manager } => (*tls, manager),
         };
         let limits = manager.downstream.clone();
+        let mut stream = stream;
+        bindings::bind(
+            &mut stream,
+            Binding {
+                listener: Arc::clone(&listener.name),
+                chain: index,
+                manager: Arc::clone(manager),
+            },
+        );
         let stream = if tls {
             let Some(acceptor) = &self.tls else {
                 tracing::warn!(listener = %listener.name, "a TLS filter chain, and the proxy has no listener TLS yet (it takes effect at the next restart)");
@@ -228,15 +237,6 @@ where
         } else {
             stream
         };
-        let digest = stream.get_socket_digest()?;
-        let _binding = bindings::bind(
-            &digest,
-            Binding {
-                listener: Arc::clone(&listener.name),
-                chain: index,
-                manager: Arc::clone(manager),
-            },
-        );
         self.http.serve(stream, shutdown, limits, manager.h2c).await
     }
 

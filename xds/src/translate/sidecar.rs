@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! sidecar_outbound :15001  use_original_dst, tls_inspector + http_inspector
-//!   ├─ http/1.x, h2c ─▶ api_gateway's connection manager (routes; "*" ends in passthrough)
+//!   ├─ plaintext http/1.x, h2c ─▶ api_gateway's connection manager (routes; "*" ends in passthrough)
 //!   └─ anything else (TLS too) ─▶ tcp_proxy ─▶ sidecar_passthrough (ORIGINAL_DST)
 //! sidecar_inbound  :15006  use_original_dst, tls_inspector + http_inspector
-//!   ├─ http/1.x, h2c ─▶ its own connection manager ─▶ sidecar_passthrough (the app)
+//!   ├─ plaintext http/1.x, h2c ─▶ its own connection manager ─▶ sidecar_passthrough (the app)
 //!   └─ anything else ─▶ tcp_proxy ─▶ sidecar_passthrough
 //! ```
 
@@ -115,7 +115,10 @@ fn intercepting(
         traffic_direction: direction as i32,
         filter_chains: vec![FilterChain {
             name: "http".to_string(),
+            // Plaintext only: a TLS client offers "http/1.1" by ALPN too, and its bytes
+            // pass through.
             filter_chain_match: Some(FilterChainMatch {
+                transport_protocol: "raw_buffer".to_string(),
                 application_protocols: HTTP_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
                 ..Default::default()
             }),

@@ -337,6 +337,7 @@ fn the_sidecar_short_form_becomes_an_outbound_and_an_inbound_listener_like_istio
         assert!(l.continue_on_listener_filters_timeout);
         let http = l.filter_chains[0].filter_chain_match.as_ref().unwrap();
         assert_eq!(http.application_protocols, ["http/1.0", "http/1.1", "h2c"]);
+        assert_eq!(http.transport_protocol, "raw_buffer");
         assert!(l.default_filter_chain.is_some());
     }
     let passthrough = t
