@@ -1,9 +1,11 @@
 //! # nip-proxy: the NIP data plane
 //!
-//! A `nip proxy` process takes client traffic on one listener (HTTP/1.1 and h2c on the same
-//! port, or TLS with HTTP/2 by ALPN), routes each request by host, path, headers and method,
-//! balances it over healthy endpoints of a cluster, retries what the route allows, and
-//! reports everything on an admin port.
+//! A `nip proxy` process takes client traffic on its listeners — an edge gateway's one
+//! (HTTP/1.1 and h2c on the same port, or TLS with HTTP/2 by ALPN), or a sidecar's
+//! intercepting ones, which tell HTTP, TLS and other protocols apart by their first bytes
+//! and pass what is not HTTP through as TCP — routes each request by host, path, headers
+//! and method, balances it over healthy endpoints of a cluster, retries what the route
+//! allows, and reports everything on an admin port.
 //!
 //! How config flows (one way only):
 //!
@@ -13,10 +15,12 @@
 //!                                                        (each request loads it once)
 //! ```
 //!
-//! How a connection is taken: [`downstream`] admits it under the listener's connection
-//! limit, keeps its idle, head and write-stall clocks, bounds its head and checks its
-//! framing, and runs the HTTP/1 keep-alive loop (HTTP/2 goes through pingora's own, behind
-//! a flood guard).
+//! How a connection is taken: [`listener`] finds the listener that owns it (following its
+//! original destination), inspects its first bytes and chooses a filter chain: a TCP relay,
+//! or the HTTP path of that chain's connection manager. [`downstream`] admits it under the
+//! listener's connection limit, keeps its idle, head and write-stall clocks, bounds its
+//! head and checks its framing, and runs the HTTP/1 keep-alive loop (HTTP/2 goes through
+//! pingora's own, behind a flood guard).
 //!
 //! How a request flows: [`http`] is pingora's `ProxyHttp`, its callbacks are the phases
 //! (route → admit → pick endpoint → forward → retry? → respond → log). [`route`] matches,
