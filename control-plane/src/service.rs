@@ -352,14 +352,21 @@ pub fn mesh_without_ca(config: &Config) -> Vec<FieldError> {
         .api_gateway
         .tls
         .mesh
-        .then(|| "api_gateway.tls.mesh".to_string());
+        .then(|| "api_gateway.tls.mesh".to_string())
+        .into_iter()
+        .chain(
+            config
+                .sidecar
+                .as_ref()
+                .filter(|s| s.mesh)
+                .map(|_| "sidecar.mesh".to_string()),
+        );
     let services = config
         .services
         .iter()
         .filter(|(_, s)| s.tls.as_ref().is_some_and(|t| t.mesh))
         .map(|(name, _)| format!("services.{name}.tls.mesh"));
     listener
-        .into_iter()
         .chain(services)
         .map(|path| FieldError {
             path,

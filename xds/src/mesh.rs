@@ -112,6 +112,35 @@ pub fn upstream_tls(sni: Option<String>, matchers: Vec<SubjectAltNameMatcher>) -
     })
 }
 
+/// The server name a sidecar sends when it reaches a meshed peer: the peer's inbound
+/// listener tells mesh mutual TLS from an application's own TLS by it (Istio tells them
+/// apart by ALPN; an SNI match comes first in Envoy's order and needs no ALPN of its own).
+pub const MESH_SNI: &str = "mesh.nip.internal";
+
+/// Where mesh proxies take mesh mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshPorts {
+    /// At their gateway listener's port.
+    Gateway(u16),
+    /// At any port of their address: sidecars whose inbound listener takes every
+    /// redirected connection, and mesh TLS by [`MESH_SNI`].
+    Sidecar,
+}
+
+/// Where mesh proxies take mesh mutual TLS, when the resources make them take it at all:
+/// a sidecar inbound listener or a gateway listener that serves the workload certificate.
+pub fn mesh_ports(resources: &ResourceSet) -> Option<MeshPorts> {
+    let serves_workload_certificate = |name: &str| {
+        resources.listeners.iter().any(|l| {
+            l.name == name && crate::secrets::referenced([l], []).contains(WORKLOAD_CERTIFICATE)
+        })
+    };
+    if serves_workload_certificate(crate::translate::SIDECAR_INBOUND) {
+        return Some(MeshPorts::Sidecar);
+    }
+    mesh_listener_port(resources).map(MeshPorts::Gateway)
+}
+
 /// The port of the gateway listener when it is a mesh listener (it serves the workload
 /// certificate): the port every mesh proxy takes mesh mutual TLS on.
 pub fn mesh_listener_port(resources: &ResourceSet) -> Option<u16> {
@@ -142,15 +171,15 @@ fn string_value(text: &str) -> Value {
 }
 
 /// Makes every cluster with no TLS of its own reach its endpoints that are mesh proxies
-/// (a member's address at the mesh listener's port) over mesh mutual TLS expecting that
-/// member's SPIFFE ID. `members`: node id → the address it connects from. Nothing changes
-/// when the gateway is not a mesh listener.
+/// (a member's address at the mesh listener's port; any port of it for sidecars, with
+/// [`MESH_SNI`]) over mesh mutual TLS expecting that member's SPIFFE ID. `members`: node
+/// id → the address it connects from. Nothing changes when no listener is a mesh one.
 pub fn reach_members_over_mtls(
     resources: &mut ResourceSet,
     trust_domain: &str,
     members: &BTreeMap<String, IpAddr>,
 ) {
-    let Some(port) = mesh_listener_port(resources) else {
+    let Some(ports) = mesh_ports(resources) else {
         return;
     };
     let by_address: BTreeMap<IpAddr, String> = members
@@ -184,11 +213,14 @@ pub fn reach_members_over_mtls(
             else {
                 continue;
             };
-            let at_mesh_port = matches!(
-                sa.port_specifier,
-                Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p))
-                    if u16::try_from(p) == Ok(port)
-            );
+            let at_mesh_port = match ports {
+                MeshPorts::Sidecar => true,
+                MeshPorts::Gateway(port) => matches!(
+                    sa.port_specifier,
+                    Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p))
+                        if u16::try_from(p) == Ok(port)
+                ),
+            };
             let Some(identity) = sa
                 .address
                 .parse::<IpAddr>()
@@ -232,7 +264,7 @@ pub fn reach_members_over_mtls(
                     .into(),
                 }),
                 transport_socket: Some(upstream_tls(
-                    None,
+                    (ports == MeshPorts::Sidecar).then(|| MESH_SNI.to_string()),
                     vec![uri(string_matcher::MatchPattern::Exact(identity.clone()))],
                 )),
             });
@@ -320,6 +352,30 @@ mod tests {
         let b = set.clusters.iter().find(|c| c.name == "b").unwrap();
         assert!(b.transport_socket_matches.is_empty());
         assert_eq!(identity_of(&set, "b", 0), None);
+    }
+
+    #[test]
+    fn sidecars_are_reached_as_members_at_any_port_with_the_mesh_server_name() {
+        let mut set = resources(
+            "sidecar: { mesh: true }\nservices:\n  a: { endpoints: [\"10.0.0.1:8080\", \"10.0.0.1:6379\", \"10.0.0.2:8080\"] }\nroutes:\n  - { service: a }\n",
+        );
+        assert_eq!(mesh_ports(&set), Some(MeshPorts::Sidecar));
+        let members = [("n1".to_string(), "10.0.0.1".parse().unwrap())].into();
+        reach_members_over_mtls(&mut set, "td.example", &members);
+        let n1 = Some("spiffe://td.example/node/n1");
+        assert_eq!(identity_of(&set, "a", 0).as_deref(), n1);
+        assert_eq!(identity_of(&set, "a", 1).as_deref(), n1);
+        assert_eq!(identity_of(&set, "a", 2), None, "not a member");
+        let a = set.clusters.iter().find(|c| c.name == "a").unwrap();
+        let socket = a.transport_socket_matches[0]
+            .transport_socket
+            .as_ref()
+            .unwrap();
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("typed config");
+        };
+        let context = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        assert_eq!(context.sni, MESH_SNI);
     }
 
     #[test]

@@ -386,3 +386,25 @@ fn the_sidecar_short_form_compiles_into_two_intercepting_listeners() {
         assert!(passthrough.cluster.original_destination);
     }
 }
+
+#[test]
+fn a_mesh_sidecar_takes_mesh_tls_by_its_server_name_with_the_workload_certificate() {
+    let t = translate(&Config::from_yaml("sidecar: { mesh: true }\n").expect("valid"));
+    // The control plane's check: the workload certificate is the proxy's to have.
+    crate::compile::check(&t.bootstrap, &t.resources).expect("checks");
+    let snapshot = compile(&t).expect("compiles");
+    let tls = snapshot.http.tls.as_ref().expect("the mesh chain's TLS");
+    assert!(tls.workload_certificate && tls.require_client_certificate);
+    let inbound = snapshot
+        .listeners
+        .by_name(nip_xds::translate::SIDECAR_INBOUND)
+        .unwrap();
+    let mesh = &inbound.chains[0];
+    assert_eq!(mesh.matches.server_names, [nip_xds::mesh::MESH_SNI]);
+    assert!(matches!(mesh.action, ChainAction::Http { tls: true, .. }));
+    // The mesh chain and the plaintext chain share the inbound connection manager.
+    assert!(Arc::ptr_eq(
+        mesh.http_manager().unwrap(),
+        inbound.chains[1].http_manager().unwrap()
+    ));
+}

@@ -62,6 +62,12 @@ pub struct SidecarConfig {
     /// passes as TCP after it.
     #[serde(default = "default_protocol_detection_timeout")]
     pub protocol_detection_timeout: HumanDuration,
+    /// Take mesh mutual TLS from meshed peers on the inbound side (the workload
+    /// certificate; clients of the mesh's trust bundle only, their identity seen), and let
+    /// the control plane send this fleet's requests to meshed peers over it. Plaintext
+    /// still comes in from peers outside the mesh (Istio's permissive mode).
+    #[serde(default)]
+    pub mesh: bool,
 }
 
 /// The outbound redirect port.

@@ -331,7 +331,7 @@ fn sidecar_ports_and_timeouts_are_checked_by_field() {
         "sidecar.outbound_port: port 9901 is already used by admin.address",
         "sidecar.inbound_port: must differ from sidecar.outbound_port",
         "sidecar.protocol_detection_timeout: must be more than 0s",
-        "api_gateway.tls: a sidecar terminates no TLS of its own yet",
+        "api_gateway.tls: a sidecar terminates no TLS of its own (",
         "services.sidecar_passthrough: is the sidecar's own cluster",
     ] {
         assert!(joined.contains(expected), "{expected:?} in:\n{joined}");

@@ -94,7 +94,7 @@ fn validate_sidecar(config: &Config, errors: &mut Errors) {
     if config.api_gateway.tls.enabled || config.api_gateway.tls.mesh {
         errors.add(
             "api_gateway.tls",
-            "a sidecar terminates no TLS of its own yet (TLS passes through it by SNI)",
+            "a sidecar terminates no TLS of its own (an application's TLS passes through it by SNI; `sidecar.mesh` takes mesh mutual TLS)",
         );
     }
     if config

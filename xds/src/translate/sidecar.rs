@@ -6,6 +6,7 @@
 //!   ├─ plaintext http/1.x, h2c ─▶ api_gateway's connection manager (routes; "*" ends in passthrough)
 //!   └─ anything else (TLS too) ─▶ tcp_proxy ─▶ sidecar_passthrough (ORIGINAL_DST)
 //! sidecar_inbound  :15006  use_original_dst, tls_inspector + http_inspector
+//!   ├─ (mesh) TLS for mesh.nip.internal ─▶ mesh mutual TLS, then as plaintext HTTP
 //!   ├─ plaintext http/1.x, h2c ─▶ its own connection manager ─▶ sidecar_passthrough (the app)
 //!   └─ anything else ─▶ tcp_proxy ─▶ sidecar_passthrough
 //! ```
@@ -72,13 +73,38 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
                 pack_any(outbound_http),
             )
         },
-        intercepting(
-            SIDECAR_INBOUND,
-            sidecar.inbound_port,
-            sidecar,
-            TrafficDirection::Inbound,
-            pack_any(inbound_http),
-        ),
+        {
+            let inbound_http = pack_any(inbound_http);
+            let mut inbound = intercepting(
+                SIDECAR_INBOUND,
+                sidecar.inbound_port,
+                sidecar,
+                TrafficDirection::Inbound,
+                inbound_http.clone(),
+            );
+            if sidecar.mesh {
+                // Mesh mutual TLS from a meshed peer, told apart from an application's own
+                // TLS by its server name; then the same way in as plaintext HTTP.
+                inbound.filter_chains.insert(
+                    0,
+                    FilterChain {
+                        name: "mesh".to_string(),
+                        filter_chain_match: Some(FilterChainMatch {
+                            transport_protocol: "tls".to_string(),
+                            server_names: vec![crate::mesh::MESH_SNI.to_string()],
+                            ..Default::default()
+                        }),
+                        filters: vec![Filter {
+                            name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                            config_type: Some(filter::ConfigType::TypedConfig(inbound_http)),
+                        }],
+                        transport_socket: Some(crate::mesh::downstream_tls()),
+                        ..Default::default()
+                    },
+                );
+            }
+            inbound
+        },
     ]
 }
 
