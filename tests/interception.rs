@@ -6,6 +6,7 @@
 //! Needs root and network namespaces; where the kernel forbids them the test says so and
 //! passes without running.
 
+use crate::common::control_plane::{stderr, ControlPlane};
 use crate::common::*;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -719,4 +720,249 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         tcp(&after.0, "sidecar_outbound_passthrough"),
         tcp(&before.0, "sidecar_outbound_passthrough")
     );
+}
+
+/// A node and two pods on it: the node namespace routes between the client pod
+/// (10.97.1.2, its gateway 10.97.1.1) and the server pod (10.97.2.2, via 10.97.2.1), as a
+/// Kubernetes node routes between its pods' one addresses. Deleted when dropped.
+struct Node {
+    node: Namespace,
+    pods: Pods,
+}
+
+impl Node {
+    fn create() -> Option<Node> {
+        let bare = |tag: &str| -> Option<Namespace> {
+            let name = format!("nip-{tag}-{}", std::process::id());
+            let made = Command::new("ip")
+                .args(["netns", "add", &name])
+                .output()
+                .ok()?;
+            if !made.status.success() {
+                eprintln!(
+                    "SKIPPED: cannot create a network namespace here ({})",
+                    String::from_utf8_lossy(&made.stderr).trim()
+                );
+                return None;
+            }
+            Some(Namespace { name })
+        };
+        let node = bare("node")?;
+        let client = bare("meshed-client")?;
+        let server = bare("meshed-server")?;
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["-n", &node.name, "link", "set", "lo", "up"]);
+        for (pod, link, subnet) in [(&client, "to-client", 1), (&server, "to-server", 2)] {
+            ip(&[
+                "link", "add", link, "netns", &node.name, "type", "veth", "peer", "name", "eth0",
+                "netns", &pod.name,
+            ]);
+            let gateway = format!("10.97.{subnet}.1");
+            ip(&[
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                &format!("{gateway}/24"),
+                "dev",
+                link,
+            ]);
+            ip(&["-n", &node.name, "link", "set", link, "up"]);
+            ip(&["-n", &pod.name, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &pod.name,
+                "addr",
+                "add",
+                &format!("10.97.{subnet}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &pod.name, "link", "set", "eth0", "up"]);
+            ip(&["-n", &pod.name, "route", "add", "default", "via", &gateway]);
+        }
+        let forwarding = node
+            .command("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()
+            .expect("sysctl");
+        assert!(forwarding.success(), "the node forwards between its pods");
+        Some(Node {
+            node,
+            pods: Pods { client, server },
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
+    let Some(cluster) = Node::create() else {
+        return;
+    };
+    const PROXY_UID: u32 = 1337;
+    const APP_UID: u32 = 1000;
+    let (client, server) = (&cluster.pods.client, &cluster.pods.server);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    share(dir.path(), 0o755);
+    std::fs::write(path("index.html"), "from the meshed server\n").unwrap();
+    share(&path("index.html"), 0o644);
+
+    // The control plane runs on the node; each sidecar joins it from its pod's address.
+    let control_plane =
+        ControlPlane::start_in_netns(&cluster.node.name, &["10.97.1.1", "10.97.2.1"]);
+    eventually("the control plane answers", || async {
+        control_plane.nip(&["token", "list"]).status.success()
+    })
+    .await;
+    let applied = control_plane.apply(
+        "sidecar: { mesh: true }\nservices:\n  server: { endpoints: [\"10.97.2.2:8080\"] }\nroutes:\n  - { match: { host: server.mesh }, service: server }\n",
+        &[],
+    );
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    std::fs::copy(control_plane.bundle_file(), path("bundle.pem")).unwrap();
+    share(&path("bundle.pem"), 0o644);
+    let mut sidecars = Vec::new();
+    for (pod, node, gateway) in [
+        (client, "client-pod", "10.97.1.1"),
+        (server, "server-pod", "10.97.2.1"),
+    ] {
+        let token = control_plane.join_token_file(node, dir.path());
+        share(&token, 0o644);
+        let identity = path(&format!("identity-{node}"));
+        std::fs::create_dir(&identity).unwrap();
+        std::os::unix::fs::chown(&identity, Some(PROXY_UID), Some(PROXY_UID)).unwrap();
+        let config = path(&format!("{node}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node: {{ id: {node}, region: eu }}\nadmin: {{ address: \"127.0.0.1:15020\" }}\ncontrol_plane: {{ address: \"{gateway}:{}\", ca_file: \"{}\", join_token_file: \"{}\", identity_dir: \"{}\" }}\n",
+                control_plane.xds_port,
+                path("bundle.pem").display(),
+                token.display(),
+                identity.display()
+            ),
+        )
+        .unwrap();
+        share(&config, 0o644);
+        sidecars.push(Running::start(
+            pod,
+            PROXY_UID,
+            nip_bin(),
+            &[
+                "proxy",
+                "--config",
+                config.to_str().unwrap(),
+                "--threads",
+                "1",
+            ],
+            path(&format!("{node}.log")),
+        ));
+    }
+    let _web = Running::start(
+        server,
+        APP_UID,
+        &python(),
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--directory",
+            dir.path().to_str().unwrap(),
+        ],
+        path("web.log"),
+    );
+    let logs = || {
+        sidecars
+            .iter()
+            .map(Running::output)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + &control_plane.log()
+    };
+    let ready = |pod: &Namespace| {
+        pod.run_as(
+            0,
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15020/ready",
+            ],
+        )
+        .1 == "200"
+    };
+    eventually(
+        "both sidecars joined and serve the control plane's config",
+        || async { ready(client) && ready(server) },
+    )
+    .await;
+    for pod in [client, server] {
+        pod.nip_iptables(&["setup", "--proxy-uid", &PROXY_UID.to_string()]);
+    }
+
+    // The application's plain request by a service name: the client sidecar routes it and
+    // reaches the server's sidecar over mesh mutual TLS (once the control plane knows the
+    // server's sidecar as a member), which sees the client's identity.
+    let client_identity = "spiffe://nip.local/node/client-pod";
+    let peer_requests = || {
+        sample(
+            &server.sidecar_metrics(),
+            "nip_downstream_peer_requests_total",
+            &[("peer", client_identity)],
+        )
+    };
+    eventually(
+        "a request arrives over mesh mutual TLS from the client's sidecar",
+        || async {
+            let (ok, body) = client.run_as(
+                APP_UID,
+                "curl",
+                &[
+                    "-s",
+                    "--max-time",
+                    "5",
+                    "--resolve",
+                    "server.mesh:8080:10.97.2.2",
+                    "http://server.mesh:8080/",
+                ],
+            );
+            assert!(
+                ok && body.contains("from the meshed server"),
+                "{body}\n{}",
+                logs()
+            );
+            peer_requests() >= 1.0
+        },
+    )
+    .await;
+    // A stranger's TLS with the mesh's server name but no mesh certificate is refused.
+    let (ok, _) = cluster.node.run_as(
+        0,
+        "curl",
+        &[
+            "-sk",
+            "--max-time",
+            "5",
+            "--resolve",
+            "mesh.nip.internal:8080:10.97.2.2",
+            "https://mesh.nip.internal:8080/",
+        ],
+    );
+    assert!(!ok, "a client without a mesh certificate must not get in");
+    // Plaintext from outside the mesh still comes in (permissive), with no peer identity.
+    let before = peer_requests();
+    let (ok, body) = cluster.node.run_as(
+        0,
+        "curl",
+        &["-s", "--max-time", "5", "http://10.97.2.2:8080/"],
+    );
+    assert!(ok && body.contains("from the meshed server"), "{body}");
+    assert_eq!(peer_requests(), before);
 }

@@ -38,6 +38,9 @@ pub struct ControlPlane {
     pub admin_token_file: std::path::PathBuf,
     /// Extra arguments of `nip control-plane`.
     pub extra: Vec<String>,
+    /// The network namespace it runs in (its xDS port then on every address there), and
+    /// where the CLI verbs run.
+    pub netns: Option<String>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -71,17 +74,58 @@ impl ControlPlane {
             log: dir.path().join("control-plane.log"),
             admin_token_file: dir.path().join("admin-token"),
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            netns: None,
             _dir: dir,
         };
         control_plane.spawn();
         control_plane
     }
 
+    /// Starts one inside network namespace `netns`, its xDS port on every address there,
+    /// its certificate naming `server_names` as well.
+    pub fn start_in_netns(netns: &str, server_names: &[&str]) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let mut control_plane = ControlPlane {
+            child: None,
+            store: format!("sqlite://{}/store/nip.db", dir.path().display()),
+            config: None,
+            xds_port: free_port(),
+            api_port: free_port(),
+            log: dir.path().join("control-plane.log"),
+            admin_token_file: dir.path().join("admin-token"),
+            extra: server_names
+                .iter()
+                .flat_map(|n| ["--server-name".to_string(), n.to_string()])
+                .collect(),
+            netns: Some(netns.to_string()),
+            _dir: dir,
+        };
+        control_plane.spawn();
+        control_plane
+    }
+
+    /// `nip` itself, inside the control plane's namespace if it has one.
+    fn nip_command(&self) -> Command {
+        match &self.netns {
+            None => Command::new(nip_bin()),
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, nip_bin()]);
+                command
+            }
+        }
+    }
+
     pub fn command(&self) -> Command {
-        let mut command = Command::new(nip_bin());
+        let mut command = self.nip_command();
+        let xds_ip = if self.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         command
             .args(["control-plane", "--store", &self.store])
-            .args(["--xds-address", &format!("127.0.0.1:{}", self.xds_port)])
+            .args(["--xds-address", &format!("{xds_ip}:{}", self.xds_port)])
             .args(["--api-address", &format!("127.0.0.1:{}", self.api_port)])
             .arg("--admin-token-file")
             .arg(&self.admin_token_file)
@@ -131,7 +175,7 @@ impl ControlPlane {
 
     /// Runs a `nip` CLI verb against this control plane.
     pub fn nip(&self, args: &[&str]) -> std::process::Output {
-        Command::new(nip_bin())
+        self.nip_command()
             .args(args)
             .args(["--control-plane", &self.api("")])
             .env("NIP_TOKEN_FILE", &self.admin_token_file)
