@@ -45,6 +45,15 @@ enum Command {
         /// Longest wait for in-flight requests after SIGTERM.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         drain_timeout: Duration,
+        /// Where listening sockets pass to a proxy taking over (default:
+        /// /tmp/nip-upgrade-ADMINPORT.sock); SIGQUIT sends them there.
+        #[arg(long)]
+        upgrade_socket: Option<PathBuf>,
+        /// Take over the listening sockets of the proxy running on --upgrade-socket: start
+        /// this, then send the running one SIGQUIT; it hands its sockets over, finishes
+        /// what it has in flight and exits, and no connection is refused meanwhile.
+        #[arg(long)]
+        take_over: bool,
     },
     /// Run a control plane: store the desired config with its history and serve it to
     /// proxies and xDS clients over ADS. Changes come from `nip apply`, the REST API, or a
@@ -521,10 +530,14 @@ fn main() -> ExitCode {
             config,
             threads,
             drain_timeout,
+            upgrade_socket,
+            take_over,
         } => run_proxy(ProxyOptions {
             source: ConfigSource::File(config),
             threads: threads.unwrap_or(cpus),
             drain_timeout,
+            upgrade_socket,
+            take_over,
             watch_interval: Duration::from_millis(500),
             release_memory: Some(release_thread_memory),
         }),
@@ -776,6 +789,8 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         )),
         threads: cpus.min(2),
         drain_timeout: Duration::from_secs(5),
+        upgrade_socket: None,
+        take_over: false,
         watch_interval: Duration::from_secs(3600),
         release_memory: Some(release_thread_memory),
     })

@@ -2,6 +2,7 @@
 //! backends on 127.0.0.1, driven by a real HTTP client.
 
 use crate::common::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn get(client: &reqwest::Client, url: &str) -> reqwest::Response {
@@ -652,6 +653,61 @@ routes:
             .await
             .is_err(),
         "the listener is closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_takes_over_the_listening_socket_and_no_request_fails() {
+    let backend = Backend::start("web").await;
+    let mut old = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - service: web
+"#,
+        backend.address
+    ))
+    .await;
+    let load = SteadyLoad::start(&old.url("/"), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The new process waits for the old one's sockets on the upgrade socket.
+    let new = old.taking_over();
+    let socket = std::env::temp_dir().join(format!("nip-upgrade-{}.sock", old.admin_port));
+    eventually("the new proxy waits for the sockets", || async {
+        socket.exists()
+            && new
+                .log()
+                .contains("waiting for the running proxy's sockets")
+    })
+    .await;
+    old.signal("QUIT");
+    // The new one gets the sockets and the admin port; the old one finishes and exits.
+    new.wait_ready().await;
+    let exit = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(40)));
+    assert!(
+        exit.success(),
+        "the old proxy exits cleanly: {exit:?}\n{}",
+        old.log()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first_failure = Arc::clone(&load.first_failure);
+    let (sent, failed) = load.stop().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {sent} requests failed across the upgrade, first: {:?}",
+        first_failure.lock().unwrap()
+    );
+    assert!(sent > 100, "{sent} requests");
+    let response = client().get(new.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        new.log().contains("nip proxy starting"),
+        "the new process serves: {}",
+        new.log()
     );
 }
 

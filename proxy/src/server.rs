@@ -51,6 +51,14 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// How often a config file is checked for changes.
     pub watch_interval: Duration,
+    /// Where listening sockets pass between an old and a new process in an upgrade (`None`:
+    /// `/tmp/nip-upgrade-ADMINPORT.sock`). On SIGQUIT a running proxy sends its sockets
+    /// there, then stops accepting and drains.
+    pub upgrade_socket: Option<std::path::PathBuf>,
+    /// Start by taking the listening sockets of the proxy running on `upgrade_socket` (it
+    /// hands them over when sent SIGQUIT): a restart or binary upgrade that refuses no
+    /// connection.
+    pub take_over: bool,
     /// Hands memory the allocator keeps for the calling thread back to the OS (the
     /// binary's allocator knows how); run on each worker thread once a second after
     /// connections closed there, so a burst's peak does not stay resident.
@@ -175,8 +183,8 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         .admin_address()
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
     // Bind-check each listener's port now, so a busy port is a clear error, not a worker
-    // panic.
-    for listener in listeners.bound() {
+    // panic (taking over, the running proxy holds them and hands them over).
+    for listener in listeners.bound().filter(|_| !options.take_over) {
         drop(
             TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
                 what: "a listener's address",
@@ -185,11 +193,21 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
             })?,
         );
     }
-    let admin_listener = TcpListener::bind(admin_address).map_err(|source| StartError::Bind {
-        what: "admin.address",
-        address: admin_address,
-        source,
-    })?;
+    // Taking over, the running proxy frees the admin port when it hands its sockets over.
+    let admin_listener = if options.take_over {
+        None
+    } else {
+        Some(
+            TcpListener::bind(admin_address).map_err(|source| StartError::Bind {
+                what: "admin.address",
+                address: admin_address,
+                source,
+            })?,
+        )
+    };
+    let upgrade_socket = options.upgrade_socket.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("nip-upgrade-{}.sock", admin_address.port()))
+    });
     let bound: Vec<String> = listeners
         .bound()
         .map(|l| format!("{} {}", l.name, l.address))
@@ -248,7 +266,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         plugins,
     };
     crate::threads::spawn_runtime_thread("nip-control", move || {
-        control.run(admin_listener, admin_state)
+        control.run(admin_listener, admin_address, admin_state)
     })
     .map_err(StartError::Runtime)?;
 
@@ -258,9 +276,17 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         work_stealing: false,
         grace_period_seconds: Some(options.drain_timeout.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: upgrade_socket.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade: options.take_over,
+        ..Default::default()
+    };
+    if options.take_over {
+        tracing::info!(socket = %upgrade_socket.display(), "waiting for the running proxy's sockets (send it SIGQUIT)");
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
@@ -284,8 +310,11 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     h2_options.max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX));
     proxy.h2_options = Some(h2_options);
     let admission = Admission::new(metrics.downstream.clone());
-    let front_door =
-        Arc::new(FrontDoor::new(proxy, admission).releasing_memory(options.release_memory));
+    let front_door = Arc::new(
+        FrontDoor::new(proxy, admission)
+            .releasing_memory(options.release_memory)
+            .draining_for(options.drain_timeout),
+    );
     // TLS is terminated per filter chain, after the listener filters chose it.
     let tls_acceptor = match &listener_certificates {
         Some(certificates) => Some(Arc::new(
@@ -340,6 +369,27 @@ fn listener_terminates_tls(listener: &crate::listener::ServedListener) -> bool {
         || listener.use_original_dst
 }
 
+/// How long a proxy taking over waits for the running one to free the admin port.
+const ADMIN_TAKE_OVER_WAIT: Duration = Duration::from_secs(120);
+
+/// Binds `address` as soon as the running proxy frees it (it does on SIGQUIT); `None` when
+/// it stays busy for [`ADMIN_TAKE_OVER_WAIT`].
+async fn bind_when_free(address: SocketAddr) -> Option<TcpListener> {
+    let deadline = Instant::now() + ADMIN_TAKE_OVER_WAIT;
+    loop {
+        match TcpListener::bind(address) {
+            Ok(listener) => return Some(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::error!(%address, "cannot bind the admin port: {e}");
+                return None;
+            }
+        }
+    }
+}
+
 /// The certificates a listener serves: its files, or the proxy's workload certificate.
 fn listener_certificate_set(
     tls: &crate::compile::TlsFiles,
@@ -370,15 +420,17 @@ fn plugin_cache_dir() -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
-/// SIGTERM: stop accepting and drain; SIGINT: stop now. SIGHUP is the control thread's.
+/// SIGTERM: stop accepting and drain; SIGQUIT: hand the listening sockets to a proxy
+/// taking over, then drain; SIGINT: stop now. SIGHUP is the control thread's.
 struct Signals;
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
         ) else {
             tracing::error!("cannot install signal handlers; the proxy will only stop when killed");
             return std::future::pending().await;
@@ -386,6 +438,7 @@ impl ShutdownSignalWatch for Signals {
         tokio::select! {
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         }
     }
 }
@@ -461,21 +514,38 @@ async fn next_swap(swapped: &mut Option<tokio::sync::mpsc::UnboundedReceiver<()>
 }
 
 impl Control {
-    async fn run(mut self, admin_listener: TcpListener, admin_state: AdminState) {
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(admin_listener, admin_state).await {
+    async fn run(
+        mut self,
+        admin_listener: Option<TcpListener>,
+        admin_address: SocketAddr,
+        admin_state: AdminState,
+    ) {
+        let admin = tokio::spawn(async move {
+            let listener = match admin_listener {
+                Some(listener) => listener,
+                None => match bind_when_free(admin_address).await {
+                    Some(listener) => listener,
+                    None => {
+                        tracing::error!(%admin_address, "the admin port stayed busy; this proxy runs without it");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = admin::serve(listener, admin_state).await {
                 tracing::error!("admin server stopped: {e}");
             }
         });
         self.health
             .reconcile(&self.snapshot.load().clusters, &self.metrics);
-        let (Ok(mut hangup), Ok(mut terminate)) = (
+        let (Ok(mut hangup), Ok(mut terminate), Ok(mut quit)) = (
             signal(SignalKind::hangup()),
             signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
         ) else {
-            tracing::error!("cannot install SIGHUP/SIGTERM handlers");
+            tracing::error!("cannot install SIGHUP/SIGTERM/SIGQUIT handlers");
             return;
         };
+        let mut admin = Some(admin);
         let mut watch = tokio::time::interval(self.watch_interval);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut outliers = OutlierSweeper::default();
@@ -533,6 +603,16 @@ impl Control {
                 }
                 _ = terminate.recv() => {
                     self.drain().await;
+                }
+                _ = quit.recv() => {
+                    // pingora hands the listening sockets to the proxy taking over, keeps
+                    // accepting a few seconds, then drains and exits; the admin port goes
+                    // to the new proxy now.
+                    tracing::info!("SIGQUIT: handing over to a new proxy, then draining");
+                    self.status.start_draining();
+                    if let Some(admin) = admin.take() {
+                        admin.abort();
+                    }
                 }
             }
         }

@@ -358,6 +358,32 @@ impl Proxy {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
 
+    /// A second `nip proxy` on the same config that takes this one's listening sockets
+    /// (`--take-over`), started now; it gets them when this one is sent SIGQUIT.
+    pub fn taking_over(&self) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("nip.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(nip_bin())
+            .args(["proxy", "--config"])
+            .arg(&self.config_path)
+            .args(["--threads", "2", "--drain-timeout", "10s", "--take-over"])
+            .env("NIP_LOG", "info")
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start nip proxy --take-over");
+        Proxy {
+            port: self.port,
+            admin_port: self.admin_port,
+            config_path: self.config_path.clone(),
+            dir,
+            log_path,
+            child: Some(child),
+        }
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }
@@ -672,6 +698,8 @@ pub fn assemblyscript_plugin() -> PathBuf {
 pub struct SteadyLoad {
     stop: Arc<AtomicBool>,
     failures: Arc<AtomicUsize>,
+    /// What the first failure was, for the assertion message.
+    pub first_failure: Arc<Mutex<Option<String>>>,
     tasks: Vec<tokio::task::JoinHandle<usize>>,
 }
 
@@ -679,19 +707,27 @@ impl SteadyLoad {
     pub fn start(url: &str, clients: usize) -> SteadyLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(AtomicUsize::new(0));
+        let first_failure = Arc::new(Mutex::new(None));
         let tasks = (0..clients)
             .map(|_| {
-                let (url, stop, failures) =
-                    (url.to_string(), Arc::clone(&stop), Arc::clone(&failures));
+                let (url, stop, failures, first) = (
+                    url.to_string(),
+                    Arc::clone(&stop),
+                    Arc::clone(&failures),
+                    Arc::clone(&first_failure),
+                );
                 tokio::spawn(async move {
                     let client = client();
                     let mut sent = 0;
                     while !stop.load(Ordering::SeqCst) {
-                        match client.get(&url).send().await {
-                            Ok(r) if r.status() == 200 => {}
-                            _ => {
-                                failures.fetch_add(1, Ordering::SeqCst);
-                            }
+                        let failure = match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => None,
+                            Ok(r) => Some(format!("status {}", r.status())),
+                            Err(e) => Some(format!("{e:?}")),
+                        };
+                        if let Some(failure) = failure {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                            first.lock().unwrap().get_or_insert(failure);
                         }
                         sent += 1;
                     }
@@ -702,6 +738,7 @@ impl SteadyLoad {
         SteadyLoad {
             stop,
             failures,
+            first_failure,
             tasks,
         }
     }

@@ -46,6 +46,8 @@ pub struct FrontDoor<SV> {
     proxy: Arc<HttpProxy<SV>>,
     admission: Arc<Admission>,
     release_memory: Option<fn()>,
+    /// How long open connections get to finish at shutdown (see [`FrontDoor::cleanup`]).
+    drain: std::time::Duration,
 }
 
 /// How often a worker thread whose connections closed gives memory back.
@@ -82,6 +84,7 @@ where
         FrontDoor {
             proxy: Arc::new(proxy),
             admission,
+            drain: std::time::Duration::ZERO,
             release_memory: None,
         }
     }
@@ -94,6 +97,12 @@ where
         limits: &DownstreamLimits,
     ) -> Option<super::admission::ConnectionSlot> {
         self.admission.try_admit(limits.connection_limit())
+    }
+
+    /// Open connections get up to `drain` at shutdown (see [`FrontDoor::cleanup`]).
+    pub fn draining_for(mut self, drain: std::time::Duration) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// With a way to give freed memory back to the OS (see `ProxyOptions`).
@@ -197,8 +206,16 @@ where
         None
     }
 
-    /// Pingora's cleanup of the proxy at shutdown.
+    /// Pingora's cleanup of the proxy at shutdown, once the connections are gone or the
+    /// drain is over. Pingora's cleanup aborts the reads of idle keep-alive connections, so
+    /// a client that sends its next request on one at that moment loses it; until then
+    /// such a request is answered (with `Connection: close`), so a client in use moves on
+    /// without a failure (an upgrade hands the sockets over, then shuts down).
     pub async fn cleanup(&self) {
+        let deadline = tokio::time::Instant::now() + self.drain;
+        while self.admission.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         ServerApp::cleanup(&*self.proxy).await;
     }
 }
