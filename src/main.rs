@@ -4,6 +4,7 @@
 
 mod demo;
 mod iptables;
+mod kubernetes;
 mod remote;
 
 use clap::{Parser, Subcommand};
@@ -150,6 +151,27 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Add the NIP sidecar to the pods of Kubernetes manifests (Pods, Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs), as `linkerd inject --manual`
+    /// does; prints the manifests. The control plane's admission webhook does the same.
+    Inject {
+        /// The manifests (YAML, several documents), or - for standard input.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// The NIP image of the init step and the proxy.
+        #[arg(long, default_value = concat!("nip:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+    },
+    /// Wait until a proxy's admin port says it is ready: a pod's postStart hook, so the
+    /// application's containers start once the sidecar serves.
+    WaitReady {
+        /// The proxy's admin address.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Check a config file; print every problem with its field path.
     Validate {
         /// The v4 YAML config.
@@ -238,6 +260,9 @@ struct ControlPlaneArgs {
     /// A DNS name or IP proxies reach the xDS port by (repeat; its bind IP is added).
     #[arg(long = "server-name", default_value = "localhost")]
     server_names: Vec<String>,
+    /// The image the admission webhook (`POST /v1/inject`) puts in pods.
+    #[arg(long, default_value = concat!("nip:", env!("CARGO_PKG_VERSION")))]
+    inject_image: String,
     /// Serve the xDS port and the REST API without TLS, and ADS to anyone without a
     /// certificate (development only).
     #[arg(long)]
@@ -281,6 +306,7 @@ impl ControlPlaneArgs {
             ca_bundle,
             certificate_lifetime,
             server_names,
+            inject_image,
             plaintext,
             oidc_issuer,
             oidc_audience,
@@ -320,6 +346,10 @@ impl ControlPlaneArgs {
                 },
                 server_names,
             }),
+            inject: nip_control_plane::inject::InjectSettings {
+                image: inject_image,
+                ..Default::default()
+            },
         }
     }
 }
@@ -672,6 +702,8 @@ fn main() -> ExitCode {
             TokenAction::Revoke { name } => remote::token_revoke(&remote, &name),
         },
         Command::Validate { file, xds } => validate(&file, xds),
+        Command::Inject { file, image } => kubernetes::run_inject(&file, image),
+        Command::WaitReady { admin, timeout } => kubernetes::run_wait_ready(&admin, timeout),
         Command::Demo {
             port,
             admin_port,
@@ -741,6 +773,7 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
             },
             server_names: vec!["localhost".into()],
         }),
+        inject: nip_control_plane::inject::InjectSettings::default(),
     };
     let control_plane = std::thread::Builder::new()
         .name("nip-demo-control-plane".into())

@@ -7,6 +7,7 @@ mod common;
 
 mod control_plane;
 mod data_plane;
+mod deploy;
 mod examples;
 mod front_door;
 mod gateway;

@@ -41,7 +41,11 @@ pub const DEFAULT_CANARY_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CANARY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every route of the API, behind the authentication and role check.
-pub fn router(service: Arc<ConfigService>, auth: Authenticator) -> Router {
+pub fn router(
+    service: Arc<ConfigService>,
+    auth: Authenticator,
+    inject: crate::inject::InjectSettings,
+) -> Router {
     Router::new()
         .route("/v1/config", get(current_config).post(apply_config))
         .route("/v1/validate", post(validate_config))
@@ -59,6 +63,8 @@ pub fn router(service: Arc<ConfigService>, auth: Authenticator) -> Router {
                 .delete(clear_plugin_signing),
         )
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/inject", post(inject_webhook))
+        .layer(Extension(Arc::new(inject)))
         .with_state(service)
         .layer(middleware::from_fn_with_state(auth, authorize))
 }
@@ -70,6 +76,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let path = path.trim_end_matches('/');
     match (method.as_str(), path) {
         ("GET", "/v1/openapi.json") => None,
+        // The admission webhook changes nothing here: it answers with a patch of the pod
+        // it is given (the apiserver calls it without an API token).
+        ("POST", "/v1/inject") => None,
         (_, "/v1/tokens") => Some(Role::Admin),
         (_, p) if p.starts_with("/v1/tokens/") => Some(Role::Admin),
         ("POST", "/v1/config") => Some(Role::Operator),
@@ -824,6 +833,28 @@ async fn clear_plugin_signing(
     }
     service.sync().await?;
     Ok(Json(json!({ "tenant": tenant, "required": false })))
+}
+
+/// The mutating admission webhook: an `AdmissionReview` of a pod in, the same review
+/// answered (allowed, with the patch that adds the sidecar) out.
+async fn inject_webhook(
+    Extension(settings): Extension<Arc<crate::inject::InjectSettings>>,
+    body: Bytes,
+) -> Response {
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(review) => review,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("not an AdmissionReview: {e}"),
+            )
+            .into_response()
+        }
+    };
+    match crate::inject::review(&review, &settings) {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -25,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod https;
+pub mod inject;
 pub mod oidc;
 pub mod service;
 pub mod store;
@@ -64,6 +65,8 @@ pub struct ControlPlaneOptions {
     /// Workload identity: the CA and the names the xDS port and the REST API answer to
     /// over TLS. `None` serves both in plaintext (`--plaintext`, development only).
     pub identity: Option<IdentityOptions>,
+    /// What the admission webhook injects (`POST /v1/inject`).
+    pub inject: inject::InjectSettings,
 }
 
 /// The control plane as a certificate authority, and how its xDS port is named.
@@ -259,7 +262,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         store = %store::redact(&options.store),
         "nip control plane serving ADS and the REST API"
     );
-    let router = api::router(Arc::clone(&service), authenticator);
+    let router = api::router(Arc::clone(&service), authenticator, options.inject.clone());
     match &issuer {
         Some((_, serving)) => {
             let config =
