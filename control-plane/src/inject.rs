@@ -215,7 +215,8 @@ fn init_container(settings: &InjectSettings) -> Value {
             "runAsUser": 0,
             "runAsNonRoot": false,
             "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
+            // iptables takes its lock in /run/xtables.lock.
+            "readOnlyRootFilesystem": false,
             "capabilities": { "add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"] }
         },
         "resources": {
