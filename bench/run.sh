@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
 # bench/bench.py, which writes bench/RESULTS.md (~10 minutes with RUNS=3), then
-# bench/mtls.py (mutual TLS between two proxies), bench/xds-scale, which adds the
+# bench/mtls.py (mutual TLS between two proxies), bench/sidecar.py (two sidecars),
+# bench/xds-scale, which adds the
 # control-plane section to it (~1 minute), and
 # bench/multi-region, which adds the multi-region routing section (~6 minutes).
 set -euo pipefail
@@ -11,6 +12,11 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=(libnginx-mod-stream)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables-legacy >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo_cmd=(); [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
     "${sudo_cmd[@]}" apt-get update -qq
@@ -18,6 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     # Debian starts the packaged services; the benchmark runs its own.
     pkill -x nginx 2>/dev/null || true
     pkill -x haproxy 2>/dev/null || true
+    pkill -x redis-server 2>/dev/null || true
 fi
 command -v oha >/dev/null || cargo install --locked oha
 rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -28,6 +35,9 @@ python3 bench/bench.py "$@"
 python3 bench/crowd.py
 # Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).
 python3 bench/mtls.py
+# Two sidecars against a direct path and nginx, HTTP and TCP, in network namespaces
+# (~3 minutes; needs root).
+python3 bench/sidecar.py
 # The control plane at scale: apply → ACK over 100 proxies, memory at 1k/10k streams.
 ulimit -n 65536 2>/dev/null || true
 target/release/nip-bench-xds target/release/nip bench/RESULTS.md
