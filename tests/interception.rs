@@ -519,7 +519,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
     // Both sidecars run the same short form; the client's routes name the server.
     std::fs::write(
         path("sidecar.yaml"),
-        "admin: { address: \"127.0.0.1:15020\" }\nsidecar: {}\nservices:\n  server: { endpoints: [\"10.98.0.2:8080\"] }\nroutes:\n  - { match: { host: server.mesh }, service: server }\n",
+        "admin: { address: \"127.0.0.1:15020\" }\nsidecar: {}\nservices:\n  server: { endpoints: [\"10.98.0.2:8080\"], addresses: [\"10.98.0.100:80\"] }\n  cache: { endpoints: [\"10.98.0.2:6379\"], addresses: [\"10.98.0.101:6379\"] }\nroutes:\n  - { match: { host: server.mesh }, service: server }\n",
     )
     .unwrap();
     share(&path("sidecar.yaml"), 0o644);
@@ -689,6 +689,22 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
         1.0
     );
+    // A service's own address (a ClusterIP, where nothing listens): the client sidecar
+    // sends HTTP to the service, and redis balanced over its endpoints as TCP.
+    let (ok, body) = http_get(&[], "http://10.98.0.100/");
+    assert!(
+        ok && body.contains("from the server pod"),
+        "{body}\n{}",
+        logs()
+    );
+    assert_eq!(requests(&client.sidecar_metrics(), "server"), 2.0);
+    let (ok, pong) = client.run_as(APP_UID, "redis-cli", &["-h", "10.98.0.101", "PING"]);
+    assert!(ok && pong.contains("PONG"), "{pong}\n{}", logs());
+    assert_eq!(tcp(&client.sidecar_metrics(), "outbound_cache_tcp"), 1.0);
+    assert_eq!(
+        tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
+        2.0
+    );
     // TLS passes untouched: the application verifies the server's own certificate.
     let (ok, page) = tls_get();
     assert!(ok, "{page}\n{}", logs());
@@ -698,7 +714,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
     );
     assert_eq!(
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
-        2.0
+        3.0
     );
 
     // Without the rules, traffic goes direct again and the sidecars see none of it.

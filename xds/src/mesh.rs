@@ -189,10 +189,12 @@ pub fn reach_members_over_mtls(
             Some((*ip, id.to_string()))
         })
         .collect();
+    // A sidecar's tcp_proxy clusters stay plaintext (see translate::tcp_cluster_name).
     let eligible: std::collections::BTreeSet<String> = resources
         .clusters
         .iter()
         .filter(|c| c.transport_socket.is_none() && c.transport_socket_matches.is_empty())
+        .filter(|c| !crate::translate::is_tcp_cluster(&c.name))
         .map(|c| c.name.clone())
         .collect();
     let mut identities: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -357,7 +359,7 @@ mod tests {
     #[test]
     fn sidecars_are_reached_as_members_at_any_port_with_the_mesh_server_name() {
         let mut set = resources(
-            "sidecar: { mesh: true }\nservices:\n  a: { endpoints: [\"10.0.0.1:8080\", \"10.0.0.1:6379\", \"10.0.0.2:8080\"] }\nroutes:\n  - { service: a }\n",
+            "sidecar: { mesh: true }\nservices:\n  a: { endpoints: [\"10.0.0.1:8080\", \"10.0.0.1:6379\", \"10.0.0.2:8080\"], addresses: [\"10.96.0.1:80\"] }\nroutes:\n  - { service: a }\n",
         );
         assert_eq!(mesh_ports(&set), Some(MeshPorts::Sidecar));
         let members = [("n1".to_string(), "10.0.0.1".parse().unwrap())].into();
@@ -366,6 +368,9 @@ mod tests {
         assert_eq!(identity_of(&set, "a", 0).as_deref(), n1);
         assert_eq!(identity_of(&set, "a", 1).as_deref(), n1);
         assert_eq!(identity_of(&set, "a", 2), None, "not a member");
+        // The plaintext cluster the sidecar's tcp_proxy uses for a's address stays so.
+        let tcp = crate::translate::tcp_cluster_name("a");
+        assert_eq!(identity_of(&set, &tcp, 0), None);
         let a = set.clusters.iter().find(|c| c.name == "a").unwrap();
         let socket = a.transport_socket_matches[0]
             .transport_socket

@@ -162,12 +162,14 @@ pub fn translate(config: &Config) -> Translation {
                     .as_ref()
                     .map(|_| sidecar::passthrough_cluster()),
             )
+            .chain(sidecar::tcp_clusters(config))
             .collect(),
         endpoints: config
             .services
             .iter()
             .filter(|(_, service)| !service.original_destination)
             .map(|(name, service)| load_assignment(name, service))
+            .chain(sidecar::tcp_assignments(config))
             .collect(),
         // The control plane adds the mesh's trust bundle; a file config has no secrets.
         secrets: Vec::new(),
@@ -1577,7 +1579,9 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
 }
 
 mod sidecar;
-pub use sidecar::{SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH};
+pub use sidecar::{
+    is_tcp_cluster, tcp_cluster_name, SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH,
+};
 
 #[cfg(test)]
 mod tests;

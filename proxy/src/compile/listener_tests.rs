@@ -408,3 +408,51 @@ fn a_mesh_sidecar_takes_mesh_tls_by_its_server_name_with_the_workload_certificat
         inbound.chains[1].http_manager().unwrap()
     ));
 }
+
+#[test]
+fn a_services_addresses_become_outbound_chains_to_the_service() {
+    let t = translate(
+        &Config::from_yaml(
+            "sidecar: {}\nservices:\n  web: { endpoints: [\"10.0.0.2:8080\"], addresses: [\"10.96.0.10:80\"] }\n  db: { endpoints: [\"10.0.0.3:5432\"], addresses: [\"10.96.0.11:5432\"] }\n",
+        )
+        .expect("valid"),
+    );
+    let snapshot = compile(&t).expect("compiles");
+    let outbound = snapshot
+        .listeners
+        .by_name(nip_xds::translate::SIDECAR_OUTBOUND)
+        .unwrap();
+    let facts = |destination: &str, detected: &crate::listener::inspect::Detected| {
+        let destination: std::net::SocketAddr = destination.parse().unwrap();
+        let (_, chain) = outbound
+            .choose(&crate::listener::chains::ConnectionFacts {
+                destination,
+                source: "10.0.0.9:4000".parse().unwrap(),
+                detected,
+            })
+            .expect("a chain");
+        match &chain.action {
+            ChainAction::Http { manager, .. } => format!("http {}", manager.stat_prefix),
+            ChainAction::Tcp(tcp) => format!("tcp {}", tcp.cluster.name),
+        }
+    };
+    let http = crate::listener::inspect::Detected {
+        application_protocols: vec!["http/1.1".into()],
+        ..Default::default()
+    };
+    let opaque = crate::listener::inspect::Detected::default();
+    let tls = crate::listener::inspect::Detected {
+        tls: true,
+        ..Default::default()
+    };
+    assert_eq!(facts("10.96.0.10:80", &http), "http outbound_web");
+    assert_eq!(facts("10.96.0.10:80", &opaque), "tcp tcp|web");
+    assert_eq!(facts("10.96.0.10:80", &tls), "tcp tcp|web");
+    assert_eq!(facts("10.96.0.11:5432", &opaque), "tcp tcp|db");
+    // Elsewhere: the config's routes for HTTP, the original destination for the rest.
+    assert_eq!(
+        facts("10.1.2.3:80", &http),
+        format!("http {}", nip_xds::resources::GATEWAY_LISTENER)
+    );
+    assert_eq!(facts("10.1.2.3:80", &opaque), "tcp sidecar_passthrough");
+}

@@ -405,6 +405,12 @@ pub struct ServiceConfig {
     /// sidecar's pass-through).
     #[serde(default)]
     pub original_destination: bool,
+    /// The addresses clients reach the service by (`ip:port`: a Kubernetes ClusterIP and
+    /// port, Istio's ServiceEntry addresses). A sidecar sends connections redirected from
+    /// one of them to the service itself: HTTP with its routes' retries and balancing (and
+    /// mesh mutual TLS to meshed endpoints), anything else balanced as TCP.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// TLS to the endpoints (Envoy's `UpstreamTlsContext`).
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,

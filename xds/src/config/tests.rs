@@ -338,3 +338,27 @@ fn sidecar_ports_and_timeouts_are_checked_by_field() {
     }
     assert!(Config::from_yaml("sidecar: {}\n").is_ok());
 }
+
+#[test]
+fn service_addresses_are_checked_and_need_a_sidecar() {
+    let errors = errors_of(
+        "services:\n  a: { endpoints: [\"10.0.0.1:80\"], addresses: [\"10.96.0.1:80\"] }\n",
+    )
+    .join("\n");
+    assert!(
+        errors.contains("services.a.addresses: only a sidecar"),
+        "{errors}"
+    );
+    let errors = errors_of(
+        "sidecar: {}\nservices:\n  a: { endpoints: [\"10.0.0.1:80\"], addresses: [\"nope\", \"10.96.0.1:80\"] }\n  b: { endpoints: [\"10.0.0.2:80\"], addresses: [\"10.96.0.1:80\"] }\n",
+    )
+    .join("\n");
+    assert!(
+        errors.contains("services.a.addresses[0]: \"nope\" is not an ip:port"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("services.b.addresses: 10.96.0.1:80 is also services.a's"),
+        "{errors}"
+    );
+}

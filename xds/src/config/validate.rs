@@ -62,6 +62,14 @@ fn validate_client_limits(config: &Config, errors: &mut Errors) {
 /// The sidecar short form's rules.
 fn validate_sidecar(config: &Config, errors: &mut Errors) {
     let Some(sidecar) = &config.sidecar else {
+        for (name, service) in &config.services {
+            if !service.addresses.is_empty() {
+                errors.add(
+                    format!("services.{name}.addresses"),
+                    "only a sidecar takes connections to a service's addresses (`sidecar:` is not set)",
+                );
+            }
+        }
         return;
     };
     for (field, port) in [
@@ -76,6 +84,17 @@ fn validate_sidecar(config: &Config, errors: &mut Errors) {
                 format!("sidecar.{field}"),
                 format!("port {port} is already used by admin.address"),
             );
+        }
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for (name, service) in &config.services {
+        for address in &service.addresses {
+            if let Some(other) = seen.insert(address.clone(), name.clone()) {
+                errors.add(
+                    format!("services.{name}.addresses"),
+                    format!("{address} is also services.{other}'s"),
+                );
+            }
         }
     }
     if sidecar.outbound_port == sidecar.inbound_port {
@@ -352,6 +371,20 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
 
 fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
     let path = format!("services.{name}");
+    for (i, address) in service.addresses.iter().enumerate() {
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            errors.add(
+                format!("{path}.addresses[{i}]"),
+                format!("{address:?} is not an ip:port"),
+            );
+        }
+    }
+    if !service.addresses.is_empty() && service.original_destination {
+        errors.add(
+            format!("{path}.addresses"),
+            "original_destination: each request goes where its connection was going",
+        );
+    }
     if service.original_destination {
         for (field, set) in [
             ("endpoints", !service.endpoints.is_empty()),

@@ -12,13 +12,15 @@
 //! ```
 
 use super::{
-    gateway_connection_manager, listener_metadata, pack_any, pb_duration, router_filter,
-    socket_address, ServiceConfig,
+    gateway_connection_manager, listener_metadata, load_assignment, pack_any, pb_duration,
+    router_filter, socket_address, ServiceConfig,
 };
 use crate::config::{Config, SidecarConfig};
 use crate::resources::names;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
@@ -29,8 +31,10 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::protobuf::UInt32Value;
 
 /// The sidecar's cluster of where each connection was going before it was redirected.
 pub const SIDECAR_PASSTHROUGH: &str = "sidecar_passthrough";
@@ -62,50 +66,198 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
             ..Default::default()
         },
     ));
-    vec![
-        Listener {
-            metadata: listener_metadata(config),
-            ..intercepting(
-                SIDECAR_OUTBOUND,
-                sidecar.outbound_port,
-                sidecar,
-                TrafficDirection::Outbound,
-                pack_any(outbound_http),
-            )
-        },
-        {
-            let inbound_http = pack_any(inbound_http);
-            let mut inbound = intercepting(
-                SIDECAR_INBOUND,
-                sidecar.inbound_port,
-                sidecar,
-                TrafficDirection::Inbound,
-                inbound_http.clone(),
-            );
-            if sidecar.mesh {
-                // Mesh mutual TLS from a meshed peer, told apart from an application's own
-                // TLS by its server name; then the same way in as plaintext HTTP.
-                inbound.filter_chains.insert(
-                    0,
-                    FilterChain {
-                        name: "mesh".to_string(),
-                        filter_chain_match: Some(FilterChainMatch {
-                            transport_protocol: "tls".to_string(),
-                            server_names: vec![crate::mesh::MESH_SNI.to_string()],
-                            ..Default::default()
-                        }),
-                        filters: vec![Filter {
-                            name: names::HTTP_CONNECTION_MANAGER.to_string(),
-                            config_type: Some(filter::ConfigType::TypedConfig(inbound_http)),
-                        }],
-                        transport_socket: Some(crate::mesh::downstream_tls()),
-                        ..Default::default()
-                    },
-                );
+    let mut outbound = Listener {
+        metadata: listener_metadata(config),
+        ..intercepting(
+            SIDECAR_OUTBOUND,
+            sidecar.outbound_port,
+            sidecar,
+            TrafficDirection::Outbound,
+            pack_any(outbound_http.clone()),
+        )
+    };
+    // Connections to a service's own addresses go to the service, whatever their Host.
+    let mut ports = std::collections::BTreeSet::new();
+    for (name, service) in &config.services {
+        for address in &service.addresses {
+            let Ok(address) = address.parse::<std::net::SocketAddr>() else {
+                continue;
+            };
+            ports.insert(address.port());
+            outbound
+                .filter_chains
+                .extend(service_chains(name, address, &outbound_http));
+        }
+    }
+    // Other destinations on those ports: a chain naming the port outranks every chain that
+    // does not, and matching never backtracks, so each port needs its own HTTP chain (what
+    // is not HTTP goes on to the default chain, through).
+    if let Some(http) = outbound.filter_chains.first().cloned() {
+        for port in ports {
+            let mut on_port = http.clone();
+            on_port.name = format!("http :{port}");
+            if let Some(matching) = on_port.filter_chain_match.as_mut() {
+                matching.destination_port = Some(UInt32Value {
+                    value: u32::from(port),
+                });
             }
-            inbound
+            outbound.filter_chains.push(on_port);
+        }
+    }
+    vec![outbound, {
+        let inbound_http = pack_any(inbound_http);
+        let mut inbound = intercepting(
+            SIDECAR_INBOUND,
+            sidecar.inbound_port,
+            sidecar,
+            TrafficDirection::Inbound,
+            inbound_http.clone(),
+        );
+        if sidecar.mesh {
+            // Mesh mutual TLS from a meshed peer, told apart from an application's own
+            // TLS by its server name; then the same way in as plaintext HTTP.
+            inbound.filter_chains.insert(
+                0,
+                FilterChain {
+                    name: "mesh".to_string(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        transport_protocol: "tls".to_string(),
+                        server_names: vec![crate::mesh::MESH_SNI.to_string()],
+                        ..Default::default()
+                    }),
+                    filters: vec![Filter {
+                        name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                        config_type: Some(filter::ConfigType::TypedConfig(inbound_http)),
+                    }],
+                    transport_socket: Some(crate::mesh::downstream_tls()),
+                    ..Default::default()
+                },
+            );
+        }
+        inbound
+    }]
+}
+
+/// The name of the plaintext cluster `tcp_proxy` chains reach service `name` by: mesh
+/// mutual TLS is for its HTTP (the `tcp_proxy` filter does not originate TLS), so the
+/// control plane leaves this one plaintext.
+pub fn tcp_cluster_name(name: &str) -> String {
+    format!("tcp|{name}")
+}
+
+/// Whether `cluster` is one of [`tcp_cluster_name`]'s.
+pub fn is_tcp_cluster(cluster: &str) -> bool {
+    cluster.starts_with("tcp|")
+}
+
+/// The clusters of [`tcp_cluster_name`]: one per service with addresses, in sidecar mode.
+pub(super) fn tcp_clusters(config: &Config) -> Vec<Cluster> {
+    with_addresses(config)
+        .map(|(name, service)| super::cluster(&tcp_cluster_name(name), service))
+        .collect()
+}
+
+/// Their endpoints.
+pub(super) fn tcp_assignments(config: &Config) -> Vec<ClusterLoadAssignment> {
+    with_addresses(config)
+        .map(|(name, service)| load_assignment(&tcp_cluster_name(name), service))
+        .collect()
+}
+
+fn with_addresses(config: &Config) -> impl Iterator<Item = (&String, &ServiceConfig)> {
+    config
+        .services
+        .iter()
+        .filter(move |(_, s)| config.sidecar.is_some() && !s.addresses.is_empty())
+}
+
+/// The outbound chains of one of a service's addresses: plaintext HTTP to a connection
+/// manager routing to the service, other plaintext and TLS balanced over its endpoints as
+/// TCP. (All three name the transport protocol: without it a plaintext connection that is
+/// not HTTP would stop at the HTTP chain, as Envoy's matching never backtracks.)
+fn service_chains(
+    name: &str,
+    address: std::net::SocketAddr,
+    template: &HttpConnectionManager,
+) -> Vec<FilterChain> {
+    let matching = |transport: &str, http: bool| FilterChainMatch {
+        destination_port: Some(UInt32Value {
+            value: u32::from(address.port()),
+        }),
+        prefix_ranges: vec![CidrRange {
+            address_prefix: address.ip().to_string(),
+            prefix_len: Some(UInt32Value {
+                value: if address.is_ipv4() { 32 } else { 128 },
+            }),
+        }],
+        transport_protocol: transport.to_string(),
+        application_protocols: if http {
+            HTTP_PROTOCOLS.iter().map(|p| p.to_string()).collect()
+        } else {
+            Vec::new()
         },
+        ..Default::default()
+    };
+    let mut http = template.clone();
+    http.stat_prefix = format!("outbound_{name}");
+    http.route_specifier = Some(http_connection_manager::RouteSpecifier::RouteConfig(
+        RouteConfiguration {
+            name: format!("outbound_{name}"),
+            virtual_hosts: vec![VirtualHost {
+                name: name.to_string(),
+                domains: vec!["*".to_string()],
+                routes: vec![Route {
+                    name: name.to_string(),
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            name.to_string(),
+                        )),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ));
+    let tcp = |transport: &str| FilterChain {
+        name: format!("{name} {address} {transport}"),
+        filter_chain_match: Some(matching(transport, false)),
+        filters: vec![tcp_proxy_filter(
+            &format!("outbound_{name}_tcp"),
+            &tcp_cluster_name(name),
+        )],
+        ..Default::default()
+    };
+    vec![
+        FilterChain {
+            name: format!("{name} {address} http"),
+            filter_chain_match: Some(matching("raw_buffer", true)),
+            filters: vec![Filter {
+                name: names::HTTP_CONNECTION_MANAGER.to_string(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(http))),
+            }],
+            ..Default::default()
+        },
+        tcp("raw_buffer"),
+        tcp("tls"),
     ]
+}
+
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
+            stat_prefix: stat_prefix.to_string(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+            ..Default::default()
+        }))),
+    }
 }
 
 /// A listener for redirected connections: HTTP to `http` (a packed connection manager),
@@ -156,16 +308,10 @@ fn intercepting(
         }],
         default_filter_chain: Some(FilterChain {
             name: "passthrough".to_string(),
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".to_string(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
-                    stat_prefix: format!("{name}_passthrough"),
-                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
-                        SIDECAR_PASSTHROUGH.to_string(),
-                    )),
-                    ..Default::default()
-                }))),
-            }],
+            filters: vec![tcp_proxy_filter(
+                &format!("{name}_passthrough"),
+                SIDECAR_PASSTHROUGH,
+            )],
             ..Default::default()
         }),
         ..Default::default()
