@@ -711,6 +711,34 @@ routes:
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_the_listener_keeps_the_bound_port_serving_until_restart() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let config = |backend: &Backend, port: &str| {
+        format!(
+            "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{port}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - service: web\n",
+            backend.address
+        )
+    };
+    let proxy = Proxy::start(&config(&a, "{port}")).await;
+    let version = proxy.version().await;
+    // The new config names another port (and another backend): the bound socket keeps
+    // serving, with the new routes, and the log says the move waits for a restart.
+    proxy.rewrite_config(&config(&b, &free_port().to_string()));
+    proxy.wait_version_change(&version).await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "b");
+    assert!(
+        proxy
+            .log()
+            .contains("listener addresses or TLS settings changed"),
+        "{}",
+        proxy.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_log_writes_one_json_line_per_request() {
     let backend = Backend::start("web").await;

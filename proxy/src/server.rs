@@ -329,6 +329,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     for listener in listeners.bound() {
         let app = Dispatch::new(
             listener.address,
+            Arc::clone(&listener.name),
             Arc::clone(&current),
             Arc::clone(&front_door),
             tls_acceptor.clone(),

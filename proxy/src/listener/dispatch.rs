@@ -26,6 +26,9 @@ pub type CurrentListeners = Arc<dyn Fn() -> Arc<Listeners> + Send + Sync>;
 pub struct Dispatch<SV> {
     /// The address this socket is bound to: its listener is the bound one there.
     bound: SocketAddr,
+    /// The listener's name when the socket was bound: a reload that moves the listener
+    /// elsewhere leaves this socket serving it until the restart that rebinds.
+    name: Arc<str>,
     current: CurrentListeners,
     http: Arc<FrontDoor<SV>>,
     /// TLS for HTTP chains that have it (`None`: the proxy has no listener TLS).
@@ -33,15 +36,17 @@ pub struct Dispatch<SV> {
 }
 
 impl<SV> Dispatch<SV> {
-    /// The app for the listener bound to `bound`, sharing the front door `http`.
+    /// The app for listener `name` bound to `bound`, sharing the front door `http`.
     pub fn new(
         bound: SocketAddr,
+        name: Arc<str>,
         current: CurrentListeners,
         http: Arc<FrontDoor<SV>>,
         tls: Option<Arc<Acceptor>>,
     ) -> Self {
         Dispatch {
             bound,
+            name,
             current,
             http,
             tls,
@@ -155,7 +160,9 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let listeners = (self.current)();
-        let mut listener = listeners.bound_at(self.bound)?;
+        let mut listener = listeners
+            .bound_at(self.bound)
+            .or_else(|| listeners.by_name(&self.name))?;
         let Some((local, peer, original)) = addresses(&stream) else {
             tracing::debug!(listener = %listener.name, "a connection without socket addresses");
             return None;
