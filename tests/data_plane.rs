@@ -739,6 +739,131 @@ async fn a_reload_that_moves_the_listener_keeps_the_bound_port_serving_until_res
     );
 }
 
+/// A TCP server that echoes what it reads.
+async fn echo_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connect_tunnels_to_its_routes_service_and_other_requests_route_as_before() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("web").await;
+    let echo = echo_server().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  db: {{ endpoints: ["{echo}"] }}
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - {{ name: tunnel, match: {{ connect: true, host: db.internal }}, service: db }}
+  - {{ service: web }}
+"#,
+        backend.address
+    ))
+    .await;
+    let exchange = |request: &'static str| {
+        let port = proxy.port;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = vec![0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+                .await
+                .expect("an answer")
+                .unwrap();
+            answer.truncate(n);
+            (stream, String::from_utf8_lossy(&answer).to_string())
+        }
+    };
+    // A CONNECT to the route's host: 200, then the bytes go to the service and back.
+    let (mut tunnel, answer) =
+        exchange("CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n").await;
+    assert_eq!(answer, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    tunnel.write_all(b"through the tunnel").await.unwrap();
+    let mut echoed = [0u8; 18];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"through the tunnel");
+    // A host no CONNECT route names: 404 and closed.
+    let (_, answer) =
+        exchange("CONNECT elsewhere.internal:22 HTTP/1.1\r\nHost: elsewhere.internal:22\r\n\r\n")
+            .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // Other requests route as before, and a CONNECT may follow one on the same connection.
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.headers()["x-backend"], "web");
+    let (mut keep_alive, answer) = exchange("GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    keep_alive
+        .write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal\r\n\r\nearly bytes")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("early bytes") {
+        let n = tokio::time::timeout(Duration::from_secs(5), keep_alive.read(&mut buf))
+            .await
+            .expect("the tunnel answers")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200 Connection Established"));
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "nip_requests_total",
+            &[("route", "tunnel"), ("status_class", "2xx")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_where_no_route_takes_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - service: web\n",
+        backend.address
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"CONNECT web:80 HTTP/1.1\r\nHost: web:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert_eq!(backend.requests(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_log_writes_one_json_line_per_request() {
     let backend = Backend::start("web").await;

@@ -203,6 +203,9 @@ pub fn translate(config: &Config) -> Translation {
     }
 }
 
+/// Envoy's upgrade type of CONNECT tunnels.
+pub const CONNECT_UPGRADE: &str = "CONNECT";
+
 /// Blocks the v4 format defines whose runtime has not landed yet. They are validated and
 /// kept, never silently dropped: the proxy logs these and `nip validate` prints them.
 fn not_applied(config: &Config) -> Vec<String> {
@@ -372,6 +375,14 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
             .chain(std::iter::once(router_filter()))
             .collect(),
         access_log,
+        upgrade_configs: if config.routes.iter().any(|r| r.matcher.connect) {
+            vec![http_connection_manager::UpgradeConfig {
+                upgrade_type: CONNECT_UPGRADE.to_string(),
+                ..Default::default()
+            }]
+        } else {
+            Vec::new()
+        },
         generate_request_id: Some(pbuf::BoolValue { value: true }),
         request_headers_timeout: Some(pb_duration(
             gateway
@@ -717,7 +728,9 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
 /// own `locality` is pinned there).
 fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -> Route {
     let m = &route.matcher;
-    let path_specifier = if let Some(path) = &m.path {
+    let path_specifier = if m.connect {
+        route_match::PathSpecifier::ConnectMatcher(route_match::ConnectMatcher {})
+    } else if let Some(path) = &m.path {
         route_match::PathSpecifier::Path(path.clone())
     } else if let Some(regex) = &m.path_regex {
         route_match::PathSpecifier::SafeRegex(RegexMatcher {
@@ -843,6 +856,16 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
             retry_policy,
             idle_timeout: route.idle_timeout.map(|d| pb_duration(d.into())),
             hash_policy: route.hash_policy.iter().map(hash_policy).collect(),
+            // A CONNECT route terminates the tunnel here and relays its bytes as TCP.
+            upgrade_configs: if m.connect {
+                vec![route_action::UpgradeConfig {
+                    upgrade_type: CONNECT_UPGRADE.to_string(),
+                    connect_config: Some(route_action::upgrade_config::ConnectConfig::default()),
+                    ..Default::default()
+                }]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         })
     };

@@ -93,7 +93,12 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "stream_idle_timeout",
             "max_request_headers_kb",
             "generate_request_id",
+            "upgrade_configs",
         ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        &["upgrade_type", "enabled"],
     ),
     (
         "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
@@ -241,7 +246,14 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.route.v3.RouteMatch",
-        &["prefix", "path", "safe_regex", "headers", "case_sensitive"],
+        &[
+            "prefix",
+            "path",
+            "safe_regex",
+            "connect_matcher",
+            "headers",
+            "case_sensitive",
+        ],
     ),
     (
         "envoy.config.route.v3.HeaderMatcher",
@@ -285,7 +297,16 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "regex_rewrite",
             "host_rewrite_literal",
             "auto_host_rewrite",
+            "upgrade_configs",
         ],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig",
+        &["upgrade_type", "enabled", "connect_config"],
+    ),
+    (
+        "envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig",
+        &[],
     ),
     ("envoy.config.route.v3.WeightedCluster", &["clusters"]),
     (

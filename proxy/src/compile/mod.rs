@@ -197,6 +197,21 @@ impl Compiler<'_> {
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
         let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
             .unwrap_or(http_connection_manager::CodecType::Auto);
+        let mut allow_connect = false;
+        for (i, upgrade) in hcm.upgrade_configs.iter().enumerate() {
+            let enabled = upgrade.enabled.as_ref().is_none_or(|e| e.value);
+            if upgrade
+                .upgrade_type
+                .eq_ignore_ascii_case(nip_xds::translate::CONNECT_UPGRADE)
+            {
+                allow_connect |= enabled;
+            } else if !upgrade.upgrade_type.eq_ignore_ascii_case("websocket") {
+                return Err(fail(format!(
+                    "http_connection_manager.upgrade_configs[{i}]: upgrade type {:?} is not supported (CONNECT, websocket)",
+                    upgrade.upgrade_type
+                )));
+            }
+        }
         Ok(HttpManager {
             stat_prefix: hcm.stat_prefix.clone(),
             downstream,
@@ -204,6 +219,7 @@ impl Compiler<'_> {
             access_log,
             unrouted: self.metrics.request_counters("", ""),
             h2c: codec != http_connection_manager::CodecType::Http1,
+            allow_connect,
         })
     }
 
@@ -274,6 +290,7 @@ impl Compiler<'_> {
                 access_log: None,
                 unrouted: self.metrics.request_counters("", ""),
                 h2c: false,
+                allow_connect: false,
             }));
         }
         let plugins = &prepared.plugins;

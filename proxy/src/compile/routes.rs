@@ -122,9 +122,15 @@ impl Compiler<'_> {
             Some(route_match::PathSpecifier::SafeRegex(r)) => PathMatch::Regex(
                 full_match_regex(&r.regex).map_err(|e| format!("match.safe_regex: {e}"))?,
             ),
-            Some(_) => return Err("match: only prefix, path and safe_regex are supported".into()),
+            Some(route_match::PathSpecifier::ConnectMatcher(_)) => PathMatch::Connect,
+            Some(_) => {
+                return Err(
+                    "match: only prefix, path, safe_regex and connect_matcher are supported".into(),
+                )
+            }
             None => return Err("match needs a path specifier".into()),
         };
+        connect_upgrade(xds, matches!(path, PathMatch::Connect))?;
         if matcher.case_sensitive.as_ref().is_some_and(|c| !c.value) {
             return Err("match.case_sensitive=false is not supported".into());
         }
@@ -604,6 +610,7 @@ pub(super) fn prefix_rewrite(replacement: &str, path: &PathMatch) -> Result<Path
     let matched = match path {
         PathMatch::Prefix(prefix) | PathMatch::Exact(prefix) => prefix.clone(),
         PathMatch::Regex(_) => return Err("needs a prefix or path match, not a regex".into()),
+        PathMatch::Connect => return Err("a CONNECT request has no path to rewrite".into()),
     };
     if let Some(problem) = nip_xds::config::path_text_problem(replacement) {
         return Err(problem);
@@ -739,4 +746,50 @@ pub(super) fn full_match_regex(pattern: &str) -> Result<Regex, String> {
                 .join(" ")
         )
     })
+}
+
+/// A CONNECT route terminates the tunnel (its action's CONNECT `upgrade_configs` entry
+/// has a `connect_config`: NIP answers 200 and relays the bytes to the cluster as TCP);
+/// forwarding CONNECT to an upstream proxy is not supported, and other routes may not ask
+/// for CONNECT.
+fn connect_upgrade(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    connect_route: bool,
+) -> Result<(), String> {
+    let upgrades = match &xds.action {
+        Some(route::Action::Route(action)) => action.upgrade_configs.as_slice(),
+        _ if connect_route => {
+            return Err("a connect_matcher route needs a route action to a cluster".into())
+        }
+        _ => &[],
+    };
+    let mut terminates = false;
+    for (i, upgrade) in upgrades.iter().enumerate() {
+        let enabled = upgrade.enabled.as_ref().is_none_or(|e| e.value);
+        if upgrade
+            .upgrade_type
+            .eq_ignore_ascii_case(nip_xds::translate::CONNECT_UPGRADE)
+        {
+            if !connect_route {
+                return Err(format!(
+                    "route.upgrade_configs[{i}]: CONNECT on a route without connect_matcher"
+                ));
+            }
+            if enabled && upgrade.connect_config.is_none() {
+                return Err(format!(
+                    "route.upgrade_configs[{i}]: forwarding CONNECT to an upstream proxy is not supported; connect_config: {{}} terminates it here"
+                ));
+            }
+            terminates |= enabled;
+        } else if !upgrade.upgrade_type.eq_ignore_ascii_case("websocket") {
+            return Err(format!(
+                "route.upgrade_configs[{i}]: upgrade type {:?} is not supported (CONNECT, websocket)",
+                upgrade.upgrade_type
+            ));
+        }
+    }
+    if connect_route && !terminates {
+        return Err("a connect_matcher route needs route.upgrade_configs [{ upgrade_type: CONNECT, connect_config: {} }]".into());
+    }
+    Ok(())
 }

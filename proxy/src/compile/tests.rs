@@ -1074,3 +1074,45 @@ fn an_original_destination_service_is_an_original_dst_cluster_and_nothing_else_i
         "{invalid}"
     );
 }
+
+#[test]
+fn connect_routes_terminate_here_and_anything_else_is_refused_by_name() {
+    use envoy_types::pb::envoy::config::route::v3::route::Action;
+    let yaml = "services:\n  db: { endpoints: [\"127.0.0.1:5432\"] }\nroutes:\n  - { name: tunnel, match: { connect: true, host: db.internal }, service: db }\n";
+    let t = translated(yaml);
+    let snapshot = compile(&t).expect("compiles");
+    assert!(snapshot.primary_http().allow_connect);
+    let headers = http::HeaderMap::new();
+    let router = &snapshot.primary_http().router;
+    assert!(router
+        .route("db.internal:5432", "", &http::Method::CONNECT, &headers)
+        .is_some());
+    // A CONNECT route never takes other requests, nor another route CONNECT.
+    assert!(router
+        .route("db.internal", "/", &http::Method::GET, &headers)
+        .is_none());
+
+    fn route_action(t: &mut nip_xds::translate::Translation) -> &mut RouteAction {
+        let route = t.resources.routes[0]
+            .virtual_hosts
+            .iter_mut()
+            .flat_map(|v| v.routes.iter_mut())
+            .find(|r| r.name == "tunnel")
+            .unwrap();
+        match route.action.as_mut().unwrap() {
+            Action::Route(action) => action,
+            _ => panic!("a route action"),
+        }
+    }
+    let mut forwarding = translated(yaml);
+    route_action(&mut forwarding).upgrade_configs[0].connect_config = None;
+    let e = compile(&forwarding).unwrap_err().to_string();
+    assert!(
+        e.contains("forwarding CONNECT to an upstream proxy is not supported"),
+        "{e}"
+    );
+    let mut other = translated(yaml);
+    route_action(&mut other).upgrade_configs[0].upgrade_type = "h2c".into();
+    let e = compile(&other).unwrap_err().to_string();
+    assert!(e.contains("upgrade type \"h2c\" is not supported"), "{e}");
+}

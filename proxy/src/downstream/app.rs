@@ -25,6 +25,32 @@ use std::sync::Arc;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// How an HTTP/1.1 CONNECT request line starts.
+const CONNECT_PREFIX: &[u8] = b"CONNECT ";
+
+/// Opens the tunnels of HTTP/1.1 CONNECT requests (RFC 9110 §9.3.6) for a connection
+/// whose connection manager takes them: the front door reads the request head, asks for
+/// the upstream, answers 200 and relays the bytes both ways.
+#[async_trait::async_trait]
+pub trait ConnectTunnels: Send + Sync {
+    /// The upstream connection for a CONNECT to `authority` (`host:port`), or the status
+    /// to refuse it with.
+    async fn open(&self, authority: &str) -> Result<tokio::net::TcpStream, u16>;
+}
+
+/// The reason phrase of the statuses a refused CONNECT gets.
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
 /// Flips an HTTP/2 connection's shutdown watch when the server shuts down or the
 /// connection is `max` old; then holds it (a dropped sender would read as a change).
 async fn end_at_max_duration(
@@ -111,7 +137,84 @@ where
         self
     }
 
-    async fn serve_http1(&self, stream: GuardedStream, shutdown: &ShutdownWatch) {
+    /// When the next request on `stream` is a CONNECT, serves it as a tunnel and returns
+    /// `None` (the connection is done); otherwise hands the stream back (`Some`), its bytes
+    /// to be read again by pingora.
+    async fn maybe_tunnel(
+        &self,
+        mut stream: GuardedStream,
+        tunnels: &dyn ConnectTunnels,
+    ) -> Option<GuardedStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if !stream.sniff_prefix(CONNECT_PREFIX).await? {
+            return Some(stream);
+        }
+        // The head, through the stream's head clock and size limit.
+        let mut head = Vec::with_capacity(512);
+        let end = loop {
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+        let line = String::from_utf8_lossy(&head[..line_end]).to_string();
+        let mut parts = line.split(' ');
+        let (Some("CONNECT"), Some(authority), Some("HTTP/1.1" | "HTTP/1.0"), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            let refusal =
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            if stream.write_all(refusal).await.is_ok() {
+                let _ = stream.flush().await;
+            }
+            return None;
+        };
+        match tunnels.open(authority).await {
+            Ok(mut upstream) => {
+                // (The stream buffers writes: the client waits for this answer.)
+                let answered = stream
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await;
+                if answered.is_err() || stream.flush().await.is_err() {
+                    return None;
+                }
+                // Bytes the client sent right after its head go first.
+                if upstream.write_all(&head[end..]).await.is_err() {
+                    return None;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            }
+            Err(status) => {
+                let answer = format!(
+                    "HTTP/1.1 {status} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    reason(status)
+                );
+                if stream.write_all(answer.as_bytes()).await.is_ok() {
+                    let _ = stream.flush().await;
+                }
+            }
+        }
+        None
+    }
+
+    async fn serve_http1(
+        &self,
+        stream: GuardedStream,
+        shutdown: &ShutdownWatch,
+        tunnels: Option<&dyn ConnectTunnels>,
+    ) {
+        let stream = match tunnels {
+            Some(tunnels) => match self.maybe_tunnel(stream, tunnels).await {
+                Some(stream) => stream,
+                None => return,
+            },
+            None => stream,
+        };
         let limits = stream.limits().clone();
         let mut session = ServerSession::new_http1(Box::new(stream));
         // The guarded stream keeps the idle clock; pingora's read would add its own.
@@ -133,6 +236,13 @@ where
                 return;
             }
             guarded.mark_idle();
+            let guarded = match tunnels {
+                Some(tunnels) => match self.maybe_tunnel(*guarded, tunnels).await {
+                    Some(stream) => Box::new(stream),
+                    None => return,
+                },
+                None => guarded,
+            };
             let mut session = ServerSession::new_http1(guarded);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -151,13 +261,15 @@ where
     SV::CTX: Send + Sync,
 {
     /// Serves the HTTP connection `stream` under `limits` until it ends; `h2c`: a
-    /// plaintext client may speak HTTP/2 with prior knowledge.
+    /// plaintext client may speak HTTP/2 with prior knowledge; `tunnels`: HTTP/1.1 CONNECT
+    /// requests are tunnelled (else pingora answers them 405).
     pub async fn serve(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
         limits: DownstreamLimits,
         h2c: bool,
+        tunnels: Option<Arc<dyn ConnectTunnels>>,
     ) -> Option<Stream> {
         if let Some(release) = self.release_memory {
             release_memory_on_this_thread(release);
@@ -176,7 +288,7 @@ where
         let h2 = if alpn_h2 {
             true
         } else if !tls && h2c {
-            guarded.sniff_h2c_preface(H2_PREFACE).await?
+            guarded.sniff_prefix(H2_PREFACE).await?
         } else {
             false
         };
@@ -202,7 +314,8 @@ where
                 }
             };
         }
-        self.serve_http1(guarded, shutdown).await;
+        self.serve_http1(guarded, shutdown, tunnels.as_deref())
+            .await;
         None
     }
 

@@ -219,9 +219,10 @@ impl GuardedStream {
         self.stats.closed(reason);
     }
 
-    /// Reads until the bytes so far are, or cannot be, the HTTP/2 preface; they are handed
-    /// to pingora afterwards. `None` when the client sent nothing in time or left.
-    pub async fn sniff_h2c_preface(&mut self, preface: &[u8]) -> Option<bool> {
+    /// Reads until the bytes so far are, or cannot be, `preface` (the HTTP/2 preface, a
+    /// CONNECT request line's start); they are handed out again by the next reads. `None`
+    /// when the client sent nothing in time or left.
+    pub async fn sniff_prefix(&mut self, preface: &[u8]) -> Option<bool> {
         let (deadline, idle_reason) = self
             .idle_deadline(self.established)
             .unwrap_or((self.established + FAR, CloseReason::IdleTimeout));

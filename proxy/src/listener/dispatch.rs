@@ -244,7 +244,13 @@ where
         } else {
             stream
         };
-        self.http.serve(stream, shutdown, limits, manager.h2c).await
+        let tunnels = manager.allow_connect.then(|| {
+            Arc::new(super::connect::ConnectRoutes::new(Arc::clone(manager)))
+                as Arc<dyn crate::downstream::app::ConnectTunnels>
+        });
+        self.http
+            .serve(stream, shutdown, limits, manager.h2c, tunnels)
+            .await
     }
 
     async fn cleanup(&self) {

@@ -24,6 +24,7 @@
 
 pub mod bindings;
 pub mod chains;
+pub mod connect;
 pub mod dispatch;
 pub mod inspect;
 pub mod tcp_proxy;
@@ -131,6 +132,9 @@ pub struct HttpManager {
     pub unrouted: RequestCounters,
     /// Accepts h2c (prior knowledge) next to HTTP/1.1 (`codec_type` is not `HTTP1`).
     pub h2c: bool,
+    /// Tunnels HTTP/1.1 CONNECT requests through its `connect_matcher` routes
+    /// (`upgrade_configs` has CONNECT).
+    pub allow_connect: bool,
 }
 
 impl FilterChain {

@@ -27,6 +27,8 @@ pub enum PathMatch {
     Exact(String),
     /// The whole path matches this (anchored at compile time).
     Regex(Regex),
+    /// A CONNECT request (Envoy's `connect_matcher`); the other matches never take one.
+    Connect,
 }
 
 impl PathMatch {
@@ -35,6 +37,7 @@ impl PathMatch {
             PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
             PathMatch::Exact(exact) => path == exact,
             PathMatch::Regex(regex) => regex.is_match(path),
+            PathMatch::Connect => false,
         }
     }
 }
@@ -411,7 +414,12 @@ impl Route {
     }
 
     fn matches(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
-        self.matcher.path.matches(path)
+        let path_matches = if *method == Method::CONNECT {
+            matches!(self.matcher.path, PathMatch::Connect)
+        } else {
+            self.matcher.path.matches(path)
+        };
+        path_matches
             && self
                 .matcher
                 .headers

@@ -980,6 +980,12 @@ pub struct RouteMatchConfig {
     /// Allowed methods (any when empty).
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Match HTTP/1.1 CONNECT requests (for `host`, their authority) and tunnel them:
+    /// the proxy answers 200 and relays the connection's bytes to the service as TCP
+    /// (Envoy's `connect_matcher` with a terminating `connect_config`). Other routes never
+    /// match CONNECT.
+    #[serde(default)]
+    pub connect: bool,
 }
 
 /// One header condition. Exactly one of `exact`, `prefix`, `regex`, `present` is set.

@@ -362,3 +362,19 @@ fn service_addresses_are_checked_and_need_a_sidecar() {
         "{errors}"
     );
 }
+
+#[test]
+fn a_connect_route_matches_its_host_only() {
+    let errors = errors_of(
+        "services:\n  db: { endpoints: [\"127.0.0.1:5432\"] }\nroutes:\n  - { match: { connect: true, path_prefix: /x, methods: [GET] }, service: db }\n",
+    )
+    .join("\n");
+    assert!(
+        errors.contains("routes[0].match.path_prefix: a CONNECT request has no path"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("routes[0].match.methods: a CONNECT request has no path"),
+        "{errors}"
+    );
+}

@@ -369,6 +369,27 @@ fn validate_tls(config: &Config, errors: &mut Errors) {
     }
 }
 
+/// A CONNECT route matches on its host only.
+fn validate_connect_route(path: &str, route: &RouteConfig, errors: &mut Errors) {
+    let m = &route.matcher;
+    if !m.connect {
+        return;
+    }
+    for (field, set) in [
+        ("path", m.path.is_some()),
+        ("path_prefix", m.path_prefix.is_some()),
+        ("path_regex", m.path_regex.is_some()),
+        ("methods", !m.methods.is_empty()),
+    ] {
+        if set {
+            errors.add(
+                format!("{path}.match.{field}"),
+                "a CONNECT request has no path and one method: a connect route matches its host only",
+            );
+        }
+    }
+}
+
 fn validate_service(name: &str, service: &ServiceConfig, errors: &mut Errors) {
     let path = format!("services.{name}");
     for (i, address) in service.addresses.iter().enumerate() {
@@ -724,6 +745,7 @@ fn validate_route_locality(path: &str, route: &RouteConfig, config: &Config, err
 }
 
 fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
+    validate_connect_route(path, route, errors);
     let m = &route.matcher;
     let specifiers = [&m.path, &m.path_prefix, &m.path_regex]
         .iter()
