@@ -855,7 +855,7 @@ async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
         std::fs::write(
             &config,
             format!(
-                "node: {{ id: {node}, region: eu }}\nadmin: {{ address: \"127.0.0.1:15020\" }}\ncontrol_plane: {{ address: \"{gateway}:{}\", ca_file: \"{}\", join_token_file: \"{}\", identity_dir: \"{}\" }}\n",
+                "node: {{ id: {node}, region: eu, role: sidecar }}\nadmin: {{ address: \"127.0.0.1:15020\" }}\ncontrol_plane: {{ address: \"{gateway}:{}\", ca_file: \"{}\", join_token_file: \"{}\", identity_dir: \"{}\" }}\n",
                 control_plane.xds_port,
                 path("bundle.pem").display(),
                 token.display(),

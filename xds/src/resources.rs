@@ -60,6 +60,9 @@ pub mod names {
     pub const DOWNSTREAM_METADATA: &str = "nip.downstream";
     /// Listener `filter_metadata` key holding each plugin filter's resource limits.
     pub const PLUGIN_LIMITS_METADATA: &str = "nip.plugin_limits";
+    /// Listener metadata naming the role of the proxies that serve it (`role`: `edge` or
+    /// `sidecar`; absent: every proxy), and node metadata naming a proxy's role.
+    pub const ROLE_METADATA: &str = "nip.role";
     /// Listener `filter_metadata` key for signed plugins: `trusted_keys` (base64 ed25519
     /// public keys; when present, every plugin module must be signed by one of them) and
     /// `signatures` (base64 signature per plugin filter name).
@@ -246,4 +249,52 @@ impl Fnv64 {
         self.0 ^= 0xff;
         self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
     }
+}
+
+/// The role a listener is for (its `nip.role` metadata), if it names one.
+pub fn listener_role(
+    listener: &envoy_types::pb::envoy::config::listener::v3::Listener,
+) -> Option<&str> {
+    role_in(listener.metadata.as_ref()?)
+}
+
+/// The role a proxy declares in its bootstrap node's metadata, if any.
+pub fn node_role(
+    bootstrap: &envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap,
+) -> Option<&str> {
+    let metadata = bootstrap.node.as_ref()?.metadata.as_ref()?;
+    match metadata.fields.get(names::ROLE_METADATA)?.kind.as_ref()? {
+        envoy_types::pb::google::protobuf::value::Kind::StringValue(role) => Some(role),
+        _ => None,
+    }
+}
+
+fn role_in(metadata: &envoy_types::pb::envoy::config::core::v3::Metadata) -> Option<&str> {
+    let fields = &metadata.filter_metadata.get(names::ROLE_METADATA)?.fields;
+    match fields.get("role")?.kind.as_ref()? {
+        envoy_types::pb::google::protobuf::value::Kind::StringValue(role) => Some(role),
+        _ => None,
+    }
+}
+
+/// Listener metadata naming `role` (merged into `metadata` when given).
+pub fn with_role(
+    metadata: Option<envoy_types::pb::envoy::config::core::v3::Metadata>,
+    role: &str,
+) -> envoy_types::pb::envoy::config::core::v3::Metadata {
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.filter_metadata.insert(
+        names::ROLE_METADATA.to_string(),
+        Struct {
+            fields: [(
+                "role".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(role.to_string())),
+                },
+            )]
+            .into(),
+        },
+    );
+    metadata
 }

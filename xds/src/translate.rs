@@ -16,10 +16,10 @@
 
 use crate::config::{
     parse_endpoint_address, parse_listen_address, plugin_config_bytes, route_name, AccessLogFormat,
-    Config, FailPolicy, HeaderAddConfig, HeaderMatchConfig, LbPolicy, PluginConfig as PluginYaml,
-    RedirectConfig, RegexRewriteConfig, RouteConfig, ServiceConfig, UpstreamProtocol,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS_COUNT, DEFAULT_MAX_REQUEST_HEADERS_KB,
-    DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
+    Config, FailPolicy, HeaderAddConfig, HeaderMatchConfig, LbPolicy, NodeRole,
+    PluginConfig as PluginYaml, RedirectConfig, RegexRewriteConfig, RouteConfig, ServiceConfig,
+    UpstreamProtocol, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS_COUNT,
+    DEFAULT_MAX_REQUEST_HEADERS_KB, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
     DEFAULT_REQUEST_HEADERS_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT,
 };
 use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
@@ -146,7 +146,18 @@ pub fn translate(config: &Config) -> Translation {
         version: String::new(),
         listeners: match &config.sidecar {
             None => vec![gateway_listener(config)],
-            Some(sidecar_config) => sidecar::listeners(config, sidecar_config),
+            // Both roles' listeners: edge gateways and sidecars of one fleet follow one
+            // control plane, each serving its own.
+            Some(sidecar_config) => {
+                let mut gateway = gateway_listener(config);
+                gateway.metadata = Some(crate::resources::with_role(
+                    gateway.metadata.take(),
+                    NodeRole::Edge.as_str(),
+                ));
+                std::iter::once(gateway)
+                    .chain(sidecar::listeners(config, sidecar_config))
+                    .collect()
+            }
         }
         .into_iter()
         .chain(config.services.keys().map(|name| grpc_api_listener(name)))
@@ -235,6 +246,11 @@ fn not_applied(config: &Config) -> Vec<String> {
 fn bootstrap(config: &Config) -> Bootstrap {
     let node = &config.node;
     let id = node.id.clone().unwrap_or_else(default_node_id);
+    let role = node.role.unwrap_or(if config.sidecar.is_some() {
+        NodeRole::Sidecar
+    } else {
+        NodeRole::Edge
+    });
     Bootstrap {
         node: Some(Node {
             id,
@@ -245,6 +261,15 @@ fn bootstrap(config: &Config) -> Bootstrap {
                 sub_zone: String::new(),
             }),
             user_agent_name: "nip".to_string(),
+            metadata: Some(pbuf::Struct {
+                fields: [(
+                    names::ROLE_METADATA.to_string(),
+                    pbuf::Value {
+                        kind: Some(pbuf::value::Kind::StringValue(role.as_str().to_string())),
+                    },
+                )]
+                .into(),
+            }),
             ..Default::default()
         }),
         admin: Some(Admin {

@@ -456,3 +456,32 @@ fn a_services_addresses_become_outbound_chains_to_the_service() {
     );
     assert_eq!(facts("10.1.2.3:80", &opaque), "tcp sidecar_passthrough");
 }
+
+#[test]
+fn each_role_serves_its_listeners_and_a_check_compiles_them_all() {
+    let yaml = "sidecar: {}\nservices:\n  web: { endpoints: [\"10.0.0.2:8080\"] }\nroutes:\n  - { service: web }\n";
+    let mut t = translate(&Config::from_yaml(yaml).expect("valid"));
+    let bound = |t: &Translation| {
+        let snapshot = compile(t).expect("compiles");
+        let mut names: Vec<String> = snapshot
+            .listeners
+            .bound()
+            .map(|l| l.name.to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    // This config's own proxy is a sidecar.
+    assert_eq!(
+        bound(&t),
+        [
+            nip_xds::translate::SIDECAR_INBOUND,
+            nip_xds::translate::SIDECAR_OUTBOUND
+        ]
+    );
+    // An edge proxy following the same control plane serves the gateway only.
+    let edge = translate(&Config::from_yaml("node: { role: edge }\n").expect("valid"));
+    t.bootstrap = edge.bootstrap;
+    assert_eq!(bound(&t), [nip_xds::resources::GATEWAY_LISTENER]);
+    crate::compile::check(&t.bootstrap, &t.resources).expect("every role's listeners check");
+}

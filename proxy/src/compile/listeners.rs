@@ -59,14 +59,30 @@ impl HttpSide<'_> {
 
 /// The listeners NIP serves (listeners with `api_listener` are for proxyless gRPC
 /// clients, not for a proxy).
-pub(super) fn served_listeners(resources: &ResourceSet) -> Result<Vec<&Listener>, CompileError> {
+pub(super) fn served_listeners<'r>(
+    resources: &'r ResourceSet,
+    role: Option<&str>,
+) -> Result<Vec<&'r Listener>, CompileError> {
+    // A listener naming a role (`nip.role`) is served by proxies of that role only.
     let served: Vec<&Listener> = resources
         .listeners
         .iter()
         .filter(|l| l.api_listener.is_none())
+        .filter(|l| {
+            role.is_none() || nip_xds::resources::listener_role(l).is_none_or(|r| Some(r) == role)
+        })
         .collect();
     if served.is_empty() {
-        return Err(err("Listener", "", "there is no listener to serve"));
+        return Err(err(
+            "Listener",
+            "",
+            match role {
+                Some(role) => {
+                    format!("there is no listener to serve for a proxy whose role is {role}")
+                }
+                None => "there is no listener to serve".to_string(),
+            },
+        ));
     }
     for (i, listener) in served.iter().enumerate() {
         if served[..i].iter().any(|l| l.name == listener.name) {
@@ -131,10 +147,13 @@ fn network_filter(chain: &XdsFilterChain) -> Result<NetworkFilter, String> {
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 
 /// The connection managers and TLS of the served listeners (see [`HttpSide`]).
-pub(super) fn http_side(resources: &ResourceSet) -> Result<HttpSide<'_>, CompileError> {
+pub(super) fn http_side<'r>(
+    resources: &'r ResourceSet,
+    role: Option<&str>,
+) -> Result<HttpSide<'r>, CompileError> {
     let mut managers: Vec<(&Listener, HttpConnectionManager)> = Vec::new();
     let mut tls: Option<(String, TlsFiles)> = None;
-    for listener in served_listeners(resources)? {
+    for listener in served_listeners(resources, role)? {
         let name = listener.name.as_str();
         for (path, chain) in chains_of(listener) {
             let fail = |m: String| err("Listener", name, format!("{path}: {m}"));
@@ -284,9 +303,10 @@ impl Compiler<'_> {
         prepared: &Prepared,
         clusters: &BTreeMap<String, Arc<Cluster>>,
         http: &HttpManagers<'_, '_>,
+        role: Option<&str>,
     ) -> Result<Listeners, CompileError> {
         let mut all = Vec::new();
-        for listener in served_listeners(resources)? {
+        for listener in served_listeners(resources, role)? {
             all.push(self.listener(listener, prepared, clusters, http)?);
         }
         if all.iter().all(|l| !l.bind_to_port) {

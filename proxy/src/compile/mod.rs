@@ -262,7 +262,9 @@ impl Compiler<'_> {
                 .with_local_region(local_region);
             clusters.insert(xds.name.clone(), Arc::new(cluster));
         }
-        let side = http_side(resources)?;
+        // The listeners of this proxy's role (all of them in a check).
+        let role = nip_xds::resources::node_role(bootstrap);
+        let side = http_side(resources, role)?;
         let mut managers = Vec::new();
         for (listener, hcm) in &side.managers {
             let manager = self.http_manager(listener, hcm, resources, &clusters, prepared)?;
@@ -280,6 +282,7 @@ impl Compiler<'_> {
                 compiled: &managers,
                 fallback_limits,
             },
+            role,
         )?;
         if managers.is_empty() {
             // No chain speaks HTTP; the proxy's HTTP path still needs limits to start with.
@@ -365,6 +368,12 @@ fn refuse_unimplemented_fields(resources: &ResourceSet) -> Result<(), CompileErr
 /// in the config itself (a plugin module or a host name a proxy cannot reach is the
 /// proxy's to find).
 pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), CompileError> {
+    // Every role's listeners: a control plane's proxies of each role take their own.
+    let mut bootstrap = bootstrap.clone();
+    if let Some(node) = bootstrap.node.as_mut() {
+        node.metadata = None;
+    }
+    let bootstrap = &bootstrap;
     let prepared = prepare_check(bootstrap, resources)?;
     let registry = EndpointRegistry::default();
     let metrics = Metrics::new();

@@ -182,7 +182,8 @@ fn gather(
         }
     }
     // The listeners: their addresses, and the plugins of their connection manager.
-    let Ok(served) = served_listeners(resources) else {
+    let role = nip_xds::resources::node_role(bootstrap);
+    let Ok(served) = served_listeners(resources, role) else {
         // The compiler names what is wrong with the listeners.
         return Ok(prepared);
     };
@@ -193,7 +194,7 @@ fn gather(
             })?;
         }
     }
-    let Ok(side) = http_side(resources) else {
+    let Ok(side) = http_side(resources, role) else {
         return Ok(prepared);
     };
     if hosts == Hosts::Resolve {

@@ -103,6 +103,31 @@ pub struct NodeConfig {
     /// Zone within the region.
     #[serde(default)]
     pub zone: Option<String>,
+    /// What this proxy is in the fleet (default: `sidecar` when this config has
+    /// `sidecar:`, else `edge`). A control plane's config with `sidecar:` holds the
+    /// listeners of both roles; each proxy serves those of its own.
+    #[serde(default)]
+    pub role: Option<NodeRole>,
+}
+
+/// A proxy's role: which of a config's listeners it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// An edge gateway: the `api_gateway` listener.
+    Edge,
+    /// A pod's sidecar: the `sidecar:` listeners.
+    Sidecar,
+}
+
+impl NodeRole {
+    /// Its name in listener and node metadata (`nip.role`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Edge => "edge",
+            NodeRole::Sidecar => "sidecar",
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -112,6 +137,7 @@ impl Default for NodeConfig {
             cluster: default_node_cluster(),
             region: None,
             zone: None,
+            role: None,
         }
     }
 }

@@ -97,6 +97,19 @@ fn validate_sidecar(config: &Config, errors: &mut Errors) {
             }
         }
     }
+    if let Ok(gateway) = parse_listen_address(&config.api_gateway.address) {
+        for (field, port) in [
+            ("outbound_port", sidecar.outbound_port),
+            ("inbound_port", sidecar.inbound_port),
+        ] {
+            if gateway.port() == port {
+                errors.add(
+                    format!("sidecar.{field}"),
+                    format!("port {port} is api_gateway.address's (the edge proxies' listener)"),
+                );
+            }
+        }
+    }
     if sidecar.outbound_port == sidecar.inbound_port {
         errors.add(
             "sidecar.inbound_port",

@@ -67,7 +67,10 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
         },
     ));
     let mut outbound = Listener {
-        metadata: listener_metadata(config),
+        metadata: Some(crate::resources::with_role(
+            listener_metadata(config),
+            crate::config::NodeRole::Sidecar.as_str(),
+        )),
         ..intercepting(
             SIDECAR_OUTBOUND,
             sidecar.outbound_port,
@@ -113,6 +116,10 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
             TrafficDirection::Inbound,
             inbound_http.clone(),
         );
+        inbound.metadata = Some(crate::resources::with_role(
+            None,
+            crate::config::NodeRole::Sidecar.as_str(),
+        ));
         if sidecar.mesh {
             // Mesh mutual TLS from a meshed peer, told apart from an application's own
             // TLS by its server name; then the same way in as plaintext HTTP.

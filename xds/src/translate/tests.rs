@@ -316,11 +316,11 @@ fn the_sidecar_short_form_becomes_an_outbound_and_an_inbound_listener_like_istio
             .find(|l| l.name == name)
             .unwrap_or_else(|| panic!("{name}"))
     };
-    assert!(!t
-        .resources
-        .listeners
-        .iter()
-        .any(|l| l.name == GATEWAY_LISTENER));
+    // The edge role's gateway is there too, for the fleet's edge proxies; this config's
+    // own proxy is a sidecar.
+    let gateway = listener(GATEWAY_LISTENER);
+    assert_eq!(crate::resources::listener_role(gateway), Some("edge"));
+    assert_eq!(crate::resources::node_role(&t.bootstrap), Some("sidecar"));
     for (name, port) in [(SIDECAR_OUTBOUND, 15001), (SIDECAR_INBOUND, 15006)] {
         let l = listener(name);
         assert_eq!(
@@ -329,6 +329,7 @@ fn the_sidecar_short_form_becomes_an_outbound_and_an_inbound_listener_like_istio
             "{name} listens where the redirect sends"
         );
         assert_eq!(l.use_original_dst, Some(pbuf::BoolValue { value: true }));
+        assert_eq!(crate::resources::listener_role(l), Some("sidecar"));
         assert_eq!(l.listener_filters.len(), 2);
         assert_eq!(
             l.listener_filters_timeout,
