@@ -516,10 +516,17 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         std::fs::write(path(name), pem).unwrap();
         share(&path(name), 0o644);
     }
-    // Both sidecars run the same short form; the client's routes name the server.
+    // Both sidecars run the same short form; the client's routes name the server. Both
+    // write their access log lines (HTTP and TCP) to one file.
+    std::fs::create_dir(path("logs")).unwrap();
+    share(&path("logs"), 0o777);
+    let access_log = path("logs").join("access.log");
     std::fs::write(
         path("sidecar.yaml"),
-        "admin: { address: \"127.0.0.1:15020\" }\nsidecar: {}\nservices:\n  server: { endpoints: [\"10.98.0.2:8080\"], addresses: [\"10.98.0.100:80\"] }\n  cache: { endpoints: [\"10.98.0.2:6379\"], addresses: [\"10.98.0.101:6379\"] }\nroutes:\n  - { match: { host: server.mesh }, service: server }\n",
+        format!(
+            "admin: {{ address: \"127.0.0.1:15020\" }}\napi_gateway: {{ access_log: {{ enabled: true, format: json, path: \"{}\" }} }}\nsidecar: {{}}\nservices:\n  server: {{ endpoints: [\"10.98.0.2:8080\"], addresses: [\"10.98.0.100:80\"] }}\n  cache: {{ endpoints: [\"10.98.0.2:6379\"], addresses: [\"10.98.0.101:6379\"] }}\nroutes:\n  - {{ match: {{ host: server.mesh }}, service: server }}\n",
+            access_log.display()
+        ),
     )
     .unwrap();
     share(&path("sidecar.yaml"), 0o644);
@@ -705,6 +712,27 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
         2.0
     );
+    // Each side logged the redis connection as a TCP line: its bytes, where it went.
+    eventually("both sidecars logged the redis connection", || async {
+        let lines = std::fs::read_to_string(&access_log).unwrap_or_default();
+        let tcp: Vec<serde_json::Value> = lines
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["protocol"] == "TCP" && l["response_flags"] == "-")
+            .collect();
+        let of = |route: &str| {
+            tcp.iter().any(|l| {
+                l["route_name"] == route
+                    && l["bytes_received"].as_u64() == Some(14)
+                    && l["bytes_sent"].as_u64() == Some(7)
+                    && l["upstream_host"]
+                        .as_str()
+                        .is_some_and(|h| h.ends_with(":6379"))
+            })
+        };
+        of("sidecar_outbound_passthrough") && of("sidecar_inbound_passthrough")
+    })
+    .await;
     // TLS passes untouched: the application verifies the server's own certificate.
     let (ok, page) = tls_get();
     assert!(ok, "{page}\n{}", logs());

@@ -77,6 +77,7 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "idle_timeout",
             "max_connect_attempts",
             "max_downstream_connection_duration",
+            "access_log",
         ],
     ),
     (

@@ -415,7 +415,7 @@ impl Compiler<'_> {
                     if chain.transport_socket.is_some() {
                         return Err(fail("a tcp_proxy chain passes bytes through; it cannot terminate TLS (transport_socket)".into()));
                     }
-                    ChainAction::Tcp(self.tcp_proxy(&tcp, clusters).map_err(fail)?)
+                    ChainAction::Tcp(self.tcp_proxy(name, &tcp, clusters).map_err(fail)?)
                 }
             };
             let compiled = FilterChain {
@@ -465,6 +465,7 @@ impl Compiler<'_> {
 
     fn tcp_proxy(
         &self,
+        listener: &str,
         tcp: &XdsTcpProxy,
         clusters: &BTreeMap<String, Arc<Cluster>>,
     ) -> Result<TcpProxy, String> {
@@ -521,6 +522,9 @@ impl Compiler<'_> {
             max_connect_attempts,
             max_downstream_connection_duration,
             stats: self.metrics.tcp_stats(&tcp.stat_prefix),
+            access_log: self
+                .access_log(listener, &tcp.access_log)
+                .map_err(|e| format!("tcp_proxy.{}", e.message))?,
         })
     }
 }

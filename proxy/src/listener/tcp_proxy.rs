@@ -4,6 +4,7 @@
 //! that shuts its sending side down still gets the rest of the answer), an idle timeout,
 //! an optional maximum duration, and byte and connection counters by `stat_prefix`.
 
+use crate::telemetry::access_log::{AccessLogger, LogEntry};
 use crate::telemetry::metrics::TcpStats;
 use crate::upstream::cluster::Cluster;
 use pingora::protocols::Stream;
@@ -35,6 +36,8 @@ pub struct TcpProxy {
     pub max_downstream_connection_duration: Option<Duration>,
     /// Counters.
     pub stats: TcpStats,
+    /// One line per connection when its filter has an `access_log`.
+    pub access_log: Option<Arc<AccessLogger>>,
 }
 
 /// How a relayed connection ended.
@@ -48,6 +51,19 @@ pub enum TcpEnd {
     Idle,
     /// `max_downstream_connection_duration`.
     MaxDuration,
+}
+
+impl TcpEnd {
+    /// Envoy's response flag for the access log: `UF` no upstream, `SI` idle timeout,
+    /// `DT` maximum duration, `-` closed by a side.
+    pub fn flag(self) -> &'static str {
+        match self {
+            TcpEnd::NoUpstream => "UF",
+            TcpEnd::Closed => "-",
+            TcpEnd::Idle => "SI",
+            TcpEnd::MaxDuration => "DT",
+        }
+    }
 }
 
 /// Keeps the active-connection gauge right however the relay ends.
@@ -64,18 +80,58 @@ impl TcpProxy {
     /// are done, a timeout ends it, or no upstream can be reached.
     pub async fn serve(
         &self,
-        mut downstream: Stream,
+        downstream: Stream,
         destination: SocketAddr,
         local: SocketAddr,
     ) -> TcpEnd {
+        let start = std::time::SystemTime::now();
+        let activity = Arc::new(Activity::default());
+        let (end, upstream) = self
+            .relay(downstream, destination, local, Arc::clone(&activity))
+            .await;
+        if let Some(log) = &self.access_log {
+            let upstream = upstream.map(|a| a.to_string()).unwrap_or_default();
+            log.log(&LogEntry {
+                start,
+                method: "-",
+                path: "-",
+                protocol: "TCP",
+                status: 0,
+                flags: end.flag(),
+                bytes_received: usize::try_from(activity.rx.load(Ordering::Relaxed))
+                    .unwrap_or(usize::MAX),
+                bytes_sent: usize::try_from(activity.tx.load(Ordering::Relaxed))
+                    .unwrap_or(usize::MAX),
+                duration_ms: start.elapsed().map_or(0, |d| d.as_millis()),
+                // No request headers on a TCP connection: Envoy logs `-` for them.
+                forwarded_for: "",
+                user_agent: "",
+                request_id: "",
+                authority: "",
+                route: &self.stat_prefix,
+                cluster: &self.cluster.name,
+                upstream_host: &upstream,
+                peer_uri_san: "",
+            });
+        }
+        end
+    }
+
+    async fn relay(
+        &self,
+        mut downstream: Stream,
+        destination: SocketAddr,
+        local: SocketAddr,
+        activity: Arc<Activity>,
+    ) -> (TcpEnd, Option<SocketAddr>) {
         self.stats.cx_total.inc();
         self.stats.cx_active.inc();
         let _active = ActiveGuard(&self.stats);
         let Some(upstream) = self.connect(destination, local).await else {
             self.stats.no_upstream.inc();
-            return TcpEnd::NoUpstream;
+            return (TcpEnd::NoUpstream, None);
         };
-        let activity = Arc::new(Activity::default());
+        let upstream_address = upstream.peer_addr().ok();
         let started = Instant::now();
         let mut upstream = Counted {
             inner: upstream,
@@ -91,7 +147,7 @@ impl TcpProxy {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let end = tokio::select! {
             _ = relay => TcpEnd::Closed,
             () = idle => {
                 self.stats.idle_timeout.inc();
@@ -101,7 +157,8 @@ impl TcpProxy {
                 self.stats.max_duration_reached.inc();
                 TcpEnd::MaxDuration
             }
-        }
+        };
+        (end, upstream_address)
     }
 
     /// A connection to an endpoint: the original destination for an `ORIGINAL_DST`
@@ -152,10 +209,15 @@ impl TcpProxy {
     }
 }
 
-/// When a byte last moved either way, in ms since the relay started.
+/// When a byte last moved either way (ms since the relay started), and how many went each
+/// way on this connection.
 #[derive(Debug, Default)]
 struct Activity {
     last_ms: AtomicU64,
+    /// Bytes from the client.
+    rx: AtomicU64,
+    /// Bytes to the client.
+    tx: AtomicU64,
 }
 
 impl Activity {
@@ -201,6 +263,7 @@ impl AsyncRead for Counted {
         let read = buf.filled().len() - before;
         if read > 0 {
             this.stats.tx_bytes.inc_by(read as u64);
+            this.activity.tx.fetch_add(read as u64, Ordering::Relaxed);
             this.activity.touch(this.started);
         }
         result
@@ -218,6 +281,9 @@ impl AsyncWrite for Counted {
         if let Poll::Ready(Ok(written)) = &result {
             if *written > 0 {
                 this.stats.rx_bytes.inc_by(*written as u64);
+                this.activity
+                    .rx
+                    .fetch_add(*written as u64, Ordering::Relaxed);
                 this.activity.touch(this.started);
             }
         }

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::config::{Config, SidecarConfig};
 use crate::resources::names;
+use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
@@ -77,6 +78,7 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
             sidecar,
             TrafficDirection::Outbound,
             pack_any(outbound_http.clone()),
+            &tcp_access_log(config),
         )
     };
     // Connections to a service's own addresses go to the service, whatever their Host.
@@ -87,9 +89,12 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
                 continue;
             };
             ports.insert(address.port());
-            outbound
-                .filter_chains
-                .extend(service_chains(name, address, &outbound_http));
+            outbound.filter_chains.extend(service_chains(
+                name,
+                address,
+                &outbound_http,
+                &tcp_access_log(config),
+            ));
         }
     }
     // Other destinations on those ports: a chain naming the port outranks every chain that
@@ -115,6 +120,7 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
             sidecar,
             TrafficDirection::Inbound,
             inbound_http.clone(),
+            &tcp_access_log(config),
         );
         inbound.metadata = Some(crate::resources::with_role(
             None,
@@ -186,6 +192,7 @@ fn service_chains(
     name: &str,
     address: std::net::SocketAddr,
     template: &HttpConnectionManager,
+    access_log: &[AccessLog],
 ) -> Vec<FilterChain> {
     let matching = |transport: &str, http: bool| FilterChainMatch {
         destination_port: Some(UInt32Value {
@@ -238,6 +245,7 @@ fn service_chains(
         filters: vec![tcp_proxy_filter(
             &format!("outbound_{name}_tcp"),
             &tcp_cluster_name(name),
+            access_log,
         )],
         ..Default::default()
     };
@@ -256,14 +264,24 @@ fn service_chains(
     ]
 }
 
-fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str, access_log: &[AccessLog]) -> Filter {
     Filter {
         name: "envoy.filters.network.tcp_proxy".to_string(),
         config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
             stat_prefix: stat_prefix.to_string(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+            access_log: access_log.to_vec(),
             ..Default::default()
         }))),
+    }
+}
+
+/// The access log of `api_gateway` for the sidecar's TCP connections too (one line each).
+fn tcp_access_log(config: &Config) -> Vec<AccessLog> {
+    if config.api_gateway.access_log.enabled {
+        vec![super::access_log_entry(config)]
+    } else {
+        Vec::new()
     }
 }
 
@@ -275,6 +293,7 @@ fn intercepting(
     sidecar: &SidecarConfig,
     direction: TrafficDirection,
     http: envoy_types::pb::google::protobuf::Any,
+    access_log: &[AccessLog],
 ) -> Listener {
     let inspector = |name: &str, config| ListenerFilter {
         name: name.to_string(),
@@ -318,6 +337,7 @@ fn intercepting(
             filters: vec![tcp_proxy_filter(
                 &format!("{name}_passthrough"),
                 SIDECAR_PASSTHROUGH,
+                access_log,
             )],
             ..Default::default()
         }),
