@@ -546,6 +546,19 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         ],
         path("web.log"),
     );
+    let _web_unowned = Running::start(
+        server,
+        APP_UID,
+        &python(),
+        &[
+            "-m",
+            "http.server",
+            "8081",
+            "--directory",
+            dir.path().to_str().unwrap(),
+        ],
+        path("web-8081.log"),
+    );
     let _redis = Running::start(
         server,
         APP_UID,
@@ -667,7 +680,16 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         1.0
     );
     // A host no route names goes on to where it was going, through both sidecars too.
+    // By the server's pod address, an endpoint of the service: the service's way too.
     let (ok, body) = http_get(&[], "http://10.98.0.2:8080/");
+    assert!(ok && body.contains("from the server pod"), "{body}");
+    assert_eq!(requests(&client.sidecar_metrics(), "server"), 2.0);
+    assert_eq!(
+        requests(&server.sidecar_metrics(), "sidecar_passthrough"),
+        2.0
+    );
+    // A destination no service owns goes on to where it was going, through both sidecars.
+    let (ok, body) = http_get(&[], "http://10.98.0.2:8081/");
     assert!(ok && body.contains("from the server pod"), "{body}");
     assert_eq!(
         requests(&client.sidecar_metrics(), "sidecar_passthrough"),
@@ -675,10 +697,11 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
     );
     assert_eq!(
         requests(&server.sidecar_metrics(), "sidecar_passthrough"),
-        2.0
+        3.0
     );
 
-    // Redis's protocol is neither HTTP nor TLS: passed as TCP by both sidecars.
+    // Redis's protocol is neither HTTP nor TLS: balanced as TCP over the cache service the
+    // pod address belongs to, passed by the server's sidecar.
     let (ok, pong) = redis_ping();
     assert!(ok && pong.contains("PONG"), "{pong}\n{}", logs());
     let tcp = |metrics: &str, prefix: &str| {
@@ -688,10 +711,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
             &[("stat_prefix", prefix)],
         )
     };
-    assert_eq!(
-        tcp(&client.sidecar_metrics(), "sidecar_outbound_passthrough"),
-        1.0
-    );
+    assert_eq!(tcp(&client.sidecar_metrics(), "outbound_cache_tcp"), 1.0);
     assert_eq!(
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
         1.0
@@ -704,10 +724,10 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
         "{body}\n{}",
         logs()
     );
-    assert_eq!(requests(&client.sidecar_metrics(), "server"), 2.0);
+    assert_eq!(requests(&client.sidecar_metrics(), "server"), 3.0);
     let (ok, pong) = client.run_as(APP_UID, "redis-cli", &["-h", "10.98.0.101", "PING"]);
     assert!(ok && pong.contains("PONG"), "{pong}\n{}", logs());
-    assert_eq!(tcp(&client.sidecar_metrics(), "outbound_cache_tcp"), 1.0);
+    assert_eq!(tcp(&client.sidecar_metrics(), "outbound_cache_tcp"), 2.0);
     assert_eq!(
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
         2.0
@@ -730,7 +750,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
                         .is_some_and(|h| h.ends_with(":6379"))
             })
         };
-        of("sidecar_outbound_passthrough") && of("sidecar_inbound_passthrough")
+        of("outbound_cache_tcp") && of("sidecar_inbound_passthrough")
     })
     .await;
     // TLS passes untouched: the application verifies the server's own certificate.
@@ -738,7 +758,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
     assert!(ok, "{page}\n{}", logs());
     assert_eq!(
         tcp(&client.sidecar_metrics(), "sidecar_outbound_passthrough"),
-        2.0
+        1.0
     );
     assert_eq!(
         tcp(&server.sidecar_metrics(), "sidecar_inbound_passthrough"),
@@ -986,6 +1006,16 @@ async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
         },
     )
     .await;
+    // By the server's pod address (an endpoint of the service), no Host route needed: the
+    // service's way, over mesh mutual TLS as well.
+    let before = peer_requests();
+    let (ok, body) = client.run_as(
+        APP_UID,
+        "curl",
+        &["-s", "--max-time", "5", "http://10.97.2.2:8080/"],
+    );
+    assert!(ok && body.contains("from the meshed server"), "{body}");
+    assert_eq!(peer_requests(), before + 1.0);
     // A stranger's TLS with the mesh's server name but no mesh certificate is refused.
     let (ok, _) = cluster.node.run_as(
         0,

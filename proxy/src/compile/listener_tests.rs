@@ -374,7 +374,11 @@ fn the_sidecar_short_form_compiles_into_two_intercepting_listeners() {
             "0.0.0.0:15006".parse().unwrap()
         ]
     );
-    assert_eq!(snapshot.http_managers.len(), 2, "outbound and inbound");
+    assert_eq!(
+        snapshot.http_managers.len(),
+        3,
+        "outbound by routes, inbound, and web's by its endpoint's address"
+    );
     for listener in snapshot.listeners.bound() {
         assert!(listener.use_original_dst && listener.inspect_tls && listener.inspect_http);
         assert!(listener.continue_on_inspection_timeout);

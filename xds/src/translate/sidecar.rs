@@ -81,21 +81,18 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
             &tcp_access_log(config),
         )
     };
-    // Connections to a service's own addresses go to the service, whatever their Host.
+    // Connections to a service's own addresses, or to one of its endpoints, go to the
+    // service, whatever their Host (balanced, retried, over mesh mutual TLS to meshed
+    // endpoints).
     let mut ports = std::collections::BTreeSet::new();
-    for (name, service) in &config.services {
-        for address in &service.addresses {
-            let Ok(address) = address.parse::<std::net::SocketAddr>() else {
-                continue;
-            };
-            ports.insert(address.port());
-            outbound.filter_chains.extend(service_chains(
-                name,
-                address,
-                &outbound_http,
-                &tcp_access_log(config),
-            ));
-        }
+    for (name, address) in service_destinations(config) {
+        ports.insert(address.port());
+        outbound.filter_chains.extend(service_chains(
+            name,
+            address,
+            &outbound_http,
+            &tcp_access_log(config),
+        ));
     }
     // Other destinations on those ports: a chain naming the port outranks every chain that
     // does not, and matching never backtracks, so each port needs its own HTTP chain (what
@@ -163,25 +160,51 @@ pub fn is_tcp_cluster(cluster: &str) -> bool {
     cluster.starts_with("tcp|")
 }
 
-/// The clusters of [`tcp_cluster_name`]: one per service with addresses, in sidecar mode.
+/// The clusters of [`tcp_cluster_name`]: one per service a sidecar sends destinations to.
 pub(super) fn tcp_clusters(config: &Config) -> Vec<Cluster> {
-    with_addresses(config)
+    with_destinations(config)
         .map(|(name, service)| super::cluster(&tcp_cluster_name(name), service))
         .collect()
 }
 
 /// Their endpoints.
 pub(super) fn tcp_assignments(config: &Config) -> Vec<ClusterLoadAssignment> {
-    with_addresses(config)
+    with_destinations(config)
         .map(|(name, service)| load_assignment(&tcp_cluster_name(name), service))
         .collect()
 }
 
-fn with_addresses(config: &Config) -> impl Iterator<Item = (&String, &ServiceConfig)> {
+/// The services some destination of [`service_destinations`] goes to.
+fn with_destinations(config: &Config) -> impl Iterator<Item = (&String, &ServiceConfig)> {
+    let names: std::collections::BTreeSet<&String> =
+        service_destinations(config).map(|(name, _)| name).collect();
     config
         .services
         .iter()
-        .filter(move |(_, s)| config.sidecar.is_some() && !s.addresses.is_empty())
+        .filter(move |(name, _)| names.contains(name))
+}
+
+/// In sidecar mode, each destination a service owns: its addresses (ClusterIPs) first,
+/// then its endpoints given by IP; an address two services claim is the first one's.
+fn service_destinations(config: &Config) -> impl Iterator<Item = (&String, std::net::SocketAddr)> {
+    let services = config
+        .services
+        .iter()
+        .filter(move |(_, s)| config.sidecar.is_some() && !s.original_destination);
+    let addresses = services.clone().flat_map(|(name, s)| {
+        s.addresses
+            .iter()
+            .filter_map(move |a| Some((name, a.parse::<std::net::SocketAddr>().ok()?)))
+    });
+    let endpoints = services.flat_map(|(name, s)| {
+        s.endpoints
+            .iter()
+            .filter_map(move |e| Some((name, e.address.parse::<std::net::SocketAddr>().ok()?)))
+    });
+    let mut taken = std::collections::BTreeSet::new();
+    addresses
+        .chain(endpoints)
+        .filter(move |(_, address)| taken.insert(*address))
 }
 
 /// The outbound chains of one of a service's addresses: plaintext HTTP to a connection
