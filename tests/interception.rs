@@ -1040,3 +1040,92 @@ async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
     assert!(ok && body.contains("from the meshed server"), "{body}");
     assert_eq!(peer_requests(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_takes_ipv6_connections_too() {
+    let Some(namespace) = Namespace::create("ipv6") else {
+        return;
+    };
+    const PROXY_UID: u32 = 1337;
+    const APP_UID: u32 = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    share(dir.path(), 0o755);
+    std::fs::write(path("index.html"), "from the backend\n").unwrap();
+    share(&path("index.html"), 0o644);
+    let backends: Vec<Running> = ["10.99.0.1", "fd00:99::1"]
+        .iter()
+        .map(|address| {
+            Running::start(
+                &namespace,
+                APP_UID,
+                &python(),
+                &[
+                    "-m",
+                    "http.server",
+                    "8080",
+                    "--bind",
+                    address,
+                    "--directory",
+                    dir.path().to_str().unwrap(),
+                ],
+                path(&format!("backend-{}.log", address.replace(':', "_"))),
+            )
+        })
+        .collect();
+    std::fs::write(
+        path("sidecar.yaml"),
+        "admin: { address: \"127.0.0.1:15020\" }\nsidecar: { ipv6: true }\n",
+    )
+    .unwrap();
+    share(&path("sidecar.yaml"), 0o644);
+    let sidecar = Running::start(
+        &namespace,
+        PROXY_UID,
+        nip_bin(),
+        &[
+            "proxy",
+            "--config",
+            path("sidecar.yaml").to_str().unwrap(),
+            "--threads",
+            "1",
+        ],
+        path("sidecar.log"),
+    );
+    let curl = |url: &str| namespace.run_as(APP_UID, "curl", &["-sg", "--max-time", "3", url]);
+    let passthrough = || {
+        sample(
+            &namespace.sidecar_metrics(),
+            "nip_requests_total",
+            &[("cluster", "sidecar_passthrough")],
+        )
+    };
+    eventually("the backends and the sidecar are up", || async {
+        curl("http://10.99.0.1:8080/")
+            .1
+            .contains("from the backend")
+            && curl("http://[fd00:99::1]:8080/")
+                .1
+                .contains("from the backend")
+            && namespace.sidecar_metrics().contains("nip_config_reloads")
+    })
+    .await;
+    namespace.nip_iptables(&["setup", "--proxy-uid", &PROXY_UID.to_string(), "--ipv6"]);
+    for (i, url) in ["http://[fd00:99::1]:8080/", "http://10.99.0.1:8080/"]
+        .iter()
+        .enumerate()
+    {
+        let (ok, body) = curl(url);
+        assert!(
+            ok && body.contains("from the backend"),
+            "{url}: {body}\n{}",
+            sidecar.output()
+        );
+        assert_eq!(
+            passthrough(),
+            (i + 1) as f64,
+            "{url} went through the sidecar"
+        );
+    }
+    drop(backends);
+}

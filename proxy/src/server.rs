@@ -185,13 +185,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
     // Bind-check each listener's port now, so a busy port is a clear error, not a worker
     // panic (taking over, the running proxy holds them and hands them over).
     for listener in listeners.bound().filter(|_| !options.take_over) {
-        drop(
-            TcpListener::bind(listener.address).map_err(|source| StartError::Bind {
+        for &address in std::iter::once(&listener.address).chain(&listener.additional_addresses) {
+            drop(bind_check(address).map_err(|source| StartError::Bind {
                 what: "a listener's address",
-                address: listener.address,
+                address,
                 source,
-            })?,
-        );
+            })?);
+        }
     }
     // Taking over, the running proxy frees the admin port when it hands its sockets over.
     let admin_listener = if options.take_over {
@@ -340,18 +340,38 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         } else {
             DOWNSTREAM_READ_BUFFER
         };
-        let endpoint =
-            ListenerConfig::tcp(listener.address.to_string()).l4_buffer(L4BufferSettings {
-                read: Some(read_buffer),
-                write: None,
-            });
-        service.add_listener(endpoint);
+        for address in std::iter::once(&listener.address).chain(&listener.additional_addresses) {
+            let mut endpoint =
+                ListenerConfig::tcp(address.to_string()).l4_buffer(L4BufferSettings {
+                    read: Some(read_buffer),
+                    write: None,
+                });
+            if address.is_ipv6() {
+                // Beside an IPv4 address on the same port: each family its own socket.
+                let mut options = pingora::listeners::TcpSocketOptions::default();
+                options.ipv6_only = Some(true);
+                endpoint = endpoint.tcp_socket_options(options);
+            }
+            service.add_listener(endpoint);
+        }
         server.add_service(service);
     }
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals),
     });
     Ok(())
+}
+
+/// Binds `address` to see it is free (an IPv6 one IPv6-only, as the listener will be).
+fn bind_check(address: SocketAddr) -> std::io::Result<TcpListener> {
+    if address.is_ipv4() {
+        return TcpListener::bind(address);
+    }
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(16)?;
+    Ok(socket.into())
 }
 
 /// Whether any filter chain of `listener` (or of a listener it hands connections to)

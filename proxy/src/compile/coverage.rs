@@ -26,6 +26,7 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "stat_prefix",
             "use_original_dst",
             "bind_to_port",
+            "additional_addresses",
             "listener_filters",
             "listener_filters_timeout",
             "continue_on_listener_filters_timeout",
@@ -53,6 +54,7 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("envoy.config.listener.v3.Filter", &["name", "typed_config"]),
+    ("envoy.config.listener.v3.AdditionalAddress", &["address"]),
     (
         "envoy.config.listener.v3.ListenerFilter",
         &["name", "typed_config"],

@@ -348,6 +348,19 @@ impl Compiler<'_> {
             .as_ref()
             .ok_or_else(|| fail("address is missing".into()))?;
         let address = socket_addr(address, prepared).map_err(|e| fail(format!("address: {e}")))?;
+        let mut additional_addresses = Vec::new();
+        for (i, additional) in listener.additional_addresses.iter().enumerate() {
+            let at = |m: String| fail(format!("additional_addresses[{i}].address: {m}"));
+            let resolved = additional
+                .address
+                .as_ref()
+                .ok_or_else(|| at("missing".into()))
+                .and_then(|a| socket_addr(a, prepared).map_err(at))?;
+            if resolved == address || additional_addresses.contains(&resolved) {
+                return Err(at(format!("{resolved} is already the listener's")));
+            }
+            additional_addresses.push(resolved);
+        }
         let mut use_original_dst = listener.use_original_dst.as_ref().is_some_and(|b| b.value);
         let (mut inspect_tls, mut inspect_http) = (false, false);
         for (i, filter) in listener.listener_filters.iter().enumerate() {
@@ -450,6 +463,7 @@ impl Compiler<'_> {
         Ok(ServedListener {
             name: Arc::from(name),
             address,
+            additional_addresses,
             bind_to_port: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst,
             inspect_tls,

@@ -58,7 +58,8 @@ impl Listeners {
     /// The bound listener at `address` (a listener renamed across a reload keeps its
     /// socket).
     pub fn bound_at(&self, address: SocketAddr) -> Option<&ServedListener> {
-        self.bound().find(|l| l.address == address)
+        self.bound()
+            .find(|l| l.address == address || l.additional_addresses.contains(&address))
     }
 
     /// The listeners the process binds (`bind_to_port` true).
@@ -91,6 +92,9 @@ pub struct ServedListener {
     pub name: Arc<str>,
     /// Its address.
     pub address: SocketAddr,
+    /// More addresses it is bound to as well (`additional_addresses`: an IPv6 one beside
+    /// an IPv4 one, each socket IPv6-only).
+    pub additional_addresses: Vec<SocketAddr>,
     /// Whether the process binds the address (`bind_to_port`, default true).
     pub bind_to_port: bool,
     /// Read each connection's original destination and hand it to the listener bound to

@@ -68,6 +68,10 @@ pub struct SidecarConfig {
     /// still comes in from peers outside the mesh (Istio's permissive mode).
     #[serde(default)]
     pub mesh: bool,
+    /// Take IPv6 connections too (`nip iptables setup --ipv6` redirects them): the
+    /// listeners also bind `[::]` on their ports.
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// The outbound redirect port.

@@ -23,7 +23,8 @@ use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{
-    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+    filter, listener_filter, AdditionalAddress, Filter, FilterChain, FilterChainMatch, Listener,
+    ListenerFilter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
@@ -326,6 +327,14 @@ fn intercepting(
     Listener {
         name: name.to_string(),
         address: Some(socket_address("0.0.0.0", port)),
+        additional_addresses: if sidecar.ipv6 {
+            vec![AdditionalAddress {
+                address: Some(socket_address("::", port)),
+                ..Default::default()
+            }]
+        } else {
+            Vec::new()
+        },
         use_original_dst: Some(BoolValue { value: true }),
         listener_filters: vec![
             inspector(
