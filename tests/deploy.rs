@@ -252,3 +252,31 @@ async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
     assert_eq!(refused.status(), 400);
     assert!(refused.text().await.unwrap().contains("/request"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_returns_once_the_proxy_serves_and_fails_at_its_timeout() {
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - service: web\n",
+        backend.address
+    ))
+    .await;
+    let admin = format!("127.0.0.1:{}", proxy.admin_port);
+    let ready = run_nip(&["wait-ready", "--admin", &admin, "--timeout", "10s"], None);
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    // Nothing answers there: it gives up at the timeout, saying why.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let started = std::time::Instant::now();
+    let waited = run_nip(&["wait-ready", "--admin", &nobody, "--timeout", "1s"], None);
+    assert!(!waited.status.success());
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("the proxy was not ready within"),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+}
