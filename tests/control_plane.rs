@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("desired.yaml");
     std::fs::write(&config, services(&["web"])).unwrap();
@@ -69,6 +70,7 @@ async fn the_control_plane_serves_its_file_and_follows_good_changes_only() {
 
 #[test]
 fn an_invalid_file_at_start_is_a_config_error() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");
     std::fs::write(&config, "routes:\n  - { service: nowhere }\n").unwrap();
@@ -90,6 +92,7 @@ fn an_invalid_file_at_start_is_a_config_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_run() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let dir = tempfile::tempdir().unwrap();
@@ -186,6 +189,7 @@ async fn proxies_follow_the_control_plane_under_load_and_nack_what_they_cannot_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() {
+    let _turn = crate::common::module_turn(module_path!());
     let (a, b, port, control_plane) = serving_a().await;
     // eu: a real proxy; us: the xDS client library proxies use (one listener port here).
     let eu = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
@@ -265,6 +269,7 @@ async fn a_canary_goes_to_one_region_first_and_rolls_back_by_itself_on_a_nack() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_after() {
+    let _turn = crate::common::module_turn(module_path!());
     let (_a, b, port, mut control_plane) = serving_a().await;
     let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     assert_eq!(backend_of(&proxy).await, "a");
@@ -297,6 +302,7 @@ async fn proxies_keep_serving_while_the_control_plane_restarts_and_converge_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_api_explains_bad_input_and_documents_every_route() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let http = control_plane.http();
@@ -454,6 +460,7 @@ async fn the_rest_api_explains_bad_input_and_documents_every_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
+    let _turn = crate::common::module_turn(module_path!());
     let plugin = example_plugin("add_header");
     let [port, admin, xds, api] = [free_port(), free_port(), free_port(), free_port()];
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -549,6 +556,7 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_restarted_while_its_control_plane_is_down_serves_its_last_good_config() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let port = free_port();
@@ -627,6 +635,7 @@ fn postgres_database() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_sharing_postgresql_serve_each_others_changes() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let port = free_port();
@@ -676,6 +685,7 @@ async fn replicas_sharing_postgresql_serve_each_others_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn renaming_a_service_under_load_drops_no_request() {
+    let _turn = crate::common::module_turn(module_path!());
     let (a, b, port, control_plane) = serving_a().await;
     let proxy = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     let load = SteadyLoad::start(&proxy.url("/"), 4);
@@ -716,6 +726,7 @@ async fn renaming_a_service_under_load_drops_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_bodies_are_refused_at_once_and_stall_nothing() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let http = control_plane.http();

@@ -37,6 +37,7 @@ fn catalog(first: std::net::SocketAddr, second: std::net::SocketAddr, retries: b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_on_connect_failure_hide_a_dead_endpoint() {
+    let _turn = crate::common::module_turn(module_path!());
     let live = Backend::start("live").await;
     let dead = dead_address();
     let proxy = Proxy::start(&catalog(dead, live.address, true)).await;
@@ -72,6 +73,7 @@ async fn retries_on_connect_failure_hide_a_dead_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_on_5xx_go_to_another_endpoint() {
+    let _turn = crate::common::module_turn(module_path!());
     let broken = Backend::start("broken").await;
     broken.set_status(503);
     let good = Backend::start("good").await;
@@ -105,6 +107,7 @@ async fn retries_on_5xx_go_to_another_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_checks_take_a_failing_endpoint_out_and_bring_it_back() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let proxy = Proxy::start(&format!(
@@ -190,6 +193,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2c_and_http1_share_a_port_and_upstream_http2_works() {
+    let _turn = crate::common::module_turn(module_path!());
     let h1 = Backend::start("h1").await;
     let h2 = Backend::start("h2").await;
     let proxy = Proxy::start(&format!(
@@ -227,6 +231,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn https_offers_http2_by_alpn_and_http1_too() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("tls-backend").await;
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -281,6 +286,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_id_forwarding_headers_and_traceparent() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("echo").await;
     let proxy = Proxy::start(&format!(
         r#"
@@ -337,6 +343,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn errors_have_envoy_statuses_and_flags() {
+    let _turn = crate::common::module_turn(module_path!());
     let slow = Backend::start("slow").await;
     slow.set_delay(Duration::from_secs(3));
     let reset = resetting_backend().await;
@@ -441,6 +448,7 @@ fn assert_prometheus_text(text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_parse_as_prometheus_text_and_count_what_was_sent() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("m").await;
     let proxy = Proxy::start(&format!(
         r#"
@@ -512,6 +520,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_config_at_start_exits_2_naming_the_field() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
     std::fs::write(
@@ -536,6 +545,7 @@ async fn bad_config_at_start_exits_2_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broken_reload_keeps_the_old_config_serving() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let good = format!(
         r#"
@@ -576,6 +586,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_drops_no_request() {
+    let _turn = crate::common::module_turn(module_path!());
     let blue = Backend::start("blue").await;
     let green = Backend::start("green").await;
     let config = |service: &str| {
@@ -620,6 +631,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_in_flight_requests_then_exits() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("slow").await;
     backend.set_delay(Duration::from_millis(1500));
     let mut proxy = Proxy::start(&format!(
@@ -658,6 +670,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_process_takes_over_the_listening_socket_and_no_request_fails() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let mut old = Proxy::start(&format!(
         r#"
@@ -713,6 +726,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_moves_the_listener_keeps_the_bound_port_serving_until_restart() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let config = |backend: &Backend, port: &str| {
@@ -761,6 +775,7 @@ async fn echo_server() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_connect_tunnels_to_its_routes_service_and_other_requests_route_as_before() {
+    let _turn = crate::common::module_turn(module_path!());
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("web").await;
     let echo = echo_server().await;
@@ -840,6 +855,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_is_refused_where_no_route_takes_it() {
+    let _turn = crate::common::module_turn(module_path!());
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&format!(
@@ -866,6 +882,7 @@ async fn connect_is_refused_where_no_route_takes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_log_writes_one_json_line_per_request() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&format!(
         r#"
@@ -913,6 +930,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lb_latency_sends_traffic_where_it_is_answered_fastest_and_follows_a_slowdown() {
+    let _turn = crate::common::module_turn(module_path!());
     let fast = Backend::start("fast").await;
     let slow = Backend::start("slow").await;
     slow.set_delay(Duration::from_millis(40));
@@ -974,6 +992,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
+    let _turn = crate::common::module_turn(module_path!());
     let good = Backend::start("good").await;
     let bad = Backend::start("bad").await;
     bad.set_status(500);
@@ -1022,6 +1041,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_max_requests_circuit_breaker_answers_503_uo_beyond_its_limit() {
+    let _turn = crate::common::module_turn(module_path!());
     let slow = Backend::start("slow").await;
     slow.set_delay(Duration::from_millis(500));
     let proxy = Proxy::start(&format!(
@@ -1065,6 +1085,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_max_retries_circuit_breaker_stops_retries() {
+    let _turn = crate::common::module_turn(module_path!());
     let good = Backend::start("good").await;
     let bad = Backend::start("bad").await;
     bad.set_status(500);
@@ -1112,6 +1133,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_budget_limits_retries_in_flight_to_a_share_of_the_requests() {
+    let _turn = crate::common::module_turn(module_path!());
     let good = Backend::start("good").await;
     let bad = Backend::start("bad").await;
     bad.set_status(500);
@@ -1161,6 +1183,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn success_rate_and_latency_outliers_are_ejected_each_interval() {
+    let _turn = crate::common::module_turn(module_path!());
     // Six endpoints: four fine, one answering 500 to everything, one 150 ms slow.
     let mut backends = Vec::new();
     for name in ["a", "b", "c", "d", "failing", "slow"] {
@@ -1237,6 +1260,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_sends_each_user_to_one_backend_and_moves_only_a_lost_backends_users() {
+    let _turn = crate::common::module_turn(module_path!());
     let mut backends = Vec::new();
     for name in ["a", "b", "c"] {
         backends.push(Backend::start(name).await);
@@ -1308,6 +1332,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_makes_requests_wait_and_max_pending_requests_refuses_the_rest() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     backend.set_delay(Duration::from_millis(400));
     let proxy = Proxy::start(&format!(
@@ -1424,6 +1449,7 @@ async fn upgrading_backend() -> (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_upgrade_passes_through_and_carries_bytes_both_ways() {
+    let _turn = crate::common::module_turn(module_path!());
     use tokio::io::AsyncWriteExt;
     let (backend, heads) = upgrading_backend().await;
     let proxy = Proxy::start(&format!(

@@ -70,6 +70,7 @@ fn serde_yaml_value(document: &str) -> serde_yaml::Value {
 
 #[test]
 fn every_kustomization_renders_and_validates_against_the_kubernetes_schemas() {
+    let _turn = crate::common::module_turn(module_path!());
     for dir in [
         "control-plane",
         "regions/eu-west",
@@ -119,6 +120,7 @@ fn every_kustomization_renders_and_validates_against_the_kubernetes_schemas() {
 
 #[test]
 fn nip_inject_output_validates_and_injecting_it_again_changes_nothing() {
+    let _turn = crate::common::module_turn(module_path!());
     let app = repository().join("deploy/examples/app.yaml");
     let injected = run_nip(&["inject", "-f", app.to_str().unwrap()], None);
     assert!(
@@ -178,6 +180,7 @@ fn apply_patch(mut document: Value, patch: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     // The apiserver calls the webhook without an API token.
@@ -255,6 +258,7 @@ async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_ready_returns_once_the_proxy_serves_and_fails_at_its_timeout() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&format!(
         "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - service: web\n",

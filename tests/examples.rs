@@ -8,6 +8,7 @@ use std::time::Duration;
 
 #[test]
 fn every_example_is_a_valid_config() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -52,6 +53,7 @@ async fn backend_of(response: reqwest::Response) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_picks_the_most_specific_host_then_the_first_matching_route() {
+    let _turn = crate::common::module_turn(module_path!());
     let api = Backend::start("api").await;
     let admin = Backend::start("admin").await;
     let web = Backend::start("web").await;
@@ -176,6 +178,7 @@ async fn routing_picks_the_most_specific_host_then_the_first_matching_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_takes_its_share_and_testers_always_reach_it() {
+    let _turn = crate::common::module_turn(module_path!());
     let v1 = Backend::start("shop-v1").await;
     let v2 = Backend::start("shop-v2").await;
     let proxy = Proxy::start(&example(
@@ -247,6 +250,7 @@ async fn a_canary_takes_its_share_and_testers_always_reach_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_data_stays_in_its_region_even_when_that_means_503() {
+    let _turn = crate::common::module_turn(module_path!());
     let eu = Backend::start("eu").await;
     let us = Backend::start("us").await;
     let proxy = Proxy::start(&example(
@@ -283,6 +287,7 @@ async fn pinned_data_stays_in_its_region_even_when_that_means_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shedding_runs_a_concurrency_limit_and_takes_priorities_from_trusted_clients() {
+    let _turn = crate::common::module_turn(module_path!());
     let search = Backend::start("search").await;
     let proxy = Proxy::start(&example("shedding", &[("127.0.0.1:8081", search.address)])).await;
     let response = client()
@@ -313,6 +318,7 @@ async fn shedding_runs_a_concurrency_limit_and_takes_priorities_from_trusted_cli
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_keeps_traffic_in_the_proxys_region_while_it_is_fast() {
+    let _turn = crate::common::module_turn(module_path!());
     let r1 = Backend::start("r1").await;
     let r2 = Backend::start("r2").await;
     let r3 = Backend::start("r3").await;
@@ -346,6 +352,7 @@ async fn latency_keeps_traffic_in_the_proxys_region_while_it_is_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_runs_on_the_routes_that_name_it() {
+    let _turn = crate::common::module_turn(module_path!());
     let web = Backend::start("web").await;
     let yaml = with_built_plugin(&example("plugins", &[("127.0.0.1:8081", web.address)]));
     let proxy = Proxy::start(&yaml).await;

@@ -145,6 +145,7 @@ fn status_of(answer: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_clients_are_cut_off_on_time() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(
         backend.address,
@@ -198,6 +199,7 @@ async fn idle_and_slow_clients_are_cut_off_on_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_framing_never_reaches_the_backend() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(backend.address, "").await;
     let cases: &[(&str, &str)] = &[
@@ -277,6 +279,7 @@ async fn ambiguous_framing_never_reaches_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(backend.address, "").await;
     let mut stream = connect(&proxy).await;
@@ -301,6 +304,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(
         backend.address,
@@ -382,6 +386,7 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_header_is_taken_only_from_trusted_listeners() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("app").await;
     let untrusted = proxy_to(backend.address, "").await;
     let client = client();
@@ -448,6 +453,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_settings_flood_is_ended_with_enhance_your_calm() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("app").await;
     let proxy = proxy_to(backend.address, "").await;
     let mut stream = connect(&proxy).await;
@@ -489,6 +495,7 @@ async fn h2_settings_flood_is_ended_with_enhance_your_calm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_validated_by_field() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nip.yaml");
     std::fs::write(
@@ -523,6 +530,7 @@ async fn limits_are_validated_by_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunked_body_never_leaves_a_half_sent_request_upstream() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(backend.address, "").await;
     // Warm a pooled upstream connection.
@@ -555,6 +563,7 @@ async fn a_malformed_chunked_body_never_leaves_a_half_sent_request_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowds_of_idle_and_slow_clients_do_not_stop_service_on_1024_descriptors() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = RecordingBackend::start().await;
     let proxy = Proxy::start_with_nofile(
         &format!(
@@ -634,6 +643,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_end_at_max_connection_duration() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("app").await;
     let proxy = proxy_to(backend.address, "  max_connection_duration: 1s\n").await;
     // HTTP/1: the first answer after the connection's age says Connection: close.
@@ -721,6 +731,7 @@ async fn big_response_backend(size: usize) -> (std::net::SocketAddr, Arc<Mutex<O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_at_stream_idle_timeout() {
+    let _turn = crate::common::module_turn(module_path!());
     const SIZE: usize = 256 << 20;
     let (backend, finished) = big_response_backend(SIZE).await;
     let proxy = proxy_to(backend, "  stream_idle_timeout: 1s\n").await;

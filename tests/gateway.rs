@@ -24,6 +24,7 @@ async fn retries_example() -> (Proxy, [Backend; 3]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
+    let _turn = crate::common::module_turn(module_path!());
     let (proxy, [orders, _payments, _feed]) = retries_example().await;
     // 5 retries of 300 ms tries would take 1.8 s: the 1 s budget ends it first.
     orders.set_delay(Duration::from_secs(5));
@@ -45,6 +46,7 @@ async fn the_route_timeout_is_the_whole_budget_of_a_request_and_its_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retriable_statuses_are_retried_after_a_jittered_back_off() {
+    let _turn = crate::common::module_turn(module_path!());
     let (proxy, [_orders, payments, _feed]) = retries_example().await;
     payments.set_status(409);
     let started = Instant::now();
@@ -66,6 +68,7 @@ async fn retriable_statuses_are_retried_after_a_jittered_back_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_timeout_bounds_each_read_of_a_route_without_a_budget() {
+    let _turn = crate::common::module_turn(module_path!());
     let (proxy, [_orders, _payments, feed]) = retries_example().await;
     feed.set_delay(Duration::from_millis(300));
     let response = client().get(proxy.url("/feed")).send().await.unwrap();
@@ -83,6 +86,7 @@ async fn an_idle_timeout_bounds_each_read_of_a_route_without_a_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_rewrite_paths_and_hosts_and_edit_headers_both_ways() {
+    let _turn = crate::common::module_turn(module_path!());
     let users = Backend::start("users").await;
     let catalog = Backend::start("catalog").await;
     let proxy = Proxy::start(&example(
@@ -143,6 +147,7 @@ async fn routes_rewrite_paths_and_hosts_and_edit_headers_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_and_direct_responses_are_answered_without_an_upstream() {
+    let _turn = crate::common::module_turn(module_path!());
     let web = Backend::start("web").await;
     let proxy = Proxy::start(&example("redirects", &[("127.0.0.1:8081", web.address)])).await;
     let no_redirects = reqwest::Client::builder()
@@ -218,6 +223,7 @@ async fn raw_exchange(port: u16, request: &str) -> String {
 
 #[test]
 fn route_edits_are_validated_by_field_path() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.yaml");
     std::fs::write(
@@ -267,6 +273,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routes_plugins_run_before_it_answers_by_itself() {
+    let _turn = crate::common::module_turn(module_path!());
     let plugin = c_plugin();
     let proxy = Proxy::start(&format!(
         r#"

@@ -167,6 +167,7 @@ impl Drop for Capture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applications_outbound_tcp_goes_to_the_proxy_with_its_destination_and_cleanup_undoes_it()
 {
+    let _turn = crate::common::module_turn(module_path!());
     for binary in ["iptables-nft", "iptables-legacy"] {
         let Some(namespace) = Namespace::create(&binary[9..]) else {
             return;
@@ -294,6 +295,7 @@ impl Drop for Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_passes_an_applications_http_to_its_original_destination() {
+    let _turn = crate::common::module_turn(module_path!());
     let Some(namespace) = Namespace::create("passthrough") else {
         return;
     };
@@ -476,6 +478,7 @@ fn share(path: &std::path::Path, mode: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
+    let _turn = crate::common::module_turn(module_path!());
     if Command::new("redis-server")
         .arg("--version")
         .output()
@@ -863,6 +866,7 @@ impl Node {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
+    let _turn = crate::common::module_turn(module_path!());
     let Some(cluster) = Node::create() else {
         return;
     };
@@ -1043,6 +1047,7 @@ async fn meshed_sidecars_speak_mutual_tls_and_the_server_knows_its_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_takes_ipv6_connections_too() {
+    let _turn = crate::common::module_turn(module_path!());
     let Some(namespace) = Namespace::create("ipv6") else {
         return;
     };

@@ -111,6 +111,7 @@ fn apply(api: &str, token_file: &std::path::Path, yaml: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
+    let _turn = crate::common::module_turn(module_path!());
     let (_one, one_port) = echo_server("one").await;
     let (_two, two_port) = echo_server("two").await;
     let dir = tempfile::tempdir().unwrap();
@@ -195,6 +196,7 @@ async fn a_grpc_client_resolves_xds_targets_through_the_control_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nip_proxy_runs_on_an_independent_xds_server() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("a").await;
     let backend2 = Backend::start("b").await;
     let plugin = example_plugin("add_header");
@@ -374,6 +376,7 @@ async fn greeting_echo_server() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() {
+    let _turn = crate::common::module_turn(module_path!());
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start("a").await;
@@ -517,6 +520,7 @@ async fn an_istio_style_outbound_listener_sends_http_tls_and_tcp_each_its_way() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_roles() {
+    let _turn = crate::common::module_turn(module_path!());
     let port = free_port();
     let issuer = Background::python(&[
         script("oidc_issuer.py").to_str().unwrap(),
@@ -597,6 +601,7 @@ async fn jwts_of_an_oidc_issuer_signed_by_pyjwt_are_api_credentials_with_their_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = crate::common::control_plane::ControlPlane::start(None);
     control_plane.wait_ready().await;
     let applied = control_plane.apply(

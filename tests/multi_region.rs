@@ -119,6 +119,7 @@ routes:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
+    let _turn = crate::common::module_turn(module_path!());
     let (regions, proxy) = three_regions("", "").await;
     let load = Load::start(&proxy.url("/"), 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -185,6 +186,7 @@ async fn traffic_follows_the_fastest_region_and_comes_home_when_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_and_retries() {
+    let _turn = crate::common::module_turn(module_path!());
     // Every client may be retrying at once when the region goes dark: the max_retries
     // circuit breaker (Envoy's default is 3) must leave room for them.
     let (regions, proxy) = three_regions(
@@ -216,6 +218,7 @@ async fn a_black_holed_region_under_load_costs_no_request_with_per_try_timeouts_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_down() {
+    let _turn = crate::common::module_turn(module_path!());
     let (regions, proxy) = three_regions(
         ", health_check: { path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }",
         "  - match: { path_prefix: /eu-data }\n    service: web\n    locality: r2\n  - service: web\n",
@@ -256,6 +259,7 @@ async fn a_route_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_down() {
+    let _turn = crate::common::module_turn(module_path!());
     let (regions, proxy) = three_regions_with(
         "tenant: { id: acme, data: { locality: r3 } }",
         ", health_check: { path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 1 }",
@@ -291,6 +295,7 @@ async fn a_tenant_pinned_to_a_region_never_leaves_it_and_answers_503_when_it_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_retries_a_black_holed_region_costs_only_the_tries_it_swallowed() {
+    let _turn = crate::common::module_turn(module_path!());
     let (regions, proxy) = three_regions("", "  - service: web\n    timeout: 2s\n").await;
     let clients = 4;
     let load = Load::start(&proxy.url("/"), clients);
@@ -328,6 +333,7 @@ async fn without_retries_a_black_holed_region_costs_only_the_tries_it_swallowed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_probes_keep_idle_regions_predictions_current() {
+    let _turn = crate::common::module_turn(module_path!());
     let (regions, proxy) = three_regions(
         ", health_check: { path: /healthz, interval: 200ms, timeout: 2s }",
         "",

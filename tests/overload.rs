@@ -66,6 +66,7 @@ async fn offer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn at_three_times_capacity_high_priority_succeeds_and_low_priority_is_shed() {
+    let _turn = crate::common::module_turn(module_path!());
     // 4 workers × 25 ms: the backend serves 160 requests per second.
     let backend = Backend::start("web").await;
     backend.set_workers(4);
@@ -171,6 +172,7 @@ routes:
 
 #[tokio::test]
 async fn a_priority_that_is_not_low_normal_or_high_is_refused_with_400() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&format!(
         r#"

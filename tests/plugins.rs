@@ -53,6 +53,7 @@ const TRAPPING_PLUGIN: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_rust_sdk_plugin_edits_requests_and_responses_on_its_routes_only() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let plugin = example_plugin("add_header");
     let proxy = Proxy::start(&config(
@@ -100,6 +101,7 @@ async fn the_rust_sdk_plugin_edits_requests_and_responses_on_its_routes_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_plugin_follows_its_fail_policy_and_others_keep_working() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let trap = dir.path().join("trap.wat");
@@ -175,6 +177,7 @@ async fn a_failing_plugin_follows_its_fail_policy_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broken_plugin_is_refused_at_start_and_at_reload() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let garbage = dir.path().join("garbage.wasm");
@@ -225,6 +228,7 @@ async fn a_broken_plugin_is_refused_at_start_and_at_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_data_spans_worker_threads_and_plugin_metrics_reach_the_admin_port() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let plugin = example_plugin("counter");
     let proxy = Proxy::start(&config(
@@ -278,6 +282,7 @@ async fn shared_data_spans_worker_threads_and_plugin_metrics_reach_the_admin_por
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("plugin.wasm");
@@ -324,6 +329,7 @@ async fn a_changed_module_file_is_canaried_and_swapped_in_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn body_plugins_see_whole_bodies_rewrite_responses_and_are_bounded() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("hello-web").await;
     let plugin = example_plugin("body_rewrite");
     let proxy = Proxy::start(&config(
@@ -395,6 +401,7 @@ async fn body_plugins_see_whole_bodies_rewrite_responses_and_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_auth_plugin_holds_each_request_for_its_http_call() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let auth = Backend::start("auth").await;
     auth.accept_token("s3cret");
@@ -464,6 +471,7 @@ async fn an_auth_plugin_holds_each_request_for_its_http_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ticks_and_queues_run_between_requests() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let plugin = example_plugin("ticker");
     let proxy = Proxy::start(&config(
@@ -506,6 +514,7 @@ async fn ticks_and_queues_run_between_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_plugin_from_a_url_runs_only_when_its_sha256_matches() {
+    let _turn = crate::common::module_turn(module_path!());
     use sha2::Digest;
     let backend = Backend::start("web").await;
     let wasm = std::fs::read(example_plugin("add_header")).unwrap();
@@ -548,6 +557,7 @@ const BIG_MEMORY_PLUGIN: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn configured_limits_bound_memory_and_buffered_bodies() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("hello").await;
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big.wat");
@@ -610,6 +620,7 @@ const SPINNING_PLUGIN: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_endless_loop_is_cut_at_its_cpu_limit_and_others_keep_being_served() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let spin = dir.path().join("spin.wat");
@@ -648,6 +659,7 @@ async fn an_endless_loop_is_cut_at_its_cpu_limit_and_others_keep_being_served() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_written_in_c_and_assemblyscript_run_like_rust_ones() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let c = c_plugin();
     let assemblyscript = assemblyscript_plugin();
@@ -729,6 +741,7 @@ async fn trailer_backend() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_edit_response_trailers() {
+    let _turn = crate::common::module_turn(module_path!());
     use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = Backend::start("web").await;
@@ -781,6 +794,7 @@ const RESETTING_PLUGIN: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_plugin_reset_closes_the_request_without_an_answer() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let reset = dir.path().join("reset.wat");
@@ -837,6 +851,7 @@ const ALIEN_IMPORT_PLUGIN: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unbounded_allocation_stops_at_the_ceiling_and_unknown_imports_are_load_errors() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let greedy = dir.path().join("greedy.wat");
@@ -884,6 +899,7 @@ async fn unbounded_allocation_stops_at_the_ceiling_and_unknown_imports_are_load_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_noop_plugin_changes_nothing() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let plugin = example_plugin("noop");
     let proxy = Proxy::start(&config(
@@ -937,6 +953,7 @@ async fn the_noop_plugin_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_resume_in_the_header_phase_does_not_undo_a_later_body_pause() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let auth = Backend::start("auth").await;
     auth.accept_token("s3cret");
@@ -988,6 +1005,7 @@ async fn stalled_registry() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_plugin_download_does_not_hold_the_admin_port_or_sigterm() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let mut proxy = Proxy::start(&config(&backend, "", "  - { service: web }")).await;
     let registry = stalled_registry().await;

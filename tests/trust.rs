@@ -10,6 +10,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_names_it() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let viewer = create_token(&control_plane, &["viewer-1", "--role", "viewer"]);
@@ -191,6 +192,7 @@ async fn every_route_needs_a_token_whose_role_allows_it_and_the_audit_trail_name
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let acme = create_token(
@@ -247,6 +249,7 @@ async fn a_token_limited_to_a_tenant_acts_on_that_tenants_config_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_cannot_black_out_the_fleet_or_send_proxies_to_a_url_of_its_choice() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let http = control_plane.http();
@@ -335,6 +338,7 @@ fn openssl(args: &[&str], stdin: &str) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_joins_with_a_token_and_gets_a_certificate_naming_it_for_its_lifetime() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let port = free_port();
     let control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "1h"]);
@@ -465,6 +469,7 @@ fn curl_certificate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_expired_revoked_or_misused_tokens_and_borrowed_node_ids_are_refused() {
+    let _turn = crate::common::module_turn(module_path!());
     let control_plane = ControlPlane::start(None);
     control_plane.wait_ready().await;
     let for_n1 = create_token(&control_plane, &["j1", "--role", "join", "--node", "n1"]);
@@ -586,6 +591,7 @@ async fn serving_with_short_certificates(port: u16, backend: &Backend) -> Contro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request() {
+    let _turn = crate::common::module_turn(module_path!());
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let port = free_port();
@@ -614,6 +620,7 @@ async fn certificates_of_seconds_are_renewed_under_load_without_a_failed_request
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_overlaps_so_joined_proxies_keep_their_control_plane() {
+    let _turn = crate::common::module_turn(module_path!());
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
     let mut control_plane = serving_with_short_certificates(port, &a).await;
@@ -685,6 +692,7 @@ fn base64_of(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_can_require_signed_plugins_for_a_tenant_and_proxies_refuse_unsigned_modules() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let port = free_port();
     let control_plane = ControlPlane::start(None);
@@ -894,6 +902,7 @@ fn openssl_pki(dir: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_verifies_client_certificates_and_hands_the_peer_identity_on() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -1057,6 +1066,7 @@ impl Drop for TlsServer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_over_mutual_tls_is_reached_only_when_both_identities_verify() {
+    let _turn = crate::common::module_turn(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     openssl_pki(d);
@@ -1153,6 +1163,7 @@ async fn a_service_over_mutual_tls_is_reached_only_when_both_identities_verify()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_whose_certificate_expired_while_all_was_down_serves_its_saved_config_and_joins_again(
 ) {
+    let _turn = crate::common::module_turn(module_path!());
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
     let mut control_plane = serving_with_short_certificates(port, &a).await;
@@ -1260,6 +1271,7 @@ fn server_certificate(dir: &std::path::Path, ca: &str, fresh_ca: bool, name: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_serves_the_certificate_each_name_asks_for_and_a_replaced_one_at_once() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -1404,6 +1416,7 @@ fn s_client_as(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_trust_bundle() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let port = free_port();
     let mut control_plane = ControlPlane::start(None);
@@ -1545,6 +1558,7 @@ async fn proxies_speak_mesh_mutual_tls_with_workload_certificates_and_a_pushed_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_to_a_tls_service_works_through_either_tls_connector() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
@@ -1584,6 +1598,7 @@ async fn http2_to_a_tls_service_works_through_either_tls_connector() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_listener_serves_its_renewed_workload_certificate() {
+    let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
     let port = free_port();
     let control_plane = ControlPlane::start_with(None, None, &["--certificate-lifetime", "3s"]);

@@ -772,3 +772,35 @@ pub fn example(name: &str, backends: &[(&str, SocketAddr)]) -> String {
     }
     yaml
 }
+
+/// Which test module runs now, and how many of its tests.
+static TURN: Mutex<(Option<&'static str>, usize)> = Mutex::new((None, 0));
+static TURN_CHANGED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Tests of one module run together (as many as libtest runs at once), never beside
+/// another module's: the end-to-end tests are one binary, and timing tests written for
+/// their own file's neighbours (a WAN bed's latencies, a crowd's memory, a connection
+/// limit) must not share the machine with another file's load. Held for the test's life.
+pub struct ModuleTurn;
+
+/// Waits for `module`'s turn (`module_path!()` of the test).
+pub fn module_turn(module: &'static str) -> ModuleTurn {
+    let mut turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    while turn.0.is_some_and(|running| running != module) {
+        turn = TURN_CHANGED.wait(turn).unwrap_or_else(|p| p.into_inner());
+    }
+    turn.0 = Some(module);
+    turn.1 += 1;
+    ModuleTurn
+}
+
+impl Drop for ModuleTurn {
+    fn drop(&mut self) {
+        let mut turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        turn.1 -= 1;
+        if turn.1 == 0 {
+            turn.0 = None;
+            TURN_CHANGED.notify_all();
+        }
+    }
+}
