@@ -880,6 +880,57 @@ async fn connect_is_refused_where_no_route_takes_it() {
     assert_eq!(backend.requests(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_local_rate_limit_answers_429_past_its_bucket_and_refills() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+routes:
+  - {{ name: limited, match: {{ path_prefix: /limited }}, service: web, rate_limit: {{ requests: 5, per: 2s }} }}
+  - {{ name: free, service: web }}
+"#,
+        backend.address
+    ))
+    .await;
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let response = client().get(proxy.url("/limited")).send().await.unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            refused.get_or_insert(response);
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    let refused = refused.unwrap();
+    assert_eq!(refused.headers()["x-ratelimit-limit"], "5");
+    assert_eq!(refused.headers()["x-ratelimit-remaining"], "0");
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "retry-after {retry}");
+    assert_eq!(refused.text().await.unwrap(), "local_rate_limited");
+    // Another route is not limited by this one's bucket.
+    for _ in 0..10 {
+        let response = client().get(proxy.url("/free")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    proxy
+        .wait_for_sample("nip_response_flags_total", &[("flag", "RL")], 3.0)
+        .await;
+    // A token comes back at the fill rate (5 per 2 s: one each 400 ms).
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let response = client().get(proxy.url("/limited")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn access_log_writes_one_json_line_per_request() {
     let _turn = crate::common::module_turn(module_path!());

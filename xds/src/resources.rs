@@ -33,6 +33,8 @@ pub mod names {
     pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
     /// The terminal router HTTP filter.
     pub const ROUTER: &str = "envoy.filters.http.router";
+    /// The local rate limit HTTP filter (its buckets are per route).
+    pub const LOCAL_RATE_LIMIT: &str = "envoy.filters.http.local_ratelimit";
     /// Downstream/upstream TLS transport socket.
     pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
     /// The plaintext transport socket (a `transport_socket_matches` entry for endpoints

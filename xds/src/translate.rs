@@ -57,6 +57,7 @@ use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
     stdout_access_log, StdoutAccessLog,
 };
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -76,6 +77,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
 };
 use envoy_types::pb::envoy::r#type::v3::Int64Range;
+use envoy_types::pb::envoy::r#type::v3::TokenBucket;
 use envoy_types::pb::google::protobuf::{
     self as pbuf, value::Kind, BoolValue, Duration as PbDuration, Struct, UInt32Value, Value,
 };
@@ -396,7 +398,22 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
             config_source: Some(crate::resources::ads_config_source()),
             route_config_name: GATEWAY_ROUTES.to_string(),
         })),
-        http_filters: plugin_filters(config)
+        http_filters: config
+            .routes
+            .iter()
+            .any(|r| r.rate_limit.is_some())
+            .then(|| HttpFilter {
+                name: names::LOCAL_RATE_LIMIT.to_string(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    LocalRateLimit {
+                        stat_prefix: "local_rate_limit".to_string(),
+                        ..Default::default()
+                    },
+                ))),
+                ..Default::default()
+            })
+            .into_iter()
+            .chain(plugin_filters(config))
             .chain(std::iter::once(router_filter()))
             .collect(),
         access_log,
@@ -813,7 +830,7 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
     });
     // Each listed plugin is switched on for this route; its position in the list is the
     // per-route config, so the proxy runs them in the route's order.
-    let typed_per_filter_config = route
+    let mut typed_per_filter_config: std::collections::HashMap<String, pbuf::Any> = route
         .plugins
         .iter()
         .enumerate()
@@ -830,6 +847,24 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
             )
         })
         .collect();
+    if let Some(limit) = &route.rate_limit {
+        typed_per_filter_config.insert(
+            names::LOCAL_RATE_LIMIT.to_string(),
+            pack_any(LocalRateLimit {
+                stat_prefix: route_name(route, index),
+                token_bucket: Some(TokenBucket {
+                    max_tokens: limit.burst.unwrap_or(limit.requests),
+                    tokens_per_fill: Some(UInt32Value {
+                        value: limit.requests,
+                    }),
+                    fill_interval: Some(pb_duration(limit.per.0)),
+                }),
+                // DRAFT_VERSION_03: the x-ratelimit-* headers.
+                enable_x_ratelimit_headers: 1,
+                ..Default::default()
+            }),
+        );
+    }
     let locality = route.locality.as_deref().or(tenant_locality);
     let metadata = locality.map(|region| Metadata {
         filter_metadata: [(

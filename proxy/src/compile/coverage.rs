@@ -123,6 +123,15 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
+    (
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        &["stat_prefix", "token_bucket", "status", "enable_x_ratelimit_headers"],
+    ),
+    (
+        "envoy.type.v3.TokenBucket",
+        &["max_tokens", "tokens_per_fill", "fill_interval"],
+    ),
+    ("envoy.type.v3.HttpStatus", &["code"]),
     ("envoy.extensions.filters.http.wasm.v3.Wasm", &["config"]),
     (
         "envoy.extensions.wasm.v3.PluginConfig",

@@ -9,6 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain as XdsFilterChain, FilterChainMatch as XdsFilterChainMatch,
 };
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
@@ -210,6 +211,20 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
                 "http_filters[{i}] {:?}: the router must be the last filter, and only there",
                 http.name
             ));
+        }
+        if type_url == LocalRateLimit::type_url() {
+            // The buckets are per route (typed_per_filter_config); a listener-wide one is
+            // not NIP's yet.
+            if let Some(http_filter::ConfigType::TypedConfig(any)) = &http.config_type {
+                let config: LocalRateLimit = decode(any)?;
+                if config.token_bucket.is_some() {
+                    return Err(format!(
+                        "http_filters[{i}] {:?}: a token_bucket for the whole listener is not supported; set it per route (typed_per_filter_config)",
+                        http.name
+                    ));
+                }
+            }
+            continue;
         }
         if !is_router && type_url != Wasm::type_url() {
             return Err(format!(

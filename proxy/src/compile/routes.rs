@@ -249,7 +249,8 @@ impl Compiler<'_> {
         .with_idle_timeout(idle_timeout)
         .with_edits(edits)
         .with_locality(route_locality(xds)?)
-        .with_hash_policy(hash_policy(action)?))
+        .with_hash_policy(hash_policy(action)?)
+        .with_rate_limit(route_rate_limit(xds)?))
     }
 }
 
@@ -421,6 +422,9 @@ pub(super) fn route_plugins(
 ) -> Result<Vec<Arc<LoadedPlugin>>, String> {
     let mut enabled = Vec::new();
     for (filter, any) in &xds.typed_per_filter_config {
+        if filter == names::LOCAL_RATE_LIMIT {
+            continue;
+        }
         let Some(prepared) = plugins.get(filter) else {
             return Err(format!(
                 "typed_per_filter_config names {filter:?}, which is not a plugin filter of the listener"
@@ -792,4 +796,69 @@ fn connect_upgrade(
         return Err("a connect_matcher route needs route.upgrade_configs [{ upgrade_type: CONNECT, connect_config: {} }]".into());
     }
     Ok(())
+}
+
+/// The route's local rate limit: its `typed_per_filter_config` for Envoy's
+/// `local_ratelimit` filter, a token bucket (a `FilterConfig` wrapping it too).
+pub(super) fn route_rate_limit(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+) -> Result<Option<Arc<crate::route::ratelimit::LocalRateLimit>>, String> {
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    let Some(any) = xds.typed_per_filter_config.get(names::LOCAL_RATE_LIMIT) else {
+        return Ok(None);
+    };
+    let field = |m: String| {
+        format!(
+            "typed_per_filter_config[{:?}]: {m}",
+            names::LOCAL_RATE_LIMIT
+        )
+    };
+    let config: LocalRateLimit = if any.type_url == FilterConfig::type_url() {
+        let wrapped: FilterConfig = decode(any).map_err(field)?;
+        if wrapped.disabled {
+            return Ok(None);
+        }
+        match &wrapped.config {
+            Some(inner) => decode(inner).map_err(field)?,
+            None => return Ok(None),
+        }
+    } else {
+        decode(any).map_err(field)?
+    };
+    let Some(bucket) = config.token_bucket else {
+        return Ok(None);
+    };
+    if bucket.max_tokens == 0 {
+        return Err(field("token_bucket.max_tokens must be at least 1".into()));
+    }
+    let tokens_per_fill = bucket.tokens_per_fill.map_or(1, |t| t.value);
+    if tokens_per_fill == 0 {
+        return Err(field(
+            "token_bucket.tokens_per_fill must be at least 1".into(),
+        ));
+    }
+    let fill_interval = bucket
+        .fill_interval
+        .as_ref()
+        .and_then(super::duration)
+        .filter(|d| *d >= Duration::from_millis(1))
+        .ok_or_else(|| field("token_bucket.fill_interval must be at least 1ms".into()))?;
+    let status = match config.status.as_ref().map(|s| s.code) {
+        None | Some(0) => 429,
+        Some(code) => u16::try_from(code)
+            .ok()
+            .filter(|c| (400..600).contains(c))
+            .ok_or_else(|| field(format!("status {code} is not an error status")))?,
+    };
+    // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
+    let headers = config.enable_x_ratelimit_headers == 1;
+    Ok(Some(Arc::new(
+        crate::route::ratelimit::LocalRateLimit::new(
+            bucket.max_tokens,
+            tokens_per_fill,
+            fill_interval,
+            status,
+            headers,
+        ),
+    )))
 }

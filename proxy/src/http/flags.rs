@@ -27,11 +27,13 @@ pub enum ResponseFlag {
     /// Shed by the cluster's adaptive concurrency: its limit is reached for this request's
     /// priority (503 unless configured; Envoy's overload flag).
     Overload,
+    /// Refused by the route's local rate limit (429 unless configured).
+    RateLimited,
 }
 
 impl ResponseFlag {
     /// Every flag, in counter order.
-    pub const ALL: [ResponseFlag; 11] = [
+    pub const ALL: [ResponseFlag; 12] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -43,6 +45,7 @@ impl ResponseFlag {
         ResponseFlag::PluginFailure,
         ResponseFlag::UpstreamOverflow,
         ResponseFlag::Overload,
+        ResponseFlag::RateLimited,
     ];
 
     /// Envoy's short name.
@@ -59,6 +62,7 @@ impl ResponseFlag {
             ResponseFlag::PluginFailure => "PF",
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::Overload => "OM",
+            ResponseFlag::RateLimited => "RL",
         }
     }
 

@@ -97,7 +97,7 @@ const PLUGIN_STOP: ErrorType = ErrorType::Custom("PluginStoppedRequest");
 pub struct Gateway {
     snapshot: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
-    flag_counters: [Counter; 11],
+    flag_counters: [Counter; ResponseFlag::ALL.len()],
     plugin_runtime: Arc<PluginRuntime>,
 }
 
@@ -311,6 +311,33 @@ impl ProxyHttp for Gateway {
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
+        if let Some(limit) = &route.rate_limit {
+            if let Err(limited) = limit.try_take() {
+                ctx.flag = Some(ResponseFlag::RateLimited);
+                ctx.local_status = limit.status;
+                let retry = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let mut headers = vec![
+                    ("content-type".to_string(), "text/plain".to_string()),
+                    ("retry-after".to_string(), retry.to_string()),
+                ];
+                if limit.headers {
+                    headers.push(("x-ratelimit-limit".into(), limit.max_tokens.to_string()));
+                    headers.push(("x-ratelimit-remaining".into(), "0".into()));
+                    headers.push(("x-ratelimit-reset".into(), retry.to_string()));
+                }
+                // Boxed like the other local answers: a rare path.
+                Box::pin(local_reply::write_answer(
+                    session,
+                    ctx,
+                    limit.status,
+                    &headers,
+                    bytes::Bytes::from_static(b"local_rate_limited"),
+                    None,
+                ))
+                .await;
+                return Ok(true);
+            }
+        }
         // Boxed: the plugin path's future is large (it may await a callout), and async_trait
         // moves this whole future into a box on every request, plugins or not.
         if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {

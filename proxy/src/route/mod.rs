@@ -7,6 +7,7 @@
 
 pub mod actions;
 pub mod edits;
+pub mod ratelimit;
 
 use crate::telemetry::metrics::{RequestCounters, RouteStats};
 use crate::upstream::cluster::Cluster;
@@ -255,6 +256,8 @@ pub struct Route {
     pub edits: RouteEdits,
     /// Set when the route answers by itself (redirect, direct response) instead.
     pub local: Option<LocalAction>,
+    /// Its local rate limit (Envoy's `local_ratelimit` per route), if any.
+    pub rate_limit: Option<std::sync::Arc<ratelimit::LocalRateLimit>>,
 }
 
 /// What a route changes in the requests it forwards and their responses.
@@ -359,6 +362,7 @@ impl Route {
             hash_policy: Vec::new(),
             edits: RouteEdits::default(),
             local: None,
+            rate_limit: None,
         }
     }
 
@@ -371,6 +375,15 @@ impl Route {
     /// Makes the route answer by itself.
     pub fn with_local_action(mut self, local: Option<LocalAction>) -> Self {
         self.local = local;
+        self
+    }
+
+    /// Limits the route's request rate.
+    pub fn with_rate_limit(
+        mut self,
+        rate_limit: Option<std::sync::Arc<ratelimit::LocalRateLimit>>,
+    ) -> Self {
+        self.rate_limit = rate_limit;
         self
     }
 

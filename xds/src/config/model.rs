@@ -874,6 +874,11 @@ pub struct RouteConfig {
     /// Plugins this route runs, in this order.
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// At most `requests` per `per` on each proxy (bursts up to `burst`, default
+    /// `requests`); beyond, 429 with `retry-after` and `x-ratelimit-*` (Envoy's
+    /// `local_ratelimit` per route).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
     /// Data locality: only endpoints in this region ever serve the route; when none is
     /// usable the answer is 503 (flag `UH`) rather than another region.
     #[serde(default)]
@@ -1336,4 +1341,17 @@ pub struct TenantData {
     /// Region the tenant's traffic must stay in.
     #[serde(default)]
     pub locality: Option<String>,
+}
+
+/// A route's local rate limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests allowed per `per`.
+    pub requests: u32,
+    /// The period (`1s`, `1m`).
+    pub per: HumanDuration,
+    /// The most requests let through at once (default `requests`).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }

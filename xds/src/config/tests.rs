@@ -378,3 +378,21 @@ fn a_connect_route_matches_its_host_only() {
         "{errors}"
     );
 }
+
+#[test]
+fn a_rate_limit_needs_requests_and_a_period() {
+    let errors = errors_of(
+        "services:\n  web: { endpoints: [\"127.0.0.1:80\"] }\nroutes:\n  - { service: web, rate_limit: { requests: 0, per: 0s, burst: 0 } }\n",
+    )
+    .join("\n");
+    for field in [
+        "requests: must be at least 1",
+        "per: must be at least 1ms",
+        "burst: must be at least 1",
+    ] {
+        assert!(
+            errors.contains(&format!("routes[0].rate_limit.{field}")),
+            "{field}: {errors}"
+        );
+    }
+}

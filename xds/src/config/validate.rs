@@ -759,6 +759,17 @@ fn validate_route_locality(path: &str, route: &RouteConfig, config: &Config, err
 
 fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
     validate_connect_route(path, route, errors);
+    if let Some(limit) = &route.rate_limit {
+        if limit.requests == 0 {
+            errors.add(format!("{path}.rate_limit.requests"), "must be at least 1");
+        }
+        if limit.per.0 < std::time::Duration::from_millis(1) {
+            errors.add(format!("{path}.rate_limit.per"), "must be at least 1ms");
+        }
+        if limit.burst == Some(0) {
+            errors.add(format!("{path}.rate_limit.burst"), "must be at least 1");
+        }
+    }
     let m = &route.matcher;
     let specifiers = [&m.path, &m.path_prefix, &m.path_regex]
         .iter()
