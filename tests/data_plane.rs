@@ -884,19 +884,21 @@ async fn connect_is_refused_where_no_route_takes_it() {
 async fn a_routes_local_rate_limit_answers_429_past_its_bucket_and_refills() {
     let _turn = crate::common::module_turn(module_path!());
     let backend = Backend::start("web").await;
-    let proxy = Proxy::start(&format!(
-        r#"
+    let config = |other: &str| {
+        format!(
+            r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
 api_gateway: {{ address: "127.0.0.1:{{port}}" }}
 services:
   web: {{ endpoints: ["{}"] }}
 routes:
-  - {{ name: limited, match: {{ path_prefix: /limited }}, service: web, rate_limit: {{ requests: 5, per: 2s }} }}
-  - {{ name: free, service: web }}
+  - {{ name: limited, match: {{ path_prefix: /limited }}, service: web, rate_limit: {{ requests: 5, per: 10s }} }}
+  - {{ name: {other}, service: web }}
 "#,
-        backend.address
-    ))
-    .await;
+            backend.address
+        )
+    };
+    let proxy = Proxy::start(&config("free")).await;
     let mut statuses = Vec::new();
     let mut refused = None;
     for _ in 0..8 {
@@ -910,12 +912,18 @@ routes:
     let refused = refused.unwrap();
     assert_eq!(refused.headers()["x-ratelimit-limit"], "5");
     assert_eq!(refused.headers()["x-ratelimit-remaining"], "0");
-    let retry: u64 = refused.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=2).contains(&retry), "retry-after {retry}");
+    let retry = |response: &reqwest::Response| -> u64 {
+        response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        (1..=2).contains(&retry(&refused)),
+        "retry-after {}: a token each 2 s",
+        retry(&refused)
+    );
     assert_eq!(refused.text().await.unwrap(), "local_rate_limited");
     // Another route is not limited by this one's bucket.
     for _ in 0..10 {
@@ -925,8 +933,14 @@ routes:
     proxy
         .wait_for_sample("nip_response_flags_total", &[("flag", "RL")], 3.0)
         .await;
-    // A token comes back at the fill rate (5 per 2 s: one each 400 ms).
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    // A reload that keeps the route's limit keeps its count.
+    let version = proxy.version().await;
+    proxy.rewrite_config(&config("renamed"));
+    proxy.wait_version_change(&version).await;
+    let response = client().get(proxy.url("/limited")).send().await.unwrap();
+    assert_eq!(response.status(), 429, "the bucket survived the reload");
+    // A token comes back at the fill rate (5 per 10 s: one each 2 s).
+    tokio::time::sleep(Duration::from_secs(retry(&response)) + Duration::from_millis(100)).await;
     let response = client().get(proxy.url("/limited")).send().await.unwrap();
     assert_eq!(response.status(), 200);
 }

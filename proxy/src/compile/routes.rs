@@ -852,13 +852,14 @@ pub(super) fn route_rate_limit(
     };
     // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
     let headers = config.enable_x_ratelimit_headers == 1;
-    Ok(Some(Arc::new(
-        crate::route::ratelimit::LocalRateLimit::new(
-            bucket.max_tokens,
+    Ok(Some(crate::route::ratelimit::shared(
+        crate::route::ratelimit::BucketKey {
+            route: xds.name.clone(),
+            max_tokens: bucket.max_tokens,
             tokens_per_fill,
             fill_interval,
             status,
             headers,
-        ),
+        },
     )))
 }

@@ -95,6 +95,49 @@ impl LocalRateLimit {
     }
 }
 
+/// What identifies a bucket across reloads: its route and its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    /// The route's name.
+    pub route: String,
+    /// `max_tokens`.
+    pub max_tokens: u32,
+    /// `tokens_per_fill`.
+    pub tokens_per_fill: u32,
+    /// `fill_interval`.
+    pub fill_interval: Duration,
+    /// The refusal status.
+    pub status: u16,
+    /// Whether `x-ratelimit-*` headers are sent.
+    pub headers: bool,
+}
+
+/// The buckets in use, by key: a reload that keeps a route's limit keeps its bucket (and
+/// its count), as Envoy keeps a token bucket across route updates. Only compiles look here
+/// (never a request); entries die with the last snapshot using them.
+static BUCKETS: std::sync::Mutex<
+    Option<std::collections::HashMap<BucketKey, std::sync::Weak<LocalRateLimit>>>,
+> = std::sync::Mutex::new(None);
+
+/// The bucket for `key`: the one in use if a snapshot still holds it, else a new one.
+pub fn shared(key: BucketKey) -> std::sync::Arc<LocalRateLimit> {
+    let mut buckets = BUCKETS.lock().unwrap_or_else(|p| p.into_inner());
+    let buckets = buckets.get_or_insert_with(Default::default);
+    if let Some(bucket) = buckets.get(&key).and_then(std::sync::Weak::upgrade) {
+        return bucket;
+    }
+    buckets.retain(|_, bucket| bucket.strong_count() > 0);
+    let bucket = std::sync::Arc::new(LocalRateLimit::new(
+        key.max_tokens,
+        key.tokens_per_fill,
+        key.fill_interval,
+        key.status,
+        key.headers,
+    ));
+    buckets.insert(key, std::sync::Arc::downgrade(&bucket));
+    bucket
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
