@@ -33,8 +33,16 @@ struct Namespace {
     name: String,
 }
 
+/// Runs `ip ARGS`; panics unless it succeeds.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("ip");
+    assert!(status.success(), "ip {args:?}");
+}
+
 impl Namespace {
-    fn create(tag: &str) -> Option<Namespace> {
+    /// A namespace of its own with nothing set up in it; `None`, saying so, where the
+    /// kernel forbids network namespaces.
+    fn bare(tag: &str) -> Option<Namespace> {
         let name = format!("nip-{tag}-{}", std::process::id());
         let made = Command::new("ip")
             .args(["netns", "add", &name])
@@ -47,7 +55,11 @@ impl Namespace {
             );
             return None;
         }
-        let namespace = Namespace { name };
+        Some(Namespace { name })
+    }
+
+    fn create(tag: &str) -> Option<Namespace> {
+        let namespace = Namespace::bare(tag)?;
         for args in [
             vec!["link", "set", "lo", "up"],
             vec!["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
@@ -394,27 +406,8 @@ struct Pods {
 
 impl Pods {
     fn create() -> Option<Pods> {
-        let bare = |tag: &str| -> Option<Namespace> {
-            let name = format!("nip-{tag}-{}", std::process::id());
-            let made = Command::new("ip")
-                .args(["netns", "add", &name])
-                .output()
-                .ok()?;
-            if !made.status.success() {
-                eprintln!(
-                    "SKIPPED: cannot create a network namespace here ({})",
-                    String::from_utf8_lossy(&made.stderr).trim()
-                );
-                return None;
-            }
-            Some(Namespace { name })
-        };
-        let client = bare("client-pod")?;
-        let server = bare("server-pod")?;
-        let ip = |args: &[&str]| {
-            let status = Command::new("ip").args(args).status().expect("ip");
-            assert!(status.success(), "ip {args:?}");
-        };
+        let client = Namespace::bare("client-pod")?;
+        let server = Namespace::bare("server-pod")?;
         ip(&[
             "link",
             "add",
@@ -799,28 +792,9 @@ struct Node {
 
 impl Node {
     fn create() -> Option<Node> {
-        let bare = |tag: &str| -> Option<Namespace> {
-            let name = format!("nip-{tag}-{}", std::process::id());
-            let made = Command::new("ip")
-                .args(["netns", "add", &name])
-                .output()
-                .ok()?;
-            if !made.status.success() {
-                eprintln!(
-                    "SKIPPED: cannot create a network namespace here ({})",
-                    String::from_utf8_lossy(&made.stderr).trim()
-                );
-                return None;
-            }
-            Some(Namespace { name })
-        };
-        let node = bare("node")?;
-        let client = bare("meshed-client")?;
-        let server = bare("meshed-server")?;
-        let ip = |args: &[&str]| {
-            let status = Command::new("ip").args(args).status().expect("ip");
-            assert!(status.success(), "ip {args:?}");
-        };
+        let node = Namespace::bare("node")?;
+        let client = Namespace::bare("meshed-client")?;
+        let server = Namespace::bare("meshed-server")?;
         ip(&["-n", &node.name, "link", "set", "lo", "up"]);
         for (pod, link, subnet) in [(&client, "to-client", 1), (&server, "to-server", 2)] {
             ip(&[
