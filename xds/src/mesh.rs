@@ -135,7 +135,7 @@ pub fn mesh_ports(resources: &ResourceSet) -> Option<MeshPorts> {
             l.name == name && crate::secrets::referenced([l], []).contains(WORKLOAD_CERTIFICATE)
         })
     };
-    if serves_workload_certificate(crate::translate::SIDECAR_INBOUND) {
+    if serves_workload_certificate(crate::resources::SIDECAR_INBOUND) {
         return Some(MeshPorts::Sidecar);
     }
     mesh_listener_port(resources).map(MeshPorts::Gateway)
@@ -194,7 +194,7 @@ pub fn reach_members_over_mtls(
         .clusters
         .iter()
         .filter(|c| c.transport_socket.is_none() && c.transport_socket_matches.is_empty())
-        .filter(|c| !crate::translate::is_tcp_cluster(&c.name))
+        .filter(|c| !crate::resources::is_tcp_cluster(&c.name))
         .map(|c| c.name.clone())
         .collect();
     let mut identities: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -369,7 +369,7 @@ mod tests {
         assert_eq!(identity_of(&set, "a", 1).as_deref(), n1);
         assert_eq!(identity_of(&set, "a", 2), None, "not a member");
         // The plaintext cluster the sidecar's tcp_proxy uses for a's address stays so.
-        let tcp = crate::translate::tcp_cluster_name("a");
+        let tcp = crate::resources::tcp_cluster_name("a");
         assert_eq!(identity_of(&set, &tcp, 0), None);
         let a = set.clusters.iter().find(|c| c.name == "a").unwrap();
         let socket = a.transport_socket_matches[0]

@@ -253,6 +253,27 @@ impl Fnv64 {
     }
 }
 
+/// The sidecar's cluster of where each connection was going before it was redirected.
+pub const SIDECAR_PASSTHROUGH: &str = "sidecar_passthrough";
+/// The sidecar's outbound listener.
+pub const SIDECAR_OUTBOUND: &str = "sidecar_outbound";
+/// The sidecar's inbound listener.
+pub const SIDECAR_INBOUND: &str = "sidecar_inbound";
+/// Envoy's upgrade type of CONNECT tunnels.
+pub const CONNECT_UPGRADE: &str = "CONNECT";
+
+/// The name of the plaintext cluster `tcp_proxy` chains reach service `name` by: mesh
+/// mutual TLS is for its HTTP (the `tcp_proxy` filter does not originate TLS), so the
+/// control plane leaves this one plaintext.
+pub fn tcp_cluster_name(name: &str) -> String {
+    format!("tcp|{name}")
+}
+
+/// Whether `cluster` is one of [`tcp_cluster_name`]'s.
+pub fn is_tcp_cluster(cluster: &str) -> bool {
+    cluster.starts_with("tcp|")
+}
+
 /// The role a listener is for (its `nip.role` metadata), if it names one.
 pub fn listener_role(
     listener: &envoy_types::pb::envoy::config::listener::v3::Listener,

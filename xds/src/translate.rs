@@ -22,7 +22,7 @@ use crate::config::{
     DEFAULT_MAX_REQUEST_HEADERS_KB, DEFAULT_PLUGIN_BODY, DEFAULT_PLUGIN_CPU, DEFAULT_PLUGIN_MEMORY,
     DEFAULT_REQUEST_HEADERS_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT,
 };
-use crate::resources::{names, ResourceSet, GATEWAY_LISTENER, GATEWAY_ROUTES};
+use crate::resources::{names, ResourceSet, CONNECT_UPGRADE, GATEWAY_LISTENER, GATEWAY_ROUTES};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::bootstrap::v3::{
     bootstrap::DynamicResources, Admin, Bootstrap,
@@ -215,9 +215,6 @@ pub fn translate(config: &Config) -> Translation {
         }),
     }
 }
-
-/// Envoy's upgrade type of CONNECT tunnels.
-pub const CONNECT_UPGRADE: &str = "CONNECT";
 
 /// Blocks the v4 format defines whose runtime has not landed yet. They are validated and
 /// kept, never silently dropped: the proxy logs these and `nip validate` prints them.
@@ -1662,9 +1659,6 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
 }
 
 mod sidecar;
-pub use sidecar::{
-    is_tcp_cluster, tcp_cluster_name, SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH,
-};
 
 #[cfg(test)]
 mod tests;

@@ -401,7 +401,7 @@ fn a_mesh_sidecar_takes_mesh_tls_by_its_server_name_with_the_workload_certificat
     assert!(tls.workload_certificate && tls.require_client_certificate);
     let inbound = snapshot
         .listeners
-        .by_name(nip_xds::translate::SIDECAR_INBOUND)
+        .by_name(nip_xds::resources::SIDECAR_INBOUND)
         .unwrap();
     let mesh = &inbound.chains[0];
     assert_eq!(mesh.matches.server_names, [nip_xds::mesh::MESH_SNI]);
@@ -424,7 +424,7 @@ fn a_services_addresses_become_outbound_chains_to_the_service() {
     let snapshot = compile(&t).expect("compiles");
     let outbound = snapshot
         .listeners
-        .by_name(nip_xds::translate::SIDECAR_OUTBOUND)
+        .by_name(nip_xds::resources::SIDECAR_OUTBOUND)
         .unwrap();
     let facts = |destination: &str, detected: &crate::listener::inspect::Detected| {
         let destination: std::net::SocketAddr = destination.parse().unwrap();
@@ -479,8 +479,8 @@ fn each_role_serves_its_listeners_and_a_check_compiles_them_all() {
     assert_eq!(
         bound(&t),
         [
-            nip_xds::translate::SIDECAR_INBOUND,
-            nip_xds::translate::SIDECAR_OUTBOUND
+            nip_xds::resources::SIDECAR_INBOUND,
+            nip_xds::resources::SIDECAR_OUTBOUND
         ]
     );
     // An edge proxy following the same control plane serves the gateway only.

@@ -202,7 +202,7 @@ impl Compiler<'_> {
             let enabled = upgrade.enabled.as_ref().is_none_or(|e| e.value);
             if upgrade
                 .upgrade_type
-                .eq_ignore_ascii_case(nip_xds::translate::CONNECT_UPGRADE)
+                .eq_ignore_ascii_case(nip_xds::resources::CONNECT_UPGRADE)
             {
                 allow_connect |= enabled;
             } else if !upgrade.upgrade_type.eq_ignore_ascii_case("websocket") {

@@ -772,7 +772,7 @@ fn connect_upgrade(
         let enabled = upgrade.enabled.as_ref().is_none_or(|e| e.value);
         if upgrade
             .upgrade_type
-            .eq_ignore_ascii_case(nip_xds::translate::CONNECT_UPGRADE)
+            .eq_ignore_ascii_case(nip_xds::resources::CONNECT_UPGRADE)
         {
             if !connect_route {
                 return Err(format!(

@@ -131,10 +131,10 @@ fn validate_sidecar(config: &Config, errors: &mut Errors) {
     }
     if config
         .services
-        .contains_key(crate::translate::SIDECAR_PASSTHROUGH)
+        .contains_key(crate::resources::SIDECAR_PASSTHROUGH)
     {
         errors.add(
-            format!("services.{}", crate::translate::SIDECAR_PASSTHROUGH),
+            format!("services.{}", crate::resources::SIDECAR_PASSTHROUGH),
             "is the sidecar's own cluster for traffic going where it was going",
         );
     }

@@ -16,7 +16,9 @@ use super::{
     router_filter, socket_address, ServiceConfig,
 };
 use crate::config::{Config, SidecarConfig};
-use crate::resources::names;
+use crate::resources::{
+    names, tcp_cluster_name, SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH,
+};
 use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
@@ -37,13 +39,6 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::pb::google::protobuf::UInt32Value;
-
-/// The sidecar's cluster of where each connection was going before it was redirected.
-pub const SIDECAR_PASSTHROUGH: &str = "sidecar_passthrough";
-/// The outbound listener's name.
-pub const SIDECAR_OUTBOUND: &str = "sidecar_outbound";
-/// The inbound listener's name.
-pub const SIDECAR_INBOUND: &str = "sidecar_inbound";
 
 /// The application protocols the HTTP inspector reports.
 const HTTP_PROTOCOLS: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
@@ -147,18 +142,6 @@ pub(super) fn listeners(config: &Config, sidecar: &SidecarConfig) -> Vec<Listene
         }
         inbound
     }]
-}
-
-/// The name of the plaintext cluster `tcp_proxy` chains reach service `name` by: mesh
-/// mutual TLS is for its HTTP (the `tcp_proxy` filter does not originate TLS), so the
-/// control plane leaves this one plaintext.
-pub fn tcp_cluster_name(name: &str) -> String {
-    format!("tcp|{name}")
-}
-
-/// Whether `cluster` is one of [`tcp_cluster_name`]'s.
-pub fn is_tcp_cluster(cluster: &str) -> bool {
-    cluster.starts_with("tcp|")
 }
 
 /// The clusters of [`tcp_cluster_name`]: one per service a sidecar sends destinations to.

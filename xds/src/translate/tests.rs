@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::Config;
-use crate::resources::GATEWAY_ROUTES;
+use crate::resources::{GATEWAY_ROUTES, SIDECAR_INBOUND, SIDECAR_OUTBOUND, SIDECAR_PASSTHROUGH};
 
 const PLAN_EXAMPLE: &str = r#"
 api_gateway:
