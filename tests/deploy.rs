@@ -178,6 +178,18 @@ fn apply_patch(mut document: Value, patch: &Value) -> Value {
     document
 }
 
+/// The control plane's answer to an AdmissionReview.
+async fn answered(http: &reqwest::Client, control_plane: &ControlPlane, review: &Value) -> Value {
+    http.post(control_plane.api("/v1/inject"))
+        .json(review)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
     let _turn = crate::common::module_turn(module_path!());
@@ -204,15 +216,7 @@ async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
             }
         })
     };
-    let answer: Value = http
-        .post(control_plane.api("/v1/inject"))
-        .json(&review(&pod, "r-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = answered(&http, &control_plane, &review(&pod, "r-1")).await;
     assert_eq!(answer["kind"], "AdmissionReview");
     let response = &answer["response"];
     assert_eq!(response["uid"], "r-1");
@@ -234,15 +238,7 @@ async fn the_admission_webhook_injects_pods_posted_as_admission_reviews() {
     // A pod that opted out is admitted unchanged.
     let mut opted_out = pod.clone();
     opted_out["metadata"]["annotations"]["nip.dev/inject"] = json!("false");
-    let answer: Value = http
-        .post(control_plane.api("/v1/inject"))
-        .json(&review(&opted_out, "r-2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = answered(&http, &control_plane, &review(&opted_out, "r-2")).await;
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none());
     // Not an AdmissionReview: 400, naming what is missing.

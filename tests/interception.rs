@@ -490,28 +490,7 @@ async fn two_pods_talk_http_tcp_and_tls_through_both_sidecars() {
     std::fs::write(path("index.html"), "from the server pod\n").unwrap();
     share(&path("index.html"), 0o644);
     // A certificate for passthrough.test, signed by a CA only the client application has.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // OpenSSL (curl) takes a leaf whose subject is its issuer's for self-signed: names
-    // of their own.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "NIP test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(vec!["passthrough.test".to_string()]).unwrap();
-    leaf.distinguished_name
-        .push(rcgen::DnType::CommonName, "passthrough.test");
-    let certificate = leaf.signed_by(&key, &ca, &ca_key).unwrap();
-    for (name, pem) in [
-        ("ca.pem", ca.pem()),
-        ("server.pem", certificate.pem()),
-        ("server.key", key.serialize_pem()),
-    ] {
-        std::fs::write(path(name), pem).unwrap();
-        share(&path(name), 0o644);
-    }
+    ca_and_server_certificate(dir.path(), "passthrough.test");
     // Both sidecars run the same short form; the client's routes name the server. Both
     // write their access log lines (HTTP and TCP) to one file.
     std::fs::create_dir(path("logs")).unwrap();

@@ -316,17 +316,7 @@ async fn a_nip_proxy_runs_on_an_independent_xds_server() {
 /// A TLS server (`openssl s_server -www`) whose certificate names `passthrough.test`,
 /// signed by a CA made here; its port and the CA's PEM.
 async fn passthrough_tls_server(dir: &Path) -> (Background, u16, Vec<u8>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let certificate = rcgen::CertificateParams::new(vec!["passthrough.test".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), certificate.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    ca_and_server_certificate(dir, "passthrough.test");
     let port = free_port();
     let server = Background::start(Command::new("openssl").args([
         "s_server",
@@ -345,7 +335,7 @@ async fn passthrough_tls_server(dir: &Path) -> (Background, u16, Vec<u8>) {
             .is_ok()
     })
     .await;
-    (server, port, ca.pem().into_bytes())
+    (server, port, std::fs::read(dir.join("ca.pem")).unwrap())
 }
 
 /// A server-first TCP service: greets with `hello\n`, echoes what it reads, and when the

@@ -804,3 +804,31 @@ impl Drop for ModuleTurn {
         }
     }
 }
+
+/// A CA made here and a server certificate for `name` it signs, as PEM files in `dir`:
+/// `ca.pem`, `server.pem`, `server.key` (readable by every user: the pods' applications
+/// run as others). Each has a subject of its own: OpenSSL takes a leaf whose subject is its
+/// issuer's for a self-signed certificate.
+pub fn ca_and_server_certificate(dir: &Path, name: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "NIP test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let certificate = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+    for (file, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", certificate.pem()),
+        ("server.key", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(file), pem).unwrap();
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}

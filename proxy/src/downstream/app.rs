@@ -38,19 +38,6 @@ pub trait ConnectTunnels: Send + Sync {
     async fn open(&self, authority: &str) -> Result<tokio::net::TcpStream, u16>;
 }
 
-/// The reason phrase of the statuses a refused CONNECT gets.
-fn reason(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
 /// Flips an HTTP/2 connection's shutdown watch when the server shuts down or the
 /// connection is `max` old; then holds it (a dropped sender would read as a change).
 async fn end_at_max_duration(
@@ -192,7 +179,10 @@ where
             Err(status) => {
                 let answer = format!(
                     "HTTP/1.1 {status} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                    reason(status)
+                    http::StatusCode::from_u16(status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("Error")
                 );
                 if stream.write_all(answer.as_bytes()).await.is_ok() {
                     let _ = stream.flush().await;

@@ -211,25 +211,19 @@ const CRITERIA: [fn(&ChainMatch, &ConnectionFacts<'_>) -> Specificity; 9] = [
     },
 ];
 
-/// The index of the chain in `chains` that takes the connection, `None` when none does
-/// (the listener's `default_filter_chain` then, if it has one).
-pub fn select<'m>(
-    chains: impl ExactSizeIterator<Item = &'m ChainMatch> + Clone,
+/// The index of the chain in `chains` that takes the connection (`match_of` gives each
+/// one's match), `None` when none does (the listener's `default_filter_chain` then, if it
+/// has one). One allocation per connection: the surviving candidates.
+pub fn select<T>(
+    chains: &[T],
+    match_of: impl Fn(&T) -> &ChainMatch,
     facts: &ConnectionFacts<'_>,
 ) -> Option<usize> {
-    let all: Vec<&ChainMatch> = chains.collect();
-    let mut candidates: Vec<usize> = (0..all.len()).collect();
+    let mut candidates: Vec<usize> = (0..chains.len()).collect();
     for criterion in CRITERIA {
-        let scored: Vec<(usize, u32)> = candidates
-            .iter()
-            .filter_map(|&i| criterion(all[i], facts).map(|s| (i, s)))
-            .collect();
-        let best = scored.iter().map(|&(_, s)| s).max()?;
-        candidates = scored
-            .into_iter()
-            .filter(|&(_, s)| s == best)
-            .map(|(i, _)| i)
-            .collect();
+        let score = |i: &usize| criterion(match_of(&chains[*i]), facts);
+        let best = candidates.iter().filter_map(score).max()?;
+        candidates.retain(|i| score(i) == Some(best));
     }
     // Equal matches are refused when the listener is compiled, so one is left.
     candidates.first().copied()
@@ -300,7 +294,8 @@ mod tests {
         ];
         let pick = |d: &Detected, port: u16| {
             select(
-                chains.iter(),
+                &chains,
+                |m| m,
                 &facts(&format!("10.0.0.5:{port}"), "10.0.0.9:5000", d),
             )
         };
@@ -336,7 +331,7 @@ mod tests {
         ];
         let pick = |sni: &str| {
             let d = tls(sni, &[]);
-            select(chains.iter(), &facts("10.0.0.1:443", "1.2.3.4:1000", &d))
+            select(&chains, |m| m, &facts("10.0.0.1:443", "1.2.3.4:1000", &d))
         };
         assert_eq!(pick("www.example.com"), Some(2));
         assert_eq!(pick("v1.api.example.com"), Some(1));
@@ -345,7 +340,8 @@ mod tests {
         let plain = Detected::default();
         assert_eq!(
             select(
-                chains.iter(),
+                &chains,
+                |m| m,
                 &facts("10.0.0.1:443", "1.2.3.4:1000", &plain)
             ),
             Some(3)
@@ -375,7 +371,7 @@ mod tests {
             },
         ];
         let d = Detected::default();
-        let pick = |dst: &str, src: &str| select(chains.iter(), &facts(dst, src, &d));
+        let pick = |dst: &str, src: &str| select(&chains, |m| m, &facts(dst, src, &d));
         assert_eq!(pick("10.1.0.1:80", "8.8.8.8:1"), Some(0));
         assert_eq!(pick("10.96.0.10:80", "127.0.0.1:1"), Some(1));
         assert_eq!(pick("10.96.0.10:80", "192.168.1.1:1"), Some(2));

@@ -76,40 +76,31 @@ async fn inspect_connection(
     let mut stream = stream;
     let mut seen = Vec::with_capacity(1024);
     let mut closed = false;
+    let (tls, http) = (listener.inspect_tls, listener.inspect_http);
+    // Decide with the bytes there are (the client is done, or the time or room is up).
+    let decide_now = |seen: &[u8]| inspect::inspect(seen, tls, http, true).done_or_default();
     let detected = loop {
-        match inspect::inspect(&seen, listener.inspect_tls, listener.inspect_http, closed) {
+        match inspect::inspect(&seen, tls, http, closed) {
             Inspection::Done(detected) => break detected,
             Inspection::NeedMore if seen.len() >= inspect::MAX_INSPECTED => {
-                break inspect::inspect(&seen, listener.inspect_tls, listener.inspect_http, true)
-                    .done_or_default()
+                break decide_now(&seen)
             }
             Inspection::NeedMore => {}
         }
-        let mut chunk = [0u8; 2048];
-        let read = async { stream.read(&mut chunk).await };
+        let read = stream.read_buf(&mut seen);
         let read = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
                 Ok(read) => read,
-                Err(_) if listener.continue_on_inspection_timeout => {
-                    break inspect::inspect(
-                        &seen,
-                        listener.inspect_tls,
-                        listener.inspect_http,
-                        true,
-                    )
-                    .done_or_default()
-                }
+                Err(_) if listener.continue_on_inspection_timeout => break decide_now(&seen),
                 Err(_) => return Err(InspectionEnd::Timeout),
             },
             None => read.await,
         };
         match read {
+            Ok(0) if seen.is_empty() => return Err(InspectionEnd::Gone),
             Ok(0) => closed = true,
-            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(_) => return Err(InspectionEnd::Gone),
-        }
-        if closed && seen.is_empty() {
-            return Err(InspectionEnd::Gone);
         }
     };
     if seen.is_empty() {
@@ -128,15 +119,6 @@ async fn inspect_connection(
 /// connections over as its `l4` stream).
 fn into_l4(stream: Stream) -> Option<Box<L4Stream>> {
     stream.into_any().downcast::<L4Stream>().ok()
-}
-
-impl Inspection {
-    fn done_or_default(self) -> Detected {
-        match self {
-            Inspection::Done(detected) => detected,
-            Inspection::NeedMore => Detected::default(),
-        }
-    }
 }
 
 /// The connection's local and peer addresses.

@@ -33,6 +33,17 @@ pub enum Inspection {
     NeedMore,
 }
 
+impl Inspection {
+    /// What was found, or nothing: for bytes that must be decided on as they are (the
+    /// inspection timed out, or the most a ClientHello may take has been read).
+    pub fn done_or_default(self) -> Detected {
+        match self {
+            Inspection::Done(detected) => detected,
+            Inspection::NeedMore => Detected::default(),
+        }
+    }
+}
+
 /// Inspects `bytes` with the listener filters a listener has (`tls`: `tls_inspector`,
 /// `http`: `http_inspector`). `closed`: the client sent all it will (EOF).
 pub fn inspect(bytes: &[u8], tls: bool, http: bool, closed: bool) -> Inspection {

@@ -162,7 +162,7 @@ impl ServedListener {
 
     /// The chain that takes a connection with `facts`, and where it is ([`Self::chain`]).
     pub fn choose(&self, facts: &ConnectionFacts<'_>) -> Option<(Option<usize>, &FilterChain)> {
-        match chains::select(self.chains.iter().map(|c| &c.matches), facts) {
+        match chains::select(&self.chains, |c| &c.matches, facts) {
             Some(i) => self.chains.get(i).map(|c| (Some(i), c)),
             None => self.default_chain.as_ref().map(|c| (None, c)),
         }

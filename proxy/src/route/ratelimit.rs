@@ -84,15 +84,6 @@ impl LocalRateLimit {
             }
         }
     }
-
-    /// The fill period, for `x-ratelimit-reset` (seconds until a full bucket).
-    pub fn reset_seconds(&self) -> u64 {
-        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let tat = self.tat_ns.load(Ordering::Acquire);
-        Duration::from_nanos(tat.saturating_sub(now))
-            .as_secs_f64()
-            .ceil() as u64
-    }
 }
 
 /// What identifies a bucket across reloads: its route and its settings.
@@ -115,14 +106,13 @@ pub struct BucketKey {
 /// The buckets in use, by key: a reload that keeps a route's limit keeps its bucket (and
 /// its count), as Envoy keeps a token bucket across route updates. Only compiles look here
 /// (never a request); entries die with the last snapshot using them.
-static BUCKETS: std::sync::Mutex<
-    Option<std::collections::HashMap<BucketKey, std::sync::Weak<LocalRateLimit>>>,
-> = std::sync::Mutex::new(None);
+type Buckets = std::collections::HashMap<BucketKey, std::sync::Weak<LocalRateLimit>>;
+static BUCKETS: std::sync::LazyLock<std::sync::Mutex<Buckets>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// The bucket for `key`: the one in use if a snapshot still holds it, else a new one.
 pub fn shared(key: BucketKey) -> std::sync::Arc<LocalRateLimit> {
     let mut buckets = BUCKETS.lock().unwrap_or_else(|p| p.into_inner());
-    let buckets = buckets.get_or_insert_with(Default::default);
     if let Some(bucket) = buckets.get(&key).and_then(std::sync::Weak::upgrade) {
         return bucket;
     }
