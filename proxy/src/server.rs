@@ -19,6 +19,7 @@ use crate::http::Gateway;
 use crate::listener::dispatch::{CurrentListeners, Dispatch};
 use crate::plugins::PluginLoader;
 use crate::telemetry::metrics::Metrics;
+use crate::policy::jwt::fetch::JwksFetcher;
 use crate::upstream::health::HealthChecker;
 use crate::upstream::outlier::OutlierSweeper;
 use crate::upstream::registry::EndpointRegistry;
@@ -253,6 +254,13 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         plugins: Arc::clone(&plugins),
         status: Arc::clone(&status),
         health: HealthChecker::default(),
+        jwks: JwksFetcher::default(),
+        jwks_client: {
+            let in_force = Arc::clone(&snapshot);
+            Arc::new(crate::plugins::callout::CalloutClient::new(Arc::new(
+                move |name: &str| in_force.load().clusters.get(name).cloned(),
+            )))
+        },
         fingerprint: options.source.fingerprint(),
         plugin_fingerprints: Default::default(),
         drain_timeout: options.drain_timeout,
@@ -473,6 +481,10 @@ struct Control {
     plugins: Arc<PluginLoader>,
     status: Arc<ProxyStatus>,
     health: HealthChecker,
+    /// Fetches the remote JWKS of the snapshot in force.
+    jwks: JwksFetcher,
+    /// The client those fetches go through (to clusters of the snapshot in force).
+    jwks_client: Arc<crate::plugins::callout::CalloutClient>,
     fingerprint: Option<Fingerprint>,
     plugin_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
     drain_timeout: Duration,
@@ -558,6 +570,7 @@ impl Control {
         });
         self.health
             .reconcile(&self.snapshot.load().clusters, &self.metrics);
+        self.reconcile_jwks();
         let (Ok(mut hangup), Ok(mut terminate), Ok(mut quit)) = (
             signal(SignalKind::hangup()),
             signal(SignalKind::terminate()),
@@ -805,6 +818,7 @@ impl Control {
     fn after_swap(&mut self) {
         self.health
             .reconcile(&self.snapshot.load().clusters, &self.metrics);
+        self.reconcile_jwks();
         self.load_listener_certificates();
         self.registry.prune();
         let live: Vec<u64> = self
@@ -815,6 +829,13 @@ impl Control {
             .map(|p| p.key)
             .collect();
         self.plugins.retain(&live);
+    }
+
+    /// Fetches the remote JWKS the snapshot in force uses (and stops fetching others).
+    fn reconcile_jwks(&mut self) {
+        let remotes = self.snapshot.load().remote_jwks();
+        self.jwks
+            .reconcile(&remotes, &self.jwks_client, &self.metrics);
     }
 
     /// After SIGTERM: report not-ready, let pingora close the listener, wait for in-flight

@@ -645,7 +645,8 @@ fn transport_socket_spec(
 fn san_matcher(
     matcher: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher,
 ) -> Result<crate::upstream::tls::SanMatcher, String> {
-    use crate::upstream::tls::{SanMatcher, SanType, StringMatch};
+    use crate::matchers::StringMatch;
+    use crate::upstream::tls::{SanMatcher, SanType};
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType as XdsSanType;
     use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
     let san_type = match XdsSanType::try_from(matcher.san_type) {

@@ -2,7 +2,8 @@
 //! order, route source), the plugins' resource limits and the access log.
 
 use super::*;
-use crate::listener::chains::{ChainMatch, Cidr, SourceType};
+use crate::listener::chains::{ChainMatch, SourceType};
+use crate::matchers::Cidr;
 use crate::listener::tcp_proxy::TcpProxy;
 use crate::listener::{ChainAction, FilterChain, HttpManager, Listeners, ServedListener};
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
@@ -226,9 +227,16 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
             }
             continue;
         }
+        let policy = [
+            envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication::type_url(),
+            envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac::type_url(),
+        ];
+        if policy.iter().any(|p| p == type_url) {
+            continue;
+        }
         if !is_router && type_url != Wasm::type_url() {
             return Err(format!(
-                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs {} plugins and the router)",
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, local_ratelimit, {} plugins and the router)",
                 http.name,
                 Wasm::type_url()
             ));

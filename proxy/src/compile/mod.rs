@@ -24,11 +24,13 @@
 
 use crate::downstream::limits::DownstreamLimits;
 use crate::listener::HttpManager;
+use policy::ManagerPolicy;
 use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
+use crate::matchers::{Cidr, HeaderMatch, HeaderValueMatch, PathMatch, RouteMatch, StringMatch};
 use crate::route::{
-    AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HeaderMatch, HeaderValueMatch,
-    HostRewrite, LocalAction, PathMatch, PathRewrite, Redirect, RedirectPath, RetryPolicy, Route,
-    RouteEdits, RouteMatch, Router, RouterBuilder, Target, ValueTemplate, VirtualHost,
+    AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HostRewrite, LocalAction,
+    PathRewrite, Redirect, RedirectPath, RetryPolicy, Route, RouteEdits, Router, RouterBuilder,
+    Target, ValueTemplate, VirtualHost,
 };
 use crate::telemetry::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::telemetry::metrics::Metrics;
@@ -132,6 +134,24 @@ impl Snapshot {
             .collect()
     }
 
+    /// Every remote JWKS the connection managers' jwt_authn filters use (the control
+    /// thread keeps them fetched).
+    pub fn remote_jwks(&self) -> Vec<Arc<crate::policy::jwt::keys::RemoteJwks>> {
+        let mut remotes: Vec<Arc<crate::policy::jwt::keys::RemoteJwks>> = Vec::new();
+        for manager in &self.http_managers {
+            for filter in &manager.policy {
+                if let crate::policy::PolicyFilter::Jwt(authn) = filter {
+                    for remote in &authn.remotes {
+                        if !remotes.iter().any(|r| Arc::ptr_eq(r, remote)) {
+                            remotes.push(Arc::clone(remote));
+                        }
+                    }
+                }
+            }
+        }
+        remotes
+    }
+
     /// The first connection manager: what a request on a connection no chain bound
     /// uses, and whose limits the process starts pingora's HTTP/2 with.
     pub fn primary_http(&self) -> &Arc<HttpManager> {
@@ -193,7 +213,8 @@ impl Compiler<'_> {
                 ))
             }
         };
-        let router = self.router(route_config, clusters, &prepared.plugins)?;
+        let policy = self.manager_policy(hcm, clusters).map_err(fail)?;
+        let router = self.router(route_config, clusters, &prepared.plugins, &policy)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log)?;
         let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
             .unwrap_or(http_connection_manager::CodecType::Auto);
@@ -220,6 +241,7 @@ impl Compiler<'_> {
             unrouted: self.metrics.request_counters("", ""),
             h2c: codec != http_connection_manager::CodecType::Http1,
             allow_connect,
+            policy: policy.filters,
         })
     }
 
@@ -294,6 +316,7 @@ impl Compiler<'_> {
                 unrouted: self.metrics.request_counters("", ""),
                 h2c: false,
                 allow_connect: false,
+                policy: Vec::new(),
             }));
         }
         let plugins = &prepared.plugins;
@@ -436,6 +459,7 @@ mod clusters;
 pub mod coverage;
 mod downstream;
 mod listeners;
+mod policy;
 mod prepare;
 mod routes;
 mod secrets;

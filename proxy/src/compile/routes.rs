@@ -22,6 +22,7 @@ impl Compiler<'_> {
         config: &RouteConfiguration,
         clusters: &BTreeMap<String, Arc<Cluster>>,
         plugins: &PluginFilters,
+        policy: &ManagerPolicy,
     ) -> Result<Router, CompileError> {
         let name = config.name.as_str();
         let fail = |field: String| {
@@ -81,7 +82,7 @@ impl Compiler<'_> {
                 }
                 let field = format!("virtual_hosts[{vi}].routes[{ri}]");
                 let route = self
-                    .route(xds_route, clusters, plugins, &outer, body_limit)
+                    .route(xds_route, clusters, plugins, policy, &outer, body_limit)
                     .map_err(|m| err("RouteConfiguration", name, format!("{field}: {m}")))?;
                 let route = Arc::new(route);
                 compiled.insert(key, Arc::clone(&route));
@@ -111,35 +112,15 @@ impl Compiler<'_> {
         xds: &envoy_types::pb::envoy::config::route::v3::Route,
         clusters: &BTreeMap<String, Arc<Cluster>>,
         plugins: &PluginFilters,
+        policy: &ManagerPolicy,
         outer: &(HeaderEdits, HeaderEdits),
         body_limit: usize,
     ) -> Result<Route, String> {
         let route_name: Arc<str> = xds.name.as_str().into();
         let matcher = xds.r#match.as_ref().ok_or("match is missing")?;
-        let path = match &matcher.path_specifier {
-            Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
-            Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
-            Some(route_match::PathSpecifier::SafeRegex(r)) => PathMatch::Regex(
-                full_match_regex(&r.regex).map_err(|e| format!("match.safe_regex: {e}"))?,
-            ),
-            Some(route_match::PathSpecifier::ConnectMatcher(_)) => PathMatch::Connect,
-            Some(_) => {
-                return Err(
-                    "match: only prefix, path, safe_regex and connect_matcher are supported".into(),
-                )
-            }
-            None => return Err("match needs a path specifier".into()),
-        };
+        let RouteMatch { path, headers } = route_match(matcher)?;
         connect_upgrade(xds, matches!(path, PathMatch::Connect))?;
-        if matcher.case_sensitive.as_ref().is_some_and(|c| !c.value) {
-            return Err("match.case_sensitive=false is not supported".into());
-        }
-        let headers = matcher
-            .headers
-            .iter()
-            .enumerate()
-            .map(|(i, h)| header_match(h).map_err(|e| format!("match.headers[{i}]: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let route_policy = policy::route_policy(self, xds, policy)?;
         let request_headers =
             header_edits(&xds.request_headers_to_add, &xds.request_headers_to_remove)
                 .map_err(|e| format!("request_headers_to_add: {e}"))?
@@ -153,7 +134,7 @@ impl Compiler<'_> {
         let action = match &xds.action {
             Some(route::Action::Route(action)) => action,
             Some(route::Action::Redirect(redirect)) => {
-                let plugins = route_plugins(xds, plugins)?;
+                let plugins = route_plugins(xds, plugins, policy)?;
                 let local =
                     redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?;
                 return Ok(self.local_route(
@@ -162,10 +143,11 @@ impl Compiler<'_> {
                     local,
                     response_headers,
                     plugins,
-                ));
+                )
+                .with_policy(route_policy.clone()));
             }
             Some(route::Action::DirectResponse(direct)) => {
-                let plugins = route_plugins(xds, plugins)?;
+                let plugins = route_plugins(xds, plugins, policy)?;
                 let local = direct_response(direct, body_limit)
                     .map_err(|e| format!("direct_response.{e}"))?;
                 return Ok(self.local_route(
@@ -174,7 +156,8 @@ impl Compiler<'_> {
                     local,
                     response_headers,
                     plugins,
-                ));
+                )
+                .with_policy(route_policy));
             }
             _ => {
                 return Err("only route, redirect and direct_response actions are supported".into())
@@ -244,13 +227,13 @@ impl Compiler<'_> {
             timeout,
             retry,
             self.metrics.route_stats(&route_name),
-            route_plugins(xds, plugins)?,
+            route_plugins(xds, plugins, policy)?,
         )
         .with_idle_timeout(idle_timeout)
         .with_edits(edits)
         .with_locality(route_locality(xds)?)
         .with_hash_policy(hash_policy(action)?)
-        .with_rate_limit(route_rate_limit(xds)?))
+        .with_policy(route_policy))
     }
 }
 
@@ -419,10 +402,11 @@ pub(super) fn route_locality(
 pub(super) fn route_plugins(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
     plugins: &PluginFilters,
+    policy: &ManagerPolicy,
 ) -> Result<Vec<Arc<LoadedPlugin>>, String> {
     let mut enabled = Vec::new();
     for (filter, any) in &xds.typed_per_filter_config {
-        if filter == names::LOCAL_RATE_LIMIT {
+        if policy.has(filter) {
             continue;
         }
         let Some(prepared) = plugins.get(filter) else {
@@ -798,68 +782,32 @@ fn connect_upgrade(
     Ok(())
 }
 
-/// The route's local rate limit: its `typed_per_filter_config` for Envoy's
-/// `local_ratelimit` filter, a token bucket (a `FilterConfig` wrapping it too).
-pub(super) fn route_rate_limit(
-    xds: &envoy_types::pb::envoy::config::route::v3::Route,
-) -> Result<Option<Arc<crate::route::ratelimit::LocalRateLimit>>, String> {
-    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
-    let Some(any) = xds.typed_per_filter_config.get(names::LOCAL_RATE_LIMIT) else {
-        return Ok(None);
-    };
-    let field = |m: String| {
-        format!(
-            "typed_per_filter_config[{:?}]: {m}",
-            names::LOCAL_RATE_LIMIT
-        )
-    };
-    let config: LocalRateLimit = if any.type_url == FilterConfig::type_url() {
-        let wrapped: FilterConfig = decode(any).map_err(field)?;
-        if wrapped.disabled {
-            return Ok(None);
+/// A `RouteMatch` (a route's, a JWT requirement rule's).
+pub(super) fn route_match(
+    matcher: &envoy_types::pb::envoy::config::route::v3::RouteMatch,
+) -> Result<RouteMatch, String> {
+    let path = match &matcher.path_specifier {
+        Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(route_match::PathSpecifier::SafeRegex(r)) => PathMatch::Regex(
+            full_match_regex(&r.regex).map_err(|e| format!("match.safe_regex: {e}"))?,
+        ),
+        Some(route_match::PathSpecifier::ConnectMatcher(_)) => PathMatch::Connect,
+        Some(_) => {
+            return Err(
+                "match: only prefix, path, safe_regex and connect_matcher are supported".into(),
+            )
         }
-        match &wrapped.config {
-            Some(inner) => decode(inner).map_err(field)?,
-            None => return Ok(None),
-        }
-    } else {
-        decode(any).map_err(field)?
+        None => return Err("match needs a path specifier".into()),
     };
-    let Some(bucket) = config.token_bucket else {
-        return Ok(None);
-    };
-    if bucket.max_tokens == 0 {
-        return Err(field("token_bucket.max_tokens must be at least 1".into()));
+    if matcher.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+        return Err("match.case_sensitive=false is not supported".into());
     }
-    let tokens_per_fill = bucket.tokens_per_fill.map_or(1, |t| t.value);
-    if tokens_per_fill == 0 {
-        return Err(field(
-            "token_bucket.tokens_per_fill must be at least 1".into(),
-        ));
-    }
-    let fill_interval = bucket
-        .fill_interval
-        .as_ref()
-        .and_then(super::duration)
-        .filter(|d| *d >= Duration::from_millis(1))
-        .ok_or_else(|| field("token_bucket.fill_interval must be at least 1ms".into()))?;
-    let status = match config.status.as_ref().map(|s| s.code) {
-        None | Some(0) => 429,
-        Some(code) => u16::try_from(code)
-            .ok()
-            .filter(|c| (400..600).contains(c))
-            .ok_or_else(|| field(format!("status {code} is not an error status")))?,
-    };
-    // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
-    let headers = config.enable_x_ratelimit_headers == 1;
-    Ok(Some(crate::route::ratelimit::shared(
-        crate::route::ratelimit::BucketKey {
-            route: xds.name.clone(),
-            max_tokens: bucket.max_tokens,
-            tokens_per_fill,
-            fill_interval,
-            status,
-            headers,
-        },
-    )))
+    let headers = matcher
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_match(h).map_err(|e| format!("match.headers[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RouteMatch { path, headers })
 }

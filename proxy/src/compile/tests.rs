@@ -792,7 +792,7 @@ fn retry_policies_carry_statuses_and_back_off_and_refuse_nonsense_by_field() {
 #[test]
 fn rewrites_and_redirects_that_would_write_no_valid_path_are_refused_by_field() {
     use super::routes::{path_rewrite, redirect_action};
-    use crate::route::PathMatch;
+    use crate::matchers::PathMatch;
     use envoy_types::pb::envoy::config::route::v3::{redirect_action, RedirectAction, RouteAction};
     use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
     let prefix = PathMatch::Prefix("/old".into());

@@ -29,11 +29,13 @@ pub enum ResponseFlag {
     Overload,
     /// Refused by the route's local rate limit (429 unless configured).
     RateLimited,
+    /// Refused by an RBAC policy (403).
+    RbacDenied,
 }
 
 impl ResponseFlag {
     /// Every flag, in counter order.
-    pub const ALL: [ResponseFlag; 12] = [
+    pub const ALL: [ResponseFlag; 13] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -46,6 +48,7 @@ impl ResponseFlag {
         ResponseFlag::UpstreamOverflow,
         ResponseFlag::Overload,
         ResponseFlag::RateLimited,
+        ResponseFlag::RbacDenied,
     ];
 
     /// Envoy's short name.
@@ -63,6 +66,7 @@ impl ResponseFlag {
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::Overload => "OM",
             ResponseFlag::RateLimited => "RL",
+            ResponseFlag::RbacDenied => "RBAC",
         }
     }
 

@@ -12,7 +12,7 @@
 //!
 //! The phases stay thin; each step lives in a file of this folder: [`context`] (what a
 //! request carries, retry bookkeeping), [`admission`] (breakers, adaptive concurrency,
-//! connection slots), [`peer`] (the try's peer and timeout), [`failure`] (pure: which
+//! connection slots), [`failure`] (pure: which
 //! errors the route retries, error → status + response flag), [`local_reply`] (answers the
 //! proxy writes itself), [`request_id`], [`flags`].
 //!
@@ -26,7 +26,7 @@ mod edits;
 mod failure;
 mod flags;
 mod local_reply;
-mod peer;
+mod policy;
 mod request_id;
 
 pub use context::RequestCtx;
@@ -46,6 +46,7 @@ use crate::upstream::concurrency::Priority;
 use crate::upstream::endpoint::ActiveRequest;
 use crate::upstream::lb::LbPolicy;
 use crate::upstream::outlier::TryOutcome;
+use crate::upstream::peer;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -311,30 +312,11 @@ impl ProxyHttp for Gateway {
         let has_plugins = !route.plugins.is_empty();
         ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
-        if let Some(limit) = &route.rate_limit {
-            if let Err(limited) = limit.try_take() {
-                ctx.flag = Some(ResponseFlag::RateLimited);
-                ctx.local_status = limit.status;
-                let retry = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                let mut headers = vec![
-                    ("content-type".to_string(), "text/plain".to_string()),
-                    ("retry-after".to_string(), retry.to_string()),
-                ];
-                if limit.headers {
-                    headers.push(("x-ratelimit-limit".into(), limit.max_tokens.to_string()));
-                    headers.push(("x-ratelimit-remaining".into(), "0".into()));
-                    headers.push(("x-ratelimit-reset".into(), retry.to_string()));
-                }
-                // Boxed like the other local answers: a rare path.
-                Box::pin(local_reply::write_answer(
-                    session,
-                    ctx,
-                    limit.status,
-                    &headers,
-                    bytes::Bytes::from_static(b"local_rate_limited"),
-                    None,
-                ))
-                .await;
+        // Authentication, authorization and rate limits, before the route's plugins (boxed
+        // like the plugin path: only managers with policy filters pay for its future).
+        let manager = ctx.manager.clone();
+        if let Some(manager) = manager.filter(|m| !m.policy.is_empty()) {
+            if Box::pin(policy::run(session, ctx, &manager.policy, &route, &self.metrics)).await {
                 return Ok(true);
             }
         }

@@ -10,59 +10,8 @@
 //! out even if a later criterion then rules the specific one out too.
 
 use super::inspect::Detected;
+use crate::matchers::Cidr;
 use std::net::{IpAddr, SocketAddr};
-
-/// An IP prefix (`CidrRange`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    /// The network, with bits past the prefix cleared.
-    network: IpAddr,
-    /// Prefix length in bits.
-    prefix_len: u8,
-}
-
-impl Cidr {
-    /// The range `address/prefix_len`; `Err` names what is wrong.
-    pub fn new(address: IpAddr, prefix_len: u32) -> Result<Cidr, String> {
-        let bits = if address.is_ipv4() { 32 } else { 128 };
-        if prefix_len > bits {
-            return Err(format!(
-                "{address}/{prefix_len}: the prefix is longer than {bits} bits"
-            ));
-        }
-        let prefix_len = u8::try_from(prefix_len).unwrap_or(128);
-        Ok(Cidr {
-            network: mask(address, prefix_len),
-            prefix_len,
-        })
-    }
-
-    /// Whether `address` is in the range (v4 addresses mapped into v6 count as v4).
-    pub fn contains(&self, address: IpAddr) -> bool {
-        let address = address.to_canonical();
-        address.is_ipv4() == self.network.is_ipv4()
-            && mask(address, self.prefix_len) == self.network
-    }
-}
-
-fn mask(address: IpAddr, prefix_len: u8) -> IpAddr {
-    match address {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let kept = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((bits & kept).into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let kept = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((bits & kept).into())
-        }
-    }
-}
 
 /// `source_type`: where the connection comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -142,7 +91,7 @@ fn longest_prefix(ranges: &[Cidr], address: IpAddr) -> Specificity {
     ranges
         .iter()
         .filter(|r| r.contains(address))
-        .map(|r| u32::from(r.prefix_len) + 1)
+        .map(|r| u32::from(r.prefix_len()) + 1)
         .max()
 }
 

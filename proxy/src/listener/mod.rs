@@ -139,6 +139,8 @@ pub struct HttpManager {
     /// Tunnels HTTP/1.1 CONNECT requests through its `connect_matcher` routes
     /// (`upgrade_configs` has CONNECT).
     pub allow_connect: bool,
+    /// Its policy filters (JWT, RBAC, local rate limit), in `http_filters` order.
+    pub policy: Vec<crate::policy::PolicyFilter>,
 }
 
 impl FilterChain {

@@ -1,7 +1,8 @@
 //! `proxy_http_call`: the HTTP client plugins reach named clusters with.
 //!
 //! A callout goes to a healthy endpoint of the named cluster of the config *in force*,
-//! over pingora's connector (pooled keep-alive connections, h2c when the cluster speaks it),
+//! over pingora's connector (pooled keep-alive connections, h2c when the cluster speaks it,
+//! TLS when the endpoint's transport has it),
 //! under the timeout the plugin gave. Any failure — no such cluster, no healthy endpoint,
 //! connect error, timeout, an oversized answer — is delivered to the plugin as an answer
 //! with no headers, which is how Envoy reports a failed callout.
@@ -11,7 +12,6 @@ use bytes::Bytes;
 use nip_filters::host::{Callout, CalloutResponse};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
-use pingora::prelude::HttpPeer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,12 +74,9 @@ impl CalloutClient {
             let endpoint = cluster
                 .pick(&[])
                 .ok_or_else(|| format!("no healthy endpoint in {:?}", callout.upstream))?;
-            let mut peer = HttpPeer::new(endpoint.address, false, String::new());
-            peer.options.connection_timeout = Some(cluster.connect_timeout);
+            // Over the endpoint's transport (TLS when the cluster has it), like a request.
+            let mut peer = crate::upstream::peer::for_try(endpoint, &cluster, None);
             peer.options.idle_timeout = Some(IDLE_TIMEOUT);
-            if cluster.http2 {
-                peer.options.set_http_version(2, 2);
-            }
             (peer, request_head(callout)?)
         };
         let (mut session, _reused) = self

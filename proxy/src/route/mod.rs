@@ -7,93 +7,17 @@
 
 pub mod actions;
 pub mod edits;
-pub mod ratelimit;
 
+use crate::matchers::RouteMatch;
+use crate::policy::RoutePolicy;
 use crate::telemetry::metrics::{RequestCounters, RouteStats};
 use crate::upstream::cluster::Cluster;
 pub use actions::{HostRewrite, LocalAction, PathRewrite, Redirect, RedirectPath};
 pub use edits::{AppendAction, HeaderAdd, HeaderEdits, ValueTemplate, Vars};
 use http::{HeaderMap, HeaderName, Method};
-use regex::Regex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How a route matches the path.
-#[derive(Debug)]
-pub enum PathMatch {
-    /// Path starts with this.
-    Prefix(String),
-    /// Path equals this.
-    Exact(String),
-    /// The whole path matches this (anchored at compile time).
-    Regex(Regex),
-    /// A CONNECT request (Envoy's `connect_matcher`); the other matches never take one.
-    Connect,
-}
-
-impl PathMatch {
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            PathMatch::Exact(exact) => path == exact,
-            PathMatch::Regex(regex) => regex.is_match(path),
-            PathMatch::Connect => false,
-        }
-    }
-}
-
-/// How a header condition tests a value.
-#[derive(Debug)]
-pub enum HeaderValueMatch {
-    /// Equal to.
-    Exact(String),
-    /// Starts with.
-    Prefix(String),
-    /// Whole value matches.
-    Regex(Regex),
-    /// The header is present.
-    Present,
-}
-
-/// One header condition of a route (`:method` is matched against the request method).
-#[derive(Debug)]
-pub struct HeaderMatch {
-    /// Lower-case header name, or `:method`.
-    pub name: HeaderName,
-    /// Pseudo-header `:method` rather than a real header.
-    pub is_method: bool,
-    /// The test.
-    pub value: HeaderValueMatch,
-    /// Negate the result.
-    pub invert: bool,
-}
-
-impl HeaderMatch {
-    fn matches(&self, method: &Method, headers: &HeaderMap) -> bool {
-        let result = if self.is_method {
-            self.test(Some(method.as_str()))
-        } else {
-            let mut values = headers.get_all(&self.name).iter().peekable();
-            if values.peek().is_none() {
-                self.test(None)
-            } else {
-                values.any(|v| self.test(v.to_str().ok()))
-            }
-        };
-        result != self.invert
-    }
-
-    fn test(&self, value: Option<&str>) -> bool {
-        match (&self.value, value) {
-            (HeaderValueMatch::Present, v) => v.is_some(),
-            (_, None) => false,
-            (HeaderValueMatch::Exact(e), Some(v)) => v == e,
-            (HeaderValueMatch::Prefix(p), Some(v)) => v.starts_with(p.as_str()),
-            (HeaderValueMatch::Regex(r), Some(v)) => r.is_match(v),
-        }
-    }
-}
 
 /// Which retries a route allows, and how long it waits before each.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -217,15 +141,6 @@ pub struct Target {
     pub counters: RequestCounters,
 }
 
-/// What a request must look like for a route.
-#[derive(Debug)]
-pub struct RouteMatch {
-    /// Path condition.
-    pub path: PathMatch,
-    /// Header and method conditions, all of which must hold.
-    pub headers: Vec<HeaderMatch>,
-}
-
 /// A compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -256,8 +171,8 @@ pub struct Route {
     pub edits: RouteEdits,
     /// Set when the route answers by itself (redirect, direct response) instead.
     pub local: Option<LocalAction>,
-    /// Its local rate limit (Envoy's `local_ratelimit` per route), if any.
-    pub rate_limit: Option<std::sync::Arc<ratelimit::LocalRateLimit>>,
+    /// Its settings for the policy filters (JWT requirement, RBAC override, rate limit).
+    pub policy: RoutePolicy,
 }
 
 /// What a route changes in the requests it forwards and their responses.
@@ -362,7 +277,7 @@ impl Route {
             hash_policy: Vec::new(),
             edits: RouteEdits::default(),
             local: None,
-            rate_limit: None,
+            policy: RoutePolicy::default(),
         }
     }
 
@@ -378,12 +293,9 @@ impl Route {
         self
     }
 
-    /// Limits the route's request rate.
-    pub fn with_rate_limit(
-        mut self,
-        rate_limit: Option<std::sync::Arc<ratelimit::LocalRateLimit>>,
-    ) -> Self {
-        self.rate_limit = rate_limit;
+    /// Sets the route's policy settings.
+    pub fn with_policy(mut self, policy: RoutePolicy) -> Self {
+        self.policy = policy;
         self
     }
 
@@ -427,17 +339,7 @@ impl Route {
     }
 
     fn matches(&self, path: &str, method: &Method, headers: &HeaderMap) -> bool {
-        let path_matches = if *method == Method::CONNECT {
-            matches!(self.matcher.path, PathMatch::Connect)
-        } else {
-            self.matcher.path.matches(path)
-        };
-        path_matches
-            && self
-                .matcher
-                .headers
-                .iter()
-                .all(|h| h.matches(method, headers))
+        self.matcher.matches(path, method, headers)
     }
 
     /// Picks the index of the target for one request (weighted for splits).

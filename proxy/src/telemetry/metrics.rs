@@ -118,6 +118,34 @@ struct FlagLabels {
     flag: &'static str,
 }
 
+/// An RBAC filter's counters (Envoy's `rbac.allowed`, `.denied`, `.shadow_allowed`,
+/// `.shadow_denied`).
+#[derive(Debug, Clone, Default)]
+pub struct RbacCounters {
+    /// Requests the rules let through.
+    pub allowed: Counter,
+    /// Requests the rules refused.
+    pub denied: Counter,
+    /// Requests the shadow rules would have let through.
+    pub shadow_allowed: Counter,
+    /// Requests the shadow rules would have refused.
+    pub shadow_denied: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    /// The filter's `stat_prefix` (else its name).
+    filter: String,
+    /// What it decided.
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwksLabels {
+    uri: String,
+    result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     /// The client certificate's URI SAN (a workload's SPIFFE ID).
@@ -271,6 +299,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
+    jwt_authn: Family<PolicyLabels, Counter>,
+    rbac: Family<PolicyLabels, Counter>,
+    jwks_fetches: Family<JwksLabels, Counter>,
     downstream_peer_requests: Family<PeerLabels, Counter>,
     upstream_cx_total: Family<ClusterLabels, Counter>,
     tcp_cx_total: Family<TcpLabels, Counter>,
@@ -361,6 +392,9 @@ impl Metrics {
             requests: Family::default(),
             request_duration: Family::default(),
             response_flags: Family::default(),
+            jwt_authn: Family::default(),
+            rbac: Family::default(),
+            jwks_fetches: Family::default(),
             downstream_peer_requests: Family::default(),
             upstream_cx_total: Family::default(),
             tcp_cx_total: Family::default(),
@@ -435,6 +469,21 @@ impl Metrics {
             "response_flags",
             "Responses the proxy generated or shaped, by Envoy response flag (NR, UH, UF, UT, UR, NC, URX)",
             m.response_flags.clone(),
+        );
+        registry.register(
+            "jwt_authn_requests",
+            "Requests a jwt_authn filter checked, by filter and decision (allowed, denied)",
+            m.jwt_authn.clone(),
+        );
+        registry.register(
+            "rbac_requests",
+            "Requests an RBAC filter checked, by filter and decision (allowed, denied, shadow_allowed, shadow_denied)",
+            m.rbac.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "Remote JWKS fetches, by URI and result (success, failed)",
+            m.jwks_fetches.clone(),
         );
         registry.register(
             "tcp_downstream_cx",
@@ -864,6 +913,44 @@ impl Metrics {
     pub fn response_flag(&self, flag: &'static str) -> Counter {
         self.response_flags
             .get_or_create(&FlagLabels { flag })
+            .clone()
+    }
+
+    /// The counter of a jwt_authn filter's `decision` (`allowed`, `denied`).
+    pub fn jwt_authn(&self, filter: &str, decision: &'static str) -> Counter {
+        self.jwt_authn
+            .get_or_create(&PolicyLabels {
+                filter: filter.to_string(),
+                decision,
+            })
+            .clone()
+    }
+
+    /// The counters of an RBAC filter.
+    pub fn rbac(&self, filter: &str) -> crate::telemetry::metrics::RbacCounters {
+        let counter = |decision| {
+            self.rbac
+                .get_or_create(&PolicyLabels {
+                    filter: filter.to_string(),
+                    decision,
+                })
+                .clone()
+        };
+        RbacCounters {
+            allowed: counter("allowed"),
+            denied: counter("denied"),
+            shadow_allowed: counter("shadow_allowed"),
+            shadow_denied: counter("shadow_denied"),
+        }
+    }
+
+    /// The counter of fetches of the JWKS at `uri` that succeeded (`ok`) or failed.
+    pub fn jwks_fetch(&self, uri: &str, ok: bool) -> Counter {
+        self.jwks_fetches
+            .get_or_create(&JwksLabels {
+                uri: uri.to_string(),
+                result: if ok { "success" } else { "failed" },
+            })
             .clone()
     }
 

@@ -17,6 +17,7 @@ pub mod hash;
 pub mod health;
 pub mod lb;
 pub mod outlier;
+pub mod peer;
 pub mod registry;
 pub mod tls;
 

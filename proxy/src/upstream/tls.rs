@@ -27,6 +27,7 @@
 //! that does not verify fails the try like a refused connection (503 `UF`, counted in
 //! `nip_upstream_cx_connect_fail_total` and `nip_upstream_cx_tls_fail_total`).
 
+use crate::matchers::StringMatch;
 use async_trait::async_trait;
 use nip_xds::identity::{certificates_der, CertificateFacts};
 use pingora::connectors::L4Connect;
@@ -50,44 +51,6 @@ pub enum SanType {
     Dns,
     /// A URI (a SPIFFE ID is one).
     Uri,
-}
-
-/// How a name is compared (Envoy's `StringMatcher`, case-sensitive).
-#[derive(Debug, Clone)]
-pub enum StringMatch {
-    /// Equal to.
-    Exact(String),
-    /// Starts with.
-    Prefix(String),
-    /// Ends with.
-    Suffix(String),
-    /// Contains.
-    Contains(String),
-    /// The whole name matches.
-    Regex(regex::Regex),
-}
-
-impl StringMatch {
-    /// Whether `value` matches.
-    pub fn matches(&self, value: &str) -> bool {
-        match self {
-            StringMatch::Exact(s) => value == s,
-            StringMatch::Prefix(s) => value.starts_with(s.as_str()),
-            StringMatch::Suffix(s) => value.ends_with(s.as_str()),
-            StringMatch::Contains(s) => value.contains(s.as_str()),
-            StringMatch::Regex(r) => r.is_match(value),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            StringMatch::Exact(s) => format!("exact {s}"),
-            StringMatch::Prefix(s) => format!("prefix {s}"),
-            StringMatch::Suffix(s) => format!("suffix {s}"),
-            StringMatch::Contains(s) => format!("contains {s}"),
-            StringMatch::Regex(r) => format!("regex {}", r.as_str()),
-        }
-    }
 }
 
 /// One accepted name of the endpoint's certificate (Envoy's `SubjectAltNameMatcher`).

@@ -1,7 +1,8 @@
-//! The upstream peer of one try: where it connects, how long it may take, which protocol.
+//! The upstream peer of one try (or one callout): where it connects, how long it may
+//! take, which protocol, over the endpoint's transport.
 
-use crate::upstream::cluster::Cluster;
-use crate::upstream::endpoint::Endpoint;
+use super::cluster::Cluster;
+use super::endpoint::Endpoint;
 use pingora::prelude::HttpPeer;
 use std::sync::Arc;
 use std::time::Duration;

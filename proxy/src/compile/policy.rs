@@ -1,0 +1,735 @@
+//! Compiling a connection manager's policy filters — `jwt_authn`, RBAC, `local_ratelimit`
+//! — and each route's settings for them (`typed_per_filter_config` under the filter's
+//! name). Everything a filter refers to is resolved here: providers named by
+//! requirements, requirement names of routes, the cluster a remote JWKS is fetched
+//! through; a reference that does not resolve is a NACK naming it.
+
+use super::*;
+use crate::policy::jwt::keys::{shared_remote, KeySet, RemoteSource};
+use crate::policy::jwt::token::TokenLocation;
+use crate::policy::jwt::{JwtAuthn, Provider, ProviderKeys, Requirement, RouteRequirement};
+use crate::policy::rbac::{
+    Action, MetadataMatch, PathTemplate, Permission, Policy, Principal, RbacFilter, Rules,
+    ValueMatch,
+};
+use crate::policy::{PolicyFilter, RoutePolicy};
+use envoy_types::pb::envoy::config::core::v3::{data_source, CidrRange, DataSource};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, Permission as XdsPermission, Principal as XdsPrincipal,
+    Rbac as XdsRules,
+};
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
+    jwt_provider, jwt_requirement, per_route_config, requirement_rule, JwtAuthentication,
+    JwtProvider, JwtRequirement, PerRouteConfig,
+};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{
+    Rbac as XdsRbacFilter, RbacPerRoute,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    list_matcher, value_matcher, MetadataMatcher, StringMatcher, ValueMatcher,
+};
+use std::collections::HashMap;
+
+/// Envoy's default JWKS cache duration.
+const DEFAULT_JWKS_CACHE: Duration = Duration::from_secs(600);
+/// Envoy's default wait before a failed JWKS fetch is tried again.
+const DEFAULT_JWKS_REFETCH: Duration = Duration::from_secs(1);
+/// Envoy's default JWKS fetch timeout.
+const DEFAULT_JWKS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The policy filters of one connection manager, by their `http_filters` name.
+#[derive(Debug, Default)]
+pub(super) struct ManagerPolicy {
+    /// In `http_filters` order.
+    pub filters: Vec<PolicyFilter>,
+    names: HashMap<String, usize>,
+}
+
+impl ManagerPolicy {
+    /// Whether `name` is one of the manager's policy filters (its per-route config is
+    /// theirs, not a plugin's).
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn filter(&self, name: &str) -> Option<&PolicyFilter> {
+        self.names.get(name).and_then(|i| self.filters.get(*i))
+    }
+}
+
+/// The typed config of an HTTP filter.
+fn typed_config(http: &envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter) -> Option<&Any> {
+    match &http.config_type {
+        Some(http_filter::ConfigType::TypedConfig(any)) => Some(any),
+        _ => None,
+    }
+}
+
+impl Compiler<'_> {
+    /// The policy filters of `hcm`, compiled.
+    pub(super) fn manager_policy(
+        &self,
+        hcm: &HttpConnectionManager,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<ManagerPolicy, String> {
+        let mut policy = ManagerPolicy::default();
+        for (i, http) in hcm.http_filters.iter().enumerate() {
+            let Some(any) = typed_config(http) else {
+                continue;
+            };
+            let field = |m: String| format!("http_filters[{i}] {:?}: {m}", http.name);
+            let filter = if any.type_url == JwtAuthentication::type_url() {
+                let config: JwtAuthentication = decode(any).map_err(field)?;
+                let mut authn = jwt_authn(&http.name, &config, clusters).map_err(field)?;
+                if http.disabled {
+                    // Off unless a route's per-route config names a requirement.
+                    authn.rules.clear();
+                }
+                PolicyFilter::Jwt(Arc::new(authn))
+            } else if any.type_url == XdsRbacFilter::type_url() {
+                let config: XdsRbacFilter = decode(any).map_err(field)?;
+                let stat = if config.rules_stat_prefix.is_empty() {
+                    http.name.clone()
+                } else {
+                    config.rules_stat_prefix.clone()
+                };
+                let mut rbac = self.rbac_filter(&config, &stat).map_err(field)?;
+                if http.disabled {
+                    rbac.rules = None;
+                    rbac.shadow = None;
+                }
+                PolicyFilter::Rbac(Arc::new(rbac))
+            } else if any.type_url == LocalRateLimit::type_url() {
+                PolicyFilter::LocalRateLimit
+            } else {
+                continue;
+            };
+            policy.names.insert(http.name.clone(), policy.filters.len());
+            policy.filters.push(filter);
+        }
+        Ok(policy)
+    }
+
+    fn rbac_filter(&self, config: &XdsRbacFilter, stat: &str) -> Result<RbacFilter, String> {
+        if config.matcher.is_some() || config.shadow_matcher.is_some() {
+            return Err("matcher and shadow_matcher are not supported; use rules".into());
+        }
+        Ok(RbacFilter {
+            rules: config
+                .rules
+                .as_ref()
+                .map(rules)
+                .transpose()
+                .map_err(|e| format!("rules.{e}"))?,
+            shadow: config
+                .shadow_rules
+                .as_ref()
+                .map(rules)
+                .transpose()
+                .map_err(|e| format!("shadow_rules.{e}"))?,
+            stats: self.metrics.rbac(stat),
+        })
+    }
+}
+
+/// A route's settings for its manager's policy filters.
+pub(super) fn route_policy(
+    compiler: &Compiler<'_>,
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    manager: &ManagerPolicy,
+) -> Result<RoutePolicy, String> {
+    let mut policy = RoutePolicy::default();
+    for (name, any) in &xds.typed_per_filter_config {
+        let Some(filter) = manager.filter(name) else {
+            continue;
+        };
+        let field = |m: String| format!("typed_per_filter_config[{name:?}]: {m}");
+        // A `FilterConfig` wrapper may switch the filter off here, or carry its config.
+        let inner = if any.type_url == FilterConfig::type_url() {
+            let wrapped: FilterConfig = decode(any).map_err(field)?;
+            match (wrapped.disabled, wrapped.config) {
+                (true, _) | (false, None) => None,
+                (false, Some(inner)) => Some(inner),
+            }
+        } else {
+            Some(any.clone())
+        };
+        match filter {
+            PolicyFilter::Jwt(authn) => {
+                policy.jwt = match inner {
+                    None => RouteRequirement::Disabled,
+                    Some(any) => {
+                        let config: PerRouteConfig = decode(&any).map_err(field)?;
+                        match config.requirement_specifier {
+                            Some(per_route_config::RequirementSpecifier::Disabled(true)) => {
+                                RouteRequirement::Disabled
+                            }
+                            Some(per_route_config::RequirementSpecifier::RequirementName(n)) => {
+                                let requirement = authn.requirement_map.get(&n).ok_or_else(|| {
+                                    field(format!(
+                                        "requirement_name {n:?} is not in the filter's requirement_map"
+                                    ))
+                                })?;
+                                RouteRequirement::Named(Arc::clone(requirement))
+                            }
+                            _ => RouteRequirement::Rules,
+                        }
+                    }
+                }
+            }
+            PolicyFilter::Rbac(_) => {
+                policy.rbac = Some(match inner {
+                    None => None,
+                    Some(any) => {
+                        let config: RbacPerRoute = decode(&any).map_err(field)?;
+                        match config.rbac {
+                            // Envoy: an RBACPerRoute without rbac turns RBAC off here.
+                            None => None,
+                            Some(rbac) => {
+                                let stat = format!("{}.{name}", xds.name);
+                                Some(Arc::new(
+                                    compiler.rbac_filter(&rbac, &stat).map_err(field)?,
+                                ))
+                            }
+                        }
+                    }
+                });
+            }
+            PolicyFilter::LocalRateLimit => {
+                policy.rate_limit = match inner {
+                    None => None,
+                    Some(any) => local_rate_limit(&xds.name, &any).map_err(field)?,
+                };
+            }
+        }
+    }
+    Ok(policy)
+}
+
+/// A route's token bucket (Envoy's `LocalRateLimit` as per-route config).
+fn local_rate_limit(
+    route: &str,
+    any: &Any,
+) -> Result<Option<Arc<crate::policy::ratelimit::LocalRateLimit>>, String> {
+    let config: LocalRateLimit = decode(any)?;
+    let Some(bucket) = config.token_bucket else {
+        return Ok(None);
+    };
+    if bucket.max_tokens == 0 {
+        return Err("token_bucket.max_tokens must be at least 1".into());
+    }
+    let tokens_per_fill = bucket.tokens_per_fill.map_or(1, |t| t.value);
+    if tokens_per_fill == 0 {
+        return Err("token_bucket.tokens_per_fill must be at least 1".into());
+    }
+    let fill_interval = bucket
+        .fill_interval
+        .as_ref()
+        .and_then(super::duration)
+        .filter(|d| *d >= Duration::from_millis(1))
+        .ok_or("token_bucket.fill_interval must be at least 1ms")?;
+    let status = match config.status.as_ref().map(|s| s.code) {
+        None | Some(0) => 429,
+        Some(code) => u16::try_from(code)
+            .ok()
+            .filter(|c| (400..600).contains(c))
+            .ok_or_else(|| format!("status {code} is not an error status"))?,
+    };
+    // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
+    let headers = config.enable_x_ratelimit_headers == 1;
+    Ok(Some(crate::policy::ratelimit::shared(
+        crate::policy::ratelimit::BucketKey {
+            route: route.to_string(),
+            max_tokens: bucket.max_tokens,
+            tokens_per_fill,
+            fill_interval,
+            status,
+            headers,
+        },
+    )))
+}
+
+/// A `JwtAuthentication`.
+fn jwt_authn(
+    name: &str,
+    config: &JwtAuthentication,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Result<JwtAuthn, String> {
+    if config.filter_state_rules.is_some() {
+        return Err("filter_state_rules is not supported".into());
+    }
+    let mut providers = HashMap::new();
+    let mut written_headers = Vec::new();
+    let mut remotes = Vec::new();
+    for (provider_name, xds) in &config.providers {
+        let provider = jwt_provider(provider_name, xds, clusters)
+            .map_err(|e| format!("providers[{provider_name:?}].{e}"))?;
+        written_headers.extend(provider.forward_payload_header.iter().cloned());
+        written_headers.extend(provider.claim_to_headers.iter().map(|(h, _)| h.clone()));
+        if let ProviderKeys::Remote(remote) = &provider.keys {
+            if !remotes.iter().any(|r| Arc::ptr_eq(r, remote)) {
+                remotes.push(Arc::clone(remote));
+            }
+        }
+        providers.insert(provider_name.clone(), Arc::new(provider));
+    }
+    let mut requirement_map = HashMap::new();
+    for (key, requirement) in &config.requirement_map {
+        let compiled = jwt_requirement(requirement, &providers)
+            .map_err(|e| format!("requirement_map[{key:?}].{e}"))?;
+        requirement_map.insert(key.clone(), Arc::new(compiled));
+    }
+    let mut rules = Vec::with_capacity(config.rules.len());
+    for (i, rule) in config.rules.iter().enumerate() {
+        let matcher = rule
+            .r#match
+            .as_ref()
+            .ok_or_else(|| format!("rules[{i}].match is missing"))?;
+        let matcher = routes::route_match(matcher).map_err(|e| format!("rules[{i}].{e}"))?;
+        let requirement = match &rule.requirement_type {
+            None => None,
+            Some(requirement_rule::RequirementType::Requires(r)) => Some(Arc::new(
+                jwt_requirement(r, &providers).map_err(|e| format!("rules[{i}].requires.{e}"))?,
+            )),
+            Some(requirement_rule::RequirementType::RequirementName(n)) => Some(Arc::clone(
+                requirement_map.get(n).ok_or_else(|| {
+                    format!("rules[{i}].requirement_name {n:?} is not in requirement_map")
+                })?,
+            )),
+        };
+        rules.push((matcher, requirement));
+    }
+    written_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    written_headers.dedup();
+    Ok(JwtAuthn {
+        name: name.into(),
+        providers,
+        rules,
+        requirement_map,
+        bypass_cors_preflight: config.bypass_cors_preflight,
+        written_headers,
+        remotes,
+    })
+}
+
+fn header_name(name: &str, field: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        .map_err(|_| format!("{field}: {name:?} is not a header name"))
+}
+
+/// A `JwtProvider`.
+fn jwt_provider(
+    name: &str,
+    xds: &JwtProvider,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Result<Provider, String> {
+    let keys = match &xds.jwks_source_specifier {
+        None => return Err("remote_jwks or local_jwks is needed".into()),
+        Some(jwt_provider::JwksSourceSpecifier::LocalJwks(source)) => {
+            let document = inline_data(source).map_err(|e| format!("local_jwks: {e}"))?;
+            ProviderKeys::Local(Arc::new(
+                KeySet::parse(&document).map_err(|e| format!("local_jwks: {e}"))?,
+            ))
+        }
+        Some(jwt_provider::JwksSourceSpecifier::RemoteJwks(remote)) => {
+            if remote.retry_policy.is_some() {
+                return Err("remote_jwks.retry_policy is not supported (a failed fetch is tried again after async_fetch.failed_refetch_duration)".into());
+            }
+            let http_uri = remote.http_uri.as_ref().ok_or("remote_jwks.http_uri is missing")?;
+            let cluster = match &http_uri.http_upstream_type {
+                Some(envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(c)) => c.clone(),
+                None => return Err("remote_jwks.http_uri.cluster is missing".into()),
+            };
+            if !clusters.contains_key(&cluster) {
+                return Err(format!(
+                    "remote_jwks.http_uri.cluster {cluster:?} is not among the clusters"
+                ));
+            }
+            let uri: http::Uri = http_uri
+                .uri
+                .parse()
+                .map_err(|_| format!("remote_jwks.http_uri.uri {:?} is not a URI", http_uri.uri))?;
+            let authority = uri
+                .authority()
+                .ok_or_else(|| format!("remote_jwks.http_uri.uri {:?} has no host", http_uri.uri))?
+                .to_string();
+            let path = uri
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.as_str().to_string());
+            let duration = |d: Option<&PbDuration>, default| d.and_then(super::duration).filter(|d| !d.is_zero()).unwrap_or(default);
+            ProviderKeys::Remote(shared_remote(RemoteSource {
+                cluster,
+                uri: http_uri.uri.clone(),
+                authority,
+                path,
+                timeout: duration(http_uri.timeout.as_ref(), DEFAULT_JWKS_TIMEOUT),
+                cache_duration: duration(remote.cache_duration.as_ref(), DEFAULT_JWKS_CACHE),
+                failed_refetch: duration(
+                    remote
+                        .async_fetch
+                        .as_ref()
+                        .and_then(|a| a.failed_refetch_duration.as_ref()),
+                    DEFAULT_JWKS_REFETCH,
+                ),
+            }))
+        }
+    };
+    let mut locations = Vec::new();
+    for (i, h) in xds.from_headers.iter().enumerate() {
+        locations.push(TokenLocation::Header {
+            name: header_name(&h.name, &format!("from_headers[{i}].name"))?,
+            prefix: h.value_prefix.clone(),
+        });
+    }
+    locations.extend(xds.from_params.iter().cloned().map(TokenLocation::Param));
+    locations.extend(xds.from_cookies.iter().cloned().map(TokenLocation::Cookie));
+    if locations.is_empty() {
+        locations = TokenLocation::defaults();
+    }
+    let forward_payload_header = match xds.forward_payload_header.as_str() {
+        "" => None,
+        h => Some(header_name(h, "forward_payload_header")?),
+    };
+    let mut claim_to_headers = Vec::new();
+    for (i, c) in xds.claim_to_headers.iter().enumerate() {
+        let header = header_name(&c.header_name, &format!("claim_to_headers[{i}].header_name"))?;
+        let path: Vec<String> = if !c.claim_path.is_empty() {
+            c.claim_path.iter().map(|s| s.key.clone()).collect()
+        } else {
+            c.claim_name.split('.').map(str::to_string).collect()
+        };
+        if path.iter().any(String::is_empty) {
+            return Err(format!("claim_to_headers[{i}]: the claim name is empty"));
+        }
+        claim_to_headers.push((header, path));
+    }
+    let subjects = xds
+        .subjects
+        .as_ref()
+        .map(string_match)
+        .transpose()
+        .map_err(|e| format!("subjects: {e}"))?;
+    Ok(Provider {
+        name: name.into(),
+        issuer: xds.issuer.clone(),
+        audiences: xds.audiences.clone(),
+        subjects,
+        require_expiration: xds.require_expiration,
+        max_lifetime: xds.max_lifetime.as_ref().and_then(super::duration),
+        forward: xds.forward,
+        locations,
+        forward_payload_header,
+        pad_forward_payload_header: xds.pad_forward_payload_header,
+        payload_in_metadata: (!xds.payload_in_metadata.is_empty())
+            .then(|| xds.payload_in_metadata.as_str().into()),
+        claim_to_headers,
+        clock_skew: if xds.clock_skew_seconds == 0 {
+            60
+        } else {
+            u64::from(xds.clock_skew_seconds)
+        },
+        keys,
+    })
+}
+
+/// An inline `DataSource` (files are not read by the compiler).
+fn inline_data(source: &DataSource) -> Result<String, String> {
+    match &source.specifier {
+        Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
+        Some(data_source::Specifier::InlineBytes(b)) => {
+            String::from_utf8(b.clone()).map_err(|_| "inline_bytes is not UTF-8".to_string())
+        }
+        Some(_) => Err("only inline_string and inline_bytes are supported (or use remote_jwks)".into()),
+        None => Err("empty".into()),
+    }
+}
+
+/// A `JwtRequirement`.
+fn jwt_requirement(
+    xds: &JwtRequirement,
+    providers: &HashMap<String, Arc<Provider>>,
+) -> Result<Requirement, String> {
+    let provider = |name: &str| {
+        providers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("provider {name:?} is not among the providers"))
+    };
+    let list = |items: &[JwtRequirement], field: &str| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                jwt_requirement(r, providers).map_err(|e| format!("{field}.requirements[{i}].{e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &xds.requires_type {
+        Some(jwt_requirement::RequiresType::ProviderName(name)) => Requirement::Provider {
+            provider: provider(name).map_err(|e| format!("provider_name: {e}"))?,
+            audiences: None,
+        },
+        Some(jwt_requirement::RequiresType::ProviderAndAudiences(p)) => Requirement::Provider {
+            provider: provider(&p.provider_name)
+                .map_err(|e| format!("provider_and_audiences: {e}"))?,
+            audiences: Some(p.audiences.clone()),
+        },
+        Some(jwt_requirement::RequiresType::RequiresAny(any)) => {
+            Requirement::Any(list(&any.requirements, "requires_any")?)
+        }
+        Some(jwt_requirement::RequiresType::RequiresAll(all)) => {
+            Requirement::All(list(&all.requirements, "requires_all")?)
+        }
+        Some(jwt_requirement::RequiresType::AllowMissingOrFailed(_)) => {
+            Requirement::AllowMissingOrFailed
+        }
+        Some(jwt_requirement::RequiresType::AllowMissing(_)) => Requirement::AllowMissing,
+        Some(jwt_requirement::RequiresType::ExtractOnlyWithoutValidation(_)) => {
+            return Err(
+                "extract_only_without_validation is not supported: NIP never passes on claims it did not verify".into(),
+            )
+        }
+        None => return Err("a requirement type is needed".into()),
+    })
+}
+
+/// A `StringMatcher` (case-sensitive).
+pub(super) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    if m.ignore_case {
+        return Err("ignore_case is not supported".into());
+    }
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(v)) => StringMatch::Exact(v.clone()),
+        Some(MatchPattern::Prefix(v)) => StringMatch::Prefix(v.clone()),
+        Some(MatchPattern::Suffix(v)) => StringMatch::Suffix(v.clone()),
+        Some(MatchPattern::Contains(v)) => StringMatch::Contains(v.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StringMatch::Regex(
+            routes::full_match_regex(&r.regex).map_err(|e| format!("safe_regex: {e}"))?,
+        ),
+        _ => return Err("a pattern is needed".into()),
+    })
+}
+
+/// An RBAC policy set.
+fn rules(xds: &XdsRules) -> Result<Rules, String> {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac::Action as XdsAction;
+    if xds.audit_logging_options.is_some() {
+        return Err("audit_logging_options is not supported".into());
+    }
+    let action = match XdsAction::try_from(xds.action) {
+        Ok(XdsAction::Allow) => Action::Allow,
+        Ok(XdsAction::Deny) => Action::Deny,
+        Ok(XdsAction::Log) => Action::Log,
+        Err(_) => return Err(format!("action {} is unknown", xds.action)),
+    };
+    let mut names: Vec<&String> = xds.policies.keys().collect();
+    names.sort();
+    let mut policies = Vec::with_capacity(names.len());
+    for name in names {
+        let xds_policy = &xds.policies[name];
+        let field = |m: String| format!("policies[{name:?}].{m}");
+        if xds_policy.condition.is_some() || xds_policy.checked_condition.is_some() {
+            return Err(field("condition (CEL) is not supported".into()));
+        }
+        if xds_policy.permissions.is_empty() || xds_policy.principals.is_empty() {
+            return Err(field("permissions and principals must each have an entry".into()));
+        }
+        let permissions = xds_policy
+            .permissions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rbac_permission(p).map_err(|e| field(format!("permissions[{i}].{e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let principals = xds_policy
+            .principals
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rbac_principal(p).map_err(|e| field(format!("principals[{i}].{e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        policies.push(Policy {
+            name: name.clone(),
+            permissions,
+            principals,
+        });
+    }
+    Ok(Rules { action, policies })
+}
+
+fn cidr(range: &CidrRange) -> Result<Cidr, String> {
+    let ip: std::net::IpAddr = range
+        .address_prefix
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", range.address_prefix))?;
+    let len = range
+        .prefix_len
+        .as_ref()
+        .map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+    Cidr::new(ip, len)
+}
+
+/// A header matcher of a policy: `:authority` is the `host` header; `:path` is refused
+/// (url_path matches the path).
+fn rbac_header(h: &envoy_types::pb::envoy::config::route::v3::HeaderMatcher) -> Result<HeaderMatch, String> {
+    let mut h = h.clone();
+    match h.name.as_str() {
+        ":authority" => h.name = "host".into(),
+        ":path" => return Err("header :path: use url_path or uri_template".into()),
+        _ => {}
+    }
+    routes::header_match(&h).map_err(|e| format!("header: {e}"))
+}
+
+fn path_matcher(
+    p: &envoy_types::pb::envoy::r#type::matcher::v3::PathMatcher,
+) -> Result<StringMatch, String> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher::Rule;
+    match &p.rule {
+        Some(Rule::Path(m)) => string_match(m).map_err(|e| format!("url_path.path: {e}")),
+        None => Err("url_path.path is missing".into()),
+    }
+}
+
+// `metadata` is deprecated for `sourced_metadata` in Envoy and still accepted there.
+#[allow(deprecated)]
+fn rbac_permission(xds: &XdsPermission) -> Result<Permission, String> {
+    use permission::Rule;
+    let set = |rules: &[XdsPermission], field: &str| {
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rbac_permission(p).map_err(|e| format!("{field}.rules[{i}].{e}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &xds.rule {
+        Some(Rule::Any(true)) => Permission::Any,
+        Some(Rule::AndRules(s)) => Permission::And(set(&s.rules, "and_rules")?),
+        Some(Rule::OrRules(s)) => Permission::Or(set(&s.rules, "or_rules")?),
+        Some(Rule::NotRule(p)) => {
+            Permission::Not(Box::new(rbac_permission(p).map_err(|e| format!("not_rule.{e}"))?))
+        }
+        Some(Rule::Header(h)) => Permission::Header(rbac_header(h)?),
+        Some(Rule::UrlPath(p)) => Permission::UrlPath(path_matcher(p)?),
+        Some(Rule::DestinationIp(c)) => {
+            Permission::DestinationIp(cidr(c).map_err(|e| format!("destination_ip: {e}"))?)
+        }
+        Some(Rule::DestinationPort(p)) => Permission::DestinationPort(
+            u16::try_from(*p).map_err(|_| format!("destination_port: {p} is not a port"))?,
+        ),
+        Some(Rule::DestinationPortRange(r)) => {
+            let port = |v: i32| u16::try_from(v).map_err(|_| format!("destination_port_range: {v} is not a port"));
+            Permission::DestinationPortRange(port(r.start)?, port(r.end)?)
+        }
+        Some(Rule::Metadata(m)) => Permission::Metadata(metadata_match(m)?),
+        Some(Rule::UriTemplate(ext)) => {
+            let config = ext
+                .typed_config
+                .as_ref()
+                .filter(|a| a.type_url == UriTemplateMatchConfig::type_url())
+                .ok_or("uri_template: a UriTemplateMatchConfig is needed")?;
+            let config: UriTemplateMatchConfig = decode(config)?;
+            Permission::PathTemplate(
+                PathTemplate::parse(&config.path_template).map_err(|e| format!("uri_template: {e}"))?,
+            )
+        }
+        Some(Rule::Any(false)) | None => return Err("a rule is needed".into()),
+        Some(_) => {
+            return Err("only any, and_rules, or_rules, not_rule, header, url_path, uri_template, destination_ip, destination_port, destination_port_range and metadata are supported".into())
+        }
+    })
+}
+
+// `metadata` and `source_ip` are deprecated in Envoy and still accepted there.
+#[allow(deprecated)]
+fn rbac_principal(xds: &XdsPrincipal) -> Result<Principal, String> {
+    use principal::Identifier;
+    let set = |ids: &[XdsPrincipal], field: &str| {
+        ids.iter()
+            .enumerate()
+            .map(|(i, p)| rbac_principal(p).map_err(|e| format!("{field}.ids[{i}].{e}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &xds.identifier {
+        Some(Identifier::Any(true)) => Principal::Any,
+        Some(Identifier::AndIds(s)) => Principal::And(set(&s.ids, "and_ids")?),
+        Some(Identifier::OrIds(s)) => Principal::Or(set(&s.ids, "or_ids")?),
+        Some(Identifier::NotId(p)) => {
+            Principal::Not(Box::new(rbac_principal(p).map_err(|e| format!("not_id.{e}"))?))
+        }
+        Some(Identifier::Authenticated(a)) => Principal::Authenticated(
+            a.principal_name
+                .as_ref()
+                .map(string_match)
+                .transpose()
+                .map_err(|e| format!("authenticated.principal_name: {e}"))?,
+        ),
+        Some(Identifier::DirectRemoteIp(c)) | Some(Identifier::RemoteIp(c)) | Some(Identifier::SourceIp(c)) => {
+            Principal::SourceIp(cidr(c).map_err(|e| format!("remote_ip: {e}"))?)
+        }
+        Some(Identifier::Header(h)) => Principal::Header(rbac_header(h)?),
+        Some(Identifier::UrlPath(p)) => Principal::UrlPath(path_matcher(p)?),
+        Some(Identifier::Metadata(m)) => Principal::Metadata(metadata_match(m)?),
+        Some(Identifier::Any(false)) | None => return Err("an identifier is needed".into()),
+        Some(_) => {
+            return Err("only any, and_ids, or_ids, not_id, authenticated, direct_remote_ip, remote_ip, source_ip, header, url_path and metadata are supported".into())
+        }
+    })
+}
+
+fn metadata_match(m: &MetadataMatcher) -> Result<MetadataMatch, String> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::metadata_matcher::path_segment::Segment;
+    let path = m
+        .path
+        .iter()
+        .map(|s| match &s.segment {
+            Some(Segment::Key(k)) => Ok(k.clone()),
+            None => Err("metadata.path: a segment has no key".to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if m.filter != crate::policy::rbac::JWT_METADATA {
+        return Err(format!(
+            "metadata.filter {:?}: NIP's requests carry the metadata of {} (verified JWT payloads) only",
+            m.filter,
+            crate::policy::rbac::JWT_METADATA
+        ));
+    }
+    if path.len() < 2 {
+        return Err("metadata.path: the provider's payload_in_metadata, then the claim".into());
+    }
+    let value = m.value.as_ref().ok_or("metadata.value is missing")?;
+    Ok(MetadataMatch {
+        filter: m.filter.clone(),
+        path,
+        value: value_match(value).map_err(|e| format!("metadata.value.{e}"))?,
+        invert: m.invert,
+    })
+}
+
+fn value_match(v: &ValueMatcher) -> Result<ValueMatch, String> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::double_matcher;
+    Ok(match &v.match_pattern {
+        Some(value_matcher::MatchPattern::NullMatch(_)) => ValueMatch::Null,
+        Some(value_matcher::MatchPattern::StringMatch(s)) => {
+            ValueMatch::String(string_match(s).map_err(|e| format!("string_match: {e}"))?)
+        }
+        Some(value_matcher::MatchPattern::BoolMatch(b)) => ValueMatch::Bool(*b),
+        Some(value_matcher::MatchPattern::PresentMatch(p)) => ValueMatch::Present(*p),
+        Some(value_matcher::MatchPattern::DoubleMatch(d)) => match &d.match_pattern {
+            Some(double_matcher::MatchPattern::Exact(x)) => ValueMatch::Number(*x),
+            Some(double_matcher::MatchPattern::Range(r)) => ValueMatch::Range(r.start, r.end),
+            None => return Err("double_match needs a pattern".into()),
+        },
+        Some(value_matcher::MatchPattern::ListMatch(l)) => match &l.match_pattern {
+            Some(list_matcher::MatchPattern::OneOf(item)) => ValueMatch::ListOneOf(Box::new(
+                value_match(item).map_err(|e| format!("list_match.one_of.{e}"))?,
+            )),
+            None => return Err("list_match needs one_of".into()),
+        },
+        Some(value_matcher::MatchPattern::OrMatch(_)) | None => {
+            return Err("a null, double, string, bool, present or list match is needed".into())
+        }
+    })
+}

@@ -1,0 +1,193 @@
+//! Runs the connection manager's policy filters on a request whose route is chosen, in
+//! `http_filters` order, and writes their refusals: 401/403 from `jwt_authn` (with
+//! `WWW-Authenticate`), 403 `RBAC: access denied` (flag `RBAC`), 429 from the route's
+//! local rate limit (flag `RL`, `retry-after`, `x-ratelimit-*`).
+
+use super::context::RequestCtx;
+use super::flags::ResponseFlag;
+use super::local_reply;
+use crate::policy::jwt::{JwtAuthn, JwtError, JwtRequest, VerifiedPayload};
+use crate::policy::rbac::Facts;
+use crate::policy::PolicyFilter;
+use crate::route::Route;
+use crate::telemetry::metrics::Metrics;
+use pingora::prelude::Session;
+use std::time::SystemTime;
+
+/// Runs `filters` for `route`; true when one of them answered the request.
+pub(super) async fn run(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    filters: &[PolicyFilter],
+    route: &Route,
+    metrics: &Metrics,
+) -> bool {
+    // Verified JWT payloads, for the RBAC filters after the jwt_authn one.
+    let mut payloads: Vec<VerifiedPayload> = Vec::new();
+    for filter in filters {
+        match filter {
+            PolicyFilter::Jwt(authn) => {
+                match authenticate(session, authn, route, &mut payloads).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        metrics.jwt_authn(&authn.name, "allowed").inc();
+                    }
+                    Err(error) => {
+                        metrics.jwt_authn(&authn.name, "denied").inc();
+                        deny_jwt(session, ctx, error).await;
+                        return true;
+                    }
+                }
+            }
+            PolicyFilter::Rbac(listener_rules) => {
+                let rbac = match &route.policy.rbac {
+                    Some(None) => continue,
+                    Some(Some(rules)) => rules,
+                    None => listener_rules,
+                };
+                let request = session.req_header();
+                let peer = super::verified_peer(session).map(|p| &*p.certificate);
+                let facts = Facts {
+                    method: &request.method,
+                    path: request.uri.path(),
+                    headers: &request.headers,
+                    source: session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                    destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
+                    peer,
+                    jwt: &payloads,
+                };
+                if let Err(denied) = rbac.check(&facts) {
+                    tracing::debug!(policy = ?denied.policy, route = %route.name, "RBAC denied a request");
+                    ctx.flag = Some(ResponseFlag::RbacDenied);
+                    ctx.local_status = 403;
+                    let headers = [("content-type".to_string(), "text/plain".to_string())];
+                    Box::pin(local_reply::write_answer(
+                        session,
+                        ctx,
+                        403,
+                        &headers,
+                        bytes::Bytes::from_static(b"RBAC: access denied"),
+                        None,
+                    ))
+                    .await;
+                    return true;
+                }
+            }
+            PolicyFilter::LocalRateLimit => {
+                let Some(limit) = &route.policy.rate_limit else {
+                    continue;
+                };
+                let Err(limited) = limit.try_take() else {
+                    continue;
+                };
+                ctx.flag = Some(ResponseFlag::RateLimited);
+                ctx.local_status = limit.status;
+                let retry = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let mut headers = vec![
+                    ("content-type".to_string(), "text/plain".to_string()),
+                    ("retry-after".to_string(), retry.to_string()),
+                ];
+                if limit.headers {
+                    headers.push(("x-ratelimit-limit".into(), limit.max_tokens.to_string()));
+                    headers.push(("x-ratelimit-remaining".into(), "0".into()));
+                    headers.push(("x-ratelimit-reset".into(), retry.to_string()));
+                }
+                Box::pin(local_reply::write_answer(
+                    session,
+                    ctx,
+                    limit.status,
+                    &headers,
+                    bytes::Bytes::from_static(b"local_rate_limited"),
+                    None,
+                ))
+                .await;
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Verifies the request's tokens against the route's requirement and applies what the
+/// verified ones say (headers set and removed, payloads kept); false when no requirement
+/// applies to the request.
+async fn authenticate(
+    session: &mut Session,
+    authn: &JwtAuthn,
+    route: &Route,
+    payloads: &mut Vec<VerifiedPayload>,
+) -> Result<bool, JwtError> {
+    let request = session.req_header_mut();
+    // Headers the providers write are theirs alone: a client's copies go first.
+    for header in &authn.written_headers {
+        request.remove_header(header);
+    }
+    let request = session.req_header();
+    let view = JwtRequest {
+        method: &request.method,
+        path: request.uri.path(),
+        query: request.uri.query(),
+        headers: &request.headers,
+    };
+    let Some(requirement) = authn.requirement(&route.policy.jwt, &view) else {
+        return Ok(false);
+    };
+    for remote in JwtAuthn::unsettled_keys(requirement) {
+        // Only until the first fetch of a new remote JWKS has ended (bounded by its
+        // timeout); afterwards the keys are read without waiting.
+        remote.keys_when_fetched().await;
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let verified = authn.verify(requirement, &view, now)?;
+    let request = session.req_header_mut();
+    for header in &verified.remove_headers {
+        request.remove_header(header);
+    }
+    for (name, value) in verified.set_headers {
+        // Both are valid header parts already.
+        let _ = request.insert_header(name, value);
+    }
+    payloads.extend(verified.payloads);
+    Ok(true)
+}
+
+/// Envoy's answer to a request whose token was not accepted.
+async fn deny_jwt(session: &mut Session, ctx: &mut RequestCtx, error: JwtError) {
+    let status = error.status();
+    ctx.local_status = status;
+    let request = session.req_header();
+    // The realm is quoted: a client's quotes and backslashes stay out of it.
+    let host: String = super::request_authority(request)
+        .chars()
+        .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+        .collect();
+    let realm = format!(
+        "{}://{}{}",
+        super::client_scheme(session),
+        host,
+        request.uri.path()
+    );
+    let challenge = if error == JwtError::Missing {
+        format!("Bearer realm=\"{realm}\"")
+    } else {
+        format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+    };
+    let headers = [
+        ("content-type".to_string(), "text/plain".to_string()),
+        ("www-authenticate".to_string(), challenge),
+    ];
+    Box::pin(local_reply::write_answer(
+        session,
+        ctx,
+        status,
+        &headers,
+        bytes::Bytes::from(error.to_string()),
+        None,
+    ))
+    .await;
+}

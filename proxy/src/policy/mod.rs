@@ -1,0 +1,45 @@
+//! Edge policy: who may call and how often. These are the HTTP filters a connection
+//! manager runs on a request after its route is chosen and before the route's plugins and
+//! its upstream, in the order its `http_filters` list them (Envoy's order):
+//!
+//! ```text
+//! request ─▶ jwt (authentication: tokens verified, payloads kept, claims to headers)
+//!         ─▶ rbac (authorization: principals × permissions; ALLOW/DENY/LOG; shadow rules)
+//!         ─▶ ratelimit (the route's local token bucket)
+//!         ─▶ plugins ─▶ router
+//! ```
+//!
+//! Each filter is compiled from its Envoy config by `compile` into the types here — pure
+//! data and checks, no I/O on the request path. The one piece that talks to the network,
+//! fetching remote JWKS, runs off the request path on the proxy's control thread
+//! ([`jwt::fetch::JwksFetcher`]); requests read the keys it last stored. `http/policy.rs`
+//! runs the filters and writes their refusals.
+
+pub mod jwt;
+pub mod ratelimit;
+pub mod rbac;
+
+use std::sync::Arc;
+
+/// One policy filter of a connection manager, in its `http_filters` position.
+#[derive(Debug, Clone)]
+pub enum PolicyFilter {
+    /// Envoy's `jwt_authn`.
+    Jwt(Arc<jwt::JwtAuthn>),
+    /// Envoy's `rbac` (its listener-wide rules; a route may override them).
+    Rbac(Arc<rbac::RbacFilter>),
+    /// Envoy's `local_ratelimit` (its buckets are per route).
+    LocalRateLimit,
+}
+
+/// A route's settings for the policy filters (Envoy's `typed_per_filter_config` for them).
+#[derive(Debug, Clone, Default)]
+pub struct RoutePolicy {
+    /// The route's JWT requirement (per-route config of `jwt_authn`).
+    pub jwt: jwt::RouteRequirement,
+    /// The route's RBAC rules in place of the listener's (`RBACPerRoute`); `Some(None)`:
+    /// RBAC is off on this route.
+    pub rbac: Option<Option<Arc<rbac::RbacFilter>>>,
+    /// The route's local rate limit.
+    pub rate_limit: Option<Arc<ratelimit::LocalRateLimit>>,
+}
