@@ -132,6 +132,71 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
         &["max_tokens", "tokens_per_fill", "fill_interval"],
     ),
     ("envoy.type.v3.HttpStatus", &["code"]),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        &[
+            "providers",
+            "rules",
+            "requirement_map",
+            "bypass_cors_preflight",
+            "stat_prefix",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider",
+        &[
+            "issuer",
+            "audiences",
+            "subjects",
+            "require_expiration",
+            "max_lifetime",
+            "remote_jwks",
+            "local_jwks",
+            "forward",
+            "from_headers",
+            "from_params",
+            "from_cookies",
+            "forward_payload_header",
+            "pad_forward_payload_header",
+            "payload_in_metadata",
+            "clock_skew_seconds",
+            "claim_to_headers",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
+        &["http_uri", "cache_duration", "async_fetch"],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwksAsyncFetch",
+        // NIP always fetches ahead of requests (fast_listener is how it always behaves).
+        &["fast_listener", "failed_refetch_duration"],
+    ),
+    ("envoy.config.core.v3.HttpUri", &["uri", "cluster", "timeout"]),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader",
+        &["header_name", "claim_name", "claim_path"],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.RequirementRule",
+        &["match", "requires", "requirement_name"],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
+        &["disabled", "requirement_name"],
+    ),
+    (
+        "envoy.extensions.filters.http.rbac.v3.RBAC",
+        &[
+            "rules",
+            "rules_stat_prefix",
+            "shadow_rules",
+            "shadow_rules_stat_prefix",
+        ],
+    ),
+    ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
+    ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
+    ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
     ("envoy.extensions.filters.http.wasm.v3.Wasm", &["config"]),
     (
         "envoy.extensions.wasm.v3.PluginConfig",

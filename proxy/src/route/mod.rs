@@ -482,7 +482,9 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matchers::{HeaderMatch, HeaderValueMatch, PathMatch};
     use crate::telemetry::metrics::Metrics;
+    use regex::Regex;
 
     fn route(name: &str, path: PathMatch, headers: Vec<HeaderMatch>) -> Arc<Route> {
         let metrics = Metrics::new();
