@@ -35,6 +35,11 @@ pub mod names {
     pub const ROUTER: &str = "envoy.filters.http.router";
     /// The local rate limit HTTP filter (its buckets are per route).
     pub const LOCAL_RATE_LIMIT: &str = "envoy.filters.http.local_ratelimit";
+    /// The JWT authentication HTTP filter (also the metadata namespace of the verified
+    /// payloads RBAC matches claims in).
+    pub const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
+    /// The RBAC HTTP filter.
+    pub const RBAC: &str = "envoy.filters.http.rbac";
     /// Downstream/upstream TLS transport socket.
     pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
     /// The plaintext transport socket (a `transport_socket_matches` entry for endpoints

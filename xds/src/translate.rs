@@ -176,6 +176,7 @@ pub fn translate(config: &Config) -> Translation {
                     .map(|_| sidecar::passthrough_cluster()),
             )
             .chain(sidecar::tcp_clusters(config))
+            .chain(auth::clusters(config))
             .collect(),
         endpoints: config
             .services
@@ -183,6 +184,7 @@ pub fn translate(config: &Config) -> Translation {
             .filter(|(_, service)| !service.original_destination)
             .map(|(name, service)| load_assignment(name, service))
             .chain(sidecar::tcp_assignments(config))
+            .chain(auth::assignments(config))
             .collect(),
         // The control plane adds the mesh's trust bundle; a file config has no secrets.
         secrets: Vec::new(),
@@ -395,21 +397,24 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
             config_source: Some(crate::resources::ads_config_source()),
             route_config_name: GATEWAY_ROUTES.to_string(),
         })),
-        http_filters: config
-            .routes
-            .iter()
-            .any(|r| r.rate_limit.is_some())
-            .then(|| HttpFilter {
-                name: names::LOCAL_RATE_LIMIT.to_string(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    LocalRateLimit {
-                        stat_prefix: "local_rate_limit".to_string(),
-                        ..Default::default()
-                    },
-                ))),
-                ..Default::default()
-            })
+        http_filters: auth::http_filters(config)
             .into_iter()
+            .chain(
+                config
+                    .routes
+                    .iter()
+                    .any(|r| r.rate_limit.is_some())
+                    .then(|| HttpFilter {
+                        name: names::LOCAL_RATE_LIMIT.to_string(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                            LocalRateLimit {
+                                stat_prefix: "local_rate_limit".to_string(),
+                                ..Default::default()
+                            },
+                        ))),
+                        ..Default::default()
+                    }),
+            )
             .chain(plugin_filters(config))
             .chain(std::iter::once(router_filter()))
             .collect(),
@@ -724,7 +729,7 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
         }
     }
     for (index, route) in config.routes.iter().enumerate() {
-        let xds_route = xds_route(route, index, config.data_locality());
+        let xds_route = xds_route(config, route, index, config.data_locality());
         match route.matcher.host.as_deref() {
             None | Some("*") => {
                 for routes in hosts.values_mut() {
@@ -765,7 +770,12 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
 
 /// One route; `tenant_locality` is where the tenant's data must stay (a route without its
 /// own `locality` is pinned there).
-fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -> Route {
+fn xds_route(
+    config: &Config,
+    route: &RouteConfig,
+    index: usize,
+    tenant_locality: Option<&str>,
+) -> Route {
     let m = &route.matcher;
     let path_specifier = if m.connect {
         route_match::PathSpecifier::ConnectMatcher(route_match::ConnectMatcher {})
@@ -844,6 +854,7 @@ fn xds_route(route: &RouteConfig, index: usize, tenant_locality: Option<&str>) -
             )
         })
         .collect();
+    typed_per_filter_config.extend(auth::route_configs(config, route, index));
     if let Some(limit) = &route.rate_limit {
         typed_per_filter_config.insert(
             names::LOCAL_RATE_LIMIT.to_string(),
@@ -1658,6 +1669,7 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
     }
 }
 
+mod auth;
 mod sidecar;
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use super::*;
 use crate::listener::chains::{ChainMatch, SourceType};
-use crate::matchers::Cidr;
 use crate::listener::tcp_proxy::TcpProxy;
 use crate::listener::{ChainAction, FilterChain, HttpManager, Listeners, ServedListener};
+use crate::matchers::Cidr;
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain as XdsFilterChain, FilterChainMatch as XdsFilterChainMatch,

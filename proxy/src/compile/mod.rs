@@ -24,9 +24,8 @@
 
 use crate::downstream::limits::DownstreamLimits;
 use crate::listener::HttpManager;
-use policy::ManagerPolicy;
-use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::matchers::{Cidr, HeaderMatch, HeaderValueMatch, PathMatch, RouteMatch, StringMatch};
+use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::route::{
     AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HostRewrite, LocalAction,
     PathRewrite, Redirect, RedirectPath, RetryPolicy, Route, RouteEdits, Router, RouterBuilder,
@@ -73,6 +72,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use http::HeaderName;
 use nip_xds::resources::names;
 use nip_xds::ResourceSet;
+use policy::ManagerPolicy;
 use prost::{Message, Name};
 use regex::Regex;
 use std::collections::BTreeMap;

@@ -15,8 +15,7 @@ use crate::policy::rbac::{
 use crate::policy::{PolicyFilter, RoutePolicy};
 use envoy_types::pb::envoy::config::core::v3::{data_source, CidrRange, DataSource};
 use envoy_types::pb::envoy::config::rbac::v3::{
-    permission, principal, Permission as XdsPermission, Principal as XdsPrincipal,
-    Rbac as XdsRules,
+    permission, principal, Permission as XdsPermission, Principal as XdsPrincipal, Rbac as XdsRules,
 };
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
     jwt_provider, jwt_requirement, per_route_config, requirement_rule, JwtAuthentication,
@@ -61,7 +60,9 @@ impl ManagerPolicy {
 }
 
 /// The typed config of an HTTP filter.
-fn typed_config(http: &envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter) -> Option<&Any> {
+fn typed_config(
+    http: &envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter,
+) -> Option<&Any> {
     match &http.config_type {
         Some(http_filter::ConfigType::TypedConfig(any)) => Some(any),
         _ => None,
@@ -190,9 +191,7 @@ pub(super) fn route_policy(
                             None => None,
                             Some(rbac) => {
                                 let stat = format!("{}.{name}", xds.name);
-                                Some(Arc::new(
-                                    compiler.rbac_filter(&rbac, &stat).map_err(field)?,
-                                ))
+                                Some(Arc::new(compiler.rbac_filter(&rbac, &stat).map_err(field)?))
                             }
                         }
                     }
@@ -294,11 +293,11 @@ fn jwt_authn(
             Some(requirement_rule::RequirementType::Requires(r)) => Some(Arc::new(
                 jwt_requirement(r, &providers).map_err(|e| format!("rules[{i}].requires.{e}"))?,
             )),
-            Some(requirement_rule::RequirementType::RequirementName(n)) => Some(Arc::clone(
-                requirement_map.get(n).ok_or_else(|| {
+            Some(requirement_rule::RequirementType::RequirementName(n)) => {
+                Some(Arc::clone(requirement_map.get(n).ok_or_else(|| {
                     format!("rules[{i}].requirement_name {n:?} is not in requirement_map")
-                })?,
-            )),
+                })?))
+            }
         };
         rules.push((matcher, requirement));
     }
@@ -338,9 +337,16 @@ fn jwt_provider(
             if remote.retry_policy.is_some() {
                 return Err("remote_jwks.retry_policy is not supported (a failed fetch is tried again after async_fetch.failed_refetch_duration)".into());
             }
-            let http_uri = remote.http_uri.as_ref().ok_or("remote_jwks.http_uri is missing")?;
+            let http_uri = remote
+                .http_uri
+                .as_ref()
+                .ok_or("remote_jwks.http_uri is missing")?;
             let cluster = match &http_uri.http_upstream_type {
-                Some(envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(c)) => c.clone(),
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                        c,
+                    ),
+                ) => c.clone(),
                 None => return Err("remote_jwks.http_uri.cluster is missing".into()),
             };
             if !clusters.contains_key(&cluster) {
@@ -359,7 +365,11 @@ fn jwt_provider(
             let path = uri
                 .path_and_query()
                 .map_or("/".to_string(), |p| p.as_str().to_string());
-            let duration = |d: Option<&PbDuration>, default| d.and_then(super::duration).filter(|d| !d.is_zero()).unwrap_or(default);
+            let duration = |d: Option<&PbDuration>, default| {
+                d.and_then(super::duration)
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(default)
+            };
             ProviderKeys::Remote(shared_remote(RemoteSource {
                 cluster,
                 uri: http_uri.uri.clone(),
@@ -395,7 +405,10 @@ fn jwt_provider(
     };
     let mut claim_to_headers = Vec::new();
     for (i, c) in xds.claim_to_headers.iter().enumerate() {
-        let header = header_name(&c.header_name, &format!("claim_to_headers[{i}].header_name"))?;
+        let header = header_name(
+            &c.header_name,
+            &format!("claim_to_headers[{i}].header_name"),
+        )?;
         let path: Vec<String> = if !c.claim_path.is_empty() {
             c.claim_path.iter().map(|s| s.key.clone()).collect()
         } else {
@@ -442,7 +455,9 @@ fn inline_data(source: &DataSource) -> Result<String, String> {
         Some(data_source::Specifier::InlineBytes(b)) => {
             String::from_utf8(b.clone()).map_err(|_| "inline_bytes is not UTF-8".to_string())
         }
-        Some(_) => Err("only inline_string and inline_bytes are supported (or use remote_jwks)".into()),
+        Some(_) => {
+            Err("only inline_string and inline_bytes are supported (or use remote_jwks)".into())
+        }
         None => Err("empty".into()),
     }
 }
@@ -536,7 +551,9 @@ fn rules(xds: &XdsRules) -> Result<Rules, String> {
             return Err(field("condition (CEL) is not supported".into()));
         }
         if xds_policy.permissions.is_empty() || xds_policy.principals.is_empty() {
-            return Err(field("permissions and principals must each have an entry".into()));
+            return Err(field(
+                "permissions and principals must each have an entry".into(),
+            ));
         }
         let permissions = xds_policy
             .permissions
@@ -573,7 +590,9 @@ fn cidr(range: &CidrRange) -> Result<Cidr, String> {
 
 /// A header matcher of a policy: `:authority` is the `host` header; `:path` is refused
 /// (url_path matches the path).
-fn rbac_header(h: &envoy_types::pb::envoy::config::route::v3::HeaderMatcher) -> Result<HeaderMatch, String> {
+fn rbac_header(
+    h: &envoy_types::pb::envoy::config::route::v3::HeaderMatcher,
+) -> Result<HeaderMatch, String> {
     let mut h = h.clone();
     match h.name.as_str() {
         ":authority" => h.name = "host".into(),

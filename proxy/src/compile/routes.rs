@@ -137,27 +137,29 @@ impl Compiler<'_> {
                 let plugins = route_plugins(xds, plugins, policy)?;
                 let local =
                     redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?;
-                return Ok(self.local_route(
-                    route_name,
-                    RouteMatch { path, headers },
-                    local,
-                    response_headers,
-                    plugins,
-                )
-                .with_policy(route_policy.clone()));
+                return Ok(self
+                    .local_route(
+                        route_name,
+                        RouteMatch { path, headers },
+                        local,
+                        response_headers,
+                        plugins,
+                    )
+                    .with_policy(route_policy.clone()));
             }
             Some(route::Action::DirectResponse(direct)) => {
                 let plugins = route_plugins(xds, plugins, policy)?;
                 let local = direct_response(direct, body_limit)
                     .map_err(|e| format!("direct_response.{e}"))?;
-                return Ok(self.local_route(
-                    route_name,
-                    RouteMatch { path, headers },
-                    local,
-                    response_headers,
-                    plugins,
-                )
-                .with_policy(route_policy));
+                return Ok(self
+                    .local_route(
+                        route_name,
+                        RouteMatch { path, headers },
+                        local,
+                        response_headers,
+                        plugins,
+                    )
+                    .with_policy(route_policy));
             }
             _ => {
                 return Err("only route, redirect and direct_response actions are supported".into())

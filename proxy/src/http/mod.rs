@@ -316,7 +316,15 @@ impl ProxyHttp for Gateway {
         // like the plugin path: only managers with policy filters pay for its future).
         let manager = ctx.manager.clone();
         if let Some(manager) = manager.filter(|m| !m.policy.is_empty()) {
-            if Box::pin(policy::run(session, ctx, &manager.policy, &route, &self.metrics)).await {
+            if Box::pin(policy::run(
+                session,
+                ctx,
+                &manager.policy,
+                &route,
+                &self.metrics,
+            ))
+            .await
+            {
                 return Ok(true);
             }
         }

@@ -457,9 +457,18 @@ mod tests {
             key: Arc::from("idp"),
             claims: serde_json::from_str(r#"{"roles":["dev"]}"#).unwrap(),
         }];
-        assert_eq!(allow.evaluate(&facts(&headers, "/admin/x", &admin)), (true, Some("admins")));
-        assert_eq!(allow.evaluate(&facts(&headers, "/admin/x", &dev)), (false, None));
-        assert_eq!(allow.evaluate(&facts(&headers, "/admin/x", &[])), (false, None));
+        assert_eq!(
+            allow.evaluate(&facts(&headers, "/admin/x", &admin)),
+            (true, Some("admins"))
+        );
+        assert_eq!(
+            allow.evaluate(&facts(&headers, "/admin/x", &dev)),
+            (false, None)
+        );
+        assert_eq!(
+            allow.evaluate(&facts(&headers, "/admin/x", &[])),
+            (false, None)
+        );
         let deny = Rules {
             action: Action::Deny,
             policies: vec![Policy {

@@ -6,12 +6,14 @@
 //! config that the translator can turn into xDS resources without further checks, or all the
 //! problems found at once.
 
+mod auth;
 mod bounds;
 mod duration;
 mod model;
 mod path_text;
 mod validate;
 
+pub use auth::*;
 pub use bounds::{
     check_bounds, check_document_bounds, BoundsError, MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH,
 };

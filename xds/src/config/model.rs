@@ -32,6 +32,9 @@ pub struct Config {
     /// A tenant block from the v4 plan.
     #[serde(default)]
     pub tenant: Option<TenantConfig>,
+    /// Authentication (JWT providers) and authorization (RBAC) at the edge.
+    #[serde(default)]
+    pub auth: super::AuthConfig,
     /// Where a proxy gets listeners, routes and clusters over ADS; when set, the file's own
     /// `api_gateway`, `services`, `routes` and `plugins` are not served by this proxy.
     #[serde(default)]
@@ -879,6 +882,9 @@ pub struct RouteConfig {
     /// `local_ratelimit` per route).
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// The tokens the route requires and who may use it (`auth.jwt`, `auth.rbac`).
+    #[serde(default)]
+    pub auth: Option<super::RouteAuthConfig>,
     /// Data locality: only endpoints in this region ever serve the route; when none is
     /// usable the answer is 503 (flag `UH`) rather than another region.
     #[serde(default)]

@@ -143,6 +143,9 @@ fn validate_sidecar(config: &Config, errors: &mut Errors) {
 /// Checks every rule and returns all violations (empty when the config is good).
 pub fn validate(config: &Config) -> Vec<FieldError> {
     let mut errors = Errors(Vec::new());
+    for (path, message) in super::auth_problems(config) {
+        errors.add(path, message);
+    }
     if let Err(e) = parse_listen_address(&config.api_gateway.address) {
         errors.add("api_gateway.address", e);
     }

@@ -26,9 +26,10 @@ impl JwksFetcher {
         metrics: &Arc<Metrics>,
     ) {
         self.tasks.retain(|source, (remote, task)| {
-            let live = remote.upgrade().is_some_and(|r| {
-                remotes.iter().any(|x| Arc::ptr_eq(x, &r))
-            }) && !task.is_finished();
+            let live = remote
+                .upgrade()
+                .is_some_and(|r| remotes.iter().any(|x| Arc::ptr_eq(x, &r)))
+                && !task.is_finished();
             if !live {
                 tracing::debug!(uri = %source.uri, "JWKS no longer used: its fetches stop");
                 task.abort();

@@ -89,8 +89,7 @@ impl KeySet {
         validation.validate_nbf = false;
         validation.validate_aud = false;
         for key in candidates {
-            if jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.key, &validation).is_ok()
-            {
+            if jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.key, &validation).is_ok() {
                 return Ok(());
             }
         }
@@ -254,7 +253,8 @@ mod tests {
         assert_eq!(set.keys.len(), 1, "the P-521 key is left out");
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some("e1".into());
-        let token = jsonwebtoken::encode(&header, &serde_json::json!({"sub": "a"}), &signing).unwrap();
+        let token =
+            jsonwebtoken::encode(&header, &serde_json::json!({"sub": "a"}), &signing).unwrap();
         assert_eq!(set.verify(&token, Algorithm::EdDSA, Some("e1")), Ok(()));
         assert_eq!(set.verify(&token, Algorithm::EdDSA, None), Ok(()));
         assert_eq!(
@@ -267,7 +267,8 @@ mod tests {
             "an OKP public key is no HMAC secret"
         );
         let (other, _) = ed25519();
-        let forged = jsonwebtoken::encode(&header, &serde_json::json!({"sub": "a"}), &other).unwrap();
+        let forged =
+            jsonwebtoken::encode(&header, &serde_json::json!({"sub": "a"}), &other).unwrap();
         assert_eq!(
             set.verify(&forged, Algorithm::EdDSA, Some("e1")),
             Err(JwtError::VerificationFailed)
@@ -277,9 +278,13 @@ mod tests {
     #[test]
     fn a_jwks_without_usable_keys_is_refused() {
         assert!(KeySet::parse("{}").unwrap_err().contains("no \"keys\""));
-        assert!(KeySet::parse(r#"{"keys":[]}"#).unwrap_err().contains("no keys"));
+        assert!(KeySet::parse(r#"{"keys":[]}"#)
+            .unwrap_err()
+            .contains("no keys"));
         let only_bad = r#"{"keys":[{"kty":"EC","crv":"P-521","x":"AA","y":"AA"}]}"#;
-        assert!(KeySet::parse(only_bad).unwrap_err().contains("no usable key"));
+        assert!(KeySet::parse(only_bad)
+            .unwrap_err()
+            .contains("no usable key"));
     }
 
     #[tokio::test]
@@ -294,7 +299,10 @@ mod tests {
             cache_duration: Duration::from_secs(600),
             failed_refetch: Duration::from_secs(1),
         });
-        assert!(remote.keys_when_fetched().await.is_none(), "waits out the timeout");
+        assert!(
+            remote.keys_when_fetched().await.is_none(),
+            "waits out the timeout"
+        );
         let jwks = format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{x}"}}]}}"#);
         remote.fetched(Some(KeySet::parse(&jwks).unwrap()));
         remote.fetched(None);

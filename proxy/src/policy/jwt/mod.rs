@@ -197,7 +197,10 @@ impl Provider {
             }
         }
         if let Some(subjects) = &self.subjects {
-            if !token.string_claim("sub").is_some_and(|s| subjects.matches(s)) {
+            if !token
+                .string_claim("sub")
+                .is_some_and(|s| subjects.matches(s))
+            {
                 return Err(JwtError::SubjectNotAllowed);
             }
         }
@@ -291,12 +294,13 @@ struct Checks<'r> {
 
 impl Checks<'_> {
     /// The provider's outcome: Ok, or why not (`Missing` when the request has no token).
-    fn check(&mut self, provider: &Arc<Provider>, audiences: Option<&[String]>) -> Result<(), JwtError> {
+    fn check(
+        &mut self,
+        provider: &Arc<Provider>,
+        audiences: Option<&[String]>,
+    ) -> Result<(), JwtError> {
         if audiences.is_none() {
-            if let Some((_, outcome)) = self
-                .outcomes
-                .iter()
-                .find(|(p, _)| Arc::ptr_eq(p, provider))
+            if let Some((_, outcome)) = self.outcomes.iter().find(|(p, _)| Arc::ptr_eq(p, provider))
             {
                 return outcome.unwrap_or(Err(JwtError::Missing));
             }
@@ -320,9 +324,10 @@ impl Checks<'_> {
 impl Requirement {
     fn evaluate(&self, checks: &mut Checks<'_>) -> Result<(), JwtError> {
         match self {
-            Requirement::Provider { provider, audiences } => {
-                checks.check(provider, audiences.as_deref())
-            }
+            Requirement::Provider {
+                provider,
+                audiences,
+            } => checks.check(provider, audiences.as_deref()),
             Requirement::Any(list) => {
                 // Envoy's answer when none passes: the first error that is not "missing",
                 // else missing.

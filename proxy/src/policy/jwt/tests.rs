@@ -65,10 +65,7 @@ fn filter(providers: &[&Arc<Provider>]) -> JwtAuthn {
 
 fn with_token(token: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
     headers
 }
 
@@ -101,7 +98,10 @@ fn claims_are_checked_with_the_clock_skew() {
     let base = serde_json::json!({"iss": "https://idp", "aud": "api", "sub": "alice"});
     let token = |extra: serde_json::Value| {
         let mut claims = base.clone();
-        claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         with_token(&sign(&key, "k1", claims))
     };
     let cases = [
@@ -109,11 +109,23 @@ fn claims_are_checked_with_the_clock_skew() {
         (serde_json::json!({"exp": NOW - 30}), Ok(())),
         (serde_json::json!({"exp": NOW - 61}), Err(JwtError::Expired)),
         (serde_json::json!({"nbf": NOW + 30}), Ok(())),
-        (serde_json::json!({"nbf": NOW + 61}), Err(JwtError::NotYetValid)),
-        (serde_json::json!({"iss": "https://other"}), Err(JwtError::UnknownIssuer)),
+        (
+            serde_json::json!({"nbf": NOW + 61}),
+            Err(JwtError::NotYetValid),
+        ),
+        (
+            serde_json::json!({"iss": "https://other"}),
+            Err(JwtError::UnknownIssuer),
+        ),
         (serde_json::json!({"aud": ["x", "api"]}), Ok(())),
-        (serde_json::json!({"aud": "web"}), Err(JwtError::AudienceNotAllowed)),
-        (serde_json::json!({"exp": "soon"}), Err(JwtError::PayloadBadJson)),
+        (
+            serde_json::json!({"aud": "web"}),
+            Err(JwtError::AudienceNotAllowed),
+        ),
+        (
+            serde_json::json!({"exp": "soon"}),
+            Err(JwtError::PayloadBadJson),
+        ),
     ];
     for (extra, expected) in cases {
         let got = check(&authn, &one(&idp), &token(extra.clone())).map(|_| ());

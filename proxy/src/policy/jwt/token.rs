@@ -101,9 +101,11 @@ impl<'a> ParsedJwt<'a> {
             .ok_or(JwtError::UnsupportedAlgorithm)?;
         // `none` is not an Algorithm: an unsigned token never gets further.
         let alg = Algorithm::from_str(alg).map_err(|_| JwtError::UnsupportedAlgorithm)?;
-        let kid = header.get("kid").and_then(Value::as_str).map(str::to_string);
-        let claims: Map<String, Value> =
-            decode_json(payload).ok_or(JwtError::PayloadBadJson)?;
+        let kid = header
+            .get("kid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let claims: Map<String, Value> = decode_json(payload).ok_or(JwtError::PayloadBadJson)?;
         Ok(ParsedJwt {
             raw,
             alg,
@@ -144,9 +146,7 @@ impl<'a> ParsedJwt<'a> {
 
 fn decode_json<T: serde::de::DeserializeOwned>(segment: &str) -> Option<T> {
     // Some issuers pad their segments; the padding carries nothing.
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment.trim_end_matches('='))
-        .ok()?;
+    let bytes = URL_SAFE_NO_PAD.decode(segment.trim_end_matches('=')).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -222,10 +222,7 @@ mod tests {
             ParsedJwt::parse(&bad_payload).unwrap_err(),
             JwtError::PayloadBadJson
         );
-        let good = format!(
-            "{}.{payload}.sig",
-            segment(r#"{"alg":"ES256","kid":"k"}"#)
-        );
+        let good = format!("{}.{payload}.sig", segment(r#"{"alg":"ES256","kid":"k"}"#));
         let parsed = ParsedJwt::parse(&good).unwrap();
         assert_eq!(parsed.alg, Algorithm::ES256);
         assert_eq!(parsed.kid.as_deref(), Some("k"));
