@@ -5,80 +5,8 @@
 //! tokens the control plane takes. Scripts are in `tests/interop/`.
 
 use crate::common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-/// The Python with grpcio and xds-protos.
-fn python() -> String {
-    std::env::var("NIP_TEST_PYTHON").expect(
-        "NIP_TEST_PYTHON is not set: run the tests with ./dev test, which makes a virtualenv \
-         with tests/interop/requirements.txt, or point it at a Python that has them",
-    )
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/interop")
-        .join(name)
-}
-
-/// A background process whose output goes to a file; killed when dropped.
-struct Background {
-    child: Child,
-    output: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Background {
-    fn start(command: &mut Command) -> Background {
-        let dir = tempfile::tempdir().unwrap();
-        let output = dir.path().join("output");
-        let file = std::fs::File::create(&output).unwrap();
-        let child = command
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Background {
-            child,
-            output,
-            _dir: dir,
-        }
-    }
-
-    fn python(args: &[&str]) -> Background {
-        Background::start(Command::new(python()).args(args))
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.output).unwrap_or_default()
-    }
-
-    async fn wait_for(&self, text: &str) {
-        eventually(&format!("{text:?} in the output"), || async {
-            self.output().contains(text)
-        })
-        .await;
-    }
-
-    /// Waits for the process to end; its exit code.
-    async fn exit_code(&mut self) -> Option<i32> {
-        for _ in 0..600 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("still running after 30 s:\n{}", self.output());
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 async fn echo_server(name: &str) -> (Background, u16) {
     let port = free_port();

@@ -832,3 +832,82 @@ pub fn ca_and_server_certificate(dir: &Path, name: &str) {
         std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
     }
 }
+
+/// The Python with the independent peers of tests/interop/requirements.txt (grpcio,
+/// xds-protos, PyJWT, …).
+pub fn python() -> String {
+    std::env::var("NIP_TEST_PYTHON").expect(
+        "NIP_TEST_PYTHON is not set: run the tests with ./dev test, which makes a virtualenv \
+         with tests/interop/requirements.txt, or point it at a Python that has them",
+    )
+}
+
+pub fn script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+/// A background process whose output goes to a file; killed when dropped.
+pub struct Background {
+    child: std::process::Child,
+    output: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Background {
+    pub fn start(command: &mut std::process::Command) -> Background {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("output");
+        let file = std::fs::File::create(&output).unwrap();
+        let child = command
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Background {
+            child,
+            output,
+            _dir: dir,
+        }
+    }
+
+    pub fn python(args: &[&str]) -> Background {
+        Background::start(std::process::Command::new(python()).args(args))
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// Stops the process now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn wait_for(&self, text: &str) {
+        eventually(&format!("{text:?} in the output"), || async {
+            self.output().contains(text)
+        })
+        .await;
+    }
+
+    /// Waits for the process to end; its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("still running after 30 s:\n{}", self.output());
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

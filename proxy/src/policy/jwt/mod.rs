@@ -281,14 +281,17 @@ pub enum Requirement {
     AllowMissing,
 }
 
+/// One provider's verdict on a request: `None` when the request has no token for it.
+type Outcome = Option<Result<(), JwtError>>;
+
 /// The token facts of one request, checked once per provider however many requirements
 /// name it.
 struct Checks<'r> {
     headers: &'r HeaderMap,
     query: Option<&'r str>,
     now: u64,
-    /// Every provider a requirement names, with its outcome (`None`: no token).
-    outcomes: Vec<(Arc<Provider>, Option<Result<(), JwtError>>)>,
+    /// Every provider checked so far, with its outcome.
+    outcomes: Vec<(Arc<Provider>, Outcome)>,
     verified: Verified,
 }
 
@@ -305,15 +308,15 @@ impl Checks<'_> {
                 return outcome.unwrap_or(Err(JwtError::Missing));
             }
         }
-        let outcome = match provider.find(self.headers, self.query) {
-            None => None,
-            Some((raw, location)) => Some(ParsedJwt::parse(raw).and_then(|token| {
+        let outcome = provider
+            .find(self.headers, self.query)
+            .map(|(raw, location)| {
+                let token = ParsedJwt::parse(raw)?;
                 let keys = provider.current_keys();
                 provider.verify(&token, keys.as_deref(), audiences, self.now)?;
                 provider.accept(&token, location, &mut self.verified);
                 Ok(())
-            })),
-        };
+            });
         if audiences.is_none() {
             self.outcomes.push((Arc::clone(provider), outcome));
         }

@@ -1,0 +1,381 @@
+//! Edge policy end to end: JWTs from an independent issuer (PyJWT, tests/interop/
+//! jwt_issuer.py) verified with keys fetched from its JWKS (rotated mid-test, then the
+//! issuer gone), bad tokens of every kind refused, claims passed upstream, and RBAC
+//! policies (allow, deny, shadow) over paths, methods and verified claims.
+
+use crate::common::*;
+use std::collections::HashMap;
+
+/// The issuer, and a way to mint tokens from it.
+struct Issuer {
+    process: Background,
+    url: String,
+}
+
+impl Issuer {
+    async fn start() -> Issuer {
+        let port = free_port();
+        let process =
+            Background::python(&[script("jwt_issuer.py").to_str().unwrap(), &port.to_string()]);
+        process.wait_for("listening").await;
+        Issuer {
+            process,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn get(&self, path: &str) -> String {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn token(&self, query: &str) -> String {
+        self.get(&format!("/token?{query}")).await
+    }
+}
+
+fn config(issuer: &Issuer, backend: &Backend, listener_rbac: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{backend}"] }}
+auth:
+  jwt_providers:
+    idp:
+      issuer: {issuer}
+      audiences: [api]
+      jwks_uri: {issuer}/jwks.json
+      cache_duration: 1s
+      forward_payload_header: x-jwt-payload
+      claim_to_headers: {{ x-user: sub, x-org: org.id }}
+{listener_rbac}
+routes:
+  - name: public
+    match: {{ path_prefix: /public }}
+    service: web
+  - name: admin
+    match: {{ path_prefix: /admin }}
+    service: web
+    auth:
+      jwt: idp
+      rbac:
+        action: allow
+        policies:
+          admins:
+            permissions: [{{ path: "/admin/{{section}}/**" }}]
+            principals: [{{ claim: {{ name: roles, value: admin }} }}]
+        shadow:
+          action: allow
+          policies:
+            alice-only:
+              permissions: [{{ any: true }}]
+              principals: [{{ claim: {{ name: sub, value: alice }} }}]
+  - name: api
+    match: {{ path_prefix: /api }}
+    service: web
+    auth: {{ jwt: idp }}
+"#,
+        issuer = issuer.url,
+        backend = backend.address,
+    )
+}
+
+fn last_headers(backend: &Backend) -> HashMap<String, String> {
+    backend.control.last_headers.lock().unwrap().clone()
+}
+
+async fn call(proxy: &Proxy, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut request = client().get(proxy.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_of_an_independent_issuer_are_verified_and_bad_ones_refused() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = Issuer::start().await;
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&config(&issuer, &backend, "")).await;
+
+    // No token where one is required: 401 with Envoy's challenge; none needed: 200.
+    let response = client().get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        format!("Bearer realm=\"http://127.0.0.1:{}/api/x\"", proxy.port)
+    );
+    assert_eq!(response.text().await.unwrap(), "Jwt is missing");
+    assert_eq!(call(&proxy, "/public", None).await.0, 200);
+
+    // Every algorithm of the JWKS; the claims reach the upstream, the token does not.
+    for alg in ["RS256", "PS256", "ES256", "EdDSA"] {
+        let token = issuer.token(&format!("alg={alg}&org=o-7")).await;
+        let (status, body) = call(&proxy, "/api/x", Some(&token)).await;
+        assert_eq!(status, 200, "{alg}: {body}");
+        let headers = last_headers(&backend);
+        assert_eq!(
+            headers.get("x-user").map(String::as_str),
+            Some("alice"),
+            "{alg}"
+        );
+        assert_eq!(
+            headers.get("x-org").map(String::as_str),
+            Some("o-7"),
+            "{alg}"
+        );
+        assert_eq!(
+            headers.get("x-jwt-payload").map(String::as_str),
+            token.split('.').nth(1),
+            "{alg}"
+        );
+        assert!(
+            !headers.contains_key("authorization"),
+            "{alg}: the token is not forwarded"
+        );
+    }
+    // The query parameter Envoy reads by default.
+    let token = issuer.token("alg=ES256").await;
+    assert_eq!(
+        call(&proxy, &format!("/api/q?access_token={token}"), None)
+            .await
+            .0,
+        200
+    );
+    // A client cannot write the headers the proxy writes from verified claims.
+    let response = client()
+        .get(proxy.url("/public"))
+        .header("x-user", "mallory")
+        .header("x-jwt-payload", "e30")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = last_headers(&backend);
+    assert!(!headers.contains_key("x-user") && !headers.contains_key("x-jwt-payload"));
+
+    let refused = [
+        ("ttl=-120", 401, "Jwt is expired"),
+        ("nbf=600", 401, "Jwt not yet valid"),
+        ("aud=billing", 403, "Audiences in Jwt are not allowed"),
+        (
+            "iss=http://evil.example",
+            401,
+            "Jwt issuer is not configured",
+        ),
+        ("sign=other", 401, "Jwt verification fails"),
+        ("sign=other&alg=EdDSA", 401, "Jwt verification fails"),
+        ("sign=none", 401, "Jwt header [alg] field is not supported"),
+        (
+            "sign=hs256-public",
+            401,
+            "Jwks doesn't have key to match kid or alg from Jwt",
+        ),
+    ];
+    for (query, expected_status, expected_body) in refused {
+        let token = issuer.token(query).await;
+        let response = client()
+            .get(proxy.url("/api/x"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected_status, "{query}");
+        let challenge = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            challenge.ends_with("error=\"invalid_token\""),
+            "{query}: {challenge}"
+        );
+        assert_eq!(response.text().await.unwrap(), expected_body, "{query}");
+    }
+    let (status, body) = call(&proxy, "/api/x", Some("not-a-jwt")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            401,
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+        )
+    );
+    // Valid tokens of the good algorithms were counted as allowed, the rest as denied.
+    let metrics = proxy.metrics().await;
+    let denied = sample(
+        &metrics,
+        "nip_jwt_authn_requests_total",
+        &[("decision", "denied")],
+    );
+    assert_eq!(denied, 10.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_jwks_is_fetched_again_and_kept_while_the_issuer_is_down() {
+    let _turn = crate::common::module_turn(module_path!());
+    let mut issuer = Issuer::start().await;
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&config(&issuer, &backend, "")).await;
+    let old = issuer.token("alg=ES256").await;
+    assert_eq!(call(&proxy, "/api/x", Some(&old)).await.0, 200);
+
+    // New keys with new kids replace the old ones at the issuer mid-test.
+    assert_eq!(issuer.get("/rotate").await, "rotated");
+    let new = issuer.token("alg=ES256").await;
+    eventually("a token of the new key is accepted", || async {
+        call(&proxy, "/api/x", Some(&new)).await.0 == 200
+    })
+    .await;
+    let (status, body) = call(&proxy, "/api/x", Some(&old)).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, "Jwks doesn't have key to match kid or alg from Jwt"),
+        "the old key is gone from the JWKS"
+    );
+
+    // The issuer goes away: fetches fail, the last keys stay in use.
+    let failed_before = sample(
+        &proxy.metrics().await,
+        "nip_jwks_fetches_total",
+        &[("result", "failed")],
+    );
+    issuer.process.kill();
+    eventually("JWKS fetches fail", || async {
+        sample(
+            &proxy.metrics().await,
+            "nip_jwks_fetches_total",
+            &[("result", "failed")],
+        ) >= failed_before + 2.0
+    })
+    .await;
+    assert_eq!(call(&proxy, "/api/x", Some(&new)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_allows_denies_and_shadows_by_path_method_and_claims() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = Issuer::start().await;
+    let backend = Backend::start("web").await;
+    // Every route but /admin (which has its own rules): no DELETE from anyone outside
+    // 10.0.0.0/8 — the test client is on 127.0.0.1.
+    let listener_rbac = r#"  rbac:
+    action: deny
+    policies:
+      no-remote-deletes:
+        permissions: [{ methods: [DELETE] }]
+        principals: [{ not: { source_ip: 10.0.0.0/8 } }]"#;
+    let proxy = Proxy::start(&config(&issuer, &backend, listener_rbac)).await;
+    let admin = issuer.token("roles=dev,admin").await;
+    let developer = issuer.token("roles=dev").await;
+    let bob_admin = issuer.token("sub=bob&roles=admin").await;
+
+    // ALLOW: the admins policy — a path template and a list claim.
+    assert_eq!(call(&proxy, "/admin/users/42", Some(&admin)).await.0, 200);
+    let response = client()
+        .get(proxy.url("/admin/users/42"))
+        .bearer_auth(&developer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-nip-response-flags"], "RBAC");
+    assert_eq!(response.text().await.unwrap(), "RBAC: access denied");
+    assert_eq!(
+        call(&proxy, "/admin", Some(&admin)).await.0,
+        403,
+        "/admin is outside /admin/{{section}}/**"
+    );
+    // Authentication comes first: no token is 401, not 403.
+    assert_eq!(call(&proxy, "/admin/users/1", None).await.0, 401);
+
+    // DENY at the listener: DELETE from outside 10/8 refused, GET passes; the admin
+    // route's own rules replace the listener's.
+    let delete = client()
+        .delete(proxy.url("/public/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 403);
+    assert_eq!(call(&proxy, "/public/x", None).await.0, 200);
+    let delete_admin = client()
+        .delete(proxy.url("/admin/users/42"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete_admin.status(), 200);
+
+    // Shadow rules count what they would decide and refuse nothing.
+    assert_eq!(
+        call(&proxy, "/admin/users/7", Some(&bob_admin)).await.0,
+        200
+    );
+    let metrics = proxy.metrics().await;
+    let rbac = |filter: &str, decision: &str| {
+        sample(
+            &metrics,
+            "nip_rbac_requests_total",
+            &[("filter", filter), ("decision", decision)],
+        )
+    };
+    let route_filter = "admin.envoy.filters.http.rbac";
+    assert_eq!(rbac(route_filter, "allowed"), 3.0, "{metrics}");
+    assert_eq!(rbac(route_filter, "denied"), 2.0, "{metrics}");
+    assert_eq!(rbac(route_filter, "shadow_allowed"), 4.0, "{metrics}");
+    assert_eq!(rbac(route_filter, "shadow_denied"), 1.0, "{metrics}");
+    let listener_filter = "envoy.filters.http.rbac";
+    assert_eq!(rbac(listener_filter, "denied"), 1.0, "{metrics}");
+    assert_eq!(
+        sample(&metrics, "nip_response_flags_total", &[("flag", "RBAC")]),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_mistakes_are_refused_by_field_path() {
+    let _turn = crate::common::module_turn(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nip.yaml");
+    std::fs::write(
+        &file,
+        r#"
+services:
+  web: { endpoints: ["127.0.0.1:9"] }
+auth:
+  jwt_providers:
+    idp: { jwks_uri: "ftp://idp/keys" }
+routes:
+  - service: web
+    auth:
+      jwt: { any: [idp, nobody] }
+      rbac:
+        action: permit
+        policies:
+          p: { permissions: [{ path: "/a/**/b" }], principals: [{ source_ip: "10.0.0.0/33" }] }
+"#,
+    )
+    .unwrap();
+    let output = run_nip(&["validate", "--file"], Some(&file));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "auth.jwt_providers.idp.jwks_uri",
+        "routes[0].auth.jwt.any[1]",
+        "\"nobody\" is not among auth.jwt_providers",
+        "routes[0].auth.rbac.action",
+        "routes[0].auth.rbac.policies.p.permissions[0].path",
+        "routes[0].auth.rbac.policies.p.principals[0].source_ip",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in:\n{stderr}");
+    }
+}
