@@ -379,3 +379,164 @@ routes:
         assert!(stderr.contains(expected), "{expected:?} in:\n{stderr}");
     }
 }
+
+/// The independent authorization service (tests/interop/authz_server.py).
+struct Authorizer {
+    process: Background,
+    http: std::net::SocketAddr,
+    grpc: std::net::SocketAddr,
+}
+
+impl Authorizer {
+    async fn start() -> Authorizer {
+        let (http, grpc) = (free_port(), free_port());
+        let process = Background::python(&[
+            script("authz_server.py").to_str().unwrap(),
+            &http.to_string(),
+            &grpc.to_string(),
+        ]);
+        process.wait_for("listening").await;
+        Authorizer {
+            process,
+            http: ([127, 0, 0, 1], http).into(),
+            grpc: ([127, 0, 0, 1], grpc).into(),
+        }
+    }
+}
+
+fn authz_config(backend: &Backend, authorizer: &Authorizer, ext_authz: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{backend}"] }}
+  authz-http: {{ endpoints: ["{http}"] }}
+  authz-grpc: {{ endpoints: ["{grpc}"], protocol: http2 }}
+auth:
+  ext_authz: {ext_authz}
+routes:
+  - {{ name: open, match: {{ path_prefix: /open }}, service: web, auth: {{ ext_authz: false }} }}
+  - {{ name: gold, match: {{ path_prefix: /gold }}, service: web, auth: {{ ext_authz: {{ context: {{ tier: gold }} }} }} }}
+  - {{ name: rest, service: web }}
+"#,
+        backend = backend.address,
+        http = authorizer.http,
+        grpc = authorizer.grpc,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_authorization_service_allows_denies_and_its_absence_is_an_error() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    let mut authorizer = Authorizer::start().await;
+    let proxy = Proxy::start(&authz_config(
+        &backend,
+        &authorizer,
+        "{ service: authz-http, timeout: 500ms, status_on_error: 503, upstream_headers: [x-auth-user] }",
+    ))
+    .await;
+    // Allowed: the service's x-auth-user reaches the upstream, its other headers do not.
+    let response = client()
+        .get(proxy.url("/orders"))
+        .bearer_auth("letmein")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = last_headers(&backend);
+    assert_eq!(
+        headers.get("x-auth-user").map(String::as_str),
+        Some("alice")
+    );
+    assert!(!headers.contains_key("x-ignored"));
+    // Denied: the service's status, headers and body, flag UAEX; nothing upstream.
+    let served = backend.requests();
+    let response = client().get(proxy.url("/orders")).send().await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-authz-reason"], "no-token");
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert_eq!(response.headers()["x-nip-response-flags"], "UAEX");
+    assert_eq!(response.text().await.unwrap(), "denied by authz");
+    assert_eq!(backend.requests(), served);
+    // A route that turns it off.
+    assert_eq!(call(&proxy, "/open/x", None).await.0, 200);
+    // Too slow: status_on_error.
+    let (status, _) = call(&proxy, "/slow/x", Some("letmein")).await;
+    assert_eq!(status, 503);
+    // Gone: status_on_error too.
+    authorizer.process.kill();
+    assert_eq!(call(&proxy, "/orders", Some("letmein")).await.0, 503);
+    let metrics = proxy.metrics().await;
+    let count = |decision| {
+        sample(
+            &metrics,
+            "nip_ext_authz_requests_total",
+            &[("decision", decision)],
+        )
+    };
+    assert_eq!(
+        (count("ok"), count("denied"), count("error")),
+        (1.0, 1.0, 2.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_authorization_service_decides_with_the_routes_context() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    let mut authorizer = Authorizer::start().await;
+    let proxy = Proxy::start(&authz_config(
+        &backend,
+        &authorizer,
+        "{ service: authz-grpc, protocol: grpc, timeout: 1s }",
+    ))
+    .await;
+    let response = client()
+        .get(proxy.url("/gold/x"))
+        .bearer_auth("letmein")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-authz"], "grpc");
+    let headers = last_headers(&backend);
+    assert_eq!(
+        headers.get("x-auth-user").map(String::as_str),
+        Some("alice")
+    );
+    assert_eq!(
+        headers.get("x-context-tier").map(String::as_str),
+        Some("gold")
+    );
+    let response = client().get(proxy.url("/gold/x")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.text().await.unwrap(), "grpc says no");
+    assert_eq!(authorizer_checks(&authorizer).await, (0, 2));
+
+    // failure_mode_allow: with the service gone, requests pass.
+    authorizer.process.kill();
+    let lenient = Proxy::start(&authz_config(
+        &backend,
+        &authorizer,
+        "{ service: authz-grpc, protocol: grpc, failure_mode_allow: true }",
+    ))
+    .await;
+    assert_eq!(call(&lenient, "/gold/x", None).await.0, 200);
+    assert_eq!(call(&proxy, "/gold/x", Some("letmein")).await.0, 403);
+}
+
+async fn authorizer_checks(authorizer: &Authorizer) -> (u64, u64) {
+    let text = client()
+        .get(format!("http://{}/checks", authorizer.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut parts = text.split(' ').map(|n| n.parse().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}

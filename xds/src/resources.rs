@@ -40,6 +40,8 @@ pub mod names {
     pub const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
     /// The RBAC HTTP filter.
     pub const RBAC: &str = "envoy.filters.http.rbac";
+    /// The external authorization HTTP filter.
+    pub const EXT_AUTHZ: &str = "envoy.filters.http.ext_authz";
     /// Downstream/upstream TLS transport socket.
     pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
     /// The plaintext transport socket (a `transport_socket_matches` entry for endpoints

@@ -196,6 +196,58 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", &["rbac"]),
     ("envoy.config.rbac.v3.RBAC", &["action", "policies"]),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        &[
+            "grpc_service",
+            "http_service",
+            "failure_mode_allow",
+            "failure_mode_allow_header_add",
+            "status_on_error",
+            "include_peer_certificate",
+            "allowed_headers",
+            "stat_prefix",
+            "transport_api_version",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.HttpService",
+        &[
+            "server_uri",
+            "path_prefix",
+            "authorization_request",
+            "authorization_response",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest",
+        &["allowed_headers", "headers_to_add"],
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse",
+        &[
+            "allowed_upstream_headers",
+            "allowed_upstream_headers_to_append",
+            "allowed_client_headers",
+            "allowed_client_headers_on_success",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+        &["disabled", "check_settings"],
+    ),
+    (
+        "envoy.extensions.filters.http.ext_authz.v3.CheckSettings",
+        &["context_extensions", "disable_request_body_buffering"],
+    ),
+    (
+        "envoy.config.core.v3.GrpcService",
+        &["envoy_grpc", "timeout"],
+    ),
+    (
+        "envoy.config.core.v3.GrpcService.EnvoyGrpc",
+        &["cluster_name", "authority"],
+    ),
     ("envoy.config.rbac.v3.Policy", &["permissions", "principals"]),
     ("envoy.extensions.filters.http.wasm.v3.Wasm", &["config"]),
     (

@@ -17,6 +17,9 @@ use envoy_types::pb::envoy::config::core::v3::{data_source, CidrRange, DataSourc
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, Permission as XdsPermission, Principal as XdsPrincipal, Rbac as XdsRules,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
+    ext_authz_per_route, ExtAuthz as ExtAuthzConfig, ExtAuthzPerRoute,
+};
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
     jwt_provider, jwt_requirement, per_route_config, requirement_rule, JwtAuthentication,
     JwtProvider, JwtRequirement, PerRouteConfig,
@@ -30,6 +33,7 @@ use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemp
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     list_matcher, value_matcher, MetadataMatcher, StringMatcher, ValueMatcher,
 };
+use http::HeaderValue;
 use std::collections::HashMap;
 
 /// Envoy's default JWKS cache duration.
@@ -103,6 +107,11 @@ impl Compiler<'_> {
                     rbac.shadow = None;
                 }
                 PolicyFilter::Rbac(Arc::new(rbac))
+            } else if any.type_url == ExtAuthzConfig::type_url() {
+                let config: ExtAuthzConfig = decode(any).map_err(field)?;
+                PolicyFilter::ExtAuthz(Arc::new(
+                    ext_authz(&http.name, &config, clusters).map_err(field)?,
+                ))
             } else if any.type_url == LocalRateLimit::type_url() {
                 PolicyFilter::LocalRateLimit
             } else {
@@ -196,6 +205,41 @@ pub(super) fn route_policy(
                         }
                     }
                 });
+            }
+            PolicyFilter::ExtAuthz(_) => {
+                policy.ext_authz = match inner {
+                    None => crate::policy::ExtAuthzRoute {
+                        disabled: true,
+                        ..Default::default()
+                    },
+                    Some(any) => {
+                        let config: ExtAuthzPerRoute = decode(&any).map_err(field)?;
+                        match config.r#override {
+                            Some(ext_authz_per_route::Override::Disabled(disabled)) => {
+                                crate::policy::ExtAuthzRoute {
+                                    disabled,
+                                    ..Default::default()
+                                }
+                            }
+                            Some(ext_authz_per_route::Override::CheckSettings(settings)) => {
+                                if settings.with_request_body.is_some()
+                                    || settings.service_override.is_some()
+                                {
+                                    return Err(field(
+                                        "check_settings: only context_extensions and disable_request_body_buffering are supported".into(),
+                                    ));
+                                }
+                                crate::policy::ExtAuthzRoute {
+                                    disabled: false,
+                                    context_extensions: Arc::new(
+                                        settings.context_extensions.into_iter().collect(),
+                                    ),
+                                }
+                            }
+                            None => crate::policy::ExtAuthzRoute::default(),
+                        }
+                    }
+                };
             }
             PolicyFilter::LocalRateLimit => {
                 policy.rate_limit = match inner {
@@ -750,5 +794,170 @@ fn value_match(v: &ValueMatcher) -> Result<ValueMatch, String> {
         Some(value_matcher::MatchPattern::OrMatch(_)) | None => {
             return Err("a null, double, string, bool, present or list match is needed".into())
         }
+    })
+}
+
+/// An `ExtAuthz` filter.
+fn ext_authz(
+    name: &str,
+    config: &ExtAuthzConfig,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Result<crate::policy::ext_authz::ExtAuthz, String> {
+    use crate::policy::ext_authz::{AuthzService, ExtAuthz};
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::ext_authz::Services;
+    if config.with_request_body.is_some() {
+        return Err("with_request_body is not supported: checks carry the request head".into());
+    }
+    let known = |cluster: &str, field: &str| {
+        if clusters.contains_key(cluster) {
+            Ok(cluster.to_string())
+        } else {
+            Err(format!("{field} {cluster:?} is not among the clusters"))
+        }
+    };
+    let matchers = |list: Option<
+        &envoy_types::pb::envoy::r#type::matcher::v3::ListStringMatcher,
+    >,
+                    field: &str| {
+        list.map_or(Ok(Vec::new()), |l| {
+            l.patterns
+                .iter()
+                .enumerate()
+                .map(|(i, p)| string_match(p).map_err(|e| format!("{field}.patterns[{i}]: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    };
+    let default_timeout = Duration::from_millis(200);
+    let (service, timeout) = match &config.services {
+        Some(Services::HttpService(http)) => {
+            let uri = http
+                .server_uri
+                .as_ref()
+                .ok_or("http_service.server_uri is missing")?;
+            let cluster = match &uri.http_upstream_type {
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::http_uri::HttpUpstreamType::Cluster(
+                        c,
+                    ),
+                ) => known(c, "http_service.server_uri.cluster")?,
+                None => return Err("http_service.server_uri.cluster is missing".into()),
+            };
+            let parsed: http::Uri = uri
+                .uri
+                .parse()
+                .map_err(|_| format!("http_service.server_uri.uri {:?} is not a URI", uri.uri))?;
+            let authority = parsed
+                .authority()
+                .map_or(cluster.clone(), |a| a.to_string());
+            if !http.path_override.is_empty() || http.retry_policy.is_some() {
+                return Err(
+                    "http_service: path_override and retry_policy are not supported".into(),
+                );
+            }
+            let request = http.authorization_request.as_ref();
+            let response = http.authorization_response.as_ref();
+            if response.is_some_and(|r| r.dynamic_metadata_from_headers.is_some()) {
+                return Err("http_service.authorization_response.dynamic_metadata_from_headers is not supported".into());
+            }
+            let mut headers_to_add = Vec::new();
+            for (i, h) in request
+                .map_or(&[][..], |r| &r.headers_to_add[..])
+                .iter()
+                .enumerate()
+            {
+                let name = header_name(
+                    &h.key,
+                    &format!("http_service.authorization_request.headers_to_add[{i}].key"),
+                )?;
+                let value = HeaderValue::from_str(&h.value).map_err(|_| {
+                    format!("http_service.authorization_request.headers_to_add[{i}].value is not a header value")
+                })?;
+                headers_to_add.push((name, value));
+            }
+            let service = AuthzService::Http {
+                cluster,
+                authority,
+                path_prefix: http.path_prefix.clone(),
+                // The filter's allowed_headers, else the deprecated place Envoy still reads.
+                allowed_headers: match &config.allowed_headers {
+                    Some(list) => matchers(Some(list), "allowed_headers")?,
+                    #[allow(deprecated)]
+                    None => matchers(
+                        request.and_then(|r| r.allowed_headers.as_ref()),
+                        "http_service.authorization_request.allowed_headers",
+                    )?,
+                },
+                headers_to_add,
+                upstream_headers: matchers(
+                    response.and_then(|r| r.allowed_upstream_headers.as_ref()),
+                    "http_service.authorization_response.allowed_upstream_headers",
+                )?,
+                upstream_headers_to_append: matchers(
+                    response.and_then(|r| r.allowed_upstream_headers_to_append.as_ref()),
+                    "http_service.authorization_response.allowed_upstream_headers_to_append",
+                )?,
+                client_headers: matchers(
+                    response.and_then(|r| r.allowed_client_headers.as_ref()),
+                    "http_service.authorization_response.allowed_client_headers",
+                )?,
+                client_headers_on_success: matchers(
+                    response.and_then(|r| r.allowed_client_headers_on_success.as_ref()),
+                    "http_service.authorization_response.allowed_client_headers_on_success",
+                )?,
+            };
+            let timeout = uri
+                .timeout
+                .as_ref()
+                .and_then(super::duration)
+                .unwrap_or(default_timeout);
+            (service, timeout)
+        }
+        Some(Services::GrpcService(grpc)) => {
+            let target = match &grpc.target_specifier {
+                Some(TargetSpecifier::EnvoyGrpc(e)) => e,
+                _ => return Err("grpc_service: only envoy_grpc (a cluster) is supported".into()),
+            };
+            if !grpc.initial_metadata.is_empty() || grpc.retry_policy.is_some() {
+                return Err(
+                    "grpc_service: initial_metadata and retry_policy are not supported".into(),
+                );
+            }
+            let cluster = known(&target.cluster_name, "grpc_service.envoy_grpc.cluster_name")?;
+            if clusters.get(&cluster).is_some_and(|c| !c.http2) {
+                return Err(format!(
+                    "grpc_service.envoy_grpc.cluster_name {cluster:?}: the cluster must speak HTTP/2 (gRPC)"
+                ));
+            }
+            let authority = if target.authority.is_empty() {
+                cluster.clone()
+            } else {
+                target.authority.clone()
+            };
+            let timeout = grpc
+                .timeout
+                .as_ref()
+                .and_then(super::duration)
+                .unwrap_or(default_timeout);
+            (AuthzService::Grpc { cluster, authority }, timeout)
+        }
+        None => return Err("http_service or grpc_service is needed".into()),
+    };
+    let status_on_error = match config.status_on_error.as_ref().map(|s| s.code) {
+        None | Some(0) => 403,
+        Some(code) => u16::try_from(code)
+            .ok()
+            .filter(|c| (200..600).contains(c))
+            .ok_or_else(|| format!("status_on_error {code} is not a status"))?,
+    };
+    Ok(ExtAuthz {
+        name: name.into(),
+        service,
+        timeout,
+        failure_mode_allow: config.failure_mode_allow,
+        failure_mode_allow_header_add: config.failure_mode_allow_header_add,
+        status_on_error,
+        include_peer_certificate: config.include_peer_certificate,
+        allowed_headers: matchers(config.allowed_headers.as_ref(), "allowed_headers")?,
     })
 }

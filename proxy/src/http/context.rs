@@ -45,6 +45,8 @@ pub struct RequestCtx {
     /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
     /// which is moved whole, so requests without plugins must not pay for its size.)
     pub(super) plugins: Option<Box<RequestPlugins>>,
+    /// Headers an authorization service asked to add to the response (boxed: rare).
+    pub(super) response_headers_to_add: Option<Box<[(http::HeaderName, http::HeaderValue)]>>,
     /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
     pub(super) plugin_stop: Option<Box<Verdict>>,
     pub(super) _downstream: GaugeGuard,

@@ -31,11 +31,13 @@ pub enum ResponseFlag {
     RateLimited,
     /// Refused by an RBAC policy (403).
     RbacDenied,
+    /// Refused by the external authorization service, or because it could not be asked.
+    UnauthorizedExternalService,
 }
 
 impl ResponseFlag {
     /// Every flag, in counter order.
-    pub const ALL: [ResponseFlag; 13] = [
+    pub const ALL: [ResponseFlag; 14] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -49,6 +51,7 @@ impl ResponseFlag {
         ResponseFlag::Overload,
         ResponseFlag::RateLimited,
         ResponseFlag::RbacDenied,
+        ResponseFlag::UnauthorizedExternalService,
     ];
 
     /// Envoy's short name.
@@ -67,6 +70,7 @@ impl ResponseFlag {
             ResponseFlag::Overload => "OM",
             ResponseFlag::RateLimited => "RL",
             ResponseFlag::RbacDenied => "RBAC",
+            ResponseFlag::UnauthorizedExternalService => "UAEX",
         }
     }
 

@@ -100,6 +100,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     flag_counters: [Counter; ResponseFlag::ALL.len()],
     plugin_runtime: Arc<PluginRuntime>,
+    /// Calls to clusters the policy filters make (external authorization).
+    callouts: Arc<crate::plugins::callout::CalloutClient>,
 }
 
 impl Gateway {
@@ -109,12 +111,16 @@ impl Gateway {
         let in_force = Arc::clone(&snapshot);
         let clusters: ClusterLookup =
             Arc::new(move |name: &str| in_force.load().clusters.get(name).cloned());
+        let callouts = Arc::new(crate::plugins::callout::CalloutClient::new(Arc::clone(
+            &clusters,
+        )));
         let plugin_runtime = PluginRuntime::new(Arc::clone(&metrics), clusters);
         Gateway {
             snapshot,
             metrics,
             flag_counters,
             plugin_runtime,
+            callouts,
         }
     }
 }
@@ -229,6 +235,7 @@ impl ProxyHttp for Gateway {
             concurrency: None,
             connection_slot: None,
             plugins: None,
+            response_headers_to_add: None,
             plugin_stop: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
         }
@@ -316,15 +323,7 @@ impl ProxyHttp for Gateway {
         // like the plugin path: only managers with policy filters pay for its future).
         let manager = ctx.manager.clone();
         if let Some(manager) = manager.filter(|m| !m.policy.is_empty()) {
-            if Box::pin(policy::run(
-                session,
-                ctx,
-                &manager.policy,
-                &route,
-                &self.metrics,
-            ))
-            .await
-            {
+            if Box::pin(policy::run(session, ctx, &manager.policy, &route, self)).await {
                 return Ok(true);
             }
         }
@@ -809,6 +808,11 @@ impl ProxyHttp for Gateway {
                 edits::with_vars(session, ctx, |vars| {
                     edits::apply(&route.edits.response_headers, upstream_response, vars)
                 });
+            }
+        }
+        if let Some(added) = ctx.response_headers_to_add.take() {
+            for (name, value) in added {
+                upstream_response.append_header(name, value)?;
             }
         }
         if downstream::past_max_connection_duration(session) {

@@ -1,17 +1,19 @@
 //! Runs the connection manager's policy filters on a request whose route is chosen, in
 //! `http_filters` order, and writes their refusals: 401/403 from `jwt_authn` (with
-//! `WWW-Authenticate`), 403 `RBAC: access denied` (flag `RBAC`), 429 from the route's
+//! `WWW-Authenticate`), 403 `RBAC: access denied` (flag `RBAC`), the authorization
+//! service's denial (flag `UAEX`), 429 from the route's
 //! local rate limit (flag `RL`, `retry-after`, `x-ratelimit-*`).
 
 use super::context::RequestCtx;
 use super::flags::ResponseFlag;
 use super::local_reply;
+use crate::policy::ext_authz::{CheckFacts, Decision, ExtAuthz};
 use crate::policy::jwt::{JwtAuthn, JwtError, JwtRequest, VerifiedPayload};
 use crate::policy::rbac::Facts;
 use crate::policy::PolicyFilter;
 use crate::route::Route;
-use crate::telemetry::metrics::Metrics;
 use pingora::prelude::Session;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Runs `filters` for `route`; true when one of them answered the request.
@@ -20,8 +22,9 @@ pub(super) async fn run(
     ctx: &mut RequestCtx,
     filters: &[PolicyFilter],
     route: &Route,
-    metrics: &Metrics,
+    gateway: &super::Gateway,
 ) -> bool {
+    let metrics = &gateway.metrics;
     // Verified JWT payloads, for the RBAC filters after the jwt_authn one.
     let mut payloads: Vec<VerifiedPayload> = Vec::new();
     for filter in filters {
@@ -76,6 +79,14 @@ pub(super) async fn run(
                     return true;
                 }
             }
+            PolicyFilter::ExtAuthz(authz) => {
+                if route.policy.ext_authz.disabled {
+                    continue;
+                }
+                if authorize(session, ctx, authz, route, gateway).await {
+                    return true;
+                }
+            }
             PolicyFilter::LocalRateLimit => {
                 let Some(limit) = &route.policy.rate_limit else {
                     continue;
@@ -109,6 +120,101 @@ pub(super) async fn run(
         }
     }
     false
+}
+
+/// Asks the authorization service; true when the request was answered (denied, or
+/// refused because the service could not be asked).
+async fn authorize(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    authz: &ExtAuthz,
+    route: &Route,
+    gateway: &super::Gateway,
+) -> bool {
+    let peer = super::verified_peer(session).map(|p| Arc::clone(&p.certificate));
+    let facts = CheckFacts {
+        request: session.req_header(),
+        request_id: &ctx.request_id,
+        scheme: super::client_scheme(session),
+        protocol: if session.as_ref().is_http2() {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
+        source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        peer: peer.as_deref(),
+        context_extensions: &route.policy.ext_authz.context_extensions,
+    };
+    let counter = |decision| gateway.metrics.ext_authz(&authz.name, decision);
+    match authz.check(&gateway.callouts, &facts).await {
+        Ok(Decision::Allow {
+            set,
+            append,
+            remove,
+            response,
+        }) => {
+            counter("ok").inc();
+            let request = session.req_header_mut();
+            for name in remove {
+                request.remove_header(&name);
+            }
+            for (name, value) in set {
+                let _ = request.insert_header(name, value);
+            }
+            for (name, value) in append {
+                let _ = request.append_header(name, value);
+            }
+            if !response.is_empty() {
+                ctx.response_headers_to_add = Some(response.into_boxed_slice());
+            }
+            false
+        }
+        Ok(Decision::Deny {
+            status,
+            headers,
+            body,
+        }) => {
+            counter("denied").inc();
+            ctx.flag = Some(ResponseFlag::UnauthorizedExternalService);
+            ctx.local_status = status;
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            Box::pin(local_reply::write_answer(
+                session, ctx, status, &headers, body, None,
+            ))
+            .await;
+            true
+        }
+        Err(error) => {
+            counter("error").inc();
+            tracing::debug!(filter = %authz.name, "external authorization failed: {error}");
+            if authz.failure_mode_allow {
+                counter("failure_mode_allowed").inc();
+                if authz.failure_mode_allow_header_add {
+                    let _ = session
+                        .req_header_mut()
+                        .insert_header("x-envoy-auth-failure-mode-allowed", "true");
+                }
+                return false;
+            }
+            ctx.flag = Some(ResponseFlag::UnauthorizedExternalService);
+            ctx.local_status = authz.status_on_error;
+            let headers = [("content-type".to_string(), "text/plain".to_string())];
+            Box::pin(local_reply::write_answer(
+                session,
+                ctx,
+                authz.status_on_error,
+                &headers,
+                bytes::Bytes::new(),
+                None,
+            ))
+            .await;
+            true
+        }
+    }
 }
 
 /// Verifies the request's tokens against the route's requirement and applies what the

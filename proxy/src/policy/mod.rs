@@ -5,6 +5,7 @@
 //! ```text
 //! request ─▶ jwt (authentication: tokens verified, payloads kept, claims to headers)
 //!         ─▶ rbac (authorization: principals × permissions; ALLOW/DENY/LOG; shadow rules)
+//!         ─▶ ext_authz (authorization by an external service over HTTP or gRPC)
 //!         ─▶ ratelimit (the route's local token bucket)
 //!         ─▶ plugins ─▶ router
 //! ```
@@ -15,6 +16,7 @@
 //! ([`jwt::fetch::JwksFetcher`]); requests read the keys it last stored. `http/policy.rs`
 //! runs the filters and writes their refusals.
 
+pub mod ext_authz;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
@@ -28,6 +30,8 @@ pub enum PolicyFilter {
     Jwt(Arc<jwt::JwtAuthn>),
     /// Envoy's `rbac` (its listener-wide rules; a route may override them).
     Rbac(Arc<rbac::RbacFilter>),
+    /// Envoy's `ext_authz`.
+    ExtAuthz(Arc<ext_authz::ExtAuthz>),
     /// Envoy's `local_ratelimit` (its buckets are per route).
     LocalRateLimit,
 }
@@ -42,4 +46,15 @@ pub struct RoutePolicy {
     pub rbac: Option<Option<Arc<rbac::RbacFilter>>>,
     /// The route's local rate limit.
     pub rate_limit: Option<Arc<ratelimit::LocalRateLimit>>,
+    /// The route's `ext_authz` settings (`ExtAuthzPerRoute`).
+    pub ext_authz: ExtAuthzRoute,
+}
+
+/// A route's `ext_authz` settings.
+#[derive(Debug, Clone, Default)]
+pub struct ExtAuthzRoute {
+    /// `disabled: true`: no check on this route.
+    pub disabled: bool,
+    /// `check_settings.context_extensions`, sent with each check.
+    pub context_extensions: Arc<std::collections::HashMap<String, String>>,
 }

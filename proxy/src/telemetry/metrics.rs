@@ -300,6 +300,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
     jwt_authn: Family<PolicyLabels, Counter>,
+    ext_authz: Family<PolicyLabels, Counter>,
     rbac: Family<PolicyLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     downstream_peer_requests: Family<PeerLabels, Counter>,
@@ -393,6 +394,7 @@ impl Metrics {
             request_duration: Family::default(),
             response_flags: Family::default(),
             jwt_authn: Family::default(),
+            ext_authz: Family::default(),
             rbac: Family::default(),
             jwks_fetches: Family::default(),
             downstream_peer_requests: Family::default(),
@@ -474,6 +476,11 @@ impl Metrics {
             "jwt_authn_requests",
             "Requests a jwt_authn filter checked, by filter and decision (allowed, denied)",
             m.jwt_authn.clone(),
+        );
+        registry.register(
+            "ext_authz_requests",
+            "Requests an ext_authz filter checked, by filter and decision (ok, denied, error, failure_mode_allowed)",
+            m.ext_authz.clone(),
         );
         registry.register(
             "rbac_requests",
@@ -919,6 +926,16 @@ impl Metrics {
     /// The counter of a jwt_authn filter's `decision` (`allowed`, `denied`).
     pub fn jwt_authn(&self, filter: &str, decision: &'static str) -> Counter {
         self.jwt_authn
+            .get_or_create(&PolicyLabels {
+                filter: filter.to_string(),
+                decision,
+            })
+            .clone()
+    }
+
+    /// The counter of an ext_authz filter's `decision`.
+    pub fn ext_authz(&self, filter: &str, decision: &'static str) -> Counter {
+        self.ext_authz
             .get_or_create(&PolicyLabels {
                 filter: filter.to_string(),
                 decision,

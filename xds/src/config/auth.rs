@@ -38,6 +38,40 @@ pub struct AuthConfig {
     /// RBAC for every route that does not set its own.
     #[serde(default)]
     pub rbac: Option<RbacConfig>,
+    /// An external authorization service asked about every request (Envoy's `ext_authz`).
+    #[serde(default)]
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+/// The external authorization service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    /// The service (in `services`) that decides.
+    pub service: String,
+    /// `http` (the request's method and path, 200 allows) or `grpc` (Envoy's
+    /// `envoy.service.auth.v3.Authorization`; the service needs `protocol: http2`).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Put before the request's path in HTTP checks.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// How long a check may take (default 200ms).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Let requests through when the service cannot be asked (default: refuse them).
+    #[serde(default)]
+    pub failure_mode_allow: bool,
+    /// The status of requests refused because the service could not be asked (403).
+    #[serde(default)]
+    pub status_on_error: Option<u16>,
+    /// Client headers the checks carry besides Host, Method, Path, Content-Length and
+    /// Authorization (gRPC checks carry all when empty).
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+    /// Headers of an allowing answer copied to the request going upstream (HTTP).
+    #[serde(default)]
+    pub upstream_headers: Vec<String>,
 }
 
 /// A JWT issuer whose tokens the proxy verifies.
@@ -114,6 +148,23 @@ pub struct RouteAuthConfig {
     /// The route's RBAC in place of `auth.rbac` (`off`: none on this route).
     #[serde(default)]
     pub rbac: Option<RouteRbacConfig>,
+    /// `false`: no external authorization on this route; a map: context sent with each
+    /// check (`{ context: { tier: gold } }`).
+    #[serde(default)]
+    pub ext_authz: Option<RouteExtAuthzConfig>,
+}
+
+/// A route's external authorization setting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RouteExtAuthzConfig {
+    /// `false` turns it off (`true` changes nothing).
+    Enabled(bool),
+    /// Checks carry this context (Envoy's `context_extensions`).
+    Context {
+        /// Key/value pairs.
+        context: BTreeMap<String, String>,
+    },
 }
 
 /// What tokens a route requires (Envoy's `JwtRequirement`).
@@ -306,11 +357,71 @@ pub fn auth_problems(config: &super::Config) -> Vec<(String, String)> {
     if let Some(rbac) = &config.auth.rbac {
         rbac_problems("auth.rbac", rbac, config, &mut add);
     }
+    if let Some(authz) = &config.auth.ext_authz {
+        let path = "auth.ext_authz";
+        match config.services.get(&authz.service) {
+            None => add(
+                format!("{path}.service"),
+                format!("{:?} is not among services", authz.service),
+            ),
+            Some(service) => {
+                if authz.protocol.as_deref() == Some("grpc")
+                    && service.protocol != super::UpstreamProtocol::Http2
+                {
+                    add(
+                        format!("{path}.protocol"),
+                        format!("grpc needs services.{}.protocol: http2", authz.service),
+                    );
+                }
+            }
+        }
+        if !matches!(authz.protocol.as_deref(), None | Some("http" | "grpc")) {
+            add(format!("{path}.protocol"), "must be http or grpc".into());
+        }
+        if authz.timeout.is_some_and(|t| t.0.is_zero()) {
+            add(format!("{path}.timeout"), "must be more than 0".into());
+        }
+        if authz
+            .status_on_error
+            .is_some_and(|s| !(200..600).contains(&s))
+        {
+            add(
+                format!("{path}.status_on_error"),
+                "must be a status (200-599)".into(),
+            );
+        }
+        if authz
+            .path_prefix
+            .as_deref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            add(format!("{path}.path_prefix"), "must start with /".into());
+        }
+        for (field, list) in [
+            ("allowed_headers", &authz.allowed_headers),
+            ("upstream_headers", &authz.upstream_headers),
+        ] {
+            for (i, header) in list.iter().enumerate() {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    add(
+                        format!("{path}.{field}[{i}]"),
+                        format!("{header:?} is not a header name"),
+                    );
+                }
+            }
+        }
+    }
     for (i, route) in config.routes.iter().enumerate() {
         let Some(auth) = &route.auth else { continue };
         let path = format!("routes[{i}].auth");
         if let Some(jwt) = &auth.jwt {
             requirement_problems(&format!("{path}.jwt"), jwt, config, true, &mut add);
+        }
+        if auth.ext_authz.is_some() && config.auth.ext_authz.is_none() {
+            add(
+                format!("{path}.ext_authz"),
+                "auth.ext_authz names no authorization service".into(),
+            );
         }
         match &auth.rbac {
             Some(RouteRbacConfig::Off(word)) if word != "off" => add(

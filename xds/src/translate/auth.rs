@@ -2,24 +2,32 @@
 //! `auth.jwt_providers` entry, its payload kept under the provider's name for RBAC; one
 //! requirement per route that names one, selected by the route's per-filter config) and
 //! Envoy's RBAC filter (`auth.rbac` for every route, a route's own in `RBACPerRoute`). A
-//! remote JWKS is fetched through a cluster of its own, `jwks|PROVIDER`.
+//! remote JWKS is fetched through a cluster of its own, `jwks|PROVIDER`) and Envoy's
+//! `ext_authz` filter (`auth.ext_authz`, after RBAC; a route may turn it off or give it
+//! context).
 
 use super::{load_assignment, pack_any, pb_duration, ServiceConfig};
 use crate::config::{
     cidr_parts, is_path_template, jwks_uri_parts, route_name, ClaimConfig, Config, EndpointConfig,
     JwtProviderConfig, JwtRequirementConfig, PermissionConfig, PrincipalConfig, RbacConfig,
-    RouteConfig, RouteRbacConfig, UpstreamTlsConfig, ALLOW_MISSING, ALLOW_MISSING_OR_FAILED,
+    RouteConfig, RouteExtAuthzConfig, RouteRbacConfig, UpstreamTlsConfig, ALLOW_MISSING,
+    ALLOW_MISSING_OR_FAILED,
 };
 use crate::resources::names;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{
-    data_source, http_uri, CidrRange, DataSource, HttpUri, TypedExtensionConfig,
+    data_source, grpc_service, http_uri, ApiVersion, CidrRange, DataSource, GrpcService, HttpUri,
+    TypedExtensionConfig,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, rbac, Permission, Policy, Principal, Rbac as Rules,
 };
 use envoy_types::pb::envoy::config::route::v3::HeaderMatcher;
+use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
+    ext_authz, ext_authz_per_route, AuthorizationResponse, CheckSettings, ExtAuthz,
+    ExtAuthzPerRoute, HttpService,
+};
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
     jwt_provider, jwt_requirement, per_route_config, JwksAsyncFetch, JwtAuthentication,
     JwtClaimToHeader, JwtHeader, JwtProvider, JwtRequirement, JwtRequirementAndList,
@@ -32,10 +40,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_filter, HttpFilter,
 };
 use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
+use envoy_types::pb::envoy::r#type::matcher::v3::ListStringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     list_matcher, metadata_matcher, path_matcher, string_matcher, value_matcher, ListMatcher,
     MetadataMatcher, PathMatcher, StringMatcher, ValueMatcher,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Any, Empty, UInt32Value};
 use std::time::Duration;
 
@@ -76,7 +86,60 @@ pub(super) fn http_filters(config: &Config) -> Vec<HttpFilter> {
             }),
         ));
     }
+    if let Some(authz) = &config.auth.ext_authz {
+        filters.push(filter(names::EXT_AUTHZ, pack_any(ext_authz(authz))));
+    }
     filters
+}
+
+fn ext_authz(config: &crate::config::ExtAuthzConfig) -> ExtAuthz {
+    let timeout = pb_duration(config.timeout.map_or(Duration::from_millis(200), |t| t.0));
+    let names = |list: &[String]| {
+        (!list.is_empty()).then(|| ListStringMatcher {
+            patterns: list
+                .iter()
+                .map(|h| exact(&h.to_ascii_lowercase()))
+                .collect(),
+        })
+    };
+    let services = if config.protocol.as_deref() == Some("grpc") {
+        ext_authz::Services::GrpcService(GrpcService {
+            timeout: Some(timeout),
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: config.service.clone(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })
+    } else {
+        ext_authz::Services::HttpService(HttpService {
+            server_uri: Some(HttpUri {
+                uri: format!("http://{}", config.service),
+                timeout: Some(timeout),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                    config.service.clone(),
+                )),
+            }),
+            path_prefix: config.path_prefix.clone().unwrap_or_default(),
+            authorization_response: Some(AuthorizationResponse {
+                allowed_upstream_headers: names(&config.upstream_headers),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    ExtAuthz {
+        services: Some(services),
+        failure_mode_allow: config.failure_mode_allow,
+        status_on_error: config.status_on_error.map(|code| HttpStatus {
+            code: i32::from(code),
+        }),
+        allowed_headers: names(&config.allowed_headers),
+        transport_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
 }
 
 /// A route's per-filter configs for the auth filters.
@@ -100,6 +163,26 @@ pub(super) fn route_configs(
                 ),
             }),
         ));
+    }
+    match &auth.ext_authz {
+        Some(RouteExtAuthzConfig::Enabled(false)) => configs.push((
+            names::EXT_AUTHZ.to_string(),
+            pack_any(ExtAuthzPerRoute {
+                r#override: Some(ext_authz_per_route::Override::Disabled(true)),
+            }),
+        )),
+        Some(RouteExtAuthzConfig::Context { context }) => configs.push((
+            names::EXT_AUTHZ.to_string(),
+            pack_any(ExtAuthzPerRoute {
+                r#override: Some(ext_authz_per_route::Override::CheckSettings(
+                    CheckSettings {
+                        context_extensions: context.clone().into_iter().collect(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+        )),
+        _ => {}
     }
     match &auth.rbac {
         None => {}
