@@ -42,14 +42,21 @@ pub struct RequestCtx {
     /// A connection slot of the cluster (`max_connections`), held until the request ends.
     pub(super) connection_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The route's plugins as this request runs through them.
-    /// (Boxed, like `plugin_stop`: the context lives inside pingora's per-request future,
+    /// (Boxed, like `rare`: the context lives inside pingora's per-request future,
     /// which is moved whole, so requests without plugins must not pay for its size.)
     pub(super) plugins: Option<Box<RequestPlugins>>,
-    /// Headers an authorization service asked to add to the response (boxed: rare).
-    pub(super) response_headers_to_add: Option<Box<[(http::HeaderName, http::HeaderValue)]>>,
-    /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
-    pub(super) plugin_stop: Option<Box<Verdict>>,
+    /// State few requests have, behind one pointer (see `size_tests`).
+    pub(super) rare: Option<Box<RareState>>,
     pub(super) _downstream: GaugeGuard,
+}
+
+/// Per-request state few requests need.
+#[derive(Default)]
+pub struct RareState {
+    /// How a plugin ended the request from a body phase (answered in `fail_to_proxy`).
+    pub(super) plugin_stop: Option<Verdict>,
+    /// Headers an authorization service asked to add to the response.
+    pub(super) response_headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// Increments a gauge for as long as it lives.
@@ -69,6 +76,21 @@ impl Drop for GaugeGuard {
 }
 
 impl RequestCtx {
+    /// The rare state, made on first use.
+    pub(super) fn rare(&mut self) -> &mut RareState {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Records how a plugin ended the request.
+    pub(super) fn stop_by_plugin(&mut self, verdict: Verdict) {
+        self.rare().plugin_stop = Some(verdict);
+    }
+
+    /// How a plugin ended the request, if one did (taken).
+    pub(super) fn take_plugin_stop(&mut self) -> Option<Verdict> {
+        self.rare.as_mut()?.plugin_stop.take()
+    }
+
     /// When the route's budget (its `timeout`: tries, back-off and body) runs out; computed
     /// from the route rather than stored, so every request's context stays small.
     pub(super) fn deadline(&self) -> Option<Instant> {

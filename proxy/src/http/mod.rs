@@ -91,7 +91,7 @@ fn client_scheme(session: &Session) -> &'static str {
 /// Marks an upstream response that the route's retry policy wants tried again.
 const RETRIABLE_STATUS: ErrorType = ErrorType::Custom("UpstreamRetriableStatus");
 
-/// A plugin ended the request from a body phase; `RequestCtx::plugin_stop` says how.
+/// A plugin ended the request from a body phase; `RequestCtx::take_plugin_stop` says how.
 const PLUGIN_STOP: ErrorType = ErrorType::Custom("PluginStoppedRequest");
 
 /// The proxy: reads the current snapshot, routes, balances, retries and reports.
@@ -189,7 +189,7 @@ impl Gateway {
         ctx.plugins = Some(Box::new(chain));
         if matches!(verdict, Verdict::Reset) {
             // No answer at all: fail_to_proxy closes the connection (or resets the stream).
-            ctx.plugin_stop = Some(Box::new(verdict));
+            ctx.stop_by_plugin(verdict);
             return Err(Error::explain(PLUGIN_STOP, "a plugin reset the request"));
         }
         Ok(answer_plugin_verdict(session, ctx, verdict).await)
@@ -235,8 +235,7 @@ impl ProxyHttp for Gateway {
             concurrency: None,
             connection_slot: None,
             plugins: None,
-            response_headers_to_add: None,
-            plugin_stop: None,
+            rare: None,
             _downstream: GaugeGuard::new(&self.metrics.downstream_rq_active),
         }
     }
@@ -380,7 +379,7 @@ impl ProxyHttp for Gateway {
         match Box::pin(plugins.on_request_body(body, end_of_stream)).await {
             Verdict::Continue => Ok(()),
             verdict => {
-                ctx.plugin_stop = Some(Box::new(verdict));
+                ctx.stop_by_plugin(verdict);
                 Err(Error::explain(
                     PLUGIN_STOP,
                     "a plugin ended the request in its body phase",
@@ -424,7 +423,7 @@ impl ProxyHttp for Gateway {
         match plugins.on_response_body(body, end_of_stream) {
             Verdict::Continue => Ok(None),
             verdict => {
-                ctx.plugin_stop = Some(Box::new(verdict));
+                ctx.stop_by_plugin(verdict);
                 Err(Error::explain(
                     PLUGIN_STOP,
                     "a plugin ended the response in its body phase",
@@ -442,7 +441,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if let Some(plugins) = ctx.plugins.as_mut() {
             if let Verdict::Reset = plugins.on_response_trailers(trailers) {
-                ctx.plugin_stop = Some(Box::new(Verdict::Reset));
+                ctx.stop_by_plugin(Verdict::Reset);
                 return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
             }
         }
@@ -725,7 +724,7 @@ impl ProxyHttp for Gateway {
     where
         RequestCtx: Send + Sync,
     {
-        if let Some(verdict) = ctx.plugin_stop.take().map(|v| *v) {
+        if let Some(verdict) = ctx.take_plugin_stop() {
             session.set_keepalive(None);
             if matches!(verdict, Verdict::Reset) {
                 tracing::debug!(request_id = %ctx.request_id, "a plugin reset the stream");
@@ -810,8 +809,8 @@ impl ProxyHttp for Gateway {
                 });
             }
         }
-        if let Some(added) = ctx.response_headers_to_add.take() {
-            for (name, value) in added {
+        if let Some(rare) = ctx.rare.as_mut() {
+            for (name, value) in std::mem::take(&mut rare.response_headers_to_add) {
                 upstream_response.append_header(name, value)?;
             }
         }
@@ -824,7 +823,7 @@ impl ProxyHttp for Gateway {
         if let Some(plugins) = ctx.plugins.as_mut() {
             let end_of_stream = response_has_no_body(session, upstream_response);
             if let Verdict::Reset = plugins.on_response_headers(upstream_response, end_of_stream) {
-                ctx.plugin_stop = Some(Box::new(Verdict::Reset));
+                ctx.stop_by_plugin(Verdict::Reset);
                 return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
             }
         }

@@ -166,7 +166,7 @@ async fn authorize(
                 let _ = request.append_header(name, value);
             }
             if !response.is_empty() {
-                ctx.response_headers_to_add = Some(response.into_boxed_slice());
+                ctx.rare().response_headers_to_add = response;
             }
             false
         }
