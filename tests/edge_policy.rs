@@ -540,3 +540,76 @@ async fn authorizer_checks(authorizer: &Authorizer) -> (u64, u64) {
     let mut parts = text.split(' ').map(|n| n.parse().unwrap());
     (parts.next().unwrap(), parts.next().unwrap())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_count_per_api_key_per_verified_subject_and_per_address() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = Issuer::start().await;
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{backend}"] }}
+auth:
+  jwt_providers:
+    idp: {{ issuer: {issuer}, jwks_uri: {issuer}/jwks.json }}
+routes:
+  - name: by-key
+    match: {{ path_prefix: /keyed }}
+    service: web
+    rate_limit: {{ requests: 2, per: 60s, key: {{ header: x-api-key }} }}
+  - name: by-subject
+    match: {{ path_prefix: /users }}
+    service: web
+    auth: {{ jwt: idp }}
+    rate_limit: {{ requests: 2, per: 60s, key: {{ claim: sub }} }}
+  - name: by-address
+    match: {{ path_prefix: /addressed }}
+    service: web
+    rate_limit: {{ requests: 3, per: 60s, key: {{ source_ip: true }} }}
+"#,
+        backend = backend.address,
+        issuer = issuer.url,
+    ))
+    .await;
+    let keyed = |key: Option<&'static str>| {
+        let mut request = client().get(proxy.url("/keyed"));
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut statuses = Vec::new();
+    for key in [
+        Some("a"),
+        Some("a"),
+        Some("a"),
+        Some("b"),
+        Some("b"),
+        None,
+        None,
+        None,
+    ] {
+        statuses.push(keyed(key).await);
+    }
+    assert_eq!(statuses, [200, 200, 429, 200, 200, 200, 200, 429]);
+
+    let alice = issuer.token("sub=alice").await;
+    let bob = issuer.token("sub=bob").await;
+    let mut statuses = Vec::new();
+    for token in [&alice, &alice, &alice, &bob, &bob] {
+        statuses.push(call(&proxy, "/users/me", Some(token)).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 429, 200, 200]);
+
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(call(&proxy, "/addressed", None).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let response = client().get(proxy.url("/addressed")).send().await.unwrap();
+    assert_eq!(response.headers()["x-ratelimit-limit"], "3");
+    assert_eq!(response.headers()["x-nip-response-flags"], "RL");
+}

@@ -50,12 +50,15 @@ use envoy_types::pb::envoy::config::listener::v3::{
 use envoy_types::pb::envoy::config::route::v3::FilterConfig;
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher, redirect_action as redirect, retry_policy, route, route_action, route_match,
-    weighted_cluster, DirectResponseAction, HeaderMatcher, RedirectAction, RetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    weighted_cluster, DirectResponseAction, HeaderMatcher, RateLimit, RedirectAction, RetryPolicy,
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
 use envoy_types::pb::envoy::extensions::access_loggers::stream::v3::{
     stdout_access_log, StdoutAccessLog,
+};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    rate_limit_descriptor, LocalRateLimitDescriptor,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -867,6 +870,26 @@ fn xds_route(
                     }),
                     fill_interval: Some(pb_duration(limit.per.0)),
                 }),
+                // Per key: a bucket per value of the client's key (an empty value is
+                // Envoy's wildcard); requests without the key share the default bucket.
+                descriptors: limit
+                    .key
+                    .iter()
+                    .map(|key| LocalRateLimitDescriptor {
+                        entries: vec![rate_limit_descriptor::Entry {
+                            key: rate_limit_key_name(key).to_string(),
+                            value: String::new(),
+                        }],
+                        token_bucket: Some(TokenBucket {
+                            max_tokens: limit.burst.unwrap_or(limit.requests),
+                            tokens_per_fill: Some(UInt32Value {
+                                value: limit.requests,
+                            }),
+                            fill_interval: Some(pb_duration(limit.per.0)),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
                 // DRAFT_VERSION_03: the x-ratelimit-* headers.
                 enable_x_ratelimit_headers: 1,
                 ..Default::default()
@@ -934,6 +957,7 @@ fn xds_route(
             } else {
                 Vec::new()
             },
+            rate_limits: rate_limit_actions(config, route),
             ..Default::default()
         })
     };
@@ -1091,6 +1115,69 @@ fn header_matcher(header: &HeaderMatchConfig) -> HeaderMatcher {
         invert_match: header.present == Some(false),
         ..Default::default()
     }
+}
+
+/// The descriptor entry key of a rate limit's client key.
+fn rate_limit_key_name(key: &crate::config::RateLimitKeyConfig) -> &'static str {
+    if key.source_ip {
+        "remote_address"
+    } else {
+        "client"
+    }
+}
+
+/// The route's `rate_limits`: the actions that make a descriptor of its rate limit's
+/// client key (a claim: one entry per provider whose verified payload may hold it).
+fn rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
+    use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
+    use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
+    let Some(key) = route.rate_limit.as_ref().and_then(|l| l.key.as_ref()) else {
+        return Vec::new();
+    };
+    let one = |specifier| RateLimit {
+        actions: vec![Action {
+            action_specifier: Some(specifier),
+        }],
+        ..Default::default()
+    };
+    if let Some(header) = &key.header {
+        return vec![one(action::ActionSpecifier::RequestHeaders(
+            action::RequestHeaders {
+                header_name: header.to_ascii_lowercase(),
+                descriptor_key: rate_limit_key_name(key).to_string(),
+                ..Default::default()
+            },
+        ))];
+    }
+    if key.source_ip {
+        return vec![one(action::ActionSpecifier::RemoteAddress(
+            action::RemoteAddress {},
+        ))];
+    }
+    let Some(claim) = &key.claim else {
+        return Vec::new();
+    };
+    config
+        .auth
+        .jwt_providers
+        .keys()
+        .map(|provider| {
+            let path = std::iter::once(provider.as_str())
+                .chain(claim.split('.'))
+                .map(|k| metadata_key::PathSegment {
+                    segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
+                })
+                .collect();
+            one(action::ActionSpecifier::Metadata(action::MetaData {
+                descriptor_key: rate_limit_key_name(key).to_string(),
+                metadata_key: Some(MetadataKey {
+                    key: names::JWT_AUTHN.to_string(),
+                    path,
+                }),
+                ..Default::default()
+            }))
+        })
+        .collect()
 }
 
 /// The router filter, last in every filter chain.

@@ -125,13 +125,24 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ("envoy.extensions.filters.http.router.v3.Router", &[]),
     (
         "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-        &["stat_prefix", "token_bucket", "status", "enable_x_ratelimit_headers"],
+        &[
+            "stat_prefix",
+            "token_bucket",
+            "status",
+            "enable_x_ratelimit_headers",
+            "descriptors",
+        ],
     ),
     (
         "envoy.type.v3.TokenBucket",
         &["max_tokens", "tokens_per_fill", "fill_interval"],
     ),
     ("envoy.type.v3.HttpStatus", &["code"]),
+    (
+        "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor",
+        &["entries", "token_bucket", "shadow_mode"],
+    ),
+    ("envoy.config.route.v3.RateLimit", &["actions"]),
     (
         "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         &[
@@ -427,6 +438,7 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "host_rewrite_literal",
             "auto_host_rewrite",
             "upgrade_configs",
+            "rate_limits",
         ],
     ),
     (

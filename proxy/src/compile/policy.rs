@@ -244,7 +244,7 @@ pub(super) fn route_policy(
             PolicyFilter::LocalRateLimit => {
                 policy.rate_limit = match inner {
                     None => None,
-                    Some(any) => local_rate_limit(&xds.name, &any).map_err(field)?,
+                    Some(any) => local_rate_limit(xds, &any).map_err(field)?,
                 };
             }
         }
@@ -252,28 +252,109 @@ pub(super) fn route_policy(
     Ok(policy)
 }
 
-/// A route's token bucket (Envoy's `LocalRateLimit` as per-route config).
-fn local_rate_limit(
-    route: &str,
-    any: &Any,
-) -> Result<Option<Arc<crate::policy::ratelimit::LocalRateLimit>>, String> {
-    let config: LocalRateLimit = decode(any)?;
-    let Some(bucket) = config.token_bucket else {
-        return Ok(None);
-    };
+/// The size of a `TokenBucket`: (max_tokens, tokens_per_fill, fill_interval).
+fn token_bucket(
+    bucket: &envoy_types::pb::envoy::r#type::v3::TokenBucket,
+) -> Result<(u32, u32, Duration), String> {
     if bucket.max_tokens == 0 {
-        return Err("token_bucket.max_tokens must be at least 1".into());
+        return Err("max_tokens must be at least 1".into());
     }
-    let tokens_per_fill = bucket.tokens_per_fill.map_or(1, |t| t.value);
+    let tokens_per_fill = bucket.tokens_per_fill.as_ref().map_or(1, |t| t.value);
     if tokens_per_fill == 0 {
-        return Err("token_bucket.tokens_per_fill must be at least 1".into());
+        return Err("tokens_per_fill must be at least 1".into());
     }
     let fill_interval = bucket
         .fill_interval
         .as_ref()
         .and_then(super::duration)
         .filter(|d| *d >= Duration::from_millis(1))
-        .ok_or("token_bucket.fill_interval must be at least 1ms")?;
+        .ok_or("fill_interval must be at least 1ms")?;
+    Ok((bucket.max_tokens, tokens_per_fill, fill_interval))
+}
+
+/// How many values of a per-value descriptor may owe tokens at once before requests of
+/// new values pass unlimited (Envoy bounds its dynamic descriptors too).
+const ACTIVE_VALUES: usize = 4096;
+
+/// A route's local rate limits (Envoy's `LocalRateLimit` as per-route config, with the
+/// route's `rate_limits` actions making the descriptors).
+fn local_rate_limit(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    any: &Any,
+) -> Result<Option<Arc<crate::policy::ratelimit::RouteRateLimit>>, String> {
+    use crate::policy::ratelimit::{
+        shared, BucketKey, DescriptorBucket, DescriptorLimit, KeyedRateLimit,
+        LocalRateLimit as Bucket, RouteRateLimit,
+    };
+    let config: LocalRateLimit = decode(any)?;
+    if config.token_bucket.is_none() && config.descriptors.is_empty() {
+        return Ok(None);
+    }
+    let key = |descriptor: String, (max_tokens, tokens_per_fill, fill_interval)| BucketKey {
+        route: xds.name.clone(),
+        descriptor,
+        max_tokens,
+        tokens_per_fill,
+        fill_interval,
+    };
+    let default = match &config.token_bucket {
+        None => None,
+        Some(bucket) => {
+            let size = token_bucket(bucket).map_err(|e| format!("token_bucket.{e}"))?;
+            Some(shared(key(String::new(), size), || {
+                Bucket::new(size.0, size.1, size.2)
+            }))
+        }
+    };
+    let mut descriptors = Vec::new();
+    for (i, descriptor) in config.descriptors.iter().enumerate() {
+        let field = |m: String| format!("descriptors[{i}].{m}");
+        if descriptor.shadow_mode {
+            return Err(field("shadow_mode is not supported".into()));
+        }
+        let bucket = descriptor
+            .token_bucket
+            .as_ref()
+            .ok_or_else(|| field("token_bucket is missing".into()))?;
+        let size = token_bucket(bucket).map_err(|e| field(format!("token_bucket.{e}")))?;
+        if descriptor.entries.is_empty() {
+            return Err(field("entries must not be empty".into()));
+        }
+        let entries: Vec<(String, Option<String>)> = descriptor
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.key.clone(),
+                    (!e.value.is_empty()).then(|| e.value.clone()),
+                )
+            })
+            .collect();
+        let name = entries
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("*")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let bucket = if entries.iter().any(|(_, v)| v.is_none()) {
+            DescriptorBucket::PerValue(shared(key(name, size), || {
+                KeyedRateLimit::new(size.0, size.1, size.2, ACTIVE_VALUES)
+            }))
+        } else {
+            DescriptorBucket::Shared(shared(key(name, size), || {
+                Bucket::new(size.0, size.1, size.2)
+            }))
+        };
+        descriptors.push(DescriptorLimit { entries, bucket });
+    }
+    let rules = match &xds.action {
+        Some(route::Action::Route(action)) => action
+            .rate_limits
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rate_limit_actions(r).map_err(|e| format!("route.rate_limits[{i}].{e}")))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => Vec::new(),
+    };
     let status = match config.status.as_ref().map(|s| s.code) {
         None | Some(0) => 429,
         Some(code) => u16::try_from(code)
@@ -281,18 +362,83 @@ fn local_rate_limit(
             .filter(|c| (400..600).contains(c))
             .ok_or_else(|| format!("status {code} is not an error status"))?,
     };
-    // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
-    let headers = config.enable_x_ratelimit_headers == 1;
-    Ok(Some(crate::policy::ratelimit::shared(
-        crate::policy::ratelimit::BucketKey {
-            route: route.to_string(),
-            max_tokens: bucket.max_tokens,
-            tokens_per_fill,
-            fill_interval,
-            status,
-            headers,
-        },
-    )))
+    Ok(Some(Arc::new(RouteRateLimit {
+        default,
+        rules,
+        descriptors,
+        status,
+        // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
+        headers: config.enable_x_ratelimit_headers == 1,
+    })))
+}
+
+/// The actions of one `RateLimit` entry.
+fn rate_limit_actions(
+    rate_limit: &envoy_types::pb::envoy::config::route::v3::RateLimit,
+) -> Result<Vec<crate::policy::ratelimit::DescriptorAction>, String> {
+    use crate::policy::ratelimit::DescriptorAction;
+    use envoy_types::pb::envoy::config::route::v3::rate_limit::action::ActionSpecifier;
+    if rate_limit.stage.is_some()
+        || !rate_limit.disable_key.is_empty()
+        || rate_limit.limit.is_some()
+    {
+        return Err("only actions are supported".into());
+    }
+    let mut actions = Vec::new();
+    for (i, action) in rate_limit.actions.iter().enumerate() {
+        let field = |m: &str| format!("actions[{i}].{m}");
+        actions.push(match &action.action_specifier {
+            Some(ActionSpecifier::RequestHeaders(h)) => DescriptorAction::RequestHeader {
+                header: header_name(&h.header_name, &field("request_headers.header_name"))?,
+                key: h.descriptor_key.clone(),
+                skip_if_absent: h.skip_if_absent,
+            },
+            Some(ActionSpecifier::RemoteAddress(_)) => DescriptorAction::RemoteAddress,
+            Some(ActionSpecifier::GenericKey(g)) => DescriptorAction::GenericKey {
+                key: if g.descriptor_key.is_empty() {
+                    "generic_key".into()
+                } else {
+                    g.descriptor_key.clone()
+                },
+                value: g.descriptor_value.clone(),
+            },
+            Some(ActionSpecifier::Metadata(m)) => {
+                let metadata_key = m
+                    .metadata_key
+                    .as_ref()
+                    .ok_or_else(|| field("metadata.metadata_key is missing"))?;
+                if metadata_key.key != crate::policy::rbac::JWT_METADATA || m.source != 0 {
+                    return Err(field(&format!(
+                        "metadata: only dynamic metadata of {} (verified JWT claims) is supported",
+                        crate::policy::rbac::JWT_METADATA
+                    )));
+                }
+                use envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
+                let path = metadata_key
+                    .path
+                    .iter()
+                    .map(|s| match &s.segment {
+                        Some(Segment::Key(k)) => Ok(k.clone()),
+                        _ => Err(field("metadata.metadata_key.path: segments are keys")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if path.len() < 2 {
+                    return Err(field("metadata.metadata_key.path: the provider's payload_in_metadata, then the claim"));
+                }
+                DescriptorAction::JwtClaim {
+                    key: m.descriptor_key.clone(),
+                    path,
+                    default: (!m.default_value.is_empty()).then(|| m.default_value.clone()),
+                }
+            }
+            _ => {
+                return Err(field(
+                    "only request_headers, remote_address, generic_key and metadata (jwt_authn) are supported",
+                ))
+            }
+        });
+    }
+    Ok(actions)
 }
 
 /// A `JwtAuthentication`.

@@ -9,6 +9,7 @@ use super::flags::ResponseFlag;
 use super::local_reply;
 use crate::policy::ext_authz::{CheckFacts, Decision, ExtAuthz};
 use crate::policy::jwt::{JwtAuthn, JwtError, JwtRequest, VerifiedPayload};
+use crate::policy::ratelimit::DescriptorFacts;
 use crate::policy::rbac::Facts;
 use crate::policy::PolicyFilter;
 use crate::route::Route;
@@ -91,7 +92,16 @@ pub(super) async fn run(
                 let Some(limit) = &route.policy.rate_limit else {
                     continue;
                 };
-                let Err(limited) = limit.try_take() else {
+                let request = session.req_header();
+                let facts = DescriptorFacts {
+                    headers: &request.headers,
+                    source: session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                    jwt: &payloads,
+                };
+                let Err(limited) = limit.check(&facts) else {
                     continue;
                 };
                 ctx.flag = Some(ResponseFlag::RateLimited);
@@ -102,7 +112,7 @@ pub(super) async fn run(
                     ("retry-after".to_string(), retry.to_string()),
                 ];
                 if limit.headers {
-                    headers.push(("x-ratelimit-limit".into(), limit.max_tokens.to_string()));
+                    headers.push(("x-ratelimit-limit".into(), limited.limit.to_string()));
                     headers.push(("x-ratelimit-remaining".into(), "0".into()));
                     headers.push(("x-ratelimit-reset".into(), retry.to_string()));
                 }

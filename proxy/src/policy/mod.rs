@@ -45,7 +45,7 @@ pub struct RoutePolicy {
     /// RBAC is off on this route.
     pub rbac: Option<Option<Arc<rbac::RbacFilter>>>,
     /// The route's local rate limit.
-    pub rate_limit: Option<Arc<ratelimit::LocalRateLimit>>,
+    pub rate_limit: Option<Arc<ratelimit::RouteRateLimit>>,
     /// The route's `ext_authz` settings (`ExtAuthzPerRoute`).
     pub ext_authz: ExtAuthzRoute,
 }

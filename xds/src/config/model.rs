@@ -1360,4 +1360,23 @@ pub struct RateLimitConfig {
     /// The most requests let through at once (default `requests`).
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Count per client rather than for the route: each value of this key has its own
+    /// limit (requests without it share one).
+    #[serde(default)]
+    pub key: Option<RateLimitKeyConfig>,
+}
+
+/// Whose requests a rate limit counts together.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitKeyConfig {
+    /// A request header's value (an API key, a tenant header).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// The client's address.
+    #[serde(default)]
+    pub source_ip: bool,
+    /// A verified JWT claim (`sub`, `org.id`), from any of `auth.jwt_providers`.
+    #[serde(default)]
+    pub claim: Option<String>,
 }

@@ -772,6 +772,37 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
         if limit.burst == Some(0) {
             errors.add(format!("{path}.rate_limit.burst"), "must be at least 1");
         }
+        if let Some(key) = &limit.key {
+            let set = key.header.is_some() as usize
+                + key.source_ip as usize
+                + key.claim.is_some() as usize;
+            if set != 1 {
+                errors.add(
+                    format!("{path}.rate_limit.key"),
+                    "set exactly one of header, source_ip, claim",
+                );
+            }
+            if key.header.as_deref().is_some_and(http_header_name_invalid) {
+                errors.add(
+                    format!("{path}.rate_limit.key.header"),
+                    "is not a valid header name",
+                );
+            }
+            if let Some(claim) = &key.claim {
+                if claim.is_empty() || claim.split('.').any(str::is_empty) {
+                    errors.add(
+                        format!("{path}.rate_limit.key.claim"),
+                        "is not a claim name",
+                    );
+                }
+                if config.auth.jwt_providers.is_empty() {
+                    errors.add(
+                        format!("{path}.rate_limit.key.claim"),
+                        "auth.jwt_providers has no provider to verify claims",
+                    );
+                }
+            }
+        }
     }
     let m = &route.matcher;
     let specifiers = [&m.path, &m.path_prefix, &m.path_regex]
