@@ -200,6 +200,19 @@ enum Command {
         #[arg(long)]
         plugin: Option<PathBuf>,
     },
+    /// Serve the rate limit service (Envoy's RateLimitService gRPC API) that counts the
+    /// config's global rate limits (`rate_limit.scope: global`) in Redis, for every proxy.
+    Ratelimit {
+        /// The config whose global limits are served (reloaded when it changes).
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// Redis, `host:port`.
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        redis: String,
+        /// Address to serve gRPC on (the config's `rate_limit_service.address`).
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+    },
     /// Serve a small HTTP backend that echoes what it received (for demos and benchmarks).
     Backend {
         /// Address to listen on.
@@ -532,6 +545,29 @@ fn run_control_plane(options: nip_control_plane::ControlPlaneOptions) -> ExitCod
     )
 }
 
+/// `nip ratelimit`: the rate limit service for global limits.
+fn run_ratelimit(file: PathBuf, redis: String, listen: std::net::SocketAddr) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nip ratelimit: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nip_control_plane::ratelimit::run_standalone(
+        file, redis, listen,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nip ratelimit: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Gives what mimalloc keeps for the calling thread back to the OS: its delayed purges
 /// otherwise wait for that thread's next allocations, so a worker that went quiet after a
 /// burst of connections kept the burst's peak (an immediate purge instead costs ~3 µs per
@@ -720,6 +756,11 @@ fn main() -> ExitCode {
             plugin.as_deref(),
             cpus,
         ),
+        Command::Ratelimit {
+            file,
+            redis,
+            listen,
+        } => run_ratelimit(file, redis, listen),
         Command::Backend { listen, name } => match demo::serve_backend_blocking(listen, name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -613,3 +613,142 @@ routes:
     assert_eq!(response.headers()["x-ratelimit-limit"], "3");
     assert_eq!(response.headers()["x-nip-response-flags"], "RL");
 }
+
+/// A Redis server of the test's own (Debian's redis-server, installed by ./dev test).
+fn redis_server(port: u16) -> Background {
+    Background::start(std::process::Command::new("redis-server").args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]))
+}
+
+/// `nip ratelimit` serving `config`'s global limits on `listen`, counting in `redis`.
+fn rate_limit_service(config: &std::path::Path, redis: u16, listen: u16) -> Background {
+    Background::start(std::process::Command::new(nip_bin()).args([
+        "ratelimit",
+        "--file",
+        config.to_str().unwrap(),
+        "--redis",
+        &format!("127.0.0.1:{redis}"),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+    ]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_hold_a_global_limit_together_through_redis() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    let (redis_port, service_a, service_b) = (free_port(), free_port(), free_port());
+    let mut redis = redis_server(redis_port);
+    redis.wait_for("Ready to accept connections").await;
+    let config = |service: u16, failure_mode_deny: bool| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+rate_limit_service: {{ address: "127.0.0.1:{service}", failure_mode_deny: {failure_mode_deny}, timeout: 500ms }}
+services:
+  web: {{ endpoints: ["{backend}"] }}
+routes:
+  - name: shared
+    match: {{ path_prefix: /shared }}
+    service: web
+    rate_limit: {{ requests: 100, per: 1s, burst: 5, scope: global }}
+  - {{ name: free, service: web }}
+"#,
+            backend = backend.address,
+        )
+    };
+    // Each proxy asks its own rate limit service; both services count in the one Redis.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(
+        &file,
+        config(service_a, false)
+            .replace("{admin}", "1")
+            .replace("{port}", "2"),
+    )
+    .unwrap();
+    let rls_a = rate_limit_service(&file, redis_port, service_a);
+    let rls_b = rate_limit_service(&file, redis_port, service_b);
+    rls_a.wait_for("global limits").await;
+    rls_b.wait_for("global limits").await;
+    let proxy_a = Proxy::start(&config(service_a, false)).await;
+    let proxy_b = Proxy::start(&config(service_b, true)).await;
+
+    // Load through both proxies for 10 s; together they may pass 100/s (+ a burst of 5).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let url = if worker % 2 == 0 {
+            proxy_a.url("/shared")
+        } else {
+            proxy_b.url("/shared")
+        };
+        workers.push(tokio::spawn(async move {
+            let client = client();
+            let (mut passed, mut limited, mut other) = (0u64, 0u64, 0u64);
+            while std::time::Instant::now() < deadline {
+                match client.get(&url).send().await.map(|r| r.status().as_u16()) {
+                    Ok(200) => passed += 1,
+                    Ok(429) => limited += 1,
+                    _ => other += 1,
+                }
+            }
+            (passed, limited, other)
+        }));
+    }
+    let (mut passed, mut limited, mut other) = (0, 0, 0);
+    for worker in workers {
+        let (p, l, o) = worker.await.unwrap();
+        passed += p;
+        limited += l;
+        other += o;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = 100.0 * elapsed + 5.0;
+    let error = (passed as f64 - expected).abs() / expected;
+    assert!(
+        error <= 0.05,
+        "{passed} passed in {elapsed:.2} s ({limited} limited, {other} other): expected {expected:.0} ± 5 %"
+    );
+    assert!(
+        limited > passed,
+        "the load was over the limit: {limited} limited"
+    );
+    assert_eq!(other, 0);
+    // A limited answer says which limit.
+    let response = client().get(proxy_a.url("/shared")).send().await.unwrap();
+    if response.status() == 429 {
+        assert_eq!(response.headers()["x-ratelimit-limit"], "100");
+        assert_eq!(response.headers()["x-envoy-ratelimited"], "true");
+        assert_eq!(response.headers()["x-nip-response-flags"], "RL");
+    }
+    // Routes without a global limit are not limited.
+    assert_eq!(call(&proxy_a, "/other", None).await.0, 200);
+
+    // Redis gone: the services cannot count; proxy A lets requests through (the default),
+    // proxy B (failure_mode_deny) refuses them.
+    redis.kill();
+    assert_eq!(call(&proxy_a, "/shared", None).await.0, 200);
+    let response = client().get(proxy_b.url("/shared")).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(response.headers()["x-nip-response-flags"], "RLSE");
+    let metrics = proxy_b.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "nip_ratelimit_requests_total",
+            &[("decision", "error")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+}

@@ -27,6 +27,7 @@ pub mod ca;
 pub mod https;
 pub mod inject;
 pub mod oidc;
+pub mod ratelimit;
 pub mod service;
 pub mod store;
 pub mod xds_port;

@@ -40,6 +40,8 @@ pub mod names {
     pub const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
     /// The RBAC HTTP filter.
     pub const RBAC: &str = "envoy.filters.http.rbac";
+    /// The global rate limit HTTP filter (asks a rate limit service).
+    pub const RATE_LIMIT: &str = "envoy.filters.http.ratelimit";
     /// The external authorization HTTP filter.
     pub const EXT_AUTHZ: &str = "envoy.filters.http.ext_authz";
     /// Downstream/upstream TLS transport socket.

@@ -180,6 +180,7 @@ pub fn translate(config: &Config) -> Translation {
             )
             .chain(sidecar::tcp_clusters(config))
             .chain(auth::clusters(config))
+            .chain(rate_limit_service(config).map(|s| cluster(RATE_LIMIT_CLUSTER, &s)))
             .collect(),
         endpoints: config
             .services
@@ -188,6 +189,7 @@ pub fn translate(config: &Config) -> Translation {
             .map(|(name, service)| load_assignment(name, service))
             .chain(sidecar::tcp_assignments(config))
             .chain(auth::assignments(config))
+            .chain(rate_limit_service(config).map(|s| load_assignment(RATE_LIMIT_CLUSTER, &s)))
             .collect(),
         // The control plane adds the mesh's trust bundle; a file config has no secrets.
         secrets: Vec::new(),
@@ -417,6 +419,12 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
                         ))),
                         ..Default::default()
                     }),
+            )
+            .chain(
+                config
+                    .rate_limit_service
+                    .as_ref()
+                    .map(global_rate_limit_filter),
             )
             .chain(plugin_filters(config))
             .chain(std::iter::once(router_filter()))
@@ -858,7 +866,7 @@ fn xds_route(
         })
         .collect();
     typed_per_filter_config.extend(auth::route_configs(config, route, index));
-    if let Some(limit) = &route.rate_limit {
+    if let Some(limit) = route.rate_limit.as_ref().filter(|l| !l.is_global()) {
         typed_per_filter_config.insert(
             names::LOCAL_RATE_LIMIT.to_string(),
             pack_any(LocalRateLimit {
@@ -957,7 +965,7 @@ fn xds_route(
             } else {
                 Vec::new()
             },
-            rate_limits: rate_limit_actions(config, route),
+            rate_limits: rate_limit_actions(config, route, index),
             ..Default::default()
         })
     };
@@ -1117,6 +1125,14 @@ fn header_matcher(header: &HeaderMatchConfig) -> HeaderMatcher {
     }
 }
 
+/// The first descriptor entry of a global limit: the route, whose limit the rate limit
+/// service applies.
+pub const RATE_LIMIT_ROUTE_KEY: &str = "route";
+/// The domain of NIP's global limits at the rate limit service.
+pub const RATE_LIMIT_DOMAIN: &str = "nip";
+/// The cluster of the rate limit service.
+pub const RATE_LIMIT_CLUSTER: &str = "rate_limit_service";
+
 /// The descriptor entry key of a rate limit's client key.
 fn rate_limit_key_name(key: &crate::config::RateLimitKeyConfig) -> &'static str {
     if key.source_ip {
@@ -1128,31 +1144,50 @@ fn rate_limit_key_name(key: &crate::config::RateLimitKeyConfig) -> &'static str 
 
 /// The route's `rate_limits`: the actions that make a descriptor of its rate limit's
 /// client key (a claim: one entry per provider whose verified payload may hold it).
-fn rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
+fn rate_limit_actions(config: &Config, route: &RouteConfig, index: usize) -> Vec<RateLimit> {
     use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
     use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
-    let Some(key) = route.rate_limit.as_ref().and_then(|l| l.key.as_ref()) else {
+    let Some(limit) = &route.rate_limit else {
         return Vec::new();
     };
-    let one = |specifier| RateLimit {
-        actions: vec![Action {
-            action_specifier: Some(specifier),
-        }],
+    // A global limit's descriptors start with the route (the service's key to its limit).
+    let route_entry = limit.is_global().then(|| Action {
+        action_specifier: Some(action::ActionSpecifier::GenericKey(action::GenericKey {
+            descriptor_key: RATE_LIMIT_ROUTE_KEY.to_string(),
+            descriptor_value: route_name(route, index),
+            ..Default::default()
+        })),
+    });
+    let one = |specifier: Option<action::ActionSpecifier>| RateLimit {
+        actions: route_entry
+            .iter()
+            .cloned()
+            .chain(specifier.map(|s| Action {
+                action_specifier: Some(s),
+            }))
+            .collect(),
         ..Default::default()
     };
+    let Some(key) = &limit.key else {
+        return route_entry
+            .is_some()
+            .then(|| one(None))
+            .into_iter()
+            .collect();
+    };
     if let Some(header) = &key.header {
-        return vec![one(action::ActionSpecifier::RequestHeaders(
+        return vec![one(Some(action::ActionSpecifier::RequestHeaders(
             action::RequestHeaders {
                 header_name: header.to_ascii_lowercase(),
                 descriptor_key: rate_limit_key_name(key).to_string(),
                 ..Default::default()
             },
-        ))];
+        )))];
     }
     if key.source_ip {
-        return vec![one(action::ActionSpecifier::RemoteAddress(
+        return vec![one(Some(action::ActionSpecifier::RemoteAddress(
             action::RemoteAddress {},
-        ))];
+        )))];
     }
     let Some(claim) = &key.claim else {
         return Vec::new();
@@ -1168,16 +1203,68 @@ fn rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
                     segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
                 })
                 .collect();
-            one(action::ActionSpecifier::Metadata(action::MetaData {
+            one(Some(action::ActionSpecifier::Metadata(action::MetaData {
                 descriptor_key: rate_limit_key_name(key).to_string(),
                 metadata_key: Some(MetadataKey {
                     key: names::JWT_AUTHN.to_string(),
                     path,
                 }),
                 ..Default::default()
-            }))
+            })))
         })
         .collect()
+}
+
+/// Envoy's `ratelimit` filter asking the rate limit service about global limits.
+fn global_rate_limit_filter(service: &crate::config::RateLimitServiceConfig) -> HttpFilter {
+    use envoy_types::pb::envoy::config::core::v3::{grpc_service, ApiVersion, GrpcService};
+    use envoy_types::pb::envoy::config::ratelimit::v3::RateLimitServiceConfig;
+    use envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit as RateLimitFilter;
+    HttpFilter {
+        name: names::RATE_LIMIT.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            RateLimitFilter {
+                domain: RATE_LIMIT_DOMAIN.to_string(),
+                timeout: Some(pb_duration(
+                    service.timeout.map_or(Duration::from_millis(100), |t| t.0),
+                )),
+                failure_mode_deny: service.failure_mode_deny,
+                rate_limit_service: Some(RateLimitServiceConfig {
+                    grpc_service: Some(GrpcService {
+                        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: RATE_LIMIT_CLUSTER.to_string(),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    }),
+                    transport_api_version: ApiVersion::V3 as i32,
+                }),
+                // DRAFT_VERSION_03: the x-ratelimit-* headers.
+                enable_x_ratelimit_headers: 1,
+                ..Default::default()
+            },
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The rate limit service as a service of its own (gRPC: HTTP/2).
+fn rate_limit_service(config: &Config) -> Option<ServiceConfig> {
+    let service = config.rate_limit_service.as_ref()?;
+    Some(ServiceConfig {
+        endpoints: vec![crate::config::EndpointConfig {
+            address: service.address.clone(),
+            region: None,
+            zone: None,
+            sub_zone: None,
+            weight: 1,
+            priority: 0,
+        }],
+        protocol: UpstreamProtocol::Http2,
+        ..Default::default()
+    })
 }
 
 /// The router filter, last in every filter chain.

@@ -144,6 +144,22 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     ("envoy.config.route.v3.RateLimit", &["actions"]),
     (
+        "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        &[
+            "domain",
+            "stage",
+            "request_type",
+            "timeout",
+            "failure_mode_deny",
+            "rate_limit_service",
+            "enable_x_ratelimit_headers",
+        ],
+    ),
+    (
+        "envoy.config.ratelimit.v3.RateLimitServiceConfig",
+        &["grpc_service", "transport_api_version"],
+    ),
+    (
         "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         &[
             "providers",

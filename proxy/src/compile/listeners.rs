@@ -231,13 +231,14 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
             envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::ExtAuthz::type_url(),
+            envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit::type_url(),
         ];
         if policy.iter().any(|p| p == type_url) {
             continue;
         }
         if !is_router && type_url != Wasm::type_url() {
             return Err(format!(
-                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, {} plugins and the router)",
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, ratelimit, {} plugins and the router)",
                 http.name,
                 Wasm::type_url()
             ));

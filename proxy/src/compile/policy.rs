@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
     JwtProvider, JwtRequirement, PerRouteConfig,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit as GlobalRateLimitConfig;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{
     Rbac as XdsRbacFilter, RbacPerRoute,
 };
@@ -114,6 +115,11 @@ impl Compiler<'_> {
                 ))
             } else if any.type_url == LocalRateLimit::type_url() {
                 PolicyFilter::LocalRateLimit
+            } else if any.type_url == GlobalRateLimitConfig::type_url() {
+                let config: GlobalRateLimitConfig = decode(any).map_err(field)?;
+                PolicyFilter::GlobalRateLimit(Arc::new(
+                    global_rate_limit(&http.name, &config, clusters).map_err(field)?,
+                ))
             } else {
                 continue;
             };
@@ -151,7 +157,20 @@ pub(super) fn route_policy(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
     manager: &ManagerPolicy,
 ) -> Result<RoutePolicy, String> {
-    let mut policy = RoutePolicy::default();
+    let mut policy = RoutePolicy {
+        rate_limit_rules: Arc::new(match &xds.action {
+            Some(route::Action::Route(action)) => action
+                .rate_limits
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    rate_limit_actions(r).map_err(|e| format!("route.rate_limits[{i}].{e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => Vec::new(),
+        }),
+        ..RoutePolicy::default()
+    };
     for (name, any) in &xds.typed_per_filter_config {
         let Some(filter) = manager.filter(name) else {
             continue;
@@ -241,6 +260,11 @@ pub(super) fn route_policy(
                     }
                 };
             }
+            PolicyFilter::GlobalRateLimit(_) => {
+                return Err(field(
+                    "per-route config of the ratelimit filter is not supported; the route's rate_limits make its descriptors".into(),
+                ));
+            }
             PolicyFilter::LocalRateLimit => {
                 policy.rate_limit = match inner {
                     None => None,
@@ -276,8 +300,8 @@ fn token_bucket(
 /// new values pass unlimited (Envoy bounds its dynamic descriptors too).
 const ACTIVE_VALUES: usize = 4096;
 
-/// A route's local rate limits (Envoy's `LocalRateLimit` as per-route config, with the
-/// route's `rate_limits` actions making the descriptors).
+/// A route's local rate limits (Envoy's `LocalRateLimit` as per-route config; the
+/// route's `rate_limits` actions make the descriptors they match).
 fn local_rate_limit(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
     any: &Any,
@@ -346,15 +370,6 @@ fn local_rate_limit(
         };
         descriptors.push(DescriptorLimit { entries, bucket });
     }
-    let rules = match &xds.action {
-        Some(route::Action::Route(action)) => action
-            .rate_limits
-            .iter()
-            .enumerate()
-            .map(|(i, r)| rate_limit_actions(r).map_err(|e| format!("route.rate_limits[{i}].{e}")))
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => Vec::new(),
-    };
     let status = match config.status.as_ref().map(|s| s.code) {
         None | Some(0) => 429,
         Some(code) => u16::try_from(code)
@@ -364,7 +379,6 @@ fn local_rate_limit(
     };
     Ok(Some(Arc::new(RouteRateLimit {
         default,
-        rules,
         descriptors,
         status,
         // Envoy's DRAFT_VERSION_03 (1) sends the x-ratelimit-* headers.
@@ -1105,5 +1119,59 @@ fn ext_authz(
         status_on_error,
         include_peer_certificate: config.include_peer_certificate,
         allowed_headers: matchers(config.allowed_headers.as_ref(), "allowed_headers")?,
+    })
+}
+
+/// A `ratelimit` filter.
+fn global_rate_limit(
+    name: &str,
+    config: &GlobalRateLimitConfig,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Result<crate::policy::global_ratelimit::GlobalRateLimit, String> {
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    if config.stage != 0 || !config.request_type.is_empty() && config.request_type != "both" {
+        return Err("stage and request_type are not supported".into());
+    }
+    if config.domain.is_empty() {
+        return Err("domain is needed".into());
+    }
+    let grpc = config
+        .rate_limit_service
+        .as_ref()
+        .and_then(|s| s.grpc_service.as_ref())
+        .ok_or("rate_limit_service.grpc_service is needed")?;
+    let Some(TargetSpecifier::EnvoyGrpc(target)) = &grpc.target_specifier else {
+        return Err(
+            "rate_limit_service.grpc_service: only envoy_grpc (a cluster) is supported".into(),
+        );
+    };
+    let cluster = clusters.get(&target.cluster_name).ok_or_else(|| {
+        format!(
+            "rate_limit_service.grpc_service.envoy_grpc.cluster_name {:?} is not among the clusters",
+            target.cluster_name
+        )
+    })?;
+    if !cluster.http2 {
+        return Err(format!(
+            "rate_limit_service.grpc_service.envoy_grpc.cluster_name {:?}: the cluster must speak HTTP/2 (gRPC)",
+            target.cluster_name
+        ));
+    }
+    Ok(crate::policy::global_ratelimit::GlobalRateLimit {
+        name: name.into(),
+        domain: config.domain.clone(),
+        cluster: target.cluster_name.clone(),
+        authority: if target.authority.is_empty() {
+            target.cluster_name.clone()
+        } else {
+            target.authority.clone()
+        },
+        timeout: config
+            .timeout
+            .as_ref()
+            .and_then(super::duration)
+            .unwrap_or(Duration::from_millis(20)),
+        failure_mode_deny: config.failure_mode_deny,
+        headers: config.enable_x_ratelimit_headers == 1,
     })
 }

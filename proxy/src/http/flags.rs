@@ -33,11 +33,13 @@ pub enum ResponseFlag {
     RbacDenied,
     /// Refused by the external authorization service, or because it could not be asked.
     UnauthorizedExternalService,
+    /// The rate limit service did not answer and the filter fails closed (500).
+    RateLimitServiceError,
 }
 
 impl ResponseFlag {
     /// Every flag, in counter order.
-    pub const ALL: [ResponseFlag; 14] = [
+    pub const ALL: [ResponseFlag; 15] = [
         ResponseFlag::NoRoute,
         ResponseFlag::NoCluster,
         ResponseFlag::NoHealthyUpstream,
@@ -52,6 +54,7 @@ impl ResponseFlag {
         ResponseFlag::RateLimited,
         ResponseFlag::RbacDenied,
         ResponseFlag::UnauthorizedExternalService,
+        ResponseFlag::RateLimitServiceError,
     ];
 
     /// Envoy's short name.
@@ -71,6 +74,7 @@ impl ResponseFlag {
             ResponseFlag::RateLimited => "RL",
             ResponseFlag::RbacDenied => "RBAC",
             ResponseFlag::UnauthorizedExternalService => "UAEX",
+            ResponseFlag::RateLimitServiceError => "RLSE",
         }
     }
 

@@ -7,9 +7,11 @@
 use super::context::RequestCtx;
 use super::flags::ResponseFlag;
 use super::local_reply;
+use super::local_reply::respond;
 use crate::policy::ext_authz::{CheckFacts, Decision, ExtAuthz};
+use crate::policy::global_ratelimit::GlobalOutcome;
 use crate::policy::jwt::{JwtAuthn, JwtError, JwtRequest, VerifiedPayload};
-use crate::policy::ratelimit::DescriptorFacts;
+use crate::policy::ratelimit::{descriptors, DescriptorFacts};
 use crate::policy::rbac::Facts;
 use crate::policy::PolicyFilter;
 use crate::route::Route;
@@ -88,6 +90,71 @@ pub(super) async fn run(
                     return true;
                 }
             }
+            PolicyFilter::GlobalRateLimit(limiter) => {
+                if route.policy.rate_limit_rules.is_empty() {
+                    continue;
+                }
+                let request = session.req_header();
+                let facts = DescriptorFacts {
+                    headers: &request.headers,
+                    source: session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                    jwt: &payloads,
+                };
+                let descriptors = descriptors(&route.policy.rate_limit_rules, &facts);
+                if descriptors.is_empty() {
+                    continue;
+                }
+                let counter = |decision| gateway.metrics.global_rate_limit(&limiter.name, decision);
+                match limiter.check(&gateway.callouts, &descriptors).await {
+                    Ok(GlobalOutcome::Allowed) => {
+                        counter("ok").inc();
+                    }
+                    Ok(GlobalOutcome::Limited { limit, retry_after }) => {
+                        counter("over_limit").inc();
+                        ctx.flag = Some(ResponseFlag::RateLimited);
+                        ctx.local_status = 429;
+                        let mut headers = vec![
+                            ("content-type".to_string(), "text/plain".to_string()),
+                            ("x-envoy-ratelimited".to_string(), "true".to_string()),
+                        ];
+                        if let Some(wait) = retry_after {
+                            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+                            headers.push(("retry-after".into(), seconds.to_string()));
+                            if limiter.headers {
+                                headers.push(("x-ratelimit-reset".into(), seconds.to_string()));
+                            }
+                        }
+                        if let (true, Some(limit)) = (limiter.headers, limit) {
+                            headers.push(("x-ratelimit-limit".into(), limit.to_string()));
+                            headers.push(("x-ratelimit-remaining".into(), "0".into()));
+                        }
+                        Box::pin(local_reply::write_answer(
+                            session,
+                            ctx,
+                            429,
+                            &headers,
+                            bytes::Bytes::new(),
+                            None,
+                        ))
+                        .await;
+                        return true;
+                    }
+                    Err(error) => {
+                        counter("error").inc();
+                        tracing::debug!(filter = %limiter.name, "rate limit service: {error}");
+                        if limiter.failure_mode_deny {
+                            ctx.flag = Some(ResponseFlag::RateLimitServiceError);
+                            ctx.local_status = 500;
+                            respond(session, ctx, 500, "the rate limit service did not answer\n")
+                                .await;
+                            return true;
+                        }
+                    }
+                }
+            }
             PolicyFilter::LocalRateLimit => {
                 let Some(limit) = &route.policy.rate_limit else {
                     continue;
@@ -101,7 +168,8 @@ pub(super) async fn run(
                         .map(|a| a.ip()),
                     jwt: &payloads,
                 };
-                let Err(limited) = limit.check(&facts) else {
+                let descriptors = descriptors(&route.policy.rate_limit_rules, &facts);
+                let Err(limited) = limit.check(&descriptors) else {
                     continue;
                 };
                 ctx.flag = Some(ResponseFlag::RateLimited);

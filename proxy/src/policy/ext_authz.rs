@@ -18,14 +18,12 @@
 
 use crate::matchers::StringMatch;
 use crate::plugins::callout::CalloutClient;
-use bytes::{Buf, BufMut};
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context, check_response, AttributeContext, CheckRequest, CheckResponse,
 };
 use http::{HeaderName, HeaderValue};
 use nip_filters::host::{Callout, PeerCertificate};
-use prost::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -274,69 +272,16 @@ impl ExtAuthz {
         let AuthzService::Grpc { cluster, authority } = &self.service else {
             return Err(CheckError("not a gRPC service".into()));
         };
-        let message = self.check_request(facts).encode_to_vec();
-        let mut body = Vec::with_capacity(message.len() + 5);
-        body.put_u8(0);
-        body.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
-        body.extend_from_slice(&message);
-        let headers = vec![
-            (":method".to_string(), "POST".to_string()),
-            (
-                ":path".to_string(),
-                "/envoy.service.auth.v3.Authorization/Check".to_string(),
-            ),
-            (":authority".to_string(), authority.clone()),
-            ("content-type".to_string(), "application/grpc".to_string()),
-            ("te".to_string(), "trailers".to_string()),
-            (
-                "grpc-timeout".to_string(),
-                format!("{}m", self.timeout.as_millis().max(1)),
-            ),
-        ];
-        let answer = client
-            .call(&callout(cluster, headers, body, self.timeout))
-            .await;
-        let header = |name: &str| {
-            answer
-                .headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        match header(":status") {
-            None => {
-                return Err(CheckError(format!(
-                    "the authorization service (cluster {cluster:?}) did not answer"
-                )))
-            }
-            Some("200") => {}
-            Some(other) => {
-                return Err(CheckError(format!(
-                    "the authorization service answered HTTP {other}"
-                )))
-            }
-        }
-        // A trailers-only answer carries grpc-status in its headers.
-        if let Some(code) = header("grpc-status").filter(|c| *c != "0") {
-            return Err(CheckError(format!(
-                "the authorization service failed: grpc-status {code} {}",
-                header("grpc-message").unwrap_or("")
-            )));
-        }
-        let mut frame = answer.body.as_slice();
-        if frame.len() < 5 || frame[0] != 0 {
-            return Err(CheckError(
-                "the authorization service's answer is not one uncompressed gRPC message".into(),
-            ));
-        }
-        frame.advance(1);
-        let length = frame.get_u32() as usize;
-        let response = frame
-            .get(..length)
-            .and_then(|m| CheckResponse::decode(m).ok())
-            .ok_or_else(|| {
-                CheckError("the authorization service's answer does not decode".into())
-            })?;
+        let response: CheckResponse = super::grpc::unary(
+            client,
+            cluster,
+            authority,
+            "/envoy.service.auth.v3.Authorization/Check",
+            &self.check_request(facts),
+            self.timeout,
+        )
+        .await
+        .map_err(|e| CheckError(format!("the authorization service: {e}")))?;
         Ok(decision(response))
     }
 

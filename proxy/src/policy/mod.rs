@@ -6,7 +6,8 @@
 //! request ─▶ jwt (authentication: tokens verified, payloads kept, claims to headers)
 //!         ─▶ rbac (authorization: principals × permissions; ALLOW/DENY/LOG; shadow rules)
 //!         ─▶ ext_authz (authorization by an external service over HTTP or gRPC)
-//!         ─▶ ratelimit (the route's local token bucket)
+//!         ─▶ local_ratelimit (the route's token buckets, per client key or not)
+//!         ─▶ ratelimit (limits shared by the fleet, counted by a rate limit service)
 //!         ─▶ plugins ─▶ router
 //! ```
 //!
@@ -17,6 +18,8 @@
 //! runs the filters and writes their refusals.
 
 pub mod ext_authz;
+pub mod global_ratelimit;
+pub mod grpc;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
@@ -34,6 +37,8 @@ pub enum PolicyFilter {
     ExtAuthz(Arc<ext_authz::ExtAuthz>),
     /// Envoy's `local_ratelimit` (its buckets are per route).
     LocalRateLimit,
+    /// Envoy's `ratelimit`: limits counted by a rate limit service for every proxy.
+    GlobalRateLimit(Arc<global_ratelimit::GlobalRateLimit>),
 }
 
 /// A route's settings for the policy filters (Envoy's `typed_per_filter_config` for them).
@@ -44,6 +49,9 @@ pub struct RoutePolicy {
     /// The route's RBAC rules in place of the listener's (`RBACPerRoute`); `Some(None)`:
     /// RBAC is off on this route.
     pub rbac: Option<Option<Arc<rbac::RbacFilter>>>,
+    /// The route's `rate_limits` entries: the descriptors its requests make for the local
+    /// and global rate limit filters.
+    pub rate_limit_rules: Arc<Vec<Vec<ratelimit::DescriptorAction>>>,
     /// The route's local rate limit.
     pub rate_limit: Option<Arc<ratelimit::RouteRateLimit>>,
     /// The route's `ext_authz` settings (`ExtAuthzPerRoute`).

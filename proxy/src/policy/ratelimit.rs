@@ -333,13 +333,31 @@ impl DescriptorLimit {
     }
 }
 
+/// The descriptors a request makes with a route's `rate_limits` entries (each entry one
+/// descriptor from its actions, none when an action finds nothing).
+pub fn descriptors(
+    rules: &[Vec<DescriptorAction>],
+    facts: &DescriptorFacts<'_>,
+) -> Vec<Descriptor> {
+    rules
+        .iter()
+        .filter_map(|rule| {
+            let entries = rule
+                .iter()
+                .map(|a| a.entry(facts))
+                .collect::<Result<Vec<_>, ()>>()
+                .ok()?;
+            let descriptor: Descriptor = entries.into_iter().flatten().collect();
+            (!descriptor.is_empty()).then_some(descriptor)
+        })
+        .collect()
+}
+
 /// A route's local rate limits.
 #[derive(Debug)]
 pub struct RouteRateLimit {
     /// The route-wide bucket (`token_bucket`), used when no descriptor matched.
     pub default: Option<Arc<LocalRateLimit>>,
-    /// The route's `rate_limits` entries: each makes one descriptor from its actions.
-    pub rules: Vec<Vec<DescriptorAction>>,
     /// `descriptors`.
     pub descriptors: Vec<DescriptorLimit>,
     /// The status a limited request gets (429 unless configured).
@@ -349,37 +367,24 @@ pub struct RouteRateLimit {
 }
 
 impl RouteRateLimit {
-    /// Takes a token from every bucket the request's descriptors match (else the default
-    /// bucket); refused when one of them has none.
-    pub fn check(&self, facts: &DescriptorFacts<'_>) -> Result<(), Limited> {
+    /// Takes a token from every bucket the request's `descriptors` match (else the
+    /// default bucket); refused when one of them has none.
+    pub fn check(&self, descriptors: &[Descriptor]) -> Result<(), Limited> {
         let mut matched = false;
         let mut refused: Option<Limited> = None;
-        if !self.descriptors.is_empty() {
-            for rule in &self.rules {
-                let Ok(entries) = rule
-                    .iter()
-                    .map(|a| a.entry(facts))
-                    .collect::<Result<Vec<_>, ()>>()
-                else {
+        for descriptor in descriptors {
+            for limit in &self.descriptors {
+                let Some(values) = limit.matches(descriptor) else {
                     continue;
                 };
-                let descriptor: Descriptor = entries.into_iter().flatten().collect();
-                if descriptor.is_empty() {
-                    continue;
-                }
-                for limit in &self.descriptors {
-                    let Some(values) = limit.matches(&descriptor) else {
-                        continue;
-                    };
-                    matched = true;
-                    let taken = match &limit.bucket {
-                        DescriptorBucket::Shared(bucket) => bucket.try_take(),
-                        DescriptorBucket::PerValue(buckets) => buckets.try_take(values.as_bytes()),
-                    };
-                    if let Err(limited) = taken {
-                        if refused.is_none_or(|r| limited.retry_after > r.retry_after) {
-                            refused = Some(limited);
-                        }
+                matched = true;
+                let taken = match &limit.bucket {
+                    DescriptorBucket::Shared(bucket) => bucket.try_take(),
+                    DescriptorBucket::PerValue(buckets) => buckets.try_take(values.as_bytes()),
+                };
+                if let Err(limited) = taken {
+                    if refused.is_none_or(|r| limited.retry_after > r.retry_after) {
+                        refused = Some(limited);
                     }
                 }
             }
@@ -496,13 +501,13 @@ mod tests {
                 16,
             ))),
         };
+        let rules = vec![vec![DescriptorAction::RequestHeader {
+            header: HeaderName::from_static("x-api-key"),
+            key: "client".into(),
+            skip_if_absent: false,
+        }]];
         let route = RouteRateLimit {
             default: Some(Arc::new(LocalRateLimit::new(1, 1, Duration::from_secs(60)))),
-            rules: vec![vec![DescriptorAction::RequestHeader {
-                header: HeaderName::from_static("x-api-key"),
-                key: "client".into(),
-                skip_if_absent: false,
-            }]],
             descriptors: vec![per_client],
             status: 429,
             headers: true,
@@ -513,11 +518,14 @@ mod tests {
             headers
         };
         let check = |headers: &HeaderMap| {
-            route.check(&DescriptorFacts {
-                headers,
-                source: None,
-                jwt: &[],
-            })
+            route.check(&descriptors(
+                &rules,
+                &DescriptorFacts {
+                    headers,
+                    source: None,
+                    jwt: &[],
+                },
+            ))
         };
         let (a, b, none) = (with_key("a"), with_key("b"), HeaderMap::new());
         assert!(check(&a).is_ok() && check(&a).is_ok());

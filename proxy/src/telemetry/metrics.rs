@@ -301,6 +301,7 @@ pub struct Metrics {
     response_flags: Family<FlagLabels, Counter>,
     jwt_authn: Family<PolicyLabels, Counter>,
     ext_authz: Family<PolicyLabels, Counter>,
+    global_rate_limit: Family<PolicyLabels, Counter>,
     rbac: Family<PolicyLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
     downstream_peer_requests: Family<PeerLabels, Counter>,
@@ -395,6 +396,7 @@ impl Metrics {
             response_flags: Family::default(),
             jwt_authn: Family::default(),
             ext_authz: Family::default(),
+            global_rate_limit: Family::default(),
             rbac: Family::default(),
             jwks_fetches: Family::default(),
             downstream_peer_requests: Family::default(),
@@ -481,6 +483,11 @@ impl Metrics {
             "ext_authz_requests",
             "Requests an ext_authz filter checked, by filter and decision (ok, denied, error, failure_mode_allowed)",
             m.ext_authz.clone(),
+        );
+        registry.register(
+            "ratelimit_requests",
+            "Requests a ratelimit filter asked its rate limit service about, by filter and decision (ok, over_limit, error)",
+            m.global_rate_limit.clone(),
         );
         registry.register(
             "rbac_requests",
@@ -936,6 +943,16 @@ impl Metrics {
     /// The counter of an ext_authz filter's `decision`.
     pub fn ext_authz(&self, filter: &str, decision: &'static str) -> Counter {
         self.ext_authz
+            .get_or_create(&PolicyLabels {
+                filter: filter.to_string(),
+                decision,
+            })
+            .clone()
+    }
+
+    /// The counter of a ratelimit filter's `decision`.
+    pub fn global_rate_limit(&self, filter: &str, decision: &'static str) -> Counter {
+        self.global_rate_limit
             .get_or_create(&PolicyLabels {
                 filter: filter.to_string(),
                 decision,

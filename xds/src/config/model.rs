@@ -35,6 +35,9 @@ pub struct Config {
     /// Authentication (JWT providers) and authorization (RBAC) at the edge.
     #[serde(default)]
     pub auth: super::AuthConfig,
+    /// Where routes' `rate_limit` with `scope: global` are counted.
+    #[serde(default)]
+    pub rate_limit_service: Option<RateLimitServiceConfig>,
     /// Where a proxy gets listeners, routes and clusters over ADS; when set, the file's own
     /// `api_gateway`, `services`, `routes` and `plugins` are not served by this proxy.
     #[serde(default)]
@@ -1364,6 +1367,32 @@ pub struct RateLimitConfig {
     /// limit (requests without it share one).
     #[serde(default)]
     pub key: Option<RateLimitKeyConfig>,
+    /// `local` (default): each proxy counts for itself. `global`: the proxies count
+    /// together through `rate_limit_service` (Redis behind it).
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+impl RateLimitConfig {
+    /// Whether the proxies count together (`scope: global`).
+    pub fn is_global(&self) -> bool {
+        self.scope.as_deref() == Some("global")
+    }
+}
+
+/// Where global rate limits are counted: a rate limit service (Envoy's
+/// `RateLimitService` gRPC API; `nip ratelimit` is one, counting in Redis).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitServiceConfig {
+    /// Its address, `host:port`.
+    pub address: String,
+    /// Refuse requests (500) when it cannot answer (default: let them through).
+    #[serde(default)]
+    pub failure_mode_deny: bool,
+    /// How long one question may take (default 100ms).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
 }
 
 /// Whose requests a rate limit counts together.

@@ -146,6 +146,14 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
     for (path, message) in super::auth_problems(config) {
         errors.add(path, message);
     }
+    if let Some(service) = &config.rate_limit_service {
+        if let Err(e) = parse_endpoint_address(&service.address) {
+            errors.add("rate_limit_service.address", e);
+        }
+        if service.timeout.is_some_and(|t| t.0.is_zero()) {
+            errors.add("rate_limit_service.timeout", "must be more than 0");
+        }
+    }
     if let Err(e) = parse_listen_address(&config.api_gateway.address) {
         errors.add("api_gateway.address", e);
     }
@@ -771,6 +779,18 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
         }
         if limit.burst == Some(0) {
             errors.add(format!("{path}.rate_limit.burst"), "must be at least 1");
+        }
+        if !matches!(limit.scope.as_deref(), None | Some("local" | "global")) {
+            errors.add(
+                format!("{path}.rate_limit.scope"),
+                "must be local or global",
+            );
+        }
+        if limit.is_global() && config.rate_limit_service.is_none() {
+            errors.add(
+                format!("{path}.rate_limit.scope"),
+                "global limits are counted by rate_limit_service, which is not set",
+            );
         }
         if let Some(key) = &limit.key {
             let set = key.header.is_some() as usize
