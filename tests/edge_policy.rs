@@ -6,41 +6,7 @@
 use crate::common::*;
 use std::collections::HashMap;
 
-/// The issuer, and a way to mint tokens from it.
-struct Issuer {
-    process: Background,
-    url: String,
-}
-
-impl Issuer {
-    async fn start() -> Issuer {
-        let port = free_port();
-        let process =
-            Background::python(&[script("jwt_issuer.py").to_str().unwrap(), &port.to_string()]);
-        process.wait_for("listening").await;
-        Issuer {
-            process,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn get(&self, path: &str) -> String {
-        client()
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    async fn token(&self, query: &str) -> String {
-        self.get(&format!("/token?{query}")).await
-    }
-}
-
-fn config(issuer: &Issuer, backend: &Backend, listener_rbac: &str) -> String {
+fn config(issuer: &JwtIssuer, backend: &Backend, listener_rbac: &str) -> String {
     format!(
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
@@ -105,7 +71,7 @@ async fn call(proxy: &Proxy, path: &str, token: Option<&str>) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_of_an_independent_issuer_are_verified_and_bad_ones_refused() {
     let _turn = crate::common::module_turn(module_path!());
-    let issuer = Issuer::start().await;
+    let issuer = JwtIssuer::start().await;
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&config(&issuer, &backend, "")).await;
 
@@ -223,7 +189,7 @@ async fn jwts_of_an_independent_issuer_are_verified_and_bad_ones_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_jwks_is_fetched_again_and_kept_while_the_issuer_is_down() {
     let _turn = crate::common::module_turn(module_path!());
-    let mut issuer = Issuer::start().await;
+    let mut issuer = JwtIssuer::start().await;
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&config(&issuer, &backend, "")).await;
     let old = issuer.token("alg=ES256").await;
@@ -264,7 +230,7 @@ async fn a_rotated_jwks_is_fetched_again_and_kept_while_the_issuer_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_allows_denies_and_shadows_by_path_method_and_claims() {
     let _turn = crate::common::module_turn(module_path!());
-    let issuer = Issuer::start().await;
+    let issuer = JwtIssuer::start().await;
     let backend = Backend::start("web").await;
     // Every route but /admin (which has its own rules): no DELETE from anyone outside
     // 10.0.0.0/8 — the test client is on 127.0.0.1.
@@ -544,7 +510,7 @@ async fn authorizer_checks(authorizer: &Authorizer) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_count_per_api_key_per_verified_subject_and_per_address() {
     let _turn = crate::common::module_turn(module_path!());
-    let issuer = Issuer::start().await;
+    let issuer = JwtIssuer::start().await;
     let backend = Backend::start("web").await;
     let proxy = Proxy::start(&format!(
         r#"

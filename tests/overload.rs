@@ -26,6 +26,24 @@ async fn offer(
     duration: Duration,
     tally: Arc<Tally>,
 ) {
+    offer_with(
+        url,
+        vec![("x-nip-priority", priority.to_string())],
+        rate,
+        duration,
+        tally,
+    )
+    .await
+}
+
+/// [`offer`] with these headers on every request.
+async fn offer_with(
+    url: String,
+    headers: Vec<(&'static str, String)>,
+    rate: u32,
+    duration: Duration,
+    tally: Arc<Tally>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(256)
@@ -38,14 +56,14 @@ async fn offer(
     for _ in 0..total {
         ticker.tick().await;
         let (client, url, tally) = (client.clone(), url.clone(), Arc::clone(&tally));
+        let headers = headers.clone();
         requests.push(tokio::spawn(async move {
             tally.sent.fetch_add(1, Ordering::Relaxed);
-            match client
-                .get(&url)
-                .header("x-nip-priority", priority)
-                .send()
-                .await
-            {
+            let mut request = client.get(&url);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            match request.send().await {
                 Ok(r) if r.status() == 200 => tally.ok.fetch_add(1, Ordering::Relaxed),
                 Ok(r)
                     if r.status() == 503
@@ -202,4 +220,80 @@ routes:
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_priority_comes_from_a_verified_claim_and_clients_cannot_promote_themselves() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = JwtIssuer::start().await;
+    let backend = Backend::start("web").await;
+    backend.set_workers(4);
+    backend.set_delay(Duration::from_millis(25));
+    // The listener trusts x-nip-priority, but the provider writes it from the claim, so a
+    // client's own copy never counts.
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+auth:
+  jwt_providers:
+    idp: {{ issuer: {issuer}, jwks_uri: {issuer}/jwks.json, claim_to_headers: {{ x-nip-priority: tier }} }}
+services:
+  web:
+    endpoints: ["{backend}"]
+    adaptive_concurrency: {{}}
+routes:
+  - {{ service: web, auth: {{ jwt: idp }} }}
+"#,
+        issuer = issuer.url,
+        backend = backend.address,
+    ))
+    .await;
+    let url = proxy.url("/");
+    let gold = issuer.token("sub=gold&tier=high").await;
+    let free = issuer.token("sub=free&tier=low").await;
+    let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
+    let warm = Arc::new(Tally::default());
+    offer_with(
+        url.clone(),
+        vec![bearer(&gold)],
+        60,
+        Duration::from_secs(2),
+        warm,
+    )
+    .await;
+    let (high, low) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let duration = Duration::from_secs(8);
+    tokio::join!(
+        offer_with(
+            url.clone(),
+            vec![bearer(&gold)],
+            48,
+            duration,
+            Arc::clone(&high)
+        ),
+        offer_with(
+            url.clone(),
+            vec![bearer(&free), ("x-nip-priority", "high".to_string())],
+            432,
+            duration,
+            Arc::clone(&low)
+        ),
+    );
+    let (high_sent, high_ok) = (
+        high.sent.load(Ordering::Relaxed),
+        high.ok.load(Ordering::Relaxed),
+    );
+    let (low_sent, low_shed) = (
+        low.sent.load(Ordering::Relaxed),
+        low.shed.load(Ordering::Relaxed),
+    );
+    assert!(
+        high_ok as f64 >= 0.99 * high_sent as f64,
+        "the high tier: {high_ok} of {high_sent} succeeded"
+    );
+    assert!(
+        low_shed as f64 >= 0.3 * low_sent as f64,
+        "the low tier is shed despite its own x-nip-priority: high: {low_shed} of {low_sent}"
+    );
 }

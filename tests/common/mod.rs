@@ -911,3 +911,38 @@ impl Drop for Background {
         let _ = self.child.wait();
     }
 }
+
+/// An independent JWT issuer (tests/interop/jwt_issuer.py: PyJWT), and a way to mint
+/// tokens from it.
+pub struct JwtIssuer {
+    pub process: Background,
+    pub url: String,
+}
+
+impl JwtIssuer {
+    pub async fn start() -> JwtIssuer {
+        let port = free_port();
+        let process =
+            Background::python(&[script("jwt_issuer.py").to_str().unwrap(), &port.to_string()]);
+        process.wait_for("listening").await;
+        JwtIssuer {
+            process,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> String {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn token(&self, query: &str) -> String {
+        self.get(&format!("/token?{query}")).await
+    }
+}

@@ -12,6 +12,7 @@ HTTP on 127.0.0.1:PORT:
       nbf=SECONDS                   nbf = now + nbf
       roles=a,b                     a "roles" list claim
       org=ID                        a nested {"org": {"id": ID}} claim
+      tier=T                        a "tier" claim
       sign=good|other|none|hs256-public
           other: the issuer's kid signed with a key the JWKS does not hold (a forgery)
           none: alg "none", no signature
@@ -87,6 +88,8 @@ def token(query):
         claims["roles"] = [r for r in query["roles"].split(",") if r]
     if "org" in query:
         claims["org"] = {"id": query["org"]}
+    if "tier" in query:
+        claims["tier"] = query["tier"]
     alg = query.get("alg", "RS256")
     sign = query.get("sign", "good")
     kind = {"RS256": "rsa", "PS256": "rsa", "ES256": "ec", "EdDSA": "ed"}[alg]

@@ -15,6 +15,7 @@ use crate::policy::ratelimit::{descriptors, DescriptorFacts};
 use crate::policy::rbac::Facts;
 use crate::policy::PolicyFilter;
 use crate::route::Route;
+use crate::upstream::concurrency::Priority;
 use pingora::prelude::Session;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -37,6 +38,13 @@ pub(super) async fn run(
                     Ok(false) => {}
                     Ok(true) => {
                         metrics.jwt_authn(&authn.name, "allowed").inc();
+                        // A verified claim may carry the priority (claim_to_headers into
+                        // x-nip-priority; a client's own copy was removed first).
+                        let claimed = session.req_header().headers.get(Priority::HEADER);
+                        if let Some(priority) = claimed.and_then(|v| Priority::parse(v.as_bytes()))
+                        {
+                            ctx.priority = priority;
+                        }
                     }
                     Err(error) => {
                         metrics.jwt_authn(&authn.name, "denied").inc();
