@@ -580,33 +580,6 @@ routes:
     assert_eq!(response.headers()["x-nip-response-flags"], "RL");
 }
 
-/// A Redis server of the test's own (Debian's redis-server, installed by ./dev test).
-fn redis_server(port: u16) -> Background {
-    Background::start(std::process::Command::new("redis-server").args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]))
-}
-
-/// `nip ratelimit` serving `config`'s global limits on `listen`, counting in `redis`.
-fn rate_limit_service(config: &std::path::Path, redis: u16, listen: u16) -> Background {
-    Background::start(std::process::Command::new(nip_bin()).args([
-        "ratelimit",
-        "--file",
-        config.to_str().unwrap(),
-        "--redis",
-        &format!("127.0.0.1:{redis}"),
-        "--listen",
-        &format!("127.0.0.1:{listen}"),
-    ]))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_hold_a_global_limit_together_through_redis() {
     let _turn = crate::common::module_turn(module_path!());

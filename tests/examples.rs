@@ -34,7 +34,7 @@ fn every_example_is_a_valid_config() {
         );
         checked += 1;
     }
-    assert!(checked >= 9, "only {checked} examples");
+    assert!(checked >= 12, "only {checked} examples");
 }
 
 fn with_built_plugin(yaml: &str) -> String {
@@ -360,4 +360,145 @@ async fn a_plugin_runs_on_the_routes_that_name_it() {
     assert_eq!(stamped.headers()["x-stamped"], "yes");
     let plain = client().get(proxy.url("/plain")).send().await.unwrap();
     assert!(!plain.headers().contains_key("x-stamped"));
+}
+
+/// GET `path` on `proxy` with an optional bearer token: its status.
+async fn status_of(proxy: &Proxy, path: &str, token: Option<&str>) -> u16 {
+    let mut request = client().get(proxy.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_verifies_tokens_passes_claims_and_applies_its_policies() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = JwtIssuer::start().await;
+    let api = Backend::start("api").await;
+    let issuer_address: std::net::SocketAddr =
+        issuer.url.trim_start_matches("http://").parse().unwrap();
+    let proxy = Proxy::start(&example(
+        "auth",
+        &[
+            ("127.0.0.1:8081", api.address),
+            ("127.0.0.1:9000", issuer_address),
+        ],
+    ))
+    .await;
+    assert_eq!(status_of(&proxy, "/public/x", None).await, 200);
+    assert_eq!(status_of(&proxy, "/orders/1", None).await, 401);
+    let alice = issuer.token("sub=alice").await;
+    assert_eq!(status_of(&proxy, "/orders/1", Some(&alice)).await, 200);
+    assert_eq!(
+        api.control
+            .last_headers
+            .lock()
+            .unwrap()
+            .get("x-user")
+            .cloned(),
+        Some("alice".to_string())
+    );
+    let billing = issuer.token("aud=billing").await;
+    assert_eq!(status_of(&proxy, "/orders/1", Some(&billing)).await, 403);
+    let admin = issuer.token("roles=admin").await;
+    assert_eq!(status_of(&proxy, "/admin/users/1", Some(&admin)).await, 200);
+    assert_eq!(status_of(&proxy, "/admin/users/1", Some(&alice)).await, 403);
+    // The listener-wide policy: DELETE from outside 10.0.0.0/8 (the test is on 127.0.0.1).
+    let delete = client()
+        .delete(proxy.url("/public/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_asks_the_authorization_service_about_each_request() {
+    let _turn = crate::common::module_turn(module_path!());
+    let api = Backend::start("api").await;
+    let authz = Backend::start("authz").await;
+    authz.accept_token("letmein");
+    let proxy = Proxy::start(&example(
+        "ext-authz",
+        &[
+            ("127.0.0.1:8081", api.address),
+            ("127.0.0.1:8090", authz.address),
+        ],
+    ))
+    .await;
+    let denied = client().get(proxy.url("/orders")).send().await.unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(denied.text().await.unwrap(), "bad token\n");
+    assert_eq!(status_of(&proxy, "/orders", Some("letmein")).await, 200);
+    assert_eq!(
+        api.control
+            .last_headers
+            .lock()
+            .unwrap()
+            .get("x-user")
+            .cloned(),
+        Some("user-of-letmein".to_string())
+    );
+    // The health route asks nobody.
+    let asked = authz.requests();
+    assert_eq!(status_of(&proxy, "/healthz", None).await, 200);
+    assert_eq!(authz.requests(), asked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_hold_per_proxy_per_key_and_for_the_fleet() {
+    let _turn = crate::common::module_turn(module_path!());
+    let api = Backend::start("api").await;
+    let (redis_port, service_port) = (free_port(), free_port());
+    let redis = redis_server(redis_port);
+    redis.wait_for("Ready to accept connections").await;
+    let service: std::net::SocketAddr = ([127, 0, 0, 1], service_port).into();
+    let yaml = example(
+        "rate-limits",
+        &[("127.0.0.1:8081", api.address), ("127.0.0.1:8089", service)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rate-limits.yaml");
+    std::fs::write(&file, yaml.replace("{admin}", "1").replace("{port}", "2")).unwrap();
+    let limits = rate_limit_service(&file, redis_port, service_port);
+    limits.wait_for("global limits").await;
+    let proxy = Proxy::start(&yaml).await;
+    // How many of `n` requests passed, and the most a bucket of `size` refilled at `rate`
+    // per second could have let through meanwhile.
+    let burst = |path: &'static str, n: usize, key: Option<&'static str>| {
+        let proxy = &proxy;
+        async move {
+            let started = std::time::Instant::now();
+            let mut passed = 0;
+            for _ in 0..n {
+                let mut request = client().get(proxy.url(path));
+                if let Some(key) = key {
+                    request = request.header("x-api-key", key);
+                }
+                passed += usize::from(request.send().await.unwrap().status() == 200);
+            }
+            (passed, started.elapsed().as_secs_f64())
+        }
+    };
+    let most = |size: f64, rate: f64, elapsed: f64| (size + rate * elapsed).floor() as usize + 1;
+    // Bursts of 10, then 5 per second.
+    let (search, took) = burst("/search", 30, None).await;
+    assert!(
+        (10..=most(10.0, 5.0, took)).contains(&search),
+        "{search} of 30 passed /search in {took:.2} s"
+    );
+    // 100 a minute for each key, bursts of 100.
+    let (partner, took) = burst("/partner", 130, Some("k1")).await;
+    assert!(
+        (100..=most(100.0, 100.0 / 60.0, took)).contains(&partner),
+        "{partner} of 130 passed /partner in {took:.2} s"
+    );
+    assert_eq!(burst("/partner", 5, Some("k2")).await.0, 5, "another key");
+    // 20 a second for the fleet, bursts of 10, counted by the rate limit service.
+    let (checkout, took) = burst("/checkout", 120, None).await;
+    assert!(
+        (10..=most(10.0, 20.0, took).min(119)).contains(&checkout),
+        "{checkout} of 120 passed /checkout in {took:.2} s"
+    );
 }

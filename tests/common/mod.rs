@@ -946,3 +946,30 @@ impl JwtIssuer {
         self.get(&format!("/token?{query}")).await
     }
 }
+
+/// A Redis server of the test's own (Debian's redis-server, installed by ./dev test).
+pub fn redis_server(port: u16) -> Background {
+    Background::start(std::process::Command::new("redis-server").args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]))
+}
+
+/// `nip ratelimit` serving `config`'s global limits on `listen`, counting in `redis`.
+pub fn rate_limit_service(config: &std::path::Path, redis: u16, listen: u16) -> Background {
+    Background::start(std::process::Command::new(nip_bin()).args([
+        "ratelimit",
+        "--file",
+        config.to_str().unwrap(),
+        "--redis",
+        &format!("127.0.0.1:{redis}"),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+    ]))
+}
