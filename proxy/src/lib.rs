@@ -23,7 +23,10 @@
 //! pingora's own, behind a flood guard).
 //!
 //! How a request flows: [`http`] is pingora's `ProxyHttp`, its callbacks are the phases
-//! (route → admit → pick endpoint → forward → retry? → respond → log). [`route`] matches,
+//! (route → policy → admit → pick endpoint → forward → retry? → respond → log). [`route`]
+//! matches (with [`matchers`]); [`policy`] authenticates (JWT), authorizes (RBAC, an
+//! external service) and rate-limits (per route, per client, or for the fleet through a
+//! rate limit service);
 //! [`upstream`] narrows a cluster to the endpoints a try may use and its balancing policy
 //! picks one (by latency across regions, by ring, …), ejects endpoints that keep failing
 //! and probes them; [`plugins`] run proxy-wasm filters; [`telemetry`] records; [`admin`]
