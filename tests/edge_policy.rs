@@ -691,3 +691,103 @@ routes:
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_message_rate_gets_429_while_another_is_unaffected() {
+    let _turn = crate::common::module_turn(module_path!());
+    let acme = Backend::start("acme").await;
+    let globex = Backend::start("globex").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+tenants:
+  acme: {{ resource_quota: {{ message_rate: "5/min" }}, data: {{ isolated: true }} }}
+  globex: {{ resource_quota: {{ message_rate: "1000/sec" }} }}
+services:
+  acme-api: {{ endpoints: ["{acme}"], tenant: acme }}
+  globex-api: {{ endpoints: ["{globex}"], tenant: globex }}
+routes:
+  - {{ name: acme-orders, match: {{ path_prefix: /acme/orders }}, service: acme-api, tenant: acme }}
+  - {{ name: acme-users, match: {{ path_prefix: /acme/users }}, service: acme-api, tenant: acme,
+      rate_limit: {{ requests: 100, per: 1s }} }}
+  - {{ name: globex, match: {{ path_prefix: /globex }}, service: globex-api, tenant: globex }}
+"#,
+        acme = acme.address,
+        globex = globex.address,
+    ))
+    .await;
+    // One quota for all of acme's routes, its own route limits or not.
+    let mut statuses = Vec::new();
+    for path in [
+        "/acme/orders",
+        "/acme/users",
+        "/acme/orders",
+        "/acme/users",
+        "/acme/orders",
+        "/acme/users",
+        "/acme/orders",
+    ] {
+        statuses.push(call(&proxy, path, None).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+    let limited = client()
+        .get(proxy.url("/acme/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.headers()["x-ratelimit-limit"], "5");
+    assert_eq!(limited.headers()["x-nip-response-flags"], "RL");
+    // Globex is not limited by acme's quota.
+    for _ in 0..30 {
+        assert_eq!(call(&proxy, "/globex/x", None).await.0, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_isolation_encryption_and_plugin_whitelist_are_checked_by_field_path() {
+    let _turn = crate::common::module_turn(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.yaml");
+    std::fs::write(
+        &file,
+        r#"
+tenants:
+  acme:
+    plugins: { whitelist: ["acme:*"], allow_custom: false }
+    data: { isolated: true, encryption: true }
+  globex: {}
+plugins:
+  "acme:audit": { source: { file: /plugins/audit.wasm } }
+  "official:cors": { source: { file: /plugins/cors.wasm } }
+  homemade: { source: { file: /plugins/homemade.wasm } }
+services:
+  acme-api: { endpoints: ["127.0.0.1:9001"], tenant: acme, tls: { sni: api.acme } }
+  acme-plain: { endpoints: ["127.0.0.1:9002"], tenant: acme }
+  globex-api: { endpoints: ["127.0.0.1:9003"], tenant: globex }
+routes:
+  - { match: { path_prefix: /a }, service: acme-api, tenant: acme, plugins: ["acme:audit", "official:cors", homemade] }
+  - { match: { path_prefix: /b }, service: globex-api, tenant: acme }
+  - { match: { path_prefix: /c }, service: acme-plain, tenant: acme }
+  - { match: { path_prefix: /d }, service: globex-api, tenant: initech }
+"#,
+    )
+    .unwrap();
+    let output = run_nip(&["validate", "--file"], Some(&file));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "routes[0].plugins[1]: \"official:cors\" is not in tenant acme's plugins.whitelist",
+        "routes[0].plugins[2]: \"homemade\" is a custom plugin",
+        "routes[1].service: tenant acme's data is isolated: service \"globex-api\" belongs to tenant globex",
+        "routes[1].service: tenant acme requires encryption: service \"globex-api\" has no tls",
+        "routes[2].service: tenant acme requires encryption: service \"acme-plain\" has no tls",
+        "routes[3].tenant: \"initech\" is not among tenants",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("routes[0].plugins[0]"),
+        "acme:audit is whitelisted:\n{stderr}"
+    );
+}

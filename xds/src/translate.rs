@@ -232,9 +232,9 @@ fn not_applied(config: &Config) -> Vec<String> {
         .filter(|(_, p)| p.source.is_none())
         .map(|(name, _)| format!("plugins.{name}: has no `source`, so no route can run it"))
         .collect();
-    if config.tenant.is_some() {
+    if config.tenant.is_some() || !config.tenants.is_empty() {
         notes.push(
-            "tenant: data.locality is enforced; message_rate, plugins, data.isolated, encryption and retention are validated but not enforced yet"
+            "tenants: message_rate, plugins, data.isolated, encryption and data.locality are enforced; data.retention is validated but not applied to access logs yet"
                 .to_string(),
         );
     }
@@ -420,6 +420,7 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
                         ..Default::default()
                     }),
             )
+            .chain(tenant_rate_limit_filter(config))
             .chain(
                 config
                     .rate_limit_service
@@ -740,7 +741,7 @@ fn route_configuration(config: &Config) -> RouteConfiguration {
         }
     }
     for (index, route) in config.routes.iter().enumerate() {
-        let xds_route = xds_route(config, route, index, config.data_locality());
+        let xds_route = xds_route(config, route, index, config.data_locality(route));
         match route.matcher.host.as_deref() {
             None | Some("*") => {
                 for routes in hosts.values_mut() {
@@ -965,7 +966,10 @@ fn xds_route(
             } else {
                 Vec::new()
             },
-            rate_limits: rate_limit_actions(config, route, index),
+            rate_limits: rate_limit_actions(config, route, index)
+                .into_iter()
+                .chain(tenant_rate_limit_action(config, route))
+                .collect(),
             ..Default::default()
         })
     };
@@ -1213,6 +1217,93 @@ fn rate_limit_actions(config: &Config, route: &RouteConfig, index: usize) -> Vec
             })))
         })
         .collect()
+}
+
+/// The descriptor key naming the tenant of a request's route.
+pub const TENANT_DESCRIPTOR_KEY: &str = "tenant";
+/// The local rate limit filter holding the tenants' `message_rate` buckets.
+pub const TENANT_RATE_LIMIT_FILTER: &str = "nip.tenant_ratelimit";
+
+/// A tenant's `resource_quota.message_rate` as a token bucket: `N/sec|min|hour` refilled
+/// over its unit, bursts of one unit's worth.
+fn message_rate_bucket(rate: &str) -> Option<TokenBucket> {
+    let (count, unit) = rate.split_once('/')?;
+    let count: f64 = count.trim().parse().ok()?;
+    let seconds = match unit.trim() {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        _ => return None,
+    };
+    let tokens = count.round().clamp(1.0, f64::from(u32::MAX)) as u32;
+    Some(TokenBucket {
+        max_tokens: tokens,
+        tokens_per_fill: Some(UInt32Value { value: tokens }),
+        fill_interval: Some(pb_duration(Duration::from_secs(seconds))),
+    })
+}
+
+/// The tenants with a `message_rate`, by id.
+fn tenant_rates(config: &Config) -> Vec<(String, TokenBucket)> {
+    config
+        .tenant
+        .iter()
+        .map(|t| (t.id.clone(), t))
+        .chain(config.tenants.iter().map(|(id, t)| (id.clone(), t)))
+        .filter_map(|(id, t)| {
+            let rate = t.resource_quota.as_ref()?.message_rate.as_deref()?;
+            Some((id, message_rate_bucket(rate)?))
+        })
+        .collect()
+}
+
+/// A second `local_ratelimit` filter whose own descriptors hold one bucket per tenant
+/// (`tenant=ID`), shared by all the tenant's routes.
+fn tenant_rate_limit_filter(config: &Config) -> Option<HttpFilter> {
+    let rates = tenant_rates(config);
+    if rates.is_empty() {
+        return None;
+    }
+    Some(HttpFilter {
+        name: TENANT_RATE_LIMIT_FILTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            LocalRateLimit {
+                stat_prefix: "tenant_rate_limit".to_string(),
+                descriptors: rates
+                    .into_iter()
+                    .map(|(id, bucket)| LocalRateLimitDescriptor {
+                        entries: vec![rate_limit_descriptor::Entry {
+                            key: TENANT_DESCRIPTOR_KEY.to_string(),
+                            value: id,
+                        }],
+                        token_bucket: Some(bucket),
+                        ..Default::default()
+                    })
+                    .collect(),
+                // DRAFT_VERSION_03: the x-ratelimit-* headers.
+                enable_x_ratelimit_headers: 1,
+                ..Default::default()
+            },
+        ))),
+        ..Default::default()
+    })
+}
+
+/// The `rate_limits` entry naming a route's tenant, when that tenant has a message rate.
+fn tenant_rate_limit_action(config: &Config, route: &RouteConfig) -> Option<RateLimit> {
+    use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
+    let (id, tenant) = crate::config::route_tenant(config, route)?;
+    tenant.resource_quota.as_ref()?.message_rate.as_ref()?;
+    Some(RateLimit {
+        actions: vec![Action {
+            action_specifier: Some(action::ActionSpecifier::GenericKey(action::GenericKey {
+                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
+                descriptor_value: id.to_string(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    })
 }
 
 /// Envoy's `ratelimit` filter asking the rate limit service about global limits.

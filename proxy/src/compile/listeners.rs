@@ -213,24 +213,11 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
                 http.name
             ));
         }
-        if type_url == LocalRateLimit::type_url() {
-            // The buckets are per route (typed_per_filter_config); a listener-wide one is
-            // not NIP's yet.
-            if let Some(http_filter::ConfigType::TypedConfig(any)) = &http.config_type {
-                let config: LocalRateLimit = decode(any)?;
-                if config.token_bucket.is_some() {
-                    return Err(format!(
-                        "http_filters[{i}] {:?}: a token_bucket for the whole listener is not supported; set it per route (typed_per_filter_config)",
-                        http.name
-                    ));
-                }
-            }
-            continue;
-        }
         let policy = [
             envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::ExtAuthz::type_url(),
+            LocalRateLimit::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit::type_url(),
         ];
         if policy.iter().any(|p| p == type_url) {

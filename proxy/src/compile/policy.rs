@@ -114,7 +114,13 @@ impl Compiler<'_> {
                     ext_authz(&http.name, &config, clusters).map_err(field)?,
                 ))
             } else if any.type_url == LocalRateLimit::type_url() {
-                PolicyFilter::LocalRateLimit
+                // The filter's own token_bucket and descriptors are shared by every route
+                // of the manager without a per-route config for it (Envoy's semantics).
+                let scope = format!("{}/{}", hcm.stat_prefix, http.name);
+                PolicyFilter::LocalRateLimit {
+                    name: http.name.as_str().into(),
+                    shared: local_rate_limit(&scope, any).map_err(field)?,
+                }
             } else if any.type_url == GlobalRateLimitConfig::type_url() {
                 let config: GlobalRateLimitConfig = decode(any).map_err(field)?;
                 PolicyFilter::GlobalRateLimit(Arc::new(
@@ -265,11 +271,12 @@ pub(super) fn route_policy(
                     "per-route config of the ratelimit filter is not supported; the route's rate_limits make its descriptors".into(),
                 ));
             }
-            PolicyFilter::LocalRateLimit => {
-                policy.rate_limit = match inner {
+            PolicyFilter::LocalRateLimit { .. } => {
+                let limit = match inner {
                     None => None,
-                    Some(any) => local_rate_limit(xds, &any).map_err(field)?,
+                    Some(any) => local_rate_limit(&xds.name, &any).map_err(field)?,
                 };
+                policy.rate_limits.push((name.as_str().into(), limit));
             }
         }
     }
@@ -300,10 +307,12 @@ fn token_bucket(
 /// new values pass unlimited (Envoy bounds its dynamic descriptors too).
 const ACTIVE_VALUES: usize = 4096;
 
-/// A route's local rate limits (Envoy's `LocalRateLimit` as per-route config; the
-/// route's `rate_limits` actions make the descriptors they match).
+/// Local rate limits (Envoy's `LocalRateLimit`, a route's per-route config or the
+/// filter's own, shared by its routes; the route's `rate_limits` actions make the
+/// descriptors they match). `scope` names whose buckets these are (a route, or the
+/// connection manager and filter), so a reload keeps them.
 fn local_rate_limit(
-    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    scope: &str,
     any: &Any,
 ) -> Result<Option<Arc<crate::policy::ratelimit::RouteRateLimit>>, String> {
     use crate::policy::ratelimit::{
@@ -315,7 +324,7 @@ fn local_rate_limit(
         return Ok(None);
     }
     let key = |descriptor: String, (max_tokens, tokens_per_fill, fill_interval)| BucketKey {
-        route: xds.name.clone(),
+        route: scope.to_string(),
         descriptor,
         max_tokens,
         tokens_per_fill,

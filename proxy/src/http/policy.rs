@@ -163,8 +163,9 @@ pub(super) async fn run(
                     }
                 }
             }
-            PolicyFilter::LocalRateLimit => {
-                let Some(limit) = &route.policy.rate_limit else {
+            PolicyFilter::LocalRateLimit { name, shared } => {
+                let own = route.policy.rate_limits.iter().find(|(n, _)| n == name);
+                let Some(limit) = own.map_or(shared.as_ref(), |(_, l)| l.as_ref()) else {
                     continue;
                 };
                 let request = session.req_header();

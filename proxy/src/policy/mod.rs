@@ -35,8 +35,13 @@ pub enum PolicyFilter {
     Rbac(Arc<rbac::RbacFilter>),
     /// Envoy's `ext_authz`.
     ExtAuthz(Arc<ext_authz::ExtAuthz>),
-    /// Envoy's `local_ratelimit` (its buckets are per route).
-    LocalRateLimit,
+    /// Envoy's `local_ratelimit`.
+    LocalRateLimit {
+        /// Its name in `http_filters` (routes' per-filter configs name it).
+        name: Arc<str>,
+        /// Its own buckets, shared by the routes without a per-route config for it.
+        shared: Option<Arc<ratelimit::RouteRateLimit>>,
+    },
     /// Envoy's `ratelimit`: limits counted by a rate limit service for every proxy.
     GlobalRateLimit(Arc<global_ratelimit::GlobalRateLimit>),
 }
@@ -52,8 +57,9 @@ pub struct RoutePolicy {
     /// The route's `rate_limits` entries: the descriptors its requests make for the local
     /// and global rate limit filters.
     pub rate_limit_rules: Arc<Vec<Vec<ratelimit::DescriptorAction>>>,
-    /// The route's local rate limit.
-    pub rate_limit: Option<Arc<ratelimit::RouteRateLimit>>,
+    /// The route's own local rate limits, by `local_ratelimit` filter name (`None`: that
+    /// filter is off on this route).
+    pub rate_limits: Vec<(Arc<str>, Option<Arc<ratelimit::RouteRateLimit>>)>,
     /// The route's `ext_authz` settings (`ExtAuthzPerRoute`).
     pub ext_authz: ExtAuthzRoute,
 }

@@ -11,6 +11,7 @@ mod bounds;
 mod duration;
 mod model;
 mod path_text;
+mod tenants;
 mod validate;
 
 pub use auth::*;
@@ -20,6 +21,7 @@ pub use bounds::{
 pub use duration::HumanDuration;
 pub use model::*;
 pub use path_text::{path_text_problem, redirect_path_problem, substitution_problem};
+pub use tenants::{route_tenant, tenant_problems};
 pub use validate::{
     check_host_pattern, decode_base64, parse_endpoint_address, parse_listen_address, parse_rate,
     route_name, APPEND_ACTIONS, ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, HEADER_VARIABLES,

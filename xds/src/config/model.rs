@@ -29,9 +29,13 @@ pub struct Config {
     /// Plugins by name (the WebAssembly host comes with the plugin issue; see README).
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
-    /// A tenant block from the v4 plan.
+    /// A tenant block from the v4 plan: the whole config is this tenant's.
     #[serde(default)]
     pub tenant: Option<TenantConfig>,
+    /// Several tenants' blocks, by id: routes and services say whose they are
+    /// (`routes[].tenant`, `services.X.tenant`).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// Authentication (JWT providers) and authorization (RBAC) at the edge.
     #[serde(default)]
     pub auth: super::AuthConfig,
@@ -450,6 +454,10 @@ pub struct ServiceConfig {
     /// TLS to the endpoints (Envoy's `UpstreamTlsContext`).
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// The tenant (in `tenants`) whose service this is (an isolated tenant's routes reach
+    /// only its own).
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Load-balancing policy (default: `latency` when the endpoints span several regions,
     /// `round_robin` otherwise; see [`ServiceConfig::lb_policy`]).
     #[serde(default)]
@@ -888,6 +896,10 @@ pub struct RouteConfig {
     /// The tokens the route requires and who may use it (`auth.jwt`, `auth.rbac`).
     #[serde(default)]
     pub auth: Option<super::RouteAuthConfig>,
+    /// The tenant (in `tenants`) whose route this is: its block's quota, plugin policy
+    /// and data rules apply.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Data locality: only endpoints in this region ever serve the route; when none is
     /// usable the answer is 503 (flag `UH`) rather than another region.
     #[serde(default)]
@@ -1274,11 +1286,10 @@ fn default_isolation() -> String {
 }
 
 impl Config {
-    /// The region the tenant's traffic must stay in (`tenant.data.locality`), if any.
-    pub fn data_locality(&self) -> Option<&str> {
-        self.tenant
-            .as_ref()
-            .and_then(|t| t.data.as_ref())
+    /// The region `route`'s tenant's traffic must stay in (its `data.locality`), if any.
+    pub fn data_locality(&self, route: &RouteConfig) -> Option<&str> {
+        super::route_tenant(self, route)
+            .and_then(|(_, t)| t.data.as_ref())
             .and_then(|d| d.locality.as_deref())
             .filter(|l| !l.is_empty())
     }
@@ -1288,7 +1299,8 @@ impl Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Tenant id.
+    /// Tenant id (in `tenants`, the key; `id` may repeat it).
+    #[serde(default)]
     pub id: String,
     /// Namespace the tenant's objects live in.
     #[serde(default)]

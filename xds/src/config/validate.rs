@@ -263,7 +263,22 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
         }
     }
     if let Some(tenant) = &config.tenant {
-        validate_tenant(tenant, &mut errors);
+        if tenant.id.trim().is_empty() {
+            errors.add("tenant.id", "must not be empty");
+        }
+        validate_tenant("tenant", tenant, &mut errors);
+    }
+    for (id, tenant) in &config.tenants {
+        if !valid_name(id) {
+            errors.add(
+                format!("tenants.{id}"),
+                "a tenant id may only hold letters, digits, '-', '_' and '.'",
+            );
+        }
+        validate_tenant(&format!("tenants.{id}"), tenant, &mut errors);
+    }
+    for (path, message) in super::tenant_problems(config) {
+        errors.add(path, message);
     }
     errors.0
 }
@@ -727,7 +742,7 @@ fn validate_adaptive_concurrency(
 /// tenant's data may go, and each of its services needs an endpoint there: otherwise every
 /// request would be answered 503.
 fn validate_route_locality(path: &str, route: &RouteConfig, config: &Config, errors: &mut Errors) {
-    let tenant = config.data_locality();
+    let tenant = config.data_locality(route);
     if let (Some(own), Some(tenant)) = (route.locality.as_deref(), tenant) {
         if own != tenant {
             errors.add(
@@ -1366,17 +1381,14 @@ pub fn check_host_pattern(host: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_tenant(tenant: &super::TenantConfig, errors: &mut Errors) {
-    if tenant.id.trim().is_empty() {
-        errors.add("tenant.id", "must not be empty");
-    }
+fn validate_tenant(path: &str, tenant: &super::TenantConfig, errors: &mut Errors) {
     if let Some(rate) = tenant
         .resource_quota
         .as_ref()
         .and_then(|q| q.message_rate.as_ref())
     {
         if let Err(e) = parse_rate(rate) {
-            errors.add("tenant.resource_quota.message_rate", e);
+            errors.add(format!("{path}.resource_quota.message_rate"), e);
         }
     }
     if let Some(plugins) = &tenant.plugins {
@@ -1386,7 +1398,7 @@ fn validate_tenant(tenant: &super::TenantConfig, errors: &mut Errors) {
                 .is_some_and(|(ns, name)| valid_name(ns) && (name == "*" || valid_name(name)));
             if !ok {
                 errors.add(
-                    format!("tenant.plugins.whitelist[{i}]"),
+                    format!("{path}.plugins.whitelist[{i}]"),
                     format!("{entry:?} is not of the form \"namespace:name\" or \"namespace:*\""),
                 );
             }
@@ -1395,7 +1407,7 @@ fn validate_tenant(tenant: &super::TenantConfig, errors: &mut Errors) {
     if let Some(retention) = tenant.data.as_ref().and_then(|d| d.retention.as_ref()) {
         if humantime::parse_duration(retention).is_err() {
             errors.add(
-                "tenant.data.retention",
+                format!("{path}.data.retention"),
                 format!("{retention:?} is not a duration like \"90d\""),
             );
         }
