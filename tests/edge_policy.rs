@@ -742,6 +742,23 @@ routes:
     for _ in 0..30 {
         assert_eq!(call(&proxy, "/globex/x", None).await.0, 200);
     }
+    // Each tenant's requests are counted under its name.
+    proxy
+        .wait_for_sample(
+            "nip_tenant_requests_total",
+            &[("tenant", "globex"), ("status_class", "2xx")],
+            30.0,
+        )
+        .await;
+    let metrics = proxy.metrics().await;
+    let acme = |class: &str| {
+        sample(
+            &metrics,
+            "nip_tenant_requests_total",
+            &[("tenant", "acme"), ("status_class", class)],
+        )
+    };
+    assert_eq!((acme("2xx"), acme("4xx")), (5.0, 3.0), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -906,20 +906,30 @@ fn xds_route(
         );
     }
     let locality = route.locality.as_deref().or(tenant_locality);
-    let metadata = locality.map(|region| Metadata {
-        filter_metadata: [(
-            names::LOCALITY_METADATA.to_string(),
-            Struct {
-                fields: [(
-                    "region".to_string(),
-                    Value {
-                        kind: Some(Kind::StringValue(region.to_string())),
-                    },
-                )]
-                .into(),
+    let one_field = |key: &str, value: &str| Struct {
+        fields: [(
+            key.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(value.to_string())),
             },
         )]
         .into(),
+    };
+    let filter_metadata: std::collections::HashMap<String, Struct> = locality
+        .map(|region| {
+            (
+                names::LOCALITY_METADATA.to_string(),
+                one_field("region", region),
+            )
+        })
+        .into_iter()
+        .chain(
+            crate::config::route_tenant(config, route)
+                .map(|(id, _)| (names::TENANT_METADATA.to_string(), one_field("id", id))),
+        )
+        .collect();
+    let metadata = (!filter_metadata.is_empty()).then(|| Metadata {
+        filter_metadata,
         ..Default::default()
     });
     let action = if let Some(redirect) = &route.redirect {

@@ -159,7 +159,11 @@ impl Compiler<'_> {
                         response_headers,
                         plugins,
                     )
-                    .with_policy(route_policy));
+                    .with_policy(route_policy)
+                    .with_tenant(
+                        route_tenant(xds)?
+                            .map(|id| (Arc::clone(&id), self.metrics.tenant_counters(&id))),
+                    ));
             }
             _ => {
                 return Err("only route, redirect and direct_response actions are supported".into())
@@ -235,7 +239,10 @@ impl Compiler<'_> {
         .with_edits(edits)
         .with_locality(route_locality(xds)?)
         .with_hash_policy(hash_policy(action)?)
-        .with_policy(route_policy))
+        .with_policy(route_policy)
+        .with_tenant(
+            route_tenant(xds)?.map(|id| (Arc::clone(&id), self.metrics.tenant_counters(&id))),
+        ))
     }
 }
 
@@ -374,6 +381,28 @@ pub(super) fn retry_policy(
 }
 
 /// A route's data locality from its metadata (`nip.locality` → `region`).
+/// The tenant whose route this is (metadata `nip.tenant`: `{ id }`), if any.
+pub(super) fn route_tenant(
+    xds: &envoy_types::pb::envoy::config::route::v3::Route,
+) -> Result<Option<Arc<str>>, String> {
+    let Some(fields) = xds
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::TENANT_METADATA))
+    else {
+        return Ok(None);
+    };
+    match fields.fields.get("id").and_then(|v| v.kind.as_ref()) {
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(id)) if !id.is_empty() => {
+            Ok(Some(id.as_str().into()))
+        }
+        _ => Err(format!(
+            "metadata {}: needs a non-empty string `id`",
+            names::TENANT_METADATA
+        )),
+    }
+}
+
 pub(super) fn route_locality(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
 ) -> Result<Option<Arc<str>>, String> {

@@ -851,6 +851,9 @@ impl ProxyHttp for Gateway {
                 if let Some(target) = route.targets.get(ctx.target) {
                     target.counters.count(status);
                 }
+                if let Some((_, counters)) = &route.tenant {
+                    counters.count(status);
+                }
             }
             None => manager.unrouted.count(status),
         }

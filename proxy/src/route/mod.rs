@@ -173,6 +173,8 @@ pub struct Route {
     pub local: Option<LocalAction>,
     /// Its settings for the policy filters (JWT requirement, RBAC override, rate limit).
     pub policy: RoutePolicy,
+    /// The tenant whose route this is (route metadata `nip.tenant`), with its counters.
+    pub tenant: Option<(Arc<str>, RequestCounters)>,
 }
 
 /// What a route changes in the requests it forwards and their responses.
@@ -278,6 +280,7 @@ impl Route {
             edits: RouteEdits::default(),
             local: None,
             policy: RoutePolicy::default(),
+            tenant: None,
         }
     }
 
@@ -290,6 +293,12 @@ impl Route {
     /// Makes the route answer by itself.
     pub fn with_local_action(mut self, local: Option<LocalAction>) -> Self {
         self.local = local;
+        self
+    }
+
+    /// Marks the route as a tenant's.
+    pub fn with_tenant(mut self, tenant: Option<(Arc<str>, RequestCounters)>) -> Self {
+        self.tenant = tenant;
         self
     }
 

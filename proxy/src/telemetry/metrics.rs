@@ -82,6 +82,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -297,6 +303,7 @@ impl ClusterStats {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    tenant_requests: Family<TenantLabels, Counter>,
     request_duration: Family<RouteLabels, LatencyHistogram>,
     response_flags: Family<FlagLabels, Counter>,
     jwt_authn: Family<PolicyLabels, Counter>,
@@ -392,6 +399,7 @@ impl Metrics {
         };
         let m = Metrics {
             requests: Family::default(),
+            tenant_requests: Family::default(),
             request_duration: Family::default(),
             response_flags: Family::default(),
             jwt_authn: Family::default(),
@@ -458,6 +466,11 @@ impl Metrics {
             "requests",
             "Downstream requests by route, cluster and response status class",
             m.requests.clone(),
+        );
+        registry.register(
+            "tenant_requests",
+            "Downstream requests of each tenant's routes, by response status class",
+            m.tenant_requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -688,6 +701,18 @@ impl Metrics {
                 })
                 .clone(),
         }
+    }
+
+    /// Request counters of a tenant's routes.
+    pub fn tenant_counters(&self, tenant: &str) -> RequestCounters {
+        RequestCounters(STATUS_CLASSES.map(|status_class| {
+            self.tenant_requests
+                .get_or_create(&TenantLabels {
+                    tenant: tenant.to_string(),
+                    status_class,
+                })
+                .clone()
+        }))
     }
 
     /// Request counters for a (route, cluster) pair; empty names for requests with none.
