@@ -297,3 +297,61 @@ routes:
         "the low tier is shed despite its own x-nip-priority: high: {low_shed} of {low_sent}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_priority_is_the_proxys_to_set() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    backend.set_workers(4);
+    backend.set_delay(Duration::from_millis(25));
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+tenants:
+  gold: {{ priority: high }}
+  free: {{ priority: low }}
+services:
+  web:
+    endpoints: ["{}"]
+    adaptive_concurrency: {{}}
+routes:
+  - {{ match: {{ path_prefix: /gold }}, service: web, tenant: gold }}
+  - {{ match: {{ path_prefix: /free }}, service: web, tenant: free }}
+"#,
+        backend.address
+    ))
+    .await;
+    let warm = Arc::new(Tally::default());
+    offer(
+        proxy.url("/gold"),
+        "normal",
+        60,
+        Duration::from_secs(2),
+        warm,
+    )
+    .await;
+    let (gold, free) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let duration = Duration::from_secs(8);
+    // The free tenant's clients claim high priority; the gold tenant's ask for low.
+    tokio::join!(
+        offer(proxy.url("/gold"), "low", 48, duration, Arc::clone(&gold)),
+        offer(proxy.url("/free"), "high", 432, duration, Arc::clone(&free)),
+    );
+    let (gold_sent, gold_ok) = (
+        gold.sent.load(Ordering::Relaxed),
+        gold.ok.load(Ordering::Relaxed),
+    );
+    let (free_sent, free_shed) = (
+        free.sent.load(Ordering::Relaxed),
+        free.shed.load(Ordering::Relaxed),
+    );
+    assert!(
+        gold_ok as f64 >= 0.99 * gold_sent as f64,
+        "the gold tenant: {gold_ok} of {gold_sent} succeeded"
+    );
+    assert!(
+        free_shed as f64 >= 0.3 * free_sent as f64,
+        "the free tenant is shed: {free_shed} of {free_sent}"
+    );
+}

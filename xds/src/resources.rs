@@ -96,8 +96,8 @@ pub mod names {
     /// Route `metadata.filter_metadata` key of a route's data locality (`{region: "…"}`):
     /// Envoy has no field for pinning a route to a region.
     pub const LOCALITY_METADATA: &str = "nip.locality";
-    /// Route metadata naming the tenant whose route it is (`{ id }`): its requests are
-    /// counted in `nip_tenant_requests_total`.
+    /// Route metadata naming the tenant whose route it is (`{ id, priority? }`): its
+    /// requests are counted in `nip_tenant_requests_total` and get the tenant's priority.
     pub const TENANT_METADATA: &str = "nip.tenant";
 
     /// Cluster `metadata.typed_filter_metadata` key of a service's adaptive concurrency

@@ -924,8 +924,18 @@ fn xds_route(
         })
         .into_iter()
         .chain(
-            crate::config::route_tenant(config, route)
-                .map(|(id, _)| (names::TENANT_METADATA.to_string(), one_field("id", id))),
+            crate::config::route_tenant(config, route).map(|(id, tenant)| {
+                let mut fields = one_field("id", id);
+                if let Some(priority) = &tenant.priority {
+                    fields.fields.insert(
+                        "priority".to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(priority.clone())),
+                        },
+                    );
+                }
+                (names::TENANT_METADATA.to_string(), fields)
+            }),
         )
         .collect();
     let metadata = (!filter_metadata.is_empty()).then(|| Metadata {

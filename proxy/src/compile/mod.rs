@@ -29,7 +29,7 @@ use crate::plugins::{LoadedPlugin, PluginLoader, ResourceLimits};
 use crate::route::{
     AppendAction, HashPolicy, HashSource, HeaderAdd, HeaderEdits, HostRewrite, LocalAction,
     PathRewrite, Redirect, RedirectPath, RetryPolicy, Route, RouteEdits, Router, RouterBuilder,
-    Target, ValueTemplate, VirtualHost,
+    Target, Tenant, ValueTemplate, VirtualHost,
 };
 use crate::telemetry::access_log::{AccessLogger, LogFormat, LogSink};
 use crate::telemetry::metrics::Metrics;

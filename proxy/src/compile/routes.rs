@@ -160,10 +160,7 @@ impl Compiler<'_> {
                         plugins,
                     )
                     .with_policy(route_policy)
-                    .with_tenant(
-                        route_tenant(xds)?
-                            .map(|id| (Arc::clone(&id), self.metrics.tenant_counters(&id))),
-                    ));
+                    .with_tenant(self.tenant(xds)?));
             }
             _ => {
                 return Err("only route, redirect and direct_response actions are supported".into())
@@ -240,13 +237,23 @@ impl Compiler<'_> {
         .with_locality(route_locality(xds)?)
         .with_hash_policy(hash_policy(action)?)
         .with_policy(route_policy)
-        .with_tenant(
-            route_tenant(xds)?.map(|id| (Arc::clone(&id), self.metrics.tenant_counters(&id))),
-        ))
+        .with_tenant(self.tenant(xds)?))
     }
 }
 
 impl Compiler<'_> {
+    /// The tenant of a route, with its counters.
+    fn tenant(
+        &self,
+        xds: &envoy_types::pb::envoy::config::route::v3::Route,
+    ) -> Result<Option<Tenant>, String> {
+        Ok(route_tenant(xds)?.map(|(id, priority)| Tenant {
+            counters: self.metrics.tenant_counters(&id),
+            id,
+            priority,
+        }))
+    }
+
     /// A route that answers by itself.
     pub(super) fn local_route(
         &self,
@@ -381,10 +388,11 @@ pub(super) fn retry_policy(
 }
 
 /// A route's data locality from its metadata (`nip.locality` → `region`).
-/// The tenant whose route this is (metadata `nip.tenant`: `{ id }`), if any.
+/// The tenant whose route this is and the priority it gives its requests (metadata
+/// `nip.tenant`: `{ id, priority? }`), if any.
 pub(super) fn route_tenant(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
-) -> Result<Option<Arc<str>>, String> {
+) -> Result<Option<(Arc<str>, Option<crate::upstream::concurrency::Priority>)>, String> {
     let Some(fields) = xds
         .metadata
         .as_ref()
@@ -392,10 +400,26 @@ pub(super) fn route_tenant(
     else {
         return Ok(None);
     };
-    match fields.fields.get("id").and_then(|v| v.kind.as_ref()) {
-        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(id)) if !id.is_empty() => {
-            Ok(Some(id.as_str().into()))
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let priority = match fields.fields.get("priority").and_then(|v| v.kind.as_ref()) {
+        None => None,
+        Some(Kind::StringValue(p)) => Some(
+            crate::upstream::concurrency::Priority::parse(p.as_bytes()).ok_or_else(|| {
+                format!(
+                    "metadata {}: priority {p:?} is not low, normal or high",
+                    names::TENANT_METADATA
+                )
+            })?,
+        ),
+        Some(_) => {
+            return Err(format!(
+                "metadata {}: priority must be a string",
+                names::TENANT_METADATA
+            ))
         }
+    };
+    match fields.fields.get("id").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(id)) if !id.is_empty() => Ok(Some((id.as_str().into(), priority))),
         _ => Err(format!(
             "metadata {}: needs a non-empty string `id`",
             names::TENANT_METADATA

@@ -316,6 +316,10 @@ impl ProxyHttp for Gateway {
             ctx.cluster = Some(Arc::clone(first));
         }
         let has_plugins = !route.plugins.is_empty();
+        // A tenant's priority is the proxy's to set, whatever the client sent.
+        if let Some(priority) = route.tenant.as_ref().and_then(|t| t.priority) {
+            ctx.priority = priority;
+        }
         ctx.route = Some(Arc::clone(&route));
         ctx.target = index;
         // Authentication, authorization and rate limits, before the route's plugins (boxed
@@ -851,8 +855,8 @@ impl ProxyHttp for Gateway {
                 if let Some(target) = route.targets.get(ctx.target) {
                     target.counters.count(status);
                 }
-                if let Some((_, counters)) = &route.tenant {
-                    counters.count(status);
+                if let Some(tenant) = &route.tenant {
+                    tenant.counters.count(status);
                 }
             }
             None => manager.unrouted.count(status),

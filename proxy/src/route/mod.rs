@@ -141,6 +141,17 @@ pub struct Target {
     pub counters: RequestCounters,
 }
 
+/// The tenant a route belongs to.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Its id.
+    pub id: Arc<str>,
+    /// The priority its requests get (`None`: theirs).
+    pub priority: Option<crate::upstream::concurrency::Priority>,
+    /// Its request counters.
+    pub counters: RequestCounters,
+}
+
 /// A compiled route.
 #[derive(Debug)]
 pub struct Route {
@@ -173,8 +184,8 @@ pub struct Route {
     pub local: Option<LocalAction>,
     /// Its settings for the policy filters (JWT requirement, RBAC override, rate limit).
     pub policy: RoutePolicy,
-    /// The tenant whose route this is (route metadata `nip.tenant`), with its counters.
-    pub tenant: Option<(Arc<str>, RequestCounters)>,
+    /// The tenant whose route this is (route metadata `nip.tenant`).
+    pub tenant: Option<Tenant>,
 }
 
 /// What a route changes in the requests it forwards and their responses.
@@ -297,7 +308,7 @@ impl Route {
     }
 
     /// Marks the route as a tenant's.
-    pub fn with_tenant(mut self, tenant: Option<(Arc<str>, RequestCounters)>) -> Self {
+    pub fn with_tenant(mut self, tenant: Option<Tenant>) -> Self {
         self.tenant = tenant;
         self
     }

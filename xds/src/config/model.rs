@@ -1314,6 +1314,10 @@ pub struct TenantConfig {
     /// Data policy.
     #[serde(default)]
     pub data: Option<TenantData>,
+    /// The load-shedding class of the tenant's requests (`low`, `normal`, `high`): set
+    /// by the proxy, whatever the client sends (a verified claim may still set it).
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 /// Tenant quotas; `message_rate` is `N/sec`, `N/min` or `N/hour`.

@@ -1382,6 +1382,12 @@ pub fn check_host_pattern(host: &str) -> Result<(), String> {
 }
 
 fn validate_tenant(path: &str, tenant: &super::TenantConfig, errors: &mut Errors) {
+    if !matches!(
+        tenant.priority.as_deref(),
+        None | Some("low" | "normal" | "high")
+    ) {
+        errors.add(format!("{path}.priority"), "must be low, normal or high");
+    }
     if let Some(rate) = tenant
         .resource_quota
         .as_ref()
