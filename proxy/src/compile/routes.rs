@@ -388,11 +388,14 @@ pub(super) fn retry_policy(
 }
 
 /// A route's data locality from its metadata (`nip.locality` → `region`).
+/// A tenant's id and the priority it gives its requests.
+type TenantMetadata = (Arc<str>, Option<crate::upstream::concurrency::Priority>);
+
 /// The tenant whose route this is and the priority it gives its requests (metadata
 /// `nip.tenant`: `{ id, priority? }`), if any.
 pub(super) fn route_tenant(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
-) -> Result<Option<(Arc<str>, Option<crate::upstream::concurrency::Priority>)>, String> {
+) -> Result<Option<TenantMetadata>, String> {
     let Some(fields) = xds
         .metadata
         .as_ref()
