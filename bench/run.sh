@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the benchmark tools a fresh machine lacks, builds release binaries and runs
 # bench/bench.py, which writes bench/RESULTS.md (~10 minutes with RUNS=3), then
-# bench/mtls.py (mutual TLS between two proxies), bench/sidecar.py (two sidecars),
+# bench/policy.py (JWT and rate limits), bench/mtls.py (mutual TLS between two proxies), bench/sidecar.py (two sidecars),
 # bench/xds-scale, which adds the
 # control-plane section to it (~1 minute), and
 # bench/multi-region, which adds the multi-region routing section (~6 minutes).
@@ -31,6 +31,8 @@ rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add was
 cargo build --release -p nip -p nip-bench-baseline -p nip-bench-xds -p nip-bench-regions
 cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Cargo.toml
 python3 bench/bench.py "$@"
+# The cost of a JWT check and of rate limits beside nginx's limit_req (~5 minutes).
+python3 bench/policy.py
 # Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
 python3 bench/crowd.py
 # Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).

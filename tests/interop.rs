@@ -559,3 +559,83 @@ async fn an_independent_sds_client_gets_the_trust_bundle_over_mutual_tls() {
         assert!(output.contains(line), "{line:?} in {output}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_policy_filters_from_an_independent_xds_server_are_enforced() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("a").await;
+    let (xds_port, listen_port) = (free_port(), free_port());
+    let server = Background::python(&[
+        script("policy_xds_server.py").to_str().unwrap(),
+        &xds_port.to_string(),
+        &listen_port.to_string(),
+        &backend.address.port().to_string(),
+    ]);
+    server.wait_for("listening").await;
+    let token = server
+        .output()
+        .lines()
+        .find_map(|l| l.strip_prefix("TOKEN "))
+        .expect("the server printed a token")
+        .to_string();
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: py-policy }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\ncontrol_plane: {{ address: \"127.0.0.1:{xds_port}\" }}\n"
+        ),
+        listen_port,
+    );
+    proxy.wait_ready().await;
+    for type_name in [
+        "Cluster",
+        "ClusterLoadAssignment",
+        "Listener",
+        "RouteConfiguration",
+    ] {
+        server.wait_for(&format!("v3.{type_name} 1\n")).await;
+    }
+    assert!(!server.output().contains("NACK"), "{}", server.output());
+    // jwt_authn, per route: 401 without the token, the claim upstream with it.
+    let response = client().get(proxy.url("/jwt/x")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = client()
+        .get(proxy.url("/jwt/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        backend
+            .control
+            .last_headers
+            .lock()
+            .unwrap()
+            .get("x-user")
+            .cloned(),
+        Some("xds-user".to_string())
+    );
+    // RBAC: DELETE denied everywhere; GET passes.
+    let delete = client().delete(proxy.url("/open")).send().await.unwrap();
+    assert_eq!(delete.status(), 403);
+    assert_eq!(
+        client()
+            .get(proxy.url("/open"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // local_ratelimit, per route: 3 a minute on /jwt (one used above).
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = client()
+            .get(proxy.url("/jwt/x"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+}
