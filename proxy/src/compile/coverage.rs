@@ -188,7 +188,12 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "payload_in_metadata",
             "clock_skew_seconds",
             "claim_to_headers",
+            "jwt_cache_config",
         ],
+    ),
+    (
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtCacheConfig",
+        &["jwt_cache_size"],
     ),
     (
         "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",

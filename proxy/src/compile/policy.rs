@@ -640,6 +640,14 @@ fn jwt_provider(
         .map_err(|e| format!("subjects: {e}"))?;
     Ok(Provider {
         name: name.into(),
+        id: crate::policy::jwt::cache::next_id(),
+        cache_size: match &xds.jwt_cache_config {
+            None => 0,
+            Some(c) if c.jwt_cache_size == 0 => crate::policy::jwt::cache::DEFAULT_SIZE,
+            Some(c) => usize::try_from(c.jwt_cache_size)
+                .unwrap_or(usize::MAX)
+                .min(100_000),
+        },
         issuer: xds.issuer.clone(),
         audiences: xds.audiences.clone(),
         subjects,

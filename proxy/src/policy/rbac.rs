@@ -451,11 +451,11 @@ mod tests {
         let headers = HeaderMap::new();
         let admin = [VerifiedPayload {
             key: Arc::from("idp"),
-            claims: serde_json::from_str(r#"{"roles":["dev","admin"]}"#).unwrap(),
+            claims: Arc::new(serde_json::from_str(r#"{"roles":["dev","admin"]}"#).unwrap()),
         }];
         let dev = [VerifiedPayload {
             key: Arc::from("idp"),
-            claims: serde_json::from_str(r#"{"roles":["dev"]}"#).unwrap(),
+            claims: Arc::new(serde_json::from_str(r#"{"roles":["dev"]}"#).unwrap()),
         }];
         assert_eq!(
             allow.evaluate(&facts(&headers, "/admin/x", &admin)),

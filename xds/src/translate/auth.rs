@@ -336,6 +336,13 @@ fn jwt_provider(name: &str, p: &JwtProviderConfig) -> JwtProvider {
             .clock_skew
             .map_or(0, |d| u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX)),
         jwks_source_specifier: Some(source),
+        // Clients send the same token again and again: remember verified ones.
+        jwt_cache_config: Some(
+            envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtCacheConfig {
+                jwt_cache_size: 100,
+                ..Default::default()
+            },
+        ),
         ..Default::default()
     }
 }

@@ -38,6 +38,8 @@ impl std::fmt::Debug for Key {
 /// A parsed JWKS.
 #[derive(Debug, Default)]
 pub struct KeySet {
+    /// Its id in this process (tokens verified with it are remembered under it).
+    pub id: u64,
     /// The usable keys (keys of a type or curve NIP cannot verify are left out).
     pub keys: Vec<Key>,
 }
@@ -51,7 +53,10 @@ impl KeySet {
         let Some(keys) = value.get("keys").and_then(Value::as_array) else {
             return Err("the JWKS has no \"keys\" list".into());
         };
-        let mut set = KeySet::default();
+        let mut set = KeySet {
+            id: super::cache::next_id(),
+            keys: Vec::new(),
+        };
         let mut skipped = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             match parse_key(key) {

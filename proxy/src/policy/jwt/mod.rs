@@ -14,6 +14,7 @@
 //! Headers a provider writes (`forward_payload_header`, `claim_to_headers`) are removed
 //! from every request first, so a client cannot send them itself.
 
+pub mod cache;
 pub mod fetch;
 pub mod keys;
 pub mod token;
@@ -106,6 +107,10 @@ pub enum ProviderKeys {
 pub struct Provider {
     /// Its name in the filter's `providers`.
     pub name: Arc<str>,
+    /// Its id in this process (a recompiled provider has a new one).
+    pub id: u64,
+    /// How many verified tokens each worker thread remembers (`jwt_cache_config`; 0: none).
+    pub cache_size: usize,
     /// `issuer`: tokens' `iss` must equal it (empty: any).
     pub issuer: String,
     /// `audiences`: one of a token's `aud` must be among them (empty: any).
@@ -141,7 +146,7 @@ pub struct VerifiedPayload {
     /// `payload_in_metadata` of the provider that verified it.
     pub key: Arc<str>,
     /// The claims.
-    pub claims: Map<String, Value>,
+    pub claims: Arc<Map<String, Value>>,
 }
 
 /// What verifying a request's tokens produced.
@@ -161,6 +166,18 @@ impl Provider {
         &self,
         token: &ParsedJwt<'_>,
         keys: Option<&KeySet>,
+        audiences: Option<&[String]>,
+        now: u64,
+    ) -> Result<(), JwtError> {
+        self.check_claims(token, audiences, now)?;
+        let keys = keys.ok_or(JwtError::JwksFetchFailed)?;
+        keys.verify(token.raw, token.alg, token.kid.as_deref())
+    }
+
+    /// Checks `token`'s claims at `now`: issuer, audiences, times, subject.
+    pub fn check_claims(
+        &self,
+        token: &ParsedJwt<'_>,
         audiences: Option<&[String]>,
         now: u64,
     ) -> Result<(), JwtError> {
@@ -204,8 +221,38 @@ impl Provider {
                 return Err(JwtError::SubjectNotAllowed);
             }
         }
-        let keys = keys.ok_or(JwtError::JwksFetchFailed)?;
-        keys.verify(token.raw, token.alg, token.kid.as_deref())
+        Ok(())
+    }
+
+    /// Verifies `raw` (from this provider's locations): from this thread's cache when it
+    /// verified the same token with the same keys, else in full (and remembered).
+    fn verify_raw<'r>(
+        &self,
+        raw: &'r str,
+        audiences: Option<&[String]>,
+        now: u64,
+    ) -> Result<ParsedJwt<'r>, JwtError> {
+        let keys = self.current_keys();
+        let keys_id = keys.as_ref().map_or(0, |k| k.id);
+        if self.cache_size > 0 {
+            if let Some(claims) = cache::get(self.id, keys_id, raw) {
+                let token = ParsedJwt::verified(raw, claims)?;
+                self.check_claims(&token, audiences, now)?;
+                return Ok(token);
+            }
+        }
+        let token = ParsedJwt::parse(raw)?;
+        self.verify(&token, keys.as_deref(), audiences, now)?;
+        if self.cache_size > 0 {
+            cache::put(
+                self.id,
+                self.cache_size,
+                keys_id,
+                raw,
+                Arc::clone(&token.claims),
+            );
+        }
+        Ok(token)
     }
 
     /// The keys as they are now (`None`: a remote JWKS never fetched).
@@ -244,7 +291,7 @@ impl Provider {
         if let Some(key) = &self.payload_in_metadata {
             verified.payloads.push(VerifiedPayload {
                 key: Arc::clone(key),
-                claims: token.claims.clone(),
+                claims: Arc::clone(&token.claims),
             });
         }
     }
@@ -311,9 +358,7 @@ impl Checks<'_> {
         let outcome = provider
             .find(self.headers, self.query)
             .map(|(raw, location)| {
-                let token = ParsedJwt::parse(raw)?;
-                let keys = provider.current_keys();
-                provider.verify(&token, keys.as_deref(), audiences, self.now)?;
+                let token = provider.verify_raw(raw, audiences, self.now)?;
                 provider.accept(&token, location, &mut self.verified);
                 Ok(())
             });

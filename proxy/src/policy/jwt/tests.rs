@@ -30,6 +30,8 @@ fn sign(key: &EncodingKey, kid: &str, claims: serde_json::Value) -> String {
 fn provider(name: &str, issuer: &str, jwk: &str) -> Arc<Provider> {
     Arc::new(Provider {
         name: name.into(),
+        id: cache::next_id(),
+        cache_size: cache::DEFAULT_SIZE,
         issuer: issuer.into(),
         audiences: vec!["api".into()],
         subjects: None,
@@ -254,4 +256,48 @@ fn a_route_requirement_overrides_the_rules() {
     assert!(authn
         .requirement(&RouteRequirement::Disabled, &request("/api/x"))
         .is_none());
+}
+
+#[test]
+fn a_remembered_token_still_expires_and_is_still_checked_for_its_audience() {
+    let (key, jwk) = es256("k1");
+    let idp = provider("idp", "https://idp", &jwk);
+    let authn = filter(&[&idp]);
+    let token = sign(
+        &key,
+        "k1",
+        serde_json::json!({"iss": "https://idp", "aud": "api", "exp": NOW + 10}),
+    );
+    let headers = with_token(&token);
+    let request = JwtRequest {
+        method: &Method::GET,
+        path: "/",
+        query: None,
+        headers: &headers,
+    };
+    assert!(authn.verify(&one(&idp), &request, NOW).is_ok());
+    assert!(
+        cache::get(idp.id, current_keys_id(&idp), &token).is_some(),
+        "remembered"
+    );
+    // From the cache, the claims are checked again.
+    assert_eq!(
+        authn.verify(&one(&idp), &request, NOW + 100).map(|_| ()),
+        Err(JwtError::Expired)
+    );
+    let other_audience = Requirement::Provider {
+        provider: Arc::clone(&idp),
+        audiences: Some(vec!["billing".into()]),
+    };
+    assert_eq!(
+        authn.verify(&other_audience, &request, NOW).map(|_| ()),
+        Err(JwtError::AudienceNotAllowed)
+    );
+}
+
+fn current_keys_id(provider: &Provider) -> u64 {
+    match &provider.keys {
+        ProviderKeys::Local(keys) => keys.id,
+        ProviderKeys::Remote(remote) => remote.keys().map_or(0, |k| k.id),
+    }
 }

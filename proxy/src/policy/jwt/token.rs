@@ -82,7 +82,7 @@ pub struct ParsedJwt<'a> {
     /// The payload segment as sent (base64url), for `forward_payload_header`.
     pub payload_segment: &'a str,
     /// The payload's claims.
-    pub claims: Map<String, Value>,
+    pub claims: std::sync::Arc<Map<String, Value>>,
 }
 
 impl<'a> ParsedJwt<'a> {
@@ -110,6 +110,23 @@ impl<'a> ParsedJwt<'a> {
             raw,
             alg,
             kid,
+            payload_segment: payload,
+            claims: std::sync::Arc::new(claims),
+        })
+    }
+
+    /// A token already verified, with its claims (from the cache): only the payload segment
+    /// is located.
+    pub fn verified(
+        raw: &'a str,
+        claims: std::sync::Arc<Map<String, Value>>,
+    ) -> Result<ParsedJwt<'a>, JwtError> {
+        let payload = raw.split('.').nth(1).ok_or(JwtError::BadFormat)?;
+        Ok(ParsedJwt {
+            raw,
+            // Verified already: the algorithm is not looked at again.
+            alg: Algorithm::RS256,
+            kid: None,
             payload_segment: payload,
             claims,
         })
