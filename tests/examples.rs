@@ -502,3 +502,26 @@ async fn rate_limits_hold_per_proxy_per_key_and_for_the_fleet() {
         "{checkout} of 120 passed /checkout in {took:.2} s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_have_their_own_message_rate() {
+    let _turn = crate::common::module_turn(module_path!());
+    let acme = Backend::start("acme").await;
+    let globex = Backend::start("globex").await;
+    let proxy = Proxy::start(&example(
+        "tenants",
+        &[("127.0.0.1:8081", acme.address), ("127.0.0.1:8082", globex.address)],
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let mut passed = 0;
+    for _ in 0..40 {
+        passed += usize::from(status_of(&proxy, "/acme/x", None).await == 200);
+    }
+    // 10 a second, bursts of 10.
+    let most = 10 + (10.0 * started.elapsed().as_secs_f64()).floor() as usize + 1;
+    assert!((10..=most).contains(&passed), "acme: {passed} of 40 passed");
+    for _ in 0..40 {
+        assert_eq!(status_of(&proxy, "/globex/x", None).await, 200);
+    }
+}
