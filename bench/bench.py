@@ -196,16 +196,19 @@ def taskset(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu] + argv
 
 
-def run_wrk() -> tuple[float, int]:
-    out = subprocess.run(
-        taskset(LOAD_CPU, ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s", f"http://{LISTEN}/"]),
-        capture_output=True, text=True, check=True).stdout
+def run_wrk(headers: tuple[str, ...] = ()) -> tuple[float, int, int]:
+    """Closed-loop load: requests/s, requests completed, and how many were not 2xx/3xx."""
+    argv = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}s"]
+    for header in headers:
+        argv += ["-H", header]
+    out = subprocess.run(taskset(LOAD_CPU, argv + [f"http://{LISTEN}/"]),
+                         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         print(f"    wrk saw {errors.group(1)} non-2xx responses", file=sys.stderr)
-    return rps, total
+    return rps, total, int(errors.group(1)) if errors else 0
 
 
 def run_oha() -> dict:
@@ -248,7 +251,7 @@ def measure(name: str) -> dict:
     with running(name, name) as (pids, startup_ms):
         idle_rss = rss_kb(pids, "VmRSS")
         before = cpu_ticks(pids)
-        rps, total = run_wrk()
+        rps, total, _ = run_wrk()
         after = cpu_ticks(pids)
         cpu_us = (after - before) * 1_000_000 / CLK_TCK / max(total, 1)
         latency = run_oha()

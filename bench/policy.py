@@ -133,24 +133,12 @@ PROXIES = {
 }
 
 
-def run_wrk(headers: list[str]) -> tuple[float, int, int]:
-    argv = ["wrk", "-t1", f"-c{bench.CONNECTIONS}", f"-d{DURATION}s"]
-    for h in headers:
-        argv += ["-H", h]
-    out = subprocess.run(bench.taskset(bench.LOAD_CPU, argv + [f"http://{LISTEN}/"]),
-                         capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, total, int(errors.group(1)) if errors else 0
-
-
 def measure(name: str) -> dict:
     bench.PROXIES[name] = PROXIES[name]
-    headers = [f"Authorization: Bearer {TOKEN}"] if name == "nip+jwt" else []
+    headers = (f"Authorization: Bearer {TOKEN}",) if name == "nip+jwt" else ()
     with bench.running(name, f"policy-{name}") as (pids, _):
         before = bench.cpu_ticks(pids)
-        rps, total, errors = run_wrk(headers)
+        rps, total, errors = bench.run_wrk(headers)
         after = bench.cpu_ticks(pids)
     if errors:
         raise RuntimeError(f"{name}: {errors} non-2xx responses (the policy refused requests)")

@@ -510,7 +510,10 @@ async fn tenants_have_their_own_message_rate() {
     let globex = Backend::start("globex").await;
     let proxy = Proxy::start(&example(
         "tenants",
-        &[("127.0.0.1:8081", acme.address), ("127.0.0.1:8082", globex.address)],
+        &[
+            ("127.0.0.1:8081", acme.address),
+            ("127.0.0.1:8082", globex.address),
+        ],
     ))
     .await;
     let started = std::time::Instant::now();

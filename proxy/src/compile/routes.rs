@@ -131,37 +131,31 @@ impl Compiler<'_> {
         )
         .map_err(|e| format!("response_headers_to_add: {e}"))?
         .then(&outer.1);
+        // A route that answers by itself (after its filters, as Envoy's router does).
+        let local = match &xds.action {
+            Some(route::Action::Redirect(redirect)) => {
+                Some(redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?)
+            }
+            Some(route::Action::DirectResponse(direct)) => Some(
+                direct_response(direct, body_limit).map_err(|e| format!("direct_response.{e}"))?,
+            ),
+            _ => None,
+        };
+        if let Some(local) = local {
+            let plugins = route_plugins(xds, plugins, policy)?;
+            return Ok(self
+                .local_route(
+                    route_name,
+                    RouteMatch { path, headers },
+                    local,
+                    response_headers,
+                    plugins,
+                )
+                .with_policy(route_policy)
+                .with_tenant(self.tenant(xds)?));
+        }
         let action = match &xds.action {
             Some(route::Action::Route(action)) => action,
-            Some(route::Action::Redirect(redirect)) => {
-                let plugins = route_plugins(xds, plugins, policy)?;
-                let local =
-                    redirect_action(redirect, &path).map_err(|e| format!("redirect.{e}"))?;
-                return Ok(self
-                    .local_route(
-                        route_name,
-                        RouteMatch { path, headers },
-                        local,
-                        response_headers,
-                        plugins,
-                    )
-                    .with_policy(route_policy.clone()));
-            }
-            Some(route::Action::DirectResponse(direct)) => {
-                let plugins = route_plugins(xds, plugins, policy)?;
-                let local = direct_response(direct, body_limit)
-                    .map_err(|e| format!("direct_response.{e}"))?;
-                return Ok(self
-                    .local_route(
-                        route_name,
-                        RouteMatch { path, headers },
-                        local,
-                        response_headers,
-                        plugins,
-                    )
-                    .with_policy(route_policy)
-                    .with_tenant(self.tenant(xds)?));
-            }
             _ => {
                 return Err("only route, redirect and direct_response actions are supported".into())
             }

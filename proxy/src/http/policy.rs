@@ -102,16 +102,7 @@ pub(super) async fn run(
                 if route.policy.rate_limit_rules.is_empty() {
                     continue;
                 }
-                let request = session.req_header();
-                let facts = DescriptorFacts {
-                    headers: &request.headers,
-                    source: session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip()),
-                    jwt: &payloads,
-                };
-                let descriptors = descriptors(&route.policy.rate_limit_rules, &facts);
+                let descriptors = request_descriptors(session, route, &payloads);
                 if descriptors.is_empty() {
                     continue;
                 }
@@ -168,16 +159,7 @@ pub(super) async fn run(
                 let Some(limit) = own.map_or(shared.as_ref(), |(_, l)| l.as_ref()) else {
                     continue;
                 };
-                let request = session.req_header();
-                let facts = DescriptorFacts {
-                    headers: &request.headers,
-                    source: session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip()),
-                    jwt: &payloads,
-                };
-                let descriptors = descriptors(&route.policy.rate_limit_rules, &facts);
+                let descriptors = request_descriptors(session, route, &payloads);
                 let Err(limited) = limit.check(&descriptors) else {
                     continue;
                 };
@@ -207,6 +189,23 @@ pub(super) async fn run(
         }
     }
     false
+}
+
+/// The descriptors the route's `rate_limits` actions make of this request.
+fn request_descriptors(
+    session: &Session,
+    route: &Route,
+    payloads: &[VerifiedPayload],
+) -> Vec<crate::policy::ratelimit::Descriptor> {
+    let facts = DescriptorFacts {
+        headers: &session.req_header().headers,
+        source: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        jwt: payloads,
+    };
+    descriptors(&route.policy.rate_limit_rules, &facts)
 }
 
 /// Asks the authorization service; true when the request was answered (denied, or
