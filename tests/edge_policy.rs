@@ -774,6 +774,7 @@ tenants:
     plugins: { whitelist: ["acme:*"], allow_custom: false }
     data: { isolated: true, encryption: true }
   globex: {}
+tenant_key: { header: x-tenant, claim: org }
 plugins:
   "acme:audit": { source: { file: /plugins/audit.wasm } }
   "official:cors": { source: { file: /plugins/cors.wasm } }
@@ -800,6 +801,7 @@ routes:
         "routes[1].service: tenant acme requires encryption: service \"globex-api\" has no tls",
         "routes[2].service: tenant acme requires encryption: service \"acme-plain\" has no tls",
         "routes[3].tenant: \"initech\" is not among tenants",
+        "tenant_key: set exactly one of header, claim",
     ] {
         assert!(stderr.contains(expected), "{expected:?} in:\n{stderr}");
     }
@@ -807,4 +809,63 @@ routes:
         !stderr.contains("routes[0].plugins[0]"),
         "acme:audit is whitelisted:\n{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_route_the_tenant_key_names_whose_quota_counts() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = JwtIssuer::start().await;
+    let backend = Backend::start("shared").await;
+    let config = |tenant_key: &str| {
+        format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+auth:
+  jwt_providers:
+    idp: {{ issuer: {issuer}, jwks_uri: {issuer}/jwks.json }}
+tenants:
+  acme: {{ resource_quota: {{ message_rate: "3/min" }} }}
+  globex: {{ resource_quota: {{ message_rate: "1000/sec" }} }}
+tenant_key: {tenant_key}
+services:
+  api: {{ endpoints: ["{backend}"] }}
+routes:
+  - {{ name: shared, service: api, auth: {{ jwt: allow_missing }} }}
+"#,
+            issuer = issuer.url,
+            backend = backend.address,
+        )
+    };
+    // By header (as a trusted layer in front sets it).
+    let proxy = Proxy::start(&config("{ header: x-tenant-id }")).await;
+    let as_tenant = |tenant: Option<&'static str>| {
+        let mut request = client().get(proxy.url("/x"));
+        if let Some(tenant) = tenant {
+            request = request.header("x-tenant-id", tenant);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut statuses = Vec::new();
+    for tenant in [Some("acme"); 4] {
+        statuses.push(as_tenant(tenant).await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    for _ in 0..10 {
+        assert_eq!(as_tenant(Some("globex")).await, 200);
+        assert_eq!(as_tenant(None).await, 200, "no tenant: no tenant quota");
+    }
+    drop(proxy);
+    // By a verified claim: the token's org names the tenant.
+    let proxy = Proxy::start(&config("{ claim: org.id }")).await;
+    let acme = issuer.token("org=acme").await;
+    let globex = issuer.token("org=globex").await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(call(&proxy, "/x", Some(&acme)).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    for _ in 0..10 {
+        assert_eq!(call(&proxy, "/x", Some(&globex)).await.0, 200);
+    }
 }

@@ -988,7 +988,7 @@ fn xds_route(
             },
             rate_limits: rate_limit_actions(config, route, index)
                 .into_iter()
-                .chain(tenant_rate_limit_action(config, route))
+                .chain(tenant_rate_limit_actions(config, route))
                 .collect(),
             ..Default::default()
         })
@@ -1309,21 +1309,72 @@ fn tenant_rate_limit_filter(config: &Config) -> Option<HttpFilter> {
     })
 }
 
-/// The `rate_limits` entry naming a route's tenant, when that tenant has a message rate.
-fn tenant_rate_limit_action(config: &Config, route: &RouteConfig) -> Option<RateLimit> {
+/// The `rate_limits` entries naming a request's tenant: the route's owner when it has one
+/// with a message rate; on a route no tenant owns, the `tenant_key` (a header, or a
+/// verified claim of any provider), whose value matches the descriptor of the tenant it
+/// names.
+fn tenant_rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
     use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
-    let (id, tenant) = crate::config::route_tenant(config, route)?;
-    tenant.resource_quota.as_ref()?.message_rate.as_ref()?;
-    Some(RateLimit {
+    use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
+    let entry = |specifier| RateLimit {
         actions: vec![Action {
-            action_specifier: Some(action::ActionSpecifier::GenericKey(action::GenericKey {
+            action_specifier: Some(specifier),
+        }],
+        ..Default::default()
+    };
+    if let Some((id, tenant)) = crate::config::route_tenant(config, route) {
+        if tenant
+            .resource_quota
+            .as_ref()
+            .and_then(|q| q.message_rate.as_ref())
+            .is_none()
+        {
+            return Vec::new();
+        }
+        return vec![entry(action::ActionSpecifier::GenericKey(
+            action::GenericKey {
                 descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
                 descriptor_value: id.to_string(),
                 ..Default::default()
-            })),
-        }],
-        ..Default::default()
-    })
+            },
+        ))];
+    }
+    let Some(key) = &config.tenant_key else {
+        return Vec::new();
+    };
+    if let Some(header) = &key.header {
+        return vec![entry(action::ActionSpecifier::RequestHeaders(
+            action::RequestHeaders {
+                header_name: header.to_ascii_lowercase(),
+                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
+                ..Default::default()
+            },
+        ))];
+    }
+    let Some(claim) = &key.claim else {
+        return Vec::new();
+    };
+    config
+        .auth
+        .jwt_providers
+        .keys()
+        .map(|provider| {
+            let path = std::iter::once(provider.as_str())
+                .chain(claim.split('.'))
+                .map(|k| metadata_key::PathSegment {
+                    segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
+                })
+                .collect();
+            entry(action::ActionSpecifier::Metadata(action::MetaData {
+                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
+                metadata_key: Some(MetadataKey {
+                    key: names::JWT_AUTHN.to_string(),
+                    path,
+                }),
+                ..Default::default()
+            }))
+        })
+        .collect()
 }
 
 /// Envoy's `ratelimit` filter asking the rate limit service about global limits.

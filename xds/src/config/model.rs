@@ -36,6 +36,10 @@ pub struct Config {
     /// (`routes[].tenant`, `services.X.tenant`).
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// How a request on a route no tenant owns names its tenant: a header (set by a
+    /// trusted layer in front, e.g. the authorization service) or a verified JWT claim.
+    #[serde(default)]
+    pub tenant_key: Option<TenantKeyConfig>,
     /// Authentication (JWT providers) and authorization (RBAC) at the edge.
     #[serde(default)]
     pub auth: super::AuthConfig,
@@ -1318,6 +1322,18 @@ pub struct TenantConfig {
     /// by the proxy, whatever the client sends (a verified claim may still set it).
     #[serde(default)]
     pub priority: Option<String>,
+}
+
+/// Where a request's tenant id is (exactly one).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantKeyConfig {
+    /// A request header holding the tenant id.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A verified JWT claim holding the tenant id (`org`, `org.id`).
+    #[serde(default)]
+    pub claim: Option<String>,
 }
 
 /// Tenant quotas; `message_rate` is `N/sec`, `N/min` or `N/hour`.

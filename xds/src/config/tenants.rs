@@ -13,9 +13,10 @@
 //! * `data.isolated`: a tenant's routes send only to the tenant's own services.
 //! * `data.encryption`: every service a tenant's routes send to is reached over TLS.
 //!
-//! `resource_quota.message_rate` becomes a rate limit on all of the tenant's routes
-//! together (the translator's `nip.tenant_ratelimit` filter); `data.locality` pins its
-//! routes to a region.
+//! `resource_quota.message_rate` becomes a rate limit on all of the tenant's requests
+//! together (the translator's `nip.tenant_ratelimit` filter): those of its routes, and
+//! on routes no tenant owns, those whose `tenant_key` (a header or a verified claim)
+//! names it; `data.locality` pins its routes to a region.
 
 use super::{Config, RouteConfig, TenantConfig};
 
@@ -61,6 +62,42 @@ pub fn tenant_problems(config: &Config) -> Vec<(String, String)> {
             "tenants".to_string(),
             "a config holds one tenant's block (tenant) or several (tenants), not both".to_string(),
         ));
+    }
+    if let Some(key) = &config.tenant_key {
+        if config.tenants.is_empty() {
+            problems.push((
+                "tenant_key".to_string(),
+                "names a tenant of `tenants`, which has none".to_string(),
+            ));
+        }
+        match (&key.header, &key.claim) {
+            (Some(header), None) => {
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    problems.push((
+                        "tenant_key.header".to_string(),
+                        format!("{header:?} is not a header name"),
+                    ));
+                }
+            }
+            (None, Some(claim)) => {
+                if claim.is_empty() || claim.split('.').any(str::is_empty) {
+                    problems.push((
+                        "tenant_key.claim".to_string(),
+                        format!("{claim:?} is not a claim name"),
+                    ));
+                }
+                if config.auth.jwt_providers.is_empty() {
+                    problems.push((
+                        "tenant_key.claim".to_string(),
+                        "auth.jwt_providers has no provider to verify claims".to_string(),
+                    ));
+                }
+            }
+            _ => problems.push((
+                "tenant_key".to_string(),
+                "set exactly one of header, claim".to_string(),
+            )),
+        }
     }
     for (id, tenant) in &config.tenants {
         if !tenant.id.is_empty() && tenant.id != *id {
