@@ -869,3 +869,50 @@ routes:
         assert_eq!(call(&proxy, "/x", Some(&globex)).await.0, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_retention_deletes_its_access_logs_past_it() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    // The UTC date some days ago, as the date command prints it.
+    let date = |ago: u32| {
+        let output = std::process::Command::new("date")
+            .args(["-u", "-d", &format!("{ago} days ago"), "+%F"])
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let old = dir.path().join(format!("access.log.{}", date(40)));
+    let recent = dir.path().join(format!("access.log.{}", date(3)));
+    std::fs::write(&old, "old\n").unwrap();
+    std::fs::write(&recent, "recent\n").unwrap();
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  access_log: {{ enabled: true, format: json, path: "{log}" }}
+tenants:
+  acme: {{ data: {{ retention: 30d }} }}
+services:
+  web: {{ endpoints: ["{backend}"], tenant: acme }}
+routes:
+  - {{ service: web, tenant: acme }}
+"#,
+        log = log.display(),
+        backend = backend.address,
+    ))
+    .await;
+    assert_eq!(call(&proxy, "/x", None).await.0, 200);
+    eventually("the request is logged", || async {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"/x\""))
+    })
+    .await;
+    assert!(
+        !old.exists(),
+        "a file older than the tenant's 30 days is deleted"
+    );
+    assert!(recent.exists(), "a file within them stays");
+}

@@ -96,6 +96,9 @@ pub mod names {
     /// Route `metadata.filter_metadata` key of a route's data locality (`{region: "…"}`):
     /// Envoy has no field for pinning a route to a region.
     pub const LOCALITY_METADATA: &str = "nip.locality";
+    /// Listener metadata: how long its access log files are kept (`retention_seconds`;
+    /// a file log is rotated daily and older rotated files deleted).
+    pub const ACCESS_LOG_METADATA: &str = "nip.access_log";
     /// Route metadata naming the tenant whose route it is (`{ id, priority? }`): its
     /// requests are counted in `nip_tenant_requests_total` and get the tenant's priority.
     pub const TENANT_METADATA: &str = "nip.tenant";

@@ -234,7 +234,7 @@ fn not_applied(config: &Config) -> Vec<String> {
         .collect();
     if config.tenant.is_some() || !config.tenants.is_empty() {
         notes.push(
-            "tenants: message_rate, plugins, data.isolated, encryption and data.locality are enforced; data.retention is validated but not applied to access logs yet"
+            "tenants: message_rate, plugins, data.isolated, encryption, data.locality and data.retention (the access log file is rotated daily and older files deleted) are enforced"
                 .to_string(),
         );
     }
@@ -557,6 +557,29 @@ fn listener_metadata(config: &Config) -> Option<Metadata> {
         metadata
             .filter_metadata
             .insert(names::DOWNSTREAM_METADATA.to_string(), Struct { fields });
+    }
+    // The tenants' access log retention: a log shared by several tenants keeps lines as
+    // long as the strictest of them allows.
+    let retention = config
+        .tenant
+        .iter()
+        .chain(config.tenants.values())
+        .filter_map(|t| t.data.as_ref()?.retention.as_deref())
+        .filter_map(|r| humantime::parse_duration(r).ok())
+        .min();
+    if let Some(retention) = retention {
+        metadata.filter_metadata.insert(
+            names::ACCESS_LOG_METADATA.to_string(),
+            Struct {
+                fields: [(
+                    "retention_seconds".to_string(),
+                    Value {
+                        kind: Some(Kind::NumberValue(retention.as_secs() as f64)),
+                    },
+                )]
+                .into(),
+            },
+        );
     }
     (!metadata.filter_metadata.is_empty()).then_some(metadata)
 }

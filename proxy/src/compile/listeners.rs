@@ -549,7 +549,7 @@ impl Compiler<'_> {
             max_downstream_connection_duration,
             stats: self.metrics.tcp_stats(&tcp.stat_prefix),
             access_log: self
-                .access_log(listener, &tcp.access_log)
+                .access_log(listener, &tcp.access_log, None)
                 .map_err(|e| format!("tcp_proxy.{}", e.message))?,
         })
     }
@@ -788,6 +788,7 @@ impl Compiler<'_> {
         &self,
         listener: &str,
         logs: &[AccessLog],
+        retention: Option<Duration>,
     ) -> Result<Option<Arc<AccessLogger>>, CompileError> {
         let fail = |m: String| err("Listener", listener, format!("access_log: {m}"));
         let Some(log) = logs.first() else {
@@ -829,13 +830,14 @@ impl Compiler<'_> {
         if let Some(previous) = self
             .previous_access_logs
             .iter()
-            .find(|p| p.is(format, &sink))
+            .find(|p| p.is(format, &sink, retention))
         {
             return Ok(Some(Arc::clone(previous)));
         }
         let logger = AccessLogger::start(
             format,
             sink.clone(),
+            retention,
             self.metrics.access_log_dropped.clone(),
         )
         .map_err(|e| fail(format!("cannot open {sink:?}: {e}")))?;

@@ -215,7 +215,8 @@ impl Compiler<'_> {
         };
         let policy = self.manager_policy(hcm, clusters).map_err(fail)?;
         let router = self.router(route_config, clusters, &prepared.plugins, &policy)?;
-        let access_log = self.access_log(&listener.name, &hcm.access_log)?;
+        let retention = access_log_retention(listener).map_err(fail)?;
+        let access_log = self.access_log(&listener.name, &hcm.access_log, retention)?;
         let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
             .unwrap_or(http_connection_manager::CodecType::Auto);
         let mut allow_connect = false;
@@ -408,6 +409,31 @@ pub fn check(bootstrap: &Bootstrap, resources: &ResourceSet) -> Result<(), Compi
     }
     .compile(&prepared, bootstrap, resources)
     .map(drop)
+}
+
+/// How long the listener's access log files are kept (metadata `nip.access_log`).
+fn access_log_retention(listener: &Listener) -> Result<Option<Duration>, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(fields) = listener
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(names::ACCESS_LOG_METADATA))
+    else {
+        return Ok(None);
+    };
+    match fields
+        .fields
+        .get("retention_seconds")
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::NumberValue(seconds)) if *seconds >= 1.0 => {
+            Ok(Some(Duration::from_secs(*seconds as u64)))
+        }
+        _ => Err(format!(
+            "metadata {}: retention_seconds must be a number of seconds, at least 1",
+            names::ACCESS_LOG_METADATA
+        )),
+    }
 }
 
 fn duration(d: &PbDuration) -> Option<Duration> {

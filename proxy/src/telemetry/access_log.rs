@@ -76,21 +76,135 @@ pub struct LogEntry<'a> {
 pub struct AccessLogger {
     format: LogFormat,
     sink: LogSink,
+    retention: Option<std::time::Duration>,
     sender: SyncSender<String>,
     dropped: Counter,
 }
 
+/// The date (`YYYY-MM-DD`, UTC) of `time`.
+fn date_of(time: SystemTime) -> String {
+    rfc3339(time)[..10].to_string()
+}
+
+/// A log file kept for a retention period: at the first write of a new day (UTC) the file
+/// is renamed `PATH.YYYY-MM-DD` (the day it holds) and a new one begun, and rotated files
+/// older than the retention are deleted (at start too).
+struct RotatingFile {
+    path: std::path::PathBuf,
+    retention: std::time::Duration,
+    /// The day the open file holds.
+    day: String,
+    file: std::fs::File,
+}
+
+impl RotatingFile {
+    fn open(
+        path: &str,
+        retention: std::time::Duration,
+        now: SystemTime,
+    ) -> std::io::Result<RotatingFile> {
+        let path = std::path::PathBuf::from(path);
+        let file = append(&path)?;
+        // A file left by an earlier run holds the day it was last written.
+        let day = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_or_else(|_| date_of(now), date_of);
+        let mut rotating = RotatingFile {
+            path,
+            retention,
+            day,
+            file,
+        };
+        rotating.roll(now)?;
+        Ok(rotating)
+    }
+
+    /// Rotates when `now` is another day than the file's, then deletes expired files.
+    fn roll(&mut self, now: SystemTime) -> std::io::Result<()> {
+        let today = date_of(now);
+        if today != self.day {
+            let rotated = self.rotated_name(&self.day);
+            self.file.flush()?;
+            std::fs::rename(&self.path, &rotated)?;
+            self.file = append(&self.path)?;
+            self.day = today;
+        }
+        let oldest = date_of(
+            now.checked_sub(self.retention)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return Ok(());
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        let prefix = format!("{}.", name.to_string_lossy());
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let entry_name = entry.file_name().to_string_lossy().to_string();
+            let Some(date) = entry_name.strip_prefix(&prefix) else {
+                continue;
+            };
+            // Only files this writer names (PATH.YYYY-MM-DD); dates compare as text.
+            let is_date = date.len() == 10
+                && date.bytes().enumerate().all(|(i, b)| {
+                    if i == 4 || i == 7 {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                });
+            if is_date && date < oldest.as_str() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn rotated_name(&self, day: &str) -> std::path::PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{day}"));
+        std::path::PathBuf::from(name)
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.roll(SystemTime::now())?;
+        self.file.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
 impl AccessLogger {
-    /// Opens the sink and starts the writer thread.
-    pub fn start(format: LogFormat, sink: LogSink, dropped: Counter) -> std::io::Result<Self> {
-        let mut out: Box<dyn Write + Send> = match &sink {
-            LogSink::Stdout => Box::new(std::io::stdout()),
-            LogSink::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
+    /// Opens the sink and starts the writer thread. With a `retention`, a file sink is
+    /// rotated daily and rotated files older than it are deleted (a tenant's
+    /// `data.retention`).
+    pub fn start(
+        format: LogFormat,
+        sink: LogSink,
+        retention: Option<std::time::Duration>,
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
+        let mut out: Box<dyn Write + Send> = match (&sink, retention) {
+            (LogSink::Stdout, _) => Box::new(std::io::stdout()),
+            (LogSink::File(path), None) => Box::new(append(std::path::Path::new(path))?),
+            (LogSink::File(path), Some(retention)) => {
+                Box::new(RotatingFile::open(path, retention, SystemTime::now())?)
+            }
         };
         let (sender, receiver) = sync_channel::<String>(QUEUE_LINES);
         std::thread::Builder::new()
@@ -111,14 +225,21 @@ impl AccessLogger {
         Ok(AccessLogger {
             format,
             sink,
+            retention,
             sender,
             dropped,
         })
     }
 
-    /// Whether this logger already writes `format` to `sink` (reused across reloads).
-    pub fn is(&self, format: LogFormat, sink: &LogSink) -> bool {
-        self.format == format && &self.sink == sink
+    /// Whether this logger already writes `format` to `sink` with `retention` (reused
+    /// across reloads).
+    pub fn is(
+        &self,
+        format: LogFormat,
+        sink: &LogSink,
+        retention: Option<std::time::Duration>,
+    ) -> bool {
+        self.format == format && &self.sink == sink && self.retention == retention
     }
 
     /// Formats and queues one line.
@@ -215,6 +336,35 @@ fn text_line(e: &LogEntry<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_kept_log_rotates_daily_and_forgets_files_past_its_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let day = std::time::Duration::from_secs(86_400);
+        let now = SystemTime::UNIX_EPOCH + day * 20_000; // 2024-10-04
+        let old = dir
+            .path()
+            .join(format!("access.log.{}", date_of(now - day * 40)));
+        let recent = dir
+            .path()
+            .join(format!("access.log.{}", date_of(now - day * 2)));
+        let unrelated = dir.path().join("access.log.bak");
+        for file in [&old, &recent, &unrelated] {
+            std::fs::write(file, "x").unwrap();
+        }
+        let mut log = RotatingFile::open(path.to_str().unwrap(), day * 30, now).unwrap();
+        assert!(!old.exists(), "older than 30 days: deleted");
+        assert!(recent.exists() && unrelated.exists());
+        log.day = date_of(now);
+        log.file.write_all(b"today\n").unwrap();
+        log.roll(now + day).unwrap();
+        log.file.write_all(b"tomorrow\n").unwrap();
+        let rotated = dir.path().join(format!("access.log.{}", date_of(now)));
+        assert_eq!(std::fs::read_to_string(rotated).unwrap(), "today\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "tomorrow\n");
+    }
+
     use super::*;
     use std::time::Duration;
 
