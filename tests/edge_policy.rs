@@ -906,8 +906,9 @@ routes:
     ))
     .await;
     assert_eq!(call(&proxy, "/x", None).await.0, 200);
-    eventually("the request is logged", || async {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"/x\""))
+    eventually("the request is logged under its tenant", || async {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("\"/x\"") && l.contains("\"tenant\":\"acme\""))
     })
     .await;
     assert!(

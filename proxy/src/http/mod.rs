@@ -913,6 +913,11 @@ impl ProxyHttp for Gateway {
             cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
             upstream_host: &upstream,
             peer_uri_san: peer.map_or("", |p| p.certificate.uri()),
+            tenant: ctx
+                .route
+                .as_ref()
+                .and_then(|r| r.tenant.as_ref())
+                .map_or("", |t| &t.id),
         });
     }
 }

@@ -112,6 +112,7 @@ impl TcpProxy {
                 cluster: &self.cluster.name,
                 upstream_host: &upstream,
                 peer_uri_san: "",
+                tenant: "",
             });
         }
         end

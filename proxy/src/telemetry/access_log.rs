@@ -69,6 +69,8 @@ pub struct LogEntry<'a> {
     /// The client certificate's first URI SAN, on a mutual TLS connection
     /// (`%DOWNSTREAM_PEER_URI_SAN%`; JSON format only).
     pub peer_uri_san: &'a str,
+    /// The tenant whose route took the request (JSON format only; empty: none).
+    pub tenant: &'a str,
 }
 
 /// A running access log writer.
@@ -297,6 +299,7 @@ fn json_line(e: &LogEntry<'_>) -> String {
         "upstream_cluster": e.cluster,
         "upstream_host": e.upstream_host,
         "downstream_peer_uri_san": e.peer_uri_san,
+        "tenant": e.tenant,
     });
     let mut line = value.to_string();
     line.push('\n');
@@ -387,6 +390,7 @@ mod tests {
             cluster: "c",
             upstream_host: "",
             peer_uri_san: "",
+            tenant: "",
         }
     }
 
