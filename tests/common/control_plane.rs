@@ -311,18 +311,28 @@ impl ControlPlane {
         wait_routes_to(proxy, &backend.control.name).await;
     }
 
+    /// Waits until its API answers; on a timeout the failure shows its log (a control
+    /// plane that could not start says why there).
     pub async fn wait_ready(&self) {
-        eventually("the control plane answers", || async {
-            let Some(client) = api_client(&self.bundle_file(), None) else {
-                return false;
-            };
-            client
-                .get(self.api("/v1/openapi.json"))
-                .send()
-                .await
-                .is_ok()
-        })
-        .await;
+        let deadline = std::time::Instant::now() + crate::common::DEADLINE;
+        loop {
+            if let Some(client) = api_client(&self.bundle_file(), None) {
+                if client
+                    .get(self.api("/v1/openapi.json"))
+                    .send()
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for the control plane to answer; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 }
 
