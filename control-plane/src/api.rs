@@ -57,6 +57,10 @@ pub fn router(
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", delete(revoke_token))
         .route(
+            "/v1/tenants/{tenant}/config",
+            get(tenant_config).put(apply_tenant_config),
+        )
+        .route(
             "/v1/tenants/{tenant}/plugin-signing",
             get(plugin_signing)
                 .put(set_plugin_signing)
@@ -83,6 +87,11 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, p) if p.starts_with("/v1/tokens/") => Some(Role::Admin),
         ("POST", "/v1/config") => Some(Role::Operator),
         ("POST", p) if p.starts_with("/v1/rollback/") => Some(Role::Operator),
+        // A tenant's own routes and services: its operators change them (scoped by the
+        // token's tenants in the handler).
+        ("PUT", p) if p.starts_with("/v1/tenants/") && p.ends_with("/config") => {
+            Some(Role::Operator)
+        }
         ("PUT" | "DELETE", p) if p.starts_with("/v1/tenants/") => Some(Role::Admin),
         _ => Some(Role::Viewer),
     }
@@ -762,6 +771,83 @@ fn check_tenant_scope(identity: &Identity, tenant: &str) -> Result<(), ApiError>
                 identity.tenants.join(", ")
             ),
         ))
+    }
+}
+
+/// The current config's routes and services of `tenant` (`GET /v1/tenants/T/config`).
+async fn tenant_config(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(tenant): Path<String>,
+) -> Result<
+    (
+        StatusCode,
+        [(http::header::HeaderName, &'static str); 1],
+        String,
+    ),
+    ApiError,
+> {
+    check_tenant_scope(&identity, &tenant)?;
+    let current = service.store().current().await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no config applied yet (nip apply -f FILE)",
+        )
+    })?;
+    let part = crate::tenancy::fragment_of(&current.yaml, &tenant).map_err(tenancy_error)?;
+    Ok((
+        StatusCode::OK,
+        [(http::header::CONTENT_TYPE, "application/yaml")],
+        part,
+    ))
+}
+
+/// Replaces `tenant`'s routes and services in the current config and applies the result
+/// as a new version (`PUT /v1/tenants/T/config`, a YAML body of `services` and `routes`).
+async fn apply_tenant_config(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    check_tenant_scope(&identity, &tenant)?;
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
+    let request = read_change(&headers, Some(query.0), &body)?;
+    let current = service.store().current().await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no config applied yet (nip apply -f FILE)",
+        )
+    })?;
+    let merged = crate::tenancy::merge_fragment(&current.yaml, &tenant, &request.yaml)
+        .map_err(tenancy_error)?;
+    let outcome = service
+        .apply(Change {
+            author: identity.name,
+            message: if request.message.is_empty() {
+                format!("tenant {tenant}: routes and services")
+            } else {
+                request.message
+            },
+            yaml: merged,
+            canary: request.canary,
+            action: RevisionAction::Apply,
+            allow_empty: request.allow_empty,
+        })
+        .await?;
+    let (status, body) = outcome_json(&outcome);
+    Ok((status, Json(body)))
+}
+
+fn tenancy_error(error: crate::tenancy::TenancyError) -> ApiError {
+    match error {
+        crate::tenancy::TenancyError::NoTenant(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+        crate::tenancy::TenancyError::Invalid(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)
+        }
     }
 }
 

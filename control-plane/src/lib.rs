@@ -30,6 +30,7 @@ pub mod oidc;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
+pub mod tenancy;
 pub mod xds_port;
 
 use nip_xds::server::{AdsServer, ProxyRegistry, SnapshotCache, Views};
