@@ -83,6 +83,10 @@ enum Command {
         /// Print the API's JSON answer.
         #[arg(long)]
         json: bool,
+        /// Replace only this tenant's routes and services (the file holds just those:
+        /// what a token limited to the tenant may change).
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -618,6 +622,7 @@ fn main() -> ExitCode {
             canary_timeout,
             allow_empty,
             json,
+            tenant,
             remote,
         } => remote::apply(
             &remote,
@@ -628,6 +633,7 @@ fn main() -> ExitCode {
                 canary_timeout,
                 allow_empty,
                 json,
+                tenant,
             },
         ),
         Command::History {

@@ -162,6 +162,11 @@ impl Remote {
                 .delete(&url)
                 .header("authorization", authorization)
                 .call(),
+            ("PUT", Some(body)) => agent
+                .put(&url)
+                .header("authorization", authorization)
+                .header("content-type", "application/json")
+                .send(body.to_string()),
             (_, Some(body)) => agent
                 .post(&url)
                 .header("authorization", authorization)
@@ -246,9 +251,12 @@ pub struct ApplyOptions {
     pub allow_empty: bool,
     /// Print the API's JSON.
     pub json: bool,
+    /// Replace only this tenant's routes and services (the file holds just those).
+    pub tenant: Option<String>,
 }
 
-/// `nip apply -f FILE`: store and push a whole config (optionally as a canary).
+/// `nip apply -f FILE`: store and push a whole config (optionally as a canary), or with
+/// `--tenant T` a tenant's routes and services only.
 pub fn apply(remote: &Remote, file: &Path, options: &ApplyOptions) -> ExitCode {
     finish("apply", apply_inner(remote, file, options))
 }
@@ -271,9 +279,13 @@ fn apply_inner(remote: &Remote, file: &Path, options: &ApplyOptions) -> Result<(
             humantime::format_duration(options.canary_timeout)
         );
     }
+    let (method, path) = match &options.tenant {
+        None => ("POST", "/v1/config".to_string()),
+        Some(tenant) => ("PUT", format!("/v1/tenants/{tenant}/config")),
+    };
     let (status, answer) = remote.call(
-        "POST",
-        "/v1/config",
+        method,
+        &path,
         Some(&body),
         options.canary_timeout + Duration::from_secs(30),
     )?;

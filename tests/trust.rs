@@ -1721,6 +1721,37 @@ routes:
             .unwrap();
         assert_eq!(response.status(), status, "{path} {body}");
     }
+    // The CLI does the same with --tenant.
+    let dir = tempfile::tempdir().unwrap();
+    let (token_file, part_file) = (dir.path().join("token"), dir.path().join("acme.yaml"));
+    std::fs::write(&token_file, &acme).unwrap();
+    std::fs::write(
+        &part_file,
+        "services:\n  acme-api: { endpoints: [\"127.0.0.1:9003\"] }\nroutes:\n  - { name: acme-v3, match: { path_prefix: /acme/v3 }, service: acme-api }\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(nip_bin())
+        .args(["apply", "--tenant", "acme", "-f"])
+        .arg(&part_file)
+        .args(["--control-plane", &control_plane.api("")])
+        .arg("--token-file")
+        .arg(&token_file)
+        .env("NIP_CA_FILE", control_plane.bundle_file())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let yaml = control_plane.get_json("/v1/config").await["yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        yaml.contains("acme-v3") && !yaml.contains("acme-v2"),
+        "{yaml}"
+    );
     // A part that does not validate (an isolated tenant's route to another's service
     // would be refused the same way): the proxy's compiler speaks.
     let invalid = http(&acme)
