@@ -236,6 +236,13 @@ enum GetWhat {
         #[arg(long)]
         json: bool,
     },
+    /// The current config as YAML (with `--tenant T`, only that tenant's services and
+    /// routes: what `nip apply --tenant T` replaces).
+    Config {
+        /// Only this tenant's part.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 /// The flags of `nip control-plane`.
@@ -615,6 +622,10 @@ fn main() -> ExitCode {
             what: GetWhat::Proxies { json },
             remote,
         } => remote::get_proxies(&remote, json),
+        Command::Get {
+            what: GetWhat::Config { tenant },
+            remote,
+        } => remote::get_config(&remote, tenant.as_deref()),
         Command::Apply {
             file,
             message,

@@ -330,6 +330,24 @@ fn apply_inner(remote: &Remote, file: &Path, options: &ApplyOptions) -> Result<(
     Ok(())
 }
 
+/// `nip get config [--tenant T]`: the current config's YAML, or a tenant's part of it.
+pub fn get_config(remote: &Remote, tenant: Option<&str>) -> ExitCode {
+    finish("get config", get_config_inner(remote, tenant))
+}
+
+fn get_config_inner(remote: &Remote, tenant: Option<&str>) -> Result<(), Failure> {
+    let path = match tenant {
+        None => "/v1/config".to_string(),
+        Some(tenant) => format!("/v1/tenants/{tenant}/config"),
+    };
+    let (status, answer) = remote.call("GET", &path, None, Duration::from_secs(30))?;
+    if status != 200 {
+        return Err(explain(status, &answer, "config"));
+    }
+    print!("{}", answer["yaml"].as_str().unwrap_or(""));
+    Ok(())
+}
+
 /// `nip get proxies`: one line per proxy, NACK reasons in full.
 pub fn get_proxies(remote: &Remote, json: bool) -> ExitCode {
     finish("get proxies", get_proxies_inner(remote, json))

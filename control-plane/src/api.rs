@@ -774,19 +774,13 @@ fn check_tenant_scope(identity: &Identity, tenant: &str) -> Result<(), ApiError>
     }
 }
 
-/// The current config's routes and services of `tenant` (`GET /v1/tenants/T/config`).
+/// The current config's routes and services of `tenant` (`GET /v1/tenants/T/config`):
+/// `{ tenant, version, yaml }`.
 async fn tenant_config(
     State(service): State<Arc<ConfigService>>,
     Extension(identity): Extension<Identity>,
     Path(tenant): Path<String>,
-) -> Result<
-    (
-        StatusCode,
-        [(http::header::HeaderName, &'static str); 1],
-        String,
-    ),
-    ApiError,
-> {
+) -> Result<Json<Value>, ApiError> {
     check_tenant_scope(&identity, &tenant)?;
     let current = service.store().current().await?.ok_or_else(|| {
         ApiError::new(
@@ -795,11 +789,11 @@ async fn tenant_config(
         )
     })?;
     let part = crate::tenancy::fragment_of(&current.yaml, &tenant).map_err(tenancy_error)?;
-    Ok((
-        StatusCode::OK,
-        [(http::header::CONTENT_TYPE, "application/yaml")],
-        part,
-    ))
+    Ok(Json(json!({
+        "tenant": tenant,
+        "version": current.version,
+        "yaml": part,
+    })))
 }
 
 /// Replaces `tenant`'s routes and services in the current config and applies the result
