@@ -1193,7 +1193,6 @@ fn rate_limit_key_name(key: &crate::config::RateLimitKeyConfig) -> &'static str 
 /// client key (a claim: one entry per provider whose verified payload may hold it).
 fn rate_limit_actions(config: &Config, route: &RouteConfig, index: usize) -> Vec<RateLimit> {
     use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
-    use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
     let Some(limit) = &route.rate_limit else {
         return Vec::new();
     };
@@ -1239,26 +1238,8 @@ fn rate_limit_actions(config: &Config, route: &RouteConfig, index: usize) -> Vec
     let Some(claim) = &key.claim else {
         return Vec::new();
     };
-    config
-        .auth
-        .jwt_providers
-        .keys()
-        .map(|provider| {
-            let path = std::iter::once(provider.as_str())
-                .chain(claim.split('.'))
-                .map(|k| metadata_key::PathSegment {
-                    segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
-                })
-                .collect();
-            one(Some(action::ActionSpecifier::Metadata(action::MetaData {
-                descriptor_key: rate_limit_key_name(key).to_string(),
-                metadata_key: Some(MetadataKey {
-                    key: names::JWT_AUTHN.to_string(),
-                    path,
-                }),
-                ..Default::default()
-            })))
-        })
+    claim_actions(config, rate_limit_key_name(key), claim)
+        .map(|action| one(Some(action)))
         .collect()
 }
 
@@ -1270,14 +1251,7 @@ pub const TENANT_RATE_LIMIT_FILTER: &str = "nip.tenant_ratelimit";
 /// A tenant's `resource_quota.message_rate` as a token bucket: `N/sec|min|hour` refilled
 /// over its unit, bursts of one unit's worth.
 fn message_rate_bucket(rate: &str) -> Option<TokenBucket> {
-    let (count, unit) = rate.split_once('/')?;
-    let count: f64 = count.trim().parse().ok()?;
-    let seconds = match unit.trim() {
-        "s" | "sec" | "second" => 1,
-        "m" | "min" | "minute" => 60,
-        "h" | "hour" => 3600,
-        _ => return None,
-    };
+    let (count, seconds) = crate::config::rate_parts(rate).ok()?;
     let tokens = count.round().clamp(1.0, f64::from(u32::MAX)) as u32;
     Some(TokenBucket {
         max_tokens: tokens,
@@ -1338,7 +1312,7 @@ fn tenant_rate_limit_filter(config: &Config) -> Option<HttpFilter> {
 /// names.
 fn tenant_rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
     use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
-    use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
+
     let entry = |specifier| RateLimit {
         actions: vec![Action {
             action_specifier: Some(specifier),
@@ -1377,27 +1351,38 @@ fn tenant_rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLi
     let Some(claim) = &key.claim else {
         return Vec::new();
     };
-    config
-        .auth
-        .jwt_providers
-        .keys()
-        .map(|provider| {
-            let path = std::iter::once(provider.as_str())
-                .chain(claim.split('.'))
-                .map(|k| metadata_key::PathSegment {
-                    segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
-                })
-                .collect();
-            entry(action::ActionSpecifier::Metadata(action::MetaData {
-                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
-                metadata_key: Some(MetadataKey {
-                    key: names::JWT_AUTHN.to_string(),
-                    path,
-                }),
-                ..Default::default()
-            }))
-        })
+    claim_actions(config, TENANT_DESCRIPTOR_KEY, claim)
+        .map(entry)
         .collect()
+}
+
+/// One `metadata` action per JWT provider, for `claim` (`a.b` nested) of its verified
+/// payload (kept under the provider's name) as the descriptor entry `descriptor_key`.
+fn claim_actions<'c>(
+    config: &'c Config,
+    descriptor_key: &'c str,
+    claim: &'c str,
+) -> impl Iterator<
+    Item = envoy_types::pb::envoy::config::route::v3::rate_limit::action::ActionSpecifier,
+> + 'c {
+    use envoy_types::pb::envoy::config::route::v3::rate_limit::action;
+    use envoy_types::pb::envoy::r#type::metadata::v3::{metadata_key, MetadataKey};
+    config.auth.jwt_providers.keys().map(move |provider| {
+        let path = std::iter::once(provider.as_str())
+            .chain(claim.split('.'))
+            .map(|k| metadata_key::PathSegment {
+                segment: Some(metadata_key::path_segment::Segment::Key(k.to_string())),
+            })
+            .collect();
+        action::ActionSpecifier::Metadata(action::MetaData {
+            descriptor_key: descriptor_key.to_string(),
+            metadata_key: Some(MetadataKey {
+                key: names::JWT_AUTHN.to_string(),
+                path,
+            }),
+            ..Default::default()
+        })
+    })
 }
 
 /// Envoy's `ratelimit` filter asking the rate limit service about global limits.

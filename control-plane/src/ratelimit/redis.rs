@@ -130,12 +130,20 @@ async fn read_reply(connection: &mut Connection) -> std::io::Result<Result<Reply
         }
         "*" => {
             let count: i64 = rest.parse().map_err(|_| bad())?;
+            // Every item is read, an error among them too, so the connection stays in
+            // step for its next command.
             let mut items = Vec::new();
+            let mut error = None;
             for _ in 0..count.max(0) {
                 match Box::pin(read_reply(connection)).await? {
                     Ok(item) => items.push(item),
-                    Err(message) => return Ok(Err(message)),
+                    Err(message) => {
+                        error.get_or_insert(message);
+                    }
                 }
+            }
+            if let Some(message) = error {
+                return Ok(Err(message));
             }
             Reply::Array(items)
         }

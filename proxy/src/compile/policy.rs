@@ -90,6 +90,7 @@ impl Compiler<'_> {
             let filter = if any.type_url == JwtAuthentication::type_url() {
                 let config: JwtAuthentication = decode(any).map_err(field)?;
                 let mut authn = jwt_authn(&http.name, &config, clusters).map_err(field)?;
+                authn.stats = self.metrics.jwt_authn(&http.name);
                 if http.disabled {
                     // Off unless a route's per-route config names a requirement.
                     authn.rules.clear();
@@ -110,9 +111,9 @@ impl Compiler<'_> {
                 PolicyFilter::Rbac(Arc::new(rbac))
             } else if any.type_url == ExtAuthzConfig::type_url() {
                 let config: ExtAuthzConfig = decode(any).map_err(field)?;
-                PolicyFilter::ExtAuthz(Arc::new(
-                    ext_authz(&http.name, &config, clusters).map_err(field)?,
-                ))
+                let mut authz = ext_authz(&http.name, &config, clusters).map_err(field)?;
+                authz.stats = self.metrics.ext_authz(&http.name);
+                PolicyFilter::ExtAuthz(Arc::new(authz))
             } else if any.type_url == LocalRateLimit::type_url() {
                 // The filter's own token_bucket and descriptors are shared by every route
                 // of the manager without a per-route config for it (Envoy's semantics).
@@ -123,9 +124,10 @@ impl Compiler<'_> {
                 }
             } else if any.type_url == GlobalRateLimitConfig::type_url() {
                 let config: GlobalRateLimitConfig = decode(any).map_err(field)?;
-                PolicyFilter::GlobalRateLimit(Arc::new(
-                    global_rate_limit(&http.name, &config, clusters).map_err(field)?,
-                ))
+                let mut limiter =
+                    global_rate_limit(&http.name, &config, clusters).map_err(field)?;
+                limiter.stats = self.metrics.global_rate_limit(&http.name);
+                PolicyFilter::GlobalRateLimit(Arc::new(limiter))
             } else {
                 continue;
             };
@@ -524,6 +526,8 @@ fn jwt_authn(
         bypass_cors_preflight: config.bypass_cors_preflight,
         written_headers,
         remotes,
+        // Set by the caller, which holds the metrics.
+        stats: Default::default(),
     })
 }
 
@@ -1136,6 +1140,8 @@ fn ext_authz(
         status_on_error,
         include_peer_certificate: config.include_peer_certificate,
         allowed_headers: matchers(config.allowed_headers.as_ref(), "allowed_headers")?,
+        // Set by the caller, which holds the metrics.
+        stats: Default::default(),
     })
 }
 
@@ -1190,5 +1196,7 @@ fn global_rate_limit(
             .unwrap_or(Duration::from_millis(20)),
         failure_mode_deny: config.failure_mode_deny,
         headers: config.enable_x_ratelimit_headers == 1,
+        // Set by the caller, which holds the metrics.
+        stats: Default::default(),
     })
 }

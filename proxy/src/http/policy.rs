@@ -28,7 +28,6 @@ pub(super) async fn run(
     route: &Route,
     gateway: &super::Gateway,
 ) -> bool {
-    let metrics = &gateway.metrics;
     // Verified JWT payloads, for the RBAC filters after the jwt_authn one.
     let mut payloads: Vec<VerifiedPayload> = Vec::new();
     for filter in filters {
@@ -37,7 +36,7 @@ pub(super) async fn run(
                 match authenticate(session, authn, route, &mut payloads).await {
                     Ok(false) => {}
                     Ok(true) => {
-                        metrics.jwt_authn(&authn.name, "allowed").inc();
+                        authn.stats.allowed.inc();
                         // A verified claim may carry the priority (claim_to_headers into
                         // x-nip-priority; a client's own copy was removed first).
                         let claimed = session.req_header().headers.get(Priority::HEADER);
@@ -47,7 +46,7 @@ pub(super) async fn run(
                         }
                     }
                     Err(error) => {
-                        metrics.jwt_authn(&authn.name, "denied").inc();
+                        authn.stats.denied.inc();
                         deny_jwt(session, ctx, error).await;
                         return true;
                     }
@@ -106,13 +105,12 @@ pub(super) async fn run(
                 if descriptors.is_empty() {
                     continue;
                 }
-                let counter = |decision| gateway.metrics.global_rate_limit(&limiter.name, decision);
                 match limiter.check(&gateway.callouts, &descriptors).await {
                     Ok(GlobalOutcome::Allowed) => {
-                        counter("ok").inc();
+                        limiter.stats.ok.inc();
                     }
                     Ok(GlobalOutcome::Limited { limit, retry_after }) => {
-                        counter("over_limit").inc();
+                        limiter.stats.over_limit.inc();
                         ctx.flag = Some(ResponseFlag::RateLimited);
                         ctx.local_status = 429;
                         let mut headers = vec![
@@ -142,7 +140,7 @@ pub(super) async fn run(
                         return true;
                     }
                     Err(error) => {
-                        counter("error").inc();
+                        limiter.stats.error.inc();
                         tracing::debug!(filter = %limiter.name, "rate limit service: {error}");
                         if limiter.failure_mode_deny {
                             ctx.flag = Some(ResponseFlag::RateLimitServiceError);
@@ -232,7 +230,6 @@ async fn authorize(
         peer: peer.as_deref(),
         context_extensions: &route.policy.ext_authz.context_extensions,
     };
-    let counter = |decision| gateway.metrics.ext_authz(&authz.name, decision);
     match authz.check(&gateway.callouts, &facts).await {
         Ok(Decision::Allow {
             set,
@@ -240,7 +237,7 @@ async fn authorize(
             remove,
             response,
         }) => {
-            counter("ok").inc();
+            authz.stats.ok.inc();
             let request = session.req_header_mut();
             for name in remove {
                 request.remove_header(&name);
@@ -261,7 +258,7 @@ async fn authorize(
             headers,
             body,
         }) => {
-            counter("denied").inc();
+            authz.stats.denied.inc();
             ctx.flag = Some(ResponseFlag::UnauthorizedExternalService);
             ctx.local_status = status;
             let headers: Vec<(String, String)> = headers
@@ -275,10 +272,10 @@ async fn authorize(
             true
         }
         Err(error) => {
-            counter("error").inc();
+            authz.stats.error.inc();
             tracing::debug!(filter = %authz.name, "external authorization failed: {error}");
             if authz.failure_mode_allow {
-                counter("failure_mode_allowed").inc();
+                authz.stats.failure_mode_allowed.inc();
                 if authz.failure_mode_allow_header_add {
                     let _ = session
                         .req_header_mut()

@@ -88,6 +88,8 @@ pub struct ExtAuthz {
     pub include_peer_certificate: bool,
     /// Client headers a gRPC check carries (`allowed_headers`; empty: all).
     pub allowed_headers: Vec<StringMatch>,
+    /// Its counters.
+    pub stats: crate::telemetry::metrics::ExtAuthzCounters,
 }
 
 /// What a check needs to know about a request.

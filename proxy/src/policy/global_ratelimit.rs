@@ -34,6 +34,8 @@ pub struct GlobalRateLimit {
     pub failure_mode_deny: bool,
     /// Send `x-ratelimit-*` headers (`enable_x_ratelimit_headers: DRAFT_VERSION_03`).
     pub headers: bool,
+    /// Its counters.
+    pub stats: crate::telemetry::metrics::GlobalRateLimitCounters,
 }
 
 /// The service's answer.

@@ -15,7 +15,7 @@ use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 
 /// The metadata namespace of verified JWT payloads (Envoy's jwt_authn filter name).
-pub const JWT_METADATA: &str = "envoy.filters.http.jwt_authn";
+pub const JWT_METADATA: &str = nip_xds::resources::names::JWT_AUTHN;
 
 /// What a policy set does with the requests its policies match (Envoy's `RBAC.Action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -119,10 +119,12 @@ impl RotatingFile {
             file,
         };
         rotating.roll(now)?;
+        rotating.prune(now)?;
         Ok(rotating)
     }
 
-    /// Rotates when `now` is another day than the file's, then deletes expired files.
+    /// Rotates when `now` is another day than the file's; a rotation deletes expired
+    /// files (a directory scan once a day, not per write).
     fn roll(&mut self, now: SystemTime) -> std::io::Result<()> {
         let today = date_of(now);
         if today != self.day {
@@ -131,7 +133,13 @@ impl RotatingFile {
             std::fs::rename(&self.path, &rotated)?;
             self.file = append(&self.path)?;
             self.day = today;
+            self.prune(now)?;
         }
+        Ok(())
+    }
+
+    /// Deletes rotated files (`PATH.YYYY-MM-DD`) older than the retention.
+    fn prune(&self, now: SystemTime) -> std::io::Result<()> {
         let oldest = date_of(
             now.checked_sub(self.retention)
                 .unwrap_or(SystemTime::UNIX_EPOCH),

@@ -138,6 +138,53 @@ pub struct RbacCounters {
     pub shadow_denied: Counter,
 }
 
+/// A jwt_authn filter's counters.
+#[derive(Debug, Clone, Default)]
+pub struct JwtAuthnCounters {
+    /// Requests whose tokens met the requirement.
+    pub allowed: Counter,
+    /// Requests refused (401/403).
+    pub denied: Counter,
+}
+
+/// An ext_authz filter's counters.
+#[derive(Debug, Clone, Default)]
+pub struct ExtAuthzCounters {
+    /// Allowed by the service.
+    pub ok: Counter,
+    /// Denied by the service.
+    pub denied: Counter,
+    /// The service could not be asked.
+    pub error: Counter,
+    /// ... and the request passed (`failure_mode_allow`).
+    pub failure_mode_allowed: Counter,
+}
+
+/// A ratelimit filter's counters.
+#[derive(Debug, Clone, Default)]
+pub struct GlobalRateLimitCounters {
+    /// Under every limit.
+    pub ok: Counter,
+    /// Over a limit (429).
+    pub over_limit: Counter,
+    /// The rate limit service could not answer.
+    pub error: Counter,
+}
+
+/// The counter of one decision of one policy filter.
+fn decision_counter(
+    family: &Family<PolicyLabels, Counter>,
+    filter: &str,
+    decision: &'static str,
+) -> Counter {
+    family
+        .get_or_create(&PolicyLabels {
+            filter: filter.to_string(),
+            decision,
+        })
+        .clone()
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     /// The filter's `stat_prefix` (else its name).
@@ -955,46 +1002,39 @@ impl Metrics {
             .clone()
     }
 
-    /// The counter of a jwt_authn filter's `decision` (`allowed`, `denied`).
-    pub fn jwt_authn(&self, filter: &str, decision: &'static str) -> Counter {
-        self.jwt_authn
-            .get_or_create(&PolicyLabels {
-                filter: filter.to_string(),
-                decision,
-            })
-            .clone()
+    /// The counters of a jwt_authn filter, resolved when a snapshot is compiled.
+    pub fn jwt_authn(&self, filter: &str) -> JwtAuthnCounters {
+        let counter = |decision| decision_counter(&self.jwt_authn, filter, decision);
+        JwtAuthnCounters {
+            allowed: counter("allowed"),
+            denied: counter("denied"),
+        }
     }
 
-    /// The counter of an ext_authz filter's `decision`.
-    pub fn ext_authz(&self, filter: &str, decision: &'static str) -> Counter {
-        self.ext_authz
-            .get_or_create(&PolicyLabels {
-                filter: filter.to_string(),
-                decision,
-            })
-            .clone()
+    /// The counters of an ext_authz filter.
+    pub fn ext_authz(&self, filter: &str) -> ExtAuthzCounters {
+        let counter = |decision| decision_counter(&self.ext_authz, filter, decision);
+        ExtAuthzCounters {
+            ok: counter("ok"),
+            denied: counter("denied"),
+            error: counter("error"),
+            failure_mode_allowed: counter("failure_mode_allowed"),
+        }
     }
 
-    /// The counter of a ratelimit filter's `decision`.
-    pub fn global_rate_limit(&self, filter: &str, decision: &'static str) -> Counter {
-        self.global_rate_limit
-            .get_or_create(&PolicyLabels {
-                filter: filter.to_string(),
-                decision,
-            })
-            .clone()
+    /// The counters of a ratelimit filter (asking a rate limit service).
+    pub fn global_rate_limit(&self, filter: &str) -> GlobalRateLimitCounters {
+        let counter = |decision| decision_counter(&self.global_rate_limit, filter, decision);
+        GlobalRateLimitCounters {
+            ok: counter("ok"),
+            over_limit: counter("over_limit"),
+            error: counter("error"),
+        }
     }
 
     /// The counters of an RBAC filter.
     pub fn rbac(&self, filter: &str) -> crate::telemetry::metrics::RbacCounters {
-        let counter = |decision| {
-            self.rbac
-                .get_or_create(&PolicyLabels {
-                    filter: filter.to_string(),
-                    decision,
-                })
-                .clone()
-        };
+        let counter = |decision| decision_counter(&self.rbac, filter, decision);
         RbacCounters {
             allowed: counter("allowed"),
             denied: counter("denied"),

@@ -1422,6 +1422,11 @@ fn validate_tenant(path: &str, tenant: &super::TenantConfig, errors: &mut Errors
 
 /// Parses a rate like `10000/sec`, `600/min` or `50/hour` into requests per second.
 pub fn parse_rate(text: &str) -> Result<f64, String> {
+    rate_parts(text).map(|(count, seconds)| count / seconds as f64)
+}
+
+/// A rate like `600/min` as written: (600, 60 seconds).
+pub fn rate_parts(text: &str) -> Result<(f64, u64), String> {
     let (count, unit) = text
         .split_once('/')
         .ok_or_else(|| format!("{text:?} is not a rate like \"10000/sec\""))?;
@@ -1430,15 +1435,15 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
         .parse()
         .map_err(|_| format!("{text:?}: {count:?} is not a number"))?;
     let seconds = match unit.trim() {
-        "s" | "sec" | "second" => 1.0,
-        "m" | "min" | "minute" => 60.0,
-        "h" | "hour" => 3600.0,
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
         other => return Err(format!("{text:?}: unit {other:?} is not sec, min or hour")),
     };
     if count <= 0.0 {
         return Err(format!("{text:?}: the rate must be more than 0"));
     }
-    Ok(count / seconds)
+    Ok((count, seconds))
 }
 
 fn one_line(text: &str) -> String {

@@ -445,6 +445,8 @@ pub struct JwtAuthn {
     pub written_headers: Vec<HeaderName>,
     /// Every remote JWKS of the providers.
     pub remotes: Vec<Arc<RemoteJwks>>,
+    /// Its counters.
+    pub stats: crate::telemetry::metrics::JwtAuthnCounters,
 }
 
 /// The request as the filter sees it.
@@ -523,9 +525,8 @@ impl JwtAuthn {
             // These verify every provider's token, to pass on the payloads of good ones.
             // Under `allow_missing` a token must not be bad: a failure fails the request,
             // except a provider's "not my issuer" when another provider took the token.
-            let providers: Vec<Arc<Provider>> = self.providers.values().cloned().collect();
             let (mut accepted, mut foreign) = (false, None);
-            for provider in &providers {
+            for provider in self.providers.values() {
                 match checks.check(provider, None) {
                     Ok(()) => accepted = true,
                     Err(JwtError::Missing) => {}

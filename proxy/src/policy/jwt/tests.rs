@@ -62,6 +62,7 @@ fn filter(providers: &[&Arc<Provider>]) -> JwtAuthn {
         bypass_cors_preflight: false,
         written_headers: Vec::new(),
         remotes: Vec::new(),
+        stats: Default::default(),
     }
 }
 
