@@ -22,12 +22,27 @@ use std::time::{Duration, Instant};
 /// How long a test waits for something that should happen quickly.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
-/// A port that was free a moment ago (the OS picked it).
+/// A port that was free a moment ago, for a process the test starts to listen on.
+///
+/// Ports come from below the kernel's ephemeral range (32768–60999 here), handed out by a
+/// counter: a port the OS picked with `bind(:0)` could be taken as the source port of some
+/// other test's outgoing connection before the child process binds it (CI saw exactly that
+/// — "Address already in use"); below the range nothing takes a port unasked.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        // Spread concurrent test processes apart.
+        std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(7919) % SPAN)
+    });
+    for _ in 0..SPAN {
+        let port = (FIRST + next.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// An address where nothing listens.
