@@ -101,7 +101,16 @@ pub mod names {
     pub const ACCESS_LOG_METADATA: &str = "nip.access_log";
     /// Route metadata naming the tenant whose route it is (`{ id, priority? }`): its
     /// requests are counted in `nip_tenant_requests_total` and get the tenant's priority.
+    /// Also the namespace of a request's tenant as dynamic metadata (`id`), which rate
+    /// limit actions and RBAC principals read.
     pub const TENANT_METADATA: &str = "nip.tenant";
+    /// NIP's HTTP filter naming the tenant of requests on routes no tenant owns; its
+    /// `typed_config` is a `google.protobuf.Struct`: exactly one of `header` (a header
+    /// name), `claim` (`org`, `org.id`: a claim of a token verified by an earlier
+    /// `jwt_authn`) or `certificate: true` (the client certificate's principal), and
+    /// `tenants: { ID: { priority?, principals?: [pattern] } }` (a pattern ending in `*`
+    /// matches a prefix). Writes dynamic metadata under [`TENANT_METADATA`].
+    pub const TENANT_FILTER: &str = "nip.tenant";
 
     /// Cluster `metadata.typed_filter_metadata` key of a service's adaptive concurrency
     /// (Envoy's `AdaptiveConcurrency` filter config, applied per cluster).

@@ -420,7 +420,7 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
                         ..Default::default()
                     }),
             )
-            .chain(tenant_rate_limit_filter(config))
+            .chain(tenants::tenant_rate_limit_filter(config))
             .chain(
                 config
                     .rate_limit_service
@@ -1011,7 +1011,7 @@ fn xds_route(
             },
             rate_limits: rate_limit_actions(config, route, index)
                 .into_iter()
-                .chain(tenant_rate_limit_actions(config, route))
+                .chain(tenants::tenant_rate_limit_actions(config, route))
                 .collect(),
             ..Default::default()
         })
@@ -1243,122 +1243,9 @@ fn rate_limit_actions(config: &Config, route: &RouteConfig, index: usize) -> Vec
         .collect()
 }
 
-/// The descriptor key naming the tenant of a request's route.
-pub const TENANT_DESCRIPTOR_KEY: &str = "tenant";
-/// The local rate limit filter holding the tenants' `message_rate` buckets.
-pub const TENANT_RATE_LIMIT_FILTER: &str = "nip.tenant_ratelimit";
-
-/// A tenant's `resource_quota.message_rate` as a token bucket: `N/sec|min|hour` refilled
-/// over its unit, bursts of one unit's worth.
-fn message_rate_bucket(rate: &str) -> Option<TokenBucket> {
-    let (count, seconds) = crate::config::rate_parts(rate).ok()?;
-    let tokens = count.round().clamp(1.0, f64::from(u32::MAX)) as u32;
-    Some(TokenBucket {
-        max_tokens: tokens,
-        tokens_per_fill: Some(UInt32Value { value: tokens }),
-        fill_interval: Some(pb_duration(Duration::from_secs(seconds))),
-    })
-}
-
-/// The tenants with a `message_rate`, by id.
-fn tenant_rates(config: &Config) -> Vec<(String, TokenBucket)> {
-    config
-        .tenant
-        .iter()
-        .map(|t| (t.id.clone(), t))
-        .chain(config.tenants.iter().map(|(id, t)| (id.clone(), t)))
-        .filter_map(|(id, t)| {
-            let rate = t.resource_quota.as_ref()?.message_rate.as_deref()?;
-            Some((id, message_rate_bucket(rate)?))
-        })
-        .collect()
-}
-
-/// A second `local_ratelimit` filter whose own descriptors hold one bucket per tenant
-/// (`tenant=ID`), shared by all the tenant's routes.
-fn tenant_rate_limit_filter(config: &Config) -> Option<HttpFilter> {
-    let rates = tenant_rates(config);
-    if rates.is_empty() {
-        return None;
-    }
-    Some(HttpFilter {
-        name: TENANT_RATE_LIMIT_FILTER.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            LocalRateLimit {
-                stat_prefix: "tenant_rate_limit".to_string(),
-                descriptors: rates
-                    .into_iter()
-                    .map(|(id, bucket)| LocalRateLimitDescriptor {
-                        entries: vec![rate_limit_descriptor::Entry {
-                            key: TENANT_DESCRIPTOR_KEY.to_string(),
-                            value: id,
-                        }],
-                        token_bucket: Some(bucket),
-                        ..Default::default()
-                    })
-                    .collect(),
-                // DRAFT_VERSION_03: the x-ratelimit-* headers.
-                enable_x_ratelimit_headers: 1,
-                ..Default::default()
-            },
-        ))),
-        ..Default::default()
-    })
-}
-
-/// The `rate_limits` entries naming a request's tenant: the route's owner when it has one
-/// with a message rate; on a route no tenant owns, the `tenant_key` (a header, or a
-/// verified claim of any provider), whose value matches the descriptor of the tenant it
-/// names.
-fn tenant_rate_limit_actions(config: &Config, route: &RouteConfig) -> Vec<RateLimit> {
-    use envoy_types::pb::envoy::config::route::v3::rate_limit::{action, Action};
-
-    let entry = |specifier| RateLimit {
-        actions: vec![Action {
-            action_specifier: Some(specifier),
-        }],
-        ..Default::default()
-    };
-    if let Some((id, tenant)) = crate::config::route_tenant(config, route) {
-        if tenant
-            .resource_quota
-            .as_ref()
-            .and_then(|q| q.message_rate.as_ref())
-            .is_none()
-        {
-            return Vec::new();
-        }
-        return vec![entry(action::ActionSpecifier::GenericKey(
-            action::GenericKey {
-                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
-                descriptor_value: id.to_string(),
-                ..Default::default()
-            },
-        ))];
-    }
-    let Some(key) = &config.tenant_key else {
-        return Vec::new();
-    };
-    if let Some(header) = &key.header {
-        return vec![entry(action::ActionSpecifier::RequestHeaders(
-            action::RequestHeaders {
-                header_name: header.to_ascii_lowercase(),
-                descriptor_key: TENANT_DESCRIPTOR_KEY.to_string(),
-                ..Default::default()
-            },
-        ))];
-    }
-    let Some(claim) = &key.claim else {
-        return Vec::new();
-    };
-    claim_actions(config, TENANT_DESCRIPTOR_KEY, claim)
-        .map(entry)
-        .collect()
-}
-
 /// One `metadata` action per JWT provider, for `claim` (`a.b` nested) of its verified
 /// payload (kept under the provider's name) as the descriptor entry `descriptor_key`.
-fn claim_actions<'c>(
+pub(super) fn claim_actions<'c>(
     config: &'c Config,
     descriptor_key: &'c str,
     claim: &'c str,
@@ -2015,6 +1902,8 @@ fn load_assignment(name: &str, service: &ServiceConfig) -> ClusterLoadAssignment
 
 mod auth;
 mod sidecar;
+mod tenants;
+pub use tenants::{TENANT_DESCRIPTOR_KEY, TENANT_RATE_LIMIT_FILTER};
 
 #[cfg(test)]
 mod tests;

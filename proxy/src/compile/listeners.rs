@@ -220,13 +220,16 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
             LocalRateLimit::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit::type_url(),
         ];
-        if policy.iter().any(|p| p == type_url) {
+        let tenant = http.name == names::TENANT_FILTER
+            && type_url == envoy_types::pb::google::protobuf::Struct::type_url();
+        if tenant || policy.iter().any(|p| p == type_url) {
             continue;
         }
         if !is_router && type_url != Wasm::type_url() {
             return Err(format!(
-                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, ratelimit, {} plugins and the router)",
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, ratelimit, {} with a Struct config, {} plugins and the router)",
                 http.name,
+                names::TENANT_FILTER,
                 Wasm::type_url()
             ));
         }

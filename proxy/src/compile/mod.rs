@@ -489,6 +489,7 @@ mod policy;
 mod prepare;
 mod routes;
 mod secrets;
+mod tenants;
 
 use listeners::*;
 pub use listeners::{HttpListening, TlsFiles};

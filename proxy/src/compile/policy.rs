@@ -128,6 +128,10 @@ impl Compiler<'_> {
                     global_rate_limit(&http.name, &config, clusters).map_err(field)?;
                 limiter.stats = self.metrics.global_rate_limit(&http.name);
                 PolicyFilter::GlobalRateLimit(Arc::new(limiter))
+            } else if http.name == names::TENANT_FILTER
+                && any.type_url == envoy_types::pb::google::protobuf::Struct::type_url()
+            {
+                PolicyFilter::Tenant(Arc::new(self.tenant_identity(any).map_err(field)?))
             } else {
                 continue;
             };
@@ -267,6 +271,13 @@ pub(super) fn route_policy(
                         }
                     }
                 };
+            }
+            PolicyFilter::Tenant(_) => {
+                return Err(field(format!(
+                    "per-route config of {} is not supported; a route's own tenant is its metadata {}",
+                    names::TENANT_FILTER,
+                    names::TENANT_METADATA
+                )));
             }
             PolicyFilter::GlobalRateLimit(_) => {
                 return Err(field(
@@ -432,10 +443,15 @@ fn rate_limit_actions(
                     .metadata_key
                     .as_ref()
                     .ok_or_else(|| field("metadata.metadata_key is missing"))?;
-                if metadata_key.key != crate::policy::rbac::JWT_METADATA || m.source != 0 {
+                let namespace = metadata_key.key.as_str();
+                if m.source != 0
+                    || (namespace != crate::policy::rbac::JWT_METADATA
+                        && namespace != crate::policy::rbac::TENANT_METADATA)
+                {
                     return Err(field(&format!(
-                        "metadata: only dynamic metadata of {} (verified JWT claims) is supported",
-                        crate::policy::rbac::JWT_METADATA
+                        "metadata: only dynamic metadata of {} (verified JWT claims) and {} (the request's tenant) is supported",
+                        crate::policy::rbac::JWT_METADATA,
+                        crate::policy::rbac::TENANT_METADATA,
                     )));
                 }
                 use envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
@@ -447,18 +463,28 @@ fn rate_limit_actions(
                         _ => Err(field("metadata.metadata_key.path: segments are keys")),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                if path.len() < 2 {
+                if namespace == crate::policy::rbac::TENANT_METADATA {
+                    if path != ["id"] || !m.default_value.is_empty() {
+                        return Err(field(&format!(
+                            "metadata: {namespace} has one key, id, and no default_value"
+                        )));
+                    }
+                    DescriptorAction::Tenant {
+                        key: m.descriptor_key.clone(),
+                    }
+                } else if path.len() < 2 {
                     return Err(field("metadata.metadata_key.path: the provider's payload_in_metadata, then the claim"));
-                }
-                DescriptorAction::JwtClaim {
-                    key: m.descriptor_key.clone(),
-                    path,
-                    default: (!m.default_value.is_empty()).then(|| m.default_value.clone()),
+                } else {
+                    DescriptorAction::JwtClaim {
+                        key: m.descriptor_key.clone(),
+                        path,
+                        default: (!m.default_value.is_empty()).then(|| m.default_value.clone()),
+                    }
                 }
             }
             _ => {
                 return Err(field(
-                    "only request_headers, remote_address, generic_key and metadata (jwt_authn) are supported",
+                    "only request_headers, remote_address, generic_key and metadata (jwt_authn, nip.tenant) are supported",
                 ))
             }
         });
@@ -933,17 +959,30 @@ fn metadata_match(m: &MetadataMatcher) -> Result<MetadataMatch, String> {
             None => Err("metadata.path: a segment has no key".to_string()),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if m.filter != crate::policy::rbac::JWT_METADATA {
+    let value = m.value.as_ref().ok_or("metadata.value is missing")?;
+    if m.filter == crate::policy::rbac::TENANT_METADATA {
+        use value_matcher::MatchPattern;
+        if path != ["id"]
+            || !matches!(
+                value.match_pattern,
+                Some(MatchPattern::StringMatch(_) | MatchPattern::PresentMatch(_))
+            )
+        {
+            return Err(format!(
+                "metadata: {} holds the tenant's id (path [id]); match it with string_match or present_match",
+                m.filter
+            ));
+        }
+    } else if m.filter != crate::policy::rbac::JWT_METADATA {
         return Err(format!(
-            "metadata.filter {:?}: NIP's requests carry the metadata of {} (verified JWT payloads) only",
+            "metadata.filter {:?}: NIP's requests carry the metadata of {} (verified JWT payloads) and {} (their tenant) only",
             m.filter,
-            crate::policy::rbac::JWT_METADATA
+            crate::policy::rbac::JWT_METADATA,
+            crate::policy::rbac::TENANT_METADATA
         ));
-    }
-    if path.len() < 2 {
+    } else if path.len() < 2 {
         return Err("metadata.path: the provider's payload_in_metadata, then the claim".into());
     }
-    let value = m.value.as_ref().ok_or("metadata.value is missing")?;
     Ok(MetadataMatch {
         filter: m.filter.clone(),
         path,

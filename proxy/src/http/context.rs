@@ -4,7 +4,7 @@
 use super::flags::ResponseFlag;
 use crate::compile::Snapshot;
 use crate::plugins::chain::{RequestPlugins, Verdict};
-use crate::route::Route;
+use crate::route::{Route, Tenant};
 use crate::upstream::cluster::Cluster;
 use crate::upstream::concurrency::{ConcurrencyPermit, Priority};
 use crate::upstream::endpoint::ActiveRequest;
@@ -57,6 +57,8 @@ pub struct RareState {
     pub(super) plugin_stop: Option<Verdict>,
     /// Headers an authorization service asked to add to the response.
     pub(super) response_headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The tenant `nip.tenant` identified, on a route no tenant owns.
+    pub(super) tenant: Option<Arc<Tenant>>,
 }
 
 /// Increments a gauge for as long as it lives.
@@ -84,6 +86,14 @@ impl RequestCtx {
     /// Records how a plugin ended the request.
     pub(super) fn stop_by_plugin(&mut self, verdict: Verdict) {
         self.rare().plugin_stop = Some(verdict);
+    }
+
+    /// The request's tenant: its route's owner, else the one `nip.tenant` identified.
+    pub(super) fn tenant(&self) -> Option<&Tenant> {
+        self.route
+            .as_ref()
+            .and_then(|r| r.tenant.as_ref())
+            .or_else(|| self.rare.as_ref()?.tenant.as_deref())
     }
 
     /// How a plugin ended the request, if one did (taken).

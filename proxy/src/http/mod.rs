@@ -855,11 +855,11 @@ impl ProxyHttp for Gateway {
                 if let Some(target) = route.targets.get(ctx.target) {
                     target.counters.count(status);
                 }
-                if let Some(tenant) = &route.tenant {
-                    tenant.counters.count(status);
-                }
             }
             None => manager.unrouted.count(status),
+        }
+        if let Some(tenant) = ctx.tenant() {
+            tenant.counters.count(status);
         }
         let peer = verified_peer(session);
         if let Some(peer) = peer.filter(|p| !p.certificate.uri().is_empty()) {
@@ -913,11 +913,7 @@ impl ProxyHttp for Gateway {
             cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
             upstream_host: &upstream,
             peer_uri_san: peer.map_or("", |p| p.certificate.uri()),
-            tenant: ctx
-                .route
-                .as_ref()
-                .and_then(|r| r.tenant.as_ref())
-                .map_or("", |t| &t.id),
+            tenant: ctx.tenant().map_or("", |t| &t.id),
         });
     }
 }

@@ -13,6 +13,7 @@ use crate::policy::global_ratelimit::GlobalOutcome;
 use crate::policy::jwt::{JwtAuthn, JwtError, JwtRequest, VerifiedPayload};
 use crate::policy::ratelimit::{descriptors, DescriptorFacts};
 use crate::policy::rbac::Facts;
+use crate::policy::tenant::IdentityFacts;
 use crate::policy::PolicyFilter;
 use crate::route::Route;
 use crate::upstream::concurrency::Priority;
@@ -30,6 +31,8 @@ pub(super) async fn run(
 ) -> bool {
     // Verified JWT payloads, for the RBAC filters after the jwt_authn one.
     let mut payloads: Vec<VerifiedPayload> = Vec::new();
+    // Whether a verified claim set the priority (a tenant's then leaves it).
+    let mut claimed_priority = false;
     for filter in filters {
         match filter {
             PolicyFilter::Jwt(authn) => {
@@ -38,11 +41,19 @@ pub(super) async fn run(
                     Ok(true) => {
                         authn.stats.allowed.inc();
                         // A verified claim may carry the priority (claim_to_headers into
-                        // x-nip-priority; a client's own copy was removed first).
+                        // x-nip-priority; a client's own copy was removed first). Only
+                        // then: a client's header must not undo a tenant's priority.
+                        let writes_priority = authn
+                            .written_headers
+                            .iter()
+                            .any(|h| h.as_str() == Priority::HEADER);
                         let claimed = session.req_header().headers.get(Priority::HEADER);
-                        if let Some(priority) = claimed.and_then(|v| Priority::parse(v.as_bytes()))
-                        {
+                        if let (true, Some(priority)) = (
+                            writes_priority,
+                            claimed.and_then(|v| Priority::parse(v.as_bytes())),
+                        ) {
                             ctx.priority = priority;
+                            claimed_priority = true;
                         }
                     }
                     Err(error) => {
@@ -50,6 +61,24 @@ pub(super) async fn run(
                         deny_jwt(session, ctx, error).await;
                         return true;
                     }
+                }
+            }
+            PolicyFilter::Tenant(identity) => {
+                if route.tenant.is_some() {
+                    continue;
+                }
+                let facts = IdentityFacts {
+                    headers: &session.req_header().headers,
+                    jwt: &payloads,
+                    peer: super::verified_peer(session).map(|p| &*p.certificate),
+                };
+                if let Some(found) = identity.identify(&facts) {
+                    if let (true, false, Some(priority)) =
+                        (found.verified, claimed_priority, found.tenant.priority)
+                    {
+                        ctx.priority = priority;
+                    }
+                    ctx.rare().tenant = Some(Arc::clone(found.tenant));
                 }
             }
             PolicyFilter::Rbac(listener_rules) => {
@@ -71,6 +100,7 @@ pub(super) async fn run(
                     destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
                     peer,
                     jwt: &payloads,
+                    tenant: ctx.tenant().map(|t| &*t.id),
                 };
                 if let Err(denied) = rbac.check(&facts) {
                     tracing::debug!(policy = ?denied.policy, route = %route.name, "RBAC denied a request");
@@ -101,7 +131,7 @@ pub(super) async fn run(
                 if route.policy.rate_limit_rules.is_empty() {
                     continue;
                 }
-                let descriptors = request_descriptors(session, route, &payloads);
+                let descriptors = request_descriptors(session, ctx, route, &payloads);
                 if descriptors.is_empty() {
                     continue;
                 }
@@ -157,7 +187,7 @@ pub(super) async fn run(
                 let Some(limit) = own.map_or(shared.as_ref(), |(_, l)| l.as_ref()) else {
                     continue;
                 };
-                let descriptors = request_descriptors(session, route, &payloads);
+                let descriptors = request_descriptors(session, ctx, route, &payloads);
                 let Err(limited) = limit.check(&descriptors) else {
                     continue;
                 };
@@ -192,6 +222,7 @@ pub(super) async fn run(
 /// The descriptors the route's `rate_limits` actions make of this request.
 fn request_descriptors(
     session: &Session,
+    ctx: &RequestCtx,
     route: &Route,
     payloads: &[VerifiedPayload],
 ) -> Vec<crate::policy::ratelimit::Descriptor> {
@@ -202,6 +233,7 @@ fn request_descriptors(
             .and_then(|a| a.as_inet())
             .map(|a| a.ip()),
         jwt: payloads,
+        tenant: ctx.tenant().map(|t| &*t.id),
     };
     descriptors(&route.policy.rate_limit_rules, &facts)
 }

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! request ─▶ jwt (authentication: tokens verified, payloads kept, claims to headers)
+//!         ─▶ tenant (whose request: the route's owner, else a header, claim or certificate)
 //!         ─▶ rbac (authorization: principals × permissions; ALLOW/DENY/LOG; shadow rules)
 //!         ─▶ ext_authz (authorization by an external service over HTTP or gRPC)
 //!         ─▶ local_ratelimit (the route's token buckets, per client key or not)
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
+pub mod tenant;
 
 use std::sync::Arc;
 
@@ -44,6 +46,8 @@ pub enum PolicyFilter {
     },
     /// Envoy's `ratelimit`: limits counted by a rate limit service for every proxy.
     GlobalRateLimit(Arc<global_ratelimit::GlobalRateLimit>),
+    /// NIP's `nip.tenant`: names the tenant of requests on routes no tenant owns.
+    Tenant(Arc<tenant::TenantIdentity>),
 }
 
 /// A route's settings for the policy filters (Envoy's `typed_per_filter_config` for them).

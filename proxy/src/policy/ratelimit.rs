@@ -243,6 +243,12 @@ pub enum DescriptorAction {
         /// The value without the claim (`None`: no descriptor).
         default: Option<String>,
     },
+    /// `metadata` of `nip.tenant`, path `id`: the request's tenant (no descriptor for a
+    /// request without one).
+    Tenant {
+        /// The entry's key.
+        key: String,
+    },
 }
 
 /// What descriptors are made of.
@@ -254,6 +260,8 @@ pub struct DescriptorFacts<'a> {
     pub source: Option<IpAddr>,
     /// Verified JWT payloads.
     pub jwt: &'a [VerifiedPayload],
+    /// The request's tenant id.
+    pub tenant: Option<&'a str>,
 }
 
 /// A descriptor: entries of key and value.
@@ -287,6 +295,10 @@ impl DescriptorAction {
                     None => Err(()),
                 }
             }
+            DescriptorAction::Tenant { key } => facts
+                .tenant
+                .map(|id| Some((key.clone(), id.to_string())))
+                .ok_or(()),
         }
     }
 }
@@ -524,6 +536,7 @@ mod tests {
                     headers,
                     source: None,
                     jwt: &[],
+                    tenant: None,
                 },
             ))
         };

@@ -16,6 +16,9 @@ use std::net::{IpAddr, SocketAddr};
 
 /// The metadata namespace of verified JWT payloads (Envoy's jwt_authn filter name).
 pub const JWT_METADATA: &str = nip_xds::resources::names::JWT_AUTHN;
+/// The namespace of the request's tenant (`id`), written by `nip.tenant` (see
+/// [`super::tenant`]).
+pub const TENANT_METADATA: &str = nip_xds::resources::names::TENANT_METADATA;
 
 /// What a policy set does with the requests its policies match (Envoy's `RBAC.Action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,7 @@ impl ValueMatch {
 
 /// A test of the request's metadata (Envoy's `MetadataMatcher`): verified JWT payloads
 /// under [`JWT_METADATA`], `path[0]` the provider's `payload_in_metadata`, the rest the
-/// claim's path.
+/// claim's path; the request's tenant under [`TENANT_METADATA`], path `id`.
 #[derive(Debug, Clone)]
 pub struct MetadataMatch {
     /// `filter`.
@@ -94,6 +97,17 @@ impl MetadataMatch {
                 }
                 Some(value)
             })
+        } else if self.filter == TENANT_METADATA {
+            let id = match self.path.as_slice() {
+                [key] if key == "id" => facts.tenant,
+                _ => None,
+            };
+            let matched = match (&self.value, id) {
+                (ValueMatch::Present(present), id) => id.is_some() == *present,
+                (ValueMatch::String(m), Some(id)) => m.matches(id),
+                _ => false,
+            };
+            return matched != self.invert;
         } else {
             None
         };
@@ -249,6 +263,8 @@ pub struct Facts<'a> {
     pub peer: Option<&'a PeerCertificate>,
     /// Verified JWT payloads.
     pub jwt: &'a [VerifiedPayload],
+    /// The request's tenant id (dynamic metadata `nip.tenant` → `id`).
+    pub tenant: Option<&'a str>,
 }
 
 impl Permission {
@@ -281,15 +297,7 @@ impl Principal {
             Principal::Authenticated(name) => match (f.peer, name) {
                 (None, _) => false,
                 (Some(_), None) => true,
-                (Some(peer), Some(m)) => {
-                    if !peer.uris.is_empty() {
-                        peer.uris.iter().any(|u| m.matches(u))
-                    } else if !peer.dns_names.is_empty() {
-                        peer.dns_names.iter().any(|d| m.matches(d))
-                    } else {
-                        m.matches(&peer.subject)
-                    }
-                }
+                (Some(peer), Some(m)) => super::tenant::principal_matches(peer, m),
             },
             Principal::SourceIp(c) => f.source.is_some_and(|s| c.contains(s)),
             Principal::Header(h) => h.matches(f.method, f.headers),
@@ -400,6 +408,7 @@ mod tests {
             destination: Some("127.0.0.1:8080".parse().unwrap()),
             peer: None,
             jwt,
+            tenant: None,
         }
     }
 

@@ -141,16 +141,7 @@ pub struct Target {
     pub counters: RequestCounters,
 }
 
-/// The tenant a route belongs to.
-#[derive(Debug)]
-pub struct Tenant {
-    /// Its id.
-    pub id: Arc<str>,
-    /// The priority its requests get (`None`: theirs).
-    pub priority: Option<crate::upstream::concurrency::Priority>,
-    /// Its request counters.
-    pub counters: RequestCounters,
-}
+pub use crate::policy::tenant::Tenant;
 
 /// A compiled route.
 #[derive(Debug)]

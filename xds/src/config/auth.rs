@@ -285,6 +285,9 @@ pub struct PrincipalConfig {
     /// A verified JWT claim.
     #[serde(default)]
     pub claim: Option<ClaimConfig>,
+    /// A request of this tenant: on one of its routes, or named by `tenant_key`.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Not this.
     #[serde(default)]
     pub not: Option<Box<PrincipalConfig>>,
@@ -626,12 +629,22 @@ fn principal_problems(
         + p.source_ip.is_some() as usize
         + p.header.is_some() as usize
         + p.claim.is_some() as usize
+        + p.tenant.is_some() as usize
         + p.not.is_some() as usize;
     if set == 0 {
         add(
             path.to_string(),
-            "set any, authenticated, principal, source_ip, header, claim or not".into(),
+            "set any, authenticated, principal, source_ip, header, claim, tenant or not".into(),
         );
+    }
+    if let Some(tenant) = &p.tenant {
+        let single = config.tenant.as_ref().is_some_and(|t| t.id == *tenant);
+        if !single && !config.tenants.contains_key(tenant) {
+            add(
+                format!("{path}.tenant"),
+                format!("{tenant:?} is not among tenants"),
+            );
+        }
     }
     if let Some(range) = &p.source_ip {
         if cidr_parts(range).is_none() {

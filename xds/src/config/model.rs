@@ -37,7 +37,10 @@ pub struct Config {
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
     /// How a request on a route no tenant owns names its tenant: a header (set by a
-    /// trusted layer in front, e.g. the authorization service) or a verified JWT claim.
+    /// trusted layer in front, e.g. the authorization service), a verified JWT claim, or
+    /// the client certificate (each tenant's `principals`). Its tenant's quota, metrics
+    /// and RBAC principals (`tenant:`) apply to it, and its priority unless a header
+    /// named it.
     #[serde(default)]
     pub tenant_key: Option<TenantKeyConfig>,
     /// Authentication (JWT providers) and authorization (RBAC) at the edge.
@@ -1322,6 +1325,11 @@ pub struct TenantConfig {
     /// by the proxy, whatever the client sends (a verified claim may still set it).
     #[serde(default)]
     pub priority: Option<String>,
+    /// Client certificates that are this tenant's, for `tenant_key: { certificate: true
+    /// }`: principals (URI SAN, else DNS SAN, else subject; a trailing `*` matches a
+    /// prefix), e.g. `spiffe://nip.local/ns/acme/*`.
+    #[serde(default)]
+    pub principals: Vec<String>,
 }
 
 /// Where a request's tenant id is (exactly one).
@@ -1334,6 +1342,10 @@ pub struct TenantKeyConfig {
     /// A verified JWT claim holding the tenant id (`org`, `org.id`).
     #[serde(default)]
     pub claim: Option<String>,
+    /// The client certificate: the first tenant (by id) one of whose `principals` it
+    /// matches.
+    #[serde(default)]
+    pub certificate: bool,
 }
 
 /// Tenant quotas; `message_rate` is `N/sec`, `N/min` or `N/hour`.

@@ -15,8 +15,9 @@
 //!
 //! `resource_quota.message_rate` becomes a rate limit on all of the tenant's requests
 //! together (the translator's `nip.tenant_ratelimit` filter): those of its routes, and
-//! on routes no tenant owns, those whose `tenant_key` (a header or a verified claim)
-//! names it; `data.locality` pins its routes to a region.
+//! on routes no tenant owns, those whose `tenant_key` (a header, a verified claim, or a
+//! client certificate matching the tenant's `principals`) names it; `data.locality` pins
+//! its routes to a region.
 
 use super::{Config, RouteConfig, TenantConfig};
 
@@ -70,8 +71,8 @@ pub fn tenant_problems(config: &Config) -> Vec<(String, String)> {
                 "names a tenant of `tenants`, which has none".to_string(),
             ));
         }
-        match (&key.header, &key.claim) {
-            (Some(header), None) => {
+        match (&key.header, &key.claim, key.certificate) {
+            (Some(header), None, false) => {
                 if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
                     problems.push((
                         "tenant_key.header".to_string(),
@@ -79,7 +80,7 @@ pub fn tenant_problems(config: &Config) -> Vec<(String, String)> {
                     ));
                 }
             }
-            (None, Some(claim)) => {
+            (None, Some(claim), false) => {
                 if claim.is_empty() || claim.split('.').any(str::is_empty) {
                     problems.push((
                         "tenant_key.claim".to_string(),
@@ -93,10 +94,52 @@ pub fn tenant_problems(config: &Config) -> Vec<(String, String)> {
                     ));
                 }
             }
+            (None, None, true) => {
+                let tls = &config.api_gateway.tls;
+                if tls.client_ca_file.is_none() && !tls.mesh {
+                    problems.push((
+                        "tenant_key.certificate".to_string(),
+                        "needs client certificates: set api_gateway.tls.client_ca_file or api_gateway.tls.mesh".to_string(),
+                    ));
+                }
+                if config.tenants.values().all(|t| t.principals.is_empty()) {
+                    problems.push((
+                        "tenant_key.certificate".to_string(),
+                        "no tenant has principals to match a certificate against".to_string(),
+                    ));
+                }
+            }
             _ => problems.push((
                 "tenant_key".to_string(),
-                "set exactly one of header, claim".to_string(),
+                "set exactly one of header, claim, certificate: true".to_string(),
             )),
+        }
+    }
+    let certificate_key = config.tenant_key.as_ref().is_some_and(|k| k.certificate);
+    let blocks = config
+        .tenant
+        .iter()
+        .map(|t| ("tenant".to_string(), t))
+        .chain(
+            config
+                .tenants
+                .iter()
+                .map(|(id, t)| (format!("tenants.{id}"), t)),
+        );
+    for (path, tenant) in blocks {
+        if !tenant.principals.is_empty() && !certificate_key {
+            problems.push((
+                format!("{path}.principals"),
+                "are read only with tenant_key: { certificate: true }".to_string(),
+            ));
+        }
+        for (i, principal) in tenant.principals.iter().enumerate() {
+            if principal.is_empty() || principal == "*" {
+                problems.push((
+                    format!("{path}.principals[{i}]"),
+                    format!("{principal:?} would match every certificate"),
+                ));
+            }
         }
     }
     for (id, tenant) in &config.tenants {

@@ -54,7 +54,8 @@ pub fn jwks_cluster_name(provider: &str) -> String {
     format!("jwks|{provider}")
 }
 
-/// The auth HTTP filters of the gateway's connection manager, in the order they run.
+/// The auth HTTP filters of the gateway's connection manager, in the order they run
+/// (`nip.tenant` among them, after `jwt_authn`: RBAC may ask for a tenant).
 pub(super) fn http_filters(config: &Config) -> Vec<HttpFilter> {
     let mut filters = Vec::new();
     let filter = |name: &str, any: Any| HttpFilter {
@@ -68,6 +69,7 @@ pub(super) fn http_filters(config: &Config) -> Vec<HttpFilter> {
             pack_any(jwt_authentication(config)),
         ));
     }
+    filters.extend(super::tenants::tenant_identity_filter(config));
     let route_rbac = config
         .routes
         .iter()
@@ -529,6 +531,9 @@ fn principal(p: &PrincipalConfig, providers: &[String]) -> Principal {
     if let Some(claim) = &p.claim {
         all.push(claim_identifier(claim, providers));
     }
+    if let Some(tenant) = &p.tenant {
+        all.push(tenant_identifier(tenant));
+    }
     if let Some(not) = &p.not {
         all.push(Identifier::NotId(Box::new(principal(not, providers))));
     }
@@ -547,6 +552,23 @@ fn principal(p: &PrincipalConfig, providers: &[String]) -> Principal {
     Principal {
         identifier: Some(identifier),
     }
+}
+
+/// The request's tenant (dynamic metadata `nip.tenant` → `id`) is `tenant`.
+#[allow(deprecated)] // `metadata`: deprecated for `sourced_metadata` in Envoy, still read.
+fn tenant_identifier(tenant: &str) -> principal::Identifier {
+    principal::Identifier::Metadata(MetadataMatcher {
+        filter: names::TENANT_METADATA.to_string(),
+        path: vec![metadata_matcher::PathSegment {
+            segment: Some(metadata_matcher::path_segment::Segment::Key(
+                "id".to_string(),
+            )),
+        }],
+        value: Some(ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::StringMatch(exact(tenant))),
+        }),
+        invert: false,
+    })
 }
 
 /// A claim equal to the value, or a list claim holding it, in the payload of the named
