@@ -773,8 +773,12 @@ tenants:
   acme:
     plugins: { whitelist: ["acme:*"], allow_custom: false }
     data: { isolated: true, encryption: true }
-  globex: {}
+  globex: { principals: ["*"] }
 tenant_key: { header: x-tenant, claim: org }
+auth:
+  rbac:
+    policies:
+      tenants: { permissions: [{ any: true }], principals: [{ tenant: initech }] }
 plugins:
   "acme:audit": { source: { file: /plugins/audit.wasm } }
   "official:cors": { source: { file: /plugins/cors.wasm } }
@@ -801,7 +805,10 @@ routes:
         "routes[1].service: tenant acme requires encryption: service \"globex-api\" has no tls",
         "routes[2].service: tenant acme requires encryption: service \"acme-plain\" has no tls",
         "routes[3].tenant: \"initech\" is not among tenants",
-        "tenant_key: set exactly one of header, claim",
+        "tenant_key: set exactly one of header, claim, certificate: true",
+        "tenants.globex.principals: are read only with tenant_key: { certificate: true }",
+        "tenants.globex.principals[0]: \"*\" would match every certificate",
+        "auth.rbac.policies.tenants.principals[0].tenant: \"initech\" is not among tenants",
     ] {
         assert!(stderr.contains(expected), "{expected:?} in:\n{stderr}");
     }
@@ -868,6 +875,153 @@ routes:
     for _ in 0..10 {
         assert_eq!(call(&proxy, "/x", Some(&globex)).await.0, 200);
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate per (name, URI SAN),
+/// as PEM files in `dir`: `ca.pem`, `server.pem`, `server.key`, `NAME.pem` (certificate
+/// and key, as a client presents them).
+fn mtls_pki(dir: &std::path::Path, clients: &[(&str, &str)]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "NIP tenants CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let mut server = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    server.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+    server
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "gateway");
+    let server = server.signed_by(&server_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    for (name, uri) in clients {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::Ia5String::try_from(uri.to_string()).unwrap(),
+        )];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, *name);
+        let certificate = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            format!("{}{}", certificate.pem(), key.serialize_pem()),
+        )
+        .unwrap();
+    }
+}
+
+/// An HTTPS client trusting `dir`'s CA, presenting `dir/NAME.pem` when a name is given.
+fn tls_client(dir: &std::path::Path, identity: Option<&str>) -> reqwest::Client {
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .timeout(std::time::Duration::from_secs(20));
+    if let Some(name) = identity {
+        let pem = std::fs::read(dir.join(format!("{name}.pem"))).unwrap();
+        builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_names_its_tenant_for_quota_rbac_metrics_and_logs() {
+    let _turn = crate::common::module_turn(module_path!());
+    let backend = Backend::start("shared").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mtls_pki(
+        d,
+        &[
+            ("acme", "spiffe://nip.local/ns/acme/sa/web"),
+            ("globex", "spiffe://nip.local/ns/globex/sa/api"),
+            ("stranger", "spiffe://nip.local/ns/other/sa/web"),
+        ],
+    );
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway:
+  address: "127.0.0.1:{{port}}"
+  tls: {{ enabled: true, cert_file: "{d}/server.pem", key_file: "{d}/server.key", client_ca_file: "{d}/ca.pem" }}
+  access_log: {{ enabled: true, path: "{d}/access.log", format: json }}
+auth:
+  rbac:
+    policies:
+      tenants-only: {{ permissions: [{{ any: true }}], principals: [{{ tenant: acme }}, {{ tenant: globex }}] }}
+tenants:
+  acme: {{ principals: ["spiffe://nip.local/ns/acme/*"], resource_quota: {{ message_rate: "3/min" }} }}
+  globex: {{ principals: ["spiffe://nip.local/ns/globex/*"], resource_quota: {{ message_rate: "1000/sec" }} }}
+tenant_key: {{ certificate: true }}
+services:
+  api: {{ endpoints: ["{backend}"] }}
+routes:
+  - {{ name: shared, service: api }}
+"#,
+        d = d.display(),
+        backend = backend.address,
+    ))
+    .await;
+    let url = format!("https://127.0.0.1:{}/x", proxy.port);
+    let get = |client: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            let response = client.get(&url).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    // The certificate's principal names the tenant, whose quota counts its requests.
+    let acme = tls_client(d, Some("acme"));
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(get(acme.clone()).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    let globex = tls_client(d, Some("globex"));
+    for _ in 0..10 {
+        assert_eq!(get(globex.clone()).await.0, 200);
+    }
+    // RBAC lets in the two tenants only: a certificate of no tenant, or none, is refused.
+    for client in [tls_client(d, Some("stranger")), tls_client(d, None)] {
+        assert_eq!(get(client).await, (403, "RBAC: access denied".to_string()));
+    }
+    // Metrics and the access log name the tenant.
+    proxy
+        .wait_for_sample(
+            "nip_tenant_requests_total",
+            &[("tenant", "globex"), ("status_class", "2xx")],
+            10.0,
+        )
+        .await;
+    let metrics = proxy.metrics().await;
+    let acme_class = |class: &str| {
+        sample(
+            &metrics,
+            "nip_tenant_requests_total",
+            &[("tenant", "acme"), ("status_class", class)],
+        )
+    };
+    assert_eq!(
+        (acme_class("2xx"), acme_class("4xx")),
+        (3.0, 1.0),
+        "{metrics}"
+    );
+    eventually("the access log names each request's tenant", || async {
+        let log = std::fs::read_to_string(d.join("access.log")).unwrap_or_default();
+        log.matches("\"tenant\":\"acme\"").count() == 4
+            && log.matches("\"tenant\":\"globex\"").count() == 10
+            && log.matches("\"tenant\":\"\"").count() == 2
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -508,11 +508,13 @@ async fn tenants_have_their_own_message_rate() {
     let _turn = crate::common::module_turn(module_path!());
     let acme = Backend::start("acme").await;
     let globex = Backend::start("globex").await;
+    let status = Backend::start("status").await;
     let proxy = Proxy::start(&example(
         "tenants",
         &[
             ("127.0.0.1:8081", acme.address),
             ("127.0.0.1:8082", globex.address),
+            ("127.0.0.1:8083", status.address),
         ],
     ))
     .await;
@@ -526,5 +528,25 @@ async fn tenants_have_their_own_message_rate() {
     assert!((10..=most).contains(&passed), "acme: {passed} of 40 passed");
     for _ in 0..40 {
         assert_eq!(status_of(&proxy, "/globex/x", None).await, 200);
+    }
+    // On the shared route, x-tenant says whose quota a request takes from: acme's is
+    // spent (the bucket refills at 10 a second: a burst of 20 outruns it).
+    let shared = |tenant: Option<&'static str>| {
+        let mut request = client().get(proxy.url("/status"));
+        if let Some(tenant) = tenant {
+            request = request.header("x-tenant", tenant);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut acme_statuses = Vec::new();
+    for _ in 0..20 {
+        acme_statuses.push(shared(Some("acme")).await);
+    }
+    assert!(
+        acme_statuses.contains(&429),
+        "acme on /status: {acme_statuses:?}"
+    );
+    for tenant in [Some("globex"), None] {
+        assert_eq!(shared(tenant).await, 200, "{tenant:?} on /status");
     }
 }

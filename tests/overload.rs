@@ -355,3 +355,90 @@ routes:
         "the free tenant is shed: {free_shed} of {free_sent}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_named_by_a_verified_claim_gets_its_priority_on_a_shared_route() {
+    let _turn = crate::common::module_turn(module_path!());
+    let issuer = JwtIssuer::start().await;
+    let backend = Backend::start("web").await;
+    backend.set_workers(4);
+    backend.set_delay(Duration::from_millis(25));
+    // One route for everyone; the token's org claim names the tenant, whose priority the
+    // proxy sets whatever the client sends.
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+auth:
+  jwt_providers:
+    idp: {{ issuer: {issuer}, jwks_uri: {issuer}/jwks.json }}
+tenants:
+  gold: {{ priority: high }}
+  free: {{ priority: low }}
+tenant_key: {{ claim: org.id }}
+services:
+  web:
+    endpoints: ["{backend}"]
+    adaptive_concurrency: {{}}
+routes:
+  - {{ service: web, auth: {{ jwt: idp }} }}
+"#,
+        issuer = issuer.url,
+        backend = backend.address,
+    ))
+    .await;
+    let url = proxy.url("/");
+    let gold = issuer.token("sub=g&org=gold").await;
+    let free = issuer.token("sub=f&org=free").await;
+    let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
+    let warm = Arc::new(Tally::default());
+    offer_with(
+        url.clone(),
+        vec![bearer(&gold)],
+        60,
+        Duration::from_secs(2),
+        Arc::clone(&warm),
+    )
+    .await;
+    let (high, low) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let duration = Duration::from_secs(8);
+    tokio::join!(
+        offer_with(
+            url.clone(),
+            vec![bearer(&gold), ("x-nip-priority", "low".to_string())],
+            48,
+            duration,
+            Arc::clone(&high)
+        ),
+        offer_with(
+            url.clone(),
+            vec![bearer(&free), ("x-nip-priority", "high".to_string())],
+            432,
+            duration,
+            Arc::clone(&low)
+        ),
+    );
+    let (gold_sent, gold_ok) = (
+        high.sent.load(Ordering::Relaxed),
+        high.ok.load(Ordering::Relaxed),
+    );
+    let (free_sent, free_shed) = (
+        low.sent.load(Ordering::Relaxed),
+        low.shed.load(Ordering::Relaxed),
+    );
+    assert!(
+        gold_ok as f64 >= 0.99 * gold_sent as f64,
+        "the gold tenant: {gold_ok} of {gold_sent} succeeded"
+    );
+    assert!(
+        free_shed as f64 >= 0.3 * free_sent as f64,
+        "the free tenant is shed despite its own x-nip-priority: high: {free_shed} of {free_sent}"
+    );
+    proxy
+        .wait_for_sample(
+            "nip_tenant_requests_total",
+            &[("tenant", "gold"), ("status_class", "2xx")],
+            (gold_ok + warm.ok.load(Ordering::Relaxed)) as f64,
+        )
+        .await;
+}

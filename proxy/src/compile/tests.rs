@@ -1116,3 +1116,180 @@ fn connect_routes_terminate_here_and_anything_else_is_refused_by_name() {
     let e = compile(&other).unwrap_err().to_string();
     assert!(e.contains("upgrade type \"h2c\" is not supported"), "{e}");
 }
+
+#[test]
+fn the_tenant_filter_runs_after_jwt_authn_and_before_rbac_and_its_config_is_checked() {
+    use crate::policy::ratelimit::DescriptorAction;
+    use crate::policy::tenant::TenantKey;
+    use crate::policy::PolicyFilter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let t = translated(
+        r#"
+tenants:
+  acme: { priority: high, resource_quota: { message_rate: "5/sec" } }
+  globex: {}
+tenant_key: { header: X-Tenant }
+auth:
+  jwt_providers:
+    idp: { issuer: "https://idp.example", jwks: '{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}' }
+  rbac:
+    policies:
+      acme-only: { permissions: [{ any: true }], principals: [{ tenant: acme }] }
+services:
+  web: { endpoints: ["127.0.0.1:8081"] }
+routes:
+  - { name: shared, service: web }
+"#,
+    );
+    let snapshot = compile(&t).unwrap();
+    let manager = snapshot.primary_http();
+    let kinds: Vec<&str> = manager
+        .policy
+        .iter()
+        .map(|f| match f {
+            PolicyFilter::Jwt(_) => "jwt_authn",
+            PolicyFilter::Tenant(_) => "nip.tenant",
+            PolicyFilter::Rbac(_) => "rbac",
+            PolicyFilter::LocalRateLimit { .. } => "local_ratelimit",
+            PolicyFilter::ExtAuthz(_) => "ext_authz",
+            PolicyFilter::GlobalRateLimit(_) => "ratelimit",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["jwt_authn", "nip.tenant", "rbac", "local_ratelimit"]
+    );
+    let PolicyFilter::Tenant(identity) = &manager.policy[1] else {
+        unreachable!()
+    };
+    assert!(matches!(&identity.key, TenantKey::Header(h) if h == "x-tenant"));
+    assert_eq!(
+        identity.tenants["acme"].priority,
+        Some(crate::upstream::concurrency::Priority::High)
+    );
+    assert_eq!(identity.tenants["globex"].priority, None);
+    let route = manager
+        .router
+        .route("any", "/", &http::Method::GET, &http::HeaderMap::new())
+        .unwrap();
+    assert!(matches!(
+        route.policy.rate_limit_rules.as_slice(),
+        [rule] if matches!(rule.as_slice(), [DescriptorAction::Tenant { key }] if key == "tenant")
+    ));
+
+    // What another xDS server might send instead.
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let object = |fields: Vec<(&str, Value)>| Value {
+        kind: Some(Kind::StructValue(Struct {
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        })),
+    };
+    let tenants = |settings: Value| ("tenants", object(vec![("acme", settings)]));
+    let cases = [
+        (
+            vec![
+                ("header", text("x-t")),
+                ("claim", text("org")),
+                tenants(object(vec![])),
+            ],
+            "set exactly one of header, claim, certificate: true",
+        ),
+        (
+            vec![("header", text("x t")), tenants(object(vec![]))],
+            "header \"x t\" is not a header name",
+        ),
+        (
+            vec![("claim", text("org..id")), tenants(object(vec![]))],
+            "claim \"org..id\" is not a claim path",
+        ),
+        (
+            vec![("header", text("x-t"))],
+            "tenants must map at least one",
+        ),
+        (
+            vec![
+                ("header", text("x-t")),
+                tenants(object(vec![("priority", text("urgent"))])),
+            ],
+            "tenants.acme.priority \"urgent\" is not low, normal or high",
+        ),
+        (
+            vec![
+                ("header", text("x-t")),
+                tenants(object(vec![("quota", text("1"))])),
+            ],
+            "tenants.acme.\"quota\" is not a field",
+        ),
+        (
+            vec![
+                (
+                    "certificate",
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                ),
+                tenants(object(vec![])),
+            ],
+            "certificate: true needs principals on at least one tenant",
+        ),
+        (
+            vec![
+                (
+                    "certificate",
+                    Value {
+                        kind: Some(Kind::BoolValue(true)),
+                    },
+                ),
+                tenants(object(vec![(
+                    "principals",
+                    Value {
+                        kind: Some(Kind::ListValue(
+                            envoy_types::pb::google::protobuf::ListValue {
+                                values: vec![text("*")],
+                            },
+                        )),
+                    },
+                )])),
+            ],
+            "tenants.acme.principals[0] \"*\" would match every certificate",
+        ),
+    ];
+    for (fields, expected) in cases {
+        let mut resources = t.resources.clone();
+        let listener = &mut resources.listeners[0];
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &listener.filter_chains[0].filters[0].config_type
+        else {
+            panic!("hcm is typed");
+        };
+        let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let tenant = hcm
+            .http_filters
+            .iter_mut()
+            .find(|f| f.name == names::TENANT_FILTER)
+            .unwrap();
+        tenant.config_type = Some(http_filter::ConfigType::TypedConfig(
+            envoy_types::util::pack_any(Struct {
+                fields: fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            }),
+        ));
+        listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(
+            envoy_types::util::pack_any(hcm),
+        ));
+        let e = compile(&nip_xds::translate::Translation {
+            resources,
+            ..t.clone()
+        })
+        .unwrap_err();
+        assert!(e.message.contains(expected), "{expected:?} in {e}");
+    }
+}

@@ -413,6 +413,33 @@ mod tests {
     }
 
     #[test]
+    fn the_tenant_metadata_matches_the_requests_tenant() {
+        let headers = HeaderMap::new();
+        let matcher = |value| MetadataMatch {
+            filter: TENANT_METADATA.to_string(),
+            path: vec!["id".into()],
+            value,
+            invert: false,
+        };
+        let acme = matcher(ValueMatch::String(StringMatch::Exact("acme".into())));
+        let anyone = matcher(ValueMatch::Present(true));
+        let with = |tenant| Facts {
+            tenant,
+            ..facts(&headers, "/", &[])
+        };
+        assert!(acme.matches(&with(Some("acme"))));
+        assert!(!acme.matches(&with(Some("globex"))));
+        assert!(!acme.matches(&with(None)));
+        assert!(anyone.matches(&with(Some("globex"))));
+        assert!(!anyone.matches(&with(None)));
+        let not_acme = MetadataMatch {
+            invert: true,
+            ..acme.clone()
+        };
+        assert!(not_acme.matches(&with(None)));
+    }
+
+    #[test]
     fn path_templates_match_segments() {
         let t = PathTemplate::parse("/users/{id}/orders/**").unwrap();
         assert!(t.matches("/users/7/orders/1/items"));
