@@ -396,3 +396,37 @@ fn a_rate_limit_needs_requests_and_a_period() {
         );
     }
 }
+
+#[test]
+fn a_tenant_named_by_certificate_needs_client_certificates_and_principals() {
+    let errors = errors_of(
+        r#"
+tenants:
+  acme: {}
+tenant_key: { certificate: true }
+"#,
+    );
+    for expected in [
+        "tenant_key.certificate: needs client certificates",
+        "tenant_key.certificate: no tenant has principals",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "{expected:?} in {errors:?}"
+        );
+    }
+    let errors = errors_of(
+        r#"
+api_gateway: { tls: { enabled: true, mesh: true } }
+tenants:
+  acme: { principals: ["spiffe://nip.local/ns/acme/*"] }
+tenant_key: { certificate: true, header: x-tenant }
+"#,
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("tenant_key: set exactly one of header, claim, certificate")),
+        "{errors:?}"
+    );
+}
