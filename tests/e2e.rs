@@ -16,5 +16,6 @@ mod interception;
 mod interop;
 mod multi_region;
 mod overload;
+mod plugin_sdk;
 mod plugins;
 mod trust;

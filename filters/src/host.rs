@@ -86,6 +86,16 @@ pub struct RequestInfo {
     pub cluster_name: Arc<str>,
     /// Response status once known (`response.code`).
     pub response_code: Option<u16>,
+    /// The connection manager's `stat_prefix` (`listener_name`).
+    pub listener_name: Arc<str>,
+    /// The request's tenant, once the proxy's policy named one (`nip.tenant`).
+    pub tenant: Option<Arc<str>>,
+    /// Who the request was authenticated as (`nip.principal`): a verified JWT's
+    /// `iss/sub`, else the client certificate's URI SAN, DNS SAN or subject.
+    pub principal: Option<Arc<str>>,
+    /// The request's priority class after the proxy's policy (`nip.priority`: `low`,
+    /// `normal`, `high`).
+    pub priority: &'static str,
 }
 
 /// Turns the proxy's own header representation into pairs, when a plugin first needs them.
@@ -284,6 +294,10 @@ pub struct HostState {
     pub wake: Arc<Notify>,
     /// Tokens of the queues this instance registered.
     pub queues: Vec<u32>,
+    /// What an SDK plugin declared about itself (`nip_sdk_declare`).
+    pub declaration: Option<crate::sdk::Declaration>,
+    /// The SDK's last answer to a host request (`nip_sdk_report`), taken by the host.
+    pub report: Option<Vec<u8>>,
 }
 
 impl HostState {
@@ -420,6 +434,17 @@ impl HostState {
                 .and_then(|i| i.peer_certificate.as_ref())
                 .map(|p| p.subject.as_bytes().to_vec()),
             ["route_name"] => info.map(|i| i.route_name.as_bytes().to_vec()),
+            ["listener_name"] => info.map(|i| i.listener_name.as_bytes().to_vec()),
+            ["nip", "tenant"] => info
+                .and_then(|i| i.tenant.as_ref())
+                .map(|t| t.as_bytes().to_vec()),
+            ["nip", "principal"] => info
+                .and_then(|i| i.principal.as_ref())
+                .map(|p| p.as_bytes().to_vec()),
+            ["nip", "priority"] => info
+                .map(|i| i.priority)
+                .filter(|p| !p.is_empty())
+                .map(|p| p.as_bytes().to_vec()),
             ["cluster_name"] => info.map(|i| i.cluster_name.as_bytes().to_vec()),
             ["response", "code"] => info
                 .and_then(|i| i.response_code)
@@ -1073,11 +1098,37 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             code(write(&mut c, ret, &(metric.get() as u64).to_le_bytes()))
         },
     )?;
-    unimplemented_fn!(
-        linker,
+    linker.func_wrap(
+        "env",
         "proxy_call_foreign_function",
-        (i32, i32, i32, i32, i32, i32)
-    );
+        |mut c: Caller<'_, HostState>,
+         name_ptr: i32,
+         name_len: i32,
+         args_ptr: i32,
+         args_len: i32,
+         ret_ptr: i32,
+         ret_size: i32| {
+            let result = read_string(&mut c, name_ptr, name_len).and_then(|name| {
+                let args = read(&mut c, args_ptr, args_len)?;
+                match name.as_str() {
+                    crate::sdk::DECLARE => {
+                        let declaration = crate::sdk::Declaration::parse(&args).map_err(|e| {
+                            tracing::warn!(plugin = %c.data().plugin.name, "{e}");
+                            Status::BadArgument
+                        })?;
+                        c.data_mut().declaration = Some(declaration);
+                        return_bytes(&mut c, crate::sdk::host_api().as_bytes(), ret_ptr, ret_size)
+                    }
+                    crate::sdk::REPORT => {
+                        c.data_mut().report = Some(args);
+                        return_bytes(&mut c, b"", ret_ptr, ret_size)
+                    }
+                    _ => Err(Status::NotFound),
+                }
+            });
+            code(result)
+        },
+    )?;
     Ok(())
 }
 

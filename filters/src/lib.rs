@@ -23,17 +23,21 @@
 //! * [`plugin`]: engine (epoch deadlines, compile cache), modules and instances.
 //! * [`shared`]: shared data (with CAS), shared queues and plugin metrics, common to all
 //!   instances.
+//! * [`sdk`]: what SDK v2 plugins declare (name, version, API version, checked at start)
+//!   and report (health, resource usage) through the ABI's foreign functions.
 //!
 //! This crate knows nothing of pingora or sockets: the proxy copies a request's headers and
 //! body chunks in and the plugin's edits out, and performs the HTTP calls plugins dispatch.
-//! gRPC callouts, L4 callbacks, foreign functions, `proxy_set_property` and
-//! `proxy_get_status` answer `UNIMPLEMENTED`.
+//! gRPC callouts, L4 callbacks, foreign functions other than the SDK's,
+//! `proxy_set_property` and `proxy_get_status` answer `UNIMPLEMENTED` (`NOT_FOUND` for an
+//! unknown foreign function).
 
 #![warn(missing_docs)]
 
 pub mod abi;
 pub mod host;
 pub mod plugin;
+pub mod sdk;
 pub mod shared;
 pub mod wasi;
 

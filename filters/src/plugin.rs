@@ -61,6 +61,14 @@ pub enum PluginError {
         /// Which callback.
         callback: &'static str,
     },
+    /// An SDK plugin built for a plugin API this host does not run.
+    #[error("plugin {plugin}: {reason}")]
+    Incompatible {
+        /// Plugin name.
+        plugin: String,
+        /// Both versions.
+        reason: String,
+    },
     /// A callback trapped, ran out of memory or passed its CPU deadline.
     #[error("plugin {plugin}: {callback} failed: {reason}")]
     Trap {
@@ -227,6 +235,7 @@ struct Callbacks {
     log: Option<TypedFunc<i32, ()>>,
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<TypedFunc<i32, ()>>,
+    foreign_function: Option<TypedFunc<(i32, i32, i32), ()>>,
 }
 
 /// One running, configured plugin VM.
@@ -266,6 +275,8 @@ impl PluginInstance {
             callout_response: None,
             wake: Arc::default(),
             queues: Vec::new(),
+            declaration: None,
+            report: None,
         };
         let mut store = Store::new(&module.engine.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -320,6 +331,9 @@ impl PluginInstance {
             log: instance.get_typed_func(&mut store, "proxy_on_log").ok(),
             done: instance.get_typed_func(&mut store, "proxy_on_done").ok(),
             delete: instance.get_typed_func(&mut store, "proxy_on_delete").ok(),
+            foreign_function: instance
+                .get_typed_func(&mut store, "proxy_on_foreign_function")
+                .ok(),
         };
         let mut this = PluginInstance {
             store,
@@ -345,6 +359,16 @@ impl PluginInstance {
                 continue;
             };
             let accepted = this.guard(root, callback, |store, _| f.call(store, (root, size)))?;
+            // An SDK plugin declares itself in on_vm_start: refuse an API this host does
+            // not run before any more of its code does.
+            if let Some(declared) = &this.store.data().declaration {
+                declared
+                    .check()
+                    .map_err(|reason| PluginError::Incompatible {
+                        plugin: module.identity.name.clone(),
+                        reason: format!("{} {}: {reason}", declared.name, declared.version),
+                    })?;
+            }
             if accepted == 0 {
                 return Err(PluginError::Rejected {
                     plugin: module.identity.name.clone(),
@@ -487,6 +511,29 @@ impl PluginInstance {
         };
         self.store.data_mut().callout_response = None;
         result
+    }
+
+    /// What the plugin declared about itself, if it was built with an SDK.
+    pub fn declaration(&self) -> Option<&crate::sdk::Declaration> {
+        self.store.data().declaration.as_ref()
+    }
+
+    /// Asks an SDK plugin for a report ([`crate::sdk::HEALTH_CHECK`],
+    /// [`crate::sdk::RESOURCE_USAGE`]) under the CPU deadline; `None` from a raw plugin or
+    /// one that did not answer.
+    pub fn sdk_report(&mut self, function: i32) -> Result<Option<Vec<u8>>, PluginError> {
+        if self.store.data().declaration.is_none() || self.callbacks.foreign_function.is_none() {
+            return Ok(None);
+        }
+        let root = self.root_context;
+        self.store.data_mut().report = None;
+        self.guard(root, "proxy_on_foreign_function", |store, cb| {
+            match &cb.foreign_function {
+                Some(f) => f.call(store, (root, function, 0)),
+                None => Ok(()),
+            }
+        })?;
+        Ok(self.store.data_mut().report.take())
     }
 
     /// Runs `on_tick` on the root context.

@@ -264,6 +264,104 @@ pub async fn serve_bytes(bytes: Vec<u8>) -> (SocketAddr, Arc<AtomicUsize>) {
     (address, downloads)
 }
 
+/// What a [`Pages`] backend last got.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// A backend answering fixed pages by path — `(path, status, content type, body)`, 404
+/// elsewhere — that keeps the last request it got.
+pub struct Pages {
+    pub address: SocketAddr,
+    pub last: Arc<Mutex<Option<PageRequest>>>,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Pages {
+    pub async fn start(pages: &[(&str, u16, &str, &str)]) -> Pages {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let pages: Arc<Vec<(String, u16, String, String)>> = Arc::new(
+            pages
+                .iter()
+                .map(|(p, s, t, b)| (p.to_string(), *s, t.to_string(), b.to_string()))
+                .collect(),
+        );
+        let last = Arc::new(Mutex::new(None));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (seen, count) = (Arc::clone(&last), Arc::clone(&hits));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (pages, seen, count) =
+                    (Arc::clone(&pages), Arc::clone(&seen), Arc::clone(&count));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let (pages, seen, count) =
+                            (Arc::clone(&pages), Arc::clone(&seen), Arc::clone(&count));
+                        async move {
+                            use http_body_util::BodyExt;
+                            let (head, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes().to_vec());
+                            let path = head.uri.path().to_string();
+                            *seen.lock().unwrap() = Some(PageRequest {
+                                method: head.method.to_string(),
+                                path: head
+                                    .uri
+                                    .path_and_query()
+                                    .map_or(path.clone(), |p| p.to_string()),
+                                headers: head
+                                    .headers
+                                    .iter()
+                                    .map(|(n, v)| {
+                                        (n.to_string(), v.to_str().unwrap_or("").to_string())
+                                    })
+                                    .collect(),
+                                body: body.unwrap_or_default(),
+                            });
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let page = pages.iter().find(|(p, ..)| *p == path);
+                            let response = match page {
+                                Some((_, status, content_type, body)) => Response::builder()
+                                    .status(*status)
+                                    .header("content-type", content_type.as_str())
+                                    .body(Full::new(Bytes::from(body.clone()))),
+                                None => Response::builder()
+                                    .status(404)
+                                    .body(Full::new(Bytes::from_static(b"no such page\n"))),
+                            };
+                            Ok::<_, std::convert::Infallible>(response.unwrap())
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Pages {
+            address,
+            last,
+            hits,
+        }
+    }
+
+    /// The last request.
+    pub fn last(&self) -> PageRequest {
+        self.last.lock().unwrap().clone().unwrap_or_default()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
 /// A backend that accepts, reads the request, and closes without answering.
 pub async fn resetting_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -59,6 +59,12 @@ pub struct RareState {
     pub(super) response_headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The tenant `nip.tenant` identified, on a route no tenant owns.
     pub(super) tenant: Option<Arc<Tenant>>,
+    /// `iss/sub` of the first token `jwt_authn` verified (what plugins see as the
+    /// principal).
+    pub(super) jwt_principal: Option<Arc<str>>,
+    /// The request body as plugins left it, read before the head went upstream (sent in
+    /// place of what pingora read).
+    pub(super) request_body: Option<bytes::Bytes>,
 }
 
 /// Increments a gauge for as long as it lives.

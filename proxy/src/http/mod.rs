@@ -174,6 +174,26 @@ impl Gateway {
                     .map(|c| Arc::clone(&c.name))
                     .unwrap_or_default(),
                 response_code: None,
+                listener_name: ctx
+                    .manager
+                    .as_ref()
+                    .map(|m| Arc::from(m.stat_prefix.as_str()))
+                    .unwrap_or_default(),
+                tenant: ctx.tenant().map(|t| Arc::clone(&t.id)),
+                principal: ctx
+                    .rare
+                    .as_ref()
+                    .and_then(|r| r.jwt_principal.clone())
+                    .or_else(|| {
+                        let peer = &verified_peer(session)?.certificate;
+                        let name = peer
+                            .uris
+                            .first()
+                            .or(peer.dns_names.first())
+                            .unwrap_or(&peer.subject);
+                        (!name.is_empty()).then(|| Arc::from(name.as_str()))
+                    }),
+                priority: ctx.priority.as_str(),
             },
             ..Default::default()
         };
@@ -186,7 +206,20 @@ impl Gateway {
             end_of_stream,
         )
         .await;
-        ctx.plugins = Some(Box::new(chain));
+        let mut chain = Box::new(chain);
+        let verdict = match verdict {
+            Verdict::Continue if chain.wants_body_first() => {
+                match Box::pin(read_body_first(session, &mut chain)).await? {
+                    Ok(body) => {
+                        ctx.rare().request_body = Some(body);
+                        Verdict::Continue
+                    }
+                    Err(verdict) => verdict,
+                }
+            }
+            verdict => verdict,
+        };
+        ctx.plugins = Some(chain);
         if matches!(verdict, Verdict::Reset) {
             // No answer at all: fail_to_proxy closes the connection (or resets the stream).
             ctx.stop_by_plugin(verdict);
@@ -194,6 +227,32 @@ impl Gateway {
         }
         Ok(answer_plugin_verdict(session, ctx, verdict).await)
     }
+}
+
+/// The most of a request body pingora keeps to send upstream after it was read early (its
+/// retry buffer): a plugin that wants the body before the head can hold no more.
+const EARLY_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads the whole request body before the head goes upstream, for a plugin that paused
+/// the head until the body's end, and runs the plugins' body phase on it. pingora keeps
+/// what was read in its retry buffer and sends it upstream through `request_body_filter`,
+/// which puts the plugins' version in its place.
+async fn read_body_first(
+    session: &mut Session,
+    chain: &mut RequestPlugins,
+) -> Result<std::result::Result<Bytes, Verdict>> {
+    let limit = chain.max_body_bytes().min(EARLY_BODY_LIMIT);
+    session.as_mut().enable_retry_buffering();
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(Err(Verdict::RequestBodyTooLarge));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(chain
+        .on_whole_request_body(session.req_header_mut(), body.freeze())
+        .await)
 }
 
 /// Whether a response ends with its head: HEAD requests, 1xx/204/304, `content-length: 0`.
@@ -377,6 +436,14 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A body the plugins had before the head went: pingora sends what it read (its
+        // retry buffer) in one piece, on each try; the plugins' version goes instead.
+        if let Some(early) = ctx.rare.as_ref().and_then(|r| r.request_body.as_ref()) {
+            if body.is_some() {
+                *body = (!early.is_empty()).then(|| early.clone());
+            }
+            return Ok(());
+        }
         let Some(plugins) = ctx.plugins.as_mut() else {
             return Ok(());
         };

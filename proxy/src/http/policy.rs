@@ -40,6 +40,9 @@ pub(super) async fn run(
                     Ok(false) => {}
                     Ok(true) => {
                         authn.stats.allowed.inc();
+                        if let Some(principal) = jwt_principal(&payloads) {
+                            ctx.rare().jwt_principal.get_or_insert(principal);
+                        }
                         // A verified claim may carry the priority (claim_to_headers into
                         // x-nip-priority; a client's own copy was removed first). Only
                         // then: a client's header must not undo a tenant's priority.
@@ -217,6 +220,14 @@ pub(super) async fn run(
         }
     }
     false
+}
+
+/// `iss/sub` of the first verified payload that has both (Istio's request principal).
+fn jwt_principal(payloads: &[VerifiedPayload]) -> Option<Arc<str>> {
+    payloads.iter().find_map(|p| {
+        let claim = |name: &str| p.claims.get(name).and_then(|v| v.as_str());
+        Some(format!("{}/{}", claim("iss")?, claim("sub")?).into())
+    })
 }
 
 /// The descriptors the route's `rate_limits` actions make of this request.

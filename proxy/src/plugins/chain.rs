@@ -7,9 +7,15 @@
 //!
 //! Envoy's filter-chain rules, on pingora's callbacks:
 //! * A plugin that pauses the request after dispatching `proxy_http_call`s holds the request
-//!   until their answers are delivered and it resumes it (or answers locally); pausing without
-//!   a callout cannot hold request headers here (pingora forwards them when the header phase
-//!   ends), so the request goes on.
+//!   until their answers are delivered and it resumes it (or answers locally).
+//! * A plugin that pauses request headers without a callout while a body follows (Envoy's
+//!   `StopIteration`: it wants the body first) holds the head until the body's end: the
+//!   request path reads the whole body (up to the retry buffer, 64 KiB, and the plugins'
+//!   body limits; 413 past them), runs the body phase on it, then sends the head with
+//!   every edit the plugins made in either phase ([`RequestPlugins::wants_body_first`]).
+//! * A plugin that pauses response headers cannot hold them (pingora sends the head when
+//!   the response filter ends): the head goes with the plugins' header edits so far, its
+//!   `content-length` replaced by chunked framing, since the body may change length.
 //! * Body chunks flow from plugin to plugin. A plugin that pauses a body keeps what it got so
 //!   far; later plugins see nothing until it continues, then everything at once. A plugin's
 //!   buffer is bounded: past its limit the request ends with 413 (request body) or 500
@@ -67,6 +73,8 @@ pub struct RequestPlugins {
     http: HttpState,
     request_has_body: bool,
     response_body_seen: bool,
+    /// A plugin paused the head for the body (see the module's notes).
+    body_first: bool,
 }
 
 impl RequestPlugins {
@@ -85,6 +93,7 @@ impl RequestPlugins {
             http,
             request_has_body: !end_of_stream,
             response_body_seen: false,
+            body_first: false,
         };
         for plugin in plugins {
             let http = &mut this.http;
@@ -106,10 +115,14 @@ impl RequestPlugins {
                 response_held: Vec::new(),
             });
             let index = this.contexts.len() - 1;
+            let waits_for_body = action == Action::Pause
+                && !end_of_stream
+                && !callouts.iter().any(|c| c.context == id as u32);
             let verdict = this.settle_request(index, action, callouts).await;
             if !matches!(verdict, Verdict::Continue) {
                 return (this, verdict);
             }
+            this.body_first |= waits_for_body && !this.http.request_resumed;
         }
         if let Some(pairs) = this.http.request_headers.take_changes() {
             apply_request_pairs(request, pairs);
@@ -176,6 +189,47 @@ impl RequestPlugins {
             }
         }
         Verdict::Continue
+    }
+
+    /// Whether a plugin paused the request head until the body's end: the request path
+    /// then reads the body first ([`RequestPlugins::on_whole_request_body`]).
+    pub fn wants_body_first(&self) -> bool {
+        self.body_first
+    }
+
+    /// The largest body every plugin here can hold.
+    pub fn max_body_bytes(&self) -> usize {
+        self.contexts
+            .iter()
+            .map(|c| c.plugin.max_body_bytes)
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Runs the whole request body, read before the head went upstream, through the
+    /// plugins; writes the head edits of both phases to `request` and returns the body to
+    /// send. Later body callbacks pass chunks through untouched.
+    pub async fn on_whole_request_body(
+        &mut self,
+        request: &mut RequestHeader,
+        body: Bytes,
+    ) -> Result<Bytes, Verdict> {
+        let original_len = body.len();
+        let mut chunk = Some(body);
+        match self.on_request_body(&mut chunk, true).await {
+            Verdict::Continue => {}
+            other => return Err(other),
+        }
+        self.request_has_body = false;
+        if let Some(pairs) = self.http.request_headers.take_changes() {
+            apply_request_pairs(request, pairs);
+        }
+        let body = chunk.unwrap_or_default();
+        if body.len() != original_len && request.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            let _ = request.insert_header(http::header::CONTENT_LENGTH, body.len());
+        }
+        Ok(body)
     }
 
     /// Runs a request body chunk through the plugins. `chunk` is replaced by what goes
@@ -246,12 +300,26 @@ impl RequestPlugins {
     ) -> Verdict {
         self.http.response_headers = response_headers(response);
         self.http.info.response_code = Some(response.status.as_u16());
+        let paused = std::cell::Cell::new(false);
         self.each_in_response_order(|vm, context, http| {
-            vm.on_response_headers(context, http, end_of_stream)
-                .map(drop)
+            let action = vm.on_response_headers(context, http, end_of_stream)?;
+            paused.set(paused.get() || action == Action::Pause);
+            Ok(())
         });
         if let Some(pairs) = self.http.response_headers.take_changes() {
             apply_response_pairs(response, pairs);
+        }
+        // A plugin waits for the whole body and may change its length, but the head goes
+        // now (pingora cannot hold it): the body's length is left to the framing
+        // (chunked on HTTP/1.1, the stream's end on HTTP/2).
+        if paused.get()
+            && !end_of_stream
+            && response.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            response.remove_header(&http::header::CONTENT_LENGTH);
+            if self.http.info.protocol != "HTTP/2" {
+                let _ = response.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+            }
         }
         self.reset_or_continue()
     }

@@ -1,0 +1,128 @@
+//! Plugin SDK v2: plugins written as message handlers, driven through a real proxy. Every
+//! SDK's build of the common example (`filters/examples/sdk-*`) passes the same cases.
+
+use crate::common::*;
+use std::path::Path;
+
+const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name": "Ada", "card": "5500 0000 0000 0004"}, "items": [{"sku": "a", "card": "gift"}]}"#;
+
+/// The example's cases: a low-priority request refused here, a caller looked up in an
+/// HTTP service (answer used, unknown caller 403, failing service 502), metadata stamped
+/// upstream, JSON fields redacted in responses, request bodies seen and forwarded.
+async fn the_common_example_behaves(plugin: &Path) {
+    let app = Pages::start(&[
+        ("/orders/7", 200, "application/json", ORDER),
+        ("/orders", 201, "application/json", r#"{"created": true}"#),
+        ("/plain", 200, "text/plain", "card: not json, left alone"),
+    ])
+    .await;
+    let users = Pages::start(&[
+        (
+            "/users/alice",
+            200,
+            "application/json",
+            r#"{"tier": "gold"}"#,
+        ),
+        ("/users/carol", 500, "text/plain", "database down"),
+    ])
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+services:
+  app: {{ endpoints: ["{app}"] }}
+  users: {{ endpoints: ["{users}"] }}
+plugins:
+  guard:
+    source: {{ file: "{plugin}" }}
+    config: {{ redact: [card], lookup_cluster: users }}
+routes:
+  - {{ service: app, plugins: [guard] }}
+"#,
+        app = app.address,
+        users = users.address,
+        plugin = plugin.display(),
+    ))
+    .await;
+    let http = client();
+
+    // A known caller: looked up, stamped, its answer redacted.
+    let response = http
+        .get(proxy.url("/orders/7"))
+        .header("x-user", "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let order: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(order["card"], "[redacted]");
+    assert_eq!(order["payer"]["card"], "[redacted]");
+    assert_eq!(order["payer"]["name"], "Ada");
+    assert_eq!(order["items"][0]["card"], "[redacted]");
+    let seen = app.last();
+    assert_eq!(
+        seen.headers.get("x-user-tier").map(String::as_str),
+        Some("gold")
+    );
+    assert_eq!(
+        seen.headers
+            .get("x-nip-meta-checked-by")
+            .map(String::as_str),
+        Some("sdk-guard")
+    );
+
+    // A request body is in the message and goes upstream whole, with the head's edits.
+    let body = r#"{"sku": "a", "quantity": 2}"#;
+    let response = http
+        .post(proxy.url("/orders"))
+        .header("x-user", "alice")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let seen = app.last();
+    assert_eq!(String::from_utf8_lossy(&seen.body), body);
+    assert_eq!(
+        seen.headers.get("x-user-tier").map(String::as_str),
+        Some("gold")
+    );
+
+    // Not JSON: the body passes as it was.
+    let response = http.get(proxy.url("/plain")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "card: not json, left alone");
+
+    // Low priority: refused here with the plugin's JSON.
+    let before = app.hits();
+    let response = http
+        .get(proxy.url("/orders/7"))
+        .header("x-nip-priority", "low")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        error["error"],
+        "low priority requests are not served on this route"
+    );
+    // Unknown caller: 403; the lookup service failing: 502.
+    for (user, status) in [("bob", 403), ("carol", 502)] {
+        let response = http
+            .get(proxy.url("/orders/7"))
+            .header("x-user", user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{user}");
+    }
+    assert_eq!(app.hits(), before, "refused requests never reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_sdk_example_behaves() {
+    let _turn = crate::common::module_turn(module_path!());
+    the_common_example_behaves(&example_plugin("sdk_guard")).await;
+}
