@@ -510,3 +510,136 @@ fn headers_are_converted_only_for_a_plugin_that_looks_at_them() {
         "changes are taken once"
     );
 }
+
+#[test]
+fn an_sdk_plugin_declares_itself_and_reports_health_and_usage() {
+    let config = r#"{"redact": ["card"]}"#;
+    let module = load(
+        "guard",
+        config,
+        &example("sdk_guard"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let declared = vm
+        .declaration()
+        .expect("the SDK declared the plugin")
+        .clone();
+    assert_eq!(declared.name, "sdk-guard");
+    assert_eq!(declared.version, "1.0.0");
+    assert_eq!(declared.api, "2.0");
+    assert_eq!(declared.sdk, "rust");
+    assert!(declared.capabilities.iter().any(|c| c == "http_calls"));
+    let health = vm.sdk_report(nip_filters::sdk::HEALTH_CHECK).unwrap();
+    assert_eq!(health.as_deref(), Some(&br#"{"healthy":true}"#[..]));
+    let usage = vm.sdk_report(nip_filters::sdk::RESOURCE_USAGE).unwrap();
+    assert_eq!(usage.as_deref(), Some(&b"{}"[..]));
+
+    let module = load(
+        "hazards",
+        "",
+        &example("sdk_hazards"),
+        PluginLimits::default(),
+    )
+    .unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    let health = vm
+        .sdk_report(nip_filters::sdk::HEALTH_CHECK)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&health),
+        r#"{"healthy":false,"message":"built to fail"}"#
+    );
+    let usage = vm
+        .sdk_report(nip_filters::sdk::RESOURCE_USAGE)
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&usage), r#"{"hazards":3}"#);
+
+    // A raw plugin declares nothing and is never asked.
+    let module = load("noop", "", &example("noop"), PluginLimits::default()).unwrap();
+    let mut vm = PluginInstance::start(&module).unwrap();
+    assert!(vm.declaration().is_none());
+    assert_eq!(vm.sdk_report(nip_filters::sdk::HEALTH_CHECK).unwrap(), None);
+}
+
+#[test]
+fn an_sdk_plugin_for_another_api_version_is_refused_naming_both() {
+    let declare = |api: &str| {
+        let json =
+            format!(r#"{{"api": "{api}", "sdk": "rust", "name": "future", "version": "9.0.0"}}"#);
+        format!(
+            r#"(module
+              (import "env" "proxy_call_foreign_function"
+                (func $call (param i32 i32 i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 16) "nip_sdk_declare")
+              (data (i32.const 64) "{}")
+              (func (export "proxy_abi_version_0_2_1"))
+              (func (export "proxy_on_memory_allocate") (param i32) (result i32) i32.const 1024)
+              (func (export "proxy_on_context_create") (param i32 i32))
+              (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+                (drop (call $call (i32.const 16) (i32.const 15) (i32.const 64) (i32.const {})
+                  (i32.const 900) (i32.const 904)))
+                i32.const 1))"#,
+            json.replace('"', "\\\""),
+            json.len()
+        )
+        .into_bytes()
+    };
+    for api in ["3.0", "2.7", "1.9"] {
+        let module = load("future", "", &declare(api), PluginLimits::default()).unwrap();
+        match PluginInstance::start(&module) {
+            Err(error @ PluginError::Incompatible { .. }) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains("future 9.0.0")
+                        && text.contains(&format!("API {api}"))
+                        && text.contains("runs API 2.0"),
+                    "{text}"
+                );
+            }
+            Err(e) => panic!("{api}: unexpected error {e}"),
+            Ok(_) => panic!("{api}: an incompatible plugin started"),
+        }
+    }
+    let module = load("current", "", &declare("2.0"), PluginLimits::default()).unwrap();
+    let vm = PluginInstance::start(&module).unwrap();
+    assert_eq!(vm.declaration().unwrap().api, "2.0");
+}
+
+#[test]
+fn an_sdk_plugin_that_panics_loops_or_hoards_memory_is_contained_like_a_raw_one() {
+    let limits = PluginLimits {
+        callback_deadline: Duration::from_millis(100),
+        memory_bytes: 16 << 20,
+        ..Default::default()
+    };
+    let module = load("hazards", "", &example("sdk_hazards"), limits).unwrap();
+    for hazard in ["panic", "loop", "alloc"] {
+        let mut vm = PluginInstance::start(&module).unwrap();
+        let ctx = vm.create_http_context().unwrap();
+        let error = vm
+            .on_request_headers(ctx, &mut request("/", &[("x-hazard", hazard)]), true)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                PluginError::Trap {
+                    callback: "proxy_on_request_headers",
+                    ..
+                }
+            ),
+            "{hazard}: {error}"
+        );
+        // A fresh instance serves the next request.
+        let mut vm = PluginInstance::start(&module).unwrap();
+        let ctx = vm.create_http_context().unwrap();
+        let action = vm
+            .on_request_headers(ctx, &mut request("/", &[]), true)
+            .unwrap();
+        assert_eq!(action, Action::Continue, "{hazard}");
+    }
+}
