@@ -9,7 +9,8 @@ const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name"
 /// The example's cases: a low-priority request refused here, a caller looked up in an
 /// HTTP service (answer used, unknown caller 403, failing service 502), metadata stamped
 /// upstream, JSON fields redacted in responses, request bodies seen and forwarded.
-async fn the_common_example_behaves(plugin: &Path) {
+async fn the_common_example_behaves(plugin: &Path, sdk: &str) {
+    let issuer = JwtIssuer::start().await;
     let app = Pages::start(&[
         ("/orders/7", 200, "application/json", ORDER),
         ("/orders", 201, "application/json", r#"{"created": true}"#),
@@ -30,6 +31,11 @@ async fn the_common_example_behaves(plugin: &Path) {
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
 api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+auth:
+  jwt_providers:
+    idp: {{ issuer: {issuer}, jwks_uri: {issuer}/jwks.json }}
+tenants:
+  acme: {{}}
 services:
   app: {{ endpoints: ["{app}"] }}
   users: {{ endpoints: ["{users}"] }}
@@ -38,8 +44,10 @@ plugins:
     source: {{ file: "{plugin}" }}
     config: {{ redact: [card], lookup_cluster: users }}
 routes:
-  - {{ service: app, plugins: [guard] }}
+  - {{ match: {{ path_prefix: /acme }}, service: app, plugins: [guard], tenant: acme }}
+  - {{ service: app, plugins: [guard], auth: {{ jwt: allow_missing }} }}
 "#,
+        issuer = issuer.url,
         app = app.address,
         users = users.address,
         plugin = plugin.display(),
@@ -119,10 +127,52 @@ routes:
         assert_eq!(response.status(), status, "{user}");
     }
     assert_eq!(app.hits(), before, "refused requests never reached the app");
+
+    // The message names the tenant and the authenticated principal.
+    let response = http.get(proxy.url("/acme/x")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let seen = app.last();
+    assert_eq!(
+        seen.headers.get("x-nip-meta-tenant").map(String::as_str),
+        Some("acme")
+    );
+    assert!(!seen.headers.contains_key("x-nip-meta-principal"));
+    let token = issuer.token("sub=ada").await;
+    let response = http
+        .get(proxy.url("/plain"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = app.last();
+    assert_eq!(
+        seen.headers.get("x-nip-meta-principal").cloned(),
+        Some(format!("{}/ada", issuer.url))
+    );
+    assert!(!seen.headers.contains_key("x-nip-meta-tenant"));
+
+    // The host shows what the plugin declared and how it feels.
+    eventually("the plugin's health is reported", || async {
+        let plugins = proxy.admin_json("/plugins").await;
+        plugins["plugins"][0]["health"]["healthy"] == true
+    })
+    .await;
+    let plugins = proxy.admin_json("/plugins").await;
+    assert_eq!(plugins["host_api"], "2.0");
+    let guard = &plugins["plugins"][0];
+    assert_eq!(guard["name"], "guard");
+    assert_eq!(guard["declared"]["name"], "sdk-guard");
+    assert_eq!(guard["declared"]["version"], "1.0.0");
+    assert_eq!(guard["declared"]["api"], "2.0");
+    assert_eq!(guard["declared"]["sdk"], sdk);
+    proxy
+        .wait_for_sample("nip_plugin_healthy", &[("plugin", "guard")], 1.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
-    the_common_example_behaves(&example_plugin("sdk_guard")).await;
+    the_common_example_behaves(&example_plugin("sdk_guard"), "rust").await;
 }

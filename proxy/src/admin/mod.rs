@@ -80,6 +80,7 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/config_dump", get(config_dump))
         .route("/clusters", get(clusters))
+        .route("/plugins", get(plugins))
         .with_state(state)
 }
 
@@ -157,6 +158,34 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
         "clusters": list(r.clusters.iter().map(to_json).collect()),
         "endpoints": list(r.endpoints.iter().map(to_json).collect()),
     }))
+}
+
+/// The plugins of the running config: for SDK plugins, what they declared and their last
+/// health and resource-usage reports.
+async fn plugins(State(state): State<AdminState>) -> Json<Value> {
+    let snapshot = state.snapshot.load();
+    let plugins: Vec<Value> = snapshot
+        .plugins
+        .iter()
+        .map(|(filter, plugin)| {
+            let status = plugin
+                .status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_else(|p| p.into_inner().clone());
+            json!({
+                "name": &*plugin.name,
+                "filter": filter,
+                "fail_open": plugin.fail_open,
+                "max_body_bytes": plugin.max_body_bytes,
+                "declared": plugin.declaration,
+                "health": status.health,
+                "resource_usage": status.usage,
+                "checked": status.checked.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            })
+        })
+        .collect();
+    Json(json!({ "host_api": nip_filters::sdk::host_api(), "plugins": plugins }))
 }
 
 async fn clusters(State(state): State<AdminState>) -> Json<Value> {

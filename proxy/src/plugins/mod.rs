@@ -75,6 +75,21 @@ pub struct LoadedPlugin {
     pub source_file: Option<PathBuf>,
     /// False once no configuration uses this version; its instances then wind down.
     live: Arc<AtomicBool>,
+    /// What the plugin declared about itself, if it was built with an SDK.
+    pub declaration: Option<nip_filters::sdk::Declaration>,
+    /// Its last health and resource-usage reports (SDK plugins).
+    pub status: Arc<Mutex<PluginStatus>>,
+}
+
+/// What an SDK plugin last reported, asked by the instance's background task.
+#[derive(Debug, Clone, Default)]
+pub struct PluginStatus {
+    /// The health check's answer (`{ healthy, message? }`).
+    pub health: Option<serde_json::Value>,
+    /// The resource-usage answer (the plugin's own figures).
+    pub usage: Option<serde_json::Value>,
+    /// When it was asked.
+    pub checked: Option<std::time::SystemTime>,
 }
 
 impl LoadedPlugin {
@@ -89,6 +104,8 @@ impl LoadedPlugin {
 struct CachedModule {
     module: PluginModule,
     live: Arc<AtomicBool>,
+    declaration: Option<nip_filters::sdk::Declaration>,
+    status: Arc<Mutex<PluginStatus>>,
 }
 
 /// Compiles plugins for snapshots, reusing modules whose bytes did not change.
@@ -270,11 +287,14 @@ impl PluginLoader {
                     &bytes,
                 )
                 .map_err(|e| e.to_string())?;
-                // The canary: a fresh instance must start and accept its configuration.
-                PluginInstance::start(&module).map_err(|e| e.to_string())?;
+                // The canary: a fresh instance must start and accept its configuration
+                // (an SDK plugin for another API version is refused here).
+                let canary = PluginInstance::start(&module).map_err(|e| e.to_string())?;
                 let cached = CachedModule {
                     module,
                     live: Arc::new(AtomicBool::new(true)),
+                    declaration: canary.declaration().cloned(),
+                    status: Arc::default(),
                 };
                 self.modules
                     .lock()
@@ -291,6 +311,8 @@ impl PluginLoader {
             max_body_bytes: limits.max_body_bytes,
             source_file: source.watched_file().map(PathBuf::from),
             live: cached.live,
+            declaration: cached.declaration,
+            status: cached.status,
         })
     }
 

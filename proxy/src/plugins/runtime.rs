@@ -29,6 +29,8 @@ const QUICK_RESTARTS: u32 = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often an instance's background task checks for retirement when nothing else wakes it.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often an SDK plugin is asked for its health and resource usage (first at start).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Plugin version keys are already hashes (of the module and its configuration): a map
 /// keyed by them needs no second hash, which SipHash would cost on every callback.
@@ -276,7 +278,12 @@ impl PluginRuntime {
         wake: Arc<tokio::sync::Notify>,
     ) {
         let mut next_tick: Option<Instant> = None;
+        let mut next_health = plugin.declaration.is_some().then(Instant::now);
         loop {
+            if next_health.is_some_and(|at| Instant::now() >= at) {
+                self.check_health(&plugin, generation);
+                next_health = Some(Instant::now() + HEALTH_INTERVAL);
+            }
             if !plugin.is_live() {
                 // The version was replaced by a reload: free the instance on this thread.
                 PLUGINS.with(|cell| {
@@ -301,7 +308,11 @@ impl PluginRuntime {
                 (Some(_), Some(at)) => Some(at),
                 (None, _) => None,
             };
-            let wait = next_tick.map_or(IDLE_CHECK, |at| at.saturating_duration_since(now));
+            let wait = next_tick
+                .into_iter()
+                .chain(next_health)
+                .min()
+                .map_or(IDLE_CHECK, |at| at.saturating_duration_since(now));
             tokio::select! {
                 _ = tokio::time::sleep(wait.min(IDLE_CHECK)) => {}
                 _ = wake.notified() => {}
@@ -336,6 +347,38 @@ impl PluginRuntime {
                 next_tick = period.map(|p| Instant::now() + p);
             }
         }
+    }
+}
+
+impl PluginRuntime {
+    /// Asks an SDK plugin's instance for its health and resource usage; records them on
+    /// the plugin version and in `nip_plugin_healthy`.
+    fn check_health(&self, plugin: &Arc<LoadedPlugin>, generation: u64) {
+        let reports = self.with_context(plugin, generation, |vm| {
+            Ok((
+                vm.sdk_report(nip_filters::sdk::HEALTH_CHECK)?,
+                vm.sdk_report(nip_filters::sdk::RESOURCE_USAGE)?,
+            ))
+        });
+        let Ok((health, usage)) = reports else {
+            return;
+        };
+        let parse = |bytes: Option<Vec<u8>>| {
+            bytes.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        };
+        let (health, usage) = (parse(health), parse(usage));
+        let healthy = health
+            .as_ref()
+            .and_then(|h| h.get("healthy"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        self.metrics.plugin_health(&plugin.name, healthy);
+        let mut status = plugin.status.lock().unwrap_or_else(|p| p.into_inner());
+        *status = super::PluginStatus {
+            health,
+            usage,
+            checked: Some(std::time::SystemTime::now()),
+        };
     }
 }
 

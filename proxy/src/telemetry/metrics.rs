@@ -390,6 +390,7 @@ pub struct Metrics {
     config_info: Family<VersionLabels, Gauge>,
     plugin_failures: Family<PluginLabels, Counter>,
     plugin_instance_starts: Family<PluginLabels, Counter>,
+    plugin_healthy: Family<PluginLabels, Gauge>,
     /// Successful config swaps (the first load included).
     pub config_reloads: Counter,
     /// Config changes that were refused; the old config kept serving.
@@ -486,6 +487,7 @@ impl Metrics {
             config_info: Family::default(),
             plugin_failures: Family::default(),
             plugin_instance_starts: Family::default(),
+            plugin_healthy: Family::default(),
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -708,6 +710,11 @@ impl Metrics {
             "plugin_failures",
             "Plugin callbacks or starts that trapped, ran out of memory or time; the instance was replaced",
             m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_healthy",
+            "What an SDK plugin's last health check said: 1 healthy, 0 not",
+            m.plugin_healthy.clone(),
         );
         registry.register(
             "plugin_instance_starts",
@@ -1079,6 +1086,15 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .inc();
+    }
+
+    /// Records an SDK plugin's health check.
+    pub fn plugin_health(&self, plugin: &str, healthy: bool) {
+        self.plugin_healthy
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
+            })
+            .set(i64::from(healthy));
     }
 
     /// Counts one plugin instance start on a worker thread.

@@ -5,8 +5,9 @@
 //! * with `lookup_cluster` set, a request with `x-user` is looked up there
 //!   (`GET /users/NAME`): the answer's `tier` goes upstream as `x-user-tier`, an unknown
 //!   user gets 403 and a lookup that fails 502;
-//! * every request is stamped `metadata.checked-by` (and `metadata.tenant` when it has
-//!   one), which reach the upstream as `x-nip-meta-*` headers;
+//! * every request is stamped `metadata.checked-by` (and `metadata.tenant`,
+//!   `metadata.principal` when it has them), which reach the upstream as `x-nip-meta-*`
+//!   headers;
 //! * JSON responses have the fields named in `redact` replaced by `"[redacted]"` at any
 //!   depth (a response's head has gone by then: its body is what a handler may change).
 //!
@@ -80,6 +81,9 @@ async fn handle(mut message: Message, ctx: Context<Config>) -> Result<nip_plugin
             message.stamp("checked-by", ctx.name());
             if let Some(tenant) = message.tenant.clone() {
                 message.stamp("tenant", tenant);
+            }
+            if let Some(principal) = message.principal.clone() {
+                message.stamp("principal", principal);
             }
             Ok(message.into())
         }
