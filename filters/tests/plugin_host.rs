@@ -615,7 +615,6 @@ fn an_sdk_plugin_that_panics_loops_or_hoards_memory_is_contained_like_a_raw_one(
     let limits = PluginLimits {
         callback_deadline: Duration::from_millis(100),
         memory_bytes: 16 << 20,
-        ..Default::default()
     };
     let module = load("hazards", "", &example("sdk_hazards"), limits).unwrap();
     for hazard in ["panic", "loop", "alloc"] {
