@@ -33,6 +33,8 @@ cargo build --release --target wasm32-wasip1 --manifest-path filters/examples/Ca
 python3 bench/bench.py "$@"
 # The cost of a JWT check and of rate limits beside nginx's limit_req (~5 minutes).
 python3 bench/policy.py
+# The Rust SDK's empty on_message beside the raw no-op plugin (~2 minutes).
+python3 bench/plugin_sdk.py
 # Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
 python3 bench/crowd.py
 # Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).

@@ -176,3 +176,132 @@ async fn the_rust_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
     the_common_example_behaves(&example_plugin("sdk_guard"), "rust").await;
 }
+
+/// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the
+/// published protos, tests/interop/ext_proc_server.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_plugin_sees_and_changes_requests_and_responses_over_ext_proc() {
+    let _turn = crate::common::module_turn(module_path!());
+    let port = free_port();
+    let script = script("ext_proc_server.py");
+    let mut processor = Background::python(&[script.to_str().unwrap(), &port.to_string()]);
+    processor.wait_for("listening").await;
+    let app = Pages::start(&[
+        ("/new/x", 200, "text/plain", "the secret is out"),
+        ("/echo", 200, "text/plain", "echoed"),
+        ("/lenient/x", 200, "text/plain", "no secret here"),
+    ])
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+tenants:
+  acme: {{}}
+services:
+  app: {{ endpoints: ["{app}"] }}
+  processor: {{ endpoints: ["127.0.0.1:{port}"], protocol: http2 }}
+plugins:
+  shout:
+    isolation: process
+    process: {{ service: processor, responses: true, timeout: 500ms }}
+    config: {{ mood: loud }}
+  lenient:
+    isolation: process
+    process: {{ service: processor, timeout: 300ms }}
+    fail: open
+routes:
+  - {{ match: {{ path_prefix: /lenient }}, service: app, plugins: [lenient] }}
+  - {{ service: app, plugins: [shout], tenant: acme }}
+"#,
+        app = app.address,
+    ))
+    .await;
+    let http = client();
+
+    // The head: seen, attributed, rewritten; the response head and body changed.
+    let response = http.get(proxy.url("/old/x")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ext-proc-response"], "seen");
+    assert_eq!(response.text().await.unwrap(), "the ****** is out");
+    let seen = app.last();
+    assert_eq!(seen.path, "/new/x");
+    let header = |name: &str| seen.headers.get(name).cloned().unwrap_or_default();
+    assert_eq!(header("x-ext-proc"), "seen");
+    assert_eq!(header("x-ext-tenant"), "acme");
+    assert_eq!(header("x-ext-request-id"), header("x-request-id"));
+    assert_eq!(header("x-ext-config"), r#"{"mood":"loud"}"#);
+
+    // The request body, whole, before the head goes.
+    let response = http
+        .post(proxy.url("/echo"))
+        .body("hello, processor")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = app.last();
+    assert_eq!(String::from_utf8_lossy(&seen.body), "HELLO, PROCESSOR");
+    assert_eq!(
+        seen.headers.get("x-ext-body-length").map(String::as_str),
+        Some("16")
+    );
+
+    // An immediate response: the upstream never sees the request.
+    let before = app.hits();
+    let response = http
+        .get(proxy.url("/x"))
+        .header("x-ext-deny", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["x-denied-by"], "ext-proc");
+    assert_eq!(response.text().await.unwrap(), "denied by processor");
+    assert_eq!(app.hits(), before);
+
+    // Too slow: 500 when failing closed, on without it when failing open.
+    let response = http
+        .get(proxy.url("/x"))
+        .header("x-ext-slow", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(app.hits(), before);
+    let response = http
+        .get(proxy.url("/lenient/x"))
+        .header("x-ext-slow", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!app.last().headers.contains_key("x-ext-proc"));
+
+    // The processor gone: the same two answers.
+    processor.kill();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        let url = proxy.url(path);
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/x").await, 500);
+    assert_eq!(status("/lenient/x").await, 200);
+    let metrics = proxy.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "nip_ext_proc_messages_total",
+            &[("filter", "nip.plugin.shout"), ("decision", "ok")]
+        ) >= 6.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "nip_ext_proc_messages_total",
+            &[("filter", "nip.plugin.shout"), ("decision", "immediate")]
+        ) == 1.0,
+        "{metrics}"
+    );
+}

@@ -29,7 +29,8 @@
 //! rate limit service);
 //! [`upstream`] narrows a cluster to the endpoints a try may use and its balancing policy
 //! picks one (by latency across regions, by ring, …), ejects endpoints that keep failing
-//! and probes them; [`plugins`] run proxy-wasm filters; [`telemetry`] records; [`admin`]
+//! and probes them; [`plugins`] run proxy-wasm filters; [`ext_proc`] asks process
+//! plugins over Envoy's external processing protocol; [`telemetry`] records; [`admin`]
 //! shows. [`server`] wires the threads: pingora workers carry requests; one control thread
 //! carries the admin port, reloads, health checks and draining.
 //!
@@ -44,7 +45,9 @@
 //! renews it at half-life.
 //!
 //! This crate may not parse YAML except through [`config_source::file`], and nothing on
-//! the request path blocks, locks a shared mutex, or logs on success.
+//! the request path blocks, locks a shared mutex, or logs on success — except that an
+//! `ext_proc` processor's answer about a response body is waited for on the worker
+//! (pingora filters response bodies synchronously), bounded by its `message_timeout`.
 
 #![warn(missing_docs)]
 
@@ -52,6 +55,7 @@ pub mod admin;
 pub mod compile;
 pub mod config_source;
 pub mod downstream;
+pub mod ext_proc;
 pub mod http;
 pub mod identity;
 pub mod listener;

@@ -229,7 +229,7 @@ fn not_applied(config: &Config) -> Vec<String> {
     let mut notes: Vec<String> = config
         .plugins
         .iter()
-        .filter(|(_, p)| p.source.is_none())
+        .filter(|(_, p)| p.source.is_none() && p.process.is_none())
         .map(|(name, _)| format!("plugins.{name}: has no `source`, so no route can run it"))
         .collect();
     if config.tenant.is_some() || !config.tenants.is_empty() {
@@ -668,6 +668,9 @@ fn plugin_filters(config: &Config) -> impl Iterator<Item = HttpFilter> + '_ {
         .iter()
         .filter(|(_, p)| p.enabled)
         .filter_map(|(name, plugin)| {
+            if let Some(process) = &plugin.process {
+                return Some(process_plugin_filter(name, plugin, process));
+            }
             let source = plugin.source.as_ref()?;
             let string_any = |bytes: Vec<u8>| {
                 pack_any(pbuf::StringValue {
@@ -700,6 +703,104 @@ fn plugin_filters(config: &Config) -> impl Iterator<Item = HttpFilter> + '_ {
                 ..Default::default()
             })
         })
+}
+
+/// The properties a process plugin gets with each request (Envoy's `request_attributes`,
+/// under `envoy.filters.http.ext_proc` in `ProcessingRequest.attributes`): what the
+/// message needs that headers do not carry.
+pub const PROCESS_PLUGIN_ATTRIBUTES: &[&str] = &[
+    "request.id",
+    "request.time",
+    "source.address",
+    "route_name",
+    "listener_name",
+    "nip.tenant",
+    "nip.principal",
+    "nip.priority",
+];
+
+/// gRPC metadata naming the plugin on each stream to its process.
+pub const PROCESS_PLUGIN_NAME_METADATA: &str = "x-nip-plugin";
+/// gRPC metadata carrying the plugin's `config` (JSON) on each stream: a new config
+/// reaches the process with the next request, without a restart.
+pub const PROCESS_PLUGIN_CONFIG_METADATA: &str = "x-nip-plugin-config";
+
+/// A process plugin as Envoy's `ext_proc` filter, off until a route lists it.
+fn process_plugin_filter(
+    name: &str,
+    plugin: &crate::config::PluginConfig,
+    process: &crate::config::ProcessPluginConfig,
+) -> HttpFilter {
+    use envoy_types::pb::envoy::config::core::v3::{grpc_service, GrpcService, HeaderValue};
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+        processing_mode::{BodySendMode, HeaderSendMode},
+        ExternalProcessor, ProcessingMode,
+    };
+    let header = |on: bool| {
+        let mode = if on {
+            HeaderSendMode::Send
+        } else {
+            HeaderSendMode::Skip
+        };
+        mode as i32
+    };
+    let body = |on: bool| {
+        let mode = if on && !process.stream_bodies {
+            BodySendMode::Buffered
+        } else {
+            BodySendMode::None
+        };
+        mode as i32
+    };
+    let timeout = process.timeout.map_or(Duration::from_millis(200), |t| t.0);
+    let config = String::from_utf8_lossy(&plugin_config_bytes(&plugin.config)).into_owned();
+    let processor = ExternalProcessor {
+        grpc_service: Some(GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: process.service.clone(),
+                    authority: process.service.clone(),
+                    ..Default::default()
+                },
+            )),
+            timeout: Some(pb_duration(timeout)),
+            initial_metadata: [
+                (PROCESS_PLUGIN_NAME_METADATA, name.to_string()),
+                (PROCESS_PLUGIN_CONFIG_METADATA, config),
+            ]
+            .into_iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(key, value)| HeaderValue {
+                key: key.to_string(),
+                value,
+                ..Default::default()
+            })
+            .collect(),
+            ..Default::default()
+        }),
+        failure_mode_allow: matches!(plugin.fail, FailPolicy::Open),
+        processing_mode: Some(ProcessingMode {
+            request_header_mode: header(process.requests),
+            response_header_mode: header(process.responses),
+            request_body_mode: body(process.requests),
+            response_body_mode: body(process.responses),
+            request_trailer_mode: HeaderSendMode::Skip as i32,
+            response_trailer_mode: HeaderSendMode::Skip as i32,
+        }),
+        request_attributes: PROCESS_PLUGIN_ATTRIBUTES
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        message_timeout: Some(pb_duration(timeout)),
+        stat_prefix: name.to_string(),
+        ..Default::default()
+    };
+    HttpFilter {
+        name: names::plugin_filter(name),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(processor))),
+        disabled: true,
+        ..Default::default()
+    }
 }
 
 fn access_log_entry(config: &Config) -> AccessLog {

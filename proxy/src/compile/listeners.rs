@@ -219,6 +219,7 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
             envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::ExtAuthz::type_url(),
             LocalRateLimit::type_url(),
             envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::RateLimit::type_url(),
+            envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ExternalProcessor::type_url(),
         ];
         let tenant = http.name == names::TENANT_FILTER
             && type_url == envoy_types::pb::google::protobuf::Struct::type_url();
@@ -227,7 +228,7 @@ fn check_connection_manager(hcm: &HttpConnectionManager) -> Result<(), String> {
         }
         if !is_router && type_url != Wasm::type_url() {
             return Err(format!(
-                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, ratelimit, {} with a Struct config, {} plugins and the router)",
+                "http_filters[{i}] {:?}: {type_url:?} is not supported (NIP runs jwt_authn, rbac, ext_authz, local_ratelimit, ratelimit, ext_proc, {} with a Struct config, {} plugins and the router)",
                 http.name,
                 names::TENANT_FILTER,
                 Wasm::type_url()

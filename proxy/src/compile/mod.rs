@@ -484,6 +484,7 @@ mod cluster_policies;
 mod clusters;
 pub mod coverage;
 mod downstream;
+mod ext_proc;
 mod listeners;
 mod policy;
 mod prepare;

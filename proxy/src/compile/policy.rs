@@ -44,12 +44,15 @@ const DEFAULT_JWKS_REFETCH: Duration = Duration::from_secs(1);
 /// Envoy's default JWKS fetch timeout.
 const DEFAULT_JWKS_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The policy filters of one connection manager, by their `http_filters` name.
+/// The policy filters of one connection manager, by their `http_filters` name, and its
+/// `ext_proc` processors (which routes switch on like plugins).
 #[derive(Debug, Default)]
 pub(super) struct ManagerPolicy {
     /// In `http_filters` order.
     pub filters: Vec<PolicyFilter>,
     names: HashMap<String, usize>,
+    /// The `ext_proc` filters.
+    pub processors: super::ext_proc::ManagerProcessors,
 }
 
 impl ManagerPolicy {
@@ -138,6 +141,7 @@ impl Compiler<'_> {
             policy.names.insert(http.name.clone(), policy.filters.len());
             policy.filters.push(filter);
         }
+        policy.processors = self.manager_processors(hcm, clusters)?;
         Ok(policy)
     }
 

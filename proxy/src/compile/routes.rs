@@ -141,8 +141,8 @@ impl Compiler<'_> {
             ),
             _ => None,
         };
+        let (plugins, processors) = route_plugins(xds, plugins, policy)?;
         if let Some(local) = local {
-            let plugins = route_plugins(xds, plugins, policy)?;
             return Ok(self
                 .local_route(
                     route_name,
@@ -151,6 +151,7 @@ impl Compiler<'_> {
                     response_headers,
                     plugins,
                 )
+                .with_processors(processors)
                 .with_policy(route_policy)
                 .with_tenant(self.tenant(xds)?));
         }
@@ -224,8 +225,9 @@ impl Compiler<'_> {
             timeout,
             retry,
             self.metrics.route_stats(&route_name),
-            route_plugins(xds, plugins, policy)?,
+            plugins,
         )
+        .with_processors(processors)
         .with_idle_timeout(idle_timeout)
         .with_edits(edits)
         .with_locality(route_locality(xds)?)
@@ -455,17 +457,20 @@ pub(super) fn route_plugins(
     xds: &envoy_types::pb::envoy::config::route::v3::Route,
     plugins: &PluginFilters,
     policy: &ManagerPolicy,
-) -> Result<Vec<Arc<LoadedPlugin>>, String> {
+) -> Result<RoutePlugins, String> {
     let mut enabled = Vec::new();
+    let mut processors = Vec::new();
     for (filter, any) in &xds.typed_per_filter_config {
         if policy.has(filter) {
             continue;
         }
-        let Some(prepared) = plugins.get(filter) else {
+        let prepared = plugins.get(filter);
+        let processor = policy.processors.0.get(filter);
+        if prepared.is_none() && processor.is_none() {
             return Err(format!(
                 "typed_per_filter_config names {filter:?}, which is not a plugin filter of the listener"
             ));
-        };
+        }
         if any.type_url != FilterConfig::type_url() {
             return Err(format!(
                 "typed_per_filter_config[{filter:?}] must be a {}",
@@ -482,16 +487,32 @@ pub(super) fn route_plugins(
             }
             _ => u32::MAX,
         };
-        enabled.push((position, prepared.order, prepared.plugin.clone()));
+        if let Some(prepared) = prepared {
+            enabled.push((position, prepared.order, prepared.plugin.clone()));
+        } else if let Some((processor, order, _)) = processor {
+            processors.push((position, *order, Arc::clone(processor)));
+        }
     }
     for (filter, prepared) in plugins {
         if prepared.on_by_default && !xds.typed_per_filter_config.contains_key(filter) {
             enabled.push((u32::MAX, prepared.order, prepared.plugin.clone()));
         }
     }
+    for (filter, (processor, order, on_by_default)) in &policy.processors.0 {
+        if *on_by_default && !xds.typed_per_filter_config.contains_key(filter) {
+            processors.push((u32::MAX, *order, Arc::clone(processor)));
+        }
+    }
     enabled.sort_by_key(|(position, order, _)| (*position, *order));
-    Ok(enabled.into_iter().filter_map(|(_, _, p)| p).collect())
+    processors.sort_by_key(|(position, order, _)| (*position, *order));
+    Ok((
+        enabled.into_iter().filter_map(|(_, _, p)| p).collect(),
+        processors.into_iter().map(|(_, _, p)| p).collect(),
+    ))
 }
+
+/// A route's plugins and its `ext_proc` processors, each in the order they run.
+pub(super) type RoutePlugins = (Vec<Arc<LoadedPlugin>>, Vec<Arc<crate::ext_proc::ExtProc>>);
 
 pub(super) fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     let is_method = h.name == ":method";

@@ -65,6 +65,8 @@ pub struct RareState {
     /// The request body as plugins left it, read before the head went upstream (sent in
     /// place of what pingora read).
     pub(super) request_body: Option<bytes::Bytes>,
+    /// The route's `ext_proc` streams that still have response phases to run.
+    pub(super) processors: Option<Box<super::ext_proc::Processors>>,
 }
 
 /// Increments a gauge for as long as it lives.

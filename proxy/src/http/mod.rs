@@ -23,6 +23,7 @@
 mod admission;
 mod context;
 mod edits;
+mod ext_proc;
 mod failure;
 mod flags;
 mod local_reply;
@@ -102,6 +103,9 @@ pub struct Gateway {
     plugin_runtime: Arc<PluginRuntime>,
     /// Calls to clusters the policy filters make (external authorization).
     callouts: Arc<crate::plugins::callout::CalloutClient>,
+    /// The `ext_proc` streams' runtime, started when a route first has a processor
+    /// (`None` inside: it could not be started).
+    ext_proc: Arc<std::sync::OnceLock<Option<crate::ext_proc::client::ExtProcClient>>>,
 }
 
 impl Gateway {
@@ -121,8 +125,39 @@ impl Gateway {
             flag_counters,
             plugin_runtime,
             callouts,
+            ext_proc: Arc::default(),
         }
     }
+
+    /// The `ext_proc` client, started on first use.
+    fn ext_proc_client(&self) -> Option<&crate::ext_proc::client::ExtProcClient> {
+        self.ext_proc
+            .get_or_init(|| match crate::ext_proc::client::ExtProcClient::new() {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    tracing::error!("cannot start the ext_proc runtime: {e}");
+                    None
+                }
+            })
+            .as_ref()
+    }
+}
+
+/// Who the request was authenticated as: a verified JWT's `iss/sub`, else the client
+/// certificate's URI SAN, DNS SAN or subject.
+fn request_principal(session: &Session, ctx: &RequestCtx) -> Option<Arc<str>> {
+    ctx.rare
+        .as_ref()
+        .and_then(|r| r.jwt_principal.clone())
+        .or_else(|| {
+            let peer = &verified_peer(session)?.certificate;
+            let name = peer
+                .uris
+                .first()
+                .or(peer.dns_names.first())
+                .unwrap_or(&peer.subject);
+            (!name.is_empty()).then(|| Arc::from(name.as_str()))
+        })
 }
 
 /// The verified client, on a mutual TLS connection.
@@ -180,19 +215,7 @@ impl Gateway {
                     .map(|m| Arc::from(m.stat_prefix.as_str()))
                     .unwrap_or_default(),
                 tenant: ctx.tenant().map(|t| Arc::clone(&t.id)),
-                principal: ctx
-                    .rare
-                    .as_ref()
-                    .and_then(|r| r.jwt_principal.clone())
-                    .or_else(|| {
-                        let peer = &verified_peer(session)?.certificate;
-                        let name = peer
-                            .uris
-                            .first()
-                            .or(peer.dns_names.first())
-                            .unwrap_or(&peer.subject);
-                        (!name.is_empty()).then(|| Arc::from(name.as_str()))
-                    }),
+                principal: request_principal(session, ctx),
                 priority: ctx.priority.as_str(),
             },
             ..Default::default()
@@ -231,7 +254,7 @@ impl Gateway {
 
 /// The most of a request body pingora keeps to send upstream after it was read early (its
 /// retry buffer): a plugin that wants the body before the head can hold no more.
-const EARLY_BODY_LIMIT: usize = 64 * 1024;
+pub(super) const EARLY_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads the whole request body before the head goes upstream, for a plugin that paused
 /// the head until the body's end, and runs the plugins' body phase on it. pingora keeps
@@ -394,6 +417,11 @@ impl ProxyHttp for Gateway {
         if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {
             return Ok(true);
         }
+        if !route.processors.is_empty()
+            && Box::pin(ext_proc::on_request(session, ctx, &route, self)).await?
+        {
+            return Ok(true);
+        }
         if let Some(local) = &route.local {
             // A redirect or a direct response, after the route's plugins (as Envoy's router
             // answers after the filters before it): nothing goes upstream.
@@ -488,6 +516,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        if let Some(processors) = ctx.rare.as_mut().and_then(|r| r.processors.as_mut()) {
+            ext_proc::on_response_body(processors, body, end_of_stream);
+        }
         let Some(plugins) = ctx.plugins.as_mut() else {
             return Ok(None);
         };
@@ -890,6 +921,17 @@ impl ProxyHttp for Gateway {
             self.metrics
                 .downstream
                 .closed(CloseReason::MaxConnectionDuration);
+        }
+        if let Some(processors) = ctx.rare.as_mut().and_then(|r| r.processors.as_mut()) {
+            let end_of_stream = response_has_no_body(session, upstream_response);
+            let h2 = session.as_ref().is_http2();
+            Box::pin(ext_proc::on_response(
+                processors,
+                upstream_response,
+                end_of_stream,
+                h2,
+            ))
+            .await;
         }
         if let Some(plugins) = ctx.plugins.as_mut() {
             let end_of_stream = response_has_no_body(session, upstream_response);

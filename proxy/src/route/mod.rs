@@ -165,6 +165,9 @@ pub struct Route {
     pub stats: RouteStats,
     /// Plugins this route runs, in order.
     pub plugins: Vec<Arc<crate::plugins::LoadedPlugin>>,
+    /// Its process plugins (`ext_proc` filters), in the order they run: after `plugins`
+    /// on the request, before them on the response.
+    pub processors: Vec<Arc<crate::ext_proc::ExtProc>>,
     /// Data locality: the only region whose endpoints may serve this route.
     pub locality: Option<Arc<str>>,
     /// Where a request's key for `ring_hash` clusters comes from (Envoy's `hash_policy`).
@@ -277,6 +280,7 @@ impl Route {
             retry,
             stats,
             plugins,
+            processors: Vec::new(),
             locality: None,
             hash_policy: Vec::new(),
             edits: RouteEdits::default(),
@@ -284,6 +288,12 @@ impl Route {
             policy: RoutePolicy::default(),
             tenant: None,
         }
+    }
+
+    /// Sets the route's process plugins.
+    pub fn with_processors(mut self, processors: Vec<Arc<crate::ext_proc::ExtProc>>) -> Self {
+        self.processors = processors;
+        self
     }
 
     /// Sets what the route changes in forwarded requests and responses.

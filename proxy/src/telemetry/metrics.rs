@@ -355,6 +355,7 @@ pub struct Metrics {
     response_flags: Family<FlagLabels, Counter>,
     jwt_authn: Family<PolicyLabels, Counter>,
     ext_authz: Family<PolicyLabels, Counter>,
+    ext_proc: Family<PolicyLabels, Counter>,
     global_rate_limit: Family<PolicyLabels, Counter>,
     rbac: Family<PolicyLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
@@ -452,6 +453,7 @@ impl Metrics {
             response_flags: Family::default(),
             jwt_authn: Family::default(),
             ext_authz: Family::default(),
+            ext_proc: Family::default(),
             global_rate_limit: Family::default(),
             rbac: Family::default(),
             jwks_fetches: Family::default(),
@@ -545,6 +547,11 @@ impl Metrics {
             "ext_authz_requests",
             "Requests an ext_authz filter checked, by filter and decision (ok, denied, error, failure_mode_allowed)",
             m.ext_authz.clone(),
+        );
+        registry.register(
+            "ext_proc_messages",
+            "Messages an ext_proc filter exchanged with its processor, by filter and outcome (ok, failed, immediate)",
+            m.ext_proc.clone(),
         );
         registry.register(
             "ratelimit_requests",
@@ -1026,6 +1033,16 @@ impl Metrics {
             denied: counter("denied"),
             error: counter("error"),
             failure_mode_allowed: counter("failure_mode_allowed"),
+        }
+    }
+
+    /// The counters of an ext_proc filter.
+    pub fn ext_proc(&self, filter: &str) -> crate::ext_proc::ExtProcCounters {
+        let counter = |outcome| decision_counter(&self.ext_proc, filter, outcome);
+        crate::ext_proc::ExtProcCounters {
+            ok: counter("ok"),
+            failed: counter("failed"),
+            immediate: counter("immediate"),
         }
     }
 

@@ -1155,12 +1155,16 @@ pub struct PluginConfig {
     /// Whether routes may run it.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Isolation mechanism; only `wasm` exists in v4.
+    /// Isolation mechanism: `wasm` (a proxy-wasm module in the proxy) or `process` (a
+    /// process of its own the proxy calls over Envoy's external processing protocol).
     #[serde(default = "default_isolation")]
     pub isolation: String,
-    /// Where the module comes from.
+    /// Where the module comes from (`isolation: wasm`).
     #[serde(default)]
     pub source: Option<PluginSource>,
+    /// How the proxy reaches the plugin's process (`isolation: process`).
+    #[serde(default)]
+    pub process: Option<ProcessPluginConfig>,
     /// Handed to the plugin's `on_configure`: a string as is, anything else as JSON.
     #[serde(default)]
     pub config: Option<serde_yaml::Value>,
@@ -1173,6 +1177,29 @@ pub struct PluginConfig {
     /// Resource ceilings of each instance; defaults apply to what is left out.
     #[serde(default)]
     pub limits: PluginLimitsConfig,
+}
+
+/// A plugin in a process of its own, serving Envoy's `ExternalProcessor` gRPC service
+/// (what NIP's Python and Go SDKs run); `fail` says what a request does when it cannot be
+/// asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessPluginConfig {
+    /// The service (in `services`) the process listens on, gRPC over HTTP/2.
+    pub service: String,
+    /// How long the proxy waits for each answer (Envoy's `message_timeout`, default
+    /// 200ms).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Send requests (head, and body unless `stream_bodies`).
+    #[serde(default = "default_true")]
+    pub requests: bool,
+    /// Send responses too.
+    #[serde(default)]
+    pub responses: bool,
+    /// Send heads only; bodies stream past the plugin unchanged.
+    #[serde(default)]
+    pub stream_bodies: bool,
 }
 
 /// Where a plugin's module is: a local file, or a URL pinned by its SHA-256.

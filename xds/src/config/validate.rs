@@ -218,14 +218,47 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
             &plugin.limits,
             &mut errors,
         );
-        if plugin.isolation != "wasm" {
-            errors.add(
-                format!("plugins.{name}.isolation"),
-                format!(
-                    "{:?} is not supported; v4 plugins run as WebAssembly (`wasm`)",
-                    plugin.isolation
-                ),
-            );
+        let path = format!("plugins.{name}");
+        match (plugin.isolation.as_str(), &plugin.process) {
+            ("wasm", None) => {}
+            ("wasm", Some(_)) => errors.add(
+                format!("{path}.process"),
+                "is for isolation: process (a WebAssembly plugin has a source)",
+            ),
+            ("process", None) => errors.add(
+                format!("{path}.process"),
+                "isolation: process needs process.service (where the plugin's process serves ext_proc)",
+            ),
+            ("process", Some(process)) => {
+                for (field, set) in [
+                    ("source", plugin.source.is_some()),
+                    ("vm_config", plugin.vm_config.is_some()),
+                    ("limits", plugin.limits.memory.is_some() || plugin.limits.cpu.is_some()),
+                ] {
+                    if set {
+                        errors.add(
+                            format!("{path}.{field}"),
+                            "is for isolation: wasm (a process plugin runs outside the proxy)",
+                        );
+                    }
+                }
+                if !config.services.contains_key(&process.service) {
+                    errors.add(
+                        format!("{path}.process.service"),
+                        format!("{:?} is not among services", process.service),
+                    );
+                }
+                if !process.requests && !process.responses {
+                    errors.add(
+                        format!("{path}.process"),
+                        "requests and responses are both off: the plugin would see nothing",
+                    );
+                }
+            }
+            (other, _) => errors.add(
+                format!("{path}.isolation"),
+                format!("{other:?} is not supported: `wasm` (in the proxy) or `process` (ext_proc)"),
+            ),
         }
     }
     if let Some(control_plane) = &config.control_plane {
@@ -968,7 +1001,7 @@ fn validate_route(path: &str, route: &RouteConfig, config: &Config, errors: &mut
         let field = format!("{path}.plugins[{i}]");
         match config.plugins.get(name) {
             None => errors.add(field, format!("no plugin named {name:?} in `plugins`")),
-            Some(p) if p.source.is_none() => errors.add(
+            Some(p) if p.source.is_none() && p.process.is_none() => errors.add(
                 field,
                 format!("plugin {name:?} has no `source`, so it cannot run"),
             ),

@@ -1,0 +1,172 @@
+//! Compiling Envoy's `ext_proc` filters of a connection manager (`ExternalProcessor`):
+//! the processor's cluster and stream settings, and which parts of a request it gets.
+//! What NIP cannot do is refused by field, not ignored: other body modes than `NONE` and
+//! `BUFFERED`, trailers, an HTTP service, observability or async modes, mode overrides.
+
+use super::*;
+use crate::ext_proc::{ExtProc, ProcessingMode};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+    processing_mode::{BodySendMode, HeaderSendMode},
+    ExternalProcessor,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+
+/// Envoy's default `message_timeout`.
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A connection manager's `ext_proc` filters by name, with their place in the chain and
+/// whether they run on routes that do not mention them.
+#[derive(Debug, Default)]
+pub(super) struct ManagerProcessors(pub BTreeMap<String, (Arc<ExtProc>, usize, bool)>);
+
+impl Compiler<'_> {
+    /// The `ext_proc` filters of `hcm`.
+    pub(super) fn manager_processors(
+        &self,
+        hcm: &HttpConnectionManager,
+        clusters: &BTreeMap<String, Arc<Cluster>>,
+    ) -> Result<ManagerProcessors, String> {
+        let mut out = ManagerProcessors::default();
+        for (i, http) in hcm.http_filters.iter().enumerate() {
+            let Some(http_filter::ConfigType::TypedConfig(any)) = &http.config_type else {
+                continue;
+            };
+            if any.type_url != ExternalProcessor::type_url() {
+                continue;
+            }
+            let field = |m: String| format!("http_filters[{i}] {:?}: {m}", http.name);
+            let config: ExternalProcessor = decode(any).map_err(field)?;
+            let mut processor = ext_proc(&http.name, &config, clusters).map_err(field)?;
+            processor.stats = self.metrics.ext_proc(&http.name);
+            out.0
+                .insert(http.name.clone(), (Arc::new(processor), i, !http.disabled));
+        }
+        Ok(out)
+    }
+}
+
+/// One `ExternalProcessor`.
+fn ext_proc(
+    name: &str,
+    config: &ExternalProcessor,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Result<ExtProc, String> {
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    if config.http_service.is_some() {
+        return Err("http_service is not supported; use grpc_service (envoy_grpc)".into());
+    }
+    for (field, set) in [
+        ("observability_mode", config.observability_mode),
+        ("allow_mode_override", config.allow_mode_override),
+        (
+            "disable_immediate_response",
+            config.disable_immediate_response,
+        ),
+        (
+            "send_body_without_waiting_for_header_response",
+            config.send_body_without_waiting_for_header_response,
+        ),
+        (
+            "response_attributes",
+            !config.response_attributes.is_empty(),
+        ),
+        ("forward_rules", config.forward_rules.is_some()),
+        ("metadata_options", config.metadata_options.is_some()),
+        (
+            "processing_request_modifier",
+            config.processing_request_modifier.is_some(),
+        ),
+        (
+            "on_processing_response",
+            config.on_processing_response.is_some(),
+        ),
+    ] {
+        if set {
+            return Err(format!("{field} is not supported"));
+        }
+    }
+    if let Some(rules) = &config.mutation_rules {
+        let default = envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules::default();
+        if *rules != default {
+            return Err(
+                "mutation_rules is not supported (NIP applies Envoy's defaults: no routing or system headers but :path and :status)"
+                    .into(),
+            );
+        }
+    }
+    let grpc = config
+        .grpc_service
+        .as_ref()
+        .ok_or("grpc_service is missing")?;
+    let Some(TargetSpecifier::EnvoyGrpc(target)) = &grpc.target_specifier else {
+        return Err("grpc_service: only envoy_grpc (a cluster) is supported".into());
+    };
+    if !clusters.contains_key(&target.cluster_name) {
+        return Err(format!(
+            "grpc_service.envoy_grpc.cluster_name {:?} is not a cluster",
+            target.cluster_name
+        ));
+    }
+    let mode = config.processing_mode.unwrap_or_default();
+    let header = |value: i32, field: &str, default_send: bool| match HeaderSendMode::try_from(value)
+    {
+        Ok(HeaderSendMode::Default) => Ok(default_send),
+        Ok(HeaderSendMode::Send) => Ok(true),
+        Ok(HeaderSendMode::Skip) => Ok(false),
+        _ => Err(format!(
+            "processing_mode.{field}: {value} is not a send mode"
+        )),
+    };
+    let body = |value: i32, field: &str| match BodySendMode::try_from(value) {
+        Ok(BodySendMode::None) => Ok(false),
+        Ok(BodySendMode::Buffered) => Ok(true),
+        Ok(other) => Err(format!(
+            "processing_mode.{field}: {} is not supported (NONE or BUFFERED)",
+            other.as_str_name()
+        )),
+        Err(_) => Err(format!(
+            "processing_mode.{field}: {value} is not a body mode"
+        )),
+    };
+    // Trailers are skipped by default; sending them is not supported.
+    for (value, field) in [
+        (mode.request_trailer_mode, "request_trailer_mode"),
+        (mode.response_trailer_mode, "response_trailer_mode"),
+    ] {
+        if header(value, field, false)? {
+            return Err(format!("processing_mode.{field}: SEND is not supported"));
+        }
+    }
+    let timeout = config
+        .message_timeout
+        .as_ref()
+        .map(|d| super::duration(d).ok_or("message_timeout is negative"))
+        .transpose()?
+        .filter(|d| !d.is_zero())
+        .unwrap_or(DEFAULT_MESSAGE_TIMEOUT);
+    Ok(ExtProc {
+        name: name.to_string(),
+        cluster: target.cluster_name.clone(),
+        authority: if target.authority.is_empty() {
+            target.cluster_name.clone()
+        } else {
+            target.authority.clone()
+        },
+        initial_metadata: grpc
+            .initial_metadata
+            .iter()
+            .map(|h| (h.key.to_ascii_lowercase(), h.value.clone()))
+            .collect(),
+        timeout,
+        failure_mode_allow: config.failure_mode_allow,
+        mode: ProcessingMode {
+            request_headers: header(mode.request_header_mode, "request_header_mode", true)?,
+            response_headers: header(mode.response_header_mode, "response_header_mode", true)?,
+            request_body: body(mode.request_body_mode, "request_body_mode")?,
+            response_body: body(mode.response_body_mode, "response_body_mode")?,
+        },
+        attributes: config.request_attributes.clone(),
+        max_body_bytes: crate::plugins::DEFAULT_MAX_BODY_BYTES,
+        stats: Default::default(),
+    })
+}
