@@ -9,7 +9,15 @@ const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name"
 /// The example's cases: a low-priority request refused here, a caller looked up in an
 /// HTTP service (answer used, unknown caller 403, failing service 502), metadata stamped
 /// upstream, JSON fields redacted in responses, request bodies seen and forwarded.
-async fn the_common_example_behaves(plugin: &Path, sdk: &str) {
+/// A build of the common example.
+enum Guard {
+    /// A wasm module, and the SDK that made it.
+    Wasm(std::path::PathBuf, &'static str),
+    /// A process plugin: the script, run with the Python SDK importable.
+    Python(std::path::PathBuf),
+}
+
+async fn the_common_example_behaves(guard: Guard) {
     let issuer = JwtIssuer::start().await;
     let app = Pages::start(&[
         ("/orders/7", 200, "application/json", ORDER),
@@ -27,6 +35,37 @@ async fn the_common_example_behaves(plugin: &Path, sdk: &str) {
         ("/users/carol", 500, "text/plain", "database down"),
     ])
     .await;
+    let mut process = None;
+    let (plugin, plugin_service) = match &guard {
+        Guard::Wasm(path, _) => (
+            format!(
+                "source: {{ file: \"{}\" }}, config: {{ redact: [card], lookup_cluster: users }}",
+                path.display()
+            ),
+            String::new(),
+        ),
+        Guard::Python(script) => {
+            let port = free_port();
+            let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/sdk/python");
+            let started = Background::start(
+                std::process::Command::new(python())
+                    .arg(script)
+                    .arg(port.to_string())
+                    .env("PYTHONPATH", sdk),
+            );
+            started.wait_for("listening").await;
+            process = Some(started);
+            (
+                format!(
+                    "isolation: process, process: {{ service: guard-process, responses: true, timeout: 2s }}, config: {{ redact: [card], lookup_url: \"http://{}\" }}",
+                    users.address
+                ),
+                format!(
+                    "  guard-process: {{ endpoints: [\"127.0.0.1:{port}\"], protocol: http2 }}\n"
+                ),
+            )
+        }
+    };
     let proxy = Proxy::start(&format!(
         r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}
@@ -39,10 +78,8 @@ tenants:
 services:
   app: {{ endpoints: ["{app}"] }}
   users: {{ endpoints: ["{users}"] }}
-plugins:
-  guard:
-    source: {{ file: "{plugin}" }}
-    config: {{ redact: [card], lookup_cluster: users }}
+{plugin_service}plugins:
+  guard: {{ {plugin} }}
 routes:
   - {{ match: {{ path_prefix: /acme }}, service: app, plugins: [guard], tenant: acme }}
   - {{ service: app, plugins: [guard], auth: {{ jwt: allow_missing }} }}
@@ -50,7 +87,6 @@ routes:
         issuer = issuer.url,
         app = app.address,
         users = users.address,
-        plugin = plugin.display(),
     ))
     .await;
     let http = client();
@@ -152,6 +188,10 @@ routes:
     );
     assert!(!seen.headers.contains_key("x-nip-meta-tenant"));
 
+    let Guard::Wasm(_, sdk) = guard else {
+        drop(process);
+        return;
+    };
     // The host shows what the plugin declared and how it feels.
     eventually("the plugin's health is reported", || async {
         let plugins = proxy.admin_json("/plugins").await;
@@ -174,7 +214,15 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
-    the_common_example_behaves(&example_plugin("sdk_guard"), "rust").await;
+    the_common_example_behaves(Guard::Wasm(example_plugin("sdk_guard"), "rust")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_example_behaves() {
+    let _turn = crate::common::module_turn(module_path!());
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples/python-guard/guard.py");
+    the_common_example_behaves(Guard::Python(script)).await;
 }
 
 /// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the

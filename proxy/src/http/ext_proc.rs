@@ -11,7 +11,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request, processing_response, HttpBody, HttpHeaders, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -122,6 +122,25 @@ fn attributes(processor: &ExtProc, session: &Session, ctx: &RequestCtx) -> Struc
         }
     }
     Struct { fields }
+}
+
+/// The body modes, told with the first message so the processor knows whether a body
+/// will follow a head.
+fn protocol_config(processor: &ExtProc) -> ProtocolConfiguration {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    let mode = |buffered: bool| {
+        let mode = if buffered {
+            BodySendMode::Buffered
+        } else {
+            BodySendMode::None
+        };
+        mode as i32
+    };
+    ProtocolConfiguration {
+        request_body_mode: mode(processor.mode.request_body),
+        response_body_mode: mode(processor.mode.response_body),
+        ..Default::default()
+    }
 }
 
 fn apply_request(request: &mut RequestHeader, mutations: &Mutations) {
@@ -279,6 +298,7 @@ pub(super) async fn on_request(
                     attributes(processor, session, ctx),
                 )]
                 .into(),
+                protocol_config: Some(protocol_config(processor)),
                 request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
                     headers: Some(request_pairs(session.req_header(), scheme)),
                     end_of_stream: !has_body,
