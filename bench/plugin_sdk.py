@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cost of Plugin SDK v2: CPU per request of a plugin written on the Rust SDK with an
-empty on_message (every request still becomes a message: headers, properties, the
-handler's future) beside the raw proxy-wasm no-op plugin.
+empty on_message (every request still becomes a message, its parts read only when asked
+for, and a handler future) beside the raw proxy-wasm no-op plugin.
 
 Same bed as bench/bench.py (one proxy worker pinned to CPU 1, wrk and the nginx backend on
 CPU 0, 50 keep-alive connections), interleaved over RUNS rounds. Target: the SDK adds at
@@ -102,8 +102,10 @@ def write_results(results: dict[str, list[dict]]) -> None:
         "",
         "The bed of the first table (one proxy worker on CPU 1, wrk -t1 -c50 and the backend "
         f"on CPU 0, {DURATION} s per phase). `sdk-noop` is a Rust SDK plugin with an empty "
-        "`on_message` (each request is made a message: headers, properties, the handler's "
-        "future); `raw-noop` the proxy-wasm plugin that does nothing.",
+        "`on_message` (each request becomes a message whose parts are read from the proxy "
+        "only when asked for, and a handler future); `raw-noop` the proxy-wasm plugin that "
+        "does nothing. This machine's timings were noisy (plain NIP 38–58 µs/req across "
+        "rounds): the medians carry that.",
         "",
         *lines,
         "",

@@ -45,9 +45,9 @@ main! {
 }
 
 async fn handle(mut message: Message, ctx: Context<Config>) -> Result<nip_plugin::Outcome, Error> {
-    match message.kind {
+    match message.kind() {
         MessageType::Request => {
-            if message.metadata.priority == "low" {
+            if message.priority() == "low" {
                 return Ok(Reply::json(
                     503,
                     &json!({ "error": "low priority requests are not served on this route" }),
@@ -79,20 +79,23 @@ async fn handle(mut message: Message, ctx: Context<Config>) -> Result<nip_plugin
                 }
             }
             message.stamp("checked-by", ctx.name());
-            if let Some(tenant) = message.tenant.clone() {
+            if let Some(tenant) = message.tenant().map(str::to_string) {
                 message.stamp("tenant", tenant);
             }
-            if let Some(principal) = message.principal.clone() {
+            if let Some(principal) = message.principal().map(str::to_string) {
                 message.stamp("principal", principal);
             }
             Ok(message.into())
         }
         MessageType::Response => {
             let redact = &ctx.config().redact;
-            if let Some(data) = message.data.as_json_mut() {
-                let count = redact_fields(data, redact);
+            if message.data().as_json().is_some() {
+                let count = message
+                    .data_mut()
+                    .as_json_mut()
+                    .map_or(0, |data| redact_fields(data, redact));
                 if count > 0 {
-                    ctx.log_info(&format!("redacted {count} field(s) of {}", message.id));
+                    ctx.log_info(&format!("redacted {count} field(s) of {}", message.id()));
                 }
             }
             Ok(message.into())

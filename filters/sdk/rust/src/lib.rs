@@ -10,7 +10,7 @@
 //!     Plugin::new("hello")
 //!         .version("1.0.0")
 //!         .on_message(|mut message: Message, _ctx| async move {
-//!             if message.metadata.priority == "low" {
+//!             if message.priority() == "low" {
 //!                 return Ok(Reply::text(503, "busy").into());
 //!             }
 //!             message.stamp("seen-by", "hello");
@@ -21,8 +21,8 @@
 //! ```
 //!
 //! How a request flows: the SDK holds the request until its body is in (unless
-//! [`Plugin::stream_bodies`]), makes a [`Message`] of it (`message.rs` says field by field
-//! how), calls the handler, and writes back what the returned message changed — or sends
+//! [`Plugin::stream_bodies`]), hands the handler a [`Message`] whose parts are read from
+//! the proxy when asked for (`message.rs` says how each is made), and writes back what the returned message changed — or sends
 //! the [`Reply`], or answers an [`Error`] with its status. A handler is `async`: awaiting
 //! [`Context::http_call`] pauses the request until the cluster answers. Responses work the
 //! same way with [`Plugin::responses`].
@@ -38,7 +38,7 @@ pub mod plugin;
 mod runtime;
 
 pub use context::{Context, HttpCall, HttpRequest, HttpResponse};
-pub use message::{Data, Error, Message, MessageType, Metadata, Outcome, Reply, Source};
+pub use message::{Data, Error, Message, MessageType, Outcome, Reply, Source};
 pub use plugin::{Health, Plugin};
 pub use serde_json::{json, Value};
 

@@ -17,8 +17,9 @@
 //! | `headers` | the other headers (lower-case names; repeated ones joined by `,`) |
 //! | `tenant`, `principal` | whose request, and who it was authenticated as |
 //!
-//! A returned message changes what it changed: headers, body, `method`/`path` of a request,
-//! `status` of a response, `metadata.priority` and `metadata.fields` (as their headers).
+//! A returned message changes what it changed: headers, body, the path of a request, the
+//! status of a response, the priority and the metadata fields (as their headers). The
+//! parts are read from the proxy when the handler first asks for them ([`Message`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -114,73 +115,357 @@ impl Data {
     }
 }
 
-/// What the proxy knows about a message beyond its headers and body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Metadata {
-    /// Priority class: `low`, `normal` or `high`.
-    pub priority: String,
-    /// How many times the sender retried this message.
-    pub retry_count: u32,
-    /// Free-form fields, carried as `x-nip-meta-NAME` headers.
-    pub fields: BTreeMap<String, String>,
+/// Where a message's parts come from: the host (a request or response in flight), or
+/// values given up front ([`Message::detached`], for tests and tools).
+pub(crate) trait Parts {
+    fn headers(&self) -> Vec<(String, String)>;
+    fn request_headers(&self) -> Vec<(String, String)>;
+    fn body(&self) -> Vec<u8>;
+    fn property(&self, path: &[&str]) -> Option<String>;
+    fn arrived_nanos(&self) -> u64;
 }
 
-/// One request or response, as the plugin sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    /// The request id.
-    pub id: String,
-    /// Request or response.
-    #[serde(rename = "type")]
-    pub kind: MessageType,
-    /// When the request arrived (RFC 3339, UTC).
-    pub timestamp: String,
-    /// The trace id, else the request id.
-    pub correlation_id: String,
-    /// Listener, route and client.
-    pub source: Source,
-    /// The body.
-    pub data: Data,
-    /// Priority, retry count and free-form fields.
-    pub metadata: Metadata,
-    /// Headers, without pseudo-headers and the metadata's own.
+/// The parts of a message read from its headers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Head {
     pub headers: BTreeMap<String, String>,
-    /// The tenant the proxy's policy named, if any.
-    pub tenant: Option<String>,
-    /// Who the request was authenticated as: a verified token's `iss/sub`, else the client
-    /// certificate's identity.
-    pub principal: Option<String>,
-    /// Request method (requests).
+    pub fields: BTreeMap<String, String>,
     pub method: Option<String>,
-    /// Request path with query (requests).
     pub path: Option<String>,
-    /// Response status (responses).
     pub status: Option<u16>,
 }
 
+/// The parts of a message the host knows about the request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Facts {
+    pub id: String,
+    pub timestamp: String,
+    pub correlation_id: String,
+    pub source: Source,
+    pub tenant: Option<String>,
+    pub principal: Option<String>,
+    pub priority: String,
+    pub retry_count: u32,
+}
+
+/// One request or response, as the plugin sees it (`MESSAGE.md` says how each part is
+/// made). Parts are read from the proxy when first asked for, so a handler pays only for
+/// what it looks at; what it changes is written back when it returns the message.
+pub struct Message {
+    kind: MessageType,
+    source: Box<dyn Parts>,
+    head: std::cell::OnceCell<Head>,
+    facts: std::cell::OnceCell<Facts>,
+    data: std::cell::OnceCell<Data>,
+    /// The head as read, kept once the handler changes it.
+    pub(crate) original_head: Option<Head>,
+    pub(crate) original_priority: Option<String>,
+    pub(crate) data_changed: bool,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A source of fixed parts ([`Message::detached`]).
+struct Detached {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Parts for Detached {
+    fn headers(&self) -> Vec<(String, String)> {
+        self.headers.clone()
+    }
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.headers.clone()
+    }
+    fn body(&self) -> Vec<u8> {
+        self.body.clone()
+    }
+    fn property(&self, _path: &[&str]) -> Option<String> {
+        None
+    }
+    fn arrived_nanos(&self) -> u64 {
+        0
+    }
+}
+
 impl Message {
+    pub(crate) fn new(kind: MessageType, source: Box<dyn Parts>) -> Message {
+        Message {
+            kind,
+            source,
+            head: std::cell::OnceCell::new(),
+            facts: std::cell::OnceCell::new(),
+            data: std::cell::OnceCell::new(),
+            original_head: None,
+            original_priority: None,
+            data_changed: false,
+        }
+    }
+
+    /// A message of given headers (pseudo-headers included) and body, outside any proxy:
+    /// for testing a handler.
+    pub fn detached(kind: MessageType, headers: &[(&str, &str)], body: &[u8]) -> Message {
+        Message::new(
+            kind,
+            Box::new(Detached {
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v.to_string()))
+                    .collect(),
+                body: body.to_vec(),
+            }),
+        )
+    }
+
+    /// Request or response.
+    pub fn kind(&self) -> MessageType {
+        self.kind
+    }
+
+    fn head(&self) -> &Head {
+        self.head.get_or_init(|| read_head(self.source.headers()))
+    }
+
+    fn head_mut(&mut self) -> &mut Head {
+        self.head();
+        if self.original_head.is_none() {
+            self.original_head = self.head.get().cloned();
+        }
+        self.head.get_mut().expect("read above")
+    }
+
+    fn facts(&self) -> &Facts {
+        self.facts.get_or_init(|| read_facts(&*self.source))
+    }
+
+    /// The request id.
+    pub fn id(&self) -> &str {
+        &self.facts().id
+    }
+
+    /// When the request arrived (RFC 3339, UTC).
+    pub fn timestamp(&self) -> &str {
+        &self.facts().timestamp
+    }
+
+    /// The trace id, else the request id.
+    pub fn correlation_id(&self) -> &str {
+        &self.facts().correlation_id
+    }
+
+    /// Listener, route and client.
+    pub fn source(&self) -> &Source {
+        &self.facts().source
+    }
+
+    /// The tenant the proxy's policy named, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.facts().tenant.as_deref()
+    }
+
+    /// Who the request was authenticated as: a verified token's `iss/sub`, else the
+    /// client certificate's identity.
+    pub fn principal(&self) -> Option<&str> {
+        self.facts().principal.as_deref()
+    }
+
+    /// The priority class (`low`, `normal`, `high`).
+    pub fn priority(&self) -> &str {
+        &self.facts().priority
+    }
+
+    /// Changes the priority class the upstream sees (`x-nip-priority`).
+    pub fn set_priority(&mut self, priority: &str) {
+        self.facts();
+        if let Some(facts) = self.facts.get_mut() {
+            if self.original_priority.is_none() {
+                self.original_priority = Some(facts.priority.clone());
+            }
+            facts.priority = priority.to_string();
+        }
+    }
+
+    /// How many times the sender retried this message.
+    pub fn retry_count(&self) -> u32 {
+        self.facts().retry_count
+    }
+
+    /// The headers (lower-case names; without pseudo-headers and the metadata's own).
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.head().headers
+    }
+
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        self.head()
+            .headers
             .get(&name.to_ascii_lowercase())
             .map(String::as_str)
     }
 
     /// Sets a header (the name is lower-cased).
     pub fn set_header(&mut self, name: &str, value: impl Into<String>) {
-        self.headers.insert(name.to_ascii_lowercase(), value.into());
+        self.head_mut()
+            .headers
+            .insert(name.to_ascii_lowercase(), value.into());
     }
 
     /// Removes a header.
     pub fn remove_header(&mut self, name: &str) {
-        self.headers.remove(&name.to_ascii_lowercase());
+        self.head_mut().headers.remove(&name.to_ascii_lowercase());
+    }
+
+    /// The metadata fields (`x-nip-meta-NAME` headers).
+    pub fn fields(&self) -> &BTreeMap<String, String> {
+        &self.head().fields
     }
 
     /// Sets a metadata field.
     pub fn stamp(&mut self, field: &str, value: impl Into<String>) {
-        self.metadata
+        self.head_mut()
             .fields
             .insert(field.to_ascii_lowercase(), value.into());
+    }
+
+    /// Request method (requests).
+    pub fn method(&self) -> Option<&str> {
+        self.head().method.as_deref()
+    }
+
+    /// Request path with query (requests).
+    pub fn path(&self) -> Option<&str> {
+        self.head().path.as_deref()
+    }
+
+    /// Changes a request's path.
+    pub fn set_path(&mut self, path: &str) {
+        if self.kind == MessageType::Request {
+            self.head_mut().path = Some(path.to_string());
+        }
+    }
+
+    /// Response status (responses).
+    pub fn status(&self) -> Option<u16> {
+        self.head().status
+    }
+
+    /// Changes a response's status (applied when the handler runs on the head).
+    pub fn set_status(&mut self, status: u16) {
+        if self.kind == MessageType::Response {
+            self.head_mut().status = Some(status);
+        }
+    }
+
+    /// The body: JSON when the content type says JSON, else bytes.
+    pub fn data(&self) -> &Data {
+        self.data.get_or_init(|| {
+            Data::from_body(
+                self.head().headers.get("content-type").map(String::as_str),
+                self.source.body(),
+            )
+        })
+    }
+
+    /// The body, to change it.
+    pub fn data_mut(&mut self) -> &mut Data {
+        self.data();
+        self.data_changed = true;
+        self.data.get_mut().expect("read above")
+    }
+
+    /// Replaces the body.
+    pub fn set_data(&mut self, data: Data) {
+        self.data_changed = true;
+        let _ = self.data.take();
+        let _ = self.data.set(data);
+    }
+
+    /// What the handler changed: the head (if it changed it) as read and as now.
+    pub(crate) fn head_change(&self) -> Option<(&Head, &Head)> {
+        Some((self.original_head.as_ref()?, self.head.get()?))
+    }
+
+    /// The new priority, if the handler changed it.
+    pub(crate) fn priority_change(&self) -> Option<&str> {
+        let original = self.original_priority.as_deref()?;
+        let now = &self.facts.get()?.priority;
+        (now != original).then_some(now.as_str())
+    }
+
+    /// The new body, if the handler changed it.
+    pub(crate) fn data_change(&self) -> Option<&Data> {
+        self.data_changed.then(|| self.data.get()).flatten()
+    }
+}
+
+/// Splits headers into the message's head.
+fn read_head(pairs: Vec<(String, String)>) -> Head {
+    let mut head = Head::default();
+    for (name, value) in pairs {
+        if let Some(pseudo) = name.strip_prefix(':') {
+            match pseudo {
+                "method" => head.method = Some(value),
+                "path" => head.path = Some(value),
+                "status" => head.status = value.parse().ok(),
+                _ => {}
+            }
+        } else if let Some(field) = name.strip_prefix(META_HEADER_PREFIX) {
+            head.fields.insert(field.to_string(), value);
+        } else {
+            head.headers
+                .entry(name)
+                .and_modify(|v| {
+                    v.push(',');
+                    v.push_str(&value);
+                })
+                .or_insert(value);
+        }
+    }
+    head
+}
+
+/// Reads what the host knows about the request.
+fn read_facts(source: &dyn Parts) -> Facts {
+    let request = source.request_headers();
+    let request_header = |name: &str| {
+        request
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let id = source
+        .property(&["request", "id"])
+        .or_else(|| request_header("x-request-id"))
+        .unwrap_or_default();
+    Facts {
+        correlation_id: request_header("traceparent")
+            .as_deref()
+            .and_then(trace_id)
+            .map(str::to_string)
+            .unwrap_or_else(|| id.clone()),
+        id,
+        timestamp: rfc3339(source.arrived_nanos()),
+        source: Source {
+            listener: source.property(&["listener_name"]).unwrap_or_default(),
+            route: source.property(&["route_name"]).unwrap_or_default(),
+            address: source.property(&["source", "address"]).unwrap_or_default(),
+        },
+        tenant: source.property(&["nip", "tenant"]),
+        principal: source.property(&["nip", "principal"]),
+        priority: source
+            .property(&["nip", "priority"])
+            .or_else(|| request_header(PRIORITY_HEADER))
+            .unwrap_or_else(|| "normal".into()),
+        retry_count: request_header(RETRY_COUNT_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -222,7 +507,9 @@ impl Reply {
 }
 
 /// What a handler decided.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
+// Moved once per message: boxing the large variant would cost an allocation instead.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// Let the message go on, as changed.
     Continue(Message),
@@ -334,6 +621,39 @@ mod tests {
             Data::Bytes(_)
         ));
         assert_eq!(Data::from_body(None, Vec::new()), Data::Empty);
+    }
+
+    #[test]
+    fn a_message_reads_its_head_and_tracks_what_changes() {
+        let mut message = Message::detached(
+            MessageType::Request,
+            &[
+                (":method", "POST"),
+                (":path", "/orders"),
+                ("content-type", "application/json"),
+                ("x-nip-meta-origin", "web"),
+                ("accept", "a"),
+                ("accept", "b"),
+            ],
+            br#"{"card": "4111"}"#,
+        );
+        assert_eq!(message.method(), Some("POST"));
+        assert_eq!(message.header("ACCEPT"), Some("a,b"));
+        assert_eq!(
+            message.fields().get("origin").map(String::as_str),
+            Some("web")
+        );
+        assert!(message.head_change().is_none(), "reading changes nothing");
+        assert!(message.data().as_json().is_some());
+        assert!(message.data_change().is_none());
+        message.stamp("checked", "yes");
+        message.set_path("/v2/orders");
+        let (before, after) = message.head_change().unwrap();
+        assert_eq!(before.path.as_deref(), Some("/orders"));
+        assert_eq!(after.path.as_deref(), Some("/v2/orders"));
+        assert_eq!(after.fields.get("checked").map(String::as_str), Some("yes"));
+        message.data_mut();
+        assert!(message.data_change().is_some());
     }
 
     #[test]

@@ -15,8 +15,7 @@
 
 use crate::context::{deliver, Context, HttpResponse};
 use crate::message::{
-    rfc3339, trace_id, Data, Error, Message, MessageType, Metadata, Outcome, Reply, Source,
-    META_HEADER_PREFIX, PRIORITY_HEADER, RETRY_COUNT_HEADER,
+    Data, Error, Message, MessageType, Outcome, Parts, Reply, META_HEADER_PREFIX, PRIORITY_HEADER,
 };
 use crate::plugin::{HandlerFuture, Plugin};
 use proxy_wasm::hostcalls;
@@ -24,7 +23,6 @@ use proxy_wasm::traits::{Context as ProxyContext, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use serde::de::DeserializeOwned;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context as TaskContext, Poll, Waker};
@@ -166,7 +164,7 @@ impl<C: DeserializeOwned + Default + 'static> RootContext for Root<C> {
                 name: self.plugin.declaration.name.as_str().into(),
             },
             task: None,
-            original: None,
+            started: None,
         }))
     }
 
@@ -181,9 +179,9 @@ struct Stream<C> {
     context: Context<C>,
     /// The handler's future while it waits for an HTTP call, and the kind of message.
     task: Option<(MessageType, HandlerFuture)>,
-    /// The message as it was made and its body's size on the wire, to find and write
-    /// what the handler changed.
-    original: Option<(Message, usize)>,
+    /// The kind of message started and its body's size on the wire (for writing a new
+    /// body over it).
+    started: Option<(MessageType, usize)>,
 }
 
 impl<C> ProxyContext for Stream<C> {
@@ -243,7 +241,7 @@ impl<C: 'static> HttpContext for Stream<C> {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        if !self.plugin.phases.requests || !self.plugin.phases.bodies || self.original.is_some() {
+        if !self.plugin.phases.requests || !self.plugin.phases.bodies || self.started.is_some() {
             return Action::Continue;
         }
         if !end_of_stream {
@@ -256,7 +254,7 @@ impl<C: 'static> HttpContext for Stream<C> {
         if !self.plugin.phases.responses {
             return Action::Continue;
         }
-        self.original = None;
+        self.started = None;
         if self.plugin.phases.bodies && !end_of_stream {
             return Action::Pause;
         }
@@ -265,9 +263,8 @@ impl<C: 'static> HttpContext for Stream<C> {
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         let started = self
-            .original
-            .as_ref()
-            .is_some_and(|(m, _)| m.kind == MessageType::Response);
+            .started
+            .is_some_and(|(kind, _)| kind == MessageType::Response);
         if !self.plugin.phases.responses || !self.plugin.phases.bodies || started {
             return Action::Continue;
         }
@@ -290,8 +287,8 @@ impl<C> Stream<C> {
         let Some(handler) = self.plugin.handler.clone() else {
             return Action::Continue;
         };
-        let message = read_message(kind, body_size);
-        self.original = Some((message.clone(), body_size));
+        let message = Message::new(kind, Box::new(HostParts { kind, body_size }));
+        self.started = Some((kind, body_size));
         let mut future = handler(message, self.context.clone());
         match poll(&mut future) {
             Poll::Ready(result) => {
@@ -312,9 +309,10 @@ impl<C> Stream<C> {
     fn finish(&mut self, kind: MessageType, result: Result<Outcome, Error>) -> bool {
         match result {
             Ok(Outcome::Continue(message)) => {
-                if let Some((original, body_size)) = &self.original {
-                    apply(kind, original, *body_size, &message);
+                if let Some((_, body_size)) = self.started {
+                    apply(&message, body_size);
                 }
+                let _ = kind;
                 true
             }
             Ok(Outcome::Reply(reply)) => {
@@ -358,166 +356,100 @@ fn property(path: &[&str]) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Makes the message of the current request or response.
-fn read_message(kind: MessageType, body_size: usize) -> Message {
-    let (map, buffer) = maps(kind);
-    let pairs = hostcalls::get_map(map).unwrap_or_default();
-    let request_pairs = match kind {
-        MessageType::Request => pairs.clone(),
-        MessageType::Response => {
-            hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
-        }
-    };
-    let request_header = |name: &str| {
-        request_pairs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    };
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    let mut fields = BTreeMap::new();
-    let mut pseudo = BTreeMap::new();
-    for (name, value) in pairs {
-        if name.starts_with(':') {
-            pseudo.insert(name, value);
-        } else if let Some(field) = name.strip_prefix(META_HEADER_PREFIX) {
-            fields.insert(field.to_string(), value);
-        } else {
-            headers
-                .entry(name)
-                .and_modify(|v| {
-                    v.push(',');
-                    v.push_str(&value);
-                })
-                .or_insert(value);
-        }
+/// A message's parts, read from the host when the handler asks.
+struct HostParts {
+    kind: MessageType,
+    body_size: usize,
+}
+
+impl Parts for HostParts {
+    fn headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(maps(self.kind).0).unwrap_or_default()
     }
-    let body = if body_size > 0 {
-        hostcalls::get_buffer(buffer, 0, body_size)
+
+    fn request_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
+
+    fn body(&self) -> Vec<u8> {
+        if self.body_size == 0 {
+            return Vec::new();
+        }
+        hostcalls::get_buffer(maps(self.kind).1, 0, self.body_size)
             .ok()
             .flatten()
             .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let id = property(&["request", "id"])
-        .or_else(|| request_header("x-request-id"))
-        .unwrap_or_default();
-    let arrived = hostcalls::get_property(vec!["request", "time"])
-        .ok()
-        .flatten()
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map(u64::from_le_bytes)
-        .or_else(|| {
-            hostcalls::get_current_time()
-                .ok()?
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_nanos() as u64)
-        })
-        .unwrap_or(0);
-    let priority = property(&["nip", "priority"])
-        .or_else(|| request_header(PRIORITY_HEADER))
-        .unwrap_or_else(|| "normal".into());
-    let address = property(&["source", "address"]).unwrap_or_default();
-    Message {
-        correlation_id: request_header("traceparent")
-            .as_deref()
-            .and_then(trace_id)
-            .map(str::to_string)
-            .unwrap_or_else(|| id.clone()),
-        id,
-        kind,
-        timestamp: rfc3339(arrived),
-        source: Source {
-            listener: property(&["listener_name"]).unwrap_or_default(),
-            route: property(&["route_name"]).unwrap_or_default(),
-            address,
-        },
-        data: Data::from_body(headers.get("content-type").map(String::as_str), body),
-        metadata: Metadata {
-            priority,
-            retry_count: request_header(RETRY_COUNT_HEADER)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-            fields,
-        },
-        headers,
-        tenant: property(&["nip", "tenant"]),
-        principal: property(&["nip", "principal"]),
-        method: (kind == MessageType::Request)
-            .then(|| pseudo.get(":method").cloned())
-            .flatten(),
-        path: (kind == MessageType::Request)
-            .then(|| pseudo.get(":path").cloned())
-            .flatten(),
-        status: (kind == MessageType::Response)
-            .then(|| pseudo.get(":status").and_then(|s| s.parse().ok()))
-            .flatten(),
+    }
+
+    fn property(&self, path: &[&str]) -> Option<String> {
+        property(path)
+    }
+
+    fn arrived_nanos(&self) -> u64 {
+        hostcalls::get_property(vec!["request", "time"])
+            .ok()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .or_else(|| {
+                hostcalls::get_current_time()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_nanos() as u64)
+            })
+            .unwrap_or(0)
     }
 }
 
-/// Writes what `changed` changed of `original`.
-fn apply(kind: MessageType, original: &Message, body_size: usize, changed: &Message) {
-    let (map, buffer) = maps(kind);
+/// Writes back what the handler changed of its message.
+fn apply(message: &Message, body_size: usize) {
+    let (map, buffer) = maps(message.kind());
     let set = |name: &str, value: Option<&str>| {
         let _ = hostcalls::set_map_value(map, name, value);
     };
-    for (name, value) in &changed.headers {
-        if original.headers.get(name) != Some(value) {
-            set(name, Some(value));
-        }
-    }
-    for name in original.headers.keys() {
-        if !changed.headers.contains_key(name) {
-            set(name, None);
-        }
-    }
-    for (field, value) in &changed.metadata.fields {
-        if original.metadata.fields.get(field) != Some(value) {
-            set(&format!("{META_HEADER_PREFIX}{field}"), Some(value));
-        }
-    }
-    for field in original.metadata.fields.keys() {
-        if !changed.metadata.fields.contains_key(field) {
-            set(&format!("{META_HEADER_PREFIX}{field}"), None);
-        }
-    }
-    if changed.metadata.priority != original.metadata.priority {
-        set(PRIORITY_HEADER, Some(&changed.metadata.priority));
-    }
-    match kind {
-        MessageType::Request => {
-            if let Some(method) = changed
-                .method
-                .as_ref()
-                .filter(|m| Some(*m) != original.method.as_ref())
-            {
-                set(":method", Some(method));
-            }
-            if let Some(path) = changed
-                .path
-                .as_ref()
-                .filter(|p| Some(*p) != original.path.as_ref())
-            {
-                set(":path", Some(path));
+    if let Some((original, changed)) = message.head_change() {
+        for (name, value) in &changed.headers {
+            if original.headers.get(name) != Some(value) {
+                set(name, Some(value));
             }
         }
-        MessageType::Response => {
-            if let Some(status) = changed.status.filter(|s| Some(*s) != original.status) {
-                set(":status", Some(&status.to_string()));
+        for name in original.headers.keys() {
+            if !changed.headers.contains_key(name) {
+                set(name, None);
             }
         }
-    }
-    if changed.data != original.data {
-        let body = changed.data.to_bytes();
-        let _ = hostcalls::set_buffer(buffer, 0, body_size, &body);
-        if changed.headers.contains_key("content-length")
-            || original.headers.contains_key("content-length")
+        for (field, value) in &changed.fields {
+            if original.fields.get(field) != Some(value) {
+                set(&format!("{META_HEADER_PREFIX}{field}"), Some(value));
+            }
+        }
+        for field in original.fields.keys() {
+            if !changed.fields.contains_key(field) {
+                set(&format!("{META_HEADER_PREFIX}{field}"), None);
+            }
+        }
+        if let Some(path) = changed
+            .path
+            .as_ref()
+            .filter(|p| Some(*p) != original.path.as_ref())
         {
+            set(":path", Some(path));
+        }
+        if let Some(status) = changed.status.filter(|s| Some(*s) != original.status) {
+            set(":status", Some(&status.to_string()));
+        }
+    }
+    if let Some(priority) = message.priority_change() {
+        set(PRIORITY_HEADER, Some(priority));
+    }
+    if let Some(data) = message.data_change() {
+        let body = data.to_bytes();
+        let _ = hostcalls::set_buffer(buffer, 0, body_size, &body);
+        if message.headers().contains_key("content-length") {
             set("content-length", Some(&body.len().to_string()));
         }
-        if matches!(changed.data, Data::Json(_)) && !changed.headers.contains_key("content-type") {
+        if matches!(data, Data::Json(_)) && !message.headers().contains_key("content-type") {
             set("content-type", Some("application/json"));
         }
     }
