@@ -353,3 +353,142 @@ routes:
         "{metrics}"
     );
 }
+
+/// The proxy starts process plugins itself: their user, their limits, a version check,
+/// restarts with back-off, and nothing left behind when it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_runs_process_plugins_and_restarts_them_with_back_off() {
+    let _turn = crate::common::module_turn(module_path!());
+    let app = Pages::start(&[("/x", 200, "application/json", r#"{"card": "4111"}"#)]).await;
+    let (guard_port, future_port, sleeper_port) = (free_port(), free_port(), free_port());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sdk = root.join("filters/sdk/python");
+    let guard = root.join("filters/examples/python-guard/guard.py");
+    // Built with a future API: its declaration says 3.0.
+    let future = r#"import json, sys, time
+if "--describe" in sys.argv:
+    print(json.dumps({"api": "3.0", "sdk": "python", "name": "future", "version": "9.0.0"}))
+else:
+    time.sleep(600)"#;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  app: {{ endpoints: ["{app}"] }}
+  guard-process: {{ endpoints: ["127.0.0.1:{guard_port}"], protocol: http2 }}
+  future-process: {{ endpoints: ["127.0.0.1:{future_port}"], protocol: http2 }}
+  sleeper-process: {{ endpoints: ["127.0.0.1:{sleeper_port}"], protocol: http2 }}
+plugins:
+  guard:
+    isolation: process
+    process:
+      service: guard-process
+      responses: true
+      timeout: 2s
+      command: ["{python}", "{guard}"]
+      env: {{ PYTHONPATH: "{sdk}" }}
+      limits: {{ memory: 4Gi, open_files: 256 }}
+    config: {{ redact: [card] }}
+  future:
+    isolation: process
+    process: {{ service: future-process, command: ["{python}", "-c", {future:?}] }}
+  sleeper:
+    isolation: process
+    process: {{ service: sleeper-process, command: ["/bin/sleep", "600"], user: nobody }}
+routes:
+  - {{ service: app, plugins: [guard] }}
+"#,
+        app = app.address,
+        python = python(),
+        guard = guard.display(),
+        sdk = sdk.display(),
+    ))
+    .await;
+    let redacted = || async {
+        let response = client().get(proxy.url("/x")).send().await.unwrap();
+        response.status() == 200 && response.text().await.unwrap().contains("[redacted]")
+    };
+    eventually("the supervised plugin serves", redacted).await;
+    let processes = || async { proxy.admin_json("/plugins").await["processes"].clone() };
+    let now = processes().await;
+    let guard_status = &now["guard"];
+    assert_eq!(guard_status["state"], "running");
+    assert_eq!(guard_status["declared"]["sdk"], "python");
+    assert_eq!(guard_status["declared"]["name"], "sdk-guard");
+    assert_eq!(guard_status["limits"], "rlimit");
+    let pid = guard_status["pid"].as_u64().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().rev().nth(1).unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    // "Max address space  4294967296  4294967296  bytes": the soft limit is two from the end.
+    assert!(
+        limits.contains("Max address space") && limits.contains("4294967296"),
+        "{limits}"
+    );
+    assert_eq!(limit("Max open files"), "256", "{limits}");
+    // Another API major: refused, never started.
+    assert_eq!(now["future"]["state"], "refused");
+    let reason = now["future"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("future 9.0.0")
+            && reason.contains("API 3.0")
+            && reason.contains("runs API 2.0"),
+        "{reason}"
+    );
+    // Its own user.
+    let sleeper = now["sleeper"]["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{sleeper}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().skip(1).all(|id| id == "65534"),
+        "{uid}"
+    );
+
+    // Killed: started again, and serving again.
+    unsafe_kill(pid);
+    eventually("the plugin process is started again", || async {
+        let now = processes().await;
+        now["guard"]["state"] == "running" && now["guard"]["pid"].as_u64() != Some(pid)
+    })
+    .await;
+    eventually("the restarted plugin serves", redacted).await;
+    proxy
+        .wait_for_sample(
+            "nip_plugin_process_restarts_total",
+            &[("plugin", "guard")],
+            1.0,
+        )
+        .await;
+    let pids: Vec<u64> = ["guard", "sleeper"]
+        .iter()
+        .filter_map(|name| processes_pid(&now, name))
+        .collect();
+    let restarted = processes().await["guard"]["pid"].as_u64().unwrap();
+    drop(proxy);
+    for pid in pids.into_iter().chain([restarted]) {
+        eventually("the proxy's plugin processes end with it", || async move {
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .is_ok_and(|s| s.contains("State:\tZ"))
+        })
+        .await;
+    }
+}
+
+fn processes_pid(statuses: &serde_json::Value, name: &str) -> Option<u64> {
+    statuses[name]["pid"].as_u64()
+}
+
+fn unsafe_kill(pid: u64) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

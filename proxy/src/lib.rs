@@ -30,7 +30,8 @@
 //! [`upstream`] narrows a cluster to the endpoints a try may use and its balancing policy
 //! picks one (by latency across regions, by ring, …), ejects endpoints that keep failing
 //! and probes them; [`plugins`] run proxy-wasm filters; [`ext_proc`] asks process
-//! plugins over Envoy's external processing protocol; [`telemetry`] records; [`admin`]
+//! plugins over Envoy's external processing protocol, which [`supervisor`] keeps running
+//! when the config gives their command; [`telemetry`] records; [`admin`]
 //! shows. [`server`] wires the threads: pingora workers carry requests; one control thread
 //! carries the admin port, reloads, health checks and draining.
 //!
@@ -64,6 +65,7 @@ pub mod plugins;
 pub mod policy;
 pub mod route;
 pub mod server;
+pub mod supervisor;
 pub mod telemetry;
 mod threads;
 pub mod upstream;

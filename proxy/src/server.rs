@@ -241,6 +241,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         )),
         _ => None,
     };
+    let process_statuses: crate::supervisor::ProcessStatuses = Arc::default();
     let control = Control {
         listener_certificates: listener_certificates.clone(),
         client_verifier: client_verifier.clone(),
@@ -266,12 +267,18 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         drain_timeout: options.drain_timeout,
         watch_interval: options.watch_interval,
         swapped,
+        supervisor: crate::supervisor::Supervisor::new(Arc::clone(&process_statuses), {
+            let metrics = Arc::clone(&metrics);
+            Arc::new(move |name: &str| metrics.plugin_process_restarts(name))
+        }),
+        processes: translation.processes.clone(),
     };
     let admin_state = AdminState {
         snapshot: Arc::clone(&snapshot),
         metrics: Arc::clone(&metrics),
         status,
         plugins,
+        processes: process_statuses,
     };
     crate::threads::spawn_runtime_thread("nip-control", move || {
         control.run(admin_listener, admin_address, admin_state)
@@ -502,6 +509,11 @@ struct Control {
     workload_certificate: Option<Arc<crate::identity::Credentials>>,
     /// Each listener certificate or key file as last seen.
     certificate_fingerprints: std::collections::HashMap<std::path::PathBuf, Option<Fingerprint>>,
+    /// Keeps the config's plugin processes running.
+    supervisor: crate::supervisor::Supervisor,
+    /// The plugin processes of the config loaded at start (started once the control
+    /// runtime runs).
+    processes: Vec<nip_xds::translate::PluginProcess>,
 }
 
 /// The first of `files` whose fingerprint differs from the one `known` holds (files seen
@@ -522,8 +534,9 @@ fn first_changed(
     changed
 }
 
-/// What a reload produces: a new snapshot, none (unchanged), or why it was refused.
-type ReloadResult = Result<Option<Snapshot>, String>;
+/// What a reload produces: a new snapshot, none (unchanged), or why it was refused; and
+/// the plugin processes the config asks for.
+type ReloadResult = Result<(Option<Snapshot>, Vec<nip_xds::translate::PluginProcess>), String>;
 
 /// Each plaintext client connection's read buffer. Pingora's default is 64 KiB, which every
 /// idle or slow client holds for nothing; a request head fits in 4 KiB, and larger reads
@@ -568,6 +581,8 @@ impl Control {
                 tracing::error!("admin server stopped: {e}");
             }
         });
+        let processes = std::mem::take(&mut self.processes);
+        self.supervisor.reconcile(&processes);
         self.health
             .reconcile(&self.snapshot.load().clusters, &self.metrics);
         self.reconcile_jwks();
@@ -735,7 +750,7 @@ impl Control {
                     && t.resources.version == previous.version
                     && t.bootstrap == previous.bootstrap
                 {
-                    return Ok(None);
+                    return Ok((None, t.processes));
                 }
                 let compiler = Compiler {
                     registry: &registry,
@@ -745,7 +760,7 @@ impl Control {
                 };
                 compiler
                     .build(&plugins, &t.bootstrap, &t.resources)
-                    .map(Some)
+                    .map(|snapshot| (Some(snapshot), t.processes))
                     .map_err(|e| e.to_string())
             })
         });
@@ -762,6 +777,10 @@ impl Control {
         current: Arc<Snapshot>,
     ) {
         let result = result.unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+        let result = result.map(|(snapshot, processes)| {
+            self.supervisor.reconcile(&processes);
+            snapshot
+        });
         match result {
             Ok(None) => {
                 tracing::debug!("config unchanged (version {})", current.version);

@@ -132,6 +132,58 @@ pub struct Translation {
     /// How a proxy following a control plane proves who it is (mutual TLS and joining);
     /// `None`: plaintext. Proxy-local like `last_good_file`.
     pub control_plane_identity: Option<ControlPlaneIdentity>,
+    /// Process plugins the proxy starts and keeps running (`process.command`);
+    /// proxy-local like `last_good_file`: xDS carries how to reach a processor, not how
+    /// to run one.
+    pub processes: Vec<PluginProcess>,
+}
+
+/// A plugin process a proxy runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginProcess {
+    /// The plugin's name.
+    pub name: String,
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// More environment (`NIP_PLUGIN_PORT` and `NIP_PLUGIN_NAME` are added).
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub working_dir: Option<std::path::PathBuf>,
+    /// The user to run as.
+    pub user: Option<String>,
+    /// The port it serves on (its service's endpoint).
+    pub port: u16,
+    /// Memory ceiling in bytes.
+    pub memory: Option<u64>,
+    /// CPU in cores.
+    pub cpu: Option<f64>,
+    /// Open files.
+    pub open_files: Option<u64>,
+}
+
+/// The plugin processes `config` asks a proxy to run.
+fn plugin_processes(config: &Config) -> Vec<PluginProcess> {
+    config
+        .plugins
+        .iter()
+        .filter(|(_, p)| p.enabled)
+        .filter_map(|(name, plugin)| {
+            let process = plugin.process.as_ref().filter(|p| !p.command.is_empty())?;
+            let endpoint = config.services.get(&process.service)?.endpoints.first()?;
+            let (_, port) = crate::config::parse_endpoint_address(&endpoint.address).ok()?;
+            Some(PluginProcess {
+                name: name.clone(),
+                command: process.command.clone(),
+                env: process.env.clone(),
+                working_dir: process.working_dir.as_ref().map(std::path::PathBuf::from),
+                user: process.user.clone(),
+                port,
+                memory: process.limits.memory.map(|m| m.0),
+                cpu: process.limits.cpu,
+                open_files: process.limits.open_files,
+            })
+        })
+        .collect()
 }
 
 /// A proxy's settings for mutual TLS with its control plane.
@@ -220,6 +272,7 @@ pub fn translate(config: &Config) -> Translation {
                 identity_dir,
             })
         }),
+        processes: plugin_processes(config),
     }
 }
 

@@ -70,6 +70,8 @@ pub struct AdminState {
     pub status: Arc<ProxyStatus>,
     /// Plugin engine (plugin-defined metrics).
     pub plugins: Arc<crate::plugins::PluginLoader>,
+    /// The plugin processes the proxy keeps running.
+    pub processes: crate::supervisor::ProcessStatuses,
 }
 
 /// The admin routes.
@@ -185,7 +187,16 @@ async fn plugins(State(state): State<AdminState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "host_api": nip_filters::sdk::host_api(), "plugins": plugins }))
+    let processes = state
+        .processes
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    Json(json!({
+        "host_api": nip_filters::sdk::host_api(),
+        "plugins": plugins,
+        "processes": processes,
+    }))
 }
 
 async fn clusters(State(state): State<AdminState>) -> Json<Value> {

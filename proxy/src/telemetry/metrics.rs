@@ -392,6 +392,7 @@ pub struct Metrics {
     plugin_failures: Family<PluginLabels, Counter>,
     plugin_instance_starts: Family<PluginLabels, Counter>,
     plugin_healthy: Family<PluginLabels, Gauge>,
+    plugin_process_restarts: Family<PluginLabels, Counter>,
     /// Successful config swaps (the first load included).
     pub config_reloads: Counter,
     /// Config changes that were refused; the old config kept serving.
@@ -490,6 +491,7 @@ impl Metrics {
             plugin_failures: Family::default(),
             plugin_instance_starts: Family::default(),
             plugin_healthy: Family::default(),
+            plugin_process_restarts: Family::default(),
             config_reloads: Counter::default(),
             config_reload_failures: Counter::default(),
             access_log_dropped: Counter::default(),
@@ -717,6 +719,11 @@ impl Metrics {
             "plugin_failures",
             "Plugin callbacks or starts that trapped, ran out of memory or time; the instance was replaced",
             m.plugin_failures.clone(),
+        );
+        registry.register(
+            "plugin_process_restarts",
+            "Starts of a process plugin's process after its first (it exited; started again after a back-off)",
+            m.plugin_process_restarts.clone(),
         );
         registry.register(
             "plugin_healthy",
@@ -1103,6 +1110,15 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .inc();
+    }
+
+    /// The restart counter of a process plugin's process.
+    pub fn plugin_process_restarts(&self, plugin: &str) -> Counter {
+        self.plugin_process_restarts
+            .get_or_create(&PluginLabels {
+                plugin: plugin.to_string(),
+            })
+            .clone()
     }
 
     /// Records an SDK plugin's health check.

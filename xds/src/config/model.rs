@@ -1200,6 +1200,40 @@ pub struct ProcessPluginConfig {
     /// Send heads only; bodies stream past the plugin unchanged.
     #[serde(default)]
     pub stream_bodies: bool,
+    /// The command a proxy starts and keeps running for this plugin (`["python3",
+    /// "guard.py"]`); without it the process is someone else's to run. It gets its port
+    /// (the service's endpoint's) in `NIP_PLUGIN_PORT`.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// More environment for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The working directory of the command.
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    /// The user the command runs as (a name from /etc/passwd, or `UID[:GID]`); the proxy
+    /// must be able to switch to it (root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// What the command may use.
+    #[serde(default)]
+    pub limits: ProcessLimitsConfig,
+}
+
+/// Resource ceilings of a plugin's process: a cgroup (v2) where the kernel lets the proxy
+/// make one, rlimits otherwise (memory as address space, no CPU share).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessLimitsConfig {
+    /// Memory (`"256Mi"`).
+    #[serde(default)]
+    pub memory: Option<ByteSize>,
+    /// CPU, in cores (`0.5`); a cgroup only.
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Open files.
+    #[serde(default)]
+    pub open_files: Option<u64>,
 }
 
 /// Where a plugin's module is: a local file, or a URL pinned by its SHA-256.

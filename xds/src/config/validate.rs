@@ -248,6 +248,52 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
                         format!("{:?} is not among services", process.service),
                     );
                 }
+                if let Some(program) = process.command.first() {
+                    if program.trim().is_empty() {
+                        errors.add(format!("{path}.process.command[0]"), "must name a program");
+                    }
+                    let local_port = config.services.get(&process.service).and_then(|s| {
+                        s.endpoints.first().and_then(|e| {
+                            let address = parse_endpoint_address(&e.address).ok()?;
+                            let local = address.0 == "localhost"
+                                || address.0.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                            local.then_some(address.1)
+                        })
+                    });
+                    if config.services.contains_key(&process.service) && local_port.is_none() {
+                        errors.add(
+                            format!("{path}.process.command"),
+                            format!(
+                                "the proxy starts the command on its own machine: service {:?} needs an endpoint on 127.0.0.1 or localhost",
+                                process.service
+                            ),
+                        );
+                    }
+                }
+                for (field, set) in [
+                    ("env", !process.env.is_empty()),
+                    ("working_dir", process.working_dir.is_some()),
+                    ("user", process.user.is_some()),
+                    (
+                        "limits",
+                        process.limits.memory.is_some()
+                            || process.limits.cpu.is_some()
+                            || process.limits.open_files.is_some(),
+                    ),
+                ] {
+                    if set && process.command.is_empty() {
+                        errors.add(
+                            format!("{path}.process.{field}"),
+                            "applies to a command the proxy starts (process.command)",
+                        );
+                    }
+                }
+                if process.limits.cpu.is_some_and(|c| !(c > 0.0 && c <= 1024.0)) {
+                    errors.add(
+                        format!("{path}.process.limits.cpu"),
+                        "must be a number of cores above 0",
+                    );
+                }
                 if !process.requests && !process.responses {
                     errors.add(
                         format!("{path}.process"),
