@@ -308,7 +308,7 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
     let backend = RecordingBackend::start().await;
     let proxy = proxy_to(
         backend.address,
-        "  max_active_downstream_connections: 20\n  max_requests_per_connection: 2\n  request_headers_timeout: 2s\n",
+        "  max_active_downstream_connections: 20\n  max_requests_per_connection: 2\n  request_headers_timeout: 5s\n",
     )
     .await;
     let real_request = || async {
@@ -347,12 +347,13 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
     }
     // Let the proxy read those partial heads: a connection it has not read from yet still
     // counts as idle and could be drained for the next one (a race under load, so a few
-    // tries, well within the 2 s head timeout).
+    // tries of a second each — a loaded machine is slow to close — well within the 5 s
+    // head timeout).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut outcomes = Vec::new();
     for _ in 0..3 {
         let mut refused = connect(&proxy).await;
-        let outcome = read_until_close(&mut refused, Duration::from_millis(300)).await;
+        let outcome = read_until_close(&mut refused, Duration::from_secs(1)).await;
         let closed_at_once = outcome.1 && outcome.0.is_empty();
         outcomes.push(outcome);
         if closed_at_once {
