@@ -98,7 +98,7 @@ routes:
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 200, "proxy log:\n{}", proxy.log());
     let order: serde_json::Value = response.json().await.unwrap();
     assert_eq!(order["card"], "[redacted]");
     assert_eq!(order["payer"]["card"], "[redacted]");
@@ -215,6 +215,13 @@ routes:
 async fn the_rust_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
     the_common_example_behaves(Guard::Wasm(example_plugin("sdk_guard"), "rust")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_sdk_example_behaves() {
+    let _turn = crate::common::module_turn(module_path!());
+    let wasm = assemblyscript_example("as-guard", "as_guard.wasm");
+    the_common_example_behaves(Guard::Wasm(wasm, "assemblyscript")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

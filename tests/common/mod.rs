@@ -787,23 +787,28 @@ pub fn c_plugin() -> PathBuf {
 pub fn assemblyscript_plugin() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples/as-tag");
-            let npm = |args: &[&str]| {
-                let status = Command::new("npm")
-                    .args(args)
-                    .current_dir(&dir)
-                    .status()
-                    .expect("run npm (./dev test installs node and npm)");
-                assert!(status.success(), "npm {args:?} failed in {}", dir.display());
-            };
-            if !dir.join("node_modules/.bin/asc").exists() {
-                npm(&["ci", "--no-audit", "--no-fund"]);
-            }
-            npm(&["run", "--silent", "build"]);
-            dir.join("build/as_tag.wasm")
-        })
+        .get_or_init(|| assemblyscript_example("as-tag", "as_tag.wasm"))
         .clone()
+}
+
+/// Builds the AssemblyScript example in filters/examples/`dir` (npm ci once, then asc).
+pub fn assemblyscript_example(dir: &str, wasm: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("filters/examples")
+        .join(dir);
+    let npm = |args: &[&str]| {
+        let status = Command::new("npm")
+            .args(args)
+            .current_dir(&dir)
+            .status()
+            .expect("run npm (./dev test installs node and npm)");
+        assert!(status.success(), "npm {args:?} failed in {}", dir.display());
+    };
+    if !dir.join("node_modules/.bin/asc").exists() {
+        npm(&["ci", "--no-audit", "--no-fund"]);
+    }
+    npm(&["run", "--silent", "build"]);
+    dir.join("build").join(wasm)
 }
 
 /// `clients` connections each sending GETs to `url` back to back until stopped, counting
