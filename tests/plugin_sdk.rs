@@ -13,8 +13,8 @@ const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name"
 enum Guard {
     /// A wasm module, and the SDK that made it.
     Wasm(std::path::PathBuf, &'static str),
-    /// A process plugin: the script, run with the Python SDK importable.
-    Python(std::path::PathBuf),
+    /// A process plugin: its command and environment.
+    Process(Vec<String>, Vec<(&'static str, String)>),
 }
 
 async fn the_common_example_behaves(guard: Guard) {
@@ -44,14 +44,13 @@ async fn the_common_example_behaves(guard: Guard) {
             ),
             String::new(),
         ),
-        Guard::Python(script) => {
+        Guard::Process(command, env) => {
             let port = free_port();
-            let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/sdk/python");
             let started = Background::start(
-                std::process::Command::new(python())
-                    .arg(script)
+                std::process::Command::new(&command[0])
+                    .args(&command[1..])
                     .arg(port.to_string())
-                    .env("PYTHONPATH", sdk),
+                    .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
             );
             started.wait_for("listening").await;
             process = Some(started);
@@ -227,9 +226,25 @@ async fn the_typescript_sdk_example_behaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("filters/examples/python-guard/guard.py");
-    the_common_example_behaves(Guard::Python(script)).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("filters/examples/python-guard/guard.py");
+    let sdk = root.join("filters/sdk/python");
+    the_common_example_behaves(Guard::Process(
+        vec![python(), script.display().to_string()],
+        vec![("PYTHONPATH", sdk.display().to_string())],
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_sdk_example_behaves() {
+    let _turn = crate::common::module_turn(module_path!());
+    let binary = go_plugin("go-guard");
+    the_common_example_behaves(Guard::Process(
+        vec![binary.display().to_string()],
+        Vec::new(),
+    ))
+    .await;
 }
 
 /// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the

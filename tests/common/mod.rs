@@ -791,6 +791,23 @@ pub fn assemblyscript_plugin() -> PathBuf {
         .clone()
 }
 
+/// Builds the Go example in filters/examples/`dir` with the Go SDK (Debian's Go and gRPC
+/// packages, offline; ./dev test installs them).
+pub fn go_plugin(dir: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
+    let status = Command::new(root.join("filters/sdk/go/build.sh"))
+        .arg(root.join("filters/examples").join(dir))
+        .arg(&out)
+        .status()
+        .expect("run filters/sdk/go/build.sh");
+    assert!(
+        status.success(),
+        "building the Go plugin failed (./dev test installs golang-go, golang-google-grpc-dev, golang-google-protobuf-dev)"
+    );
+    out
+}
+
 /// Builds the AssemblyScript example in filters/examples/`dir` (npm ci once, then asc).
 pub fn assemblyscript_example(dir: &str, wasm: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
