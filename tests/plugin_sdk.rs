@@ -382,7 +382,9 @@ routes:
 async fn the_proxy_runs_process_plugins_and_restarts_them_with_back_off() {
     let _turn = crate::common::module_turn(module_path!());
     let app = Pages::start(&[("/x", 200, "application/json", r#"{"card": "4111"}"#)]).await;
-    let (guard_port, future_port, sleeper_port) = (free_port(), free_port(), free_port());
+    let (guard_port, future_port, sleeper_port, go_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let go_guard = go_plugin("go-guard");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let sdk = root.join("filters/sdk/python");
     let guard = root.join("filters/examples/python-guard/guard.py");
@@ -401,6 +403,7 @@ services:
   guard-process: {{ endpoints: ["127.0.0.1:{guard_port}"], protocol: http2 }}
   future-process: {{ endpoints: ["127.0.0.1:{future_port}"], protocol: http2 }}
   sleeper-process: {{ endpoints: ["127.0.0.1:{sleeper_port}"], protocol: http2 }}
+  go-process: {{ endpoints: ["127.0.0.1:{go_port}"], protocol: http2 }}
 plugins:
   guard:
     isolation: process
@@ -418,6 +421,9 @@ plugins:
   sleeper:
     isolation: process
     process: {{ service: sleeper-process, command: ["/bin/sleep", "600"], user: nobody }}
+  goguard:
+    isolation: process
+    process: {{ service: go-process, command: ["{go_guard}"] }}
 routes:
   - {{ service: app, plugins: [guard] }}
 "#,
@@ -425,6 +431,7 @@ routes:
         python = python(),
         guard = guard.display(),
         sdk = sdk.display(),
+        go_guard = go_guard.display(),
     ))
     .await;
     let redacted = || async {
@@ -472,6 +479,24 @@ routes:
         "{uid}"
     );
 
+    // SDK processes are asked how they are; the plain program is not.
+    eventually("the SDK processes report their health", || async {
+        let now = processes().await;
+        now["guard"]["health"]["healthy"] == true
+            && now["goguard"]["health"]["healthy"] == true
+            && now["goguard"]["declared"]["sdk"] == "go"
+    })
+    .await;
+    eventually("the Python plugin reports its own figures", || async {
+        processes().await["guard"]["resource_usage"]["messages"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+    })
+    .await;
+    assert!(processes().await["sleeper"]["health"].is_null());
+    proxy
+        .wait_for_sample("nip_plugin_healthy", &[("plugin", "goguard")], 1.0)
+        .await;
     // Killed: started again, and serving again.
     unsafe_kill(pid);
     eventually("the plugin process is started again", || async {

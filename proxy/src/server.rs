@@ -267,10 +267,19 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
         drain_timeout: options.drain_timeout,
         watch_interval: options.watch_interval,
         swapped,
-        supervisor: crate::supervisor::Supervisor::new(Arc::clone(&process_statuses), {
-            let metrics = Arc::clone(&metrics);
-            Arc::new(move |name: &str| metrics.plugin_process_restarts(name))
-        }),
+        supervisor: crate::supervisor::Supervisor::new(
+            Arc::clone(&process_statuses),
+            crate::supervisor::SupervisorMetrics {
+                restarts: {
+                    let metrics = Arc::clone(&metrics);
+                    Arc::new(move |name: &str| metrics.plugin_process_restarts(name))
+                },
+                health: {
+                    let metrics = Arc::clone(&metrics);
+                    Arc::new(move |name: &str, healthy: bool| metrics.plugin_health(name, healthy))
+                },
+            },
+        ),
         processes: translation.processes.clone(),
     };
     let admin_state = AdminState {

@@ -5,6 +5,8 @@
 //! config load ──▶ reconcile(specs) ──▶ per plugin: COMMAND --describe (an SDK's declaration;
 //!                                       another API major: refused, never started)
 //!                                      ──▶ start: its user, its limits, NIP_PLUGIN_PORT
+//!                                      ──▶ SDK processes: health and resource usage asked
+//!                                          (nip.plugin.v2.Plugin/Report) every 10 s
 //!                                      ──▶ exits? started again after a back-off
 //!                                          (100 ms doubling to 10 s; reset after 10 s up)
 //! ```
@@ -28,6 +30,10 @@ use std::time::{Duration, Instant};
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A process up this long has recovered: its back-off starts over.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// When a started SDK process is first asked how it is.
+const FIRST_HEALTH_CHECK: Duration = Duration::from_millis(500);
+/// How often after that.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 /// How long `--describe` may take (a program that does not know it may start serving).
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Where plugin cgroups are made (cgroup v2).
@@ -48,13 +54,28 @@ pub struct ProcessStatus {
     pub declared: Option<Declaration>,
     /// How its limits are held: `cgroup`, `rlimit` or `none`.
     pub limits: String,
+    /// Its SDK's last health report (`{ healthy, message? }`).
+    pub health: Option<serde_json::Value>,
+    /// Its SDK's last resource-usage report.
+    pub resource_usage: Option<serde_json::Value>,
 }
 
 /// Status of every supervised process, by plugin name.
 pub type ProcessStatuses = Arc<Mutex<BTreeMap<String, ProcessStatus>>>;
 
-/// Counts restarts of a plugin's process.
+/// Finds a plugin's restart counter.
 pub type RestartCounter = Arc<dyn Fn(&str) -> Counter + Send + Sync>;
+/// Records a plugin's health.
+pub type HealthRecorder = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
+/// Where the supervisor counts: a plugin's restart counter, and its health.
+#[derive(Clone)]
+pub struct SupervisorMetrics {
+    /// The restart counter of a plugin's process.
+    pub restarts: RestartCounter,
+    /// Records a plugin's health.
+    pub health: HealthRecorder,
+}
 
 struct Supervised {
     spec: PluginProcess,
@@ -65,7 +86,7 @@ struct Supervised {
 pub struct Supervisor {
     running: HashMap<String, Supervised>,
     statuses: ProcessStatuses,
-    restarts: RestartCounter,
+    metrics: SupervisorMetrics,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -77,12 +98,12 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor reporting into `statuses` and counting restarts with `restarts`.
-    pub fn new(statuses: ProcessStatuses, restarts: RestartCounter) -> Self {
+    /// A supervisor reporting into `statuses` and `metrics`.
+    pub fn new(statuses: ProcessStatuses, metrics: SupervisorMetrics) -> Self {
         Supervisor {
             running: HashMap::new(),
             statuses,
-            restarts,
+            metrics,
         }
     }
 
@@ -107,12 +128,11 @@ impl Supervisor {
                 continue;
             }
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let counter = (self.restarts)(&spec.name);
             tokio::spawn(supervise(
                 spec.clone(),
                 stopped,
                 Arc::clone(&self.statuses),
-                counter,
+                self.metrics.clone(),
             ));
             self.running.insert(
                 spec.name.clone(),
@@ -143,9 +163,11 @@ async fn supervise(
     spec: PluginProcess,
     mut stop: tokio::sync::watch::Receiver<bool>,
     statuses: ProcessStatuses,
-    restarts: Counter,
+    metrics: SupervisorMetrics,
 ) {
     let name = spec.name.clone();
+    let restarts = (metrics.restarts)(&name);
+    let mut sdk = false;
     set_status(&statuses, &name, |s| s.state = "starting".into());
     let cgroup = cgroup_for(&spec);
     let limits = if cgroup.is_some() {
@@ -161,6 +183,7 @@ async fn supervise(
     }
     match describe(&spec).await {
         Ok(Some(declared)) => {
+            sdk = true;
             let check = declared.check();
             set_status(&statuses, &name, |s| s.declared = Some(declared.clone()));
             if let Err(reason) = check {
@@ -198,26 +221,51 @@ async fn supervise(
                     s.pid = pid;
                     s.reason = None;
                 });
-                tokio::select! {
-                    exit = child.wait() => {
-                        let reason = match exit {
-                            Ok(status) => format!("exited: {status}"),
-                            Err(e) => format!("lost: {e}"),
-                        };
-                        tracing::warn!(plugin = %name, "plugin process {reason}");
-                        set_status(&statuses, &name, |s| {
-                            s.state = "restarting".into();
-                            s.pid = None;
-                            s.reason = Some(reason);
-                        });
-                    }
-                    _ = stopped(&mut stop) => {
-                        terminate(&mut child).await;
-                        set_status(&statuses, &name, |s| {
-                            s.state = "stopped".into();
-                            s.pid = None;
-                        });
-                        return;
+                // An SDK process is asked how it is soon after it starts, then every
+                // HEALTH_INTERVAL.
+                let mut next_check = tokio::time::Instant::now() + FIRST_HEALTH_CHECK;
+                loop {
+                    tokio::select! {
+                        exit = child.wait() => {
+                            let reason = match exit {
+                                Ok(status) => format!("exited: {status}"),
+                                Err(e) => format!("lost: {e}"),
+                            };
+                            tracing::warn!(plugin = %name, "plugin process {reason}");
+                            (metrics.health)(&name, false);
+                            set_status(&statuses, &name, |s| {
+                                s.state = "restarting".into();
+                                s.pid = None;
+                                s.reason = Some(reason);
+                            });
+                            break;
+                        }
+                        _ = stopped(&mut stop) => {
+                            terminate(&mut child).await;
+                            set_status(&statuses, &name, |s| {
+                                s.state = "stopped".into();
+                                s.pid = None;
+                            });
+                            return;
+                        }
+                        _ = tokio::time::sleep_until(next_check), if sdk => {
+                            next_check = tokio::time::Instant::now() + HEALTH_INTERVAL;
+                            let health = ask(spec.port, "health").await;
+                            let usage = ask(spec.port, "resource_usage").await;
+                            let healthy = health
+                                .as_ref()
+                                .ok()
+                                .and_then(|h| h.get("healthy"))
+                                .and_then(serde_json::Value::as_bool)
+                                .unwrap_or(false);
+                            (metrics.health)(&name, healthy);
+                            set_status(&statuses, &name, |s| {
+                                s.health = Some(health.unwrap_or_else(|e| {
+                                    serde_json::json!({ "healthy": false, "message": e })
+                                }));
+                                s.resource_usage = usage.ok();
+                            });
+                        }
                     }
                 }
             }
@@ -240,6 +288,31 @@ async fn supervise(
             _ = stopped(&mut stop) => return,
         }
     }
+}
+
+/// Asks an SDK process for a report (`health`, `resource_usage`): the JSON it answers
+/// on `nip.plugin.v2.Plugin/Report`, beside its ExternalProcessor service.
+async fn ask(port: u16, what: &str) -> Result<serde_json::Value, String> {
+    use envoy_types::pb::google::protobuf::StringValue;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the process: {e}"))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| e.to_string())?;
+    let codec = tonic_prost::ProstCodec::<StringValue, StringValue>::default();
+    let answer = grpc
+        .unary(
+            tonic::Request::new(StringValue { value: what.into() }),
+            http::uri::PathAndQuery::from_static("/nip.plugin.v2.Plugin/Report"),
+            codec,
+        )
+        .await
+        .map_err(|status| format!("no report: {}", status.message()))?;
+    serde_json::from_str(&answer.into_inner().value).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// Until the supervisor says stop (the watch's guard is not held across awaits).

@@ -22,6 +22,19 @@ plugin = Plugin(
 )
 
 
+HANDLED = {"messages": 0}
+
+
+@plugin.health_check
+def health():
+    return {"healthy": True}
+
+
+@plugin.resource_usage
+def usage():
+    return dict(HANDLED)
+
+
 @plugin.on_config_change
 def check(config):
     if any(not field for field in (config or {}).get("redact", [])):
@@ -45,6 +58,7 @@ def redact(value, fields):
 
 @plugin.on_message
 async def handle(message, ctx):
+    HANDLED["messages"] += 1
     config = ctx.config or {}
     if message.type == "request":
         if message.metadata.priority == "low":

@@ -42,6 +42,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // APIVersion is the NIP plugin API this SDK speaks.
@@ -159,6 +160,8 @@ type Plugin struct {
 	capabilities          []string
 	handler               Handler
 	configCheck           func(map[string]interface{}) error
+	health                func() (bool, string)
+	usage                 func() map[string]interface{}
 }
 
 // New makes a plugin.
@@ -177,6 +180,35 @@ func (p *Plugin) Capability(c string) *Plugin { p.capabilities = append(p.capabi
 
 // OnMessage sets the handler.
 func (p *Plugin) OnMessage(h Handler) *Plugin { p.handler = h; return p }
+
+// HealthCheck sets what the plugin says when the proxy asks how it is.
+func (p *Plugin) HealthCheck(check func() (bool, string)) *Plugin { p.health = check; return p }
+
+// ResourceUsage sets the plugin's own figures for the proxy.
+func (p *Plugin) ResourceUsage(usage func() map[string]interface{}) *Plugin {
+	p.usage = usage
+	return p
+}
+
+func (p *Plugin) report(what string) interface{} {
+	switch what {
+	case "health":
+		if p.health == nil {
+			return map[string]interface{}{"healthy": true}
+		}
+		healthy, message := p.health()
+		answer := map[string]interface{}{"healthy": healthy}
+		if message != "" {
+			answer["message"] = message
+		}
+		return answer
+	case "resource_usage":
+		if p.usage != nil {
+			return p.usage()
+		}
+	}
+	return map[string]interface{}{}
+}
 
 // OnConfigChange checks each new config; an error refuses it (the request fails).
 func (p *Plugin) OnConfigChange(check func(map[string]interface{}) error) *Plugin {
@@ -263,6 +295,23 @@ func (p *Plugin) Run() {
 			ClientStreams: true,
 			Handler: func(_ interface{}, stream grpc.ServerStream) error {
 				return p.process(d, stream)
+			},
+		}},
+	}, p)
+	// The proxy's supervisor asks for health and resource usage here:
+	// nip.plugin.v2.Plugin/Report(StringValue "health" | "resource_usage") -> StringValue (JSON).
+	server.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "nip.plugin.v2.Plugin",
+		HandlerType: (*interface{})(nil),
+		Methods: []grpc.MethodDesc{{
+			MethodName: "Report",
+			Handler: func(_ interface{}, ctx context.Context, decode func(interface{}) error, _ grpc.UnaryServerInterceptor) (interface{}, error) {
+				in := &wrapperspb.StringValue{}
+				if err := decode(in); err != nil {
+					return nil, err
+				}
+				out, _ := json.Marshal(p.report(in.Value))
+				return &wrapperspb.StringValue{Value: string(out)}, nil
 			},
 		}},
 	}, p)

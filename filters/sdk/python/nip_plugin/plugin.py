@@ -22,6 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import wrappers_pb2
 
 from .message import (
     META_PREFIX,
@@ -41,6 +42,9 @@ log = logging.getLogger("nip_plugin")
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 CONFIG_METADATA = "x-nip-plugin-config"
 BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
+# The service beside ExternalProcessor that answers the proxy's supervisor:
+# Report(StringValue "health" | "resource_usage") -> StringValue (JSON).
+REPORT_SERVICE = "nip.plugin.v2.Plugin"
 
 
 class HttpResponse:
@@ -337,6 +341,20 @@ class Plugin:
                 # Trailers are not sent by NIP; answer so the stream never stalls.
                 yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
 
+    def _report(self, what: str) -> Any:
+        """The answer to the supervisor's ``health`` or ``resource_usage`` request."""
+        try:
+            if what == "health":
+                answer = self._health() if self._health else {"healthy": True}
+                if isinstance(answer, bool):
+                    answer = {"healthy": answer}
+                return answer
+            if what == "resource_usage":
+                return self._usage() if self._usage else {}
+        except Exception as error:  # a failing check is an unhealthy plugin
+            return {"healthy": False, "message": f"{type(error).__name__}: {error}"}
+        return {}
+
     # Serving ----------------------------------------------------------------------
 
     def run(self, port: Optional[int] = None, host: str = "127.0.0.1") -> None:
@@ -362,10 +380,28 @@ class Plugin:
                 async for response in plugin._process(request_iterator, context):
                     yield response
 
+        async def report(request, context):
+            return wrappers_pb2.StringValue(value=json.dumps(plugin._report(request.value)))
+
         if self._on_init:
             self._on_init()
         server = grpc.aio.server()
         ep_grpc.add_ExternalProcessorServicer_to_server(Servicer(), server)
+        # The proxy's supervisor asks for health and resource usage here.
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    REPORT_SERVICE,
+                    {
+                        "Report": grpc.unary_unary_rpc_method_handler(
+                            report,
+                            request_deserializer=wrappers_pb2.StringValue.FromString,
+                            response_serializer=wrappers_pb2.StringValue.SerializeToString,
+                        )
+                    },
+                ),
+            )
+        )
         server.add_insecure_port(f"{host}:{port}")
         await server.start()
         if self._on_start:
