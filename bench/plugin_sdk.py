@@ -7,6 +7,10 @@ Same bed as bench/bench.py (one proxy worker pinned to CPU 1, wrk and the nginx 
 CPU 0, 50 keep-alive connections), interleaved over RUNS rounds. Target: the SDK adds at
 most 1 µs or 10 % per request over the raw plugin.
 
+Out of process: the same no-op handler on the Python and Go SDKs, run by the proxy as an
+ext_proc plugin, beside nginx calling an equivalent service in the same language with
+auth_request; CPU of the proxy and its plugin process (nginx, its worker and the service).
+
 Appends its section to bench/RESULTS.md (replacing an older one). Environment: RUNS (3),
 DURATION (10).
 """
@@ -48,11 +52,103 @@ def nip(name: str, wasm: str | None):
                     str(nip_conf(name, wasm)), "--threads", "1"]
 
 
+VENV_PYTHON = bench.ROOT / "target/interop-venv/bin/python"
+GO_NOOP = OUT / "go-noop"
+GO_AUTH = OUT / "go-auth-service"
+PLUGIN_PORT = 18930
+AUTH_PORT = 18931
+
+
+def process_conf(name: str, command: list[str], env: dict[str, str]) -> Path:
+    command_yaml = ", ".join(f'"{c}"' for c in command)
+    env_yaml = ", ".join(f'{k}: "{v}"' for k, v in env.items())
+    return bench.write(OUT / f"sdk-{name}.yaml", f"""
+admin: {{ address: "{bench.ADMIN}" }}
+api_gateway: {{ address: "{bench.LISTEN}" }}
+services:
+  backend: {{ endpoints: ["{bench.BACKEND}"] }}
+  plugin: {{ endpoints: ["127.0.0.1:{PLUGIN_PORT}"], protocol: http2 }}
+plugins:
+  p:
+    isolation: process
+    process: {{ service: plugin, timeout: 2s, command: [{command_yaml}], env: {{ {env_yaml} }} }}
+routes:
+  - name: all
+    service: backend
+    plugins: [p]
+""")
+
+
+def nip_process(name: str, command: list[str], env: dict[str, str]):
+    return lambda: [str(bench.ROOT / "target/release/nip"), "proxy", "--config",
+                    str(process_conf(name, command, env)), "--threads", "1"]
+
+
+def nginx_auth_conf() -> Path:
+    return bench.write(OUT / "auth-nginx.conf", f"""
+worker_processes 1;
+daemon off;
+error_log {OUT}/auth-nginx-error.log;
+pid {OUT}/auth-nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend {{ server {bench.BACKEND}; keepalive 128; }}
+  upstream auth {{ server 127.0.0.1:{AUTH_PORT}; keepalive 32; }}
+  server {{
+    listen {bench.LISTEN} backlog=4096;
+    location / {{
+      auth_request /_auth;
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+    location = /_auth {{
+      internal;
+      proxy_pass http://auth/check;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+    }}
+  }}
+}}
+""")
+
+
+def nginx_with(service: list[str]):
+    """nginx, its auth service started first as its child (so both are measured)."""
+    quoted = " ".join(f"'{a}'" for a in service)
+    return lambda: ["sh", "-c", f"{quoted} {AUTH_PORT} & exec nginx -c {nginx_auth_conf()}"]
+
+
+SDK_PYTHON = {"PYTHONPATH": str(bench.ROOT / "filters/sdk/python")}
+
 PROXIES = {
     "nip": nip("plain", None),
     "nip+raw-noop": nip("raw-noop", "noop.wasm"),
     "nip+sdk-noop": nip("sdk-noop", "sdk_noop.wasm"),
+    "nip+python-process": nip_process(
+        "python-process",
+        [str(VENV_PYTHON), str(bench.ROOT / "filters/examples/python-noop/noop.py")],
+        SDK_PYTHON),
+    "nginx+python-auth_request": nginx_with(
+        [str(VENV_PYTHON), str(bench.ROOT / "bench/auth-service/auth.py")]),
+    "nip+go-process": nip_process("go-process", [str(GO_NOOP)], {}),
+    "nginx+go-auth_request": nginx_with([str(GO_AUTH)]),
 }
+
+
+def build_process_plugins() -> None:
+    """The Go no-op plugin and auth service (Debian's Go; ./dev test installs it)."""
+    subprocess.run([str(bench.ROOT / "filters/sdk/go/build.sh"),
+                    str(bench.ROOT / "filters/examples/go-noop"), str(GO_NOOP)], check=True)
+    subprocess.run(["go", "build", "-o", str(GO_AUTH), "main.go"],
+                   cwd=bench.ROOT / "bench/auth-service", check=True,
+                   env={**__import__("os").environ, "GO111MODULE": "off"})
+    if not VENV_PYTHON.exists():
+        sys.exit("bench: run ./dev test once first (it makes target/interop-venv with grpcio)")
 
 
 def measure(name: str) -> dict:
@@ -68,6 +164,7 @@ def measure(name: str) -> dict:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    build_process_plugins()
     backend = subprocess.Popen(bench.taskset(bench.LOAD_CPU,
                                              ["nginx", "-c", str(bench.nginx_backend_conf())]))
     try:
@@ -93,6 +190,12 @@ def write_results(results: dict[str, list[dict]]) -> None:
     for name, m in med.items():
         lines.append(f"| {name} | {m['rps']:,.0f} | {m['cpu_us']:.2f} | "
                      f"{m['cpu_us'] - med['nip']['cpu_us']:+.2f} |")
+    process_lines = ["| plugin out of process | NIP + plugin, CPU µs/req | nginx auth_request + service, CPU µs/req | NIP ÷ nginx |",
+                     "|---|---|---|---|"]
+    for lang in ("python", "go"):
+        ours = med[f"nip+{lang}-process"]["cpu_us"]
+        theirs = med[f"nginx+{lang}-auth_request"]["cpu_us"]
+        process_lines.append(f"| {lang} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
     raw, sdk = med["nip+raw-noop"]["cpu_us"], med["nip+sdk-noop"]["cpu_us"]
     added, share = sdk - raw, (sdk - raw) / raw * 100
     met = "met" if added <= 1.0 or share <= 10.0 else "NOT met"
@@ -111,6 +214,13 @@ def write_results(results: dict[str, list[dict]]) -> None:
         "",
         f"The SDK adds {added:+.2f} µs ({share:+.1f} %) per request over the raw plugin: "
         f"target (+1 µs or +10 %) {met}.",
+        "",
+        "Out of process: a no-op plugin on the Python or Go SDK, asked over ext_proc for "
+        "every request (the proxy runs it: its CPU counts), beside nginx asking an "
+        "equivalent service (200, nothing else) in the same language with auth_request "
+        "(nginx, its worker and the service counted).",
+        "",
+        *process_lines,
         "<!-- /plugin-sdk -->",
     ])
     results_md = bench.ROOT / "bench" / "RESULTS.md"
