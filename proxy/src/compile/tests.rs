@@ -1293,3 +1293,138 @@ routes:
         assert!(e.message.contains(expected), "{expected:?} in {e}");
     }
 }
+
+#[test]
+fn ext_proc_filters_compile_with_their_modes_and_refuse_what_nip_cannot_do() {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+        processing_mode::{BodySendMode, HeaderSendMode},
+        ExtProcHttpService, ExternalProcessor,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    let t = translated(
+        r#"
+services:
+  web: { endpoints: ["127.0.0.1:8081"] }
+  processor: { endpoints: ["127.0.0.1:9100"], protocol: http2 }
+plugins:
+  shout:
+    isolation: process
+    process: { service: processor, responses: true, timeout: 300ms }
+    config: { mood: loud }
+routes:
+  - { name: shouted, service: web, plugins: [shout] }
+  - { name: quiet, service: web }
+"#,
+    );
+    let snapshot = compile(&t).unwrap();
+    let router = &snapshot.primary_http().router;
+    let route = |path: &str| {
+        router
+            .route("any", path, &http::Method::GET, &http::HeaderMap::new())
+            .unwrap()
+            .clone()
+    };
+    let shouted = route("/");
+    assert_eq!(shouted.processors.len(), 1);
+    let processor = &shouted.processors[0];
+    assert_eq!(processor.cluster, "processor");
+    assert_eq!(processor.timeout, Duration::from_millis(300));
+    assert!(!processor.failure_mode_allow);
+    assert_eq!(
+        processor.mode,
+        crate::ext_proc::ProcessingMode {
+            request_headers: true,
+            response_headers: true,
+            request_body: true,
+            response_body: true,
+        }
+    );
+    assert!(processor
+        .initial_metadata
+        .contains(&("x-nip-plugin-config".to_string(), r#"{"mood":"loud"}"#.to_string())));
+    assert!(processor.attributes.iter().any(|a| a == "nip.tenant"));
+
+    // What another xDS server might send instead.
+    let mutate = |change: &dyn Fn(&mut ExternalProcessor)| {
+        let mut resources = t.resources.clone();
+        let listener = &mut resources.listeners[0];
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &listener.filter_chains[0].filters[0].config_type
+        else {
+            panic!("hcm is typed");
+        };
+        let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let filter = hcm
+            .http_filters
+            .iter_mut()
+            .find(|f| f.name == names::plugin_filter("shout"))
+            .unwrap();
+        let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+            panic!("typed");
+        };
+        let mut processor = ExternalProcessor::decode(any.value.as_slice()).unwrap();
+        change(&mut processor);
+        filter.config_type = Some(http_filter::ConfigType::TypedConfig(
+            envoy_types::util::pack_any(processor),
+        ));
+        listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(
+            envoy_types::util::pack_any(hcm),
+        ));
+        compile(&nip_xds::translate::Translation {
+            resources,
+            ..t.clone()
+        })
+        .map(drop)
+        .unwrap_err()
+        .message
+    };
+    let cases: Vec<(Box<dyn Fn(&mut ExternalProcessor)>, &str)> = vec![
+        (
+            Box::new(|p| p.http_service = Some(ExtProcHttpService::default())),
+            "http_service is not supported",
+        ),
+        (
+            Box::new(|p| {
+                p.processing_mode.as_mut().unwrap().request_body_mode = BodySendMode::Streamed as i32
+            }),
+            "request_body_mode: STREAMED is not supported",
+        ),
+        (
+            Box::new(|p| {
+                p.processing_mode.as_mut().unwrap().response_trailer_mode =
+                    HeaderSendMode::Send as i32
+            }),
+            "response_trailer_mode: SEND is not supported",
+        ),
+        (
+            Box::new(|p| p.observability_mode = true),
+            "observability_mode is not supported",
+        ),
+        (
+            Box::new(|p| {
+                use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+                if let Some(TargetSpecifier::EnvoyGrpc(g)) = p
+                    .grpc_service
+                    .as_mut()
+                    .and_then(|g| g.target_specifier.as_mut())
+                {
+                    g.cluster_name = "nowhere".into();
+                }
+            }),
+            "cluster_name \"nowhere\" is not a cluster",
+        ),
+        (
+            Box::new(|p| {
+                p.mutation_rules = Some(envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules {
+                    disallow_all: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+                    ..Default::default()
+                })
+            }),
+            "mutation_rules is not supported",
+        ),
+    ];
+    for (change, expected) in cases {
+        let message = mutate(&*change);
+        assert!(message.contains(expected), "{expected:?} in {message}");
+    }
+}
