@@ -118,9 +118,24 @@ http {{
 
 
 def nginx_with(service: list[str]):
-    """nginx, its auth service started first as its child (so both are measured)."""
+    """nginx and its auth service under one shell that ends both (so both are measured,
+    and no service outlives its round)."""
     quoted = " ".join(f"'{a}'" for a in service)
-    return lambda: ["sh", "-c", f"{quoted} {AUTH_PORT} & exec nginx -c {nginx_auth_conf()}"]
+    script = (f"{quoted} {AUTH_PORT} & svc=$!; nginx -c {nginx_auth_conf()} & ng=$!; "
+              "trap 'kill $svc $ng 2>/dev/null' TERM INT EXIT; wait")
+    return lambda: ["sh", "-c", script]
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and all of its descendants (nginx's worker under the shell, a plugin
+    process under the proxy)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        out = subprocess.run(["pgrep", "-P", str(current)], capture_output=True, text=True)
+        todo += [int(p) for p in out.stdout.split()]
+    return found
 
 
 SDK_PYTHON = {"PYTHONPATH": str(bench.ROOT / "filters/sdk/python")}
@@ -154,6 +169,7 @@ def build_process_plugins() -> None:
 def measure(name: str) -> dict:
     bench.PROXIES[name] = PROXIES[name]
     with bench.running(name, f"sdk-{name}") as (pids, _):
+        pids = descendants(pids[0])
         before = bench.cpu_ticks(pids)
         rps, total, errors = bench.run_wrk()
         after = bench.cpu_ticks(pids)
