@@ -1339,9 +1339,10 @@ routes:
             response_body: true,
         }
     );
-    assert!(processor
-        .initial_metadata
-        .contains(&("x-nip-plugin-config".to_string(), r#"{"mood":"loud"}"#.to_string())));
+    assert!(processor.initial_metadata.contains(&(
+        "x-nip-plugin-config".to_string(),
+        r#"{"mood":"loud"}"#.to_string()
+    )));
     assert!(processor.attributes.iter().any(|a| a == "nip.tenant"));
 
     // What another xDS server might send instead.
@@ -1385,7 +1386,8 @@ routes:
         ),
         (
             Box::new(|p| {
-                p.processing_mode.as_mut().unwrap().request_body_mode = BodySendMode::Streamed as i32
+                p.processing_mode.as_mut().unwrap().request_body_mode =
+                    BodySendMode::Streamed as i32
             }),
             "request_body_mode: STREAMED is not supported",
         ),
