@@ -1379,7 +1379,8 @@ routes:
         .unwrap_err()
         .message
     };
-    let cases: Vec<(Box<dyn Fn(&mut ExternalProcessor)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut ExternalProcessor)>;
+    let cases: Vec<(Change, &str)> = vec![
         (
             Box::new(|p| p.http_service = Some(ExtProcHttpService::default())),
             "http_service is not supported",
