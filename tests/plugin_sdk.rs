@@ -539,3 +539,71 @@ fn unsafe_kill(pid: u64) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A Rust SDK handler awaits a timer like an HTTP call: the request is held meanwhile,
+/// and sleeping requests do not hold each other up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_sdk_handler_sleeps_holding_its_request() {
+    let _turn = crate::common::module_turn(module_path!());
+    let app = Pages::start(&[("/x", 200, "text/plain", "ok")]).await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  app: {{ endpoints: ["{app}"] }}
+plugins:
+  guard: {{ source: {{ file: "{plugin}" }} }}
+routes:
+  - {{ service: app, plugins: [guard] }}
+"#,
+        app = app.address,
+        plugin = example_plugin("sdk_guard").display(),
+    ))
+    .await;
+    let get = |delay: Option<&'static str>| {
+        let mut request = client().get(proxy.url("/x"));
+        if let Some(ms) = delay {
+            request = request.header("x-delay-ms", ms);
+        }
+        async move {
+            let started = std::time::Instant::now();
+            let status = request.send().await.unwrap().status().as_u16();
+            (status, started.elapsed())
+        }
+    };
+    let (status, quick) = get(None).await;
+    assert_eq!(status, 200);
+    let (status, slow) = get(Some("400")).await;
+    assert_eq!(status, 200);
+    assert!(
+        slow >= std::time::Duration::from_millis(400),
+        "held {slow:?}"
+    );
+    assert!(
+        quick < std::time::Duration::from_millis(300),
+        "unheld {quick:?}"
+    );
+    assert_eq!(app.hits(), 2, "the held request went on to the upstream");
+    // Five at once: held side by side, not one after another.
+    let started = std::time::Instant::now();
+    let all = futures_join5(
+        get(Some("400")),
+        get(Some("400")),
+        get(Some("400")),
+        get(Some("400")),
+        get(Some("400")),
+    )
+    .await;
+    assert!(all.iter().all(|(status, _)| *status == 200));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "five sleeping requests took {:?}",
+        started.elapsed()
+    );
+}
+
+async fn futures_join5<F: std::future::Future>(a: F, b: F, c: F, d: F, e: F) -> Vec<F::Output> {
+    let (a, b, c, d, e) = tokio::join!(a, b, c, d, e);
+    vec![a, b, c, d, e]
+}

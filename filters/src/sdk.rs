@@ -12,6 +12,9 @@
 //!   root context with [`HEALTH_CHECK`] (JSON `{ healthy, message? }`) or
 //!   [`RESOURCE_USAGE`] (a JSON object of the plugin's own figures).
 //!
+//! Timers: a `proxy_http_call` to [`TIMER_UPSTREAM`] is answered (empty) after its
+//! timeout, with no call made — a sleep the host holds a request for like any callout.
+//!
 //! Raw proxy-wasm plugins never call them and are run as before.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +25,10 @@ pub const HOST_API: (u32, u32) = (2, 0);
 pub const DECLARE: &str = "nip_sdk_declare";
 /// Foreign function an SDK calls to answer a host request.
 pub const REPORT: &str = "nip_sdk_report";
+/// The upstream name of a timer: a `proxy_http_call` to it makes no call — its answer
+/// (no headers, like a timed-out call) comes when its timeout has passed. SDKs build
+/// `sleep` on it, so a request waits on a timer the way it waits on a callout.
+pub const TIMER_UPSTREAM: &str = "nip.timer";
 /// `proxy_on_foreign_function` id: report health.
 pub const HEALTH_CHECK: i32 = 1;
 /// `proxy_on_foreign_function` id: report resource usage.

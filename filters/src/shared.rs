@@ -203,12 +203,14 @@ impl SharedState {
         *self.upstreams.write().unwrap_or_else(|p| p.into_inner()) = names.into_iter().collect();
     }
 
-    /// Whether `name` is an upstream a callout may reach.
+    /// Whether `name` is an upstream a callout may reach (the SDK's timer always is).
     pub fn has_upstream(&self, name: &str) -> bool {
-        self.upstreams
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
+        name == crate::sdk::TIMER_UPSTREAM
+            || self
+                .upstreams
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(name)
     }
 
     /// Defines (or finds) a metric; the same plugin and name always get the same id.

@@ -54,6 +54,11 @@ impl CalloutClient {
         } else {
             callout.timeout
         };
+        if callout.upstream == nip_filters::sdk::TIMER_UPSTREAM {
+            // An SDK's timer: no call, an empty answer once the timeout has passed.
+            tokio::time::sleep(timeout).await;
+            return CalloutResponse::default();
+        }
         match tokio::time::timeout(timeout, self.try_call(callout)).await {
             Ok(Ok(response)) => response,
             Ok(Err(reason)) => {

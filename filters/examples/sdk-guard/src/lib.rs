@@ -47,6 +47,14 @@ main! {
 async fn handle(mut message: Message, ctx: Context<Config>) -> Result<nip_plugin::Outcome, Error> {
     match message.kind() {
         MessageType::Request => {
+            // A request may ask to be held a while (a timer, as a future).
+            if let Some(ms) = message
+                .header("x-delay-ms")
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                ctx.sleep(std::time::Duration::from_millis(ms.min(5_000)))
+                    .await;
+            }
             if message.priority() == "low" {
                 return Ok(Reply::json(
                     503,

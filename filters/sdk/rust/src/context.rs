@@ -45,6 +45,22 @@ impl<C> Context<C> {
         }
     }
 
+    /// Waits `duration`: the request is held meanwhile (the host answers the SDK's timer
+    /// callout when it has passed).
+    pub async fn sleep(&self, duration: Duration) {
+        let timer = HttpCall {
+            state: CallState::Ready(
+                crate::TIMER_UPSTREAM.to_string(),
+                HttpRequest {
+                    timeout: duration,
+                    ..HttpRequest::get("/")
+                },
+            ),
+        };
+        // The answer is always "none": the point is when it comes.
+        let _ = timer.await;
+    }
+
     /// Logs at info level.
     pub fn log_info(&self, message: &str) {
         let _ = hostcalls::log(LogLevel::Info, message);

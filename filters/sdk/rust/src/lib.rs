@@ -48,6 +48,8 @@ pub const API_VERSION: &str = "2.0";
 pub(crate) const DECLARE: &str = "nip_sdk_declare";
 /// Foreign function answering a host request.
 pub(crate) const REPORT: &str = "nip_sdk_report";
+/// The host's timer upstream (`Context::sleep`).
+pub(crate) const TIMER_UPSTREAM: &str = "nip.timer";
 /// Host request: report health.
 pub(crate) const HEALTH_CHECK: u32 = 1;
 /// Host request: report resource usage.
