@@ -47,14 +47,20 @@ fn main() {
     let examples =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/target/wasm32-wasip1/release");
     let engine = PluginEngine::new(None).expect("engine");
-    for plugin in ["noop", "add_header"] {
+    // The raw no-op plugin, the same on the Rust SDK (an empty on_message: what the SDK
+    // costs), and a header-editing one.
+    for (plugin, config) in [
+        ("noop", ""),
+        ("sdk_noop", ""),
+        ("add_header", "x-bench=1"),
+    ] {
         let wasm = std::fs::read(examples.join(format!("{plugin}.wasm")))
             .expect("build the example plugins first");
         let module = PluginModule::compile(
             &engine,
             PluginIdentity {
                 name: plugin.into(),
-                plugin_config: b"x-bench=1".to_vec(),
+                plugin_config: config.as_bytes().to_vec(),
                 ..Default::default()
             },
             NodeInfo::default(),
