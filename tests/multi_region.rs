@@ -350,13 +350,21 @@ async fn health_probes_keep_idle_regions_predictions_current() {
             .unwrap()
     };
     // No request at all: the probes alone measure each region's round trip (not the
-    // 30 ms an endpoint never measured is assumed to take).
-    eventually("probes measured r1 and r3", || async {
+    // 30 ms an endpoint never measured is assumed to take). A loaded machine can slow a
+    // probe for a while (a CI run once missed 15 s), so this waits up to 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let clusters = proxy.admin_json("/clusters").await;
         let (r1, r3) = (predicted(&clusters, "r1"), predicted(&clusters, "r3"));
-        r1 < 20.0 && (80.0..200.0).contains(&r3)
-    })
-    .await;
+        if r1 < 20.0 && (80.0..200.0).contains(&r3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "probes did not measure r1 ({r1} ms) and r3 ({r3} ms) within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         regions.iter().map(|r| r.backend.requests()).sum::<usize>(),
         0

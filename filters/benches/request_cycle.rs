@@ -49,11 +49,7 @@ fn main() {
     let engine = PluginEngine::new(None).expect("engine");
     // The raw no-op plugin, the same on the Rust SDK (an empty on_message: what the SDK
     // costs), and a header-editing one.
-    for (plugin, config) in [
-        ("noop", ""),
-        ("sdk_noop", ""),
-        ("add_header", "x-bench=1"),
-    ] {
+    for (plugin, config) in [("noop", ""), ("sdk_noop", ""), ("add_header", "x-bench=1")] {
         let wasm = std::fs::read(examples.join(format!("{plugin}.wasm")))
             .expect("build the example plugins first");
         let module = PluginModule::compile(
