@@ -85,15 +85,8 @@ fn ext_proc(
             return Err(format!("{field} is not supported"));
         }
     }
-    if let Some(rules) = &config.mutation_rules {
-        let default = envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules::default();
-        if *rules != default {
-            return Err(
-                "mutation_rules is not supported (NIP applies Envoy's defaults: no routing or system headers but :path and :status)"
-                    .into(),
-            );
-        }
-    }
+    let rules = mutation_rules(config.mutation_rules.as_ref())
+        .map_err(|e| format!("mutation_rules.{e}"))?;
     let grpc = config
         .grpc_service
         .as_ref()
@@ -166,7 +159,38 @@ fn ext_proc(
             response_body: body(mode.response_body_mode, "response_body_mode")?,
         },
         attributes: config.request_attributes.clone(),
+        rules,
         max_body_bytes: crate::plugins::DEFAULT_MAX_BODY_BYTES,
         stats: Default::default(),
+    })
+}
+
+/// Envoy's `HeaderMutationRules` (absent: its defaults).
+fn mutation_rules(
+    rules: Option<&envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules>,
+) -> Result<crate::ext_proc::MutationRules, String> {
+    let Some(rules) = rules else {
+        return Ok(Default::default());
+    };
+    let flag = |v: &Option<envoy_types::pb::google::protobuf::BoolValue>| {
+        v.as_ref().is_some_and(|b| b.value)
+    };
+    let expression = |m: &Option<envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher>,
+                      field: &str| {
+        m.as_ref()
+            .map(|m| {
+                regex::Regex::new(&format!("^(?:{})$", m.regex))
+                    .map_err(|e| format!("{field}.regex {:?}: {e}", m.regex))
+            })
+            .transpose()
+    };
+    Ok(crate::ext_proc::MutationRules {
+        allow_all_routing: flag(&rules.allow_all_routing),
+        allow_envoy: flag(&rules.allow_envoy),
+        disallow_system: flag(&rules.disallow_system),
+        disallow_all: flag(&rules.disallow_all),
+        allow_expression: expression(&rules.allow_expression, "allow_expression")?,
+        disallow_expression: expression(&rules.disallow_expression, "disallow_expression")?,
+        disallow_is_error: flag(&rules.disallow_is_error),
     })
 }

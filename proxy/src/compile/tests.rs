@@ -1418,12 +1418,19 @@ routes:
         ),
         (
             Box::new(|p| {
-                p.mutation_rules = Some(envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules {
-                    disallow_all: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
-                    ..Default::default()
-                })
+                p.mutation_rules = Some(
+                    envoy_types::pb::envoy::config::common::mutation_rules::v3::HeaderMutationRules {
+                        allow_expression: Some(
+                            envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                                regex: "x-(".into(),
+                                ..Default::default()
+                            },
+                        ),
+                        ..Default::default()
+                    },
+                )
             }),
-            "mutation_rules is not supported",
+            "mutation_rules.allow_expression.regex \"x-(\"",
         ),
     ];
     for (change, expected) in cases {

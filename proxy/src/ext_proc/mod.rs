@@ -64,6 +64,8 @@ pub struct ExtProc {
     pub mode: ProcessingMode,
     /// Properties sent with the request head (`request_attributes`).
     pub attributes: Vec<String>,
+    /// Which headers it may change (`mutation_rules`).
+    pub rules: MutationRules,
     /// The most body bytes buffered for it.
     pub max_body_bytes: usize,
     /// Its counters.
@@ -85,23 +87,79 @@ pub struct Mutations {
     pub body: Option<bytes::Bytes>,
 }
 
-/// Headers a processor may not change (Envoy's default `HeaderMutationRules`: the
-/// routing headers, and pseudo-headers other than `:path` and `:status`).
-fn mutable(name: &str) -> bool {
-    !matches!(name, "host" | ":authority" | ":scheme" | ":method")
-        && (!name.starts_with(':') || name == ":path" || name == ":status")
+/// Which headers a processor may change (Envoy's `HeaderMutationRules`; the defaults:
+/// not the routing headers `host`, `:authority`, `:scheme`, `:method`, not `x-envoy-*`,
+/// no pseudo-headers but `:path` and `:status`).
+#[derive(Debug, Clone, Default)]
+pub struct MutationRules {
+    /// `allow_all_routing`.
+    pub allow_all_routing: bool,
+    /// `allow_envoy`.
+    pub allow_envoy: bool,
+    /// `disallow_system`: no pseudo-header, no `host`.
+    pub disallow_system: bool,
+    /// `disallow_all`.
+    pub disallow_all: bool,
+    /// `allow_expression` (whole-name match).
+    pub allow_expression: Option<regex::Regex>,
+    /// `disallow_expression` (whole-name match).
+    pub disallow_expression: Option<regex::Regex>,
+    /// `disallow_is_error`: a disallowed change fails the message instead of being
+    /// left out.
+    pub disallow_is_error: bool,
+}
+
+impl MutationRules {
+    /// Whether a processor may change header `name` (lower case), in Envoy's order.
+    pub fn allows(&self, name: &str) -> bool {
+        if self.disallow_all {
+            return false;
+        }
+        if self
+            .disallow_expression
+            .as_ref()
+            .is_some_and(|r| r.is_match(name))
+        {
+            return false;
+        }
+        if self
+            .allow_expression
+            .as_ref()
+            .is_some_and(|r| r.is_match(name))
+        {
+            return true;
+        }
+        let routing = matches!(name, "host" | ":authority" | ":scheme" | ":method");
+        if name.starts_with(':') || name == "host" {
+            if self.disallow_system {
+                return false;
+            }
+            if routing {
+                return self.allow_all_routing;
+            }
+            return name == ":path" || name == ":status";
+        }
+        if name.starts_with("x-envoy") {
+            return self.allow_envoy;
+        }
+        true
+    }
 }
 
 impl Mutations {
-    /// Reads a `CommonResponse`; mutations of headers a processor may not touch are left
-    /// out (Envoy ignores them unless told to fail), invalid names or values too.
-    pub fn of(response: Option<&CommonResponse>) -> Mutations {
+    /// Reads a `CommonResponse`; changes to headers `rules` do not allow are left out
+    /// (Envoy's default) or, with `disallow_is_error`, fail the message (naming the
+    /// header); invalid names or values are left out.
+    pub fn of(
+        response: Option<&CommonResponse>,
+        rules: &MutationRules,
+    ) -> Result<Mutations, String> {
         let mut out = Mutations::default();
         let Some(response) = response else {
-            return out;
+            return Ok(out);
         };
         if let Some(headers) = &response.header_mutation {
-            out.add_headers(headers);
+            out.add_headers(headers, rules)?;
         }
         use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
         match response
@@ -113,18 +171,30 @@ impl Mutations {
             Some(Mutation::ClearBody(true)) => out.body = Some(bytes::Bytes::new()),
             _ => {}
         }
-        out
+        Ok(out)
     }
 
-    /// Adds a `HeaderMutation`.
-    pub fn add_headers(&mut self, headers: &HeaderMutation) {
+    /// Adds a `HeaderMutation` under `rules`.
+    pub fn add_headers(
+        &mut self,
+        headers: &HeaderMutation,
+        rules: &MutationRules,
+    ) -> Result<(), String> {
+        let refused = |key: &str| {
+            if rules.disallow_is_error {
+                Err(format!("the processor may not change {key:?}"))
+            } else {
+                Ok(())
+            }
+        };
         use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
         for option in &headers.set_headers {
             let Some(header) = &option.header else {
                 continue;
             };
             let key = header.key.to_ascii_lowercase();
-            if !mutable(&key) {
+            if !rules.allows(&key) {
+                refused(&key)?;
                 continue;
             }
             let raw = if header.raw_value.is_empty() {
@@ -162,13 +232,15 @@ impl Mutations {
         }
         for key in &headers.remove_headers {
             let key = key.to_ascii_lowercase();
-            if !mutable(&key) || key.starts_with(':') {
+            if !rules.allows(&key) || key.starts_with(':') {
+                refused(&key)?;
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(key.as_bytes()) {
                 self.remove.push(name);
             }
         }
+        Ok(())
     }
 }
 
@@ -208,11 +280,62 @@ mod tests {
             }),
             ..Default::default()
         };
-        let m = Mutations::of(Some(&response));
+        let m = Mutations::of(Some(&response), &MutationRules::default()).unwrap();
         let names: Vec<&str> = m.set.iter().map(|(n, _, _)| n.as_str()).collect();
         assert_eq!(names, ["x-tier"]);
         assert_eq!(m.path.as_deref(), Some("/v2"));
         assert_eq!(m.remove, [HeaderName::from_static("x-drop")]);
         assert_eq!(m.body.as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn mutation_rules_follow_envoys_order() {
+        let default = MutationRules::default();
+        assert!(default.allows("x-tier") && default.allows(":path"));
+        assert!(!default.allows("host") && !default.allows(":method"));
+        assert!(!default.allows("x-envoy-retry-on"));
+        let routing = MutationRules {
+            allow_all_routing: true,
+            allow_envoy: true,
+            ..Default::default()
+        };
+        assert!(routing.allows("host") && routing.allows(":method") && routing.allows("x-envoy-a"));
+        let system = MutationRules {
+            disallow_system: true,
+            allow_all_routing: true,
+            ..Default::default()
+        };
+        assert!(!system.allows(":path") && !system.allows("host") && system.allows("x-a"));
+        let expressions = MutationRules {
+            allow_expression: Some(regex::Regex::new("^(?:host)$").unwrap()),
+            disallow_expression: Some(regex::Regex::new("^(?:x-secret-.*)$").unwrap()),
+            ..Default::default()
+        };
+        assert!(expressions.allows("host") && !expressions.allows("x-secret-key"));
+        let none = MutationRules {
+            disallow_all: true,
+            allow_expression: Some(regex::Regex::new("^(?:.*)$").unwrap()),
+            ..Default::default()
+        };
+        assert!(!none.allows("x-a"));
+        // A refused change fails the message when the rules say so.
+        let strict = MutationRules {
+            disallow_is_error: true,
+            ..Default::default()
+        };
+        let response = CommonResponse {
+            header_mutation: Some(HeaderMutation {
+                set_headers: vec![set("host", "evil.example")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(Mutations::of(Some(&response), &strict)
+            .unwrap_err()
+            .contains("\"host\""));
+        assert!(Mutations::of(Some(&response), &default)
+            .unwrap()
+            .set
+            .is_empty());
     }
 }

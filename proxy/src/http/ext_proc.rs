@@ -5,7 +5,7 @@
 use super::context::RequestCtx;
 use super::local_reply;
 use crate::ext_proc::client::ProcessorStream;
-use crate::ext_proc::{ExtProc, Mutations};
+use crate::ext_proc::{ExtProc, MutationRules, Mutations};
 use crate::route::Route;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
@@ -183,7 +183,11 @@ enum Answer {
     Immediate(ImmediateResponse),
 }
 
-fn read_answer(answer: ProcessingResponse, expected: &'static str) -> Result<Answer, Failure> {
+fn read_answer(
+    answer: ProcessingResponse,
+    expected: &'static str,
+    rules: &MutationRules,
+) -> Result<Answer, Failure> {
     use processing_response::Response;
     let common = match (answer.response, expected) {
         (Some(Response::ImmediateResponse(immediate)), _) => {
@@ -207,7 +211,15 @@ fn read_answer(answer: ProcessingResponse, expected: &'static str) -> Result<Ans
             ))
         }
     };
-    Ok(Answer::Continue(Mutations::of(common.as_ref())))
+    Mutations::of(common.as_ref(), rules).map(Answer::Continue)
+}
+
+/// The rules without `disallow_is_error` (an immediate answer leaves refused headers out).
+fn lenient(rules: &MutationRules) -> MutationRules {
+    MutationRules {
+        disallow_is_error: false,
+        ..rules.clone()
+    }
 }
 
 /// Sends a processor's immediate response to the client.
@@ -226,7 +238,8 @@ async fn answer_immediately(
         .unwrap_or(200);
     let mut mutations = Mutations::default();
     if let Some(headers) = &immediate.headers {
-        mutations.add_headers(headers);
+        // A header the rules refuse is left out of an immediate answer.
+        let _ = mutations.add_headers(headers, &lenient(&processor.rules));
     }
     let headers: Vec<(String, String)> = mutations
         .set
@@ -309,7 +322,7 @@ pub(super) async fn on_request(
             match stream
                 .exchange(message)
                 .await
-                .and_then(|a| read_answer(a, "request_headers"))
+                .and_then(|a| read_answer(a, "request_headers", &processor.rules))
             {
                 Ok(Answer::Continue(mutations)) => {
                     processor.stats.ok.inc();
@@ -354,7 +367,7 @@ pub(super) async fn on_request(
             match stream
                 .exchange(message)
                 .await
-                .and_then(|a| read_answer(a, "request_body"))
+                .and_then(|a| read_answer(a, "request_body", &processor.rules))
             {
                 Ok(Answer::Continue(mutations)) => {
                     processor.stats.ok.inc();
@@ -441,7 +454,7 @@ pub(super) async fn on_response(
         match stream
             .exchange(message)
             .await
-            .and_then(|a| read_answer(a, "response_headers"))
+            .and_then(|a| read_answer(a, "response_headers", &processor.rules))
         {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
@@ -458,7 +471,8 @@ pub(super) async fn on_response(
                 let _ = response.set_status(status);
                 let mut mutations = Mutations::default();
                 if let Some(headers) = &immediate.headers {
-                    mutations.add_headers(headers);
+                    // A header the rules refuse is left out of an immediate answer.
+                    let _ = mutations.add_headers(headers, &lenient(&processor.rules));
                 }
                 apply_response(response, &mutations);
                 processors.replacement = Some(Bytes::from(immediate.body));
@@ -518,7 +532,7 @@ pub(super) fn on_response_body(
         };
         match stream
             .exchange_blocking(message)
-            .and_then(|a| read_answer(a, "response_body"))
+            .and_then(|a| read_answer(a, "response_body", &processor.rules))
         {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
