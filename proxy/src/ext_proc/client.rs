@@ -39,7 +39,7 @@ impl Reply {
 /// Runs processor streams.
 pub struct ExtProcClient {
     runtime: tokio::runtime::Runtime,
-    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+    channels: Arc<Mutex<HashMap<(SocketAddr, String), Channel>>>,
 }
 
 impl std::fmt::Debug for ExtProcClient {
@@ -76,29 +76,33 @@ impl ExtProcClient {
     }
 }
 
-/// The channel to `address`, made on first use.
+/// The channel to `address` whose streams carry `:authority` `authority` (the
+/// filter's `envoy_grpc.authority`, else its cluster's name), made on first use.
 fn channel(
-    channels: &Mutex<HashMap<SocketAddr, Channel>>,
+    channels: &Mutex<HashMap<(SocketAddr, String), Channel>>,
     address: SocketAddr,
     authority: &str,
 ) -> Result<Channel, String> {
+    let key = (address, authority.to_string());
     let mut channels = channels.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(channel) = channels.get(&address) {
+    if let Some(channel) = channels.get(&key) {
         return Ok(channel.clone());
     }
-    let _ = authority;
+    let origin = http::Uri::try_from(format!("http://{authority}"))
+        .map_err(|e| format!("authority {authority:?}: {e}"))?;
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| e.to_string())?
+        .origin(origin)
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true);
     let channel = endpoint.connect_lazy();
-    channels.insert(address, channel.clone());
+    channels.insert(key, channel.clone());
     Ok(channel)
 }
 
 /// One stream: takes exchanges in order, answers each with the processor's next message.
 async fn run_stream(
-    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+    channels: Arc<Mutex<HashMap<(SocketAddr, String), Channel>>>,
     address: SocketAddr,
     authority: String,
     metadata: Vec<(String, String)>,

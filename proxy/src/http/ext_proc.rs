@@ -271,6 +271,43 @@ async fn fail(session: &mut Session, ctx: &mut RequestCtx, processor: &ExtProc, 
     true
 }
 
+/// What a request does after one exchange of the request phase.
+enum Step {
+    /// Go on, with the processor's changes.
+    Go(Mutations),
+    /// The request was answered (the processor's immediate response, or 500).
+    Answered,
+    /// The processor failed and fails open: go on without it.
+    Skip,
+}
+
+/// Sends `message` on the request phase and turns the answer into the next step.
+async fn ask(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    processor: &ExtProc,
+    stream: &ProcessorStream,
+    message: ProcessingRequest,
+    expected: &'static str,
+) -> Step {
+    let answer = stream
+        .exchange(message)
+        .await
+        .and_then(|a| read_answer(a, expected, &processor.rules));
+    match answer {
+        Ok(Answer::Continue(mutations)) => {
+            processor.stats.ok.inc();
+            Step::Go(mutations)
+        }
+        Ok(Answer::Immediate(immediate)) => {
+            answer_immediately(session, ctx, processor, immediate).await;
+            Step::Answered
+        }
+        Err(why) if fail(session, ctx, processor, &why).await => Step::Answered,
+        Err(_) => Step::Skip,
+    }
+}
+
 /// Runs the route's processors on the request head (and body, for those that want it);
 /// true when the request was answered.
 pub(super) async fn on_request(
@@ -319,25 +356,10 @@ pub(super) async fn on_request(
                 })),
                 ..Default::default()
             };
-            match stream
-                .exchange(message)
-                .await
-                .and_then(|a| read_answer(a, "request_headers", &processor.rules))
-            {
-                Ok(Answer::Continue(mutations)) => {
-                    processor.stats.ok.inc();
-                    apply_request(session.req_header_mut(), &mutations);
-                }
-                Ok(Answer::Immediate(immediate)) => {
-                    answer_immediately(session, ctx, processor, immediate).await;
-                    return Ok(true);
-                }
-                Err(why) => {
-                    if fail(session, ctx, processor, &why).await {
-                        return Ok(true);
-                    }
-                    continue;
-                }
+            match ask(session, ctx, processor, &stream, message, "request_headers").await {
+                Step::Go(mutations) => apply_request(session.req_header_mut(), &mutations),
+                Step::Answered => return Ok(true),
+                Step::Skip => continue,
             }
         }
         if processor.mode.request_body && has_body {
@@ -364,34 +386,19 @@ pub(super) async fn on_request(
                 })),
                 ..Default::default()
             };
-            match stream
-                .exchange(message)
-                .await
-                .and_then(|a| read_answer(a, "request_body", &processor.rules))
-            {
-                Ok(Answer::Continue(mutations)) => {
-                    processor.stats.ok.inc();
+            match ask(session, ctx, processor, &stream, message, "request_body").await {
+                Step::Go(mutations) => {
                     let request = session.req_header_mut();
                     apply_request(request, &mutations);
                     if let Some(new) = mutations.body {
-                        if new.len() != original_len
-                            && request.headers.contains_key(http::header::CONTENT_LENGTH)
-                        {
-                            let _ = request.insert_header(http::header::CONTENT_LENGTH, new.len());
+                        if new.len() != original_len {
+                            crate::plugins::headers::fit_content_length(request, new.len());
                         }
                         ctx.rare().request_body = Some(new);
                     }
                 }
-                Ok(Answer::Immediate(immediate)) => {
-                    answer_immediately(session, ctx, processor, immediate).await;
-                    return Ok(true);
-                }
-                Err(why) => {
-                    if fail(session, ctx, processor, &why).await {
-                        return Ok(true);
-                    }
-                    continue;
-                }
+                Step::Answered => return Ok(true),
+                Step::Skip => continue,
             }
         }
         if processor.mode.response_headers || processor.mode.response_body {
@@ -414,18 +421,11 @@ async fn early_body(
     if let Some(body) = ctx.rare.as_ref().and_then(|r| r.request_body.clone()) {
         return Ok((body.len() <= limit).then_some(body));
     }
-    let limit = limit.min(super::EARLY_BODY_LIMIT);
-    session.as_mut().enable_retry_buffering();
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = session.read_request_body().await? {
-        if body.len() + chunk.len() > limit {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
+    let body = super::read_early_body(session, limit).await?;
+    if let Some(body) = &body {
+        ctx.rare().request_body = Some(body.clone());
     }
-    let body = body.freeze();
-    ctx.rare().request_body = Some(body.clone());
-    Ok(Some(body))
+    Ok(body)
 }
 
 /// Runs the processors on the response head, last first. A processor's immediate
@@ -487,10 +487,7 @@ pub(super) async fn on_response(
     }
     if processors.buffering_response && !end_of_stream {
         // The body may change length; the head goes now.
-        response.remove_header(&http::header::CONTENT_LENGTH);
-        if !protocol_is_h2 {
-            let _ = response.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-        }
+        crate::plugins::headers::unframe_for_new_body(response, protocol_is_h2);
     }
 }
 

@@ -254,28 +254,37 @@ impl Gateway {
 
 /// The most of a request body pingora keeps to send upstream after it was read early (its
 /// retry buffer): a plugin that wants the body before the head can hold no more.
-pub(super) const EARLY_BODY_LIMIT: usize = 64 * 1024;
+const EARLY_BODY_LIMIT: usize = 64 * 1024;
 
-/// Reads the whole request body before the head goes upstream, for a plugin that paused
-/// the head until the body's end, and runs the plugins' body phase on it. pingora keeps
-/// what was read in its retry buffer and sends it upstream through `request_body_filter`,
-/// which puts the plugins' version in its place.
+/// For a plugin that paused the head until the body's end: reads the body early
+/// ([`read_early_body`]) and runs the plugins' body phase on it.
 async fn read_body_first(
     session: &mut Session,
     chain: &mut RequestPlugins,
 ) -> Result<std::result::Result<Bytes, Verdict>> {
-    let limit = chain.max_body_bytes().min(EARLY_BODY_LIMIT);
+    let Some(body) = read_early_body(session, chain.max_body_bytes()).await? else {
+        return Ok(Err(Verdict::RequestBodyTooLarge));
+    };
+    Ok(chain
+        .on_whole_request_body(session.req_header_mut(), body)
+        .await)
+}
+
+/// Reads the whole request body before the head goes upstream, at most `limit` bytes and
+/// [`EARLY_BODY_LIMIT`] (`None` past them). pingora keeps what was read in its retry
+/// buffer and sends it upstream through `request_body_filter`, where the filters' version
+/// (`RareState::request_body`) takes its place.
+async fn read_early_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>> {
+    let limit = limit.min(EARLY_BODY_LIMIT);
     session.as_mut().enable_retry_buffering();
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > limit {
-            return Ok(Err(Verdict::RequestBodyTooLarge));
+            return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(chain
-        .on_whole_request_body(session.req_header_mut(), body.freeze())
-        .await)
+    Ok(Some(body.freeze()))
 }
 
 /// Whether a response ends with its head: HEAD requests, 1xx/204/304, `content-length: 0`.

@@ -40,8 +40,15 @@ pub(super) async fn run(
                     Ok(false) => {}
                     Ok(true) => {
                         authn.stats.allowed.inc();
-                        if let Some(principal) = jwt_principal(&payloads) {
-                            ctx.rare().jwt_principal.get_or_insert(principal);
+                        // Only plugins read the principal: others pay nothing for it.
+                        let plugins_read_it =
+                            !route.plugins.is_empty() || !route.processors.is_empty();
+                        if plugins_read_it
+                            && ctx.rare.as_ref().is_none_or(|r| r.jwt_principal.is_none())
+                        {
+                            if let Some(principal) = jwt_principal(&payloads) {
+                                ctx.rare().jwt_principal = Some(principal);
+                            }
                         }
                         // A verified claim may carry the priority (claim_to_headers into
                         // x-nip-priority; a client's own copy was removed first). Only

@@ -225,9 +225,8 @@ impl RequestPlugins {
             apply_request_pairs(request, pairs);
         }
         let body = chunk.unwrap_or_default();
-        if body.len() != original_len && request.headers.contains_key(http::header::CONTENT_LENGTH)
-        {
-            let _ = request.insert_header(http::header::CONTENT_LENGTH, body.len());
+        if body.len() != original_len {
+            super::headers::fit_content_length(request, body.len());
         }
         Ok(body)
     }
@@ -312,14 +311,8 @@ impl RequestPlugins {
         // A plugin waits for the whole body and may change its length, but the head goes
         // now (pingora cannot hold it): the body's length is left to the framing
         // (chunked on HTTP/1.1, the stream's end on HTTP/2).
-        if paused.get()
-            && !end_of_stream
-            && response.headers.contains_key(http::header::CONTENT_LENGTH)
-        {
-            response.remove_header(&http::header::CONTENT_LENGTH);
-            if self.http.info.protocol != "HTTP/2" {
-                let _ = response.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-            }
+        if paused.get() && !end_of_stream {
+            super::headers::unframe_for_new_body(response, self.http.info.protocol == "HTTP/2");
         }
         self.reset_or_continue()
     }

@@ -146,3 +146,24 @@ pub fn apply_header_pairs(headers: &mut http::HeaderMap, pairs: &Pairs) {
         }
     }
 }
+
+/// Frames a response whose body a filter may still change: its `content-length` goes, and
+/// HTTP/1.1 gets chunked encoding (HTTP/2 ends the body with the stream). For filters
+/// that hold a response body while pingora sends the head first.
+pub fn unframe_for_new_body(response: &mut ResponseHeader, http2: bool) {
+    if !response.headers.contains_key(http::header::CONTENT_LENGTH) {
+        return;
+    }
+    response.remove_header(&http::header::CONTENT_LENGTH);
+    if !http2 {
+        let _ = response.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+    }
+}
+
+/// Makes a request's `content-length` (when it has one) say `len`: its body was replaced
+/// before the head went upstream.
+pub fn fit_content_length(request: &mut RequestHeader, len: usize) {
+    if request.headers.contains_key(http::header::CONTENT_LENGTH) {
+        let _ = request.insert_header(http::header::CONTENT_LENGTH, len);
+    }
+}
