@@ -346,19 +346,22 @@ async fn connection_limit_closes_new_connections_and_drains_idle_ones() {
         busy.push(stream);
     }
     // Let the proxy read those partial heads: a connection it has not read from yet still
-    // counts as idle and could be drained for the next one (a race under load, so a few
-    // tries of a second each — a loaded machine is slow to close — well within the 5 s
-    // head timeout).
+    // counts as idle and may be drained for the next one (a race under load: a CI run saw
+    // busy connections drained so the count stayed under the limit). So each try that is
+    // admitted after all becomes busy too, until one is refused — well within the 5 s
+    // head timeout.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut outcomes = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..8 {
         let mut refused = connect(&proxy).await;
-        let outcome = read_until_close(&mut refused, Duration::from_secs(1)).await;
+        let outcome = read_until_close(&mut refused, Duration::from_millis(400)).await;
         let closed_at_once = outcome.1 && outcome.0.is_empty();
         outcomes.push(outcome);
         if closed_at_once {
             break;
         }
+        let _ = refused.write_all(b"GET /slow HTTP/1.1\r\n").await;
+        busy.push(refused);
     }
     assert!(
         outcomes
