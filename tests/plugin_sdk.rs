@@ -376,6 +376,137 @@ routes:
     );
 }
 
+/// Envoy's other ext_proc modes against the independent processor: bodies chunk by chunk
+/// (`STREAMED`, past the bound a whole body has) and response trailers (`SEND`); a gRPC
+/// body a processor wants whole reaches the client with its trailers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_plugins_stream_bodies_and_see_trailers() {
+    let _turn = crate::common::module_turn(module_path!());
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let port = free_port();
+    let script = script("ext_proc_server.py");
+    let processor = Background::python(&[script.to_str().unwrap(), &port.to_string()]);
+    processor.wait_for("listening").await;
+    // Larger than any whole body the proxy holds (64 KiB before a request head goes).
+    let big: String = "abcdefghijklmnopqrstuvwxyz\n".repeat(12_000);
+    let app = Pages::start(&[
+        ("/big", 200, "text/plain", big.as_str()),
+        ("/upload", 200, "text/plain", "stored"),
+    ])
+    .await;
+    let grpc = trailer_backend("application/grpc").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  app: {{ endpoints: ["{app}"] }}
+  grpc: {{ endpoints: ["{grpc}"], protocol: http2 }}
+  processor: {{ endpoints: ["127.0.0.1:{port}"], protocol: http2 }}
+plugins:
+  flow:
+    isolation: process
+    process: {{ service: processor, responses: true, body_mode: streamed, trailers: true, timeout: 2s }}
+  whole:
+    isolation: process
+    process: {{ service: processor, responses: true, timeout: 2s }}
+routes:
+  - {{ match: {{ path_prefix: /grpc-whole }}, service: grpc, plugins: [whole] }}
+  - {{ match: {{ path_prefix: /grpc }}, service: grpc, plugins: [flow] }}
+  - {{ service: app, plugins: [flow] }}
+"#,
+        app = app.address,
+    ))
+    .await;
+    let http = client();
+
+    // A request body chunk by chunk: each upper-cased, the whole reframed.
+    let response = http
+        .post(proxy.url("/upload"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        "STORED",
+        "the response, streamed too"
+    );
+    let seen = app.last();
+    assert_eq!(
+        seen.headers.get("x-ext-proc").map(String::as_str),
+        Some("seen")
+    );
+    assert!(
+        !seen.headers.contains_key("content-length"),
+        "a streamed body goes chunked: {:?}",
+        seen.headers
+    );
+    assert_eq!(seen.body.len(), big.len());
+    assert!(
+        seen.body == big.to_uppercase().as_bytes(),
+        "every chunk upper-cased"
+    );
+
+    // A response body chunk by chunk.
+    let response = http.get(proxy.url("/big")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ext-proc-response"], "seen");
+    let body = response.text().await.unwrap();
+    assert_eq!(body.len(), big.len());
+    assert!(body == big.to_uppercase(), "every chunk upper-cased");
+
+    // gRPC over HTTP/2: trailers go to the processor and come back changed.
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut call = |path: &str| {
+        let request = hyper::Request::post(format!("http://127.0.0.1:{}{path}", proxy.port))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.send_request(request)
+    };
+    let response = call("/grpc/pkg.Service/Method").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap();
+    let trailers = body.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-ext-trailer"], "seen");
+    // One body message, which could not say the body ended (the trailers did).
+    assert_eq!(trailers["x-ext-body-messages"], "1/0");
+    assert_eq!(body.to_bytes(), "WITH TRAILERS\n");
+
+    // A processor that wants a gRPC body whole gets it with the trailers; the client gets
+    // the body and the trailers as the upstream sent them.
+    let response = call("/grpc-whole/pkg.Service/Method").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-ext-proc-response"], "seen");
+    let body = response.into_body().collect().await.unwrap();
+    let trailers = body.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert!(
+        !trailers.contains_key("x-ext-trailer"),
+        "trailers are not sent to it"
+    );
+    assert_eq!(body.to_bytes(), "with trailers\n");
+    let metrics = proxy.metrics().await;
+    let whole_ok = sample(
+        &metrics,
+        "nip_ext_proc_messages_total",
+        &[("filter", "nip.plugin.whole"), ("decision", "ok")],
+    );
+    // Request head, response head, and the body with the trailers.
+    assert_eq!(whole_ok, 3.0, "{metrics}");
+}
+
 /// The proxy starts process plugins itself: their user, their limits, a version check,
 /// restarts with back-off, and nothing left behind when it exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

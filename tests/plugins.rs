@@ -703,49 +703,13 @@ async fn plugins_written_in_c_and_assemblyscript_run_like_rust_ones() {
     );
 }
 
-/// An h2c backend whose responses end with trailers (`grpc-status: 0`), like gRPC's.
-async fn trailer_backend() -> std::net::SocketAddr {
-    use bytes::Bytes;
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req| async {
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    let frames = vec![
-                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(
-                            b"with trailers\n",
-                        ))),
-                        Ok(Frame::trailers(trailers)),
-                    ];
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(StreamBody::new(
-                        futures_util::stream::iter(frames),
-                    )))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    address
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_edit_response_trailers() {
     let _turn = crate::common::module_turn(module_path!());
     use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = Backend::start("web").await;
-    let grpc = trailer_backend().await;
+    let grpc = trailer_backend("text/plain").await;
     let plugin = example_plugin("add_header");
     let proxy = Proxy::start(&config_with_services(
         &backend,

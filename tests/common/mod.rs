@@ -362,6 +362,46 @@ impl Pages {
     }
 }
 
+/// An h2c backend whose responses (of `content_type`, body "with trailers\n") end with
+/// trailers (`grpc-status: 0`), like gRPC's.
+pub async fn trailer_backend(content_type: &'static str) -> std::net::SocketAddr {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames = vec![
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(
+                            b"with trailers\n",
+                        ))),
+                        Ok(Frame::trailers(trailers)),
+                    ];
+                    let mut response =
+                        hyper::Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                    response
+                        .headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static(content_type));
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
 /// A backend that accepts, reads the request, and closes without answering.
 pub async fn resetting_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -7,9 +7,13 @@ Per request (one stream), by what the request carries:
                  metadata); rewrites a path under /old/ to /new/;
                  x-ext-deny: immediate 403 "denied by processor" with x-denied-by: ext-proc
                  x-ext-slow: answers after 2 s (past the filter's timeout)
-  request body   upper-cases it, and says its length in x-ext-body-length
+  request body   upper-cases it, and says its length in x-ext-body-length (whole
+                 body) — in STREAMED mode chunk by chunk
   response head  adds x-ext-proc-response: seen, removes x-internal
-  response body  replaces every "secret" with "******"
+  response body  replaces every "secret" with "******"; in STREAMED mode (as the
+                 first message's protocol_config says) upper-cases each chunk
+  response trailers  adds x-ext-trailer: seen and x-ext-body-messages (how many
+                 response body messages came, and how many said end_of_stream)
 Prints "listening" when up; counts streams at nothing (the tests look at effects).
 
 Usage: ext_proc_server.py PORT
@@ -21,6 +25,7 @@ from concurrent import futures
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
@@ -44,7 +49,14 @@ def headers_of(message):
 class Processor(ep_grpc.ExternalProcessorServicer):
     def Process(self, request_iterator, context):
         config = dict(context.invocation_metadata()).get("x-nip-plugin-config", "")
+        streamed_response = False
+        body_messages, body_ends = 0, 0
         for request in request_iterator:
+            if request.HasField("protocol_config"):
+                streamed_response = (
+                    request.protocol_config.response_body_mode
+                    == ext_proc_pb2.ProcessingMode.STREAMED
+                )
             kind = request.WhichOneof("request")
             if kind == "request_headers":
                 seen = headers_of(request.request_headers)
@@ -103,10 +115,30 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     )
                 )
             elif kind == "response_body":
-                body = request.response_body.body.replace(b"secret", b"******")
+                body_messages += 1
+                body_ends += request.response_body.end_of_stream
+                if streamed_response:
+                    body = request.response_body.body.upper()
+                else:
+                    body = request.response_body.body.replace(b"secret", b"******")
                 yield ep.ProcessingResponse(
                     response_body=ep.BodyResponse(
                         response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=body))
+                    )
+                )
+
+
+            elif kind == "response_trailers":
+                yield ep.ProcessingResponse(
+                    response_trailers=ep.TrailersResponse(
+                        header_mutation=ep.HeaderMutation(
+                            set_headers=[
+                                header("x-ext-trailer", "seen"),
+                                header(
+                                    "x-ext-body-messages", f"{body_messages}/{body_ends}"
+                                ),
+                            ]
+                        )
                     )
                 )
 

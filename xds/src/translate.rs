@@ -798,10 +798,11 @@ fn process_plugin_filter(
         mode as i32
     };
     let body = |on: bool| {
-        let mode = if on && !process.stream_bodies {
-            BodySendMode::Buffered
-        } else {
-            BodySendMode::None
+        let mode = match process.bodies() {
+            _ if !on => BodySendMode::None,
+            crate::config::ProcessBodyMode::Buffered => BodySendMode::Buffered,
+            crate::config::ProcessBodyMode::Streamed => BodySendMode::Streamed,
+            crate::config::ProcessBodyMode::None => BodySendMode::None,
         };
         mode as i32
     };
@@ -838,7 +839,7 @@ fn process_plugin_filter(
             request_body_mode: body(process.requests),
             response_body_mode: body(process.responses),
             request_trailer_mode: HeaderSendMode::Skip as i32,
-            response_trailer_mode: HeaderSendMode::Skip as i32,
+            response_trailer_mode: header(process.trailers),
         }),
         request_attributes: PROCESS_PLUGIN_ATTRIBUTES
             .iter()

@@ -1,10 +1,11 @@
 //! Compiling Envoy's `ext_proc` filters of a connection manager (`ExternalProcessor`):
 //! the processor's cluster and stream settings, and which parts of a request it gets.
-//! What NIP cannot do is refused by field, not ignored: other body modes than `NONE` and
-//! `BUFFERED`, trailers, an HTTP service, observability or async modes, mode overrides.
+//! What NIP cannot do is refused by field, not ignored: the body modes `BUFFERED_PARTIAL`
+//! and `FULL_DUPLEX_STREAMED`, request trailers (pingora hands filters none), an HTTP
+//! service, observability or async modes, mode overrides.
 
 use super::*;
-use crate::ext_proc::{ExtProc, ProcessingMode};
+use crate::ext_proc::{BodyMode, ExtProc, ProcessingMode};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
     processing_mode::{BodySendMode, HeaderSendMode},
     ExternalProcessor,
@@ -111,24 +112,24 @@ fn ext_proc(
         )),
     };
     let body = |value: i32, field: &str| match BodySendMode::try_from(value) {
-        Ok(BodySendMode::None) => Ok(false),
-        Ok(BodySendMode::Buffered) => Ok(true),
+        Ok(BodySendMode::None) => Ok(BodyMode::None),
+        Ok(BodySendMode::Buffered) => Ok(BodyMode::Buffered),
+        Ok(BodySendMode::Streamed) => Ok(BodyMode::Streamed),
         Ok(other) => Err(format!(
-            "processing_mode.{field}: {} is not supported (NONE or BUFFERED)",
+            "processing_mode.{field}: {} is not supported (NONE, BUFFERED or STREAMED)",
             other.as_str_name()
         )),
         Err(_) => Err(format!(
             "processing_mode.{field}: {value} is not a body mode"
         )),
     };
-    // Trailers are skipped by default; sending them is not supported.
-    for (value, field) in [
-        (mode.request_trailer_mode, "request_trailer_mode"),
-        (mode.response_trailer_mode, "response_trailer_mode"),
-    ] {
-        if header(value, field, false)? {
-            return Err(format!("processing_mode.{field}: SEND is not supported"));
-        }
+    // Trailers are skipped by default. Pingora reads no request trailers for filters.
+    if header(mode.request_trailer_mode, "request_trailer_mode", false)? {
+        return Err(
+            "processing_mode.request_trailer_mode: SEND is not supported (the proxy hands \
+             filters no request trailers)"
+                .into(),
+        );
     }
     let timeout = config
         .message_timeout
@@ -157,6 +158,7 @@ fn ext_proc(
             response_headers: header(mode.response_header_mode, "response_header_mode", true)?,
             request_body: body(mode.request_body_mode, "request_body_mode")?,
             response_body: body(mode.response_body_mode, "response_body_mode")?,
+            response_trailers: header(mode.response_trailer_mode, "response_trailer_mode", false)?,
         },
         attributes: config.request_attributes.clone(),
         rules,

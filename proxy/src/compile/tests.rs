@@ -1311,7 +1311,11 @@ plugins:
     isolation: process
     process: { service: processor, responses: true, timeout: 300ms }
     config: { mood: loud }
+  flow:
+    isolation: process
+    process: { service: processor, responses: true, body_mode: streamed, trailers: true }
 routes:
+  - { name: flowing, match: { path_prefix: /flow }, service: web, plugins: [flow] }
   - { name: shouted, service: web, plugins: [shout] }
   - { name: quiet, service: web }
 "#,
@@ -1335,8 +1339,19 @@ routes:
         crate::ext_proc::ProcessingMode {
             request_headers: true,
             response_headers: true,
-            request_body: true,
-            response_body: true,
+            request_body: crate::ext_proc::BodyMode::Buffered,
+            response_body: crate::ext_proc::BodyMode::Buffered,
+            response_trailers: false,
+        }
+    );
+    assert_eq!(
+        route("/flow").processors[0].mode,
+        crate::ext_proc::ProcessingMode {
+            request_headers: true,
+            response_headers: true,
+            request_body: crate::ext_proc::BodyMode::Streamed,
+            response_body: crate::ext_proc::BodyMode::Streamed,
+            response_trailers: true,
         }
     );
     assert!(processor.initial_metadata.contains(&(
@@ -1388,16 +1403,16 @@ routes:
         (
             Box::new(|p| {
                 p.processing_mode.as_mut().unwrap().request_body_mode =
-                    BodySendMode::Streamed as i32
+                    BodySendMode::BufferedPartial as i32
             }),
-            "request_body_mode: STREAMED is not supported",
+            "request_body_mode: BUFFERED_PARTIAL is not supported",
         ),
         (
             Box::new(|p| {
-                p.processing_mode.as_mut().unwrap().response_trailer_mode =
+                p.processing_mode.as_mut().unwrap().request_trailer_mode =
                     HeaderSendMode::Send as i32
             }),
-            "response_trailer_mode: SEND is not supported",
+            "request_trailer_mode: SEND is not supported",
         ),
         (
             Box::new(|p| p.observability_mode = true),

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! request head ─▶ request_headers ─▶ answer: header mutations | immediate response
-//! request body ─▶ request_body    ─▶ answer: body and header mutations  (buffered mode)
+//! request body ─▶ request_body    ─▶ answer: body and header mutations  (whole, or per chunk)
 //! response head ─▶ response_headers ─▶ answer: header mutations | immediate response
-//! response body ─▶ response_body  ─▶ answer: body mutation           (buffered mode)
+//! response body ─▶ response_body  ─▶ answer: body mutation           (whole, or per chunk)
+//! response trailers ─▶ response_trailers ─▶ answer: trailer mutations
 //! ```
 //!
 //! [`ExtProc`] is one compiled filter (`compile` makes it from `ExternalProcessor`);
@@ -28,10 +29,30 @@ pub struct ProcessingMode {
     pub request_headers: bool,
     /// `response_header_mode: SEND`.
     pub response_headers: bool,
-    /// `request_body_mode: BUFFERED`.
-    pub request_body: bool,
-    /// `response_body_mode: BUFFERED`.
-    pub response_body: bool,
+    /// `request_body_mode`.
+    pub request_body: BodyMode,
+    /// `response_body_mode`.
+    pub response_body: BodyMode,
+    /// `response_trailer_mode: SEND`.
+    pub response_trailers: bool,
+}
+
+/// How a processor gets a body (Envoy's `BodySendMode`, the modes NIP runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// `NONE`: the body goes past the processor.
+    None,
+    /// `BUFFERED`: the whole body in one message (bounded by `max_body_bytes`).
+    Buffered,
+    /// `STREAMED`: each chunk as it arrives, answered before it goes on.
+    Streamed,
+}
+
+impl BodyMode {
+    /// Whether the processor gets the body at all.
+    pub fn sends(self) -> bool {
+        self != BodyMode::None
+    }
 }
 
 /// Counters of one processor.

@@ -1,19 +1,29 @@
 //! A request through its route's `ext_proc` processors (after the route's wasm plugins
 //! on the request, before them on the response): one stream per processor, opened at
 //! the request head and kept until the request ends.
+//!
+//! Bodies go to a processor whole (`BUFFERED`) or chunk by chunk (`STREAMED`). A whole
+//! request body is read before the head goes (and every `STREAMED` processor of the
+//! route then gets it whole too, in one message); a streamed one goes upstream with
+//! chunked framing, each chunk as its processors made it. A response body flows through
+//! the processors last first, each one holding it (`BUFFERED`) or changing it chunk by
+//! chunk. A response that ends with trailers (gRPC) never says its body ended before
+//! them: processors that want it whole get it with the trailers, as a copy — it has
+//! already reached the client unchanged (pingora puts out no body with trailers).
 
 use super::context::RequestCtx;
 use super::local_reply;
 use crate::ext_proc::client::ProcessorStream;
-use crate::ext_proc::{ExtProc, MutationRules, Mutations};
+use crate::ext_proc::{BodyMode, ExtProc, MutationRules, Mutations};
 use crate::route::Route;
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request, processing_response, HttpBody, HttpHeaders, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
+    processing_request, processing_response, HttpBody, HttpHeaders, HttpTrailers,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use nip_filters::host::LocalResponse;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::Session;
 use std::sync::Arc;
@@ -25,14 +35,46 @@ const ATTRIBUTES_KEY: &str = "envoy.filters.http.ext_proc";
 #[derive(Debug, Default)]
 pub(super) struct Processors {
     /// Open streams, in route order.
-    streams: Vec<(Arc<ExtProc>, ProcessorStream)>,
-    /// The response body held for processors that want it whole.
-    response_body: Vec<u8>,
-    /// Whether some processor wants the response body whole.
-    buffering_response: bool,
+    stages: Vec<Stage>,
+    /// Some processor gets the response body (the body goes through [`on_response_body`]).
+    response_body_stages: bool,
+    /// The response ends with trailers (gRPC): processors wanting it whole get a copy.
+    trailers_follow: bool,
     /// A processor's own answer replacing the upstream's body.
     replacement: Option<Bytes>,
+    /// The request body going through `STREAMED` processors chunk by chunk.
+    request_stream: Option<RequestStream>,
 }
+
+/// One processor's stream and what it holds of the request.
+#[derive(Debug)]
+struct Stage {
+    processor: Arc<ExtProc>,
+    stream: ProcessorStream,
+    /// It gets the request body chunk by chunk.
+    streams_request_body: bool,
+    /// The response body held for it (`BUFFERED`).
+    held: Vec<u8>,
+    /// The response body outgrew its bound: the rest goes past it.
+    overflowed: bool,
+}
+
+/// A request body streamed through processors, as far as it went.
+#[derive(Debug, Default)]
+struct RequestStream {
+    /// The try whose chunks are going through (pingora replays a retry's body).
+    try_number: u32,
+    /// Bytes of the client's body gone through so far.
+    input: usize,
+    /// What the processors made of them, kept for a retry while within pingora's retry
+    /// buffer (a longer body is not retried); `None` past it.
+    output: Option<Vec<u8>>,
+    /// The body's end went through.
+    done: bool,
+}
+
+/// The most request body kept for a retry's replay: pingora's retry buffer.
+const REPLAY_BOUND: usize = 64 * 1024;
 
 /// Why a processor could not be asked.
 type Failure = String;
@@ -128,11 +170,11 @@ fn attributes(processor: &ExtProc, session: &Session, ctx: &RequestCtx) -> Struc
 /// will follow a head.
 fn protocol_config(processor: &ExtProc) -> ProtocolConfiguration {
     use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-    let mode = |buffered: bool| {
-        let mode = if buffered {
-            BodySendMode::Buffered
-        } else {
-            BodySendMode::None
+    let mode = |body: BodyMode| {
+        let mode = match body {
+            BodyMode::None => BodySendMode::None,
+            BodyMode::Buffered => BodySendMode::Buffered,
+            BodyMode::Streamed => BodySendMode::Streamed,
         };
         mode as i32
     };
@@ -197,6 +239,13 @@ fn read_answer(
         (Some(Response::ResponseHeaders(h)), "response_headers") => h.response,
         (Some(Response::RequestBody(b)), "request_body") => b.response,
         (Some(Response::ResponseBody(b)), "response_body") => b.response,
+        (Some(Response::ResponseTrailers(t)), "response_trailers") => {
+            let mut mutations = Mutations::default();
+            if let Some(headers) = &t.header_mutation {
+                mutations.add_headers(headers, rules)?;
+            }
+            return Ok(Answer::Continue(mutations));
+        }
         (other, _) => {
             return Err(format!(
                 "answered {} to {expected}",
@@ -206,6 +255,7 @@ fn read_answer(
                     Some(Response::ResponseHeaders(_)) => "response_headers",
                     Some(Response::RequestBody(_)) => "request_body",
                     Some(Response::ResponseBody(_)) => "response_body",
+                    Some(Response::ResponseTrailers(_)) => "response_trailers",
                     Some(_) => "a message NIP does not take",
                 }
             ))
@@ -230,12 +280,7 @@ async fn answer_immediately(
     immediate: ImmediateResponse,
 ) {
     processor.stats.immediate.inc();
-    let status = immediate
-        .status
-        .as_ref()
-        .and_then(|s| u16::try_from(s.code).ok())
-        .filter(|s| (200..600).contains(s))
-        .unwrap_or(200);
+    let status = immediate_status(&immediate);
     let mut mutations = Mutations::default();
     if let Some(headers) = &immediate.headers {
         // A header the rules refuse is left out of an immediate answer.
@@ -326,6 +371,13 @@ pub(super) async fn on_request(
     };
     let scheme = super::client_scheme(session);
     let mut processors = Processors::default();
+    // A body read before the head goes (for a plugin or a processor that wants it whole)
+    // goes whole to the processors that would take it in chunks, too.
+    let body_read_early = ctx.rare.as_ref().is_some_and(|r| r.request_body.is_some())
+        || route
+            .processors
+            .iter()
+            .any(|p| p.mode.request_body == BodyMode::Buffered);
     for processor in &route.processors {
         let address = ctx
             .snapshot
@@ -362,7 +414,9 @@ pub(super) async fn on_request(
                 Step::Skip => continue,
             }
         }
-        if processor.mode.request_body && has_body {
+        let streams_request_body =
+            processor.mode.request_body == BodyMode::Streamed && has_body && !body_read_early;
+        if processor.mode.request_body.sends() && has_body && !streams_request_body {
             let body = match early_body(session, ctx, processor.max_body_bytes).await? {
                 Some(body) => body,
                 None => {
@@ -401,11 +455,27 @@ pub(super) async fn on_request(
                 Step::Skip => continue,
             }
         }
-        if processor.mode.response_headers || processor.mode.response_body {
-            processors.streams.push((Arc::clone(processor), stream));
+        if streams_request_body && processors.request_stream.is_none() {
+            processors.request_stream = Some(RequestStream {
+                output: Some(Vec::new()),
+                ..Default::default()
+            });
+        }
+        if streams_request_body
+            || processor.mode.response_headers
+            || processor.mode.response_body.sends()
+            || processor.mode.response_trailers
+        {
+            processors.stages.push(Stage {
+                processor: Arc::clone(processor),
+                stream,
+                streams_request_body,
+                held: Vec::new(),
+                overflowed: false,
+            });
         }
     }
-    if !processors.streams.is_empty() {
+    if !processors.stages.is_empty() {
         ctx.rare().processors = Some(Box::new(processors));
     }
     Ok(false)
@@ -428,6 +498,136 @@ async fn early_body(
     Ok(body)
 }
 
+/// Whether the request body goes upstream through processors chunk by chunk: its length
+/// may change, so it goes with chunked framing (pingora drops that for HTTP/2).
+pub(super) fn streams_request_body(processors: &Processors) -> bool {
+    processors.request_stream.is_some()
+}
+
+/// Frames an upstream request whose body processors change chunk by chunk.
+pub(super) fn unframe_request(request: &mut RequestHeader) {
+    request.remove_header(&http::header::CONTENT_LENGTH);
+    let _ = request.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+}
+
+/// A reply to the client from the request body phase, where the head may have gone.
+fn failure_reply() -> LocalResponse {
+    LocalResponse {
+        status: 500,
+        headers: Vec::new(),
+        body: b"the external processor failed\n".to_vec(),
+        details: "ext_proc_error".into(),
+    }
+}
+
+/// A processor's immediate response as a reply from the request body phase.
+fn immediate_reply(processor: &ExtProc, immediate: ImmediateResponse) -> LocalResponse {
+    let mut mutations = Mutations::default();
+    if let Some(headers) = &immediate.headers {
+        // A header the rules refuse is left out of an immediate answer.
+        let _ = mutations.add_headers(headers, &lenient(&processor.rules));
+    }
+    LocalResponse {
+        status: immediate_status(&immediate),
+        headers: mutations
+            .set
+            .iter()
+            .filter_map(|(n, v, _)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        body: immediate.body,
+        details: "ext_proc_immediate_response".into(),
+    }
+}
+
+/// The status of an immediate response (200 when it names none that is valid).
+fn immediate_status(immediate: &ImmediateResponse) -> u16 {
+    immediate
+        .status
+        .as_ref()
+        .and_then(|s| u16::try_from(s.code).ok())
+        .filter(|s| (200..600).contains(s))
+        .unwrap_or(200)
+}
+
+/// Sends a request body chunk through the processors that take it chunk by chunk
+/// (`STREAMED`), in route order, each answer replacing the chunk; header changes are
+/// not applied (the head has gone). A retry's replay of the body (pingora sends what it
+/// read again, in one piece) gets what the processors made of it the first time. `Err`:
+/// the reply the request ends with (an immediate response, or 500 from a processor
+/// failing closed).
+pub(super) async fn on_request_body(
+    processors: &mut Processors,
+    try_number: u32,
+    chunk: &mut Option<Bytes>,
+    end_of_stream: bool,
+) -> Result<(), LocalResponse> {
+    let Some(state) = processors.request_stream.as_mut() else {
+        return Ok(());
+    };
+    if state.try_number != try_number {
+        state.try_number = try_number;
+        if state.input > 0 {
+            let replay = chunk.as_ref().map_or(0, Bytes::len);
+            return match &state.output {
+                Some(output) if replay == state.input => {
+                    *chunk = (!output.is_empty()).then(|| Bytes::copy_from_slice(output));
+                    Ok(())
+                }
+                _ => Err(failure_reply()),
+            };
+        }
+    }
+    if state.done || (chunk.is_none() && !end_of_stream) {
+        return Ok(());
+    }
+    let mut data = chunk.take().unwrap_or_default();
+    state.input += data.len();
+    for stage in processors.stages.iter().filter(|s| s.streams_request_body) {
+        let processor = &stage.processor;
+        let message = ProcessingRequest {
+            request: Some(processing_request::Request::RequestBody(HttpBody {
+                body: data.to_vec(),
+                end_of_stream,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        match stage
+            .stream
+            .exchange(message)
+            .await
+            .and_then(|a| read_answer(a, "request_body", &processor.rules))
+        {
+            Ok(Answer::Continue(mutations)) => {
+                processor.stats.ok.inc();
+                if let Some(new) = mutations.body {
+                    data = new;
+                }
+            }
+            Ok(Answer::Immediate(immediate)) => {
+                processor.stats.immediate.inc();
+                return Err(immediate_reply(processor, immediate));
+            }
+            Err(why) => {
+                processor.stats.failed.inc();
+                tracing::debug!(filter = %processor.name, "ext_proc: {why}");
+                if !processor.failure_mode_allow {
+                    return Err(failure_reply());
+                }
+            }
+        }
+    }
+    if state.input > REPLAY_BOUND {
+        state.output = None;
+    }
+    if let Some(output) = state.output.as_mut() {
+        output.extend_from_slice(&data);
+    }
+    state.done = end_of_stream;
+    *chunk = (!data.is_empty()).then_some(data);
+    Ok(())
+}
+
 /// Runs the processors on the response head, last first. A processor's immediate
 /// response replaces the upstream's (status, headers, and, in the body phase, body).
 pub(super) async fn on_response(
@@ -436,9 +636,23 @@ pub(super) async fn on_response(
     end_of_stream: bool,
     protocol_is_h2: bool,
 ) {
-    for (processor, stream) in processors.streams.iter().rev() {
-        if processor.mode.response_body && !end_of_stream {
-            processors.buffering_response = true;
+    processors.trailers_follow = response
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut body_changes = false;
+    for stage in processors.stages.iter().rev() {
+        let processor = &stage.processor;
+        match processor.mode.response_body {
+            BodyMode::None => {}
+            // A gRPC body reaches the client as it comes; a copy goes to the processor.
+            BodyMode::Buffered if processors.trailers_follow => {
+                processors.response_body_stages = true
+            }
+            BodyMode::Buffered | BodyMode::Streamed => {
+                processors.response_body_stages = true;
+                body_changes = true;
+            }
         }
         if !processor.mode.response_headers {
             continue;
@@ -451,7 +665,8 @@ pub(super) async fn on_response(
             })),
             ..Default::default()
         };
-        match stream
+        match stage
+            .stream
             .exchange(message)
             .await
             .and_then(|a| read_answer(a, "response_headers", &processor.rules))
@@ -462,13 +677,7 @@ pub(super) async fn on_response(
             }
             Ok(Answer::Immediate(immediate)) => {
                 processor.stats.immediate.inc();
-                let status = immediate
-                    .status
-                    .as_ref()
-                    .and_then(|s| u16::try_from(s.code).ok())
-                    .filter(|s| (200..600).contains(s))
-                    .unwrap_or(200);
-                let _ = response.set_status(status);
+                let _ = response.set_status(immediate_status(&immediate));
                 let mut mutations = Mutations::default();
                 if let Some(headers) = &immediate.headers {
                     // A header the rules refuse is left out of an immediate answer.
@@ -476,7 +685,8 @@ pub(super) async fn on_response(
                 }
                 apply_response(response, &mutations);
                 processors.replacement = Some(Bytes::from(immediate.body));
-                processors.buffering_response = true;
+                processors.response_body_stages = true;
+                body_changes = true;
                 break;
             }
             Err(why) => {
@@ -485,63 +695,241 @@ pub(super) async fn on_response(
             }
         }
     }
-    if processors.buffering_response && !end_of_stream {
+    if body_changes && !end_of_stream {
         // The body may change length; the head goes now.
         crate::plugins::headers::unframe_for_new_body(response, protocol_is_h2);
     }
 }
 
-/// Holds the response body for the processors that want it whole and, at its end, asks
-/// them (last first; the worker waits, bounded by each one's timeout) and puts out what
-/// they made of it. A failed processor leaves the body as it was.
+/// Asks `stage` about a response body (all of it, or a chunk) and returns what it made
+/// of it; the worker waits, bounded by the processor's timeout (pingora filters response
+/// bodies synchronously). A failed processor leaves the body as it was. An immediate
+/// response's body replaces the rest of the response (the head has gone).
+fn ask_response_body(
+    stage: &Stage,
+    body: Bytes,
+    end_of_stream: bool,
+    replacement: &mut Option<Bytes>,
+) -> Bytes {
+    let processor = &stage.processor;
+    let message = response_body_message(&body, end_of_stream);
+    match stage
+        .stream
+        .exchange_blocking(message)
+        .and_then(|a| read_answer(a, "response_body", &processor.rules))
+    {
+        Ok(answer) => body_answer(processor, answer, body, end_of_stream, replacement),
+        Err(why) => {
+            processor.stats.failed.inc();
+            tracing::debug!(filter = %processor.name, "ext_proc: {why}");
+            body
+        }
+    }
+}
+
+/// [`ask_response_body`] where the worker may wait (the trailer phase).
+async fn ask_response_body_async(
+    stage: &Stage,
+    body: Bytes,
+    replacement: &mut Option<Bytes>,
+) -> Bytes {
+    let processor = &stage.processor;
+    let message = response_body_message(&body, false);
+    match stage
+        .stream
+        .exchange(message)
+        .await
+        .and_then(|a| read_answer(a, "response_body", &processor.rules))
+    {
+        Ok(answer) => body_answer(processor, answer, body, false, replacement),
+        Err(why) => {
+            processor.stats.failed.inc();
+            tracing::debug!(filter = %processor.name, "ext_proc: {why}");
+            body
+        }
+    }
+}
+
+fn response_body_message(body: &Bytes, end_of_stream: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(processing_request::Request::ResponseBody(HttpBody {
+            body: body.to_vec(),
+            end_of_stream,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// The body after a processor's answer to a response body message.
+fn body_answer(
+    processor: &ExtProc,
+    answer: Answer,
+    body: Bytes,
+    end_of_stream: bool,
+    replacement: &mut Option<Bytes>,
+) -> Bytes {
+    match answer {
+        Answer::Continue(mutations) => {
+            processor.stats.ok.inc();
+            mutations.body.unwrap_or(body)
+        }
+        Answer::Immediate(immediate) => {
+            processor.stats.immediate.inc();
+            if !end_of_stream {
+                // What is still to come of the upstream's body is dropped.
+                *replacement = Some(Bytes::new());
+            }
+            Bytes::from(immediate.body)
+        }
+    }
+}
+
+/// Runs a response body chunk through the processors, last first: a `STREAMED` one
+/// changes the chunk; a `BUFFERED` one holds the body to its end (within its bound; past
+/// it, what it held and the rest go on without it) and then answers for all of it, or —
+/// on a gRPC response — keeps a copy for the trailer phase while the chunk goes on.
 pub(super) fn on_response_body(
     processors: &mut Processors,
     chunk: &mut Option<Bytes>,
     end_of_stream: bool,
 ) {
-    if !processors.buffering_response {
+    if !processors.response_body_stages {
         return;
     }
-    if let Some(data) = chunk.take() {
-        if processors.replacement.is_none() {
-            processors.response_body.extend_from_slice(&data);
+    if let Some(replacement) = processors.replacement.as_mut() {
+        *chunk = end_of_stream
+            .then(|| std::mem::take(replacement))
+            .filter(|r| !r.is_empty());
+        return;
+    }
+    let mut data = chunk.take().unwrap_or_default();
+    let mut replacement = None;
+    for stage in processors.stages.iter_mut().rev() {
+        let bound = stage.processor.max_body_bytes;
+        match stage.processor.mode.response_body {
+            BodyMode::None => {}
+            BodyMode::Streamed => {
+                if !data.is_empty() || end_of_stream {
+                    data = ask_response_body(stage, data, end_of_stream, &mut replacement);
+                }
+            }
+            BodyMode::Buffered if stage.overflowed => {}
+            BodyMode::Buffered if stage.held.len() + data.len() > bound => {
+                stage.overflowed = true;
+                stage.processor.stats.failed.inc();
+                tracing::warn!(
+                    filter = %stage.processor.name,
+                    bound,
+                    "ext_proc: the response body outgrew the processor's buffer; it goes on unprocessed"
+                );
+                if !processors.trailers_follow && !stage.held.is_empty() {
+                    let mut all = std::mem::take(&mut stage.held);
+                    all.extend_from_slice(&data);
+                    data = Bytes::from(all);
+                }
+                stage.held = Vec::new();
+            }
+            BodyMode::Buffered if processors.trailers_follow => {
+                stage.held.extend_from_slice(&data);
+            }
+            BodyMode::Buffered => {
+                stage.held.extend_from_slice(&data);
+                data = if end_of_stream {
+                    let whole = Bytes::from(std::mem::take(&mut stage.held));
+                    ask_response_body(stage, whole, true, &mut replacement)
+                } else {
+                    Bytes::new()
+                };
+            }
+        }
+        if replacement.is_some() {
+            break;
         }
     }
-    if !end_of_stream {
-        return;
+    processors.replacement = replacement;
+    *chunk = (!data.is_empty()).then_some(data);
+}
+
+/// Runs the processors on response trailers, last first. Those wanting the body whole get
+/// it now (a body followed by trailers never says it ended; `end_of_stream` is false, as
+/// in Envoy); those taking trailers (`response_trailer_mode: SEND`) may change them. The
+/// answer is a body that still has to go out — only when a non-gRPC response brought
+/// trailers nobody expected while a processor held its body: pingora can then send the
+/// body but not the trailers after it (they are dropped, and logged).
+pub(super) async fn on_response_trailers(
+    processors: &mut Processors,
+    trailers: &mut http::HeaderMap,
+) -> Option<Bytes> {
+    let trailers_follow = processors.trailers_follow;
+    let mut pending = Bytes::new();
+    // Nothing comes after the trailers for an immediate response to replace.
+    let mut replacement = None;
+    for stage in processors.stages.iter_mut().rev() {
+        match stage.processor.mode.response_body {
+            BodyMode::Buffered if !stage.overflowed && processors.replacement.is_none() => {
+                let mut whole = std::mem::take(&mut stage.held);
+                whole.extend_from_slice(&pending);
+                if whole.is_empty() {
+                    continue;
+                }
+                let whole = Bytes::from(whole);
+                let answer = ask_response_body_async(stage, whole.clone(), &mut replacement).await;
+                if !trailers_follow {
+                    pending = answer;
+                } else if answer != whole {
+                    tracing::debug!(
+                        filter = %stage.processor.name,
+                        "ext_proc: a gRPC body has reached the client; the processor's change is not applied"
+                    );
+                }
+            }
+            BodyMode::Streamed if !pending.is_empty() => {
+                pending = ask_response_body_async(stage, pending, &mut replacement).await;
+            }
+            _ => {}
+        }
     }
-    if let Some(replacement) = processors.replacement.take() {
-        *chunk = Some(replacement);
-        return;
-    }
-    let mut body = Bytes::from(std::mem::take(&mut processors.response_body));
-    for (processor, stream) in processors.streams.iter().rev() {
-        if !processor.mode.response_body {
+    for stage in processors.stages.iter().rev() {
+        let processor = &stage.processor;
+        if !processor.mode.response_trailers {
             continue;
         }
         let message = ProcessingRequest {
-            request: Some(processing_request::Request::ResponseBody(HttpBody {
-                body: body.to_vec(),
-                end_of_stream: true,
-                ..Default::default()
-            })),
+            request: Some(processing_request::Request::ResponseTrailers(
+                HttpTrailers {
+                    trailers: Some(headers_of(
+                        trailers
+                            .iter()
+                            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())),
+                    )),
+                },
+            )),
             ..Default::default()
         };
-        match stream
-            .exchange_blocking(message)
-            .and_then(|a| read_answer(a, "response_body", &processor.rules))
+        match stage
+            .stream
+            .exchange(message)
+            .await
+            .and_then(|a| read_answer(a, "response_trailers", &processor.rules))
         {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
-                if let Some(new) = mutations.body {
-                    body = new;
+                for name in &mutations.remove {
+                    trailers.remove(name);
+                }
+                for (name, value, append) in mutations.set {
+                    if append {
+                        trailers.append(name, value);
+                    } else {
+                        trailers.insert(name, value);
+                    }
                 }
             }
-            Ok(Answer::Immediate(immediate)) => {
-                // The head has gone: only the body can still be the processor's.
-                processor.stats.immediate.inc();
-                body = Bytes::from(immediate.body);
-                break;
+            Ok(Answer::Immediate(_)) => {
+                // Nothing of the response can change any more but its trailers.
+                processor.stats.failed.inc();
+                tracing::debug!(filter = %processor.name, "ext_proc: an immediate response to trailers is ignored");
             }
             Err(why) => {
                 processor.stats.failed.inc();
@@ -549,5 +937,11 @@ pub(super) fn on_response_body(
             }
         }
     }
-    *chunk = (!body.is_empty()).then_some(body);
+    if pending.is_empty() {
+        return None;
+    }
+    tracing::warn!(
+        "ext_proc: a response held for a processor brought trailers; the body goes out and the trailers are dropped"
+    );
+    Some(pending)
 }

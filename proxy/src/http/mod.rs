@@ -481,19 +481,36 @@ impl ProxyHttp for Gateway {
             }
             return Ok(());
         }
-        let Some(plugins) = ctx.plugins.as_mut() else {
-            return Ok(());
-        };
-        match Box::pin(plugins.on_request_body(body, end_of_stream)).await {
-            Verdict::Continue => Ok(()),
-            verdict => {
-                ctx.stop_by_plugin(verdict);
-                Err(Error::explain(
-                    PLUGIN_STOP,
-                    "a plugin ended the request in its body phase",
-                ))
+        if let Some(plugins) = ctx.plugins.as_mut() {
+            match Box::pin(plugins.on_request_body(body, end_of_stream)).await {
+                Verdict::Continue => {}
+                verdict => {
+                    ctx.stop_by_plugin(verdict);
+                    return Err(Error::explain(
+                        PLUGIN_STOP,
+                        "a plugin ended the request in its body phase",
+                    ));
+                }
             }
         }
+        let try_number = ctx.retries;
+        if let Some(processors) = ctx.rare.as_mut().and_then(|r| r.processors.as_mut()) {
+            if let Err(reply) = Box::pin(ext_proc::on_request_body(
+                processors,
+                try_number,
+                body,
+                end_of_stream,
+            ))
+            .await
+            {
+                ctx.stop_by_plugin(Verdict::Reply(reply));
+                return Err(Error::explain(
+                    PLUGIN_STOP,
+                    "an external processor ended the request in its body phase",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The route's budget covers the whole response: a body still arriving when it runs
@@ -543,20 +560,26 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Runs response trailers through the route's plugins.
-    fn upstream_response_trailer_filter(
+    /// Runs response trailers through the route's processors, then its plugins (the
+    /// response's order). A body still to go out replaces the trailers (see
+    /// [`ext_proc::on_response_trailers`]).
+    async fn response_trailer_filter(
         &self,
         _session: &mut Session,
         trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
-    ) -> Result<()> {
+    ) -> Result<Option<Bytes>> {
+        let mut body = None;
+        if let Some(processors) = ctx.rare.as_mut().and_then(|r| r.processors.as_mut()) {
+            body = Box::pin(ext_proc::on_response_trailers(processors, trailers)).await;
+        }
         if let Some(plugins) = ctx.plugins.as_mut() {
             if let Verdict::Reset = plugins.on_response_trailers(trailers) {
                 ctx.stop_by_plugin(Verdict::Reset);
                 return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
             }
         }
-        Ok(())
+        Ok(body)
     }
 
     /// Picks an endpoint: healthy, and not one that already failed this request.
@@ -662,6 +685,14 @@ impl ProxyHttp for Gateway {
         upstream_request.insert_header("x-forwarded-proto", client_scheme(session))?;
         if ctx.retries > 0 {
             upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
+        }
+        let streamed_body = ctx
+            .rare
+            .as_ref()
+            .and_then(|r| r.processors.as_deref())
+            .is_some_and(ext_proc::streams_request_body);
+        if streamed_body {
+            ext_proc::unframe_request(upstream_request);
         }
         if let Some(route) = &ctx.route {
             let route_edits = &route.edits;

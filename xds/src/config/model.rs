@@ -1197,9 +1197,17 @@ pub struct ProcessPluginConfig {
     /// Send responses too.
     #[serde(default)]
     pub responses: bool,
-    /// Send heads only; bodies stream past the plugin unchanged.
+    /// Send heads only; bodies stream past the plugin unchanged (`body_mode: none`).
     #[serde(default)]
     pub stream_bodies: bool,
+    /// How the plugin gets the bodies of what it sees (Envoy's `BodySendMode`):
+    /// `buffered` (whole, bounded; the default), `streamed` (each chunk as it arrives,
+    /// answered before it goes on: for large bodies a plugin changes) or `none`.
+    #[serde(default)]
+    pub body_mode: Option<ProcessBodyMode>,
+    /// Send response trailers too (Envoy's `response_trailer_mode: SEND`; gRPC's status).
+    #[serde(default)]
+    pub trailers: bool,
     /// The command a proxy starts and keeps running for this plugin (`["python3",
     /// "guard.py"]`); without it the process is someone else's to run. It gets its port
     /// (the service's endpoint's) in `NIP_PLUGIN_PORT`.
@@ -1218,6 +1226,32 @@ pub struct ProcessPluginConfig {
     /// What the command may use.
     #[serde(default)]
     pub limits: ProcessLimitsConfig,
+}
+
+/// How a process plugin gets bodies (Envoy's `BodySendMode` of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessBodyMode {
+    /// The whole body in one message.
+    #[serde(alias = "BUFFERED")]
+    Buffered,
+    /// Each chunk in a message of its own.
+    #[serde(alias = "STREAMED")]
+    Streamed,
+    /// No body.
+    #[serde(alias = "NONE")]
+    None,
+}
+
+impl ProcessPluginConfig {
+    /// The body mode in effect (`stream_bodies` is `none`).
+    pub fn bodies(&self) -> ProcessBodyMode {
+        match (self.body_mode, self.stream_bodies) {
+            (Some(mode), _) => mode,
+            (None, true) => ProcessBodyMode::None,
+            (None, false) => ProcessBodyMode::Buffered,
+        }
+    }
 }
 
 /// Resource ceilings of a plugin's process: a cgroup (v2) where the kernel lets the proxy

@@ -430,3 +430,40 @@ tenant_key: { certificate: true, header: x-tenant }
         "{errors:?}"
     );
 }
+
+#[test]
+fn process_plugin_body_and_trailer_modes_are_checked_by_field() {
+    let yaml = r#"
+services:
+  a: { endpoints: ["127.0.0.1:1"] }
+  p: { endpoints: ["127.0.0.1:2"], protocol: http2 }
+plugins:
+  both: { isolation: process, process: { service: p, stream_bodies: true, body_mode: streamed } }
+  tails: { isolation: process, process: { service: p, trailers: true } }
+routes:
+  - { service: a, plugins: [both, tails] }
+"#;
+    let errors = errors_of(yaml);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("plugins.both.process.body_mode: contradicts stream_bodies")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e
+            .starts_with("plugins.tails.process.trailers: response trailers need responses: true")),
+        "{errors:?}"
+    );
+    let unknown = Config::from_yaml(&yaml.replace("body_mode: streamed", "body_mode: partial"))
+        .unwrap_err()
+        .to_string();
+    assert!(unknown.contains("body_mode"), "{unknown}");
+    let config = Config::from_yaml(
+        "services:\n  p: { endpoints: [\"127.0.0.1:2\"], protocol: http2 }\nplugins:\n  s: { isolation: process, process: { service: p, responses: true, body_mode: STREAMED, trailers: true } }\n",
+    )
+    .unwrap();
+    let process = config.plugins["s"].process.as_ref().unwrap();
+    assert_eq!(process.bodies(), ProcessBodyMode::Streamed);
+}

@@ -294,6 +294,22 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
                         "must be a number of cores above 0",
                     );
                 }
+                if process.stream_bodies
+                    && process
+                        .body_mode
+                        .is_some_and(|m| m != crate::config::ProcessBodyMode::None)
+                {
+                    errors.add(
+                        format!("{path}.process.body_mode"),
+                        "contradicts stream_bodies: true (which is body_mode: none)",
+                    );
+                }
+                if process.trailers && !process.responses {
+                    errors.add(
+                        format!("{path}.process.trailers"),
+                        "response trailers need responses: true",
+                    );
+                }
                 if !process.requests && !process.responses {
                     errors.add(
                         format!("{path}.process"),
