@@ -3,6 +3,7 @@
 
 use crate::common::*;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name": "Ada", "card": "5500 0000 0000 0004"}, "items": [{"sku": "a", "card": "gift"}]}"#;
 
@@ -393,6 +394,8 @@ async fn process_plugins_stream_bodies_and_see_trailers() {
     let app = Pages::start(&[
         ("/big", 200, "text/plain", big.as_str()),
         ("/upload", 200, "text/plain", "stored"),
+        ("/slow-body", 200, "text/plain", "the secret"),
+        ("/lenient/slow-body", 200, "text/plain", "the secret"),
     ])
     .await;
     let grpc = trailer_backend("application/grpc").await;
@@ -411,7 +414,16 @@ plugins:
   whole:
     isolation: process
     process: {{ service: processor, responses: true, timeout: 2s }}
+  strict:
+    isolation: process
+    process: {{ service: processor, responses: true, timeout: 300ms }}
+  lenient:
+    isolation: process
+    process: {{ service: processor, responses: true, timeout: 300ms }}
+    fail: open
 routes:
+  - {{ match: {{ path_prefix: /slow-body }}, service: app, plugins: [strict] }}
+  - {{ match: {{ path_prefix: /lenient/slow-body }}, service: app, plugins: [lenient] }}
   - {{ match: {{ path_prefix: /grpc-whole }}, service: grpc, plugins: [whole] }}
   - {{ match: {{ path_prefix: /grpc }}, service: grpc, plugins: [flow] }}
   - {{ service: app, plugins: [flow] }}
@@ -457,6 +469,20 @@ routes:
     let body = response.text().await.unwrap();
     assert_eq!(body.len(), big.len());
     assert!(body == big.to_uppercase(), "every chunk upper-cased");
+
+    // No answer about a response body whose head has gone: failing closed, the response
+    // is cut (its body never reaches the client unprocessed); failing open, it goes on.
+    let outcome = async { http.get(proxy.url("/slow-body")).send().await?.text().await }.await;
+    assert!(
+        outcome.is_err(),
+        "the response is cut, not sent unprocessed: {outcome:?}"
+    );
+    let response = http
+        .get(proxy.url("/lenient/slow-body"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "the secret");
 
     // gRPC over HTTP/2: trailers go to the processor and come back changed.
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
@@ -505,6 +531,92 @@ routes:
     );
     // Request head, response head, and the body with the trailers.
     assert_eq!(whole_ok, 3.0, "{metrics}");
+}
+
+/// A backend that answers its first request 503 and every later one 200, keeping the
+/// bodies it got.
+async fn fails_once_backend() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&bodies);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let seen = Arc::clone(&seen);
+                        async move {
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(body.to_vec());
+                            let status = if seen.len() == 1 { 503 } else { 200 };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (address, bodies)
+}
+
+/// A retried request's body, streamed through a processor the first time, goes again as
+/// the processor made it — the processor is not asked twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_resends_what_a_streaming_processor_made_of_the_body() {
+    let _turn = crate::common::module_turn(module_path!());
+    let port = free_port();
+    let script = script("ext_proc_server.py");
+    let processor = Background::python(&[script.to_str().unwrap(), &port.to_string()]);
+    processor.wait_for("listening").await;
+    let (backend, bodies) = fails_once_backend().await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  app: {{ endpoints: ["{backend}"] }}
+  processor: {{ endpoints: ["127.0.0.1:{port}"], protocol: http2 }}
+plugins:
+  flow:
+    isolation: process
+    process: {{ service: processor, body_mode: streamed, timeout: 2s }}
+routes:
+  - {{ service: app, plugins: [flow], retries: {{ on: [5xx], max: 2 }} }}
+"#
+    ))
+    .await;
+    let body = "a body to send twice\n".repeat(200);
+    let response = client()
+        .put(proxy.url("/store"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let bodies = bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 2, "one retry");
+    for got in &bodies {
+        assert!(
+            *got == body.to_uppercase().as_bytes(),
+            "each try got the processed body"
+        );
+    }
 }
 
 /// The proxy starts process plugins itself: their user, their limits, a version check,

@@ -7,6 +7,7 @@ Per request (one stream), by what the request carries:
                  metadata); rewrites a path under /old/ to /new/;
                  x-ext-deny: immediate 403 "denied by processor" with x-denied-by: ext-proc
                  x-ext-slow: answers after 2 s (past the filter's timeout)
+                 a path with "slow-body": answers about the response body after 2 s
   request body   upper-cases it, and says its length in x-ext-body-length (whole
                  body) — in STREAMED mode chunk by chunk
   response head  adds x-ext-proc-response: seen, removes x-internal
@@ -51,6 +52,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         config = dict(context.invocation_metadata()).get("x-nip-plugin-config", "")
         streamed_response = False
         body_messages, body_ends = 0, 0
+        slow_body = False
         for request in request_iterator:
             if request.HasField("protocol_config"):
                 streamed_response = (
@@ -60,6 +62,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             kind = request.WhichOneof("request")
             if kind == "request_headers":
                 seen = headers_of(request.request_headers)
+                slow_body = "slow-body" in seen.get(":path", "")
                 if "x-ext-slow" in seen:
                     time.sleep(2)
                 if "x-ext-deny" in seen:
@@ -116,6 +119,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 )
             elif kind == "response_body":
                 body_messages += 1
+                if slow_body:
+                    time.sleep(2)
                 body_ends += request.response_body.end_of_stream
                 if streamed_response:
                     body = request.response_body.body.upper()

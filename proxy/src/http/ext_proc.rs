@@ -701,16 +701,33 @@ pub(super) async fn on_response(
     }
 }
 
+/// The response must be cut: a processor failing closed could not answer about a body
+/// whose head has gone (Envoy resets the stream then).
+#[derive(Debug)]
+pub(super) struct CutResponse;
+
+/// What a failed processor means for a response body: going on with it unchanged when it
+/// fails open, else the response is cut.
+fn failed_on_response(processor: &ExtProc, why: &str, body: Bytes) -> Result<Bytes, CutResponse> {
+    processor.stats.failed.inc();
+    tracing::debug!(filter = %processor.name, "ext_proc: {why}");
+    if processor.failure_mode_allow {
+        Ok(body)
+    } else {
+        Err(CutResponse)
+    }
+}
+
 /// Asks `stage` about a response body (all of it, or a chunk) and returns what it made
 /// of it; the worker waits, bounded by the processor's timeout (pingora filters response
-/// bodies synchronously). A failed processor leaves the body as it was. An immediate
-/// response's body replaces the rest of the response (the head has gone).
+/// bodies synchronously). An immediate response's body replaces the rest of the
+/// response (the head has gone).
 fn ask_response_body(
     stage: &Stage,
     body: Bytes,
     end_of_stream: bool,
     replacement: &mut Option<Bytes>,
-) -> Bytes {
+) -> Result<Bytes, CutResponse> {
     let processor = &stage.processor;
     let message = response_body_message(&body, end_of_stream);
     match stage
@@ -718,16 +735,20 @@ fn ask_response_body(
         .exchange_blocking(message)
         .and_then(|a| read_answer(a, "response_body", &processor.rules))
     {
-        Ok(answer) => body_answer(processor, answer, body, end_of_stream, replacement),
-        Err(why) => {
-            processor.stats.failed.inc();
-            tracing::debug!(filter = %processor.name, "ext_proc: {why}");
-            body
-        }
+        Ok(answer) => Ok(body_answer(
+            processor,
+            answer,
+            body,
+            end_of_stream,
+            replacement,
+        )),
+        Err(why) => failed_on_response(processor, &why, body),
     }
 }
 
-/// [`ask_response_body`] where the worker may wait (the trailer phase).
+/// [`ask_response_body`] where the worker may wait (the trailer phase, where nothing can
+/// be cut any more: pingora sends the trailers whatever the filter says, so a failed
+/// processor leaves the body as it was).
 async fn ask_response_body_async(
     stage: &Stage,
     body: Bytes,
@@ -787,21 +808,22 @@ fn body_answer(
 
 /// Runs a response body chunk through the processors, last first: a `STREAMED` one
 /// changes the chunk; a `BUFFERED` one holds the body to its end (within its bound; past
-/// it, what it held and the rest go on without it) and then answers for all of it, or —
-/// on a gRPC response — keeps a copy for the trailer phase while the chunk goes on.
+/// it, the response is cut — or, failing open, what it held and the rest go on without
+/// it) and then answers for all of it, or — on a gRPC response — keeps a copy for the
+/// trailer phase while the chunk goes on.
 pub(super) fn on_response_body(
     processors: &mut Processors,
     chunk: &mut Option<Bytes>,
     end_of_stream: bool,
-) {
+) -> Result<(), CutResponse> {
     if !processors.response_body_stages {
-        return;
+        return Ok(());
     }
     if let Some(replacement) = processors.replacement.as_mut() {
         *chunk = end_of_stream
             .then(|| std::mem::take(replacement))
             .filter(|r| !r.is_empty());
-        return;
+        return Ok(());
     }
     let mut data = chunk.take().unwrap_or_default();
     let mut replacement = None;
@@ -811,7 +833,7 @@ pub(super) fn on_response_body(
             BodyMode::None => {}
             BodyMode::Streamed => {
                 if !data.is_empty() || end_of_stream {
-                    data = ask_response_body(stage, data, end_of_stream, &mut replacement);
+                    data = ask_response_body(stage, data, end_of_stream, &mut replacement)?;
                 }
             }
             BodyMode::Buffered if stage.overflowed => {}
@@ -821,8 +843,12 @@ pub(super) fn on_response_body(
                 tracing::warn!(
                     filter = %stage.processor.name,
                     bound,
-                    "ext_proc: the response body outgrew the processor's buffer; it goes on unprocessed"
+                    fails_open = stage.processor.failure_mode_allow,
+                    "ext_proc: the response body outgrew the processor's buffer"
                 );
+                if !stage.processor.failure_mode_allow {
+                    return Err(CutResponse);
+                }
                 if !processors.trailers_follow && !stage.held.is_empty() {
                     let mut all = std::mem::take(&mut stage.held);
                     all.extend_from_slice(&data);
@@ -837,7 +863,7 @@ pub(super) fn on_response_body(
                 stage.held.extend_from_slice(&data);
                 data = if end_of_stream {
                     let whole = Bytes::from(std::mem::take(&mut stage.held));
-                    ask_response_body(stage, whole, true, &mut replacement)
+                    ask_response_body(stage, whole, true, &mut replacement)?
                 } else {
                     Bytes::new()
                 };
@@ -849,6 +875,7 @@ pub(super) fn on_response_body(
     }
     processors.replacement = replacement;
     *chunk = (!data.is_empty()).then_some(data);
+    Ok(())
 }
 
 /// Runs the processors on response trailers, last first. Those wanting the body whole get

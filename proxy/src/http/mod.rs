@@ -543,7 +543,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(processors) = ctx.rare.as_mut().and_then(|r| r.processors.as_mut()) {
-            ext_proc::on_response_body(processors, body, end_of_stream);
+            if ext_proc::on_response_body(processors, body, end_of_stream).is_err() {
+                ctx.stop_by_plugin(Verdict::Reset);
+                return Err(Error::explain(
+                    PLUGIN_STOP,
+                    "an external processor failing closed could not answer about the response body",
+                ));
+            }
         }
         let Some(plugins) = ctx.plugins.as_mut() else {
             return Ok(None);
