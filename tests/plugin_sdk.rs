@@ -248,6 +248,122 @@ async fn the_go_sdk_example_behaves() {
     .await;
 }
 
+/// The Python and Go SDKs under `body_mode: streamed` and `trailers: true`: a message is
+/// whole, so the handler runs on heads alone (no redaction) while chunks and gRPC trailers
+/// are answered unchanged — every answer the one the proxy asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_process_plugins_take_heads_alone_when_bodies_stream() {
+    let _turn = crate::common::module_turn(module_path!());
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let users = Pages::start(&[(
+        "/users/alice",
+        200,
+        "application/json",
+        r#"{"tier": "gold"}"#,
+    )])
+    .await;
+    let app = Pages::start(&[("/orders/7", 200, "application/json", ORDER)]).await;
+    let grpc = trailer_backend("application/grpc").await;
+    let python_guard = [
+        python(),
+        root.join("filters/examples/python-guard/guard.py")
+            .display()
+            .to_string(),
+    ];
+    let go_guard = [go_plugin("go-guard").display().to_string()];
+    for (language, command) in [("python", &python_guard[..]), ("go", &go_guard[..])] {
+        let port = free_port();
+        let started = Background::start(
+            std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .arg(port.to_string())
+                .env("PYTHONPATH", root.join("filters/sdk/python")),
+        );
+        started.wait_for("listening").await;
+        let proxy = Proxy::start(&format!(
+            r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}", trust_priority_header: true }}
+services:
+  app: {{ endpoints: ["{app}"] }}
+  grpc: {{ endpoints: ["{grpc}"], protocol: http2 }}
+  guard-process: {{ endpoints: ["127.0.0.1:{port}"], protocol: http2 }}
+plugins:
+  guard:
+    isolation: process
+    process: {{ service: guard-process, responses: true, body_mode: streamed, trailers: true, timeout: 2s }}
+    config: {{ redact: [card], lookup_url: "http://{users}" }}
+routes:
+  - {{ match: {{ path_prefix: /grpc }}, service: grpc, plugins: [guard] }}
+  - {{ service: app, plugins: [guard] }}
+"#,
+            app = app.address,
+            users = users.address,
+        ))
+        .await;
+        let http = client();
+        let response = http
+            .get(proxy.url("/orders/7"))
+            .header("x-user", "alice")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{language}");
+        let order: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            order["card"], "4111 1111 1111 1111",
+            "{language}: not redacted"
+        );
+        assert_eq!(
+            app.last().headers.get("x-user-tier").map(String::as_str),
+            Some("gold"),
+            "{language}: the head's handler ran"
+        );
+        let response = http
+            .get(proxy.url("/orders/7"))
+            .header("x-nip-priority", "low")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503, "{language}");
+
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post(format!("http://127.0.0.1:{}/grpc/S/M", proxy.port))
+            .header("content-type", "application/grpc")
+            .header("x-user", "alice")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ask")))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{language}");
+        let body = response.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().expect("trailers arrive");
+        assert_eq!(trailers["grpc-status"], "0", "{language}");
+        assert_eq!(body.to_bytes(), "with trailers\n", "{language}");
+        let metrics = proxy.metrics().await;
+        let count = |decision| {
+            sample(
+                &metrics,
+                "nip_ext_proc_messages_total",
+                &[("filter", "nip.plugin.guard"), ("decision", decision)],
+            )
+        };
+        assert_eq!(count("failed"), 0.0, "{language}: {metrics}");
+        // /orders/7: 2 heads and the body's chunks; /grpc: 2 heads, a request chunk, a
+        // response chunk, trailers.
+        assert!(count("ok") >= 7.0, "{language}: {metrics}");
+        drop(started);
+    }
+}
+
 /// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the
 /// published protos, tests/interop/ext_proc_server.py).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -499,15 +499,16 @@ async fn early_body(
 }
 
 /// Whether the request body goes upstream through processors chunk by chunk: its length
-/// may change, so it goes with chunked framing (pingora drops that for HTTP/2).
+/// may change, so it goes without `content-length`.
 pub(super) fn streams_request_body(processors: &Processors) -> bool {
     processors.request_stream.is_some()
 }
 
-/// Frames an upstream request whose body processors change chunk by chunk.
+/// Frames an upstream request whose body processors change chunk by chunk: without its
+/// `content-length` (pingora frames such a body chunked for HTTP/1.1; HTTP/2 ends it with
+/// the stream).
 pub(super) fn unframe_request(request: &mut RequestHeader) {
     request.remove_header(&http::header::CONTENT_LENGTH);
-    let _ = request.insert_header(http::header::TRANSFER_ENCODING, "chunked");
 }
 
 /// A reply to the client from the request body phase, where the head may have gone.

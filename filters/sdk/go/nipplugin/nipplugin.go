@@ -377,7 +377,8 @@ func (p *Plugin) process(d descriptors, stream grpc.ServerStream) error {
 			}
 		}
 	}
-	ex := &exchange{}
+	// Whole bodies until the proxy says otherwise (its first message's protocol_config).
+	ex := &exchange{bodyModes: [2]string{"BUFFERED", "BUFFERED"}}
 	for {
 		in := dynamicpb.NewMessage(d.request)
 		if err := stream.RecvMsg(in); err == io.EOF {
@@ -394,7 +395,13 @@ func (p *Plugin) process(d descriptors, stream grpc.ServerStream) error {
 			return err
 		}
 		if modes, ok := req["protocolConfig"].(obj); ok {
-			ex.bodyModes = [2]string{str(modes["requestBodyMode"]), str(modes["responseBodyMode"])}
+			mode := func(name string) string {
+				if m := str(modes[name]); m != "" {
+					return m
+				}
+				return "NONE" // proto3 JSON leaves the zero value out
+			}
+			ex.bodyModes = [2]string{mode("requestBodyMode"), mode("responseBodyMode")}
 		}
 		var answer obj
 		switch {
@@ -404,18 +411,22 @@ func (p *Plugin) process(d descriptors, stream grpc.ServerStream) error {
 			}
 			ex.request = pairs(field(req, "requestHeaders", "headers"))
 			eos, _ := field(req, "requestHeaders", "endOfStream").(bool)
-			if !eos && ex.bodyModes[0] != "" && ex.bodyModes[0] != "NONE" {
+			if !eos && ex.bodyModes[0] == "BUFFERED" {
 				answer = obj{"requestHeaders": obj{}}
 			} else {
 				answer = p.handle(ctx, "request", "requestHeaders", ex, ex.request, nil)
 			}
+		case req["requestBody"] != nil && ex.bodyModes[0] != "BUFFERED":
+			answer = obj{"requestBody": obj{}} // a chunk (STREAMED), unchanged
+		case req["responseBody"] != nil && ex.bodyModes[1] != "BUFFERED":
+			answer = obj{"responseBody": obj{}}
 		case req["requestBody"] != nil:
 			body, _ := base64.StdEncoding.DecodeString(str(field(req, "requestBody", "body")))
 			answer = p.handle(ctx, "request", "requestBody", ex, ex.request, body)
 		case req["responseHeaders"] != nil:
 			ex.response = pairs(field(req, "responseHeaders", "headers"))
 			eos, _ := field(req, "responseHeaders", "endOfStream").(bool)
-			if !eos && ex.bodyModes[1] != "" && ex.bodyModes[1] != "NONE" {
+			if !eos && ex.bodyModes[1] == "BUFFERED" {
 				answer = obj{"responseHeaders": obj{}}
 			} else {
 				answer = p.handle(ctx, "response", "responseHeaders", ex, ex.response, nil)
@@ -423,6 +434,8 @@ func (p *Plugin) process(d descriptors, stream grpc.ServerStream) error {
 		case req["responseBody"] != nil:
 			body, _ := base64.StdEncoding.DecodeString(str(field(req, "responseBody", "body")))
 			answer = p.handle(ctx, "response", "responseBody", ex, ex.response, body)
+		case req["responseTrailers"] != nil:
+			answer = obj{"responseTrailers": obj{}}
 		default:
 			answer = obj{"requestTrailers": obj{}}
 		}

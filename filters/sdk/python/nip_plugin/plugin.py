@@ -7,6 +7,10 @@ Per request the proxy opens one stream; the SDK turns its messages into the v4 m
     request_body  ─▶ handler ─▶ header and body mutations (the head has not gone yet)
     response_headers / response_body: the same for the response
     a Reply or a PluginError ─▶ immediate_response
+
+A message is whole: in STREAMED body mode (process.body_mode: streamed) the handler runs
+on the head alone and body chunks pass unchanged, as with streaming on. Trailers are
+answered unchanged.
 """
 
 import asyncio
@@ -41,7 +45,7 @@ log = logging.getLogger("nip_plugin")
 
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 CONFIG_METADATA = "x-nip-plugin-config"
-BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
+BODY_BUFFERED = 2  # ProcessingMode.BodySendMode.BUFFERED (NONE 0, STREAMED 1)
 # The service beside ExternalProcessor that answers the proxy's supervisor:
 # Report(StringValue "health" | "resource_usage") -> StringValue (JSON).
 REPORT_SERVICE = "nip.plugin.v2.Plugin"
@@ -114,7 +118,8 @@ class _Exchange:
         self.request_pairs: List[Tuple[str, str]] = []
         self.attributes: Dict[str, str] = {}
         self.response_pairs: List[Tuple[str, str]] = []
-        self.body_modes = (None, None)  # (request, response) when the proxy said
+        # (request, response): whole bodies until the proxy says otherwise.
+        self.body_modes = (BODY_BUFFERED, BODY_BUFFERED)
 
 
 class Plugin:
@@ -317,18 +322,22 @@ class Plugin:
                 fields = request.attributes[ATTRIBUTES_KEY].fields if ATTRIBUTES_KEY in request.attributes else {}
                 exchange.attributes = {k: v.string_value for k, v in fields.items()}
                 exchange.request_pairs = _pairs(request.request_headers.headers)
-                body_follows = not request.request_headers.end_of_stream and exchange.body_modes[0] != BODY_NONE
+                body_follows = not request.request_headers.end_of_stream and exchange.body_modes[0] == BODY_BUFFERED
                 if body_follows:
                     yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
                 else:
                     yield await self._handle("request", "request_headers", exchange, exchange.request_pairs, b"", ctx)
+            elif kind == "request_body" and exchange.body_modes[0] != BODY_BUFFERED:
+                yield ep.ProcessingResponse(request_body=ep.BodyResponse())  # a chunk, unchanged
+            elif kind == "response_body" and exchange.body_modes[1] != BODY_BUFFERED:
+                yield ep.ProcessingResponse(response_body=ep.BodyResponse())
             elif kind == "request_body":
                 yield await self._handle(
                     "request", "request_body", exchange, exchange.request_pairs, request.request_body.body, ctx
                 )
             elif kind == "response_headers":
                 exchange.response_pairs = _pairs(request.response_headers.headers)
-                body_follows = not request.response_headers.end_of_stream and exchange.body_modes[1] != BODY_NONE
+                body_follows = not request.response_headers.end_of_stream and exchange.body_modes[1] == BODY_BUFFERED
                 if body_follows:
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
                 else:
@@ -337,8 +346,9 @@ class Plugin:
                 yield await self._handle(
                     "response", "response_body", exchange, exchange.response_pairs, request.response_body.body, ctx
                 )
+            elif kind == "response_trailers":
+                yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
             else:
-                # Trailers are not sent by NIP; answer so the stream never stalls.
                 yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
 
     def _report(self, what: str) -> Any:
