@@ -364,6 +364,60 @@ routes:
     }
 }
 
+/// A plugin that waits for whole response bodies (the Rust SDK's guard) on responses
+/// whose bodies trailers follow: a gRPC body flows past it with its trailers; any other
+/// body it held goes out when unexpected trailers come (pingora cannot send those after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_holding_plugin_never_loses_a_body_trailers_follow() {
+    let _turn = crate::common::module_turn(module_path!());
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let grpc = trailer_backend("application/grpc").await;
+    let plain = trailer_backend("application/json").await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  grpc: {{ endpoints: ["{grpc}"], protocol: http2 }}
+  plain: {{ endpoints: ["{plain}"], protocol: http2 }}
+plugins:
+  guard: {{ source: {{ file: "{guard}" }}, config: {{ redact: [card] }} }}
+routes:
+  - {{ match: {{ path_prefix: /plain }}, service: plain, plugins: [guard] }}
+  - {{ service: grpc, plugins: [guard] }}
+"#,
+        guard = example_plugin("sdk_guard").display(),
+    ))
+    .await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut call = |path: &str| {
+        let request = hyper::Request::post(format!("http://127.0.0.1:{}{path}", proxy.port))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.send_request(request)
+    };
+    let response = call("/pkg.Service/Method").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap();
+    let trailers = body.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(body.to_bytes(), "with trailers\n");
+
+    let response = call("/plain/x").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap();
+    assert_eq!(body.to_bytes(), "with trailers\n", "the held body goes out");
+}
+
 /// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the
 /// published protos, tests/interop/ext_proc_server.py).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

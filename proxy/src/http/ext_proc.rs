@@ -637,10 +637,7 @@ pub(super) async fn on_response(
     end_of_stream: bool,
     protocol_is_h2: bool,
 ) {
-    processors.trailers_follow = response
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    processors.trailers_follow = crate::plugins::headers::trailers_follow(response);
     let mut body_changes = false;
     for stage in processors.stages.iter().rev() {
         let processor = &stage.processor;
@@ -965,11 +962,5 @@ pub(super) async fn on_response_trailers(
             }
         }
     }
-    if pending.is_empty() {
-        return None;
-    }
-    tracing::warn!(
-        "ext_proc: a response held for a processor brought trailers; the body goes out and the trailers are dropped"
-    );
-    Some(pending)
+    (!pending.is_empty()).then_some(pending)
 }

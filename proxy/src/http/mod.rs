@@ -580,10 +580,27 @@ impl ProxyHttp for Gateway {
             body = Box::pin(ext_proc::on_response_trailers(processors, trailers)).await;
         }
         if let Some(plugins) = ctx.plugins.as_mut() {
+            // A body still held (trailers nobody expected) ends here, through the plugins.
+            if body.is_some() || plugins.holds_response_body() {
+                let verdict = plugins.on_response_body(&mut body, true);
+                if !matches!(verdict, Verdict::Continue) {
+                    ctx.stop_by_plugin(verdict);
+                    return Err(Error::explain(
+                        PLUGIN_STOP,
+                        "a plugin ended the response in its body phase",
+                    ));
+                }
+            }
             if let Verdict::Reset = plugins.on_response_trailers(trailers) {
                 ctx.stop_by_plugin(Verdict::Reset);
                 return Err(Error::explain(PLUGIN_STOP, "a plugin reset the response"));
             }
+        }
+        if body.is_some() {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                "a response body held by a filter met trailers: the body goes out and the trailers are dropped"
+            );
         }
         Ok(body)
     }

@@ -20,7 +20,10 @@
 //!   far; later plugins see nothing until it continues, then everything at once. A plugin's
 //!   buffer is bounded: past its limit the request ends with 413 (request body) or 500
 //!   (response body, while the response head is still unsent). Pausing at the end of a body
-//!   continues — there is nothing more to wait for.
+//!   continues — there is nothing more to wait for. A body that trailers follow (gRPC)
+//!   never says it ended and pingora can put out no body with the trailers: such a body
+//!   is not held — each chunk goes on as the plugins left it. A body held when trailers
+//!   nobody expected arrive goes out then, in place of the trailers.
 //! * Callouts made while nobody waits (response phase, root context) run in the background
 //!   and their answers go to the plugin's root context.
 
@@ -73,6 +76,8 @@ pub struct RequestPlugins {
     http: HttpState,
     request_has_body: bool,
     response_body_seen: bool,
+    /// The response's body is followed by trailers (gRPC): no plugin may hold it.
+    trailers_follow: bool,
     /// A plugin paused the head for the body (see the module's notes).
     body_first: bool,
 }
@@ -93,6 +98,7 @@ impl RequestPlugins {
             http,
             request_has_body: !end_of_stream,
             response_body_seen: false,
+            trailers_follow: false,
             body_first: false,
         };
         for plugin in plugins {
@@ -299,6 +305,7 @@ impl RequestPlugins {
     ) -> Verdict {
         self.http.response_headers = response_headers(response);
         self.http.info.response_code = Some(response.status.as_u16());
+        self.trailers_follow = super::headers::trailers_follow(response);
         let paused = std::cell::Cell::new(false);
         self.each_in_response_order(|vm, context, http| {
             let action = vm.on_response_headers(context, http, end_of_stream)?;
@@ -383,7 +390,12 @@ impl RequestPlugins {
             if self.http.reset {
                 return Verdict::Reset;
             }
-            if action == Action::Pause && !end_of_stream && !self.http.response_resumed {
+            // A body trailers follow flows on (pingora could not put it out later).
+            if action == Action::Pause
+                && !end_of_stream
+                && !self.http.response_resumed
+                && !self.trailers_follow
+            {
                 context.response_held = Vec::from(body);
                 self.drop_response_phase_reply();
                 return Verdict::Continue;
@@ -393,6 +405,12 @@ impl RequestPlugins {
         self.drop_response_phase_reply();
         *chunk = (!flowing.is_empty()).then_some(flowing);
         Verdict::Continue
+    }
+
+    /// Whether a plugin holds part of the response body (trailers came after a body
+    /// nobody expected them after).
+    pub fn holds_response_body(&self) -> bool {
+        self.contexts.iter().any(|c| !c.response_held.is_empty())
     }
 
     /// Runs the plugins on the response trailers, last plugin first, and writes their edits

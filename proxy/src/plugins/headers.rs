@@ -160,6 +160,16 @@ pub fn unframe_for_new_body(response: &mut ResponseHeader, http2: bool) {
     }
 }
 
+/// Whether a response's body will be followed by trailers (gRPC's, which carry its
+/// status). Pingora never marks such a body's last chunk as the end, and can put out no
+/// body with the trailers: filters must not hold a body that trailers follow.
+pub fn trailers_follow(response: &ResponseHeader) -> bool {
+    response
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// Makes a request's `content-length` (when it has one) say `len`: its body was replaced
 /// before the head went upstream.
 pub fn fit_content_length(request: &mut RequestHeader, len: usize) {
