@@ -254,8 +254,6 @@ async fn the_go_sdk_example_behaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_process_plugins_take_heads_alone_when_bodies_stream() {
     let _turn = crate::common::module_turn(module_path!());
-    use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let users = Pages::start(&[(
         "/users/alice",
@@ -329,25 +327,18 @@ routes:
             .unwrap();
         assert_eq!(response.status(), 503, "{language}");
 
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        let answer = H2Client::connect(proxy.port)
             .await
-            .unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        let request = hyper::Request::post(format!("http://127.0.0.1:{}/grpc/S/M", proxy.port))
-            .header("content-type", "application/grpc")
-            .header("x-user", "alice")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ask")))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status(), 200, "{language}");
-        let body = response.into_body().collect().await.unwrap();
-        let trailers = body.trailers().cloned().expect("trailers arrive");
-        assert_eq!(trailers["grpc-status"], "0", "{language}");
-        assert_eq!(body.to_bytes(), "with trailers\n", "{language}");
+            .call(
+                "POST",
+                "/grpc/S/M",
+                &[("content-type", "application/grpc"), ("x-user", "alice")],
+                b"ask",
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{language}");
+        assert_eq!(answer.trailers["grpc-status"], "0", "{language}");
+        assert_eq!(answer.body, "with trailers\n", "{language}");
         let metrics = proxy.metrics().await;
         let count = |decision| {
             sample(
@@ -370,8 +361,6 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_holding_plugin_never_loses_a_body_trailers_follow() {
     let _turn = crate::common::module_turn(module_path!());
-    use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let grpc = trailer_backend("application/grpc").await;
     let plain = trailer_backend("application/json").await;
     let proxy = Proxy::start(&format!(
@@ -390,32 +379,15 @@ routes:
         guard = example_plugin("sdk_guard").display(),
     ))
     .await;
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-        .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let mut call = |path: &str| {
-        let request = hyper::Request::post(format!("http://127.0.0.1:{}{path}", proxy.port))
-            .header("content-type", "application/grpc")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        sender.send_request(request)
-    };
-    let response = call("/pkg.Service/Method").await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap();
-    let trailers = body.trailers().cloned().expect("trailers arrive");
-    assert_eq!(trailers["grpc-status"], "0");
-    assert_eq!(body.to_bytes(), "with trailers\n");
+    let mut h2 = H2Client::connect(proxy.port).await;
+    let answer = h2.grpc("/pkg.Service/Method").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.trailers["grpc-status"], "0");
+    assert_eq!(answer.body, "with trailers\n");
 
-    let response = call("/plain/x").await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap();
-    assert_eq!(body.to_bytes(), "with trailers\n", "the held body goes out");
+    let answer = h2.grpc("/plain/x").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "with trailers\n", "the held body goes out");
 }
 
 /// A process plugin: Envoy's ext_proc against an independent processor (grpcio and the
@@ -553,8 +525,6 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_plugins_stream_bodies_and_see_trailers() {
     let _turn = crate::common::module_turn(module_path!());
-    use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let port = free_port();
     let script = script("ext_proc_server.py");
     let processor = Background::python(&[script.to_str().unwrap(), &port.to_string()]);
@@ -655,44 +625,26 @@ routes:
     assert_eq!(response.text().await.unwrap(), "the secret");
 
     // gRPC over HTTP/2: trailers go to the processor and come back changed.
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-        .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let mut call = |path: &str| {
-        let request = hyper::Request::post(format!("http://127.0.0.1:{}{path}", proxy.port))
-            .header("content-type", "application/grpc")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        sender.send_request(request)
-    };
-    let response = call("/grpc/pkg.Service/Method").await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap();
-    let trailers = body.trailers().cloned().expect("trailers arrive");
-    assert_eq!(trailers["grpc-status"], "0");
-    assert_eq!(trailers["x-ext-trailer"], "seen");
+    let mut h2 = H2Client::connect(proxy.port).await;
+    let answer = h2.grpc("/grpc/pkg.Service/Method").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.trailers["grpc-status"], "0");
+    assert_eq!(answer.trailers["x-ext-trailer"], "seen");
     // One body message, which could not say the body ended (the trailers did).
-    assert_eq!(trailers["x-ext-body-messages"], "1/0");
-    assert_eq!(body.to_bytes(), "WITH TRAILERS\n");
+    assert_eq!(answer.trailers["x-ext-body-messages"], "1/0");
+    assert_eq!(answer.body, "WITH TRAILERS\n");
 
     // A processor that wants a gRPC body whole gets it with the trailers; the client gets
     // the body and the trailers as the upstream sent them.
-    let response = call("/grpc-whole/pkg.Service/Method").await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-ext-proc-response"], "seen");
-    let body = response.into_body().collect().await.unwrap();
-    let trailers = body.trailers().cloned().expect("trailers arrive");
-    assert_eq!(trailers["grpc-status"], "0");
+    let answer = h2.grpc("/grpc-whole/pkg.Service/Method").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["x-ext-proc-response"], "seen");
+    assert_eq!(answer.trailers["grpc-status"], "0");
     assert!(
-        !trailers.contains_key("x-ext-trailer"),
+        !answer.trailers.contains_key("x-ext-trailer"),
         "trailers are not sent to it"
     );
-    assert_eq!(body.to_bytes(), "with trailers\n");
+    assert_eq!(answer.body, "with trailers\n");
     let metrics = proxy.metrics().await;
     let whole_ok = sample(
         &metrics,

@@ -706,8 +706,6 @@ async fn plugins_written_in_c_and_assemblyscript_run_like_rust_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_edit_response_trailers() {
     let _turn = crate::common::module_turn(module_path!());
-    use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let backend = Backend::start("web").await;
     let grpc = trailer_backend("text/plain").await;
     let plugin = example_plugin("add_header");
@@ -721,28 +719,18 @@ async fn plugins_edit_response_trailers() {
         "  - { service: grpc, plugins: [tagger] }",
     ))
     .await;
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+    let answer = H2Client::connect(proxy.port)
         .await
-        .unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = hyper::Request::get(format!("http://127.0.0.1:{}/svc/Method", proxy.port))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["x-team"], "blue");
-    let body = response.into_body().collect().await.unwrap();
-    let trailers = body.trailers().cloned().expect("trailers arrive");
-    assert_eq!(trailers["grpc-status"], "0");
+        .call("GET", "/svc/Method", &[], b"")
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["x-team"], "blue");
+    assert_eq!(answer.trailers["grpc-status"], "0");
     assert_eq!(
-        trailers["x-team-trailer"], "blue",
+        answer.trailers["x-team-trailer"], "blue",
         "the plugin's trailer edit"
     );
-    assert_eq!(body.to_bytes(), "with trailers\n");
+    assert_eq!(answer.body, "with trailers\n");
 }
 
 /// A plugin that resets every request stream in its request-headers callback.

@@ -402,6 +402,68 @@ pub async fn trailer_backend(content_type: &'static str) -> std::net::SocketAddr
     address
 }
 
+/// What an HTTP/2 call got, trailers included.
+pub struct H2Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: http::HeaderMap,
+}
+
+/// An HTTP/2 (prior knowledge) connection to a proxy's port, for calls whose trailers
+/// matter (gRPC's).
+pub struct H2Client {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    port: u16,
+}
+
+impl H2Client {
+    pub async fn connect(port: u16) -> H2Client {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        H2Client { sender, port }
+    }
+
+    /// Sends `method path` with `headers` and `body`; the whole answer.
+    pub async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &'static [u8],
+    ) -> H2Answer {
+        use http_body_util::BodyExt;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}{path}", self.port));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::from_static(body))).unwrap();
+        let response = self.sender.send_request(request).await.unwrap();
+        let (head, body) = response.into_parts();
+        let body = body.collect().await.unwrap();
+        H2Answer {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            trailers: body.trailers().cloned().unwrap_or_default(),
+            body: body.to_bytes(),
+        }
+    }
+
+    /// A gRPC-like call: `POST path` as `application/grpc`, no body.
+    pub async fn grpc(&mut self, path: &str) -> H2Answer {
+        self.call("POST", path, &[("content-type", "application/grpc")], b"")
+            .await
+    }
+}
+
 /// A backend that accepts, reads the request, and closes without answering.
 pub async fn resetting_backend() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -498,6 +498,24 @@ async fn early_body(
     Ok(body)
 }
 
+/// Sends one message (after the request head) to a stage's processor and reads its
+/// answer to it.
+async fn exchange(
+    stage: &Stage,
+    request: processing_request::Request,
+    expected: &'static str,
+) -> Result<Answer, Failure> {
+    let message = ProcessingRequest {
+        request: Some(request),
+        ..Default::default()
+    };
+    stage
+        .stream
+        .exchange(message)
+        .await
+        .and_then(|a| read_answer(a, expected, &stage.processor.rules))
+}
+
 /// Whether the request body goes upstream through processors chunk by chunk: its length
 /// may change, so it goes without `content-length`.
 pub(super) fn streams_request_body(processors: &Processors) -> bool {
@@ -585,20 +603,12 @@ pub(super) async fn on_request_body(
     state.input += data.len();
     for stage in processors.stages.iter().filter(|s| s.streams_request_body) {
         let processor = &stage.processor;
-        let message = ProcessingRequest {
-            request: Some(processing_request::Request::RequestBody(HttpBody {
-                body: data.to_vec(),
-                end_of_stream,
-                ..Default::default()
-            })),
+        let body = processing_request::Request::RequestBody(HttpBody {
+            body: data.to_vec(),
+            end_of_stream,
             ..Default::default()
-        };
-        match stage
-            .stream
-            .exchange(message)
-            .await
-            .and_then(|a| read_answer(a, "request_body", &processor.rules))
-        {
+        });
+        match exchange(stage, body, "request_body").await {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
                 if let Some(new) = mutations.body {
@@ -655,20 +665,12 @@ pub(super) async fn on_response(
         if !processor.mode.response_headers {
             continue;
         }
-        let message = ProcessingRequest {
-            request: Some(processing_request::Request::ResponseHeaders(HttpHeaders {
-                headers: Some(response_pairs(response)),
-                end_of_stream,
-                ..Default::default()
-            })),
+        let head = processing_request::Request::ResponseHeaders(HttpHeaders {
+            headers: Some(response_pairs(response)),
+            end_of_stream,
             ..Default::default()
-        };
-        match stage
-            .stream
-            .exchange(message)
-            .await
-            .and_then(|a| read_answer(a, "response_headers", &processor.rules))
-        {
+        });
+        match exchange(stage, head, "response_headers").await {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
                 apply_response(response, &mutations);
@@ -726,22 +728,10 @@ fn ask_response_body(
     end_of_stream: bool,
     replacement: &mut Option<Bytes>,
 ) -> Result<Bytes, CutResponse> {
-    let processor = &stage.processor;
-    let message = response_body_message(&body, end_of_stream);
-    match stage
+    let answer = stage
         .stream
-        .exchange_blocking(message)
-        .and_then(|a| read_answer(a, "response_body", &processor.rules))
-    {
-        Ok(answer) => Ok(body_answer(
-            processor,
-            answer,
-            body,
-            end_of_stream,
-            replacement,
-        )),
-        Err(why) => failed_on_response(processor, &why, body),
-    }
+        .exchange_blocking(response_body_message(&body, end_of_stream));
+    body_after(stage, answer, body, end_of_stream, replacement)
 }
 
 /// [`ask_response_body`] where the worker may wait (the trailer phase, where nothing can
@@ -752,20 +742,32 @@ async fn ask_response_body_async(
     body: Bytes,
     replacement: &mut Option<Bytes>,
 ) -> Bytes {
-    let processor = &stage.processor;
-    let message = response_body_message(&body, false);
-    match stage
+    let answer = stage
         .stream
-        .exchange(message)
-        .await
-        .and_then(|a| read_answer(a, "response_body", &processor.rules))
-    {
-        Ok(answer) => body_answer(processor, answer, body, false, replacement),
-        Err(why) => {
-            processor.stats.failed.inc();
-            tracing::debug!(filter = %processor.name, "ext_proc: {why}");
-            body
-        }
+        .exchange(response_body_message(&body, false))
+        .await;
+    let unchanged = body.clone();
+    body_after(stage, answer, body, false, replacement).unwrap_or(unchanged)
+}
+
+/// The body after a processor's answer (or its failure) to a response body message.
+fn body_after(
+    stage: &Stage,
+    answer: Result<ProcessingResponse, Failure>,
+    body: Bytes,
+    end_of_stream: bool,
+    replacement: &mut Option<Bytes>,
+) -> Result<Bytes, CutResponse> {
+    let processor = &stage.processor;
+    match answer.and_then(|a| read_answer(a, "response_body", &processor.rules)) {
+        Ok(answer) => Ok(body_answer(
+            processor,
+            answer,
+            body,
+            end_of_stream,
+            replacement,
+        )),
+        Err(why) => failed_on_response(processor, &why, body),
     }
 }
 
@@ -920,24 +922,14 @@ pub(super) async fn on_response_trailers(
         if !processor.mode.response_trailers {
             continue;
         }
-        let message = ProcessingRequest {
-            request: Some(processing_request::Request::ResponseTrailers(
-                HttpTrailers {
-                    trailers: Some(headers_of(
-                        trailers
-                            .iter()
-                            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())),
-                    )),
-                },
+        let sent = processing_request::Request::ResponseTrailers(HttpTrailers {
+            trailers: Some(headers_of(
+                trailers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())),
             )),
-            ..Default::default()
-        };
-        match stage
-            .stream
-            .exchange(message)
-            .await
-            .and_then(|a| read_answer(a, "response_trailers", &processor.rules))
-        {
+        });
+        match exchange(stage, sent, "response_trailers").await {
             Ok(Answer::Continue(mutations)) => {
                 processor.stats.ok.inc();
                 for name in &mutations.remove {
