@@ -56,6 +56,9 @@ pub struct SpanCounters {
     pub failed: Counter,
 }
 
+/// The running queues, by collector and service name.
+type Queues = HashMap<(Collector, String), Arc<SpanQueue>>;
+
 /// The bounded queue in front of one collector's exporter.
 #[derive(Debug)]
 pub struct SpanQueue {
@@ -73,8 +76,7 @@ impl SpanQueue {
         service_name: &str,
         counters: &SpanCounters,
     ) -> std::io::Result<Arc<SpanQueue>> {
-        static QUEUES: OnceLock<Mutex<HashMap<(Collector, String), Arc<SpanQueue>>>> =
-            OnceLock::new();
+        static QUEUES: OnceLock<Mutex<Queues>> = OnceLock::new();
         let mut queues = QUEUES
             .get_or_init(Default::default)
             .lock()
