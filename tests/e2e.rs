@@ -15,6 +15,7 @@ mod gateway;
 mod interception;
 mod interop;
 mod multi_region;
+mod observability;
 mod overload;
 mod plugin_sdk;
 mod plugins;

@@ -3,7 +3,6 @@
 
 use crate::common::*;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 const ORDER: &str = r#"{"id": 7, "card": "4111 1111 1111 1111", "payer": {"name": "Ada", "card": "5500 0000 0000 0004"}, "items": [{"sku": "a", "card": "gift"}]}"#;
 
@@ -653,48 +652,6 @@ routes:
     );
     // Request head, response head, and the body with the trailers.
     assert_eq!(whole_ok, 3.0, "{metrics}");
-}
-
-/// A backend that answers its first request 503 and every later one 200, keeping the
-/// bodies it got.
-async fn fails_once_backend() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
-    use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&bodies);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| {
-                        let seen = Arc::clone(&seen);
-                        async move {
-                            let body = request.into_body().collect().await.unwrap().to_bytes();
-                            let mut seen = seen.lock().unwrap();
-                            seen.push(body.to_vec());
-                            let status = if seen.len() == 1 { 503 } else { 200 };
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (address, bodies)
 }
 
 /// A retried request's body, streamed through a processor the first time, goes again as

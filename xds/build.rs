@@ -27,6 +27,7 @@ const ROOTS: &[&str] = &[
     "envoy/extensions/access_loggers/stream/v3/stream.proto",
     "envoy/extensions/access_loggers/file/v3/file.proto",
     "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
+    "envoy/config/trace/v3/opentelemetry.proto",
 ];
 
 fn envoy_types_proto_dir() -> Option<PathBuf> {

@@ -69,6 +69,10 @@ pub mod names {
     /// Listener `filter_metadata` key of client limits Envoy keeps elsewhere (its overload
     /// manager): `max_active_downstream_connections`, and `trust_priority_header`.
     pub const DOWNSTREAM_METADATA: &str = "nip.downstream";
+    /// Listener `filter_metadata` key of tracing choices Envoy has no field for:
+    /// `parent_based` (a client's `traceparent` decides sampling) and `errors` (failed
+    /// requests are exported even when not sampled).
+    pub const TRACING_METADATA: &str = "nip.tracing";
     /// Listener `filter_metadata` key holding each plugin filter's resource limits.
     pub const PLUGIN_LIMITS_METADATA: &str = "nip.plugin_limits";
     /// Listener metadata naming the role of the proxies that serve it (`role`: `edge` or

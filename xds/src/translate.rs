@@ -233,6 +233,7 @@ pub fn translate(config: &Config) -> Translation {
             .chain(sidecar::tcp_clusters(config))
             .chain(auth::clusters(config))
             .chain(rate_limit_service(config).map(|s| cluster(RATE_LIMIT_CLUSTER, &s)))
+            .chain(tracing_collector(config).map(|s| cluster(TRACING_CLUSTER, &s)))
             .collect(),
         endpoints: config
             .services
@@ -242,6 +243,7 @@ pub fn translate(config: &Config) -> Translation {
             .chain(sidecar::tcp_assignments(config))
             .chain(auth::assignments(config))
             .chain(rate_limit_service(config).map(|s| load_assignment(RATE_LIMIT_CLUSTER, &s)))
+            .chain(tracing_collector(config).map(|s| load_assignment(TRACING_CLUSTER, &s)))
             .collect(),
         // The control plane adds the mesh's trust bundle; a file config has no secrets.
         secrets: Vec::new(),
@@ -493,6 +495,7 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
             Vec::new()
         },
         generate_request_id: Some(pbuf::BoolValue { value: true }),
+        tracing: connection_manager_tracing(config),
         request_headers_timeout: Some(pb_duration(
             gateway
                 .request_headers_timeout
@@ -610,6 +613,21 @@ fn listener_metadata(config: &Config) -> Option<Metadata> {
         metadata
             .filter_metadata
             .insert(names::DOWNSTREAM_METADATA.to_string(), Struct { fields });
+    }
+    if let Some(tracing) = &config.tracing {
+        let flag = |on: bool| Value {
+            kind: Some(Kind::BoolValue(on)),
+        };
+        metadata.filter_metadata.insert(
+            names::TRACING_METADATA.to_string(),
+            Struct {
+                fields: [
+                    ("parent_based".to_string(), flag(tracing.parent_based)),
+                    ("errors".to_string(), flag(tracing.trace_errors)),
+                ]
+                .into(),
+            },
+        );
     }
     // The tenants' access log retention: a log shared by several tenants keeps lines as
     // long as the strictest of them allows.
@@ -1475,6 +1493,91 @@ fn rate_limit_service(config: &Config) -> Option<ServiceConfig> {
             priority: 0,
         }],
         protocol: UpstreamProtocol::Http2,
+        ..Default::default()
+    })
+}
+
+/// The cluster of the tracing collector.
+pub const TRACING_CLUSTER: &str = "tracing_collector";
+
+/// The tracing collector as a service of its own (OTLP/gRPC: HTTP/2).
+fn tracing_collector(config: &Config) -> Option<ServiceConfig> {
+    let tracing = config.tracing.as_ref()?;
+    Some(ServiceConfig {
+        endpoints: vec![crate::config::EndpointConfig {
+            address: tracing.address.clone(),
+            region: None,
+            zone: None,
+            sub_zone: None,
+            weight: 1,
+            priority: 0,
+        }],
+        protocol: match tracing.protocol {
+            crate::config::TracingProtocol::Grpc => UpstreamProtocol::Http2,
+            crate::config::TracingProtocol::Http => UpstreamProtocol::Http1,
+        },
+        ..Default::default()
+    })
+}
+
+/// The connection manager's `tracing`: the OpenTelemetry provider sending to the
+/// collector's cluster.
+fn connection_manager_tracing(config: &Config) -> Option<http_connection_manager::Tracing> {
+    use envoy_types::pb::envoy::config::core::v3::{grpc_service, GrpcService, HttpService};
+    use envoy_types::pb::envoy::config::trace::v3::{tracing, OpenTelemetryConfig};
+    let settings = config.tracing.as_ref()?;
+    let timeout = settings.timeout.map_or(Duration::from_secs(10), |t| t.0);
+    let mut otel = OpenTelemetryConfig {
+        service_name: settings
+            .service_name
+            .clone()
+            .unwrap_or_else(|| "nip".to_string()),
+        ..Default::default()
+    };
+    match settings.protocol {
+        crate::config::TracingProtocol::Grpc => {
+            otel.grpc_service = Some(GrpcService {
+                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                    grpc_service::EnvoyGrpc {
+                        cluster_name: TRACING_CLUSTER.to_string(),
+                        ..Default::default()
+                    },
+                )),
+                timeout: Some(pb_duration(timeout)),
+                ..Default::default()
+            })
+        }
+        crate::config::TracingProtocol::Http => {
+            otel.http_service = Some(HttpService {
+                http_uri: Some(HttpUri {
+                    uri: format!(
+                        "http://{}{}",
+                        settings.address,
+                        settings.path.as_deref().unwrap_or("/v1/traces")
+                    ),
+                    timeout: Some(pb_duration(timeout)),
+                    http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                        TRACING_CLUSTER.to_string(),
+                    )),
+                }),
+                ..Default::default()
+            })
+        }
+    }
+    Some(http_connection_manager::Tracing {
+        random_sampling: settings
+            .random_sampling
+            .map(|value| envoy_types::pb::envoy::r#type::v3::Percent { value }),
+        provider: Some(tracing::Http {
+            name: "envoy.tracers.opentelemetry".to_string(),
+            config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(otel))),
+        }),
+        spawn_upstream_span: Some(BoolValue {
+            value: settings.spawn_upstream_span,
+        }),
+        max_path_tag_length: settings
+            .max_path_tag_length
+            .map(|value| UInt32Value { value }),
         ..Default::default()
     })
 }

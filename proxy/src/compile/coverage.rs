@@ -97,6 +97,32 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
             "max_request_headers_kb",
             "generate_request_id",
             "upgrade_configs",
+            "tracing",
+        ],
+    ),
+    (
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing",
+        &[
+            "client_sampling",
+            "random_sampling",
+            "overall_sampling",
+            "verbose",
+            "max_path_tag_length",
+            "custom_tags",
+            "provider",
+            "spawn_upstream_span",
+        ],
+    ),
+    ("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"]),
+    (
+        "envoy.config.trace.v3.OpenTelemetryConfig",
+        &[
+            "grpc_service",
+            "http_service",
+            "service_name",
+            "resource_detectors",
+            "sampler",
+            "exporter",
         ],
     ),
     (

@@ -217,6 +217,9 @@ impl Compiler<'_> {
         let router = self.router(route_config, clusters, &prepared.plugins, &policy)?;
         let retention = access_log_retention(listener).map_err(fail)?;
         let access_log = self.access_log(&listener.name, &hcm.access_log, retention)?;
+        let tracing = self
+            .tracing(listener, hcm.tracing.as_ref(), clusters)
+            .map_err(fail)?;
         let codec = http_connection_manager::CodecType::try_from(hcm.codec_type)
             .unwrap_or(http_connection_manager::CodecType::Auto);
         let mut allow_connect = false;
@@ -243,6 +246,7 @@ impl Compiler<'_> {
             h2c: codec != http_connection_manager::CodecType::Http1,
             allow_connect,
             policy: policy.filters,
+            tracing,
         })
     }
 
@@ -318,6 +322,7 @@ impl Compiler<'_> {
                 h2c: false,
                 allow_connect: false,
                 policy: Vec::new(),
+                tracing: None,
             }));
         }
         let plugins = &prepared.plugins;
@@ -491,6 +496,7 @@ mod prepare;
 mod routes;
 mod secrets;
 mod tenants;
+mod tracing;
 
 use listeners::*;
 pub use listeners::{HttpListening, TlsFiles};

@@ -67,6 +67,8 @@ pub struct RareState {
     pub(super) request_body: Option<bytes::Bytes>,
     /// The route's `ext_proc` streams that still have response phases to run.
     pub(super) processors: Option<Box<super::ext_proc::Processors>>,
+    /// The request's trace, when its connection manager traces it.
+    pub(super) trace: Option<crate::telemetry::trace::RequestTrace>,
 }
 
 /// Increments a gauge for as long as it lives.
@@ -89,6 +91,33 @@ impl RequestCtx {
     /// The rare state, made on first use.
     pub(super) fn rare(&mut self) -> &mut RareState {
         self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// The request's trace, if it has one.
+    pub(super) fn trace(&mut self) -> Option<&mut crate::telemetry::trace::RequestTrace> {
+        self.rare.as_mut()?.trace.as_mut()
+    }
+
+    /// When a phase worth a span event began: `None` (no clock read) for requests that are
+    /// not traced.
+    pub(super) fn trace_clock(&self) -> Option<(std::time::SystemTime, Instant)> {
+        self.rare
+            .as_ref()?
+            .trace
+            .as_ref()
+            .map(|_| (std::time::SystemTime::now(), Instant::now()))
+    }
+
+    /// Records the time a phase's filters took as an event of the request's span.
+    pub(super) fn trace_event(
+        &mut self,
+        name: &'static str,
+        clock: Option<(std::time::SystemTime, Instant)>,
+    ) {
+        if let (Some((at, started)), Some(trace)) = (clock, self.trace()) {
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            trace.event(name, at, micros);
+        }
     }
 
     /// Records how a plugin ended the request.

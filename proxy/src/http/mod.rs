@@ -287,6 +287,58 @@ async fn read_early_body(session: &mut Session, limit: usize) -> Result<Option<B
     Ok(Some(body.freeze()))
 }
 
+/// Starts a traced request's span for the try `upstream_peer` just picked (the context's
+/// fields apart: the cluster stays borrowed there).
+fn begin_traced_try(
+    manager: &Option<Arc<crate::listener::HttpManager>>,
+    rare: &mut Option<Box<context::RareState>>,
+    endpoint: std::net::SocketAddr,
+) {
+    let upstream_spans = manager
+        .as_ref()
+        .and_then(|m| m.tracing.as_ref())
+        .is_some_and(|t| t.upstream_spans);
+    if let Some(trace) = rare.as_mut().and_then(|r| r.trace.as_mut()) {
+        trace.begin_try(Some(endpoint), upstream_spans);
+    }
+}
+
+/// Ends a request's trace: what the request was goes to its spans' attributes.
+fn finish_trace(
+    session: &Session,
+    ctx: &RequestCtx,
+    trace: crate::telemetry::trace::RequestTrace,
+    tracing: &crate::telemetry::trace::Tracing,
+    status: u16,
+) {
+    let request = session.req_header();
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let http2 = session.as_ref().is_http2();
+    trace.finish(
+        tracing,
+        &crate::telemetry::trace::RequestFacts {
+            method: request.method.as_str(),
+            path: request.uri.path(),
+            scheme: client_scheme(session),
+            authority: request_authority(request),
+            protocol_version: if http2 { "2" } else { "1.1" },
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            user_agent: header("user-agent"),
+            route: ctx.route.as_ref().map_or("", |r| &r.name),
+            cluster: ctx.cluster.as_ref().map_or("", |c| &c.name),
+            status,
+            flag: ctx.flag.map(ResponseFlag::as_str),
+            request_id: &ctx.request_id,
+        },
+    );
+}
+
 /// Whether a response ends with its head: HEAD requests, 1xx/204/304, `content-length: 0`.
 fn response_has_no_body(session: &Session, response: &ResponseHeader) -> bool {
     let status = response.status.as_u16();
@@ -394,6 +446,12 @@ impl ProxyHttp for Gateway {
             .route(host, request.uri.path(), &request.method, &request.headers)
             .cloned();
         ctx.snapshot = Some(snapshot);
+        if let Some(tracing) = &manager.tracing {
+            let parent = request.headers.get("traceparent").map(|v| v.as_bytes());
+            if let Some(trace) = tracing.start(parent, ctx.start_wall) {
+                ctx.rare().trace = Some(trace);
+            }
+        }
         ctx.manager = Some(manager);
         let Some(route) = route else {
             ctx.flag = Some(ResponseFlag::NoRoute);
@@ -417,19 +475,30 @@ impl ProxyHttp for Gateway {
         // like the plugin path: only managers with policy filters pay for its future).
         let manager = ctx.manager.clone();
         if let Some(manager) = manager.filter(|m| !m.policy.is_empty()) {
-            if Box::pin(policy::run(session, ctx, &manager.policy, &route, self)).await {
+            let clock = ctx.trace_clock();
+            let answered = Box::pin(policy::run(session, ctx, &manager.policy, &route, self)).await;
+            ctx.trace_event("policy", clock);
+            if answered {
                 return Ok(true);
             }
         }
         // Boxed: the plugin path's future is large (it may await a callout), and async_trait
         // moves this whole future into a box on every request, plugins or not.
-        if has_plugins && Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await? {
-            return Ok(true);
+        if has_plugins {
+            let clock = ctx.trace_clock();
+            let answered = Box::pin(self.run_request_plugins(session, ctx, &route.plugins)).await?;
+            ctx.trace_event("plugins.request", clock);
+            if answered {
+                return Ok(true);
+            }
         }
-        if !route.processors.is_empty()
-            && Box::pin(ext_proc::on_request(session, ctx, &route, self)).await?
-        {
-            return Ok(true);
+        if !route.processors.is_empty() {
+            let clock = ctx.trace_clock();
+            let answered = Box::pin(ext_proc::on_request(session, ctx, &route, self)).await?;
+            ctx.trace_event("ext_proc.request", clock);
+            if answered {
+                return Ok(true);
+            }
         }
         if let Some(local) = &route.local {
             // A redirect or a direct response, after the route's plugins (as Envoy's router
@@ -654,6 +723,7 @@ impl ProxyHttp for Gateway {
             };
             ctx.endpoint = Some(address);
             ctx.tried.push(address);
+            begin_traced_try(&ctx.manager, &mut ctx.rare, address);
             let read_timeout =
                 peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
             return Ok(Box::new(peer::to_address(address, cluster, read_timeout)));
@@ -681,6 +751,7 @@ impl ProxyHttp for Gateway {
         ctx.active_endpoint = Some(ActiveRequest::start(&endpoint.state));
         ctx.endpoint = Some(address);
         ctx.tried.push(address);
+        begin_traced_try(&ctx.manager, &mut ctx.rare, address);
         let read_timeout =
             peer::read_timeout(remaining, route.retry.per_try_timeout, route.idle_timeout);
         Ok(Box::new(peer::for_try(endpoint, cluster, read_timeout)))
@@ -708,6 +779,9 @@ impl ProxyHttp for Gateway {
         upstream_request.insert_header("x-forwarded-proto", client_scheme(session))?;
         if ctx.retries > 0 {
             upstream_request.insert_header("x-nip-retry-count", ctx.retries.to_string())?;
+        }
+        if let Some(trace) = ctx.trace() {
+            upstream_request.insert_header("traceparent", trace.traceparent())?;
         }
         let streamed_body = ctx
             .rare
@@ -782,6 +856,9 @@ impl ProxyHttp for Gateway {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
+        if let Some(trace) = ctx.trace() {
+            trace.end_try(None, Some("connect_failure".into()));
+        }
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
             if failure::is_tls_error(&e.etype) {
@@ -815,6 +892,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         ctx.flag = None;
+        if let Some(trace) = ctx.trace() {
+            trace.end_try(Some(status), None);
+        }
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
             active.answered(&cluster.lb.ewma());
             cluster.record_outcome(active.state(), TryOutcome::Status(status));
@@ -851,6 +931,9 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         if e.etype() == &RETRIABLE_STATUS || e.etype() == &PLUGIN_STOP {
             return e;
+        }
+        if let Some(trace) = ctx.trace() {
+            trace.end_try(None, Some(e.etype().as_str().to_string()));
         }
         // A try that ends without an answer counts as slow (a no-op once its head came).
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
@@ -1018,9 +1101,14 @@ impl ProxyHttp for Gateway {
         if let Some(flag) = ctx.flag {
             self.flag_counters[flag.index()].inc();
         }
-        let Some(manager) = &ctx.manager else {
+        let Some(manager) = ctx.manager.clone() else {
             return;
         };
+        let trace = ctx.rare.as_mut().and_then(|r| r.trace.take());
+        let trace_id = trace.as_ref().map(|t| t.trace_id_hex());
+        if let (Some(trace), Some(tracing)) = (trace, &manager.tracing) {
+            finish_trace(session, ctx, trace, tracing, status);
+        }
         match &ctx.route {
             Some(route) => {
                 route.stats.duration.observe(elapsed);
@@ -1039,7 +1127,7 @@ impl ProxyHttp for Gateway {
                 .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
                 .inc();
         }
-        let Some(log) = &manager.access_log else {
+        let Some(log) = &manager.access_log.clone() else {
             return;
         };
         let request = session.req_header();
@@ -1086,6 +1174,7 @@ impl ProxyHttp for Gateway {
             upstream_host: &upstream,
             peer_uri_san: peer.map_or("", |p| p.certificate.uri()),
             tenant: ctx.tenant().map_or("", |t| &t.id),
+            trace_id: trace_id.as_deref().unwrap_or(""),
         });
     }
 }

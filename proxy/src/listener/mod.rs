@@ -141,6 +141,8 @@ pub struct HttpManager {
     pub allow_connect: bool,
     /// Its policy filters (JWT, RBAC, local rate limit), in `http_filters` order.
     pub policy: Vec<crate::policy::PolicyFilter>,
+    /// Request tracing, when it traces (`tracing`).
+    pub tracing: Option<Arc<crate::telemetry::trace::Tracing>>,
 }
 
 impl FilterChain {

@@ -113,6 +113,7 @@ impl TcpProxy {
                 upstream_host: &upstream,
                 peer_uri_san: "",
                 tenant: "",
+                trace_id: "",
             });
         }
         end

@@ -71,6 +71,8 @@ pub struct LogEntry<'a> {
     pub peer_uri_san: &'a str,
     /// The tenant whose route took the request (JSON format only; empty: none).
     pub tenant: &'a str,
+    /// The request's trace id, when it was traced (JSON format only; empty: none).
+    pub trace_id: &'a str,
 }
 
 /// A running access log writer.
@@ -308,6 +310,7 @@ fn json_line(e: &LogEntry<'_>) -> String {
         "upstream_host": e.upstream_host,
         "downstream_peer_uri_san": e.peer_uri_san,
         "tenant": e.tenant,
+        "trace_id": e.trace_id,
     });
     let mut line = value.to_string();
     line.push('\n');
@@ -399,6 +402,7 @@ mod tests {
             upstream_host: "",
             peer_uri_san: "",
             tenant: "",
+            trace_id: "",
         }
     }
 

@@ -194,6 +194,12 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    /// What became of it.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JwksLabels {
     uri: String,
     result: &'static str,
@@ -356,6 +362,7 @@ pub struct Metrics {
     jwt_authn: Family<PolicyLabels, Counter>,
     ext_authz: Family<PolicyLabels, Counter>,
     ext_proc: Family<PolicyLabels, Counter>,
+    trace_spans: Family<OutcomeLabels, Counter>,
     global_rate_limit: Family<PolicyLabels, Counter>,
     rbac: Family<PolicyLabels, Counter>,
     jwks_fetches: Family<JwksLabels, Counter>,
@@ -455,6 +462,7 @@ impl Metrics {
             jwt_authn: Family::default(),
             ext_authz: Family::default(),
             ext_proc: Family::default(),
+            trace_spans: Family::default(),
             global_rate_limit: Family::default(),
             rbac: Family::default(),
             jwks_fetches: Family::default(),
@@ -554,6 +562,11 @@ impl Metrics {
             "ext_proc_messages",
             "Messages an ext_proc filter exchanged with its processor, by filter and outcome (ok, failed, immediate)",
             m.ext_proc.clone(),
+        );
+        registry.register(
+            "trace_spans",
+            "Spans of request traces, by outcome (exported, dropped: the export queue was full, failed: the collector refused or was unreachable)",
+            m.trace_spans.clone(),
         );
         registry.register(
             "ratelimit_requests",
@@ -1050,6 +1063,20 @@ impl Metrics {
             ok: counter("ok"),
             failed: counter("failed"),
             immediate: counter("immediate"),
+        }
+    }
+
+    /// The counters of trace export (shared by every collector's queue).
+    pub fn trace_spans(&self) -> crate::telemetry::otlp::SpanCounters {
+        let counter = |outcome| {
+            self.trace_spans
+                .get_or_create(&OutcomeLabels { outcome })
+                .clone()
+        };
+        crate::telemetry::otlp::SpanCounters {
+            exported: counter("exported"),
+            dropped: counter("dropped"),
+            failed: counter("failed"),
         }
     }
 

@@ -56,6 +56,63 @@ pub struct SpanCounters {
     pub failed: Counter,
 }
 
+/// Where a connection manager's spans go: its collector's queue, started when the first
+/// span is pushed (so that compiling a config — also to check one — starts nothing).
+#[derive(Debug)]
+pub struct SpanExport {
+    collector: Collector,
+    service_name: String,
+    counters: SpanCounters,
+    queue: OnceLock<Option<Arc<SpanQueue>>>,
+}
+
+impl SpanExport {
+    /// Spans of `service_name` for `collector`.
+    pub fn new(collector: Collector, service_name: String, counters: SpanCounters) -> Self {
+        SpanExport {
+            collector,
+            service_name,
+            counters,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// The collector.
+    pub fn collector(&self) -> &Collector {
+        &self.collector
+    }
+
+    /// Queues a finished span (see [`SpanQueue::push`]).
+    pub fn push(&self, span: SpanData) {
+        let queue = self.queue.get_or_init(|| {
+            SpanQueue::of(&self.collector, &self.service_name, &self.counters)
+                .map_err(|e| tracing::error!(collector = ?self.collector, "trace export cannot start: {e}"))
+                .ok()
+        });
+        match queue {
+            Some(queue) => queue.push(span),
+            None => {
+                self.counters.dropped.inc();
+            }
+        }
+    }
+
+    /// An export into `queue` (tests).
+    #[cfg(test)]
+    pub fn into_queue(queue: Arc<SpanQueue>) -> Self {
+        SpanExport {
+            collector: Collector::Http {
+                address: SocketAddr::from(([127, 0, 0, 1], 9)),
+                url: "http://127.0.0.1:9/v1/traces".into(),
+                timeout: Duration::from_secs(1),
+            },
+            service_name: "test".into(),
+            counters: SpanCounters::default(),
+            queue: OnceLock::from(Some(queue)),
+        }
+    }
+}
+
 /// The running queues, by collector and service name.
 type Queues = HashMap<(Collector, String), Arc<SpanQueue>>;
 
@@ -261,12 +318,18 @@ impl opentelemetry_http::HttpClient for PlainHttp {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(connection);
             let (mut head, body) = request.into_parts();
+            // HTTP/1.1 to the collector itself: Host, and the path alone as the target.
             if let Some(authority) = head.uri.authority().cloned() {
                 head.headers.insert(
                     http::header::HOST,
                     http::HeaderValue::from_str(authority.as_str())?,
                 );
             }
+            head.uri = head
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse()?;
             let request = http::Request::from_parts(head, http_body_util::Full::new(body));
             let response = sender.send_request(request).await?;
             let (head, body) = response.into_parts();

@@ -12,7 +12,7 @@
 //! times): a request that is not exported costs a sampling decision and, when errors are
 //! always traced, a few ids. Nothing here blocks.
 
-use super::otlp::SpanQueue;
+use super::otlp::SpanExport;
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
@@ -20,7 +20,6 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 /// A W3C `traceparent`: whose trace, which span, sampled or not.
@@ -130,7 +129,7 @@ pub struct Tracing {
     /// The longest `url.path` recorded (`max_path_tag_length`).
     pub max_path_length: usize,
     /// Where spans go.
-    pub queue: Arc<SpanQueue>,
+    pub export: SpanExport,
 }
 
 impl Tracing {
@@ -220,23 +219,27 @@ impl RequestTrace {
         to_hex(&self.trace_id)
     }
 
-    /// A new try at the upstream: the `traceparent` it carries (its own client span, or
-    /// the server span without upstream spans).
-    pub fn begin_try(&mut self, peer: Option<SocketAddr>, upstream_spans: bool) -> String {
+    /// A new try at the upstream (with upstream spans: a client span of its own).
+    pub fn begin_try(&mut self, peer: Option<SocketAddr>, upstream_spans: bool) {
         self.end_try(None, Some("superseded by another try".into()));
-        let span_id = if upstream_spans {
-            let id = random_id();
+        if upstream_spans {
             self.tries.push(UpstreamTry {
-                span_id: id,
+                span_id: random_id(),
                 start: SystemTime::now(),
                 end: None,
                 peer,
                 status: None,
                 error: None,
             });
-            id
-        } else {
-            self.span_id
+        }
+    }
+
+    /// The `traceparent` the current try carries: its client span, or the server span
+    /// without upstream spans.
+    pub fn traceparent(&self) -> String {
+        let span_id = match self.tries.last() {
+            Some(current) if current.end.is_none() => current.span_id,
+            _ => self.span_id,
         };
         TraceParent {
             trace_id: self.trace_id,
@@ -357,7 +360,7 @@ impl RequestTrace {
             status,
             instrumentation_scope: scope.clone(),
         };
-        tracing.queue.push(server);
+        tracing.export.push(server);
         for (resend, attempt) in self.tries.iter().enumerate() {
             let mut attributes = vec![
                 KeyValue::new("http.request.method", facts.method.to_string()),
@@ -377,7 +380,7 @@ impl RequestTrace {
             if let Some(error) = &attempt.error {
                 attributes.push(KeyValue::new("error.type", error.clone()));
             }
-            tracing.queue.push(SpanData {
+            tracing.export.push(SpanData {
                 span_context: context(attempt.span_id),
                 parent_span_id: SpanId::from_bytes(self.span_id),
                 parent_span_is_remote: false,
@@ -412,6 +415,8 @@ fn route_or_path<'a>(facts: &RequestFacts<'a>) -> &'a str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::otlp::SpanQueue;
+    use std::sync::Arc;
 
     #[test]
     fn traceparents_are_read_as_the_w3c_spec_says() {
@@ -453,14 +458,16 @@ mod tests {
             errors: false,
             upstream_spans: true,
             max_path_length: 4,
-            queue: Arc::clone(&queue),
+            export: SpanExport::into_queue(Arc::clone(&queue)),
         };
         let parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut trace = tracing.start(Some(parent), SystemTime::now()).unwrap();
         assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        let first = trace.begin_try(None, true);
+        trace.begin_try(None, true);
+        let first = trace.traceparent();
         trace.end_try(Some(503), None);
-        let second = trace.begin_try(None, true);
+        trace.begin_try(None, true);
+        let second = trace.traceparent();
         assert_ne!(first, second);
         let told = TraceParent::parse(second.as_bytes()).unwrap();
         assert_eq!(told.trace_id, trace.trace_id);
@@ -512,7 +519,7 @@ mod tests {
             errors: false,
             upstream_spans: true,
             max_path_length: 256,
-            queue: Arc::clone(&queue),
+            export: SpanExport::into_queue(Arc::clone(&queue)),
         };
         assert!(tracing.start(None, SystemTime::now()).is_none());
         // A sampled parent decides (parent-based); an unsampled one too.

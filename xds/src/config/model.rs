@@ -49,6 +49,9 @@ pub struct Config {
     /// Where routes' `rate_limit` with `scope: global` are counted.
     #[serde(default)]
     pub rate_limit_service: Option<RateLimitServiceConfig>,
+    /// Request traces: OpenTelemetry spans exported over OTLP.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
     /// Where a proxy gets listeners, routes and clusters over ADS; when set, the file's own
     /// `api_gateway`, `services`, `routes` and `plugins` are not served by this proxy.
     #[serde(default)]
@@ -1532,6 +1535,55 @@ pub struct RateLimitServiceConfig {
     /// How long one question may take (default 100ms).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+}
+
+/// Request tracing (Envoy's connection manager `tracing` with the OpenTelemetry
+/// provider): a server span per request and a client span per upstream try, W3C
+/// `traceparent` continued or started, spans batched to an OTLP collector off the request
+/// path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector, `host:port` (4317 for gRPC, 4318 for HTTP by convention).
+    pub address: String,
+    /// `grpc` (OTLP/gRPC, the default) or `http` (OTLP/HTTP, protobuf).
+    #[serde(default)]
+    pub protocol: TracingProtocol,
+    /// The path OTLP/HTTP posts to (default `/v1/traces`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The share of requests traced, in percent (Envoy's `random_sampling`; default 100).
+    #[serde(default)]
+    pub random_sampling: Option<f64>,
+    /// A client's `traceparent` decides whether its request is sampled (default on).
+    #[serde(default = "default_true")]
+    pub parent_based: bool,
+    /// Requests answered 5xx, or that failed, are exported even when not sampled.
+    #[serde(default)]
+    pub trace_errors: bool,
+    /// `service.name` of the spans (default `nip`).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// A client span per upstream try (Envoy's `spawn_upstream_span`; default on).
+    #[serde(default = "default_true")]
+    pub spawn_upstream_span: bool,
+    /// The longest `url.path` recorded (Envoy's `max_path_tag_length`, default 256).
+    #[serde(default)]
+    pub max_path_tag_length: Option<u32>,
+    /// How long one export may take (default 10s).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+}
+
+/// How spans reach the collector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TracingProtocol {
+    /// OTLP/gRPC.
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
 }
 
 /// Whose requests a rate limit counts together.

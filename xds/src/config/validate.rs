@@ -154,6 +154,32 @@ pub fn validate(config: &Config) -> Vec<FieldError> {
             errors.add("rate_limit_service.timeout", "must be more than 0");
         }
     }
+    if let Some(tracing) = &config.tracing {
+        if let Err(e) = parse_endpoint_address(&tracing.address) {
+            errors.add("tracing.address", e);
+        }
+        if tracing
+            .random_sampling
+            .is_some_and(|p| !(0.0..=100.0).contains(&p))
+        {
+            errors.add("tracing.random_sampling", "must be a percentage, 0–100");
+        }
+        if tracing.timeout.is_some_and(|t| t.0.is_zero()) {
+            errors.add("tracing.timeout", "must be more than 0");
+        }
+        match (&tracing.path, tracing.protocol) {
+            (Some(_), crate::config::TracingProtocol::Grpc) => errors.add(
+                "tracing.path",
+                "is for protocol: http (OTLP/gRPC has no path)",
+            ),
+            (Some(path), _)
+                if !path.starts_with('/') || http::Uri::try_from(path.as_str()).is_err() =>
+            {
+                errors.add("tracing.path", "must be a path starting with /")
+            }
+            _ => {}
+        }
+    }
     if let Err(e) = parse_listen_address(&config.api_gateway.address) {
         errors.add("api_gateway.address", e);
     }
