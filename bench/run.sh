@@ -35,6 +35,8 @@ python3 bench/bench.py "$@"
 python3 bench/policy.py
 # The Rust SDK's empty on_message beside the raw no-op plugin (~2 minutes).
 python3 bench/plugin_sdk.py
+# Request tracing at 1 % and 100 % beside none, spans to an OTLP receiver (~2 minutes).
+python3 bench/tracing.py
 # Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
 python3 bench/crowd.py
 # Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).

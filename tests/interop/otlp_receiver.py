@@ -6,7 +6,8 @@ protobuf) on HTTP_PORT. Prints "listening" when up, then one JSON line per span 
 trace_id, span_id, parent_span_id (hex), name, kind, attributes, events (names),
 status (code), service (the resource's service.name), via (grpc or http).
 
-Usage: otlp_receiver.py GRPC_PORT HTTP_PORT
+Usage: otlp_receiver.py GRPC_PORT HTTP_PORT [--quiet]
+(--quiet: accept and count, print nothing per span — a sink for bench/tracing.py)
 """
 
 import json
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
 LOCK = threading.Lock()
+QUIET = "--quiet" in sys.argv
 
 
 def value_of(any_value):
@@ -28,6 +30,8 @@ def value_of(any_value):
 
 
 def print_spans(request, via):
+    if QUIET:
+        return
     for resource_spans in request.resource_spans:
         resource = {a.key: value_of(a.value) for a in resource_spans.resource.attributes}
         for scope_spans in resource_spans.scope_spans:
