@@ -125,8 +125,10 @@ def write_results(results: dict[str, list[dict]]) -> None:
         "",
         "The bed of the first table (one proxy worker on CPU 1, wrk -t1 -c50 and the backend "
         f"on CPU 0, {DURATION} s per phase). Spans (a server span and a client span per "
-        "request traced) go over OTLP/gRPC to a receiver on CPU 0; the proxy's CPU includes "
-        "its export thread.",
+        "request traced) go over OTLP/gRPC to a sink on CPU 0 (grpcio taking exports "
+        "undecoded, so that it takes little of the load's CPU); the proxy's CPU includes "
+        "its export thread. At 100 % each request's two spans cost about 20 µs: building "
+        "them (attributes are owned strings) and encoding them — room to trim.",
         "",
         *lines,
         "",

@@ -90,6 +90,13 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Move a v3 config to v4: `analyze` reports what changes, `config --from-v3` writes
+    /// the v4 file (TODO comments where a human must decide).
+    Migrate {
+        /// What to do.
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
     /// Rotate or retire the control plane's self-made roots (in its CA directory; the
     /// control plane applies the change at its next start).
     Ca {
@@ -376,6 +383,26 @@ impl ControlPlaneArgs {
             },
         }
     }
+}
+
+/// What `nip migrate` does.
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Report what a v3 config uses and what a conversion changes or leaves to a human.
+    Analyze {
+        /// The v3 YAML config.
+        file: PathBuf,
+    },
+    /// Convert a v3 config to v4: the v4 YAML on standard output (or --output), the report
+    /// on standard error.
+    Config {
+        /// The v3 YAML config.
+        #[arg(long = "from-v3")]
+        from_v3: PathBuf,
+        /// Write the v4 file here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 /// What `nip ca` does.
@@ -705,6 +732,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Migrate { action } => migrate(action),
         Command::Ca { action, ca_dir } => {
             let done = match action {
                 CaAction::Rotate { trust_domain } => {
@@ -885,6 +913,62 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
         watch_interval: Duration::from_secs(3600),
         release_memory: Some(release_thread_memory),
     })
+}
+
+/// `nip migrate`.
+fn migrate(action: MigrateAction) -> ExitCode {
+    use nip_xds::config::migrate;
+    let (file, output, write) = match &action {
+        MigrateAction::Analyze { file } => (file, None, false),
+        MigrateAction::Config { from_v3, output } => (from_v3, output.as_ref(), true),
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("nip migrate: cannot read {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let migration = match migrate::from_v3(&text) {
+        Ok(migration) => migration,
+        Err(e) => {
+            eprintln!("nip migrate: {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let mut report = format!("{}: a v3 config
+changed:
+", file.display());
+    for line in &migration.changed {
+        report.push_str(&format!("  - {line}
+"));
+    }
+    report.push_str("for a human (TODO in the file):
+");
+    for line in &migration.todo {
+        report.push_str(&format!("  - {line}
+"));
+    }
+    if !write {
+        print!("{report}");
+        return ExitCode::SUCCESS;
+    }
+    eprint!("{report}");
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &migration.yaml) {
+                eprintln!("nip migrate: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "wrote {} (check it with `nip validate {}`)",
+                path.display(),
+                path.display()
+            );
+        }
+        None => print!("{}", migration.yaml),
+    }
+    ExitCode::SUCCESS
 }
 
 fn validate(file: &std::path::Path, print_xds: bool) -> ExitCode {

@@ -9,6 +9,7 @@
 mod auth;
 mod bounds;
 mod duration;
+pub mod migrate;
 mod model;
 mod path_text;
 mod tenants;
@@ -109,6 +110,14 @@ impl Config {
                 message: e.to_string(),
             })
         })?;
+        if let Some(mark) = migrate::v3_marks(text) {
+            return Err(ConfigError::Syntax(FieldError {
+                path: String::new(),
+                message: format!(
+                    "this is a v3 config ({mark}); convert it with `nip migrate config --from-v3 FILE`"
+                ),
+            }));
+        }
         let deserializer = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();

@@ -1,0 +1,228 @@
+//! v3 → v4: recognising a v3 file, and converting one.
+//!
+//! A v3 config was one monolith's: `server` (`port`, `host`) and `plugins` as a list of
+//! `{ name, enabled, … }`. v4 splits listening (`api_gateway`), upstreams (`services`),
+//! what runs where (`routes`) and plugins by name (`plugins`, each with its module's
+//! `source`). [`from_v3`] writes the v4 file, with a `TODO` comment wherever a human must
+//! decide (v3 never said where a plugin's module is, or which requests go where), and a
+//! report of what it changed.
+
+use serde_yaml::Value;
+
+/// What a conversion made, and what a human must still decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    /// The v4 YAML (with `TODO` comments).
+    pub yaml: String,
+    /// What changed, one line each.
+    pub changed: Vec<String>,
+    /// What needs a human, one line each (also a `TODO` in the file).
+    pub todo: Vec<String>,
+}
+
+/// Why a file could not be converted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MigrateError {
+    /// Not YAML.
+    #[error("not YAML: {0}")]
+    Syntax(String),
+    /// YAML, but not a v3 config.
+    #[error("not a v3 config: {0}")]
+    NotV3(String),
+}
+
+/// Whether `text` is a v3 config (its `server` block, or `plugins` as a list); what says so.
+pub fn v3_marks(text: &str) -> Option<&'static str> {
+    let value: Value = serde_yaml::from_str(text).ok()?;
+    let map = value.as_mapping()?;
+    if map.get("server").is_some_and(Value::is_mapping) && map.get("api_gateway").is_none() {
+        return Some("a `server` block");
+    }
+    if map.get("plugins").is_some_and(Value::is_sequence) {
+        return Some("`plugins` as a list");
+    }
+    None
+}
+
+/// Converts a v3 config to v4.
+pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
+    let value: Value = serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
+    let Some(map) = value.as_mapping() else {
+        return Err(MigrateError::NotV3("the document is not a mapping".into()));
+    };
+    if v3_marks(text).is_none() {
+        return Err(MigrateError::NotV3(
+            "it has neither a `server` block nor `plugins` as a list".into(),
+        ));
+    }
+    let mut changed = Vec::new();
+    let mut todo = Vec::new();
+    let mut out = String::from(
+        "# Converted from v3 by `nip migrate config --from-v3`. Lines marked TODO need a\n# human; `nip validate` checks the result.\n",
+    );
+
+    // server → api_gateway.
+    let server = map.get("server").and_then(Value::as_mapping);
+    let port = server
+        .and_then(|s| s.get("port"))
+        .and_then(Value::as_u64)
+        .unwrap_or(8080);
+    let host = server
+        .and_then(|s| s.get("host"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let address = match host {
+        "" | "0.0.0.0" | "::" | "*" => format!(":{port}"),
+        "localhost" => format!("127.0.0.1:{port}"),
+        other => format!("{other}:{port}"),
+    };
+    out.push_str(&format!("api_gateway:\n  address: \"{address}\"\n"));
+    changed.push(format!(
+        "server {{ host: {host:?}, port: {port} }} → api_gateway.address {address:?}"
+    ));
+    for (key, _) in server.into_iter().flatten() {
+        let key = key.as_str().unwrap_or("?");
+        if !matches!(key, "port" | "host") {
+            todo.push(format!("server.{key}: v4 has no such setting (left out)"));
+        }
+    }
+
+    // plugins list → plugins map.
+    let plugins = map
+        .get("plugins")
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    let mut enabled = Vec::new();
+    if !plugins.is_empty() {
+        out.push_str("plugins:\n");
+    }
+    for (i, plugin) in plugins.iter().enumerate() {
+        let name = plugin
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("plugin-{}", i + 1), str::to_string);
+        let on = plugin
+            .get("enabled")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        out.push_str(&format!(
+            "  {name}:\n    # TODO: where the plugin's WebAssembly module is (v3 loaded it by name);\n    #   `nip migrate plugin-scaffold` makes a proxy-wasm project from a v3 plugin.\n    source: {{ file: plugins/{name}.wasm }}\n"
+        ));
+        todo.push(format!(
+            "plugins.{name}.source: the module's file or URL (v3 found plugins by name)"
+        ));
+        if let Some(config) = plugin.get("config") {
+            let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
+            out.push_str(&format!("    config: {json}\n"));
+            changed.push(format!("plugins[{i}].config → plugins.{name}.config"));
+        }
+        for (key, _) in plugin.as_mapping().into_iter().flatten() {
+            let key = key.as_str().unwrap_or("?");
+            if !matches!(key, "name" | "enabled" | "config") {
+                todo.push(format!("plugins[{i}].{key}: v4 has no such plugin setting (left out)"));
+            }
+        }
+        changed.push(format!("plugins[{i}] ({name}) → plugins.{name}"));
+        if on {
+            enabled.push(name);
+        } else {
+            changed.push(format!(
+                "plugins.{name} was disabled: defined, but on no route"
+            ));
+        }
+    }
+
+    // v3 ran every request through its enabled plugins; v4 says where requests go.
+    out.push_str(
+        "# TODO: where requests go. v3 had no upstreams; name yours here.\nservices:\n  app: { endpoints: [\"127.0.0.1:3000\"] }\nroutes:\n",
+    );
+    let plugin_list = if enabled.is_empty() {
+        String::new()
+    } else {
+        format!(", plugins: [{}]", enabled.join(", "))
+    };
+    out.push_str(&format!(
+        "  - {{ name: all, service: app{plugin_list} }}   # every request, through the plugins v3 enabled\n"
+    ));
+    todo.push("services.app: the upstream requests go to (v3 had none)".into());
+    changed.push(format!(
+        "the enabled plugins ({}) run on one route taking every request",
+        if enabled.is_empty() {
+            "none".to_string()
+        } else {
+            enabled.join(", ")
+        }
+    ));
+    for (key, _) in map {
+        let key = key.as_str().unwrap_or("?");
+        if !matches!(key, "server" | "plugins") {
+            todo.push(format!("{key}: not a v3 setting this tool knows (left out)"));
+        }
+    }
+    Ok(Migration {
+        yaml: out,
+        changed,
+        todo,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan's own v3 example.
+    const PLAN_V3: &str = r#"
+server:
+  port: 8080
+  host: "localhost"
+plugins:
+  - name: "my-plugin"
+    enabled: true
+"#;
+
+    #[test]
+    fn the_plans_v3_example_converts_to_a_valid_v4_config() {
+        assert_eq!(v3_marks(PLAN_V3), Some("a `server` block"));
+        let migration = from_v3(PLAN_V3).unwrap();
+        let config = crate::config::Config::from_yaml(&migration.yaml)
+            .unwrap_or_else(|e| panic!("{e}\n{}", migration.yaml));
+        assert_eq!(config.api_gateway.address, "127.0.0.1:8080");
+        assert!(config.plugins.contains_key("my-plugin"));
+        assert_eq!(config.routes[0].plugins, vec!["my-plugin".to_string()]);
+        assert!(migration.yaml.contains("TODO"));
+        assert!(migration.todo.iter().any(|t| t.starts_with("plugins.my-plugin.source")));
+        assert!(migration.changed.iter().any(|c| c.contains("api_gateway.address")));
+    }
+
+    #[test]
+    fn disabled_plugins_stay_off_routes_and_unknown_keys_are_reported() {
+        let migration = from_v3(
+            "server: { port: 9000, host: 0.0.0.0, workers: 4 }\nplugins:\n  - { name: a, enabled: false, config: { k: 1 } }\n  - { name: b, priority: 3 }\nlogging: { level: debug }\n",
+        )
+        .unwrap();
+        let config = crate::config::Config::from_yaml(&migration.yaml).unwrap();
+        assert_eq!(config.api_gateway.address, ":9000");
+        assert_eq!(config.routes[0].plugins, vec!["b".to_string()]);
+        assert!(config.plugins.contains_key("a"));
+        for expected in ["server.workers", "plugins[1].priority", "logging"] {
+            assert!(
+                migration.todo.iter().any(|t| t.starts_with(expected)),
+                "{expected} in {:?}",
+                migration.todo
+            );
+        }
+    }
+
+    #[test]
+    fn a_v4_file_is_not_taken_for_v3() {
+        assert_eq!(
+            v3_marks("api_gateway: { address: \":8080\" }\nplugins: { a: {} }\n"),
+            None
+        );
+        assert!(matches!(
+            from_v3("api_gateway: { address: \":8080\" }\n"),
+            Err(MigrateError::NotV3(_))
+        ));
+    }
+}
