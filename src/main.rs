@@ -936,18 +936,27 @@ fn migrate(action: MigrateAction) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let mut report = format!("{}: a v3 config
+    let mut report = format!(
+        "{}: a v3 config
 changed:
-", file.display());
+",
+        file.display()
+    );
     for line in &migration.changed {
-        report.push_str(&format!("  - {line}
-"));
+        report.push_str(&format!(
+            "  - {line}
+"
+        ));
     }
-    report.push_str("for a human (TODO in the file):
-");
+    report.push_str(
+        "for a human (TODO in the file):
+",
+    );
     for line in &migration.todo {
-        report.push_str(&format!("  - {line}
-"));
+        report.push_str(&format!(
+            "  - {line}
+"
+        ));
     }
     if !write {
         print!("{report}");

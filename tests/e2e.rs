@@ -14,6 +14,7 @@ mod front_door;
 mod gateway;
 mod interception;
 mod interop;
+mod migration;
 mod multi_region;
 mod observability;
 mod overload;

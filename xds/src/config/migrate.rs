@@ -46,7 +46,8 @@ pub fn v3_marks(text: &str) -> Option<&'static str> {
 
 /// Converts a v3 config to v4.
 pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
-    let value: Value = serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
+    let value: Value =
+        serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
     let Some(map) = value.as_mapping() else {
         return Err(MigrateError::NotV3("the document is not a mapping".into()));
     };
@@ -107,7 +108,7 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
             .and_then(Value::as_bool)
             .unwrap_or(true);
         out.push_str(&format!(
-            "  {name}:\n    # TODO: where the plugin's WebAssembly module is (v3 loaded it by name);\n    #   `nip migrate plugin-scaffold` makes a proxy-wasm project from a v3 plugin.\n    source: {{ file: plugins/{name}.wasm }}\n"
+            "  {name}:\n    # TODO: where the plugin's WebAssembly module is (v3 loaded it by name), then\n    #   name the plugin on the route below. Until then it loads but runs nowhere.\n    # source: {{ file: plugins/{name}.wasm }}\n"
         ));
         todo.push(format!(
             "plugins.{name}.source: the module's file or URL (v3 found plugins by name)"
@@ -120,7 +121,9 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
         for (key, _) in plugin.as_mapping().into_iter().flatten() {
             let key = key.as_str().unwrap_or("?");
             if !matches!(key, "name" | "enabled" | "config") {
-                todo.push(format!("plugins[{i}].{key}: v4 has no such plugin setting (left out)"));
+                todo.push(format!(
+                    "plugins[{i}].{key}: v4 has no such plugin setting (left out)"
+                ));
             }
         }
         changed.push(format!("plugins[{i}] ({name}) → plugins.{name}"));
@@ -137,27 +140,25 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
     out.push_str(
         "# TODO: where requests go. v3 had no upstreams; name yours here.\nservices:\n  app: { endpoints: [\"127.0.0.1:3000\"] }\nroutes:\n",
     );
-    let plugin_list = if enabled.is_empty() {
-        String::new()
-    } else {
-        format!(", plugins: [{}]", enabled.join(", "))
-    };
-    out.push_str(&format!(
-        "  - {{ name: all, service: app{plugin_list} }}   # every request, through the plugins v3 enabled\n"
-    ));
-    todo.push("services.app: the upstream requests go to (v3 had none)".into());
-    changed.push(format!(
-        "the enabled plugins ({}) run on one route taking every request",
-        if enabled.is_empty() {
-            "none".to_string()
-        } else {
+    out.push_str("  - { name: all, service: app }   # every request\n");
+    if !enabled.is_empty() {
+        out.push_str(&format!(
+            "    # TODO: with their sources set, run the plugins v3 enabled on it:\n    # plugins: [{}]\n",
             enabled.join(", ")
-        }
-    ));
+        ));
+        todo.push(format!(
+            "routes[0].plugins: [{}] once their sources are set (v3 ran them on every request)",
+            enabled.join(", ")
+        ));
+    }
+    todo.push("services.app: the upstream requests go to (v3 had none)".into());
+    changed.push("one route (all) takes every request, as v3's server did".into());
     for (key, _) in map {
         let key = key.as_str().unwrap_or("?");
         if !matches!(key, "server" | "plugins") {
-            todo.push(format!("{key}: not a v3 setting this tool knows (left out)"));
+            todo.push(format!(
+                "{key}: not a v3 setting this tool knows (left out)"
+            ));
         }
     }
     Ok(Migration {
@@ -189,10 +190,20 @@ plugins:
             .unwrap_or_else(|e| panic!("{e}\n{}", migration.yaml));
         assert_eq!(config.api_gateway.address, "127.0.0.1:8080");
         assert!(config.plugins.contains_key("my-plugin"));
-        assert_eq!(config.routes[0].plugins, vec!["my-plugin".to_string()]);
-        assert!(migration.yaml.contains("TODO"));
-        assert!(migration.todo.iter().any(|t| t.starts_with("plugins.my-plugin.source")));
-        assert!(migration.changed.iter().any(|c| c.contains("api_gateway.address")));
+        assert!(config.routes[0].plugins.is_empty(), "no module to run yet");
+        assert!(migration.yaml.contains("# plugins: [my-plugin]"));
+        assert!(migration
+            .todo
+            .iter()
+            .any(|t| t.starts_with("plugins.my-plugin.source")));
+        assert!(migration
+            .todo
+            .iter()
+            .any(|t| t.starts_with("routes[0].plugins: [my-plugin]")));
+        assert!(migration
+            .changed
+            .iter()
+            .any(|c| c.contains("api_gateway.address")));
     }
 
     #[test]
@@ -201,10 +212,15 @@ plugins:
             "server: { port: 9000, host: 0.0.0.0, workers: 4 }\nplugins:\n  - { name: a, enabled: false, config: { k: 1 } }\n  - { name: b, priority: 3 }\nlogging: { level: debug }\n",
         )
         .unwrap();
-        let config = crate::config::Config::from_yaml(&migration.yaml).unwrap();
+        let config = crate::config::Config::from_yaml(&migration.yaml)
+            .unwrap_or_else(|e| panic!("{e}\n{}", migration.yaml));
         assert_eq!(config.api_gateway.address, ":9000");
-        assert_eq!(config.routes[0].plugins, vec!["b".to_string()]);
         assert!(config.plugins.contains_key("a"));
+        assert!(
+            migration.yaml.contains("# plugins: [b]\n"),
+            "{}",
+            migration.yaml
+        );
         for expected in ["server.workers", "plugins[1].priority", "logging"] {
             assert!(
                 migration.todo.iter().any(|t| t.starts_with(expected)),
