@@ -314,6 +314,12 @@ pub fn print_instructions(layout: &DemoLayout<'_>, plugin: bool) {
         .with_file_name("ca")
         .join("trust-bundle.pem");
     let bundle = bundle.display();
+    // The binary as it was started (`./target/debug/nip` from ./dev demo): the hints run as
+    // printed, with or without nip on the PATH.
+    let nip = std::env::args()
+        .next()
+        .filter(|argv0| argv0.contains('/'))
+        .unwrap_or_else(|| "nip".to_string());
     let cp = if *api_port == 18001 {
         String::new()
     } else {
@@ -341,10 +347,10 @@ Try:
   curl -s localhost:{admin_port}/config_dump
   export NIP_TOKEN_FILE={token_file} NIP_CA_FILE={bundle}   # admin token, CA
   curl -s --cacert $NIP_CA_FILE -H "Authorization: Bearer $(cat $NIP_TOKEN_FILE)" https://localhost:{api_port}/v1/proxies
-  nip token create ci --role operator --ttl 30d{cp}    # a token for CI (shown once)
-  nip get proxies{cp}                                   # the proxy, its region, the version it ACKed
-  nip apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place
-  nip history{cp}  /  nip rollback{cp} 1
+  {nip} token create ci --role operator --ttl 30d{cp}    # a token for CI (shown once)
+  {nip} get proxies{cp}                                   # the proxy, its region, the version it ACKed
+  {nip} apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place
+  {nip} history{cp}  /  {nip} rollback{cp} 1
 Stop with Ctrl-C.
 "#
     );

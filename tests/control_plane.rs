@@ -494,7 +494,25 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
     let demo_dir = std::env::temp_dir().join(format!("nip-demo-{}", child.id()));
     let token_file = demo_dir.join("admin-token");
     let bundle = demo_dir.join("ca/trust-bundle.pem");
+    let mut child = child;
+    let stdout = child.stdout.take().unwrap();
     let _demo = Demo(child);
+    // What the demo tells the user to try, up to its last line.
+    let hints = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut hints = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let done = line.starts_with("Stop with Ctrl-C");
+            hints.push(line);
+            if done {
+                break;
+            }
+        }
+        hints
+    })
+    .await
+    .unwrap();
     eventually(
         "the demo's API refuses a caller without its token",
         || async {
@@ -538,6 +556,32 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
         },
     )
     .await;
+    // The hints run as printed: the CLI named by its path (no nip on the PATH needed),
+    // with the token and CA the printed export names.
+    let exports = hints
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export "))
+        .expect("an export hint");
+    let get_proxies = hints
+        .iter()
+        .find(|l| l.contains(" get proxies"))
+        .expect("a get proxies hint");
+    let script = format!(
+        "export {}\n{}",
+        exports.split('#').next().unwrap(),
+        get_proxies.split('#').next().unwrap()
+    );
+    let output = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && said.contains("demo-proxy"),
+        "{script}\n{said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        get_proxies.trim().starts_with(nip_bin()),
+        "the hint names the binary: {get_proxies}"
+    );
     // What the demo promises: a 504 after the route's 2 s timeout — the budget of the
     // request and its retry together, not 2 s per try.
     let started = std::time::Instant::now();
