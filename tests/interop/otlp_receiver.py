@@ -35,7 +35,12 @@ def print_spans(request, via):
         return
     for resource_spans in request.resource_spans:
         resource = {a.key: value_of(a.value) for a in resource_spans.resource.attributes}
-        for scope_spans in resource_spans.scope_spans:
+        # xds-protos ships an older copy of the OTLP protos under the same package, and
+        # whichever pip installed last wins: the same field 2 is `instrumentation_library_spans`
+        # there (wire-compatible with `scope_spans`).
+        scopes = (resource_spans.scope_spans if hasattr(resource_spans, "scope_spans")
+                  else resource_spans.instrumentation_library_spans)
+        for scope_spans in scopes:
             for span in scope_spans.spans:
                 line = {
                     "trace_id": span.trace_id.hex(),
