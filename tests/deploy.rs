@@ -280,3 +280,81 @@ async fn wait_ready_returns_once_the_proxy_serves_and_fails_at_its_timeout() {
         String::from_utf8_lossy(&waited.stderr)
     );
 }
+
+/// deploy/grafana/nip.json asks only for metrics a proxy exports, by labels they have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_names_metrics_a_proxy_exports() {
+    let _turn = crate::common::module_turn(module_path!());
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repository().join("deploy/grafana/nip.json")).unwrap(),
+    )
+    .unwrap();
+    let backend = Backend::start("web").await;
+    let proxy = Proxy::start(&format!(
+        "admin: {{ address: \"127.0.0.1:{{admin}}\" }}\napi_gateway: {{ address: \"127.0.0.1:{{port}}\" }}\nservices:\n  web: {{ endpoints: [\"{}\"] }}\nroutes:\n  - {{ name: all, match: {{ path_prefix: /in }}, service: web }}\n",
+        backend.address
+    ))
+    .await;
+    client().get(proxy.url("/in")).send().await.unwrap();
+    client().get(proxy.url("/nowhere")).send().await.unwrap();
+    let metrics = proxy.metrics().await;
+    // Families by their TYPE lines (counters lose `_total` there), and the families the
+    // registry holds (one without samples yet — no tenant, no JWT here — prints nothing).
+    let registered =
+        std::fs::read_to_string(repository().join("proxy/src/telemetry/metrics.rs")).unwrap();
+    let registration = regex::Regex::new(r#"registry\.register\(\s*"([a-z_]+)""#).unwrap();
+    let mut families: std::collections::BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    assert!(families.contains("nip_requests"), "{metrics}");
+    families.extend(
+        registration
+            .captures_iter(&registered)
+            .map(|c| format!("nip_{}", &c[1])),
+    );
+    let family_of = |name: &str| {
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        base.strip_suffix("_total").unwrap_or(base).to_string()
+    };
+    let metric = regex::Regex::new(r"nip_[a-z_]+").unwrap();
+    let by = regex::Regex::new(r"by \(([a-z_, ]+)\) \((?:rate\()?(nip_[a-z_]+)").unwrap();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric.find_iter(expr).map(|m| m.as_str()) {
+                asked += 1;
+                assert!(
+                    families.contains(family_of(name).as_str()),
+                    "{:?} asks for {name}, which the proxy does not export",
+                    panel["title"]
+                );
+            }
+            // `sum by (labels) (… nip_x …)`: a family with samples has those labels.
+            for caps in by.captures_iter(expr) {
+                let (labels, name) = (&caps[1], &caps[2]);
+                let samples: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                    .collect();
+                for label in labels.split(',').map(str::trim) {
+                    if label == "le" || samples.is_empty() {
+                        continue;
+                    }
+                    assert!(
+                        samples.iter().any(|s| s.contains(&format!("{label}=\""))),
+                        "{:?}: {name} has no label {label}: {samples:?}",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+    assert!(asked >= 20, "the dashboard asks for {asked} metrics");
+}
