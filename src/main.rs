@@ -3,6 +3,7 @@
 //! crates.
 
 mod demo;
+mod fleet_metrics;
 mod iptables;
 mod kubernetes;
 mod remote;
@@ -89,6 +90,22 @@ enum Command {
         tenant: Option<String>,
         #[command(flatten)]
         remote: remote::Remote,
+    },
+    /// The fleet's metrics from each proxy's admin port: per route requests, 5xx share,
+    /// p50 and p99 (or, with --export prometheus, every proxy's samples with an
+    /// `instance` label).
+    Metrics {
+        /// A proxy's admin address (`127.0.0.1:9901` or a URL); repeat for each proxy.
+        #[arg(
+            long = "admin",
+            required = true,
+            env = "NIP_ADMIN",
+            value_delimiter = ','
+        )]
+        admins: Vec<String>,
+        /// Print the samples instead of the summary (`prometheus`).
+        #[arg(long)]
+        export: Option<String>,
     },
     /// Move a v3 config to v4: `analyze` reports what changes, `config --from-v3` writes
     /// the v4 file (TODO comments where a human must decide).
@@ -733,6 +750,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate { action } => migrate(action),
+        Command::Metrics { admins, export } => fleet_metrics::run(&admins, export.as_deref()),
         Command::Ca { action, ca_dir } => {
             let done = match action {
                 CaAction::Rotate { trust_domain } => {

@@ -265,3 +265,68 @@ routes:
         "only the failed and the client-sampled requests"
     );
 }
+
+/// `nip metrics` sums the fleet's routes over each proxy's admin port, or exports every
+/// proxy's samples with an instance label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nip_metrics_summarises_the_fleet_by_route() {
+    let _turn = crate::common::module_turn(module_path!());
+    let web = Backend::start("web").await;
+    let broken = Backend::start("broken").await;
+    broken.set_status(503);
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  web: {{ endpoints: ["{}"] }}
+  broken: {{ endpoints: ["{}"] }}
+routes:
+  - {{ name: orders, match: {{ path_prefix: /orders }}, service: broken }}
+  - {{ name: front, service: web }}
+"#,
+        web.address, broken.address
+    );
+    let (a, b) = (Proxy::start(&config).await, Proxy::start(&config).await);
+    let http = client();
+    for proxy in [&a, &b] {
+        for _ in 0..3 {
+            http.get(proxy.url("/")).send().await.unwrap();
+        }
+        http.get(proxy.url("/orders/1")).send().await.unwrap();
+    }
+    let admins = format!("127.0.0.1:{},127.0.0.1:{}", a.admin_port, b.admin_port);
+    let output = run_nip(&["metrics", "--admin", &admins], None);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{said}");
+    assert!(said.starts_with("2 proxies"), "{said}");
+    let row = |route: &str| {
+        said.lines()
+            .find(|l| l.starts_with(route))
+            .unwrap_or_else(|| panic!("no {route} row in {said}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("front")[1..3], ["6".to_string(), "0.0%".to_string()]);
+    assert_eq!(row("orders")[1..3], ["2".to_string(), "100.0%".to_string()]);
+    assert_ne!(row("front")[3], "-", "a p50 from the histogram");
+
+    let output = run_nip(
+        &["metrics", "--export", "prometheus", "--admin", &admins],
+        None,
+    );
+    let exported = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    for proxy in [&a, &b] {
+        assert!(
+            exported.contains(&format!(
+                "nip_requests_total{{instance=\"127.0.0.1:{}\",route=\"orders\"",
+                proxy.admin_port
+            )),
+            "{exported}"
+        );
+    }
+    let output = run_nip(&["metrics", "--admin", "127.0.0.1:9"], None);
+    assert!(!output.status.success(), "an unreachable proxy is an error");
+}
