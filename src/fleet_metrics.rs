@@ -15,10 +15,16 @@ struct RouteSummary {
 }
 
 /// A bucket bound that sorts (`+Inf` last).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct OrderedBound(f64);
 
 impl Eq for OrderedBound {}
+
+impl PartialOrd for OrderedBound {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Ord for OrderedBound {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -26,8 +32,11 @@ impl Ord for OrderedBound {
     }
 }
 
-/// One sample line: its name, labels and value.
-fn sample(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+/// A sample: its name, labels and value.
+type Sample<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+
+/// One sample line, read.
+fn sample(line: &str) -> Option<Sample<'_>> {
     if line.starts_with('#') || line.trim().is_empty() {
         return None;
     }
