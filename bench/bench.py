@@ -282,6 +282,20 @@ def main() -> None:
     write_results(results)
 
 
+def put_section(tag: str, section: str) -> None:
+    """Puts a script's section (between `<!-- TAG: generated …` and `<!-- /TAG -->`) into
+    bench/RESULTS.md in place of its older one, before the notes."""
+    results_md = ROOT / "bench" / "RESULTS.md"
+    text = results_md.read_text()
+    text = re.sub(rf"<!-- {tag}: generated.*?<!-- /{tag} -->\n?", "", text, flags=re.S)
+    marker = "<!-- notes -->"
+    if marker in text:
+        text = text.replace(marker, section + "\n\n" + marker, 1)
+    else:
+        text += "\n" + section + "\n"
+    results_md.write_text(text)
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 

@@ -16,7 +16,6 @@ DURATION (10).
 """
 
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -239,15 +238,7 @@ def write_results(results: dict[str, list[dict]]) -> None:
         *process_lines,
         "<!-- /plugin-sdk -->",
     ])
-    results_md = bench.ROOT / "bench" / "RESULTS.md"
-    text = results_md.read_text()
-    text = re.sub(r"<!-- plugin-sdk: generated.*?<!-- /plugin-sdk -->\n?", "", text, flags=re.S)
-    marker = "<!-- notes -->"
-    if marker in text:
-        text = text.replace(marker, section + "\n\n" + marker, 1)
-    else:
-        text += "\n" + section + "\n"
-    results_md.write_text(text)
+    bench.put_section("plugin-sdk", section)
 
 
 if __name__ == "__main__":

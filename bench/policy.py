@@ -21,7 +21,6 @@ signing key. Environment: RUNS (3), DURATION (10).
 
 import base64
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -214,15 +213,7 @@ def write_results(results: dict[str, list[dict]]) -> None:
         *ratios,
         "<!-- /policy -->",
     ])
-    results_md = bench.ROOT / "bench" / "RESULTS.md"
-    text = results_md.read_text()
-    text = re.sub(r"<!-- policy: generated.*?<!-- /policy -->\n?", "", text, flags=re.S)
-    marker = "<!-- notes -->"
-    if marker in text:
-        text = text.replace(marker, section + "\n\n" + marker, 1)
-    else:
-        text += "\n" + section + "\n"
-    results_md.write_text(text)
+    bench.put_section("policy", section)
 
 
 if __name__ == "__main__":

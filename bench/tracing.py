@@ -135,15 +135,7 @@ def write_results(results: dict[str, list[dict]]) -> None:
         f"Tracing 1 % of requests costs {share:+.1f} % CPU per request: target (≤ 5 %) {met}.",
         "<!-- /tracing -->",
     ])
-    results_md = bench.ROOT / "bench" / "RESULTS.md"
-    text = results_md.read_text()
-    text = re.sub(r"<!-- tracing: generated.*?<!-- /tracing -->\n?", "", text, flags=re.S)
-    marker = "<!-- notes -->"
-    if marker in text:
-        text = text.replace(marker, section + "\n\n" + marker, 1)
-    else:
-        text += "\n" + section + "\n"
-    results_md.write_text(text)
+    bench.put_section("tracing", section)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,15 @@ async fn read_early_body(session: &mut Session, limit: usize) -> Result<Option<B
     Ok(Some(body.freeze()))
 }
 
+/// A request header's value as text (empty when absent or not text).
+fn header_text<'a>(request: &'a pingora::http::RequestHeader, name: &str) -> &'a str {
+    request
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 /// Starts a traced request's span for the try `upstream_peer` just picked (the context's
 /// fields apart: the cluster stays borrowed there).
 fn begin_traced_try(
@@ -312,13 +321,7 @@ fn finish_trace(
     status: u16,
 ) {
     let request = session.req_header();
-    let header = |name: &str| {
-        request
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
+    let header = |name: &str| header_text(request, name);
     let http2 = session.as_ref().is_http2();
     trace.finish(
         tracing,
@@ -1131,13 +1134,7 @@ impl ProxyHttp for Gateway {
             return;
         };
         let request = session.req_header();
-        let header = |name: &str| {
-            request
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        };
+        let header = |name: &str| header_text(request, name);
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let upstream = ctx.endpoint.map(|a| a.to_string()).unwrap_or_default();
         let forwarded_for = match session.client_addr().and_then(|a| a.as_inet()) {
