@@ -420,6 +420,12 @@ enum MigrateAction {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Upgrade v3 JSON messages (`{ id, type, data }`; one object, an array, or one per
+    /// line) to v4 envelopes, one JSON line each.
+    Message {
+        /// The v3 messages (`-` for standard input).
+        file: PathBuf,
+    },
 }
 
 /// What `nip ca` does.
@@ -933,12 +939,69 @@ fn run_demo(ports: demo::DemoPorts, plugin: Option<&std::path::Path>, cpus: usiz
     })
 }
 
+/// `nip migrate message`: v3 messages in, v4 envelopes out (a bad one names its place).
+fn migrate_messages(file: &std::path::Path) -> ExitCode {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = if file == std::path::Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).map(drop)
+    } else {
+        std::fs::read_to_string(file).map(|t| text = t)
+    };
+    if let Err(e) = read {
+        eprintln!("nip migrate message: cannot read {}: {e}", file.display());
+        return ExitCode::FAILURE;
+    }
+    // One document (an object or an array), else one object per line.
+    let messages: Vec<serde_json::Value> = match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Array(all)) => all,
+        Ok(one) => vec![one],
+        Err(_) => {
+            let mut all = Vec::new();
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                match serde_json::from_str(line) {
+                    Ok(message) => all.push(message),
+                    Err(e) => {
+                        eprintln!(
+                            "nip migrate message: {}:{}: not JSON: {e}",
+                            file.display(),
+                            i + 1
+                        );
+                        return ExitCode::from(EXIT_BAD_CONFIG);
+                    }
+                }
+            }
+            all
+        }
+    };
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    for (i, message) in messages.iter().enumerate() {
+        match nip_xds::config::migrate::message_from_v3(message, &now) {
+            Ok(v4) => println!("{v4}"),
+            Err(e) => {
+                eprintln!(
+                    "nip migrate message: {} message {}: {e}",
+                    file.display(),
+                    i + 1
+                );
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// `nip migrate`.
 fn migrate(action: MigrateAction) -> ExitCode {
     use nip_xds::config::migrate;
     let (file, output, write) = match &action {
         MigrateAction::Analyze { file } => (file, None, false),
         MigrateAction::Config { from_v3, output } => (from_v3, output.as_ref(), true),
+        MigrateAction::Message { file } => return migrate_messages(file),
     };
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,

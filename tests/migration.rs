@@ -64,6 +64,38 @@ async fn a_v3_file_is_named_and_converted_to_a_v4_file_the_proxy_accepts() {
     let output = run_nip(&["validate", "--file"], Some(&v4));
     assert!(output.status.success(), "{}\n{converted}", text(&output));
 
+    // v3 messages, one per line, become v4 envelopes; a bad one is named by its place.
+    let messages = dir.path().join("messages.jsonl");
+    std::fs::write(
+        &messages,
+        "{\"id\": 1, \"type\": \"order\", \"data\": {\"sku\": \"a\"}}\n{\"id\": \"2\", \"type\": \"order\", \"priority\": \"high\", \"retries\": 1}\n",
+    )
+    .unwrap();
+    let output = run_nip(&["migrate", "message"], Some(&messages));
+    assert!(output.status.success(), "{}", text(&output));
+    let upgraded: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(upgraded.len(), 2);
+    assert_eq!(upgraded[0]["id"], "1");
+    assert_eq!(upgraded[0]["correlation_id"], "1");
+    assert_eq!(upgraded[0]["data"]["sku"], "a");
+    assert_eq!(upgraded[0]["metadata"]["priority"], "normal");
+    assert!(upgraded[0]["timestamp"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(upgraded[1]["metadata"]["priority"], "high");
+    assert_eq!(upgraded[1]["metadata"]["retry_count"], 1);
+    std::fs::write(
+        &messages,
+        "{\"id\": 1, \"type\": \"a\"}\n{\"type\": \"b\"}\n",
+    )
+    .unwrap();
+    let output = run_nip(&["migrate", "message"], Some(&messages));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output).contains("message 2: id"), "{}", text(&output));
+
     // A v4 file is not a v3 one.
     let output = run_nip(&["migrate", "analyze"], Some(&v4));
     assert!(!output.status.success());

@@ -168,6 +168,69 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
     })
 }
 
+/// A v3 message (`{ id, type, data }`, and what else v3 senders put there) as a v4
+/// envelope: `id`, `type`, `timestamp`, `correlation_id`, `source`, `data`,
+/// `metadata.priority`, `metadata.retry_count` — the fields NIP carries on HTTP as
+/// `x-request-id`, `traceparent`'s trace id, `x-nip-priority` and `x-nip-retry-count`.
+/// `now` stamps a message that has no timestamp; `id` stands for a missing correlation id.
+pub fn message_from_v3(v3: &serde_json::Value, now: &str) -> Result<serde_json::Value, String> {
+    use serde_json::{json, Value};
+    let Some(fields) = v3.as_object() else {
+        return Err("a v3 message is a JSON object".into());
+    };
+    let text = |keys: &[&str]| {
+        keys.iter().find_map(|k| match fields.get(*k) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let id = text(&["id"]).ok_or("id: a v3 message has one (a string or a number)")?;
+    let kind = text(&["type"]).ok_or("type: a v3 message has one")?;
+    let priority = match text(&["priority"]).as_deref() {
+        None => "normal".to_string(),
+        Some(p @ ("low" | "normal" | "high")) => p.to_string(),
+        Some(other) => return Err(format!("priority: {other:?} is not low, normal or high")),
+    };
+    let retry_count = match fields.get("retry_count").or_else(|| fields.get("retries")) {
+        None => 0,
+        Some(n) => n.as_u64().ok_or("retry_count: a whole number of retries")?,
+    };
+    let known = [
+        "id",
+        "type",
+        "data",
+        "timestamp",
+        "correlation_id",
+        "correlationId",
+        "source",
+        "priority",
+        "retry_count",
+        "retries",
+    ];
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("priority".into(), json!(priority));
+    metadata.insert("retry_count".into(), json!(retry_count));
+    // Anything else v3 carried stays, as metadata fields (x-nip-meta-NAME on HTTP).
+    let extra: serde_json::Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !extra.is_empty() {
+        metadata.insert("fields".into(), Value::Object(extra));
+    }
+    Ok(json!({
+        "id": id,
+        "type": kind,
+        "timestamp": text(&["timestamp"]).unwrap_or_else(|| now.to_string()),
+        "correlation_id": text(&["correlation_id", "correlationId"]).unwrap_or_else(|| id.clone()),
+        "source": fields.get("source").cloned().unwrap_or_else(|| json!({ "from": "v3" })),
+        "data": fields.get("data").cloned().unwrap_or(Value::Null),
+        "metadata": metadata,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +290,51 @@ plugins:
                 "{expected} in {:?}",
                 migration.todo
             );
+        }
+    }
+
+    #[test]
+    fn v3_messages_become_v4_envelopes() {
+        let now = "2026-11-30T12:00:00.000Z";
+        let v4 = message_from_v3(
+            &serde_json::json!({ "id": 42, "type": "order.created", "data": { "sku": "a" } }),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            v4,
+            serde_json::json!({
+                "id": "42", "type": "order.created", "timestamp": now,
+                "correlation_id": "42", "source": { "from": "v3" },
+                "data": { "sku": "a" },
+                "metadata": { "priority": "normal", "retry_count": 0 }
+            })
+        );
+        let v4 = message_from_v3(
+            &serde_json::json!({ "id": "m1", "type": "t", "priority": "high", "retries": 2,
+                                 "correlationId": "c9", "tenant": "acme" }),
+            now,
+        )
+        .unwrap();
+        assert_eq!(v4["metadata"]["priority"], "high");
+        assert_eq!(v4["metadata"]["retry_count"], 2);
+        assert_eq!(v4["correlation_id"], "c9");
+        assert_eq!(v4["metadata"]["fields"]["tenant"], "acme");
+        for (bad, field) in [
+            (serde_json::json!({ "type": "t" }), "id"),
+            (serde_json::json!({ "id": "x" }), "type"),
+            (
+                serde_json::json!({ "id": "x", "type": "t", "priority": "urgent" }),
+                "priority",
+            ),
+            (
+                serde_json::json!({ "id": "x", "type": "t", "retries": -1 }),
+                "retry_count",
+            ),
+            (serde_json::json!([1]), "JSON object"),
+        ] {
+            let e = message_from_v3(&bad, now).unwrap_err();
+            assert!(e.contains(field), "{field}: {e}");
         }
     }
 
