@@ -269,17 +269,24 @@ def main() -> None:
     try:
         if not wait_for_200(f"http://{BACKEND}/"):
             sys.exit("bench: the nginx backend did not start")
-        results: dict[str, list[dict]] = {name: [] for name in PROXIES}
-        for run in range(RUNS):
-            for name in PROXIES:
-                print(f"run {run + 1}/{RUNS}: {name}", file=sys.stderr)
-                results[name].append(measure(name))
-                print(f"    {results[name][-1]}", file=sys.stderr)
+        results = interleave(list(PROXIES), measure)
     finally:
         backend.terminate()
         backend.wait()
     (OUT / "raw.json").write_text(json.dumps(results, indent=2))
     write_results(results)
+
+
+def interleave(names: list[str], measure) -> dict[str, list[dict]]:
+    """RUNS rounds, each measuring every name once in turn, so that the machine's drift
+    falls on all of them alike; each name's results in round order."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for run in range(RUNS):
+        for name in names:
+            print(f"run {run + 1}/{RUNS}: {name}", file=sys.stderr)
+            results[name].append(measure(name))
+            print(f"    {results[name][-1]}", file=sys.stderr)
+    return results
 
 
 def put_section(tag: str, section: str) -> None:

@@ -93,12 +93,7 @@ def main() -> None:
     try:
         if not bench.wait_for_200(f"http://{bench.BACKEND}/"):
             sys.exit("bench: the nginx backend did not start")
-        results: dict[str, list[dict]] = {name: [] for name in PROXIES}
-        for run in range(RUNS):
-            for name in PROXIES:
-                print(f"run {run + 1}/{RUNS}: {name}", file=sys.stderr)
-                results[name].append(measure(name))
-                print(f"    {results[name][-1]}", file=sys.stderr)
+        results = bench.interleave(list(PROXIES), measure)
     finally:
         for process in (backend, receiver):
             process.terminate()

@@ -17,6 +17,44 @@ enum Guard {
     Process(Vec<String>, Vec<(&'static str, String)>),
 }
 
+impl Guard {
+    /// The common example on the Python SDK.
+    fn python() -> Guard {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = root.join("filters/examples/python-guard/guard.py");
+        let sdk = root.join("filters/sdk/python");
+        Guard::Process(
+            vec![python(), script.display().to_string()],
+            vec![("PYTHONPATH", sdk.display().to_string())],
+        )
+    }
+
+    /// The common example on the Go SDK.
+    fn go() -> Guard {
+        Guard::Process(
+            vec![go_plugin("go-guard").display().to_string()],
+            Vec::new(),
+        )
+    }
+}
+
+/// Starts a process plugin's command on a port of its own (its last argument) and waits
+/// until it listens.
+async fn start_plugin_process(
+    command: &[String],
+    env: &[(&'static str, String)],
+) -> (Background, u16) {
+    let port = free_port();
+    let started = Background::start(
+        std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .arg(port.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+    );
+    started.wait_for("listening").await;
+    (started, port)
+}
+
 async fn the_common_example_behaves(guard: Guard) {
     let issuer = JwtIssuer::start().await;
     let app = Pages::start(&[
@@ -45,14 +83,7 @@ async fn the_common_example_behaves(guard: Guard) {
             String::new(),
         ),
         Guard::Process(command, env) => {
-            let port = free_port();
-            let started = Background::start(
-                std::process::Command::new(&command[0])
-                    .args(&command[1..])
-                    .arg(port.to_string())
-                    .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
-            );
-            started.wait_for("listening").await;
+            let (started, port) = start_plugin_process(command, env).await;
             process = Some(started);
             (
                 format!(
@@ -226,25 +257,13 @@ async fn the_typescript_sdk_example_behaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("filters/examples/python-guard/guard.py");
-    let sdk = root.join("filters/sdk/python");
-    the_common_example_behaves(Guard::Process(
-        vec![python(), script.display().to_string()],
-        vec![("PYTHONPATH", sdk.display().to_string())],
-    ))
-    .await;
+    the_common_example_behaves(Guard::python()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_go_sdk_example_behaves() {
     let _turn = crate::common::module_turn(module_path!());
-    let binary = go_plugin("go-guard");
-    the_common_example_behaves(Guard::Process(
-        vec![binary.display().to_string()],
-        Vec::new(),
-    ))
-    .await;
+    the_common_example_behaves(Guard::go()).await;
 }
 
 /// The Python and Go SDKs under `body_mode: streamed` and `trailers: true`: a message is
@@ -253,7 +272,6 @@ async fn the_go_sdk_example_behaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_process_plugins_take_heads_alone_when_bodies_stream() {
     let _turn = crate::common::module_turn(module_path!());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let users = Pages::start(&[(
         "/users/alice",
         200,
@@ -263,22 +281,11 @@ async fn sdk_process_plugins_take_heads_alone_when_bodies_stream() {
     .await;
     let app = Pages::start(&[("/orders/7", 200, "application/json", ORDER)]).await;
     let grpc = trailer_backend("application/grpc").await;
-    let python_guard = [
-        python(),
-        root.join("filters/examples/python-guard/guard.py")
-            .display()
-            .to_string(),
-    ];
-    let go_guard = [go_plugin("go-guard").display().to_string()];
-    for (language, command) in [("python", &python_guard[..]), ("go", &go_guard[..])] {
-        let port = free_port();
-        let started = Background::start(
-            std::process::Command::new(&command[0])
-                .args(&command[1..])
-                .arg(port.to_string())
-                .env("PYTHONPATH", root.join("filters/sdk/python")),
-        );
-        started.wait_for("listening").await;
+    for (language, guard) in [("python", Guard::python()), ("go", Guard::go())] {
+        let Guard::Process(command, env) = guard else {
+            unreachable!("process plugins")
+        };
+        let (started, port) = start_plugin_process(&command, &env).await;
         let proxy = Proxy::start(&format!(
             r#"
 admin: {{ address: "127.0.0.1:{{admin}}" }}

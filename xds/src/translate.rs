@@ -1480,21 +1480,29 @@ fn global_rate_limit_filter(service: &crate::config::RateLimitServiceConfig) -> 
     }
 }
 
-/// The rate limit service as a service of its own (gRPC: HTTP/2).
-fn rate_limit_service(config: &Config) -> Option<ServiceConfig> {
-    let service = config.rate_limit_service.as_ref()?;
-    Some(ServiceConfig {
+/// A service of one endpoint at `address` (what a `host:port` setting stands for).
+fn single_endpoint_service(address: &str, protocol: UpstreamProtocol) -> ServiceConfig {
+    ServiceConfig {
         endpoints: vec![crate::config::EndpointConfig {
-            address: service.address.clone(),
+            address: address.to_string(),
             region: None,
             zone: None,
             sub_zone: None,
             weight: 1,
             priority: 0,
         }],
-        protocol: UpstreamProtocol::Http2,
+        protocol,
         ..Default::default()
-    })
+    }
+}
+
+/// The rate limit service as a service of its own (gRPC: HTTP/2).
+fn rate_limit_service(config: &Config) -> Option<ServiceConfig> {
+    let service = config.rate_limit_service.as_ref()?;
+    Some(single_endpoint_service(
+        &service.address,
+        UpstreamProtocol::Http2,
+    ))
 }
 
 /// The cluster of the tracing collector.
@@ -1503,21 +1511,11 @@ pub const TRACING_CLUSTER: &str = "tracing_collector";
 /// The tracing collector as a service of its own (OTLP/gRPC: HTTP/2).
 fn tracing_collector(config: &Config) -> Option<ServiceConfig> {
     let tracing = config.tracing.as_ref()?;
-    Some(ServiceConfig {
-        endpoints: vec![crate::config::EndpointConfig {
-            address: tracing.address.clone(),
-            region: None,
-            zone: None,
-            sub_zone: None,
-            weight: 1,
-            priority: 0,
-        }],
-        protocol: match tracing.protocol {
-            crate::config::TracingProtocol::Grpc => UpstreamProtocol::Http2,
-            crate::config::TracingProtocol::Http => UpstreamProtocol::Http1,
-        },
-        ..Default::default()
-    })
+    let protocol = match tracing.protocol {
+        crate::config::TracingProtocol::Grpc => UpstreamProtocol::Http2,
+        crate::config::TracingProtocol::Http => UpstreamProtocol::Http1,
+    };
+    Some(single_endpoint_service(&tracing.address, protocol))
 }
 
 /// The connection manager's `tracing`: the OpenTelemetry provider sending to the

@@ -141,11 +141,7 @@ fn ext_proc(
     Ok(ExtProc {
         name: name.to_string(),
         cluster: target.cluster_name.clone(),
-        authority: if target.authority.is_empty() {
-            target.cluster_name.clone()
-        } else {
-            target.authority.clone()
-        },
+        authority: super::grpc_authority(target),
         initial_metadata: grpc
             .initial_metadata
             .iter()

@@ -441,6 +441,18 @@ fn access_log_retention(listener: &Listener) -> Result<Option<Duration>, String>
     }
 }
 
+/// The `:authority` of calls to an `envoy_grpc` service: its `authority`, else the
+/// cluster's name (Envoy's default).
+fn grpc_authority(
+    target: &envoy_types::pb::envoy::config::core::v3::grpc_service::EnvoyGrpc,
+) -> String {
+    if target.authority.is_empty() {
+        target.cluster_name.clone()
+    } else {
+        target.authority.clone()
+    }
+}
+
 fn duration(d: &PbDuration) -> Option<Duration> {
     let secs = u64::try_from(d.seconds).ok()?;
     let nanos = u32::try_from(d.nanos).ok()?;

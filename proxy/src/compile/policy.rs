@@ -1153,11 +1153,7 @@ fn ext_authz(
                     "grpc_service.envoy_grpc.cluster_name {cluster:?}: the cluster must speak HTTP/2 (gRPC)"
                 ));
             }
-            let authority = if target.authority.is_empty() {
-                cluster.clone()
-            } else {
-                target.authority.clone()
-            };
+            let authority = super::grpc_authority(target);
             let timeout = grpc
                 .timeout
                 .as_ref()
@@ -1227,11 +1223,7 @@ fn global_rate_limit(
         name: name.into(),
         domain: config.domain.clone(),
         cluster: target.cluster_name.clone(),
-        authority: if target.authority.is_empty() {
-            target.cluster_name.clone()
-        } else {
-            target.authority.clone()
-        },
+        authority: super::grpc_authority(target),
         timeout: config
             .timeout
             .as_ref()

@@ -39,6 +39,30 @@ fn compile(t: &nip_xds::translate::Translation) -> Result<Snapshot, CompileError
     compiler(&registry, &metrics).build(loader(), &t.bootstrap, &t.resources)
 }
 
+/// Compiles `t` with its first listener's connection manager changed by `edit` (what
+/// another xDS server might send instead).
+fn compile_with_manager(
+    t: &nip_xds::translate::Translation,
+    edit: impl FnOnce(&mut HttpConnectionManager),
+) -> Result<Snapshot, CompileError> {
+    let mut resources = t.resources.clone();
+    let listener = &mut resources.listeners[0];
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &listener.filter_chains[0].filters[0].config_type
+    else {
+        panic!("hcm is typed");
+    };
+    let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    edit(&mut hcm);
+    listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(
+        envoy_types::util::pack_any(hcm),
+    ));
+    compile(&nip_xds::translate::Translation {
+        resources,
+        ..t.clone()
+    })
+}
+
 /// A compiler with no access log carried over.
 fn compiler<'a>(registry: &'a EndpointRegistry, metrics: &'a Metrics) -> Compiler<'a> {
     Compiler {
@@ -1261,33 +1285,20 @@ routes:
         ),
     ];
     for (fields, expected) in cases {
-        let mut resources = t.resources.clone();
-        let listener = &mut resources.listeners[0];
-        let Some(filter::ConfigType::TypedConfig(any)) =
-            &listener.filter_chains[0].filters[0].config_type
-        else {
-            panic!("hcm is typed");
-        };
-        let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-        let tenant = hcm
-            .http_filters
-            .iter_mut()
-            .find(|f| f.name == names::TENANT_FILTER)
-            .unwrap();
-        tenant.config_type = Some(http_filter::ConfigType::TypedConfig(
-            envoy_types::util::pack_any(Struct {
-                fields: fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect(),
-            }),
-        ));
-        listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(
-            envoy_types::util::pack_any(hcm),
-        ));
-        let e = compile(&nip_xds::translate::Translation {
-            resources,
-            ..t.clone()
+        let e = compile_with_manager(&t, |hcm| {
+            let tenant = hcm
+                .http_filters
+                .iter_mut()
+                .find(|f| f.name == names::TENANT_FILTER)
+                .unwrap();
+            tenant.config_type = Some(http_filter::ConfigType::TypedConfig(
+                envoy_types::util::pack_any(Struct {
+                    fields: fields
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                }),
+            ));
         })
         .unwrap_err();
         assert!(e.message.contains(expected), "{expected:?} in {e}");
@@ -1362,33 +1373,20 @@ routes:
 
     // What another xDS server might send instead.
     let mutate = |change: &dyn Fn(&mut ExternalProcessor)| {
-        let mut resources = t.resources.clone();
-        let listener = &mut resources.listeners[0];
-        let Some(filter::ConfigType::TypedConfig(any)) =
-            &listener.filter_chains[0].filters[0].config_type
-        else {
-            panic!("hcm is typed");
-        };
-        let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-        let filter = hcm
-            .http_filters
-            .iter_mut()
-            .find(|f| f.name == names::plugin_filter("shout"))
-            .unwrap();
-        let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-            panic!("typed");
-        };
-        let mut processor = ExternalProcessor::decode(any.value.as_slice()).unwrap();
-        change(&mut processor);
-        filter.config_type = Some(http_filter::ConfigType::TypedConfig(
-            envoy_types::util::pack_any(processor),
-        ));
-        listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(
-            envoy_types::util::pack_any(hcm),
-        ));
-        compile(&nip_xds::translate::Translation {
-            resources,
-            ..t.clone()
+        compile_with_manager(&t, |hcm| {
+            let filter = hcm
+                .http_filters
+                .iter_mut()
+                .find(|f| f.name == names::plugin_filter("shout"))
+                .unwrap();
+            let Some(http_filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                panic!("typed");
+            };
+            let mut processor = ExternalProcessor::decode(any.value.as_slice()).unwrap();
+            change(&mut processor);
+            filter.config_type = Some(http_filter::ConfigType::TypedConfig(
+                envoy_types::util::pack_any(processor),
+            ));
         })
         .map(drop)
         .unwrap_err()
@@ -1450,6 +1448,88 @@ routes:
     ];
     for (change, expected) in cases {
         let message = mutate(&*change);
+        assert!(message.contains(expected), "{expected:?} in {message}");
+    }
+}
+
+#[test]
+fn tracing_compiles_from_envoys_fields_and_refuses_what_nip_does_not_do() {
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use envoy_types::pb::envoy::config::trace::v3::{tracing::http::ConfigType, OpenTelemetryConfig};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing as XdsTracing;
+    let t = translated(
+        r#"
+tracing: { address: "127.0.0.1:4317", random_sampling: 20, spawn_upstream_span: false, max_path_tag_length: 64 }
+services:
+  web: { endpoints: ["127.0.0.1:8081"] }
+  secure: { endpoints: ["127.0.0.1:8443"], tls: { sni: a.example } }
+routes:
+  - { service: web }
+"#,
+    );
+    let snapshot = compile(&t).unwrap();
+    let tracing = snapshot.primary_http().tracing.as_ref().expect("traced");
+    assert!((tracing.sampling - 0.2).abs() < 1e-9);
+    assert!(tracing.parent_based && !tracing.errors && !tracing.upstream_spans);
+    assert_eq!(tracing.max_path_length, 64);
+
+    let refusal = |change: &dyn Fn(&mut XdsTracing, &mut OpenTelemetryConfig)| {
+        compile_with_manager(&t, |hcm| {
+            let tracing = hcm.tracing.as_mut().unwrap();
+            let Some(ConfigType::TypedConfig(any)) = tracing
+                .provider
+                .as_ref()
+                .and_then(|p| p.config_type.clone())
+            else {
+                panic!("typed");
+            };
+            let mut otel = OpenTelemetryConfig::decode(any.value.as_slice()).unwrap();
+            change(tracing, &mut otel);
+            tracing.provider.as_mut().unwrap().config_type =
+                Some(ConfigType::TypedConfig(envoy_types::util::pack_any(otel)));
+        })
+        .map(drop)
+        .unwrap_err()
+        .message
+    };
+    type Change = Box<dyn Fn(&mut XdsTracing, &mut OpenTelemetryConfig)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            Box::new(|t, _| {
+                t.client_sampling = Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 1.0 })
+            }),
+            "tracing.client_sampling is not supported",
+        ),
+        (
+            Box::new(|t, _| {
+                t.random_sampling =
+                    Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 120.0 })
+            }),
+            "random_sampling: 120 is not a percentage",
+        ),
+        (
+            Box::new(|_, o| o.http_service = Some(Default::default())),
+            "grpc_service and http_service are both set",
+        ),
+        (
+            Box::new(|_, o| {
+                if let Some(TargetSpecifier::EnvoyGrpc(g)) = o
+                    .grpc_service
+                    .as_mut()
+                    .and_then(|g| g.target_specifier.as_mut())
+                {
+                    g.cluster_name = "secure".into();
+                }
+            }),
+            "\"secure\": the cluster uses TLS",
+        ),
+        (
+            Box::new(|_, o| o.sampler = Some(Default::default())),
+            "sampler is not supported",
+        ),
+    ];
+    for (change, expected) in cases {
+        let message = refusal(&*change);
         assert!(message.contains(expected), "{expected:?} in {message}");
     }
 }

@@ -101,12 +101,19 @@ fn collector(
             return Err(format!("{name} is not supported"));
         }
     }
+    // The exporter dials the collector itself, in plaintext: a cluster that would speak
+    // TLS to it is refused rather than sent spans unencrypted.
     let address = |cluster: &str, field: &str| {
-        clusters
+        let endpoint = clusters
             .get(cluster)
             .and_then(|c| c.endpoints.first())
-            .map(|e| e.address)
-            .ok_or_else(|| format!("{field} {cluster:?} is not a cluster with an endpoint"))
+            .ok_or_else(|| format!("{field} {cluster:?} is not a cluster with an endpoint"))?;
+        if endpoint.tls.is_some() {
+            return Err(format!(
+                "{field} {cluster:?}: the cluster uses TLS; NIP exports spans in plaintext (to a collector or agent beside it)"
+            ));
+        }
+        Ok(endpoint.address)
     };
     match (&otel.grpc_service, &otel.http_service) {
         (Some(grpc), None) => {
@@ -115,11 +122,7 @@ fn collector(
             };
             Ok(Collector::Grpc {
                 address: address(&target.cluster_name, "grpc_service.envoy_grpc.cluster_name")?,
-                authority: if target.authority.is_empty() {
-                    target.cluster_name.clone()
-                } else {
-                    target.authority.clone()
-                },
+                authority: super::grpc_authority(target),
                 timeout: grpc
                     .timeout
                     .as_ref()

@@ -264,14 +264,6 @@ fn read_answer(
     Mutations::of(common.as_ref(), rules).map(Answer::Continue)
 }
 
-/// The rules without `disallow_is_error` (an immediate answer leaves refused headers out).
-fn lenient(rules: &MutationRules) -> MutationRules {
-    MutationRules {
-        disallow_is_error: false,
-        ..rules.clone()
-    }
-}
-
 /// Sends a processor's immediate response to the client.
 async fn answer_immediately(
     session: &mut Session,
@@ -280,24 +272,14 @@ async fn answer_immediately(
     immediate: ImmediateResponse,
 ) {
     processor.stats.immediate.inc();
-    let status = immediate_status(&immediate);
-    let mut mutations = Mutations::default();
-    if let Some(headers) = &immediate.headers {
-        // A header the rules refuse is left out of an immediate answer.
-        let _ = mutations.add_headers(headers, &lenient(&processor.rules));
-    }
-    let headers: Vec<(String, String)> = mutations
-        .set
-        .iter()
-        .filter_map(|(n, v, _)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    ctx.local_status = status;
+    let reply = immediate_reply(processor, immediate);
+    ctx.local_status = reply.status;
     Box::pin(local_reply::write_answer(
         session,
         ctx,
-        status,
-        &headers,
-        Bytes::from(immediate.body),
+        reply.status,
+        &reply.headers,
+        Bytes::from(reply.body),
         None,
     ))
     .await;
@@ -541,11 +523,7 @@ fn failure_reply() -> LocalResponse {
 
 /// A processor's immediate response as a reply from the request body phase.
 fn immediate_reply(processor: &ExtProc, immediate: ImmediateResponse) -> LocalResponse {
-    let mut mutations = Mutations::default();
-    if let Some(headers) = &immediate.headers {
-        // A header the rules refuse is left out of an immediate answer.
-        let _ = mutations.add_headers(headers, &lenient(&processor.rules));
-    }
+    let mutations = immediate_headers(processor, &immediate);
     LocalResponse {
         status: immediate_status(&immediate),
         headers: mutations
@@ -556,6 +534,20 @@ fn immediate_reply(processor: &ExtProc, immediate: ImmediateResponse) -> LocalRe
         body: immediate.body,
         details: "ext_proc_immediate_response".into(),
     }
+}
+
+/// An immediate response's headers, under the processor's rules; a header the rules
+/// refuse is left out (never an error: the answer goes anyway).
+fn immediate_headers(processor: &ExtProc, immediate: &ImmediateResponse) -> Mutations {
+    let mut mutations = Mutations::default();
+    if let Some(headers) = &immediate.headers {
+        let lenient = MutationRules {
+            disallow_is_error: false,
+            ..processor.rules.clone()
+        };
+        let _ = mutations.add_headers(headers, &lenient);
+    }
+    mutations
 }
 
 /// The status of an immediate response (200 when it names none that is valid).
@@ -678,12 +670,7 @@ pub(super) async fn on_response(
             Ok(Answer::Immediate(immediate)) => {
                 processor.stats.immediate.inc();
                 let _ = response.set_status(immediate_status(&immediate));
-                let mut mutations = Mutations::default();
-                if let Some(headers) = &immediate.headers {
-                    // A header the rules refuse is left out of an immediate answer.
-                    let _ = mutations.add_headers(headers, &lenient(&processor.rules));
-                }
-                apply_response(response, &mutations);
+                apply_response(response, &immediate_headers(processor, &immediate));
                 processors.replacement = Some(Bytes::from(immediate.body));
                 processors.response_body_stages = true;
                 body_changes = true;

@@ -860,7 +860,7 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         ctx.flag = Some(ResponseFlag::UpstreamConnectFailure);
         if let Some(trace) = ctx.trace() {
-            trace.end_try(None, Some("connect_failure".into()));
+            trace.end_try(None, Some("connect_failure"));
         }
         if let Some(cluster) = &ctx.cluster {
             cluster.stats.cx_connect_fail.inc();
@@ -936,7 +936,7 @@ impl ProxyHttp for Gateway {
             return e;
         }
         if let Some(trace) = ctx.trace() {
-            trace.end_try(None, Some(e.etype().as_str().to_string()));
+            trace.end_try(None, Some(e.etype().as_str()));
         }
         // A try that ends without an answer counts as slow (a no-op once its head came).
         if let (Some(active), Some(cluster)) = (&mut ctx.active_endpoint, &ctx.cluster) {
@@ -1104,11 +1104,15 @@ impl ProxyHttp for Gateway {
         if let Some(flag) = ctx.flag {
             self.flag_counters[flag.index()].inc();
         }
-        let Some(manager) = ctx.manager.clone() else {
+        let trace = ctx.rare.as_mut().and_then(|r| r.trace.take());
+        let Some(manager) = &ctx.manager else {
             return;
         };
-        let trace = ctx.rare.as_mut().and_then(|r| r.trace.take());
-        let trace_id = trace.as_ref().map(|t| t.trace_id_hex());
+        // Its id for the access log, before the trace is handed to the exporter.
+        let trace_id = trace
+            .as_ref()
+            .filter(|_| manager.access_log.is_some())
+            .map(|t| t.trace_id_hex());
         if let (Some(trace), Some(tracing)) = (trace, &manager.tracing) {
             finish_trace(session, ctx, trace, tracing, status);
         }
@@ -1130,7 +1134,7 @@ impl ProxyHttp for Gateway {
                 .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
                 .inc();
         }
-        let Some(log) = &manager.access_log.clone() else {
+        let Some(log) = &manager.access_log else {
             return;
         };
         let request = session.req_header();

@@ -18,9 +18,9 @@ use std::time::Duration;
 /// Spans that may wait for export before new ones are dropped.
 const QUEUE_SPANS: usize = 8192;
 /// The most spans in one export.
-pub const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 512;
 /// How long the first span of a batch waits for others.
-pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+const BATCH_DELAY: Duration = Duration::from_millis(500);
 
 /// Where spans go.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,11 +75,6 @@ impl SpanExport {
             counters,
             queue: OnceLock::new(),
         }
-    }
-
-    /// The collector.
-    pub fn collector(&self) -> &Collector {
-        &self.collector
     }
 
     /// Queues a finished span (see [`SpanQueue::push`]).

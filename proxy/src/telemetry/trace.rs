@@ -221,7 +221,7 @@ impl RequestTrace {
 
     /// A new try at the upstream (with upstream spans: a client span of its own).
     pub fn begin_try(&mut self, peer: Option<SocketAddr>, upstream_spans: bool) {
-        self.end_try(None, Some("superseded by another try".into()));
+        self.end_try(None, Some("superseded by another try"));
         if upstream_spans {
             self.tries.push(UpstreamTry {
                 span_id: random_id(),
@@ -251,11 +251,11 @@ impl RequestTrace {
 
     /// Ends the current try with the upstream's status or why it failed (a no-op once
     /// it ended).
-    pub fn end_try(&mut self, status: Option<u16>, error: Option<String>) {
+    pub fn end_try(&mut self, status: Option<u16>, error: Option<&str>) {
         if let Some(current) = self.tries.last_mut().filter(|t| t.end.is_none()) {
             current.end = Some(SystemTime::now());
             current.status = status;
-            current.error = error;
+            current.error = error.map(str::to_string);
         }
     }
 
