@@ -9,7 +9,7 @@
 //! `/healthz` (200), `/status/NNN` (that status), `/delay/MS` (answer after MS ms).
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,30 +19,55 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The most of a request body an echo answer repeats.
+const ECHOED_BODY_LIMIT: usize = 1 << 20;
+
 /// Starts the two demo backends on ports chosen by the OS, on their own thread.
 pub fn start_backends() -> std::io::Result<Vec<SocketAddr>> {
     let mut listeners = Vec::new();
-    for _ in 0..2 {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        listeners.push(listener);
+    for name in ["backend-a", "backend-b"] {
+        listeners.push((
+            std::net::TcpListener::bind("127.0.0.1:0")?,
+            name.to_string(),
+        ));
     }
-    let addresses = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<Vec<_>>>()?;
+    spawn_backends(listeners)
+}
+
+/// Starts echo backends on the given addresses (each named `name`), on their own thread;
+/// an address that cannot be bound is the error.
+pub fn start_echo_backends(addresses: &[SocketAddr], name: &str) -> std::io::Result<()> {
+    let mut listeners = Vec::new();
+    for address in addresses {
+        let listener = std::net::TcpListener::bind(address).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {address}: {e}"))
+        })?;
+        listeners.push((listener, name.to_string()));
+    }
+    spawn_backends(listeners).map(drop)
+}
+
+/// Serves each bound listener as an echo backend on a thread of their own.
+fn spawn_backends(
+    listeners: Vec<(std::net::TcpListener, String)>,
+) -> std::io::Result<Vec<SocketAddr>> {
+    let mut addresses = Vec::new();
+    for (listener, _) in &listeners {
+        listener.set_nonblocking(true)?;
+        addresses.push(listener.local_addr()?);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     std::thread::Builder::new()
-        .name("nip-demo-backends".into())
+        .name("nip-echo-backends".into())
         .spawn(move || {
             runtime.block_on(async move {
                 let mut tasks = Vec::new();
-                for (listener, name) in listeners.into_iter().zip(["backend-a", "backend-b"]) {
+                for (listener, name) in listeners {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => tasks.push(tokio::spawn(serve(listener, name.to_string()))),
-                        Err(e) => eprintln!("demo backend {name}: {e}"),
+                        Ok(listener) => tasks.push(tokio::spawn(serve(listener, name))),
+                        Err(e) => eprintln!("echo backend {name}: {e}"),
                     }
                 }
                 for task in tasks {
@@ -105,7 +130,7 @@ async fn answer(
             .unwrap_or("")
             .to_string()
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "backend": name.as_ref(),
         "method": req.method().as_str(),
         "path": req.uri().to_string(),
@@ -115,6 +140,23 @@ async fn answer(
         "x-forwarded-proto": header("x-forwarded-proto"),
         "traceparent": header("traceparent"),
     });
+    // Every header and the body as received: what a plugin under development changed.
+    let mut headers = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        headers.insert(
+            name.as_str().to_string(),
+            String::from_utf8_lossy(value.as_bytes())
+                .into_owned()
+                .into(),
+        );
+    }
+    body["headers"] = headers.into();
+    let received = http_body_util::Limited::new(req.into_body(), ECHOED_BODY_LIMIT)
+        .collect()
+        .await
+        .map(|collected| String::from_utf8_lossy(&collected.to_bytes()).into_owned())
+        .unwrap_or_else(|e| format!("(body not read: {e})"));
+    body["body"] = received.into();
     let mut response = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
     if let Ok(value) = hyper::header::HeaderValue::from_str(&name) {

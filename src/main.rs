@@ -6,6 +6,7 @@ mod demo;
 mod fleet_metrics;
 mod iptables;
 mod kubernetes;
+mod project;
 mod remote;
 
 use clap::{Parser, Subcommand};
@@ -106,6 +107,62 @@ enum Command {
         /// Print the samples instead of the summary (`prometheus`).
         #[arg(long)]
         export: Option<String>,
+    },
+    /// Make a plugin project: the plugin on its language's SDK, a proxy config running it
+    /// in front of an echo backend, and integration cases it passes.
+    Init {
+        /// The plugin's name (lowercase letters, digits, dashes).
+        name: String,
+        /// Its language.
+        #[arg(long = "lang", value_enum, default_value = "rust")]
+        language: project::Language,
+        /// Where to make it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The proxy's port in the project's config.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// The proxy's admin port.
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+        /// The echo backend's port.
+        #[arg(long, default_value_t = 9100)]
+        echo_port: u16,
+        /// The plugin process's port (Python and Go).
+        #[arg(long, default_value_t = 9200)]
+        plugin_port: u16,
+    },
+    /// Develop the plugin of the project here: build it, serve it through a local proxy in
+    /// front of an echo backend, rebuild and hot-swap it on every save.
+    Dev {
+        /// The project's directory (default: this one or the nearest above with a
+        /// nip-project.yaml).
+        #[arg(long, default_value = ".")]
+        project: PathBuf,
+    },
+    /// Test the project's plugin: `--integration` builds it and sends cases.yaml's
+    /// requests through a real proxy, checking each answer (exit 1 when one fails).
+    Test {
+        /// Run the integration cases (the only kind of test nip runs itself).
+        #[arg(long, required = true)]
+        integration: bool,
+        /// The project's directory.
+        #[arg(long, default_value = ".")]
+        project: PathBuf,
+    },
+    /// Ship the project's plugin and routes to an environment of its nip-project.yaml:
+    /// the module uploaded to that control plane, the config applied (with the
+    /// environment's canary region first; exit 1 when it rolls back).
+    Deploy {
+        /// The environment (`environments.NAME` in nip-project.yaml).
+        #[arg(long)]
+        env: String,
+        /// Why (kept in the control plane's history).
+        #[arg(short, long, default_value = "")]
+        message: String,
+        /// The project's directory.
+        #[arg(long, default_value = ".")]
+        project: PathBuf,
     },
     /// Move a v3 config to v4: `analyze` reports what changes, `config --from-v3` writes
     /// the v4 file (TODO comments where a human must decide).
@@ -558,6 +615,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -756,6 +814,68 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate { action } => migrate(action),
+        Command::Init {
+            name,
+            language,
+            dir,
+            port,
+            admin_port,
+            echo_port,
+            plugin_port,
+        } => {
+            let options = project::scaffold::InitOptions {
+                name,
+                language,
+                dir,
+                port,
+                admin_port,
+                echo_port,
+                plugin_port,
+            };
+            match project::scaffold::init(&options) {
+                Ok(dir) => {
+                    print!("{}", project::scaffold::next_steps(&dir, &options));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nip init: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Dev { project: dir } => {
+            match project::Project::open(&dir).and_then(|p| project::dev::run(&p)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nip dev: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Deploy {
+            env,
+            message,
+            project: dir,
+        } => match project::Project::open(&dir)
+            .and_then(|p| project::deploy::run(&p, &env, &message))
+        {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("nip deploy: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Test {
+            integration: _,
+            project: dir,
+        } => match project::Project::open(&dir).and_then(|p| project::cases::run(&p)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("nip test: {e:#}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
         Command::Metrics { admins, export } => fleet_metrics::run(&admins, export.as_deref()),
         Command::Ca { action, ca_dir } => {
             let done = match action {

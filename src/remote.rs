@@ -139,20 +139,8 @@ impl Remote {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(u16, Value), Failure> {
-        let url = format!("{}{path}", self.control_plane.trim_end_matches('/'));
-        let mut config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout));
-        if let Some(roots) = self.trusted_roots()? {
-            config = config.tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
-                    .build(),
-            );
-        }
-        let agent: ureq::Agent = config.build().into();
-        let authorization = self.token()?.map(|t| format!("Bearer {t}"));
-        let authorization = authorization.as_deref().unwrap_or("");
+        let (agent, url, authorization) = self.agent(path, timeout)?;
+        let authorization = authorization.as_str();
         let response = match (method, body) {
             ("GET", _) => agent
                 .get(&url)
@@ -177,6 +165,39 @@ impl Remote {
                 .header("authorization", authorization)
                 .send_empty(),
         };
+        Self::answer(&url, response)
+    }
+
+    /// An agent trusting the control plane's roots, the URL of `path`, and the
+    /// `authorization` header value.
+    fn agent(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(ureq::Agent, String, String), Failure> {
+        let url = format!("{}{path}", self.control_plane.trim_end_matches('/'));
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout));
+        if let Some(roots) = self.trusted_roots()? {
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            );
+        }
+        let authorization = self
+            .token()?
+            .map(|t| format!("Bearer {t}"))
+            .unwrap_or_default();
+        Ok((config.build().into(), url, authorization))
+    }
+
+    /// The status and JSON of an answer.
+    fn answer(
+        url: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<(u16, Value), Failure> {
         let mut response =
             response.map_err(|e| Failure::other(format!("cannot reach {url}: {e}")))?;
         let status = response.status().as_u16();
@@ -236,6 +257,27 @@ fn print_json(value: &Value) {
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
+}
+
+/// Uploads a plugin module to the control plane's store (`PUT /v1/modules`); its digest.
+pub fn upload_module(remote: &Remote, module: &[u8]) -> Result<String, String> {
+    let inner = || -> Result<String, Failure> {
+        let (agent, url, authorization) = remote.agent("/v1/modules", Duration::from_secs(60))?;
+        let response = agent
+            .put(&url)
+            .header("authorization", &authorization)
+            .header("content-type", "application/wasm")
+            .send(module);
+        let (status, answer) = Remote::answer(&url, response)?;
+        if !(200..300).contains(&status) {
+            return Err(explain(status, &answer, "the plugin module"));
+        }
+        answer["sha256"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Failure::other(format!("{url} answered without a sha256: {answer}")))
+    };
+    inner().map_err(|f| f.message)
 }
 
 /// What `nip apply` asks for besides the file.

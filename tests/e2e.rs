@@ -8,6 +8,7 @@ mod common;
 mod control_plane;
 mod data_plane;
 mod deploy;
+mod developer_cli;
 mod edge_policy;
 mod examples;
 mod front_door;

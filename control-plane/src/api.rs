@@ -37,6 +37,9 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// How long a canary waits for its region by default.
 pub const DEFAULT_CANARY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Largest plugin module the store takes (what `PUT /v1/modules` reads at most).
+const MAX_MODULE_BYTES: usize = 16 << 20;
+
 /// Longest canary wait a request may ask for.
 const MAX_CANARY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -66,6 +69,12 @@ pub fn router(
                 .put(set_plugin_signing)
                 .delete(clear_plugin_signing),
         )
+        .route(
+            "/v1/modules",
+            axum::routing::put(upload_module)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_MODULE_BYTES)),
+        )
+        .route("/v1/modules/{sha256}", get(download_module))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/inject", post(inject_webhook))
         .layer(Extension(Arc::new(inject)))
@@ -86,6 +95,7 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         (_, "/v1/tokens") => Some(Role::Admin),
         (_, p) if p.starts_with("/v1/tokens/") => Some(Role::Admin),
         ("POST", "/v1/config") => Some(Role::Operator),
+        ("PUT", "/v1/modules") => Some(Role::Operator),
         ("POST", p) if p.starts_with("/v1/rollback/") => Some(Role::Operator),
         // A tenant's own routes and services: its operators change them (scoped by the
         // token's tenants in the handler).
@@ -934,6 +944,67 @@ async fn inject_webhook(
     match crate::inject::review(&review, &settings) {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+/// Stores a plugin module (the body: the `.wasm` bytes) by its SHA-256, which a config
+/// then names alone (`source: { sha256 }`); storing one twice changes nothing.
+async fn upload_module(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !body.starts_with(b"\0asm") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body is not a WebAssembly module (no \\0asm header)",
+        ));
+    }
+    let digest = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let new = service
+        .store()
+        .put_module(&digest, &body, &identity.name)
+        .await?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "sha256": digest, "size": body.len(), "new": new })),
+    ))
+}
+
+/// A stored plugin module's bytes (`application/wasm`).
+async fn download_module(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    check_tenants(&identity, &service, None).await?;
+    if !nip_xds::config::is_sha256_hex(&sha256) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("sha256: {sha256:?} is not 64 hex digits"),
+        ));
+    }
+    match service.store().module(&sha256.to_ascii_lowercase()).await? {
+        Some(bytes) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/wasm")],
+            bytes,
+        )
+            .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no module {sha256} in the store"),
+        )),
     }
 }
 

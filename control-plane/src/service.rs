@@ -317,13 +317,22 @@ async fn state_of(
     revision: &Revision,
     plugin_keys: &BTreeMap<String, Vec<String>>,
     mesh: Arc<MeshState>,
+    store: &Store,
 ) -> Result<CacheState, ConfigError> {
     let yaml = revision.yaml.clone();
     let version = revision.version.to_string();
     let plugin_keys = plugin_keys.clone();
+    let modules = stored_modules_of(&yaml, store).await?;
     off_async_workers(move || {
         let config = Config::from_yaml(&yaml)?;
         let mut translation = translate(&config);
+        nip_xds::stored_modules::inline_stored_modules(&mut translation.resources, &modules)
+            .map_err(|message| {
+                ConfigError::Invalid(vec![FieldError {
+                    path: "plugins".to_string(),
+                    message,
+                }])
+            })?;
         if let Some(keys) = config.tenant.as_ref().and_then(|t| plugin_keys.get(&t.id)) {
             nip_xds::translate::require_signed_plugins(&mut translation.resources, keys);
         }
@@ -342,6 +351,46 @@ async fn state_of(
         Ok(CacheState::new(&version, &translation.resources))
     })
     .await
+}
+
+/// The modules of the store a document names (by digest), read from the store; one the
+/// store does not have is an error naming the field.
+async fn stored_modules_of(
+    yaml: &str,
+    store: &Store,
+) -> Result<BTreeMap<String, Vec<u8>>, ConfigError> {
+    let yaml = yaml.to_string();
+    let refs = off_async_workers(move || {
+        Ok(nip_xds::stored_modules::stored_module_refs(
+            &Config::from_yaml(&yaml)?,
+        ))
+    })
+    .await?;
+    let mut modules = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (path, digest) in refs {
+        match store.module(&digest).await {
+            Ok(Some(bytes)) => {
+                modules.insert(digest, bytes);
+            }
+            Ok(None) => missing.push(FieldError {
+                path,
+                message: format!(
+                    "no plugin module {digest} in this control plane's store: upload it first \
+                     (nip deploy does; PUT /v1/modules)"
+                ),
+            }),
+            Err(e) => missing.push(FieldError {
+                path,
+                message: format!("cannot read module {digest} from the store: {e}"),
+            }),
+        }
+    }
+    if missing.is_empty() {
+        Ok(modules)
+    } else {
+        Err(ConfigError::Invalid(missing))
+    }
 }
 
 /// The mesh TLS `config` asks for, refused on a control plane without a CA (`--plaintext`):
@@ -527,21 +576,23 @@ impl ConfigService {
         let mesh = self.current_mesh();
         let previous = self.cache.views();
         let default = match &current {
-            Some(revision) => match state_of(revision, &plugin_keys, Arc::clone(&mesh)).await {
-                Ok(state) => Arc::new(state),
-                Err(e) => {
-                    tracing::error!(
+            Some(revision) => {
+                match state_of(revision, &plugin_keys, Arc::clone(&mesh), &self.store).await {
+                    Ok(state) => Arc::new(state),
+                    Err(e) => {
+                        tracing::error!(
                         version = revision.version,
                         "stored config no longer validates, still serving the previous one: {e}"
                     );
-                    Arc::clone(&previous.default)
+                        Arc::clone(&previous.default)
+                    }
                 }
-            },
+            }
             None => Arc::new(CacheState::default()),
         };
         let mut by_region = BTreeMap::new();
         if let Some(revision) = &canary {
-            match state_of(revision, &plugin_keys, Arc::clone(&mesh)).await {
+            match state_of(revision, &plugin_keys, Arc::clone(&mesh), &self.store).await {
                 Ok(state) => {
                     let region = revision.canary_region.clone().unwrap_or_default();
                     by_region.insert(region, Arc::new(state));
@@ -608,6 +659,7 @@ impl ConfigService {
             })
         })?;
         let has_ca = self.current_mesh().trust_bundle.is_some();
+        let document = yaml.clone();
         off_async_workers(move || {
             validate(&yaml)?;
             let config = Config::from_yaml(&yaml)?;
@@ -629,7 +681,8 @@ impl ConfigService {
                 Err(ConfigError::Invalid(problems))
             }
         })
-        .await
+        .await?;
+        stored_modules_of(&document, &self.store).await.map(drop)
     }
 
     /// Validates, stores and serves `change`; with a canary, waits for the region's

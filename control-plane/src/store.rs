@@ -37,6 +37,9 @@ pub enum StoreError {
     /// No revision has this version.
     #[error("no config version {0}")]
     NotFound(i64),
+    /// Something stored does not read back as it was written.
+    #[error("the store holds a damaged record: {0}")]
+    Corrupt(String),
     /// A canary rollout is in progress; nothing else may change until it ends.
     #[error("canary rollout of version {version} to region {region:?} is in progress")]
     CanaryInProgress {
@@ -234,6 +237,13 @@ fn migrator() -> Migrator {
                 Cow::Borrowed("tenant policies"),
                 MigrationType::Simple,
                 Cow::Borrowed(include_str!("../migrations/0004_tenant_policies.sql")),
+                false,
+            ),
+            Migration::new(
+                5,
+                Cow::Borrowed("plugin modules"),
+                MigrationType::Simple,
+                Cow::Borrowed(include_str!("../migrations/0005_modules.sql")),
                 false,
             ),
         ]),
@@ -658,6 +668,7 @@ async fn race_pause() {
     tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(2..20))).await;
 }
 
+mod modules;
 mod policies;
 mod tokens;
 

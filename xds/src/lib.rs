@@ -41,6 +41,7 @@ pub mod resources;
 pub mod schema;
 pub mod secrets;
 pub mod server;
+pub mod stored_modules;
 #[cfg(test)]
 mod test_support;
 pub mod translate;

@@ -530,7 +530,8 @@ fn gateway_connection_manager(config: &Config) -> HttpConnectionManager {
     }
 }
 
-/// Where a plugin's module comes from: a local file, or a remote URL pinned by sha256.
+/// Where a plugin's module comes from: a local file, a remote URL pinned by sha256, or
+/// (sha256 alone) a control plane's module store ([`crate::stored_modules`]).
 fn plugin_code(source: &crate::config::PluginSource) -> Option<AsyncDataSource> {
     let specifier = match (&source.file, &source.url) {
         (Some(file), _) => async_data_source::Specifier::Local(DataSource {
@@ -552,7 +553,18 @@ fn plugin_code(source: &crate::config::PluginSource) -> Option<AsyncDataSource> 
                 .to_ascii_lowercase(),
             retry_policy: None,
         }),
-        (None, None) => return None,
+        (None, None) => {
+            let sha256 = source.sha256.as_ref()?.to_ascii_lowercase();
+            async_data_source::Specifier::Remote(RemoteDataSource {
+                http_uri: Some(HttpUri {
+                    uri: crate::stored_modules::stored_module_uri(&sha256),
+                    timeout: Some(pb_duration(PLUGIN_FETCH_TIMEOUT)),
+                    http_upstream_type: None,
+                }),
+                sha256,
+                retry_policy: None,
+            })
+        }
     };
     Some(AsyncDataSource {
         specifier: Some(specifier),

@@ -290,6 +290,50 @@ async fn tenant_policies(store: &Store) {
     assert_eq!(events[1].action, "plugin_signing_set");
 }
 
+async fn modules(store: &Store) {
+    let digest = "ab".repeat(32);
+    assert_eq!(store.module(&digest).await.unwrap(), None);
+    let module: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    assert!(store
+        .put_module(&digest, &module, "token:ci")
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .put_module(&digest, &module, "token:ci")
+            .await
+            .unwrap(),
+        "a digest is stored once"
+    );
+    assert_eq!(store.module(&digest).await.unwrap(), Some(module));
+    let events = store.events(10).await.unwrap();
+    assert_eq!(events[0].action, "module_uploaded");
+    assert_eq!(
+        events[1].action, "apply",
+        "storing it again records nothing"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_modules() {
+    let (store, _, _dir) = sqlite().await;
+    store
+        .commit(apply("token:ci", "routes: []\n"))
+        .await
+        .unwrap();
+    modules(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_modules() {
+    let (store, _) = postgres().await;
+    store
+        .commit(apply("token:ci", "routes: []\n"))
+        .await
+        .unwrap();
+    modules(&store).await;
+}
+
 #[tokio::test]
 async fn sqlite_tenant_policies() {
     let (store, _, _dir) = sqlite().await;

@@ -181,6 +181,7 @@ async fn plugins(State(state): State<AdminState>) -> Json<Value> {
                 "fail_open": plugin.fail_open,
                 "max_body_bytes": plugin.max_body_bytes,
                 "declared": plugin.declaration,
+                "module_sha256": &*plugin.module_sha256,
                 "health": status.health,
                 "resource_usage": status.usage,
                 "checked": status.checked.map(|t| humantime::format_rfc3339_seconds(t).to_string()),

@@ -23,6 +23,12 @@ const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ModuleSource {
     /// A local file (watched for changes).
     File(PathBuf),
+    /// The module's bytes, sent with the config (`vm_config.code.local.inline_bytes`: how
+    /// a control plane serves a module it stores).
+    Inline(std::sync::Arc<[u8]>),
+    /// A module only a control plane has (`source: { sha256 }` alone), which it sends
+    /// inline; a proxy that reads such a config itself cannot load it.
+    Stored(String),
     /// A URL and the module's hex SHA-256.
     Remote {
         /// http:// or https:// URL.
@@ -42,7 +48,10 @@ impl ModuleSource {
                 Some(data_source::Specifier::Filename(file)) => {
                     Ok(ModuleSource::File(PathBuf::from(file)))
                 }
-                _ => Err("vm_config.code.local must be a filename".into()),
+                Some(data_source::Specifier::InlineBytes(bytes)) if !bytes.is_empty() => {
+                    Ok(ModuleSource::Inline(bytes.as_slice().into()))
+                }
+                _ => Err("vm_config.code.local must be a filename or inline_bytes".into()),
             },
             Some(async_data_source::Specifier::Remote(remote)) => Self::remote(remote),
             None => Err("vm_config.code is missing".into()),
@@ -54,6 +63,9 @@ impl ModuleSource {
             .http_uri
             .as_ref()
             .ok_or("vm_config.code.remote.http_uri is missing")?;
+        if let Some(digest) = nip_xds::stored_modules::stored_module_digest(&uri.uri) {
+            return Ok(ModuleSource::Stored(digest.to_string()));
+        }
         if !(uri.uri.starts_with("http://") || uri.uri.starts_with("https://")) {
             return Err(format!(
                 "vm_config.code.remote.http_uri.uri {:?} is not http(s)",
@@ -87,7 +99,7 @@ impl ModuleSource {
     pub fn watched_file(&self) -> Option<&Path> {
         match self {
             ModuleSource::File(path) => Some(path),
-            ModuleSource::Remote { .. } => None,
+            ModuleSource::Remote { .. } | ModuleSource::Inline(_) | ModuleSource::Stored(_) => None,
         }
     }
 
@@ -96,6 +108,12 @@ impl ModuleSource {
         match self {
             ModuleSource::File(path) => std::fs::read(path)
                 .map_err(|e| format!("cannot read plugin module {}: {e}", path.display())),
+            ModuleSource::Inline(bytes) => Ok(bytes.to_vec()),
+            ModuleSource::Stored(digest) => Err(format!(
+                "plugin module {digest} is kept by a control plane (a `source` of sha256 alone): \
+                 only a proxy that control plane serves gets it; give this proxy a file or url \
+                 source instead"
+            )),
             ModuleSource::Remote {
                 url,
                 sha256,

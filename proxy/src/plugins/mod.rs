@@ -79,6 +79,9 @@ pub struct LoadedPlugin {
     pub declaration: Option<nip_filters::sdk::Declaration>,
     /// Its last health and resource-usage reports (SDK plugins).
     pub status: Arc<Mutex<PluginStatus>>,
+    /// Hex SHA-256 of the module's bytes: which build is serving (`nip dev` waits for it
+    /// on the admin page after a rebuild).
+    pub module_sha256: Arc<str>,
 }
 
 /// What an SDK plugin last reported, asked by the instance's background task.
@@ -106,6 +109,7 @@ struct CachedModule {
     live: Arc<AtomicBool>,
     declaration: Option<nip_filters::sdk::Declaration>,
     status: Arc<Mutex<PluginStatus>>,
+    module_sha256: Arc<str>,
 }
 
 /// Compiles plugins for snapshots, reusing modules whose bytes did not change.
@@ -295,6 +299,7 @@ impl PluginLoader {
                     live: Arc::new(AtomicBool::new(true)),
                     declaration: canary.declaration().cloned(),
                     status: Arc::default(),
+                    module_sha256: fetch::hex_sha256(&bytes).into(),
                 };
                 self.modules
                     .lock()
@@ -313,6 +318,7 @@ impl PluginLoader {
             live: cached.live,
             declaration: cached.declaration,
             status: cached.status,
+            module_sha256: cached.module_sha256,
         })
     }
 

@@ -24,8 +24,8 @@ pub use model::*;
 pub use path_text::{path_text_problem, redirect_path_problem, substitution_problem};
 pub use tenants::{route_tenant, tenant_problems};
 pub use validate::{
-    check_host_pattern, decode_base64, parse_endpoint_address, parse_listen_address, parse_rate,
-    rate_parts, route_name, APPEND_ACTIONS, ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES,
+    check_host_pattern, decode_base64, is_sha256_hex, parse_endpoint_address, parse_listen_address,
+    parse_rate, rate_parts, route_name, APPEND_ACTIONS, ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES,
     HEADER_VARIABLES, MAX_DIRECT_RESPONSE_BODY, MAX_RETRIES, RETRY_CONDITIONS,
 };
 

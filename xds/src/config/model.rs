@@ -1283,7 +1283,9 @@ pub struct PluginSource {
     /// An `http://` or `https://` URL the proxy downloads the module from.
     #[serde(default)]
     pub url: Option<String>,
-    /// Hex SHA-256 of the module; required with `url` (a download that differs is refused).
+    /// Hex SHA-256 of the module; required with `url` (a download that differs is
+    /// refused). Alone, it names a module uploaded to the control plane serving this config
+    /// (`nip deploy`, `PUT /v1/modules`), which sends the bytes with the config.
     #[serde(default)]
     pub sha256: Option<String>,
     /// Base64 ed25519 signature over the module's bytes: checked by proxies against the

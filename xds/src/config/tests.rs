@@ -176,20 +176,25 @@ fn plugin_sources_and_limits_are_checked_field_by_field() {
         "plugins:\n  remote:\n    source: {{ url: \"https://plugins.example/auth.wasm\", sha256: \"{hash}\" }}\n    limits: {{ memory: 32Mi, cpu: 20ms, body: 256Ki }}\n"
     );
     let config = Config::from_yaml(&good).expect("a pinned URL and limits load");
+    Config::from_yaml(&format!(
+        "plugins:\n  stored: {{ source: {{ sha256: \"{hash}\" }} }}\n"
+    ))
+    .expect("a digest alone names a module in the control plane's store");
     let limits = config.plugins["remote"].limits;
     assert_eq!(limits.memory, Some(ByteSize(32 << 20)));
     assert_eq!(limits.body, Some(ByteSize(256 << 10)));
     assert_eq!(limits.cpu.map(|c| c.0.as_millis()), Some(20));
 
     let errors = errors_of(
-        "plugins:\n  a: { source: { url: \"https://x/a.wasm\" } }\n  b: { source: { url: \"ftp://x/b.wasm\", sha256: \"abc\" } }\n  c: { source: { } }\n  d: { source: { file: /nonexistent.wasm, url: \"https://x/d.wasm\" } }\n  e: { limits: { memory: 10Ki, cpu: 1m, body: 1Gi } }\n",
+        "plugins:\n  a: { source: { url: \"https://x/a.wasm\" } }\n  b: { source: { url: \"ftp://x/b.wasm\", sha256: \"abc\" } }\n  c: { source: { } }\n  s: { source: { sha256: \"xyz\" } }\n  d: { source: { file: /nonexistent.wasm, url: \"https://x/d.wasm\" } }\n  e: { limits: { memory: 10Ki, cpu: 1m, body: 1Gi } }\n",
     )
     .join("\n");
     for expected in [
         "plugins.a.source.sha256: a `url` source needs the module's sha256",
         "plugins.b.source.url: \"ftp://x/b.wasm\" is not an http:// or https:// URL",
         "plugins.b.source.sha256: \"abc\" is not 64 hex digits",
-        "plugins.c.source: give `file` or `url`",
+        "plugins.c.source: give `file`, `url` (with `sha256`), or `sha256` alone",
+        "plugins.s.source.sha256: \"xyz\" is not 64 hex digits",
         "plugins.d.source: give either `file` or `url`, not both",
         "plugins.e.limits.memory: 10240 bytes is outside 1Mi..4Gi",
         "plugins.e.limits.cpu: 60s is outside 1ms..10s",

@@ -1614,7 +1614,18 @@ fn validate_plugin_source(path: &str, source: &PluginSource, errors: &mut Errors
             }
         }
         (Some(_), Some(_)) => errors.add(path, "give either `file` or `url`, not both"),
-        (None, None) => errors.add(path, "give `file` or `url` (with `sha256`)"),
+        (None, None) => match &source.sha256 {
+            // A module in the control plane's store (uploaded by `nip deploy`).
+            Some(hash) if is_sha256_hex(hash) => {}
+            Some(hash) => errors.add(
+                format!("{path}.sha256"),
+                format!("{hash:?} is not 64 hex digits"),
+            ),
+            None => errors.add(
+                path,
+                "give `file`, `url` (with `sha256`), or `sha256` alone for a module uploaded to the control plane (nip deploy)",
+            ),
+        },
     }
     if let Some(signature) = &source.signature {
         if decode_base64(signature).is_none_or(|bytes| bytes.len() != ED25519_SIGNATURE_BYTES) {
