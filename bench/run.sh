@@ -37,6 +37,8 @@ python3 bench/policy.py
 python3 bench/plugin_sdk.py
 # Request tracing at 1 % and 100 % beside none, spans to an OTLP receiver (~2 minutes).
 python3 bench/tracing.py
+# A new Rust plugin: nip init to the first response under nip dev, save to serving (~2 minutes).
+python3 bench/first_plugin.py
 # Normal requests next to 2,000 idle and 300 slowloris connections (~3 minutes).
 python3 bench/crowd.py
 # Mutual TLS between two proxies, NIP → NIP beside nginx → nginx (~2 minutes).

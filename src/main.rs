@@ -2,6 +2,7 @@
 //! `nip control-plane`, `nip validate`, `nip demo`); the work itself lives in the library
 //! crates.
 
+mod debug;
 mod demo;
 mod fleet_metrics;
 mod iptables;
@@ -163,6 +164,16 @@ enum Command {
         /// The project's directory.
         #[arg(long, default_value = ".")]
         project: PathBuf,
+    },
+    /// A console on one proxy's admin port: routes, clusters with endpoint predictions,
+    /// plugins, a live tap of one route's requests, plugin logs (type help). Give a
+    /// command to run it once.
+    Debug {
+        /// The proxy's admin address (`127.0.0.1:9901` or a URL).
+        #[arg(long, env = "NIP_ADMIN", default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// A command to run instead of the console (`routes`, `tap web 5`…).
+        command: Vec<String>,
     },
     /// Move a v3 config to v4: `analyze` reports what changes, `config --from-v3` writes
     /// the v4 file (TODO comments where a human must decide).
@@ -852,6 +863,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Debug { admin, command } => debug::run(&admin, &command),
         Command::Deploy {
             env,
             message,

@@ -363,6 +363,181 @@ async fn deploy_ships_the_plugin_through_a_canary_and_rolls_back_when_the_canary
     );
 }
 
+/// A console in a pseudo-terminal (tmux on a socket of its own), typed into and read
+/// from the screen.
+struct Terminal {
+    socket: String,
+}
+
+impl Terminal {
+    fn start(command: &str) -> Terminal {
+        let socket = format!("nip-debug-{}", free_port());
+        let status = Command::new("tmux")
+            .args([
+                "-L",
+                &socket,
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "220",
+                "-y",
+                "60",
+            ])
+            .arg(command)
+            .status()
+            .expect("tmux (./dev test installs it)");
+        assert!(status.success());
+        Terminal { socket }
+    }
+
+    fn type_line(&self, line: &str) {
+        let status = Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", line, "Enter"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn screen(&self) -> String {
+        let output = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-S", "-200"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    async fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !self.screen().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{text:?} is not on the screen:\n{}",
+                self.screen()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running(&self) -> bool {
+        Command::new("tmux")
+            .args(["-L", &self.socket, "has-session"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nip_debug_shows_routes_clusters_a_bounded_tap_and_plugin_logs_in_a_terminal() {
+    let _turn = crate::common::module_turn(module_path!());
+    let app = Pages::start(&[(
+        "/orders/7",
+        200,
+        "application/json",
+        r#"{"id": 7, "card": "4111"}"#,
+    )])
+    .await;
+    let proxy = Proxy::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:{{admin}}" }}
+api_gateway: {{ address: "127.0.0.1:{{port}}" }}
+services:
+  shop: {{ endpoints: ["{app}"] }}
+plugins:
+  guard: {{ source: {{ file: "{guard}" }}, config: {{ redact: [card] }} }}
+routes:
+  - {{ name: orders, match: {{ path_prefix: /orders }}, service: shop, plugins: [guard] }}
+  - {{ name: rest, service: shop }}
+"#,
+        app = app.address,
+        guard = example_plugin("sdk_guard").display(),
+    ))
+    .await;
+    let terminal = Terminal::start(&format!(
+        "{} debug --admin 127.0.0.1:{}",
+        nip_bin(),
+        proxy.admin_port
+    ));
+    terminal.wait_for("nip debug>").await;
+
+    terminal.type_line("routes");
+    terminal.wait_for("prefix /orders").await;
+    let screen = terminal.screen();
+    assert!(
+        screen.contains("orders") && screen.contains("→ shop"),
+        "{screen}"
+    );
+
+    terminal.type_line("clusters");
+    terminal.wait_for(&app.address.to_string()).await;
+    assert!(
+        terminal.screen().contains("predicted"),
+        "{}",
+        terminal.screen()
+    );
+
+    // The tap shows the next two requests of the route, then stops by itself.
+    terminal.type_line("tap orders 2");
+    terminal.wait_for("watching orders for 2 request(s)").await;
+    let http = client();
+    for path in ["/other", "/orders/7", "/orders/7", "/orders/7"] {
+        let answer = http.get(proxy.url(path)).send().await.unwrap();
+        assert_eq!(answer.status(), if path == "/other" { 404 } else { 200 });
+    }
+    terminal.wait_for("2 request(s) shown").await;
+    let screen = terminal.screen();
+    assert_eq!(
+        screen.matches("200 GET /orders/7").count(),
+        2,
+        "two of the route's requests, no other:\n{screen}"
+    );
+    assert!(!screen.contains("/other"), "{screen}");
+
+    // What the plugin logged while redacting.
+    terminal.type_line("logs guard 5");
+    terminal.wait_for("redacted 1 field(s)").await;
+    assert!(
+        terminal.screen().contains("info  guard:"),
+        "{}",
+        terminal.screen()
+    );
+
+    terminal.type_line("frobnicate");
+    terminal
+        .wait_for("unknown command \"frobnicate\"; type help")
+        .await;
+    terminal.type_line("quit");
+    eventually("nip debug ends on quit", || async { !terminal.running() }).await;
+
+    // One command from the command line, for scripts.
+    let output = nip(
+        &[
+            "debug",
+            "--admin",
+            &format!("127.0.0.1:{}", proxy.admin_port),
+            "plugins",
+        ],
+        Path::new("."),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("guard (wasm, module"),
+        "{}",
+        text(&output)
+    );
+}
+
 #[test]
 fn init_refuses_a_bad_name_and_a_directory_in_use() {
     let tmp = tempfile::tempdir().unwrap();

@@ -6,6 +6,7 @@
 mod common;
 
 mod control_plane;
+mod dashboard;
 mod data_plane;
 mod deploy;
 mod developer_cli;

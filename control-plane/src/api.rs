@@ -76,6 +76,7 @@ pub fn router(
         )
         .route("/v1/modules/{sha256}", get(download_module))
         .route("/v1/openapi.json", get(openapi))
+        .merge(crate::dashboard::router())
         .route("/v1/inject", post(inject_webhook))
         .layer(Extension(Arc::new(inject)))
         .with_state(service)
@@ -89,6 +90,9 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
     let path = path.trim_end_matches('/');
     match (method.as_str(), path) {
         ("GET", "/v1/openapi.json") => None,
+        // The dashboard's page and files: the same for everyone, no data; what they show
+        // comes from API calls carrying the operator's token.
+        (_, p) if crate::dashboard::is_dashboard(method, p) => None,
         // The admission webhook changes nothing here: it answers with a patch of the pod
         // it is given (the apiserver calls it without an API token).
         ("POST", "/v1/inject") => None,
@@ -454,12 +458,38 @@ async fn apply_config(
     Ok((status, Json(body)))
 }
 
-async fn validate_config(headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+/// Validates a document without storing it; a valid one comes with its change against
+/// the config served now (`diff`, empty when it is the same), what a reviewer looks at
+/// before applying.
+async fn validate_config(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let request = read_change(&headers, None, &body)?;
+    let yaml = request.yaml.clone();
     let validated = validate_bounded(request.yaml)
         .await
         .map_err(|e| ApiError::invalid(&e))?;
-    Ok(Json(json!({ "valid": true, "notes": validated.notes })))
+    // A tenant's token sees no more of the served config than before.
+    let diff = if identity.tenants.is_empty() {
+        match service.store().current().await? {
+            Some(current) if current.yaml != yaml => crate::store::diff(
+                &current.yaml,
+                &format!("version {}", current.version),
+                &yaml,
+                "proposed",
+            ),
+            Some(_) => String::new(),
+            None => crate::store::diff("", "nothing", &yaml, "proposed"),
+        }
+    } else {
+        String::new()
+    };
+    Ok(Json(
+        json!({ "valid": true, "notes": validated.notes, "diff": diff }),
+    ))
 }
 
 async fn current_config(

@@ -2,7 +2,7 @@
 //! over xDS v3
 //!
 //! ```text
-//! nip apply / REST ──▶ api ──▶ service: validate ──▶ store (SQLite | PostgreSQL)
+//! nip apply / REST / dashboard ──▶ api ──▶ service: validate ──▶ store (SQLite | PostgreSQL)
 //! config file ──(poll, debounced)──┘                      │ revisions, events
 //!                           sync (after a change, and every poll) ◀─┘
 //!                                  ──translate──▶ Views ──▶ SnapshotCache
@@ -15,6 +15,8 @@
 //! store's head, so several replicas sharing one PostgreSQL database converge by polling it.
 //! A change arrives through the REST API ([`api`]) or from the optional config file the
 //! control plane follows (a change there is debounced 100 ms and applied like an API call).
+//! [`dashboard`] is a page over the same API (same token, same roles); plugin modules
+//! `nip deploy` uploads are kept in the store by digest and sent inline with the config.
 //! [`service`] validates with the same parser and translator as `nip validate`, stores,
 //! serves, and runs canary rollouts (one region first, promoted when all its proxies ACK,
 //! rolled back on a NACK).
@@ -24,6 +26,7 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod dashboard;
 pub mod https;
 pub mod inject;
 pub mod oidc;

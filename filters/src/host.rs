@@ -576,13 +576,29 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             };
             let text = String::from_utf8_lossy(&bytes);
             let plugin = c.data().plugin.name.as_str();
-            match level {
-                abi::log_level::TRACE => tracing::trace!(%plugin, "{text}"),
-                abi::log_level::DEBUG => tracing::debug!(%plugin, "{text}"),
-                abi::log_level::INFO => tracing::info!(%plugin, "{text}"),
-                abi::log_level::WARN => tracing::warn!(%plugin, "{text}"),
-                _ => tracing::error!(%plugin, "{text}"),
-            }
+            let level = match level {
+                abi::log_level::TRACE => {
+                    tracing::trace!(%plugin, "{text}");
+                    "trace"
+                }
+                abi::log_level::DEBUG => {
+                    tracing::debug!(%plugin, "{text}");
+                    "debug"
+                }
+                abi::log_level::INFO => {
+                    tracing::info!(%plugin, "{text}");
+                    "info"
+                }
+                abi::log_level::WARN => {
+                    tracing::warn!(%plugin, "{text}");
+                    "warn"
+                }
+                _ => {
+                    tracing::error!(%plugin, "{text}");
+                    "error"
+                }
+            };
+            crate::logs::record(plugin, level, &text);
             Status::Ok as i32
         },
     )?;

@@ -19,6 +19,7 @@
 //!
 //! * [`abi`]: status codes, enumerations and the header-map wire format.
 //! * [`host`]: the store's state and the `env` host functions.
+//! * [`logs`]: the latest lines plugins logged, in a bounded ring an operator can read.
 //! * [`wasi`]: the full WASI preview1 import set (real where plugins need it, ENOSYS else).
 //! * [`plugin`]: engine (epoch deadlines, compile cache), modules and instances.
 //! * [`shared`]: shared data (with CAS), shared queues and plugin metrics, common to all
@@ -36,6 +37,7 @@
 
 pub mod abi;
 pub mod host;
+pub mod logs;
 pub mod plugin;
 pub mod sdk;
 pub mod shared;

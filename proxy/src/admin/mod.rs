@@ -10,6 +10,9 @@
 //! | `/metrics` | Prometheus text |
 //! | `/config_dump` | the xDS resources being served, as proto3 JSON, with version and node |
 //! | `/clusters` | every endpoint with locality, weight, health, load and latency estimate |
+//! | `/plugins` | each plugin's declaration, module digest, health and process |
+//! | `/plugins/logs?plugin=&after=&limit=` | the latest lines wasm plugins logged |
+//! | `/tap?route=&status=&limit=&seconds=` | finished requests as they happen, one JSON line each (bounded) |
 
 use crate::compile::Snapshot;
 use crate::telemetry::metrics::{Metrics, StateGauges};
@@ -83,6 +86,8 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/config_dump", get(config_dump))
         .route("/clusters", get(clusters))
         .route("/plugins", get(plugins))
+        .route("/plugins/logs", get(plugin_logs))
+        .route("/tap", get(tap))
         .with_state(state)
 }
 
@@ -200,6 +205,122 @@ async fn plugins(State(state): State<AdminState>) -> Json<Value> {
     }))
 }
 
+/// Which plugin log lines `/plugins/logs` returns.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginLogsQuery {
+    /// Only this plugin's.
+    plugin: Option<String>,
+    /// Only lines after this sequence number (what a follower saw last).
+    after: Option<u64>,
+    /// The newest this many (default 100).
+    limit: Option<usize>,
+}
+
+/// The latest lines wasm plugins logged, oldest first.
+async fn plugin_logs(
+    query: Result<axum::extract::Query<PluginLogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    match query {
+        Ok(axum::extract::Query(q)) => Json(nip_filters::logs::recent(
+            q.plugin.as_deref(),
+            q.after,
+            q.limit.unwrap_or(100).min(nip_filters::logs::KEPT_LINES),
+        ))
+        .into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+/// What `/tap` shows and for how long.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TapQuery {
+    /// Only this route's requests.
+    route: Option<String>,
+    /// Only these statuses: `503`, or a class such as `5xx`.
+    status: Option<String>,
+    /// Stop after this many records (default 100, at most 10,000).
+    limit: Option<usize>,
+    /// Stop after this long (default 60, at most 600).
+    seconds: Option<u64>,
+}
+
+/// Which statuses a `status` filter takes.
+fn status_filter(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    if let Some(class) = text.strip_suffix("xx").and_then(|c| c.parse::<u16>().ok()) {
+        return (1..=5)
+            .contains(&class)
+            .then(|| class * 100..=class * 100 + 99);
+    }
+    let code = text
+        .parse::<u16>()
+        .ok()
+        .filter(|c| (100..=599).contains(c))?;
+    Some(code..=code)
+}
+
+/// Streams the requests that finish from now on (NDJSON, the JSON access log's fields),
+/// filtered, until `limit` records or `seconds` passed or the watcher leaves. A watcher
+/// too slow to keep up gets `{"tap_lost": N}` where records were lost.
+async fn tap(
+    State(state): State<AdminState>,
+    query: Result<axum::extract::Query<TapQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let axum::extract::Query(query) = match query {
+        Ok(query) => query,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let statuses = match query.status.as_deref().map(status_filter) {
+        None => 0..=u16::MAX,
+        Some(Some(range)) => range,
+        Some(None) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "status: give a code (503) or a class (5xx)\n",
+            )
+                .into_response()
+        }
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let seconds = query.seconds.unwrap_or(60).clamp(1, 600);
+    let mut watcher = state.metrics.tap.watch();
+    let (lines, body) = tokio::sync::mpsc::channel::<Result<String, std::convert::Infallible>>(16);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        let mut shown = 0;
+        while shown < limit {
+            let next = tokio::select! {
+                _ = lines.closed() => break,
+                next = tokio::time::timeout_at(deadline, watcher.recv()) => next,
+            };
+            let line = match next {
+                Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(lost))) => {
+                    format!("{{\"tap_lost\":{lost}}}\n")
+                }
+                Ok(Ok(record)) => {
+                    let wanted = statuses.contains(&record.status)
+                        && query.route.as_deref().is_none_or(|r| r == &*record.route);
+                    if !wanted {
+                        continue;
+                    }
+                    shown += 1;
+                    record.json.to_string()
+                }
+            };
+            if lines.send(Ok(line)).await.is_err() {
+                break;
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body)),
+    )
+        .into_response()
+}
+
 async fn clusters(State(state): State<AdminState>) -> Json<Value> {
     let snapshot = state.snapshot.load();
     let open = crate::telemetry::sockets::established_by_remote();
@@ -273,4 +394,18 @@ async fn clusters(State(state): State<AdminState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "version_info": snapshot.version, "clusters": clusters }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_filter;
+
+    #[test]
+    fn status_filters_take_a_code_or_a_class() {
+        assert_eq!(status_filter("5xx"), Some(500..=599));
+        assert_eq!(status_filter("404"), Some(404..=404));
+        for bad in ["6xx", "0xx", "99", "600", "abc", ""] {
+            assert_eq!(status_filter(bad), None, "{bad}");
+        }
+    }
 }

@@ -1111,7 +1111,7 @@ impl ProxyHttp for Gateway {
         // Its id for the access log, before the trace is handed to the exporter.
         let trace_id = trace
             .as_ref()
-            .filter(|_| manager.access_log.is_some())
+            .filter(|_| manager.access_log.is_some() || self.metrics.tap.watching())
             .map(|t| t.trace_id_hex());
         if let (Some(trace), Some(tracing)) = (trace, &manager.tracing) {
             finish_trace(session, ctx, trace, tracing, status);
@@ -1134,9 +1134,10 @@ impl ProxyHttp for Gateway {
                 .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
                 .inc();
         }
-        let Some(log) = &manager.access_log else {
+        let watched = self.metrics.tap.watching();
+        if manager.access_log.is_none() && !watched {
             return;
-        };
+        }
         let request = session.req_header();
         let header = |name: &str| header_text(request, name);
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -1145,7 +1146,7 @@ impl ProxyHttp for Gateway {
             Some(addr) => addr.ip().to_string(),
             None => String::new(),
         };
-        log.log(&crate::telemetry::access_log::LogEntry {
+        let entry = crate::telemetry::access_log::LogEntry {
             start: ctx.start_wall,
             method: request.method.as_str(),
             path,
@@ -1176,6 +1177,12 @@ impl ProxyHttp for Gateway {
             peer_uri_san: peer.map_or("", |p| p.certificate.uri()),
             tenant: ctx.tenant().map_or("", |t| &t.id),
             trace_id: trace_id.as_deref().unwrap_or(""),
-        });
+        };
+        if let Some(log) = &manager.access_log {
+            log.log(&entry);
+        }
+        if watched {
+            self.metrics.tap.show(&entry);
+        }
     }
 }

@@ -290,7 +290,8 @@ fn rfc3339(time: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
 }
 
-fn json_line(e: &LogEntry<'_>) -> String {
+/// The JSON format's line (newline-terminated); the tap shows requests the same way.
+pub(crate) fn json_line(e: &LogEntry<'_>) -> String {
     let value = serde_json::json!({
         "start_time": rfc3339(e.start),
         "method": e.method,

@@ -351,9 +351,12 @@ impl ClusterStats {
     }
 }
 
-/// All metric families of a proxy process.
+/// All metric families of a proxy process, and its live request tap (what the proxy shows
+/// of its traffic, held where the request path and the admin page both reach).
 #[derive(Debug)]
 pub struct Metrics {
+    /// Finished requests, for whoever watches (admin `/tap`).
+    pub tap: super::tap::Tap,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     tenant_requests: Family<TenantLabels, Counter>,
@@ -455,6 +458,7 @@ impl Metrics {
             ..DownstreamStats::default()
         };
         let m = Metrics {
+            tap: super::tap::Tap::default(),
             requests: Family::default(),
             tenant_requests: Family::default(),
             request_duration: Family::default(),
