@@ -175,6 +175,31 @@ enum Command {
         /// A command to run instead of the console (`routes`, `tap web 5`…).
         command: Vec<String>,
     },
+    /// The access records proxies stream to the control plane
+    /// (`control_plane.stream_access_logs: true` in a proxy's file): the newest kept ones,
+    /// and with --follow each as it comes.
+    Logs {
+        /// Keep following until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this proxy's records (its node id).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Only this route's.
+        #[arg(long)]
+        route: Option<String>,
+        /// Only these statuses: a code (503) or a class (5xx).
+        #[arg(long)]
+        status: Option<String>,
+        /// How many kept records to start with.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print each record's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Move a v3 config to v4: `analyze` reports what changes, `config --from-v3` writes
     /// the v4 file (TODO comments where a human must decide).
     Migrate {
@@ -864,6 +889,25 @@ fn main() -> ExitCode {
             }
         }
         Command::Debug { admin, command } => debug::run(&admin, &command),
+        Command::Logs {
+            follow,
+            proxy,
+            route,
+            status,
+            limit,
+            json,
+            remote,
+        } => remote::logs(
+            &remote,
+            &remote::LogsOptions {
+                follow,
+                proxy,
+                route,
+                status,
+                limit,
+                json,
+            },
+        ),
         Command::Deploy {
             env,
             message,

@@ -1,5 +1,5 @@
 //! CLI verbs that talk to a control plane's REST API: `nip apply`, `nip get proxies`,
-//! `nip history`, `nip rollback`, `nip token`. Each prints what happened for a human (or
+//! `nip history`, `nip rollback`, `nip token`, `nip logs`, and `nip deploy`'s upload. Each prints what happened for a human (or
 //! the API's JSON with `--json`) and exits 0 on success, 2 when the config must be fixed,
 //! 1 otherwise.
 //!
@@ -139,7 +139,7 @@ impl Remote {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(u16, Value), Failure> {
-        let (agent, url, authorization) = self.agent(path, timeout)?;
+        let (agent, url, authorization) = self.agent(path, Some(timeout))?;
         let authorization = authorization.as_str();
         let response = match (method, body) {
             ("GET", _) => agent
@@ -168,17 +168,17 @@ impl Remote {
         Self::answer(&url, response)
     }
 
-    /// An agent trusting the control plane's roots, the URL of `path`, and the
-    /// `authorization` header value.
+    /// An agent trusting the control plane's roots (calls bounded by `timeout`, if any), the
+    /// URL of `path`, and the `authorization` header value.
     fn agent(
         &self,
         path: &str,
-        timeout: Duration,
+        timeout: Option<Duration>,
     ) -> Result<(ureq::Agent, String, String), Failure> {
         let url = format!("{}{path}", self.control_plane.trim_end_matches('/'));
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(timeout));
+            .timeout_global(timeout);
         if let Some(roots) = self.trusted_roots()? {
             config = config.tls_config(
                 ureq::tls::TlsConfig::builder()
@@ -262,7 +262,8 @@ fn print_json(value: &Value) {
 /// Uploads a plugin module to the control plane's store (`PUT /v1/modules`); its digest.
 pub fn upload_module(remote: &Remote, module: &[u8]) -> Result<String, String> {
     let inner = || -> Result<String, Failure> {
-        let (agent, url, authorization) = remote.agent("/v1/modules", Duration::from_secs(60))?;
+        let (agent, url, authorization) =
+            remote.agent("/v1/modules", Some(Duration::from_secs(60)))?;
         let response = agent
             .put(&url)
             .header("authorization", &authorization)
@@ -278,6 +279,102 @@ pub fn upload_module(remote: &Remote, module: &[u8]) -> Result<String, String> {
             .ok_or_else(|| Failure::other(format!("{url} answered without a sha256: {answer}")))
     };
     inner().map_err(|f| f.message)
+}
+
+/// What `nip logs` shows.
+#[derive(Debug, Clone)]
+pub struct LogsOptions {
+    /// Keep following.
+    pub follow: bool,
+    /// Only this proxy's records (node id).
+    pub proxy: Option<String>,
+    /// Only this route's.
+    pub route: Option<String>,
+    /// Only these statuses (`503`, `5xx`).
+    pub status: Option<String>,
+    /// The kept records to start with.
+    pub limit: usize,
+    /// Print each record's JSON.
+    pub json: bool,
+}
+
+/// `nip logs`: the access records proxies stream to the control plane
+/// (`control_plane.stream_access_logs`), the newest kept ones and, with `--follow`, each
+/// as it comes until interrupted.
+pub fn logs(remote: &Remote, options: &LogsOptions) -> ExitCode {
+    finish("logs", logs_inner(remote, options))
+}
+
+fn logs_inner(remote: &Remote, options: &LogsOptions) -> Result<(), Failure> {
+    let mut query = format!("/v1/logs?limit={}", options.limit);
+    if options.follow {
+        query.push_str("&follow=true");
+    }
+    for (name, value) in [
+        ("proxy", &options.proxy),
+        ("route", &options.route),
+        ("status", &options.status),
+    ] {
+        if let Some(value) = value {
+            query.push_str(&format!("&{name}={}", percent_encode(value)));
+        }
+    }
+    let timeout = (!options.follow).then_some(Duration::from_secs(30));
+    let (agent, url, authorization) = remote.agent(&query, timeout)?;
+    let response = agent
+        .get(&url)
+        .header("authorization", &authorization)
+        .call()
+        .map_err(|e| Failure::other(format!("cannot reach {url}: {e}")))?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    if !(200..300).contains(&status) {
+        let text = body.read_to_string().unwrap_or_default();
+        let answer = serde_json::from_str(&text).unwrap_or(Value::Null);
+        return Err(explain(status, &answer, "logs"));
+    }
+    use std::io::{BufRead, Write};
+    let stdout = std::io::stdout();
+    for line in std::io::BufReader::new(body.into_reader()).lines() {
+        let line = line.map_err(|e| Failure::other(format!("{url}: {e}")))?;
+        let mut out = stdout.lock();
+        if options.json {
+            let _ = writeln!(out, "{line}");
+        } else if let Ok(record) = serde_json::from_str::<Value>(&line) {
+            if let Some(lost) = record["lost"].as_u64() {
+                let _ = writeln!(out, "({lost} record(s) went by too fast to show)");
+            } else {
+                let text = |key: &str| record[key].as_str().unwrap_or("").to_string();
+                let _ = writeln!(
+                    out,
+                    "{} {} {} {} {} {:.1}ms route={} upstream={}",
+                    text("start_time"),
+                    text("node"),
+                    record["status"],
+                    text("method"),
+                    text("path"),
+                    record["duration_ms"].as_f64().unwrap_or(0.0),
+                    text("route"),
+                    text("upstream_host"),
+                );
+            }
+        }
+        let _ = out.flush();
+    }
+    Ok(())
+}
+
+/// A query-string value with the characters that would end or split it escaped.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// What `nip apply` asks for besides the file.

@@ -14,8 +14,13 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 async fn an_operator_changes_and_rolls_back_the_config_from_the_dashboard_in_a_browser() {
     let _turn = crate::common::module_turn(module_path!());
     let (_a, _b, port, control_plane) = serving_a().await;
-    let eu = proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
+    let eu = streaming_proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
     wait_routes_to(&eu, "a").await;
+    // Traffic the dashboard shows by route (the proxy streams its access records).
+    let http = client();
+    for _ in 0..20 {
+        assert_eq!(http.get(eu.url("/")).send().await.unwrap().status(), 200);
+    }
     let operator = create_token(
         &control_plane,
         &["dashboard-operator", "--role", "operator"],

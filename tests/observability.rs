@@ -330,3 +330,97 @@ routes:
     let output = run_nip(&["metrics", "--admin", "127.0.0.1:9"], None);
     assert!(!output.status.success(), "an unreachable proxy is an error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nip_logs_follows_the_fleets_access_records_through_the_control_plane() {
+    let _turn = crate::common::module_turn(module_path!());
+    use crate::common::control_plane::*;
+    let (a, _b, port, control_plane) = serving_a().await;
+    let routes = gateway(port, &a, "").replace(
+        "routes:\n  - { service: web }\n",
+        "routes:\n  - { name: shop, match: { path_prefix: /shop }, service: web }\n  - { name: rest, service: web }\n",
+    );
+    let applied = control_plane.apply(&routes, &[]);
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let proxy = streaming_proxy_of(&control_plane, "edge-eu-1", "eu", port).await;
+    let http = client();
+    eventually("the proxy serves the named routes", || async {
+        http.get(proxy.url("/shop/0"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // Nobody follows: requests are served as ever (the records only fill the ring).
+    for i in 0..50 {
+        let answer = http
+            .get(proxy.url(&format!("/other/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+
+    // A follower of one route sees that route's requests, named by proxy, as they come.
+    let follower = Background::start(
+        std::process::Command::new(nip_bin())
+            .args(["logs", "--follow", "--route", "shop", "--limit", "0"])
+            .args(["--control-plane", &control_plane.api("")])
+            .env("NIP_TOKEN_FILE", &control_plane.admin_token_file)
+            .env("NIP_CA_FILE", control_plane.bundle_file()),
+    );
+    // The follower is connected once a record sent after it started reaches it.
+    eventually("the follower sees the route's requests", || async {
+        let _ = http.get(proxy.url("/shop/ping")).send().await;
+        follower.output().contains("/shop/ping")
+    })
+    .await;
+    for i in 1..=3 {
+        let answer = http
+            .get(proxy.url(&format!("/shop/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let _ = http.get(proxy.url("/other/x")).send().await.unwrap();
+    }
+    follower.wait_for("/shop/3").await;
+    let seen = follower.output();
+    for line in seen.lines().filter(|l| l.contains("/shop/")) {
+        assert!(
+            line.contains("edge-eu-1") && line.contains(" 200 GET ") && line.contains("route=shop"),
+            "{line}"
+        );
+    }
+    assert!(
+        !seen.contains("/other/"),
+        "only the route followed:\n{seen}"
+    );
+
+    // Without --follow: the newest kept records, filtered, as JSON.
+    let kept = control_plane.nip(&["logs", "--limit", "5", "--json", "--route", "rest"]);
+    assert!(kept.status.success(), "{}", stderr(&kept));
+    let lines: Vec<serde_json::Value> = stdout(&kept)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{}", stdout(&kept));
+    assert!(lines
+        .iter()
+        .all(|l| l["route"] == "rest" && l["node"] == "edge-eu-1"));
+    let bad = control_plane.nip(&["logs", "--status", "7xx"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("status: \"7xx\""), "{}", stderr(&bad));
+
+    // The same records give the dashboard its per-route figures.
+    let traffic = control_plane.get_json("/v1/traffic").await;
+    let shop = traffic["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "shop")
+        .unwrap_or_else(|| panic!("{traffic}"));
+    assert!(shop["requests"].as_u64().unwrap() >= 4, "{shop}");
+    assert_eq!(shop["error_rate"], 0.0);
+}

@@ -48,6 +48,7 @@ pub fn router(
     service: Arc<ConfigService>,
     auth: Authenticator,
     inject: crate::inject::InjectSettings,
+    access_logs: Arc<crate::access_logs::AccessLogHub>,
 ) -> Router {
     Router::new()
         .route("/v1/config", get(current_config).post(apply_config))
@@ -75,10 +76,13 @@ pub fn router(
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_MODULE_BYTES)),
         )
         .route("/v1/modules/{sha256}", get(download_module))
+        .route("/v1/logs", get(logs))
+        .route("/v1/traffic", get(traffic))
         .route("/v1/openapi.json", get(openapi))
         .merge(crate::dashboard::router())
         .route("/v1/inject", post(inject_webhook))
         .layer(Extension(Arc::new(inject)))
+        .layer(Extension(access_logs))
         .with_state(service)
         .layer(middleware::from_fn_with_state(auth, authorize))
 }
@@ -1036,6 +1040,128 @@ async fn download_module(
             format!("no module {sha256} in the store"),
         )),
     }
+}
+
+/// What `GET /v1/logs` returns.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    /// Keep the answer open and send lines as they come.
+    #[serde(default)]
+    follow: bool,
+    /// Only this proxy's (node id).
+    proxy: Option<String>,
+    /// Only this route's.
+    route: Option<String>,
+    /// Only these statuses: `503` or a class (`5xx`).
+    status: Option<String>,
+    /// The kept lines to start with (default 100; 0 with `follow` for only new ones).
+    limit: Option<usize>,
+}
+
+/// The access records proxies streamed here (`control_plane.stream_access_logs`), one
+/// JSON object per line: the newest kept ones, then, with `follow`, each as it comes
+/// (`{"lost": N}` where a slow reader missed some) until the reader leaves.
+async fn logs(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Extension(hub): Extension<Arc<crate::access_logs::AccessLogHub>>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    // Records of every tenant's traffic: not for a token limited to some.
+    check_tenants(&identity, &service, None).await?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
+    let statuses = match query.status.as_deref() {
+        None => 0..=u32::MAX,
+        Some(text) => status_range(text).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("status: {text:?} is not a code (503) or a class (5xx)"),
+            )
+        })?,
+    };
+    let wanted = move |line: &crate::access_logs::StreamedLine| {
+        statuses.contains(&line.status)
+            && query.proxy.as_deref().is_none_or(|p| p == line.node)
+            && query.route.as_deref().is_none_or(|r| r == line.route)
+    };
+    let limit = query.limit.unwrap_or(100).min(crate::access_logs::RECENT);
+    let mut kept: Vec<String> = hub
+        .recent()
+        .iter()
+        .filter(|l| wanted(l))
+        .map(|l| ndjson(&**l))
+        .collect();
+    let kept = kept.split_off(kept.len().saturating_sub(limit));
+    let (lines, body) = tokio::sync::mpsc::channel::<Result<String, std::convert::Infallible>>(64);
+    let mut follower = query.follow.then(|| hub.follow());
+    tokio::spawn(async move {
+        for line in kept {
+            if lines.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+        let Some(follower) = follower.as_mut() else {
+            return;
+        };
+        loop {
+            let next = tokio::select! {
+                _ = lines.closed() => return,
+                next = follower.recv() => next,
+            };
+            let line = match next {
+                Ok(line) if wanted(&line) => ndjson(&*line),
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
+                    format!("{{\"lost\":{lost}}}\n")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if lines.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body)),
+    )
+        .into_response())
+}
+
+fn ndjson(value: &impl serde::Serialize) -> String {
+    let mut line = serde_json::to_string(value).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
+/// The statuses a filter such as `503` or `5xx` takes.
+fn status_range(text: &str) -> Option<std::ops::RangeInclusive<u32>> {
+    if let Some(class) = text.strip_suffix("xx").and_then(|c| c.parse::<u32>().ok()) {
+        return (1..=5)
+            .contains(&class)
+            .then(|| class * 100..=class * 100 + 99);
+    }
+    let code = text
+        .parse::<u32>()
+        .ok()
+        .filter(|c| (100..=599).contains(c))?;
+    Some(code..=code)
+}
+
+/// Each route's request rate, 5xx share and latency over the last minute, from the access
+/// records proxies stream here.
+async fn traffic(
+    State(service): State<Arc<ConfigService>>,
+    Extension(identity): Extension<Identity>,
+    Extension(hub): Extension<Arc<crate::access_logs::AccessLogHub>>,
+) -> Result<Json<Value>, ApiError> {
+    check_tenants(&identity, &service, None).await?;
+    Ok(Json(json!({
+        "window_seconds": crate::access_logs::ROUTE_WINDOW.as_secs(),
+        "routes": hub.routes(),
+    })))
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -15,6 +15,8 @@
 //! store's head, so several replicas sharing one PostgreSQL database converge by polling it.
 //! A change arrives through the REST API ([`api`]) or from the optional config file the
 //! control plane follows (a change there is debounced 100 ms and applied like an API call).
+//! Proxies may stream their access records to the xDS port ([`access_logs`], Envoy's gRPC
+//! access log service): `GET /v1/logs` follows them, the dashboard shows per-route figures.
 //! [`dashboard`] is a page over the same API (same token, same roles); plugin modules
 //! `nip deploy` uploads are kept in the store by digest and sent inline with the config.
 //! [`service`] validates with the same parser and translator as `nip validate`, stores,
@@ -23,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access_logs;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -267,7 +270,13 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         store = %store::redact(&options.store),
         "nip control plane serving ADS and the REST API"
     );
-    let router = api::router(Arc::clone(&service), authenticator, options.inject.clone());
+    let access_logs = Arc::new(access_logs::AccessLogHub::default());
+    let router = api::router(
+        Arc::clone(&service),
+        authenticator,
+        options.inject.clone(),
+        Arc::clone(&access_logs),
+    );
     match &issuer {
         Some((_, serving)) => {
             let config =
@@ -301,6 +310,7 @@ pub async fn run(options: ControlPlaneOptions) -> Result<(), ControlPlaneError> 
         options.xds_address,
         AdsServer::new(cache, registry),
         issuer,
+        access_logs,
     )
     .await
     .map_err(serve_error(options.xds_address))

@@ -5,6 +5,7 @@
 //!  ├─ POST /v1/certificates  {node_id, region, csr}
 //!  │     join token (Authorization: Bearer) admitting that node, or a client certificate
 //!  │     naming that node (a renewal) ──▶ CA signs spiffe://TD/node/NODE_ID ──▶ chain + bundle
+//!  ├─ access logs (gRPC, Envoy's AccessLogService): the same, records of that node only
 //!  └─ ADS (gRPC)  needs a client certificate naming a node; the stream speaks only as it
 //! ```
 //!
@@ -222,6 +223,7 @@ pub async fn serve(
     address: SocketAddr,
     ads: AdsServer,
     issuer: Option<(Issuer, ServingCertificate)>,
+    access_logs: Arc<crate::access_logs::AccessLogHub>,
 ) -> Result<(), String> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let Some((issuer, serving)) = issuer else {
@@ -229,6 +231,9 @@ pub async fn serve(
         return tonic::transport::Server::builder()
             .add_service(ads.sds_service())
             .add_service(ads.into_service())
+            .add_service(
+                crate::access_logs::AccessLogReceiver::new(access_logs, None).into_service(),
+            )
             .serve_with_incoming(incoming)
             .await
             .map_err(|e| e.to_string());
@@ -247,9 +252,14 @@ pub async fn serve(
         .route("/v1/certificates", post(issue))
         .with_state(issuer);
     let ads = ads.require_node_identity(ca.trust_domain());
+    let receiver = crate::access_logs::AccessLogReceiver::new(
+        access_logs,
+        Some(ca.trust_domain().to_string()),
+    );
     let routes = tonic::service::Routes::from(certificates)
         .add_service(ads.sds_service())
-        .add_service(ads.into_service());
+        .add_service(ads.into_service())
+        .add_service(receiver.into_service());
     tracing::info!(%address, trust_domain = ca.trust_domain(), "xDS over mutual TLS; certificates at POST /v1/certificates");
     tonic::transport::Server::builder()
         .tls_config(tls)

@@ -170,6 +170,7 @@ pub fn run(options: ProxyOptions) -> Result<(), StartError> {
                     plugins: Arc::clone(&plugins),
                     last_good: translation.last_good_file.clone(),
                     identity,
+                    stream_access_logs: translation.stream_access_logs,
                 },
                 CONTROL_PLANE_WAIT,
             )

@@ -473,6 +473,29 @@ pub async fn proxy_of(control_plane: &ControlPlane, id: &str, region: &str, port
     proxy
 }
 
+/// A proxy joined to `control_plane` as `id` (region `region`) that streams its access
+/// records there.
+pub async fn streaming_proxy_of(
+    control_plane: &ControlPlane,
+    id: &str,
+    region: &str,
+    port: u16,
+) -> Proxy {
+    control_plane.wait_ready().await;
+    let dir = tempfile::tempdir().unwrap().keep();
+    let block = control_plane.control_plane_block(id, &dir);
+    let block =
+        block.trim_end().trim_end_matches('}').to_string() + ", stream_access_logs: true }\n";
+    let proxy = Proxy::spawn_on(
+        &format!(
+            "node: {{ id: {id}, region: {region} }}\nadmin: {{ address: \"127.0.0.1:{{admin}}\" }}\n{block}"
+        ),
+        port,
+    );
+    proxy.wait_ready().await;
+    proxy
+}
+
 /// Waits until the proxy's answers come from `backend`.
 pub async fn wait_routes_to(proxy: &Proxy, backend: &str) {
     eventually(&format!("the proxy routes to {backend}"), || async {

@@ -47,6 +47,10 @@ def main() -> None:
         expect(proxy_row).to_contain_text("in sync")
         expect(page.locator("#regions")).to_contain_text(f"{region} — 1 of 1 connected")
 
+        # Per-route traffic from the records the proxy streams.
+        expect(page.locator("#traffic-rows tr[data-route]")).not_to_have_count(0)
+        expect(page.locator("#traffic-rows")).to_contain_text(" ms")
+
         # The served config is in the editor; a bad edit is flagged by field, Apply off.
         editor = page.locator("#editor")
         expect(editor).to_have_value(re.compile("services:"))

@@ -182,6 +182,39 @@ impl Received {
 pub type TlsSettings =
     Arc<dyn Fn() -> Result<tonic::transport::ClientTlsConfig, String> + Send + Sync>;
 
+/// A channel to a control plane at `server` (`http://host:port`): over TLS with `tls`'s
+/// settings at this connect (the trust bundle, and a client certificate for mutual TLS),
+/// else plaintext. The error holds every cause.
+pub async fn connect_channel(
+    server: &str,
+    tls: Option<&TlsSettings>,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::Endpoint;
+    let endpoint = match tls {
+        None => Endpoint::from_shared(server.to_string()).map_err(|e| e.to_string())?,
+        Some(tls) => {
+            let https = match server.strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => server.to_string(),
+            };
+            Endpoint::from_shared(https)
+                .map_err(|e| e.to_string())?
+                .tls_config(tls()?)
+                .map_err(|e| format!("TLS settings: {e}"))?
+        }
+    };
+    endpoint.connect().await.map_err(|e| {
+        use std::error::Error;
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(inner) = source {
+            text.push_str(&format!(": {inner}"));
+            source = inner.source();
+        }
+        text
+    })
+}
+
 /// Keeps a [`ResourceSink`] in step with an ADS server.
 pub struct AdsClient<S: ResourceSink> {
     server: String,
@@ -211,30 +244,7 @@ impl<S: ResourceSink> AdsClient<S> {
     }
 
     async fn connect(&self) -> Result<tonic::transport::Channel, String> {
-        use tonic::transport::Endpoint;
-        let endpoint = match &self.tls {
-            None => Endpoint::from_shared(self.server.clone()).map_err(|e| e.to_string())?,
-            Some(tls) => {
-                let https = match self.server.strip_prefix("http://") {
-                    Some(rest) => format!("https://{rest}"),
-                    None => self.server.clone(),
-                };
-                Endpoint::from_shared(https)
-                    .map_err(|e| e.to_string())?
-                    .tls_config(tls()?)
-                    .map_err(|e| format!("TLS settings: {e}"))?
-            }
-        };
-        endpoint.connect().await.map_err(|e| {
-            use std::error::Error;
-            let mut text = e.to_string();
-            let mut source = e.source();
-            while let Some(inner) = source {
-                text.push_str(&format!(": {inner}"));
-                source = inner.source();
-            }
-            text
-        })
+        connect_channel(&self.server, self.tls.as_ref()).await
     }
 
     /// Runs forever: connects, follows the stream, and reconnects with back-off.

@@ -258,6 +258,35 @@ pub fn certificates_der(pem: &str) -> Result<Vec<Vec<u8>>, IdentityError> {
         .collect())
 }
 
+/// The node a gRPC call's client certificate names in `trust_domain`
+/// (`spiffe://TRUST_DOMAIN/node/ID`): how the control plane's gRPC services (`service`,
+/// for the message) know which proxy speaks. No such certificate is `UNAUTHENTICATED`.
+pub fn certified_node<T>(
+    request: &tonic::Request<T>,
+    trust_domain: &str,
+    service: &str,
+) -> Result<String, tonic::Status> {
+    let unauthenticated = |why: &str| {
+        tonic::Status::unauthenticated(format!(
+            "{why}: {service} needs a client certificate naming spiffe://{trust_domain}/node/NODE_ID \
+             (a proxy gets one by joining with a join token)"
+        ))
+    };
+    let certificates = request
+        .peer_certs()
+        .ok_or_else(|| unauthenticated("no client certificate"))?;
+    let leaf = certificates
+        .first()
+        .ok_or_else(|| unauthenticated("no client certificate"))?;
+    let facts = CertificateFacts::from_der(leaf)
+        .map_err(|_| unauthenticated("an unreadable client certificate"))?;
+    facts
+        .spiffe_id()
+        .filter(|id| id.trust_domain == trust_domain)
+        .and_then(|id| id.node_id().map(str::to_string))
+        .ok_or_else(|| unauthenticated("the client certificate names no node of this trust domain"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -468,31 +468,12 @@ impl AdsServer {
         &self,
         request: &tonic::Request<T>,
     ) -> Result<Option<String>, tonic::Status> {
-        let Some(trust_domain) = &self.trust_domain else {
-            return Ok(None);
-        };
-        let unauthenticated = |why: &str| {
-            tonic::Status::unauthenticated(format!(
-                "{why}: ADS needs a client certificate naming spiffe://{trust_domain}/node/NODE_ID \
-                 (a proxy gets one by joining with a join token)"
-            ))
-        };
-        let certificates = request
-            .peer_certs()
-            .ok_or_else(|| unauthenticated("no client certificate"))?;
-        let leaf = certificates
-            .first()
-            .ok_or_else(|| unauthenticated("no client certificate"))?;
-        let facts = crate::identity::CertificateFacts::from_der(leaf)
-            .map_err(|_| unauthenticated("an unreadable client certificate"))?;
-        facts
-            .spiffe_id()
-            .filter(|id| &id.trust_domain == trust_domain)
-            .and_then(|id| id.node_id())
-            .map(|node| Some(node.to_string()))
-            .ok_or_else(|| {
-                unauthenticated("the client certificate names no node of this trust domain")
-            })
+        match &self.trust_domain {
+            None => Ok(None),
+            Some(trust_domain) => {
+                crate::identity::certified_node(request, trust_domain, "ADS").map(Some)
+            }
+        }
     }
 
     /// The tonic service, with a message limit big enough for large configs.

@@ -132,6 +132,9 @@ pub struct Translation {
     /// How a proxy following a control plane proves who it is (mutual TLS and joining);
     /// `None`: plaintext. Proxy-local like `last_good_file`.
     pub control_plane_identity: Option<ControlPlaneIdentity>,
+    /// Whether a proxy following a control plane streams its access records there
+    /// (`control_plane.stream_access_logs`); proxy-local like `last_good_file`.
+    pub stream_access_logs: bool,
     /// Process plugins the proxy starts and keeps running (`process.command`);
     /// proxy-local like `last_good_file`: xDS carries how to reach a processor, not how
     /// to run one.
@@ -258,6 +261,10 @@ pub fn translate(config: &Config) -> Translation {
             .as_ref()
             .and_then(|c| c.last_good.as_ref())
             .map(std::path::PathBuf::from),
+        stream_access_logs: config
+            .control_plane
+            .as_ref()
+            .is_some_and(|c| c.stream_access_logs),
         control_plane_identity: config.control_plane.as_ref().and_then(|c| {
             let ca_file = std::path::PathBuf::from(c.ca_file.as_ref()?);
             let identity_dir = c

@@ -63,7 +63,7 @@ async function signIn(token) {
 }
 
 async function refresh() {
-  await Promise.all([refreshFleet(), refreshHistory(), refreshEvents(), refreshCanary()]);
+  await Promise.all([refreshFleet(), refreshTraffic(), refreshHistory(), refreshEvents(), refreshCanary()]);
 }
 
 async function refreshFleet() {
@@ -93,6 +93,27 @@ async function refreshFleet() {
     }
     block.appendChild(table);
     container.appendChild(block);
+  }
+}
+
+async function refreshTraffic() {
+  const answer = await api("GET", "/v1/traffic");
+  if (answer.status !== 200) return;
+  const rows = $("traffic-rows");
+  rows.replaceChildren();
+  if (!answer.data.routes.length) {
+    rows.appendChild(row(["no records in the last minute (control_plane.stream_access_logs: true in a proxy's file)", "", "", "", ""]));
+  }
+  for (const route of answer.data.routes) {
+    const tr = row([
+      route.route || "(no route)",
+      route.requests_per_second.toFixed(2),
+      (route.error_rate * 100).toFixed(1) + " %",
+      route.p50_ms.toFixed(1) + " ms",
+      route.p99_ms.toFixed(1) + " ms",
+    ]);
+    tr.dataset.route = route.route;
+    rows.appendChild(tr);
   }
 }
 

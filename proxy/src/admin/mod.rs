@@ -301,12 +301,12 @@ async fn tap(
                 }
                 Ok(Ok(record)) => {
                     let wanted = statuses.contains(&record.status)
-                        && query.route.as_deref().is_none_or(|r| r == &*record.route);
+                        && query.route.as_deref().is_none_or(|r| r == record.route);
                     if !wanted {
                         continue;
                     }
                     shown += 1;
-                    record.json.to_string()
+                    record.json()
                 }
             };
             if lines.send(Ok(line)).await.is_err() {

@@ -167,6 +167,8 @@ pub struct FeedParts {
     pub last_good: Option<PathBuf>,
     /// The proxy's certificate for mutual TLS with the control plane (`None`: plaintext).
     pub identity: Option<Arc<crate::identity::WorkloadIdentity>>,
+    /// Stream access records to the control plane (`control_plane.stream_access_logs`).
+    pub stream_access_logs: bool,
 }
 
 impl XdsFeed {
@@ -205,6 +207,15 @@ impl XdsFeed {
         }));
         let (swapped_tx, swapped) = tokio::sync::mpsc::unbounded_channel();
         let node = parts.bootstrap.node.clone().unwrap_or_default();
+        let server = format!("http://{target}");
+        let log_stream = parts.stream_access_logs.then(|| {
+            (
+                server.clone(),
+                node.clone(),
+                parts.identity.as_ref().map(|i| i.tls_settings()),
+                Arc::clone(&parts.metrics),
+            )
+        });
         let sink = FeedSink {
             bootstrap: parts.bootstrap,
             registry: parts.registry,
@@ -217,9 +228,13 @@ impl XdsFeed {
             identity: parts.identity.clone(),
         };
         let last_refusal = Arc::clone(&sink.last_refusal);
-        let server = format!("http://{target}");
         let identity = parts.identity.clone();
         crate::threads::spawn_runtime_thread("nip-xds", move || async move {
+            if let Some((server, node, tls, metrics)) = log_stream {
+                tokio::spawn(super::log_stream::stream_access_logs(
+                    server, node, tls, metrics,
+                ));
+            }
             let client = AdsClient::new(server, node, sink);
             match identity {
                 Some(identity) => {

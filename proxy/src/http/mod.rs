@@ -1159,7 +1159,7 @@ impl ProxyHttp for Gateway {
             flags: ctx.flag.map_or("-", ResponseFlag::as_str),
             bytes_received: session.as_ref().body_bytes_read(),
             bytes_sent: session.as_ref().body_bytes_sent(),
-            duration_ms: elapsed.as_millis(),
+            duration: elapsed,
             forwarded_for: if header("x-forwarded-for").is_empty() {
                 &forwarded_for
             } else {

@@ -102,7 +102,7 @@ impl TcpProxy {
                     .unwrap_or(usize::MAX),
                 bytes_sent: usize::try_from(activity.tx.load(Ordering::Relaxed))
                     .unwrap_or(usize::MAX),
-                duration_ms: start.elapsed().map_or(0, |d| d.as_millis()),
+                duration: start.elapsed().unwrap_or_default(),
                 // No request headers on a TCP connection: Envoy logs `-` for them.
                 forwarded_for: "",
                 user_agent: "",

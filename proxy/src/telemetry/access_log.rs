@@ -50,8 +50,8 @@ pub struct LogEntry<'a> {
     pub bytes_received: usize,
     /// Response body bytes sent.
     pub bytes_sent: usize,
-    /// Duration in milliseconds.
-    pub duration_ms: u128,
+    /// From the request's start to its end (logged in milliseconds).
+    pub duration: std::time::Duration,
     /// x-forwarded-for as sent upstream.
     pub forwarded_for: &'a str,
     /// User agent.
@@ -301,7 +301,7 @@ pub(crate) fn json_line(e: &LogEntry<'_>) -> String {
         "response_flags": e.flags,
         "bytes_received": e.bytes_received,
         "bytes_sent": e.bytes_sent,
-        "duration_ms": e.duration_ms,
+        "duration_ms": e.duration.as_millis(),
         "x_forwarded_for": e.forwarded_for,
         "user_agent": e.user_agent,
         "request_id": e.request_id,
@@ -339,7 +339,7 @@ fn text_line(e: &LogEntry<'_>) -> String {
         e.flags,
         e.bytes_received,
         e.bytes_sent,
-        e.duration_ms,
+        e.duration.as_millis(),
         dash(e.forwarded_for),
         dash(e.user_agent),
         dash(e.request_id),
@@ -393,7 +393,7 @@ mod tests {
             flags: "UH",
             bytes_received: 0,
             bytes_sent: 19,
-            duration_ms: 3,
+            duration: std::time::Duration::from_millis(3),
             forwarded_for: "127.0.0.1",
             user_agent: "curl/8",
             request_id: "abc",

@@ -1146,6 +1146,12 @@ pub struct ControlPlaneConfig {
     /// default: `identity/` next to `last_good`, else kept in memory only.
     #[serde(default)]
     pub identity_dir: Option<String>,
+    /// Stream this proxy's access records to the control plane (Envoy's gRPC access log
+    /// service, over the same mutual TLS), where `nip logs --follow` and the dashboard read
+    /// them. From a bounded buffer: a request never waits for it, and what the stream
+    /// cannot take is dropped and counted.
+    #[serde(default)]
+    pub stream_access_logs: bool,
 }
 
 /// A plugin: a proxy-wasm module and its configuration. Routes name the plugins they run.
