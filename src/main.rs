@@ -7,6 +7,7 @@ mod demo;
 mod fleet_metrics;
 mod iptables;
 mod kubernetes;
+mod migrate_verify;
 mod project;
 mod remote;
 
@@ -518,6 +519,35 @@ enum MigrateAction {
     Message {
         /// The v3 messages (`-` for standard input).
         file: PathBuf,
+    },
+    /// Check that a converted v4 file loads and routes as the v3 one did: it passes the
+    /// proxy's compiler, listens where v3's server did, and a local proxy running it takes
+    /// each sample request through v3's enabled plugins in v3's order (exit 1 if not).
+    Verify {
+        /// The v3 YAML config.
+        #[arg(long = "from-v3")]
+        from_v3: PathBuf,
+        /// The v4 YAML config.
+        v4: PathBuf,
+        /// Sample requests, `METHOD /path` per line (default: a few of each method).
+        #[arg(long)]
+        requests: Option<PathBuf>,
+    },
+    /// Make a v4 plugin project from a v3 plugin (its `init`, `process` and `cleanup`
+    /// functions): `nip init`'s project for the language, the v3 code as comments where
+    /// its logic goes.
+    PluginScaffold {
+        /// The v3 plugin's source file (.rs, .ts, .js, .py, .go).
+        file: PathBuf,
+        /// The plugin's language (default: from the extension).
+        #[arg(long = "lang", value_enum)]
+        language: Option<project::Language>,
+        /// The plugin's name (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to make the project (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -1178,6 +1208,47 @@ fn migrate(action: MigrateAction) -> ExitCode {
         MigrateAction::Analyze { file } => (file, None, false),
         MigrateAction::Config { from_v3, output } => (from_v3, output.as_ref(), true),
         MigrateAction::Message { file } => return migrate_messages(file),
+        MigrateAction::Verify {
+            from_v3,
+            v4,
+            requests,
+        } => return migrate_verify::run(from_v3, v4, requests.as_deref()),
+        MigrateAction::PluginScaffold {
+            file,
+            language,
+            name,
+            dir,
+        } => {
+            return match project::v3_plugin::scaffold_from_v3(
+                file,
+                *language,
+                name.clone(),
+                dir.clone(),
+            ) {
+                Ok(made) => {
+                    println!(
+                        "made {}: the v3 code ({}) is in {} as TODO(migrate) comments where it goes{}",
+                        made.dir.display(),
+                        made.found.join(", "),
+                        made.source.display(),
+                        if made.missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; not found: {}", made.missing.join(", "))
+                        }
+                    );
+                    println!(
+                        "next: cd {} && nip dev   (it builds and serves as made; port the logic, save, and it reloads)",
+                        made.dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nip migrate plugin-scaffold: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,

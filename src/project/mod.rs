@@ -15,7 +15,8 @@
 //!
 //! Layers: this module (the manifest) ← `build` ← `session` ← `dev`, `cases`;
 //! `build` ← `deploy` (with the CLI's control-plane client);
-//! `scaffold` reads only this module.
+//! `scaffold` reads only this module; `v3_plugin` (nip migrate plugin-scaffold) builds on
+//! `scaffold`.
 
 pub mod build;
 pub mod cases;
@@ -23,6 +24,7 @@ pub mod deploy;
 pub mod dev;
 pub mod scaffold;
 pub mod session;
+pub mod v3_plugin;
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;

@@ -44,6 +44,78 @@ pub fn v3_marks(text: &str) -> Option<&'static str> {
     None
 }
 
+/// What a v3 config did with requests, for `nip migrate verify`: where its server
+/// listened (as a v4 address) and the plugins every request went through, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V3Behaviour {
+    /// `server` as a v4 listen address (what [`from_v3`] writes).
+    pub address: String,
+    /// The enabled plugins, in v3's order (v3 ran them all on every request).
+    pub plugins: Vec<String>,
+}
+
+/// Reads what a v3 config did with requests.
+pub fn v3_behaviour(text: &str) -> Result<V3Behaviour, MigrateError> {
+    let value: Value =
+        serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
+    let Some(map) = value.as_mapping() else {
+        return Err(MigrateError::NotV3("the document is not a mapping".into()));
+    };
+    if v3_marks(text).is_none() {
+        return Err(MigrateError::NotV3(
+            "it has neither a `server` block nor `plugins` as a list".into(),
+        ));
+    }
+    let (address, _, _) = v3_address(map);
+    let plugins = v3_plugins(map)
+        .into_iter()
+        .filter(|(_, _, on)| *on)
+        .map(|(name, _, _)| name)
+        .collect();
+    Ok(V3Behaviour { address, plugins })
+}
+
+/// `server { host, port }` as a v4 listen address, with the host and port it read.
+fn v3_address(map: &serde_yaml::Mapping) -> (String, String, u64) {
+    let server = map.get("server").and_then(Value::as_mapping);
+    let port = server
+        .and_then(|s| s.get("port"))
+        .and_then(Value::as_u64)
+        .unwrap_or(8080);
+    let host = server
+        .and_then(|s| s.get("host"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let address = match host.as_str() {
+        "" | "0.0.0.0" | "::" | "*" => format!(":{port}"),
+        "localhost" => format!("127.0.0.1:{port}"),
+        other => format!("{other}:{port}"),
+    };
+    (address, host, port)
+}
+
+/// The v3 plugins list: each plugin's v4 name, its entry, and whether it was enabled.
+fn v3_plugins(map: &serde_yaml::Mapping) -> Vec<(String, Value, bool)> {
+    map.get("plugins")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, plugin)| {
+            let name = plugin
+                .get("name")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("plugin-{}", i + 1), str::to_string);
+            let on = plugin
+                .get("enabled")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            (name, plugin.clone(), on)
+        })
+        .collect()
+}
+
 /// Converts a v3 config to v4.
 pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
     let value: Value =
@@ -64,19 +136,7 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
 
     // server → api_gateway.
     let server = map.get("server").and_then(Value::as_mapping);
-    let port = server
-        .and_then(|s| s.get("port"))
-        .and_then(Value::as_u64)
-        .unwrap_or(8080);
-    let host = server
-        .and_then(|s| s.get("host"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let address = match host {
-        "" | "0.0.0.0" | "::" | "*" => format!(":{port}"),
-        "localhost" => format!("127.0.0.1:{port}"),
-        other => format!("{other}:{port}"),
-    };
+    let (address, host, port) = v3_address(map);
     out.push_str(&format!("api_gateway:\n  address: \"{address}\"\n"));
     changed.push(format!(
         "server {{ host: {host:?}, port: {port} }} → api_gateway.address {address:?}"
@@ -89,24 +149,12 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
     }
 
     // plugins list → plugins map.
-    let plugins = map
-        .get("plugins")
-        .and_then(Value::as_sequence)
-        .cloned()
-        .unwrap_or_default();
+    let plugins = v3_plugins(map);
     let mut enabled = Vec::new();
     if !plugins.is_empty() {
         out.push_str("plugins:\n");
     }
-    for (i, plugin) in plugins.iter().enumerate() {
-        let name = plugin
-            .get("name")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("plugin-{}", i + 1), str::to_string);
-        let on = plugin
-            .get("enabled")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
+    for (i, (name, plugin, on)) in plugins.into_iter().enumerate() {
         out.push_str(&format!(
             "  {name}:\n    # TODO: where the plugin's WebAssembly module is (v3 loaded it by name), then\n    #   name the plugin on the route below. Until then it loads but runs nowhere.\n    # source: {{ file: plugins/{name}.wasm }}\n"
         ));
@@ -140,7 +188,7 @@ pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
     out.push_str(
         "# TODO: where requests go. v3 had no upstreams; name yours here.\nservices:\n  app: { endpoints: [\"127.0.0.1:3000\"] }\nroutes:\n",
     );
-    out.push_str("  - { name: all, service: app }   # every request\n");
+    out.push_str("  - name: all          # every request\n    service: app\n");
     if !enabled.is_empty() {
         out.push_str(&format!(
             "    # TODO: with their sources set, run the plugins v3 enabled on it:\n    # plugins: [{}]\n",
