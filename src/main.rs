@@ -112,28 +112,7 @@ enum Command {
     },
     /// Make a plugin project: the plugin on its language's SDK, a proxy config running it
     /// in front of an echo backend, and integration cases it passes.
-    Init {
-        /// The plugin's name (lowercase letters, digits, dashes).
-        name: String,
-        /// Its language.
-        #[arg(long = "lang", value_enum, default_value = "rust")]
-        language: project::Language,
-        /// Where to make it (default: ./NAME).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// The proxy's port in the project's config.
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// The proxy's admin port.
-        #[arg(long, default_value_t = 9901)]
-        admin_port: u16,
-        /// The echo backend's port.
-        #[arg(long, default_value_t = 9100)]
-        echo_port: u16,
-        /// The plugin process's port (Python and Go).
-        #[arg(long, default_value_t = 9200)]
-        plugin_port: u16,
-    },
+    Init(project::scaffold::InitOptions),
     /// Develop the plugin of the project here: build it, serve it through a local proxy in
     /// front of an echo backend, rebuild and hot-swap it on every save.
     Dev {
@@ -880,24 +859,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate { action } => migrate(action),
-        Command::Init {
-            name,
-            language,
-            dir,
-            port,
-            admin_port,
-            echo_port,
-            plugin_port,
-        } => {
-            let options = project::scaffold::InitOptions {
-                name,
-                language,
-                dir,
-                port,
-                admin_port,
-                echo_port,
-                plugin_port,
-            };
+        Command::Init(options) => {
             match project::scaffold::init(&options) {
                 Ok(dir) => {
                     print!("{}", project::scaffold::next_steps(&dir, &options));

@@ -307,6 +307,28 @@ pub fn diff(old: &str, old_label: &str, new: &str, new_label: &str) -> String {
 /// How many times an insert that lost a race for the next number is retried.
 const INSERT_ATTEMPTS: usize = 50;
 
+/// Runs a write transaction, again when it lost a race with another writer (up to
+/// [`INSERT_ATTEMPTS`] times, pausing between); the last race's error when all lost.
+async fn retry_races<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut last_error = None;
+    for _ in 0..INSERT_ATTEMPTS {
+        match attempt().await {
+            Err(e) if is_write_race(&e) => {
+                last_error = Some(e);
+                race_pause().await;
+            }
+            other => return other.map_err(StoreError::from),
+        }
+    }
+    Err(StoreError::Query(
+        last_error.unwrap_or(sqlx::Error::PoolClosed),
+    ))
+}
+
 /// The store, shared by the API, the file follower and the rollout logic.
 #[derive(Debug, Clone)]
 pub struct Store {

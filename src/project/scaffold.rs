@@ -7,21 +7,28 @@ use anyhow::{bail, Context as _};
 use std::path::{Path, PathBuf};
 
 /// What `nip init` is asked for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct InitOptions {
-    /// The plugin's name (the directory's too, unless `dir` says otherwise).
+    /// The plugin's name (lowercase letters, digits, dashes); the directory's too, unless
+    /// --dir says otherwise.
     pub name: String,
     /// Its language.
+    #[arg(long = "lang", value_enum, default_value = "rust")]
     pub language: Language,
-    /// Where the project goes (default `./NAME`).
+    /// Where the project goes (default: ./NAME).
+    #[arg(long)]
     pub dir: Option<PathBuf>,
     /// The proxy's port in the project's config.
+    #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// The proxy's admin port.
+    #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
     /// The echo backend's port.
+    #[arg(long, default_value_t = 9100)]
     pub echo_port: u16,
     /// The plugin process's port (Python and Go plugins).
+    #[arg(long, default_value_t = 9200)]
     pub plugin_port: u16,
 }
 

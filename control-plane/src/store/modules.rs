@@ -2,7 +2,7 @@
 //! /v1/modules`). A module never changes under its digest, so storing one twice is a
 //! no-op; each new one is an event (`module_uploaded`).
 
-use super::{insert_event, is_write_race, now_ms, race_pause, Store, StoreError, INSERT_ATTEMPTS};
+use super::{insert_event, now_ms, retry_races, Store, StoreError};
 use base64::Engine as _;
 use sqlx::Row;
 
@@ -17,46 +17,34 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let encoded = base64::engine::general_purpose::STANDARD.encode(module);
         let size = i64::try_from(module.len()).unwrap_or(i64::MAX);
-        let mut last_error = None;
-        for _ in 0..INSERT_ATTEMPTS {
-            let attempt = async {
-                let mut tx = self.pool.begin().await?;
-                let known = sqlx::query("SELECT 1 AS one FROM nip_modules WHERE sha256 = $1")
-                    .bind(sha256)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_some();
-                if known {
-                    tx.rollback().await?;
-                    return Ok(false);
-                }
-                sqlx::query(
-                    "INSERT INTO nip_modules (sha256, module_base64, size_bytes, uploaded_by, \
-                     uploaded_at_ms) VALUES ($1, $2, $3, $4, $5)",
-                )
+        retry_races(|| async {
+            let mut tx = self.pool.begin().await?;
+            let known = sqlx::query("SELECT 1 AS one FROM nip_modules WHERE sha256 = $1")
                 .bind(sha256)
-                .bind(&encoded)
-                .bind(size)
-                .bind(actor)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-                let detail = format!("module {sha256} ({size} bytes)");
-                insert_event(&mut tx, actor, "module_uploaded", None, &detail).await?;
-                tx.commit().await?;
-                Ok::<bool, sqlx::Error>(true)
-            };
-            match attempt.await {
-                Err(e) if is_write_race(&e) => {
-                    last_error = Some(e);
-                    race_pause().await;
-                }
-                other => return other.map_err(StoreError::from),
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if known {
+                tx.rollback().await?;
+                return Ok(false);
             }
-        }
-        Err(StoreError::Query(
-            last_error.unwrap_or(sqlx::Error::PoolClosed),
-        ))
+            sqlx::query(
+                "INSERT INTO nip_modules (sha256, module_base64, size_bytes, uploaded_by, \
+                 uploaded_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(sha256)
+            .bind(&encoded)
+            .bind(size)
+            .bind(actor)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+            let detail = format!("module {sha256} ({size} bytes)");
+            insert_event(&mut tx, actor, "module_uploaded", None, &detail).await?;
+            tx.commit().await?;
+            Ok::<bool, sqlx::Error>(true)
+        })
+        .await
     }
 
     /// The module stored under `sha256`, if any.

@@ -2,7 +2,7 @@
 //! Each change is an event (`plugin_signing_set`, `plugin_signing_cleared`), so replicas see
 //! it in the store's head and serve again.
 
-use super::{insert_event, is_write_race, now_ms, race_pause, Store, StoreError, INSERT_ATTEMPTS};
+use super::{insert_event, now_ms, retry_races, Store, StoreError};
 use sqlx::Row;
 use std::collections::BTreeMap;
 
@@ -45,51 +45,39 @@ impl Store {
         keys: &[String],
         actor: &str,
     ) -> Result<bool, StoreError> {
-        let mut last_error = None;
-        for _ in 0..INSERT_ATTEMPTS {
-            let attempt = async {
-                let mut tx = self.pool.begin().await?;
-                let removed = sqlx::query("DELETE FROM nip_tenant_policies WHERE tenant = $1")
-                    .bind(tenant)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                let (action, detail) = if keys.is_empty() {
-                    if removed == 0 {
-                        tx.rollback().await?;
-                        return Ok(false);
-                    }
-                    ("plugin_signing_cleared", format!("tenant {tenant}"))
-                } else {
-                    sqlx::query(
-                        "INSERT INTO nip_tenant_policies (tenant, plugin_keys, updated_by, \
-                         updated_at_ms) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(tenant)
-                    .bind(keys.join(","))
-                    .bind(actor)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await?;
-                    (
-                        "plugin_signing_set",
-                        format!("tenant {tenant}: {} key(s)", keys.len()),
-                    )
-                };
-                insert_event(&mut tx, actor, action, None, &detail).await?;
-                tx.commit().await?;
-                Ok::<bool, sqlx::Error>(removed > 0)
-            };
-            match attempt.await {
-                Err(e) if is_write_race(&e) => {
-                    last_error = Some(e);
-                    race_pause().await;
+        retry_races(|| async {
+            let mut tx = self.pool.begin().await?;
+            let removed = sqlx::query("DELETE FROM nip_tenant_policies WHERE tenant = $1")
+                .bind(tenant)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let (action, detail) = if keys.is_empty() {
+                if removed == 0 {
+                    tx.rollback().await?;
+                    return Ok(false);
                 }
-                other => return other.map_err(StoreError::from),
-            }
-        }
-        Err(StoreError::Query(
-            last_error.unwrap_or(sqlx::Error::PoolClosed),
-        ))
+                ("plugin_signing_cleared", format!("tenant {tenant}"))
+            } else {
+                sqlx::query(
+                    "INSERT INTO nip_tenant_policies (tenant, plugin_keys, updated_by, \
+                     updated_at_ms) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(tenant)
+                .bind(keys.join(","))
+                .bind(actor)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                (
+                    "plugin_signing_set",
+                    format!("tenant {tenant}: {} key(s)", keys.len()),
+                )
+            };
+            insert_event(&mut tx, actor, action, None, &detail).await?;
+            tx.commit().await?;
+            Ok::<bool, sqlx::Error>(removed > 0)
+        })
+        .await
     }
 }

@@ -54,11 +54,11 @@ pub struct V3Behaviour {
     pub plugins: Vec<String>,
 }
 
-/// Reads what a v3 config did with requests.
-pub fn v3_behaviour(text: &str) -> Result<V3Behaviour, MigrateError> {
+/// A v3 config's top-level mapping; not YAML, or not v3, is the error.
+fn v3_document(text: &str) -> Result<serde_yaml::Mapping, MigrateError> {
     let value: Value =
         serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
-    let Some(map) = value.as_mapping() else {
+    let Value::Mapping(map) = value else {
         return Err(MigrateError::NotV3("the document is not a mapping".into()));
     };
     if v3_marks(text).is_none() {
@@ -66,6 +66,13 @@ pub fn v3_behaviour(text: &str) -> Result<V3Behaviour, MigrateError> {
             "it has neither a `server` block nor `plugins` as a list".into(),
         ));
     }
+    Ok(map)
+}
+
+/// Reads what a v3 config did with requests.
+pub fn v3_behaviour(text: &str) -> Result<V3Behaviour, MigrateError> {
+    let map = v3_document(text)?;
+    let map = &map;
     let (address, _, _) = v3_address(map);
     let plugins = v3_plugins(map)
         .into_iter()
@@ -118,16 +125,8 @@ fn v3_plugins(map: &serde_yaml::Mapping) -> Vec<(String, Value, bool)> {
 
 /// Converts a v3 config to v4.
 pub fn from_v3(text: &str) -> Result<Migration, MigrateError> {
-    let value: Value =
-        serde_yaml::from_str(text).map_err(|e| MigrateError::Syntax(e.to_string()))?;
-    let Some(map) = value.as_mapping() else {
-        return Err(MigrateError::NotV3("the document is not a mapping".into()));
-    };
-    if v3_marks(text).is_none() {
-        return Err(MigrateError::NotV3(
-            "it has neither a `server` block nor `plugins` as a list".into(),
-        ));
-    }
+    let map = v3_document(text)?;
+    let map = &map;
     let mut changed = Vec::new();
     let mut todo = Vec::new();
     let mut out = String::from(
