@@ -859,18 +859,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate { action } => migrate(action),
-        Command::Init(options) => {
-            match project::scaffold::init(&options) {
-                Ok(dir) => {
-                    print!("{}", project::scaffold::next_steps(&dir, &options));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nip init: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Command::Init(options) => match project::scaffold::init(&options) {
+            Ok(dir) => {
+                print!("{}", project::scaffold::next_steps(&dir, &options));
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("nip init: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Dev { project: dir } => {
             match project::Project::open(&dir).and_then(|p| project::dev::run(&p)) {
                 Ok(()) => ExitCode::SUCCESS,

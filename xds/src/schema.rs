@@ -1,5 +1,5 @@
 //! The field names, numbers and message types of every xDS message NIP knows, as a static
-//! table generated at build time from the same `.proto` files as [`crate::json`]'s
+//! table generated (`xds/generated/`, by `xds/descriptors`) from the same `.proto` files as [`crate::json`]'s
 //! descriptors. Walking an encoded resource with it costs no heap: the table lives in the
 //! binary's read-only data, and only the pages looked at are ever loaded — unlike a
 //! decoded descriptor pool (~15 MB resident), which a proxy must not hold just to check
@@ -29,7 +29,7 @@ pub struct FieldSchema {
     pub repeated: bool,
 }
 
-include!(concat!(env!("OUT_DIR"), "/message_schemas.rs"));
+include!("../generated/message_schemas.rs");
 
 /// The schema of message type `name`.
 pub fn message(name: &str) -> Option<&'static MessageSchema> {

@@ -300,7 +300,9 @@ pub const IMPLEMENTED: &[(&str, &[&str])] = &[
     ),
     (
         "envoy.config.core.v3.GrpcService",
-        &["envoy_grpc", "timeout"],
+        // initial_metadata: ext_proc sends it; ext_authz, the rate limit service and the
+        // tracing collector refuse it themselves.
+        &["envoy_grpc", "timeout", "initial_metadata"],
     ),
     (
         "envoy.config.core.v3.GrpcService.EnvoyGrpc",

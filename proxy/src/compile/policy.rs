@@ -1202,6 +1202,9 @@ fn global_rate_limit(
         .as_ref()
         .and_then(|s| s.grpc_service.as_ref())
         .ok_or("rate_limit_service.grpc_service is needed")?;
+    if !grpc.initial_metadata.is_empty() {
+        return Err("rate_limit_service.grpc_service.initial_metadata is not supported".into());
+    }
     let Some(TargetSpecifier::EnvoyGrpc(target)) = &grpc.target_specifier else {
         return Err(
             "rate_limit_service.grpc_service: only envoy_grpc (a cluster) is supported".into(),

@@ -117,6 +117,9 @@ fn collector(
     };
     match (&otel.grpc_service, &otel.http_service) {
         (Some(grpc), None) => {
+            if !grpc.initial_metadata.is_empty() {
+                return Err("grpc_service.initial_metadata is not supported".into());
+            }
             let Some(TargetSpecifier::EnvoyGrpc(target)) = &grpc.target_specifier else {
                 return Err("grpc_service: only envoy_grpc (a cluster) is supported".into());
             };
