@@ -1,7 +1,10 @@
 //! API tokens in the store: created, looked up by id, listed and revoked. Only the SHA-256
 //! of a token's secret is stored; the auth layer above makes the secrets and checks them.
 
-use super::{insert_event, is_write_race, now_ms, race_pause, Store, StoreError, INSERT_ATTEMPTS};
+use super::{
+    insert_event, is_write_race, now_ms, race_pause, retry_races, Store, StoreError,
+    INSERT_ATTEMPTS,
+};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -151,32 +154,21 @@ impl Store {
         if token.revoked_at_ms.is_some() {
             return Ok(true);
         }
-        let mut last_error = None;
-        for _ in 0..INSERT_ATTEMPTS {
-            let attempt = async {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query(
-                    "UPDATE nip_tokens SET revoked_at_ms = $1 WHERE id = $2 \
-                     AND revoked_at_ms IS NULL",
-                )
-                .bind(now_ms())
-                .bind(&token.id)
-                .execute(&mut *tx)
-                .await?;
-                let detail = format!("token {name:?}");
-                insert_event(&mut tx, actor, "token_revoked", None, &detail).await?;
-                tx.commit().await
-            };
-            match attempt.await {
-                Err(e) if is_write_race(&e) => {
-                    last_error = Some(e);
-                    race_pause().await;
-                }
-                other => return other.map(|()| true).map_err(StoreError::from),
-            }
-        }
-        Err(StoreError::Query(
-            last_error.unwrap_or(sqlx::Error::PoolClosed),
-        ))
+        retry_races(|| async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE nip_tokens SET revoked_at_ms = $1 WHERE id = $2 \
+                 AND revoked_at_ms IS NULL",
+            )
+            .bind(now_ms())
+            .bind(&token.id)
+            .execute(&mut *tx)
+            .await?;
+            let detail = format!("token {name:?}");
+            insert_event(&mut tx, actor, "token_revoked", None, &detail).await?;
+            tx.commit().await
+        })
+        .await
+        .map(|()| true)
     }
 }
