@@ -1,7 +1,8 @@
 //! The dashboard: a page the control plane serves at `/dashboard` that reads and changes
 //! the fleet through the REST API with the operator's own token (the same authentication
 //! and roles as every API call; the page itself holds no data). Proxies by region with
-//! their version, ACK/NACK and health; the config with validation as it is typed and the
+//! their version, ACK/NACK and health; per-route traffic and a search of the access records
+//! proxies stream; the config with validation as it is typed and the
 //! change against what is served before it is applied (optionally as a canary); history
 //! with rollback; canary state and events.
 //!

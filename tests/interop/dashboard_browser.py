@@ -51,6 +51,18 @@ def main() -> None:
         expect(page.locator("#traffic-rows tr[data-route]")).not_to_have_count(0)
         expect(page.locator("#traffic-rows")).to_contain_text(" ms")
 
+        # Log search: the newest records, filtered by status; a bad filter is explained.
+        expect(page.locator("#log-rows")).to_contain_text(node)
+        page.fill("#log-status", "5xx")
+        page.click("#log-search button")
+        expect(page.locator("#log-rows")).to_contain_text("no records match")
+        page.fill("#log-status", "7xx")
+        page.click("#log-search button")
+        expect(page.locator("#log-error")).to_contain_text("7xx")
+        page.fill("#log-status", "200")
+        page.click("#log-search button")
+        expect(page.locator("#log-rows")).to_contain_text("GET")
+
         # The served config is in the editor; a bad edit is flagged by field, Apply off.
         editor = page.locator("#editor")
         expect(editor).to_have_value(re.compile("services:"))

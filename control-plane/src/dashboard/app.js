@@ -59,6 +59,7 @@ async function signIn(token) {
   $("sign-out").hidden = false;
   await loadConfig();
   await refresh();
+  await searchLogs();
   setInterval(refresh, REFRESH_MS);
 }
 
@@ -115,6 +116,32 @@ async function refreshTraffic() {
     tr.dataset.route = route.route;
     rows.appendChild(tr);
   }
+}
+
+async function searchLogs(event) {
+  if (event) event.preventDefault();
+  const query = new URLSearchParams({ limit: "50" });
+  for (const [field, name] of [["log-route", "route"], ["log-status", "status"], ["log-proxy", "proxy"]]) {
+    const value = $(field).value.trim();
+    if (value) query.set(name, value);
+  }
+  const response = await fetch("/v1/logs?" + query.toString(), { headers: { authorization: "Bearer " + state.token } });
+  const text = await response.text();
+  const rows = $("log-rows");
+  rows.replaceChildren();
+  if (response.status !== 200) {
+    let message = "search refused";
+    try { message = JSON.parse(text).error; } catch (_) { /* not JSON */ }
+    $("log-error").textContent = message;
+    return;
+  }
+  $("log-error").textContent = "";
+  const records = text.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line)).filter((r) => r.node);
+  records.reverse(); // newest first
+  for (const r of records) {
+    rows.appendChild(row([r.start_time, r.node, r.status, r.method, r.path, r.duration_ms.toFixed(1), r.route, r.upstream_host]));
+  }
+  if (!records.length) rows.appendChild(row(["no records match", "", "", "", "", "", "", ""]));
 }
 
 async function refreshCanary() {
@@ -247,5 +274,6 @@ document.addEventListener("DOMContentLoaded", () => {
     state.validating = setTimeout(validate, VALIDATE_DELAY_MS);
   });
   $("apply-form").addEventListener("submit", apply);
+  $("log-search").addEventListener("submit", searchLogs);
   if (state.token) signIn(state.token);
 });
