@@ -229,10 +229,11 @@ async fn a_python_plugin_from_init_is_restarted_on_save() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn init_makes_a_project_that_passes_its_cases_in_typescript_and_go() {
+async fn typescript_and_go_projects_from_init_pass_their_cases_and_are_swapped_on_save() {
     let _turn = crate::common::module_turn(module_path!());
-    for language in ["typescript", "go"] {
-        let project = Project::init(&format!("hello-{language}"), language);
+    for (language, source) in [("typescript", "assembly/index.ts"), ("go", "main.go")] {
+        let name = format!("hello-{language}");
+        let project = Project::init(&name, language);
         let output = project.test();
         assert!(output.status.success(), "{language}: {}", text(&output));
         assert!(
@@ -240,6 +241,16 @@ async fn init_makes_a_project_that_passes_its_cases_in_typescript_and_go() {
             "{language}: {}",
             text(&output)
         );
+        let dev = project.dev();
+        dev.wait_for("nip dev: serving").await;
+        assert_eq!(greeting(&project).await, name);
+        project.edit(
+            source,
+            &format!("\"x-hello\", \"{name}\""),
+            &format!("\"x-hello\", \"{name}-2\""),
+        );
+        dev.wait_for("nip dev: build 2 serving").await;
+        assert_eq!(greeting(&project).await, format!("{name}-2"), "{language}");
     }
 }
 
