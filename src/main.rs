@@ -94,21 +94,19 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
-    /// The fleet's metrics from each proxy's admin port: per route requests, 5xx share,
-    /// p50 and p99 (or, with --export prometheus, every proxy's samples with an
-    /// `instance` label).
+    /// The fleet's metrics: with --admin, from each proxy's admin port (per route requests,
+    /// 5xx share, p50 and p99; with --export prometheus every proxy's samples with an
+    /// `instance` label); without, the control plane's per-route figures over the last
+    /// minute, from the access records proxies stream to it.
     Metrics {
         /// A proxy's admin address (`127.0.0.1:9901` or a URL); repeat for each proxy.
-        #[arg(
-            long = "admin",
-            required = true,
-            env = "NIP_ADMIN",
-            value_delimiter = ','
-        )]
+        #[arg(long = "admin", env = "NIP_ADMIN", value_delimiter = ',')]
         admins: Vec<String>,
         /// Print the samples instead of the summary (`prometheus`).
         #[arg(long)]
         export: Option<String>,
+        #[command(flatten)]
+        remote: remote::Remote,
     },
     /// Make a plugin project: the plugin on its language's SDK, a proxy config running it
     /// in front of an echo backend, and integration cases it passes.
@@ -922,7 +920,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Metrics { admins, export } => fleet_metrics::run(&admins, export.as_deref()),
+        Command::Metrics {
+            admins,
+            export,
+            remote,
+        } => {
+            if admins.is_empty() {
+                remote::traffic(&remote, export.as_deref())
+            } else {
+                fleet_metrics::run(&admins, export.as_deref())
+            }
+        }
         Command::Ca { action, ca_dir } => {
             let done = match action {
                 CaAction::Rotate { trust_domain } => {

@@ -281,6 +281,85 @@ pub fn upload_module(remote: &Remote, module: &[u8]) -> Result<String, String> {
     inner().map_err(|f| f.message)
 }
 
+/// `nip metrics` without `--admin`: the control plane's per-route figures over the last
+/// minute (from the access records proxies stream), as a table or, with `--export
+/// prometheus`, as gauges.
+pub fn traffic(remote: &Remote, export: Option<&str>) -> ExitCode {
+    finish("metrics", traffic_inner(remote, export))
+}
+
+fn traffic_inner(remote: &Remote, export: Option<&str>) -> Result<(), Failure> {
+    if let Some(format) = export.filter(|f| *f != "prometheus") {
+        return Err(Failure {
+            message: format!("--export {format:?}: the one format is prometheus"),
+            code: ExitCode::from(crate::EXIT_BAD_CONFIG),
+        });
+    }
+    let (status, answer) = remote.call("GET", "/v1/traffic", None, Duration::from_secs(30))?;
+    if status != 200 {
+        return Err(explain(status, &answer, "metrics"));
+    }
+    let routes = answer["routes"].as_array().cloned().unwrap_or_default();
+    let number = |v: &Value, key: &str| v[key].as_f64().unwrap_or(0.0);
+    if export.is_some() {
+        for (name, key, help) in [
+            (
+                "nip_fleet_route_requests_per_second",
+                "requests_per_second",
+                "Requests per second over the last minute, from streamed access records",
+            ),
+            (
+                "nip_fleet_route_error_ratio",
+                "error_rate",
+                "Share of 5xx answers over the last minute",
+            ),
+            (
+                "nip_fleet_route_latency_p50_ms",
+                "p50_ms",
+                "Median duration over the last minute (ms)",
+            ),
+            (
+                "nip_fleet_route_latency_p99_ms",
+                "p99_ms",
+                "99th percentile duration over the last minute (ms)",
+            ),
+        ] {
+            println!("# HELP {name} {help}\n# TYPE {name} gauge");
+            for route in &routes {
+                let label = route["route"]
+                    .as_str()
+                    .unwrap_or("")
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"");
+                println!("{name}{{route=\"{label}\"}} {}", number(route, key));
+            }
+        }
+        return Ok(());
+    }
+    if routes.is_empty() {
+        println!(
+            "no access records in the last {} s: proxies stream them with control_plane.stream_access_logs: true (or give --admin to read proxies' own metrics)",
+            answer["window_seconds"]
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>12} {:>8} {:>10} {:>10}",
+        "route", "requests/s", "5xx", "p50 ms", "p99 ms"
+    );
+    for route in &routes {
+        println!(
+            "{:<32} {:>12.2} {:>7.1}% {:>10.1} {:>10.1}",
+            route["route"].as_str().unwrap_or(""),
+            number(route, "requests_per_second"),
+            number(route, "error_rate") * 100.0,
+            number(route, "p50_ms"),
+            number(route, "p99_ms"),
+        );
+    }
+    Ok(())
+}
+
 /// What `nip logs` shows.
 #[derive(Debug, Clone)]
 pub struct LogsOptions {

@@ -423,4 +423,20 @@ async fn nip_logs_follows_the_fleets_access_records_through_the_control_plane() 
         .unwrap_or_else(|| panic!("{traffic}"));
     assert!(shop["requests"].as_u64().unwrap() >= 4, "{shop}");
     assert_eq!(shop["error_rate"], 0.0);
+    // nip metrics without --admin reads them from the control plane.
+    let table = control_plane.nip(&["metrics"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let line = stdout(&table)
+        .lines()
+        .find(|l| l.starts_with("shop "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{}", stdout(&table)));
+    assert!(line.contains("0.0%"), "{line}");
+    let exported = control_plane.nip(&["metrics", "--export", "prometheus"]);
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    assert!(
+        stdout(&exported).contains("nip_fleet_route_requests_per_second{route=\"shop\"} "),
+        "{}",
+        stdout(&exported)
+    );
 }
