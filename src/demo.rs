@@ -181,7 +181,7 @@ pub fn proxy_bootstrap(
     join_token: &std::path::Path,
 ) -> String {
     format!(
-        "node:\n  id: {DEMO_NODE}\n  region: local\nadmin:\n  address: \"127.0.0.1:{admin_port}\"\ncontrol_plane:\n  address: \"127.0.0.1:{xds_port}\"\n  ca_file: \"{}\"\n  join_token_file: \"{}\"\n",
+        "node:\n  id: {DEMO_NODE}\n  region: local\nadmin:\n  address: \"127.0.0.1:{admin_port}\"\ncontrol_plane:\n  address: \"127.0.0.1:{xds_port}\"\n  ca_file: \"{}\"\n  join_token_file: \"{}\"\n  stream_access_logs: true\n",
         bundle.display(),
         join_token.display()
     )
@@ -393,6 +393,10 @@ Try:
   {nip} get proxies{cp}                                   # the proxy, its region, the version it ACKed
   {nip} apply{cp} -f {desired} -m "my change"   # after editing a copy; or edit the file in place
   {nip} history{cp}  /  {nip} rollback{cp} 1
+  {nip} logs --follow{cp}                                 # the proxy's requests as they happen
+  {nip} debug --admin 127.0.0.1:{admin_port}                    # console: routes, clusters, tap, plugin logs
+Dashboard: https://localhost:{api_port}/dashboard (sign in with the token in $NIP_TOKEN_FILE;
+the browser will ask about the demo CA's certificate).
 Stop with Ctrl-C.
 "#
     );

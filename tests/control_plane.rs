@@ -582,6 +582,37 @@ async fn the_demo_is_a_control_plane_feeding_a_proxy_with_a_plugin() {
         get_proxies.trim().starts_with(nip_bin()),
         "the hint names the binary: {get_proxies}"
     );
+    // The demo proxy streams its access records: the printed logs hint shows them (its
+    // --follow swapped for a bounded read here).
+    let logs = hints
+        .iter()
+        .find(|l| l.contains(" logs --follow"))
+        .expect("a logs hint");
+    let _ = client()
+        .get(format!("http://127.0.0.1:{port}/from-the-demo-test"))
+        .send()
+        .await
+        .unwrap();
+    let script = format!(
+        "export {}\n{}",
+        exports.split('#').next().unwrap(),
+        logs.split('#')
+            .next()
+            .unwrap()
+            .replace("--follow", "--limit 50")
+    );
+    eventually("the demo's requests reach nip logs", || async {
+        let output = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).contains("demo-proxy")
+            && String::from_utf8_lossy(&output.stdout).contains("/from-the-demo-test")
+    })
+    .await;
+    assert!(
+        hints
+            .iter()
+            .any(|l| l.contains(&format!("https://localhost:{api}/dashboard"))),
+        "a dashboard hint"
+    );
     // What the demo promises: a 504 after the route's 2 s timeout — the budget of the
     // request and its retry together, not 2 s per try.
     let started = std::time::Instant::now();
