@@ -71,16 +71,27 @@ thread_local! {
     static RELEASING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Releases after the last close: memory freed on other threads (a connection's task
+/// finished elsewhere, buffers dropped by another worker) reaches this thread's heap only
+/// when this thread next collects, which may be after the tick that saw the close.
+const RELEASES_AFTER_CLOSE: u32 = 3;
+
 /// Once per worker thread: every [`RELEASE_MEMORY_EVERY`], if connections closed on this
-/// thread since, hand what the allocator keeps back to the OS.
+/// thread in the last [`RELEASES_AFTER_CLOSE`] ticks, hand what the allocator keeps back to
+/// the OS.
 fn release_memory_on_this_thread(release: fn()) {
     if RELEASING.with(|r| r.replace(true)) {
         return;
     }
     tokio::spawn(async move {
+        let mut pending = 0;
         loop {
             tokio::time::sleep(RELEASE_MEMORY_EVERY).await;
             if super::stream::take_closed_on_this_thread() > 0 {
+                pending = RELEASES_AFTER_CLOSE;
+            }
+            if pending > 0 {
+                pending -= 1;
                 release();
             }
         }
