@@ -242,13 +242,37 @@ impl Console {
         Ok(())
     }
 
+    /// The names of the routes in force.
+    fn route_names(&self) -> Result<Vec<String>, String> {
+        let dump = self.json("/config_dump")?;
+        Ok(array(&dump["route_configs"])
+            .iter()
+            .flat_map(|config| array(&config["virtualHosts"]))
+            .flat_map(|host| array(&host["routes"]))
+            .map(|route| text(&route["name"]))
+            .collect())
+    }
+
     fn tap(&self, route: &str, count: usize, status: Option<&str>) -> Result<(), String> {
+        if route != "*" {
+            // Watching a route that is not there would only wait out the time.
+            let names = self.route_names()?;
+            if !names.iter().any(|n| n == route) {
+                return Err(format!(
+                    "tap: no route named {route:?} (routes: {}; '*' for any)",
+                    names.join(", ")
+                ));
+            }
+        }
         let mut path = format!("/tap?limit={count}&seconds={TAP_SECONDS}");
         if route != "*" {
-            path.push_str(&format!("&route={route}"));
+            path.push_str(&format!("&route={}", crate::remote::percent_encode(route)));
         }
         if let Some(status) = status {
-            path.push_str(&format!("&status={status}"));
+            path.push_str(&format!(
+                "&status={}",
+                crate::remote::percent_encode(status)
+            ));
         }
         println!(
             "watching {} for {count} request(s), at most {TAP_SECONDS} s…",
@@ -287,7 +311,10 @@ impl Console {
     fn logs(&self, plugin: Option<&str>, count: usize) -> Result<(), String> {
         let mut path = format!("/plugins/logs?limit={count}");
         if let Some(plugin) = plugin {
-            path.push_str(&format!("&plugin={plugin}"));
+            path.push_str(&format!(
+                "&plugin={}",
+                crate::remote::percent_encode(plugin)
+            ));
         }
         let lines = self.json(&path)?;
         if array(&lines).is_empty() {

@@ -157,24 +157,8 @@ enum Command {
     /// (`control_plane.stream_access_logs: true` in a proxy's file): the newest kept ones,
     /// and with --follow each as it comes.
     Logs {
-        /// Keep following until interrupted.
-        #[arg(short, long)]
-        follow: bool,
-        /// Only this proxy's records (its node id).
-        #[arg(long)]
-        proxy: Option<String>,
-        /// Only this route's.
-        #[arg(long)]
-        route: Option<String>,
-        /// Only these statuses: a code (503) or a class (5xx).
-        #[arg(long)]
-        status: Option<String>,
-        /// How many kept records to start with.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Print each record's JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        options: remote::LogsOptions,
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -877,25 +861,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Debug { admin, command } => debug::run(&admin, &command),
-        Command::Logs {
-            follow,
-            proxy,
-            route,
-            status,
-            limit,
-            json,
-            remote,
-        } => remote::logs(
-            &remote,
-            &remote::LogsOptions {
-                follow,
-                proxy,
-                route,
-                status,
-                limit,
-                json,
-            },
-        ),
+        Command::Logs { options, remote } => remote::logs(&remote, &options),
         Command::Deploy {
             env,
             message,

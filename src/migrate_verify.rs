@@ -147,13 +147,6 @@ fn route_samples(v4: &str, samples: &[(String, String)]) -> anyhow::Result<Vec<(
     if let Some(map) = config.as_mapping_mut() {
         map.remove("control_plane");
     }
-    // A plugin written with nothing under it (what a conversion leaves) is empty, which
-    // YAML would write back as `null`.
-    if let Some(plugins) = config["plugins"].as_mapping_mut() {
-        for (_, plugin) in plugins.iter_mut().filter(|(_, p)| p.is_null()) {
-            *plugin = serde_yaml::Value::Mapping(Default::default());
-        }
-    }
     if let Some(services) = config["services"].as_mapping_mut() {
         for (name, service) in services.iter_mut() {
             let echo = free_address()?;

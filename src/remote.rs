@@ -361,19 +361,25 @@ fn traffic_inner(remote: &Remote, export: Option<&str>) -> Result<(), Failure> {
 }
 
 /// What `nip logs` shows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LogsOptions {
-    /// Keep following.
+    /// Keep following until interrupted.
+    #[arg(short, long)]
     pub follow: bool,
-    /// Only this proxy's records (node id).
+    /// Only this proxy's records (its node id).
+    #[arg(long)]
     pub proxy: Option<String>,
     /// Only this route's.
+    #[arg(long)]
     pub route: Option<String>,
-    /// Only these statuses (`503`, `5xx`).
+    /// Only these statuses: a code (503) or a class (5xx).
+    #[arg(long)]
     pub status: Option<String>,
-    /// The kept records to start with.
+    /// How many kept records to start with.
+    #[arg(long, default_value_t = 20)]
     pub limit: usize,
     /// Print each record's JSON.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -444,7 +450,7 @@ fn logs_inner(remote: &Remote, options: &LogsOptions) -> Result<(), Failure> {
 }
 
 /// A query-string value with the characters that would end or split it escaped.
-fn percent_encode(value: &str) -> String {
+pub(crate) fn percent_encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {

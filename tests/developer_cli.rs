@@ -196,6 +196,22 @@ async fn a_rust_plugin_from_init_passes_its_cases_and_is_hot_swapped_on_save() {
     );
     assert_eq!(greeting(&project).await, "greeter-2");
 
+    // A build that compiles but that the proxy refuses (the plugin rejects its config at
+    // start) is said at once; build 2 keeps serving.
+    project.edit("src/lib.rs", "Plugin::nwe(", "Plugin::new(");
+    project.edit(
+        "src/lib.rs",
+        ".capability(\"local_reply\")",
+        ".capability(\"local_reply\")\n        .on_config_change(|_| Err(\"refused by the test\".into()))",
+    );
+    dev.wait_for("the proxy refused the new build").await;
+    assert!(
+        dev.output().contains("refused by the test"),
+        "{}",
+        dev.output()
+    );
+    assert_eq!(greeting(&project).await, "greeter-2");
+
     // Stopping nip dev stops its proxy too.
     dev.kill();
     eventually("the dev proxy stops with nip dev", || async {
@@ -523,6 +539,11 @@ routes:
         "{}",
         terminal.screen()
     );
+
+    terminal.type_line("tap nowhere 1");
+    terminal
+        .wait_for("no route named \"nowhere\" (routes: orders, rest")
+        .await;
 
     terminal.type_line("frobnicate");
     terminal

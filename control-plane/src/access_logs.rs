@@ -31,6 +31,12 @@ pub const RECENT: usize = 1000;
 const FOLLOWER_BUFFER: usize = 4096;
 /// The window of the per-route figures.
 pub const ROUTE_WINDOW: Duration = Duration::from_secs(60);
+/// Requests kept per route in the window at most: past it the oldest go (the rate is over
+/// the span the kept ones cover, so it stays right; the percentiles are of the newest).
+const MAX_ROUTE_SAMPLES: usize = 50_000;
+/// Routes with figures at most: a proxy streaming ever-new route names cannot grow the
+/// window without bound (records of further routes still reach followers).
+const MAX_ROUTES: usize = 10_000;
 
 /// One access record as followers see it.
 #[derive(Debug, Clone, Serialize)]
@@ -155,13 +161,16 @@ impl AccessLogHub {
         let now = Instant::now();
         {
             let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
-            let route = window.entry(line.route.clone()).or_default();
-            route.push_back((now, line.status, line.duration_ms));
-            while route
-                .front()
-                .is_some_and(|(t, _, _)| now.duration_since(*t) > ROUTE_WINDOW)
-            {
-                route.pop_front();
+            if window.contains_key(&line.route) || window.len() < MAX_ROUTES {
+                let route = window.entry(line.route.clone()).or_default();
+                route.push_back((now, line.status, line.duration_ms));
+                while route.len() > MAX_ROUTE_SAMPLES
+                    || route
+                        .front()
+                        .is_some_and(|(t, _, _)| now.duration_since(*t) > ROUTE_WINDOW)
+                {
+                    route.pop_front();
+                }
             }
         }
         {
@@ -336,5 +345,20 @@ mod tests {
         let recent = hub.recent();
         assert_eq!(recent.len(), RECENT);
         assert!(recent.iter().all(|l| l.route == "rest"));
+    }
+
+    #[test]
+    fn the_window_is_bounded_in_samples_and_in_routes() {
+        let hub = AccessLogHub::default();
+        for _ in 0..MAX_ROUTE_SAMPLES + 10 {
+            hub.publish(line("busy", 200, 1.0));
+        }
+        for i in 0..MAX_ROUTES + 5 {
+            hub.publish(line(&format!("route-{i}"), 200, 1.0));
+        }
+        let figures = hub.routes();
+        assert_eq!(figures.len(), MAX_ROUTES);
+        let busy = figures.iter().find(|f| f.route == "busy").unwrap();
+        assert_eq!(busy.requests, MAX_ROUTE_SAMPLES);
     }
 }

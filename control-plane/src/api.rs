@@ -994,13 +994,7 @@ async fn upload_module(
             "the body is not a WebAssembly module (no \\0asm header)",
         ));
     }
-    let digest = {
-        use sha2::Digest as _;
-        sha2::Sha256::digest(&body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let digest = nip_proxy::plugins::fetch::hex_sha256(&body);
     let new = service
         .store()
         .put_module(&digest, &body, &identity.name)
@@ -1073,8 +1067,8 @@ async fn logs(
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("query string: {e}")))?;
     let statuses = match query.status.as_deref() {
-        None => 0..=u32::MAX,
-        Some(text) => status_range(text).ok_or_else(|| {
+        None => 0..=u16::MAX,
+        Some(text) => nip_proxy::admin::status_filter(text).ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("status: {text:?} is not a code (503) or a class (5xx)"),
@@ -1082,7 +1076,7 @@ async fn logs(
         })?,
     };
     let wanted = move |line: &crate::access_logs::StreamedLine| {
-        statuses.contains(&line.status)
+        u16::try_from(line.status).is_ok_and(|s| statuses.contains(&s))
             && query.proxy.as_deref().is_none_or(|p| p == line.node)
             && query.route.as_deref().is_none_or(|r| r == line.route)
     };
@@ -1134,20 +1128,6 @@ fn ndjson(value: &impl serde::Serialize) -> String {
     let mut line = serde_json::to_string(value).unwrap_or_default();
     line.push('\n');
     line
-}
-
-/// The statuses a filter such as `503` or `5xx` takes.
-fn status_range(text: &str) -> Option<std::ops::RangeInclusive<u32>> {
-    if let Some(class) = text.strip_suffix("xx").and_then(|c| c.parse::<u32>().ok()) {
-        return (1..=5)
-            .contains(&class)
-            .then(|| class * 100..=class * 100 + 99);
-    }
-    let code = text
-        .parse::<u32>()
-        .ok()
-        .filter(|c| (100..=599).contains(c))?;
-    Some(code..=code)
 }
 
 /// Each route's request rate, 5xx share and latency over the last minute, from the access

@@ -326,13 +326,15 @@ async fn state_of(
     off_async_workers(move || {
         let config = Config::from_yaml(&yaml)?;
         let mut translation = translate(&config);
-        nip_xds::stored_modules::inline_stored_modules(&mut translation.resources, &modules)
-            .map_err(|message| {
-                ConfigError::Invalid(vec![FieldError {
-                    path: "plugins".to_string(),
-                    message,
-                }])
-            })?;
+        if !modules.is_empty() {
+            nip_xds::stored_modules::inline_stored_modules(&mut translation.resources, &modules)
+                .map_err(|message| {
+                    ConfigError::Invalid(vec![FieldError {
+                        path: "plugins".to_string(),
+                        message,
+                    }])
+                })?;
+        }
         if let Some(keys) = config.tenant.as_ref().and_then(|t| plugin_keys.get(&t.id)) {
             nip_xds::translate::require_signed_plugins(&mut translation.resources, keys);
         }

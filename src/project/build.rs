@@ -4,7 +4,6 @@
 
 use super::{Language, Project};
 use anyhow::{anyhow, bail, Context as _};
-use sha2::{Digest, Sha256};
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -71,7 +70,7 @@ pub fn build(project: &Project) -> anyhow::Result<Build> {
     let module_sha256 = if project.manifest.language.is_wasm() {
         let bytes = std::fs::read(&staged)
             .with_context(|| format!("the build made no {}", staged.display()))?;
-        Some(hex(&Sha256::digest(&bytes)))
+        Some(nip_proxy::plugins::fetch::hex_sha256(&bytes))
     } else {
         None
     };
@@ -209,9 +208,4 @@ fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
     Ok(dir)
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -109,6 +109,7 @@ pub fn run(project: &Project) -> anyhow::Result<bool> {
         &Expect {
             module_sha256: built.module_sha256.clone(),
             previous_pid: None,
+            refusals_before: None,
         },
     )?;
     let agent: ureq::Agent = ureq::Agent::config_builder()

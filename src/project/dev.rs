@@ -39,7 +39,7 @@ pub fn run(project: &Project) -> anyhow::Result<()> {
     };
     let mut revision = 1;
     let mut session = Session::start(project, revision, true)?;
-    session.wait_serving(&name, &expect(&first, None))?;
+    session.wait_serving(&name, &expect(&first, None, None))?;
     println!(
         "nip dev: serving {url} (plugin {name}, built in {took:.1}s; echo backend behind it)\n  try: curl -i {url}/hello\n  save a source to rebuild and reload; Ctrl-C stops",
         url = session.url,
@@ -64,6 +64,7 @@ pub fn run(project: &Project) -> anyhow::Result<()> {
         }
         let saved = newest_change(&sources, &now);
         sources = now;
+        let refusals_before = session.refused_reloads();
         let built = match build(project) {
             Ok(built) => built,
             Err(e) => {
@@ -76,7 +77,7 @@ pub fn run(project: &Project) -> anyhow::Result<()> {
         if !project.manifest.language.is_wasm() {
             session.new_revision(&name, revision)?;
         }
-        match session.wait_serving(&name, &expect(&built, previous_pid)) {
+        match session.wait_serving(&name, &expect(&built, previous_pid, refusals_before)) {
             Ok(()) => {
                 let after = saved
                     .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -92,10 +93,11 @@ pub fn run(project: &Project) -> anyhow::Result<()> {
     }
 }
 
-fn expect(built: &Build, previous_pid: Option<u64>) -> Expect {
+fn expect(built: &Build, previous_pid: Option<u64>, refusals_before: Option<u64>) -> Expect {
     Expect {
         module_sha256: built.module_sha256.clone(),
         previous_pid,
+        refusals_before,
     }
 }
 

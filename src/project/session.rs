@@ -35,6 +35,9 @@ pub struct Expect {
     pub module_sha256: Option<String>,
     /// A process plugin's process before the rebuild (a new one must replace it).
     pub previous_pid: Option<u64>,
+    /// The proxy's refused reloads before the rebuild: one more means it refused the new
+    /// build (a module that does not compile or start there), and waiting is over.
+    pub refusals_before: Option<u64>,
 }
 
 impl Session {
@@ -93,6 +96,22 @@ impl Session {
         write_atomically(&self.run_config, &serde_yaml::to_string(&self.config)?)
     }
 
+    /// How many reloads the proxy has refused (`nip_config_reload_failures_total`).
+    pub fn refused_reloads(&self) -> Option<u64> {
+        let url = format!("{}/metrics", self.admin);
+        let text = admin_agent()
+            .get(&url)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("nip_config_reload_failures_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    }
+
     /// The plugin's process id, if it runs in one.
     pub fn plugin_pid(&self, name: &str) -> Option<u64> {
         self.admin_json("/plugins").ok()?["processes"][name]["pid"].as_u64()
@@ -106,6 +125,16 @@ impl Session {
         while Instant::now() < deadline {
             if let Some(status) = self.proxy.try_wait()? {
                 bail!("the proxy exited ({status}):\n{}", tail(&self.log, 30));
+            }
+            if let (Some(before), Some(now)) = (expect.refusals_before, self.refused_reloads()) {
+                if now > before {
+                    let why = self
+                        .admin_json("/config_dump")
+                        .ok()
+                        .and_then(|d| d["last_reload_error"].as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    bail!("the proxy refused the new build (it keeps the one it had): {why}");
+                }
             }
             match self.admin_json("/plugins") {
                 Ok(plugins) => match self
@@ -178,11 +207,7 @@ impl Session {
     }
 
     fn admin_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .into();
-        let text = agent
+        let text = admin_agent()
             .get(&format!("{}{path}", self.admin))
             .call()?
             .body_mut()
@@ -219,6 +244,14 @@ fn read_config(project: &Project) -> anyhow::Result<(Value, PathBuf)> {
     let config =
         serde_yaml::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?;
     Ok((config, path))
+}
+
+/// An HTTP agent for the proxy's admin port (local: short timeouts).
+fn admin_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into()
 }
 
 /// Sets `plugins.NAME.process.env.NIP_DEV_REVISION` when the plugin has a process.

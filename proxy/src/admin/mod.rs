@@ -246,8 +246,9 @@ struct TapQuery {
     seconds: Option<u64>,
 }
 
-/// Which statuses a `status` filter takes.
-fn status_filter(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+/// Which statuses a `status` filter takes: a code (`503`) or a class (`5xx`). The admin
+/// tap and the control plane's log search read filters the same way.
+pub fn status_filter(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
     if let Some(class) = text.strip_suffix("xx").and_then(|c| c.parse::<u16>().ok()) {
         return (1..=5)
             .contains(&class)

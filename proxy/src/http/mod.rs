@@ -1108,10 +1108,11 @@ impl ProxyHttp for Gateway {
         let Some(manager) = &ctx.manager else {
             return;
         };
+        let watched = self.metrics.tap.watching();
         // Its id for the access log, before the trace is handed to the exporter.
         let trace_id = trace
             .as_ref()
-            .filter(|_| manager.access_log.is_some() || self.metrics.tap.watching())
+            .filter(|_| manager.access_log.is_some() || watched)
             .map(|t| t.trace_id_hex());
         if let (Some(trace), Some(tracing)) = (trace, &manager.tracing) {
             finish_trace(session, ctx, trace, tracing, status);
@@ -1134,7 +1135,6 @@ impl ProxyHttp for Gateway {
                 .get_or_init(|| self.metrics.peer_requests(peer.certificate.uri()))
                 .inc();
         }
-        let watched = self.metrics.tap.watching();
         if manager.access_log.is_none() && !watched {
             return;
         }

@@ -26,8 +26,9 @@ pub struct Config {
     /// Routes, tried in order within the most specific matching host.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
-    /// Plugins by name (the WebAssembly host comes with the plugin issue; see README).
-    #[serde(default)]
+    /// Plugins by name. A plugin written with nothing under it (`name:`, or `name: null`
+    /// as a YAML writer puts it) is one with every setting left at its default.
+    #[serde(default, deserialize_with = "plugins_allowing_empty")]
     pub plugins: BTreeMap<String, PluginConfig>,
     /// A tenant block from the v4 plan: the whole config is this tenant's.
     #[serde(default)]
@@ -1124,6 +1125,33 @@ fn default_retry_on() -> Vec<String> {
 }
 fn default_retry_max() -> u32 {
     1
+}
+
+/// Reads `plugins`, taking a plugin that is null (written with nothing under it) as one
+/// with every setting at its default: YAML spells "nothing" both as an empty value and
+/// as `null`, and serde takes only the first for a struct.
+fn plugins_allowing_empty<'de, D>(
+    deserializer: D,
+) -> Result<BTreeMap<String, PluginConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let plugins: BTreeMap<String, Option<PluginConfig>> = Deserialize::deserialize(deserializer)?;
+    plugins
+        .into_iter()
+        .map(|(name, plugin)| {
+            let plugin = match plugin {
+                Some(plugin) => plugin,
+                None => PluginConfig::deserialize(
+                    serde::de::value::MapDeserializer::<_, D::Error>::new(std::iter::empty::<(
+                        &str,
+                        &str,
+                    )>()),
+                )?,
+            };
+            Ok((name, plugin))
+        })
+        .collect()
 }
 
 /// The control plane a proxy follows.

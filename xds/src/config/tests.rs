@@ -472,3 +472,21 @@ routes:
     let process = config.plugins["s"].process.as_ref().unwrap();
     assert_eq!(process.bodies(), ProcessBodyMode::Streamed);
 }
+
+#[test]
+fn a_plugin_with_nothing_under_it_is_the_same_written_empty_or_null() {
+    for yaml in [
+        "plugins:\n  a:\n",
+        "plugins:\n  a: null\n",
+        "plugins:\n  a: {}\n",
+    ] {
+        let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{yaml:?}: {e}"));
+        let plugin = &config.plugins["a"];
+        assert!(plugin.enabled && plugin.source.is_none(), "{yaml:?}");
+    }
+    let errors = errors_of("plugins:\n  a: { sourc: {} }\n").join("\n");
+    assert!(
+        errors.contains("plugins.a.sourc: unknown field"),
+        "{errors}"
+    );
+}
